@@ -1,0 +1,233 @@
+"""Tensor-by-tensor checkpoint files: safetensors read/write with bf16, torch pickles read safely.
+
+A model folder written by this project holds ``config.json`` (``Config``),
+``model.safetensors`` (MindFormers parameter names; MindSpore's own
+``load_checkpoint(..., format="safetensors")`` reads it) and ``tokenizer.model``.
+Files are written to a temporary name and renamed when complete, so a reader never sees
+half a file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .config import Config
+
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.model"
+
+# safetensors dtype names <-> numpy storage; bf16 is kept as raw uint16 bits (numpy has no bf16).
+_ST_NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
+          "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+DTYPE_TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not match its config."""
+
+
+class Cancelled(Exception):
+    """Raised between tensors when a caller's cancel check returns True."""
+
+
+# ---- dtype conversion on raw arrays -------------------------------------------------------
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """Round to nearest even, as torch does; NaN stays NaN."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(x), np.uint16(0x7FC0), rounded)
+
+
+def to_float32(arr: np.ndarray, st_dtype: str) -> np.ndarray:
+    return bf16_to_f32(arr) if st_dtype == "BF16" else arr.astype(np.float32, copy=False)
+
+
+def cast(arr: np.ndarray, src: str, dst: str) -> np.ndarray:
+    """Convert between safetensors dtypes (F32/F16/BF16) without a framework."""
+    if src == dst:
+        return arr
+    f = to_float32(arr, src)
+    return f32_to_bf16(f) if dst == "BF16" else f.astype(_ST_NP[dst])
+
+
+# ---- safetensors ---------------------------------------------------------------------------
+
+class SafetensorsFile:
+    """Reads one safetensors file lazily (memory-mapped), validating its header against its size."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{self.path.name}: truncated (no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100 * 2**20:
+                raise CheckpointError(f"{self.path.name}: truncated or not a safetensors file")
+            try:
+                header = json.loads(f.read(n))
+            except ValueError:
+                raise CheckpointError(f"{self.path.name}: corrupt header") from None
+        self.metadata = header.pop("__metadata__", {}) or {}
+        self.base = 8 + n
+        self.entries = header
+        end = max((e["data_offsets"][1] for e in header.values()), default=0)
+        if self.base + end > size:
+            raise CheckpointError(f"{self.path.name}: truncated ({size} bytes, header needs {self.base + end})")
+        self._mm = np.memmap(self.path, np.uint8, "r") if size else np.zeros(0, np.uint8)
+
+    def keys(self):
+        return self.entries.keys()
+
+    def info(self, name: str) -> tuple[str, tuple[int, ...]]:
+        e = self.entries[name]
+        return e["dtype"], tuple(e["shape"])
+
+    def get(self, name: str) -> np.ndarray:
+        e = self.entries[name]
+        if e["dtype"] not in _ST_NP:
+            raise CheckpointError(f"{self.path.name}: {name} has unsupported dtype {e['dtype']}")
+        a, b = e["data_offsets"]
+        return self._mm[self.base + a:self.base + b].view(_ST_NP[e["dtype"]]).reshape(e["shape"])
+
+
+class SafetensorsWriter:
+    """Writes tensors one at a time into a file whose header is fixed up front."""
+
+    def __init__(self, path: str | Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata=None):
+        header, offset = {}, 0
+        for name, st_dtype, shape in entries:
+            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_ST_NP[st_dtype]).itemsize
+            header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        if metadata:
+            header["__metadata__"] = metadata
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned
+        self.header, self.order = header, [e[0] for e in entries]
+        self.f = open(path, "wb")
+        self.f.write(struct.pack("<Q", len(raw)) + raw)
+        self._next = 0
+
+    def write(self, name: str, arr: np.ndarray) -> None:
+        if name != self.order[self._next]:
+            raise CheckpointError(f"expected tensor {self.order[self._next]}, got {name}")
+        e = self.header[name]
+        want = np.dtype(_ST_NP[e["dtype"]])
+        if tuple(arr.shape) != tuple(e["shape"]) or arr.dtype != want:
+            raise CheckpointError(f"{name}: got {arr.dtype}{list(arr.shape)}, header says {want}{e['shape']}")
+        self.f.write(np.ascontiguousarray(arr).tobytes())
+        self._next += 1
+
+    def close(self) -> None:
+        self.f.close()
+        if self._next != len(self.order):
+            raise CheckpointError(f"only {self._next} of {len(self.order)} tensors were written")
+
+
+# ---- torch pickles (read only, weights only) -------------------------------------------------
+
+class TorchBinFile:
+    """A ``pytorch_model*.bin``: loaded with ``weights_only=True`` and memory-mapped."""
+
+    def __init__(self, path: str | Path):
+        import torch  # only needed for .bin checkpoints
+
+        self.path = Path(path)
+        try:
+            self.sd = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
+            raise CheckpointError(f"{self.path.name}: cannot be read as a torch checkpoint ({e})") from None
+        self._torch = torch
+
+    def keys(self):
+        return self.sd.keys()
+
+    def info(self, name):
+        t = self.sd[name]
+        return {self._torch.float32: "F32", self._torch.float16: "F16", self._torch.bfloat16: "BF16"}.get(
+            t.dtype, str(t.dtype)), tuple(t.shape)
+
+    def get(self, name):
+        t = self.sd[name]
+        if t.dtype == self._torch.bfloat16:
+            return t.view(self._torch.int16).numpy().view(np.uint16)
+        return t.numpy()
+
+
+def open_weights(folder: Path) -> dict[str, object]:
+    """Map each tensor name to the file object holding it, for an HF or project folder."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    if not files:
+        raise CheckpointError(f"{folder}: no *.safetensors or pytorch_model*.bin weights")
+    index = next(iter(folder.glob("*.index.json")), None)
+    if index is not None:
+        wanted = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        missing = [w for w in wanted if not (folder / w).is_file()]
+        if missing:
+            raise CheckpointError(f"{folder}: shard {missing[0]} named in {index.name} is missing")
+        files = [folder / w for w in sorted(wanted)]
+    where: dict[str, object] = {}
+    for path in files:
+        f = SafetensorsFile(path) if path.suffix == ".safetensors" else TorchBinFile(path)
+        for k in f.keys():
+            where[k] = f
+    return where
+
+
+# ---- atomic folders ------------------------------------------------------------------------
+
+@contextmanager
+def atomic_folder(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder; rename it to ``dst`` only if the block succeeds."""
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if dst.exists():
+            old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(dst, old)
+            os.rename(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def copy_tokenizer(src_folder: Path | None, dst_folder: Path) -> None:
+    """Keep the model's own tokenizer when it has one; else the bundled InternLM tokenizer."""
+    from .tokenizer import BUNDLED_MODEL
+
+    src = Path(src_folder) / TOKENIZER_FILE if src_folder else None
+    shutil.copyfile(src if src and src.is_file() else BUNDLED_MODEL, Path(dst_folder) / TOKENIZER_FILE)
+
+
+def read_config(folder: str | Path) -> Config:
+    from .config import ConfigError
+
+    try:
+        return Config.from_checkpoint(folder)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None

@@ -1,0 +1,195 @@
+"""One config dataclass for every InternLM v1 model, with named presets.
+
+Importing this module needs no deep-learning framework, so services and job
+validators can check a request without loading MindSpore.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CONFIG_FILE = "config.json"
+# Marks a folder written by this project (MindSpore weights, MindFormers names).
+FORMAT_TAG = "internlm-mindspore/1"
+
+
+class ConfigError(ValueError):
+    """A config that cannot describe a valid model (unknown preset, bad numbers)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "custom"
+    vocab_size: int = 103168
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    bias: bool = True  # q/k/v/o projection bias: the one difference from LLaMA (7B family)
+    rope_base: float = 10000.0
+    rope_scaling: str | None = None  # None or "dynamic" (20B's dynamic NTK past max positions)
+    rope_scaling_factor: float = 1.0
+    bos_id: int = 1
+    eos_id: int = 2
+    pad_id: int = 2  # HF InternLMTokenizer pads with </s>
+    dtype: str = "float32"  # storage dtype of the weights: float32 | float16 | bfloat16
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ConfigError("head_dim must be even for rotary embeddings")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.rope_scaling not in (None, "dynamic"):
+            raise ConfigError(f"unsupported rope_scaling {self.rope_scaling!r} (None or 'dynamic')")
+        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                      "max_position_embeddings"):
+            if getattr(self, field) <= 0:
+                raise ConfigError(f"{field} must be positive, got {getattr(self, field)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    def num_parameters(self) -> int:
+        h, i, v, n = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_layers
+        attn = 4 * h * h + (4 * h if self.bias else 0)
+        return 2 * v * h + h + n * (attn + 3 * h * i + 2 * h)
+
+    # ---- constructors ---------------------------------------------------------------------
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "Config":
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        return cls(name=name, **{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Config":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Config":
+        data = json.loads(Path(path).read_text())
+        if data.get("format") == FORMAT_TAG:
+            return cls.from_dict(data)
+        return cls.from_hf_config(data)
+
+    @classmethod
+    def from_checkpoint(cls, folder: str | Path) -> "Config":
+        path = Path(folder) / CONFIG_FILE
+        if not path.is_file():
+            raise ConfigError(f"{folder} has no {CONFIG_FILE}")
+        return cls.from_file(path)
+
+    @classmethod
+    def from_hf_config(cls, hf: dict | str | Path) -> "Config":
+        """From an HF InternLM (or LLaMA) config.json."""
+        if not isinstance(hf, dict):
+            hf = json.loads(Path(hf).read_text())
+        try:
+            rotary = hf.get("rotary") or {}
+            scaling = hf.get("rope_scaling") or {}
+            rope_type = rotary.get("type") or scaling.get("type") or scaling.get("rope_type")
+            if rope_type in ("origin", "default", None):
+                rope_type = None
+            bias = hf.get("bias", hf.get("attention_bias", False))
+            heads = hf["num_attention_heads"]
+            kv_heads = hf.get("num_key_value_heads", heads)
+            if kv_heads != heads:
+                raise ConfigError("grouped-query attention is not part of InternLM v1")
+            return cls(
+                name=hf.get("_name_or_path") or "hf",
+                vocab_size=hf["vocab_size"],
+                hidden_size=hf["hidden_size"],
+                intermediate_size=hf["intermediate_size"],
+                num_layers=hf["num_hidden_layers"],
+                num_heads=heads,
+                max_position_embeddings=hf.get("max_position_embeddings", 2048),
+                rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+                bias=bool(bias),
+                rope_base=float(rotary.get("base", hf.get("rope_theta", 10000.0))),
+                rope_scaling=rope_type,
+                rope_scaling_factor=float(rotary.get("scaling_factor", scaling.get("factor", 1.0))),
+                bos_id=hf.get("bos_token_id", 1),
+                eos_id=hf.get("eos_token_id", 2) if isinstance(hf.get("eos_token_id", 2), int) else 2,
+                pad_id=hf.get("pad_token_id") if isinstance(hf.get("pad_token_id"), int) else 2,
+                dtype={"bfloat16": "bfloat16", "float16": "float16"}.get(hf.get("torch_dtype"), "float32"),
+            )
+        except KeyError as e:
+            raise ConfigError(f"HF config lacks {e.args[0]!r}") from None
+
+    # ---- serialisation --------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"format": FORMAT_TAG, **dataclasses.asdict(self)}
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / CONFIG_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    def to_hf_config(self) -> dict:
+        """The config.json of an HF InternLM folder (InternLM's own keys plus LLaMA's aliases)."""
+        rotary = {"base": self.rope_base, "type": self.rope_scaling or "origin"}
+        if self.rope_scaling:
+            rotary["scaling_factor"] = self.rope_scaling_factor
+        return {
+            "architectures": ["InternLMForCausalLM"],
+            "model_type": "internlm",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_heads,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "hidden_act": "silu",
+            "bias": self.bias,
+            "attention_bias": self.bias,
+            "rotary": rotary,
+            "rope_theta": self.rope_base,
+            "tie_word_embeddings": False,
+            "bos_token_id": self.bos_id,
+            "eos_token_id": self.eos_id,
+            "pad_token_id": self.pad_id,
+            "torch_dtype": self.dtype,
+        }
+
+
+DTYPES = {"float32", "float16", "bfloat16"}
+
+# Numbers from InternLM's HF configs (shared/reference/internlm-v1.md), not the MindFormers
+# yamls, which carry num_heads 60 and rms_norm_eps 1e-5 for 20B by mistake.
+_7B = dict(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+           max_position_embeddings=2048, rms_norm_eps=1e-6, bias=True)
+_20B = dict(hidden_size=5120, intermediate_size=13824, num_layers=60, num_heads=40,
+            max_position_embeddings=4096, rms_norm_eps=1e-6, bias=False, rope_scaling="dynamic",
+            dtype="bfloat16")
+
+PRESETS: dict[str, dict] = {
+    "internlm-7b": _7B,
+    "internlm-chat-7b": _7B,
+    "internlm-20b": _20B,
+    "internlm-chat-20b": _20B,
+    # Small shapes for tests, demos and benchmarks; the real tokenizer's vocabulary unless noted.
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
+                 max_position_embeddings=128, bias=True),
+    "tiny-20b": dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
+                     max_position_embeddings=64, bias=False, rope_scaling="dynamic"),
+    # The self-trained demo model served by the local stack (real tokenizer, ~16M parameters).
+    "demo": dict(hidden_size=128, intermediate_size=352, num_layers=4, num_heads=4,
+                 max_position_embeddings=512, bias=True),
+    # ~100M parameters with a 32k vocabulary: the benchmark shape.
+    "bench-100m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=8,
+                       num_heads=12, max_position_embeddings=1024, bias=True),
+}

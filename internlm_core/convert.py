@@ -1,0 +1,181 @@
+"""HF InternLM <-> MindSpore (MindFormers names) conversion as a name map, tensor by tensor.
+
+Pure renaming: both sides store linear weights [out, in] and use rotate-half rotary, so no
+transpose or q/k permutation. Every expected tensor must be present with its shape; anything
+missing, unexpected or mis-shaped is an error naming it, raised before a byte is written.
+Peak memory stays near the largest tensor: sources are memory-mapped and each tensor is
+converted and written on its own.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .checkpoint import (DTYPE_TO_ST, ST_TO_DTYPE, TOKENIZER_FILE, WEIGHTS_FILE, Cancelled, CheckpointError,
+                         SafetensorsFile, SafetensorsWriter, atomic_folder, cast, copy_tokenizer, open_weights,
+                         read_config)
+from .config import CONFIG_FILE, Config, ConfigError
+
+# HF name template -> MindSpore name template; {} is the layer number, None drops the key.
+HF_TO_MS: dict[str, str | None] = {
+    "model.embed_tokens.weight": "model.tok_embeddings.embedding_weight",
+    "model.layers.{}.self_attn.q_proj.weight": "model.layers.{}.attention.wq.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "model.layers.{}.attention.wk.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "model.layers.{}.attention.wv.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "model.layers.{}.attention.wo.weight",
+    "model.layers.{}.self_attn.q_proj.bias": "model.layers.{}.attention.wq.bias",
+    "model.layers.{}.self_attn.k_proj.bias": "model.layers.{}.attention.wk.bias",
+    "model.layers.{}.self_attn.v_proj.bias": "model.layers.{}.attention.wv.bias",
+    "model.layers.{}.self_attn.o_proj.bias": "model.layers.{}.attention.wo.bias",
+    "model.layers.{}.self_attn.rotary_emb.inv_freq": None,
+    "model.layers.{}.mlp.gate_proj.weight": "model.layers.{}.feed_forward.w1.weight",
+    "model.layers.{}.mlp.down_proj.weight": "model.layers.{}.feed_forward.w2.weight",
+    "model.layers.{}.mlp.up_proj.weight": "model.layers.{}.feed_forward.w3.weight",
+    "model.layers.{}.input_layernorm.weight": "model.layers.{}.attention_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "model.layers.{}.ffn_norm.weight",
+    "model.norm.weight": "model.norm_out.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+MS_TO_HF = {v: k for k, v in HF_TO_MS.items() if v is not None}
+
+ProgressFn = Callable[[int, int, str], None]  # (bytes done, bytes total, tensor name)
+CancelFn = Callable[[], bool]
+
+
+def _compile(table: dict[str, str | None]):
+    return [(re.compile("^" + re.escape(k).replace(r"\{\}", r"(\d+)") + "$"), v) for k, v in table.items()]
+
+
+_HF_RE, _MS_RE = _compile(HF_TO_MS), _compile(MS_TO_HF)
+
+
+def rename(name: str, table=_HF_RE) -> str | None:
+    """Map one name through a template table; KeyError when no template matches."""
+    for pattern, target in table:
+        m = pattern.match(name)
+        if m:
+            return None if target is None else target.replace("{}", m.group(1)) if m.groups() else target
+    raise KeyError(name)
+
+
+def ms_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """Every parameter of the MindSpore model, by MindFormers name, with its shape."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    shapes = {"model.tok_embeddings.embedding_weight": (cfg.vocab_size, h),
+              "model.norm_out.weight": (h,), "lm_head.weight": (cfg.vocab_size, h)}
+    for n in range(cfg.num_layers):
+        p = f"model.layers.{n}."
+        for w in "qkvo":
+            shapes[f"{p}attention.w{w}.weight"] = (h, h)
+            if cfg.bias:
+                shapes[f"{p}attention.w{w}.bias"] = (h,)
+        shapes.update({f"{p}feed_forward.w1.weight": (i, h), f"{p}feed_forward.w2.weight": (h, i),
+                       f"{p}feed_forward.w3.weight": (i, h), f"{p}attention_norm.weight": (h,),
+                       f"{p}ffn_norm.weight": (h,)})
+    return shapes
+
+
+def _plan(where: dict, table, expected: dict[str, tuple]) -> list[tuple[str, str]]:
+    """(source name, target name) for every expected tensor; errors name what does not fit."""
+    pairs, unexpected = {}, []
+    for src in where:
+        try:
+            dst = rename(src, table)
+        except KeyError:
+            unexpected.append(src)
+            continue
+        if dst is None:
+            continue
+        if dst not in expected:
+            unexpected.append(src)
+            continue
+        pairs[dst] = src
+    if unexpected:
+        raise CheckpointError(f"unexpected tensor(s) for this config: {', '.join(sorted(unexpected)[:5])}")
+    missing = [k for k in expected if k not in pairs]
+    if missing:
+        raise CheckpointError(f"missing tensor(s): {', '.join(missing[:5])}"
+                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    for dst, src in pairs.items():
+        _, shape = where[src].info(src)
+        if tuple(shape) != tuple(expected[dst]):
+            raise CheckpointError(f"{src}: shape {list(shape)} does not match the config's {list(expected[dst])}")
+    return [(pairs[k], k) for k in expected]
+
+
+def _convert(where, plan, dst_file: Path, dtype: str | None, progress, cancel, metadata) -> str:
+    src_dtypes = {where[s].info(s)[0] for s, _ in plan}
+    for d in src_dtypes:
+        if d not in ST_TO_DTYPE:
+            raise CheckpointError(f"unsupported weight dtype {d}")
+    target = DTYPE_TO_ST[dtype] if dtype else (src_dtypes.pop() if len(src_dtypes) == 1 else "F32")
+    entries = [(d, target, where[s].info(s)[1]) for s, d in plan]
+    total = sum(int(np.prod(e[2])) * (2 if target != "F32" else 4) for e in entries)
+    writer = SafetensorsWriter(dst_file, entries, metadata)
+    done = 0
+    try:
+        for src, dst in plan:
+            if cancel and cancel():
+                raise Cancelled()
+            f = where[src]
+            arr = cast(np.asarray(f.get(src)), f.info(src)[0], target)
+            writer.write(dst, arr)
+            done += arr.nbytes
+            if progress:
+                progress(done, total, dst)
+    except BaseException:
+        writer.f.close()  # the temporary folder is removed by atomic_folder
+        raise
+    writer.close()
+    return ST_TO_DTYPE[target]
+
+
+def hf_to_ms(src: str | Path, dst: str | Path, dtype: str | None = None, overwrite: bool = False,
+             progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> Config:
+    """Convert an HF InternLM folder into a project model folder; returns its config."""
+    src = Path(src)
+    if not (src / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{src} has no {CONFIG_FILE}")
+    try:
+        cfg = Config.from_hf_config(src / CONFIG_FILE)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    where = open_weights(src)
+    plan = _plan(where, _HF_RE, ms_shapes(cfg))
+    with atomic_folder(dst, overwrite) as tmp:
+        out_dtype = _convert(where, plan, tmp / WEIGHTS_FILE, dtype, progress, cancel, {"format": "ms"})
+        cfg = cfg.replace(dtype=out_dtype, name=cfg.name if cfg.name != "hf" else src.name)
+        cfg.save(tmp)
+        copy_tokenizer(src, tmp)
+    return cfg
+
+
+def ms_to_hf(src: str | Path, dst: str | Path, dtype: str | None = None, overwrite: bool = False,
+             progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> Config:
+    """Write a project model folder back as an HF folder (config.json + model.safetensors)."""
+    import json
+
+    src = Path(src)
+    cfg = read_config(src)
+    where = {k: f for f in [SafetensorsFile(src / WEIGHTS_FILE)] for k in f.keys()}
+    expected_hf = {rename(k, _MS_RE): s for k, s in ms_shapes(cfg).items()}
+    plan = _plan(where, _MS_RE, expected_hf)  # (ms name, hf name)
+    with atomic_folder(dst, overwrite) as tmp:
+        out_dtype = _convert(where, plan, tmp / WEIGHTS_FILE, dtype, progress, cancel, {"format": "pt"})
+        cfg = cfg.replace(dtype=out_dtype)
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_hf_config(), indent=2) + "\n")
+        copy_tokenizer(src, tmp)
+    return cfg
+
+
+def is_model_folder(folder: str | Path) -> bool:
+    folder = Path(folder)
+    return (folder / WEIGHTS_FILE).is_file() and (folder / CONFIG_FILE).is_file() and \
+        '"format": "internlm-mindspore' in (folder / CONFIG_FILE).read_text()
+
+
+__all__ = ["hf_to_ms", "ms_to_hf", "ms_shapes", "rename", "HF_TO_MS", "MS_TO_HF", "TOKENIZER_FILE",
+           "is_model_folder"]

@@ -1,0 +1,298 @@
+"""Sampling as small pure functions on numpy logits, and generation as a generator.
+
+``SequenceState`` is one sequence's decoding state (penalties, sampling RNG, detokenisation,
+stop handling). ``generate`` drives one through an ``Engine``; ``generate_batch`` drives
+several at once; the continuous batcher (``batching.py``) drives many that come and go.
+"""
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .tokenizer import CHAT_STOP_IDS
+
+FINISH_LENGTH, FINISH_EOS, FINISH_STOP, FINISH_ABORTED = "length", "eos", "stop", "aborted"
+
+
+# ---- logits processing: each takes and returns float logits (V,) --------------------------
+
+def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """HF/CTRL rule: for tokens already seen, divide positive logits and multiply negative ones."""
+    if penalty == 1.0 or len(seen) == 0:
+        return logits
+    out = logits.copy()
+    s = out[seen]
+    out[seen] = np.where(s > 0, s / penalty, s * penalty)
+    return out
+
+
+def apply_presence_frequency(logits: np.ndarray, counts: np.ndarray, presence: float,
+                             frequency: float) -> np.ndarray:
+    """OpenAI rule: subtract presence once per seen token and frequency per occurrence."""
+    if presence == 0.0 and frequency == 0.0:
+        return logits
+    return logits - presence * (counts > 0) - frequency * counts
+
+
+def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
+    return logits / temperature if temperature not in (0.0, 1.0) else logits
+
+
+def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
+    """Keep the k largest logits (ties at the k-th value kept too); k <= 0 disables."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = np.partition(logits, -k)[-k]
+    return np.where(logits < kth, -np.inf, logits)
+
+
+def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
+    """Keep the smallest set of most likely tokens whose probability reaches p (always >= 1 token)."""
+    if p >= 1.0:
+        return logits
+    order = np.argsort(-logits, kind="stable")
+    probs = softmax(logits[order])
+    before = np.cumsum(probs) - probs  # mass of strictly more likely tokens
+    drop = order[before >= p]
+    out = logits.copy()
+    out[drop] = -np.inf
+    return out
+
+
+def min_p_filter(logits: np.ndarray, min_p: float) -> np.ndarray:
+    """Drop tokens whose probability is below min_p times the top token's."""
+    if min_p <= 0.0:
+        return logits
+    probs = softmax(logits)
+    return np.where(probs < min_p * probs.max(), -np.inf, logits)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max())
+    return z / z.sum()
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max()
+    return z - np.log(np.exp(z).sum())
+
+
+def sample(logits: np.ndarray, rng: np.random.Generator) -> int:
+    """Draw one token from softmax(logits) with an explicit generator (seeded => repeatable)."""
+    probs = softmax(logits.astype(np.float64))
+    return int(rng.choice(len(probs), p=probs / probs.sum()))
+
+
+# ---- parameters ----------------------------------------------------------------------------
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    temperature: float = 0.0  # 0 => greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None  # None => a fresh seed, reported back
+    stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] | None = None  # None => eos and <eoa>
+    ignore_eos: bool = False
+    logprobs: bool = False
+
+    def validate(self) -> "SamplingParams":
+        def bad(msg):
+            raise ValueError(msg)
+        if self.max_new_tokens < 1:
+            bad(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            bad(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
+        if self.temperature < 0 or not np.isfinite(self.temperature):
+            bad(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            bad(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            bad(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            bad(f"min_p must be in [0, 1), got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if any(not s for s in self.stop):
+            bad("stop strings must not be empty")
+        return self
+
+    def replace(self, **kw) -> "SamplingParams":
+        return dataclasses.replace(self, **kw)
+
+
+@dataclass
+class TokenEvent:
+    """One generated token; the last event of a sequence carries ``finish_reason``."""
+    token_id: int
+    text: str  # new final text (may be "" while a UTF-8 sequence or a possible stop string is held)
+    logprob: float | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    seed: int
+    logprobs: list[float] | None = None
+
+
+@dataclass
+class SequenceState:
+    """The decoding state of one sequence: feed it logits, it picks the next token."""
+    prompt: list[int]
+    params: SamplingParams
+    tokenizer: object | None = None
+    vocab_size: int = 0
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def __post_init__(self):
+        self.params.validate()
+        self.seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
+        self.rng = np.random.default_rng(self.seed)
+        self.stop_ids = set(CHAT_STOP_IDS if self.params.stop_token_ids is None else self.params.stop_token_ids)
+        self.counts = np.zeros(self.vocab_size, np.float32)
+        self.seen = np.unique(np.asarray(self.prompt, np.int64))  # repetition penalty covers the prompt (HF)
+        self.decoder = self.tokenizer.stream_decoder() if self.tokenizer else None
+        self.text = ""  # text released so far
+        self._held = ""  # text held back while it could be the start of a stop string
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.generated)
+
+    def process(self, logits: np.ndarray) -> np.ndarray:
+        p = self.params
+        logits = apply_repetition_penalty(logits, self.seen, p.repetition_penalty)
+        logits = apply_presence_frequency(logits, self.counts, p.presence_penalty, p.frequency_penalty)
+        if len(self.generated) < p.min_new_tokens or p.ignore_eos:
+            logits = logits.copy()
+            logits[[i for i in self.stop_ids if i < len(logits)]] = -np.inf
+        return logits
+
+    def choose(self, logits: np.ndarray) -> int:
+        p = self.params
+        if p.temperature == 0.0:
+            return int(np.argmax(logits))
+        logits = apply_temperature(logits, p.temperature)
+        logits = top_k_filter(logits, p.top_k)
+        logits = top_p_filter(logits, p.top_p)
+        logits = min_p_filter(logits, p.min_p)
+        return sample(logits, self.rng)
+
+    def step(self, logits: np.ndarray, max_len: int | None = None) -> TokenEvent:
+        """Pick, record and report the next token from the model's logits (V,)."""
+        logits = np.asarray(logits, np.float32)
+        token = self.choose(self.process(logits))
+        logprob = float(log_softmax(logits.astype(np.float64))[token]) if self.params.logprobs else None
+        self.generated.append(token)
+        self.counts[token] += 1
+        self.seen = np.union1d(self.seen, [token])
+        text = ""
+        if token in self.stop_ids and not self.params.ignore_eos:
+            self.finish_reason = FINISH_EOS
+        else:
+            text = self._release(self.decoder.push(token) if self.decoder else "")
+        if self.finish_reason is None and (len(self.generated) >= self.params.max_new_tokens
+                                           or (max_len is not None and self.length >= max_len)):
+            self.finish_reason = FINISH_LENGTH
+        if self.finish_reason in (FINISH_EOS, FINISH_LENGTH):
+            text += self._finish_text()
+        return TokenEvent(token, text, logprob, self.finish_reason)
+
+    def abort(self) -> None:
+        self.finish_reason = self.finish_reason or FINISH_ABORTED
+
+    # -- text and stop strings --
+    def _release(self, new: str) -> str:
+        """Append new text; stop at a stop string; hold back a tail that may begin one."""
+        buf = self._held + new
+        stops = self.params.stop
+        if not stops:
+            self.text += buf
+            return buf
+        hits = [(buf.find(s), s) for s in stops if s in buf]
+        if hits:
+            at = min(hits)[0]
+            self.finish_reason = FINISH_STOP
+            self._held = ""
+            self.text += buf[:at]
+            return buf[:at]
+        hold = 0
+        for s in stops:
+            for n in range(min(len(s) - 1, len(buf)), 0, -1):
+                if buf.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        out, self._held = buf[:len(buf) - hold], buf[len(buf) - hold:]
+        self.text += out
+        return out
+
+    def _finish_text(self) -> str:
+        tail = self._held + (self.decoder.flush() if self.decoder else "")
+        self._held = ""
+        self.text += tail
+        return tail
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(list(self.generated), self.text, self.finish_reason or FINISH_ABORTED,
+                                len(self.prompt), self.seed)
+
+
+def generate(engine, prompt: list[int], params: SamplingParams | None = None, tokenizer=None,
+             slot: int = 0) -> Iterator[TokenEvent]:
+    """Yield tokens of one sequence as they are decoded (greedy when temperature is 0)."""
+    params = (params or SamplingParams()).validate()
+    state = SequenceState(list(prompt), params, tokenizer, engine.config.vocab_size)
+    engine.check_prompt(len(prompt))
+    logits = engine.prefill([slot], [state.prompt])[0]
+    positions = np.zeros(engine.max_batch, np.int64)
+    tokens = np.zeros(engine.max_batch, np.int32)
+    while True:
+        event = state.step(logits, engine.max_len)
+        yield event
+        if event.finish_reason:
+            return
+        tokens[slot], positions[slot] = event.token_id, state.length - 1
+        logits = engine.decode(tokens, positions)[slot]
+
+
+def generate_batch(engine, prompts: list[list[int]], params: SamplingParams | None = None,
+                   tokenizer=None) -> list[GenerationResult]:
+    """Generate for several prompts of any lengths at once (one slot each); results in order."""
+    params = (params or SamplingParams()).validate()
+    if len(prompts) > engine.max_batch:
+        raise ValueError(f"{len(prompts)} prompts exceed the engine's {engine.max_batch} slots")
+    states = [SequenceState(list(p), params, tokenizer, engine.config.vocab_size) for p in prompts]
+    logits = engine.prefill(list(range(len(prompts))), [s.prompt for s in states])
+    tokens = np.zeros(engine.max_batch, np.int32)
+    positions = np.zeros(engine.max_batch, np.int64)
+    logprobs = [[] for _ in states]
+    while True:
+        for i, s in enumerate(states):
+            if s.finish_reason is None:
+                ev = s.step(logits[i], engine.max_len)
+                if ev.logprob is not None:
+                    logprobs[i].append(ev.logprob)
+                tokens[i], positions[i] = ev.token_id, s.length - 1
+        if all(s.finish_reason for s in states):
+            break
+        logits = engine.decode(tokens, positions)
+    results = [s.result() for s in states]
+    for r, lp in zip(results, logprobs):
+        r.logprobs = lp if params.logprobs else None
+    return results

@@ -1,0 +1,222 @@
+"""The InternLM v1 decoder in MindSpore, top to bottom, plus its preallocated KV cache.
+
+A pre-norm LLaMA: RMSNorm, rotate-half rotary, SwiGLU MLP, untied head; the 7B family adds
+bias to q/k/v/o. Parameter names are MindFormers' so checkpoints load there unchanged.
+
+Only ops with CPU kernels are used (see shared/reference/mindspore-cpu.md): no fused
+RMSNorm/rotary/flash attention, ``mint.nn.functional.linear`` for projections. The same
+code runs on GPU/Ascend. Host-side numpy builds the small per-call inputs (rotary tables,
+masks, cache indices) so that each graph compiles once per shape and padding can never leak
+into positions or attention.
+"""
+from __future__ import annotations
+
+import math
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, Tensor, mint, nn, ops
+
+from .config import Config
+
+MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+NEG_INF = -1e9  # additive mask; scores are fp32 so this underflows cleanly in softmax
+
+
+def compute_dtype_for(cfg: Config) -> str:
+    """CPU kernels for half-precision matmuls are missing or slow: compute in fp32 there."""
+    if ms.get_context("device_target") == "CPU":
+        return "float32"
+    return cfg.dtype
+
+
+class Linear(nn.Cell):
+    """y = x W^T (+ b), weight [out, in] like torch and MindFormers."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool, dtype=ms.float32):
+        super().__init__()
+        self.weight = Parameter(Tensor(np.zeros((d_out, d_in)), dtype), name="weight")
+        self.bias = Parameter(Tensor(np.zeros((d_out,)), dtype), name="bias") if bias else None
+
+    def construct(self, x):
+        return mint.nn.functional.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Cell):
+    def __init__(self, dim: int, eps: float, dtype=ms.float32):
+        super().__init__()
+        self.weight = Parameter(Tensor(np.ones((dim,)), dtype), name="weight")
+        self.eps = eps
+
+    def construct(self, x):
+        xf = x.astype(ms.float32)
+        xf = xf * ops.rsqrt(mint.mean(xf * xf, -1, keepdim=True) + self.eps)
+        return xf.astype(x.dtype) * self.weight
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return mint.cat((-x[..., half:], x[..., :half]), -1)
+
+
+class Attention(nn.Cell):
+    def __init__(self, cfg: Config, dtype):
+        super().__init__()
+        h = cfg.hidden_size
+        self.n_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.wq = Linear(h, h, cfg.bias, dtype)
+        self.wk = Linear(h, h, cfg.bias, dtype)
+        self.wv = Linear(h, h, cfg.bias, dtype)
+        self.wo = Linear(h, h, cfg.bias, dtype)
+
+    def _heads(self, x, b, t):
+        return x.reshape(b, t, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, nh, T, hd)
+
+    def construct(self, x, cos, sin, mask, k_cache=None, v_cache=None, cache_index=None, attend_cache=False):
+        """x (B, T, C); cos/sin (B, 1, T, hd); mask (B, 1, T, S) additive.
+
+        With a cache, the new k/v are first scattered into it at ``cache_index``
+        (B, nh, T, 3) = (slot, head, position). Prefill then attends within x (S == T);
+        decode (``attend_cache``, one row per slot) attends the whole cache (S = cache length).
+        """
+        b, t, _ = x.shape
+        q = self._heads(self.wq(x), b, t)
+        k = self._heads(self.wk(x), b, t)
+        v = self._heads(self.wv(x), b, t)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if k_cache is not None:
+            # In-place update of the preallocated cache; using the op's output orders the read after the write.
+            k_all = ops.scatter_nd_update(k_cache, cache_index, k.astype(k_cache.dtype))
+            v_all = ops.scatter_nd_update(v_cache, cache_index, v.astype(v_cache.dtype))
+            if attend_cache:
+                k, v = k_all, v_all
+            else:  # keep the writes in the graph
+                k, v = ops.depend(k, k_all), ops.depend(v, v_all)
+        scores = ops.matmul(q.astype(ms.float32), k.astype(ms.float32).swapaxes(-1, -2)) * self.scale
+        probs = mint.softmax(scores + mask, dim=-1).astype(v.dtype)
+        out = ops.matmul(probs, v)  # (B, nh, T, hd)
+        out = out.transpose(0, 2, 1, 3).reshape(b, t, self.n_heads * self.head_dim)
+        return self.wo(out.astype(x.dtype))
+
+
+class FeedForward(nn.Cell):
+    def __init__(self, cfg: Config, dtype):
+        super().__init__()
+        self.w1 = Linear(cfg.hidden_size, cfg.intermediate_size, False, dtype)  # gate
+        self.w2 = Linear(cfg.intermediate_size, cfg.hidden_size, False, dtype)  # down
+        self.w3 = Linear(cfg.hidden_size, cfg.intermediate_size, False, dtype)  # up
+
+    def construct(self, x):
+        return self.w2(ops.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Cell):
+    def __init__(self, cfg: Config, dtype):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.attention = Attention(cfg, dtype)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.feed_forward = FeedForward(cfg, dtype)
+
+    def construct(self, x, cos, sin, mask, k_cache=None, v_cache=None, cache_index=None, attend_cache=False):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, k_cache, v_cache, cache_index, attend_cache)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Embedding(nn.Cell):
+    def __init__(self, vocab: int, dim: int, dtype):
+        super().__init__()
+        self.embedding_weight = Parameter(Tensor(np.zeros((vocab, dim)), dtype), name="embedding_weight")
+
+    def construct(self, ids):
+        return ops.gather(self.embedding_weight, ids, 0)
+
+
+class InternLMModel(nn.Cell):
+    def __init__(self, cfg: Config, dtype):
+        super().__init__()
+        self.tok_embeddings = Embedding(cfg.vocab_size, cfg.hidden_size, dtype)
+        self.layers = nn.CellList([Block(cfg, dtype) for _ in range(cfg.num_layers)])
+        self.norm_out = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+
+class InternLMForCausalLM(nn.Cell):
+    """``construct(ids, cos, sin, mask) -> logits (B, T, V)`` with no cache (training, parity)."""
+
+    def __init__(self, cfg: Config, dtype: str | None = None):
+        super().__init__()
+        self.config = cfg
+        self.dtype = MS_DTYPES[dtype or compute_dtype_for(cfg)]
+        self.model = InternLMModel(cfg, self.dtype)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, self.dtype)
+        # Sub-cells built before being attached keep short names; give every parameter its full name.
+        for name, p in self.parameters_and_names():
+            p.name = name
+
+    def hidden(self, ids, cos, sin, mask, caches=None, cache_index=None, attend_cache=False):
+        x = self.model.tok_embeddings(ids)
+        for i, layer in enumerate(self.model.layers):
+            if caches is None:
+                x = layer(x, cos, sin, mask)
+            else:
+                x = layer(x, cos, sin, mask, caches[2 * i], caches[2 * i + 1], cache_index, attend_cache)
+        return self.model.norm_out(x)
+
+    def construct(self, ids, cos, sin, mask):
+        return self.lm_head(self.hidden(ids, cos, sin, mask)).astype(ms.float32)
+
+
+# ---- host-side inputs ---------------------------------------------------------------------
+
+def rope_base(cfg: Config, seq_len: int) -> float:
+    """Dynamic NTK (20B): the base grows once a sequence passes max positions."""
+    if cfg.rope_scaling == "dynamic" and seq_len > cfg.max_position_embeddings:
+        f, d = cfg.rope_scaling_factor, cfg.head_dim
+        return cfg.rope_base * ((f * seq_len / cfg.max_position_embeddings) - (f - 1)) ** (d / (d - 2))
+    return cfg.rope_base
+
+
+def rope_tables(cfg: Config, positions: np.ndarray, seq_lens=None):
+    """cos, sin (B, 1, T, hd) float32 for integer positions (B, T).
+
+    ``seq_lens`` (B,) is each row's total length, which sets the dynamic-NTK base (as HF
+    does, the current length rescales the new tokens; cached keys keep their rotation).
+    """
+    positions = np.asarray(positions)
+    if seq_lens is None:
+        seq_lens = positions.max(-1) + 1
+    d = cfg.head_dim
+    bases = np.array([rope_base(cfg, int(n)) for n in np.asarray(seq_lens).reshape(-1)], np.float64)
+    inv_freq = 1.0 / (bases[:, None] ** (np.arange(0, d, 2, dtype=np.float64) / d))  # (B, hd/2)
+    freqs = positions[..., None].astype(np.float64) * inv_freq[:, None, :]  # (B, T, hd/2)
+    emb = np.concatenate([freqs, freqs], -1)[:, None]
+    return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
+
+
+def causal_mask(lengths: np.ndarray, t: int) -> np.ndarray:
+    """(B, 1, T, T) additive: query i sees keys j <= i that are inside the row's length."""
+    j = np.arange(t)
+    ok = (j[None, :] <= j[:, None])[None] & (j[None, None, :] < np.asarray(lengths)[:, None, None])
+    return np.where(ok, 0.0, NEG_INF).astype(np.float32)[:, None]
+
+
+def forward_inputs(cfg: Config, ids: np.ndarray, lengths=None):
+    """Tensors for a cache-free forward of right-padded ids (B, T)."""
+    ids = np.asarray(ids, dtype=np.int32)
+    b, t = ids.shape
+    lengths = np.full(b, t) if lengths is None else np.asarray(lengths)
+    positions = np.broadcast_to(np.arange(t), (b, t))
+    cos, sin = rope_tables(cfg, positions, lengths)
+    return Tensor(ids), Tensor(cos), Tensor(sin), Tensor(causal_mask(lengths, t))
+
+
+def init_weights(model: InternLMForCausalLM, seed: int = 0, std: float = 0.02) -> None:
+    """Random normal init (norms stay 1, biases small) for tests and training from scratch."""
+    rng = np.random.default_rng(seed)
+    for name, p in model.parameters_and_names():
+        if name.endswith("norm.weight") or name.endswith("norm_out.weight"):
+            continue
+        scale = std if name.endswith("weight") else std / 4
+        p.set_data(Tensor(rng.normal(0.0, scale, p.shape).astype(np.float32), p.dtype))
