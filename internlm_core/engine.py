@@ -21,6 +21,13 @@ class PromptTooLong(ValueError):
     pass
 
 
+class AdapterNotFound(KeyError):
+    """A request named a LoRA adapter that this engine does not hold (never fall back silently)."""
+
+    def __str__(self):
+        return f"unknown adapter {self.args[0]!r}"
+
+
 class _PrefillStep(nn.Cell):
     def __init__(self, model, caches):
         super().__init__()
@@ -69,6 +76,14 @@ class Engine:
         self._decode = _DecodeStep(model, self.caches)
         self._heads = np.arange(cfg.num_heads)[None, :, None]
         self.lock = threading.Lock()  # one step at a time: the cache is shared state
+        self.adapters: dict[str, int] = {}  # LoRA adapter name -> index (0 is "no adapter")
+
+    def adapter_index(self, name: str | None) -> int:
+        if not name:
+            return 0
+        if name not in self.adapters:
+            raise AdapterNotFound(name)
+        return self.adapters[name]
 
     def check_prompt(self, n: int) -> None:
         if n == 0:
@@ -113,3 +128,17 @@ class Engine:
             out = self._decode(Tensor(np.asarray(tokens, np.int32).reshape(-1, 1)), Tensor(cos), Tensor(sin),
                                Tensor(mask), Tensor(index))
             return out.asnumpy()
+
+
+def open_engine(folder, max_batch: int = 1, max_len: int | None = None):
+    """An engine for a model folder: a checkpoint folder, or an exported MindIR pair."""
+    from pathlib import Path
+
+    from .loader import load_model
+
+    folder = Path(folder)
+    if (folder / "mindir_manifest.json").is_file():
+        from .export import ExportedEngine
+
+        return ExportedEngine(folder, max_batch=max_batch, max_len=max_len)
+    return Engine(load_model(folder), max_batch=max_batch, max_len=max_len)

@@ -1,0 +1,112 @@
+"""``internlm convert`` and ``internlm generate`` (local model, or the running stack's endpoint)."""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser("convert", help="HF InternLM folder -> MindSpore model folder (or back with --to-hf)")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="target dtype (default: the source's)")
+    p.add_argument("--to-hf", action="store_true", help="MindSpore model folder -> HF safetensors folder")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=convert)
+
+    g = sub.add_parser("generate", help="generate from a local model folder, or from the running stack")
+    g.add_argument("prompt", nargs="?", help="text (bos is added); see --chat and --ids")
+    g.add_argument("--model", help="local model folder; without it, ask the running stack's endpoint")
+    g.add_argument("--endpoint", default=None, help="endpoint address (default: $INTERNLM_ENDPOINT or localhost:50051)")
+    g.add_argument("--ids", help="comma-separated token ids, fed as they are")
+    g.add_argument("--chat", action="store_true", help="render the prompt as a user turn in InternLM's chat format")
+    g.add_argument("--system", help="system prompt (with --chat)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--min-new-tokens", type=int, default=0)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--adapter", help="LoRA adapter name (remote only)")
+    g.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    g.set_defaults(func=generate)
+
+
+def convert(args) -> int:
+    from tqdm import tqdm
+
+    from internlm_core.convert import hf_to_ms, ms_to_hf
+
+    bar = tqdm(total=0, unit="B", unit_scale=True, desc="convert", file=sys.stderr)
+
+    def progress(done, total, name):
+        bar.total = total
+        bar.n = done
+        bar.set_postfix_str(name[-40:], refresh=False)
+        bar.refresh()
+
+    fn = ms_to_hf if args.to_hf else hf_to_ms
+    cfg = fn(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=progress)
+    bar.close()
+    print(f"wrote {args.dst} ({cfg.num_parameters() / 1e6:.1f}M parameters, {cfg.dtype})")
+    return 0
+
+
+def sampling_from_args(args):
+    from internlm_core.generation import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop)).validate()
+
+
+def prompt_messages(args) -> list[dict]:
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    return messages + [{"role": "user", "content": args.prompt}]
+
+
+def generate(args) -> int:
+    if (args.prompt is None) == (args.ids is None):
+        raise ValueError("give either a PROMPT or --ids")
+    if not args.model:
+        from services.client import remote_generate  # gRPC lives in services, never in the core
+
+        return remote_generate(args)
+    from pathlib import Path
+
+    from internlm_core.engine import Engine
+    from internlm_core.generation import generate as core_generate
+    from internlm_core.loader import load_model
+    from internlm_core.tokenizer import Tokenizer
+
+    params = sampling_from_args(args)
+    if params.seed is None:  # pick the seed here so that it can be reported
+        import secrets
+
+        params = params.replace(seed=secrets.randbits(31))
+    tok = Tokenizer(Path(args.model) / "tokenizer.model")
+    if args.ids:
+        prompt = [int(x) for x in args.ids.split(",") if x.strip()]
+    elif args.chat:
+        prompt = tok.encode_chat(prompt_messages(args))
+    else:
+        prompt = tok.encode(args.prompt)
+    model = load_model(args.model)
+    engine = Engine(model, max_batch=1, max_len=min(model.config.max_position_embeddings,
+                                                   len(prompt) + params.max_new_tokens + 1))
+    ids, logprobs, reason, text = [], [], None, []
+    for ev in core_generate(engine, prompt, params, tok):
+        ids.append(ev.token_id)
+        text.append(ev.text)
+        reason = ev.finish_reason
+        if not args.json:
+            print(ev.text, end="", flush=True)
+    if args.json:
+        print(json.dumps({"token_ids": ids, "text": "".join(text), "finish_reason": reason,
+                          "prompt_tokens": len(prompt), "seed": params.seed}, ensure_ascii=False))
+    else:
+        print()
+    return 0

@@ -1,0 +1,53 @@
+import pytest
+
+from tests.helpers import TOKENIZER_MODEL, RedisServer, hf_reference_model, save_hf_folder
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from internlm_core.tokenizer import Tokenizer
+
+    return Tokenizer(TOKENIZER_MODEL)
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from internlm_core.config import Config
+
+    return Config.from_name("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory, tiny_config):
+    """(HF reference model, its HF InternLM folder) for the tiny preset."""
+    model = hf_reference_model(tiny_config)
+    return model, save_hf_folder(model, tiny_config, tmp_path_factory.mktemp("hf") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_hf):
+    from internlm_core.convert import hf_to_ms
+
+    dst = tmp_path_factory.mktemp("ms") / "tiny"
+    hf_to_ms(tiny_hf[1], dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory):
+    """A small random model with the real tokenizer's vocabulary, for text-in/text-out tests."""
+    from internlm_core.config import Config
+    from internlm_core.loader import save_model
+    from internlm_core.model import InternLMForCausalLM, init_weights
+
+    cfg = Config.from_name("tiny", vocab_size=103168, max_position_embeddings=256, name="tiny-chat")
+    model = InternLMForCausalLM(cfg)
+    init_weights(model, seed=1, std=0.5)
+    return save_model(model, cfg, tmp_path_factory.mktemp("chat") / "tiny-chat", tokenizer_from=TOKENIZER_MODEL.parent)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()

@@ -1,0 +1,117 @@
+"""Builders shared by the tests: tiny HF reference models and project model folders."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("INTERNLM_SHARED", REPO.parent / "shared"))
+DATA = SHARED / "data"
+TOKENIZER_MODEL = DATA / "internlm-tokenizer" / "tokenizer.model"
+
+
+def llama_config(cfg):
+    """The HF LLaMA config that is the same network as an InternLM config."""
+    from transformers import LlamaConfig
+
+    kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+              num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+              num_key_value_heads=cfg.num_heads, max_position_embeddings=cfg.max_position_embeddings,
+              rms_norm_eps=cfg.rms_norm_eps, attention_bias=cfg.bias, mlp_bias=False,
+              tie_word_embeddings=False, rope_theta=cfg.rope_base, bos_token_id=cfg.bos_id,
+              eos_token_id=cfg.eos_id, pad_token_id=cfg.pad_id)
+    if cfg.rope_scaling == "dynamic":
+        kw["rope_scaling"] = {"rope_type": "dynamic", "factor": cfg.rope_scaling_factor}
+    return LlamaConfig(**kw)
+
+
+def hf_reference_model(cfg, seed: int = 0, scale: float = 0.2):
+    """A random HF LlamaForCausalLM (eval mode, fp32) standing for InternLM with ``cfg``."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(llama_config(cfg)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, scale)
+    return model
+
+
+def save_hf_folder(model, cfg, folder: Path, safetensors: bool = True, max_shard_size: str | None = None,
+                   dtype: str = "float32") -> Path:
+    """Save ``model`` as an HF InternLM folder (InternLM config.json, LLaMA tensor names)."""
+    import torch
+
+    folder = Path(folder)
+    m = model.to({"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype])
+    kw = {"safe_serialization": safetensors}
+    if max_shard_size:
+        kw["max_shard_size"] = max_shard_size
+    m.save_pretrained(folder, **kw)
+    model.to(torch.float32)
+    (folder / "config.json").write_text(json.dumps(cfg.replace(dtype=dtype).to_hf_config(), indent=2))
+    (folder / "generation_config.json").unlink(missing_ok=True)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A real redis-server on a loopback port, with persistence (AOF) in its own folder."""
+
+    def __init__(self, folder: Path | None = None, port: int | None = None):
+        self.folder = Path(folder or tempfile.mkdtemp(prefix="redis-"))
+        self.port = port or free_port()
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        exe = shutil.which("redis-server")
+        if not exe:
+            raise RuntimeError("redis-server is not installed (.ci/run installs it)")
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--maxmemory-policy", "noeviction"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import redis
+
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                if redis.Redis.from_url(self.url).ping():
+                    return self
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+def random_ids(n: int, vocab: int, seed: int = 0, low: int = 3) -> list[int]:
+    return np.random.default_rng(seed).integers(low, vocab, n).tolist()
