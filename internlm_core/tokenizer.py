@@ -19,6 +19,7 @@ CHAT_STOP_IDS = (EOS, EOA)
 ROLES = ("system", "user", "assistant")
 
 _SPECIAL = {"<s>": BOS, "</s>": EOS, "<unk>": UNK}
+_SPECIAL_TEXT = {v: k for k, v in _SPECIAL.items()}
 _SPECIAL_RE = re.compile("(" + "|".join(re.escape(s) for s in _SPECIAL) + ")")
 
 
@@ -47,12 +48,24 @@ class Tokenizer:
             ids.append(EOS)
         return ids
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        """Text of ``ids``; ``<s>``, ``</s>``, ``<unk>`` come back as those literal strings
+        (as HF's tokenizer does), so ``decode(encode(text))`` is ``text``."""
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise TokenizerError(f"token id {bad[0]} outside the vocabulary (0..{self.vocab_size - 1})")
-        return self.sp.decode(ids)
+        out, run = [], []
+        for i in ids:
+            if i in _SPECIAL_TEXT:
+                out.append(self.sp.decode(run))
+                run = []
+                if not skip_special:
+                    out.append(_SPECIAL_TEXT[i])
+            else:
+                run.append(i)
+        out.append(self.sp.decode(run))
+        return "".join(out)
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))

@@ -1,0 +1,53 @@
+import json
+
+import pytest
+
+from internlm_core.config import PRESETS, Config, ConfigError
+
+
+def test_presets_match_reference_numbers():
+    c7 = Config.from_name("internlm-chat-7b")
+    assert (c7.hidden_size, c7.intermediate_size, c7.num_layers, c7.num_heads, c7.head_dim) == (4096, 11008, 32, 32, 128)
+    assert c7.bias and c7.max_position_embeddings == 2048 and c7.rms_norm_eps == 1e-6 and c7.vocab_size == 103168
+    c20 = Config.from_name("internlm-20b")
+    # not the MindFormers yaml's num_heads 60 / eps 1e-5
+    assert (c20.hidden_size, c20.intermediate_size, c20.num_layers, c20.num_heads, c20.head_dim) == (5120, 13824, 60, 40, 128)
+    assert not c20.bias and c20.max_position_embeddings == 4096 and c20.rms_norm_eps == 1e-6
+    assert c20.rope_scaling == "dynamic"
+    assert 6.5e9 < c7.num_parameters() < 7.5e9
+    assert 19e9 < c20.num_parameters() < 21e9
+
+
+def test_overrides_and_unknown_preset():
+    assert Config.from_name("internlm-7b", num_layers=2).num_layers == 2
+    with pytest.raises(ConfigError, match="unknown preset 'internlm-13b'"):
+        Config.from_name("internlm-13b")
+    with pytest.raises(ConfigError, match="divisible"):
+        Config.from_name("tiny", num_heads=3)
+    with pytest.raises(ConfigError, match="dtype"):
+        Config.from_name("tiny", dtype="int8")
+
+
+def test_hf_config_round_trip(tmp_path):
+    for name in PRESETS:
+        cfg = Config.from_name(name)
+        back = Config.from_hf_config(cfg.to_hf_config())
+        assert back.replace(name=name) == cfg
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(Config.from_name("tiny").to_hf_config()))
+    assert Config.from_file(path).hidden_size == 64
+
+
+def test_saved_checkpoint_config(tmp_path):
+    cfg = Config.from_name("tiny-20b")
+    cfg.save(tmp_path)
+    assert Config.from_checkpoint(tmp_path) == cfg
+    with pytest.raises(ConfigError, match="no config.json"):
+        Config.from_checkpoint(tmp_path / "nowhere")
+
+
+def test_hf_config_missing_key():
+    hf = Config.from_name("tiny").to_hf_config()
+    del hf["hidden_size"]
+    with pytest.raises(ConfigError, match="hidden_size"):
+        Config.from_hf_config(hf)

@@ -1,0 +1,123 @@
+"""Sampling functions on hand-made logits, and the per-sequence state machine."""
+import numpy as np
+import pytest
+
+from internlm_core import generation as g
+from internlm_core.generation import SamplingParams, SequenceState
+
+L = np.array([2.0, 1.0, 0.5, -1.0, -3.0], np.float32)
+
+
+def test_temperature():
+    np.testing.assert_allclose(g.apply_temperature(L, 0.5), L * 2)
+    assert g.apply_temperature(L, 1.0) is L
+
+
+def test_top_k():
+    out = g.top_k_filter(L, 2)
+    assert np.isfinite(out).tolist() == [True, True, False, False, False]
+    assert g.top_k_filter(L, 0) is L
+
+
+def test_top_p():
+    p = g.softmax(L)  # [0.61, 0.22, 0.14, 0.03, 0.004]
+    assert np.isfinite(g.top_p_filter(L, 0.5)).sum() == 1
+    assert np.isfinite(g.top_p_filter(L, p[0] + 0.01)).sum() == 2
+    assert np.isfinite(g.top_p_filter(L, 0.99)).sum() == 4
+    assert np.isfinite(g.top_p_filter(L, 1.0)).sum() == 5
+
+
+def test_min_p():
+    p = g.softmax(L)
+    out = g.min_p_filter(L, 0.2)
+    assert np.isfinite(out).tolist() == (p >= 0.2 * p.max()).tolist() == [True, True, True, False, False]
+
+
+def test_repetition_penalty_hf_rule():
+    out = g.apply_repetition_penalty(L, np.array([0, 3]), 2.0)
+    np.testing.assert_allclose(out, [1.0, 1.0, 0.5, -2.0, -3.0])
+
+
+def test_presence_and_frequency():
+    counts = np.array([2, 0, 1, 0, 0], np.float32)
+    out = g.apply_presence_frequency(L, counts, presence=0.5, frequency=0.25)
+    np.testing.assert_allclose(out, [2.0 - 0.5 - 0.5, 1.0, 0.5 - 0.5 - 0.25, -1.0, -3.0])
+
+
+def test_sample_follows_distribution_and_seed():
+    rng = np.random.default_rng(0)
+    draws = [g.sample(L, rng) for _ in range(4000)]
+    freq = np.bincount(draws, minlength=5) / 4000
+    np.testing.assert_allclose(freq, g.softmax(L), atol=0.03)
+    a = [g.sample(L, np.random.default_rng(7)) for _ in range(5)]
+    b = [g.sample(L, np.random.default_rng(7)) for _ in range(5)]
+    assert a == b
+
+
+def test_log_softmax():
+    np.testing.assert_allclose(np.exp(g.log_softmax(L)).sum(), 1.0, rtol=1e-6)
+
+
+def _run(params, logits_seq, tokenizer=None):
+    st = SequenceState([1, 5], params, tokenizer, vocab_size=len(logits_seq[0]))
+    events = []
+    for lg in logits_seq:
+        events.append(st.step(np.asarray(lg, np.float32)))
+        if events[-1].finish_reason:
+            break
+    return st, events
+
+
+def onehot(i, v=8):
+    x = np.full(v, -5.0)
+    x[i] = 5.0
+    return x
+
+
+def test_greedy_eos_and_length():
+    st, ev = _run(SamplingParams(max_new_tokens=10, stop_token_ids=[2]), [onehot(4), onehot(2), onehot(4)])
+    assert [e.token_id for e in ev] == [4, 2] and ev[-1].finish_reason == "eos"
+    st, ev = _run(SamplingParams(max_new_tokens=2), [onehot(4), onehot(5), onehot(6)])
+    assert len(ev) == 2 and ev[-1].finish_reason == "length"
+
+
+def test_min_new_tokens_blocks_eos():
+    st, ev = _run(SamplingParams(max_new_tokens=5, min_new_tokens=2, stop_token_ids=[2]), [onehot(2)] * 5)
+    assert [e.token_id for e in ev] != [2]
+    assert ev[0].token_id != 2 and ev[1].token_id != 2 and ev[2].token_id == 2
+
+
+def test_seeded_sampling_repeats():
+    seq = [np.linspace(0, 1, 8) for _ in range(6)]
+    p = SamplingParams(max_new_tokens=6, temperature=1.0, seed=123)
+    a = [e.token_id for e in _run(p, seq)[1]]
+    b = [e.token_id for e in _run(p, seq)[1]]
+    assert a == b
+    assert _run(SamplingParams(max_new_tokens=1, temperature=1.0), seq)[0].seed is not None
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(max_new_tokens=-1), "max_new_tokens"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(temperature=-1), "temperature"), (dict(top_k=-2), "top_k"), (dict(min_p=1.0), "min_p"),
+    (dict(repetition_penalty=0), "repetition_penalty"), (dict(stop=[""]), "stop"),
+    (dict(max_new_tokens=3, min_new_tokens=4), "min_new_tokens")])
+def test_invalid_params(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        SamplingParams(**kw).validate()
+
+
+def test_multi_token_stop_string(tokenizer):
+    # "Hello world" = [9843, 2028]; stop on "o w" which spans the two tokens
+    ids = tokenizer.encode("Hello world, again", bos=False)
+    seq = [onehot(i, tokenizer.vocab_size) for i in ids]
+    st, ev = _run(SamplingParams(max_new_tokens=20, stop=["o w"]), seq, tokenizer)
+    assert ev[-1].finish_reason == "stop"
+    assert "".join(e.text for e in ev) == st.text == "Hell"
+
+
+def test_stop_string_prefix_is_held_then_released(tokenizer):
+    ids = tokenizer.encode("Hello world", bos=False)
+    seq = [onehot(i, tokenizer.vocab_size) for i in ids]
+    st, ev = _run(SamplingParams(max_new_tokens=len(ids), stop=["o wX"]), seq, tokenizer)
+    assert ev[-1].finish_reason == "length"
+    assert "".join(e.text for e in ev) == "Hello world"

@@ -1,0 +1,68 @@
+"""Parity with the reference implementation: HF transformers' LLaMA with attention bias is
+InternLM-7B's network (without bias, InternLM-20B's). Same weights via the project's converter."""
+import numpy as np
+import pytest
+import torch
+
+from internlm_core.config import Config
+from internlm_core.convert import hf_to_ms
+from internlm_core.loader import load_model
+from internlm_core.model import forward_inputs, rope_base
+from tests.helpers import hf_reference_model, random_ids, save_hf_folder
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tiny_hf, tiny_model_dir):
+    return tiny_hf[0], load_model(tiny_model_dir)
+
+
+@pytest.mark.parametrize("n", [1, 7, 33, 128])
+def test_logits_match_hf(tiny_pair, n):
+    ref, ours = tiny_pair
+    ids = random_ids(n, ours.config.vocab_size, seed=n)
+    out = ours(*forward_inputs(ours.config, np.array([ids]))).asnumpy()[0]
+    np.testing.assert_allclose(out, hf_logits(ref, ids), atol=1e-4, rtol=0)
+
+
+def test_padded_batch_matches_each_prompt_alone(tiny_pair):
+    ref, ours = tiny_pair
+    prompts = [random_ids(n, 512, seed=n) for n in (5, 19, 12)]
+    t = max(map(len, prompts))
+    ids = np.full((3, t), 2, np.int64)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)] = p
+    out = ours(*forward_inputs(ours.config, ids, [len(p) for p in prompts])).asnumpy()
+    for i, p in enumerate(prompts):
+        np.testing.assert_allclose(out[i, :len(p)], hf_logits(ref, p), atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def tiny20b_pair(tmp_path_factory):
+    cfg = Config.from_name("tiny-20b")
+    ref = hf_reference_model(cfg, seed=3)
+    folder = save_hf_folder(ref, cfg, tmp_path_factory.mktemp("hf20") / "tiny-20b")
+    dst = tmp_path_factory.mktemp("ms20") / "m"
+    hf_to_ms(folder, dst)
+    return ref, load_model(dst)
+
+
+@pytest.mark.parametrize("n", [9, 64, 80])
+def test_20b_shape_no_bias_and_dynamic_ntk(tiny20b_pair, n):
+    """No q/k/v/o bias; past max positions (64) the dynamic-NTK base takes over, as in HF."""
+    ref, ours = tiny20b_pair
+    assert not any(name.endswith("bias") for name, _ in ours.parameters_and_names())
+    ids = random_ids(n, 512, seed=n)
+    out = ours(*forward_inputs(ours.config, np.array([ids]))).asnumpy()[0]
+    np.testing.assert_allclose(out, hf_logits(ref, ids), atol=1e-4, rtol=0)
+
+
+def test_dynamic_ntk_base_formula():
+    cfg = Config.from_name("tiny-20b")
+    assert rope_base(cfg, 64) == cfg.rope_base
+    d = cfg.head_dim
+    assert rope_base(cfg, 128) == pytest.approx(10000 * (128 / 64) ** (d / (d - 2)))
