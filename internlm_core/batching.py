@@ -1,0 +1,283 @@
+"""Continuous batching: many sequences that come and go share one engine's decode steps.
+
+One thread owns the engine. Between decode steps it lets waiting requests into free slots
+(each prefilled alone into its slot) and drops the ones that finished or were cancelled, so a
+request never waits for a whole batch to end and a worker's throughput grows with the number
+of streams. Per-token logic is ``SequenceState.step``, the same as ``generate``; each slot's
+attention sees only its own cache rows, so under greedy decoding a request gets the same
+tokens alone or in a crowd.
+
+    batcher = Batcher(engine, tokenizer, max_queue=32).start()
+    handle = batcher.submit(prompt_ids, SamplingParams(max_new_tokens=16))
+    for event in handle:          # TokenEvents as they are decoded
+        ...
+    batcher.stop()
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from .generation import FINISH_ABORTED, GenerationResult, SamplingParams, SequenceState, TokenEvent
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """Every slot is busy and the waiting queue is at its bound: try again later."""
+
+
+class ShuttingDown(RuntimeError):
+    """The batcher no longer accepts requests."""
+
+
+class BatcherMetrics:
+    """What the batcher reports as it runs; the services record it (e.g. to Prometheus)."""
+
+    def time_to_first_token(self, seconds: float) -> None: ...
+    def inter_token_latency(self, seconds: float) -> None: ...
+    def batch_size(self, size: int) -> None: ...
+    def tokens(self, n: int) -> None: ...
+    def finished(self, reason: str, seconds: float) -> None: ...
+
+
+_DONE = object()  # queued after a handle's last event
+
+
+@dataclass(eq=False)
+class Handle:
+    """One submitted request: iterate it for its TokenEvents; ``cancel()`` to stop it."""
+    state: SequenceState
+    adapter: int = 0
+    submitted: float = field(default_factory=time.monotonic)
+    slot: int | None = None
+    _events: queue.Queue = field(default_factory=queue.Queue)
+    _cancelled: threading.Event = field(default_factory=threading.Event)
+    _wake: threading.Condition | None = None
+    _last: float | None = None
+    logprobs: list[float] = field(default_factory=list)
+
+    @property
+    def seed(self) -> int:
+        return self.state.seed
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.state.finish_reason
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        """Stop at the next step boundary and free the slot (safe from any thread, idempotent)."""
+        self._cancelled.set()
+        if self._wake is not None:
+            with self._wake:
+                self._wake.notify()
+
+    def next_events(self, timeout: float | None = None) -> list[TokenEvent] | None:
+        """Every event ready now (waiting for at least one); None once the request has ended.
+
+        Joining what is ready keeps a slow reader from falling behind one message per token.
+        """
+        items = [self._events.get(timeout=timeout)]
+        while True:
+            try:
+                items.append(self._events.get_nowait())
+            except queue.Empty:
+                break
+        events = []
+        for item in items:
+            if isinstance(item, BaseException):
+                raise item
+            if item is _DONE:
+                self._events.put(_DONE)  # later calls see the end too
+                return events or None
+            events.append(item)
+        return events
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        while (events := self.next_events()) is not None:
+            yield from events
+
+    def result(self) -> GenerationResult:
+        """Wait for the end; the whole generation (finish reason "aborted" if cancelled)."""
+        for _ in self:
+            pass
+        r = self.state.result()
+        r.logprobs = self.logprobs if self.state.params.logprobs else None
+        return r
+
+
+class Batcher:
+    """Owns an engine in a thread and runs continuous batching over its slots."""
+
+    def __init__(self, engine, tokenizer=None, max_queue: int = 64, metrics: BatcherMetrics | None = None):
+        self.engine, self.tokenizer = engine, tokenizer
+        self.max_queue = max_queue
+        self.metrics = metrics or BatcherMetrics()
+        self.vocab_size = engine.config.vocab_size
+        self._wake = threading.Condition()
+        self._waiting: deque[Handle] = deque()
+        self._slots: list[Handle | None] = [None] * engine.max_batch
+        self._accepting = True
+        self._drain = True
+        self._thread: threading.Thread | None = None
+        # LoRA: pass per-slot adapter indices only to an engine that takes them.
+        self._adapters_kw = "adapters" in inspect.signature(engine.prefill).parameters
+        self.tokens_generated = 0
+        self.requests_finished = 0
+        self.last_batch_size = 0
+
+    # ---- the public side (any thread) --------------------------------------------------------
+    def start(self) -> "Batcher":
+        self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
+        self._thread.start()
+        return self
+
+    def submit(self, prompt: list[int], params: SamplingParams, adapter: str | None = None) -> Handle:
+        """Queue a request; raises ValueError / PromptTooLong / AdapterNotFound for bad input and
+        QueueFull when the waiting queue is at its bound."""
+        prompt = [int(t) for t in prompt]
+        self.engine.check_prompt(len(prompt))
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} outside the model's vocabulary (0..{self.vocab_size - 1})")
+        index = self.engine.adapter_index(adapter)
+        if index and not self._adapters_kw:
+            raise ValueError("this engine does not serve LoRA adapters")
+        state = SequenceState(prompt, params, self.tokenizer, self.vocab_size)  # validates params
+        handle = Handle(state, index, _wake=self._wake)
+        with self._wake:
+            if not self._accepting:
+                raise ShuttingDown("the worker is shutting down")
+            # Requests bound for a free slot are not waiting for one, so they don't count.
+            if len(self._waiting) - self._slots.count(None) >= self.max_queue:
+                raise QueueFull(f"all {self.engine.max_batch} slots are busy and {self.max_queue} requests "
+                                "are waiting; retry later")
+            self._waiting.append(handle)
+            self._wake.notify()
+        return handle
+
+    def cancel(self, handle: Handle) -> None:
+        handle.cancel()
+
+    @property
+    def active(self) -> int:
+        return sum(h is not None for h in self._slots)
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def load(self) -> int:
+        return self.active + self.queued
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Refuse new requests; finish the running ones (drain) or abort them; end the thread."""
+        with self._wake:
+            self._accepting, self._drain = False, drain
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive() and drain:  # out of patience: abort what is left
+                self.stop(drain=False, timeout=timeout)
+
+    # ---- the engine thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        n = self.engine.max_batch
+        tokens, positions = np.zeros(n, np.int32), np.zeros(n, np.int64)
+        adapters = np.zeros(n, np.int32)
+        while True:
+            with self._wake:
+                while self._accepting and not self._waiting and self.active == 0:
+                    self._wake.wait()
+                if not self._accepting and not self._drain:
+                    for h in list(self._waiting) + [h for h in self._slots if h]:
+                        h._cancelled.set()
+                gone = [h for h in self._waiting if h.cancelled]
+                self._waiting = deque(h for h in self._waiting if not h.cancelled)
+                admit = []
+                while self._waiting and None in self._slots:
+                    h = self._waiting.popleft()
+                    h.slot = self._slots.index(None)
+                    self._slots[h.slot] = h
+                    admit.append(h)
+            for h in gone:
+                self._end(h)
+            for h in admit:
+                self._guard([h], lambda h=h: self._prefill(h))
+            for h in self._slots:
+                if h is not None and h.cancelled:
+                    self._end(h)
+            live = [h for h in self._slots if h is not None]
+            if not live:
+                with self._wake:
+                    if not self._accepting and not self._waiting:
+                        return
+                continue
+            positions[:] = 0
+            for h in live:
+                tokens[h.slot], positions[h.slot] = h.state.generated[-1], h.state.length - 1
+                adapters[h.slot] = h.adapter
+            self.last_batch_size = len(live)
+            self.metrics.batch_size(len(live))
+            kw = {"adapters": adapters} if self._adapters_kw else {}
+            self._guard(live, lambda: self._after_decode(live, self.engine.decode(tokens, positions, **kw)))
+
+    def _prefill(self, h: Handle) -> None:
+        kw = {"adapters": [h.adapter]} if self._adapters_kw else {}
+        logits = self.engine.prefill([h.slot], [h.state.prompt], **kw)[0]
+        self._emit(h, h.state.step(logits, self.engine.max_len))
+
+    def _after_decode(self, live: list[Handle], logits: np.ndarray) -> None:
+        for h in live:
+            self._emit(h, h.state.step(logits[h.slot], self.engine.max_len))
+
+    def _emit(self, h: Handle, ev: TokenEvent) -> None:
+        now = time.monotonic()
+        if h._last is None:
+            self.metrics.time_to_first_token(now - h.submitted)
+        else:
+            self.metrics.inter_token_latency(now - h._last)
+        h._last = now
+        if ev.logprob is not None:
+            h.logprobs.append(ev.logprob)
+        self.tokens_generated += 1
+        self.metrics.tokens(1)
+        h._events.put(ev)
+        if ev.finish_reason:
+            self._end(h)
+
+    def _end(self, h: Handle) -> None:
+        """Free the request's slot and close its event stream."""
+        if h.state.finish_reason is None:
+            h.state.abort()
+        if h.slot is not None and self._slots[h.slot] is h:
+            with self._wake:
+                self._slots[h.slot] = None
+        self.requests_finished += 1
+        self.metrics.finished(h.state.finish_reason or FINISH_ABORTED, time.monotonic() - h.submitted)
+        h._events.put(_DONE)
+
+    def _guard(self, handles: list[Handle], fn) -> None:
+        """Run an engine step; if it fails, fail the requests in it (not the whole worker)."""
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - handed to each waiting caller, who reports it
+            log.exception("engine step failed; failing %d request(s)", len(handles))
+            for h in handles:
+                if h.slot is not None and self._slots[h.slot] is h:
+                    h._events.put(e)
+                    h.state.abort()
+                    self._end(h)

@@ -1,0 +1,128 @@
+"""Continuous batching on the tiny model: crowds give the solo results, cancel frees slots,
+the queue is bounded, bad input is refused at submit."""
+import threading
+import time
+
+import pytest
+
+from internlm_core.batching import Batcher, QueueFull, ShuttingDown
+from internlm_core.engine import AdapterNotFound, Engine, PromptTooLong
+from internlm_core.generation import SamplingParams, generate
+from tests.helpers import random_ids
+
+SLOTS = 3
+
+
+@pytest.fixture(scope="module")
+def model(tiny_config):
+    from internlm_core.model import InternLMForCausalLM, init_weights
+
+    m = InternLMForCausalLM(tiny_config)
+    init_weights(m, seed=0, std=0.5)
+    return m
+
+
+@pytest.fixture(scope="module")
+def batcher(model):
+    b = Batcher(Engine(model, max_batch=SLOTS, max_len=64), max_queue=4).start()
+    yield b
+    b.stop(drain=False, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def solo_engine(model):
+    return Engine(model, max_batch=1, max_len=64)
+
+
+def solo(engine, prompt, params):
+    return [e.token_id for e in generate(engine, prompt, params)]
+
+
+def wait_idle(batcher, timeout=20):
+    deadline = time.time() + timeout
+    while batcher.load and time.time() < deadline:
+        time.sleep(0.01)
+    return batcher.load
+
+
+def test_crowd_equals_solo_greedy(solo_engine, batcher):
+    # More requests than slots, of different lengths, so some join while others run.
+    prompts = [random_ids(n, 512, seed=n) for n in (3, 9, 17, 5, 12)]
+    params = [SamplingParams(max_new_tokens=m, ignore_eos=True) for m in (6, 11, 4, 9, 7)]
+    handles = [batcher.submit(p, sp) for p, sp in zip(prompts, params)]
+    got = [[e.token_id for e in h] for h in handles]
+    for p, sp, ids, h in zip(prompts, params, got, handles):
+        assert ids == solo(solo_engine, p, sp)
+        assert h.finish_reason == "length" and len(ids) == sp.max_new_tokens
+    assert wait_idle(batcher) == 0
+
+
+def test_sampled_with_seed_matches_generate(solo_engine, batcher):
+    p = random_ids(7, 512, seed=3)
+    sp = SamplingParams(max_new_tokens=8, temperature=0.9, top_k=40, top_p=0.9, seed=1234, ignore_eos=True,
+                        logprobs=True)
+    other = batcher.submit(random_ids(4, 512, seed=9), SamplingParams(max_new_tokens=8, ignore_eos=True))
+    r = batcher.submit(p, sp).result()
+    other.result()
+    assert r.token_ids == solo(solo_engine, p, sp) and r.seed == 1234
+    assert len(r.logprobs) == 8 and all(lp <= 0 for lp in r.logprobs)
+
+
+def test_cancel_frees_slot_within_a_step(batcher):
+    before = batcher.requests_finished
+    handles = [batcher.submit(random_ids(4, 512, seed=i), SamplingParams(max_new_tokens=50, ignore_eos=True))
+               for i in range(SLOTS + 2)]
+    first = handles[0].next_events(timeout=20)
+    assert first
+    for h in handles:
+        h.cancel()
+    for h in handles:
+        events = list(h)
+        assert len(events) < 50 and h.finish_reason == "aborted"
+    assert wait_idle(batcher) == 0 and batcher.active == 0
+    assert batcher.requests_finished - before == SLOTS + 2
+
+
+def test_queue_is_bounded(batcher):
+    long = SamplingParams(max_new_tokens=60, ignore_eos=True)
+    handles = [batcher.submit([5, 6, 7], long) for _ in range(SLOTS)]
+    deadline = time.time() + 20
+    while batcher.queued and time.time() < deadline:  # let them take the slots
+        time.sleep(0.01)
+    handles += [batcher.submit([5, 6, 7], long) for _ in range(batcher.max_queue)]
+    with pytest.raises(QueueFull, match="retry"):
+        batcher.submit([5, 6, 7], long)
+    for h in handles:
+        h.cancel()
+    assert all(h.result().finish_reason == "aborted" for h in handles)
+    assert wait_idle(batcher) == 0
+
+
+@pytest.mark.parametrize("prompt, params, error", [
+    ([], SamplingParams(), PromptTooLong),
+    (list(range(3, 67)), SamplingParams(), PromptTooLong),
+    ([3, 4], SamplingParams(top_p=0.0), ValueError),
+    ([3, 4], SamplingParams(max_new_tokens=-1), ValueError),
+    ([3, 999], SamplingParams(), ValueError),
+])
+def test_bad_input_refused_at_submit(batcher, prompt, params, error):
+    with pytest.raises(error):
+        batcher.submit(prompt, params)
+    assert batcher.queued == 0
+
+
+def test_unknown_adapter(batcher):
+    with pytest.raises(AdapterNotFound):
+        batcher.submit([3, 4], SamplingParams(), adapter="nope")
+
+
+def test_stop_without_drain_aborts_and_refuses(model):
+    b = Batcher(Engine(model, max_batch=2, max_len=64)).start()
+    h = b.submit([3, 4, 5], SamplingParams(max_new_tokens=60, ignore_eos=True))
+    assert h.next_events(timeout=20)
+    t = threading.Thread(target=b.stop, kwargs={"drain": False})
+    t.start()
+    t.join(20)
+    assert h.result().finish_reason == "aborted" and b.active == 0
+    with pytest.raises(ShuttingDown):
+        b.submit([3, 4], SamplingParams())
