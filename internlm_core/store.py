@@ -1,0 +1,188 @@
+"""The model store: one root folder that jobs write into only by whole-folder renames.
+
+Layout under the root::
+
+    models/<name>/     model folders, LoRA adapters, exported graphs (each complete, or absent)
+    datasets/<name>/   preprocessed datasets
+    jobs/<job id>/     a job's private place: checkpoints, and its output until it is complete
+
+A job builds its output inside ``jobs/<job id>/`` and :meth:`Store.publish` renames it into
+``models/`` or ``datasets/`` only when it is complete, so an inference worker never sees half a
+model, and a killed job's leftovers sit where a re-run of the same job finds them (to resume)
+and nowhere else.
+
+Paths in requests are confined: names are plain folder names, and source paths must lie inside
+the root or one of the extra read-only roots, before and after resolving symlinks.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+MODELS, DATASETS, JOBS = "models", "datasets", "jobs"
+AREAS = (MODELS, DATASETS)
+OUTPUT = "output"  # a job's output folder inside its job folder, before it is published
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+class PathError(ValueError):
+    """A path or name from a request that is not allowed (outside the roots, not a plain name)."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One item in the store, as listed."""
+
+    area: str        # "models" | "datasets"
+    name: str
+    kind: str        # "model" | "adapter" | "exported" | "dataset" | "other"
+    size_bytes: int
+    modified: float  # unix seconds
+    path: Path
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """A store name is one plain folder name: no separators, no '..', no leading dot (temporaries)."""
+    if not isinstance(name, str) or not _NAME.match(name) or name in (".", ".."):
+        raise PathError(f"{what} {name!r} is not a valid store name "
+                        "(letters, digits, '.', '_', '-'; no '/', no leading '.'; at most 128 characters)")
+    return name
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+class Store:
+    """A store root plus optional extra roots that sources may be read from (never written)."""
+
+    def __init__(self, root: str | Path, read_roots: tuple[str | Path, ...] | list = ()):
+        self.root = Path(root).expanduser().resolve()
+        for area in (*AREAS, JOBS):
+            (self.root / area).mkdir(parents=True, exist_ok=True)
+        self.read_roots = (self.root, *(Path(r).expanduser().resolve() for r in read_roots))
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.root)!r})"
+
+    # ---- reading: where a request's source lies ------------------------------------------------
+    def source_path(self, path: str, must_exist: bool = True) -> Path:
+        """A source path from a request: relative to the root, or absolute inside one of the roots.
+
+        Rejects '..', absolute paths outside the roots, symlinks that lead outside them, and other
+        jobs' private folders. ``FileNotFoundError`` when it does not exist (and must).
+        """
+        if not path or "\x00" in path:
+            raise PathError("empty source path")
+        p = Path(path).expanduser()
+        if ".." in p.parts:
+            raise PathError(f"{path!r}: '..' is not allowed in store paths")
+        candidate = p if p.is_absolute() else self.root / p
+        roots = ", ".join(str(r) for r in self.read_roots)
+        if not any(_inside(candidate, r) for r in self.read_roots):
+            raise PathError(f"{path!r} is outside the store's roots ({roots})")
+        resolved = candidate.resolve(strict=False)
+        if not any(_inside(resolved, r) for r in self.read_roots):
+            raise PathError(f"{path!r} leads outside the store's roots through a symlink ({roots})")
+        if _inside(resolved, self.root / JOBS):
+            raise PathError(f"{path!r} is inside a job's private folder")
+        if must_exist and not resolved.exists():
+            raise FileNotFoundError(f"{path!r} not found (looked at {resolved})")
+        return resolved
+
+    def item_path(self, area: str, name: str, must_exist: bool = True) -> Path:
+        """``models/<name>`` or ``datasets/<name>``, confined to its area even through symlinks."""
+        if area not in AREAS:
+            raise PathError(f"unknown store area {area!r}; known: {', '.join(AREAS)}")
+        check_name(name, f"{area[:-1]} name")
+        base = self.root / area
+        resolved = (base / name).resolve(strict=False)
+        if not any(_inside(resolved, r) for r in self.read_roots):
+            raise PathError(f"{area}/{name} leads outside the store's roots through a symlink")
+        if must_exist and not resolved.exists():
+            raise FileNotFoundError(f"{area[:-1]} {name!r} not found in the store ({base})")
+        return base / name
+
+    def model_path(self, name: str, must_exist: bool = True) -> Path:
+        return self.item_path(MODELS, name, must_exist)
+
+    def dataset_path(self, name: str, must_exist: bool = True) -> Path:
+        return self.item_path(DATASETS, name, must_exist)
+
+    # ---- writing: job folders and publishing ---------------------------------------------------
+    def job_dir(self, job_id: str, create: bool = True) -> Path:
+        """The job's private folder (stable across re-deliveries of the same job, so it can resume)."""
+        if not _JOB_ID.match(job_id or ""):
+            raise PathError(f"invalid job id {job_id!r}")
+        d = self.root / JOBS / job_id
+        if create:
+            d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def staging(self, job_id: str) -> Path:
+        """Where a job writes its output (the folder itself may not exist yet)."""
+        return self.job_dir(job_id) / OUTPUT
+
+    def publish(self, job_id: str, area: str, name: str, overwrite: bool = False) -> Path:
+        """Rename the job's finished output into ``<area>/<name>``; one rename, so readers see all or nothing."""
+        src = self.staging(job_id)
+        if not src.is_dir():
+            raise FileNotFoundError(f"job {job_id} has no finished output to publish")
+        dst = self.item_path(area, name, must_exist=False)
+        if dst.exists() or dst.is_symlink():
+            if not overwrite:
+                raise FileExistsError(f"{area}/{name} already exists (another job wrote it meanwhile?)")
+            old = self.job_dir(job_id) / "replaced"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(dst, old)  # the old version moves into the job folder, then is deleted
+            os.rename(src, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(src, dst)
+        return dst
+
+    def discard(self, job_id: str) -> None:
+        """Remove everything the job wrote that is not published."""
+        shutil.rmtree(self.job_dir(job_id, create=False), ignore_errors=True)
+
+    # ---- listing -------------------------------------------------------------------------------
+    def list(self, area: str | None = None) -> list[Entry]:
+        """Published items (temporaries and hidden names are never listed), sorted by area and name."""
+        out = []
+        for a in ([area] if area else AREAS):
+            if a not in AREAS:
+                raise PathError(f"unknown store area {a!r}; known: {', '.join(AREAS)}")
+            for p in sorted((self.root / a).iterdir()):
+                if p.name.startswith(".") or not p.is_dir() or not _NAME.match(p.name):
+                    continue
+                files = [f for f in p.rglob("*") if f.is_file()]
+                out.append(Entry(a, p.name, item_kind(p, a), sum(f.stat().st_size for f in files),
+                                 p.stat().st_mtime, p))
+        return out
+
+
+def item_kind(folder: Path, area: str = MODELS) -> str:
+    """What a published folder holds, from its marker files."""
+    if area == DATASETS:
+        return "dataset"
+    if (folder / "mindir_manifest.json").is_file():
+        return "exported"
+    if (folder / "adapter_config.json").is_file():
+        return "adapter"
+    cfg = folder / "config.json"
+    if cfg.is_file():
+        try:
+            if str(json.loads(cfg.read_text()).get("format", "")).startswith("internlm-mindspore"):
+                return "model"
+        except ValueError:
+            pass
+    return "other"
+
+
+__all__ = ["Store", "Entry", "PathError", "check_name", "item_kind", "MODELS", "DATASETS", "JOBS", "AREAS"]

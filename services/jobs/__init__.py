@@ -1,0 +1,1 @@
+"""Long jobs (convert, preprocess, fine-tune, export) on Celery with Redis, and their gRPC API."""

@@ -1,0 +1,177 @@
+"""The Jobs gRPC service: check a request, record it, queue it; read records back; stream progress.
+
+The public endpoint hosts it with ``add_to_server(server, settings)``. Requests are checked
+here, before anything is queued (``kinds.CHECKS``); everything after that is the workers' part.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+
+import grpc
+import redis
+from google.protobuf import json_format
+
+from internlm_core.store import Store
+
+from services.pb import jobs_pb2, jobs_pb2_grpc
+
+from . import kinds
+from .app import make_app, send
+from .records import FAILED, FINAL, STATES, JobRecords, KeyReused, canonical
+from .settings import JobsSettings
+
+log = logging.getLogger("internlm.jobs.api")
+SERVICE_NAME = jobs_pb2.DESCRIPTOR.services_by_name["Jobs"].full_name
+WATCH_POLL_S = 0.5  # a watcher re-reads the record at least this often, even if a ping was missed
+
+
+def _status(fn):
+    """Map the checks' exceptions to gRPC status codes, with their messages."""
+    @functools.wraps(fn)
+    def wrapper(self, request, context):
+        try:
+            return fn(self, request, context)
+        except (KeyReused, FileExistsError) as e:
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
+        except FileNotFoundError as e:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except ValueError as e:  # PathError, ConfigError, CheckpointError are ValueErrors
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except redis.exceptions.ConnectionError as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"job queue unavailable: {e}")
+    return wrapper
+
+
+def job_to_pb(rec: dict) -> jobs_pb2.Job:
+    f = lambda k, d=0.0: float(rec.get(k) or d)  # noqa: E731
+    progress = jobs_pb2.JobProgress(
+        step=int(f("step")), total_steps=int(f("total_steps")), bytes_done=int(f("bytes_done")),
+        bytes_total=int(f("bytes_total")), tokens_per_second=f("tokens_per_second"), eta_seconds=f("eta", -1.0),
+        fraction=f("fraction"))
+    if rec.get("loss") not in (None, "", "None"):
+        progress.loss = float(rec["loss"])
+    if rec.get("learning_rate") not in (None, "", "None"):
+        progress.learning_rate = float(rec["learning_rate"])
+    kind = rec.get("kind", "")
+    request = jobs_pb2.SubmitJobRequest(idempotency_key=rec.get("key", ""))
+    if kind and rec.get("request"):
+        json_format.ParseDict(json.loads(rec["request"]), getattr(request, kind))
+    return jobs_pb2.Job(
+        id=rec["id"], kind=jobs_pb2.JobKind.Value(f"JOB_KIND_{kind.upper()}"),
+        state=jobs_pb2.JobState.Value(f"JOB_STATE_{rec['state']}"), progress=progress,
+        message=rec.get("message", ""), error=rec.get("error", ""), output=rec.get("output", ""),
+        idempotency_key=rec.get("key", ""), created_at=f("created"), started_at=f("started"),
+        finished_at=f("finished"), executions=int(f("executions")), cancel_requested=rec.get("cancel") == "1",
+        worker=rec.get("worker", ""), result_json=rec.get("result", ""), request=request)
+
+
+class JobsServicer(jobs_pb2_grpc.JobsServicer):
+    def __init__(self, settings=None):
+        self.settings = JobsSettings.coerce(settings)
+        self.store = Store(self.settings.store_root, self.settings.read_roots)
+        self.records = JobRecords(self.settings.redis_url, self.settings.prefix)
+        self.app = make_app(self.settings)
+
+    def _get(self, job_id: str) -> dict:
+        rec = self.records.get(job_id) if job_id else None
+        if rec is None:
+            raise FileNotFoundError(f"no job {job_id!r}")
+        return rec
+
+    @_status
+    def SubmitJob(self, request, context):
+        kind = request.WhichOneof("job")
+        if kind is None:
+            raise ValueError(f"set one of: {', '.join(kinds.RUNS)}")
+        body = json_format.MessageToDict(getattr(request, kind), preserving_proto_field_name=True)
+        key = request.idempotency_key
+        if key:  # a repeat of a known request returns its job before any check (its output may exist now)
+            existing = self.records.r.get(f"{self.records.p}:key:{key}")
+            rec = self.records.get(existing) if existing else None
+            if rec is not None:
+                if rec["request"] != canonical(body) or rec["kind"] != kind:
+                    raise KeyReused(f"idempotency key {key!r} was already used for a different request "
+                                    f"(job {rec['id']})")
+                return job_to_pb(rec)
+        output = kinds.CHECKS[kind](body, self.store)
+        rec, created = self.records.create(kind, body, output, key)
+        if created:
+            try:
+                send(self.app, kind, rec["id"])
+            except Exception as e:  # noqa: BLE001 - the broker is unreachable: the job must not sit QUEUED forever
+                self.records.update(rec["id"], state=FAILED, error=f"could not be queued: {e}", finished=time.time())
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"job queue unavailable: {e}")
+            log.info("job %s: %s queued -> %s", rec["id"], kind, output)
+        return job_to_pb(rec)
+
+    @_status
+    def GetJob(self, request, context):
+        return job_to_pb(self._get(request.id))
+
+    @_status
+    def ListJobs(self, request, context):
+        state = jobs_pb2.JobState.Name(request.state).removeprefix("JOB_STATE_") if request.state else None
+        kind = jobs_pb2.JobKind.Name(request.kind).removeprefix("JOB_KIND_").lower() if request.kind else None
+        if state is not None and state not in STATES:
+            raise ValueError(f"unknown state {request.state}")
+        if request.limit < 0:
+            raise ValueError("limit must not be negative")
+        recs = self.records.list(state=state, kind=kind, limit=request.limit or 100)
+        return jobs_pb2.ListJobsResponse(jobs=[job_to_pb(r) for r in recs])
+
+    @_status
+    def CancelJob(self, request, context):
+        self._get(request.id)
+        state = self.records.request_cancel(request.id)
+        if state in (FINAL - {"CANCELLED"}):
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"job {request.id} already ended {state}")
+        return job_to_pb(self._get(request.id))
+
+    @_status
+    def ListStore(self, request, context):
+        entries = self.store.list(request.area or None)
+        return jobs_pb2.ListStoreResponse(entries=[
+            jobs_pb2.StoreEntry(area=e.area, name=e.name, kind=e.kind, size_bytes=e.size_bytes,
+                                modified_at=e.modified) for e in entries])
+
+    def WatchJob(self, request, context):
+        try:
+            rec = self._get(request.id)
+        except FileNotFoundError as e:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        last = job_to_pb(rec)
+        yield last
+        pubsub = None
+        try:
+            while rec["state"] not in FINAL and context.is_active():
+                try:
+                    if pubsub is None:
+                        pubsub = self.records.r.pubsub(ignore_subscribe_messages=True)
+                        pubsub.subscribe(self.records.channel(request.id))
+                    pubsub.get_message(timeout=WATCH_POLL_S)  # wakes on a change ping, else polls
+                    rec = self._get(request.id)
+                except redis.exceptions.ConnectionError:
+                    pubsub = None  # Redis restarting: poll until it is back
+                    time.sleep(WATCH_POLL_S)
+                    continue
+                now = job_to_pb(rec)
+                if now != last:
+                    last = now
+                    yield now
+        finally:
+            if pubsub is not None:
+                pubsub.close()
+
+
+def add_to_server(server: grpc.Server, settings=None) -> JobsServicer:
+    """Register the Jobs service on ``server``; ``settings`` is a JobsSettings, None (environment), or any
+    object with ``redis_url`` / ``store_root`` attributes."""
+    servicer = JobsServicer(settings)
+    jobs_pb2_grpc.add_JobsServicer_to_server(servicer, server)
+    return servicer
+
+
+__all__ = ["JobsServicer", "add_to_server", "job_to_pb", "SERVICE_NAME"]

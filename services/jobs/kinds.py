@@ -1,0 +1,201 @@
+"""Each kind of job: check its request (before queueing) and run it (one core call, in a worker).
+
+A request is the plain dict of the job's protobuf message (unset optional fields absent), so the
+workers need no protobuf. ``check_*`` raise ``PathError``/``ValueError`` (INVALID_ARGUMENT),
+``FileNotFoundError`` (NOT_FOUND) or ``FileExistsError`` (ALREADY_EXISTS) and return the store
+path the job will publish. ``run_*`` write into ``ctx.staging`` (or ``ctx.work_dir``) and publish it.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from internlm_core.store import DATASETS, MODELS, Store, check_name
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _output(store: Store, area: str, req: dict) -> str:
+    name = check_name(req.get("output", ""), "output")
+    if store.item_path(area, name, must_exist=False).exists() and not req.get("overwrite"):
+        raise FileExistsError(f"{area}/{name} already exists (set overwrite to replace it)")
+    return f"{area}/{name}"
+
+
+def _model_folder(store: Store, name: str, what: str = "model") -> Path:
+    from internlm_core.convert import is_model_folder
+
+    path = store.model_path(check_name(name, what))
+    if not is_model_folder(path):
+        raise ValueError(f"{what} {name!r} is not a model folder (config.json + model.safetensors)")
+    return path
+
+
+# ---- convert: HF folder -> models/<output> ----------------------------------------------------
+
+def check_convert(req: dict, store: Store) -> str:
+    from internlm_core.checkpoint import open_weights
+    from internlm_core.config import CONFIG_FILE, Config
+
+    src = store.source_path(req.get("source", ""))
+    if not src.is_dir():
+        raise ValueError(f"source {req['source']!r} is not a folder")
+    if not (src / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"source {req['source']!r} has no {CONFIG_FILE}")
+    if req.get("dtype") and req["dtype"] not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {req['dtype']!r}")
+    Config.from_hf_config(src / CONFIG_FILE)  # ConfigError: the config does not describe a model
+    if any(src.glob("*.safetensors")):
+        open_weights(src)  # reads headers only: a truncated or corrupt file is caught here
+    elif not any(src.glob("pytorch_model*.bin")):
+        raise ValueError(f"source {req['source']!r} has no *.safetensors or pytorch_model*.bin weights")
+    return _output(store, MODELS, req)
+
+
+def run_convert(req: dict, ctx) -> dict:
+    from internlm_core.convert import hf_to_ms
+
+    src = ctx.store.source_path(req["source"])
+    if not ctx.staging.is_dir():  # a previous execution may have finished it before being killed
+        ctx.clear_partial()
+        hf_to_ms(src, ctx.staging, dtype=req.get("dtype") or None,
+                 progress=lambda done, total, name: ctx.progress(bytes_done=done, bytes_total=total,
+                                                                 message=name),
+                 cancel=ctx.cancelled)
+    cfg = _read_config(ctx.staging)
+    ctx.publish(MODELS, req["output"], req.get("overwrite", False))
+    return {"parameters": cfg.num_parameters(), "dtype": cfg.dtype, "preset": cfg.name}
+
+
+# ---- preprocess: raw data -> datasets/<output> --------------------------------------------------
+
+PREPROCESS_FORMATS = ("alpaca", "wikitext")
+
+
+def check_preprocess(req: dict, store: Store) -> str:
+    store.source_path(req.get("source", ""))
+    if req.get("format") not in PREPROCESS_FORMATS:
+        raise ValueError(f"format must be one of {', '.join(PREPROCESS_FORMATS)}, got {req.get('format')!r}")
+    for k in ("seq_length", "min_length"):
+        if k in req and req[k] <= 0:
+            raise ValueError(f"{k} must be positive, got {req[k]}")
+    if "eval_fraction" in req and not 0 <= req["eval_fraction"] < 1:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {req['eval_fraction']}")
+    if req.get("tokenizer"):
+        store.source_path(req["tokenizer"])
+    return _output(store, DATASETS, req)
+
+
+def run_preprocess(req: dict, ctx) -> dict:
+    from internlm_core import data
+
+    src = ctx.store.source_path(req["source"])
+    kw = {k: req[k] for k in ("seq_length", "pack", "min_length", "eval_fraction") if k in req}
+    if req.get("tokenizer"):
+        kw["tokenizer"] = str(ctx.store.source_path(req["tokenizer"]))
+    ctx.clear_partial(keep_staging=False)
+    stats = data.preprocess(src, ctx.staging, format=req["format"], progress=ctx.count_progress,
+                            cancel=ctx.cancelled, **kw)
+    ctx.publish(DATASETS, req["output"], req.get("overwrite", False))
+    return _plain(stats)
+
+
+# ---- finetune: models/<base_model> + datasets/<dataset> -> models/<output> ----------------------
+
+FINETUNE_ARGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "learning_rate", "min_learning_rate",
+                 "warmup_steps", "max_steps", "epochs", "batch_size", "grad_accum", "weight_decay", "grad_clip",
+                 "save_every", "keep_last", "eval_every", "seed", "compute_dtype")
+
+
+def finetune_args(req: dict, store: Store):
+    """The trainer's own argument object (its validation gives the messages)."""
+    from internlm_core import train
+    from internlm_core.config import Config
+
+    if req.get("base_model"):
+        base = str(_model_folder(store, req["base_model"], "base_model"))
+    elif req.get("preset"):
+        Config.from_name(req["preset"])  # ConfigError (a ValueError) names the known presets
+        base = None
+    else:
+        raise ValueError("give base_model (a model in the store) or preset (to start from random weights)")
+    method = req.get("method") or "lora"
+    if method not in ("full", "lora"):
+        raise ValueError(f"method must be 'full' or 'lora', got {method!r}")
+    dataset = store.dataset_path(check_name(req.get("dataset", ""), "dataset"))
+    kw = {k: req[k] for k in FINETUNE_ARGS if k in req}
+    return train.job_args(base_model=base, preset=req.get("preset") or None, dataset=str(dataset),
+                          method=method, **kw)
+
+
+def check_finetune(req: dict, store: Store) -> str:
+    if "learning_rate" in req and not req["learning_rate"] > 0:
+        raise ValueError(f"learning_rate must be positive, got {req['learning_rate']}")
+    out = _output(store, MODELS, req)
+    finetune_args(req, store)
+    return out
+
+
+def run_finetune(req: dict, ctx) -> dict:
+    from internlm_core import train
+
+    args = finetune_args(req, ctx.store)
+    ctx.work_dir.mkdir(parents=True, exist_ok=True)  # kept across executions: checkpoints to resume from
+    result = train.finetune(args, ctx.work_dir, progress=ctx.train_progress, cancel=ctx.cancelled)
+    final = Path(result["output"]) if isinstance(result, dict) and result.get("output") else ctx.work_dir / "final"
+    if final != ctx.staging:
+        shutil.rmtree(ctx.staging, ignore_errors=True)
+        final.rename(ctx.staging)
+    ctx.publish(MODELS, req["output"], req.get("overwrite", False))
+    return _plain(result)
+
+
+# ---- export: models/<model> -> MindIR graphs in models/<output> ---------------------------------
+
+def check_export(req: dict, store: Store) -> str:
+    _model_folder(store, req.get("model", ""))
+    for k in ("batch_size", "max_len"):
+        if k in req and req[k] <= 0:
+            raise ValueError(f"{k} must be positive, got {req[k]}")
+    return _output(store, MODELS, req)
+
+
+def run_export(req: dict, ctx) -> dict:
+    from internlm_core import export
+
+    src = _model_folder(ctx.store, req["model"])
+    kw = {k: req[k] for k in ("batch_size", "max_len", "dynamic") if k in req}
+    if not ctx.staging.is_dir():
+        ctx.clear_partial()
+        result = export.export_mindir(src, ctx.staging, progress=ctx.count_progress, cancel=ctx.cancelled, **kw)
+    else:
+        result = {}
+    ctx.publish(MODELS, req["output"], req.get("overwrite", False))
+    return _plain(result)
+
+
+# ---- tables -------------------------------------------------------------------------------------
+
+CHECKS = {"convert": check_convert, "preprocess": check_preprocess, "finetune": check_finetune,
+          "export": check_export}
+RUNS = {"convert": run_convert, "preprocess": run_preprocess, "finetune": run_finetune, "export": run_export}
+
+
+def _read_config(folder: Path):
+    from internlm_core.checkpoint import read_config
+
+    return read_config(folder)
+
+
+def _plain(obj) -> dict:
+    """A JSON-able dict from whatever the core returned (dict, dataclass, None)."""
+    import dataclasses
+    import json
+
+    if obj is None:
+        return {}
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    if not isinstance(obj, dict):
+        obj = {"result": obj}
+    return json.loads(json.dumps(obj, default=str))

@@ -1,0 +1,247 @@
+"""Job records in Redis: state, progress, idempotency keys, cancel flags and the one-runner lock.
+
+Celery moves the messages; these records are what the Jobs API reads and what makes a job safe to
+deliver more than once:
+
+- ``<p>:job:<id>`` (hash): kind, state, request (JSON), progress fields, executions, error, ...
+- ``<p>:jobs`` (sorted set, by creation time) for listing; ``<p>:jobs:running`` (set) for recovery.
+- ``<p>:key:<idempotency key>`` -> job id.
+- ``<p>:job:<id>:lock`` -> the token of the one execution allowed to run the job, with a TTL that a
+  heartbeat renews. A dead worker's lock expires, and only then may the job run again.
+- ``<p>:job:<id>:events`` (pub/sub channel): a ping after every change, for watchers.
+
+State changes that must not race are Lua scripts (atomic in Redis).
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
+STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+FINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+KEY_TTL_S = 30 * 24 * 3600  # idempotency keys are remembered this long
+
+# KEYS: job hash, index, idempotency key (or ""); ARGV: id, created, key ttl, then field/value pairs.
+_CREATE = """
+if KEYS[3] ~= '' then
+  local existing = redis.call('GET', KEYS[3])
+  if existing then return {existing, 0} end
+  redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[3])
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+return {ARGV[1], 1}
+"""
+# KEYS: job hash, running set; ARGV: id, now. Queued -> cancelled at once; running -> flag only.
+_CANCEL = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return false end
+if state == 'QUEUED' then
+  redis.call('HSET', KEYS[1], 'state', 'CANCELLED', 'cancel', '1', 'finished', ARGV[2], 'message', 'cancelled while queued')
+elseif state == 'RUNNING' then
+  redis.call('HSET', KEYS[1], 'cancel', '1', 'message', 'cancel requested')
+end
+return redis.call('HGET', KEYS[1], 'state')
+"""
+# KEYS: lock; ARGV: token, ttl ms.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# KEYS: job hash, lock, running set; ARGV: id, token, field/value pairs. Only the lock holder may
+# end a job, so a worker that lost its lock (presumed dead, job re-run) cannot overwrite the result.
+_FINISH = """
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('SREM', KEYS[3], ARGV[1])
+return 1
+"""
+# KEYS: job hash, lock, running set; ARGV: id, now. A running job whose lock expired lost its worker.
+_REQUEUE_IF_DEAD = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'RUNNING' then
+  redis.call('SREM', KEYS[3], ARGV[1])
+  return 0
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'QUEUED', 'message', 'worker lost; re-queued', 'requeued', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'requeues', 1)
+redis.call('SREM', KEYS[3], ARGV[1])
+return 1
+"""
+
+
+class KeyReused(ValueError):
+    """An idempotency key already used for a different request."""
+
+
+def canonical(request: dict) -> str:
+    return json.dumps(request, sort_keys=True, separators=(",", ":"))
+
+
+def connect(url: str) -> redis.Redis:
+    """A client that rides out a Redis restart of a few seconds (retries with backoff)."""
+    return redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=2,
+                                retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 20),
+                                retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError])
+
+
+class JobRecords:
+    def __init__(self, redis_url: str, prefix: str = "internlm", client: redis.Redis | None = None):
+        self.r = client or connect(redis_url)
+        self.p = prefix
+        self._create = self.r.register_script(_CREATE)
+        self._cancel = self.r.register_script(_CANCEL)
+        self._renew = self.r.register_script(_RENEW)
+        self._release = self.r.register_script(_RELEASE)
+        self._finish = self.r.register_script(_FINISH)
+        self._requeue = self.r.register_script(_REQUEUE_IF_DEAD)
+
+    # ---- keys --------------------------------------------------------------------------------
+    def key(self, job_id: str) -> str:
+        return f"{self.p}:job:{job_id}"
+
+    def lock_key(self, job_id: str) -> str:
+        return f"{self.p}:job:{job_id}:lock"
+
+    def channel(self, job_id: str) -> str:
+        return f"{self.p}:job:{job_id}:events"
+
+    @property
+    def index(self) -> str:
+        return f"{self.p}:jobs"
+
+    @property
+    def running(self) -> str:
+        return f"{self.p}:jobs:running"
+
+    # ---- create / read -----------------------------------------------------------------------
+    def create(self, kind: str, request: dict, output: str, idempotency_key: str = "") -> tuple[dict, bool]:
+        """A new QUEUED record, or the existing one for the same idempotency key: (record, created)."""
+        job_id, now = uuid.uuid4().hex, time.time()
+        fields = {"id": job_id, "kind": kind, "state": QUEUED, "request": canonical(request), "output": output,
+                  "key": idempotency_key, "created": repr(now), "executions": "0", "message": "queued"}
+        flat = [x for kv in fields.items() for x in kv]
+        idem = f"{self.p}:key:{idempotency_key}" if idempotency_key else ""
+        got_id, created = self._create(keys=[self.key(job_id), self.index, idem],
+                                       args=[job_id, repr(now), KEY_TTL_S, *flat])
+        rec = self.get(got_id)
+        if not created and rec is not None and rec["request"] != fields["request"]:
+            raise KeyReused(f"idempotency key {idempotency_key!r} was already used for a different request "
+                            f"(job {got_id})")
+        if rec is None:  # the key outlived its job record (deleted by hand): refuse rather than guess
+            raise KeyReused(f"idempotency key {idempotency_key!r} names job {got_id}, which no longer exists")
+        return rec, bool(created)
+
+    def get(self, job_id: str) -> dict | None:
+        rec = self.r.hgetall(self.key(job_id))
+        return rec or None
+
+    def list(self, state: str | None = None, kind: str | None = None, limit: int = 100) -> list[dict]:
+        """Newest first."""
+        out, start, page = [], 0, 200
+        while len(out) < limit:
+            ids = self.r.zrevrange(self.index, start, start + page - 1)
+            if not ids:
+                break
+            pipe = self.r.pipeline(transaction=False)
+            for i in ids:
+                pipe.hgetall(self.key(i))
+            for rec in pipe.execute():
+                if rec and (not state or rec.get("state") == state) and (not kind or rec.get("kind") == kind):
+                    out.append(rec)
+            start += page
+        return out[:limit]
+
+    # ---- changes -----------------------------------------------------------------------------
+    def update(self, job_id: str, notify: bool = True, **fields) -> None:
+        self.r.hset(self.key(job_id), mapping={k: _str(v) for k, v in fields.items()})
+        if notify:
+            self.notify(job_id)
+
+    def notify(self, job_id: str) -> None:
+        self.r.publish(self.channel(job_id), "1")
+
+    def request_cancel(self, job_id: str) -> str | None:
+        """The job's state after asking it to stop (None: no such job)."""
+        state = self._cancel(keys=[self.key(job_id), self.running], args=[job_id, repr(time.time())])
+        if state:
+            self.notify(job_id)
+        return state
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.r.hget(self.key(job_id), "cancel") == "1"
+
+    # ---- the one-runner lock -----------------------------------------------------------------
+    def acquire(self, job_id: str, token: str, ttl_s: float) -> bool:
+        return bool(self.r.set(self.lock_key(job_id), token, nx=True, px=int(ttl_s * 1000)))
+
+    def renew(self, job_id: str, token: str, ttl_s: float) -> bool:
+        return bool(self._renew(keys=[self.lock_key(job_id)], args=[token, int(ttl_s * 1000)]))
+
+    def release(self, job_id: str, token: str) -> None:
+        self._release(keys=[self.lock_key(job_id)], args=[token])
+
+    def lock_alive(self, job_id: str) -> bool:
+        return bool(self.r.exists(self.lock_key(job_id)))
+
+    def start_execution(self, job_id: str, worker: str) -> int:
+        """Mark RUNNING and count this execution; returns its number (1 for the first)."""
+        n = self.r.hincrby(self.key(job_id), "executions", 1)
+        now = repr(time.time())
+        fields = {"state": RUNNING, "worker": worker, "message": "started" if n == 1 else f"resumed (execution {n})",
+                  f"exec:{n}:start": now, f"exec:{n}:beat": now, f"exec:{n}:worker": worker}
+        pipe = self.r.pipeline()
+        pipe.hsetnx(self.key(job_id), "started", now)
+        pipe.hset(self.key(job_id), mapping=fields)
+        pipe.sadd(self.running, job_id)
+        pipe.execute()
+        self.notify(job_id)
+        return n
+
+    def beat(self, job_id: str, execution: int) -> None:
+        self.r.hset(self.key(job_id), f"exec:{execution}:beat", repr(time.time()))
+
+    def finish(self, job_id: str, token: str, state: str, **fields) -> bool:
+        """End the job (only the lock holder can); False if this execution no longer holds the lock."""
+        fields = {"state": state, "finished": time.time(), **fields}
+        flat = [x for k, v in fields.items() for x in (k, _str(v))]
+        ok = bool(self._finish(keys=[self.key(job_id), self.lock_key(job_id), self.running], args=[job_id, token, *flat]))
+        if ok:
+            self.notify(job_id)
+        return ok
+
+    def requeue_if_dead(self, job_id: str) -> bool:
+        """RUNNING with an expired lock -> QUEUED; True when this caller did it (and must re-deliver it)."""
+        ok = bool(self._requeue(keys=[self.key(job_id), self.lock_key(job_id), self.running],
+                                args=[job_id, repr(time.time())]))
+        if ok:
+            self.notify(job_id)
+        return ok
+
+    def running_ids(self) -> list[str]:
+        return sorted(self.r.smembers(self.running))
+
+    def executions(self, job_id: str) -> list[dict]:
+        """Each execution's start, last heartbeat and worker (for checks that none overlapped)."""
+        rec = self.get(job_id) or {}
+        return [{"start": float(rec[f"exec:{n}:start"]), "beat": float(rec.get(f"exec:{n}:beat", 0)),
+                 "end": float(rec.get(f"exec:{n}:end", 0)), "worker": rec.get(f"exec:{n}:worker", "")}
+                for n in range(1, int(rec.get("executions", 0)) + 1) if f"exec:{n}:start" in rec]
+
+
+def _str(v) -> str:
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, (dict, list)):
+        return json.dumps(v)
+    return str(v)

@@ -1,0 +1,301 @@
+"""Celery tasks: transport only (job id in, progress and state out); the work is ``kinds.RUNS``.
+
+Every delivery of a job's message goes through :func:`Runtime.run`, which makes running it more
+than once safe:
+
+- a job already ended is acknowledged and skipped (a late duplicate delivery);
+- a job whose lock is held is skipped: another execution is running it (never two at once);
+- otherwise this execution takes the lock, a heartbeat thread renews it, and the job runs; it
+  resumes from what earlier executions left in its job folder (fine-tune checkpoints, a finished
+  conversion waiting to be published).
+
+A worker killed with -9 leaves its job RUNNING with a lock that expires ``lock_ttl_s`` later. Every
+worker sweeps for such jobs every ``heartbeat_s`` and puts the dead execution's unacknowledged
+message back at the head of its queue (:func:`recover_lost_jobs`), long before Redis' visibility
+timeout would.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import traceback
+import uuid
+
+from celery import signals
+from celery.exceptions import Ignore, Reject
+
+from internlm_core.checkpoint import Cancelled, CheckpointError
+from internlm_core.config import ConfigError
+from internlm_core.store import OUTPUT, Store
+
+from . import kinds
+from .app import KINDS, send, task_name
+from .records import CANCELLED, FAILED, FINAL, QUEUED, SUCCEEDED, JobRecords
+
+log = logging.getLogger("internlm.jobs")
+PROGRESS_EVERY_S = 0.25   # progress writes to Redis at most this often (the core calls back per tensor/step)
+CANCEL_CHECK_EVERY_S = 0.1
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, CheckpointError, ConfigError, OSError)
+
+
+class JobFailed(Exception):
+    """Raised after a job is recorded FAILED, so Celery's own result says FAILURE too."""
+
+
+class _Stopping(Exception):
+    """This worker is shutting down: the job goes back to the queue and resumes elsewhere."""
+
+
+class JobContext:
+    """What a running job sees: its folders, progress reporting and the cancel check."""
+
+    def __init__(self, runtime: "Runtime", job_id: str, execution: int, token: str):
+        self.runtime, self.store, self.records = runtime, runtime.store, runtime.records
+        self.job_id, self.execution, self.token = job_id, execution, token
+        self.job_dir = self.store.job_dir(job_id)
+        self.staging = self.job_dir / OUTPUT
+        self.work_dir = self.job_dir / "work"
+        self.lock_lost = threading.Event()
+        self._pending: dict = {}
+        self._last_write = 0.0
+        self._last_check = 0.0
+        self._cancel = False
+        self._t0 = time.monotonic()
+        self._f0: float | None = None
+
+    # ---- progress ------------------------------------------------------------------------------
+    def progress(self, force: bool = False, **fields) -> None:
+        self._pending.update(fields)
+        now = time.monotonic()
+        if not force and now - self._last_write < PROGRESS_EVERY_S:
+            return
+        p = self._pending
+        frac = _fraction(p)
+        if frac is not None:
+            if self._f0 is None:
+                self._f0, self._t0 = frac, now
+            rate = (frac - self._f0) / max(now - self._t0, 1e-6)
+            p["fraction"] = frac
+            p["eta"] = (1.0 - frac) / rate if rate > 0 else -1.0
+        self.records.update(self.job_id, **p)
+        self._last_write = now
+
+    def count_progress(self, done: int, total: int, message: str = "") -> None:
+        self.progress(step=done, total_steps=total, message=message)
+
+    def train_progress(self, info=None, **fields) -> None:
+        """Accepts the trainer's report as a dict or keywords (step, total_steps, loss, lr, tokens_per_second)."""
+        info = {**(info if isinstance(info, dict) else getattr(info, "__dict__", {}) or {}), **fields}
+        names = {"total": "total_steps", "max_steps": "total_steps", "lr": "learning_rate", "tps": "tokens_per_second"}
+        out = {names.get(k, k): v for k, v in info.items()
+               if names.get(k, k) in ("step", "total_steps", "loss", "learning_rate", "tokens_per_second", "message")}
+        if "step" in out and "message" not in out:
+            loss = f", loss {out['loss']:.4f}" if isinstance(out.get("loss"), (int, float)) else ""
+            out["message"] = f"step {out['step']}/{out.get('total_steps', '?')}{loss}"
+        self.progress(**out)
+
+    # ---- cancel ----------------------------------------------------------------------------------
+    def cancelled(self) -> bool:
+        """The core's ``cancel=`` callback: a cancel request, a lost lock, or this worker stopping."""
+        if self.lock_lost.is_set() or self.runtime.stopping.is_set():
+            return True
+        now = time.monotonic()
+        if not self._cancel and now - self._last_check >= CANCEL_CHECK_EVERY_S:
+            self._last_check = now
+            self._cancel = self.records.cancel_requested(self.job_id)
+        return self._cancel
+
+    # ---- output --------------------------------------------------------------------------------
+    def clear_partial(self, keep_staging: bool = True) -> None:
+        """Remove a killed execution's half-written temporaries (never the work dir's checkpoints)."""
+        import shutil
+
+        for p in self.job_dir.iterdir():
+            if p.name == "work" or (keep_staging and p.name == OUTPUT):
+                continue
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+    def publish(self, area: str, name: str, overwrite: bool = False) -> None:
+        """Rename the staged output into the store. Marked first, so a re-run after a kill between
+        the rename and the record update knows the output in the store is its own."""
+        dst = self.store.item_path(area, name, must_exist=False)
+        if not self.staging.is_dir() and self.records.get(self.job_id).get("publishing") == "1" and dst.exists():
+            return  # published by an earlier execution that died just after
+        if self.cancelled():
+            raise Cancelled("cancelled before publishing")
+        self.records.update(self.job_id, publishing="1", notify=False)
+        self.store.publish(self.job_id, area, name, overwrite)
+
+
+def _fraction(p: dict) -> float | None:
+    if p.get("bytes_total"):
+        return min(1.0, p.get("bytes_done", 0) / p["bytes_total"])
+    if p.get("total_steps"):
+        return min(1.0, p.get("step", 0) / p["total_steps"])
+    return None
+
+
+class Heartbeat(threading.Thread):
+    """Renews the job's lock while it runs; sets ``lost`` if the lock was taken away."""
+
+    def __init__(self, records: JobRecords, job_id: str, token: str, execution: int, interval: float,
+                 ttl: float, lost: threading.Event):
+        super().__init__(name=f"heartbeat-{job_id[:8]}", daemon=True)
+        self.records, self.job_id, self.token, self.execution = records, job_id, token, execution
+        self.interval, self.ttl, self.lost = interval, ttl, lost
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.interval):
+            try:
+                if not self.records.renew(self.job_id, self.token, self.ttl):
+                    log.error("job %s: lock lost; stopping this execution", self.job_id)
+                    self.lost.set()
+                    return
+                self.records.beat(self.job_id, self.execution)
+            except Exception as e:  # noqa: BLE001 - Redis briefly away: the TTL leaves room to retry
+                log.warning("job %s: heartbeat failed (%s); retrying", self.job_id, e)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(5)
+
+
+class Runtime:
+    """Per worker process: settings, the store, the job records, and the stop flag."""
+
+    def __init__(self, app):
+        self.app = app
+        self.settings = app.jobs_settings
+        self.store = Store(self.settings.store_root, self.settings.read_roots)
+        self.records = JobRecords(self.settings.redis_url, self.settings.prefix)
+        self.stopping = threading.Event()
+
+    def run(self, task, kind: str, job_id: str):
+        rec = self.records.get(job_id)
+        if rec is None:
+            log.warning("job %s: no record; dropping the message", job_id)
+            raise Ignore()
+        if rec["state"] in FINAL:
+            log.info("job %s: already %s; duplicate delivery skipped", job_id, rec["state"])
+            raise Ignore()
+        token = uuid.uuid4().hex
+        if not self.records.acquire(job_id, token, self.settings.lock_ttl_s):
+            log.warning("job %s: another execution holds its lock; duplicate delivery skipped", job_id)
+            raise Ignore()
+        rec = self.records.get(job_id)  # re-read under the lock
+        if rec["state"] in FINAL:
+            self.records.release(job_id, token)
+            raise Ignore()
+        n = self.records.start_execution(job_id, task.request.hostname or "worker")
+        ctx = JobContext(self, job_id, n, token)
+        beat = Heartbeat(self.records, job_id, token, n, self.settings.heartbeat_s, self.settings.lock_ttl_s,
+                         ctx.lock_lost)
+        beat.start()
+        try:
+            return self._run(kind, job_id, rec, ctx)
+        finally:
+            beat.stop()
+            self.records.update(job_id, notify=False, **{f"exec:{n}:end": time.time()})
+            self.records.release(job_id, token)
+
+    def _run(self, kind: str, job_id: str, rec: dict, ctx: JobContext):
+        request = json.loads(rec["request"])
+        try:
+            if rec.get("cancel") == "1":
+                raise Cancelled("cancel requested before start")
+            result = kinds.RUNS[kind](request, ctx)
+        except Cancelled:
+            if ctx.lock_lost.is_set():
+                raise Ignore()  # another execution owns the job now; leave everything to it
+            if self.stopping.is_set() and not self.records.cancel_requested(job_id):
+                self.records.update(job_id, state=QUEUED, message="worker stopped; re-queued to resume")
+                self.records.r.srem(self.records.running, job_id)
+                raise Reject("worker shutting down", requeue=True)
+            self.store.discard(job_id)
+            self.records.finish(job_id, ctx.token, CANCELLED, message="cancelled")
+            return {"state": CANCELLED}
+        except (Ignore, Reject):
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure ends the job FAILED with a reason
+            reason = f"{type(e).__name__}: {e}"
+            if not isinstance(e, EXPECTED_ERRORS):
+                log.error("job %s failed unexpectedly:\n%s", job_id, traceback.format_exc())
+                reason = f"internal error: {reason}"
+            self.store.discard(job_id)
+            self.records.finish(job_id, ctx.token, FAILED, error=reason, message="failed")
+            raise JobFailed(reason) from None
+        self.store.discard(job_id)  # checkpoints and temporaries: the result is published
+        ctx.progress(force=True, fraction=1.0, eta=0.0)
+        self.records.finish(job_id, ctx.token, SUCCEEDED, message="done", result=json.dumps(result))
+        return result
+
+
+def register(app) -> Runtime:
+    """Define the four tasks on ``app`` (one per kind and queue) and return the worker runtime."""
+    runtime = Runtime(app)
+    for kind in KINDS:
+        def body(self, job_id: str, _kind=kind):
+            return runtime.run(self, _kind, job_id)
+        body.__name__ = kind
+        app.task(name=task_name(kind), bind=True, throws=(JobFailed,))(body)
+    app.jobs_runtime = runtime
+    return runtime
+
+
+# ---- recovery of jobs whose worker died ---------------------------------------------------------
+
+def recover_lost_jobs(app, records: JobRecords) -> list[str]:
+    """Re-deliver every RUNNING job whose lock expired (its worker is gone). Returns their ids."""
+    done = []
+    for job_id in records.running_ids():
+        if records.requeue_if_dead(job_id):
+            rec = records.get(job_id)
+            how = redeliver(app, rec)
+            log.warning("job %s: worker lost; %s", job_id, how)
+            done.append(job_id)
+    return done
+
+
+def redeliver(app, rec: dict) -> str:
+    """Put the dead execution's unacknowledged message back at the head of its queue, or send it anew."""
+    tag = rec.get("delivery_tag")
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        if tag and channel.client.hexists(channel.unacked_key, tag):
+            # kombu's own restore (what it does after the visibility timeout), for this one message
+            channel.qos.restore_by_tag(tag, leftmost=False)
+            return "its message was restored to the queue"
+    send(app, rec["kind"], rec["id"])
+    return "a new message was queued"
+
+
+def install_worker_hooks(app, runtime: Runtime) -> None:
+    """In a worker process: record delivery tags, sweep for lost jobs, stop jobs on shutdown."""
+    names = {task_name(k) for k in KINDS}
+
+    @signals.task_received.connect(weak=False)
+    def _received(request=None, **_):
+        if request is not None and request.name in names:
+            try:
+                runtime.records.update(request.id, notify=False, delivery_tag=request.message.delivery_tag)
+            except Exception as e:  # noqa: BLE001
+                log.warning("job %s: could not record its delivery tag (%s)", request.id, e)
+
+    @signals.worker_ready.connect(weak=False)
+    def _ready(**_):
+        def sweep():
+            while True:
+                try:
+                    recover_lost_jobs(app, runtime.records)
+                except Exception as e:  # noqa: BLE001 - Redis away for a moment: try again next round
+                    log.warning("recovery sweep failed: %s", e)
+                if runtime.stopping.wait(runtime.settings.heartbeat_s):
+                    return
+        threading.Thread(target=sweep, name="job-recovery", daemon=True).start()
+
+    @signals.worker_shutting_down.connect(weak=False)
+    def _stopping(**_):
+        runtime.stopping.set()  # running jobs stop at their next step and go back to the queue
