@@ -54,13 +54,15 @@ def save_hf_folder(model, cfg, folder: Path, safetensors: bool = True, max_shard
     """Save ``model`` as an HF InternLM folder (InternLM config.json, LLaMA tensor names)."""
     import torch
 
+    import copy
+
     folder = Path(folder)
-    m = model.to({"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype])
+    # a copy: Module.to() casts in place, and the caller's reference model must stay fp32
+    m = copy.deepcopy(model).to({"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype])
     kw = {"safe_serialization": safetensors}
     if max_shard_size:
         kw["max_shard_size"] = max_shard_size
     m.save_pretrained(folder, **kw)
-    model.to(torch.float32)
     (folder / "config.json").write_text(json.dumps(cfg.replace(dtype=dtype).to_hf_config(), indent=2))
     (folder / "generation_config.json").unlink(missing_ok=True)
     return folder

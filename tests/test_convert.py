@@ -1,0 +1,165 @@
+"""HF <-> MindSpore conversion: every HF layout, dtype handling, exact round trips, bad input."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from internlm_core.checkpoint import (Cancelled, CheckpointError, SafetensorsFile, bf16_to_f32, cast,
+                                      f32_to_bf16)
+from internlm_core.config import Config
+from internlm_core.convert import HF_TO_MS, hf_to_ms, ms_to_hf, rename
+from tests.helpers import llama_config, random_ids, save_hf_folder
+
+
+def ms_weights(folder):
+    f = SafetensorsFile(folder / "model.safetensors")
+    return {k: (f.info(k)[0], np.array(f.get(k))) for k in f.keys()}
+
+
+def expected_from_hf(ref, torch_dtype):
+    out = {}
+    for name, t in ref.state_dict().items():
+        ms_name = rename(name)
+        if ms_name is None:
+            continue
+        t = t.to(torch_dtype)
+        out[ms_name] = t.view(torch.int16).numpy().view(np.uint16) if torch_dtype == torch.bfloat16 else t.numpy()
+    return out
+
+
+LAYOUTS = [("safetensors", True, None), ("safetensors-sharded", True, "60KB"),
+           ("bin", False, None), ("bin-sharded", False, "60KB")]
+
+
+@pytest.mark.parametrize("label, safe, shard", LAYOUTS, ids=[x[0] for x in LAYOUTS])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_every_hf_layout_converts_exactly(tiny_hf, tiny_config, tmp_path, label, safe, shard, dtype):
+    ref = tiny_hf[0]
+    src = save_hf_folder(ref, tiny_config, tmp_path / "hf", safetensors=safe, max_shard_size=shard, dtype=dtype)
+    names = os.listdir(src)
+    assert any(n.endswith("index.json") for n in names) == bool(shard), names
+    cfg = hf_to_ms(src, tmp_path / "ms")
+    assert cfg.dtype == dtype
+    got = ms_weights(tmp_path / "ms")
+    want = expected_from_hf(ref, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k][0] == {"float32": "F32", "bfloat16": "BF16"}[dtype]
+        np.testing.assert_array_equal(got[k][1], want[k], err_msg=k)
+    assert json.loads((tmp_path / "ms" / "config.json").read_text())["format"].startswith("internlm-mindspore")
+    assert (tmp_path / "ms" / "tokenizer.model").is_file()
+
+
+def test_target_dtype_matches_torch_rounding(tiny_hf, tiny_config, tmp_path):
+    ref = tiny_hf[0]
+    hf_to_ms(tiny_hf[1], tmp_path / "bf16", dtype="bfloat16")
+    hf_to_ms(tiny_hf[1], tmp_path / "fp16", dtype="float16")
+    bf, fp = ms_weights(tmp_path / "bf16"), ms_weights(tmp_path / "fp16")
+    for k, v in expected_from_hf(ref, torch.bfloat16).items():
+        np.testing.assert_array_equal(bf[k][1], v)
+    for k, v in expected_from_hf(ref, torch.float16).items():
+        np.testing.assert_array_equal(fp[k][1], v)
+
+
+def test_bf16_bit_helpers():
+    x = np.array([1.0, -2.5, 3.14159, 1e-30, np.inf, np.nan], np.float32)
+    want = torch.tensor(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    got = f32_to_bf16(x)
+    np.testing.assert_array_equal(got[:5], want[:5])
+    assert np.isnan(bf16_to_f32(got[5:]))[0]  # NaN stays NaN (payload bits may differ from torch's)
+    np.testing.assert_array_equal(bf16_to_f32(want)[:5], torch.tensor(x).to(torch.bfloat16).float().numpy()[:5])
+    assert cast(want, "BF16", "BF16") is want
+
+
+def test_ms_hf_ms_round_trip_is_bit_exact_and_hf_loads_it(tiny_hf, tiny_config, tiny_model_dir, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    ms_to_hf(tiny_model_dir, tmp_path / "hf")
+    hf_to_ms(tmp_path / "hf", tmp_path / "ms2")
+    assert (tiny_model_dir / "model.safetensors").read_bytes() == (tmp_path / "ms2" / "model.safetensors").read_bytes()
+    hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf_cfg["model_type"] == "internlm" and hf_cfg["bias"] is True
+    # HF tools load the folder (LLaMA classes, since InternLM's own code is remote code)
+    again = LlamaForCausalLM.from_pretrained(tmp_path / "hf", config=llama_config(tiny_config)).eval()
+    ids = torch.tensor([random_ids(12, 512)])
+    with torch.no_grad():
+        np.testing.assert_array_equal(again(ids).logits.numpy(), tiny_hf[0](ids).logits.numpy())
+
+
+def test_name_map_covers_every_hf_name(tiny_hf):
+    for name in tiny_hf[0].state_dict():
+        assert rename(name) is not None
+    assert rename("model.layers.7.self_attn.rotary_emb.inv_freq") is None
+    assert len({v for v in HF_TO_MS.values() if v}) == len([v for v in HF_TO_MS.values() if v])
+
+
+def _no_leftovers(parent, name):
+    assert not (parent / name).exists()
+    assert [p for p in parent.iterdir() if p.name.startswith(f".{name}.")] == []
+
+
+def test_truncated_safetensors(tiny_hf, tiny_config, tmp_path):
+    src = save_hf_folder(tiny_hf[0], tiny_config, tmp_path / "hf")
+    f = src / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        hf_to_ms(src, tmp_path / "out")
+    _no_leftovers(tmp_path, "out")
+
+
+def test_missing_tensor_is_named(tiny_hf, tiny_config, tmp_path):
+    from safetensors.torch import save_file
+
+    src = save_hf_folder(tiny_hf[0], tiny_config, tmp_path / "hf")
+    sd = {k: v.contiguous() for k, v in tiny_hf[0].state_dict().items() if k != "model.layers.1.mlp.up_proj.weight"}
+    save_file(sd, src / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing tensor\(s\): model.layers.1.feed_forward.w3.weight"):
+        hf_to_ms(src, tmp_path / "out")
+    _no_leftovers(tmp_path, "out")
+
+
+def test_config_that_does_not_match_weights(tiny_hf, tiny_config, tmp_path):
+    src = save_hf_folder(tiny_hf[0], tiny_config, tmp_path / "hf")
+    hf = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**hf, "intermediate_size": 128}))
+    with pytest.raises(CheckpointError, match="shape .* does not match the config"):
+        hf_to_ms(src, tmp_path / "out")
+    (src / "config.json").write_text(json.dumps({**hf, "bias": False}))
+    with pytest.raises(CheckpointError, match="unexpected tensor"):
+        hf_to_ms(src, tmp_path / "out")
+    _no_leftovers(tmp_path, "out")
+
+
+def test_no_weights_and_no_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        hf_to_ms(tmp_path / "empty", tmp_path / "out")
+    (tmp_path / "empty" / "config.json").write_text(json.dumps(Config.from_name("tiny").to_hf_config()))
+    with pytest.raises(CheckpointError, match="no .*safetensors"):
+        hf_to_ms(tmp_path / "empty", tmp_path / "out")
+
+
+def test_corrupt_torch_pickle(tiny_hf, tiny_config, tmp_path):
+    src = save_hf_folder(tiny_hf[0], tiny_config, tmp_path / "hf", safetensors=False)
+    (src / "pytorch_model.bin").write_bytes(b"not a pickle")
+    with pytest.raises(CheckpointError, match="cannot be read as a torch checkpoint"):
+        hf_to_ms(src, tmp_path / "out")
+
+
+def test_cancel_and_existing_destination(tiny_hf, tmp_path, tiny_model_dir):
+    calls = []
+    with pytest.raises(Cancelled):
+        hf_to_ms(tiny_hf[1], tmp_path / "out", cancel=lambda: calls.append(1) or len(calls) > 3)
+    _no_leftovers(tmp_path, "out")
+    before = (tiny_model_dir / "model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError):
+        hf_to_ms(tiny_hf[1], tiny_model_dir)
+    assert (tiny_model_dir / "model.safetensors").read_bytes() == before
+
+
+def test_progress_reports_bytes(tiny_hf, tmp_path):
+    seen = []
+    hf_to_ms(tiny_hf[1], tmp_path / "out", progress=lambda d, t, n: seen.append((d, t)))
+    assert seen[-1][0] == seen[-1][1] > 0 and all(a[0] <= b[0] for a, b in zip(seen, seen[1:]))

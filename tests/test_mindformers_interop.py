@@ -1,0 +1,39 @@
+"""The project's checkpoints load by name into MindFormers 1.9.0 (the seed's framework) and give
+the same logits. MindFormers runs forward on CPU only with the settings below (mindspore-cpu.md)."""
+import numpy as np
+import pytest
+
+from internlm_core.convert import ms_shapes
+from internlm_core.loader import load_model
+from internlm_core.model import forward_inputs
+from tests.helpers import random_ids
+
+
+def test_checkpoint_loads_into_mindformers_llama(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MindFormers writes its logs under ./output
+    mf = pytest.importorskip("mindformers.models.llama", reason="install the 'mindformers' extra")
+    import mindspore as ms
+
+    ours = load_model(tiny_model_dir)
+    cfg = ours.config
+    mcfg = mf.LlamaConfig(
+        batch_size=1, seq_length=24, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size,
+        rms_norm_eps=cfg.rms_norm_eps, max_position_embedding=cfg.max_position_embeddings,
+        qkv_has_bias=True, attn_proj_has_bias=True,  # InternLM-7B's biases
+        compute_dtype="float32", layernorm_compute_type="float32", softmax_compute_type="float32",
+        rotary_dtype="float32", param_init_type="float32",
+        use_past=False, use_flash_attention=False, use_rope_slice=True, fused_rms_norm=False,
+        checkpoint_name_or_path="")
+    net = mf.LlamaForCausalLM(mcfg)
+    net.set_train(False)
+    params = ms.load_checkpoint(str(tiny_model_dir / "model.safetensors"), format="safetensors")
+    assert set(params) == set(ms_shapes(cfg))
+    not_loaded, unexpected = ms.load_param_into_net(net, params, strict_load=True)
+    assert not_loaded == [] and unexpected == []
+    assert {n for n, _ in net.parameters_and_names()} == set(params)
+
+    ids = np.array([random_ids(24, cfg.vocab_size, seed=4)], np.int32)
+    theirs = net(ms.Tensor(ids))[0].asnumpy()
+    mine = ours(*forward_inputs(cfg, ids)).asnumpy()
+    np.testing.assert_allclose(theirs.reshape(mine.shape), mine, atol=1e-4, rtol=0)
