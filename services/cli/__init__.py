@@ -11,6 +11,7 @@ import sys
 
 COMMAND_MODULES = [
     "services.cli.model_cmds",  # convert, generate
+    "services.cli.jobs_cmds",  # jobs submit/get/watch/cancel/list/store
 ]
 
 
