@@ -12,6 +12,7 @@ import sys
 COMMAND_MODULES = [
     "services.cli.model_cmds",  # convert, generate
     "services.cli.jobs_cmds",  # jobs submit/get/watch/cancel/list/store
+    "services.cli.export_cmds",  # export (MindIR)
 ]
 
 
