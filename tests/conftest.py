@@ -40,7 +40,7 @@ def chat_model_dir(tmp_path_factory):
     from internlm_core.loader import save_model
     from internlm_core.model import InternLMForCausalLM, init_weights
 
-    cfg = Config.from_name("tiny", vocab_size=103168, max_position_embeddings=256, name="tiny-chat")
+    cfg = Config.from_name("tiny", vocab_size=103168, max_position_embeddings=256).replace(name="tiny-chat")
     model = InternLMForCausalLM(cfg)
     init_weights(model, seed=1, std=0.5)
     return save_model(model, cfg, tmp_path_factory.mktemp("chat") / "tiny-chat", tokenizer_from=TOKENIZER_MODEL.parent)

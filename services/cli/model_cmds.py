@@ -77,9 +77,9 @@ def generate(args) -> int:
         return remote_generate(args)
     from pathlib import Path
 
-    from internlm_core.engine import Engine
+    from internlm_core.checkpoint import read_config
+    from internlm_core.engine import open_engine
     from internlm_core.generation import generate as core_generate
-    from internlm_core.loader import load_model
     from internlm_core.tokenizer import Tokenizer
 
     params = sampling_from_args(args)
@@ -87,6 +87,9 @@ def generate(args) -> int:
         import secrets
 
         params = params.replace(seed=secrets.randbits(31))
+    if not Path(args.model).is_dir():
+        raise ValueError(f"model folder not found: {args.model}")
+    cfg = read_config(args.model)
     tok = Tokenizer(Path(args.model) / "tokenizer.model")
     if args.ids:
         prompt = [int(x) for x in args.ids.split(",") if x.strip()]
@@ -94,9 +97,11 @@ def generate(args) -> int:
         prompt = tok.encode_chat(prompt_messages(args))
     else:
         prompt = tok.encode(args.prompt)
-    model = load_model(args.model)
-    engine = Engine(model, max_batch=1, max_len=min(model.config.max_position_embeddings,
-                                                   len(prompt) + params.max_new_tokens + 1))
+    if len(prompt) >= cfg.max_position_embeddings:
+        raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in the model's "
+                         f"{cfg.max_position_embeddings} positions")
+    engine = open_engine(args.model, max_batch=1,
+                         max_len=min(cfg.max_position_embeddings, len(prompt) + params.max_new_tokens + 1))
     ids, logprobs, reason, text = [], [], None, []
     for ev in core_generate(engine, prompt, params, tok):
         ids.append(ev.token_id)
