@@ -30,7 +30,6 @@ def register(sub) -> None:
                     help="wikitext: one line per row instead of packing")
     pp.add_argument("--min-length", type=int)
     pp.add_argument("--tokenizer")
-    pp.add_argument("--eval-fraction", type=float)
     f = kinds.add_parser("finetune", help="full or LoRA fine-tuning of a model in the store")
     f.add_argument("--base-model", default="", help="model name in the store")
     f.add_argument("--preset", default="", help="start from random weights of this preset instead")
@@ -46,7 +45,7 @@ def register(sub) -> None:
     e = kinds.add_parser("export", help="model in the store -> MindIR prefill/decode graphs")
     e.add_argument("--model", required=True)
     e.add_argument("--output", required=True)
-    e.add_argument("--batch-size", type=int)
+    e.add_argument("--max-batch", type=int)
     e.add_argument("--max-len", type=int)
     e.add_argument("--dynamic", action="store_true", default=None)
     for k in (c, pp, f, e):

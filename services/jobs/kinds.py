@@ -69,33 +69,51 @@ def run_convert(req: dict, ctx) -> dict:
 
 # ---- preprocess: raw data -> datasets/<output> --------------------------------------------------
 
-PREPROCESS_FORMATS = ("alpaca", "wikitext")
+DEFAULT_SEQ_LENGTH = 2048
+
+
+def _preprocess_args(req: dict, store: Store) -> dict:
+    from internlm_core.data import MODES
+
+    fmt = req.get("format", "")
+    if fmt not in MODES:
+        raise ValueError(f"format must be one of {', '.join(sorted(MODES))}, got {fmt!r}")
+    kw = {"kind": fmt, "src": store.source_path(req.get("source", "")),
+          "seq_length": req.get("seq_length", DEFAULT_SEQ_LENGTH)}
+    if not kw["src"].is_file():
+        raise ValueError(f"source {req['source']!r} is not a file")
+    if kw["seq_length"] < 8:
+        raise ValueError(f"seq_length must be at least 8, got {kw['seq_length']}")
+    if "pack" in req:
+        if fmt != "wikitext":
+            raise ValueError("pack applies to the wikitext format only")
+        kw["mode"] = "pack" if req["pack"] else "line"
+    if "min_length" in req:
+        if req["min_length"] <= 0:
+            raise ValueError(f"min_length must be positive, got {req['min_length']}")
+        kw["min_length"] = req["min_length"]
+    if req.get("tokenizer"):
+        kw["tokenizer_path"] = store.source_path(req["tokenizer"])
+    return kw
 
 
 def check_preprocess(req: dict, store: Store) -> str:
-    store.source_path(req.get("source", ""))
-    if req.get("format") not in PREPROCESS_FORMATS:
-        raise ValueError(f"format must be one of {', '.join(PREPROCESS_FORMATS)}, got {req.get('format')!r}")
-    for k in ("seq_length", "min_length"):
-        if k in req and req[k] <= 0:
-            raise ValueError(f"{k} must be positive, got {req[k]}")
-    if "eval_fraction" in req and not 0 <= req["eval_fraction"] < 1:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {req['eval_fraction']}")
-    if req.get("tokenizer"):
-        store.source_path(req["tokenizer"])
+    _preprocess_args(req, store)
     return _output(store, DATASETS, req)
 
 
 def run_preprocess(req: dict, ctx) -> dict:
     from internlm_core import data
+    from internlm_core.tokenizer import Tokenizer
 
-    src = ctx.store.source_path(req["source"])
-    kw = {k: req[k] for k in ("seq_length", "pack", "min_length", "eval_fraction") if k in req}
-    if req.get("tokenizer"):
-        kw["tokenizer"] = str(ctx.store.source_path(req["tokenizer"]))
-    ctx.clear_partial(keep_staging=False)
-    stats = data.preprocess(src, ctx.staging, format=req["format"], progress=ctx.count_progress,
-                            cancel=ctx.cancelled, **kw)
+    kw = _preprocess_args(req, ctx.store)
+    path = kw.pop("tokenizer_path", None)
+    if not ctx.staging.is_dir():
+        ctx.clear_partial()
+        stats = data.preprocess(dst=ctx.staging, tokenizer=Tokenizer(path) if path else None,
+                                progress=ctx.count_progress, cancel=ctx.cancelled, **kw)
+    else:
+        stats = {}
     ctx.publish(DATASETS, req["output"], req.get("overwrite", False))
     return _plain(stats)
 
@@ -154,7 +172,7 @@ def run_finetune(req: dict, ctx) -> dict:
 
 def check_export(req: dict, store: Store) -> str:
     _model_folder(store, req.get("model", ""))
-    for k in ("batch_size", "max_len"):
+    for k in ("max_batch", "max_len"):
         if k in req and req[k] <= 0:
             raise ValueError(f"{k} must be positive, got {req[k]}")
     return _output(store, MODELS, req)
@@ -164,14 +182,12 @@ def run_export(req: dict, ctx) -> dict:
     from internlm_core import export
 
     src = _model_folder(ctx.store, req["model"])
-    kw = {k: req[k] for k in ("batch_size", "max_len", "dynamic") if k in req}
+    kw = {k: req[k] for k in ("max_batch", "max_len", "dynamic") if k in req}
     if not ctx.staging.is_dir():
         ctx.clear_partial()
-        result = export.export_mindir(src, ctx.staging, progress=ctx.count_progress, cancel=ctx.cancelled, **kw)
-    else:
-        result = {}
+        export.export_mindir(src, ctx.staging, progress=ctx.count_progress, cancel=ctx.cancelled, **kw)
     ctx.publish(MODELS, req["output"], req.get("overwrite", False))
-    return _plain(result)
+    return {"graphs": sorted(p.name for p in ctx.store.model_path(req["output"]).glob("*.mindir"))}
 
 
 # ---- tables -------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ class ConvertJob(_message.Message):
     def __init__(self, source: _Optional[str] = ..., output: _Optional[str] = ..., dtype: _Optional[str] = ..., overwrite: _Optional[bool] = ...) -> None: ...
 
 class PreprocessJob(_message.Message):
-    __slots__ = ("source", "output", "format", "seq_length", "pack", "min_length", "tokenizer", "eval_fraction", "overwrite")
+    __slots__ = ("source", "output", "format", "seq_length", "pack", "min_length", "tokenizer", "overwrite")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
@@ -56,7 +56,6 @@ class PreprocessJob(_message.Message):
     PACK_FIELD_NUMBER: _ClassVar[int]
     MIN_LENGTH_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FIELD_NUMBER: _ClassVar[int]
-    EVAL_FRACTION_FIELD_NUMBER: _ClassVar[int]
     OVERWRITE_FIELD_NUMBER: _ClassVar[int]
     source: str
     output: str
@@ -65,9 +64,8 @@ class PreprocessJob(_message.Message):
     pack: bool
     min_length: int
     tokenizer: str
-    eval_fraction: float
     overwrite: bool
-    def __init__(self, source: _Optional[str] = ..., output: _Optional[str] = ..., format: _Optional[str] = ..., seq_length: _Optional[int] = ..., pack: _Optional[bool] = ..., min_length: _Optional[int] = ..., tokenizer: _Optional[str] = ..., eval_fraction: _Optional[float] = ..., overwrite: _Optional[bool] = ...) -> None: ...
+    def __init__(self, source: _Optional[str] = ..., output: _Optional[str] = ..., format: _Optional[str] = ..., seq_length: _Optional[int] = ..., pack: _Optional[bool] = ..., min_length: _Optional[int] = ..., tokenizer: _Optional[str] = ..., overwrite: _Optional[bool] = ...) -> None: ...
 
 class FinetuneJob(_message.Message):
     __slots__ = ("base_model", "preset", "dataset", "output", "method", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "learning_rate", "min_learning_rate", "warmup_steps", "max_steps", "epochs", "batch_size", "grad_accum", "weight_decay", "grad_clip", "save_every", "keep_last", "eval_every", "seed", "compute_dtype", "overwrite")
@@ -122,20 +120,20 @@ class FinetuneJob(_message.Message):
     def __init__(self, base_model: _Optional[str] = ..., preset: _Optional[str] = ..., dataset: _Optional[str] = ..., output: _Optional[str] = ..., method: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., lora_targets: _Optional[str] = ..., learning_rate: _Optional[float] = ..., min_learning_rate: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., max_steps: _Optional[int] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., grad_accum: _Optional[int] = ..., weight_decay: _Optional[float] = ..., grad_clip: _Optional[float] = ..., save_every: _Optional[int] = ..., keep_last: _Optional[int] = ..., eval_every: _Optional[int] = ..., seed: _Optional[int] = ..., compute_dtype: _Optional[str] = ..., overwrite: _Optional[bool] = ...) -> None: ...
 
 class ExportJob(_message.Message):
-    __slots__ = ("model", "output", "batch_size", "max_len", "dynamic", "overwrite")
+    __slots__ = ("model", "output", "max_batch", "max_len", "dynamic", "overwrite")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
-    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     MAX_LEN_FIELD_NUMBER: _ClassVar[int]
     DYNAMIC_FIELD_NUMBER: _ClassVar[int]
     OVERWRITE_FIELD_NUMBER: _ClassVar[int]
     model: str
     output: str
-    batch_size: int
+    max_batch: int
     max_len: int
     dynamic: bool
     overwrite: bool
-    def __init__(self, model: _Optional[str] = ..., output: _Optional[str] = ..., batch_size: _Optional[int] = ..., max_len: _Optional[int] = ..., dynamic: _Optional[bool] = ..., overwrite: _Optional[bool] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., output: _Optional[str] = ..., max_batch: _Optional[int] = ..., max_len: _Optional[int] = ..., dynamic: _Optional[bool] = ..., overwrite: _Optional[bool] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("idempotency_key", "convert", "preprocess", "finetune", "export")
