@@ -1,0 +1,274 @@
+"""The public endpoint: ``python -m services.endpoint --port 50051 --redis-url URL``.
+
+One address for clients. It serves ``internlm.v1.Inference`` by sending each request to the
+least-loaded live inference worker (workers register in Redis, see ``registry.py``; adding or
+removing one needs no change here), ``internlm.v1.Tokenizer`` by passing calls through to the
+tokenizer service, ``internlm.v1.Endpoint`` to list the workers, and the Jobs API when the
+jobs package is installed. Plain gRPC all the way; statuses from behind pass through as they are.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import grpc
+import redis
+from prometheus_client import Counter, Gauge
+
+from services.pb import endpoint_pb2, endpoint_pb2_grpc, inference_pb2, inference_pb2_grpc, tokenizer_pb2
+from services.registry import TTL_S, list_workers
+from services.server_common import ModelNotFound, Server, Unavailable, env_default, setup_logging
+
+log = logging.getLogger("internlm.endpoint")
+
+INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["Inference"]
+TOKENIZER = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"]
+ENDPOINT = endpoint_pb2.DESCRIPTOR.services_by_name["Endpoint"]
+# Nothing has reached the client yet when a worker answers these, so another worker may take over.
+RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+ROUTED = Counter("internlm_endpoint_routed_total", "Generate requests sent to workers", ["worker"])
+LOST = Counter("internlm_endpoint_worker_failures_total", "Calls that found a worker gone", ["worker"])
+
+
+@dataclass(eq=False)
+class WorkerRef:
+    id: str
+    address: str
+    model: str
+    load: int = 0               # at its last heartbeat (includes other endpoints' requests)
+    max_batch: int = 0
+    inflight: int = 0           # this endpoint's requests on it now (exact, unlike ``load``)
+    routed: int = 0
+    last_pick: float = 0.0
+    down_until: float = 0.0
+    retired: bool = False
+    channel: grpc.Channel = field(default=None, repr=False)
+    stub: inference_pb2_grpc.InferenceStub = field(default=None, repr=False)
+
+
+class Router:
+    """The live workers, refreshed from Redis in the background; picks the least loaded."""
+
+    def __init__(self, redis_url: str, refresh_s: float = 0.5):
+        self.r = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+        self.refresh_s = refresh_s
+        self.workers: dict[str, WorkerRef] = {}
+        self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self._warned = False
+        Gauge("internlm_endpoint_workers", "Live inference workers").set_function(lambda: len(self.workers))
+
+    def start(self) -> "Router":
+        self.refresh()
+        threading.Thread(target=self._loop, name="router", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.refresh_s):
+            self.refresh()
+
+    def refresh(self) -> None:
+        try:
+            found = list_workers(self.r)
+            self._warned = False
+        except redis.RedisError as e:  # keep routing to the workers we know until Redis is back
+            if not self._warned:
+                log.warning("cannot read the worker registry: %s", e)
+                self._warned = True
+            return
+        with self.lock:
+            for wid, info in found.items():
+                w = self.workers.get(wid)
+                if w is None:
+                    w = self.workers[wid] = WorkerRef(wid, info["address"], info["model"])
+                    w.channel = grpc.insecure_channel(w.address)
+                    w.stub = inference_pb2_grpc.InferenceStub(w.channel)
+                    log.info("worker %s at %s (%s) joined", wid, w.address, w.model)
+                w.load, w.max_batch = int(info.get("load", 0)), int(info.get("max_batch", 0))
+            for wid in set(self.workers) - set(found):
+                w = self.workers.pop(wid)
+                w.retired = True
+                log.info("worker %s at %s left", wid, w.address)
+                if w.inflight == 0:
+                    w.channel.close()
+
+    def acquire(self, model: str, exclude=()) -> WorkerRef:
+        """The least-loaded live worker for ``model`` ('' = any); count a request on it."""
+        now = time.monotonic()
+        with self.lock:
+            serving = [w for w in self.workers.values() if not model or w.model == model]
+            if not serving:
+                if model and self.workers:
+                    known = sorted({w.model for w in self.workers.values()})
+                    raise ModelNotFound(f"unknown model {model!r}; served here: {', '.join(known)}")
+                raise Unavailable("no inference worker is registered; start one (or wait for it to load)")
+            live = [w for w in serving if w.id not in exclude and w.down_until <= now]
+            if not live:
+                raise Unavailable(f"no live inference worker for {model or 'the default model'} right now")
+            w = min(live, key=lambda w: (max(w.inflight, w.load), w.last_pick))
+            w.inflight += 1
+            w.routed += 1
+            w.last_pick = now
+        ROUTED.labels(w.address).inc()
+        return w
+
+    def release(self, w: WorkerRef) -> None:
+        with self.lock:
+            w.inflight -= 1
+            if w.retired and w.inflight == 0:
+                w.channel.close()
+
+    def lost(self, w: WorkerRef) -> None:
+        """Route around a worker that failed to answer until its registration would have expired."""
+        LOST.labels(w.address).inc()
+        with self.lock:
+            w.down_until = time.monotonic() + TTL_S
+
+    def any_worker(self, model: str) -> WorkerRef:
+        w = self.acquire(model)
+        self.release(w)
+        return w
+
+
+def _timeout(context) -> float | None:
+    remaining = context.time_remaining()
+    return remaining if remaining is not None and remaining < 1e6 else None
+
+
+class InferenceProxy(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, router: Router):
+        self.router = router
+
+    def _next(self, request, tried: set, error):
+        try:
+            w = self.router.acquire(request.model, tried)
+        except Unavailable:
+            if error is not None:  # every worker refused: pass on the last one's own status
+                raise error from None
+            raise
+        tried.add(w.id)
+        return w
+
+    def _failed(self, w: WorkerRef, e: grpc.RpcError) -> None:
+        if e.code() == grpc.StatusCode.UNAVAILABLE:
+            self.router.lost(w)
+
+    def Generate(self, request, context):
+        tried, error = set(), None
+        while True:
+            w = self._next(request, tried, error)
+            call = w.stub.Generate(request, timeout=_timeout(context))
+            context.add_callback(call.cancel)  # the client's cancel or deadline reaches the worker
+            sent = 0
+            try:
+                for response in call:
+                    sent += 1
+                    yield response
+                return
+            except grpc.RpcError as e:
+                self._failed(w, e)
+                if sent == 0 and e.code() in RETRY:
+                    error = e
+                    continue
+                if sent and e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
+                    raise Unavailable(f"worker {w.address} went away after {sent} message(s): {e.details()}; "
+                                      "retry the request") from None
+                raise
+            finally:
+                self.router.release(w)
+
+    def GenerateUnary(self, request, context):
+        tried, error = set(), None
+        while True:
+            w = self._next(request, tried, error)
+            future = w.stub.GenerateUnary.future(request, timeout=_timeout(context))
+            context.add_callback(future.cancel)
+            try:
+                return future.result()
+            except grpc.RpcError as e:
+                self._failed(w, e)
+                if e.code() not in RETRY:
+                    raise
+                error = e
+            finally:
+                self.router.release(w)
+
+    def ModelInfo(self, request, context):
+        return self.router.any_worker(request.model).stub.ModelInfo(request, timeout=_timeout(context) or 10)
+
+
+class EndpointServicer(endpoint_pb2_grpc.EndpointServicer):
+    def __init__(self, router: Router):
+        self.router = router
+
+    def ListWorkers(self, request, context):
+        with self.router.lock:
+            workers = sorted(self.router.workers.values(), key=lambda w: w.address)
+            return endpoint_pb2.ListWorkersResponse(workers=[
+                endpoint_pb2.WorkerInfo(id=w.id, address=w.address, model=w.model, load=w.load,
+                                        max_batch=w.max_batch, requests_routed=w.routed) for w in workers])
+
+
+def tokenizer_passthrough(address: str) -> grpc.GenericRpcHandler:
+    """Every Tokenizer method forwarded as raw bytes to the tokenizer service (nothing re-parsed)."""
+    channel = grpc.insecure_channel(address)
+
+    def forward(path):
+        upstream = channel.unary_unary(path)  # no (de)serializers: bytes in, bytes out
+
+        def handler(request: bytes, context):
+            return upstream(request, timeout=_timeout(context) or 30)
+        return grpc.unary_unary_rpc_method_handler(handler)
+
+    return grpc.method_handlers_generic_handler(
+        TOKENIZER.full_name, {m.name: forward(f"/{TOKENIZER.full_name}/{m.name}") for m in TOKENIZER.methods})
+
+
+def add_jobs(server: Server, redis_url: str, store: str | None) -> list[str]:
+    """The jobs API (services.jobs.api), when that package is present; the names it serves."""
+    try:
+        from services.jobs import api
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("services.jobs"):
+            return []
+        raise
+    api.add_to_server(server.grpc, SimpleNamespace(redis_url=redis_url, store_root=store))
+    return [api.SERVICE_NAME]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--host", default=env_default("INTERNLM_HOST", "127.0.0.1"))
+    ap.add_argument("--port", type=int, default=50051)
+    ap.add_argument("--metrics-port", type=int, default=9100)
+    ap.add_argument("--redis-url", default=env_default("INTERNLM_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    ap.add_argument("--tokenizer-address", default=env_default("INTERNLM_TOKENIZER_ADDRESS", "127.0.0.1:50052"))
+    ap.add_argument("--store", default=env_default("INTERNLM_STORE", ""), help="the jobs' model store root")
+    ap.add_argument("--no-jobs", action="store_true", help="do not serve the Jobs API")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging("endpoint")
+    server = Server("endpoint", args.port, args.host, args.metrics_port, max_workers=128)
+    router = Router(args.redis_url).start()
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceProxy(router), server.grpc)
+    endpoint_pb2_grpc.add_EndpointServicer_to_server(EndpointServicer(router), server.grpc)
+    server.grpc.add_generic_rpc_handlers([tokenizer_passthrough(args.tokenizer_address)])
+    services = [INFERENCE.full_name, TOKENIZER.full_name, ENDPOINT.full_name]
+    if not args.no_jobs:
+        services += add_jobs(server, args.redis_url, args.store or None)
+    server.serve(services, on_stop=router.stop)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Conversions between the protobuf messages and the core's types (from_pb / to_pb)."""
+from __future__ import annotations
+
+from internlm_core.generation import FINISH_ABORTED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SamplingParams
+
+from services.pb import common_pb2, inference_pb2
+
+FINISH_TO_PB = {
+    FINISH_LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    FINISH_EOS: common_pb2.FINISH_REASON_EOS,
+    FINISH_STOP: common_pb2.FINISH_REASON_STOP_SEQUENCE,
+    FINISH_ABORTED: common_pb2.FINISH_REASON_ABORTED,
+}
+FINISH_FROM_PB = {v: k for k, v in FINISH_TO_PB.items()}
+
+_SCALARS = ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+            "presence_penalty", "frequency_penalty", "seed")
+
+
+def sampling_from_pb(p: common_pb2.SamplingParams) -> SamplingParams:
+    """Unset fields keep the core's defaults; the values are checked by ``validate`` (ValueError)."""
+    kw = {name: getattr(p, name) for name in _SCALARS if p.HasField(name)}
+    kw["stop"] = tuple(p.stop)
+    if p.HasField("stop_token_ids"):
+        kw["stop_token_ids"] = tuple(p.stop_token_ids.ids)
+    return SamplingParams(ignore_eos=p.ignore_eos, logprobs=p.logprobs, **kw).validate()
+
+
+def sampling_to_pb(s: SamplingParams) -> common_pb2.SamplingParams:
+    p = common_pb2.SamplingParams(stop=list(s.stop), ignore_eos=s.ignore_eos, logprobs=s.logprobs)
+    for name in _SCALARS:
+        value = getattr(s, name)
+        if value is not None:
+            setattr(p, name, value)
+    if s.stop_token_ids is not None:
+        p.stop_token_ids.ids.extend(s.stop_token_ids)
+    return p
+
+
+def chat_from_pb(messages) -> list[dict]:
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def chat_to_pb(messages: list[dict]) -> common_pb2.ChatMessages:
+    return common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(**m) for m in messages])
+
+
+def prompt_from_pb(request: inference_pb2.GenerateRequest, tokenizer) -> list[int]:
+    """Token ids of the request's prompt (text gets <s>; chat gets the InternLM template)."""
+    kind = request.WhichOneof("prompt")
+    if kind is None:
+        raise ValueError("the request has no prompt: set one of text, ids, chat")
+    if kind == "text":
+        if not request.text:
+            raise ValueError("empty prompt")
+        return tokenizer.encode(request.text)
+    if kind == "ids":
+        return list(request.ids.ids)
+    return tokenizer.encode_chat(chat_from_pb(request.chat.messages))
+
+
+def chunk_to_pb(events, finish=None) -> inference_pb2.GenerateResponse:
+    """One streamed message from consecutive TokenEvents; ``finish`` on the last one."""
+    r = inference_pb2.GenerateResponse(token_ids=[e.token_id for e in events], text="".join(e.text for e in events))
+    r.logprobs.extend(e.logprob for e in events if e.logprob is not None)
+    if finish is not None:
+        r.finish.CopyFrom(finish)
+    return r
+
+
+def finish_to_pb(reason: str, prompt_tokens: int, completion_tokens: int, seed: int) -> inference_pb2.FinishInfo:
+    return inference_pb2.FinishInfo(reason=FINISH_TO_PB[reason], prompt_tokens=prompt_tokens,
+                                    completion_tokens=completion_tokens, seed=seed)
+
+
+def join_chunks(chunks) -> inference_pb2.GenerateResponse:
+    """A stream's messages joined into the unary answer."""
+    out = inference_pb2.GenerateResponse()
+    texts = []
+    for c in chunks:
+        out.token_ids.extend(c.token_ids)
+        out.logprobs.extend(c.logprobs)
+        texts.append(c.text)
+        if c.HasField("finish"):
+            out.finish.CopyFrom(c.finish)
+    out.text = "".join(texts)
+    return out

@@ -1,0 +1,80 @@
+"""Worker discovery through Redis: each inference worker keeps a key with a short TTL alive
+(with its address, model and load), the endpoint lists the keys. Works the same on loopback
+and in compose (there the address is the container's host name); a worker that dies simply
+stops renewing its key and drops out within the TTL.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+import redis
+
+log = logging.getLogger("internlm.registry")
+
+PREFIX = "internlm:workers:"
+TTL_S = 5.0
+BEAT_S = 1.0
+
+
+class Registration:
+    """Keeps ``PREFIX + worker_id`` alive while the worker runs; ``info()`` gives its fields."""
+
+    def __init__(self, redis_url: str, worker_id: str, info, beat_s: float = BEAT_S, ttl_s: float = TTL_S):
+        self.r = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+        self.key, self.info = PREFIX + worker_id, info
+        self.beat_s, self.ttl_s = beat_s, ttl_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def start(self) -> "Registration":
+        self.beat()
+        self._thread.start()
+        return self
+
+    def beat(self) -> None:
+        self.r.set(self.key, json.dumps(self.info()), px=int(self.ttl_s * 1000))
+
+    def _run(self) -> None:
+        warned = False
+        while not self._stop.wait(self.beat_s):
+            try:
+                self.beat()
+                warned = False
+            except redis.RedisError as e:  # Redis restarting: keep serving, re-register when it is back
+                if not warned:
+                    log.warning("cannot reach Redis to renew %s: %s", self.key, e)
+                    warned = True
+
+    def stop(self) -> None:
+        """Leave the registry at once (graceful shutdown), so no new request is routed here."""
+        self._stop.set()
+        try:
+            self.r.delete(self.key)
+        except redis.RedisError:
+            pass
+
+
+def list_workers(r: redis.Redis) -> dict[str, dict]:
+    """{worker id: info} of every live registration."""
+    keys = list(r.scan_iter(match=PREFIX + "*", count=200))
+    out = {}
+    for key, value in zip(keys, r.mget(keys) if keys else []):
+        if value is not None:  # expired between SCAN and MGET
+            out[key.decode().removeprefix(PREFIX)] = json.loads(value)
+    return out
+
+
+def wait_for_workers(redis_url: str, n: int, timeout: float = 120.0) -> dict[str, dict]:
+    """Block until at least ``n`` workers are registered (launchers and tests)."""
+    r = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + timeout
+    while True:
+        workers = list_workers(r)
+        if len(workers) >= n:
+            return workers
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(workers)} of {n} workers registered after {timeout:.0f}s")
+        time.sleep(0.2)

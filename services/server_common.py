@@ -1,0 +1,219 @@
+"""What every gRPC server here has: one error interceptor, health, reflection, Prometheus
+metrics, and a graceful stop on SIGTERM.
+
+    server = Server("worker", port=50061, metrics_port=9101)
+    add_InferenceServicer_to_server(servicer, server.grpc)
+    server.serve([SERVICE_NAME], on_stop=batcher.stop)   # returns after SIGTERM / SIGINT
+
+Errors: a servicer just raises; ``ErrorInterceptor`` turns the exception into one status code
+with the exception's message (bad input -> INVALID_ARGUMENT, unknown model or adapter ->
+NOT_FOUND, overload -> RESOURCE_EXHAUSTED, an upstream call's status passes through, anything
+else -> INTERNAL, logged once with its traceback). A request that is not valid protobuf (for
+example a string field holding invalid UTF-8, which protobuf refuses while parsing) is answered
+INVALID_ARGUMENT with the parser's message, instead of grpc's bare "Exception deserializing".
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent import futures
+
+import grpc
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import Counter, Histogram, start_http_server
+
+from internlm_core.batching import QueueFull, ShuttingDown
+from internlm_core.tokenizer import TokenizerError
+
+log = logging.getLogger("internlm.server")
+
+GRACE_S = float(os.environ.get("INTERNLM_GRACE_S", "20"))  # SIGTERM: let running streams finish
+
+RPCS = Counter("internlm_grpc_requests_total", "RPCs handled, by method and status code", ["method", "code"])
+RPC_SECONDS = Histogram("internlm_grpc_request_duration_seconds", "RPC duration (whole stream)", ["method"],
+                        buckets=(0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+
+
+class ModelNotFound(LookupError):
+    """A request named a model that nothing here serves."""
+
+
+class Unavailable(RuntimeError):
+    """Nothing can take the request now (no live worker, a worker lost mid-stream): retry later."""
+
+
+def status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a client gets for an exception."""
+    if isinstance(e, grpc.RpcError) and callable(getattr(e, "code", None)):  # a call we made upstream
+        return e.code(), e.details() or ""
+    # Not imported at the top: the engine pulls in MindSpore, which the endpoint and the tokenizer
+    # service never need; an AdapterNotFound can only come from a process that has loaded it.
+    engine = sys.modules.get("internlm_core.engine")
+    if isinstance(e, ModelNotFound) or (engine is not None and isinstance(e, engine.AdapterNotFound)):
+        return grpc.StatusCode.NOT_FOUND, str(e)
+    if isinstance(e, QueueFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
+    if isinstance(e, (ShuttingDown, Unavailable)):
+        return grpc.StatusCode.UNAVAILABLE, str(e)
+    if isinstance(e, (ValueError, TokenizerError, DecodeError)):  # PromptTooLong is a ValueError
+        return grpc.StatusCode.INVALID_ARGUMENT, str(e)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
+
+
+class _Undecodable:
+    """Stands for a request that protobuf could not parse, so that it can be answered properly."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _lenient(deserialize):
+    if deserialize is None:  # raw bytes (a pass-through proxy)
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except DecodeError as e:
+            return _Undecodable(e)
+    return parse
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Maps exceptions to status codes and counts RPCs, for every method of the server."""
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or handler.request_streaming:
+            return handler
+        method = details.method
+        if handler.unary_unary:
+            return handler._replace(unary_unary=self._unary(method, handler.unary_unary),
+                                    request_deserializer=_lenient(handler.request_deserializer))
+        return handler._replace(unary_stream=self._stream(method, handler.unary_stream),
+                                request_deserializer=_lenient(handler.request_deserializer))
+
+    @staticmethod
+    def _fail(method: str, e: BaseException, context) -> None:
+        if context.code() not in (None, grpc.StatusCode.OK):  # the servicer aborted with its own status
+            raise e
+        code, message = status_of(e)
+        if code == grpc.StatusCode.INTERNAL:
+            log.error("%s failed", method, exc_info=e)
+        context.abort(code, message)
+
+    @staticmethod
+    def _done(method: str, context, start: float) -> None:
+        code = context.code() or grpc.StatusCode.OK
+        RPCS.labels(method, code.name).inc()
+        RPC_SECONDS.labels(method).observe(time.monotonic() - start)
+
+    def _unary(self, method, behaviour):
+        def wrapper(request, context):
+            start = time.monotonic()
+            context.add_callback(lambda: self._done(method, context, start))
+            if isinstance(request, _Undecodable):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}")
+            try:
+                return behaviour(request, context)
+            except Exception as e:  # noqa: BLE001 - mapped to a status here, once, for every method
+                self._fail(method, e, context)
+        return wrapper
+
+    def _stream(self, method, behaviour):
+        def wrapper(request, context):
+            start = time.monotonic()
+            context.add_callback(lambda: self._done(method, context, start))
+            if isinstance(request, _Undecodable):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}")
+            try:
+                yield from behaviour(request, context)
+            except Exception as e:  # noqa: BLE001
+                self._fail(method, e, context)
+        return wrapper
+
+
+def setup_logging(name: str) -> None:
+    logging.basicConfig(level=os.environ.get("INTERNLM_LOGLEVEL", "INFO").upper(),
+                        format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s")
+
+
+class Server:
+    """A grpc server with the standard parts; add services to ``.grpc``, then ``serve()``."""
+
+    def __init__(self, name: str, port: int, host: str = "127.0.0.1", metrics_port: int | None = None,
+                 max_workers: int = 32):
+        self.name, self.host, self.port, self.metrics_port = name, host, port, metrics_port
+        # Each open stream holds a thread, so the pool must exceed the streams a server admits,
+        # or extra calls would queue inside grpc where nobody can see or bound them.
+        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers, thread_name_prefix=name),
+                                interceptors=[ErrorInterceptor()],
+                                options=[("grpc.so_reuseport", 0)])
+        self.health = health.HealthServicer(experimental_non_blocking=True,
+                                            experimental_thread_pool=futures.ThreadPoolExecutor(2))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        self._stop = threading.Event()
+
+    def start(self, services: list[str]) -> "Server":
+        names = [*services, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, self.grpc)
+        bound = self.grpc.add_insecure_port(f"{self.host}:{self.port}")
+        if not bound:
+            raise RuntimeError(f"{self.name}: cannot listen on {self.host}:{self.port}")
+        self.port = bound
+        if self.metrics_port:
+            start_http_server(self.metrics_port, addr=self.host)
+        self.grpc.start()
+        for s in ["", *services]:
+            self.health.set(s, health_pb2.HealthCheckResponse.SERVING)
+        log.info("%s listening on %s:%d (metrics on %s)", self.name, self.host, self.port, self.metrics_port)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def serve(self, services: list[str], on_start=None, on_stop=None) -> None:
+        """Start, then block until SIGTERM/SIGINT (or ``stop()``); then drain and stop.
+
+        Health turns NOT_SERVING first so that balancers stop sending; ``on_stop`` runs next
+        (e.g. leave the worker registry, finish the running streams); then grpc gets GRACE_S.
+        """
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stop.set())
+        self.start(services)
+        if on_start is not None:
+            on_start()
+        self._stop.wait()
+        log.info("%s stopping (grace %.0fs)", self.name, GRACE_S)
+        self.health.enter_graceful_shutdown()
+        if on_stop is not None:
+            on_stop()
+        self.grpc.stop(GRACE_S).wait()
+        log.info("%s stopped", self.name)
+
+
+def wait_healthy(address: str, timeout: float = 60.0, service: str = "") -> None:
+    """Block until the server at ``address`` answers SERVING (for launchers and tests)."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            try:
+                r = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{address} did not become healthy in {timeout:.0f}s")
+            time.sleep(0.2)
+
+
+def env_default(name: str, default: str) -> str:
+    return os.environ.get(name, default)

@@ -1,0 +1,67 @@
+"""The tokenizer service: ``python -m services.tokenizer_service --port 50052``.
+
+Encode / decode (single and batched), the InternLM chat template, token counts; each RPC is
+one call into ``internlm_core.tokenizer``.
+"""
+from __future__ import annotations
+
+import argparse
+
+from internlm_core.tokenizer import Tokenizer, render_chat
+
+from services.messages import chat_from_pb
+from services.pb import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+from services.server_common import Server, env_default, setup_logging
+
+SERVICE_NAME = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name
+
+
+class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok = tokenizer
+
+    def _encode(self, text: str, request) -> list[int]:
+        return self.tok.encode(text, bos=not request.no_bos, eos=request.add_eos)
+
+    def Encode(self, request, context):
+        return tokenizer_pb2.EncodeResponse(ids=self._encode(request.text, request))
+
+    def EncodeBatch(self, request, context):
+        return tokenizer_pb2.EncodeBatchResponse(
+            items=[common_pb2.TokenIds(ids=self._encode(t, request)) for t in request.texts])
+
+    def Decode(self, request, context):
+        return tokenizer_pb2.DecodeResponse(text=self.tok.decode(request.ids))
+
+    def DecodeBatch(self, request, context):
+        return tokenizer_pb2.DecodeBatchResponse(texts=[self.tok.decode(item.ids) for item in request.items])
+
+    def ApplyChatTemplate(self, request, context):
+        messages = chat_from_pb(request.messages)
+        add = not request.no_generation_prompt
+        text = render_chat(messages, add)
+        return tokenizer_pb2.ChatTemplateResponse(text=text, ids=self.tok.encode_chat(messages, add))
+
+    def CountTokens(self, request, context):
+        if request.WhichOneof("input") == "chat":
+            n = len(self.tok.encode_chat(chat_from_pb(request.chat.messages)))
+        else:
+            n = len(self.tok.encode(request.text, bos=False))  # the text's own tokens, without <s>
+        return tokenizer_pb2.CountTokensResponse(count=n)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--host", default=env_default("INTERNLM_HOST", "127.0.0.1"))
+    ap.add_argument("--port", type=int, default=50052)
+    ap.add_argument("--metrics-port", type=int, default=9102)
+    ap.add_argument("--tokenizer", help="tokenizer.model (default: the bundled InternLM one)")
+    args = ap.parse_args(argv)
+    setup_logging("tokenizer")
+    server = Server("tokenizer", args.port, args.host, args.metrics_port, max_workers=16)
+    tokenizer_pb2_grpc.add_TokenizerServicer_to_server(TokenizerServicer(Tokenizer(args.tokenizer)), server.grpc)
+    server.serve([SERVICE_NAME])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""An inference worker: ``python -m services.worker --model DIR --port 50061 --redis-url URL``.
+
+Holds one model (a folder made by the converter, or an exported one) behind a continuous
+batcher, serves ``internlm.v1.Inference``, and registers itself in Redis with its load so the
+endpoint can find it. Every RPC is: request -> one batcher call -> responses.
+"""
+from __future__ import annotations
+
+import os
+
+# MindSpore's generated protobuf modules load only with the pure-Python protobuf runtime; MindSpore
+# selects it itself, but too late if our stubs imported protobuf first. Choose it before any import.
+os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
+
+import argparse
+import logging
+import socket
+import uuid
+from pathlib import Path
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from internlm_core.batching import Batcher, BatcherMetrics
+from internlm_core.generation import FINISH_ABORTED, SamplingParams
+from internlm_core.tokenizer import BOS, Tokenizer
+
+from services.messages import chunk_to_pb, finish_to_pb, join_chunks, prompt_from_pb, sampling_from_pb
+from services.pb import inference_pb2, inference_pb2_grpc
+from services.registry import Registration
+from services.server_common import ModelNotFound, Server, env_default, setup_logging
+
+log = logging.getLogger("internlm.worker")
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5, 10, 30)
+
+
+class PrometheusMetrics(BatcherMetrics):
+    """The batcher's reports as Prometheus series (names after vLLM's / TGI's)."""
+
+    def __init__(self, batcher_ref):
+        self.ttft = Histogram("internlm_time_to_first_token_seconds", "Submit to first token", buckets=_LATENCY)
+        self.itl = Histogram("internlm_inter_token_latency_seconds", "Between a request's tokens", buckets=_LATENCY)
+        self.batch = Histogram("internlm_batch_size", "Sequences in each decode step",
+                               buckets=(1, 2, 4, 8, 16, 32, 64))
+        self.generated = Counter("internlm_generated_tokens_total", "Tokens generated")
+        self.requests = Counter("internlm_requests_finished_total", "Requests ended, by finish reason",
+                                ["finish_reason"])
+        self.duration = Histogram("internlm_request_duration_seconds", "Submit to last token",
+                                  buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        Gauge("internlm_queue_size", "Requests waiting for a slot").set_function(lambda: batcher_ref().queued)
+        Gauge("internlm_active_requests", "Requests holding a slot").set_function(lambda: batcher_ref().active)
+
+    def time_to_first_token(self, seconds):
+        self.ttft.observe(seconds)
+
+    def inter_token_latency(self, seconds):
+        self.itl.observe(seconds)
+
+    def batch_size(self, size):
+        self.batch.observe(size)
+
+    def tokens(self, n):
+        self.generated.inc(n)
+
+    def finished(self, reason, seconds):
+        self.requests.labels(reason).inc()
+        self.duration.observe(seconds)
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, batcher: Batcher, tokenizer: Tokenizer, name: str):
+        self.batcher, self.tok, self.name = batcher, tokenizer, name
+
+    def _check_model(self, model: str) -> None:
+        if model and model != self.name:
+            raise ModelNotFound(f"unknown model {model!r}; this worker serves {self.name!r}")
+
+    def _generate(self, request, context):
+        """The responses of one request; a client's cancel or deadline cancels its handle."""
+        self._check_model(request.model)
+        prompt = prompt_from_pb(request, self.tok)
+        handle = self.batcher.submit(prompt, sampling_from_pb(request.params), request.adapter or None)
+        context.add_callback(handle.cancel)  # runs on cancel, deadline and normal end alike
+        done = 0
+        while (events := handle.next_events()) is not None:
+            done += len(events)
+            reason = events[-1].finish_reason
+            yield chunk_to_pb(events, reason and finish_to_pb(reason, len(prompt), done, handle.seed))
+            if reason:
+                return
+        # Aborted without a final token (worker stopping): still end with a final message.
+        yield chunk_to_pb([], finish_to_pb(FINISH_ABORTED, len(prompt), done, handle.seed))
+
+    def Generate(self, request, context):
+        yield from self._generate(request, context)
+
+    def GenerateUnary(self, request, context):
+        return join_chunks(self._generate(request, context))
+
+    def ModelInfo(self, request, context):
+        self._check_model(request.model)
+        return model_info(self.batcher.engine, self.name)
+
+
+def model_info(engine, name: str) -> inference_pb2.ModelInfoResponse:
+    cfg = engine.config
+    return inference_pb2.ModelInfoResponse(
+        model=name, preset=cfg.name, dtype=cfg.dtype, max_len=engine.max_len, vocab_size=cfg.vocab_size,
+        adapters=sorted(getattr(engine, "adapters", {})), max_batch=engine.max_batch,
+        num_parameters=cfg.num_parameters())
+
+
+def advertised(host: str, port: int, advertise: str | None) -> str:
+    """The address the endpoint should dial: given, or this host's name when listening on all."""
+    if advertise:
+        return advertise
+    return f"{socket.gethostname() if host in ('0.0.0.0', '::', '[::]') else host}:{port}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=os.environ.get("INTERNLM_MODEL"), help="model folder ($INTERNLM_MODEL)")
+    ap.add_argument("--name", help="the model name requests use (default: the folder's name)")
+    ap.add_argument("--host", default=env_default("INTERNLM_HOST", "127.0.0.1"))
+    ap.add_argument("--port", type=int, default=50061)
+    ap.add_argument("--advertise", help="address to register (default: host:port, or hostname:port on 0.0.0.0)")
+    ap.add_argument("--metrics-port", type=int, default=9101)
+    ap.add_argument("--redis-url", default=env_default("INTERNLM_REDIS_URL", "redis://127.0.0.1:6379/0"),
+                    help="where to register; '' = do not register")
+    ap.add_argument("--max-batch", type=int, default=int(env_default("INTERNLM_MAX_BATCH", "8")),
+                    help="slots in the running batch")
+    ap.add_argument("--max-queue", type=int, default=int(env_default("INTERNLM_MAX_QUEUE", "32")),
+                    help="requests waiting for a slot before RESOURCE_EXHAUSTED")
+    ap.add_argument("--max-len", type=int, default=int(env_default("INTERNLM_MAX_LEN", "0")),
+                    help="positions per slot: prompt + generated (0 = the model's)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if not args.model:
+        raise SystemExit("worker: give --model DIR (or set INTERNLM_MODEL)")
+    setup_logging("worker")
+    from internlm_core.engine import open_engine
+
+    folder = Path(args.model)
+    name = args.name or folder.resolve().name
+    engine = open_engine(folder, max_batch=args.max_batch, max_len=args.max_len or None)
+    tok_file = folder / "tokenizer.model"
+    tokenizer = Tokenizer(tok_file if tok_file.is_file() else None)
+    batcher = None
+    batcher = Batcher(engine, tokenizer, args.max_queue, PrometheusMetrics(lambda: batcher)).start()
+    # Compile prefill and decode now, not on the first client's time.
+    batcher.submit([BOS, BOS], SamplingParams(max_new_tokens=2, ignore_eos=True)).result()
+    log.info("serving %s (%s, %d slots x %d positions)", name, engine.config.name, engine.max_batch, engine.max_len)
+
+    server = Server("worker", args.port, args.host, args.metrics_port,
+                    max_workers=args.max_batch + args.max_queue + 8)
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(batcher, tokenizer, name), server.grpc)
+    address = advertised(args.host, args.port, args.advertise)
+    info = lambda: {"address": address, "model": name, "load": batcher.load, "active": batcher.active,  # noqa: E731
+                    "queued": batcher.queued, "max_batch": engine.max_batch, "pid": os.getpid()}
+    registration = None
+    if args.redis_url:
+        registration = Registration(args.redis_url, f"{address}-{uuid.uuid4().hex[:6]}", info)
+
+    def start():
+        if registration:
+            registration.start()
+
+    def stop():  # leave the registry first, then let the running streams finish
+        if registration:
+            registration.stop()
+        batcher.stop(drain=True, timeout=float(env_default("INTERNLM_GRACE_S", "20")))
+
+    server.serve([SERVICE_NAME], on_start=start, on_stop=stop)
+
+
+if __name__ == "__main__":
+    main()
