@@ -80,7 +80,7 @@ def _lenient(deserialize):
     def parse(data: bytes):
         try:
             return deserialize(data)
-        except DecodeError as e:
+        except (DecodeError, ValueError) as e:  # upb: DecodeError; pure-Python protobuf: UnicodeDecodeError
             return _Undecodable(e)
     return parse
 

@@ -112,10 +112,17 @@ def model_info(engine, name: str) -> inference_pb2.ModelInfoResponse:
 
 
 def advertised(host: str, port: int, advertise: str | None) -> str:
-    """The address the endpoint should dial: given, or this host's name when listening on all."""
+    """The address the endpoint should dial: given, or this host's own address when listening on
+    all interfaces (in compose: the container's address, distinct for every replica)."""
     if advertise:
         return advertise
-    return f"{socket.gethostname() if host in ('0.0.0.0', '::', '[::]') else host}:{port}"
+    if host in ("0.0.0.0", "::", "[::]"):
+        name = socket.gethostname()
+        try:
+            host = socket.gethostbyname(name)
+        except OSError:
+            host = name
+    return f"{host}:{port}"
 
 
 def build_parser() -> argparse.ArgumentParser:

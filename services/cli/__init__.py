@@ -10,6 +10,7 @@ import importlib
 import sys
 
 COMMAND_MODULES = [
+    "services.cli.stack_cmds",  # up, workers
     "services.cli.model_cmds",  # convert, generate
     "services.cli.jobs_cmds",  # jobs submit/get/watch/cancel/list/store
     "services.cli.export_cmds",  # export (MindIR)

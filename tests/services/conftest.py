@@ -1,0 +1,151 @@
+"""Real servers on loopback for the service tests, each a subprocess started the way the
+launcher starts it, with its own log file (shown when a test fails to reach it)."""
+from __future__ import annotations
+
+import os
+
+# MindSpore's generated protobuf code loads only with the pure-Python runtime; these tests import
+# both our stubs and the core, so choose it before either (MindSpore would, but too late).
+os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
+
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from tests.helpers import REPO, RedisServer, free_port  # noqa: E402
+
+WORKER_SLOTS, WORKER_QUEUE, WORKER_LEN = 4, 8, 256
+
+
+class Service:
+    """One server subprocess: ``address``, ``metrics_url``, ``stop()`` (SIGTERM), ``kill()``."""
+
+    def __init__(self, module: str, args: list[str], log: Path, metrics_port: int, port: int):
+        self.module, self.log, self.port = module, log, port
+        self.address = f"127.0.0.1:{port}"
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        self.proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(port),
+                                      "--metrics-port", str(metrics_port), *args],
+                                     cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+    def wait_healthy(self, timeout: float = 180) -> "Service":
+        from services.server_common import wait_healthy
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.module} exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                wait_healthy(self.address, timeout=2)
+                return self
+            except TimeoutError:
+                pass
+        raise RuntimeError(f"{self.module} not healthy after {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def metrics(self) -> str:
+        return urllib.request.urlopen(self.metrics_url, timeout=5).read().decode()
+
+    def metric(self, name: str) -> float:
+        """The value of an unlabelled series (e.g. ``internlm_active_requests``)."""
+        for line in self.metrics().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise KeyError(name)
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def start_worker(model_dir, redis_url: str, log_dir: Path, name: str = "worker", *extra: str) -> Service:
+    return Service("services.worker", ["--model", str(model_dir), "--redis-url", redis_url,
+                                       "--max-batch", str(WORKER_SLOTS), "--max-queue", str(WORKER_QUEUE),
+                                       "--max-len", str(WORKER_LEN), *extra],
+                   log_dir / f"{name}.log", free_port(), free_port())
+
+
+def start_endpoint(redis_url: str, tokenizer_address: str, log_dir: Path, name: str = "endpoint") -> Service:
+    return Service("services.endpoint", ["--redis-url", redis_url, "--tokenizer-address", tokenizer_address,
+                                         "--store", str(log_dir / "store")],
+                   log_dir / f"{name}.log", free_port(), free_port())
+
+
+def wait_workers(endpoint: Service, n: int, timeout: float = 60) -> list:
+    import grpc
+
+    from services.pb import endpoint_pb2, endpoint_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(endpoint.address) as ch:
+        while True:
+            workers = endpoint_pb2_grpc.EndpointStub(ch).ListWorkers(endpoint_pb2.ListWorkersRequest(), timeout=5).workers
+            if len(workers) >= n or time.monotonic() > deadline:
+                return list(workers)
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def stack_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("stack")
+
+
+@pytest.fixture(scope="session")
+def stack_redis(stack_dir):
+    (stack_dir / "redis").mkdir()
+    server = RedisServer(stack_dir / "redis").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_service(stack_dir):
+    s = Service("services.tokenizer_service", [], stack_dir / "tokenizer.log", free_port(), free_port())
+    yield s.wait_healthy()
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def worker(chat_model_dir, stack_redis, stack_dir):
+    """One inference worker on the tiny chat model, registered in the session's Redis."""
+    s = start_worker(chat_model_dir, stack_redis.url, stack_dir)
+    yield s.wait_healthy()
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def endpoint(stack_redis, tokenizer_service, worker, stack_dir):
+    s = start_endpoint(stack_redis.url, tokenizer_service.address, stack_dir).wait_healthy()
+    assert wait_workers(s, 1), "the worker never showed up at the endpoint"
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def core_engine(chat_model_dir):
+    """The same model in-process, one slot: the reference for what the services return."""
+    from internlm_core.engine import Engine
+    from internlm_core.loader import load_model
+
+    return Engine(load_model(chat_model_dir), max_batch=1, max_len=WORKER_LEN)
+
+
+@pytest.fixture(scope="session")
+def core_tokenizer(chat_model_dir):
+    from internlm_core.tokenizer import Tokenizer
+
+    return Tokenizer(chat_model_dir / "tokenizer.model")

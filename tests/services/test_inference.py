@@ -1,0 +1,163 @@
+"""Generate over real gRPC (a worker subprocess, and the endpoint in front of it) against the
+core's own generate on the same model, plus continuous batching, cancel/deadline and overload."""
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from internlm_core.generation import SamplingParams, generate
+from services.messages import FINISH_FROM_PB, chat_to_pb, join_chunks, sampling_to_pb
+from services.pb import common_pb2, inference_pb2, inference_pb2_grpc
+from tests.services.conftest import WORKER_QUEUE, WORKER_SLOTS
+
+
+def stub(service):
+    return inference_pb2_grpc.InferenceStub(grpc.insecure_channel(service.address))
+
+
+def core_generate(engine, tok, prompt, params):
+    events = list(generate(engine, prompt, params, tok))
+    return [e.token_id for e in events], "".join(e.text for e in events), events[-1].finish_reason
+
+
+@pytest.mark.parametrize("via", ["worker", "endpoint"])
+def test_stream_unary_and_core_agree(via, request, core_engine, core_tokenizer):
+    s = stub(request.getfixturevalue(via))
+    params = SamplingParams(max_new_tokens=12, temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.1,
+                            seed=1234, ignore_eos=True, logprobs=True)
+    req = inference_pb2.GenerateRequest(text="The history of the city", params=sampling_to_pb(params))
+    chunks = list(s.Generate(req, timeout=60))
+    unary = s.GenerateUnary(req, timeout=60)
+    prompt = core_tokenizer.encode("The history of the city")
+    ids, text, reason = core_generate(core_engine, core_tokenizer, prompt, params)
+
+    assert join_chunks(chunks) == unary
+    assert [c.HasField("finish") for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert list(unary.token_ids) == ids and unary.text == text
+    assert FINISH_FROM_PB[unary.finish.reason] == reason == "length"
+    assert (unary.finish.prompt_tokens, unary.finish.completion_tokens, unary.finish.seed) == (len(prompt), 12, 1234)
+    assert len(unary.logprobs) == 12 and all(lp <= 0 for lp in unary.logprobs)
+
+
+def test_unseeded_request_reports_a_seed_that_repeats_it(endpoint):
+    s = stub(endpoint)
+    req = inference_pb2.GenerateRequest(text="Once upon a time", params=common_pb2.SamplingParams(
+        max_new_tokens=8, temperature=1.0, ignore_eos=True))
+    first = s.GenerateUnary(req, timeout=60)
+    req.params.seed = first.finish.seed
+    assert list(s.GenerateUnary(req, timeout=60).token_ids) == list(first.token_ids)
+
+
+def test_ids_prompt_and_stop_ids(worker, core_engine, core_tokenizer):
+    prompt = core_tokenizer.encode("Hello world")
+    params = SamplingParams(max_new_tokens=10)
+    ids, _, _ = core_generate(core_engine, core_tokenizer, prompt, params)
+    r = stub(worker).GenerateUnary(inference_pb2.GenerateRequest(ids=common_pb2.TokenIds(ids=prompt),
+                                                                 params=sampling_to_pb(params)), timeout=60)
+    assert list(r.token_ids) == ids
+    # The third greedy token declared a stop id: generation ends there, reported as EOS.
+    stop = inference_pb2.GenerateRequest(ids=common_pb2.TokenIds(ids=prompt), params=sampling_to_pb(
+        params.replace(stop_token_ids=(ids[2],))))
+    r = stub(worker).GenerateUnary(stop, timeout=60)
+    assert list(r.token_ids) == ids[:ids.index(ids[2]) + 1]
+    assert FINISH_FROM_PB[r.finish.reason] == "eos"
+
+
+def test_chat_messages_use_the_internlm_template(endpoint, core_engine, core_tokenizer):
+    messages = [{"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "Name a colour."}]
+    params = SamplingParams(max_new_tokens=8)
+    r = stub(endpoint).GenerateUnary(inference_pb2.GenerateRequest(chat=chat_to_pb(messages),
+                                                                   params=sampling_to_pb(params)), timeout=60)
+    prompt = core_tokenizer.encode_chat(messages)
+    assert core_tokenizer.decode(prompt) == ("<s><|System|>:You are a helpful assistant.\n"
+                                             "<|User|>:Name a colour.<eoh>\n<|Bot|>:")
+    assert r.finish.prompt_tokens == len(prompt)
+    assert list(r.token_ids) == core_generate(core_engine, core_tokenizer, prompt, params)[0]
+
+
+def test_concurrent_greedy_streams_equal_their_solo_results(worker, endpoint):
+    s = stub(endpoint)
+    texts = ["The river", "In 1912 the", "A quiet morning in", "Paris is", "Rain fell on the", "Numbers:", "Why"]
+    reqs = [inference_pb2.GenerateRequest(text=t, params=common_pb2.SamplingParams(
+        max_new_tokens=6 + 3 * i, ignore_eos=True)) for i, t in enumerate(texts)]
+    solo = [s.GenerateUnary(r, timeout=60) for r in reqs]
+    steps0, seqs0 = worker.metric("internlm_batch_size_count"), worker.metric("internlm_batch_size_sum")
+    start = threading.Barrier(len(reqs))
+
+    def run(r):
+        start.wait()
+        return join_chunks(s.Generate(r, timeout=120))
+
+    with ThreadPoolExecutor(len(reqs)) as pool:
+        crowd = list(pool.map(run, reqs))
+    for alone, together in zip(solo, crowd):
+        assert list(together.token_ids) == list(alone.token_ids) and together.text == alone.text
+    steps = worker.metric("internlm_batch_size_count") - steps0
+    seqs = worker.metric("internlm_batch_size_sum") - seqs0
+    assert seqs / steps > 1.5, "the streams were not batched together"
+
+
+def wait_idle(worker, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if worker.metric("internlm_active_requests") == 0 and worker.metric("internlm_queue_size") == 0:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_cancel_and_deadline_free_every_slot(worker, endpoint):
+    """100 aborted streams through the endpoint: half cancelled by the client after their first
+    message, half cut by their deadline; afterwards nothing is left running and the tokens spent
+    show that each stopped early (not after its 240 tokens)."""
+    s = stub(endpoint)
+    req = inference_pb2.GenerateRequest(text="Count with me:", params=common_pb2.SamplingParams(
+        max_new_tokens=240, ignore_eos=True))
+    tokens0 = worker.metric("internlm_generated_tokens_total")
+    outcomes = []
+
+    def cancelled():
+        call = s.Generate(req, timeout=120)
+        next(call)
+        call.cancel()
+        outcomes.append(call.code())
+
+    def deadline():
+        try:
+            for _ in s.Generate(req, timeout=0.3):
+                pass
+            outcomes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as e:
+            outcomes.append(e.code())
+
+    with ThreadPoolExecutor(WORKER_SLOTS + 2) as pool:  # within the worker's slots + queue
+        for f in [pool.submit(cancelled if i % 2 else deadline) for i in range(100)]:
+            f.result()
+    assert outcomes.count(grpc.StatusCode.CANCELLED) == 50
+    assert outcomes.count(grpc.StatusCode.DEADLINE_EXCEEDED) == 50
+    assert wait_idle(worker), "slots leaked after aborted streams"
+    assert worker.metric("internlm_generated_tokens_total") - tokens0 < 100 * 240 / 4
+    r = s.GenerateUnary(inference_pb2.GenerateRequest(text="Still", params=common_pb2.SamplingParams(
+        max_new_tokens=3, ignore_eos=True)), timeout=60)
+    assert r.finish.completion_tokens == 3
+
+
+def test_full_queue_answers_resource_exhausted(worker, endpoint):
+    s = stub(endpoint)
+    long = inference_pb2.GenerateRequest(text="Go on", params=common_pb2.SamplingParams(
+        max_new_tokens=240, ignore_eos=True))
+    calls = [s.Generate(long, timeout=120) for _ in range(WORKER_SLOTS + WORKER_QUEUE)]
+    try:
+        deadline = time.monotonic() + 30
+        while worker.metric("internlm_queue_size") < WORKER_QUEUE and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(grpc.RpcError) as e:
+            s.GenerateUnary(long, timeout=60)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry" in e.value.details()
+    finally:
+        for c in calls:
+            c.cancel()
+    assert wait_idle(worker)

@@ -1,0 +1,110 @@
+"""What every server has: status codes for bad input (and still healthy after), health,
+reflection (enough for grpcurl without stubs), Prometheus metrics."""
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from services.pb import common_pb2, inference_pb2, inference_pb2_grpc
+
+SERVERS = ["worker", "endpoint", "tokenizer_service"]
+SERVICES = {
+    "worker": {"internlm.v1.Inference"},
+    "endpoint": {"internlm.v1.Inference", "internlm.v1.Tokenizer", "internlm.v1.Endpoint"},
+    "tokenizer_service": {"internlm.v1.Tokenizer"},
+}
+Code = grpc.StatusCode
+
+
+def healthy(service) -> bool:
+    with grpc.insecure_channel(service.address) as ch:
+        r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        return r.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def params(**kw):
+    return common_pb2.SamplingParams(**kw)
+
+
+BAD = {
+    "no prompt": (inference_pb2.GenerateRequest(), Code.INVALID_ARGUMENT, "no prompt"),
+    "empty text": (inference_pb2.GenerateRequest(text=""), Code.INVALID_ARGUMENT, "empty prompt"),
+    "empty ids": (inference_pb2.GenerateRequest(ids=common_pb2.TokenIds()), Code.INVALID_ARGUMENT, "empty prompt"),
+    "too long": (inference_pb2.GenerateRequest(ids=common_pb2.TokenIds(ids=[5] * 400)), Code.INVALID_ARGUMENT,
+                 "400 tokens"),
+    "top_p 0": (inference_pb2.GenerateRequest(text="a", params=params(top_p=0.0)), Code.INVALID_ARGUMENT, "top_p"),
+    "top_p 1.5": (inference_pb2.GenerateRequest(text="a", params=params(top_p=1.5)), Code.INVALID_ARGUMENT, "top_p"),
+    "negative max": (inference_pb2.GenerateRequest(text="a", params=params(max_new_tokens=-3)),
+                     Code.INVALID_ARGUMENT, "max_new_tokens"),
+    "id outside vocab": (inference_pb2.GenerateRequest(ids=common_pb2.TokenIds(ids=[1, 200000])),
+                         Code.INVALID_ARGUMENT, "vocabulary"),
+    "bad chat role": (inference_pb2.GenerateRequest(chat=common_pb2.ChatMessages(messages=[
+        common_pb2.ChatMessage(role="wizard", content="hi")])), Code.INVALID_ARGUMENT, "role"),
+    "unknown adapter": (inference_pb2.GenerateRequest(text="a", adapter="no-such-lora"), Code.NOT_FOUND,
+                        "no-such-lora"),
+    "unknown model": (inference_pb2.GenerateRequest(text="a", model="internlm-70b"), Code.NOT_FOUND,
+                      "internlm-70b"),
+}
+
+
+@pytest.mark.parametrize("via", ["worker", "endpoint"])
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_gets_its_status_code(request, via, case):
+    server = request.getfixturevalue(via)
+    req, code, words = BAD[case]
+    s = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(server.address))
+    for call in (s.GenerateUnary, lambda r, timeout: list(s.Generate(r, timeout=timeout))):
+        with pytest.raises(grpc.RpcError) as e:
+            call(req, timeout=30)
+        assert e.value.code() == code and words in e.value.details()
+    assert healthy(server)
+
+
+@pytest.mark.parametrize("via", ["worker", "endpoint", "tokenizer_service"])
+def test_invalid_utf8_is_invalid_argument(request, via):
+    """protobuf refuses a string field holding invalid UTF-8 while parsing; the server says so."""
+    server = request.getfixturevalue(via)
+    method, body = (("/internlm.v1.Tokenizer/Encode", b"\x0a\x03a\xff\xfe") if via == "tokenizer_service" else
+                    ("/internlm.v1.Inference/Generate", b"\x12\x03a\xff\xfe"))  # field 1/2 = text
+    with grpc.insecure_channel(server.address) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            list(ch.unary_stream(method)(body, timeout=30)) if "Generate" in method else ch.unary_unary(method)(body)
+    assert e.value.code() == Code.INVALID_ARGUMENT and "utf-8" in e.value.details().lower()
+    assert healthy(server)
+
+
+@pytest.mark.parametrize("name", SERVERS)
+def test_health_and_reflection(request, name):
+    server = request.getfixturevalue(name)
+    with grpc.insecure_channel(server.address) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        for service in ["", *SERVICES[name]]:
+            r = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert r.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as e:
+            health.Check(health_pb2.HealthCheckRequest(service="no.Such"), timeout=10)
+        assert e.value.code() == Code.NOT_FOUND
+        db = ProtoReflectionDescriptorDatabase(ch)
+        names = set(db.get_services())
+        assert SERVICES[name] | {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+        # What grpcurl does to build a request without stubs: fetch the file that defines a symbol.
+        service = sorted(SERVICES[name])[0]
+        proto = db.FindFileContainingSymbol(service)
+        assert proto.package == "internlm.v1" and service.split(".")[-1] in [s.name for s in proto.service]
+
+
+def test_worker_metrics_expose_the_counters(worker, endpoint):
+    inference_pb2_grpc.InferenceStub(grpc.insecure_channel(endpoint.address)).GenerateUnary(
+        inference_pb2.GenerateRequest(text="Metrics", params=params(max_new_tokens=4, ignore_eos=True)), timeout=60)
+    text = worker.metrics()
+    for series in ("internlm_queue_size", "internlm_active_requests", "internlm_batch_size_bucket",
+                   "internlm_time_to_first_token_seconds_bucket", "internlm_inter_token_latency_seconds_bucket",
+                   "internlm_generated_tokens_total", "internlm_request_duration_seconds_bucket",
+                   'internlm_requests_finished_total{finish_reason="length"}',
+                   'internlm_grpc_requests_total{code="OK",method="/internlm.v1.Inference/GenerateUnary"}'):
+        assert series in text, series
+    assert worker.metric("internlm_generated_tokens_total") >= 4
+    assert worker.metric("internlm_time_to_first_token_seconds_count") >= 1
+    assert worker.metric("internlm_inter_token_latency_seconds_count") >= 3
+    assert "internlm_endpoint_routed_total" in endpoint.metrics()
+    assert endpoint.metric("internlm_endpoint_workers") == 1

@@ -1,0 +1,49 @@
+"""The tokenizer service (directly and through the endpoint) against the core tokenizer."""
+import grpc
+import pytest
+
+from services.pb import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+
+TEXTS = ["Hello world", "你好，世界", "", "tabs\tand  spaces <s> literal", "emoji 🙂 ok"]
+
+
+@pytest.fixture(params=["tokenizer_service", "endpoint"])
+def tok_stub(request):
+    return tokenizer_pb2_grpc.TokenizerStub(grpc.insecure_channel(request.getfixturevalue(request.param).address))
+
+
+def test_encode_decode_single_and_batched(tok_stub, core_tokenizer):
+    for t in TEXTS:
+        ids = list(tok_stub.Encode(tokenizer_pb2.EncodeRequest(text=t), timeout=10).ids)
+        assert ids == core_tokenizer.encode(t)
+        assert tok_stub.Decode(tokenizer_pb2.DecodeRequest(ids=ids[1:]), timeout=10).text == core_tokenizer.decode(ids[1:])
+    batch = tok_stub.EncodeBatch(tokenizer_pb2.EncodeBatchRequest(texts=TEXTS, no_bos=True, add_eos=True), timeout=10)
+    assert [list(i.ids) for i in batch.items] == [core_tokenizer.encode(t, bos=False, eos=True) for t in TEXTS]
+    texts = tok_stub.DecodeBatch(tokenizer_pb2.DecodeBatchRequest(items=[
+        common_pb2.TokenIds(ids=core_tokenizer.encode(t, bos=False)) for t in TEXTS]), timeout=10).texts
+    assert list(texts) == TEXTS
+
+
+def test_chat_template_and_counts(tok_stub, core_tokenizer):
+    messages = [common_pb2.ChatMessage(role="system", content="Be brief."),
+                common_pb2.ChatMessage(role="user", content="Hi"),
+                common_pb2.ChatMessage(role="assistant", content="Hello."),
+                common_pb2.ChatMessage(role="user", content="Bye")]
+    r = tok_stub.ApplyChatTemplate(tokenizer_pb2.ChatTemplateRequest(messages=messages), timeout=10)
+    assert r.text == ("<|System|>:Be brief.\n<|User|>:Hi<eoh>\n<|Bot|>:Hello.<eoa>\n<|User|>:Bye<eoh>\n<|Bot|>:")
+    as_dicts = [{"role": m.role, "content": m.content} for m in messages]
+    assert list(r.ids) == core_tokenizer.encode_chat(as_dicts)
+    count = tok_stub.CountTokens(tokenizer_pb2.CountTokensRequest(chat=common_pb2.ChatMessages(messages=messages)))
+    assert count.count == len(r.ids)
+    assert tok_stub.CountTokens(tokenizer_pb2.CountTokensRequest(text="Hello world")).count == 2
+
+
+@pytest.mark.parametrize("call, request_, words", [
+    ("Decode", tokenizer_pb2.DecodeRequest(ids=[5, 999999]), "outside the vocabulary"),
+    ("ApplyChatTemplate", tokenizer_pb2.ChatTemplateRequest(), "at least one message"),
+    ("ApplyChatTemplate", tokenizer_pb2.ChatTemplateRequest(messages=[common_pb2.ChatMessage(role="bot")]), "role"),
+])
+def test_bad_input(tok_stub, call, request_, words):
+    with pytest.raises(grpc.RpcError) as e:
+        getattr(tok_stub, call)(request_, timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in e.value.details()
