@@ -67,7 +67,11 @@ def cast(arr: np.ndarray, src: str, dst: str) -> np.ndarray:
 # ---- safetensors ---------------------------------------------------------------------------
 
 class SafetensorsFile:
-    """Reads one safetensors file lazily (memory-mapped), validating its header against its size."""
+    """Reads one safetensors file a tensor at a time, validating its header against its size.
+
+    Each ``get`` reads just that tensor's bytes (no memory map), so a reader's memory is one
+    tensor, not the file, whatever the page cache holds.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -89,7 +93,6 @@ class SafetensorsFile:
         end = max((e["data_offsets"][1] for e in header.values()), default=0)
         if self.base + end > size:
             raise CheckpointError(f"{self.path.name}: truncated ({size} bytes, header needs {self.base + end})")
-        self._mm = np.memmap(self.path, np.uint8, "r") if size else np.zeros(0, np.uint8)
 
     def keys(self):
         return self.entries.keys()
@@ -103,7 +106,8 @@ class SafetensorsFile:
         if e["dtype"] not in _ST_NP:
             raise CheckpointError(f"{self.path.name}: {name} has unsupported dtype {e['dtype']}")
         a, b = e["data_offsets"]
-        return self._mm[self.base + a:self.base + b].view(_ST_NP[e["dtype"]]).reshape(e["shape"])
+        dtype = np.dtype(_ST_NP[e["dtype"]])
+        return np.fromfile(self.path, dtype, (b - a) // dtype.itemsize, offset=self.base + a).reshape(e["shape"])
 
 
 class SafetensorsWriter:

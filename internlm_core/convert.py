@@ -3,8 +3,8 @@
 Pure renaming: both sides store linear weights [out, in] and use rotate-half rotary, so no
 transpose or q/k permutation. Every expected tensor must be present with its shape; anything
 missing, unexpected or mis-shaped is an error naming it, raised before a byte is written.
-Peak memory stays near the largest tensor: sources are memory-mapped and each tensor is
-converted and written on its own.
+Peak memory stays near the largest tensor: safetensors sources are read a tensor at a time
+(torch pickles are memory-mapped) and each tensor is converted and written on its own.
 """
 from __future__ import annotations
 
