@@ -34,8 +34,8 @@ class _PrefillStep(nn.Cell):
         self.model, self.caches = model, caches
 
     @ms.jit
-    def construct(self, ids, cos, sin, mask, cache_index, last_index):
-        h = self.model.hidden(ids, cos, sin, mask, self.caches, cache_index, False)
+    def construct(self, ids, cos, sin, mask, cache_index, last_index, adapters=None):
+        h = self.model.hidden(ids, cos, sin, mask, self.caches, cache_index, False, adapters)
         last = ops.gather(h.reshape(-1, h.shape[-1]), last_index, 0)  # (B, C) at each row's last token
         return self.model.lm_head(last).astype(ms.float32)
 
@@ -46,8 +46,8 @@ class _DecodeStep(nn.Cell):
         self.model, self.caches = model, caches
 
     @ms.jit
-    def construct(self, ids, cos, sin, mask, cache_index):
-        h = self.model.hidden(ids, cos, sin, mask, self.caches, cache_index, True)
+    def construct(self, ids, cos, sin, mask, cache_index, adapters=None):
+        h = self.model.hidden(ids, cos, sin, mask, self.caches, cache_index, True, adapters)
         return self.model.lm_head(h[:, 0]).astype(ms.float32)
 
 
@@ -77,6 +77,61 @@ class Engine:
         self._heads = np.arange(cfg.num_heads)[None, :, None]
         self.lock = threading.Lock()  # one step at a time: the cache is shared state
         self.adapters: dict[str, int] = {}  # LoRA adapter name -> index (0 is "no adapter")
+        self._adapter_weights: list = []  # (AdapterSpec, {name: array}) for index 1, 2, ...
+
+    def load_adapter(self, name: str, folder) -> int:
+        """Serve the LoRA adapter in ``folder`` as ``name`` (replacing one of that name); its index.
+
+        Every adapter's A/B are stacked per target linear (row 0 zeros, ranks padded to the
+        largest, alpha/rank folded into B), so one batch mixes adapters row by row. The steps
+        recompile once for the new shapes. Raises ``lora.AdapterError`` for a folder that is
+        not an adapter of this model.
+        """
+        from .lora import load_adapter
+
+        if not name or not isinstance(name, str):
+            raise ValueError("an adapter needs a non-empty name")
+        spec, weights = load_adapter(folder, self.config)
+        with self.lock:
+            if name in self.adapters:
+                self._adapter_weights[self.adapters[name] - 1] = (spec, weights)
+            else:
+                self._adapter_weights.append((spec, weights))
+                self.adapters[name] = len(self._adapter_weights)
+            self._install_adapters()
+        return self.adapters[name]
+
+    def _install_adapters(self) -> None:
+        from .lora import target_modules
+
+        targets = tuple(sorted({t for spec, _ in self._adapter_weights for t in spec.targets}))
+        rank = max(spec.rank for spec, _ in self._adapter_weights)
+        n = len(self._adapter_weights) + 1
+        for module in target_modules(self.config, targets):
+            lin = self.model
+            for part in module.split("."):
+                lin = lin[int(part)] if part.isdigit() else getattr(lin, part)
+            out_f, in_f = lin.weight.shape
+            a, b = np.zeros((n, rank, in_f), np.float32), np.zeros((n, out_f, rank), np.float32)
+            for i, (spec, w) in enumerate(self._adapter_weights, 1):
+                if f"{module}.lora_a" in w and module.rsplit(".", 1)[1] in spec.targets:
+                    a[i, :spec.rank] = w[f"{module}.lora_a"]
+                    b[i, :, :spec.rank] = w[f"{module}.lora_b"] * spec.scaling
+            lin.lora_a = Parameter(Tensor(a, self.model.dtype), name=f"{module}.lora_a", requires_grad=False)
+            lin.lora_b = Parameter(Tensor(b, self.model.dtype), name=f"{module}.lora_b", requires_grad=False)
+        # New parameter shapes: fresh step cells compile for them (the KV cache is shared, not copied).
+        self._prefill = _PrefillStep(self.model, self.caches)
+        self._decode = _DecodeStep(self.model, self.caches)
+
+    def _adapter_tensor(self, adapters, n: int):
+        """None when no adapter is loaded (the plain graphs, bit-identical to an engine without
+        LoRA), else the (n,) int32 indices, checked."""
+        idx = np.zeros(n, np.int32) if adapters is None else np.asarray(adapters, np.int32).reshape(-1)
+        if idx.shape != (n,):
+            raise ValueError(f"expected {n} adapter indices, got {idx.size}")
+        if idx.min() < 0 or idx.max() > len(self._adapter_weights):
+            raise ValueError(f"adapter index out of range 0..{len(self._adapter_weights)}")
+        return Tensor(idx) if self._adapter_weights else None
 
     def adapter_index(self, name: str | None) -> int:
         if not name:
@@ -91,11 +146,14 @@ class Engine:
         if n >= self.max_len:
             raise PromptTooLong(f"prompt of {n} tokens leaves no room in the model's {self.max_len} positions")
 
-    def prefill(self, slots: list[int], prompts: list[list[int]]) -> np.ndarray:
-        """Write each prompt into its slot's cache; logits (B, V) after each prompt's last token."""
+    def prefill(self, slots: list[int], prompts: list[list[int]], adapters=None) -> np.ndarray:
+        """Write each prompt into its slot's cache; logits (B, V) after each prompt's last token.
+
+        ``adapters`` (B,) picks each row's LoRA adapter by index (0 or None: the base model)."""
         for p in prompts:
             self.check_prompt(len(p))
         b = len(prompts)
+        extra = self._adapter_tensor(adapters, b)
         lengths = np.array([len(p) for p in prompts])
         t = _bucket(int(lengths.max()), self.max_len)
         ids = np.zeros((b, t), np.int32)
@@ -107,15 +165,17 @@ class Engine:
                                              positions[:, None, :]), -1).astype(np.int32)
         last = (np.arange(b) * t + lengths - 1).astype(np.int32)
         with self.lock:
-            out = self._prefill(Tensor(ids), Tensor(cos), Tensor(sin), Tensor(causal_mask(lengths, t)),
-                                Tensor(index), Tensor(last))
+            args = (Tensor(ids), Tensor(cos), Tensor(sin), Tensor(causal_mask(lengths, t)), Tensor(index), Tensor(last))
+            out = self._prefill(*args) if extra is None else self._prefill(*args, extra)
             return out.asnumpy()
 
-    def decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def decode(self, tokens: np.ndarray, positions: np.ndarray, adapters=None) -> np.ndarray:
         """One token per slot at ``positions`` (max_batch,); logits (max_batch, V).
 
         Slot s sees cache positions 0..positions[s]; give idle slots position 0.
+        ``adapters`` (max_batch,) picks each slot's LoRA adapter by index (0 or None: the base).
         """
+        extra = self._adapter_tensor(adapters, self.max_batch)
         positions = np.asarray(positions, np.int64)
         if positions.max() >= self.max_len:
             raise PromptTooLong("sequence reached the cache length")
@@ -125,8 +185,9 @@ class Engine:
         index = np.stack(np.broadcast_arrays(np.arange(self.max_batch)[:, None, None], self._heads,
                                              positions[:, None, None]), -1).astype(np.int32)
         with self.lock:
-            out = self._decode(Tensor(np.asarray(tokens, np.int32).reshape(-1, 1)), Tensor(cos), Tensor(sin),
-                               Tensor(mask), Tensor(index))
+            args = (Tensor(np.asarray(tokens, np.int32).reshape(-1, 1)), Tensor(cos), Tensor(sin), Tensor(mask),
+                    Tensor(index))
+            out = self._decode(*args) if extra is None else self._decode(*args, extra)
             return out.asnumpy()
 
 

@@ -31,15 +31,27 @@ def compute_dtype_for(cfg: Config) -> str:
 
 
 class Linear(nn.Cell):
-    """y = x W^T (+ b), weight [out, in] like torch and MindFormers."""
+    """y = x W^T (+ b), weight [out, in] like torch and MindFormers.
+
+    Serving LoRA adapters without merging: ``Engine.load_adapter`` sets ``lora_a`` (n+1, r, in)
+    and ``lora_b`` (n+1, out, r) (scaling folded in, row 0 all zeros = no adapter), and each
+    batch row picks its adapter with ``adapters`` (B,) int32. Without them nothing changes.
+    """
 
     def __init__(self, d_in: int, d_out: int, bias: bool, dtype=ms.float32):
         super().__init__()
         self.weight = Parameter(Tensor(np.zeros((d_out, d_in)), dtype), name="weight")
         self.bias = Parameter(Tensor(np.zeros((d_out,)), dtype), name="bias") if bias else None
+        self.lora_a = None
+        self.lora_b = None
 
-    def construct(self, x):
-        return mint.nn.functional.linear(x, self.weight, self.bias)
+    def construct(self, x, adapters=None):
+        y = mint.nn.functional.linear(x, self.weight, self.bias)
+        if self.lora_a is None or adapters is None:
+            return y
+        a = ops.gather(self.lora_a, adapters, 0)  # (B, r, in)
+        b = ops.gather(self.lora_b, adapters, 0)  # (B, out, r)
+        return y + ops.matmul(ops.matmul(x, a.swapaxes(1, 2)), b.swapaxes(1, 2))  # (B, T, out)
 
 
 class RMSNorm(nn.Cell):
@@ -73,17 +85,18 @@ class Attention(nn.Cell):
     def _heads(self, x, b, t):
         return x.reshape(b, t, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, nh, T, hd)
 
-    def construct(self, x, cos, sin, mask, k_cache=None, v_cache=None, cache_index=None, attend_cache=False):
-        """x (B, T, C); cos/sin (B, 1, T, hd); mask (B, 1, T, S) additive.
+    def construct(self, x, cos, sin, mask, k_cache=None, v_cache=None, cache_index=None, attend_cache=False,
+                  adapters=None):
+        """x (B, T, C); cos/sin (B, 1, T, hd); mask (B, 1, T, S) additive; adapters (B,) or None.
 
         With a cache, the new k/v are first scattered into it at ``cache_index``
         (B, nh, T, 3) = (slot, head, position). Prefill then attends within x (S == T);
         decode (``attend_cache``, one row per slot) attends the whole cache (S = cache length).
         """
         b, t, _ = x.shape
-        q = self._heads(self.wq(x), b, t)
-        k = self._heads(self.wk(x), b, t)
-        v = self._heads(self.wv(x), b, t)
+        q = self._heads(self.wq(x, adapters), b, t)
+        k = self._heads(self.wk(x, adapters), b, t)
+        v = self._heads(self.wv(x, adapters), b, t)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if k_cache is not None:
@@ -98,7 +111,7 @@ class Attention(nn.Cell):
         probs = mint.softmax(scores + mask, dim=-1).astype(v.dtype)
         out = ops.matmul(probs, v)  # (B, nh, T, hd)
         out = out.transpose(0, 2, 1, 3).reshape(b, t, self.n_heads * self.head_dim)
-        return self.wo(out.astype(x.dtype))
+        return self.wo(out.astype(x.dtype), adapters)
 
 
 class FeedForward(nn.Cell):
@@ -108,8 +121,8 @@ class FeedForward(nn.Cell):
         self.w2 = Linear(cfg.intermediate_size, cfg.hidden_size, False, dtype)  # down
         self.w3 = Linear(cfg.hidden_size, cfg.intermediate_size, False, dtype)  # up
 
-    def construct(self, x):
-        return self.w2(ops.silu(self.w1(x)) * self.w3(x))
+    def construct(self, x, adapters=None):
+        return self.w2(ops.silu(self.w1(x, adapters)) * self.w3(x, adapters), adapters)
 
 
 class Block(nn.Cell):
@@ -120,9 +133,11 @@ class Block(nn.Cell):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.feed_forward = FeedForward(cfg, dtype)
 
-    def construct(self, x, cos, sin, mask, k_cache=None, v_cache=None, cache_index=None, attend_cache=False):
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, k_cache, v_cache, cache_index, attend_cache)
-        return x + self.feed_forward(self.ffn_norm(x))
+    def construct(self, x, cos, sin, mask, k_cache=None, v_cache=None, cache_index=None, attend_cache=False,
+                  adapters=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, k_cache, v_cache, cache_index, attend_cache,
+                               adapters)
+        return x + self.feed_forward(self.ffn_norm(x), adapters)
 
 
 class Embedding(nn.Cell):
@@ -155,13 +170,13 @@ class InternLMForCausalLM(nn.Cell):
         for name, p in self.parameters_and_names():
             p.name = name
 
-    def hidden(self, ids, cos, sin, mask, caches=None, cache_index=None, attend_cache=False):
+    def hidden(self, ids, cos, sin, mask, caches=None, cache_index=None, attend_cache=False, adapters=None):
         x = self.model.tok_embeddings(ids)
         for i, layer in enumerate(self.model.layers):
             if caches is None:
-                x = layer(x, cos, sin, mask)
+                x = layer(x, cos, sin, mask, adapters=adapters)
             else:
-                x = layer(x, cos, sin, mask, caches[2 * i], caches[2 * i + 1], cache_index, attend_cache)
+                x = layer(x, cos, sin, mask, caches[2 * i], caches[2 * i + 1], cache_index, attend_cache, adapters)
         return self.model.norm_out(x)
 
     def construct(self, ids, cos, sin, mask):
