@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="requests waiting for a slot before RESOURCE_EXHAUSTED")
     ap.add_argument("--max-len", type=int, default=int(env_default("INTERNLM_MAX_LEN", "0")),
                     help="positions per slot: prompt + generated (0 = the model's)")
+    ap.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                    help="serve a LoRA adapter folder under NAME (repeatable); requests pick it by name")
     return ap
 
 
@@ -154,6 +156,13 @@ def main(argv: list[str] | None = None) -> None:
     folder = Path(args.model)
     name = args.name or folder.resolve().name
     engine = open_engine(folder, max_batch=args.max_batch, max_len=args.max_len or None)
+    for spec in args.adapter:
+        adapter, _, path = spec.partition("=")
+        if not adapter or not path:
+            raise SystemExit(f"worker: --adapter takes NAME=DIR, got {spec!r}")
+        if not hasattr(engine, "load_adapter"):
+            raise SystemExit(f"worker: {folder} cannot serve LoRA adapters (an exported model)")
+        engine.load_adapter(adapter, path)
     tok_file = folder / "tokenizer.model"
     tokenizer = Tokenizer(tok_file if tok_file.is_file() else None)
     batcher = None

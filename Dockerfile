@@ -1,0 +1,23 @@
+# One image for every part of the stack; compose.yaml picks the part with its command
+# (the same commands services/launcher.py runs locally).
+FROM python:3.11-slim
+
+# libgomp: MindSpore's CPU kernels use OpenMP.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libgomp1 \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /app
+COPY pyproject.toml ./
+COPY internlm_core ./internlm_core
+COPY services ./services
+COPY proto ./proto
+RUN pip install --no-cache-dir -e ".[build]" \
+    && python -m services.gen_protos --check
+
+# Listen on all interfaces inside the container; workers register their container address.
+ENV INTERNLM_HOST=0.0.0.0 \
+    PYTHONUNBUFFERED=1
+
+EXPOSE 50051 50052 50061 9100 9101 9102
+CMD ["python", "-m", "services.launcher", "--help"]
