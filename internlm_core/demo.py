@@ -1,0 +1,166 @@
+"""The self-trained demo model that the one-command stack serves.
+
+``ensure_demo_model(models_root)`` returns ``models_root/internlm-demo``, training it on first
+use with this project's own trainer (``internlm_core.train.finetune``) from random weights on
+the bundled WikiText-2 text (``assets/demo_corpus.txt``, see ``assets/README.md``). The result
+has the "demo" preset's shape and the real 103168-token vocabulary, so the real tokenizer and
+every service work with it unchanged.
+
+Why training is cheap enough for a first start on two CPU cores: the bundled text uses only
+about 8.6k of the 103168 token ids. The model is trained with a compact vocabulary, the ids
+the text uses plus one "other" row standing for all the rest, whose logit carries
++log(number of other ids) in the loss. Expanding it afterwards (every unused id gets the
+"other" row) gives a full-vocabulary model whose softmax is exactly the one trained: the
+unused ids share the "other" probability mass instead of receiving random logits. This
+cuts the output layer, which dominates the cost at this size, by a factor of about 12.
+
+Interrupted training resumes from its checkpoints (``models_root/.internlm-demo.work``);
+concurrent callers wait on a file lock instead of training twice.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .checkpoint import WEIGHTS_FILE, SafetensorsFile
+from .config import Config
+
+DEMO_NAME = "internlm-demo"
+DEMO_VERSION = 1  # bump when the recipe changes: an older cached model is then retrained
+CORPUS = Path(__file__).parent / "assets" / "demo_corpus.txt"
+MARKER = "demo.json"
+
+# The recipe: ~4 passes over the ~68k-token text (a few minutes on 2 idle cores).
+SEQ_LENGTH = 128
+RECIPE = dict(mode="full", lr=3e-3, weight_decay=0.01, warmup_ratio=0.05, min_lr_ratio=0.1, max_steps=260,
+              batch_size=8, grad_accum=1, grad_clip=1.0, save_every=20, keep_last=1, seed=0)
+
+
+def ensure_demo_model(models_root: Path, cancel: Callable[[], bool] | None = None,
+                      progress: Callable[[dict], None] | None = None) -> Path:
+    """The demo model folder under ``models_root``, trained now if it is missing or stale.
+
+    ``progress(dict)`` receives the trainer's reports (step, total, loss, eta_s...) with
+    "stage"; ``cancel()`` stops training between steps (raises ``Cancelled``; the next call
+    resumes from the last checkpoint).
+    """
+    models_root = Path(models_root)
+    models_root.mkdir(parents=True, exist_ok=True)
+    target = models_root / DEMO_NAME
+    if _is_current(target):
+        return target
+    with open(models_root / f".{DEMO_NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be training it right now
+        if _is_current(target):
+            return target
+        work = models_root / f".{DEMO_NAME}.work"
+        _train(work, target, cancel, progress)
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def _is_current(folder: Path) -> bool:
+    try:
+        meta = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("version") == DEMO_VERSION and (folder / WEIGHTS_FILE).is_file()
+
+
+def _train(work: Path, target: Path, cancel, progress) -> None:
+    from .data import pack_rows, write_dataset
+    from .loader import save_model
+    from .model import InternLMForCausalLM, init_weights
+    from .tokenizer import Tokenizer
+    from .train import TrainArgs, finetune
+
+    def report(stage: str, **kw) -> None:
+        if progress is not None:
+            progress({"stage": stage, **kw})
+
+    full = Config.from_name("demo").replace(name=DEMO_NAME)
+    tok = Tokenizer()
+    lines = [s for s in (x.strip() for x in CORPUS.read_text(encoding="utf-8").splitlines()) if s]
+    streams = [tok.encode(s) for s in lines]  # bos starts each paragraph, as in WikiText packing
+    used = np.array(sorted({0, 1, 2}.union(*map(set, streams))), np.int64)  # 0..2 keep their ids
+    other = len(used)  # the compact row standing for every unused id
+    to_compact = np.full(full.vocab_size, other, np.int32)
+    to_compact[used] = np.arange(other, dtype=np.int32)
+    compact = full.replace(vocab_size=other + 1, name=f"{DEMO_NAME}-compact")
+
+    data, base = work / "data", work / "base"
+    if not data.exists():
+        report("prepare")
+        rows = [{"input_ids": to_compact[np.asarray(r)].astype(np.int32)} for r, _ in pack_rows(streams, SEQ_LENGTH + 1)]
+        write_dataset(data, rows, "wikitext", {"rows": len(rows), "source": CORPUS.name})
+    if not base.exists():
+        model = InternLMForCausalLM(compact)
+        init_weights(model, seed=0, std=0.02)
+        save_model(model, compact, base)
+    bias = np.zeros(other + 1, np.float32)
+    bias[other] = math.log(full.vocab_size - other)
+    args = TrainArgs(model=str(base), data=str(data), out=str(work / "trained"), overwrite=True, **RECIPE)
+    finetune(args, work / "run", progress=lambda r: report("train", **r), cancel=cancel, logit_bias=bias)
+
+    report("expand")
+    trained = SafetensorsFile(work / "trained" / WEIGHTS_FILE)
+    sd = {n: np.array(trained.get(n), np.float32) for n in trained.keys()}
+    for name in ("model.tok_embeddings.embedding_weight", "lm_head.weight"):
+        small = sd[name]
+        big = np.repeat(small[other:other + 1], full.vocab_size, axis=0)
+        big[used] = small[:other]
+        sd[name] = big
+    history = [json.loads(x) for x in (work / "trained" / "scalars.jsonl").read_text().splitlines()]
+    meta = {"version": DEMO_VERSION, "corpus": CORPUS.name, "trained_ids": int(other), "seq_length": SEQ_LENGTH,
+            "recipe": RECIPE, "final_loss": history[-1]["loss"], "first_loss": history[0]["loss"]}
+    save_model(sd, full, target, overwrite=True,
+               extra_files={MARKER: json.dumps(meta, indent=2) + "\n",
+                            "scalars.jsonl": (work / "trained" / "scalars.jsonl").read_text()})
+    shutil.copyfile(work / "trained" / "loss.png", target / "loss.png")
+    report("done", path=str(target))
+
+
+# ---- building the bundled text (run once by a developer; the result ships in assets/) ----------
+
+def detokenize_wikitext(line: str) -> str:
+    """Undo WikiText's tokenisation (`` @-@ ``, spaces before punctuation, `` n't``...)."""
+    s = line.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
+    s = re.sub(r" ([.,;:!?%)\]}])", r"\1", s)
+    s = re.sub(r"([(\[{$]) ", r"\1", s)
+    for suffix in ("n't", "'s", "'re", "'ve", "'m", "'ll", "'d"):
+        s = s.replace(" " + suffix, suffix)
+    s = re.sub(r'" (.*?) "', r'"\1"', s)
+    s = re.sub(r"= = = (.*?) = = =", r"=== \1 ===", s)
+    return re.sub(r"= = (.*?) = =", r"== \1 ==", s)
+
+
+def build_corpus(src: Path) -> str:
+    """WikiText-2 (valid) -> the bundled demo text: detokenised, sentences with ``<unk>`` left out."""
+    out = []
+    for line in Path(src).read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("="):
+            out.append(detokenize_wikitext(line))
+            continue
+        kept = [s for s in re.split(r"(?<= \.) ", line) if "<unk>" not in s]
+        if kept:
+            out.append(detokenize_wikitext(" ".join(kept)))
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="Rebuild assets/demo_corpus.txt from WikiText-2 valid.txt")
+    p.add_argument("src", type=Path)
+    CORPUS.write_text(build_corpus(p.parse_args().src), encoding="utf-8")
+    print(f"wrote {CORPUS} ({CORPUS.stat().st_size} bytes)")
