@@ -37,10 +37,10 @@ def register(sub) -> None:
     f.add_argument("--output", required=True)
     f.add_argument("--method", choices=["full", "lora"], default="")
     for name, typ in (("lora-rank", int), ("lora-alpha", float), ("lora-dropout", float), ("lora-targets", str),
-                      ("learning-rate", float), ("min-learning-rate", float), ("warmup-steps", int),
-                      ("max-steps", int), ("epochs", int), ("batch-size", int), ("grad-accum", int),
+                      ("learning-rate", float), ("min-lr-ratio", float), ("warmup-ratio", float),
+                      ("max-steps", int), ("epochs", float), ("batch-size", int), ("grad-accum", int),
                       ("weight-decay", float), ("grad-clip", float), ("save-every", int), ("keep-last", int),
-                      ("eval-every", int), ("seed", int), ("compute-dtype", str)):
+                      ("eval-every", int), ("eval-ratio", float), ("seed", int), ("dtype", str)):
         f.add_argument(f"--{name}", type=typ)
     e = kinds.add_parser("export", help="model in the store -> MindIR prefill/decode graphs")
     e.add_argument("--model", required=True)

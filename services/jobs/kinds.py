@@ -7,7 +7,7 @@ path the job will publish. ``run_*`` write into ``ctx.staging`` (or ``ctx.work_d
 """
 from __future__ import annotations
 
-import shutil
+import json
 from pathlib import Path
 
 from internlm_core.store import DATASETS, MODELS, Store, check_name
@@ -118,54 +118,77 @@ def run_preprocess(req: dict, ctx) -> dict:
     return _plain(stats)
 
 
-# ---- finetune: models/<base_model> + datasets/<dataset> -> models/<output> ----------------------
+# ---- finetune: models/<base_model> (or a preset) + datasets/<dataset> -> models/<output> ---------
 
-FINETUNE_ARGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "learning_rate", "min_learning_rate",
-                 "warmup_steps", "max_steps", "epochs", "batch_size", "grad_accum", "weight_decay", "grad_clip",
-                 "save_every", "keep_last", "eval_every", "seed", "compute_dtype")
+# request field -> internlm_core.train.TrainArgs field
+TRAIN_FIELDS = {"method": "mode", "learning_rate": "lr", "min_lr_ratio": "min_lr_ratio",
+                "warmup_ratio": "warmup_ratio", "max_steps": "max_steps", "epochs": "epochs",
+                "batch_size": "batch_size", "grad_accum": "grad_accum", "weight_decay": "weight_decay",
+                "grad_clip": "grad_clip", "save_every": "save_every", "keep_last": "keep_last",
+                "eval_every": "eval_every", "eval_ratio": "eval_ratio", "seed": "seed", "dtype": "dtype",
+                "lora_rank": "lora_rank", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
+                "lora_targets": "lora_targets"}
+INIT = "init"  # a preset job's random starting model, inside its job folder (the same on every execution)
 
 
-def finetune_args(req: dict, store: Store):
-    """The trainer's own argument object (its validation gives the messages)."""
-    from internlm_core import train
+def train_args(req: dict, store: Store, base: Path, out: Path):
+    """The trainer's validated arguments for this request (its ValueErrors name the bad field)."""
+    from internlm_core.train import TrainArgs
+
+    kw = {TRAIN_FIELDS[k]: v for k, v in req.items() if k in TRAIN_FIELDS and v not in ("", None)}
+    dataset = store.dataset_path(check_name(req.get("dataset", ""), "dataset"))
+    return TrainArgs(model=str(base), data=str(dataset), out=str(out), **kw).validate()
+
+
+def _finetune_base(req: dict, store: Store, job_dir: Path | None) -> Path:
     from internlm_core.config import Config
 
+    if req.get("base_model") and req.get("preset"):
+        raise ValueError("give base_model or preset, not both")
     if req.get("base_model"):
-        base = str(_model_folder(store, req["base_model"], "base_model"))
-    elif req.get("preset"):
-        Config.from_name(req["preset"])  # ConfigError (a ValueError) names the known presets
-        base = None
-    else:
-        raise ValueError("give base_model (a model in the store) or preset (to start from random weights)")
-    method = req.get("method") or "lora"
-    if method not in ("full", "lora"):
-        raise ValueError(f"method must be 'full' or 'lora', got {method!r}")
-    dataset = store.dataset_path(check_name(req.get("dataset", ""), "dataset"))
-    kw = {k: req[k] for k in FINETUNE_ARGS if k in req}
-    return train.job_args(base_model=base, preset=req.get("preset") or None, dataset=str(dataset),
-                          method=method, **kw)
+        return _model_folder(store, req["base_model"], "base_model")
+    if req.get("preset"):
+        Config.from_name(req["preset"])  # ConfigError names the known presets
+        return (job_dir or store.root / "jobs" / "_") / INIT
+    raise ValueError("give base_model (a model in the store) or preset (to start from random weights)")
 
 
 def check_finetune(req: dict, store: Store) -> str:
     if "learning_rate" in req and not req["learning_rate"] > 0:
         raise ValueError(f"learning_rate must be positive, got {req['learning_rate']}")
     out = _output(store, MODELS, req)
-    finetune_args(req, store)
+    base = _finetune_base(req, store, None)
+    train_args(req, store, base, store.root / out)
     return out
 
 
 def run_finetune(req: dict, ctx) -> dict:
     from internlm_core import train
 
-    args = finetune_args(req, ctx.store)
-    ctx.work_dir.mkdir(parents=True, exist_ok=True)  # kept across executions: checkpoints to resume from
-    result = train.finetune(args, ctx.work_dir, progress=ctx.train_progress, cancel=ctx.cancelled)
-    final = Path(result["output"]) if isinstance(result, dict) and result.get("output") else ctx.work_dir / "final"
-    if final != ctx.staging:
-        shutil.rmtree(ctx.staging, ignore_errors=True)
-        final.rename(ctx.staging)
+    base = _finetune_base(req, ctx.store, ctx.job_dir)
+    if req.get("preset") and not base.is_dir():
+        _init_model(req["preset"], req.get("seed", 0), base)
+    args = train_args(req, ctx.store, base, ctx.staging)
+    if not ctx.staging.is_dir():  # else an earlier execution finished training and died before publishing
+        ctx.clear_partial()
+        ctx.work_dir.mkdir(exist_ok=True)  # checkpoints: kept across executions, so a re-run resumes
+        train.finetune(args, ctx.work_dir, progress=ctx.train_progress, cancel=ctx.cancelled)
+    summary = ctx.staging / "training.json"
+    result = json.loads(summary.read_text()) if summary.is_file() else {}
     ctx.publish(MODELS, req["output"], req.get("overwrite", False))
-    return _plain(result)
+    return {k: result.get(k) for k in ("steps", "final_loss", "eval_loss")}
+
+
+def _init_model(preset: str, seed: int, folder: Path) -> None:
+    """A seeded random model of ``preset`` (the same on every execution of the job)."""
+    from internlm_core.config import Config
+    from internlm_core.loader import save_model
+    from internlm_core.model import InternLMForCausalLM, init_weights
+
+    cfg = Config.from_name(preset)
+    model = InternLMForCausalLM(cfg)
+    init_weights(model, seed=seed, std=0.02)
+    save_model(model, cfg, folder, overwrite=True)
 
 
 # ---- export: models/<model> -> MindIR graphs in models/<output> ---------------------------------

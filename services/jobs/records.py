@@ -181,6 +181,14 @@ class JobRecords:
     def cancel_requested(self, job_id: str) -> bool:
         return self.r.hget(self.key(job_id), "cancel") == "1"
 
+    def check(self, job_id: str, token: str) -> tuple[bool, bool]:
+        """(cancel requested, ``token`` still holds the lock), in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hget(self.key(job_id), "cancel")
+        pipe.get(self.lock_key(job_id))
+        cancel, holder = pipe.execute()
+        return cancel == "1", holder == token
+
     # ---- the one-runner lock -----------------------------------------------------------------
     def acquire(self, job_id: str, token: str, ttl_s: float) -> bool:
         return bool(self.r.set(self.lock_key(job_id), token, nx=True, px=int(ttl_s * 1000)))
@@ -194,12 +202,14 @@ class JobRecords:
     def lock_alive(self, job_id: str) -> bool:
         return bool(self.r.exists(self.lock_key(job_id)))
 
-    def start_execution(self, job_id: str, worker: str) -> int:
-        """Mark RUNNING and count this execution; returns its number (1 for the first)."""
+    def start_execution(self, job_id: str, worker: str, delivery_tag: str = "") -> int:
+        """Mark RUNNING and count this execution; returns its number (1 for the first). The delivery
+        tag names the broker message to put back if this execution's worker dies."""
         n = self.r.hincrby(self.key(job_id), "executions", 1)
         now = repr(time.time())
         fields = {"state": RUNNING, "worker": worker, "message": "started" if n == 1 else f"resumed (execution {n})",
-                  f"exec:{n}:start": now, f"exec:{n}:beat": now, f"exec:{n}:worker": worker}
+                  f"exec:{n}:start": now, f"exec:{n}:beat": now, f"exec:{n}:worker": worker,
+                  "delivery_tag": delivery_tag}
         pipe = self.r.pipeline()
         pipe.hsetnx(self.key(job_id), "started", now)
         pipe.hset(self.key(job_id), mapping=fields)
@@ -207,9 +217,6 @@ class JobRecords:
         pipe.execute()
         self.notify(job_id)
         return n
-
-    def beat(self, job_id: str, execution: int) -> None:
-        self.r.hset(self.key(job_id), f"exec:{execution}:beat", repr(time.time()))
 
     def finish(self, job_id: str, token: str, state: str, **fields) -> bool:
         """End the job (only the lock holder can); False if this execution no longer holds the lock."""

@@ -5,14 +5,15 @@ than once safe:
 
 - a job already ended is acknowledged and skipped (a late duplicate delivery);
 - a job whose lock is held is skipped: another execution is running it (never two at once);
-- otherwise this execution takes the lock, a heartbeat thread renews it, and the job runs; it
+- otherwise this execution takes the lock, a heartbeat renews it, and the job runs; it
   resumes from what earlier executions left in its job folder (fine-tune checkpoints, a finished
   conversion waiting to be published).
 
-A worker killed with -9 leaves its job RUNNING with a lock that expires ``lock_ttl_s`` later. Every
-worker sweeps for such jobs every ``heartbeat_s`` and puts the dead execution's unacknowledged
-message back at the head of its queue (:func:`recover_lost_jobs`), long before Redis' visibility
-timeout would.
+The lock is renewed by a small helper process (``heartbeat.py``), which a busy MindSpore cannot
+starve of the GIL. A worker killed with -9 leaves its job RUNNING with a lock that expires
+``lock_ttl_s`` later. Every worker sweeps for such jobs every ``heartbeat_s`` and puts the dead
+execution's unacknowledged message back at the head of its queue (:func:`recover_lost_jobs`),
+long before Redis' visibility timeout would.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from internlm_core.store import OUTPUT, Store
 
 from . import kinds
 from .app import KINDS, send, task_name
+from .heartbeat import Beacon
 from .records import CANCELLED, FAILED, FINAL, QUEUED, SUCCEEDED, JobRecords
 
 log = logging.getLogger("internlm.jobs")
@@ -67,7 +69,7 @@ class JobContext:
 
     # ---- progress ------------------------------------------------------------------------------
     def progress(self, force: bool = False, **fields) -> None:
-        self._pending.update(fields)
+        self._pending.update({k: v for k, v in fields.items() if v is not None})
         now = time.monotonic()
         if not force and now - self._last_write < PROGRESS_EVERY_S:
             return
@@ -85,16 +87,14 @@ class JobContext:
     def count_progress(self, done: int, total: int, message: str = "") -> None:
         self.progress(step=done, total_steps=total, message=message)
 
-    def train_progress(self, info=None, **fields) -> None:
-        """Accepts the trainer's report as a dict or keywords (step, total_steps, loss, lr, tokens_per_second)."""
-        info = {**(info if isinstance(info, dict) else getattr(info, "__dict__", {}) or {}), **fields}
-        names = {"total": "total_steps", "max_steps": "total_steps", "lr": "learning_rate", "tps": "tokens_per_second"}
-        out = {names.get(k, k): v for k, v in info.items()
-               if names.get(k, k) in ("step", "total_steps", "loss", "learning_rate", "tokens_per_second", "message")}
-        if "step" in out and "message" not in out:
-            loss = f", loss {out['loss']:.4f}" if isinstance(out.get("loss"), (int, float)) else ""
-            out["message"] = f"step {out['step']}/{out.get('total_steps', '?')}{loss}"
-        self.progress(**out)
+    def train_progress(self, report: dict) -> None:
+        """The trainer's report: step, total, loss, lr, tokens_per_s, eta_s (and eval_loss)."""
+        msg = f"step {report.get('step')}/{report.get('total')}, loss {report.get('loss', float('nan')):.4f}"
+        if "eval_loss" in report:
+            msg += f", eval loss {report['eval_loss']:.4f}"
+        self.progress(step=report.get("step", 0), total_steps=report.get("total", 0), loss=report.get("loss"),
+                      learning_rate=report.get("lr"), tokens_per_second=report.get("tokens_per_s", 0.0),
+                      message=msg)
 
     # ---- cancel ----------------------------------------------------------------------------------
     def cancelled(self) -> bool:
@@ -104,18 +104,22 @@ class JobContext:
         now = time.monotonic()
         if not self._cancel and now - self._last_check >= CANCEL_CHECK_EVERY_S:
             self._last_check = now
-            self._cancel = self.records.cancel_requested(self.job_id)
+            self._cancel, holds = self.records.check(self.job_id, self.token)
+            if not holds:
+                log.error("job %s: lock lost (presumed dead and re-queued); stopping this execution", self.job_id)
+                self.lock_lost.set()
+                return True
         return self._cancel
 
     # ---- output --------------------------------------------------------------------------------
-    def clear_partial(self, keep_staging: bool = True) -> None:
-        """Remove a killed execution's half-written temporaries (never the work dir's checkpoints)."""
+    def clear_partial(self) -> None:
+        """Remove a killed execution's half-written temporaries: the hidden siblings that
+        ``atomic_folder`` writes before its rename. Finished folders and checkpoints stay."""
         import shutil
 
         for p in self.job_dir.iterdir():
-            if p.name == "work" or (keep_staging and p.name == OUTPUT):
-                continue
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            if p.name.startswith(".") or p.name == "replaced":
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
     def publish(self, area: str, name: str, overwrite: bool = False) -> None:
         """Rename the staged output into the store. Marked first, so a re-run after a kill between
@@ -137,32 +141,6 @@ def _fraction(p: dict) -> float | None:
     return None
 
 
-class Heartbeat(threading.Thread):
-    """Renews the job's lock while it runs; sets ``lost`` if the lock was taken away."""
-
-    def __init__(self, records: JobRecords, job_id: str, token: str, execution: int, interval: float,
-                 ttl: float, lost: threading.Event):
-        super().__init__(name=f"heartbeat-{job_id[:8]}", daemon=True)
-        self.records, self.job_id, self.token, self.execution = records, job_id, token, execution
-        self.interval, self.ttl, self.lost = interval, ttl, lost
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.wait(self.interval):
-            try:
-                if not self.records.renew(self.job_id, self.token, self.ttl):
-                    log.error("job %s: lock lost; stopping this execution", self.job_id)
-                    self.lost.set()
-                    return
-                self.records.beat(self.job_id, self.execution)
-            except Exception as e:  # noqa: BLE001 - Redis briefly away: the TTL leaves room to retry
-                log.warning("job %s: heartbeat failed (%s); retrying", self.job_id, e)
-
-    def stop(self) -> None:
-        self.done.set()
-        self.join(5)
-
-
 class Runtime:
     """Per worker process: settings, the store, the job records, and the stop flag."""
 
@@ -171,7 +149,9 @@ class Runtime:
         self.settings = app.jobs_settings
         self.store = Store(self.settings.store_root, self.settings.read_roots)
         self.records = JobRecords(self.settings.redis_url, self.settings.prefix)
+        self.beacon = Beacon(self.settings.redis_url, self.settings.heartbeat_s, self.settings.lock_ttl_s)
         self.stopping = threading.Event()
+        self.delivery_tags: dict[str, str] = {}  # job id -> tag of the message being run
 
     def run(self, task, kind: str, job_id: str):
         rec = self.records.get(job_id)
@@ -189,15 +169,14 @@ class Runtime:
         if rec["state"] in FINAL:
             self.records.release(job_id, token)
             raise Ignore()
-        n = self.records.start_execution(job_id, task.request.hostname or "worker")
-        ctx = JobContext(self, job_id, n, token)
-        beat = Heartbeat(self.records, job_id, token, n, self.settings.heartbeat_s, self.settings.lock_ttl_s,
-                         ctx.lock_lost)
-        beat.start()
+        n = self.records.start_execution(job_id, task.request.hostname or "worker",
+                                         self.delivery_tags.pop(job_id, ""))
+        lock = self.records.lock_key(job_id)
+        self.beacon.hold(lock, token, self.records.key(job_id), f"exec:{n}:beat")
         try:
-            return self._run(kind, job_id, rec, ctx)
+            return self._run(kind, job_id, rec, JobContext(self, job_id, n, token))
         finally:
-            beat.stop()
+            self.beacon.drop(lock)
             self.records.update(job_id, notify=False, **{f"exec:{n}:end": time.time()})
             self.records.release(job_id, token)
 
@@ -278,14 +257,15 @@ def install_worker_hooks(app, runtime: Runtime) -> None:
 
     @signals.task_received.connect(weak=False)
     def _received(request=None, **_):
+        # kept here, and written to the record only by the execution that takes the lock: the tag of
+        # the message that must go back to the queue if this worker dies (solo pool: same process)
         if request is not None and request.name in names:
-            try:
-                runtime.records.update(request.id, notify=False, delivery_tag=request.message.delivery_tag)
-            except Exception as e:  # noqa: BLE001
-                log.warning("job %s: could not record its delivery tag (%s)", request.id, e)
+            runtime.delivery_tags[request.id] = request.message.delivery_tag
 
     @signals.worker_ready.connect(weak=False)
     def _ready(**_):
+        runtime.beacon.start()
+
         def sweep():
             while True:
                 try:

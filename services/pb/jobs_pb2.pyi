@@ -68,7 +68,7 @@ class PreprocessJob(_message.Message):
     def __init__(self, source: _Optional[str] = ..., output: _Optional[str] = ..., format: _Optional[str] = ..., seq_length: _Optional[int] = ..., pack: _Optional[bool] = ..., min_length: _Optional[int] = ..., tokenizer: _Optional[str] = ..., overwrite: _Optional[bool] = ...) -> None: ...
 
 class FinetuneJob(_message.Message):
-    __slots__ = ("base_model", "preset", "dataset", "output", "method", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "learning_rate", "min_learning_rate", "warmup_steps", "max_steps", "epochs", "batch_size", "grad_accum", "weight_decay", "grad_clip", "save_every", "keep_last", "eval_every", "seed", "compute_dtype", "overwrite")
+    __slots__ = ("base_model", "preset", "dataset", "output", "method", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "learning_rate", "min_lr_ratio", "warmup_ratio", "max_steps", "epochs", "batch_size", "grad_accum", "weight_decay", "grad_clip", "save_every", "keep_last", "eval_every", "eval_ratio", "seed", "dtype", "overwrite")
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     PRESET_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
@@ -79,8 +79,8 @@ class FinetuneJob(_message.Message):
     LORA_DROPOUT_FIELD_NUMBER: _ClassVar[int]
     LORA_TARGETS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
-    MIN_LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
-    WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MIN_LR_RATIO_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_RATIO_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -90,8 +90,9 @@ class FinetuneJob(_message.Message):
     SAVE_EVERY_FIELD_NUMBER: _ClassVar[int]
     KEEP_LAST_FIELD_NUMBER: _ClassVar[int]
     EVAL_EVERY_FIELD_NUMBER: _ClassVar[int]
+    EVAL_RATIO_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
-    COMPUTE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     OVERWRITE_FIELD_NUMBER: _ClassVar[int]
     base_model: str
     preset: str
@@ -103,10 +104,10 @@ class FinetuneJob(_message.Message):
     lora_dropout: float
     lora_targets: str
     learning_rate: float
-    min_learning_rate: float
-    warmup_steps: int
+    min_lr_ratio: float
+    warmup_ratio: float
     max_steps: int
-    epochs: int
+    epochs: float
     batch_size: int
     grad_accum: int
     weight_decay: float
@@ -114,10 +115,11 @@ class FinetuneJob(_message.Message):
     save_every: int
     keep_last: int
     eval_every: int
+    eval_ratio: float
     seed: int
-    compute_dtype: str
+    dtype: str
     overwrite: bool
-    def __init__(self, base_model: _Optional[str] = ..., preset: _Optional[str] = ..., dataset: _Optional[str] = ..., output: _Optional[str] = ..., method: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., lora_targets: _Optional[str] = ..., learning_rate: _Optional[float] = ..., min_learning_rate: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., max_steps: _Optional[int] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., grad_accum: _Optional[int] = ..., weight_decay: _Optional[float] = ..., grad_clip: _Optional[float] = ..., save_every: _Optional[int] = ..., keep_last: _Optional[int] = ..., eval_every: _Optional[int] = ..., seed: _Optional[int] = ..., compute_dtype: _Optional[str] = ..., overwrite: _Optional[bool] = ...) -> None: ...
+    def __init__(self, base_model: _Optional[str] = ..., preset: _Optional[str] = ..., dataset: _Optional[str] = ..., output: _Optional[str] = ..., method: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., lora_targets: _Optional[str] = ..., learning_rate: _Optional[float] = ..., min_lr_ratio: _Optional[float] = ..., warmup_ratio: _Optional[float] = ..., max_steps: _Optional[int] = ..., epochs: _Optional[float] = ..., batch_size: _Optional[int] = ..., grad_accum: _Optional[int] = ..., weight_decay: _Optional[float] = ..., grad_clip: _Optional[float] = ..., save_every: _Optional[int] = ..., keep_last: _Optional[int] = ..., eval_every: _Optional[int] = ..., eval_ratio: _Optional[float] = ..., seed: _Optional[int] = ..., dtype: _Optional[str] = ..., overwrite: _Optional[bool] = ...) -> None: ...
 
 class ExportJob(_message.Message):
     __slots__ = ("model", "output", "max_batch", "max_len", "dynamic", "overwrite")

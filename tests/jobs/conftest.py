@@ -20,7 +20,7 @@ from tests.helpers import REPO, RedisServer
 os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
 
 # Short enough that a lost worker is noticed within a couple of seconds in tests.
-HEARTBEAT_S, LOCK_TTL_S = 0.25, 1.5
+HEARTBEAT_S, LOCK_TTL_S = 0.25, 2.0
 
 
 @pytest.fixture
@@ -135,3 +135,36 @@ def wait_for(predicate, timeout: float = 30, every: float = 0.05):
             return value
         time.sleep(every)
     raise TimeoutError("condition not met in time")
+
+
+@pytest.fixture(scope="session")
+def alpaca_small(tmp_path_factory):
+    """The first 48 records of the shared Alpaca (en) sample, as a source file."""
+    import json
+
+    from tests.helpers import DATA
+
+    records = json.loads((DATA / "alpaca" / "alpaca_en.json").read_text())[:48]
+    path = tmp_path_factory.mktemp("alpaca") / "alpaca48.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.fixture(scope="session")
+def alpaca_dataset(tmp_path_factory, alpaca_small):
+    """A preprocessed dataset folder (seq_length 32) made by the core directly."""
+    from internlm_core.data import preprocess
+
+    dst = tmp_path_factory.mktemp("ds") / "alpaca32"
+    preprocess("alpaca", alpaca_small, dst, seq_length=32)
+    return dst
+
+
+@pytest.fixture
+def trainer_store(jobs_settings, chat_model_dir, alpaca_small):
+    """A store holding a tiny real-vocabulary model ("base") and the raw Alpaca sample."""
+    root = Path(jobs_settings.store_root)
+    shutil.copytree(chat_model_dir, root / "models" / "base")
+    (root / "imports").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(alpaca_small, root / "imports" / "alpaca.json")
+    return root

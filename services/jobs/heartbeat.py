@@ -1,0 +1,106 @@
+"""Keeps a worker's job locks alive from a small separate process.
+
+A thread in the worker would not do: MindSpore holds the GIL for seconds at a time (its import,
+graph compilation), long enough for a lock to expire under a job that is alive and well. This
+process has nothing else to do. It renews the locks it is told to hold, and stops the moment its
+worker dies (its stdin closes, or it is re-parented), so a worker killed with -9 loses its locks
+``lock_ttl_s`` later, and only then is its job run again.
+
+Protocol on stdin, one JSON object a line:
+``{"op": "hold", "lock": KEY, "token": T, "job": HASH_KEY, "field": F}`` renews KEY while its value
+is T and writes the time into HASH_KEY's field F (the execution's last heartbeat);
+``{"op": "drop", "lock": KEY}`` stops.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+from .records import _RENEW, connect
+
+
+def serve(redis_url: str, interval: float, ttl: float) -> None:
+    r = connect(redis_url)
+    renew = r.register_script(_RENEW)
+    held: dict[str, dict] = {}
+    guard = threading.Lock()
+    gone, wake = threading.Event(), threading.Event()
+    parent = os.getppid()
+
+    def read() -> None:
+        for line in sys.stdin:
+            msg = json.loads(line)
+            with guard:
+                if msg["op"] == "hold":
+                    held[msg["lock"]] = msg
+                    wake.set()  # renew (and stamp the heartbeat) at once
+                else:
+                    held.pop(msg["lock"], None)
+        gone.set()  # EOF: the worker is gone
+        wake.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    while True:
+        wake.wait(interval)
+        wake.clear()
+        if gone.is_set() or os.getppid() != parent:
+            return
+        with guard:
+            items = list(held.values())
+        for m in items:
+            try:
+                if renew(keys=[m["lock"]], args=[m["token"], int(ttl * 1000)]):
+                    r.hset(m["job"], m["field"], repr(time.time()))
+                else:
+                    with guard:
+                        held.pop(m["lock"], None)  # taken away: the worker finds out by itself
+            except Exception as e:  # noqa: BLE001 - Redis briefly away: the TTL leaves room to retry
+                print(f"heartbeat: {e}", file=sys.stderr, flush=True)
+
+
+class Beacon:
+    """The worker's side: starts the heartbeat process once and tells it which locks to hold."""
+
+    def __init__(self, redis_url: str, interval: float, ttl: float):
+        self.args = [sys.executable, "-m", "services.jobs.heartbeat", redis_url, str(interval), str(ttl)]
+        self.proc: subprocess.Popen | None = None
+        self.lock = threading.Lock()
+
+    def _send(self, msg: dict) -> None:
+        with self.lock:
+            for attempt in (0, 1):
+                if self.proc is None or self.proc.poll() is not None:
+                    cwd = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                    self.proc = subprocess.Popen(self.args, stdin=subprocess.PIPE, text=True, cwd=cwd)
+                try:
+                    self.proc.stdin.write(json.dumps(msg) + "\n")
+                    self.proc.stdin.flush()
+                    return
+                except (BrokenPipeError, OSError):
+                    self.proc = None
+                    if attempt:
+                        raise
+
+    def hold(self, lock_key: str, token: str, job_key: str, field: str) -> None:
+        self._send({"op": "hold", "lock": lock_key, "token": token, "job": job_key, "field": field})
+
+    def drop(self, lock_key: str) -> None:
+        self._send({"op": "drop", "lock": lock_key})
+
+    def start(self) -> "Beacon":
+        """Start the process now (at worker start), not under the first job's short-lived lock."""
+        self._send({"op": "drop", "lock": ""})
+        return self
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(5)
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1], float(sys.argv[2]), float(sys.argv[3]))

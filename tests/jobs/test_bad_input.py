@@ -1,0 +1,94 @@
+"""Bad requests are refused at submit with the right status, or end FAILED with a readable reason;
+either way nothing reaches the store and the worker goes on serving."""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import grpc
+import pytest
+
+from services.pb import jobs_pb2
+from tests.jobs.conftest import watch_until_done
+
+S = jobs_pb2.JobState
+INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+
+
+def convert(source, output="out", **kw):
+    return jobs_pb2.SubmitJobRequest(convert=jobs_pb2.ConvertJob(source=source, output=output, **kw))
+
+
+def refused(stub, request) -> tuple:
+    with pytest.raises(grpc.RpcError) as e:
+        stub.SubmitJob(request)
+    return e.value.code(), e.value.details()
+
+
+def test_refused_at_submit(jobs_api, jobs_settings, hf_source, tmp_path):
+    stub, _ = jobs_api
+    root = Path(jobs_settings.store_root)
+    outside = tmp_path / "outside"
+    shutil.copytree(root / hf_source, outside)  # a perfectly good folder, but outside the roots
+    os.symlink(outside, root / "imports" / "sneaky")
+
+    cases = {
+        "dotdot": (convert("imports/../../outside"), INVALID, "'..'"),
+        "absolute outside": (convert(str(outside)), INVALID, "outside the store's roots"),
+        "symlink escape": (convert("imports/sneaky"), INVALID, "symlink"),
+        "missing source": (convert("imports/nope"), NOT_FOUND, "not found"),
+        "bad output name": (convert(hf_source, "../models/x"), INVALID, "not a valid store name"),
+        "bad dtype": (convert(hf_source, dtype="int8"), INVALID, "dtype must be one of"),
+        "no job": (jobs_pb2.SubmitJobRequest(), INVALID, "set one of"),
+        "missing base model": (jobs_pb2.SubmitJobRequest(finetune=jobs_pb2.FinetuneJob(
+            base_model="nope", dataset="d", output="o")), NOT_FOUND, "'nope' not found"),
+        "export missing model": (jobs_pb2.SubmitJobRequest(export=jobs_pb2.ExportJob(model="nope", output="o")),
+                                 NOT_FOUND, "not found"),
+        "preprocess bad format": (jobs_pb2.SubmitJobRequest(preprocess=jobs_pb2.PreprocessJob(
+            source=hf_source + "/config.json", output="d", format="csv")), INVALID, "format must be one of"),
+    }
+    for name, (request, code, text) in cases.items():
+        got_code, details = refused(stub, request)
+        assert got_code == code and text in details, (name, got_code, details)
+
+    # a truncated weights file: its header cannot be read, so the request is refused at once
+    corrupt = root / "imports" / "corrupt"
+    shutil.copytree(root / hf_source, corrupt)
+    weights = next(corrupt.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    code, details = refused(stub, convert("imports/corrupt"))
+    assert code == INVALID and "truncated" in details
+
+    # nothing was queued, nothing written
+    assert len(stub.ListJobs(jobs_pb2.ListJobsRequest()).jobs) == 0
+    assert list((root / "models").iterdir()) == []
+    with pytest.raises(grpc.RpcError) as e:
+        stub.GetJob(jobs_pb2.GetJobRequest(id="no-such-job"))
+    assert e.value.code() == NOT_FOUND
+
+
+def test_failed_job_has_a_reason_and_the_worker_goes_on(jobs_api, jobs_settings, hf_source, workers):
+    stub, _ = jobs_api
+    root = Path(jobs_settings.store_root)
+    workers("convert")
+    # headers are fine, but a tensor is missing: found by the converter, before it writes anything
+    broken = root / "imports" / "missing-tensor"
+    shutil.copytree(root / hf_source, broken)
+    from safetensors.numpy import load_file, save_file
+
+    f = next(broken.glob("*.safetensors"))
+    tensors = load_file(f)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, f, metadata={"format": "pt"})
+
+    bad = stub.SubmitJob(convert("imports/missing-tensor", "broken"))
+    last = watch_until_done(stub, bad.id)[-1]
+    assert last.state == S.JOB_STATE_FAILED
+    assert "CheckpointError: missing tensor" in last.error and "layers.1.feed_forward.w3" in last.error, last.error
+    assert not (root / "models" / "broken").exists()
+    assert list((root / "jobs").iterdir()) == []  # its temporary place is gone
+
+    good = stub.SubmitJob(convert(hf_source, "good"))
+    assert watch_until_done(stub, good.id)[-1].state == S.JOB_STATE_SUCCEEDED
+    assert (root / "models" / "good" / "model.safetensors").is_file()
+    assert json.loads(stub.GetJob(jobs_pb2.GetJobRequest(id=good.id)).result_json)["dtype"] == "float32"
