@@ -16,6 +16,7 @@ import math
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, mint, nn, ops
+from mindspore.common.initializer import initializer
 
 from .config import Config
 
@@ -40,8 +41,10 @@ class Linear(nn.Cell):
 
     def __init__(self, d_in: int, d_out: int, bias: bool, dtype=ms.float32):
         super().__init__()
-        self.weight = Parameter(Tensor(np.zeros((d_out, d_in)), dtype), name="weight")
-        self.bias = Parameter(Tensor(np.zeros((d_out,)), dtype), name="bias") if bias else None
+        # Lazy initializers: no memory is taken until weights are loaded, so loading a
+        # checkpoint never holds two copies of the model.
+        self.weight = Parameter(initializer("zeros", (d_out, d_in), dtype), name="weight")
+        self.bias = Parameter(initializer("zeros", (d_out,), dtype), name="bias") if bias else None
         self.lora_a = None
         self.lora_b = None
 
@@ -57,7 +60,7 @@ class Linear(nn.Cell):
 class RMSNorm(nn.Cell):
     def __init__(self, dim: int, eps: float, dtype=ms.float32):
         super().__init__()
-        self.weight = Parameter(Tensor(np.ones((dim,)), dtype), name="weight")
+        self.weight = Parameter(initializer("ones", (dim,), dtype), name="weight")
         self.eps = eps
 
     def construct(self, x):
@@ -143,7 +146,7 @@ class Block(nn.Cell):
 class Embedding(nn.Cell):
     def __init__(self, vocab: int, dim: int, dtype):
         super().__init__()
-        self.embedding_weight = Parameter(Tensor(np.zeros((vocab, dim)), dtype), name="embedding_weight")
+        self.embedding_weight = Parameter(initializer("zeros", (vocab, dim), dtype), name="embedding_weight")
 
     def construct(self, ids):
         return ops.gather(self.embedding_weight, ids, 0)
