@@ -5,6 +5,10 @@ Each sequence owns a slot, so sequences of different lengths sit side by side wi
 own positions; nothing is padded on the left and padding never reaches a real row. Decode
 always runs every slot (one static shape, one compile); idle slots compute garbage that
 nobody reads. Prefill lengths are rounded up to a few buckets so they compile a few times.
+
+Long prompts are prefilled in chunks of ``PREFILL_CHUNK`` tokens that attend their slot's
+cache: MindSpore's CPU graphs keep every intermediate of a step alive (a 512-token prefill
+of a 100M model took 1.3 GB in one piece), so chunking bounds prefill memory by the chunk.
 """
 from __future__ import annotations
 
@@ -51,6 +55,21 @@ class _DecodeStep(nn.Cell):
         return self.model.lm_head(h[:, 0]).astype(ms.float32)
 
 
+class _ChunkStep(nn.Cell):
+    def __init__(self, model, caches):
+        super().__init__()
+        self.model, self.caches = model, caches
+
+    @ms.jit
+    def construct(self, ids, cos, sin, mask, cache_index, last_index, rows, adapters=None):
+        h = self.model.hidden(ids, cos, sin, mask, self.caches, cache_index, True, adapters, rows)
+        last = ops.gather(h.reshape(-1, h.shape[-1]), last_index, 0)
+        return self.model.lm_head(last).astype(ms.float32)
+
+
+PREFILL_CHUNK = 128
+
+
 def _bucket(n: int, cap: int) -> int:
     b = 16
     while b < n:
@@ -73,6 +92,7 @@ class Engine:
             Parameter(ops.zeros(shape, model.dtype), name=f"kv_cache.{i // 2}.{'kv'[i % 2]}", requires_grad=False)
             for i in range(2 * cfg.num_layers)])
         self._prefill = _PrefillStep(model, self.caches)
+        self._chunk = _ChunkStep(model, self.caches)
         self._decode = _DecodeStep(model, self.caches)
         self._heads = np.arange(cfg.num_heads)[None, :, None]
         self.lock = threading.Lock()  # one step at a time: the cache is shared state
@@ -121,6 +141,7 @@ class Engine:
             lin.lora_b = Parameter(Tensor(b, self.model.dtype), name=f"{module}.lora_b", requires_grad=False)
         # New parameter shapes: fresh step cells compile for them (the KV cache is shared, not copied).
         self._prefill = _PrefillStep(self.model, self.caches)
+        self._chunk = _ChunkStep(self.model, self.caches)
         self._decode = _DecodeStep(self.model, self.caches)
 
     def _adapter_tensor(self, adapters, n: int):
@@ -155,6 +176,8 @@ class Engine:
         b = len(prompts)
         extra = self._adapter_tensor(adapters, b)
         lengths = np.array([len(p) for p in prompts])
+        if lengths.max() > PREFILL_CHUNK:
+            return self._prefill_chunked(slots, prompts, lengths, extra)
         t = _bucket(int(lengths.max()), self.max_len)
         ids = np.zeros((b, t), np.int32)
         for i, p in enumerate(prompts):
@@ -168,6 +191,36 @@ class Engine:
             args = (Tensor(ids), Tensor(cos), Tensor(sin), Tensor(causal_mask(lengths, t)), Tensor(index), Tensor(last))
             out = self._prefill(*args) if extra is None else self._prefill(*args, extra)
             return out.asnumpy()
+
+    def _prefill_chunked(self, slots, prompts, lengths, extra) -> np.ndarray:
+        """Prefill chunk by chunk; each chunk attends the cache written so far for its slots."""
+        b, c, L = len(prompts), PREFILL_CHUNK, self.max_len
+        slots = np.asarray(slots)
+        out = None
+        for start in range(0, int(lengths.max()), c):
+            positions = np.broadcast_to(start + np.arange(c), (b, c))
+            ids = np.zeros((b, c), np.int32)
+            for i, p in enumerate(prompts):
+                part = p[start:start + c]
+                ids[i, :len(part)] = part
+            cos, sin = rope_tables(self.config, positions, lengths)
+            # key j is visible to the query at position q if j <= q and j is a real token of the row
+            j = np.arange(L)
+            ok = (j[None, None, :] <= positions[:, :, None]) & (j[None, None, :] < lengths[:, None, None])
+            mask = np.where(ok, 0.0, NEG_INF).astype(np.float32)[:, None]
+            # padding past the cache end is parked on its last position, which no real token uses yet
+            write = np.minimum(positions, L - 1)
+            index = np.stack(np.broadcast_arrays(slots[:, None, None], self._heads, write[:, None, :]),
+                             -1).astype(np.int32)
+            last = (np.arange(b) * c + np.clip(lengths - 1 - start, 0, c - 1)).astype(np.int32)
+            with self.lock:
+                args = (Tensor(ids), Tensor(cos), Tensor(sin), Tensor(mask), Tensor(index), Tensor(last),
+                        Tensor(slots.astype(np.int32)))
+                logits = (self._chunk(*args) if extra is None else self._chunk(*args, extra)).asnumpy()
+            out = logits if out is None else out
+            done_here = (lengths - 1 >= start) & (lengths - 1 < start + c)
+            out[done_here] = logits[done_here]
+        return out
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, adapters=None) -> np.ndarray:
         """One token per slot at ``positions`` (max_batch,); logits (max_batch, V).

@@ -89,12 +89,13 @@ class Attention(nn.Cell):
         return x.reshape(b, t, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, nh, T, hd)
 
     def construct(self, x, cos, sin, mask, k_cache=None, v_cache=None, cache_index=None, attend_cache=False,
-                  adapters=None):
+                  adapters=None, rows=None):
         """x (B, T, C); cos/sin (B, 1, T, hd); mask (B, 1, T, S) additive; adapters (B,) or None.
 
         With a cache, the new k/v are first scattered into it at ``cache_index``
         (B, nh, T, 3) = (slot, head, position). Prefill then attends within x (S == T);
-        decode (``attend_cache``, one row per slot) attends the whole cache (S = cache length).
+        decode (``attend_cache``, one row per slot) attends the whole cache (S = cache length);
+        a prefill chunk (``attend_cache`` with ``rows`` (B,) slot ids) attends its slots' cache.
         """
         b, t, _ = x.shape
         q = self._heads(self.wq(x, adapters), b, t)
@@ -106,7 +107,9 @@ class Attention(nn.Cell):
             # In-place update of the preallocated cache; using the op's output orders the read after the write.
             k_all = ops.scatter_nd_update(k_cache, cache_index, k.astype(k_cache.dtype))
             v_all = ops.scatter_nd_update(v_cache, cache_index, v.astype(v_cache.dtype))
-            if attend_cache:
+            if attend_cache and rows is not None:
+                k, v = ops.gather(k_all, rows, 0), ops.gather(v_all, rows, 0)
+            elif attend_cache:
                 k, v = k_all, v_all
             else:  # keep the writes in the graph
                 k, v = ops.depend(k, k_all), ops.depend(v, v_all)
@@ -137,9 +140,9 @@ class Block(nn.Cell):
         self.feed_forward = FeedForward(cfg, dtype)
 
     def construct(self, x, cos, sin, mask, k_cache=None, v_cache=None, cache_index=None, attend_cache=False,
-                  adapters=None):
+                  adapters=None, rows=None):
         x = x + self.attention(self.attention_norm(x), cos, sin, mask, k_cache, v_cache, cache_index, attend_cache,
-                               adapters)
+                               adapters, rows)
         return x + self.feed_forward(self.ffn_norm(x), adapters)
 
 
@@ -173,13 +176,15 @@ class InternLMForCausalLM(nn.Cell):
         for name, p in self.parameters_and_names():
             p.name = name
 
-    def hidden(self, ids, cos, sin, mask, caches=None, cache_index=None, attend_cache=False, adapters=None):
+    def hidden(self, ids, cos, sin, mask, caches=None, cache_index=None, attend_cache=False, adapters=None,
+               rows=None):
         x = self.model.tok_embeddings(ids)
         for i, layer in enumerate(self.model.layers):
             if caches is None:
                 x = layer(x, cos, sin, mask, adapters=adapters)
             else:
-                x = layer(x, cos, sin, mask, caches[2 * i], caches[2 * i + 1], cache_index, attend_cache, adapters)
+                x = layer(x, cos, sin, mask, caches[2 * i], caches[2 * i + 1], cache_index, attend_cache, adapters,
+                          rows)
         return self.model.norm_out(x)
 
     def construct(self, ids, cos, sin, mask):

@@ -75,3 +75,29 @@ def test_prompt_limits(engine):
 def test_generation_stops_at_cache_end(engine):
     res = generate_batch(engine, [random_ids(120, 512)], SamplingParams(max_new_tokens=50, stop_token_ids=[]))[0]
     assert res.finish_reason == "length" and len(res.token_ids) == 8
+
+
+def test_chunked_prefill_of_long_prompts_equals_full_recompute():
+    """Prompts past PREFILL_CHUNK are prefilled chunk by chunk against the cache; the logits and
+    the following cached decode steps equal a cache-free forward over the whole sequence."""
+    from internlm_core.config import Config
+    from internlm_core.engine import PREFILL_CHUNK
+    from internlm_core.model import InternLMForCausalLM, init_weights
+
+    cfg = Config.from_name("tiny", max_position_embeddings=400)
+    model = InternLMForCausalLM(cfg)
+    init_weights(model, seed=2, std=0.2)
+    eng = Engine(model, max_batch=3, max_len=330)
+    seqs = [random_ids(n, 512, seed=n) for n in (310, PREFILL_CHUNK + 2, 20)]
+    lengths = [300, PREFILL_CHUNK + 1, 12]
+    logits = eng.prefill([2, 0, 1], [s[:n] for s, n in zip(seqs, lengths)])
+    for row, (s, n) in enumerate(zip(seqs, lengths)):
+        full = model(*forward_inputs(cfg, np.array([s]))).asnumpy()[0]
+        np.testing.assert_allclose(logits[row], full[n - 1], atol=1e-4)
+    # decode one more token in every slot and compare with the full forward
+    tokens = np.array([seqs[1][lengths[1]], seqs[2][lengths[2]], seqs[0][lengths[0]]], np.int32)
+    positions = np.array([lengths[1], lengths[2], lengths[0]])
+    step = eng.decode(tokens, positions)
+    for slot, row in ((0, 1), (1, 2), (2, 0)):
+        full = model(*forward_inputs(cfg, np.array([seqs[row]]))).asnumpy()[0]
+        np.testing.assert_allclose(step[slot], full[lengths[row]], atol=1e-4)
