@@ -231,6 +231,20 @@ def _healthy(address: str) -> bool:
         return False
 
 
+def _workers_seen(address: str) -> int:
+    """How many inference workers the endpoint routes to now."""
+    import grpc
+
+    from services.pb import endpoint_pb2, endpoint_pb2_grpc
+
+    with grpc.insecure_channel(address) as ch:
+        try:
+            return len(endpoint_pb2_grpc.EndpointStub(ch).ListWorkers(endpoint_pb2.ListWorkersRequest(),
+                                                                      timeout=2).workers)
+        except grpc.RpcError:
+            return 0
+
+
 def up(args) -> int:
     """Run the stack until Ctrl-C / SIGTERM."""
     var = Path(args.var).resolve()
@@ -281,6 +295,8 @@ def up(args) -> int:
         for c in stack.children:
             if c.name.startswith("inference-"):
                 stack.wait_until(c.name, lambda c=c: _healthy(f"{host}:{ports[c.name]}"), c, timeout=600)
+        endpoint = next(c for c in stack.children if c.name == "endpoint")
+        stack.wait_until("the workers' registration", lambda: _workers_seen(endpoint_addr) >= args.workers, endpoint)
         if not stack.stopping.is_set():
             print(f"\nready: endpoint {endpoint_addr}, {args.workers} inference worker(s) serving {model}\n"
                   f"  try:  internlm generate --endpoint {endpoint_addr} \"The history of\"\n"

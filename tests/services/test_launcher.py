@@ -1,0 +1,86 @@
+"""``python -m services.launcher up`` brings the whole stack up on loopback, restarts a part
+that dies, and stops everything on SIGTERM."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+
+from services.pb import common_pb2, inference_pb2, inference_pb2_grpc
+from tests.helpers import REPO, free_port
+
+
+def start_launcher(model_dir, var, tries=3):
+    """The launcher on ports free right now; (process, endpoint address, output lines)."""
+    for _ in range(tries):
+        port, redis_port = free_port(), free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "services.launcher", "up", "--model", str(model_dir),
+                                 "--workers", "1", "--max-batch", "2", "--port", str(port),
+                                 "--redis-port", str(redis_port), "--var", str(var)],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "INTERNLM_MAX_QUEUE": "4"})
+        lines = []
+        threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if any(line.startswith("ready:") for line in lines):
+                return proc, f"127.0.0.1:{port}", lines
+            time.sleep(0.5)
+        proc.kill()
+        if not any("ports in use" in line for line in lines):
+            raise AssertionError("launcher did not come up:\n" + "".join(lines))
+    raise AssertionError("no free ports")
+
+
+@pytest.fixture(scope="module")
+def launched(chat_model_dir, tmp_path_factory):
+    var = tmp_path_factory.mktemp("var")
+    proc, address, lines = start_launcher(chat_model_dir, var)
+    yield proc, address, lines, var
+    if proc.poll() is None:
+        proc.kill()
+
+
+def pids_in_session(proc_pid: int) -> list[int]:
+    """Children of the launcher (each in its own session, so found by parent id)."""
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc_pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_stack_serves_restarts_and_stops(launched):
+    proc, address, lines, var = launched
+    stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(address))
+    req = inference_pb2.GenerateRequest(text="Hello", params=common_pb2.SamplingParams(max_new_tokens=5,
+                                                                                       ignore_eos=True))
+    assert stub.GenerateUnary(req, timeout=60).finish.completion_tokens == 5
+    logs = {p.stem for p in (var / "logs").iterdir()}
+    jobs = {"converter", "trainer"} if (REPO / "services" / "jobs" / "worker.py").is_file() else set()
+    assert {"redis", "tokenizer", "endpoint", "inference-0"} | jobs <= logs
+    assert (var / "redis" / "appendonlydir").is_dir()  # AOF persistence under var/
+    children = pids_in_session(proc.pid)
+    assert len(children) == 4 + len(jobs)
+
+    # A worker that dies is started again and serves again.
+    worker = next(p for p in children if "services.worker" in open(f"/proc/{p}/cmdline").read())
+    os.kill(worker, signal.SIGKILL)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if stub.GenerateUnary(req, timeout=10).finish.completion_tokens == 5 and \
+                    any("inference-0 exited" in line for line in lines):
+                break
+        except grpc.RpcError:
+            time.sleep(0.5)
+    else:
+        raise AssertionError("the worker was not restarted:\n" + "".join(lines))
+
+    children = pids_in_session(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(120) == 0
+    assert all(not os.path.exists(f"/proc/{p}") or "Z" in open(f"/proc/{p}/stat").read().split()[2]
+               for p in children), "a part of the stack outlived the launcher"
+    assert any("stopping redis" in line for line in lines)
