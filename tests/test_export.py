@@ -85,7 +85,7 @@ def test_manifest_describes_graphs(exports, tiny_model_dir, tiny_config):
     assert m["preset"] == "tiny" and m["config"] == tiny_config.to_dict()
     assert (m["max_batch"], m["max_len"], m["dynamic"]) == (MAX_BATCH, MAX_LEN, False)
     inputs = {i["name"]: i for i in m["graphs"]["prefill"]["inputs"]}
-    assert inputs["input_ids"] == {"name": "input_ids", "shape": [MAX_BATCH, MAX_LEN], "dtype": "int32"}
+    assert inputs["input_ids"] == {"name": "input_ids", "shape": [1, MAX_LEN], "dtype": "int32"}
     assert inputs["k_cache.1"]["shape"] == [MAX_BATCH, tiny_config.num_heads, MAX_LEN, tiny_config.head_dim]
     assert m["graphs"]["decode"]["outputs"][0]["shape"] == [MAX_BATCH, tiny_config.vocab_size]
     dyn = read_manifest(exports["dynamic"])["graphs"]["decode"]["inputs"]
@@ -171,3 +171,22 @@ def test_cli_export_then_generate(tiny_model_dir, eager, tmp_path, capsys):
     assert out["token_ids"] == want
     assert main(["export", str(tiny_model_dir), str(dst)]) == 2  # exists: a clear error, not a traceback
     assert "already exists" in capsys.readouterr().err
+
+
+def test_split_layout_of_large_models(tiny_model_dir, eager, tmp_path, monkeypatch):
+    """Past 1 GB of weights MindSpore writes <name>_graph.mindir + <name>_variables/; force that layout."""
+    import mindspore.train.serialization as serialization
+
+    monkeypatch.setattr(serialization, "TOTAL_SAVE", 1)  # MindSpore's own threshold (KB), lowered
+    folder = export_mindir(tiny_model_dir, tmp_path / "split", max_batch=2, max_len=32)
+    assert read_manifest(folder)["graphs"]["decode"]["file"] == "decode_graph.mindir"
+    assert (folder / "decode_variables").is_dir()
+    batch, params = prompts([4, 10], seed=5), GREEDY.replace(max_new_tokens=8)
+    got = generate_batch(ExportedEngine(folder), batch, params)
+    assert [r.token_ids for r in got] == [r.token_ids for r in generate_batch(eager, batch, params)]
+    data = next((folder / "prefill_variables").iterdir())
+    data.chmod(0o600)
+    with open(data, "ab") as f:
+        f.write(b"\0" * 64)
+    with pytest.raises(ExportError, match="prefill_graph.mindir has .* bytes, the manifest says"):
+        ExportedEngine(folder)

@@ -8,7 +8,8 @@ def register(sub) -> None:
     p = sub.add_parser("export", help="export a model folder to MindIR prefill + decode graphs with a manifest")
     p.add_argument("model_dir")
     p.add_argument("dst")
-    p.add_argument("--max-batch", type=int, default=1, help="KV-cache slots (static shape, or the default if --dynamic)")
+    p.add_argument("--max-batch", type=int, default=1,
+                   help="KV-cache slots (static shape, or the default if --dynamic)")
     p.add_argument("--max-len", type=int, help="KV-cache positions (default: the model's max positions)")
     p.add_argument("--dynamic", action="store_true",
                    help="declare batch, prompt length and cache length dynamic (sizes chosen when loading)")
