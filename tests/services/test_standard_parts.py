@@ -108,3 +108,16 @@ def test_worker_metrics_expose_the_counters(worker, endpoint):
     assert worker.metric("internlm_inter_token_latency_seconds_count") >= 3
     assert "internlm_endpoint_routed_total" in endpoint.metrics()
     assert endpoint.metric("internlm_endpoint_workers") == 1
+
+
+def test_endpoint_hosts_the_jobs_api(endpoint):
+    """The jobs package is part of this project, so the endpoint serves it next to inference."""
+    from services.pb import jobs_pb2, jobs_pb2_grpc
+
+    with grpc.insecure_channel(endpoint.address) as ch:
+        assert "internlm.v1.Jobs" in ProtoReflectionDescriptorDatabase(ch).get_services()
+        jobs = jobs_pb2_grpc.JobsStub(ch)
+        assert list(jobs.ListJobs(jobs_pb2.ListJobsRequest(), timeout=10).jobs) == []
+        with pytest.raises(grpc.RpcError) as e:
+            jobs.GetJob(jobs_pb2.GetJobRequest(id="no-such-job"), timeout=10)
+        assert e.value.code() == Code.NOT_FOUND
