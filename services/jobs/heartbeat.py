@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
 import threading
@@ -24,8 +26,12 @@ from .records import _RENEW, connect
 
 
 def serve(redis_url: str, interval: float, ttl: float) -> None:
+    # Ctrl-C reaches the whole process group; the worker decides when to stop, and this follows it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     r = connect(redis_url)
+    r.ping()
     renew = r.register_script(_RENEW)
+    print("ready", flush=True)  # the worker waits for this before it takes a job
     held: dict[str, dict] = {}
     guard = threading.Lock()
     gone, wake = threading.Event(), threading.Event()
@@ -70,12 +76,19 @@ class Beacon:
         self.proc: subprocess.Popen | None = None
         self.lock = threading.Lock()
 
+    def _spawn(self) -> None:
+        cwd = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        self.proc = subprocess.Popen(self.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=cwd)
+        ready, _, _ = select.select([self.proc.stdout], [], [], 60)
+        if not ready or self.proc.stdout.readline().strip() != "ready":
+            self.proc.kill()
+            raise RuntimeError("the job heartbeat process did not start (is Redis reachable?)")
+
     def _send(self, msg: dict) -> None:
         with self.lock:
             for attempt in (0, 1):
                 if self.proc is None or self.proc.poll() is not None:
-                    cwd = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-                    self.proc = subprocess.Popen(self.args, stdin=subprocess.PIPE, text=True, cwd=cwd)
+                    self._spawn()
                 try:
                     self.proc.stdin.write(json.dumps(msg) + "\n")
                     self.proc.stdin.flush()
@@ -93,7 +106,9 @@ class Beacon:
 
     def start(self) -> "Beacon":
         """Start the process now (at worker start), not under the first job's short-lived lock."""
-        self._send({"op": "drop", "lock": ""})
+        with self.lock:
+            if self.proc is None or self.proc.poll() is not None:
+                self._spawn()
         return self
 
     def close(self) -> None:

@@ -169,14 +169,19 @@ def run_finetune(req: dict, ctx) -> dict:
     if req.get("preset") and not base.is_dir():
         _init_model(req["preset"], req.get("seed", 0), base)
     args = train_args(req, ctx.store, base, ctx.staging)
+    resumed = None
     if not ctx.staging.is_dir():  # else an earlier execution finished training and died before publishing
         ctx.clear_partial()
         ctx.work_dir.mkdir(exist_ok=True)  # checkpoints: kept across executions, so a re-run resumes
+        ckpt = train.latest_checkpoint(ctx.work_dir)
+        if ckpt is not None:
+            resumed = json.loads((ckpt / train.TRAINER_FILE).read_text())["step"]
+            ctx.progress(force=True, message=f"resuming from the checkpoint of step {resumed}")
         train.finetune(args, ctx.work_dir, progress=ctx.train_progress, cancel=ctx.cancelled)
     summary = ctx.staging / "training.json"
     result = json.loads(summary.read_text()) if summary.is_file() else {}
     ctx.publish(MODELS, req["output"], req.get("overwrite", False))
-    return {k: result.get(k) for k in ("steps", "final_loss", "eval_loss")}
+    return {**{k: result.get(k) for k in ("steps", "final_loss", "eval_loss")}, "resumed_from_step": resumed}
 
 
 def _init_model(preset: str, seed: int, folder: Path) -> None:

@@ -264,8 +264,6 @@ def install_worker_hooks(app, runtime: Runtime) -> None:
 
     @signals.worker_ready.connect(weak=False)
     def _ready(**_):
-        runtime.beacon.start()
-
         def sweep():
             while True:
                 try:

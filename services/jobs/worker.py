@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown queue(s) {', '.join(unknown) or '(none)'}; known: {', '.join(KINDS)}")
     settings = JobsSettings.from_env()
     app = make_app(settings)
-    install_worker_hooks(app, register(app))
+    runtime = register(app)
+    runtime.beacon.start()  # the lock keeper runs before the first job is taken
+    install_worker_hooks(app, runtime)
     hostname = args.hostname or f"jobs-{'-'.join(queues)}-{os.getpid()}@{socket.gethostname()}"
     app.worker_main(build_argv(queues, hostname, args.loglevel))
     return 0

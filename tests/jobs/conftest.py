@@ -20,7 +20,7 @@ from tests.helpers import REPO, RedisServer
 os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
 
 # Short enough that a lost worker is noticed within a couple of seconds in tests.
-HEARTBEAT_S, LOCK_TTL_S = 0.25, 2.0
+HEARTBEAT_S, LOCK_TTL_S = 0.25, 3.0
 
 
 @pytest.fixture

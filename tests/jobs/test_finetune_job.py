@@ -11,7 +11,7 @@ from services.pb import jobs_pb2
 from tests.jobs.conftest import wait_for, watch_until_done
 
 S = jobs_pb2.JobState
-STEPS, SAVE_EVERY, KILL_AT = 60, 5, 12
+STEPS, SAVE_EVERY, KILL_AT = 40, 5, 12
 
 
 def finetune_request(**kw):
@@ -24,7 +24,7 @@ def finetune_request(**kw):
 def test_preprocess_then_finetune_survives_kill9(jobs_api, jobs_settings, workers, trainer_store):
     stub, _ = jobs_api
     records = JobRecords(jobs_settings.redis_url)
-    a = workers("preprocess,finetune")
+    started = {w.name: w for w in (workers("preprocess,finetune"), workers("preprocess,finetune"))}
 
     pre = stub.SubmitJob(jobs_pb2.SubmitJobRequest(preprocess=jobs_pb2.PreprocessJob(
         source="imports/alpaca.json", output="alpaca", format="alpaca", seq_length=32)))
@@ -34,24 +34,26 @@ def test_preprocess_then_finetune_survives_kill9(jobs_api, jobs_settings, worker
     assert stats["rows"] > 0 and stats["inputs"] == 48 and done.output == "datasets/alpaca"
 
     job = stub.SubmitJob(finetune_request())
-    seen = []  # (execution, step) from the watch stream
+    seen = []  # (execution, step, message) from the watch stream
     stream_done = threading.Event()
 
     def follow():
         for m in stub.WatchJob(jobs_pb2.WatchJobRequest(id=job.id), timeout=300):
-            seen.append((m.executions, m.progress.step, m.state))
+            seen.append((m.executions, m.progress.step, m.message))
         stream_done.set()
     threading.Thread(target=follow, daemon=True).start()
 
     wait_for(lambda: any(s >= 3 for _, s, _ in seen), timeout=120)
-    # a second worker, and a duplicate of the message while the job runs: it must be skipped
-    b = workers("preprocess,finetune")
+    runner = started[records.get(job.id)["worker"]]
+    other = next(w for w in started.values() if w is not runner)
+    # a duplicate of the job's message while it runs (as Redis sends after its visibility timeout):
+    # the idle worker receives it and must skip it
     send(make_app(jobs_settings), "finetune", job.id)
-    wait_for(lambda: "duplicate delivery skipped" in b.log.read_text(), timeout=30)
+    wait_for(lambda: "duplicate delivery skipped" in other.log.read_text(), timeout=30)
     assert records.get(job.id)["executions"] == "1"
 
     wait_for(lambda: any(s >= KILL_AT for _, s, _ in seen), timeout=120, every=0.02)
-    a.kill9()
+    runner.kill9()
     killed_at = time.time()
     last_step_before = max(s for _, s, _ in seen)
     assert last_step_before < STEPS, "training finished before the kill; make it longer"
@@ -60,19 +62,20 @@ def test_preprocess_then_finetune_survives_kill9(jobs_api, jobs_settings, worker
     final = seen[-1]
     rec = stub.GetJob(jobs_pb2.GetJobRequest(id=job.id))
     assert rec.state == S.JOB_STATE_SUCCEEDED, rec.error
-    assert rec.executions == 2 and rec.worker == b.name
+    assert rec.executions == 2 and rec.worker == other.name
 
     # never two at once: the second execution started after the first one's last heartbeat
     execs = records.executions(job.id)
     assert len(execs) == 2 and execs[1]["start"] > execs[0]["beat"] and execs[1]["start"] > killed_at - 1
-    assert execs[0]["worker"] == a.name and execs[1]["worker"] == b.name
-    assert "its message was restored to the queue" in b.log.read_text()  # the very message A held
+    assert execs[0]["worker"] == runner.name and execs[1]["worker"] == other.name
+    assert "its message was restored to the queue" in other.log.read_text()  # the very message A held
     print(f"recovery: kill -9 -> resumed in {execs[1]['start'] - killed_at:.1f}s")
 
-    # resumed from the last checkpoint, not from the start
-    resumed = [s for e, s, _ in seen if e == 2 and s > 0]
-    checkpoint = (last_step_before // SAVE_EVERY) * SAVE_EVERY
-    assert resumed and min(resumed) > checkpoint >= 10, (min(resumed), checkpoint)
+    # resumed from the last checkpoint the killed worker wrote (every SAVE_EVERY steps), not from the start
+    resumed = json.loads(rec.result_json)["resumed_from_step"]
+    assert resumed % SAVE_EVERY == 0 and (last_step_before // SAVE_EVERY) * SAVE_EVERY <= resumed, resumed
+    new_steps = [s for e, s, msg in seen if e == 2 and msg.startswith("step ")]  # the resumed run's reports
+    assert new_steps and resumed < new_steps[0] <= resumed + 3 and min(new_steps) > resumed
     assert final[1] == STEPS
 
     out = Path(jobs_settings.store_root) / "models" / "tuned"
@@ -82,3 +85,35 @@ def test_preprocess_then_finetune_survives_kill9(jobs_api, jobs_settings, worker
     assert (out / "loss.png").is_file()
     assert json.loads(rec.result_json)["steps"] == STEPS
     assert list((Path(jobs_settings.store_root) / "jobs").iterdir()) == []
+
+
+def test_sigterm_puts_the_running_job_back_to_resume(jobs_api, jobs_settings, workers, trainer_store,
+                                                      alpaca_dataset):
+    """A worker asked to stop (SIGTERM: a deploy, a scale-down) checkpoints, puts its job back in the
+    queue and exits; the next worker resumes it."""
+    import shutil
+
+    stub, _ = jobs_api
+    shutil.copytree(alpaca_dataset, Path(jobs_settings.store_root) / "datasets" / "alpaca")
+    a = workers("finetune")
+    job = stub.SubmitJob(finetune_request(max_steps=100000, save_every=1000))  # only the stop checkpoints
+    wait_for(lambda: stub.GetJob(jobs_pb2.GetJobRequest(id=job.id)).progress.step >= 4, timeout=180)
+    a.proc.terminate()
+    assert a.proc.wait(60) == 0  # a warm shutdown, not a crash
+    stopped = stub.GetJob(jobs_pb2.GetJobRequest(id=job.id))
+    assert stopped.state == S.JOB_STATE_QUEUED and "re-queued" in stopped.message
+    at = stopped.progress.step
+    workers("finetune")
+    wait_for(lambda: stub.GetJob(jobs_pb2.GetJobRequest(id=job.id)).message.startswith("resuming from"), timeout=120)
+    resumed_msg = stub.GetJob(jobs_pb2.GetJobRequest(id=job.id)).message
+    resumed = int(resumed_msg.rsplit(" ", 1)[1])
+    assert resumed >= at >= 4, resumed_msg
+    new_steps = []
+    for m in stub.WatchJob(jobs_pb2.WatchJobRequest(id=job.id), timeout=300):
+        if m.executions == 2 and m.message.startswith("step "):
+            new_steps.append(m.progress.step)
+            if len(new_steps) == 1:
+                stub.CancelJob(jobs_pb2.CancelJobRequest(id=job.id))  # seen enough: it resumed
+    final = stub.GetJob(jobs_pb2.GetJobRequest(id=job.id))
+    assert final.state == S.JOB_STATE_CANCELLED and final.executions == 2, final.error
+    assert new_steps and resumed < new_steps[0] <= resumed + 3, (resumed, new_steps)
