@@ -40,7 +40,6 @@ def make_app(settings: JobsSettings | None = None) -> Celery:
         task_queues=[Queue(k, routing_key=k) for k in KINDS],
         task_routes={task_name(k): {"queue": k, "routing_key": k} for k in KINDS},
         task_default_queue="convert",
-        result_expires=None,                # job records live in our own Redis hash; keep results too
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # ride out a Redis restart
         worker_cancel_long_running_tasks_on_connection_loss=False,  # the job's own lock decides

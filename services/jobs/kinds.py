@@ -154,8 +154,11 @@ def _finetune_base(req: dict, store: Store, job_dir: Path | None) -> Path:
 
 
 def check_finetune(req: dict, store: Store) -> str:
+    # the two checks whose field names differ in the trainer (lr, mode), so its messages would not match
     if "learning_rate" in req and not req["learning_rate"] > 0:
         raise ValueError(f"learning_rate must be positive, got {req['learning_rate']}")
+    if req.get("method", "") not in ("", "full", "lora"):
+        raise ValueError(f"method must be 'full' or 'lora', got {req['method']!r}")
     out = _output(store, MODELS, req)
     base = _finetune_base(req, store, None)
     train_args(req, store, base, store.root / out)

@@ -46,10 +46,6 @@ class JobFailed(Exception):
     """Raised after a job is recorded FAILED, so Celery's own result says FAILURE too."""
 
 
-class _Stopping(Exception):
-    """This worker is shutting down: the job goes back to the queue and resumes elsewhere."""
-
-
 class JobContext:
     """What a running job sees: its folders, progress reporting and the cancel check."""
 
@@ -199,6 +195,8 @@ class Runtime:
         except (Ignore, Reject):
             raise
         except Exception as e:  # noqa: BLE001 - any failure ends the job FAILED with a reason
+            if ctx.lock_lost.is_set():
+                raise Ignore()  # not ours to end (or clean up) any more
             reason = f"{type(e).__name__}: {e}"
             if not isinstance(e, EXPECTED_ERRORS):
                 log.error("job %s failed unexpectedly:\n%s", job_id, traceback.format_exc())

@@ -25,9 +25,17 @@ def refused(stub, request) -> tuple:
     return e.value.code(), e.value.details()
 
 
-def test_refused_at_submit(jobs_api, jobs_settings, hf_source, tmp_path):
+def finetune(**kw):
+    args = dict(base_model="base", dataset="d", output="o")
+    args.update(kw)
+    return jobs_pb2.SubmitJobRequest(finetune=jobs_pb2.FinetuneJob(**args))
+
+
+def test_refused_at_submit(jobs_api, jobs_settings, hf_source, tmp_path, tiny_model_dir):
     stub, _ = jobs_api
     root = Path(jobs_settings.store_root)
+    shutil.copytree(tiny_model_dir, root / "models" / "base")
+    (root / "datasets" / "d").mkdir()
     outside = tmp_path / "outside"
     shutil.copytree(root / hf_source, outside)  # a perfectly good folder, but outside the roots
     os.symlink(outside, root / "imports" / "sneaky")
@@ -40,8 +48,13 @@ def test_refused_at_submit(jobs_api, jobs_settings, hf_source, tmp_path):
         "bad output name": (convert(hf_source, "../models/x"), INVALID, "not a valid store name"),
         "bad dtype": (convert(hf_source, dtype="int8"), INVALID, "dtype must be one of"),
         "no job": (jobs_pb2.SubmitJobRequest(), INVALID, "set one of"),
-        "missing base model": (jobs_pb2.SubmitJobRequest(finetune=jobs_pb2.FinetuneJob(
-            base_model="nope", dataset="d", output="o")), NOT_FOUND, "'nope' not found"),
+        "missing base model": (finetune(base_model="nope"), NOT_FOUND, "'nope' not found"),
+        "missing dataset": (finetune(dataset="nope"), NOT_FOUND, "dataset 'nope' not found"),
+        "negative learning rate": (finetune(learning_rate=-1e-4), INVALID, "learning_rate must be positive"),
+        "unknown preset": (finetune(base_model="", preset="internlm-3b"), INVALID, "unknown preset 'internlm-3b'"),
+        "bad lora rank": (finetune(method="lora", lora_rank=0), INVALID, "lora_rank must be an integer >= 1"),
+        "bad method": (finetune(method="qlora"), INVALID, "method must be 'full' or 'lora'"),
+        "existing output": (finetune(output="base"), grpc.StatusCode.ALREADY_EXISTS, "models/base already exists"),
         "export missing model": (jobs_pb2.SubmitJobRequest(export=jobs_pb2.ExportJob(model="nope", output="o")),
                                  NOT_FOUND, "not found"),
         "preprocess bad format": (jobs_pb2.SubmitJobRequest(preprocess=jobs_pb2.PreprocessJob(
@@ -61,7 +74,7 @@ def test_refused_at_submit(jobs_api, jobs_settings, hf_source, tmp_path):
 
     # nothing was queued, nothing written
     assert len(stub.ListJobs(jobs_pb2.ListJobsRequest()).jobs) == 0
-    assert list((root / "models").iterdir()) == []
+    assert [p.name for p in (root / "models").iterdir()] == ["base"]
     with pytest.raises(grpc.RpcError) as e:
         stub.GetJob(jobs_pb2.GetJobRequest(id="no-such-job"))
     assert e.value.code() == NOT_FOUND
