@@ -1,5 +1,6 @@
 """Submit -> watch -> SUCCEEDED for a conversion, through a real gRPC server and a real Celery worker."""
 import json
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -16,9 +17,9 @@ def convert_request(source, output, key="", **kw):
                                      convert=jobs_pb2.ConvertJob(source=source, output=output, **kw))
 
 
-def test_convert_job_end_to_end(jobs_api, workers, hf_source, jobs_settings, tiny_hf, tiny_config):
+def test_convert_then_export_job_end_to_end(jobs_api, workers, hf_source, jobs_settings, tiny_hf, tiny_config):
     stub, _ = jobs_api
-    workers("convert")
+    workers("convert,export")  # the converter service
     job = stub.SubmitJob(convert_request(hf_source, "tiny", key="convert-1"))
     assert job.state == S.JOB_STATE_QUEUED and job.output == "models/tiny"
     seen = watch_until_done(stub, job.id)
@@ -45,8 +46,6 @@ def test_convert_job_end_to_end(jobs_api, workers, hf_source, jobs_settings, tin
     np.testing.assert_allclose(logits, ref, atol=1e-4)
 
     # nothing left in the job's private folder; the store lists the model
-    from pathlib import Path
-
     assert list((Path(jobs_settings.store_root) / "jobs").iterdir()) == []
     entries = stub.ListStore(jobs_pb2.ListStoreRequest(area="models")).entries
     assert [(e.name, e.kind) for e in entries] == [("tiny", "model")]
@@ -66,6 +65,17 @@ def test_convert_job_end_to_end(jobs_api, workers, hf_source, jobs_settings, tin
     listed = stub.ListJobs(jobs_pb2.ListJobsRequest(kind=jobs_pb2.JOB_KIND_CONVERT)).jobs
     assert [j.id for j in listed] == [job.id]
     assert stub.GetJob(jobs_pb2.GetJobRequest(id=job.id)).request.convert.source == hf_source
+
+    # the converted model exported to MindIR graphs by the same (converter) worker
+    exp = stub.SubmitJob(jobs_pb2.SubmitJobRequest(export=jobs_pb2.ExportJob(model="tiny", output="tiny-mindir",
+                                                                              max_batch=2, max_len=32)))
+    last = watch_until_done(stub, exp.id, timeout=180)[-1]
+    assert last.state == S.JOB_STATE_SUCCEEDED, last.error
+    assert last.progress.step == last.progress.total_steps == 4
+    entries = {e.name: e.kind for e in stub.ListStore(jobs_pb2.ListStoreRequest(area="models")).entries}
+    assert entries == {"tiny": "model", "tiny-mindir": "exported"}
+    manifest = json.loads((Path(folder).parent / "tiny-mindir" / "mindir_manifest.json").read_text())
+    assert manifest["max_batch"] == 2 and manifest["max_len"] == 32
 
 
 def test_cli_submit_watch_get_list(jobs_api, workers, hf_source, capsys):
