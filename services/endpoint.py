@@ -113,7 +113,10 @@ class Router:
             live = [w for w in serving if w.id not in exclude and w.down_until <= now]
             if not live:
                 raise Unavailable(f"no live inference worker for {model or 'the default model'} right now")
-            w = min(live, key=lambda w: (max(w.inflight, w.load), w.last_pick))
+            # This endpoint's own count is exact and current; the heartbeat's load is up to a beat
+            # old (it would still show requests that just ended), so it only breaks ties, where it
+            # stands for the other endpoints' requests; then the one picked least recently.
+            w = min(live, key=lambda w: (w.inflight, w.load, w.last_pick))
             w.inflight += 1
             w.routed += 1
             w.last_pick = now
