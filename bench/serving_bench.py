@@ -137,8 +137,8 @@ def main() -> None:
         stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{ep_port}"))
 
         # (a) one request, one slot on both sides; runs interleaved so that load from elsewhere hits both.
-        print(f"model: {model_dir.name}; prompt {len(prompt)} tokens, "
-              f"{args.new_tokens} new tokens", flush=True)
+        print(f"model: {model_dir.name}; prompt {len(prompt)} tokens, {args.new_tokens} new tokens; "
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
         worker = start_worker(model_dir, redis_url, 1, max_len, tmp, "worker-1slot")
         procs.append(worker)
         wait_registered(redis_url, 1)
@@ -194,6 +194,7 @@ def main() -> None:
             print(f"(b) {c:>2} streams: {r['tok_s']:7.1f} tok/s aggregate ({r['tok_s'] / base:4.1f}x of "
                   f"{levels[0]})   (c) TTFT median {r['ttft_median_s'] * 1000:6.0f} ms, "
                   f"p90 {r['ttft_p90_s'] * 1000:6.0f} ms", flush=True)
+        print(f"load average at the end: {os.getloadavg()[0]:.1f}", flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps({"single": overhead, "concurrency": load}, indent=2))
     finally:

@@ -84,3 +84,24 @@ def test_stack_serves_restarts_and_stops(launched):
     assert all(not os.path.exists(f"/proc/{p}") or "Z" in open(f"/proc/{p}/stat").read().split()[2]
                for p in children), "a part of the stack outlived the launcher"
     assert any("stopping redis" in line for line in lines)
+
+
+def test_prepare_model_converts_an_hf_folder_once(tiny_hf, tmp_path):
+    argv = [sys.executable, "-m", "services.launcher", "prepare-model", "--hf-model", str(tiny_hf[1]),
+            "--models-root", str(tmp_path / "models")]
+    first = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    folder = first.stdout.strip().splitlines()[-1]
+    assert folder == str((tmp_path / "models" / tiny_hf[1].name).resolve())
+    assert "converting" in first.stdout
+    from internlm_core.config import Config
+
+    assert Config.from_checkpoint(folder).hidden_size == 64
+    again = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.stdout.strip() == folder and "converting" not in again.stdout  # cached
+
+
+def test_prepare_model_refuses_a_folder_without_a_model(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "services.launcher", "prepare-model", "--model", str(tmp_path)],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "not a model folder" in r.stderr
