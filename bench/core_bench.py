@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,12 @@ sys.path.insert(0, str(REPO))
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's own peak RSS. (getrusage's ru_maxrss survives exec, so a child started
+    from a big parent would report the parent's size; VmHWM belongs to the new image.)"""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def prompts(vocab: int, n: int, length: int, seed: int = 0):
