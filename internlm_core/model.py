@@ -169,7 +169,11 @@ class InternLMForCausalLM(nn.Cell):
     def __init__(self, cfg: Config, dtype: str | None = None):
         super().__init__()
         self.config = cfg
-        self.dtype = MS_DTYPES[dtype or compute_dtype_for(cfg)]
+        dtype = dtype or compute_dtype_for(cfg)
+        if dtype == "bfloat16" and ms.get_context("device_target") == "CPU":
+            # Seen on MindSpore 2.9: bf16 matmuls have no CPU kernel. Stored bf16 weights are fine.
+            raise ValueError("bfloat16 compute has no CPU kernels; compute in float32 (default) or float16")
+        self.dtype = MS_DTYPES[dtype]
         self.model = InternLMModel(cfg, self.dtype)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, self.dtype)
         # Sub-cells built before being attached keep short names; give every parameter its full name.

@@ -66,3 +66,14 @@ def test_dynamic_ntk_base_formula():
     assert rope_base(cfg, 64) == cfg.rope_base
     d = cfg.head_dim
     assert rope_base(cfg, 128) == pytest.approx(10000 * (128 / 64) ** (d / (d - 2)))
+
+
+def test_half_precision_compute(tiny_model_dir, tiny_pair):
+    """Weights of any stored dtype load; fp16 compute runs on CPU close to fp32; bf16 compute is refused."""
+    half = load_model(tiny_model_dir, compute_dtype="float16")
+    ids = np.array([random_ids(16, 512, seed=11)])
+    a = half(*forward_inputs(half.config, ids)).asnumpy()
+    b = tiny_pair[1](*forward_inputs(half.config, ids)).asnumpy()
+    np.testing.assert_allclose(a, b, atol=0.05 * np.abs(b).max())
+    with pytest.raises(ValueError, match="bfloat16 compute"):
+        load_model(tiny_model_dir, compute_dtype="bfloat16")
