@@ -44,37 +44,39 @@ RECIPE = dict(mode="full", lr=3e-3, weight_decay=0.01, warmup_ratio=0.05, min_lr
 
 
 def ensure_demo_model(models_root: Path, cancel: Callable[[], bool] | None = None,
-                      progress: Callable[[dict], None] | None = None) -> Path:
+                      progress: Callable[[dict], None] | None = None, max_steps: int | None = None) -> Path:
     """The demo model folder under ``models_root``, trained now if it is missing or stale.
 
     ``progress(dict)`` receives the trainer's reports (step, total, loss, eta_s...) with
     "stage"; ``cancel()`` stops training between steps (raises ``Cancelled``; the next call
-    resumes from the last checkpoint).
+    resumes from the last checkpoint). ``max_steps`` shortens training (tests); a model
+    trained for another number of steps is not reused.
     """
+    recipe = {**RECIPE, **({"max_steps": max_steps} if max_steps else {})}
     models_root = Path(models_root)
     models_root.mkdir(parents=True, exist_ok=True)
     target = models_root / DEMO_NAME
-    if _is_current(target):
+    if _is_current(target, recipe):
         return target
     with open(models_root / f".{DEMO_NAME}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be training it right now
-        if _is_current(target):
+        if _is_current(target, recipe):
             return target
         work = models_root / f".{DEMO_NAME}.work"
-        _train(work, target, cancel, progress)
+        _train(work, target, recipe, cancel, progress)
         shutil.rmtree(work, ignore_errors=True)
     return target
 
 
-def _is_current(folder: Path) -> bool:
+def _is_current(folder: Path, recipe: dict) -> bool:
     try:
         meta = json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return meta.get("version") == DEMO_VERSION and (folder / WEIGHTS_FILE).is_file()
+    return meta.get("version") == DEMO_VERSION and meta.get("recipe") == recipe and (folder / WEIGHTS_FILE).is_file()
 
 
-def _train(work: Path, target: Path, cancel, progress) -> None:
+def _train(work: Path, target: Path, recipe: dict, cancel, progress, corpus: Path = CORPUS) -> None:
     from .data import pack_rows, write_dataset
     from .loader import save_model
     from .model import InternLMForCausalLM, init_weights
@@ -87,7 +89,7 @@ def _train(work: Path, target: Path, cancel, progress) -> None:
 
     full = Config.from_name("demo").replace(name=DEMO_NAME)
     tok = Tokenizer()
-    lines = [s for s in (x.strip() for x in CORPUS.read_text(encoding="utf-8").splitlines()) if s]
+    lines = [s for s in (x.strip() for x in corpus.read_text(encoding="utf-8").splitlines()) if s]
     streams = [tok.encode(s) for s in lines]  # bos starts each paragraph, as in WikiText packing
     used = np.array(sorted({0, 1, 2}.union(*map(set, streams))), np.int64)  # 0..2 keep their ids
     other = len(used)  # the compact row standing for every unused id
@@ -99,14 +101,14 @@ def _train(work: Path, target: Path, cancel, progress) -> None:
     if not data.exists():
         report("prepare")
         rows = [{"input_ids": to_compact[np.asarray(r)].astype(np.int32)} for r, _ in pack_rows(streams, SEQ_LENGTH + 1)]
-        write_dataset(data, rows, "wikitext", {"rows": len(rows), "source": CORPUS.name})
+        write_dataset(data, rows, "wikitext", {"rows": len(rows), "source": corpus.name})
     if not base.exists():
         model = InternLMForCausalLM(compact)
         init_weights(model, seed=0, std=0.02)
         save_model(model, compact, base)
     bias = np.zeros(other + 1, np.float32)
     bias[other] = math.log(full.vocab_size - other)
-    args = TrainArgs(model=str(base), data=str(data), out=str(work / "trained"), overwrite=True, **RECIPE)
+    args = TrainArgs(model=str(base), data=str(data), out=str(work / "trained"), overwrite=True, **recipe)
     finetune(args, work / "run", progress=lambda r: report("train", **r), cancel=cancel, logit_bias=bias)
 
     report("expand")
@@ -118,8 +120,8 @@ def _train(work: Path, target: Path, cancel, progress) -> None:
         big[used] = small[:other]
         sd[name] = big
     history = [json.loads(x) for x in (work / "trained" / "scalars.jsonl").read_text().splitlines()]
-    meta = {"version": DEMO_VERSION, "corpus": CORPUS.name, "trained_ids": int(other), "seq_length": SEQ_LENGTH,
-            "recipe": RECIPE, "final_loss": history[-1]["loss"], "first_loss": history[0]["loss"]}
+    meta = {"version": DEMO_VERSION, "corpus": corpus.name, "trained_ids": int(other), "seq_length": SEQ_LENGTH,
+            "recipe": recipe, "final_loss": history[-1]["loss"], "first_loss": history[0]["loss"]}
     save_model(sd, full, target, overwrite=True,
                extra_files={MARKER: json.dumps(meta, indent=2) + "\n",
                             "scalars.jsonl": (work / "trained" / "scalars.jsonl").read_text()})

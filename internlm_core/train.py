@@ -8,7 +8,8 @@ weights it writes ``loss.png``, ``scalars.jsonl`` and a TensorBoard event file.
 The training step is one compiled graph (``ms.jit``): forward, loss, gradients, optional loss
 scaling, global-norm clipping and ``nn.AdamWeightDecay`` (which does train on CPU; several
 ``mint.optim`` optimisers silently do nothing there). The learning rate is warmup + cosine,
-precomputed per step and indexed by the optimiser's own ``global_step``.
+precomputed per step (with Adam's bias correction folded in, which AdamWeightDecay lacks) and
+indexed by the optimiser's own ``global_step``.
 
 Exact resume: every quantity that changes during training is either saved in a checkpoint
 (weights being trained, Adam moments, ``global_step``, loss-scale state, loss history) or a
@@ -34,7 +35,7 @@ import shutil
 import struct
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -465,13 +466,192 @@ def plot_loss(history: list[dict], path: Path, title: str = "training loss") -> 
 
 # ---- the run ---------------------------------------------------------------------------------
 
-@dataclass
-class _Run:
-    args: TrainArgs
-    total_steps: int
-    n_train: int
-    tokens_per_step: int
-    history: list = field(default_factory=list)
+class Trainer:
+    """One fine-tuning run: ``Trainer(args, work_dir)`` sets up (model, data, optimiser, resume),
+    ``fit()`` trains to the last step, ``save()`` publishes the output folder.
+
+    ``finetune`` is the three in a row; tests use the parts to look inside (``model``, ``history``).
+    """
+
+    def __init__(self, args: TrainArgs, work_dir: str | Path, logit_bias: np.ndarray | None = None):
+        import mindspore as ms
+        from mindspore import Tensor, nn
+
+        from .loader import load_model
+        from .lora import inject_lora
+        from .model import forward_inputs
+
+        self.args = args = args.validate()
+        self.work_dir, self.out = Path(work_dir), Path(args.out)
+        if self.out.exists() and not args.overwrite:
+            raise FileExistsError(f"output {self.out} already exists (set overwrite to replace it)")
+        self.rank, self.world = data_parallel_context()
+
+        self.ids, self.labels = load_rows(args.data)
+        self.train_rows, self.eval_rows = split_eval(len(self.ids), args.eval_ratio, args.seed)
+        self.n_train, self.seq = len(self.train_rows), self.ids.shape[1] - 1
+        self.model = model = load_model(args.model, None if args.dtype == "auto" else args.dtype)
+        cfg = self.config = model.config
+        if self.seq > cfg.max_position_embeddings:
+            raise ValueError(f"dataset rows of {self.seq} tokens exceed the model's {cfg.max_position_embeddings} positions")
+        if self.ids.max() >= cfg.vocab_size:
+            raise ValueError(f"dataset holds token id {int(self.ids.max())}, outside the model's vocabulary of {cfg.vocab_size}")
+        if args.dtype in ("float16", "bfloat16") and ms.get_context("device_target") == "CPU":
+            raise ValueError(f"{args.dtype} training needs a GPU or Ascend device; this is a CPU (use dtype auto/float32)")
+        self.global_batch = args.batch_size * self.world
+        steps_per_epoch = max(1, self.n_train // (self.global_batch * args.grad_accum))
+        self.total = args.max_steps or max(1, int(math.ceil(args.epochs * steps_per_epoch)))
+        self.tokens_per_step = self.global_batch * args.grad_accum * self.seq
+
+        model.set_train(True)
+        self.drop_seed = inject_lora(model, args.adapter_spec(), args.seed) if args.mode == "lora" else None
+        trainable = model.trainable_params()
+        groups = [{"params": [p for p in trainable if len(p.shape) >= 2], "weight_decay": args.weight_decay}]
+        no_decay = [p for p in trainable if len(p.shape) < 2]  # norms and biases
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        self.lrs = np.array([lr_at(s, self.total, args.lr, args.warmup_ratio, args.min_lr_ratio)
+                             for s in range(self.total)], np.float32)
+        # nn.AdamWeightDecay has no bias correction (BERT-style): its first updates are up to ~6x
+        # larger than AdamW's, which stalls small models. Fold the correction into the step size,
+        # as Kingma & Ba's efficient form (and MindSpore's nn.Adam) do: lr_t * sqrt(1-b2^t) / (1-b1^t).
+        t = np.arange(1, self.total + 1, dtype=np.float64)
+        corrected = self.lrs * np.sqrt(1 - args.betas[1] ** t) / (1 - args.betas[0] ** t)
+        self.opt = nn.AdamWeightDecay(groups, learning_rate=Tensor(corrected.astype(np.float32)), beta1=args.betas[0],
+                                      beta2=args.betas[1], eps=args.eps)
+        self.steps = _build_cells(model, self.opt, args, self.world, logit_bias)
+        self.params = _state_params(self.steps, model, self.opt)
+        self.fixed = forward_inputs(cfg, np.zeros((args.batch_size, self.seq), np.int32))[1:]  # cos, sin, mask
+
+        self.step, self.history = 0, []
+        ckpt = latest_checkpoint(self.work_dir)
+        if ckpt is not None:
+            trainer = _load_checkpoint(ckpt, self.params)
+            if trainer.get("fingerprint") != _fingerprint(args, self.total):
+                raise ValueError(f"{self.work_dir} holds a checkpoint of a different run (other data, model or "
+                                 "settings); use a fresh work folder")
+            self.step, self.history = trainer["step"], trainer["history"]
+
+    # ---- pieces ----
+    def _micro_batch(self, micro: int):
+        from mindspore import Tensor
+
+        rows = self.train_rows[batch_rows(micro, self.global_batch, self.n_train, self.args.seed)]
+        rows = rows[self.rank * self.args.batch_size:(self.rank + 1) * self.args.batch_size]  # this rank's slice
+        return Tensor(self.ids[rows, :-1]), Tensor(self.labels[rows, 1:])
+
+    def _set_dropout_seed(self, value: float) -> None:
+        import mindspore as ms
+        from mindspore import Tensor
+
+        if self.drop_seed is not None:
+            self.drop_seed.set_data(Tensor(value, ms.float32))
+
+    def checkpoint(self) -> None:
+        if self.rank == 0:
+            trainer = {"step": self.step, "total": self.total, "micro_batches": self.step * self.args.grad_accum,
+                       "epoch": self.step * self.args.grad_accum * self.global_batch / self.n_train,
+                       "fingerprint": _fingerprint(self.args, self.total), "history": self.history}
+            _save_checkpoint(self.work_dir, self.step, self.params, trainer, self.args.keep_last)
+
+    def evaluate(self) -> float:
+        """Mean loss per target token over the held-out rows (dropout off)."""
+        from mindspore import Tensor
+
+        self._set_dropout_seed(-1.0)
+        bs, tot, cnt = self.args.batch_size, 0.0, 0.0
+        for s in range(0, len(self.eval_rows), bs):
+            rows = self.eval_rows[s:s + bs]
+            ids = self.ids[np.resize(rows, bs), :-1]
+            lab = self.labels[np.resize(rows, bs), 1:].copy()
+            lab[len(rows):] = IGNORE  # filler rows keep the shape static and count for nothing
+            a, b = self.steps.evaluate(Tensor(ids), Tensor(lab), *self.fixed)
+            tot, cnt = tot + float(a), cnt + float(b)
+        return tot / max(cnt, 1.0)
+
+    def train_step(self) -> dict:
+        """One optimiser step (grad_accum micro-batches); its record for the history."""
+        step, args = self.step, self.args
+        if args.grad_accum == 1:
+            self._set_dropout_seed(float(step % 1000003))
+            loss, norm = self.steps.fused(*self._micro_batch(step), *self.fixed)
+            loss = float(loss)
+        else:
+            losses = []
+            for k in range(args.grad_accum):
+                micro = step * args.grad_accum + k
+                self._set_dropout_seed(float(micro % 1000003))
+                losses.append(float(self.steps.micro(*self._micro_batch(micro), *self.fixed)))
+            norm = self.steps.apply()
+            loss = float(np.mean(losses))
+        self.step += 1
+        return {"step": self.step, "loss": loss, "lr": float(self.lrs[step]), "grad_norm": float(norm)}
+
+    # ---- the loop ----
+    def fit(self, progress: Callable[[dict], None] | None = None, cancel: Callable[[], bool] | None = None) -> list[dict]:
+        args, logs = self.args, self.work_dir / "logs"
+        tb = EventWriter(logs) if self.rank == 0 else None
+        times: list[float] = []
+        try:
+            while self.step < self.total:
+                if cancel is not None and cancel():
+                    self.checkpoint()
+                    raise Cancelled(f"training cancelled at step {self.step} of {self.total} "
+                                    "(checkpoint saved; run again to resume)")
+                t0 = time.perf_counter()
+                rec = self.train_step()
+                times.append(time.perf_counter() - t0)
+                done = self.step
+                if len(self.eval_rows) and ((args.eval_every and done % args.eval_every == 0) or done == self.total):
+                    rec["eval_loss"] = self.evaluate()
+                    rec["eval_ppl"] = math.exp(min(rec["eval_loss"], 50.0))
+                self.history.append(rec)
+                recent = times[-21:]
+                step_time = float(np.mean(recent[1:] if len(recent) > 1 else recent))  # the first one compiles
+                report = {**rec, "total": self.total, "tokens_per_s": self.tokens_per_step / step_time,
+                          "eta_s": (self.total - done) * step_time,
+                          "epoch": done * args.grad_accum * self.global_batch / self.n_train}
+                if tb is not None:
+                    tb.scalars(done, {k: v for k, v in report.items() if k not in ("step", "total")})
+                    with open(logs / "scalars.jsonl", "a") as f:
+                        f.write(json.dumps(report) + "\n")
+                if progress is not None:
+                    progress(report)
+                if args.save_every and done % args.save_every == 0 and done < self.total:
+                    self.checkpoint()
+        finally:
+            if tb is not None:
+                tb.close()
+        self.checkpoint()
+        return self.history
+
+    def save(self) -> Path:
+        """Publish the output folder (model or adapter, with training.json, scalars.jsonl,
+        loss.png and the TensorBoard events): staged in work_dir, then renamed into place."""
+        from .loader import save_model
+        from .lora import lora_state, save_adapter
+
+        if self.rank != 0:
+            return self.out
+        args, stage = self.args, self.work_dir / "output"
+        h = self.history
+        summary = {"args": args.to_dict(), "steps": self.total, "base_model": str(args.model), "data": str(args.data),
+                   "final_loss": h[-1]["loss"] if h else None,
+                   "eval_loss": next((r["eval_loss"] for r in reversed(h) if "eval_loss" in r), None)}
+        extra = {"training.json": json.dumps(summary, indent=2) + "\n",
+                 "scalars.jsonl": "".join(json.dumps(r) + "\n" for r in h)}
+        if args.mode == "lora":
+            save_adapter(lora_state(self.model), args.adapter_spec(), self.config, stage, overwrite=True, extra_files=extra)
+        else:
+            save_model(self.model, self.config, stage, overwrite=True, tokenizer_from=Path(args.model), extra_files=extra)
+        plot_loss(h, stage / "loss.png", f"{args.mode} fine-tune of {Path(args.model).name}")
+        for ev in sorted((self.work_dir / "logs").glob("events.out.tfevents.*")):
+            shutil.copyfile(ev, stage / ev.name)
+        with atomic_folder(self.out, overwrite=True) as tmp:
+            for f in stage.iterdir():
+                shutil.move(str(f), tmp / f.name)
+        shutil.rmtree(stage, ignore_errors=True)
+        return self.out
 
 
 def finetune(args: TrainArgs, work_dir: str | Path, progress: Callable[[dict], None] | None = None,
@@ -479,159 +659,13 @@ def finetune(args: TrainArgs, work_dir: str | Path, progress: Callable[[dict], N
     """Train and write ``args.out``; resumes from the newest checkpoint in ``work_dir``.
 
     ``progress(dict)`` gets step, total, loss, lr, grad_norm, tokens_per_s, eta_s, epoch (and
-    eval_loss / eval_ppl after an evaluation). ``cancel()`` is polled between steps. A
-    ``logit_bias`` (V,) is added to the logits inside the loss (the demo model uses it to stand
-    for vocabulary it does not train). Returns the output folder.
+    eval_loss / eval_ppl after an evaluation). ``cancel()`` is polled between steps (state is
+    checkpointed, then ``Cancelled`` raised). A ``logit_bias`` (V,) is added to the logits in the
+    loss (the demo model uses it to stand for vocabulary it does not train). Returns the output.
     """
-    import mindspore as ms
-    from mindspore import Tensor, nn
-
-    from .loader import load_model, save_model
-    from .lora import inject_lora, lora_state, save_adapter
-    from .model import MS_DTYPES, forward_inputs
-
-    args = args.validate()
-    work_dir, out = Path(work_dir), Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"output {out} already exists (set overwrite to replace it)")
-    rank, world = data_parallel_context()
-
-    ids_all, labels_all = load_rows(args.data)
-    train_rows, eval_rows = split_eval(len(ids_all), args.eval_ratio, args.seed)
-    n_train, seq = len(train_rows), ids_all.shape[1] - 1
-    model = load_model(args.model, None if args.dtype == "auto" else args.dtype)
-    cfg = model.config
-    if seq > cfg.max_position_embeddings:
-        raise ValueError(f"dataset rows of {seq} tokens exceed the model's {cfg.max_position_embeddings} positions")
-    if ids_all.max() >= cfg.vocab_size:
-        raise ValueError(f"dataset holds token id {int(ids_all.max())}, outside the model's vocabulary of {cfg.vocab_size}")
-    if args.dtype in ("float16", "bfloat16") and ms.get_context("device_target") == "CPU":
-        raise ValueError(f"{args.dtype} training needs a GPU or Ascend device; this is a CPU (use dtype auto/float32)")
-    global_batch = args.batch_size * world
-    steps_per_epoch = max(1, n_train // (global_batch * args.grad_accum))
-    total = args.max_steps or max(1, int(math.ceil(args.epochs * steps_per_epoch)))
-    run = _Run(args, total, n_train, global_batch * args.grad_accum * seq)
-
-    model.set_train(True)
-    drop_seed = None
-    if args.mode == "lora":
-        drop_seed = inject_lora(model, args.adapter_spec(), args.seed)
-    trainable = model.trainable_params()
-    decay = [p for p in trainable if len(p.shape) >= 2]
-    no_decay = [p for p in trainable if len(p.shape) < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    lrs = np.array([lr_at(s, total, args.lr, args.warmup_ratio, args.min_lr_ratio) for s in range(total)], np.float32)
-    opt = nn.AdamWeightDecay(groups, learning_rate=Tensor(lrs), beta1=args.betas[0], beta2=args.betas[1], eps=args.eps)
-    step_cell = _build_cells(model, opt, args, world, logit_bias)
-    params = _state_params(step_cell, model, opt)
-
-    start = 0
-    ckpt = latest_checkpoint(work_dir)
-    if ckpt is not None:
-        trainer = _load_checkpoint(ckpt, params)
-        if trainer.get("fingerprint") != _fingerprint(args, total):
-            raise ValueError(f"{work_dir} holds a checkpoint of a different run (other data, model or settings); "
-                             "use a fresh work folder")
-        start, run.history = trainer["step"], trainer["history"]
-
-    batch_inputs = forward_inputs(cfg, np.zeros((args.batch_size, seq), np.int32))[1:]  # cos, sin, mask: fixed
-    dtype = MS_DTYPES["float32"]
-
-    def micro_batch(micro: int):
-        rows = train_rows[batch_rows(micro, global_batch, n_train, args.seed)]
-        rows = rows[rank * args.batch_size:(rank + 1) * args.batch_size]
-        return Tensor(ids_all[rows, :-1]), Tensor(labels_all[rows, 1:])
-
-    def save(step: int) -> None:
-        if rank == 0:
-            trainer = {"step": step, "total": total, "epoch": step * args.grad_accum * global_batch / n_train,
-                       "micro_batches": step * args.grad_accum, "fingerprint": _fingerprint(args, total),
-                       "history": run.history}
-            _save_checkpoint(work_dir, step, params, trainer, args.keep_last)
-
-    def evaluate() -> float:
-        if drop_seed is not None:
-            drop_seed.set_data(Tensor(-1.0, dtype))
-        tot, cnt = 0.0, 0.0
-        for s in range(0, len(eval_rows), args.batch_size):
-            rows = eval_rows[s:s + args.batch_size]
-            ids = ids_all[np.resize(rows, args.batch_size), :-1]
-            lab = labels_all[np.resize(rows, args.batch_size), 1:].copy()
-            lab[len(rows):] = IGNORE  # filler rows keep the shape static and count for nothing
-            a, b = step_cell.evaluate(Tensor(ids), Tensor(lab), *batch_inputs)
-            tot, cnt = tot + float(a), cnt + float(b)
-        return tot / max(cnt, 1.0)
-
-    logs = work_dir / "logs"
-    tb = EventWriter(logs) if rank == 0 else None
-    times: list[float] = []
-    try:
-        for step in range(start, total):
-            if cancel is not None and cancel():
-                save(step)
-                raise Cancelled(f"training cancelled at step {step} of {total} (checkpoint saved; run again to resume)")
-            t0 = time.perf_counter()
-            if args.grad_accum == 1:
-                if drop_seed is not None:
-                    drop_seed.set_data(Tensor(float(step % 1000003), dtype))
-                loss, norm = step_cell.fused(*micro_batch(step), *batch_inputs)
-                loss = float(loss)
-            else:
-                losses = []
-                for k in range(args.grad_accum):
-                    micro = step * args.grad_accum + k
-                    if drop_seed is not None:
-                        drop_seed.set_data(Tensor(float(micro % 1000003), dtype))
-                    losses.append(float(step_cell.micro(*micro_batch(micro), *batch_inputs)))
-                norm = step_cell.apply()
-                loss = float(np.mean(losses))
-            times.append(time.perf_counter() - t0)
-            rec = {"step": step + 1, "loss": loss, "lr": float(lrs[step]), "grad_norm": float(norm)}
-            done = step + 1
-            if len(eval_rows) and ((args.eval_every and done % args.eval_every == 0) or done == total):
-                rec["eval_loss"] = evaluate()
-                rec["eval_ppl"] = math.exp(min(rec["eval_loss"], 50.0))
-            run.history.append(rec)
-            recent = times[-20:] if len(times) > 1 else times
-            step_time = float(np.mean(recent[1:] if len(recent) > 1 else recent))  # the first includes compiling
-            report = {**rec, "total": total, "tokens_per_s": run.tokens_per_step / step_time,
-                      "eta_s": (total - done) * step_time, "epoch": done * args.grad_accum * global_batch / n_train}
-            if tb is not None:
-                tb.scalars(done, {k: v for k, v in report.items() if k not in ("step", "total")})
-                with open(logs / "scalars.jsonl", "a") as f:
-                    f.write(json.dumps(report) + "\n")
-            if progress is not None:
-                progress(report)
-            if args.save_every and done % args.save_every == 0 and done < total:
-                save(done)
-    finally:
-        if tb is not None:
-            tb.close()
-    save(total)
-    if rank != 0:
-        return out
-
-    # ---- outputs: staged in work_dir, then published atomically with their logs ----
-    stage = work_dir / "output"
-    summary = {"args": args.to_dict(), "steps": total, "base_model": str(args.model), "data": str(args.data),
-               "final_loss": run.history[-1]["loss"] if run.history else None,
-               "eval_loss": next((r["eval_loss"] for r in reversed(run.history) if "eval_loss" in r), None)}
-    extra = {"training.json": json.dumps(summary, indent=2) + "\n",
-             "scalars.jsonl": "".join(json.dumps(r) + "\n" for r in run.history)}
-    if args.mode == "lora":
-        save_adapter(lora_state(model), args.adapter_spec(), cfg, stage, overwrite=True, extra_files=extra)
-    else:
-        save_model(model, cfg, stage, overwrite=True, tokenizer_from=Path(args.model), extra_files=extra)
-    plot_loss(run.history, stage / "loss.png", f"{args.mode} fine-tune of {Path(args.model).name}")
-    for ev in sorted(logs.glob("events.out.tfevents.*")):
-        shutil.copyfile(ev, stage / ev.name)
-    with atomic_folder(out, overwrite=True) as tmp:
-        for f in stage.iterdir():
-            shutil.move(str(f), tmp / f.name)
-    shutil.rmtree(stage, ignore_errors=True)
-    return out
+    trainer = Trainer(args, work_dir, logit_bias)
+    trainer.fit(progress, cancel)
+    return trainer.save()
 
 
 def _fingerprint(args: TrainArgs, total: int) -> str:

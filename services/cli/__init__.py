@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "services.cli.model_cmds",  # convert, generate
     "services.cli.jobs_cmds",  # jobs submit/get/watch/cancel/list/store
     "services.cli.export_cmds",  # export (MindIR)
+    "services.cli.train_cmds",  # preprocess, finetune, merge-lora, demo-model
 ]
 
 
