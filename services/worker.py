@@ -38,7 +38,7 @@ _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2
 class PrometheusMetrics(BatcherMetrics):
     """The batcher's reports as Prometheus series (names after vLLM's / TGI's)."""
 
-    def __init__(self, batcher_ref):
+    def __init__(self):
         self.ttft = Histogram("internlm_time_to_first_token_seconds", "Submit to first token", buckets=_LATENCY)
         self.itl = Histogram("internlm_inter_token_latency_seconds", "Between a request's tokens", buckets=_LATENCY)
         self.batch = Histogram("internlm_batch_size", "Sequences in each decode step",
@@ -48,8 +48,13 @@ class PrometheusMetrics(BatcherMetrics):
                                 ["finish_reason"])
         self.duration = Histogram("internlm_request_duration_seconds", "Submit to last token",
                                   buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
-        Gauge("internlm_queue_size", "Requests waiting for a slot").set_function(lambda: batcher_ref().queued)
-        Gauge("internlm_active_requests", "Requests holding a slot").set_function(lambda: batcher_ref().active)
+        self.queue = Gauge("internlm_queue_size", "Requests waiting for a slot")
+        self.active = Gauge("internlm_active_requests", "Requests holding a slot")
+
+    def watch(self, batcher: Batcher) -> None:
+        """Read the gauges from the batcher at each scrape."""
+        self.queue.set_function(lambda: batcher.queued)
+        self.active.set_function(lambda: batcher.active)
 
     def time_to_first_token(self, seconds):
         self.ttft.observe(seconds)
@@ -131,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--name", help="the model name requests use (default: the folder's name)")
     ap.add_argument("--host", default=env_default("INTERNLM_HOST", "127.0.0.1"))
     ap.add_argument("--port", type=int, default=50061)
-    ap.add_argument("--advertise", help="address to register (default: host:port, or hostname:port on 0.0.0.0)")
+    ap.add_argument("--advertise", help="address to register (default: host:port; on 0.0.0.0 this host's own address)")
     ap.add_argument("--metrics-port", type=int, default=9101)
     ap.add_argument("--redis-url", default=env_default("INTERNLM_REDIS_URL", "redis://127.0.0.1:6379/0"),
                     help="where to register; '' = do not register")
@@ -165,8 +170,9 @@ def main(argv: list[str] | None = None) -> None:
         engine.load_adapter(adapter, path)
     tok_file = folder / "tokenizer.model"
     tokenizer = Tokenizer(tok_file if tok_file.is_file() else None)
-    batcher = None
-    batcher = Batcher(engine, tokenizer, args.max_queue, PrometheusMetrics(lambda: batcher)).start()
+    metrics = PrometheusMetrics()
+    batcher = Batcher(engine, tokenizer, args.max_queue, metrics).start()
+    metrics.watch(batcher)
     # Compile prefill and decode now, not on the first client's time.
     batcher.submit([BOS, BOS], SamplingParams(max_new_tokens=2, ignore_eos=True)).result()
     log.info("serving %s (%s, %d slots x %d positions)", name, engine.config.name, engine.max_batch, engine.max_len)
@@ -175,8 +181,11 @@ def main(argv: list[str] | None = None) -> None:
                     max_workers=args.max_batch + args.max_queue + 8)
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(batcher, tokenizer, name), server.grpc)
     address = advertised(args.host, args.port, args.advertise)
-    info = lambda: {"address": address, "model": name, "load": batcher.load, "active": batcher.active,  # noqa: E731
-                    "queued": batcher.queued, "max_batch": engine.max_batch, "pid": os.getpid()}
+
+    def info():  # what the endpoint reads from the registry, renewed every heartbeat
+        return {"address": address, "model": name, "load": batcher.load, "active": batcher.active,
+                "queued": batcher.queued, "max_batch": engine.max_batch, "pid": os.getpid()}
+
     registration = None
     if args.redis_url:
         registration = Registration(args.redis_url, f"{address}-{uuid.uuid4().hex[:6]}", info)
