@@ -92,6 +92,8 @@ def workers(tmp_path, jobs_settings):
     yield start
     for w in started:
         w.stop()
+        # shown by pytest only when the test failed
+        print(f"---- {w.name} log (last lines) ----\n" + "\n".join(w.log.read_text(errors="replace").splitlines()[-25:]))
 
 
 @pytest.fixture
@@ -127,14 +129,14 @@ def watch_until_done(stub, job_id: str, timeout: float = 60) -> list:
     return list(stub.WatchJob(jobs_pb2.WatchJobRequest(id=job_id), timeout=timeout))
 
 
-def wait_for(predicate, timeout: float = 30, every: float = 0.05):
+def wait_for(predicate, timeout: float = 30, every: float = 0.05, what: str = "condition"):
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(every)
-    raise TimeoutError("condition not met in time")
+    raise TimeoutError(f"{what}: not met within {timeout:.0f}s")
 
 
 @pytest.fixture(scope="session")

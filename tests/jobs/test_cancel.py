@@ -31,7 +31,8 @@ def test_failed_training_then_cancel_a_running_one(jobs_api, jobs_settings, work
     before = snapshot(root)
     job = stub.SubmitJob(jobs_pb2.SubmitJobRequest(finetune=jobs_pb2.FinetuneJob(
         base_model="base", dataset="alpaca", output="tuned", method="lora", max_steps=100000, save_every=2)))
-    wait_for(lambda: stub.GetJob(jobs_pb2.GetJobRequest(id=job.id)).progress.step >= 3, timeout=180)
+    wait_for(lambda: stub.GetJob(jobs_pb2.GetJobRequest(id=job.id)).progress.step >= 3, timeout=300,
+             what="training reached step 3")
     assert (root / "jobs" / job.id / "work" / "checkpoints").is_dir()  # it was writing into its own place
     t0 = time.time()
     asked = stub.CancelJob(jobs_pb2.CancelJobRequest(id=job.id))

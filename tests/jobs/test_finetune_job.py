@@ -38,27 +38,28 @@ def test_preprocess_then_finetune_survives_kill9(jobs_api, jobs_settings, worker
     stream_done = threading.Event()
 
     def follow():
-        for m in stub.WatchJob(jobs_pb2.WatchJobRequest(id=job.id), timeout=300):
+        for m in stub.WatchJob(jobs_pb2.WatchJobRequest(id=job.id), timeout=900):
             seen.append((m.executions, m.progress.step, m.message))
         stream_done.set()
     threading.Thread(target=follow, daemon=True).start()
 
-    wait_for(lambda: any(s >= 3 for _, s, _ in seen), timeout=120)
+    wait_for(lambda: any(s >= 3 for _, s, _ in seen), timeout=300, what="training reached step 3")
     runner = started[records.get(job.id)["worker"]]
     other = next(w for w in started.values() if w is not runner)
     # a duplicate of the job's message while it runs (as Redis sends after its visibility timeout):
     # the idle worker receives it and must skip it
     send(make_app(jobs_settings), "finetune", job.id)
-    wait_for(lambda: "duplicate delivery skipped" in other.log.read_text(), timeout=30)
+    wait_for(lambda: "duplicate delivery skipped" in other.log.read_text(), timeout=60,
+             what=f"{other.name} skipped the duplicate")
     assert records.get(job.id)["executions"] == "1"
 
-    wait_for(lambda: any(s >= KILL_AT for _, s, _ in seen), timeout=120, every=0.02)
+    wait_for(lambda: any(s >= KILL_AT for _, s, _ in seen), timeout=300, every=0.02, what=f"step {KILL_AT}")
     runner.kill9()
     killed_at = time.time()
     last_step_before = max(s for _, s, _ in seen)
     assert last_step_before < STEPS, "training finished before the kill; make it longer"
 
-    assert stream_done.wait(240)
+    assert stream_done.wait(600)
     final = seen[-1]
     rec = stub.GetJob(jobs_pb2.GetJobRequest(id=job.id))
     assert rec.state == S.JOB_STATE_SUCCEEDED, rec.error
@@ -97,14 +98,16 @@ def test_sigterm_puts_the_running_job_back_to_resume(jobs_api, jobs_settings, wo
     shutil.copytree(alpaca_dataset, Path(jobs_settings.store_root) / "datasets" / "alpaca")
     a = workers("finetune")
     job = stub.SubmitJob(finetune_request(max_steps=100000, save_every=1000))  # only the stop checkpoints
-    wait_for(lambda: stub.GetJob(jobs_pb2.GetJobRequest(id=job.id)).progress.step >= 4, timeout=180)
+    wait_for(lambda: stub.GetJob(jobs_pb2.GetJobRequest(id=job.id)).progress.step >= 4, timeout=300,
+             what="training reached step 4")
     a.proc.terminate()
     assert a.proc.wait(60) == 0  # a warm shutdown, not a crash
     stopped = stub.GetJob(jobs_pb2.GetJobRequest(id=job.id))
     assert stopped.state == S.JOB_STATE_QUEUED and "re-queued" in stopped.message
     at = stopped.progress.step
     workers("finetune")
-    wait_for(lambda: stub.GetJob(jobs_pb2.GetJobRequest(id=job.id)).message.startswith("resuming from"), timeout=120)
+    wait_for(lambda: stub.GetJob(jobs_pb2.GetJobRequest(id=job.id)).message.startswith("resuming from"),
+             timeout=300, what="the new worker resumed the job")
     resumed_msg = stub.GetJob(jobs_pb2.GetJobRequest(id=job.id)).message
     resumed = int(resumed_msg.rsplit(" ", 1)[1])
     assert resumed >= at >= 4, resumed_msg
