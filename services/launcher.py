@@ -93,14 +93,17 @@ def prepare_model(models_root: Path, hf_model: str | None = None, model: str | N
         return dst
     from internlm_core.demo import ensure_demo_model
 
-    def progress(report):
-        if report.get("step") is not None:
-            print(f"\rtraining the demo model: step {report['step']}/{report.get('total', '?')} "
-                  f"loss {report.get('loss') or float('nan'):.3f}", end="", flush=True)
+    last = [0.0]
 
-    folder = ensure_demo_model(models_root, progress=progress)
-    print(flush=True)
-    return folder
+    def progress(report):  # a line every few seconds (the launcher shows it, a log keeps it)
+        if report.get("step") is not None and time.monotonic() - last[0] > 5:
+            last[0] = time.monotonic()
+            eta = report.get("eta_s")
+            print(f"training the demo model (first run only): step {report['step']}/{report.get('total', '?')}, "
+                  f"loss {report.get('loss') or float('nan'):.3f}" + (f", ~{eta:.0f}s left" if eta else ""),
+                  flush=True)
+
+    return ensure_demo_model(models_root, progress=progress)
 
 
 # ---- supervision ---------------------------------------------------------------------------------
