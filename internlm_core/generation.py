@@ -167,7 +167,8 @@ class SequenceState:
         self.stop_ids = set(CHAT_STOP_IDS if self.params.stop_token_ids is None else self.params.stop_token_ids)
         self.counts = np.zeros(self.vocab_size, np.float32)
         self.seen = np.unique(np.asarray(self.prompt, np.int64))  # repetition penalty covers the prompt (HF)
-        self.decoder = self.tokenizer.stream_decoder() if self.tokenizer else None
+        # Generated text leaves out <s>/</s>/<unk> (as HF pipelines do); the ids keep them.
+        self.decoder = self.tokenizer.stream_decoder(skip_special=True) if self.tokenizer else None
         self.text = ""  # text released so far
         self._held = ""  # text held back while it could be the start of a stop string
 

@@ -74,8 +74,8 @@ class Tokenizer:
     def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
         return [BOS] + self.encode(render_chat(messages, add_generation_prompt), bos=False)
 
-    def stream_decoder(self) -> "StreamDecoder":
-        return StreamDecoder(self)
+    def stream_decoder(self, skip_special: bool = False) -> "StreamDecoder":
+        return StreamDecoder(self, skip_special)
 
 
 def render_chat(messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
@@ -113,16 +113,17 @@ class StreamDecoder:
     text ending in U+FFFD is held back. The concatenated output equals ``decode(all ids)``.
     """
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False):
         self.tok = tokenizer
+        self.skip_special = skip_special
         self.ids: list[int] = []
         self._prefix = 0  # start of the window that gives context to the next piece
         self._read = 0  # ids before this have been emitted as text
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        prefix_text = self.tok.decode(self.ids[self._prefix:self._read])
-        new_text = self.tok.decode(self.ids[self._prefix:])
+        prefix_text = self.tok.decode(self.ids[self._prefix:self._read], self.skip_special)
+        new_text = self.tok.decode(self.ids[self._prefix:], self.skip_special)
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
             self._prefix, self._read = self._read, len(self.ids)
             return new_text[len(prefix_text):]
@@ -130,7 +131,7 @@ class StreamDecoder:
 
     def flush(self) -> str:
         """Whatever is still held back (an incomplete byte sequence at the very end)."""
-        prefix_text = self.tok.decode(self.ids[self._prefix:self._read])
-        new_text = self.tok.decode(self.ids[self._prefix:])
+        prefix_text = self.tok.decode(self.ids[self._prefix:self._read], self.skip_special)
+        new_text = self.tok.decode(self.ids[self._prefix:], self.skip_special)
         self._prefix = self._read = len(self.ids)
         return new_text[len(prefix_text):]

@@ -67,6 +67,14 @@ def test_round_trip_and_streaming(tokenizer, name):
     assert not any("\ufffd" in p for p in parts)
 
 
+def test_skip_special(tokenizer):
+    ids = tokenizer.encode("<s>Hello<unk> world</s>", bos=False)
+    assert tokenizer.decode(ids) == "<s>Hello<unk> world</s>"
+    assert tokenizer.decode(ids, skip_special=True) == "Hello world"
+    dec = tokenizer.stream_decoder(skip_special=True)
+    assert "".join(dec.push(i) for i in ids) + dec.flush() == "Hello world"
+
+
 def test_decode_rejects_out_of_range(tokenizer):
     with pytest.raises(TokenizerError, match="outside the vocabulary"):
         tokenizer.decode([5, 103168])
