@@ -164,9 +164,11 @@ class JobRecords:
 
     # ---- changes -----------------------------------------------------------------------------
     def update(self, job_id: str, notify: bool = True, **fields) -> None:
-        self.r.hset(self.key(job_id), mapping={k: _str(v) for k, v in fields.items()})
+        pipe = self.r.pipeline(transaction=False)  # one round trip
+        pipe.hset(self.key(job_id), mapping={k: _str(v) for k, v in fields.items()})
         if notify:
-            self.notify(job_id)
+            pipe.publish(self.channel(job_id), "1")
+        pipe.execute()
 
     def notify(self, job_id: str) -> None:
         self.r.publish(self.channel(job_id), "1")
@@ -205,27 +207,33 @@ class JobRecords:
     def start_execution(self, job_id: str, worker: str, delivery_tag: str = "") -> int:
         """Mark RUNNING and count this execution; returns its number (1 for the first). The delivery
         tag names the broker message to put back if this execution's worker dies."""
-        n = self.r.hincrby(self.key(job_id), "executions", 1)
         now = repr(time.time())
-        fields = {"state": RUNNING, "worker": worker, "message": "started" if n == 1 else f"resumed (execution {n})",
-                  f"exec:{n}:start": now, f"exec:{n}:beat": now, f"exec:{n}:worker": worker,
-                  "delivery_tag": delivery_tag}
         pipe = self.r.pipeline()
+        pipe.hincrby(self.key(job_id), "executions", 1)
         pipe.hsetnx(self.key(job_id), "started", now)
-        pipe.hset(self.key(job_id), mapping=fields)
+        pipe.hset(self.key(job_id), mapping={"state": RUNNING, "worker": worker, "delivery_tag": delivery_tag})
         pipe.sadd(self.running, job_id)
-        pipe.execute()
-        self.notify(job_id)
+        n = pipe.execute()[0]
+        self.update(job_id, message="started" if n == 1 else f"resumed (execution {n})",
+                    **{f"exec:{n}:start": now, f"exec:{n}:beat": now, f"exec:{n}:worker": worker})
         return n
+
+    def end_execution(self, job_id: str, execution: int, token: str) -> None:
+        """Stamp the execution's end and let go of the lock (if still ours), in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(self.key(job_id), f"exec:{execution}:end", repr(time.time()))
+        self._release(keys=[self.lock_key(job_id)], args=[token], client=pipe)
+        pipe.execute()
 
     def finish(self, job_id: str, token: str, state: str, **fields) -> bool:
         """End the job (only the lock holder can); False if this execution no longer holds the lock."""
         fields = {"state": state, "finished": time.time(), **fields}
         flat = [x for k, v in fields.items() for x in (k, _str(v))]
-        ok = bool(self._finish(keys=[self.key(job_id), self.lock_key(job_id), self.running], args=[job_id, token, *flat]))
-        if ok:
-            self.notify(job_id)
-        return ok
+        pipe = self.r.pipeline(transaction=False)
+        self._finish(keys=[self.key(job_id), self.lock_key(job_id), self.running], args=[job_id, token, *flat],
+                     client=pipe)
+        pipe.publish(self.channel(job_id), "1")  # a spurious ping if refused: watchers just re-read
+        return bool(pipe.execute()[0])
 
     def requeue_if_dead(self, job_id: str) -> bool:
         """RUNNING with an expired lock -> QUEUED; True when this caller did it (and must re-deliver it)."""

@@ -80,6 +80,10 @@ class JobContext:
         self.records.update(self.job_id, **p)
         self._last_write = now
 
+    def final_progress(self) -> dict:
+        """The last (maybe throttled away) progress report, complete."""
+        return {**{k: v for k, v in self._pending.items() if k != "message"}, "fraction": 1.0, "eta": 0.0}
+
     def count_progress(self, done: int, total: int, message: str = "") -> None:
         self.progress(step=done, total_steps=total, message=message)
 
@@ -173,8 +177,7 @@ class Runtime:
             return self._run(kind, job_id, rec, JobContext(self, job_id, n, token))
         finally:
             self.beacon.drop(lock)
-            self.records.update(job_id, notify=False, **{f"exec:{n}:end": time.time()})
-            self.records.release(job_id, token)
+            self.records.end_execution(job_id, n, token)
 
     def _run(self, kind: str, job_id: str, rec: dict, ctx: JobContext):
         request = json.loads(rec["request"])
@@ -205,8 +208,8 @@ class Runtime:
             self.records.finish(job_id, ctx.token, FAILED, error=reason, message="failed")
             raise JobFailed(reason) from None
         self.store.discard(job_id)  # checkpoints and temporaries: the result is published
-        ctx.progress(force=True, fraction=1.0, eta=0.0)
-        self.records.finish(job_id, ctx.token, SUCCEEDED, message="done", result=json.dumps(result))
+        self.records.finish(job_id, ctx.token, SUCCEEDED, message="done", result=json.dumps(result),
+                            **ctx.final_progress())
         return result
 
 
