@@ -87,6 +87,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> "RedisServer":
+        self.folder.mkdir(parents=True, exist_ok=True)
         exe = shutil.which("redis-server")
         if not exe:
             raise RuntimeError("redis-server is not installed (.ci/run installs it)")
