@@ -98,6 +98,7 @@ class Engine:
         self.lock = threading.Lock()  # one step at a time: the cache is shared state
         self.adapters: dict[str, int] = {}  # LoRA adapter name -> index (0 is "no adapter")
         self._adapter_weights: list = []  # (AdapterSpec, {name: array}) for index 1, 2, ...
+        self._targets: tuple = ()  # LoRA target names (wq, ...) that have adapter stacks
 
     def load_adapter(self, name: str, folder) -> int:
         """Serve the LoRA adapter in ``folder`` as ``name`` (replacing one of that name); its index.
@@ -124,7 +125,11 @@ class Engine:
     def _install_adapters(self) -> None:
         from .lora import target_modules
 
-        targets = tuple(sorted({t for spec, _ in self._adapter_weights for t in spec.targets}))
+        # Every target any adapter has used keeps its stacks (zeros where no adapter has it now), so a
+        # replaced adapter leaves nothing of itself behind.
+        self._targets = tuple(sorted(set(self._targets) |
+                                     {t for spec, _ in self._adapter_weights for t in spec.targets}))
+        targets = self._targets
         rank = max(spec.rank for spec, _ in self._adapter_weights)
         n = len(self._adapter_weights) + 1
         for module in target_modules(self.config, targets):
@@ -137,8 +142,14 @@ class Engine:
                 if f"{module}.lora_a" in w and module.rsplit(".", 1)[1] in spec.targets:
                     a[i, :spec.rank] = w[f"{module}.lora_a"]
                     b[i, :, :spec.rank] = w[f"{module}.lora_b"] * spec.scaling
-            lin.lora_a = Parameter(Tensor(a, self.model.dtype), name=f"{module}.lora_a", requires_grad=False)
-            lin.lora_b = Parameter(Tensor(b, self.model.dtype), name=f"{module}.lora_b", requires_grad=False)
+            for attr, value in (("lora_a", a), ("lora_b", b)):
+                old = getattr(lin, attr)
+                if old is not None and tuple(old.shape) == value.shape:
+                    # in place: compiled graphs keep reading this memory (set_data would leave them stale)
+                    ops.assign(old, Tensor(value, self.model.dtype))
+                else:
+                    setattr(lin, attr, Parameter(Tensor(value, self.model.dtype), name=f"{module}.{attr}",
+                                                 requires_grad=False))
         # New parameter shapes: fresh step cells compile for them (the KV cache is shared, not copied).
         self._prefill = _PrefillStep(self.model, self.caches)
         self._chunk = _ChunkStep(self.model, self.caches)
