@@ -1,0 +1,130 @@
+"""LoRA adapters served by the engine without merging: per-row adapters, equal to the merged
+model, the base untouched by adapter 0; bad adapters refused."""
+import json
+
+import numpy as np
+import pytest
+
+from internlm_core.config import Config
+from internlm_core.engine import AdapterNotFound, Engine
+from internlm_core.loader import load_model, save_model
+from internlm_core.lora import (AdapterError, AdapterSpec, merge_lora, module_shape, parse_targets, save_adapter,
+                                target_modules)
+from internlm_core.model import InternLMForCausalLM, init_weights
+
+PROMPTS = [[1, 5, 9, 33, 7, 100], [1, 200, 31]]
+
+
+def random_adapter(cfg, spec, folder, seed):
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for m in target_modules(cfg, spec.targets):
+        out_f, in_f = module_shape(cfg, m)
+        weights[f"{m}.lora_a"] = rng.normal(0, 0.2, (spec.rank, in_f)).astype(np.float32)
+        weights[f"{m}.lora_b"] = rng.normal(0, 0.2, (out_f, spec.rank)).astype(np.float32)
+    return save_adapter(weights, spec, cfg, folder)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, tiny_config):
+    root = tmp_path_factory.mktemp("lora")
+    model = InternLMForCausalLM(tiny_config)
+    init_weights(model, seed=0, std=0.1)
+    base = save_model(model, tiny_config, root / "base")
+    # two adapters of different ranks and targets, so stacking must pad and mix
+    a1 = random_adapter(tiny_config, AdapterSpec(rank=4, alpha=8, targets=("wq", "wv")), root / "a1", 1)
+    a2 = random_adapter(tiny_config, AdapterSpec(rank=8, alpha=4, targets=("wo", "w1", "w2", "w3")), root / "a2", 2)
+    return {"base": base, "a1": a1, "a2": a2, "m1": merge_lora(base, a1, root / "m1"),
+            "m2": merge_lora(base, a2, root / "m2")}
+
+
+@pytest.fixture(scope="module")
+def engines(folders):
+    """Compiled once per module: the base alone, the base serving a1 and a2, the merged models."""
+    lora = Engine(load_model(folders["base"]), max_batch=2, max_len=64)
+    assert lora.load_adapter("a1", folders["a1"]) == 1 and lora.load_adapter("a2", folders["a2"]) == 2
+    return {"base": Engine(load_model(folders["base"]), max_batch=2, max_len=64), "lora": lora,
+            "m1": Engine(load_model(folders["m1"]), max_batch=2, max_len=64),
+            "m2": Engine(load_model(folders["m2"]), max_batch=2, max_len=64)}
+
+
+def step(engine, adapters=None):
+    """Prefill both prompts, then one decode step; both logits."""
+    pre = engine.prefill([0, 1], PROMPTS, adapters)
+    dec = engine.decode(np.array([3, 4]), np.array([len(PROMPTS[0]), len(PROMPTS[1])]), adapters)
+    return pre, dec
+
+
+def test_adapters_per_row_equal_merged_models_and_leave_base_alone(engines):
+    assert engines["lora"].adapters == {"a1": 1, "a2": 2} and engines["lora"].adapter_index("a2") == 2
+    base_pre, base_dec = step(engines["base"])
+    zero_pre, zero_dec = step(engines["lora"], [0, 0])
+    assert np.array_equal(base_pre, zero_pre) and np.array_equal(base_dec, zero_dec)  # bit-identical
+    mix_pre, mix_dec = step(engines["lora"], [1, 2])  # row 0 uses a1, row 1 uses a2
+    m1_pre, m1_dec = step(engines["m1"])
+    m2_pre, m2_dec = step(engines["m2"])
+    np.testing.assert_allclose(mix_pre[0], m1_pre[0], atol=1e-5)
+    np.testing.assert_allclose(mix_dec[0], m1_dec[0], atol=1e-5)
+    np.testing.assert_allclose(mix_pre[1], m2_pre[1], atol=1e-5)
+    np.testing.assert_allclose(mix_dec[1], m2_dec[1], atol=1e-5)
+    assert np.abs(mix_pre[0] - base_pre[0]).max() > 0.1  # the answer changes with the adapter
+
+
+def greedy(engine, adapter):
+    """Eight greedy tokens for PROMPTS[0] in slot 0 (slot 1 idle), with one adapter index."""
+    ids = None if adapter is None else [adapter, 0]
+    logits = engine.prefill([0, 1], [PROMPTS[0], [1]], ids)[0]
+    pos, out = len(PROMPTS[0]), []
+    for _ in range(8):
+        out.append(int(np.argmax(logits)))
+        logits = engine.decode(np.array([out[-1], 0]), np.array([pos, 0]), ids)[0]
+        pos += 1
+    return out
+
+
+def test_greedy_answer_follows_the_adapter(engines):
+    assert greedy(engines["lora"], 1) == greedy(engines["m1"], None)
+    assert greedy(engines["lora"], 2) == greedy(engines["m2"], None)
+    assert greedy(engines["lora"], 0) == greedy(engines["base"], None)
+    assert greedy(engines["lora"], 1) != greedy(engines["lora"], 0)
+
+
+def test_replacing_an_adapter_keeps_its_index(folders, engines):
+    engine = Engine(load_model(folders["base"]), max_batch=2, max_len=64)
+    assert engine.load_adapter("x", folders["a1"]) == 1
+    assert engine.load_adapter("y", folders["a2"]) == 2
+    step(engine, [1, 2])  # compiled with x = a1
+    assert engine.load_adapter("x", folders["a2"]) == 1  # same shapes: the compiled graphs must see a2
+    m2_pre, _ = step(engines["m2"])
+    np.testing.assert_allclose(step(engine, [1, 2])[0], m2_pre, atol=1e-5)
+
+
+def test_bad_adapters_are_refused(folders, tmp_path, tiny_config):
+    engine = Engine(load_model(folders["base"]), max_batch=2, max_len=64)
+    with pytest.raises(AdapterNotFound, match="nope"):
+        engine.adapter_index("nope")
+    with pytest.raises(ValueError, match="out of range"):
+        engine.prefill([0, 1], PROMPTS, [0, 1])  # nothing loaded
+    with pytest.raises(AdapterError, match="not an adapter folder"):
+        engine.load_adapter("base", folders["base"])
+    other = Config.from_name("tiny", hidden_size=32, num_heads=4)
+    wrong = random_adapter(other, AdapterSpec(rank=2, alpha=2), tmp_path / "wrong", 3)
+    with pytest.raises(AdapterError, match="different model"):
+        engine.load_adapter("wrong", wrong)
+    meta = json.loads((folders["a1"] / "adapter_config.json").read_text())
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter_config.json").write_text(json.dumps({**meta, "rank": 5}))
+    (tmp_path / "broken" / "adapter.safetensors").write_bytes((folders["a1"] / "adapter.safetensors").read_bytes())
+    with pytest.raises(AdapterError, match="expected"):
+        engine.load_adapter("broken", tmp_path / "broken")
+    assert engine.adapters == {}
+
+
+def test_target_patterns():
+    assert parse_targets("wq|wk|wv|wo") == ("wq", "wk", "wv", "wo")
+    assert parse_targets("w[qv]") == ("wq", "wv")
+    assert parse_targets("wq, w1") == ("wq", "w1")
+    assert parse_targets(".*") == ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+    for bad in ("", "q_proj", "w("):
+        with pytest.raises(ValueError):
+            parse_targets(bad)
