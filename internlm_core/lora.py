@@ -153,6 +153,7 @@ def inject_lora(model, spec: AdapterSpec, seed: int = 0):
     # parameter its full name again, or the optimiser sees duplicates.
     for name, p in model.parameters_and_names():
         p.name = name
+    drop_seed.name = "lora_dropout_seed"  # shared by every LoRA layer: not under one module's name
     return drop_seed
 
 

@@ -204,9 +204,14 @@ def data_parallel_context() -> tuple[int, int]:
     import mindspore as ms
     from mindspore.communication import get_group_size, get_rank, init
 
-    init()
-    ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True)
+    if not _COMM_READY:  # init() joins the cluster once per process
+        init()
+        ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True)
+        _COMM_READY.append(True)
     return get_rank(), get_group_size()
+
+
+_COMM_READY: list = []
 
 
 # ---- the compiled steps ----------------------------------------------------------------------
@@ -542,10 +547,12 @@ class Trainer:
 
     def _set_dropout_seed(self, value: float) -> None:
         import mindspore as ms
-        from mindspore import Tensor
+        from mindspore import Tensor, ops
 
         if self.drop_seed is not None:
-            self.drop_seed.set_data(Tensor(value, ms.float32))
+            # In place: a compiled graph keeps reading the Parameter's memory; set_data would swap
+            # in a new tensor that graphs compiled earlier never see.
+            ops.assign(self.drop_seed, Tensor(value, ms.float32))
 
     def checkpoint(self) -> None:
         if self.rank == 0:

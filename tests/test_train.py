@@ -1,0 +1,257 @@
+"""Fine-tuning a tiny model: loss falls (full, LoRA), LoRA touches only its own weights, merging
+is exact, an interrupted run resumes onto the same loss curve, bad arguments are refused."""
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from internlm_core.checkpoint import Cancelled
+from internlm_core.data import write_dataset
+from internlm_core.train import (CKPT_DIR, TrainArgs, Trainer, _masked_crc, batch_rows, finetune, latest_checkpoint,
+                                 lr_at)
+
+SEQ = 32
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    from internlm_core.config import Config
+    from internlm_core.loader import save_model
+    from internlm_core.model import InternLMForCausalLM, init_weights
+
+    cfg = Config.from_name("tiny")
+    model = InternLMForCausalLM(cfg)
+    init_weights(model, seed=0, std=0.1)
+    return save_model(model, cfg, tmp_path_factory.mktemp("base") / "tiny")
+
+
+def progressions(n_rows: int, stride: int, seed: int) -> list[dict]:
+    """Rows of arithmetic progressions over the tiny vocabulary: easy to learn, not memorisable
+    from one row. Labels mask the first few tokens (as a prompt would be)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n_rows):
+        ids = (rng.integers(0, 500) + stride * np.arange(SEQ + 1)) % 500 + 3
+        labels = ids.copy()
+        labels[:4] = -100
+        rows.append({"input_ids": ids.astype(np.int32), "labels": labels.astype(np.int32)})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("data") / "prog3", progressions(48, 3, 0), "alpaca", {})
+
+
+def args_for(base_dir, data_dir, out, **kw) -> TrainArgs:
+    defaults = dict(max_steps=30, batch_size=4, lr=5e-3, warmup_ratio=0.1, save_every=0, seed=1)
+    return TrainArgs(model=str(base_dir), data=str(data_dir), out=str(out), **{**defaults, **kw})
+
+
+def mean_loss(history, part):
+    losses = [r["loss"] for r in history]
+    return float(np.mean(losses[:5] if part == "first" else losses[-5:]))
+
+
+def test_full_finetune_loss_falls_and_writes_a_model(tmp_path, base_dir, data_dir):
+    from internlm_core.loader import load_model
+
+    reports = []
+    out = finetune(args_for(base_dir, data_dir, tmp_path / "out", eval_ratio=0.1, eval_every=15), tmp_path / "work",
+                   progress=reports.append)
+    history = [json.loads(x) for x in (out / "scalars.jsonl").read_text().splitlines()]
+    assert len(history) == 30 and mean_loss(history, "last") < 0.6 * mean_loss(history, "first")
+    assert [r["step"] for r in reports] == list(range(1, 31))
+    for key in ("loss", "lr", "tokens_per_s", "eta_s", "total", "grad_norm"):
+        assert key in reports[-1]
+    assert "eval_loss" in reports[14] and "eval_ppl" in reports[-1]
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["steps"] == 30 and summary["eval_loss"] == reports[-1]["eval_loss"]
+    load_model(out)  # a full model folder the worker can load
+    from PIL import Image
+
+    assert Image.open(out / "loss.png").size == (640, 400)
+    tags = read_event_tags(next(out.glob("events.out.tfevents.*")))
+    assert {"loss", "lr", "tokens_per_s", "eval_loss"} <= tags
+
+
+def read_event_tags(path) -> set:
+    """Walk a TensorBoard event file, checking every record's framing and CRCs."""
+    raw, pos, tags = path.read_bytes(), 0, set()
+    while pos < len(raw):
+        head = raw[pos:pos + 8]
+        (n,) = struct.unpack("<Q", head)
+        assert struct.unpack("<I", raw[pos + 8:pos + 12])[0] == _masked_crc(head)
+        event = raw[pos + 12:pos + 12 + n]
+        assert struct.unpack("<I", raw[pos + 12 + n:pos + 16 + n])[0] == _masked_crc(event)
+        pos += 16 + n
+        for tag in (b"loss", b"lr", b"tokens_per_s", b"eval_loss"):
+            if b"\n" + bytes([len(tag)]) + tag + b"\x15" in event:  # Value{tag=1 (len) ..., simple_value=2 (f32)}
+                tags.add(tag.decode())
+    return tags
+
+
+def test_lora_trains_only_adapter_weights_and_merges_exactly(tmp_path, base_dir, tiny_config):
+    from internlm_core.loader import load_model, state_dict
+    from internlm_core.lora import merge_lora
+    from internlm_core.model import forward_inputs
+
+    data = write_dataset(tmp_path / "prog7", progressions(48, 7, 1), "alpaca", {})
+    args = args_for(base_dir, data, tmp_path / "adapter", mode="lora", lr=2e-2, lora_targets=".*", lora_dropout=0.05)
+    trainer = Trainer(args, tmp_path / "work")
+    before = {n: p.asnumpy().copy() for n, p in trainer.model.parameters_and_names()}
+    history = trainer.fit()
+    assert mean_loss(history, "last") < 0.75 * mean_loss(history, "first")
+    changed = {n for n, p in trainer.model.parameters_and_names()
+               if not np.array_equal(before[n], p.asnumpy()) and p is not trainer.drop_seed}
+    assert changed and all(n.endswith((".lora_a", ".lora_b")) for n in changed)
+    assert len(changed) == 2 * 7 * tiny_config.num_layers  # every target's A and B moved
+    out = trainer.save()
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("events")) == \
+        ["adapter.safetensors", "adapter_config.json", "loss.png", "scalars.jsonl", "training.json"]
+
+    merged = merge_lora(base_dir, out, tmp_path / "merged")
+    ids = np.random.default_rng(3).integers(3, 500, (2, 12))
+    trainer._set_dropout_seed(-1.0)  # evaluation: no dropout
+    with_adapter = trainer.model(*forward_inputs(tiny_config, ids)).asnumpy()
+    merged_logits = load_model(merged)(*forward_inputs(tiny_config, ids)).asnumpy()
+    base_logits = load_model(base_dir)(*forward_inputs(tiny_config, ids)).asnumpy()
+    np.testing.assert_allclose(merged_logits, with_adapter, atol=1e-4, rtol=1e-4)
+    assert np.abs(merged_logits - base_logits).max() > 1e-2  # the adapter matters
+    untouched = [n for n in state_dict(load_model(merged)) if ".attention." not in n and ".feed_forward." not in n]
+    base_sd, merged_sd = state_dict(load_model(base_dir)), state_dict(load_model(merged))
+    assert all(np.array_equal(base_sd[n], merged_sd[n]) for n in untouched)
+
+
+def test_resume_after_interruption_replays_the_same_curve(tmp_path, base_dir, data_dir):
+    # LoRA with dropout and gradient accumulation: the hardest state to restore exactly.
+    kw = dict(mode="lora", lr=2e-2, lora_dropout=0.1, grad_accum=2, batch_size=2, max_steps=10, save_every=3,
+              keep_last=2)
+    straight = Trainer(args_for(base_dir, data_dir, tmp_path / "a", **kw), tmp_path / "wa").fit()
+
+    calls = []
+    with pytest.raises(Cancelled):
+        Trainer(args_for(base_dir, data_dir, tmp_path / "b", **kw), tmp_path / "wb").fit(
+            cancel=lambda: calls.append(1) or len(calls) > 7)  # stop before step 8
+    ckpts = sorted(p.name for p in (tmp_path / "wb" / CKPT_DIR).iterdir())
+    assert ckpts == ["step-00000006", "step-00000007"]  # periodic (every 3, last 2 kept) + the cancel one
+    # Resume from the periodic checkpoint, not the cancel one, to replay steps 7.. as well.
+    import shutil
+
+    shutil.rmtree(latest_checkpoint(tmp_path / "wb"))
+    resumed = Trainer(args_for(base_dir, data_dir, tmp_path / "b", **kw), tmp_path / "wb")
+    assert resumed.step == 6
+    history = resumed.fit()
+    assert [r["loss"] for r in history] == [r["loss"] for r in straight]
+    assert [r["lr"] for r in history] == [r["lr"] for r in straight]
+
+
+def test_a_different_run_does_not_resume_a_checkpoint(tmp_path, base_dir, data_dir):
+    finetune(args_for(base_dir, data_dir, tmp_path / "a", max_steps=2), tmp_path / "w")
+    with pytest.raises(ValueError, match="different run"):
+        Trainer(args_for(base_dir, data_dir, tmp_path / "b", max_steps=2, lr=1e-3), tmp_path / "w")
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(lr=-1e-4), "lr"), (dict(lr=0), "lr"), (dict(mode="qlora"), "mode"), (dict(batch_size=0), "batch_size"),
+    (dict(warmup_ratio=1.5), "warmup_ratio"), (dict(weight_decay=-0.1), "weight_decay"), (dict(betas=(0.9, 1.0)), "betas"),
+    (dict(grad_accum=1.5), "grad_accum"), (dict(eval_ratio=0.9), "eval_ratio"), (dict(dtype="int8"), "dtype"),
+    (dict(mode="lora", lora_rank=0), "lora_rank"), (dict(mode="lora", lora_targets="q_proj"), "match none"),
+    (dict(mode="lora", lora_dropout=1.0), "lora_dropout"), (dict(loss_scale=0.5), "loss_scale"),
+    (dict(epochs=0), "epochs"), (dict(keep_last=0), "keep_last"),
+])
+def test_bad_arguments_are_rejected(change, message):
+    with pytest.raises(ValueError, match=message):
+        TrainArgs(model="m", data="d", out="o", **change).validate()
+
+
+def test_bad_runs_are_rejected(tmp_path, base_dir, data_dir, chat_model_dir):
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(FileExistsError):
+        Trainer(args_for(base_dir, data_dir, tmp_path / "exists"), tmp_path / "w")
+    too_long = write_dataset(tmp_path / "long", [{"input_ids": np.full(300, 5, np.int32)}], "wikitext", {})
+    with pytest.raises(ValueError, match="positions"):
+        Trainer(args_for(base_dir, too_long, tmp_path / "o"), tmp_path / "w")
+    big_ids = write_dataset(tmp_path / "big", [{"input_ids": np.full(9, 600, np.int32)}], "wikitext", {})
+    with pytest.raises(ValueError, match="vocabulary"):
+        Trainer(args_for(base_dir, big_ids, tmp_path / "o"), tmp_path / "w")
+
+
+def test_schedule_and_data_order():
+    lrs = [lr_at(s, 100, 1e-3, 0.1, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear warmup over 10 steps
+    assert lrs[10] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4, rel=1e-2)  # cosine to min_lr_ratio
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    # one epoch of batches covers every row once; the next epoch is another order
+    epoch0 = np.concatenate([batch_rows(m, 5, 20, 0) for m in range(4)])
+    epoch1 = np.concatenate([batch_rows(m, 5, 20, 0) for m in range(4, 8)])
+    assert sorted(epoch0) == list(range(20)) == sorted(epoch1) and list(epoch0) != list(epoch1)
+
+
+DP_WORKER = """
+import json, sys
+import numpy as np
+from internlm_core.train import TrainArgs, Trainer
+trainer = Trainer(TrainArgs(**json.loads(sys.argv[1])), sys.argv[2])
+history = trainer.fit()
+trainer.save()
+weights = np.concatenate([p.asnumpy().ravel() for p in trainer.model.trainable_params()])
+print("DP-RESULT " + json.dumps({"rank": trainer.rank, "world": trainer.world, "losses": [r["loss"] for r in history],
+                                 "weights": weights[::97].tolist()}), flush=True)
+"""
+
+
+def test_data_parallel_over_two_cpu_workers_with_msrun(tmp_path, base_dir, data_dir):
+    """msrun starts two workers that join MindSpore's communication group on this CPU; each
+    takes half of every global batch and gradients are averaged, so the run matches one
+    process with the whole batch, and both ranks hold the same weights."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.helpers import REPO, free_port
+
+    msrun = Path(sys.executable).parent / "msrun"
+    script = tmp_path / "dp_worker.py"
+    script.write_text(DP_WORKER)
+    kw = dict(max_steps=3, lr=5e-3, warmup_ratio=0.0)
+    dp_args = args_for(base_dir, data_dir, tmp_path / "dp-out", batch_size=2, **kw).to_dict()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(REPO)}
+    subprocess.run([str(msrun), "--worker_num=2", "--local_worker_num=2", f"--master_port={free_port()}",
+                    f"--log_dir={tmp_path / 'logs'}", "--join=True", str(script), json.dumps(dp_args),
+                    str(tmp_path / "dp-work")], env=env, cwd=tmp_path, timeout=300, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results = [json.loads(m) for log in (tmp_path / "logs").glob("worker_*.log")
+               for m in re.findall(r"^DP-RESULT (.*)$", log.read_text(), re.M)]
+    assert sorted((r["rank"], r["world"]) for r in results) == [(0, 2), (1, 2)]
+    assert results[0]["weights"] == results[1]["weights"]  # averaged gradients keep the replicas equal
+    assert (tmp_path / "dp-out" / "model.safetensors").is_file()  # rank 0 alone writes the output
+    single = Trainer(args_for(base_dir, data_dir, tmp_path / "one", batch_size=4, **kw), tmp_path / "one-work").fit()
+    dp_mean = np.mean([r["losses"] for r in results], axis=0)
+    np.testing.assert_allclose(dp_mean, [r["loss"] for r in single], rtol=1e-5)
+
+
+def test_lora_dropout_follows_the_step_seed_in_compiled_graphs(tmp_path, base_dir, data_dir):
+    from mindspore import Tensor
+
+    trainer = Trainer(args_for(base_dir, data_dir, tmp_path / "o", mode="lora", lora_dropout=0.5), tmp_path / "w")
+    for p in trainer.model.trainable_params():  # a non-zero B so dropout shows in the output
+        p.set_data(Tensor(np.full(p.shape, 0.05, np.float32)))
+    ids, labels = trainer._micro_batch(0)
+
+    def loss(seed):
+        trainer._set_dropout_seed(seed)
+        total, count = trainer.steps.evaluate(ids, labels, *trainer.fixed)
+        return float(total) / float(count)
+
+    a, b, a2, off = loss(1.0), loss(2.0), loss(1.0), loss(-1.0)
+    assert a != b and a == a2  # a new mask per seed, the same mask for the same seed
+    trainer._set_dropout_seed(-1.0)
+    from internlm_core.model import forward_inputs
+    import mindspore.ops as ops
+    logits = trainer.model(*forward_inputs(trainer.config, ids.asnumpy()))
+    ref = float(ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100))
+    assert off == pytest.approx(ref, rel=1e-5)  # seed -1: no dropout
