@@ -255,3 +255,13 @@ def test_lora_dropout_follows_the_step_seed_in_compiled_graphs(tmp_path, base_di
     logits = trainer.model(*forward_inputs(trainer.config, ids.asnumpy()))
     ref = float(ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100))
     assert off == pytest.approx(ref, rel=1e-5)  # seed -1: no dropout
+
+
+def test_loss_scaling_path_gives_the_same_training(tmp_path, base_dir, data_dir):
+    """Dynamic loss scaling (what float16 needs) scales by powers of two: in fp32 it must change nothing."""
+    plain = Trainer(args_for(base_dir, data_dir, tmp_path / "a", max_steps=4), tmp_path / "wa").fit()
+    scaled_trainer = Trainer(args_for(base_dir, data_dir, tmp_path / "b", max_steps=4, loss_scale="dynamic"),
+                             tmp_path / "wb")
+    scaled = scaled_trainer.fit()
+    assert float(scaled_trainer.steps.scale.asnumpy()) == 2.0 ** 16
+    np.testing.assert_allclose([r["loss"] for r in scaled], [r["loss"] for r in plain], rtol=1e-6)
