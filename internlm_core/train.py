@@ -218,7 +218,7 @@ _COMM_READY: list = []
 
 def _build_cells(model, opt, args: TrainArgs, world: int, logit_bias):
     import mindspore as ms
-    from mindspore import Parameter, Tensor, nn, ops
+    from mindspore import Parameter, Tensor, mint, nn, ops
 
     vocab = model.config.vocab_size
     bias = Tensor(np.asarray(logit_bias, np.float32)) if logit_bias is not None else None
@@ -272,8 +272,9 @@ def _build_cells(model, opt, args: TrainArgs, world: int, logit_bias):
             inv = 1.0 / self.scale
             grads = tuple(g * inv for g in grads)
             sq = ops.zeros((), ms.float32)
-            for g in grads:
-                sq = sq + ops.reduce_sum(ops.square(g.astype(ms.float32)))
+            for g in grads:  # mint.sum(g * g): ops.square + reduce_sum was ~60x slower on CPU (2.9)
+                g32 = g.astype(ms.float32)
+                sq = sq + mint.sum(g32 * g32)
             norm = ops.sqrt(sq)
             if args.grad_clip > 0:
                 factor = ops.minimum(1.0, args.grad_clip / (norm + 1e-6))
