@@ -14,7 +14,7 @@ Both sides get the same rows of random token ids and the same batch and sequence
 Tokens/s counts input tokens (batch x seq) of the timed steps; the first step (compilation
 for MindSpore, allocator warm-up for torch) is not timed.
 
-    .venv/bin/python bench/train_bench.py --steps 4 --batch 1 --seq 128 [--json out.json]
+    .venv/bin/python bench/train_bench.py --steps 4 --batch 1 --seq 128 --reps 2 [--json out.json]
 """
 from __future__ import annotations
 
@@ -150,32 +150,43 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--reps", type=int, default=2, help="alternating repetitions of every case (median reported)")
     p.add_argument("--json", help="write the results here too")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
         worker(a.worker, a.steps, a.batch, a.seq)
         return 0
-    results = {}
-    for case in a.cases.split(","):
-        t0 = time.time()
-        out = subprocess.run([sys.executable, __file__, "--worker", case, "--steps", str(a.steps), "--batch",
-                              str(a.batch), "--seq", str(a.seq)], capture_output=True, text=True, cwd=REPO,
-                             env={**os.environ, "GLOG_v": "3"})
-        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
-            print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
-            raise SystemExit(f"{case} failed")
-        results[case] = json.loads(line[7:])
-        r = results[case]
-        print(f"{case:11s} {r['tokens_per_s']:8.1f} tokens/s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
-              f"loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}  ({time.time() - t0:.0f} s wall)", flush=True)
+    import numpy as np
+
+    # The machine is shared: cases alternate over the repetitions and each reports its median.
+    runs: dict[str, list] = {}
+    for rep in range(a.reps):
+        for case in a.cases.split(","):
+            t0 = time.time()
+            out = subprocess.run([sys.executable, __file__, "--worker", case, "--steps", str(a.steps), "--batch",
+                                  str(a.batch), "--seq", str(a.seq)], capture_output=True, text=True, cwd=REPO,
+                                 env={**os.environ, "GLOG_v": "3"})
+            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
+                raise SystemExit(f"{case} failed")
+            r = json.loads(line[7:])
+            runs.setdefault(case, []).append(r)
+            print(f"rep {rep + 1} {case:11s} {r['tokens_per_s']:8.1f} tokens/s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
+                  f"loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}  ({time.time() - t0:.0f} s wall)", flush=True)
+    results = {case: {"tokens_per_s": float(np.median([r["tokens_per_s"] for r in rs])),
+                      "all_tokens_per_s": [r["tokens_per_s"] for r in rs],
+                      "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)} for case, rs in runs.items()}
+    for case, r in results.items():
+        print(f"median {case:11s} {r['tokens_per_s']:8.1f} tokens/s  peak RSS {r['peak_rss_mb']:7.0f} MB")
     for mode in ("full", "lora"):
         if f"ms-{mode}" in results and f"torch-{mode}" in results:
             ratio = results[f"ms-{mode}"]["tokens_per_s"] / results[f"torch-{mode}"]["tokens_per_s"]
             print(f"{mode}: MindSpore / PyTorch tokens/s = {ratio:.2f}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"steps": a.steps, "batch": a.batch, "seq": a.seq, "results": results},
+        Path(a.json).write_text(json.dumps({"steps": a.steps, "batch": a.batch, "seq": a.seq, "reps": a.reps,
+                                            "results": results},
                                            indent=2))
     return 0
 
