@@ -41,6 +41,10 @@ def data_rows(n: int, seq: int, vocab: int, seed: int = 0):
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM; ru_maxrss can carry the parent's peak across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
