@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from .checkpoint import Cancelled, atomic_folder
-from .tokenizer import BOS, EOA, EOS, Tokenizer
+from .tokenizer import EOA, EOS, Tokenizer
 
 IGNORE = -100  # label value the loss skips
 PAD_ID = EOS  # InternLM pads with </s>

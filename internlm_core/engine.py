@@ -70,6 +70,36 @@ class _ChunkStep(nn.Cell):
 PREFILL_CHUNK = 128
 
 
+def prefill_inputs(cfg, slots, prompts: list[list[int]], t: int):
+    """Host-side inputs of a one-piece prefill of right-padded prompts into their slots:
+    ids (B, t), cos/sin, causal mask, cache index (B, nh, t, 3) and each row's last-token index."""
+    b = len(prompts)
+    lengths = np.array([len(p) for p in prompts])
+    ids = np.zeros((b, t), np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)] = p
+    positions = np.broadcast_to(np.arange(t), (b, t))
+    cos, sin = rope_tables(cfg, positions, lengths)
+    heads = np.arange(cfg.num_heads)[None, :, None]
+    index = np.stack(np.broadcast_arrays(np.asarray(slots)[:, None, None], heads, positions[:, None, :]),
+                     -1).astype(np.int32)
+    last = (np.arange(b) * t + lengths - 1).astype(np.int32)
+    return ids, cos, sin, causal_mask(lengths, t), index, last
+
+
+def decode_inputs(cfg, tokens, positions, cache_len: int):
+    """Host-side inputs of a decode step over every slot: ids (S, 1), cos/sin, a mask that lets
+    slot s see cache positions 0..positions[s], and the cache index (S, nh, 1, 3)."""
+    positions = np.asarray(positions, np.int64)
+    cos, sin = rope_tables(cfg, positions[:, None], positions + 1)
+    ok = np.arange(cache_len)[None, :] <= positions[:, None]
+    mask = np.where(ok, 0.0, NEG_INF).astype(np.float32)[:, None, None, :]
+    heads = np.arange(cfg.num_heads)[None, :, None]
+    index = np.stack(np.broadcast_arrays(np.arange(len(positions))[:, None, None], heads,
+                                         positions[:, None, None]), -1).astype(np.int32)
+    return np.asarray(tokens, np.int32).reshape(-1, 1), cos, sin, mask, index
+
+
 def _bucket(n: int, cap: int) -> int:
     b = 16
     while b < n:
@@ -190,16 +220,8 @@ class Engine:
         if lengths.max() > PREFILL_CHUNK:
             return self._prefill_chunked(slots, prompts, lengths, extra)
         t = _bucket(int(lengths.max()), self.max_len)
-        ids = np.zeros((b, t), np.int32)
-        for i, p in enumerate(prompts):
-            ids[i, :len(p)] = p
-        positions = np.broadcast_to(np.arange(t), (b, t))
-        cos, sin = rope_tables(self.config, positions, lengths)
-        index = np.stack(np.broadcast_arrays(np.asarray(slots)[:, None, None], self._heads,
-                                             positions[:, None, :]), -1).astype(np.int32)
-        last = (np.arange(b) * t + lengths - 1).astype(np.int32)
+        args = tuple(Tensor(a) for a in prefill_inputs(self.config, slots, prompts, t))
         with self.lock:
-            args = (Tensor(ids), Tensor(cos), Tensor(sin), Tensor(causal_mask(lengths, t)), Tensor(index), Tensor(last))
             out = self._prefill(*args) if extra is None else self._prefill(*args, extra)
             return out.asnumpy()
 
@@ -243,14 +265,8 @@ class Engine:
         positions = np.asarray(positions, np.int64)
         if positions.max() >= self.max_len:
             raise PromptTooLong("sequence reached the cache length")
-        cos, sin = rope_tables(self.config, positions[:, None], positions + 1)
-        ok = np.arange(self.max_len)[None, :] <= positions[:, None]
-        mask = np.where(ok, 0.0, NEG_INF).astype(np.float32)[:, None, None, :]
-        index = np.stack(np.broadcast_arrays(np.arange(self.max_batch)[:, None, None], self._heads,
-                                             positions[:, None, None]), -1).astype(np.int32)
+        args = tuple(Tensor(a) for a in decode_inputs(self.config, tokens, positions, self.max_len))
         with self.lock:
-            args = (Tensor(np.asarray(tokens, np.int32).reshape(-1, 1)), Tensor(cos), Tensor(sin), Tensor(mask),
-                    Tensor(index))
             out = self._decode(*args) if extra is None else self._decode(*args, extra)
             return out.asnumpy()
 

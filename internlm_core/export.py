@@ -40,9 +40,9 @@ from .checkpoint import (TOKENIZER_FILE, Cancelled, CheckpointError, atomic_fold
                          read_config)
 from .config import CONFIG_FILE, Config
 from .convert import ms_shapes
-from .engine import AdapterNotFound, PromptTooLong, _bucket
+from .engine import AdapterNotFound, PromptTooLong, _bucket, decode_inputs, prefill_inputs
 from .loader import _set_runtime, load_model
-from .model import MS_DTYPES, NEG_INF, causal_mask, rope_tables
+from .model import MS_DTYPES
 
 MANIFEST_FILE = "mindir_manifest.json"
 MANIFEST_FORMAT = "internlm-mindir/1"
@@ -332,7 +332,6 @@ class ExportedEngine:
         shape = (self._slots, cfg.num_heads, self._cache_len, cfg.head_dim)
         dtype = getattr(ms, m["compute_dtype"])
         self.caches = [Tensor(np.zeros(shape, np.float32), dtype) for _ in range(2 * cfg.num_layers)]
-        self._heads = np.arange(cfg.num_heads)[None, :, None]
         self.lock = threading.Lock()  # one step at a time: the caches are shared state
         self.adapters: dict[str, int] = {}  # exported graphs carry no LoRA adapters
 
@@ -371,19 +370,9 @@ class ExportedEngine:
         return self._prefill(slots, prompts, _bucket(max(len(p) for p in prompts), self._cache_len))
 
     def _prefill(self, slots: list[int], prompts: list[list[int]], t: int) -> np.ndarray:
-        rows = len(prompts)
-        lengths = np.array([len(p) for p in prompts])
-        ids = np.zeros((rows, t), np.int32)
-        for i, p in enumerate(prompts):
-            ids[i, :len(p)] = p
-        positions = np.broadcast_to(np.arange(t), (rows, t))
-        cos, sin = rope_tables(self.config, positions, lengths)
-        index = np.stack(np.broadcast_arrays(np.asarray(slots)[:, None, None], self._heads,
-                                             positions[:, None, :]), -1).astype(np.int32)
-        last = (np.arange(rows) * t + lengths - 1).astype(np.int32)
+        args = tuple(Tensor(a) for a in prefill_inputs(self.config, slots, prompts, t))
         with self.lock:
-            out = self.graphs["prefill"](Tensor(ids), Tensor(cos), Tensor(sin), Tensor(causal_mask(lengths, t)),
-                                         Tensor(index), Tensor(last), *self.caches)
+            out = self.graphs["prefill"](*args, *self.caches)
             return out.asnumpy()
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -399,12 +388,7 @@ class ExportedEngine:
             raise PromptTooLong("sequence reached the cache length")
         pad = self._slots - self.max_batch  # a static export with more slots than asked for: idle extras
         tokens, positions = np.pad(tokens, (0, pad)), np.pad(positions, (0, pad))
-        cos, sin = rope_tables(self.config, positions[:, None], positions + 1)
-        ok = np.arange(self._cache_len)[None, :] <= positions[:, None]
-        mask = np.where(ok, 0.0, NEG_INF).astype(np.float32)[:, None, None, :]
-        index = np.stack(np.broadcast_arrays(np.arange(self._slots)[:, None, None], self._heads,
-                                             positions[:, None, None]), -1).astype(np.int32)
+        args = tuple(Tensor(a) for a in decode_inputs(self.config, tokens, positions, self._cache_len))
         with self.lock:
-            out = self.graphs["decode"](Tensor(tokens.reshape(-1, 1)), Tensor(cos), Tensor(sin), Tensor(mask),
-                                        Tensor(index), *self.caches)
+            out = self.graphs["decode"](*args, *self.caches)
             return out.asnumpy()[:self.max_batch]

@@ -102,7 +102,7 @@ def generate(args) -> int:
                          f"{cfg.max_position_embeddings} positions")
     engine = open_engine(args.model, max_batch=1,
                          max_len=min(cfg.max_position_embeddings, len(prompt) + params.max_new_tokens + 1))
-    ids, logprobs, reason, text = [], [], None, []
+    ids, reason, text = [], None, []
     for ev in core_generate(engine, prompt, params, tok):
         ids.append(ev.token_id)
         text.append(ev.text)
