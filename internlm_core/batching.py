@@ -195,9 +195,6 @@ class Batcher:
 
     # ---- the engine thread ---------------------------------------------------------------------
     def _run(self) -> None:
-        n = self.engine.max_batch
-        tokens, positions = np.zeros(n, np.int32), np.zeros(n, np.int64)
-        adapters = np.zeros(n, np.int32)
         while True:
             with self._wake:
                 while self._accepting and not self._waiting and self.active == 0:
@@ -226,14 +223,15 @@ class Batcher:
                     if not self._accepting and not self._waiting:
                         return
                 continue
-            positions[:] = 0
-            for h in live:
-                tokens[h.slot], positions[h.slot] = h.state.generated[-1], h.state.length - 1
-                adapters[h.slot] = h.adapter
+            # Only the live slots run: a step costs the sequences in it, not the slots allocated.
+            slots = [h.slot for h in live]
+            tokens = np.array([h.state.generated[-1] for h in live], np.int32)
+            positions = np.array([h.state.length - 1 for h in live], np.int64)
             self.last_batch_size = len(live)
             self.metrics.batch_size(len(live))
-            kw = {"adapters": adapters} if self._adapters_kw else {}
-            self._guard(live, lambda: self._after_decode(live, self.engine.decode(tokens, positions, **kw)))
+            kw = {"adapters": np.array([h.adapter for h in live], np.int32)} if self._adapters_kw else {}
+            self._guard(live, lambda: self._after_decode(
+                live, self.engine.decode(tokens, positions, slots=slots, **kw)))
 
     def _prefill(self, h: Handle) -> None:
         kw = {"adapters": [h.adapter]} if self._adapters_kw else {}
@@ -241,8 +239,8 @@ class Batcher:
         self._emit(h, h.state.step(logits, self.engine.max_len))
 
     def _after_decode(self, live: list[Handle], logits: np.ndarray) -> None:
-        for h in live:
-            self._emit(h, h.state.step(logits[h.slot], self.engine.max_len))
+        for h, row in zip(live, logits):
+            self._emit(h, h.state.step(row, self.engine.max_len))
 
     def _emit(self, h: Handle, ev: TokenEvent) -> None:
         now = time.monotonic()

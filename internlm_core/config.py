@@ -189,6 +189,10 @@ PRESETS: dict[str, dict] = {
     # The self-trained demo model served by the local stack (real tokenizer, ~16M parameters).
     "demo": dict(hidden_size=128, intermediate_size=352, num_layers=4, num_heads=4,
                  max_position_embeddings=512, bias=True),
+    # A small InternLM-7B shape (bias, 2048 positions, the real vocabulary) for serving benchmarks:
+    # its head dominates a decode step as a 7B model's layers would.
+    "bench-serve": dict(hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8,
+                        max_position_embeddings=2048, bias=True),
     # ~100M parameters with a 32k vocabulary: the benchmark shape.
     "bench-100m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=8,
                        num_heads=12, max_position_embeddings=1024, bias=True),

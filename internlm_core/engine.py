@@ -1,14 +1,21 @@
-"""A model with a preallocated, slotted KV cache and two compiled steps: prefill and decode.
+"""A model with a preallocated, slotted KV cache and one compiled step for prefill and decode.
 
-The cache holds ``max_batch`` slots of ``max_len`` positions per layer, (slots, nh, L, hd).
-Each sequence owns a slot, so sequences of different lengths sit side by side with their
-own positions; nothing is padded on the left and padding never reaches a real row. Decode
-always runs every slot (one static shape, one compile); idle slots compute garbage that
-nobody reads. Prefill lengths are rounded up to a few buckets so they compile a few times.
+The cache holds ``max_batch`` slots of ``max_len`` positions per layer, stored flat as
+(slots * heads * max_len, head_dim) plus one scratch slot. Each sequence owns a slot, so
+sequences of different lengths sit side by side with their own positions; nothing is padded
+on the left and padding never reaches a real row.
 
-Long prompts are prefilled in chunks of ``PREFILL_CHUNK`` tokens that attend their slot's
-cache: MindSpore's CPU graphs keep every intermediate of a step alive (a 512-token prefill
-of a 100M model took 1.3 GB in one piece), so chunking bounds prefill memory by the chunk.
+A step's cost follows the live work, not the allocation: a step runs only the rows it is
+given (the batch rounded up to a power of two, padding rows pointed at the scratch slot) and
+attends only the first S positions of their slots (S = the longest live length rounded up to
+a power of two, at least ``MIN_ATTEND``). Each (rows, new tokens, S) shape compiles once.
+New k/v are written in place with ScatterUpdate on the flat cache's first axis (measured on
+MindSpore 2.9 CPU: ScatterNdUpdate on a (slots, heads, L, hd) cache copied the whole cache
+on every call, which made a step cost slots x L).
+
+Prompts are prefilled in chunks of at most ``PREFILL_CHUNK`` tokens that attend the cache:
+MindSpore's CPU graphs keep every intermediate of a step alive, so chunking bounds prefill
+memory, and a caller may run decode steps between the chunks of a long prompt.
 """
 from __future__ import annotations
 
@@ -32,42 +39,23 @@ class AdapterNotFound(KeyError):
         return f"unknown adapter {self.args[0]!r}"
 
 
-class _PrefillStep(nn.Cell):
+class _Step(nn.Cell):
+    """Rows of new tokens (B, T) written into the cache, attending their slots' first S positions;
+    logits (B, V) at each row's ``last_index``."""
+
     def __init__(self, model, caches):
         super().__init__()
         self.model, self.caches = model, caches
 
     @ms.jit
-    def construct(self, ids, cos, sin, mask, cache_index, last_index, adapters=None):
-        h = self.model.hidden(ids, cos, sin, mask, self.caches, cache_index, False, adapters)
-        last = ops.gather(h.reshape(-1, h.shape[-1]), last_index, 0)  # (B, C) at each row's last token
-        return self.model.lm_head(last).astype(ms.float32)
-
-
-class _DecodeStep(nn.Cell):
-    def __init__(self, model, caches):
-        super().__init__()
-        self.model, self.caches = model, caches
-
-    @ms.jit
-    def construct(self, ids, cos, sin, mask, cache_index, adapters=None):
-        h = self.model.hidden(ids, cos, sin, mask, self.caches, cache_index, True, adapters)
-        return self.model.lm_head(h[:, 0]).astype(ms.float32)
-
-
-class _ChunkStep(nn.Cell):
-    def __init__(self, model, caches):
-        super().__init__()
-        self.model, self.caches = model, caches
-
-    @ms.jit
-    def construct(self, ids, cos, sin, mask, cache_index, last_index, rows, adapters=None):
-        h = self.model.hidden(ids, cos, sin, mask, self.caches, cache_index, True, adapters, rows)
-        last = ops.gather(h.reshape(-1, h.shape[-1]), last_index, 0)
+    def construct(self, ids, cos, sin, mask, write_index, read_index, last_index, adapters=None):
+        h = self.model.hidden(ids, cos, sin, mask, self.caches, write_index, True, adapters, read_index)
+        last = ops.gather(h.reshape(-1, h.shape[-1]), last_index, 0)  # (B, C)
         return self.model.lm_head(last).astype(ms.float32)
 
 
 PREFILL_CHUNK = 128
+MIN_ATTEND = 128  # smallest attended cache length: fewer shapes to compile, little waste
 
 
 def prefill_inputs(cfg, slots, prompts: list[list[int]], t: int):
@@ -100,8 +88,8 @@ def decode_inputs(cfg, tokens, positions, cache_len: int):
     return np.asarray(tokens, np.int32).reshape(-1, 1), cos, sin, mask, index
 
 
-def _bucket(n: int, cap: int) -> int:
-    b = 16
+def _bucket(n: int, cap: int, start: int = 16) -> int:
+    b = start
     while b < n:
         b *= 2
     return min(b, cap)
@@ -117,18 +105,27 @@ class Engine:
         self.max_len = max_len or cfg.max_position_embeddings
         if self.max_len > cfg.max_position_embeddings and cfg.rope_scaling != "dynamic":
             raise ValueError(f"max_len {self.max_len} exceeds the model's {cfg.max_position_embeddings} positions")
-        shape = (max_batch, cfg.num_heads, self.max_len, cfg.head_dim)
+        self.scratch = max_batch  # padding rows write and read this extra slot, never a real one
+        shape = ((max_batch + 1) * cfg.num_heads * self.max_len, cfg.head_dim)
         self.caches = ms.ParameterTuple([
             Parameter(ops.zeros(shape, model.dtype), name=f"kv_cache.{i // 2}.{'kv'[i % 2]}", requires_grad=False)
             for i in range(2 * cfg.num_layers)])
-        self._prefill = _PrefillStep(model, self.caches)
-        self._chunk = _ChunkStep(model, self.caches)
-        self._decode = _DecodeStep(model, self.caches)
-        self._heads = np.arange(cfg.num_heads)[None, :, None]
+        self._step = _Step(model, self.caches)
+        self.shapes_run: set[tuple[int, int, int]] = set()  # (rows, tokens, attended) shapes compiled so far
         self.lock = threading.Lock()  # one step at a time: the cache is shared state
         self.adapters: dict[str, int] = {}  # LoRA adapter name -> index (0 is "no adapter")
         self._adapter_weights: list = []  # (AdapterSpec, {name: array}) for index 1, 2, ...
         self._targets: tuple = ()  # LoRA target names (wq, ...) that have adapter stacks
+
+    @property
+    def cache_bytes_per_slot(self) -> int:
+        cfg = self.config
+        return 2 * cfg.num_layers * self.max_len * cfg.hidden_size * self.caches[0].itemsize
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of KV cache allocated (the slots plus the scratch slot)."""
+        return (self.max_batch + 1) * self.cache_bytes_per_slot
 
     def load_adapter(self, name: str, folder) -> int:
         """Serve the LoRA adapter in ``folder`` as ``name`` (replacing one of that name); its index.
@@ -180,10 +177,8 @@ class Engine:
                 else:
                     setattr(lin, attr, Parameter(Tensor(value, self.model.dtype), name=f"{module}.{attr}",
                                                  requires_grad=False))
-        # New parameter shapes: fresh step cells compile for them (the KV cache is shared, not copied).
-        self._prefill = _PrefillStep(self.model, self.caches)
-        self._chunk = _ChunkStep(self.model, self.caches)
-        self._decode = _DecodeStep(self.model, self.caches)
+        # New parameter shapes: a fresh step cell compiles for them (the KV cache is shared, not copied).
+        self._step = _Step(self.model, self.caches)
 
     def _adapter_tensor(self, adapters, n: int):
         """None when no adapter is loaded (the plain graphs, bit-identical to an engine without
@@ -208,67 +203,105 @@ class Engine:
         if n >= self.max_len:
             raise PromptTooLong(f"prompt of {n} tokens leaves no room in the model's {self.max_len} positions")
 
-    def prefill(self, slots: list[int], prompts: list[list[int]], adapters=None) -> np.ndarray:
+    def _rows(self, n: int) -> int:
+        """Rows a step runs for n sequences: a power of two, at most the slots."""
+        return min(_bucket(n, self.max_batch, start=1), self.max_batch)
+
+    def _run(self, slots, chunks, starts, seq_lens, adapters=None) -> np.ndarray:
+        """One compiled step: ``chunks[i]`` (new tokens) go into slot ``slots[i]`` at positions
+        ``starts[i]``...; logits (n, V) after each chunk's last token."""
+        cfg, L = self.config, self.max_len
+        n = len(chunks)
+        extra = self._adapter_tensor(adapters, n)
+        b = self._rows(n)
+        longest = max(len(c) for c in chunks)
+        t = 1 if longest == 1 else _bucket(longest, PREFILL_CHUNK)  # decode, or a prefill bucket
+        ends = np.array([s + len(c) for s, c in zip(starts, chunks)])
+        if ends.max() > L:
+            raise PromptTooLong("sequence reached the cache length")
+        attend = max(min(_bucket(int(ends.max()), L, start=MIN_ATTEND), L), 1)
+        slots_b = np.full(b, self.scratch, np.int64)
+        slots_b[:n] = slots
+        starts_b = np.zeros(b, np.int64)
+        starts_b[:n] = starts
+        lens = np.ones(b, np.int64)
+        lens[:n] = [len(c) for c in chunks]
+        seq_b = np.ones(b, np.int64)
+        seq_b[:n] = seq_lens
+        ids = np.zeros((b, t), np.int32)
+        for i, c in enumerate(chunks):
+            ids[i, :len(c)] = c
+        j = np.arange(t)
+        positions = starts_b[:, None] + j[None, :]  # (b, t)
+        cos, sin = rope_tables(cfg, positions, seq_b)
+        valid = j[None, :] < lens[:, None]
+        # (slot * heads + head) * L + position, in the (rows, heads, tokens) order of the new k/v;
+        # padding tokens go to distinct scratch positions (never a live slot, never past the cache)
+        nh = cfg.num_heads
+        heads = np.arange(nh)[None, :, None]
+        base = (slots_b[:, None, None] * nh + heads) * L  # (b, nh, 1)
+        scratch = (self.scratch * nh + heads) * L + (np.arange(b * t) % L).reshape(b, 1, t)
+        write = np.where(valid[:, None, :], base + np.minimum(positions, L - 1)[:, None, :], scratch).reshape(-1)
+        read = base + np.arange(attend)[None, None, :]  # (b, nh, S)
+        ok = np.arange(attend)[None, None, :] <= positions[:, :, None]  # key j <= query position
+        mask = np.where(ok, 0.0, NEG_INF).astype(np.float32)[:, None]  # (b, 1, t, S)
+        last = (np.arange(b) * t + lens - 1).astype(np.int32)
+        args = (Tensor(ids), Tensor(cos), Tensor(sin), Tensor(mask), Tensor(write.astype(np.int32)),
+                Tensor(read.astype(np.int32)), Tensor(last))
+        if extra is not None:
+            pad = np.zeros(b, np.int32)
+            pad[:n] = extra.asnumpy()
+            args += (Tensor(pad),)
+        with self.lock:
+            self.shapes_run.add((b, t, attend))
+            return self._step(*args).asnumpy()[:n]
+
+    def prefill(self, slots: list[int], prompts: list[list[int]], adapters=None, starts=None) -> np.ndarray:
         """Write each prompt into its slot's cache; logits (B, V) after each prompt's last token.
 
-        ``adapters`` (B,) picks each row's LoRA adapter by index (0 or None: the base model)."""
+        ``adapters`` (B,) picks each row's LoRA adapter by index (0 or None: the base model).
+        ``starts`` (B,): the first ``starts[i]`` tokens of prompt i are already in its slot (only
+        the rest is computed). Prompts go through in chunks of ``PREFILL_CHUNK`` tokens."""
         for p in prompts:
             self.check_prompt(len(p))
-        b = len(prompts)
-        extra = self._adapter_tensor(adapters, b)
+        self._check_slots(slots)
+        starts = np.zeros(len(prompts), np.int64) if starts is None else np.asarray(starts, np.int64)
         lengths = np.array([len(p) for p in prompts])
-        if lengths.max() > PREFILL_CHUNK:
-            return self._prefill_chunked(slots, prompts, lengths, extra)
-        t = _bucket(int(lengths.max()), self.max_len)
-        args = tuple(Tensor(a) for a in prefill_inputs(self.config, slots, prompts, t))
-        with self.lock:
-            out = self._prefill(*args) if extra is None else self._prefill(*args, extra)
-            return out.asnumpy()
-
-    def _prefill_chunked(self, slots, prompts, lengths, extra) -> np.ndarray:
-        """Prefill chunk by chunk; each chunk attends the cache written so far for its slots."""
-        b, c, L = len(prompts), PREFILL_CHUNK, self.max_len
-        slots = np.asarray(slots)
         out = None
-        for start in range(0, int(lengths.max()), c):
-            positions = np.broadcast_to(start + np.arange(c), (b, c))
-            ids = np.zeros((b, c), np.int32)
-            for i, p in enumerate(prompts):
-                part = p[start:start + c]
-                ids[i, :len(part)] = part
-            cos, sin = rope_tables(self.config, positions, lengths)
-            # key j is visible to the query at position q if j <= q and j is a real token of the row
-            j = np.arange(L)
-            ok = (j[None, None, :] <= positions[:, :, None]) & (j[None, None, :] < lengths[:, None, None])
-            mask = np.where(ok, 0.0, NEG_INF).astype(np.float32)[:, None]
-            # padding past the cache end is parked on its last position, which no real token uses yet
-            write = np.minimum(positions, L - 1)
-            index = np.stack(np.broadcast_arrays(slots[:, None, None], self._heads, write[:, None, :]),
-                             -1).astype(np.int32)
-            last = (np.arange(b) * c + np.clip(lengths - 1 - start, 0, c - 1)).astype(np.int32)
-            with self.lock:
-                args = (Tensor(ids), Tensor(cos), Tensor(sin), Tensor(mask), Tensor(index), Tensor(last),
-                        Tensor(slots.astype(np.int32)))
-                logits = (self._chunk(*args) if extra is None else self._chunk(*args, extra)).asnumpy()
-            out = logits if out is None else out
-            done_here = (lengths - 1 >= start) & (lengths - 1 < start + c)
-            out[done_here] = logits[done_here]
+        pos = starts.copy()
+        while (pos < lengths).any():
+            rows = np.flatnonzero(pos < lengths)
+            chunks = [prompts[i][pos[i]:pos[i] + PREFILL_CHUNK] for i in rows]
+            logits = self._run([slots[i] for i in rows], chunks, pos[rows], lengths[rows],
+                               None if adapters is None else np.asarray(adapters)[rows])
+            if out is None:
+                out = np.zeros((len(prompts), logits.shape[-1]), np.float32)
+            pos[rows] += [len(c) for c in chunks]
+            done = pos[rows] >= lengths[rows]
+            out[rows[done]] = logits[done]
         return out
 
-    def decode(self, tokens: np.ndarray, positions: np.ndarray, adapters=None) -> np.ndarray:
-        """One token per slot at ``positions`` (max_batch,); logits (max_batch, V).
+    def decode(self, tokens: np.ndarray, positions: np.ndarray, adapters=None, slots=None) -> np.ndarray:
+        """One token per row at ``positions``; logits (rows, V).
 
-        Slot s sees cache positions 0..positions[s]; give idle slots position 0.
-        ``adapters`` (max_batch,) picks each slot's LoRA adapter by index (0 or None: the base).
+        Without ``slots`` the rows are every slot (0..max_batch-1); with ``slots`` only those
+        slots run, so a step costs the live sequences. Slot s sees cache positions 0..positions[s].
+        ``adapters`` picks each row's LoRA adapter by index (0 or None: the base).
         """
-        extra = self._adapter_tensor(adapters, self.max_batch)
-        positions = np.asarray(positions, np.int64)
+        tokens = np.asarray(tokens, np.int32).reshape(-1)
+        positions = np.asarray(positions, np.int64).reshape(-1)
+        slots = list(range(self.max_batch)) if slots is None else [int(s) for s in slots]
+        if not len(tokens) == len(positions) == len(slots):
+            raise ValueError(f"decode takes one token and position per slot, got {len(tokens)}, {len(positions)}, "
+                             f"{len(slots)}")
+        self._check_slots(slots)
         if positions.max() >= self.max_len:
             raise PromptTooLong("sequence reached the cache length")
-        args = tuple(Tensor(a) for a in decode_inputs(self.config, tokens, positions, self.max_len))
-        with self.lock:
-            out = self._decode(*args) if extra is None else self._decode(*args, extra)
-            return out.asnumpy()
+        return self._run(slots, [[int(t)] for t in tokens], positions, positions + 1, adapters)
+
+    def _check_slots(self, slots) -> None:
+        if any(not 0 <= s < self.max_batch for s in slots) or len(set(slots)) != len(slots):
+            raise ValueError(f"slots {list(slots)} must be distinct and in 0..{self.max_batch - 1}")
 
 
 def open_engine(folder, max_batch: int = 1, max_len: int | None = None):

@@ -375,13 +375,23 @@ class ExportedEngine:
             out = self.graphs["prefill"](*args, *self.caches)
             return out.asnumpy()
 
-    def decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """One token per slot at ``positions`` (max_batch,); logits (max_batch, V).
+    def decode(self, tokens: np.ndarray, positions: np.ndarray, slots=None) -> np.ndarray:
+        """One token per row at ``positions``; logits (rows, V), as ``Engine.decode``.
 
-        Slot s sees cache positions 0..positions[s]; give idle slots position 0.
+        Without ``slots`` the rows are every slot. The exported decode graph has one shape, so it
+        always runs every slot over the whole cache (idle slots at position 0, results dropped).
         """
         tokens = np.asarray(tokens, np.int32).reshape(-1)
         positions = np.asarray(positions, np.int64).reshape(-1)
+        if slots is not None:
+            slots = [int(s) for s in slots]
+            self._check_slots(slots)
+            if not len(tokens) == len(positions) == len(slots):
+                raise ValueError(f"decode takes one token and position per slot, got {len(tokens)}, "
+                                 f"{len(positions)}, {len(slots)}")
+            full_t, full_p = np.zeros(self.max_batch, np.int32), np.zeros(self.max_batch, np.int64)
+            full_t[slots], full_p[slots] = tokens, positions
+            return self.decode(full_t, full_p)[slots]
         if len(tokens) != self.max_batch or len(positions) != self.max_batch:
             raise ValueError(f"decode takes {self.max_batch} tokens and positions, got {len(tokens)}, {len(positions)}")
         if positions.max() >= self.max_len:

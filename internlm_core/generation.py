@@ -261,15 +261,12 @@ def generate(engine, prompt: list[int], params: SamplingParams | None = None, to
     state = SequenceState(list(prompt), params, tokenizer, engine.config.vocab_size)
     engine.check_prompt(len(prompt))
     logits = engine.prefill([slot], [state.prompt])[0]
-    positions = np.zeros(engine.max_batch, np.int64)
-    tokens = np.zeros(engine.max_batch, np.int32)
     while True:
         event = state.step(logits, engine.max_len)
         yield event
         if event.finish_reason:
             return
-        tokens[slot], positions[slot] = event.token_id, state.length - 1
-        logits = engine.decode(tokens, positions)[slot]
+        logits = engine.decode([event.token_id], [state.length - 1], slots=[slot])[0]
 
 
 def generate_batch(engine, prompts: list[list[int]], params: SamplingParams | None = None,
@@ -280,19 +277,18 @@ def generate_batch(engine, prompts: list[list[int]], params: SamplingParams | No
         raise ValueError(f"{len(prompts)} prompts exceed the engine's {engine.max_batch} slots")
     states = [SequenceState(list(p), params, tokenizer, engine.config.vocab_size) for p in prompts]
     logits = engine.prefill(list(range(len(prompts))), [s.prompt for s in states])
-    tokens = np.zeros(engine.max_batch, np.int32)
-    positions = np.zeros(engine.max_batch, np.int64)
     logprobs = [[] for _ in states]
+    rows = list(range(len(states)))  # the slots still generating, in the order of ``logits``
     while True:
-        for i, s in enumerate(states):
-            if s.finish_reason is None:
-                ev = s.step(logits[i], engine.max_len)
-                if ev.logprob is not None:
-                    logprobs[i].append(ev.logprob)
-                tokens[i], positions[i] = ev.token_id, s.length - 1
-        if all(s.finish_reason for s in states):
+        for i, row in zip(rows, logits):
+            ev = states[i].step(row, engine.max_len)
+            if ev.logprob is not None:
+                logprobs[i].append(ev.logprob)
+        rows = [i for i in rows if states[i].finish_reason is None]
+        if not rows:
             break
-        logits = engine.decode(tokens, positions)
+        logits = engine.decode([states[i].generated[-1] for i in rows], [states[i].length - 1 for i in rows],
+                               slots=rows)
     results = [s.result() for s in states]
     for r, lp in zip(results, logprobs):
         r.logprobs = lp if params.logprobs else None
