@@ -101,3 +101,50 @@ def test_chunked_prefill_of_long_prompts_equals_full_recompute():
     for slot, row in ((0, 1), (1, 2), (2, 0)):
         full = model(*forward_inputs(cfg, np.array([seqs[row]]))).asnumpy()[0]
         np.testing.assert_allclose(step[slot], full[lengths[row]], atol=1e-4)
+
+
+def test_live_rows_and_cache_buckets_equal_full_recompute(model, monkeypatch):
+    """Decode of a few live slots, attending only a power-of-two prefix of the cache, gives the
+    logits of a full forward as sequences cross bucket boundaries (the smallest attended length
+    lowered to 32 so that 32, 64 and 128 all occur in the tiny model's 128 positions), and a
+    step never runs the slots that are idle."""
+    import internlm_core.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "MIN_ATTEND", 32)
+    cfg = model.config
+    eng = Engine(model, max_batch=8, max_len=128)
+    seqs = {1: random_ids(120, 512, seed=7), 6: random_ids(70, 512, seed=8)}
+    full = {s: model(*forward_inputs(cfg, np.array([ids]))).asnumpy()[0] for s, ids in seqs.items()}
+    starts = {1: 20, 6: 9}
+    logits = eng.prefill(list(seqs), [seqs[s][:starts[s]] for s in seqs])
+    for row, s in zip(logits, seqs):
+        np.testing.assert_allclose(row, full[s][starts[s] - 1], atol=1e-4)
+    for step in range(100):
+        live = [s for s in seqs if starts[s] + step < len(seqs[s])]
+        pos = [starts[s] + step for s in live]
+        out = eng.decode([seqs[s][p] for s, p in zip(live, pos)], pos, slots=live)
+        assert out.shape == (len(live), cfg.vocab_size)
+        for row, s, p in zip(out, live, pos):
+            np.testing.assert_allclose(row, full[s][p], atol=1e-4)
+    assert {a for b, t, a in eng.shapes_run if t == 1} == {32, 64, 128}  # crossed mid-generation
+    assert {b for b, t, a in eng.shapes_run} == {2, 1}  # never the 8 allocated slots
+
+
+def test_steps_reuse_their_compiled_shapes(model):
+    """After a warm-up generation, the same traffic feeds the compiled step no new shape: every
+    step reuses one of a few (rows, tokens, attended) graphs instead of compiling per step."""
+    eng = Engine(model, max_batch=4, max_len=128)
+    prompts = [random_ids(n, 512, seed=n) for n in (5, 17, 40)]
+    generate_batch(eng, prompts, GREEDY)
+    warmed = set(eng.shapes_run)
+    assert len(warmed) <= 6
+    again = generate_batch(eng, prompts, GREEDY)
+    assert eng.shapes_run == warmed
+    assert [r.token_ids for r in again] == [r.token_ids for r in generate_batch(eng, prompts, GREEDY)]
+
+
+def test_cache_bytes_reported(model):
+    eng = Engine(model, max_batch=4, max_len=128)
+    cfg = model.config
+    assert eng.cache_bytes_per_slot == 2 * cfg.num_layers * 128 * cfg.hidden_size * 4
+    assert eng.cache_bytes == 5 * eng.cache_bytes_per_slot  # the slots and the scratch slot
