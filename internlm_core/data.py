@@ -202,7 +202,8 @@ def preprocess(kind: str, src: Path, dst: Path, seq_length: int, mode: str | Non
         def streams():
             for i, line in enumerate(items, 1):
                 tick(i)
-                yield tok.encode(line, allow_special=True)  # bos starts every paragraph/heading; no eos (as the seed)
+                # bos starts every paragraph/heading; no eos (as the seed)
+                yield tok.encode(line, allow_special=True)
         for ids, n in pack_rows(streams(), row_len):
             stats["tokens"] += n
             rows.append({"input_ids": np.asarray(ids, np.int32)})

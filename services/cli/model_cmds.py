@@ -22,7 +22,8 @@ def register(sub) -> None:
     g.add_argument("--chat", action="store_true", help="render the prompt as a user turn in InternLM's chat format")
     g.add_argument("--system", help="system prompt (with --chat)")
     g.add_argument("--allow-special-tokens", action="store_true",
-                   help="literal <s>, </s>, <eoh>, <eoa>, ... in the prompt become control tokens (default: plain text)")
+                   help="literal <s>, </s>, <eoh>, <eoa>, ... in the prompt become control tokens "
+                        "(default: plain text)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--min-new-tokens", type=int, default=0)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
