@@ -12,6 +12,9 @@ What differs from the seed scripts (shared/reference/internlm-v1.md) and why:
 - A record that overflows is truncated: the answer's tail first, then the middle of the user
   text, always keeping the ``<eoh>\\n<|Bot|>:`` turn marker and at least a few answer tokens.
   A record that still cannot fit is dropped and counted; no row ever has all labels ignored.
+- Alpaca text is encoded as plain text, as serving encodes user text: a literal ``<eoa>`` in an
+  answer is characters, not an early end of the answer. WikiText keeps the seed's tokenizer
+  behaviour, literal special strings to ids: its ``<unk>`` marks out-of-vocabulary words.
 - WikiText is packed into full rows by default (no padding wasted); the seed's
   one-line-per-sample mode (min length, pad with 2) stays available as ``mode="line"``.
 """
@@ -61,7 +64,7 @@ def alpaca_tokens(tok: Tokenizer, rec: dict) -> tuple[list[int], list[int]]:
 
 def _prompt_tail_length(tok: Tokenizer) -> int:
     """Tokens at the end of every prompt that must survive truncation: ``<eoh>\\n<|Bot|>:``."""
-    return len(tok.encode("<eoh>\n<|Bot|>:", bos=False))
+    return len(tok.encode("<eoh>\n<|Bot|>:", bos=False, allow_special=True))  # the template's own text
 
 
 def alpaca_row(prompt: list[int], answer: list[int], row_len: int, tail: int) -> tuple[list[int], list[int], bool] | None:
@@ -186,7 +189,7 @@ def preprocess(kind: str, src: Path, dst: Path, seq_length: int, mode: str | Non
     elif mode == "line":
         for i, line in enumerate(items, 1):
             tick(i)
-            line_ids = tok.encode(line)
+            line_ids = tok.encode(line, allow_special=True)
             row = line_row(line_ids, row_len, min_length)
             if row is None:
                 stats["dropped"] += 1
@@ -199,7 +202,8 @@ def preprocess(kind: str, src: Path, dst: Path, seq_length: int, mode: str | Non
         def streams():
             for i, line in enumerate(items, 1):
                 tick(i)
-                yield tok.encode(line)  # bos starts every paragraph/heading; no eos (as the seed)
+                # bos starts every paragraph/heading; no eos (as the seed)
+                yield tok.encode(line, allow_special=True)
         for ids, n in pack_rows(streams(), row_len):
             stats["tokens"] += n
             rows.append({"input_ids": np.asarray(ids, np.int32)})

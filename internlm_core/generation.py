@@ -89,6 +89,9 @@ def sample(logits: np.ndarray, rng: np.random.Generator) -> int:
 
 # ---- parameters ----------------------------------------------------------------------------
 
+_FLOAT_PARAMS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 128
@@ -113,7 +116,13 @@ class SamplingParams:
             bad(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             bad(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
-        if self.temperature < 0 or not np.isfinite(self.temperature):
+        # NaN makes every comparison false, so it would slip through checks such as `<= 0` below
+        # (a NaN penalty turns all logits NaN); infinities are no meaningful setting either.
+        for name in _FLOAT_PARAMS:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float, np.number)) or not np.isfinite(value):
+                bad(f"{name} must be a finite number, got {value!r}")
+        if self.temperature < 0:
             bad(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
             bad(f"top_k must be >= 0, got {self.top_k}")

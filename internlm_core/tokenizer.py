@@ -1,7 +1,12 @@
 """The InternLM v1 tokenizer: the real sentencepiece model plus what the HF wrapper adds.
 
-The raw sentencepiece model splits the literal text ``<s>`` into pieces, so the special
-strings are mapped to their ids here, as HF's ``InternLMTokenizer`` and MindFormers do.
+Text is encoded as plain text by default: a ``<s>`` or ``<eoa>`` typed by a user is those
+characters, never the control token, so user text cannot forge the chat format (prompt
+injection). ``allow_special=True`` maps the literal special strings to their ids as HF's
+``InternLMTokenizer`` and MindFormers do: ``<s>``, ``</s>``, ``<unk>`` (which the raw model would
+split into pieces) and the model's user-defined pieces (``<eoh>``, ``<eoa>``, the unused
+placeholders), which sentencepiece itself matches anywhere in raw text. The chat template's own
+``<eoh>``/``<eoa>`` are always the real ids.
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 BUNDLED_MODEL = Path(__file__).parent / "assets" / "tokenizer.model"
 
@@ -20,7 +26,12 @@ ROLES = ("system", "user", "assistant")
 
 _SPECIAL = {"<s>": BOS, "</s>": EOS, "<unk>": UNK}
 _SPECIAL_TEXT = {v: k for k, v in _SPECIAL.items()}
-_SPECIAL_RE = re.compile("(" + "|".join(re.escape(s) for s in _SPECIAL) + ")")
+_USER_DEFINED = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+
+
+def _alternation(strings: Iterable[str]) -> re.Pattern:
+    """A splitting pattern that keeps the matches; longest first, so no string shadows a longer one."""
+    return re.compile("(" + "|".join(re.escape(s) for s in sorted(strings, key=len, reverse=True)) + ")")
 
 
 class TokenizerError(ValueError):
@@ -34,18 +45,42 @@ class Tokenizer:
             raise TokenizerError(f"tokenizer model not found: {self.model_file}")
         self.sp = spm.SentencePieceProcessor(model_file=str(self.model_file))
         self.vocab_size = self.sp.get_piece_size()
+        proto = sentencepiece_model_pb2.ModelProto.FromString(self.sp.serialized_model_proto())
+        # the pieces sentencepiece matches in raw text wherever they occur
+        self._user_defined = {p.piece: i for i, p in enumerate(proto.pieces) if p.type == _USER_DEFINED}
+        self._specials = {**self._user_defined, **_SPECIAL}
+        self._user_defined_re = _alternation(self._user_defined) if self._user_defined else None
+        self._specials_re = _alternation(self._specials)
 
     # ---- ids <-> text ------------------------------------------------------------------
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        """Token ids of ``text``; literal ``<s>``, ``</s>``, ``<unk>`` become their ids."""
+    def encode(self, text: str, bos: bool = True, eos: bool = False, allow_special: bool = False) -> list[int]:
+        """Token ids of ``text`` as plain text (see the module docstring); with ``allow_special``
+        the literal special strings (``<s>``, ``</s>``, ``<unk>``, ``<eoh>``, ``<eoa>``, ...) become their ids."""
         ids = [BOS] if bos else []
-        for part in _SPECIAL_RE.split(text):
-            if part in _SPECIAL:
-                ids.append(_SPECIAL[part])
-            elif part:
-                ids.extend(self.sp.encode(part))
+        ids.extend(self._encode_text(text, allow_special))
         if eos:
             ids.append(EOS)
+        return ids
+
+    def _encode_text(self, text: str, allow_special: bool) -> list[int]:
+        ids: list[int] = []
+        if allow_special:
+            for part in self._specials_re.split(text):
+                if part in self._specials:
+                    ids.append(self._specials[part])
+                elif part:
+                    ids.extend(self.sp.encode(part))
+            return ids
+        if self._user_defined_re is None:
+            return self.sp.encode(text)
+        for part in self._user_defined_re.split(text):
+            if part in self._user_defined:
+                # Encoded on their own, its first character and the rest no longer form the piece;
+                # the ids decode back to the same text.
+                ids.extend(self.sp.encode(part[:1]))
+                ids.extend(self._encode_text(part[1:], False))
+            elif part:
+                ids.extend(self.sp.encode(part))
         return ids
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
@@ -71,19 +106,34 @@ class Tokenizer:
         return self.sp.id_to_piece(int(i))
 
     # ---- chat ----------------------------------------------------------------------------
-    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
-        return [BOS] + self.encode(render_chat(messages, add_generation_prompt), bos=False)
+    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+                    allow_special: bool = False) -> list[int]:
+        """bos + the InternLM chat format; the template's ``<eoh>``/``<eoa>`` are control ids, the
+        messages' content is plain text unless ``allow_special``."""
+        ids = [BOS]
+        for part in chat_parts(messages, add_generation_prompt):
+            ids.extend([part] if isinstance(part, int) else self._encode_text(part, allow_special))
+        return ids
 
     def stream_decoder(self, skip_special: bool = False) -> "StreamDecoder":
         return StreamDecoder(self, skip_special)
 
 
-def render_chat(messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
-    """InternLM v1 chat format: ``<|System|>:{s}\\n`` then per turn
-    ``<|User|>:{q}<eoh>\\n<|Bot|>:{a}<eoa>\\n``; ends with ``<|Bot|>:`` to ask for an answer."""
+def chat_parts(messages: Sequence[dict], add_generation_prompt: bool = True) -> list[str | int]:
+    """InternLM v1 chat format as text runs and the template's control ids: ``<|System|>:{s}\\n``
+    then per turn ``<|User|>:{q}<eoh>\\n<|Bot|>:{a}<eoa>\\n``; ends with ``<|Bot|>:`` to ask for an
+    answer. Adjacent text is one run, so it is tokenized as the whole rendered text would be."""
     if not messages:
         raise TokenizerError("a chat needs at least one message")
-    out = []
+    parts: list[str | int] = [""]
+
+    def add(*items):
+        for item in items:
+            if isinstance(item, str) and isinstance(parts[-1], str):
+                parts[-1] += item
+            else:
+                parts.append(item)
+
     for i, m in enumerate(messages):
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
@@ -93,16 +143,22 @@ def render_chat(messages: Sequence[dict], add_generation_prompt: bool = True) ->
         if role == "system":
             if i != 0:
                 raise TokenizerError("a system message may only come first")
-            out.append(f"<|System|>:{content}\n")
+            add(f"<|System|>:{content}\n")
         elif role == "user":
-            out.append(f"<|User|>:{content}<eoh>\n")
+            add(f"<|User|>:{content}", EOH, "\n")
         else:
-            out.append(f"<|Bot|>:{content}<eoa>\n")
+            add(f"<|Bot|>:{content}", EOA, "\n")
     if add_generation_prompt:
         if messages[-1]["role"] != "user":
             raise TokenizerError("the last message must be the user's to ask for an answer")
-        out.append("<|Bot|>:")
-    return "".join(out)
+        add("<|Bot|>:")
+    return [p for p in parts if p != ""]
+
+
+def render_chat(messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    """The chat format as text (``<eoh>``/``<eoa>`` written out), as ``encode_chat`` encodes it."""
+    return "".join({EOH: "<eoh>", EOA: "<eoa>"}[p] if isinstance(p, int) else p
+                   for p in chat_parts(messages, add_generation_prompt))
 
 
 class StreamDecoder:

@@ -1,8 +1,22 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a fresh machine: virtual environment, packages, generated gRPC stubs,
 # and a real redis-server (Debian package) when none is installed.
+#
+#   setup.sh runtime   what serving, jobs and training need: the package plus its build extra
+#                      (grpcio-tools, to generate the stubs); used by scripts/up.sh
+#   setup.sh test      runtime plus the test extra (torch, transformers, mindformers, pytest, ...);
+#                      used by scripts/test.sh
+#
+# Each mode leaves its own stamp (keyed by pyproject.toml), so a mode whose packages are already
+# installed does nothing; a test install covers runtime, so `up` after `test` installs nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+MODE=${1:-runtime}
+case "$MODE" in
+    runtime) extras="build" ;;
+    test) extras="build,test" ;;
+    *) echo "usage: $0 [runtime|test]" >&2; exit 2 ;;
+esac
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 
@@ -15,11 +29,14 @@ fi
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
-stamp=.venv/.installed-$(cat pyproject.toml | sha1sum | cut -c1-12)
-if [ ! -f "$stamp" ]; then
+key=$(sha1sum pyproject.toml | cut -c1-12)
+stamp=.venv/.installed-$MODE-$key
+if [ ! -f "$stamp" ] && ! { [ "$MODE" = runtime ] && [ -f ".venv/.installed-test-$key" ]; }; then
+    echo "setup: installing the $MODE packages (.[$extras])" >&2
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e ".[test]"
-    rm -f .venv/.installed-*; touch "$stamp"
+    .venv/bin/python -m pip install -q -e ".[$extras]"
+    rm -f .venv/.installed-"$MODE"-* .venv/.installed-????????????  # this mode's stale stamps, old-style ones
+    touch "$stamp"
 fi
 if [ -f services/gen_protos.py ]; then
     .venv/bin/python -m services.gen_protos

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The test command: set up, then run the whole suite (real redis-server, gRPC servers and Celery
-# workers are started by the tests themselves, on loopback).
+# The test command: set up (runtime + test packages), then run the whole suite (real
+# redis-server, gRPC servers and Celery workers are started by the tests themselves, on loopback).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh test
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?

@@ -27,7 +27,8 @@ def request_from_args(args) -> inference_pb2.GenerateRequest:
         value = getattr(args, name, None)
         if value is not None:
             setattr(params, name, value)
-    request = inference_pb2.GenerateRequest(params=params, adapter=getattr(args, "adapter", None) or "")
+    request = inference_pb2.GenerateRequest(params=params, adapter=getattr(args, "adapter", None) or "",
+                                            allow_special_tokens=getattr(args, "allow_special_tokens", False))
     if getattr(args, "ids", None):
         request.ids.ids.extend(int(x) for x in args.ids.split(",") if x.strip())
     elif getattr(args, "chat", False):

@@ -46,17 +46,18 @@ def chat_to_pb(messages: list[dict]) -> common_pb2.ChatMessages:
 
 
 def prompt_from_pb(request: inference_pb2.GenerateRequest, tokenizer) -> list[int]:
-    """Token ids of the request's prompt (text gets <s>; chat gets the InternLM template)."""
+    """Token ids of the request's prompt (text gets <s>; chat gets the InternLM template); special-token
+    strings typed in text or content are plain text unless the request sets allow_special_tokens."""
     kind = request.WhichOneof("prompt")
     if kind is None:
         raise ValueError("the request has no prompt: set one of text, ids, chat")
     if kind == "text":
         if not request.text:
             raise ValueError("empty prompt")
-        return tokenizer.encode(request.text)
+        return tokenizer.encode(request.text, allow_special=request.allow_special_tokens)
     if kind == "ids":
         return list(request.ids.ids)
-    return tokenizer.encode_chat(chat_from_pb(request.chat.messages))
+    return tokenizer.encode_chat(chat_from_pb(request.chat.messages), allow_special=request.allow_special_tokens)
 
 
 def chunk_to_pb(events, finish=None) -> inference_pb2.GenerateResponse:

@@ -21,7 +21,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         self.tok = tokenizer
 
     def _encode(self, text: str, request) -> list[int]:
-        return self.tok.encode(text, bos=not request.no_bos, eos=request.add_eos)
+        return self.tok.encode(text, bos=not request.no_bos, eos=request.add_eos,
+                               allow_special=request.allow_special_tokens)
 
     def Encode(self, request, context):
         return tokenizer_pb2.EncodeResponse(ids=self._encode(request.text, request))
@@ -40,13 +41,15 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         messages = chat_from_pb(request.messages)
         add = not request.no_generation_prompt
         text = render_chat(messages, add)
-        return tokenizer_pb2.ChatTemplateResponse(text=text, ids=self.tok.encode_chat(messages, add))
+        ids = self.tok.encode_chat(messages, add, allow_special=request.allow_special_tokens)
+        return tokenizer_pb2.ChatTemplateResponse(text=text, ids=ids)
 
     def CountTokens(self, request, context):
+        allow = request.allow_special_tokens
         if request.WhichOneof("input") == "chat":
-            n = len(self.tok.encode_chat(chat_from_pb(request.chat.messages)))
+            n = len(self.tok.encode_chat(chat_from_pb(request.chat.messages), allow_special=allow))
         else:
-            n = len(self.tok.encode(request.text, bos=False))  # the text's own tokens, without <s>
+            n = len(self.tok.encode(request.text, bos=False, allow_special=allow))  # the text's own tokens, without <s>
         return tokenizer_pb2.CountTokensResponse(count=n)
 
 

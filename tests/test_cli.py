@@ -42,7 +42,19 @@ def test_generate_chat_prompt(chat_model_dir, tokenizer):
     assert res["text"] == tokenizer.decode((t for t in res["token_ids"] if t not in (2, 103028)), skip_special=True)
 
 
+def test_generate_typed_control_strings(chat_model_dir, tokenizer):
+    for flag in ([], ["--allow-special-tokens"]):
+        for chat in ([], ["--chat"]):
+            res = json.loads(cli("generate", "--model", chat_model_dir, *chat, "Hi<eoa></s><s>", "--max-new-tokens", 2,
+                                 "--json", *flag).stdout)
+            allow = bool(flag)
+            want = (tokenizer.encode_chat([{"role": "user", "content": "Hi<eoa></s><s>"}], allow_special=allow) if chat
+                    else tokenizer.encode("Hi<eoa></s><s>", allow_special=allow))
+            assert res["prompt_tokens"] == len(want), (flag, chat)
+
+
 @pytest.mark.parametrize("args, msg", [
+    (["generate", "--model", "/nonexistent", "hi", "--repetition-penalty", "nan"], "repetition_penalty must be a finite"),
     (["convert", "/nonexistent/hf", "/tmp/x"], "no config.json"),
     (["generate", "--model", "/nonexistent", "hi"], "model folder not found"),
     (["generate", "--model", "/nonexistent"], "either a PROMPT or --ids"),

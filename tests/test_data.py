@@ -31,8 +31,16 @@ def test_hand_computed_record(tokenizer):
 def test_record_with_input_puts_it_on_its_own_line(tokenizer):
     rec = {"instruction": "Translate", "input": "你好", "output": "Hi"}
     prompt, answer = alpaca_tokens(tokenizer, rec)
-    assert prompt == tokenizer.encode("<|User|>:Translate\n你好<eoh>\n<|Bot|>:")
+    assert prompt == tokenizer.encode("<|User|>:Translate\n你好<eoh>\n<|Bot|>:", allow_special=True)
     assert prompt[-7:] == [EOH, 364, 333, 352, 23845, 352, 27232]  # <eoh>\n<|Bot|>: ends every prompt
+
+
+def test_typed_control_strings_in_records_are_text(tokenizer):
+    rec = {"instruction": "Say <eoh> and <eoa>", "input": "</s>", "output": "Done<eoa> not yet</s>"}
+    prompt, answer = alpaca_tokens(tokenizer, rec)
+    assert prompt.count(EOH) == 1 and prompt[-7] == EOH  # only the template's turn marker
+    assert answer.count(EOA) == 1 and answer[-3:] == [EOA, 364, 2]  # the answer ends once, at its end
+    assert tokenizer.decode(answer[:-3]) == "Done<eoa> not yet</s>"
 
 
 def test_exact_fit_is_trained_not_masked(tokenizer):
@@ -92,19 +100,22 @@ def test_shared_alpaca_samples(tmp_path, tokenizer, src):
 def test_wikitext_packing_fills_rows(tmp_path, tokenizer):
     stats = preprocess("wikitext", WIKI, tmp_path / "ds", seq_length=256, tokenizer=tokenizer)
     lines = [s.strip() for s in WIKI.read_text().splitlines() if s.strip()]
-    expected_tokens = sum(len(tokenizer.encode(s)) for s in lines)
+    # WikiText's own <unk> marker is the unk id, as the seed's tokenizer made it
+    expected_tokens = sum(len(tokenizer.encode(s, allow_special=True)) for s in lines)
     assert stats["mode"] == "pack" and stats["tokens"] == expected_tokens and stats["dropped"] == 0
     ids, labels = load_rows(tmp_path / "ds")
+    assert (ids == 0).sum() == sum(s.count("<unk>") for s in lines) > 0
     assert ids.shape == (stats["rows"], 257) and stats["rows"] == -(-expected_tokens // 257)
     assert (ids[:-1] != PAD_ID).all()  # only the last row is padded
     assert ((labels == IGNORE) == (ids == PAD_ID)).all()
-    assert ids[0, :len(tokenizer.encode(lines[0]))].tolist() == tokenizer.encode(lines[0])
+    first = tokenizer.encode(lines[0], allow_special=True)
+    assert ids[0, :len(first)].tolist() == first
 
 
 def test_wikitext_seed_line_mode(tmp_path, tokenizer):
     stats = preprocess("wikitext", WIKI, tmp_path / "ds", seq_length=128, mode="line", tokenizer=tokenizer)
     lines = [s.strip() for s in WIKI.read_text().splitlines() if s.strip()]
-    lengths = [len(tokenizer.encode(s)) for s in lines]
+    lengths = [len(tokenizer.encode(s, allow_special=True)) for s in lines]
     assert stats["dropped"] == sum(n < 50 for n in lengths)
     assert stats["rows"] == sum(n >= 50 for n in lengths)
     assert stats["truncated"] == sum(n > 129 for n in lengths)

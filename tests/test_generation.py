@@ -106,6 +106,19 @@ def test_invalid_params(kw, msg):
         SamplingParams(**kw).validate()
 
 
+FLOAT_FIELDS = ["temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), np.float32("nan")], ids=str)
+@pytest.mark.parametrize("field", FLOAT_FIELDS)
+def test_nan_and_infinities_are_refused_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"^{field} must be a finite number, got "):
+        SamplingParams(**{field: value}).validate()
+    with pytest.raises(ValueError, match=rf"^{field} must be a finite number"):
+        SamplingParams(**{field: "0.5"}).validate()  # not a number at all (a Python caller's mistake)
+    SamplingParams(**{field: 0.5}).validate()  # the same field with a finite value is fine
+
+
 def test_multi_token_stop_string(tokenizer):
     # "Hello world" = [9843, 2028]; stop on "o w" which spans the two tokens
     ids = tokenizer.encode("Hello world, again", bos=False)

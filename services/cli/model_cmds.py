@@ -21,6 +21,9 @@ def register(sub) -> None:
     g.add_argument("--ids", help="comma-separated token ids, fed as they are")
     g.add_argument("--chat", action="store_true", help="render the prompt as a user turn in InternLM's chat format")
     g.add_argument("--system", help="system prompt (with --chat)")
+    g.add_argument("--allow-special-tokens", action="store_true",
+                   help="literal <s>, </s>, <eoh>, <eoa>, ... in the prompt become control tokens "
+                        "(default: plain text)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--min-new-tokens", type=int, default=0)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -94,9 +97,9 @@ def generate(args) -> int:
     if args.ids:
         prompt = [int(x) for x in args.ids.split(",") if x.strip()]
     elif args.chat:
-        prompt = tok.encode_chat(prompt_messages(args))
+        prompt = tok.encode_chat(prompt_messages(args), allow_special=args.allow_special_tokens)
     else:
-        prompt = tok.encode(args.prompt)
+        prompt = tok.encode(args.prompt, allow_special=args.allow_special_tokens)
     if len(prompt) >= cfg.max_position_embeddings:
         raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in the model's "
                          f"{cfg.max_position_embeddings} positions")

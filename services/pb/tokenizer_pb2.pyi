@@ -8,14 +8,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("text", "no_bos", "add_eos")
+    __slots__ = ("text", "no_bos", "add_eos", "allow_special_tokens")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     NO_BOS_FIELD_NUMBER: _ClassVar[int]
     ADD_EOS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     text: str
     no_bos: bool
     add_eos: bool
-    def __init__(self, text: _Optional[str] = ..., no_bos: _Optional[bool] = ..., add_eos: _Optional[bool] = ...) -> None: ...
+    allow_special_tokens: bool
+    def __init__(self, text: _Optional[str] = ..., no_bos: _Optional[bool] = ..., add_eos: _Optional[bool] = ..., allow_special_tokens: _Optional[bool] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
     __slots__ = ("ids",)
@@ -24,14 +26,16 @@ class EncodeResponse(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EncodeBatchRequest(_message.Message):
-    __slots__ = ("texts", "no_bos", "add_eos")
+    __slots__ = ("texts", "no_bos", "add_eos", "allow_special_tokens")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     NO_BOS_FIELD_NUMBER: _ClassVar[int]
     ADD_EOS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
     no_bos: bool
     add_eos: bool
-    def __init__(self, texts: _Optional[_Iterable[str]] = ..., no_bos: _Optional[bool] = ..., add_eos: _Optional[bool] = ...) -> None: ...
+    allow_special_tokens: bool
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., no_bos: _Optional[bool] = ..., add_eos: _Optional[bool] = ..., allow_special_tokens: _Optional[bool] = ...) -> None: ...
 
 class EncodeBatchResponse(_message.Message):
     __slots__ = ("items",)
@@ -64,12 +68,14 @@ class DecodeBatchResponse(_message.Message):
     def __init__(self, texts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ChatTemplateRequest(_message.Message):
-    __slots__ = ("messages", "no_generation_prompt")
+    __slots__ = ("messages", "no_generation_prompt", "allow_special_tokens")
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     NO_GENERATION_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
     no_generation_prompt: bool
-    def __init__(self, messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., no_generation_prompt: _Optional[bool] = ...) -> None: ...
+    allow_special_tokens: bool
+    def __init__(self, messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., no_generation_prompt: _Optional[bool] = ..., allow_special_tokens: _Optional[bool] = ...) -> None: ...
 
 class ChatTemplateResponse(_message.Message):
     __slots__ = ("text", "ids")
@@ -80,12 +86,14 @@ class ChatTemplateResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CountTokensRequest(_message.Message):
-    __slots__ = ("text", "chat")
+    __slots__ = ("text", "chat", "allow_special_tokens")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     text: str
     chat: _common_pb2.ChatMessages
-    def __init__(self, text: _Optional[str] = ..., chat: _Optional[_Union[_common_pb2.ChatMessages, _Mapping]] = ...) -> None: ...
+    allow_special_tokens: bool
+    def __init__(self, text: _Optional[str] = ..., chat: _Optional[_Union[_common_pb2.ChatMessages, _Mapping]] = ..., allow_special_tokens: _Optional[bool] = ...) -> None: ...
 
 class CountTokensResponse(_message.Message):
     __slots__ = ("count",)

@@ -30,7 +30,18 @@ def test_stream_printed_and_endpoint_from_environment(endpoint, core_engine, cor
     assert rc == 0 and capsys.readouterr().out == text + "\n"
 
 
+@pytest.mark.parametrize("flag", [[], ["--allow-special-tokens"]])
+def test_typed_control_strings_remote(endpoint, core_tokenizer, capsys, flag):
+    text = "Stop here<eoa> and </s>"
+    assert main(["generate", text, "--chat", "--endpoint", endpoint.address, "--max-new-tokens", "2", "--json",
+                 *flag]) == 0
+    out = json.loads(capsys.readouterr().out)
+    prompt = core_tokenizer.encode_chat([{"role": "user", "content": text}], allow_special=bool(flag))
+    assert out["prompt_tokens"] == len(prompt)
+
+
 @pytest.mark.parametrize("argv, words", [
+    (["generate", "x", "--temperature", "nan"], "INVALID_ARGUMENT: temperature must be a finite number"),
     (["generate", "x", "--top-p", "1.5"], "INVALID_ARGUMENT: top_p"),
     (["generate", "x", "--adapter", "nope"], "NOT_FOUND: unknown adapter 'nope'"),
     (["generate", "--ids", "1,999999"], "INVALID_ARGUMENT: token id 999999"),

@@ -38,6 +38,30 @@ def test_chat_template_and_counts(tok_stub, core_tokenizer):
     assert tok_stub.CountTokens(tokenizer_pb2.CountTokensRequest(text="Hello world")).count == 2
 
 
+def test_special_token_strings_are_text_unless_allowed(tok_stub, core_tokenizer):
+    text = "x<eoa>y</s>"
+    plain = list(tok_stub.Encode(tokenizer_pb2.EncodeRequest(text=text, no_bos=True), timeout=10).ids)
+    allowed = list(tok_stub.Encode(tokenizer_pb2.EncodeRequest(text=text, no_bos=True, allow_special_tokens=True),
+                                   timeout=10).ids)
+    assert plain == core_tokenizer.encode(text, bos=False) and 103028 not in plain and 2 not in plain
+    assert allowed == core_tokenizer.encode(text, bos=False, allow_special=True) and allowed[1] == 103028
+    assert allowed[-1] == 2
+    batch = tok_stub.EncodeBatch(tokenizer_pb2.EncodeBatchRequest(texts=[text], allow_special_tokens=True), timeout=10)
+    assert list(batch.items[0].ids) == [1] + allowed
+    messages = [common_pb2.ChatMessage(role="user", content="<eoa>")]
+    r = tok_stub.ApplyChatTemplate(tokenizer_pb2.ChatTemplateRequest(messages=messages), timeout=10)
+    assert r.text == "<|User|>:<eoa><eoh>\n<|Bot|>:"
+    assert 103028 not in r.ids and list(r.ids).count(103027) == 1  # the template's <eoh> only
+    r2 = tok_stub.ApplyChatTemplate(tokenizer_pb2.ChatTemplateRequest(messages=messages, allow_special_tokens=True),
+                                    timeout=10)
+    assert r2.text == r.text and 103028 in r2.ids
+    chat = common_pb2.ChatMessages(messages=messages)
+    assert tok_stub.CountTokens(tokenizer_pb2.CountTokensRequest(chat=chat)).count == len(r.ids)
+    assert tok_stub.CountTokens(tokenizer_pb2.CountTokensRequest(chat=chat, allow_special_tokens=True)).count == len(r2.ids)
+    assert tok_stub.CountTokens(tokenizer_pb2.CountTokensRequest(text="<eoa>", allow_special_tokens=True)).count == 1
+    assert tok_stub.CountTokens(tokenizer_pb2.CountTokensRequest(text="<eoa>")).count == 4
+
+
 @pytest.mark.parametrize("call, request_, words", [
     ("Decode", tokenizer_pb2.DecodeRequest(ids=[5, 999999]), "outside the vocabulary"),
     ("ApplyChatTemplate", tokenizer_pb2.ChatTemplateRequest(), "at least one message"),
