@@ -175,7 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     metrics.watch(batcher)
     # Compile prefill and decode now, not on the first client's time.
     batcher.submit([BOS, BOS], SamplingParams(max_new_tokens=2, ignore_eos=True)).result()
-    log.info("serving %s (%s, %d slots x %d positions)", name, engine.config.name, engine.max_batch, engine.max_len)
+    cache = getattr(engine, "cache_bytes", None)  # an exported engine's caches are sized by its graphs
+    log.info("serving %s (%s, %d slots x %d positions%s)", name, engine.config.name, engine.max_batch, engine.max_len,
+             f", KV cache {cache / 2**20:.0f} MiB" if cache else "")
 
     server = Server("worker", args.port, args.host, args.metrics_port,
                     max_workers=args.max_batch + args.max_queue + 8)
