@@ -95,6 +95,18 @@ def _bucket(n: int, cap: int, start: int = 16) -> int:
     return min(b, cap)
 
 
+def available_memory() -> int | None:
+    """Bytes the kernel says a new allocation can take (MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class Engine:
     """Runs a model over a slotted KV cache; all inputs and outputs are numpy."""
 
@@ -107,6 +119,12 @@ class Engine:
             raise ValueError(f"max_len {self.max_len} exceeds the model's {cfg.max_position_embeddings} positions")
         self.scratch = max_batch  # padding rows write and read this extra slot, never a real one
         shape = ((max_batch + 1) * cfg.num_heads * self.max_len, cfg.head_dim)
+        need = 2 * cfg.num_layers * shape[0] * shape[1] * np.dtype(np.float32 if model.dtype == ms.float32
+                                                                    else np.float16).itemsize
+        free = available_memory()
+        if free is not None and need > free:
+            raise MemoryError(f"a KV cache of {max_batch} slots x {self.max_len} positions needs {need / 2**30:.1f} GiB "
+                              f"but only {free / 2**30:.1f} GiB of memory is available; lower max_batch or max_len")
         self.caches = ms.ParameterTuple([
             Parameter(ops.zeros(shape, model.dtype), name=f"kv_cache.{i // 2}.{'kv'[i % 2]}", requires_grad=False)
             for i in range(2 * cfg.num_layers)])

@@ -160,7 +160,10 @@ def main(argv: list[str] | None = None) -> None:
 
     folder = Path(args.model)
     name = args.name or folder.resolve().name
-    engine = open_engine(folder, max_batch=args.max_batch, max_len=args.max_len or None)
+    try:
+        engine = open_engine(folder, max_batch=args.max_batch, max_len=args.max_len or None)
+    except MemoryError as e:  # refused before allocating: say so plainly instead of a traceback
+        raise SystemExit(f"worker: {e}") from None
     for spec in args.adapter:
         adapter, _, path = spec.partition("=")
         if not adapter or not path:

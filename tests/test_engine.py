@@ -148,3 +148,13 @@ def test_cache_bytes_reported(model):
     cfg = model.config
     assert eng.cache_bytes_per_slot == 2 * cfg.num_layers * 128 * cfg.hidden_size * 4
     assert eng.cache_bytes == 5 * eng.cache_bytes_per_slot  # the slots and the scratch slot
+
+
+def test_cache_that_cannot_fit_is_refused_before_allocating(model):
+    """A cache larger than the machine's available memory is a clear error, not an OOM kill."""
+    from internlm_core.engine import available_memory
+
+    free = available_memory()
+    slots = int(free // (2 * model.config.num_layers * 128 * model.config.hidden_size * 4)) + 1
+    with pytest.raises(MemoryError, match="lower max_batch or max_len"):
+        Engine(model, max_batch=slots, max_len=128)
