@@ -161,7 +161,8 @@ class Batcher:
             if not self._accepting:
                 raise ShuttingDown("the worker is shutting down")
             # Requests bound for a free slot are not waiting for one, so they don't count.
-            if len(self._waiting) - self._slots.count(None) >= self.max_queue:
+            waiting = sum(not h.cancelled for h in self._waiting)  # cancelled ones leave at the next step
+            if waiting - self._slots.count(None) >= self.max_queue:
                 raise QueueFull(f"all {self.engine.max_batch} slots are busy and {self.max_queue} requests "
                                 "are waiting; retry later")
             self._waiting.append(handle)

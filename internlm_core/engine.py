@@ -221,6 +221,22 @@ class Engine:
         if n >= self.max_len:
             raise PromptTooLong(f"prompt of {n} tokens leaves no room in the model's {self.max_len} positions")
 
+    def warmup(self) -> int:
+        """Compile every decode shape (rows bucket x attended length) now, so that no running
+        stream waits for a compile later; returns the number of shapes. Writes only positions
+        that no sequence holds yet (call it before serving)."""
+        rows = sorted({self._rows(n) for n in range(1, self.max_batch + 1)})
+        lengths, a = [], min(MIN_ATTEND, self.max_len)
+        while True:
+            lengths.append(a)
+            if a >= self.max_len:
+                break
+            a = min(2 * a, self.max_len)
+        for b in rows:
+            for a in lengths:
+                self.decode(np.zeros(b, np.int32), np.full(b, a - 1), slots=list(range(b)))
+        return len(rows) * len(lengths)
+
     def _rows(self, n: int) -> int:
         """Rows a step runs for n sequences: a power of two, at most the slots."""
         return min(_bucket(n, self.max_batch, start=1), self.max_batch)

@@ -375,6 +375,11 @@ class ExportedEngine:
             out = self.graphs["prefill"](*args, *self.caches)
             return out.asnumpy()
 
+    def warmup(self) -> int:
+        """Prepare the one decode shape (as ``Engine.warmup``); returns 1."""
+        self.decode(np.zeros(self.max_batch, np.int32), np.zeros(self.max_batch, np.int64))
+        return 1
+
     def decode(self, tokens: np.ndarray, positions: np.ndarray, slots=None) -> np.ndarray:
         """One token per row at ``positions``; logits (rows, V), as ``Engine.decode``.
 

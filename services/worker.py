@@ -15,6 +15,7 @@ os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
 import argparse
 import logging
 import socket
+import time
 import uuid
 from pathlib import Path
 
@@ -176,7 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     metrics = PrometheusMetrics()
     batcher = Batcher(engine, tokenizer, args.max_queue, metrics).start()
     metrics.watch(batcher)
-    # Compile prefill and decode now, not on the first client's time.
+    # Compile prefill and every decode shape now, not on a client's time.
+    started = time.monotonic()
+    log.info("compiled %d decode shapes in %.1f s", engine.warmup(), time.monotonic() - started)
     batcher.submit([BOS, BOS], SamplingParams(max_new_tokens=2, ignore_eos=True)).result()
     cache = getattr(engine, "cache_bytes", None)  # an exported engine's caches are sized by its graphs
     log.info("serving %s (%s, %d slots x %d positions%s)", name, engine.config.name, engine.max_batch, engine.max_len,

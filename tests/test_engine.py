@@ -158,3 +158,13 @@ def test_cache_that_cannot_fit_is_refused_before_allocating(model):
     slots = int(free // (2 * model.config.num_layers * 128 * model.config.hidden_size * 4)) + 1
     with pytest.raises(MemoryError, match="lower max_batch or max_len"):
         Engine(model, max_batch=slots, max_len=128)
+
+
+def test_warmup_compiles_every_decode_shape(model):
+    """After warm-up, decoding any number of live slots at any length feeds no new shape."""
+    eng = Engine(model, max_batch=4, max_len=128)
+    assert eng.warmup() == 3  # rows 1, 2, 4 x one attended length (128)
+    warmed = set(eng.shapes_run)
+    for n in (1, 2, 3, 4):
+        eng.decode(np.ones(n, np.int32), np.full(n, 100), slots=list(range(n)))
+    assert eng.shapes_run == warmed
