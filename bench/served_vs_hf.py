@@ -1,0 +1,93 @@
+"""The deployed configuration against HF transformers, side by side in one run.
+
+    .venv/bin/python bench/served_vs_hf.py [--preset bench-serve | --model DIR] [--new-tokens 64]
+
+One inference worker started with its defaults (8 slots, the model's positions), greedy streams
+over its gRPC API (1 and 8 at once, 32-token prompts), against HF transformers ``generate`` on
+the same weights (converted back with ``ms_to_hf``) at batch 1 and 8 with 2 threads, in its own
+process. Tokens/s are new tokens over wall time, prefill included, on both sides.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+HF_SIDE = r"""
+import json, sys, time, torch
+from transformers import LlamaForCausalLM
+torch.set_num_threads(2)
+folder, new, prompts = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+model = LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+out = {}
+for b in (1, 8):
+    ids = torch.tensor(prompts[:b])
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
+        t = time.perf_counter()
+        model.generate(ids, **kw)
+    out[b] = b * new / (time.perf_counter() - t)
+print(json.dumps(out))
+"""
+
+
+def main() -> None:
+    from serving_bench import Proc, free_port, make_model, stream
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model")
+    ap.add_argument("--preset", default="bench-serve")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="served-vs-hf-"))
+    import grpc
+    import numpy as np
+
+    from internlm_core.convert import ms_to_hf
+    from services.pb import common_pb2, inference_pb2, inference_pb2_grpc
+    from services.server_common import wait_healthy
+
+    model_dir = Path(args.model) if args.model else make_model(args.preset, tmp)
+    ms_to_hf(model_dir, tmp / "hf")
+    prompts = np.random.default_rng(0).integers(3, 30000, (8, 32)).tolist()
+    hf = json.loads(subprocess.run([sys.executable, "-c", HF_SIDE, str(tmp / "hf"), str(args.new_tokens),
+                                    json.dumps(prompts)], check=True, capture_output=True, text=True).stdout)
+    port = free_port()
+    worker = Proc([sys.executable, "-m", "services.worker", "--model", str(model_dir), "--port", str(port),
+                   "--metrics-port", str(free_port()), "--redis-url", ""], tmp / "worker.log")
+    try:
+        wait_healthy(f"127.0.0.1:{port}", timeout=900)
+        stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        params = common_pb2.SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
+        reqs = [inference_pb2.GenerateRequest(ids=common_pb2.TokenIds(ids=p), params=params) for p in prompts]
+        stream(stub, reqs[0])
+        served = {}
+        for c in (1, 8):
+            results = [None] * c
+            ths = [threading.Thread(target=lambda i=i: results.__setitem__(i, stream(stub, reqs[i]))) for i in range(c)]
+            t = time.perf_counter()
+            for th in ths:
+                th.start()
+            for th in ths:
+                th.join()
+            served[c] = sum(r[0] for r in results) / (time.perf_counter() - t)
+        for c in (1, 8):
+            print(f"{c} stream(s): served {served[c]:.1f} tok/s, HF batch {c} {hf[str(c)]:.1f} tok/s, "
+                  f"ratio {served[c] / hf[str(c)]:.2f}x", flush=True)
+    finally:
+        worker.stop()
+
+
+if __name__ == "__main__":
+    main()
