@@ -54,13 +54,15 @@ def test_both_workers_get_traffic(pair):
     for _ in range(4):  # one at a time: the tie between idle workers goes to the one picked least recently
         assert s.GenerateUnary(request(3), timeout=60).finish.completion_tokens == 3
     a0, b0 = (w.metric("internlm_generated_tokens_total") for w in (pair.a, pair.b))
-    with ThreadPoolExecutor(4) as pool:  # at once: the least-loaded worker takes each
-        done = list(pool.map(lambda _: s.GenerateUnary(request(20), timeout=60), range(4)))
-    assert all(r.finish.completion_tokens == 20 for r in done)
+    # at once: the least-loaded worker takes each. Long enough (120 tokens) that none ends before the
+    # last is routed, now that a decode step runs only the live rows and is fast.
+    with ThreadPoolExecutor(4) as pool:
+        done = list(pool.map(lambda _: s.GenerateUnary(request(120), timeout=60), range(4)))
+    assert all(r.finish.completion_tokens == 120 for r in done)
     routed = {w.address: w.requests_routed for w in wait_workers(pair.endpoint, 2)}
     assert routed == {pair.a.address: 4, pair.b.address: 4}
-    assert pair.a.metric("internlm_generated_tokens_total") - a0 == 40
-    assert pair.b.metric("internlm_generated_tokens_total") - b0 == 40
+    assert pair.a.metric("internlm_generated_tokens_total") - a0 == 240
+    assert pair.b.metric("internlm_generated_tokens_total") - b0 == 240
 
 
 def test_killing_a_worker_leaves_the_endpoint_serving(pair):
