@@ -119,12 +119,11 @@ class Engine:
             raise ValueError(f"max_len {self.max_len} exceeds the model's {cfg.max_position_embeddings} positions")
         self.scratch = max_batch  # padding rows write and read this extra slot, never a real one
         shape = ((max_batch + 1) * cfg.num_heads * self.max_len, cfg.head_dim)
-        need = 2 * cfg.num_layers * shape[0] * shape[1] * np.dtype(np.float32 if model.dtype == ms.float32
-                                                                    else np.float16).itemsize
         free = available_memory()
-        if free is not None and need > free:
-            raise MemoryError(f"a KV cache of {max_batch} slots x {self.max_len} positions needs {need / 2**30:.1f} GiB "
-                              f"but only {free / 2**30:.1f} GiB of memory is available; lower max_batch or max_len")
+        if free is not None and self.cache_bytes > free:
+            raise MemoryError(f"a KV cache of {max_batch} slots x {self.max_len} positions needs "
+                              f"{self.cache_bytes / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB of memory is "
+                              "available; lower max_batch or max_len")
         self.caches = ms.ParameterTuple([
             Parameter(ops.zeros(shape, model.dtype), name=f"kv_cache.{i // 2}.{'kv'[i % 2]}", requires_grad=False)
             for i in range(2 * cfg.num_layers)])
@@ -138,7 +137,7 @@ class Engine:
     @property
     def cache_bytes_per_slot(self) -> int:
         cfg = self.config
-        return 2 * cfg.num_layers * self.max_len * cfg.hidden_size * self.caches[0].itemsize
+        return 2 * cfg.num_layers * self.max_len * cfg.hidden_size * ms.dtype_to_nptype(self.model.dtype)().itemsize
 
     @property
     def cache_bytes(self) -> int:
@@ -198,15 +197,15 @@ class Engine:
         # New parameter shapes: a fresh step cell compiles for them (the KV cache is shared, not copied).
         self._step = _Step(self.model, self.caches)
 
-    def _adapter_tensor(self, adapters, n: int):
+    def _adapter_indices(self, adapters, n: int):
         """None when no adapter is loaded (the plain graphs, bit-identical to an engine without
-        LoRA), else the (n,) int32 indices, checked."""
+        LoRA), else the (n,) int32 indices (numpy), checked."""
         idx = np.zeros(n, np.int32) if adapters is None else np.asarray(adapters, np.int32).reshape(-1)
         if idx.shape != (n,):
             raise ValueError(f"expected {n} adapter indices, got {idx.size}")
         if idx.min() < 0 or idx.max() > len(self._adapter_weights):
             raise ValueError(f"adapter index out of range 0..{len(self._adapter_weights)}")
-        return Tensor(idx) if self._adapter_weights else None
+        return idx if self._adapter_weights else None
 
     def adapter_index(self, name: str | None) -> int:
         if not name:
@@ -226,16 +225,15 @@ class Engine:
         stream waits for a compile later; returns the number of shapes. Writes only positions
         that no sequence holds yet (call it before serving)."""
         rows = sorted({self._rows(n) for n in range(1, self.max_batch + 1)})
-        lengths, a = [], min(MIN_ATTEND, self.max_len)
-        while True:
-            lengths.append(a)
-            if a >= self.max_len:
-                break
-            a = min(2 * a, self.max_len)
+        lengths = sorted({self._attend(n) for n in range(1, self.max_len + 1)})
         for b in rows:
             for a in lengths:
                 self.decode(np.zeros(b, np.int32), np.full(b, a - 1), slots=list(range(b)))
         return len(rows) * len(lengths)
+
+    def _attend(self, end: int) -> int:
+        """Cache positions a step attends when its longest row ends at ``end``."""
+        return min(_bucket(end, self.max_len, start=MIN_ATTEND), self.max_len)
 
     def _rows(self, n: int) -> int:
         """Rows a step runs for n sequences: a power of two, at most the slots."""
@@ -246,14 +244,14 @@ class Engine:
         ``starts[i]``...; logits (n, V) after each chunk's last token."""
         cfg, L = self.config, self.max_len
         n = len(chunks)
-        extra = self._adapter_tensor(adapters, n)
+        extra = self._adapter_indices(adapters, n)
         b = self._rows(n)
         longest = max(len(c) for c in chunks)
         t = 1 if longest == 1 else _bucket(longest, PREFILL_CHUNK)  # decode, or a prefill bucket
         ends = np.array([s + len(c) for s, c in zip(starts, chunks)])
         if ends.max() > L:
             raise PromptTooLong("sequence reached the cache length")
-        attend = max(min(_bucket(int(ends.max()), L, start=MIN_ATTEND), L), 1)
+        attend = self._attend(int(ends.max()))
         slots_b = np.full(b, self.scratch, np.int64)
         slots_b[:n] = slots
         starts_b = np.zeros(b, np.int64)
@@ -282,10 +280,8 @@ class Engine:
         last = (np.arange(b) * t + lens - 1).astype(np.int32)
         args = (Tensor(ids), Tensor(cos), Tensor(sin), Tensor(mask), Tensor(write.astype(np.int32)),
                 Tensor(read.astype(np.int32)), Tensor(last))
-        if extra is not None:
-            pad = np.zeros(b, np.int32)
-            pad[:n] = extra.asnumpy()
-            args += (Tensor(pad),)
+        if extra is not None:  # padding rows use no adapter
+            args += (Tensor(np.pad(extra, (0, b - n))),)
         with self.lock:
             self.shapes_run.add((b, t, attend))
             return self._step(*args).asnumpy()[:n]
