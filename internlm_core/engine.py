@@ -13,6 +13,9 @@ New k/v are written in place with ScatterUpdate on the flat cache's first axis (
 MindSpore 2.9 CPU: ScatterNdUpdate on a (slots, heads, L, hd) cache copied the whole cache
 on every call, which made a step cost slots x L).
 
+The engine serves its model in the fused form (``InternLMForCausalLM.fuse_projections``, done
+in place by the constructor: the weights are not copied).
+
 Prompts are prefilled in chunks of at most ``PREFILL_CHUNK`` tokens that attend the cache:
 MindSpore's CPU graphs keep every intermediate of a step alive, so chunking bounds prefill
 memory, and a caller may run decode steps between the chunks of a long prompt.
@@ -25,7 +28,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
-from .model import NEG_INF, InternLMForCausalLM, causal_mask, rope_tables
+from .model import NEG_INF, InternLMForCausalLM, causal_mask, fused_rope_tables, rope_tables
 
 
 class PromptTooLong(ValueError):
@@ -112,7 +115,7 @@ class Engine:
 
     def __init__(self, model: InternLMForCausalLM, max_batch: int = 1, max_len: int | None = None):
         cfg = model.config
-        self.model, self.config = model, cfg
+        self.model, self.config = model.fuse_projections(), cfg
         self.max_batch = max_batch
         self.max_len = max_len or cfg.max_position_embeddings
         if self.max_len > cfg.max_position_embeddings and cfg.rope_scaling != "dynamic":
@@ -176,23 +179,30 @@ class Engine:
         targets = self._targets
         rank = max(spec.rank for spec, _ in self._adapter_weights)
         n = len(self._adapter_weights) + 1
+        # A fused projection (wqkv, w13) takes its parts' A stacked and their B block-diagonal, so
+        # each part's rows see only its own adapter: one LoRA matmul pair per fused matmul.
+        groups: dict[int, tuple] = {}
         for module in target_modules(self.config, targets):
-            lin = self.model
-            for part in module.split("."):
-                lin = lin[int(part)] if part.isdigit() else getattr(lin, part)
+            lin, part, parts = self.model.linear_for(module)
+            groups.setdefault(id(lin), (lin, parts, []))[2].append((module, part))
+        for lin, parts, members in groups.values():
             out_f, in_f = lin.weight.shape
-            a, b = np.zeros((n, rank, in_f), np.float32), np.zeros((n, out_f, rank), np.float32)
-            for i, (spec, w) in enumerate(self._adapter_weights, 1):
-                if f"{module}.lora_a" in w and module.rsplit(".", 1)[1] in spec.targets:
-                    a[i, :spec.rank] = w[f"{module}.lora_a"]
-                    b[i, :, :spec.rank] = w[f"{module}.lora_b"] * spec.scaling
+            rows = out_f // parts
+            a = np.zeros((n, parts * rank, in_f), np.float32)
+            b = np.zeros((n, out_f, parts * rank), np.float32)
+            for module, part in members:
+                r0, o0 = part * rank, part * rows
+                for i, (spec, w) in enumerate(self._adapter_weights, 1):
+                    if f"{module}.lora_a" in w and module.rsplit(".", 1)[1] in spec.targets:
+                        a[i, r0:r0 + spec.rank] = w[f"{module}.lora_a"]
+                        b[i, o0:o0 + rows, r0:r0 + spec.rank] = w[f"{module}.lora_b"] * spec.scaling
             for attr, value in (("lora_a", a), ("lora_b", b)):
                 old = getattr(lin, attr)
                 if old is not None and tuple(old.shape) == value.shape:
                     # in place: compiled graphs keep reading this memory (set_data would leave them stale)
                     ops.assign(old, Tensor(value, self.model.dtype))
                 else:
-                    setattr(lin, attr, Parameter(Tensor(value, self.model.dtype), name=f"{module}.{attr}",
+                    setattr(lin, attr, Parameter(Tensor(value, self.model.dtype), name=lin.weight.name.replace("weight", attr),
                                                  requires_grad=False))
         # New parameter shapes: a fresh step cell compiles for them (the KV cache is shared, not copied).
         self._step = _Step(self.model, self.caches)
@@ -265,7 +275,7 @@ class Engine:
             ids[i, :len(c)] = c
         j = np.arange(t)
         positions = starts_b[:, None] + j[None, :]  # (b, t)
-        cos, sin = rope_tables(cfg, positions, seq_b)
+        cos, sin = fused_rope_tables(*rope_tables(cfg, positions, seq_b), cfg.num_heads)
         valid = j[None, :] < lens[:, None]
         # (slot * heads + head) * L + position, in the (rows, heads, tokens) order of the new k/v;
         # padding tokens go to distinct scratch positions (never a live slot, never past the cache)

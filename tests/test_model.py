@@ -77,3 +77,20 @@ def test_half_precision_compute(tiny_model_dir, tiny_pair):
     np.testing.assert_allclose(a, b, atol=0.05 * np.abs(b).max())
     with pytest.raises(ValueError, match="bfloat16 compute"):
         load_model(tiny_model_dir, compute_dtype="bfloat16")
+
+
+def test_fused_projections_match_hf_and_hold_one_copy(tiny_hf, tiny_model_dir):
+    """The serving form (one q/k/v matmul, one gate/up matmul, rotary as a matmul, the score
+    scale folded into q's tables) computes HF's logits, and replaces the weights it fuses."""
+    model = load_model(tiny_model_dir)
+    before = sum(int(np.prod(p.shape)) for p in model.get_parameters())
+    model.fuse_projections().fuse_projections()  # idempotent
+    names = {n for n, _ in model.parameters_and_names()}
+    assert "model.layers.0.attention.wqkv.weight" in names and "model.layers.0.feed_forward.w13.weight" in names
+    assert not any(".wq." in n or ".wk." in n or ".wv." in n or ".w1." in n or ".w3." in n for n in names)
+    assert sum(int(np.prod(p.shape)) for p in model.get_parameters()) == before
+    assert model.linear_for("model.layers.1.attention.wk")[1:] == (1, 3)
+    assert model.linear_for("model.layers.1.feed_forward.w3")[1:] == (1, 2)
+    ids = random_ids(21, model.config.vocab_size, seed=3)
+    out = model(*forward_inputs(model.config, np.array([ids]))).asnumpy()[0]
+    np.testing.assert_allclose(out, hf_logits(tiny_hf[0], ids), atol=1e-4, rtol=0)
