@@ -1,9 +1,12 @@
 """Continuous batching: many sequences that come and go share one engine's decode steps.
 
-One thread owns the engine. Between decode steps it lets waiting requests into free slots
-(each prefilled alone into its slot) and drops the ones that finished or were cancelled, so a
-request never waits for a whole batch to end and a worker's throughput grows with the number
-of streams. Per-token logic is ``SequenceState.step``, the same as ``generate``; each slot's
+One thread owns the engine. Between decode steps it lets waiting requests into free slots and
+drops the ones that finished or were cancelled, so a request never waits for a whole batch to
+end and a worker's throughput grows with the number of streams. Each iteration runs at most one
+prefill step, for every admitted prompt at once (their next ``engine.prefill_chunk`` tokens
+each), then one decode step for the running sequences: prompts that arrive together are
+prefilled together, and a long prompt goes in chunk by chunk between decode steps instead of
+stalling the running streams for its whole length. Per-token logic is ``SequenceState.step``, the same as ``generate``; each slot's
 attention sees only its own cache rows, so under greedy decoding a request gets the same
 tokens alone or in a crowd.
 
@@ -15,7 +18,6 @@ tokens alone or in a crowd.
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import queue
 import threading
@@ -63,6 +65,7 @@ class Handle:
     _cancelled: threading.Event = field(default_factory=threading.Event)
     _wake: threading.Condition | None = None
     _last: float | None = None
+    prefilled: int = 0  # prompt tokens already in the slot's cache
     logprobs: list[float] = field(default_factory=list)
 
     @property
@@ -132,8 +135,6 @@ class Batcher:
         self._accepting = True
         self._drain = True
         self._thread: threading.Thread | None = None
-        # LoRA: pass per-slot adapter indices only to an engine that takes them.
-        self._adapters_kw = "adapters" in inspect.signature(engine.prefill).parameters
         self.tokens_generated = 0
         self.requests_finished = 0
         self.last_batch_size = 0
@@ -153,8 +154,6 @@ class Batcher:
         if bad:
             raise ValueError(f"token id {bad[0]} outside the model's vocabulary (0..{self.vocab_size - 1})")
         index = self.engine.adapter_index(adapter)
-        if index and not self._adapters_kw:
-            raise ValueError("this engine does not serve LoRA adapters")
         state = SequenceState(prompt, params, self.tokenizer, self.vocab_size)  # validates params
         handle = Handle(state, index, _wake=self._wake)
         with self._wake:
@@ -205,39 +204,46 @@ class Batcher:
                         h._cancelled.set()
                 gone = [h for h in self._waiting if h.cancelled]
                 self._waiting = deque(h for h in self._waiting if not h.cancelled)
-                admit = []
-                while self._waiting and None in self._slots:
+                while self._waiting and None in self._slots:  # admitted: prefilled from the next step on
                     h = self._waiting.popleft()
                     h.slot = self._slots.index(None)
                     self._slots[h.slot] = h
-                    admit.append(h)
             for h in gone:
                 self._end(h)
-            for h in admit:
-                self._guard([h], lambda h=h: self._prefill(h))
             for h in self._slots:
                 if h is not None and h.cancelled:
                     self._end(h)
-            live = [h for h in self._slots if h is not None]
-            if not live:
-                with self._wake:
-                    if not self._accepting and not self._waiting:
-                        return
-                continue
+            prefilling = [h for h in self._slots if h is not None and h.prefilled < len(h.state.prompt)]
+            if prefilling:
+                self._guard(prefilling, lambda: self._prefill(prefilling))
             # Only the live slots run: a step costs the sequences in it, not the slots allocated.
+            live = [h for h in self._slots if h is not None and h.state.generated]
+            if not live:
+                if not prefilling:
+                    with self._wake:
+                        if not self._accepting and not self._waiting:
+                            return
+                continue
             slots = [h.slot for h in live]
             tokens = np.array([h.state.generated[-1] for h in live], np.int32)
             positions = np.array([h.state.length - 1 for h in live], np.int64)
+            adapters = np.array([h.adapter for h in live], np.int32)
             self.last_batch_size = len(live)
             self.metrics.batch_size(len(live))
-            kw = {"adapters": np.array([h.adapter for h in live], np.int32)} if self._adapters_kw else {}
             self._guard(live, lambda: self._after_decode(
-                live, self.engine.decode(tokens, positions, slots=slots, **kw)))
+                live, self.engine.decode(tokens, positions, adapters=adapters, slots=slots)))
 
-    def _prefill(self, h: Handle) -> None:
-        kw = {"adapters": [h.adapter]} if self._adapters_kw else {}
-        logits = self.engine.prefill([h.slot], [h.state.prompt], **kw)[0]
-        self._emit(h, h.state.step(logits, self.engine.max_len))
+    def _prefill(self, handles: list[Handle]) -> None:
+        """The next chunk of every prompt still going in, in one engine call; a prompt that is
+        complete emits its first token."""
+        chunk = self.engine.prefill_chunk
+        prompts = [h.state.prompt if chunk is None else h.state.prompt[:h.prefilled + chunk] for h in handles]
+        logits = self.engine.prefill([h.slot for h in handles], prompts, adapters=[h.adapter for h in handles],
+                                     starts=[h.prefilled for h in handles])
+        for h, prompt, row in zip(handles, prompts, logits):
+            h.prefilled = len(prompt)
+            if h.prefilled == len(h.state.prompt):
+                self._emit(h, h.state.step(row, self.engine.max_len))
 
     def _after_decode(self, live: list[Handle], logits: np.ndarray) -> None:
         for h, row in zip(live, logits):

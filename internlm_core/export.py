@@ -334,6 +334,7 @@ class ExportedEngine:
         self.caches = [Tensor(np.zeros(shape, np.float32), dtype) for _ in range(2 * cfg.num_layers)]
         self.lock = threading.Lock()  # one step at a time: the caches are shared state
         self.adapters: dict[str, int] = {}  # exported graphs carry no LoRA adapters
+        self.prefill_chunk = None  # prompts go in whole (the graphs have no chunked prefill)
 
     def _share_weights(self) -> None:
         """Point the decode graph's weights at the prefill graph's, dropping the decode copy.
@@ -360,11 +361,20 @@ class ExportedEngine:
         if any(not 0 <= s < self.max_batch for s in slots) or len(set(slots)) != len(slots):
             raise ValueError(f"slots {list(slots)} must be distinct and in 0..{self.max_batch - 1}")
 
-    def prefill(self, slots: list[int], prompts: list[list[int]]) -> np.ndarray:
-        """Write each prompt into its slot's cache; logits (B, V) after each prompt's last token."""
+    @staticmethod
+    def _no_adapters(adapters) -> None:
+        if adapters is not None and np.any(np.asarray(adapters) != 0):
+            raise ValueError("an exported engine serves no LoRA adapters")
+
+    def prefill(self, slots: list[int], prompts: list[list[int]], adapters=None, starts=None) -> np.ndarray:
+        """Write each prompt into its slot's cache; logits (B, V) after each prompt's last token.
+        As ``Engine.prefill``, but whole prompts only (``starts`` 0) and no adapters."""
         for p in prompts:
             self.check_prompt(len(p))
         self._check_slots(slots)
+        self._no_adapters(adapters)
+        if starts is not None and np.any(np.asarray(starts) != 0):
+            raise ValueError("an exported engine prefills whole prompts (starts must be 0)")
         if not self.dynamic:  # the static graph takes one prompt, padded to the cache length
             return np.concatenate([self._prefill([s], [p], self._cache_len) for s, p in zip(slots, prompts)])
         return self._prefill(slots, prompts, _bucket(max(len(p) for p in prompts), self._cache_len))
@@ -380,12 +390,13 @@ class ExportedEngine:
         self.decode(np.zeros(self.max_batch, np.int32), np.zeros(self.max_batch, np.int64))
         return 1
 
-    def decode(self, tokens: np.ndarray, positions: np.ndarray, slots=None) -> np.ndarray:
-        """One token per row at ``positions``; logits (rows, V), as ``Engine.decode``.
+    def decode(self, tokens: np.ndarray, positions: np.ndarray, adapters=None, slots=None) -> np.ndarray:
+        """One token per row at ``positions``; logits (rows, V), as ``Engine.decode`` (no adapters).
 
         Without ``slots`` the rows are every slot. The exported decode graph has one shape, so it
         always runs every slot over the whole cache (idle slots at position 0, results dropped).
         """
+        self._no_adapters(adapters)
         tokens = np.asarray(tokens, np.int32).reshape(-1)
         positions = np.asarray(positions, np.int64).reshape(-1)
         if slots is not None:

@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     metrics.watch(batcher)
     # Compile prefill and every decode shape now, not on a client's time.
     started = time.monotonic()
-    log.info("compiled %d decode shapes in %.1f s", engine.warmup(), time.monotonic() - started)
+    log.info("compiled %d step shapes in %.1f s", engine.warmup(), time.monotonic() - started)
     batcher.submit([BOS, BOS], SamplingParams(max_new_tokens=2, ignore_eos=True)).result()
     cache = getattr(engine, "cache_bytes", None)  # an exported engine's caches are sized by its graphs
     log.info("serving %s (%s, %d slots x %d positions%s)", name, engine.config.name, engine.max_batch, engine.max_len,
