@@ -6,7 +6,15 @@ end and a worker's throughput grows with the number of streams. Each iteration r
 prefill step, for every admitted prompt at once (their next ``engine.prefill_chunk`` tokens
 each), then one decode step for the running sequences: prompts that arrive together are
 prefilled together, and a long prompt goes in chunk by chunk between decode steps instead of
-stalling the running streams for its whole length. Per-token logic is ``SequenceState.step``, the same as ``generate``; each slot's
+stalling the running streams for its whole length.
+
+Prefix reuse: a finished request's slot keeps its KV rows, and the batcher remembers which
+tokens (and which adapter) they hold. A new request goes to the free slot that shares the
+longest prefix with its prompt and is prefilled from there (``engine.prefill(starts=...)``), so
+a system prompt or a chat history that was just served is not computed again. The reused rows
+are the ones a fresh prefill would write (same tokens, positions and adapter), so the output is
+the same; with dynamic NTK only rows written within the trained positions are reused (past
+them a row's rotation depends on the length at the time). Per-token logic is ``SequenceState.step``, the same as ``generate``; each slot's
 attention sees only its own cache rows, so under greedy decoding a request gets the same
 tokens alone or in a crowd.
 
@@ -47,6 +55,7 @@ class BatcherMetrics:
     def time_to_first_token(self, seconds: float) -> None: ...
     def inter_token_latency(self, seconds: float) -> None: ...
     def batch_size(self, size: int) -> None: ...
+    def prefix_cache(self, reused: int, prompt: int) -> None: ...  # tokens reused of a prompt's tokens
     def tokens(self, n: int) -> None: ...
     def finished(self, reason: str, seconds: float) -> None: ...
 
@@ -66,6 +75,7 @@ class Handle:
     _wake: threading.Condition | None = None
     _last: float | None = None
     prefilled: int = 0  # prompt tokens already in the slot's cache
+    failed: bool = False  # an engine step failed while this request held its slot
     logprobs: list[float] = field(default_factory=list)
 
     @property
@@ -121,10 +131,20 @@ class Handle:
         return r
 
 
+def common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """Length of the longest shared prefix of a and b, at most ``limit``."""
+    n = min(len(a), len(b), limit)
+    if n <= 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if len(diff) else n
+
+
 class Batcher:
     """Owns an engine in a thread and runs continuous batching over its slots."""
 
-    def __init__(self, engine, tokenizer=None, max_queue: int = 64, metrics: BatcherMetrics | None = None):
+    def __init__(self, engine, tokenizer=None, max_queue: int = 64, metrics: BatcherMetrics | None = None,
+                 prefix_cache: bool = True):
         self.engine, self.tokenizer = engine, tokenizer
         self.max_queue = max_queue
         self.metrics = metrics or BatcherMetrics()
@@ -132,6 +152,12 @@ class Batcher:
         self._wake = threading.Condition()
         self._waiting: deque[Handle] = deque()
         self._slots: list[Handle | None] = [None] * engine.max_batch
+        # What each slot's cache rows hold: (adapter, adapters_version, tokens) after its last request.
+        # An engine that prefills whole prompts only (prefill_chunk None) cannot start mid-prompt.
+        self.prefix_cache = prefix_cache and engine.prefill_chunk is not None
+        self._resident: list[tuple[int, int, list[int]] | None] = [None] * engine.max_batch
+        self._freed: list[int] = [0] * engine.max_batch  # when each slot was last freed (LRU order)
+        self._clock = 0
         self._accepting = True
         self._drain = True
         self._thread: threading.Thread | None = None
@@ -206,8 +232,9 @@ class Batcher:
                 self._waiting = deque(h for h in self._waiting if not h.cancelled)
                 while self._waiting and None in self._slots:  # admitted: prefilled from the next step on
                     h = self._waiting.popleft()
-                    h.slot = self._slots.index(None)
+                    h.slot, h.prefilled = self._place(h)
                     self._slots[h.slot] = h
+                    self.metrics.prefix_cache(h.prefilled, len(h.state.prompt))
             for h in gone:
                 self._end(h)
             for h in self._slots:
@@ -232,6 +259,35 @@ class Batcher:
             self.metrics.batch_size(len(live))
             self._guard(live, lambda: self._after_decode(
                 live, self.engine.decode(tokens, positions, adapters=adapters, slots=slots)))
+
+    def _place(self, h: Handle) -> tuple[int, int]:
+        """A free slot for ``h`` and how many of its prompt tokens that slot already holds: the
+        longest shared prefix (with the same adapter), else the longest-free slot."""
+        free = [s for s, x in enumerate(self._slots) if x is None]
+        best, reuse = min(free, key=lambda s: self._freed[s]), 0
+        if not self.prefix_cache:
+            return best, 0
+        prompt = h.state.prompt
+        for s in free:
+            held = self._resident[s]
+            if held is None or held[:2] != (h.adapter, self.engine.adapters_version):
+                continue
+            n = common_prefix(held[2], prompt, len(prompt) - 1)  # the last token is always computed
+            if n > reuse:
+                best, reuse = s, n
+        return best, reuse
+
+    def _reusable(self, h: Handle) -> list[int] | None:
+        """The tokens whose KV rows ``h`` left in its slot, or None if none can be trusted."""
+        if h.failed:
+            return None  # an engine step failed: the slot's rows are in an unknown state
+        written = h.state.prompt[:h.prefilled]
+        if h.prefilled == len(h.state.prompt):
+            written = (h.state.prompt + h.state.generated)[:h.state.length - 1]  # the last token was never fed
+        cfg = self.engine.config
+        if cfg.rope_scaling == "dynamic":
+            written = written[:cfg.max_position_embeddings]
+        return written or None
 
     def _prefill(self, handles: list[Handle]) -> None:
         """The next chunk of every prompt still going in, in one engine call; a prompt that is
@@ -269,7 +325,11 @@ class Batcher:
         if h.state.finish_reason is None:
             h.state.abort()
         if h.slot is not None and self._slots[h.slot] is h:
+            tokens = self._reusable(h)
+            self._clock += 1
             with self._wake:
+                self._resident[h.slot] = None if tokens is None else (h.adapter, self.engine.adapters_version, tokens)
+                self._freed[h.slot] = self._clock
                 self._slots[h.slot] = None
         self.requests_finished += 1
         self.metrics.finished(h.state.finish_reason or FINISH_ABORTED, time.monotonic() - h.submitted)
@@ -285,4 +345,5 @@ class Batcher:
                 if h.slot is not None and self._slots[h.slot] is h:
                     h._events.put(e)
                     h.state.abort()
+                    h.failed = True
                     self._end(h)

@@ -145,6 +145,7 @@ class Engine:
         self.lock = threading.Lock()  # one step at a time: the cache is shared state
         self.prefill_chunk = PREFILL_CHUNK  # a caller may run decode steps between a prompt's chunks
         self.adapters: dict[str, int] = {}  # LoRA adapter name -> index (0 is "no adapter")
+        self.adapters_version = 0  # bumped by every load: KV rows computed before may be stale
         self._adapter_weights: list = []  # (AdapterSpec, {name: array}) for index 1, 2, ...
         self._targets: tuple = ()  # LoRA target names (wq, ...) that have adapter stacks
 
@@ -178,6 +179,7 @@ class Engine:
                 self._adapter_weights.append((spec, weights))
                 self.adapters[name] = len(self._adapter_weights)
             self._install_adapters()
+            self.adapters_version += 1
         return self.adapters[name]
 
     def _install_adapters(self) -> None:

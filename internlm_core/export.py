@@ -334,7 +334,16 @@ class ExportedEngine:
         self.caches = [Tensor(np.zeros(shape, np.float32), dtype) for _ in range(2 * cfg.num_layers)]
         self.lock = threading.Lock()  # one step at a time: the caches are shared state
         self.adapters: dict[str, int] = {}  # exported graphs carry no LoRA adapters
+        self.adapters_version = 0
         self.prefill_chunk = None  # prompts go in whole (the graphs have no chunked prefill)
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(c.nbytes for c in self.caches)
+
+    @property
+    def cache_bytes_per_slot(self) -> int:
+        return self.cache_bytes // self._slots
 
     def _share_weights(self) -> None:
         """Point the decode graph's weights at the prefill graph's, dropping the decode copy.

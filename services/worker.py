@@ -51,11 +51,16 @@ class PrometheusMetrics(BatcherMetrics):
                                   buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
         self.queue = Gauge("internlm_queue_size", "Requests waiting for a slot")
         self.active = Gauge("internlm_active_requests", "Requests holding a slot")
+        self.prefix_queries = Counter("internlm_prefix_cache_queries_tokens_total", "Prompt tokens admitted")
+        self.prefix_hits = Counter("internlm_prefix_cache_hits_tokens_total",
+                                   "Prompt tokens whose KV was reused from a slot instead of computed")
+        self.cache = Gauge("internlm_kv_cache_bytes", "KV cache allocated")
 
     def watch(self, batcher: Batcher) -> None:
         """Read the gauges from the batcher at each scrape."""
         self.queue.set_function(lambda: batcher.queued)
         self.active.set_function(lambda: batcher.active)
+        self.cache.set(batcher.engine.cache_bytes)
 
     def time_to_first_token(self, seconds):
         self.ttft.observe(seconds)
@@ -65,6 +70,10 @@ class PrometheusMetrics(BatcherMetrics):
 
     def batch_size(self, size):
         self.batch.observe(size)
+
+    def prefix_cache(self, reused, prompt):
+        self.prefix_queries.inc(prompt)
+        self.prefix_hits.inc(reused)
 
     def tokens(self, n):
         self.generated.inc(n)
@@ -114,7 +123,8 @@ def model_info(engine, name: str) -> inference_pb2.ModelInfoResponse:
     return inference_pb2.ModelInfoResponse(
         model=name, preset=cfg.name, dtype=cfg.dtype, max_len=engine.max_len, vocab_size=cfg.vocab_size,
         adapters=sorted(getattr(engine, "adapters", {})), max_batch=engine.max_batch,
-        num_parameters=cfg.num_parameters())
+        num_parameters=cfg.num_parameters(), kv_cache_bytes=engine.cache_bytes,
+        kv_cache_bytes_per_slot=engine.cache_bytes_per_slot)
 
 
 def advertised(host: str, port: int, advertise: str | None) -> str:
@@ -181,9 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     log.info("compiled %d step shapes in %.1f s", engine.warmup(), time.monotonic() - started)
     batcher.submit([BOS, BOS], SamplingParams(max_new_tokens=2, ignore_eos=True)).result()
-    cache = getattr(engine, "cache_bytes", None)  # an exported engine's caches are sized by its graphs
-    log.info("serving %s (%s, %d slots x %d positions%s)", name, engine.config.name, engine.max_batch, engine.max_len,
-             f", KV cache {cache / 2**20:.0f} MiB" if cache else "")
+    log.info("serving %s (%s, %d slots x %d positions, KV cache %.0f MiB, %.1f MiB a slot)", name, engine.config.name,
+             engine.max_batch, engine.max_len, engine.cache_bytes / 2**20, engine.cache_bytes_per_slot / 2**20)
 
     server = Server("worker", args.port, args.host, args.metrics_port,
                     max_workers=args.max_batch + args.max_queue + 8)

@@ -126,3 +126,60 @@ def test_stop_without_drain_aborts_and_refuses(model):
     assert h.result().finish_reason == "aborted" and b.active == 0
     with pytest.raises(ShuttingDown):
         b.submit([3, 4], SamplingParams())
+
+
+class Recorder:
+    """BatcherMetrics that keeps the order of what the batcher reported."""
+
+    def __init__(self):
+        self.log = []
+
+    def batch_size(self, size):
+        self.log.append(("decode", size))
+
+    def prefix_cache(self, reused, prompt):
+        self.log.append(("admit", reused, prompt))
+
+    def __getattr__(self, name):  # the other reports are not needed here
+        return lambda *a: None
+
+
+def test_prefix_reuse_gives_the_same_tokens(model, solo_engine):
+    """A request sharing a prefix with one that just finished reuses its slot's rows (counted),
+    and generates exactly what a fresh engine generates; the same with reuse switched off."""
+    system = random_ids(30, 512, seed=30)
+    prompts = [system + random_ids(6, 512, seed=31), system + random_ids(9, 512, seed=32),
+               system + random_ids(9, 512, seed=32)]  # the third repeats the second
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    for reuse in (True, False):
+        rec = Recorder()
+        b = Batcher(Engine(model, max_batch=2, max_len=64), metrics=rec, prefix_cache=reuse).start()
+        try:
+            got = [[e.token_id for e in b.submit(p, params)] for p in prompts]
+        finally:
+            b.stop(timeout=30)
+        assert got == [solo(solo_engine, p, params) for p in prompts]
+        admits = [e[1:] for e in rec.log if e[0] == "admit"]
+        assert admits == ([(0, 36), (30, 39), (38, 39)] if reuse else [(0, 36), (0, 39), (0, 39)])
+
+
+def test_long_prompt_is_prefilled_between_decode_steps(model, solo_engine):
+    """A prompt longer than the prefill chunk goes in a chunk per iteration while a running stream
+    keeps getting a token each iteration, and comes out as it would alone."""
+    rec = Recorder()
+    engine = Engine(model, max_batch=2, max_len=64)
+    engine.prefill_chunk = 8  # 40 tokens: 5 chunks
+    b = Batcher(engine, metrics=rec, prefix_cache=False).start()
+    try:
+        first = b.submit(random_ids(4, 512, seed=4), SamplingParams(max_new_tokens=40, ignore_eos=True))
+        first.next_events()
+        long_prompt = random_ids(40, 512, seed=40)
+        params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+        got = [e.token_id for e in b.submit(long_prompt, params)]
+        first.result()
+    finally:
+        b.stop(timeout=30)
+    assert got == solo(solo_engine, long_prompt, params)
+    after = rec.log[rec.log.index(("admit", 0, 40)):]
+    alone = next(i for i, e in enumerate(after) if e == ("decode", 2)) - 1
+    assert alone == 4  # decode steps of the running stream while the 5 chunks went in

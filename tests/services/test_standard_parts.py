@@ -118,6 +118,30 @@ def test_worker_metrics_expose_the_counters(worker, endpoint):
     assert endpoint.metric("internlm_endpoint_workers") == 1
 
 
+def test_worker_reports_its_cache_and_prefix_reuse(worker, chat_model_dir):
+    """KV cache bytes in ModelInfo and as a gauge (what a 4-slot x 256 cache of this model takes,
+    scratch slot included); a repeated prompt counts as prefix-cache hits."""
+    from internlm_core.checkpoint import read_config
+    from tests.services.conftest import WORKER_LEN, WORKER_SLOTS
+
+    cfg = read_config(chat_model_dir)
+    per_slot = 2 * cfg.num_layers * WORKER_LEN * cfg.hidden_size * 4
+    stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(worker.address))
+    info = stub.ModelInfo(inference_pb2.ModelInfoRequest(), timeout=30)
+    assert (info.kv_cache_bytes_per_slot, info.kv_cache_bytes) == (per_slot, (WORKER_SLOTS + 1) * per_slot)
+    assert worker.metric("internlm_kv_cache_bytes") == info.kv_cache_bytes
+    req = inference_pb2.GenerateRequest(text="A prompt that comes twice, word for word",
+                                        params=params(max_new_tokens=3, ignore_eos=True))
+    first = stub.GenerateUnary(req, timeout=60)
+    hits, queries = (worker.metric("internlm_prefix_cache_hits_tokens_total"),
+                     worker.metric("internlm_prefix_cache_queries_tokens_total"))
+    again = stub.GenerateUnary(req, timeout=60)
+    assert list(first.token_ids) == list(again.token_ids)
+    n = first.finish.prompt_tokens
+    assert worker.metric("internlm_prefix_cache_queries_tokens_total") - queries == n
+    assert worker.metric("internlm_prefix_cache_hits_tokens_total") - hits == n - 1  # all but the last token
+
+
 def test_endpoint_hosts_the_jobs_api(endpoint):
     """The jobs package is part of this project, so the endpoint serves it next to inference."""
     from services.pb import jobs_pb2, jobs_pb2_grpc
