@@ -3,9 +3,11 @@
     .venv/bin/python bench/served_vs_hf.py [--preset bench-serve | --model DIR] [--new-tokens 64]
 
 One inference worker started with its defaults (8 slots, the model's positions), greedy streams
-over its gRPC API (1 and 8 at once, 32-token prompts), against HF transformers ``generate`` on
-the same weights (converted back with ``ms_to_hf``) at batch 1 and 8 with 2 threads, in its own
-process. Tokens/s are new tokens over wall time, prefill included, on both sides.
+over its gRPC API (1, 4, 8 and 16 at once; 16 means 8 wait for a slot), against HF transformers
+``generate`` on the same weights (converted back with ``ms_to_hf``) at the same batch sizes with
+2 threads, in its own process. Tokens/s are new tokens over wall time, prefill included, on both
+sides. Every served phase gets prompts it has not seen, so the worker's prefix reuse does not
+flatter it; time to first token and inter-token latency are the served streams' medians.
 """
 from __future__ import annotations
 
@@ -27,10 +29,10 @@ HF_SIDE = r"""
 import json, sys, time, torch
 from transformers import LlamaForCausalLM
 torch.set_num_threads(2)
-folder, new, prompts = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+folder, new, prompts, levels = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4])
 model = LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
 out = {}
-for b in (1, 8):
+for b in levels:
     ids = torch.tensor(prompts[:b])
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
     with torch.no_grad():
@@ -49,7 +51,10 @@ def main() -> None:
     ap.add_argument("--model")
     ap.add_argument("--preset", default="bench-serve")
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--streams", default="1,4,8,16")
     args = ap.parse_args()
+    levels = [int(c) for c in args.streams.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="served-vs-hf-"))
     import grpc
     import numpy as np
@@ -60,9 +65,15 @@ def main() -> None:
 
     model_dir = Path(args.model) if args.model else make_model(args.preset, tmp)
     ms_to_hf(model_dir, tmp / "hf")
-    prompts = np.random.default_rng(0).integers(3, 30000, (8, 32)).tolist()
+    rng = np.random.default_rng(0)
+
+    def fresh(n):  # prompts never sent before
+        return rng.integers(3, 30000, (n, args.prompt_tokens)).tolist()
+
+    hf_prompts = fresh(max(levels))
     hf = json.loads(subprocess.run([sys.executable, "-c", HF_SIDE, str(tmp / "hf"), str(args.new_tokens),
-                                    json.dumps(prompts)], check=True, capture_output=True, text=True).stdout)
+                                    json.dumps(hf_prompts), json.dumps(levels)], check=True, capture_output=True,
+                                   text=True).stdout)
     port = free_port()
     worker = Proc([sys.executable, "-m", "services.worker", "--model", str(model_dir), "--port", str(port),
                    "--metrics-port", str(free_port()), "--redis-url", ""], tmp / "worker.log")
@@ -70,10 +81,14 @@ def main() -> None:
         wait_healthy(f"127.0.0.1:{port}", timeout=900)
         stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
         params = common_pb2.SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
-        reqs = [inference_pb2.GenerateRequest(ids=common_pb2.TokenIds(ids=p), params=params) for p in prompts]
-        stream(stub, reqs[0])
-        served = {}
-        for c in (1, 8):
+
+        def request(prompt):
+            return inference_pb2.GenerateRequest(ids=common_pb2.TokenIds(ids=prompt), params=params)
+
+        stream(stub, request(fresh(1)[0]))
+        print(f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, greedy", flush=True)
+        for c in levels:
+            reqs = [request(p) for p in fresh(c)]
             results = [None] * c
             ths = [threading.Thread(target=lambda i=i: results.__setitem__(i, stream(stub, reqs[i]))) for i in range(c)]
             t = time.perf_counter()
@@ -81,10 +96,11 @@ def main() -> None:
                 th.start()
             for th in ths:
                 th.join()
-            served[c] = sum(r[0] for r in results) / (time.perf_counter() - t)
-        for c in (1, 8):
-            print(f"{c} stream(s): served {served[c]:.1f} tok/s, HF batch {c} {hf[str(c)]:.1f} tok/s, "
-                  f"ratio {served[c] / hf[str(c)]:.2f}x", flush=True)
+            served = sum(r[0] for r in results) / (time.perf_counter() - t)
+            ttft = np.median([r[1] for r in results])
+            itl = np.median([(r[2] - r[1]) / max(r[0] - 1, 1) for r in results])
+            print(f"{c:2d} stream(s): served {served:6.1f} tok/s (TTFT {ttft * 1e3:5.0f} ms, ITL {itl * 1e3:5.1f} ms), "
+                  f"HF batch {c} {hf[str(c)]:6.1f} tok/s, ratio {served / hf[str(c)]:.2f}x", flush=True)
     finally:
         worker.stop()
 
