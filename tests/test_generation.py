@@ -134,3 +134,24 @@ def test_stop_string_prefix_is_held_then_released(tokenizer):
     st, ev = _run(SamplingParams(max_new_tokens=len(ids), stop=["o wX"]), seq, tokenizer)
     assert ev[-1].finish_reason == "length"
     assert "".join(e.text for e in ev) == "Hello world"
+
+
+def _top_p_full_sort(logits, p):
+    """The textbook top-p: sort the whole vocabulary."""
+    order = np.argsort(-logits, kind="stable")
+    probs = g.softmax(logits[order].astype(np.float64))
+    out = np.full_like(logits, -np.inf)
+    keep = order[np.cumsum(probs) - probs < p]
+    out[keep] = logits[keep]
+    return out
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.9, 0.999])
+def test_top_p_equals_a_full_sort(p):
+    """The partial sort keeps exactly the tokens a full sort keeps: flat and peaked logits (the
+    candidate set must widen for flat ones), ties, a 103k vocabulary."""
+    rng = np.random.default_rng(int(p * 1000))
+    for logits in (rng.normal(0, 0.1, 103168), rng.normal(0, 3, 103168),
+                   np.round(rng.normal(0, 1, 5000), 1)):  # rounded: many ties
+        logits = logits.astype(np.float32)
+        np.testing.assert_array_equal(g.top_p_filter(logits, p, candidates=64), _top_p_full_sort(logits, p))
