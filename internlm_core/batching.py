@@ -14,9 +14,11 @@ longest prefix with its prompt and is prefilled from there (``engine.prefill(sta
 a system prompt or a chat history that was just served is not computed again. The reused rows
 are the ones a fresh prefill would write (same tokens, positions and adapter), so the output is
 the same; with dynamic NTK only rows written within the trained positions are reused (past
-them a row's rotation depends on the length at the time). Per-token logic is ``SequenceState.step``, the same as ``generate``; each slot's
-attention sees only its own cache rows, so under greedy decoding a request gets the same
-tokens alone or in a crowd.
+them a row's rotation depends on the length at the time).
+
+Per-token logic is ``SequenceState.step``, the same as ``generate``; each slot's attention sees
+only its own cache rows, so under greedy decoding a request gets the same tokens alone or in a
+crowd.
 
     batcher = Batcher(engine, tokenizer, max_queue=32).start()
     handle = batcher.submit(prompt_ids, SamplingParams(max_new_tokens=16))
@@ -328,7 +330,7 @@ class Batcher:
             tokens = self._reusable(h)
             self._clock += 1
             with self._wake:
-                self._resident[h.slot] = None if tokens is None else (h.adapter, self.engine.adapters_version, tokens)
+                self._resident[h.slot] = tokens and (h.adapter, self.engine.adapters_version, tokens)
                 self._freed[h.slot] = self._clock
                 self._slots[h.slot] = None
         self.requests_finished += 1

@@ -133,14 +133,13 @@ class Engine:
         self.caches = ms.ParameterTuple([
             Parameter(ops.zeros(shape, model.dtype), name=f"kv_cache.{i // 2}.{'kv'[i % 2]}", requires_grad=False)
             for i in range(2 * cfg.num_layers)])
-        self._step = _Step(model, self.caches)
+        self._build_steps()
         # One row's head on the host's BLAS: a matrix-vector product that numpy (OpenBLAS sgemv) does
         # in 6.9 ms and MindSpore's CPU MatMul in 11.3 ms for a 103168 x 512 head (2026-12, 2 threads);
         # from two rows on MindSpore's kernel is the faster (12.4 ms for 8 rows, numpy 21 ms).
         # ``asnumpy`` of a CPU parameter shares its memory: no copy of the head.
         self._host_head = (model.lm_head.weight.asnumpy() if ms.get_context("device_target") == "CPU"
                            and model.dtype == ms.float32 else None)
-        self._step_no_head = _Step(model, self.caches, head=False)
         self.shapes_run: set[tuple[int, int, int]] = set()  # (rows, tokens, attended) shapes compiled so far
         self.lock = threading.Lock()  # one step at a time: the cache is shared state
         self.prefill_chunk = PREFILL_CHUNK  # a caller may run decode steps between a prompt's chunks
@@ -215,9 +214,12 @@ class Engine:
                     # in place: compiled graphs keep reading this memory (set_data would leave them stale)
                     ops.assign(old, Tensor(value, self.model.dtype))
                 else:
-                    setattr(lin, attr, Parameter(Tensor(value, self.model.dtype), name=lin.weight.name.replace("weight", attr),
-                                                 requires_grad=False))
-        # New parameter shapes: a fresh step cell compiles for them (the KV cache is shared, not copied).
+                    name = f"{lin.weight.name.rsplit('.', 1)[0]}.{attr}"  # e.g. model.layers.0.attention.wqkv.lora_a
+                    setattr(lin, attr, Parameter(Tensor(value, self.model.dtype), name=name, requires_grad=False))
+        self._build_steps()
+
+    def _build_steps(self) -> None:
+        # New parameter shapes (adapters): fresh step cells compile for them (the KV cache is shared, not copied).
         self._step = _Step(self.model, self.caches)
         self._step_no_head = _Step(self.model, self.caches, head=False)
 
