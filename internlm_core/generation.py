@@ -55,7 +55,7 @@ def top_p_filter(logits: np.ndarray, p: float, candidates: int = 1024) -> np.nda
 
     Sorts only the ``candidates`` most likely tokens (every token tied with the last of them
     included), widening the set in the rare case that their mass stays below p: the same tokens
-    as a full sort of the vocabulary (0.2 ms instead of 5 ms for 103k logits)."""
+    as a full sort of the vocabulary (measured 2.0 ms instead of 8.3 ms for 103k logits)."""
     if p >= 1.0:
         return logits
     z = np.exp((logits - logits.max()).astype(np.float64))  # float64: the cut does not hinge on rounding

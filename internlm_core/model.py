@@ -325,10 +325,9 @@ def fused_rope_tables(cos: np.ndarray, sin: np.ndarray, num_heads: int):
     """(B, 1, T, hd) tables -> (B, 3nh, T, hd) for the fused q/k/v heads: q's scaled by 1/sqrt(hd)
     (the score scale, applied here once instead of on every layer's scores), k's as they are,
     v's cos 1 and sin 0 (v passes unrotated)."""
-    scale = 1.0 / math.sqrt(cos.shape[-1])
-    rep = (1, num_heads, 1, 1)
-    return (np.concatenate([np.tile(cos * scale, rep), np.tile(cos, rep), np.ones_like(np.tile(cos, rep))], 1),
-            np.concatenate([np.tile(sin * scale, rep), np.tile(sin, rep), np.zeros_like(np.tile(sin, rep))], 1))
+    scale = np.float32(1.0 / math.sqrt(cos.shape[-1]))
+    c, s = np.tile(cos, (1, num_heads, 1, 1)), np.tile(sin, (1, num_heads, 1, 1))
+    return (np.concatenate([c * scale, c, np.ones_like(c)], 1), np.concatenate([s * scale, s, np.zeros_like(s)], 1))
 
 
 def causal_mask(lengths: np.ndarray, t: int) -> np.ndarray:
