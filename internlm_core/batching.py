@@ -69,6 +69,7 @@ _DONE = object()  # queued after a handle's last event
 class Handle:
     """One submitted request: iterate it for its TokenEvents; ``cancel()`` to stop it."""
     state: SequenceState
+    context: list[int]  # what the slot must hold before the next token: the prompt (+ resumed tokens)
     adapter: int = 0
     submitted: float = field(default_factory=time.monotonic)
     slot: int | None = None
@@ -76,7 +77,7 @@ class Handle:
     _cancelled: threading.Event = field(default_factory=threading.Event)
     _wake: threading.Condition | None = None
     _last: float | None = None
-    prefilled: int = 0  # prompt tokens already in the slot's cache
+    prefilled: int = 0  # context tokens already in the slot's cache
     failed: bool = False  # an engine step failed while this request held its slot
     logprobs: list[float] = field(default_factory=list)
 
@@ -173,17 +174,21 @@ class Batcher:
         self._thread.start()
         return self
 
-    def submit(self, prompt: list[int], params: SamplingParams, adapter: str | None = None) -> Handle:
+    def submit(self, prompt: list[int], params: SamplingParams, adapter: str | None = None,
+               resume: list[int] = ()) -> Handle:
         """Queue a request; raises ValueError / PromptTooLong / AdapterNotFound for bad input and
-        QueueFull when the waiting queue is at its bound."""
-        prompt = [int(t) for t in prompt]
-        self.engine.check_prompt(len(prompt))
-        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        QueueFull when the waiting queue is at its bound. ``resume``: tokens the request already
+        produced elsewhere; it continues after them (``SequenceState.resume``) and streams only
+        what follows."""
+        prompt, resume = [int(t) for t in prompt], [int(t) for t in resume]
+        self.engine.check_prompt(len(prompt) + len(resume))
+        bad = [t for t in prompt + resume if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} outside the model's vocabulary (0..{self.vocab_size - 1})")
         index = self.engine.adapter_index(adapter)
         state = SequenceState(prompt, params, self.tokenizer, self.vocab_size)  # validates params
-        handle = Handle(state, index, _wake=self._wake)
+        state.resume(resume, self.engine.max_len)
+        handle = Handle(state, prompt + resume, index, _wake=self._wake)
         with self._wake:
             if not self._accepting:
                 raise ShuttingDown("the worker is shutting down")
@@ -236,17 +241,17 @@ class Batcher:
                     h = self._waiting.popleft()
                     h.slot, h.prefilled = self._place(h)
                     self._slots[h.slot] = h
-                    self.metrics.prefix_cache(h.prefilled, len(h.state.prompt))
+                    self.metrics.prefix_cache(h.prefilled, len(h.context))
             for h in gone:
                 self._end(h)
             for h in self._slots:
                 if h is not None and h.cancelled:
                     self._end(h)
-            prefilling = [h for h in self._slots if h is not None and h.prefilled < len(h.state.prompt)]
+            prefilling = [h for h in self._slots if h is not None and h.prefilled < len(h.context)]
             if prefilling:
                 self._guard(prefilling, lambda: self._prefill(prefilling))
             # Only the live slots run: a step costs the sequences in it, not the slots allocated.
-            live = [h for h in self._slots if h is not None and h.state.generated]
+            live = [h for h in self._slots if h is not None and h.prefilled == len(h.context)]
             if not live:
                 if not prefilling:
                     with self._wake:
@@ -269,7 +274,7 @@ class Batcher:
         best, reuse = min(free, key=lambda s: self._freed[s]), 0
         if not self.prefix_cache:
             return best, 0
-        prompt = h.state.prompt
+        prompt = h.context
         for s in free:
             held = self._resident[s]
             if held is None or held[:2] != (h.adapter, self.engine.adapters_version):
@@ -283,8 +288,8 @@ class Batcher:
         """The tokens whose KV rows ``h`` left in its slot, or None if none can be trusted."""
         if h.failed:
             return None  # an engine step failed: the slot's rows are in an unknown state
-        written = h.state.prompt[:h.prefilled]
-        if h.prefilled == len(h.state.prompt):
+        written = h.context[:h.prefilled]
+        if h.prefilled == len(h.context):
             written = (h.state.prompt + h.state.generated)[:h.state.length - 1]  # the last token was never fed
         cfg = self.engine.config
         if cfg.rope_scaling == "dynamic":
@@ -295,12 +300,12 @@ class Batcher:
         """The next chunk of every prompt still going in, in one engine call; a prompt that is
         complete emits its first token."""
         chunk = self.engine.prefill_chunk
-        prompts = [h.state.prompt if chunk is None else h.state.prompt[:h.prefilled + chunk] for h in handles]
+        prompts = [h.context if chunk is None else h.context[:h.prefilled + chunk] for h in handles]
         logits = self.engine.prefill([h.slot for h in handles], prompts, adapters=[h.adapter for h in handles],
                                      starts=[h.prefilled for h in handles])
         for h, prompt, row in zip(handles, prompts, logits):
             h.prefilled = len(prompt)
-            if h.prefilled == len(h.state.prompt):
+            if h.prefilled == len(h.context):
                 self._emit(h, h.state.step(row, self.engine.max_len))
 
     def _after_decode(self, live: list[Handle], logits: np.ndarray) -> None:

@@ -221,6 +221,24 @@ class SequenceState:
         logits = np.asarray(logits, np.float32)
         token = self.choose(self.process(logits))
         logprob = float(log_softmax(logits.astype(np.float64))[token]) if self.params.logprobs else None
+        return TokenEvent(token, self._record(token, max_len), logprob, self.finish_reason)
+
+    def resume(self, tokens: Sequence[int], max_len: int | None = None) -> None:
+        """Continue after ``tokens`` that this request already produced (on a worker that went
+        away): they are recorded as if just generated (penalties, stop strings, the text already
+        released) and a sampling generator is moved past their draws (each sampled step takes
+        exactly one), so what follows is what the uninterrupted request would have produced,
+        under greedy decoding and under a fixed seed alike."""
+        for i, token in enumerate(tokens, 1):
+            self._record(int(token), max_len)
+            if self.finish_reason is not None:
+                raise ValueError(f"resumed token {i} of {len(tokens)} already ends the request "
+                                 f"({self.finish_reason}): nothing is left to generate")
+        if self.params.temperature > 0 and len(tokens):
+            self.rng.random(len(tokens))
+
+    def _record(self, token: int, max_len: int | None) -> str:
+        """Append a generated token; the text it releases (finish_reason set when it ends the request)."""
         self.generated.append(token)
         self.counts[token] += 1
         self.seen = np.union1d(self.seen, [token])
@@ -234,7 +252,7 @@ class SequenceState:
             self.finish_reason = FINISH_LENGTH
         if self.finish_reason in (FINISH_EOS, FINISH_LENGTH):
             text += self._finish_text()
-        return TokenEvent(token, text, logprob, self.finish_reason)
+        return text
 
     def abort(self) -> None:
         self.finish_reason = self.finish_reason or FINISH_ABORTED

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import redis
 from prometheus_client import Counter, Gauge
 
 from services.pb import endpoint_pb2, endpoint_pb2_grpc, inference_pb2, inference_pb2_grpc, tokenizer_pb2
+from services.messages import join_chunks
 from services.registry import TTL_S, list_workers
 from services.server_common import ModelNotFound, Server, Unavailable, env_default, setup_logging
 
@@ -28,11 +30,12 @@ log = logging.getLogger("internlm.endpoint")
 INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["Inference"]
 TOKENIZER = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"]
 ENDPOINT = endpoint_pb2.DESCRIPTOR.services_by_name["Endpoint"]
-# Nothing has reached the client yet when a worker answers these, so another worker may take over.
+# The worker has stopped serving the request (or never took it): another worker takes it over.
 RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 ROUTED = Counter("internlm_endpoint_routed_total", "Generate requests sent to workers", ["worker"])
 LOST = Counter("internlm_endpoint_worker_failures_total", "Calls that found a worker gone", ["worker"])
+CONTINUED = Counter("internlm_endpoint_continued_total", "Requests continued on another worker mid-stream")
 
 
 @dataclass(eq=False)
@@ -141,6 +144,17 @@ class Router:
         return w
 
 
+def with_seed(request: inference_pb2.GenerateRequest) -> inference_pb2.GenerateRequest:
+    """A sampled request without a seed gets one here, before any worker sees it: a continuation
+    on another worker then draws the same numbers as the worker that went away."""
+    if request.params.temperature <= 0 or request.params.HasField("seed"):
+        return request
+    seeded = inference_pb2.GenerateRequest()
+    seeded.CopyFrom(request)
+    seeded.params.seed = secrets.randbits(63)
+    return seeded
+
+
 def _timeout(context) -> float | None:
     remaining = context.time_remaining()
     return remaining if remaining is not None and remaining < 1e6 else None
@@ -165,37 +179,33 @@ class InferenceProxy(inference_pb2_grpc.InferenceServicer):
             self.router.lost(w)
 
     def Generate(self, request, context):
-        tried, error = set(), None
+        """The worker's stream; when a worker goes away mid-stream, another continues the request
+        from the tokens already streamed (``resume_ids``), so the client sees one stream."""
+        request = with_seed(request)
+        tried, error, produced = set(), None, []
         while True:
-            w = self._next(request, tried, error)
-            call = w.stub.Generate(request, timeout=_timeout(context))
+            try:
+                w = self._next(request, tried, error)
+            except grpc.RpcError as e:
+                if produced:
+                    raise Unavailable(f"the worker went away after {len(produced)} token(s) and no other live "
+                                      f"worker can continue the request: {e.details()}") from None
+                raise
+            attempt = request
+            if produced:
+                attempt = inference_pb2.GenerateRequest()
+                attempt.CopyFrom(request)
+                attempt.resume_ids.extend(produced)
+                CONTINUED.inc()
+                log.warning("continuing a request on %s after %d token(s): %s", w.address, len(produced),
+                            error.details())
+            call = w.stub.Generate(attempt, timeout=_timeout(context))
             context.add_callback(call.cancel)  # the client's cancel or deadline reaches the worker
-            sent = 0
             try:
                 for response in call:
-                    sent += 1
+                    produced.extend(response.token_ids)
                     yield response
                 return
-            except grpc.RpcError as e:
-                self._failed(w, e)
-                if sent == 0 and e.code() in RETRY:
-                    error = e
-                    continue
-                if sent and e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
-                    raise Unavailable(f"worker {w.address} went away after {sent} message(s): {e.details()}; "
-                                      "retry the request") from None
-                raise
-            finally:
-                self.router.release(w)
-
-    def GenerateUnary(self, request, context):
-        tried, error = set(), None
-        while True:
-            w = self._next(request, tried, error)
-            future = w.stub.GenerateUnary.future(request, timeout=_timeout(context))
-            context.add_callback(future.cancel)
-            try:
-                return future.result()
             except grpc.RpcError as e:
                 self._failed(w, e)
                 if e.code() not in RETRY:
@@ -203,6 +213,10 @@ class InferenceProxy(inference_pb2_grpc.InferenceServicer):
                 error = e
             finally:
                 self.router.release(w)
+
+    def GenerateUnary(self, request, context):
+        # Joined from the stream, so a worker lost half way loses none of the work done.
+        return join_chunks(self.Generate(request, context))
 
     def ModelInfo(self, request, context):
         return self.router.any_worker(request.model).stub.ModelInfo(request, timeout=_timeout(context) or 10)

@@ -95,9 +95,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         """The responses of one request; a client's cancel or deadline cancels its handle."""
         self._check_model(request.model)
         prompt = prompt_from_pb(request, self.tok)
-        handle = self.batcher.submit(prompt, sampling_from_pb(request.params), request.adapter or None)
+        handle = self.batcher.submit(prompt, sampling_from_pb(request.params), request.adapter or None,
+                                     resume=request.resume_ids)
         context.add_callback(handle.cancel)  # runs on cancel, deadline and normal end alike
-        done = 0
+        done = len(request.resume_ids)
         while (events := handle.next_events()) is not None:
             done += len(events)
             reason = events[-1].finish_reason

@@ -183,3 +183,31 @@ def test_long_prompt_is_prefilled_between_decode_steps(model, solo_engine):
     after = rec.log[rec.log.index(("admit", 0, 40)):]
     alone = next(i for i, e in enumerate(after) if e == ("decode", 2)) - 1
     assert alone == 4  # decode steps of the running stream while the 5 chunks went in
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_new_tokens=20, ignore_eos=True),
+    SamplingParams(max_new_tokens=20, temperature=0.9, top_k=40, repetition_penalty=1.2, seed=99, ignore_eos=True),
+], ids=["greedy", "seeded"])
+def test_resumed_request_continues_exactly(model, params):
+    """What the endpoint does when a worker dies mid-stream: the same request resumed after the
+    tokens already streamed gets exactly the rest (counted, penalised and sampled as if never cut),
+    including cuts that put the resumed context across a prefill chunk and past a reused prefix."""
+    engine = Engine(model, max_batch=2, max_len=64)
+    engine.prefill_chunk = 8
+    b = Batcher(engine).start()
+    try:
+        prompt = random_ids(6, 512, seed=6)
+        full = b.submit(prompt, params).result().token_ids
+        for cut in (1, 2, 7, 10, 19):
+            h = b.submit(prompt, params, resume=full[:cut])
+            assert [e.token_id for e in h] == full[cut:], cut  # only what follows is streamed
+            assert h.result().token_ids == full and h.finish_reason == "length"
+        with pytest.raises(ValueError, match="already ends the request"):
+            b.submit(prompt, params, resume=full)
+        with pytest.raises(ValueError, match="outside the model's vocabulary"):
+            b.submit(prompt, params, resume=[600])
+        with pytest.raises(PromptTooLong):
+            b.submit(prompt, params.replace(max_new_tokens=80), resume=[5] * 60)
+    finally:
+        b.stop(timeout=30)

@@ -155,3 +155,50 @@ def test_top_p_equals_a_full_sort(p):
                    np.round(rng.normal(0, 1, 5000), 1)):  # rounded: many ties
         logits = logits.astype(np.float32)
         np.testing.assert_array_equal(g.top_p_filter(logits, p, candidates=64), _top_p_full_sort(logits, p))
+
+
+def _resumed(params, logits_seq, tokens, tokenizer):
+    """A fresh state resumed after ``tokens``, then stepped on the rest of ``logits_seq``."""
+    st = SequenceState([1, 5], params, tokenizer, vocab_size=len(logits_seq[0]))
+    st.resume(tokens)
+    events = []
+    for lg in logits_seq[len(tokens):]:
+        events.append(st.step(np.asarray(lg, np.float32)))
+        if events[-1].finish_reason:
+            break
+    return st, events
+
+
+def test_resume_continues_the_same_sampled_stream(tokenizer):
+    # Random logits over the real vocabulary: sampled tokens include byte pieces, so the text of a
+    # resumed state must also pick up a UTF-8 sequence that the cut left half released.
+    rng = np.random.default_rng(0)
+    seq = [rng.normal(0, 3, tokenizer.vocab_size) for _ in range(24)]
+    params = SamplingParams(max_new_tokens=24, temperature=0.9, top_k=40, top_p=0.95, repetition_penalty=1.3,
+                            presence_penalty=0.4, frequency_penalty=0.2, seed=7, ignore_eos=True)
+    st, full = _run(params, seq, tokenizer)
+    ids = [e.token_id for e in full]
+    for cut in range(1, len(ids)):
+        st2, rest = _resumed(params, seq, ids[:cut], tokenizer)
+        assert [e.token_id for e in rest] == ids[cut:], cut
+        assert "".join(e.text for e in rest) == "".join(e.text for e in full[cut:]), cut
+        assert st2.text == st.text and st2.finish_reason == "length"
+
+
+def test_resume_keeps_a_held_stop_string_prefix(tokenizer):
+    ids = tokenizer.encode("Hello world, again and again", bos=False)
+    seq = [onehot(i, tokenizer.vocab_size) for i in ids]
+    params = SamplingParams(max_new_tokens=20, stop=["d, ag"])
+    st, full = _run(params, seq, tokenizer)
+    assert st.text == "Hello worl" and full[-1].finish_reason == "stop"
+    for cut in range(1, len(full)):
+        _, rest = _resumed(params, seq, ids[:cut], tokenizer)
+        assert "".join(e.text for e in rest) == "".join(e.text for e in full[cut:]), cut
+        assert rest[-1].finish_reason == "stop"
+
+
+def test_resume_refuses_tokens_that_end_the_request():
+    with pytest.raises(ValueError, match="resumed token 2 of 3 already ends the request"):
+        SequenceState([1], SamplingParams(max_new_tokens=5, stop_token_ids=[2]), vocab_size=8).resume([4, 2, 4])
+    with pytest.raises(ValueError, match="nothing is left to generate"):
+        SequenceState([1], SamplingParams(max_new_tokens=2), vocab_size=8).resume([4, 5])

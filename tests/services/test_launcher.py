@@ -64,9 +64,18 @@ def test_stack_serves_restarts_and_stops(launched):
     children = pids_in_session(proc.pid)
     assert len(children) == 4 + len(jobs)
 
-    # A worker that dies is started again and serves again.
+    # A worker that dies is started again and serves again. The stream it was serving has no other
+    # worker to continue on, so that client (only) gets UNAVAILABLE, saying so.
     worker = next(p for p in children if "services.worker" in open(f"/proc/{p}/cmdline").read())
+    long = inference_pb2.GenerateRequest(text="Hello", params=common_pb2.SamplingParams(max_new_tokens=400,
+                                                                                        ignore_eos=True))
+    call = stub.Generate(long, timeout=60)
+    next(call)
     os.kill(worker, signal.SIGKILL)
+    with pytest.raises(grpc.RpcError) as lost:
+        list(call)
+    assert lost.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "no other live worker can continue the request" in lost.value.details()
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         try:
