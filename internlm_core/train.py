@@ -610,6 +610,12 @@ class Trainer:
                 rec = self.train_step()
                 times.append(time.perf_counter() - t0)
                 done = self.step
+                # Polled again before this step writes anything, for a caller whose claim on the
+                # work folder lapsed during the step (a job that hung and was handed elsewhere):
+                # its cancel() raises, and nothing more is written. A plain cancel is honoured at
+                # the top of the loop, after this step's records are written and checkpointed.
+                if cancel is not None:
+                    cancel()
                 if len(self.eval_rows) and ((args.eval_every and done % args.eval_every == 0) or done == self.total):
                     rec["eval_loss"] = self.evaluate()
                     rec["eval_ppl"] = math.exp(min(rec["eval_loss"], 50.0))

@@ -4,11 +4,14 @@ A thread in the worker would not do: MindSpore holds the GIL for seconds at a ti
 graph compilation), long enough for a lock to expire under a job that is alive and well. This
 process has nothing else to do. It renews the locks it is told to hold, and stops the moment its
 worker dies (its stdin closes, or it is re-parented), so a worker killed with -9 loses its locks
-``lock_ttl_s`` later, and only then is its job run again.
+``lock_ttl_s`` later, and only then is its job run again. It is also the watchdog: a lock is
+renewed only while the job's own thread shows signs of life (``records.HOLD``), so a worker that
+hangs while its process stays alive loses its job ``stall_s`` after its last sign.
 
 Protocol on stdin, one JSON object a line:
-``{"op": "hold", "lock": KEY, "token": T, "job": HASH_KEY, "field": F}`` renews KEY while its value
-is T and writes the time into HASH_KEY's field F (the execution's last heartbeat);
+``{"op": "hold", "lock": KEY, "token": T, "job": HASH_KEY, "field": F, "alive": A}`` renews KEY
+while its value is T and HASH_KEY's field A is at most ``stall_s`` old, and writes the time into
+HASH_KEY's field F (the execution's last heartbeat);
 ``{"op": "drop", "lock": KEY}`` stops.
 """
 from __future__ import annotations
@@ -22,15 +25,15 @@ import sys
 import threading
 import time
 
-from .records import _RENEW, connect
+from .records import HOLD, connect
 
 
-def serve(redis_url: str, interval: float, ttl: float) -> None:
+def serve(redis_url: str, interval: float, ttl: float, stall: float) -> None:
     # Ctrl-C reaches the whole process group; the worker decides when to stop, and this follows it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     r = connect(redis_url)
     r.ping()
-    renew = r.register_script(_RENEW)
+    renew = r.register_script(HOLD)
     print("ready", flush=True)  # the worker waits for this before it takes a job
     held: dict[str, dict] = {}
     guard = threading.Lock()
@@ -59,11 +62,17 @@ def serve(redis_url: str, interval: float, ttl: float) -> None:
             items = list(held.values())
         for m in items:
             try:
-                if renew(keys=[m["lock"]], args=[m["token"], int(ttl * 1000)]):
-                    r.hset(m["job"], m["field"], repr(time.time()))
-                else:
+                now = repr(time.time())
+                kept = renew(keys=[m["lock"], m["job"]],
+                             args=[m["token"], int(ttl * 1000), m["alive"], now, f"{stall:g}"])
+                if kept == 1:
+                    r.hset(m["job"], m["field"], now)
+                else:  # taken away, or let go by the watchdog: the worker finds out by itself
                     with guard:
-                        held.pop(m["lock"], None)  # taken away: the worker finds out by itself
+                        held.pop(m["lock"], None)
+                    if kept == -1:
+                        print(f"heartbeat: {m['job']} showed no sign of life for {stall:g} s; let go of its lock",
+                              file=sys.stderr, flush=True)
             except Exception as e:  # noqa: BLE001 - Redis briefly away: the TTL leaves room to retry
                 print(f"heartbeat: {e}", file=sys.stderr, flush=True)
 
@@ -71,8 +80,8 @@ def serve(redis_url: str, interval: float, ttl: float) -> None:
 class Beacon:
     """The worker's side: starts the heartbeat process once and tells it which locks to hold."""
 
-    def __init__(self, redis_url: str, interval: float, ttl: float):
-        self.args = [sys.executable, "-m", "services.jobs.heartbeat", redis_url, str(interval), str(ttl)]
+    def __init__(self, redis_url: str, interval: float, ttl: float, stall: float):
+        self.args = [sys.executable, "-m", "services.jobs.heartbeat", redis_url, str(interval), str(ttl), str(stall)]
         self.proc: subprocess.Popen | None = None
         self.lock = threading.Lock()
 
@@ -98,8 +107,8 @@ class Beacon:
                     if attempt:
                         raise
 
-    def hold(self, lock_key: str, token: str, job_key: str, field: str) -> None:
-        self._send({"op": "hold", "lock": lock_key, "token": token, "job": job_key, "field": field})
+    def hold(self, lock_key: str, token: str, job_key: str, field: str, alive: str) -> None:
+        self._send({"op": "hold", "lock": lock_key, "token": token, "job": job_key, "field": field, "alive": alive})
 
     def drop(self, lock_key: str) -> None:
         self._send({"op": "drop", "lock": lock_key})
@@ -118,4 +127,4 @@ class Beacon:
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1], float(sys.argv[2]), float(sys.argv[3]))
+    serve(sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]))

@@ -49,10 +49,22 @@ elseif state == 'RUNNING' then
 end
 return redis.call('HGET', KEYS[1], 'state')
 """
-# KEYS: lock; ARGV: token, ttl ms.
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
+# The heartbeat's renewal. KEYS: lock, job hash; ARGV: token, ttl ms, the execution's "alive" field,
+# now, stall seconds (0 = no watchdog). 1: renewed; 0: not ours any more; -1: the job's own thread
+# has shown no sign of life for the stall time, so the lock is let go (the sweep re-queues the job).
+HOLD = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local stall = tonumber(ARGV[5])
+if stall > 0 then
+  local alive = tonumber(redis.call('HGET', KEYS[2], ARGV[3]) or ARGV[4])
+  if tonumber(ARGV[4]) - alive > stall then
+    redis.call('DEL', KEYS[1])
+    redis.call('HSET', KEYS[2], 'stalled', 'no progress for ' .. ARGV[5] .. ' s (worker hung); re-queued')
+    return -1
+  end
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
 """
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -66,14 +78,17 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 redis.call('SREM', KEYS[3], ARGV[1])
 return 1
 """
-# KEYS: job hash, lock, running set; ARGV: id, now. A running job whose lock expired lost its worker.
+# KEYS: job hash, lock, running set; ARGV: id, now. A running job whose lock expired lost its worker
+# (or hung: then the heartbeat left the reason in 'stalled').
 _REQUEUE_IF_DEAD = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'RUNNING' then
   redis.call('SREM', KEYS[3], ARGV[1])
   return 0
 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'QUEUED', 'message', 'worker lost; re-queued', 'requeued', ARGV[2])
+local why = redis.call('HGET', KEYS[1], 'stalled') or 'worker lost; re-queued'
+redis.call('HDEL', KEYS[1], 'stalled')
+redis.call('HSET', KEYS[1], 'state', 'QUEUED', 'message', why, 'requeued', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'requeues', 1)
 redis.call('SREM', KEYS[3], ARGV[1])
 return 1
@@ -101,7 +116,6 @@ class JobRecords:
         self.p = prefix
         self._create = self.r.register_script(_CREATE)
         self._cancel = self.r.register_script(_CANCEL)
-        self._renew = self.r.register_script(_RENEW)
         self._release = self.r.register_script(_RELEASE)
         self._finish = self.r.register_script(_FINISH)
         self._requeue = self.r.register_script(_REQUEUE_IF_DEAD)
@@ -183,26 +197,23 @@ class JobRecords:
     def cancel_requested(self, job_id: str) -> bool:
         return self.r.hget(self.key(job_id), "cancel") == "1"
 
-    def check(self, job_id: str, token: str) -> tuple[bool, bool]:
-        """(cancel requested, ``token`` still holds the lock), in one round trip."""
+    def check(self, job_id: str, token: str, alive: str | None = None) -> tuple[bool, bool]:
+        """(cancel requested, ``token`` still holds the lock), in one round trip; stamps the time in
+        the field ``alive`` (the execution's sign of life, which the heartbeat's watchdog reads)."""
         pipe = self.r.pipeline(transaction=False)
         pipe.hget(self.key(job_id), "cancel")
         pipe.get(self.lock_key(job_id))
-        cancel, holder = pipe.execute()
+        if alive:
+            pipe.hset(self.key(job_id), alive, repr(time.time()))
+        cancel, holder = pipe.execute()[:2]
         return cancel == "1", holder == token
 
     # ---- the one-runner lock -----------------------------------------------------------------
     def acquire(self, job_id: str, token: str, ttl_s: float) -> bool:
         return bool(self.r.set(self.lock_key(job_id), token, nx=True, px=int(ttl_s * 1000)))
 
-    def renew(self, job_id: str, token: str, ttl_s: float) -> bool:
-        return bool(self._renew(keys=[self.lock_key(job_id)], args=[token, int(ttl_s * 1000)]))
-
     def release(self, job_id: str, token: str) -> None:
         self._release(keys=[self.lock_key(job_id)], args=[token])
-
-    def lock_alive(self, job_id: str) -> bool:
-        return bool(self.r.exists(self.lock_key(job_id)))
 
     def start_execution(self, job_id: str, worker: str, delivery_tag: str = "") -> int:
         """Mark RUNNING and count this execution; returns its number (1 for the first). The delivery
@@ -215,7 +226,8 @@ class JobRecords:
         pipe.sadd(self.running, job_id)
         n = pipe.execute()[0]
         self.update(job_id, message="started" if n == 1 else f"resumed (execution {n})",
-                    **{f"exec:{n}:start": now, f"exec:{n}:beat": now, f"exec:{n}:worker": worker})
+                    **{f"exec:{n}:start": now, f"exec:{n}:beat": now, alive_field(n): now,
+                       f"exec:{n}:worker": worker})
         return n
 
     def end_execution(self, job_id: str, execution: int, token: str) -> None:
@@ -243,6 +255,31 @@ class JobRecords:
             self.notify(job_id)
         return ok
 
+    def prune(self, older_than_s: float, batch: int = 500) -> int:
+        """Delete the records of jobs that ended more than ``older_than_s`` ago; how many went.
+        Oldest first by creation time; a job still queued or running is never touched."""
+        cutoff, gone, start = time.time() - older_than_s, 0, 0
+        while True:
+            ids = self.r.zrangebyscore(self.index, "-inf", repr(cutoff), start=start, num=batch)
+            if not ids:
+                return gone
+            pipe = self.r.pipeline(transaction=False)
+            for i in ids:
+                pipe.hmget(self.key(i), "state", "finished", "key")
+            found = dict(zip(ids, pipe.execute()))
+            old = [i for i, (state, finished, _) in found.items()
+                   if state is None or (state in FINAL and float(finished or 0) < cutoff)]
+            if old:
+                pipe = self.r.pipeline(transaction=False)
+                pipe.delete(*(self.key(i) for i in old))
+                pipe.zrem(self.index, *old)
+                for i in old:  # its idempotency key would name a job that no longer exists
+                    if found[i][2]:
+                        pipe.delete(f"{self.p}:key:{found[i][2]}")
+                pipe.execute()
+                gone += len(old)
+            start += batch - len(old)
+
     def running_ids(self) -> list[str]:
         return sorted(self.r.smembers(self.running))
 
@@ -252,6 +289,11 @@ class JobRecords:
         return [{"start": float(rec[f"exec:{n}:start"]), "beat": float(rec.get(f"exec:{n}:beat", 0)),
                  "end": float(rec.get(f"exec:{n}:end", 0)), "worker": rec.get(f"exec:{n}:worker", "")}
                 for n in range(1, int(rec.get("executions", 0)) + 1) if f"exec:{n}:start" in rec]
+
+
+def alive_field(execution: int) -> str:
+    """The job hash field where execution ``execution`` stamps its sign of life."""
+    return f"exec:{execution}:alive"
 
 
 def _str(v) -> str:

@@ -1,6 +1,7 @@
 """Settings shared by the Jobs API, the Celery app and its workers (one place, read from the environment)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,21 +19,19 @@ class JobsSettings:
     read_roots: tuple[str, ...] = ()       # extra folders sources may be read from (never written)
     heartbeat_s: float = 5.0               # a running job renews its lock this often
     lock_ttl_s: float = 30.0               # a job whose lock is this stale lost its worker: re-queue it
+    # A running job that shows no sign of life from its own thread (a progress report or a cancel
+    # check: every tensor, step or row) for this long is presumed hung although its process lives:
+    # its lock is let go and the job re-queued. Longer than the slowest silent phase (compiling
+    # the first training step of a 20B model); 0 = no watchdog.
+    stall_s: float = 900.0
+    keep_finished_s: float = 30 * 24 * 3600.0  # finished job records are deleted after this long; 0 = keep
     visibility_timeout_s: int = WEEK
     prefix: str = "internlm"               # Redis key prefix for job records
 
     @classmethod
     def from_env(cls, env=None, **overrides) -> "JobsSettings":
         env = os.environ if env is None else env
-        s = cls()
-        kw = dict(
-            redis_url=env.get("INTERNLM_REDIS_URL", s.redis_url),
-            store_root=env.get("INTERNLM_STORE", s.store_root),
-            read_roots=tuple(p for p in env.get("INTERNLM_STORE_READ_ROOTS", "").split(os.pathsep) if p),
-            heartbeat_s=float(env.get("INTERNLM_JOB_HEARTBEAT_S", s.heartbeat_s)),
-            lock_ttl_s=float(env.get("INTERNLM_JOB_LOCK_TTL_S", s.lock_ttl_s)),
-            visibility_timeout_s=int(env.get("INTERNLM_JOB_VISIBILITY_TIMEOUT_S", s.visibility_timeout_s)),
-        )
+        kw = {name: _parse(name, env[var]) for name, var in ENV.items() if var in env}
         return cls(**{**kw, **overrides})
 
     @classmethod
@@ -43,15 +42,36 @@ class JobsSettings:
         base = cls.from_env()
         if settings is None:
             return base
-        names = ("redis_url", "store_root", "read_roots", "heartbeat_s", "lock_ttl_s", "visibility_timeout_s")
-        got = {n: getattr(settings, n) for n in names if getattr(settings, n, None) not in (None, "")}
+        got = {n: getattr(settings, n) for n in ENV if getattr(settings, n, None) not in (None, "")}
         if "store_root" not in got and getattr(settings, "store", None):
             got["store_root"] = str(settings.store)
         return replace(base, **got)
 
     def env(self) -> dict[str, str]:
         """The environment that gives a worker process these settings."""
-        return {"INTERNLM_REDIS_URL": self.redis_url, "INTERNLM_STORE": str(self.store_root),
-                "INTERNLM_STORE_READ_ROOTS": os.pathsep.join(map(str, self.read_roots)),
-                "INTERNLM_JOB_HEARTBEAT_S": str(self.heartbeat_s), "INTERNLM_JOB_LOCK_TTL_S": str(self.lock_ttl_s),
-                "INTERNLM_JOB_VISIBILITY_TIMEOUT_S": str(self.visibility_timeout_s)}
+        return {var: _format(getattr(self, name)) for name, var in ENV.items()}
+
+
+# Each setting's environment variable (one table: from_env, coerce and env all read it).
+ENV = {
+    "redis_url": "INTERNLM_REDIS_URL",
+    "store_root": "INTERNLM_STORE",
+    "read_roots": "INTERNLM_STORE_READ_ROOTS",   # os.pathsep-separated
+    "heartbeat_s": "INTERNLM_JOB_HEARTBEAT_S",
+    "lock_ttl_s": "INTERNLM_JOB_LOCK_TTL_S",
+    "stall_s": "INTERNLM_JOB_STALL_S",
+    "keep_finished_s": "INTERNLM_JOB_KEEP_S",
+    "visibility_timeout_s": "INTERNLM_JOB_VISIBILITY_TIMEOUT_S",
+}
+_TYPES = {f.name: f.type for f in dataclasses.fields(JobsSettings)}
+
+
+def _parse(name: str, text: str):
+    kind = _TYPES[name]
+    if kind.startswith("tuple"):
+        return tuple(p for p in text.split(os.pathsep) if p)
+    return {"float": float, "int": int}.get(kind, str)(text)
+
+
+def _format(value) -> str:
+    return os.pathsep.join(map(str, value)) if isinstance(value, tuple) else str(value)

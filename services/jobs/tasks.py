@@ -11,7 +11,8 @@ than once safe:
 
 The lock is renewed by a small helper process (``heartbeat.py``), which a busy MindSpore cannot
 starve of the GIL. A worker killed with -9 leaves its job RUNNING with a lock that expires
-``lock_ttl_s`` later. Every worker sweeps for such jobs every ``heartbeat_s`` and puts the dead
+``lock_ttl_s`` later; a worker that hangs (alive, but its job's thread silent for ``stall_s``)
+has its lock let go by that same process. Every worker sweeps for such jobs every ``heartbeat_s`` and puts the dead
 execution's unacknowledged message back at the head of its queue (:func:`recover_lost_jobs`),
 long before Redis' visibility timeout would.
 """
@@ -34,16 +35,24 @@ from internlm_core.store import OUTPUT, Store
 from . import kinds
 from .app import KINDS, send, task_name
 from .heartbeat import Beacon
-from .records import CANCELLED, FAILED, FINAL, QUEUED, SUCCEEDED, JobRecords
+from .records import CANCELLED, FAILED, FINAL, QUEUED, SUCCEEDED, JobRecords, alive_field
 
 log = logging.getLogger("internlm.jobs")
 PROGRESS_EVERY_S = 0.25   # progress writes to Redis at most this often (the core calls back per tensor/step)
 CANCEL_CHECK_EVERY_S = 0.1
+ALIVE_EVERY_S = 1.0       # the job thread's sign of life (the watchdog's input) at most this often
+PRUNE_EVERY_S = 600.0     # each worker deletes records older than keep_finished_s this often
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, CheckpointError, ConfigError, OSError)
 
 
 class JobFailed(Exception):
     """Raised after a job is recorded FAILED, so Celery's own result says FAILURE too."""
+
+
+class LockLost(Cancelled):
+    """This execution no longer holds the job's lock (presumed dead or hung; the job is another
+    execution's now). Raised out of the core's ``cancel()`` callback, so the core stops at once,
+    without the checkpoint or clean-up that a cancel gets: nothing more may touch the job's folder."""
 
 
 class JobContext:
@@ -56,6 +65,8 @@ class JobContext:
         self.staging = self.job_dir / OUTPUT
         self.work_dir = self.job_dir / "work"
         self.lock_lost = threading.Event()
+        self.alive = alive_field(execution)
+        self._last_alive = time.monotonic()
         self._pending: dict = {}
         self._last_write = 0.0
         self._last_check = 0.0
@@ -77,8 +88,8 @@ class JobContext:
             rate = (frac - self._f0) / max(now - self._t0, 1e-6)
             p["fraction"] = frac
             p["eta"] = (1.0 - frac) / rate if rate > 0 else -1.0
-        self.records.update(self.job_id, **p)
-        self._last_write = now
+        self.records.update(self.job_id, **p, **{self.alive: time.time()})
+        self._last_write = self._last_alive = now
 
     def final_progress(self) -> dict:
         """The last (maybe throttled away) progress report, complete."""
@@ -98,18 +109,31 @@ class JobContext:
 
     # ---- cancel ----------------------------------------------------------------------------------
     def cancelled(self) -> bool:
-        """The core's ``cancel=`` callback: a cancel request, a lost lock, or this worker stopping."""
-        if self.lock_lost.is_set() or self.runtime.stopping.is_set():
+        """The core's ``cancel=`` callback: a cancel request or this worker stopping (True), or a
+        lost lock (raises LockLost)."""
+        if self.lock_lost.is_set():
+            raise LockLost("this execution lost the job's lock")
+        if self.runtime.stopping.is_set():
             return True
         now = time.monotonic()
         if not self._cancel and now - self._last_check >= CANCEL_CHECK_EVERY_S:
             self._last_check = now
-            self._cancel, holds = self.records.check(self.job_id, self.token)
+            stamp = now - self._last_alive >= ALIVE_EVERY_S
+            self._cancel, holds = self.records.check(self.job_id, self.token, self.alive if stamp else None)
+            if stamp:
+                self._last_alive = now
             if not holds:
-                log.error("job %s: lock lost (presumed dead and re-queued); stopping this execution", self.job_id)
+                log.error("job %s: lock lost (presumed dead or hung, and re-queued); stopping this execution",
+                          self.job_id)
                 self.lock_lost.set()
-                return True
+                raise LockLost("this execution lost the job's lock")
         return self._cancel
+
+    def still_ours(self) -> bool:
+        """Whether this execution still holds the job's lock (asked now, before touching shared state)."""
+        if not self.lock_lost.is_set() and not self.records.check(self.job_id, self.token)[1]:
+            self.lock_lost.set()
+        return not self.lock_lost.is_set()
 
     # ---- output --------------------------------------------------------------------------------
     def clear_partial(self) -> None:
@@ -149,7 +173,8 @@ class Runtime:
         self.settings = app.jobs_settings
         self.store = Store(self.settings.store_root, self.settings.read_roots)
         self.records = JobRecords(self.settings.redis_url, self.settings.prefix)
-        self.beacon = Beacon(self.settings.redis_url, self.settings.heartbeat_s, self.settings.lock_ttl_s)
+        self.beacon = Beacon(self.settings.redis_url, self.settings.heartbeat_s, self.settings.lock_ttl_s,
+                             self.settings.stall_s)
         self.stopping = threading.Event()
         self.delivery_tags: dict[str, str] = {}  # job id -> tag of the message being run
 
@@ -172,7 +197,7 @@ class Runtime:
         n = self.records.start_execution(job_id, task.request.hostname or "worker",
                                          self.delivery_tags.pop(job_id, ""))
         lock = self.records.lock_key(job_id)
-        self.beacon.hold(lock, token, self.records.key(job_id), f"exec:{n}:beat")
+        self.beacon.hold(lock, token, self.records.key(job_id), f"exec:{n}:beat", alive_field(n))
         try:
             return self._run(kind, job_id, rec, JobContext(self, job_id, n, token))
         finally:
@@ -198,7 +223,7 @@ class Runtime:
         except (Ignore, Reject):
             raise
         except Exception as e:  # noqa: BLE001 - any failure ends the job FAILED with a reason
-            if ctx.lock_lost.is_set():
+            if not ctx.still_ours():
                 raise Ignore()  # not ours to end (or clean up) any more
             reason = f"{type(e).__name__}: {e}"
             if not isinstance(e, EXPECTED_ERRORS):
@@ -207,6 +232,8 @@ class Runtime:
             self.store.discard(job_id)
             self.records.finish(job_id, ctx.token, FAILED, error=reason, message="failed")
             raise JobFailed(reason) from None
+        if not ctx.still_ours():
+            raise Ignore()
         self.store.discard(job_id)  # checkpoints and temporaries: the result is published
         self.records.finish(job_id, ctx.token, SUCCEEDED, message="done", result=json.dumps(result),
                             **ctx.final_progress())
@@ -234,7 +261,7 @@ def recover_lost_jobs(app, records: JobRecords) -> list[str]:
         if records.requeue_if_dead(job_id):
             rec = records.get(job_id)
             how = redeliver(app, rec)
-            log.warning("job %s: worker lost; %s", job_id, how)
+            log.warning("job %s: %s; %s", job_id, rec.get("message", "worker lost"), how)
             done.append(job_id)
     return done
 
@@ -266,9 +293,14 @@ def install_worker_hooks(app, runtime: Runtime) -> None:
     @signals.worker_ready.connect(weak=False)
     def _ready(**_):
         def sweep():
+            keep, pruned = runtime.settings.keep_finished_s, 0.0
             while True:
                 try:
                     recover_lost_jobs(app, runtime.records)
+                    if keep > 0 and time.monotonic() - pruned >= PRUNE_EVERY_S:
+                        if gone := runtime.records.prune(keep):
+                            log.info("deleted %d job record(s) finished more than %.0f s ago", gone, keep)
+                        pruned = time.monotonic()
                 except Exception as e:  # noqa: BLE001 - Redis away for a moment: try again next round
                     log.warning("recovery sweep failed: %s", e)
                 if runtime.stopping.wait(runtime.settings.heartbeat_s):

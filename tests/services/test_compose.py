@@ -93,3 +93,10 @@ def test_dockerfile_builds_what_compose_runs(compose):
     assert "python -m services.gen_protos --check" in text  # stubs in the image match its protos
     assert "INTERNLM_HOST=0.0.0.0" in text
     assert compose["x-app"]["build"] == "."
+
+
+def test_redis_fsync_is_a_setting():
+    cmd = redis_command(6379, "/data", fsync="always")
+    assert cmd[cmd.index("--appendfsync") + 1] == "always"
+    with pytest.raises(ValueError, match="appendfsync must be one of everysec, always, no"):
+        redis_command(6379, "/data", fsync="sometimes")
