@@ -133,7 +133,7 @@ def test_resume_after_interruption_replays_the_same_curve(tmp_path, base_dir, da
     calls = []
     with pytest.raises(Cancelled):
         Trainer(args_for(base_dir, data_dir, tmp_path / "b", **kw), tmp_path / "wb").fit(
-            cancel=lambda: calls.append(1) or len(calls) > 7)  # stop before step 8
+            cancel=lambda: calls.append(1) or len(calls) > 14)  # polled twice a step: stop before step 8
     ckpts = sorted(p.name for p in (tmp_path / "wb" / CKPT_DIR).iterdir())
     assert ckpts == ["step-00000006", "step-00000007"]  # periodic (every 3, last 2 kept) + the cancel one
     # Resume from the periodic checkpoint, not the cancel one, to replay steps 7.. as well.
