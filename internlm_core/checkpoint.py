@@ -16,6 +16,7 @@ import shutil
 import struct
 import uuid
 import zipfile
+import zlib
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
@@ -116,9 +117,16 @@ class SafetensorsFile:
 
 
 class SafetensorsWriter:
-    """Writes tensors one at a time into a file whose header is fixed up front."""
+    """Writes tensors one at a time into a file whose header is fixed up front.
 
-    def __init__(self, path: str | Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata=None):
+    With ``resume=True`` the writer keeps a journal beside the file (``<file>.journal``: each
+    tensor's name and CRC-32, appended and fsynced once its bytes are on disk). A writer opened
+    again on the same path with the same header re-reads the journaled tensors, keeps the leading
+    ones whose bytes still match their CRC (``kept``), and goes on after them; a different header
+    or a missing journal starts over. That is how a killed conversion resumes."""
+
+    def __init__(self, path: str | Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata=None,
+                 resume: bool = False):
         header, offset = {}, 0
         for name, st_dtype, shape in entries:
             nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_ST_NP[st_dtype]).itemsize
@@ -129,9 +137,40 @@ class SafetensorsWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned
         self.header, self.order = header, [e[0] for e in entries]
-        self.f = open(path, "wb")
-        self.f.write(struct.pack("<Q", len(raw)) + raw)
-        self._next = 0
+        self.path, self._start = Path(path), 8 + len(raw)
+        self.journal = Path(f"{path}.journal") if resume else None
+        self.kept = self._verified(raw) if resume else 0
+        if self.kept:
+            self.f = open(path, "r+b")
+            self.f.truncate(self._start + self.header[self.order[self.kept - 1]]["data_offsets"][1])
+            self.f.seek(0, os.SEEK_END)
+            lines = self.journal.read_text().splitlines()[:self.kept]
+            self.journal.write_text("".join(line + "\n" for line in lines))
+        else:
+            self.f = open(path, "wb")
+            self.f.write(struct.pack("<Q", len(raw)) + raw)
+            if self.journal:
+                self.journal.write_text("")
+        self._next = self.kept
+
+    def _verified(self, raw: bytes) -> int:
+        """How many leading tensors an earlier writer left complete and intact in the file."""
+        if not (self.path.is_file() and self.journal.is_file()):
+            return 0
+        with open(self.path, "rb") as f:
+            if f.read(8 + len(raw)) != struct.pack("<Q", len(raw)) + raw:
+                return 0
+            kept = 0
+            for line in self.journal.read_text().splitlines():
+                name, _, crc = line.partition(" ")
+                if kept >= len(self.order) or name != self.order[kept]:
+                    break
+                start, end = self.header[name]["data_offsets"]
+                f.seek(self._start + start)
+                if _crc32(f, end - start) != crc:
+                    break
+                kept += 1
+        return kept
 
     def write(self, name: str, arr: np.ndarray) -> None:
         if name != self.order[self._next]:
@@ -140,13 +179,37 @@ class SafetensorsWriter:
         want = np.dtype(_ST_NP[e["dtype"]])
         if tuple(arr.shape) != tuple(e["shape"]) or arr.dtype != want:
             raise CheckpointError(f"{name}: got {arr.dtype}{list(arr.shape)}, header says {want}{e['shape']}")
-        self.f.write(np.ascontiguousarray(arr).tobytes())
+        data = np.ascontiguousarray(arr).tobytes()
+        self.f.write(data)
+        if self.journal:  # journaled only once the bytes are on disk, so a kill never journals a torn tensor
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            with open(self.journal, "a") as j:
+                j.write(f"{name} {zlib.crc32(data):08x}\n")
+                j.flush()
+                os.fsync(j.fileno())
         self._next += 1
+
+    def abort(self) -> None:
+        """Stop writing; what was journaled stays for a resuming writer."""
+        self.f.close()
 
     def close(self) -> None:
         self.f.close()
         if self._next != len(self.order):
             raise CheckpointError(f"only {self._next} of {len(self.order)} tensors were written")
+        if self.journal:
+            self.journal.unlink(missing_ok=True)
+
+
+def _crc32(f, n: int, block: int = 64 << 20) -> str:
+    crc = 0
+    while n > 0:
+        chunk = f.read(min(block, n))
+        if not chunk:
+            break
+        crc, n = zlib.crc32(chunk, crc), n - len(chunk)
+    return f"{crc:08x}" if n == 0 else ""
 
 
 # ---- torch pickles (read only, without torch) ------------------------------------------------

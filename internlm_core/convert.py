@@ -8,6 +8,7 @@ Peak memory stays near the largest tensor: safetensors sources are read a tensor
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Callable
@@ -106,18 +107,20 @@ def _plan(where: dict, table, expected: dict[str, tuple]) -> list[tuple[str, str
     return [(pairs[k], k) for k in expected]
 
 
-def _convert(where, plan, dst_file: Path, dtype: str | None, progress, cancel, metadata) -> str:
+def _convert(where, plan, dst_file: Path, dtype: str | None, progress, cancel, metadata, resume: bool) -> str:
     src_dtypes = {where[s].info(s)[0] for s, _ in plan}
     for d in src_dtypes:
         if d not in ST_TO_DTYPE:
             raise CheckpointError(f"unsupported weight dtype {d}")
     target = DTYPE_TO_ST[dtype] if dtype else (src_dtypes.pop() if len(src_dtypes) == 1 else "F32")
     entries = [(d, target, where[s].info(s)[1]) for s, d in plan]
-    total = sum(int(np.prod(e[2])) * (2 if target != "F32" else 4) for e in entries)
-    writer = SafetensorsWriter(dst_file, entries, metadata)
-    done = 0
+    size = [int(np.prod(e[2])) * (2 if target != "F32" else 4) for e in entries]
+    writer = SafetensorsWriter(dst_file, entries, metadata, resume=resume)
+    done = sum(size[:writer.kept])
+    if writer.kept and progress:
+        progress(done, sum(size), f"kept {writer.kept} of {len(plan)} tensors written and verified earlier")
     try:
-        for src, dst in plan:
+        for src, dst in plan[writer.kept:]:
             if cancel and cancel():
                 raise Cancelled()
             f = where[src]
@@ -125,17 +128,28 @@ def _convert(where, plan, dst_file: Path, dtype: str | None, progress, cancel, m
             writer.write(dst, arr)
             done += arr.nbytes
             if progress:
-                progress(done, total, dst)
+                progress(done, sum(size), dst)
     except BaseException:
-        writer.f.close()  # the temporary folder is removed by atomic_folder
+        writer.abort()  # the temporary folder is removed by atomic_folder; a work_dir's file is kept
         raise
     writer.close()
     return ST_TO_DTYPE[target]
 
 
+def _weights(tmp: Path, work_dir: Path | None) -> Path:
+    """Where the weights are written: straight into the new folder, or (resumable) into work_dir."""
+    if work_dir is None:
+        return tmp / WEIGHTS_FILE
+    Path(work_dir).mkdir(parents=True, exist_ok=True)
+    return Path(work_dir) / WEIGHTS_FILE
+
+
 def hf_to_ms(src: str | Path, dst: str | Path, dtype: str | None = None, overwrite: bool = False,
-             progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> Config:
-    """Convert an HF InternLM folder into a project model folder; returns its config."""
+             progress: ProgressFn | None = None, cancel: CancelFn | None = None,
+             work_dir: str | Path | None = None) -> Config:
+    """Convert an HF InternLM folder into a project model folder; returns its config. With
+    ``work_dir`` the weights are built there, journaled, and a run that was killed or cancelled
+    resumes after the tensors it wrote and verified (same source, dtype and config)."""
     src = Path(src)
     if not (src / CONFIG_FILE).is_file():
         raise CheckpointError(f"{src} has no {CONFIG_FILE}")
@@ -146,7 +160,9 @@ def hf_to_ms(src: str | Path, dst: str | Path, dtype: str | None = None, overwri
     where = open_weights(src)
     plan = _plan(where, _HF_RE, ms_shapes(cfg))
     with atomic_folder(dst, overwrite) as tmp:
-        out_dtype = _convert(where, plan, tmp / WEIGHTS_FILE, dtype, progress, cancel, {"format": "ms"})
+        weights = _weights(tmp, work_dir)
+        out_dtype = _convert(where, plan, weights, dtype, progress, cancel, {"format": "ms"}, work_dir is not None)
+        os.replace(weights, tmp / WEIGHTS_FILE)
         cfg = cfg.replace(dtype=out_dtype, name=cfg.name if cfg.name != "hf" else src.name)
         cfg.save(tmp)
         copy_tokenizer(src, tmp)
@@ -154,8 +170,10 @@ def hf_to_ms(src: str | Path, dst: str | Path, dtype: str | None = None, overwri
 
 
 def ms_to_hf(src: str | Path, dst: str | Path, dtype: str | None = None, overwrite: bool = False,
-             progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> Config:
-    """Write a project model folder back as an HF folder (config.json + model.safetensors)."""
+             progress: ProgressFn | None = None, cancel: CancelFn | None = None,
+             work_dir: str | Path | None = None) -> Config:
+    """Write a project model folder back as an HF folder (config.json + model.safetensors);
+    ``work_dir`` as in ``hf_to_ms``."""
     import json
 
     src = Path(src)
@@ -164,7 +182,9 @@ def ms_to_hf(src: str | Path, dst: str | Path, dtype: str | None = None, overwri
     expected_hf = {rename(k, _MS_RE): s for k, s in ms_shapes(cfg).items()}
     plan = _plan(where, _MS_RE, expected_hf)  # (ms name, hf name)
     with atomic_folder(dst, overwrite) as tmp:
-        out_dtype = _convert(where, plan, tmp / WEIGHTS_FILE, dtype, progress, cancel, {"format": "pt"})
+        weights = _weights(tmp, work_dir)
+        out_dtype = _convert(where, plan, weights, dtype, progress, cancel, {"format": "pt"}, work_dir is not None)
+        os.replace(weights, tmp / WEIGHTS_FILE)
         cfg = cfg.replace(dtype=out_dtype)
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_hf_config(), indent=2) + "\n")
         copy_tokenizer(src, tmp)

@@ -163,3 +163,42 @@ def test_progress_reports_bytes(tiny_hf, tmp_path):
     seen = []
     hf_to_ms(tiny_hf[1], tmp_path / "out", progress=lambda d, t, n: seen.append((d, t)))
     assert seen[-1][0] == seen[-1][1] > 0 and all(a[0] <= b[0] for a, b in zip(seen, seen[1:]))
+
+
+def test_a_cut_conversion_resumes_after_the_tensors_it_verified(tiny_hf, tmp_path):
+    """What a killed conversion job finds in its work folder: the next run keeps the journaled
+    tensors whose bytes still match their CRC, rewrites from the first that does not, and gives
+    the same file as a conversion that was never cut."""
+    import json
+    import struct
+
+    straight = tmp_path / "straight"
+    hf_to_ms(tiny_hf[1], straight)
+    work, calls = tmp_path / "work", []
+    with pytest.raises(Cancelled):
+        hf_to_ms(tiny_hf[1], tmp_path / "out", work_dir=work, cancel=lambda: calls.append(1) or len(calls) > 6)
+    journal = (work / "model.safetensors.journal").read_text().splitlines()
+    assert len(journal) == 6
+    # Damage the fourth tensor's bytes: only the three before it may be kept.
+    data = bytearray((work / "model.safetensors").read_bytes())
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    data[8 + n + header[journal[3].split()[0]]["data_offsets"][0]] ^= 0xFF
+    (work / "model.safetensors").write_bytes(bytes(data))
+    seen = []
+    hf_to_ms(tiny_hf[1], tmp_path / "out", work_dir=work, progress=lambda d, t, name: seen.append(name))
+    assert seen[0] == f"kept 3 of {len(header) - 1} tensors written and verified earlier"
+    assert len(seen) == 1 + len(header) - 1 - 3  # the rest written again, one report each
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (straight / "model.safetensors").read_bytes()
+    assert list(work.iterdir()) == []  # the file moved into the model folder, the journal gone
+
+
+def test_a_resumed_conversion_with_other_settings_starts_over(tiny_hf, tmp_path):
+    work, calls = tmp_path / "work", []
+    with pytest.raises(Cancelled):
+        hf_to_ms(tiny_hf[1], tmp_path / "out", work_dir=work, cancel=lambda: calls.append(1) or len(calls) > 4)
+    seen = []
+    hf_to_ms(tiny_hf[1], tmp_path / "out", dtype="float16", work_dir=work, progress=lambda d, t, name: seen.append(name))
+    assert not any(name.startswith("kept") for name in seen)  # another header: nothing kept
+    hf_to_ms(tiny_hf[1], tmp_path / "ref", dtype="float16")
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()

@@ -58,10 +58,11 @@ def run_convert(req: dict, ctx) -> dict:
     src = ctx.store.source_path(req["source"])
     if not ctx.staging.is_dir():  # a previous execution may have finished it before being killed
         ctx.clear_partial()
+        # work_dir survives a killed execution: the next one keeps the tensors already written and verified.
         hf_to_ms(src, ctx.staging, dtype=req.get("dtype") or None,
                  progress=lambda done, total, name: ctx.progress(bytes_done=done, bytes_total=total,
                                                                  message=name),
-                 cancel=ctx.cancelled)
+                 cancel=ctx.cancelled, work_dir=ctx.work_dir)
     cfg = _read_config(ctx.staging)
     ctx.publish(MODELS, req["output"], req.get("overwrite", False))
     return {"parameters": cfg.num_parameters(), "dtype": cfg.dtype, "preset": cfg.name}
