@@ -9,6 +9,8 @@ deliver more than once:
 - ``<p>:job:<id>:lock`` -> the token of the one execution allowed to run the job, with a TTL that a
   heartbeat renews. A dead worker's lock expires, and only then may the job run again.
 - ``<p>:job:<id>:events`` (pub/sub channel): a ping after every change, for watchers.
+- ``<p>:claims`` (hash: delivery tag -> job id) and ``<p>:claim:<tag>`` (with a TTL): a message a
+  worker received and has not started yet, so a worker that dies in between is noticed too.
 
 State changes that must not race are Lua scripts (atomic in Redis).
 """
@@ -215,6 +217,38 @@ class JobRecords:
     def release(self, job_id: str, token: str) -> None:
         self._release(keys=[self.lock_key(job_id)], args=[token])
 
+    # ---- received, not yet started ------------------------------------------------------------
+    def claim(self, delivery_tag: str, job_id: str, ttl_s: float) -> None:
+        """A worker received the job's message and has not started it: if it dies before it does
+        (no lock, no RUNNING state yet), the claim expires and a sweep puts the message back."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.set(self.claim_key(delivery_tag), job_id, px=int(ttl_s * 1000))
+        pipe.hset(self.claims, delivery_tag, job_id)
+        pipe.execute()
+
+    def unclaim(self, delivery_tag: str) -> bool:
+        """Drop a claim; True for the one caller that removed it."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hdel(self.claims, delivery_tag)
+        pipe.delete(self.claim_key(delivery_tag))
+        return bool(pipe.execute()[0])
+
+    def expired_claims(self) -> dict[str, str]:
+        """{delivery tag: job id} of the claims whose worker died before starting the job."""
+        claims = self.r.hgetall(self.claims)
+        pipe = self.r.pipeline(transaction=False)
+        for tag in claims:
+            pipe.exists(self.claim_key(tag))
+        return {tag: job for (tag, job), alive in zip(claims.items(), pipe.execute()) if not alive}
+
+    def claim_key(self, delivery_tag: str) -> str:
+        return f"{self.p}:claim:{delivery_tag}"
+
+    @property
+    def claims(self) -> str:
+        return f"{self.p}:claims"
+
+    # ---- executions --------------------------------------------------------------------------
     def start_execution(self, job_id: str, worker: str, delivery_tag: str = "") -> int:
         """Mark RUNNING and count this execution; returns its number (1 for the first). The delivery
         tag names the broker message to put back if this execution's worker dies."""

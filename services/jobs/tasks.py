@@ -179,6 +179,23 @@ class Runtime:
         self.delivery_tags: dict[str, str] = {}  # job id -> tag of the message being run
 
     def run(self, task, kind: str, job_id: str):
+        tag = self.delivery_tags.pop(job_id, "")
+        try:
+            token, n, rec = self._start(task, job_id, tag)
+        finally:  # started (the lock covers it now) or skipped: the claim has done its part
+            if tag:
+                self.records.unclaim(tag)
+        lock = self.records.lock_key(job_id)
+        self.beacon.hold(lock, token, self.records.key(job_id), f"exec:{n}:beat", alive_field(n))
+        try:
+            return self._run(kind, job_id, rec, JobContext(self, job_id, n, token))
+        finally:
+            self.beacon.drop(lock)
+            self.records.end_execution(job_id, n, token)
+
+    def _start(self, task, job_id: str, tag: str) -> tuple[str, int, dict]:
+        """Take the job's lock and mark it RUNNING: (lock token, execution number, record); raises
+        Ignore for a delivery that must not run (no record, already ended, running elsewhere)."""
         rec = self.records.get(job_id)
         if rec is None:
             log.warning("job %s: no record; dropping the message", job_id)
@@ -194,15 +211,7 @@ class Runtime:
         if rec["state"] in FINAL:
             self.records.release(job_id, token)
             raise Ignore()
-        n = self.records.start_execution(job_id, task.request.hostname or "worker",
-                                         self.delivery_tags.pop(job_id, ""))
-        lock = self.records.lock_key(job_id)
-        self.beacon.hold(lock, token, self.records.key(job_id), f"exec:{n}:beat", alive_field(n))
-        try:
-            return self._run(kind, job_id, rec, JobContext(self, job_id, n, token))
-        finally:
-            self.beacon.drop(lock)
-            self.records.end_execution(job_id, n, token)
+        return token, self.records.start_execution(job_id, task.request.hostname or "worker", tag), rec
 
     def _run(self, kind: str, job_id: str, rec: dict, ctx: JobContext):
         request = json.loads(rec["request"])
@@ -255,7 +264,8 @@ def register(app) -> Runtime:
 # ---- recovery of jobs whose worker died ---------------------------------------------------------
 
 def recover_lost_jobs(app, records: JobRecords) -> list[str]:
-    """Re-deliver every RUNNING job whose lock expired (its worker is gone). Returns their ids."""
+    """Re-deliver every RUNNING job whose lock expired (its worker is gone or hung), and every
+    received job whose worker died before starting it. Returns their ids."""
     done = []
     for job_id in records.running_ids():
         if records.requeue_if_dead(job_id):
@@ -263,18 +273,35 @@ def recover_lost_jobs(app, records: JobRecords) -> list[str]:
             how = redeliver(app, rec)
             log.warning("job %s: %s; %s", job_id, rec.get("message", "worker lost"), how)
             done.append(job_id)
+    for tag, job_id in records.expired_claims().items():
+        if not records.unclaim(tag):
+            continue  # another worker's sweep took it
+        rec = records.get(job_id)
+        if rec is None or rec["state"] != QUEUED:
+            continue  # it started after all (then its lock covers it) or ended
+        if restore(app, tag):
+            log.warning("job %s: its worker died before starting it; its message was restored to the queue",
+                        job_id)
+            done.append(job_id)
     return done
+
+
+def restore(app, tag: str) -> bool:
+    """Put an unacknowledged message back at the head of its queue (kombu's own restore, what it
+    does after the visibility timeout, for this one message); False if it is not unacknowledged."""
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        if not channel.client.hexists(channel.unacked_key, tag):
+            return False
+        channel.qos.restore_by_tag(tag, leftmost=False)
+        return True
 
 
 def redeliver(app, rec: dict) -> str:
     """Put the dead execution's unacknowledged message back at the head of its queue, or send it anew."""
     tag = rec.get("delivery_tag")
-    with app.connection_for_write() as conn:
-        channel = conn.default_channel
-        if tag and channel.client.hexists(channel.unacked_key, tag):
-            # kombu's own restore (what it does after the visibility timeout), for this one message
-            channel.qos.restore_by_tag(tag, leftmost=False)
-            return "its message was restored to the queue"
+    if tag and restore(app, tag):
+        return "its message was restored to the queue"
     send(app, rec["kind"], rec["id"])
     return "a new message was queued"
 
@@ -289,6 +316,7 @@ def install_worker_hooks(app, runtime: Runtime) -> None:
         # the message that must go back to the queue if this worker dies (solo pool: same process)
         if request is not None and request.name in names:
             runtime.delivery_tags[request.id] = request.message.delivery_tag
+            runtime.records.claim(request.message.delivery_tag, request.id, runtime.settings.lock_ttl_s)
 
     @signals.worker_ready.connect(weak=False)
     def _ready(**_):

@@ -1,5 +1,6 @@
-"""Jobs whose worker hangs while its process stays alive (SIGSTOP: as a deadlock or a stuck
-kernel looks from outside) lose their lock to the watchdog and finish on another worker; old
+"""Workers lost at the points the kill -9 tests do not reach: one that hangs while its process
+stays alive (SIGSTOP: as a deadlock or a stuck kernel looks from outside) loses its job to the
+watchdog, one that dies between receiving a job and starting it is noticed by its claim; old
 finished records are pruned by the workers, nothing else."""
 import json
 import shutil
@@ -84,3 +85,61 @@ def test_workers_prune_old_finished_records(jobs_settings, workers):
     # The pruned jobs' idempotency keys went with them: the same key makes a new job.
     rec, created = records.create("convert", {"name": "old-done"}, "models/x", idempotency_key="old-done")
     assert created and rec["id"] != made["old-done"]
+
+
+# A consumer that receives a job's message and claims it exactly as a worker's task_received hook
+# does, then waits: killed with -9, it is a worker that died between receiving a job and starting it.
+RECEIVER = """
+import sys, time
+from kombu import Consumer
+from services.jobs.app import make_app
+from services.jobs.records import JobRecords
+from services.jobs.settings import JobsSettings
+s = JobsSettings.from_env()
+app = make_app(s)
+got = []
+with app.connection_for_read() as conn:
+    with Consumer(conn, queues=[app.amqp.queues["convert"]], callbacks=[lambda body, m: got.append(m)],
+                  accept=["json"], no_ack=False):
+        print("listening", flush=True)
+        while not got:
+            try:
+                conn.drain_events(timeout=1)
+            except TimeoutError:
+                pass
+    JobRecords(s.redis_url, s.prefix).claim(got[0].delivery_tag, got[0].headers["id"], s.lock_ttl_s)
+    print("claimed", got[0].headers["id"], flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_worker_dead_before_starting_its_job_is_noticed(jobs_api, jobs_settings, workers, hf_source):
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+    from tests.jobs.conftest import LOCK_TTL_S
+    from tests.jobs.test_convert_job import convert_request
+
+    stub, _ = jobs_api
+    records = JobRecords(jobs_settings.redis_url)
+    env = {**os.environ, **jobs_settings.env(), "PYTHONUNBUFFERED": "1"}
+    receiver = subprocess.Popen([sys.executable, "-c", RECEIVER], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert receiver.stdout.readline().strip() == "listening"
+        job = stub.SubmitJob(convert_request(hf_source, "tiny"))
+        assert receiver.stdout.readline().split() == ["claimed", job.id]
+    finally:
+        receiver.kill()
+        receiver.wait()
+    killed = time.time()
+    assert records.get(job.id)["state"] == QUEUED and records.expired_claims() == {}  # claim alive for now
+    w = workers("convert")
+    final = wait_for(lambda: (r := records.get(job.id))["state"] in (SUCCEEDED, FAILED) and r, timeout=120,
+                     every=0.2, what="the job run by the live worker")
+    assert final["state"] == SUCCEEDED and final["executions"] == "1", final.get("error")
+    assert "its worker died before starting it; its message was restored" in w.log.read_text()
+    started = records.executions(job.id)[0]["start"]
+    assert started - killed < LOCK_TTL_S + 15, started - killed  # the claim's TTL, not the visibility timeout
+    assert records.r.hgetall(records.claims) == {}
