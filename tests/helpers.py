@@ -91,10 +91,12 @@ class RedisServer:
         exe = shutil.which("redis-server")
         if not exe:
             raise RuntimeError("redis-server is not installed (.ci/run installs it)")
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--maxmemory-policy", "noeviction"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        from services.launcher import redis_command
+
+        # The settings the launcher and compose ship (appendfsync everysec), so that the restart
+        # and crash tests see what a deployment sees.
+        self.proc = subprocess.Popen([exe, *redis_command(self.port, self.folder)[1:]],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         import redis
 
         deadline = time.time() + 20
@@ -113,6 +115,12 @@ class RedisServer:
 
     def restart(self) -> None:
         self.stop()
+        self.start()
+
+    def crash(self) -> None:
+        """kill -9 and start again on the same data folder."""
+        self.proc.kill()
+        self.proc.wait(10)
         self.start()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import time
 
 import grpc
@@ -68,6 +69,15 @@ def job_to_pb(rec: dict) -> jobs_pb2.Job:
         worker=rec.get("worker", ""), result_json=rec.get("result", ""), request=request)
 
 
+def request_body(message) -> dict:
+    """A job request as the JSON-able dict that its record keeps; NaN and infinities (which JSON
+    cannot hold as numbers, and no job parameter means) are refused naming the field."""
+    for field, value in message.ListFields():
+        if field.type in (field.TYPE_FLOAT, field.TYPE_DOUBLE) and not math.isfinite(value):
+            raise ValueError(f"{field.name} must be a finite number, got {value}")
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
 class JobsServicer(jobs_pb2_grpc.JobsServicer):
     def __init__(self, settings=None):
         self.settings = JobsSettings.coerce(settings)
@@ -86,7 +96,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         kind = request.WhichOneof("job")
         if kind is None:
             raise ValueError(f"set one of: {', '.join(kinds.RUNS)}")
-        body = json_format.MessageToDict(getattr(request, kind), preserving_proto_field_name=True)
+        body = request_body(getattr(request, kind))
         key = request.idempotency_key
         if key:  # a repeat of a known request returns its job before any check (its output may exist now)
             existing = self.records.r.get(f"{self.records.p}:key:{key}")

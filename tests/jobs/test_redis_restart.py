@@ -29,3 +29,28 @@ def test_queued_jobs_survive_a_redis_restart(jobs_api, jobs_settings, workers, h
     job = stub.SubmitJob(convert(hf_source, "after"))
     last = watch_until_done(stub, job.id, timeout=90)[-1]
     assert last.state == S.JOB_STATE_SUCCEEDED and last.executions == 1
+
+
+def test_a_running_job_survives_a_redis_crash(jobs_api, jobs_settings, workers, trainer_store, alpaca_dataset,
+                                              redis_server):
+    """kill -9 of Redis (appendfsync everysec, as shipped) while a fine-tune runs: the worker's
+    progress writes and heartbeat retry until it is back, and the job ends SUCCEEDED with every
+    step trained once (whether it kept its lock or was re-queued and resumed)."""
+    import json
+    import shutil
+
+    from tests.jobs.conftest import wait_for
+    from tests.jobs.test_finetune_job import finetune_request
+
+    stub, _ = jobs_api
+    shutil.copytree(alpaca_dataset, Path(jobs_settings.store_root) / "datasets" / "alpaca")
+    workers("finetune")
+    job = stub.SubmitJob(finetune_request(max_steps=40, save_every=5))
+    wait_for(lambda: stub.GetJob(jobs_pb2.GetJobRequest(id=job.id)).progress.step >= 4, timeout=300,
+             what="training reached step 4")
+    redis_server.crash()
+    last = watch_until_done(stub, job.id, timeout=600)[-1]
+    assert last.state == S.JOB_STATE_SUCCEEDED, last.error
+    history = (Path(jobs_settings.store_root) / "models" / "tuned" / "scalars.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in history] == list(range(1, 41))
+    print(f"redis crash mid-job: {last.executions} execution(s)")

@@ -65,6 +65,29 @@ def test_both_workers_get_traffic(pair):
     assert pair.b.metric("internlm_generated_tokens_total") - b0 == 240
 
 
+def test_streams_ride_out_a_redis_restart_and_crash(pair):
+    """Streams do not touch Redis; the registry does. Redis stopped (SIGTERM) and killed (-9)
+    under running streams: every stream ends complete, the workers register again, the endpoint
+    keeps both and routes new requests to both."""
+    s = stub(pair.endpoint)
+    for stop in (pair.redis.restart, pair.redis.crash):
+        calls = [s.Generate(request(120, f"Tell me about ship {i}"), timeout=120) for i in range(4)]
+        heads = [next(c) for c in calls]
+        stop()
+        assert [len(joined([h, *c])[0]) for h, c in zip(heads, calls)] == [120] * 4
+        deadline = time.monotonic() + 30
+        while len(wait_workers(pair.endpoint, 2)) != 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        keys = redis.Redis.from_url(pair.redis.url).keys(PREFIX + "*")
+        deadline = time.monotonic() + 30
+        while len(keys) != 2 and time.monotonic() < deadline:  # re-registered by their heartbeats
+            time.sleep(0.2)
+            keys = redis.Redis.from_url(pair.redis.url).keys(PREFIX + "*")
+        assert len(keys) == 2
+        assert s.GenerateUnary(request(3), timeout=60).finish.completion_tokens == 3
+    assert serving(pair.endpoint)
+
+
 def sampled(n, seed=None, text="Once upon a time"):
     params = common_pb2.SamplingParams(max_new_tokens=n, ignore_eos=True, temperature=0.8, top_k=50)
     if seed is not None:
