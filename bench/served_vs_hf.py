@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--streams", default="1,4,8,16")
+    ap.add_argument("--max-batch", type=int, help="the worker's slots (default: the worker's own default, 8)")
     args = ap.parse_args()
     levels = [int(c) for c in args.streams.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="served-vs-hf-"))
@@ -76,7 +77,8 @@ def main() -> None:
                                    text=True).stdout)
     port = free_port()
     worker = Proc([sys.executable, "-m", "services.worker", "--model", str(model_dir), "--port", str(port),
-                   "--metrics-port", str(free_port()), "--redis-url", ""], tmp / "worker.log")
+                   "--metrics-port", str(free_port()), "--redis-url", "",
+                   *(["--max-batch", str(args.max_batch)] if args.max_batch else [])], tmp / "worker.log")
     try:
         wait_healthy(f"127.0.0.1:{port}", timeout=900)
         stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
@@ -86,7 +88,8 @@ def main() -> None:
             return inference_pb2.GenerateRequest(ids=common_pb2.TokenIds(ids=prompt), params=params)
 
         stream(stub, request(fresh(1)[0]))
-        print(f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, greedy", flush=True)
+        print(f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, greedy, "
+              f"{args.max_batch or 'default'} slots", flush=True)
         for c in levels:
             reqs = [request(p) for p in fresh(c)]
             results = [None] * c

@@ -38,17 +38,10 @@ from typing import Iterator
 
 import numpy as np
 
+from .errors import QueueFull, ShuttingDown
 from .generation import FINISH_ABORTED, GenerationResult, SamplingParams, SequenceState, TokenEvent
 
 log = logging.getLogger(__name__)
-
-
-class QueueFull(RuntimeError):
-    """Every slot is busy and the waiting queue is at its bound: try again later."""
-
-
-class ShuttingDown(RuntimeError):
-    """The batcher no longer accepts requests."""
 
 
 class BatcherMetrics:
@@ -200,9 +193,6 @@ class Batcher:
             self._waiting.append(handle)
             self._wake.notify()
         return handle
-
-    def cancel(self, handle: Handle) -> None:
-        handle.cancel()
 
     @property
     def active(self) -> int:

@@ -25,6 +25,7 @@ from typing import Iterator
 import numpy as np
 
 from .config import Config
+from .errors import Cancelled, CheckpointError
 
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.model"
@@ -35,14 +36,6 @@ _ST_NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.flo
 _NP_ST = {np.dtype(v): k for k, v in _ST_NP.items()}  # unambiguous: uint16 is only ever bf16 bits
 DTYPE_TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not match its config."""
-
-
-class Cancelled(Exception):
-    """Raised between tensors when a caller's cancel check returns True."""
 
 
 # ---- dtype conversion on raw arrays -------------------------------------------------------

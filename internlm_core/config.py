@@ -11,13 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
 CONFIG_FILE = "config.json"
 # Marks a folder written by this project (MindSpore weights, MindFormers names).
 FORMAT_TAG = "internlm-mindspore/1"
-
-
-class ConfigError(ValueError):
-    """A config that cannot describe a valid model (unknown preset, bad numbers)."""
 
 
 @dataclass(frozen=True)

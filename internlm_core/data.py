@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 
 from .checkpoint import Cancelled, atomic_folder
+from .errors import DataError
 from .tokenizer import EOA, EOS, Tokenizer
 
 IGNORE = -100  # label value the loss skips
@@ -41,10 +42,6 @@ SCHEMAS = {
     "wikitext": {"input_ids": {"type": "int32", "shape": [-1]}},
 }
 MODES = {"alpaca": ("pad",), "wikitext": ("pack", "line")}
-
-
-class DataError(ValueError):
-    """Input data that cannot be turned into training rows (bad JSON, wrong fields, nothing left)."""
 
 
 # ---- Alpaca ---------------------------------------------------------------------------------

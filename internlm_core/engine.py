@@ -23,23 +23,17 @@ memory, and a caller may run decode steps between the chunks of a long prompt.
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
+from .engine_api import EngineBase, bucket
+from .errors import PromptTooLong
+from .export import MANIFEST_FILE, ExportedEngine
+from .loader import load_model
 from .model import NEG_INF, InternLMForCausalLM, causal_mask, fused_rope_tables, rope_tables
-
-
-class PromptTooLong(ValueError):
-    pass
-
-
-class AdapterNotFound(KeyError):
-    """A request named a LoRA adapter that this engine does not hold (never fall back silently)."""
-
-    def __str__(self):
-        return f"unknown adapter {self.args[0]!r}"
 
 
 class _Step(nn.Cell):
@@ -64,43 +58,6 @@ PREFILL_MIN = 32  # prefill steps compute 32, 64 or 128 tokens a row
 MIN_ATTEND = 128  # smallest attended cache length: fewer shapes to compile, little waste
 
 
-def prefill_inputs(cfg, slots, prompts: list[list[int]], t: int):
-    """Host-side inputs of a one-piece prefill of right-padded prompts into their slots:
-    ids (B, t), cos/sin, causal mask, cache index (B, nh, t, 3) and each row's last-token index."""
-    b = len(prompts)
-    lengths = np.array([len(p) for p in prompts])
-    ids = np.zeros((b, t), np.int32)
-    for i, p in enumerate(prompts):
-        ids[i, :len(p)] = p
-    positions = np.broadcast_to(np.arange(t), (b, t))
-    cos, sin = rope_tables(cfg, positions, lengths)
-    heads = np.arange(cfg.num_heads)[None, :, None]
-    index = np.stack(np.broadcast_arrays(np.asarray(slots)[:, None, None], heads, positions[:, None, :]),
-                     -1).astype(np.int32)
-    last = (np.arange(b) * t + lengths - 1).astype(np.int32)
-    return ids, cos, sin, causal_mask(lengths, t), index, last
-
-
-def decode_inputs(cfg, tokens, positions, cache_len: int):
-    """Host-side inputs of a decode step over every slot: ids (S, 1), cos/sin, a mask that lets
-    slot s see cache positions 0..positions[s], and the cache index (S, nh, 1, 3)."""
-    positions = np.asarray(positions, np.int64)
-    cos, sin = rope_tables(cfg, positions[:, None], positions + 1)
-    ok = np.arange(cache_len)[None, :] <= positions[:, None]
-    mask = np.where(ok, 0.0, NEG_INF).astype(np.float32)[:, None, None, :]
-    heads = np.arange(cfg.num_heads)[None, :, None]
-    index = np.stack(np.broadcast_arrays(np.arange(len(positions))[:, None, None], heads,
-                                         positions[:, None, None]), -1).astype(np.int32)
-    return np.asarray(tokens, np.int32).reshape(-1, 1), cos, sin, mask, index
-
-
-def _bucket(n: int, cap: int, start: int = 16) -> int:
-    b = start
-    while b < n:
-        b *= 2
-    return min(b, cap)
-
-
 def available_memory() -> int | None:
     """Bytes the kernel says a new allocation can take (MemAvailable), or None where unknown."""
     try:
@@ -113,7 +70,7 @@ def available_memory() -> int | None:
     return None
 
 
-class Engine:
+class Engine(EngineBase):
     """Runs a model over a slotted KV cache; all inputs and outputs are numpy."""
 
     def __init__(self, model: InternLMForCausalLM, max_batch: int = 1, max_len: int | None = None):
@@ -233,19 +190,6 @@ class Engine:
             raise ValueError(f"adapter index out of range 0..{len(self._adapter_weights)}")
         return idx if self._adapter_weights else None
 
-    def adapter_index(self, name: str | None) -> int:
-        if not name:
-            return 0
-        if name not in self.adapters:
-            raise AdapterNotFound(name)
-        return self.adapters[name]
-
-    def check_prompt(self, n: int) -> None:
-        if n == 0:
-            raise PromptTooLong("empty prompt")
-        if n >= self.max_len:
-            raise PromptTooLong(f"prompt of {n} tokens leaves no room in the model's {self.max_len} positions")
-
     def warmup(self) -> int:
         """Compile every decode shape (rows bucket x attended length) and every first-chunk prefill
         shape (rows bucket x chunk bucket) now, so that no running stream waits for a compile
@@ -264,15 +208,15 @@ class Engine:
 
     def _chunk(self, n: int) -> int:
         """Tokens a prefill step computes for a chunk of n (> 1) tokens: few shapes to compile."""
-        return _bucket(n, PREFILL_CHUNK, start=PREFILL_MIN)
+        return bucket(n, PREFILL_CHUNK, start=PREFILL_MIN)
 
     def _attend(self, end: int) -> int:
         """Cache positions a step attends when its longest row ends at ``end``."""
-        return min(_bucket(end, self.max_len, start=MIN_ATTEND), self.max_len)
+        return min(bucket(end, self.max_len, start=MIN_ATTEND), self.max_len)
 
     def _rows(self, n: int) -> int:
         """Rows a step runs for n sequences: a power of two, at most the slots."""
-        return min(_bucket(n, self.max_batch, start=1), self.max_batch)
+        return min(bucket(n, self.max_batch, start=1), self.max_batch)
 
     def _run(self, slots, chunks, starts, seq_lens, adapters=None) -> np.ndarray:
         """One compiled step: ``chunks[i]`` (new tokens) go into slot ``slots[i]`` at positions
@@ -366,20 +310,10 @@ class Engine:
             raise PromptTooLong("sequence reached the cache length")
         return self._run(slots, [[int(t)] for t in tokens], positions, positions + 1, adapters)
 
-    def _check_slots(self, slots) -> None:
-        if any(not 0 <= s < self.max_batch for s in slots) or len(set(slots)) != len(slots):
-            raise ValueError(f"slots {list(slots)} must be distinct and in 0..{self.max_batch - 1}")
 
-
-def open_engine(folder, max_batch: int = 1, max_len: int | None = None):
+def open_engine(folder, max_batch: int = 1, max_len: int | None = None) -> EngineBase:
     """An engine for a model folder: a checkpoint folder, or an exported MindIR pair."""
-    from pathlib import Path
-
-    from .loader import load_model
-
     folder = Path(folder)
-    if (folder / "mindir_manifest.json").is_file():
-        from .export import ExportedEngine
-
+    if (folder / MANIFEST_FILE).is_file():
         return ExportedEngine(folder, max_batch=max_batch, max_len=max_len)
     return Engine(load_model(folder), max_batch=max_batch, max_len=max_len)

@@ -40,17 +40,14 @@ from .checkpoint import (TOKENIZER_FILE, Cancelled, CheckpointError, atomic_fold
                          read_config)
 from .config import CONFIG_FILE, Config
 from .convert import ms_shapes
-from .engine import AdapterNotFound, PromptTooLong, _bucket, decode_inputs, prefill_inputs
-from .loader import _set_runtime, load_model
+from .engine_api import EngineBase, bucket, decode_inputs, prefill_inputs
+from .errors import ExportError, PromptTooLong
+from .loader import load_model, set_runtime
 from .model import MS_DTYPES
 
 MANIFEST_FILE = "mindir_manifest.json"
 MANIFEST_FORMAT = "internlm-mindir/1"
 GRAPHS = ("prefill", "decode")
-
-
-class ExportError(ValueError):
-    """An export that cannot be made, or an exported folder that does not hold together."""
 
 
 # ---- the graphs ----------------------------------------------------------------------------
@@ -294,7 +291,7 @@ def require_lite() -> None:
 
 # ---- the runner ----------------------------------------------------------------------------
 
-class ExportedEngine:
+class ExportedEngine(EngineBase):
     """Generates from an exported pair; the same interface as ``engine.Engine``.
 
     ``max_batch``/``max_len`` default to the export's; a static export can run fewer slots or a
@@ -307,7 +304,7 @@ class ExportedEngine:
             require_lite()
         if runtime != "mindspore":
             raise ExportError(f"unknown runtime {runtime!r} (mindspore or lite)")
-        _set_runtime()
+        set_runtime()
         self.folder = Path(folder)
         self.manifest, self.config = check_exported(self.folder)
         cfg, m = self.config, self.manifest
@@ -355,21 +352,6 @@ class ExportedEngine:
         for name, p in self.graphs["decode"].parameters_dict().items():
             p.set_data(src[name])
 
-    def adapter_index(self, name: str | None) -> int:
-        if not name:
-            return 0
-        raise AdapterNotFound(name)
-
-    def check_prompt(self, n: int) -> None:
-        if n == 0:
-            raise PromptTooLong("empty prompt")
-        if n >= self.max_len:
-            raise PromptTooLong(f"prompt of {n} tokens leaves no room in the model's {self.max_len} positions")
-
-    def _check_slots(self, slots) -> None:
-        if any(not 0 <= s < self.max_batch for s in slots) or len(set(slots)) != len(slots):
-            raise ValueError(f"slots {list(slots)} must be distinct and in 0..{self.max_batch - 1}")
-
     @staticmethod
     def _no_adapters(adapters) -> None:
         if adapters is not None and np.any(np.asarray(adapters) != 0):
@@ -386,7 +368,7 @@ class ExportedEngine:
             raise ValueError("an exported engine prefills whole prompts (starts must be 0)")
         if not self.dynamic:  # the static graph takes one prompt, padded to the cache length
             return np.concatenate([self._prefill([s], [p], self._cache_len) for s, p in zip(slots, prompts)])
-        return self._prefill(slots, prompts, _bucket(max(len(p) for p in prompts), self._cache_len))
+        return self._prefill(slots, prompts, bucket(max(len(p) for p in prompts), self._cache_len))
 
     def _prefill(self, slots: list[int], prompts: list[list[int]], t: int) -> np.ndarray:
         args = tuple(Tensor(a) for a in prefill_inputs(self.config, slots, prompts, t))

@@ -14,7 +14,7 @@ from .convert import ms_shapes
 from .model import InternLMForCausalLM
 
 
-def _set_runtime() -> None:
+def set_runtime() -> None:
     # PyNative by default; the hot steps are compiled with ms.jit. Fix the device once, here.
     if ms.get_context("device_target") not in ("CPU", "GPU", "Ascend"):
         ms.set_context(device_target="CPU")
@@ -42,7 +42,7 @@ def load_weights(model: InternLMForCausalLM, weights: dict[str, np.ndarray] | Sa
 
 def load_model(folder: str | Path, compute_dtype: str | None = None) -> InternLMForCausalLM:
     """The model in ``folder`` (config.json + model.safetensors) ready to run."""
-    _set_runtime()
+    set_runtime()
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"model folder not found: {folder}")

@@ -24,6 +24,7 @@ import numpy as np
 from .checkpoint import (WEIGHTS_FILE, CheckpointError, SafetensorsFile, SafetensorsWriter, atomic_folder, read_config,
                          to_float32)
 from .config import Config
+from .errors import AdapterError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -32,10 +33,6 @@ ATTENTION_TARGETS = ("wq", "wk", "wv", "wo")
 MLP_TARGETS = ("w1", "w2", "w3")
 ALL_TARGETS = ATTENTION_TARGETS + MLP_TARGETS
 DEFAULT_TARGETS = "wq|wk|wv|wo"
-
-
-class AdapterError(ValueError):
-    """An adapter folder that is missing, malformed or made for a different base model."""
 
 
 def parse_targets(pattern: str) -> tuple[str, ...]:

@@ -23,16 +23,14 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import PathError
+
 MODELS, DATASETS, JOBS = "models", "datasets", "jobs"
 AREAS = (MODELS, DATASETS)
 OUTPUT = "output"  # a job's output folder inside its job folder, before it is published
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-
-
-class PathError(ValueError):
-    """A path or name from a request that is not allowed (outside the roots, not a plain name)."""
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ from typing import Iterable, Sequence
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
+from .errors import TokenizerError
+
 BUNDLED_MODEL = Path(__file__).parent / "assets" / "tokenizer.model"
 
 BOS, EOS, UNK = 1, 2, 0
@@ -32,10 +34,6 @@ _USER_DEFINED = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
 def _alternation(strings: Iterable[str]) -> re.Pattern:
     """A splitting pattern that keeps the matches; longest first, so no string shadows a longer one."""
     return re.compile("(" + "|".join(re.escape(s) for s in sorted(strings, key=len, reverse=True)) + ")")
-
-
-class TokenizerError(ValueError):
-    pass
 
 
 class Tokenizer:
@@ -101,9 +99,6 @@ class Tokenizer:
                 run.append(i)
         out.append(self.sp.decode(run))
         return "".join(out)
-
-    def id_to_piece(self, i: int) -> str:
-        return self.sp.id_to_piece(int(i))
 
     # ---- chat ----------------------------------------------------------------------------
     def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True,

@@ -13,17 +13,18 @@ import logging
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 
 import grpc
 import redis
 from prometheus_client import Counter, Gauge
 
-from services.pb import endpoint_pb2, endpoint_pb2_grpc, inference_pb2, inference_pb2_grpc, tokenizer_pb2
+from internlm_core.errors import ModelNotFound, Unavailable
 from services.messages import join_chunks
+from services.pb import endpoint_pb2, endpoint_pb2_grpc, inference_pb2, inference_pb2_grpc, tokenizer_pb2
 from services.registry import TTL_S, list_workers
-from services.server_common import ModelNotFound, Server, Unavailable, env_default, setup_logging
+from services.server_common import Server, env_default, setup_logging
 
 log = logging.getLogger("internlm.endpoint")
 
@@ -138,6 +139,11 @@ class Router:
         with self.lock:
             w.down_until = time.monotonic() + TTL_S
 
+    def snapshot(self) -> list[WorkerRef]:
+        """The live workers now (copies, by address), for reports."""
+        with self.lock:
+            return [replace(w) for w in sorted(self.workers.values(), key=lambda w: w.address)]
+
     def any_worker(self, model: str) -> WorkerRef:
         w = self.acquire(model)
         self.release(w)
@@ -227,11 +233,9 @@ class EndpointServicer(endpoint_pb2_grpc.EndpointServicer):
         self.router = router
 
     def ListWorkers(self, request, context):
-        with self.router.lock:
-            workers = sorted(self.router.workers.values(), key=lambda w: w.address)
-            return endpoint_pb2.ListWorkersResponse(workers=[
-                endpoint_pb2.WorkerInfo(id=w.id, address=w.address, model=w.model, load=w.load,
-                                        max_batch=w.max_batch, requests_routed=w.routed) for w in workers])
+        return endpoint_pb2.ListWorkersResponse(workers=[
+            endpoint_pb2.WorkerInfo(id=w.id, address=w.address, model=w.model, load=w.load,
+                                    max_batch=w.max_batch, requests_routed=w.routed) for w in self.router.snapshot()])
 
 
 def tokenizer_passthrough(address: str) -> grpc.GenericRpcHandler:

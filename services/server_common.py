@@ -6,9 +6,10 @@ metrics, and a graceful stop on SIGTERM.
     server.serve([SERVICE_NAME], on_stop=batcher.stop)   # returns after SIGTERM / SIGINT
 
 Errors: a servicer just raises; ``ErrorInterceptor`` turns the exception into one status code
-with the exception's message (bad input -> INVALID_ARGUMENT, unknown model or adapter ->
-NOT_FOUND, overload -> RESOURCE_EXHAUSTED, an upstream call's status passes through, anything
-else -> INTERNAL, logged once with its traceback). A request that is not valid protobuf (for
+with the exception's message, from the one table in ``internlm_core.errors`` (bad input ->
+INVALID_ARGUMENT, unknown model, adapter or file -> NOT_FOUND, overload -> RESOURCE_EXHAUSTED,
+...); an upstream call's status passes through; anything else -> INTERNAL, logged once with its
+traceback. A request that is not valid protobuf (for
 example a string field holding invalid UTF-8, which protobuf refuses while parsing) is answered
 INVALID_ARGUMENT with the parser's message, instead of grpc's bare "Exception deserializing".
 """
@@ -23,13 +24,13 @@ import time
 from concurrent import futures
 
 import grpc
+import redis
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram, start_http_server
 
-from internlm_core.batching import QueueFull, ShuttingDown
-from internlm_core.tokenizer import TokenizerError
+from internlm_core import errors
 
 log = logging.getLogger("internlm.server")
 
@@ -40,30 +41,19 @@ RPC_SECONDS = Histogram("internlm_grpc_request_duration_seconds", "RPC duration 
                         buckets=(0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
 
 
-class ModelNotFound(LookupError):
-    """A request named a model that nothing here serves."""
-
-
-class Unavailable(RuntimeError):
-    """Nothing can take the request now (no live worker, a worker lost mid-stream): retry later."""
-
-
 def status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and message a client gets for an exception."""
+    """The status code and message a client gets for an exception: the core's table
+    (``internlm_core.errors.STATUS``), plus what only the services meet."""
     if isinstance(e, grpc.RpcError) and callable(getattr(e, "code", None)):  # a call we made upstream
         return e.code(), e.details() or ""
-    # Not imported at the top: the engine pulls in MindSpore, which the endpoint and the tokenizer
-    # service never need; an AdapterNotFound can only come from a process that has loaded it.
-    engine = sys.modules.get("internlm_core.engine")
-    if isinstance(e, ModelNotFound) or (engine is not None and isinstance(e, engine.AdapterNotFound)):
-        return grpc.StatusCode.NOT_FOUND, str(e)
-    if isinstance(e, QueueFull):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
-    if isinstance(e, (ShuttingDown, Unavailable)):
-        return grpc.StatusCode.UNAVAILABLE, str(e)
-    if isinstance(e, (ValueError, TokenizerError, DecodeError)):  # PromptTooLong is a ValueError
+    if isinstance(e, DecodeError):  # a request protobuf could not parse
         return grpc.StatusCode.INVALID_ARGUMENT, str(e)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
+    if isinstance(e, redis.exceptions.ConnectionError):  # the job queue's Redis, away for now
+        return grpc.StatusCode.UNAVAILABLE, f"job queue unavailable: {e}"
+    status = errors.status_of(e)
+    if status == errors.INTERNAL:
+        return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
+    return grpc.StatusCode[status], str(e)
 
 
 class _Undecodable:

@@ -22,13 +22,15 @@ from pathlib import Path
 from prometheus_client import Counter, Gauge, Histogram
 
 from internlm_core.batching import Batcher, BatcherMetrics
+from internlm_core.checkpoint import TOKENIZER_FILE
+from internlm_core.errors import AdapterError, ModelNotFound
 from internlm_core.generation import FINISH_ABORTED, SamplingParams
 from internlm_core.tokenizer import BOS, Tokenizer
 
 from services.messages import chunk_to_pb, finish_to_pb, join_chunks, prompt_from_pb, sampling_from_pb
 from services.pb import inference_pb2, inference_pb2_grpc
 from services.registry import Registration
-from services.server_common import ModelNotFound, Server, env_default, setup_logging
+from services.server_common import Server, env_default, setup_logging
 
 log = logging.getLogger("internlm.worker")
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
@@ -123,7 +125,7 @@ def model_info(engine, name: str) -> inference_pb2.ModelInfoResponse:
     cfg = engine.config
     return inference_pb2.ModelInfoResponse(
         model=name, preset=cfg.name, dtype=cfg.dtype, max_len=engine.max_len, vocab_size=cfg.vocab_size,
-        adapters=sorted(getattr(engine, "adapters", {})), max_batch=engine.max_batch,
+        adapters=sorted(engine.adapters), max_batch=engine.max_batch,
         num_parameters=cfg.num_parameters(), kv_cache_bytes=engine.cache_bytes,
         kv_cache_bytes_per_slot=engine.cache_bytes_per_slot)
 
@@ -180,10 +182,11 @@ def main(argv: list[str] | None = None) -> None:
         adapter, _, path = spec.partition("=")
         if not adapter or not path:
             raise SystemExit(f"worker: --adapter takes NAME=DIR, got {spec!r}")
-        if not hasattr(engine, "load_adapter"):
-            raise SystemExit(f"worker: {folder} cannot serve LoRA adapters (an exported model)")
-        engine.load_adapter(adapter, path)
-    tok_file = folder / "tokenizer.model"
+        try:
+            engine.load_adapter(adapter, path)
+        except AdapterError as e:  # not an adapter of this model, or an engine that has none
+            raise SystemExit(f"worker: --adapter {spec}: {e}") from None
+    tok_file = folder / TOKENIZER_FILE
     tokenizer = Tokenizer(tok_file if tok_file.is_file() else None)
     metrics = PrometheusMetrics()
     batcher = Batcher(engine, tokenizer, args.max_queue, metrics).start()

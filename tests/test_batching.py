@@ -6,7 +6,8 @@ import time
 import pytest
 
 from internlm_core.batching import Batcher, QueueFull, ShuttingDown
-from internlm_core.engine import AdapterNotFound, Engine, PromptTooLong
+from internlm_core.engine import Engine
+from internlm_core.errors import AdapterNotFound, PromptTooLong
 from internlm_core.generation import SamplingParams, generate
 from tests.helpers import random_ids
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from internlm_core.engine import Engine, PromptTooLong
+from internlm_core.engine import Engine
+from internlm_core.errors import PromptTooLong
 from internlm_core.generation import SamplingParams, generate, generate_batch
 from internlm_core.loader import load_model
 from internlm_core.model import forward_inputs

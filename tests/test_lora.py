@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from internlm_core.config import Config
-from internlm_core.engine import AdapterNotFound, Engine
+from internlm_core.engine import Engine
+from internlm_core.errors import AdapterNotFound
 from internlm_core.loader import load_model, save_model
 from internlm_core.lora import (AdapterError, AdapterSpec, merge_lora, module_shape, parse_targets, save_adapter,
                                 target_modules)

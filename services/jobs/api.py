@@ -18,6 +18,7 @@ from google.protobuf import json_format
 from internlm_core.store import Store
 
 from services.pb import jobs_pb2, jobs_pb2_grpc
+from services.server_common import status_of
 
 from . import kinds
 from .app import make_app, send
@@ -30,19 +31,17 @@ WATCH_POLL_S = 0.5  # a watcher re-reads the record at least this often, even if
 
 
 def _status(fn):
-    """Map the checks' exceptions to gRPC status codes, with their messages."""
+    """Map the checks' exceptions to gRPC status codes, with their messages (the services' one
+    table, ``server_common.status_of``; here too, for a Jobs API hosted on a plain grpc server)."""
     @functools.wraps(fn)
     def wrapper(self, request, context):
         try:
             return fn(self, request, context)
-        except (KeyReused, FileExistsError) as e:
-            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
-        except FileNotFoundError as e:
-            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
-        except ValueError as e:  # PathError, ConfigError, CheckpointError are ValueErrors
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except redis.exceptions.ConnectionError as e:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"job queue unavailable: {e}")
+        except Exception as e:  # noqa: BLE001 - each mapped once; the rest go on to the interceptor
+            code, message = status_of(e)
+            if code == grpc.StatusCode.INTERNAL:
+                raise
+            context.abort(code, message)
     return wrapper
 
 
@@ -99,8 +98,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         body = request_body(getattr(request, kind))
         key = request.idempotency_key
         if key:  # a repeat of a known request returns its job before any check (its output may exist now)
-            existing = self.records.r.get(f"{self.records.p}:key:{key}")
-            rec = self.records.get(existing) if existing else None
+            rec = self.records.for_key(key)
             if rec is not None:
                 if rec["request"] != canonical(body) or rec["kind"] != kind:
                     raise KeyReused(f"idempotency key {key!r} was already used for a different request "
@@ -151,7 +149,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         try:
             rec = self._get(request.id)
         except FileNotFoundError as e:
-            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+            context.abort(*status_of(e))
         last = job_to_pb(rec)
         yield last
         pubsub = None
@@ -159,8 +157,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
             while rec["state"] not in FINAL and context.is_active():
                 try:
                     if pubsub is None:
-                        pubsub = self.records.r.pubsub(ignore_subscribe_messages=True)
-                        pubsub.subscribe(self.records.channel(request.id))
+                        pubsub = self.records.subscribe(request.id)
                     pubsub.get_message(timeout=WATCH_POLL_S)  # wakes on a change ping, else polls
                     rec = self._get(request.id)
                 except redis.exceptions.ConnectionError:

@@ -24,6 +24,8 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from internlm_core.errors import AlreadyExists
+
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 FINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
@@ -97,7 +99,7 @@ return 1
 """
 
 
-class KeyReused(ValueError):
+class KeyReused(AlreadyExists):
     """An idempotency key already used for a different request."""
 
 
@@ -129,6 +131,9 @@ class JobRecords:
     def lock_key(self, job_id: str) -> str:
         return f"{self.p}:job:{job_id}:lock"
 
+    def idempotency_key(self, key: str) -> str:
+        return f"{self.p}:key:{key}"
+
     def channel(self, job_id: str) -> str:
         return f"{self.p}:job:{job_id}:events"
 
@@ -147,7 +152,7 @@ class JobRecords:
         fields = {"id": job_id, "kind": kind, "state": QUEUED, "request": canonical(request), "output": output,
                   "key": idempotency_key, "created": repr(now), "executions": "0", "message": "queued"}
         flat = [x for kv in fields.items() for x in kv]
-        idem = f"{self.p}:key:{idempotency_key}" if idempotency_key else ""
+        idem = self.idempotency_key(idempotency_key) if idempotency_key else ""
         got_id, created = self._create(keys=[self.key(job_id), self.index, idem],
                                        args=[job_id, repr(now), KEY_TTL_S, *flat])
         rec = self.get(got_id)
@@ -161,6 +166,17 @@ class JobRecords:
     def get(self, job_id: str) -> dict | None:
         rec = self.r.hgetall(self.key(job_id))
         return rec or None
+
+    def for_key(self, idempotency_key: str) -> dict | None:
+        """The record of the job that an idempotency key names, if any."""
+        job_id = self.r.get(self.idempotency_key(idempotency_key))
+        return self.get(job_id) if job_id else None
+
+    def subscribe(self, job_id: str):
+        """A pub/sub subscription to the job's change pings (``get_message`` wakes on each)."""
+        pubsub = self.r.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(self.channel(job_id))
+        return pubsub
 
     def list(self, state: str | None = None, kind: str | None = None, limit: int = 100) -> list[dict]:
         """Newest first."""
@@ -188,6 +204,14 @@ class JobRecords:
 
     def notify(self, job_id: str) -> None:
         self.r.publish(self.channel(job_id), "1")
+
+    def put_back(self, job_id: str, message: str) -> None:
+        """RUNNING -> QUEUED by its own execution (a worker stopping), to be resumed by the next."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(self.key(job_id), mapping={"state": QUEUED, "message": message})
+        pipe.srem(self.running, job_id)
+        pipe.publish(self.channel(job_id), "1")
+        pipe.execute()
 
     def request_cancel(self, job_id: str) -> str | None:
         """The job's state after asking it to stop (None: no such job)."""
@@ -309,7 +333,7 @@ class JobRecords:
                 pipe.zrem(self.index, *old)
                 for i in old:  # its idempotency key would name a job that no longer exists
                     if found[i][2]:
-                        pipe.delete(f"{self.p}:key:{found[i][2]}")
+                        pipe.delete(self.idempotency_key(found[i][2]))
                 pipe.execute()
                 gone += len(old)
             start += batch - len(old)

@@ -28,8 +28,8 @@ import uuid
 from celery import signals
 from celery.exceptions import Ignore, Reject
 
-from internlm_core.checkpoint import Cancelled, CheckpointError
-from internlm_core.config import ConfigError
+from internlm_core import errors
+from internlm_core.errors import Cancelled
 from internlm_core.store import OUTPUT, Store
 
 from . import kinds
@@ -42,7 +42,6 @@ PROGRESS_EVERY_S = 0.25   # progress writes to Redis at most this often (the cor
 CANCEL_CHECK_EVERY_S = 0.1
 ALIVE_EVERY_S = 1.0       # the job thread's sign of life (the watchdog's input) at most this often
 PRUNE_EVERY_S = 600.0     # each worker deletes records older than keep_finished_s this often
-EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, CheckpointError, ConfigError, OSError)
 
 
 class JobFailed(Exception):
@@ -223,8 +222,7 @@ class Runtime:
             if ctx.lock_lost.is_set():
                 raise Ignore()  # another execution owns the job now; leave everything to it
             if self.stopping.is_set() and not self.records.cancel_requested(job_id):
-                self.records.update(job_id, state=QUEUED, message="worker stopped; re-queued to resume")
-                self.records.r.srem(self.records.running, job_id)
+                self.records.put_back(job_id, "worker stopped; re-queued to resume")
                 raise Reject("worker shutting down", requeue=True)
             self.store.discard(job_id)
             self.records.finish(job_id, ctx.token, CANCELLED, message="cancelled")
@@ -235,7 +233,9 @@ class Runtime:
             if not ctx.still_ours():
                 raise Ignore()  # not ours to end (or clean up) any more
             reason = f"{type(e).__name__}: {e}"
-            if not isinstance(e, EXPECTED_ERRORS):
+            # The core's own errors (the input's fault) and OSErrors (the machine's: a full disk)
+            # are reasons as they are; anything else is a bug, logged with its traceback.
+            if errors.status_of(e) == errors.INTERNAL and not isinstance(e, OSError):
                 log.error("job %s failed unexpectedly:\n%s", job_id, traceback.format_exc())
                 reason = f"internal error: {reason}"
             self.store.discard(job_id)
