@@ -58,6 +58,22 @@ def test_batch_of_different_lengths(tiny_hf, engine):
         assert r.finish_reason == "length" and r.prompt_tokens == len(p)
 
 
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_new_tokens=16, stop_token_ids=[], logprobs=True),
+    SamplingParams(max_new_tokens=16, stop_token_ids=[], logprobs=True, temperature=0.9, top_k=20, seed=3),
+], ids=["greedy", "sampled"])
+def test_logprobs_equal_hf_log_softmax(tiny_hf, engine, params):
+    """Each token's logprob is log-softmax of the model's own logits (before any sampling
+    filter), as HF computes it for the same tokens in one forward pass."""
+    prompt = random_ids(9, 256, seed=21)
+    r = generate_batch(engine, [prompt], params)[0]
+    with torch.no_grad():
+        logits = tiny_hf[0](torch.tensor([prompt + r.token_ids])).logits[0].double()
+    ref = torch.log_softmax(logits, -1)[len(prompt) - 1:-1].gather(1, torch.tensor(r.token_ids)[:, None])[:, 0]
+    assert len(r.logprobs) == 16
+    np.testing.assert_allclose(r.logprobs, ref.numpy(), atol=1e-4, rtol=0)
+
+
 def test_slots_are_independent(engine):
     """A sequence's tokens do not depend on what the other slots hold."""
     p = random_ids(9, 512, seed=9)

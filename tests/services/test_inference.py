@@ -186,3 +186,38 @@ def test_full_queue_answers_resource_exhausted(worker, endpoint):
         for c in calls:
             c.cancel()
     assert wait_idle(worker)
+
+
+def test_streamed_text_never_breaks_a_character(endpoint, core_tokenizer):
+    """Sampled streams over the whole real vocabulary (byte-fallback pieces included): the chunks'
+    texts add up to the decode of all the ids, so no chunk boundary split a UTF-8 sequence."""
+    s = stub(endpoint)
+    multibyte = 0
+    for seed in range(6):
+        params = SamplingParams(max_new_tokens=48, temperature=1.5, seed=seed, ignore_eos=True)
+        chunks = list(s.Generate(inference_pb2.GenerateRequest(text="Once", params=sampling_to_pb(params)),
+                                 timeout=120))
+        ids = [t for c in chunks for t in c.token_ids]
+        text = "".join(c.text for c in chunks)
+        assert text == core_tokenizer.decode(ids, skip_special=True), seed
+        multibyte += sum(len(ch.encode()) > 1 for ch in text)
+    assert multibyte > 0  # the streams did carry multi-byte characters
+
+
+@pytest.mark.parametrize("via", ["worker", "endpoint"])
+def test_stop_strings_over_grpc(via, request, core_engine, core_tokenizer):
+    """A stop string (here one ending in a multi-byte character where the text has one) ends the
+    stream with STOP_SEQUENCE, its text cut just before it, as the core's generate does."""
+    s = stub(request.getfixturevalue(via))
+    base = SamplingParams(max_new_tokens=40, temperature=1.2, seed=11, ignore_eos=True)
+    full = s.GenerateUnary(inference_pb2.GenerateRequest(text="Once", params=sampling_to_pb(base)), timeout=60).text
+    at = next((i for i, ch in enumerate(full) if len(ch.encode()) > 1 and i >= 3), len(full) // 2)
+    stop = full[at - 2:at + 1]
+    params = base.replace(stop=(stop, "never-in-this-text"))
+    r = s.GenerateUnary(inference_pb2.GenerateRequest(text="Once", params=sampling_to_pb(params)), timeout=60)
+    assert r.text == full[:full.find(stop)] and stop not in r.text
+    assert FINISH_FROM_PB[r.finish.reason] == "stop"
+    ids, text, reason = core_generate(core_engine, core_tokenizer, core_tokenizer.encode("Once"), params)
+    assert (list(r.token_ids), r.text, reason) == (ids, text, "stop")
+    chunks = list(s.Generate(inference_pb2.GenerateRequest(text="Once", params=sampling_to_pb(params)), timeout=60))
+    assert "".join(c.text for c in chunks) == r.text  # streamed: the held-back tail is never sent
