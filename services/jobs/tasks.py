@@ -12,9 +12,10 @@ than once safe:
 The lock is renewed by a small helper process (``heartbeat.py``), which a busy MindSpore cannot
 starve of the GIL. A worker killed with -9 leaves its job RUNNING with a lock that expires
 ``lock_ttl_s`` later; a worker that hangs (alive, but its job's thread silent for ``stall_s``)
-has its lock let go by that same process. Every worker sweeps for such jobs every ``heartbeat_s`` and puts the dead
-execution's unacknowledged message back at the head of its queue (:func:`recover_lost_jobs`),
-long before Redis' visibility timeout would.
+has its lock let go by that same process; a worker that dies after receiving a job but before
+starting it leaves a claim that expires as fast. Every worker sweeps for such jobs every
+``heartbeat_s`` and puts the dead execution's unacknowledged message back at the head of its
+queue (:func:`recover_lost_jobs`), long before Redis' visibility timeout would.
 """
 from __future__ import annotations
 

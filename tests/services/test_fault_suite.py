@@ -81,18 +81,9 @@ def method_cases(method):
     yield "empty message", b""
     yield "not protobuf", b"\xff\xff\xff\xff\x0f\x01\x02"
     yield "truncated", b"\x12\x40abc"
-    yield "over the size limit", b"\x12" + _varint(5 << 20) + b"a" * (5 << 20)
+    yield "over the size limit", b"\x00" * (5 << 20)  # refused by size before any parsing
     for label, values in field_cases(method.input_type):
         yield label, encode(cls, values)
-
-
-def _varint(n):
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def call(channel, service, method, payload: bytes):
