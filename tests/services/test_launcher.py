@@ -10,7 +10,7 @@ import time
 import grpc
 import pytest
 
-from services.pb import common_pb2, inference_pb2, inference_pb2_grpc
+from services.pb import common_pb2, inference_pb2, inference_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 from tests.helpers import REPO, free_port
 
 
@@ -86,6 +86,26 @@ def test_stack_serves_restarts_and_stops(launched):
             time.sleep(0.5)
     else:
         raise AssertionError("the worker was not restarted:\n" + "".join(lines))
+
+    # kill -9 of the endpoint and of the tokenizer service: both are started again on their ports,
+    # and the stack answers again through the same address.
+    tok = tokenizer_pb2_grpc.TokenizerStub(grpc.insecure_channel(address))  # passed through the endpoint
+    for part in ("services.endpoint", "services.tokenizer_service"):
+        pid = next(p for p in pids_in_session(proc.pid) if part in open(f"/proc/{p}/cmdline").read())
+        os.kill(pid, signal.SIGKILL)
+        name = part.removeprefix("services.").removesuffix("_service")
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if any(f"{name} exited" in line for line in lines) and \
+                        stub.GenerateUnary(req, timeout=10).finish.completion_tokens == 5 and \
+                        tok.Encode(tokenizer_pb2.EncodeRequest(text="Hello"), timeout=10).ids:
+                    break
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"{name} was not restarted:\n" + "".join(lines))
 
     children = pids_in_session(proc.pid)
     proc.send_signal(signal.SIGTERM)
