@@ -186,6 +186,41 @@ def test_long_prompt_is_prefilled_between_decode_steps(model, solo_engine):
     assert alone == 4  # decode steps of the running stream while the 5 chunks went in
 
 
+class PrefillLog(Engine):
+    """An engine that records the (slot, tokens) of every prefill call."""
+
+    def prefill(self, slots, prompts, adapters=None, starts=None):
+        self.calls.append([(s, len(p) - st) for s, p, st in zip(slots, prompts, starts)])
+        return super().prefill(slots, prompts, adapters, starts)
+
+
+def test_prefill_budget_while_streams_decode(model, solo_engine, monkeypatch):
+    """With a stream decoding, a prefill step takes at most PREFILL_BUDGET prompt tokens, oldest
+    request first, so two long prompts go in one chunk a step (the older one first) instead of
+    both chunks in every step; both still come out as they would alone."""
+    import internlm_core.batching as batching_mod
+
+    monkeypatch.setattr(batching_mod, "PREFILL_BUDGET", 8)
+    engine = PrefillLog(model, max_batch=3, max_len=64)
+    engine.calls, engine.prefill_chunk = [], 8
+    b = Batcher(engine, prefix_cache=False).start()
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    try:
+        first = b.submit(random_ids(4, 512, seed=4), SamplingParams(max_new_tokens=40, ignore_eos=True))
+        first.next_events()
+        engine.calls.clear()
+        prompts = [random_ids(24, 512, seed=24), random_ids(16, 512, seed=16)]
+        with b._wake:  # both admitted in the same iteration
+            handles = [b.submit(p, params) for p in prompts]
+        got = [[e.token_id for e in h] for h in handles]
+        first.result()
+    finally:
+        b.stop(timeout=30)
+    assert got == [solo(solo_engine, p, params) for p in prompts]
+    older, newer = handles[0].slot, handles[1].slot
+    assert engine.calls == [[(older, 8)]] * 3 + [[(newer, 8)]] * 2  # one 8-token chunk a step, oldest first
+
+
 @pytest.mark.parametrize("params", [
     SamplingParams(max_new_tokens=20, ignore_eos=True),
     SamplingParams(max_new_tokens=20, temperature=0.9, top_k=40, repetition_penalty=1.2, seed=99, ignore_eos=True),

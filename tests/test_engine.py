@@ -196,3 +196,28 @@ def test_warmup_compiles_every_serving_shape(model):
         eng.prefill(list(range(n)), [random_ids(k, 512, seed=k) for k in (2, 37, 90, 127)[:n]])
         eng.decode(np.ones(n, np.int32), np.full(n, 127), slots=list(range(n)))
     assert compiles() == before
+
+
+def test_warmup_covers_long_prompts_and_prefix_starts():
+    """With positions past MIN_ATTEND, warm-up also compiles the one-row shapes of chunks further
+    in, so long prompts, prompts started mid-way (prefix reuse) and several long prompts at once
+    compile nothing later, and their logits equal a full forward's."""
+    from internlm_core.config import Config
+    from internlm_core.engine import MIN_ATTEND, PREFILL_CHUNK
+    from internlm_core.model import InternLMForCausalLM, init_weights
+
+    cfg = Config.from_name("tiny", max_position_embeddings=4 * MIN_ATTEND)
+    model = InternLMForCausalLM(cfg)
+    init_weights(model, seed=3, std=0.5)
+    eng = Engine(model, max_batch=2, max_len=4 * MIN_ATTEND)
+    # rows 1, 2 x (attended 128, 256, 512 + chunks 32, 64, 128) + one row x chunks x (256, 512)
+    assert eng.warmup() == 2 * (3 + 3) + 2 * 3
+    before = compiles()
+    prompts = [random_ids(n, 512, seed=n) for n in (3 * PREFILL_CHUNK + 5, 2 * PREFILL_CHUNK + 70)]
+    logits = list(eng.prefill([0, 1], prompts))
+    longer = prompts[0] + random_ids(20, 512, seed=1)  # slot 0 already holds prompts[0]: a prefix hit
+    logits += list(eng.prefill([0], [longer], starts=[len(prompts[0])]))
+    assert compiles() == before
+    for row, ids in zip(logits, prompts + [longer]):
+        full = model(*forward_inputs(cfg, np.array([ids]))).asnumpy()[0, -1]
+        np.testing.assert_allclose(row, full, atol=1e-4)
