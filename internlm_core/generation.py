@@ -186,6 +186,9 @@ class SequenceState:
         self.seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
         self.rng = np.random.default_rng(self.seed)
         self.stop_ids = set(CHAT_STOP_IDS if self.params.stop_token_ids is None else self.params.stop_token_ids)
+        if self.vocab_size and any(not 0 <= t < self.vocab_size for t in self.stop_ids):
+            raise ValueError(f"stop_token_ids must be token ids in 0..{self.vocab_size - 1}, got "
+                             f"{sorted(t for t in self.stop_ids if not 0 <= t < self.vocab_size)[:3]}")
         self.counts = np.zeros(self.vocab_size, np.float32)
         self.seen = np.unique(np.asarray(self.prompt, np.int64))  # repetition penalty covers the prompt (HF)
         # Generated text leaves out <s>/</s>/<unk> (as HF pipelines do); the ids keep them.

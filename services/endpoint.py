@@ -5,6 +5,11 @@ least-loaded live inference worker (workers register in Redis, see ``registry.py
 removing one needs no change here), ``internlm.v1.Tokenizer`` by passing calls through to the
 tokenizer service, ``internlm.v1.Endpoint`` to list the workers, and the Jobs API when the
 jobs package is installed. Plain gRPC all the way; statuses from behind pass through as they are.
+
+With ``--http-port`` it also serves HTTP (``services/openai_api.py``): the OpenAI API, health,
+metrics and the web console, over the same router. ``--api-key`` (or INTERNLM_API_KEY) makes every
+HTTP request but the console's static files need ``Authorization: Bearer <key>``; without it the
+HTTP side, like the gRPC side, is unauthenticated.
 """
 from __future__ import annotations
 
@@ -274,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tokenizer-address", default=env_default("INTERNLM_TOKENIZER_ADDRESS", "127.0.0.1:50052"))
     ap.add_argument("--store", default=env_default("INTERNLM_STORE", ""), help="the jobs' model store root")
     ap.add_argument("--no-jobs", action="store_true", help="do not serve the Jobs API")
+    ap.add_argument("--http-port", type=int, default=int(env_default("INTERNLM_HTTP_PORT", "0")),
+                    help="serve the OpenAI API and the web console on this port (0: no HTTP)")
+    ap.add_argument("--api-key", default=env_default("INTERNLM_API_KEY", ""),
+                    help="require Authorization: Bearer <key> on HTTP requests")
     return ap
 
 
@@ -288,7 +297,28 @@ def main(argv: list[str] | None = None) -> None:
     services = [INFERENCE.full_name, TOKENIZER.full_name, ENDPOINT.full_name]
     if not args.no_jobs:
         services += add_jobs(server, args.redis_url, args.store or None)
-    server.serve(services, on_stop=router.stop)
+    http = []
+
+    def start_http():
+        if not args.http_port:
+            return
+        from services.openai_api import HttpServer, create_app
+        from services.pb import jobs_pb2_grpc
+
+        jobs = None
+        if len(services) > 3:  # the console's job pages call this endpoint's own Jobs API
+            own = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+            jobs = jobs_pb2_grpc.JobsStub(grpc.insecure_channel(f"{own}:{server.port}"))
+        app = create_app(InferenceProxy(router), router, args.tokenizer_address, args.api_key or None, jobs)
+        http.append(HttpServer(app, args.host, args.http_port).start())
+        log.info("HTTP (OpenAI API, console) on %s:%d", args.host, http[0].port)
+
+    def stop():
+        for h in http:
+            h.stop()
+        router.stop()
+
+    server.serve(services, on_start=start_http, on_stop=stop)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ GRACE_S = 30.0
 # ---- what each part runs: shared with compose.yaml -----------------------------------------------
 
 def role_command(role: str, port: int | None = None, metrics_port: int | None = None,
-                 model: str | None = None, tokenizer_address: str | None = None) -> list[str]:
+                 model: str | None = None, tokenizer_address: str | None = None,
+                 http_port: int | None = None) -> list[str]:
     """The arguments after ``python`` for one part of the stack."""
     ports = ["--port", str(port), "--metrics-port", str(metrics_port)]
     if role == "tokenizer":
@@ -47,7 +48,8 @@ def role_command(role: str, port: int | None = None, metrics_port: int | None = 
     if role == "inference":
         return ["-m", "services.worker", "--model", model, *ports]
     if role == "endpoint":
-        return ["-m", "services.endpoint", *ports, "--tokenizer-address", tokenizer_address]
+        http = ["--http-port", str(http_port)] if http_port else []
+        return ["-m", "services.endpoint", *ports, "--tokenizer-address", tokenizer_address, *http]
     if role in JOBS_QUEUES:
         return ["-m", "services.jobs.worker", "--queues", JOBS_QUEUES[role]]
     raise ValueError(f"unknown role {role!r}")
@@ -265,7 +267,8 @@ def up(args) -> int:
     ports = {"redis": args.redis_port, "endpoint": args.port, "tokenizer": args.port + 1,
              **{f"inference-{i}": args.port + 10 + i for i in range(args.workers)}}
     metrics = {name: p + 1000 for name, p in ports.items() if name != "redis"}
-    busy = [f"{n} {p}" for n, p in [*ports.items(), *metrics.items()] if not _port_free(host, p)]
+    http = {"http": args.http_port} if args.http_port else {}
+    busy = [f"{n} {p}" for n, p in [*ports.items(), *metrics.items(), *http.items()] if not _port_free(host, p)]
     if busy:
         raise SystemExit(f"ports in use: {', '.join(busy)} (another stack running? use --port / --redis-port)")
     if not shutil.which("redis-server"):
@@ -290,7 +293,8 @@ def up(args) -> int:
         stack.wait_until("tokenizer", lambda: _healthy(tok_addr), c)
         endpoint_addr = f"{host}:{ports['endpoint']}"
         c = stack.start("endpoint", [python, *role_command("endpoint", ports["endpoint"], metrics["endpoint"],
-                                                            tokenizer_address=tok_addr)], env)
+                                                            tokenizer_address=tok_addr, http_port=args.http_port)],
+                        env)
         stack.wait_until("endpoint", lambda: _healthy(endpoint_addr), c)
         if jobs_available() and not args.no_jobs:
             for role in JOBS_QUEUES:
@@ -312,6 +316,8 @@ def up(args) -> int:
         if not stack.stopping.is_set():
             print(f"\nready: endpoint {endpoint_addr}, {args.workers} inference worker(s) serving {model}\n"
                   f"  try:  internlm generate --endpoint {endpoint_addr} \"The history of\"\n"
+                  + (f"  HTTP: http://{host}:{args.http_port}/ (console), http://{host}:{args.http_port}/v1 "
+                     "(OpenAI API)\n" if args.http_port else "") +
                   f"  logs: {var / 'logs'}   (Ctrl-C stops everything)", flush=True)
             stack.supervise()
         return 0
@@ -364,6 +370,8 @@ def add_up_arguments(p) -> None:
     p.add_argument("--max-batch", type=int, help="slots per worker (default $INTERNLM_MAX_BATCH or 8)")
     p.add_argument("--port", type=int, default=50051, help="endpoint port; the tokenizer takes +1, worker i +10+i, "
                    "metrics +1000 (default 50051)")
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="the endpoint's HTTP port: OpenAI API and web console (default 8000; 0: none)")
     p.add_argument("--redis-port", type=int, default=6380)
     p.add_argument("--redis-fsync", choices=REDIS_FSYNC, default=os.environ.get("INTERNLM_REDIS_FSYNC", "everysec"),
                    help="Redis appendfsync: everysec (default) may lose the last second of job records and "

@@ -79,9 +79,10 @@ def start_worker(model_dir, redis_url: str, log_dir: Path, name: str = "worker",
                    log_dir / f"{name}.log", free_port(), free_port())
 
 
-def start_endpoint(redis_url: str, tokenizer_address: str, log_dir: Path, name: str = "endpoint") -> Service:
+def start_endpoint(redis_url: str, tokenizer_address: str, log_dir: Path, name: str = "endpoint",
+                   *extra: str) -> Service:
     return Service("services.endpoint", ["--redis-url", redis_url, "--tokenizer-address", tokenizer_address,
-                                         "--store", str(log_dir / "store")],
+                                         "--store", str(log_dir / "store"), *extra],
                    log_dir / f"{name}.log", free_port(), free_port())
 
 

@@ -42,7 +42,8 @@ def test_commands_are_the_launchers(services):
     assert inf == ["python", *role_command("inference", int(flag(inf, "--port")), int(flag(inf, "--metrics-port")),
                                            model=flag(inf, "--model"))]
     assert ep == ["python", *role_command("endpoint", int(flag(ep, "--port")), int(flag(ep, "--metrics-port")),
-                                          tokenizer_address=flag(ep, "--tokenizer-address"))]
+                                          tokenizer_address=flag(ep, "--tokenizer-address"),
+                                          http_port=int(flag(ep, "--http-port")))]
     assert flag(ep, "--tokenizer-address") == f"tokenizer:{flag(tok, '--port')}"
     for role in JOBS_QUEUES:
         assert services[role]["command"] == ["python", *role_command(role)]

@@ -1,0 +1,65 @@
+"""The JSON the web console reads: the workers behind the router, and the Jobs API (list, get,
+submit, cancel, the store) as JSON over HTTP. Each route is one call to the endpoint's own gRPC
+Jobs service, so the console sees exactly what ``internlm jobs`` sees; job bodies are the
+protobuf messages in their JSON form (``SubmitJobRequest`` in, ``Job`` out), so no field name is
+written out again here.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from fastapi import FastAPI, Request
+from google.protobuf import json_format
+from google.protobuf.json_format import ParseError
+
+from services.openai_api import error_response, rpc_error_response
+from services.pb import jobs_pb2
+
+KINDS = {name.removeprefix("JOB_KIND_").lower(): value for name, value in jobs_pb2.JobKind.items() if value}
+STATES = {name.removeprefix("JOB_STATE_").lower(): value for name, value in jobs_pb2.JobState.items() if value}
+
+
+def as_json(message) -> dict:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def add_routes(app: FastAPI, router, jobs) -> None:
+    async def call(method, request, timeout: float = 10):
+        try:
+            return as_json(await asyncio.to_thread(method, request, timeout=timeout))
+        except grpc.RpcError as e:
+            return rpc_error_response(e)
+
+    @app.get("/api/workers")
+    def workers():
+        return {"workers": [{"id": w.id, "address": w.address, "model": w.model, "load": w.load,
+                             "inflight": w.inflight, "max_batch": w.max_batch, "requests_routed": w.routed}
+                            for w in router.snapshot()]}
+
+    @app.get("/api/jobs")
+    async def list_jobs(state: str = "", kind: str = "", limit: int = 50):
+        if state and state not in STATES or kind and kind not in KINDS:
+            return error_response(400, f"state is one of {sorted(STATES)}, kind one of {sorted(KINDS)}")
+        return await call(jobs.ListJobs, jobs_pb2.ListJobsRequest(state=STATES.get(state, 0), kind=KINDS.get(kind, 0),
+                                                                  limit=limit))
+
+    @app.get("/api/jobs/{job_id}")
+    async def get_job(job_id: str):
+        return await call(jobs.GetJob, jobs_pb2.GetJobRequest(id=job_id))
+
+    @app.post("/api/jobs")
+    async def submit_job(request: Request):
+        try:
+            message = json_format.ParseDict(await request.json(), jobs_pb2.SubmitJobRequest())
+        except (ParseError, ValueError) as e:
+            return error_response(400, f"not a SubmitJobRequest: {e}")
+        return await call(jobs.SubmitJob, message, timeout=30)
+
+    @app.post("/api/jobs/{job_id}/cancel")
+    async def cancel_job(job_id: str):
+        return await call(jobs.CancelJob, jobs_pb2.CancelJobRequest(id=job_id))
+
+    @app.get("/api/store")
+    async def store(area: str = ""):
+        return await call(jobs.ListStore, jobs_pb2.ListStoreRequest(area=area))

@@ -1,0 +1,520 @@
+"""The endpoint's HTTP door: the OpenAI API (``/v1/models``, ``/v1/completions``,
+``/v1/chat/completions``, plain and streamed as server-sent events), ``/health``, ``/metrics``
+and the web console, on ``--http-port`` beside the gRPC port.
+
+Every generation goes through the endpoint's own ``InferenceProxy.Generate`` (the least-loaded
+live worker, the same retries and mid-stream failover as gRPC clients get): an OpenAI request is
+turned into one ``GenerateRequest`` per choice, the gRPC stream is read on a thread and relayed,
+and a client that disconnects cancels its call, so the worker frees the slot within a step.
+Parameters are checked here by pydantic models named as OpenAI names them, so a bad value is a
+400 that names the field (the worker's own checks remain behind them).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated, Literal
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from internlm_core.errors import ModelNotFound
+from services.messages import FINISH_FROM_PB
+from services.pb import common_pb2, inference_pb2, inference_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
+from services.server_common import status_of
+
+CONSOLE = Path(__file__).resolve().parent / "console"
+HTTP_REQUESTS = Counter("internlm_http_requests_total", "HTTP requests, by route and status", ["route", "status"])
+HTTP_SECONDS = Histogram("internlm_http_request_duration_seconds", "HTTP request duration (to the last byte)",
+                         ["route"], buckets=(0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+
+# gRPC status -> (HTTP status, OpenAI error type)
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+}
+FINISH = {"length": "length", "eos": "stop", "stop": "stop", "aborted": "abort"}  # core -> OpenAI
+
+
+def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code or status}},
+                        status_code=status)
+
+
+def rpc_error_response(e: BaseException) -> JSONResponse:
+    code, message = status_of(e)
+    status, kind = HTTP_STATUS.get(code, (500, "internal_error"))
+    return error_response(status, message, kind)
+
+
+# ---- request models (OpenAI's names; vLLM's extras) ----------------------------------------
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # fields of newer API versions we do not use are ignored
+
+    model: str = ""
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0  # OpenAI's default: sampled
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    n: Annotated[int, Field(ge=1, le=16)] = 1
+    stop: str | list[str] | None = None
+    seed: Annotated[int, Field(ge=0, lt=2 ** 63)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # vLLM's extras
+    top_k: Annotated[int, Field(ge=-1)] = 0  # 0 or -1: off
+    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
+    min_tokens: Annotated[int, Field(ge=0)] = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+
+    def sampling(self, default_max: int, logprobs: bool) -> common_pb2.SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        p = common_pb2.SamplingParams(
+            max_new_tokens=self.max_completion_tokens or self.max_tokens or default_max,
+            min_new_tokens=self.min_tokens, temperature=self.temperature, top_p=self.top_p,
+            top_k=max(self.top_k, 0), min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            stop=stop, ignore_eos=self.ignore_eos, logprobs=logprobs)
+        if self.stop_token_ids is not None:
+            p.stop_token_ids.ids.extend(self.stop_token_ids)
+        return p
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: Annotated[int, Field(ge=0, le=0)] | None = None  # chosen tokens only (see logprob_fields)
+    echo: Literal[False] = False
+    suffix: None = None
+    best_of: Annotated[int, Field(ge=1)] | None = None
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[dict]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:  # the list form: text parts only (no images here)
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError("messages: only text content parts are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=0)] | None = None  # chosen tokens only
+
+
+# ---- the bridge to the gRPC proxy ----------------------------------------------------------
+
+class CallContext:
+    """What ``InferenceProxy.Generate`` needs of a gRPC context, for an HTTP request: no deadline,
+    and callbacks (the upstream call's cancel) that run when the client goes away or the call ends."""
+
+    def __init__(self):
+        self._callbacks, self._lock, self._done = [], threading.Lock(), False
+
+    def time_remaining(self):
+        return None
+
+    def add_callback(self, fn) -> bool:
+        with self._lock:
+            if self._done:
+                fn()
+            else:
+                self._callbacks.append(fn)
+        return True
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._done, callbacks = True, self._callbacks
+            self._callbacks = []
+        for fn in callbacks:
+            fn()
+
+
+class Generation:
+    """The choices of one OpenAI request in flight: each GenerateRequest's stream read from the
+    proxy on its own thread into one queue, merged as the responses come. ``cancel()`` (the client
+    went away) cancels every call upstream at once, without awaiting anything."""
+
+    END = object()
+
+    def __init__(self, proxy, requests):
+        self.loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
+        self.contexts = [CallContext() for _ in requests]
+        self.left = len(requests)
+        for i, (r, ctx) in enumerate(zip(requests, self.contexts)):
+            threading.Thread(target=self._pump, args=(proxy, i, r, ctx), name="http-generate", daemon=True).start()
+
+    def _pump(self, proxy, i, request, ctx) -> None:
+        put = lambda item: self.loop.call_soon_threadsafe(self.queue.put_nowait, item)  # noqa: E731
+        try:
+            for response in proxy.Generate(request, ctx):
+                put((i, response))
+        except BaseException as e:  # noqa: BLE001 - handed to the reader, who answers the client with it
+            if not ctx._done:  # not the CANCELLED of our own cancel
+                put((i, e))
+        finally:
+            put((i, self.END))
+
+    async def next(self):
+        """(choice index, GenerateResponse), or None when every stream has ended."""
+        while self.left:
+            i, item = await self.queue.get()
+            if item is self.END:
+                self.left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                return i, item
+        return None
+
+    def cancel(self) -> None:
+        for ctx in self.contexts:
+            ctx.cancel()
+
+
+class Choice:
+    """One choice's stream as it comes: text, token ids, logprobs, the final FinishInfo."""
+
+    def __init__(self, index: int):
+        self.index, self.text, self.ids, self.logprobs, self.finish = index, [], [], [], None
+
+
+class OpenAI:
+    """The OpenAI routes over an ``InferenceProxy`` and its router."""
+
+    def __init__(self, proxy, router, tokenizer_address: str):
+        self.proxy, self.router = proxy, router
+        self._tokenizer = tokenizer_pb2_grpc.TokenizerStub(grpc.insecure_channel(tokenizer_address))
+        self._infos: dict[str, tuple[float, inference_pb2.ModelInfoResponse]] = {}
+
+    # -- models
+    def model_info(self, model: str) -> inference_pb2.ModelInfoResponse:
+        """A worker's ModelInfo for ``model`` (cached for a few seconds: adapters can be loaded later)."""
+        hit = self._infos.get(model)
+        if hit and time.monotonic() - hit[0] < 5:
+            return hit[1]
+        info = self.proxy.ModelInfo(inference_pb2.ModelInfoRequest(model=model), CallContext())
+        self._infos[model] = (time.monotonic(), info)
+        return info
+
+    def models(self) -> list[dict]:
+        out = []
+        for name in sorted({w.model for w in self.router.snapshot()}):
+            info = self.model_info(name)
+            out.append({"id": name, "object": "model", "created": 0, "owned_by": "internlm", "root": name,
+                        "parent": None, "max_model_len": info.max_len})
+            out += [{"id": a, "object": "model", "created": 0, "owned_by": "internlm", "root": name, "parent": name,
+                     "max_model_len": info.max_len} for a in info.adapters]
+        return out
+
+    def resolve(self, model_id: str) -> tuple[str, str, int]:
+        """(model, adapter, max_len) for an OpenAI model id: a served model or one of its adapters."""
+        served = sorted({w.model for w in self.router.snapshot()})
+        if not model_id or model_id in served:
+            return model_id, "", self.model_info(model_id).max_len
+        for name in served:
+            info = self.model_info(name)
+            if model_id in info.adapters:
+                return name, model_id, info.max_len
+        raise ModelNotFound(f"the model {model_id!r} does not exist; served here: "
+                            f"{', '.join(m['id'] for m in self.models()) or 'nothing yet'}")
+
+    # -- generation
+    def requests(self, body: SamplingFields, prompt, default_max: int, logprobs: bool):
+        """One GenerateRequest per choice (n of them: seeds seed, seed + 1, ... when a seed is given)."""
+        model, adapter, max_len = self.resolve(body.model)
+        out = []
+        for i in range(body.n):
+            r = inference_pb2.GenerateRequest(model=model, adapter=adapter,
+                                              params=body.sampling(default_max or max_len, logprobs))
+            if body.seed is not None:
+                r.params.seed = (body.seed + i) % 2 ** 63
+            if isinstance(prompt, str):
+                r.text = prompt
+            elif prompt and isinstance(prompt[0], dict):
+                r.chat.CopyFrom(common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(**m) for m in prompt]))
+            else:
+                r.ids.ids.extend(prompt)
+            out.append(r)
+        return out
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        if not ids:
+            return []
+        return list(self._tokenizer.DecodeBatch(tokenizer_pb2.DecodeBatchRequest(
+            items=[common_pb2.TokenIds(ids=[i]) for i in ids]), timeout=30).texts)
+
+
+def usage(choices: list[Choice]) -> dict:
+    prompt = max((c.finish.prompt_tokens for c in choices if c.finish), default=0)
+    completion = sum(c.finish.completion_tokens if c.finish else len(c.ids) for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def finish_reason(finish) -> str | None:
+    return FINISH[FINISH_FROM_PB[finish.reason]] if finish is not None else None
+
+
+class Guard:
+    """ASGI middleware: the API key (when set) and the HTTP metrics, for every route. Plain ASGI,
+    not Starlette's BaseHTTPMiddleware, so streamed responses and client disconnects pass untouched."""
+
+    def __init__(self, app, api_key: str | None):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, start, status = scope["path"], time.monotonic(), [500]
+        route = path if not path.startswith(("/console/", "/api/jobs/")) else path.rsplit("/", 1)[0] + "/*"
+        public = path == "/" or path.startswith("/console/")  # the console's static files hold no data
+        if self.api_key and not public:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, f"Bearer {self.api_key}".encode()):
+                HTTP_REQUESTS.labels(route, "401").inc()
+                response = error_response(401, "a valid API key is required: Authorization: Bearer <key>",
+                                          "authentication_error")
+                return await response(scope, receive, send)
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            HTTP_REQUESTS.labels(route, str(status[0])).inc()
+            HTTP_SECONDS.labels(route).observe(time.monotonic() - start)
+
+
+def create_app(proxy, router, tokenizer_address: str, api_key: str | None = None, jobs=None) -> FastAPI:
+    """The HTTP app. ``jobs``: a Jobs gRPC stub for the console's job pages (None: no jobs)."""
+    app = FastAPI(title="InternLM endpoint", docs_url="/docs", redoc_url=None)
+    app.add_middleware(Guard, api_key=api_key)
+    api = OpenAI(proxy, router, tokenizer_address)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        if first.get("type") == "json_invalid":
+            return error_response(400, f"the body is not valid JSON: {first.get('msg')}")
+        return error_response(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}", param=param)
+
+    @app.get("/health")
+    def health():
+        n = len(router.snapshot())
+        return JSONResponse({"status": "ok" if n else "no workers", "workers": n}, status_code=200 if n else 503)
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    def list_models():
+        try:
+            return {"object": "list", "data": api.models()}
+        except Exception as e:  # noqa: BLE001 - every failure answered as OpenAI's error object
+            return rpc_error_response(e)
+
+    @app.get("/v1/models/{model_id}")
+    def get_model(model_id: str):
+        try:
+            found = [m for m in api.models() if m["id"] == model_id]
+        except Exception as e:  # noqa: BLE001
+            return rpc_error_response(e)
+        return found[0] if found else error_response(404, f"the model {model_id!r} does not exist",
+                                                     "not_found_error", param="model")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        if body.best_of not in (None, body.n):
+            return error_response(400, "best_of must equal n (no server-side best-of)", param="best_of")
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            if len(prompt) != 1:
+                return error_response(400, "prompt: one prompt per request (a list of one string or token list)",
+                                      param="prompt")
+            prompt = prompt[0]
+        if not prompt:
+            return error_response(400, "prompt: must not be empty", param="prompt")
+        return await answer(body, prompt, 16, body.logprobs is not None, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        try:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        except ValueError as e:
+            return error_response(400, str(e), param="messages")
+        return await answer(body, messages, 0, body.logprobs, chat=True)
+
+    async def answer(body: SamplingFields, prompt, default_max: int, want_logprobs: bool, chat: bool):
+        try:
+            requests = await asyncio.to_thread(api.requests, body, prompt, default_max, want_logprobs)
+        except Exception as e:  # noqa: BLE001 - unknown model, no worker
+            return rpc_error_response(e)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created, model = int(time.time()), body.model or requests[0].model
+        kind = "chat.completion" if chat else "text_completion"
+        choices = [Choice(i) for i in range(len(requests))]
+        gen = Generation(api.proxy, requests)
+        try:  # the first response before any byte goes out, so that a refusal gets its HTTP status
+            first = await gen.next()
+        except Exception as e:  # noqa: BLE001
+            gen.cancel()
+            return rpc_error_response(e)
+
+        def piece(i, response) -> None:
+            c = choices[i]
+            c.text.append(response.text)
+            c.ids.extend(response.token_ids)
+            c.logprobs.extend(response.logprobs)
+            if response.HasField("finish"):
+                c.finish = response.finish
+
+        def logprob_fields(ids, lps) -> dict | None:
+            if not want_logprobs:
+                return None
+            strings = api.token_strings(list(ids))
+            if chat:
+                return {"content": [{"token": s, "logprob": lp, "bytes": list(s.encode()), "top_logprobs": []}
+                                    for s, lp in zip(strings, lps)]}
+            return {"tokens": strings, "token_logprobs": list(lps), "top_logprobs": None, "text_offset": None}
+
+        if not body.stream:
+            try:
+                item = first
+                while item is not None:
+                    piece(*item)
+                    item = await gen.next()
+            except Exception as e:  # noqa: BLE001 - e.g. every worker gone mid-way
+                return rpc_error_response(e)
+            finally:
+                gen.cancel()
+            out = []
+            for c in choices:
+                lp = await asyncio.to_thread(logprob_fields, c.ids, c.logprobs)
+                text = "".join(c.text)
+                entry = {"index": c.index, "finish_reason": finish_reason(c.finish), "logprobs": lp}
+                entry.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+                out.append(entry)
+            return {"id": rid, "object": kind, "created": created, "model": model, "choices": out,
+                    "usage": usage(choices)}
+
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def event(payload: dict) -> str:
+            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+        def chunk(i, response) -> str:
+            piece(i, response)
+            reason = finish_reason(response.finish) if response.HasField("finish") else None
+            entry = {"index": i, "finish_reason": reason, "logprobs": logprob_fields(response.token_ids,
+                                                                                    response.logprobs)}
+            entry.update({"delta": {"content": response.text}} if chat else {"text": response.text})
+            payload = {"id": rid, "object": chunk_kind, "created": created, "model": model, "choices": [entry]}
+            if include_usage:
+                payload["usage"] = None
+            return event(payload)
+
+        async def sse():
+            try:
+                if chat:  # the role first, as OpenAI sends it
+                    for c in choices:
+                        yield event({"id": rid, "object": chunk_kind, "created": created, "model": model,
+                                     "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                                  "finish_reason": None, "logprobs": None}]})
+                item = first
+                while item is not None:
+                    yield await asyncio.to_thread(chunk, *item)
+                    item = await gen.next()
+                if include_usage:
+                    yield event({"id": rid, "object": chunk_kind, "created": created, "model": model,
+                                 "choices": [], "usage": usage(choices)})
+            except Exception as e:  # noqa: BLE001 - mid-stream: the error as an event, then the end
+                code, message = status_of(e)
+                status, kind_ = HTTP_STATUS.get(code, (500, "internal_error"))
+                yield event({"error": {"message": message, "type": kind_, "param": None, "code": status}})
+            finally:  # also when the client went away (the task is cancelled): free the slots now
+                gen.cancel()
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    if jobs is not None:
+        from services import console_api
+        console_api.add_routes(app, router, jobs)
+    if CONSOLE.is_dir():
+        app.mount("/console", StaticFiles(directory=CONSOLE), name="console")
+
+        @app.get("/")
+        def index():
+            return Response((CONSOLE / "index.html").read_bytes(), media_type="text/html")
+    return app
+
+
+class HttpServer:
+    """uvicorn serving the app on a thread beside the gRPC server; ``stop()`` ends it."""
+
+    def __init__(self, app: FastAPI, host: str, port: int):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                                    access_log=False, lifespan="off"))
+        self.server.install_signal_handlers = lambda: None  # the gRPC server owns SIGTERM / SIGINT
+        self.thread = threading.Thread(target=self.server.run, name="http", daemon=True)
+
+    def start(self, timeout: float = 10) -> "HttpServer":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the HTTP server did not start (is the port free?)")
+            time.sleep(0.02)
+        return self
+
+    @property
+    def port(self) -> int:
+        return self.server.servers[0].sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
