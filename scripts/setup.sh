@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a fresh machine: virtual environment, packages, generated gRPC stubs,
-# and a real redis-server (Debian package) when none is installed.
+# a real redis-server (Debian package) when none is installed, and for tests Debian's chromium.
 #
 #   setup.sh runtime   what serving, jobs and training need: the package plus its build extra
 #                      (grpcio-tools, to generate the stubs); used by scripts/up.sh
@@ -20,10 +20,14 @@ esac
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 
-if ! command -v redis-server >/dev/null; then
-    echo "setup: installing redis-server" >&2
-    if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
-    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null
+if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
+need=()
+command -v redis-server >/dev/null || need+=(redis-server)
+# The console's browser tests drive Debian's chromium (Playwright's own browser download is not used).
+[ "$MODE" = test ] && ! command -v chromium >/dev/null && need+=(chromium)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "setup: installing ${need[*]}" >&2
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then

@@ -150,3 +150,31 @@ def core_tokenizer(chat_model_dir):
     from internlm_core.tokenizer import Tokenizer
 
     return Tokenizer(chat_model_dir / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def http(stack_redis, tokenizer_service, worker, stack_dir):
+    """An endpoint with its HTTP side on (``.base`` is its URL) in front of the session's worker."""
+    port = free_port()
+    s = start_endpoint(stack_redis.url, tokenizer_service.address, stack_dir, "endpoint-http",
+                       "--http-port", str(port)).wait_healthy()
+    assert wait_workers(s, 1)
+    s.base = f"http://127.0.0.1:{port}"
+    wait_http(s.base)
+    yield s
+    s.stop()
+
+
+def wait_http(base: str, timeout: float = 30, **kw) -> None:
+    """The HTTP side starts just after the gRPC side reports healthy."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            httpx.get(f"{base}/health", timeout=2, **kw)
+            return
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)

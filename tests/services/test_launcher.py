@@ -8,6 +8,7 @@ import threading
 import time
 
 import grpc
+import httpx
 import pytest
 
 from services.pb import common_pb2, inference_pb2, inference_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
@@ -17,10 +18,10 @@ from tests.helpers import REPO, free_port
 def start_launcher(model_dir, var, tries=3):
     """The launcher on ports free right now; (process, endpoint address, output lines)."""
     for _ in range(tries):
-        port, redis_port = free_port(), free_port()
+        port, redis_port, http_port = free_port(), free_port(), free_port()
         proc = subprocess.Popen([sys.executable, "-m", "services.launcher", "up", "--model", str(model_dir),
                                  "--workers", "1", "--max-batch", "2", "--port", str(port),
-                                 "--redis-port", str(redis_port), "--var", str(var)],
+                                 "--redis-port", str(redis_port), "--http-port", str(http_port), "--var", str(var)],
                                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env={**os.environ, "INTERNLM_MAX_QUEUE": "4"})
         lines = []
@@ -28,6 +29,7 @@ def start_launcher(model_dir, var, tries=3):
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
             if any(line.startswith("ready:") for line in lines):
+                proc.http = f"http://127.0.0.1:{http_port}"
                 return proc, f"127.0.0.1:{port}", lines
             time.sleep(0.5)
         proc.kill()
@@ -57,6 +59,10 @@ def test_stack_serves_restarts_and_stops(launched):
     req = inference_pb2.GenerateRequest(text="Hello", params=common_pb2.SamplingParams(max_new_tokens=5,
                                                                                        ignore_eos=True))
     assert stub.GenerateUnary(req, timeout=60).finish.completion_tokens == 5
+    assert f"HTTP: {proc.http}/ (console)" in "".join(lines)  # the OpenAI API through the same endpoint
+    answer = httpx.post(f"{proc.http}/v1/completions", json={"prompt": "Hello", "max_tokens": 5, "ignore_eos": True},
+                        timeout=60).json()
+    assert answer["usage"]["completion_tokens"] == 5
     logs = {p.stem for p in (var / "logs").iterdir()}
     jobs = {"converter", "trainer"} if (REPO / "services" / "jobs" / "worker.py").is_file() else set()
     assert {"redis", "tokenizer", "endpoint", "inference-0"} | jobs <= logs

@@ -12,34 +12,9 @@ import pytest
 
 from internlm_core.generation import SamplingParams, generate
 from tests.helpers import free_port
-from tests.services.conftest import start_endpoint, wait_workers
+from tests.services.conftest import start_endpoint, wait_http, wait_workers
 
 openai = pytest.importorskip("openai")
-
-
-@pytest.fixture(scope="module")
-def http(stack_redis, tokenizer_service, worker, stack_dir):
-    port = free_port()
-    s = start_endpoint(stack_redis.url, tokenizer_service.address, stack_dir, "endpoint-http",
-                       "--http-port", str(port)).wait_healthy()
-    assert wait_workers(s, 1)
-    s.base = f"http://127.0.0.1:{port}"
-    wait_http(s.base)
-    yield s
-    s.stop()
-
-
-def wait_http(base: str, timeout: float = 30, **kw) -> None:
-    """The HTTP side starts just after the gRPC side reports healthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            httpx.get(f"{base}/health", timeout=2, **kw)
-            return
-        except httpx.TransportError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

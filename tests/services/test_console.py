@@ -1,0 +1,62 @@
+"""The web console in a real browser (Debian's chromium driven by Playwright) against the real
+endpoint, worker, Jobs API and Redis: the models and workers show, the chat playground streams an
+answer, a job submitted from the page appears with its state, and an error is shown, not swallowed."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tests.services.conftest import wait_workers
+
+sync_api = pytest.importorskip("playwright.sync_api")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def page(http):
+    if CHROMIUM is None:
+        pytest.fail("chromium is not installed (.ci/run installs it: apt-get install chromium)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page()
+        page.set_default_timeout(30_000)
+        page.goto(http.base + "/")
+        yield page
+        browser.close()
+
+
+def test_models_and_workers_show(page, http, worker, chat_model_dir):
+    wait_workers(http, 1)
+    page.locator("#model-table tbody tr").first.wait_for()
+    assert page.locator("#model-table tbody tr td").first.inner_text() == chat_model_dir.name
+    sync_api.expect(page.locator("#worker-table tbody")).to_contain_text(worker.address)
+
+
+def test_chat_playground_streams_an_answer(page, chat_model_dir):
+    page.click("nav button[data-tab=chat]")
+    page.locator(f"#chat-model option[value='{chat_model_dir.name}']").wait_for(state="attached")
+    page.fill("#chat-temperature", "0")
+    page.fill("#chat-max", "8")
+    page.fill("#chat-input", "Hello there")
+    page.click("#chat-send")
+    sync_api.expect(page.locator("#chat-usage")).to_contain_text("completion tokens")
+    assert page.locator(".msg.user").inner_text().endswith("Hello there")
+    assert page.locator(".msg.assistant").inner_text().strip()
+    assert page.locator("#chat-usage").inner_text().split(" + ")[1].startswith("8 ")
+    assert page.locator("#error").is_hidden()
+
+
+def test_job_submitted_from_the_page(page, stack_dir, tiny_hf):
+    shutil.copytree(tiny_hf[1], stack_dir / "store" / "imports" / "browser-hf", dirs_exist_ok=True)
+    page.click("nav button[data-tab=jobs]")
+    page.select_option("#job-kind", "convert")
+    page.fill("#job-fields", '{"source": "imports/browser-hf", "output": "from-the-browser"}')
+    page.click("#job-form button[type=submit]")
+    row = page.locator("#job-table tbody tr.selected")
+    sync_api.expect(row).to_contain_text("convert")
+    sync_api.expect(page.locator("#job-detail")).to_be_visible()
+    # a refused submission is shown with the service's message
+    page.fill("#job-fields", '{"source": "imports/not-there", "output": "x"}')
+    page.click("#job-form button[type=submit]")
+    sync_api.expect(page.locator("#error")).to_contain_text("not-there")
