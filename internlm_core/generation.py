@@ -93,6 +93,13 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum())
 
 
+def top_ids(values: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest values, largest first (ties: the lower index), without a full sort."""
+    k = min(k, len(values))
+    part = np.argpartition(-values, k - 1)[:k]
+    return part[np.lexsort((part, -values[part]))]
+
+
 def sample(logits: np.ndarray, rng: np.random.Generator) -> int:
     """Draw one token from softmax(logits) with an explicit generator (seeded => repeatable)."""
     probs = softmax(logits.astype(np.float64))
@@ -101,6 +108,7 @@ def sample(logits: np.ndarray, rng: np.random.Generator) -> int:
 
 # ---- parameters ----------------------------------------------------------------------------
 
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API allows
 _FLOAT_PARAMS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
@@ -120,6 +128,7 @@ class SamplingParams:
     stop_token_ids: Sequence[int] | None = None  # None => eos and <eoa>
     ignore_eos: bool = False
     logprobs: bool = False
+    top_logprobs: int = 0  # also the k most likely tokens' log-probabilities at each step (implies logprobs)
 
     def validate(self) -> "SamplingParams":
         def bad(msg):
@@ -146,6 +155,8 @@ class SamplingParams:
             bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if any(not s for s in self.stop):
             bad("stop strings must not be empty")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            bad(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
         return self
 
     def replace(self, **kw) -> "SamplingParams":
@@ -159,6 +170,7 @@ class TokenEvent:
     text: str  # new final text (may be "" while a UTF-8 sequence or a possible stop string is held)
     logprob: float | None = None
     finish_reason: str | None = None
+    top_logprobs: list[tuple[int, float]] | None = None  # (token id, log-probability), most likely first
 
 
 @dataclass
@@ -186,9 +198,10 @@ class SequenceState:
         self.seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
         self.rng = np.random.default_rng(self.seed)
         self.stop_ids = set(CHAT_STOP_IDS if self.params.stop_token_ids is None else self.params.stop_token_ids)
-        if self.vocab_size and any(not 0 <= t < self.vocab_size for t in self.stop_ids):
+        given = self.params.stop_token_ids or ()  # the defaults may lie past a small test vocabulary
+        if self.vocab_size and any(not 0 <= t < self.vocab_size for t in given):
             raise ValueError(f"stop_token_ids must be token ids in 0..{self.vocab_size - 1}, got "
-                             f"{sorted(t for t in self.stop_ids if not 0 <= t < self.vocab_size)[:3]}")
+                             f"{sorted(t for t in given if not 0 <= t < self.vocab_size)[:3]}")
         self.counts = np.zeros(self.vocab_size, np.float32)
         self.seen = np.unique(np.asarray(self.prompt, np.int64))  # repetition penalty covers the prompt (HF)
         # Generated text leaves out <s>/</s>/<unk> (as HF pipelines do); the ids keep them.
@@ -223,8 +236,13 @@ class SequenceState:
         """Pick, record and report the next token from the model's logits (V,)."""
         logits = np.asarray(logits, np.float32)
         token = self.choose(self.process(logits))
-        logprob = float(log_softmax(logits.astype(np.float64))[token]) if self.params.logprobs else None
-        return TokenEvent(token, self._record(token, max_len), logprob, self.finish_reason)
+        logprob = top = None
+        if self.params.logprobs or self.params.top_logprobs:  # of the model's distribution, before sampling's changes
+            lsm = log_softmax(logits.astype(np.float64))
+            logprob = float(lsm[token])
+            if self.params.top_logprobs:
+                top = [(int(i), float(lsm[i])) for i in top_ids(lsm, self.params.top_logprobs)]
+        return TokenEvent(token, self._record(token, max_len), logprob, self.finish_reason, top)
 
     def resume(self, tokens: Sequence[int], max_len: int | None = None) -> None:
         """Continue after ``tokens`` that this request already produced (on a worker that went

@@ -14,7 +14,7 @@ FINISH_TO_PB = {
 FINISH_FROM_PB = {v: k for k, v in FINISH_TO_PB.items()}
 
 _SCALARS = ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-            "presence_penalty", "frequency_penalty", "seed")
+            "presence_penalty", "frequency_penalty", "seed", "top_logprobs")
 
 
 def sampling_from_pb(p: common_pb2.SamplingParams) -> SamplingParams:
@@ -64,6 +64,9 @@ def chunk_to_pb(events, finish=None) -> inference_pb2.GenerateResponse:
     """One streamed message from consecutive TokenEvents; ``finish`` on the last one."""
     r = inference_pb2.GenerateResponse(token_ids=[e.token_id for e in events], text="".join(e.text for e in events))
     r.logprobs.extend(e.logprob for e in events if e.logprob is not None)
+    for e in events:
+        if e.top_logprobs is not None:
+            r.top_logprobs.add(ids=[i for i, _ in e.top_logprobs], logprobs=[lp for _, lp in e.top_logprobs])
     if finish is not None:
         r.finish.CopyFrom(finish)
     return r
@@ -81,6 +84,7 @@ def join_chunks(chunks) -> inference_pb2.GenerateResponse:
     for c in chunks:
         out.token_ids.extend(c.token_ids)
         out.logprobs.extend(c.logprobs)
+        out.top_logprobs.extend(c.top_logprobs)
         texts.append(c.text)
         if c.HasField("finish"):
             out.finish.CopyFrom(c.finish)

@@ -94,14 +94,14 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
 
-    def sampling(self, default_max: int, logprobs: bool) -> common_pb2.SamplingParams:
+    def sampling(self, default_max: int, logprobs: bool, top: int) -> common_pb2.SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         p = common_pb2.SamplingParams(
             max_new_tokens=self.max_completion_tokens or self.max_tokens or default_max,
             min_new_tokens=self.min_tokens, temperature=self.temperature, top_p=self.top_p,
             top_k=max(self.top_k, 0), min_p=self.min_p, repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            stop=stop, ignore_eos=self.ignore_eos, logprobs=logprobs)
+            stop=stop, ignore_eos=self.ignore_eos, logprobs=logprobs, top_logprobs=top)
         if self.stop_token_ids is not None:
             p.stop_token_ids.ids.extend(self.stop_token_ids)
         return p
@@ -109,7 +109,7 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: Annotated[int, Field(ge=0, le=0)] | None = None  # chosen tokens only (see logprob_fields)
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None  # the chosen tokens' and this many alternatives
     echo: Literal[False] = False
     suffix: None = None
     best_of: Annotated[int, Field(ge=1)] | None = None
@@ -133,7 +133,7 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=0)] | None = None  # chosen tokens only
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
 
 
 # ---- the bridge to the gRPC proxy ----------------------------------------------------------
@@ -210,7 +210,7 @@ class Choice:
     """One choice's stream as it comes: text, token ids, logprobs, the final FinishInfo."""
 
     def __init__(self, index: int):
-        self.index, self.text, self.ids, self.logprobs, self.finish = index, [], [], [], None
+        self.index, self.text, self.ids, self.logprobs, self.top, self.finish = index, [], [], [], [], None
 
 
 class OpenAI:
@@ -254,13 +254,13 @@ class OpenAI:
                             f"{', '.join(m['id'] for m in self.models()) or 'nothing yet'}")
 
     # -- generation
-    def requests(self, body: SamplingFields, prompt, default_max: int, logprobs: bool):
+    def requests(self, body: SamplingFields, prompt, default_max: int, logprobs: bool, top: int):
         """One GenerateRequest per choice (n of them: seeds seed, seed + 1, ... when a seed is given)."""
         model, adapter, max_len = self.resolve(body.model)
         out = []
         for i in range(body.n):
             r = inference_pb2.GenerateRequest(model=model, adapter=adapter,
-                                              params=body.sampling(default_max or max_len, logprobs))
+                                              params=body.sampling(default_max or max_len, logprobs, top))
             if body.seed is not None:
                 r.params.seed = (body.seed + i) % 2 ** 63
             if isinstance(prompt, str):
@@ -374,7 +374,7 @@ def create_app(proxy, router, tokenizer_address: str, api_key: str | None = None
             prompt = prompt[0]
         if not prompt:
             return error_response(400, "prompt: must not be empty", param="prompt")
-        return await answer(body, prompt, 16, body.logprobs is not None, chat=False)
+        return await answer(body, prompt, 16, body.logprobs is not None, body.logprobs or 0, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
@@ -382,11 +382,13 @@ def create_app(proxy, router, tokenizer_address: str, api_key: str | None = None
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         except ValueError as e:
             return error_response(400, str(e), param="messages")
-        return await answer(body, messages, 0, body.logprobs, chat=True)
+        if body.top_logprobs and not body.logprobs:
+            return error_response(400, "top_logprobs: needs logprobs set to true", param="top_logprobs")
+        return await answer(body, messages, 0, body.logprobs, body.top_logprobs or 0, chat=True)
 
-    async def answer(body: SamplingFields, prompt, default_max: int, want_logprobs: bool, chat: bool):
+    async def answer(body: SamplingFields, prompt, default_max: int, want_logprobs: bool, top: int, chat: bool):
         try:
-            requests = await asyncio.to_thread(api.requests, body, prompt, default_max, want_logprobs)
+            requests = await asyncio.to_thread(api.requests, body, prompt, default_max, want_logprobs, top)
         except Exception as e:  # noqa: BLE001 - unknown model, no worker
             return rpc_error_response(e)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -405,17 +407,31 @@ def create_app(proxy, router, tokenizer_address: str, api_key: str | None = None
             c.text.append(response.text)
             c.ids.extend(response.token_ids)
             c.logprobs.extend(response.logprobs)
+            c.top.extend(response.top_logprobs)
             if response.HasField("finish"):
                 c.finish = response.finish
 
-        def logprob_fields(ids, lps) -> dict | None:
+        def logprob_fields(ids, lps, tops) -> dict | None:
+            """OpenAI's logprobs object for these tokens (chat: ``content``; completions: the
+            legacy parallel lists), token strings from the tokenizer service."""
             if not want_logprobs:
                 return None
-            strings = api.token_strings(list(ids))
+            tops = list(tops) or [None] * len(ids)
+            alt = [i for t in tops if t is not None for i in t.ids]
+            strings = api.token_strings(list(ids) + alt)
+            names, alt_names = strings[:len(ids)], iter(strings[len(ids):])
+            alts = [[] if t is None else [(next(alt_names), lp) for lp in t.logprobs] for t in tops]
             if chat:
-                return {"content": [{"token": s, "logprob": lp, "bytes": list(s.encode()), "top_logprobs": []}
-                                    for s, lp in zip(strings, lps)]}
-            return {"tokens": strings, "token_logprobs": list(lps), "top_logprobs": None, "text_offset": None}
+                return {"content": [{"token": s, "logprob": lp, "bytes": list(s.encode()),
+                                     "top_logprobs": [{"token": a, "logprob": alp, "bytes": list(a.encode())}
+                                                      for a, alp in alt]}
+                                    for s, lp, alt in zip(names, lps, alts)]}
+            offsets, at = [], 0
+            for name in names:
+                offsets.append(at)
+                at += len(name)
+            return {"tokens": names, "token_logprobs": list(lps), "top_logprobs": [dict(a) for a in alts],
+                    "text_offset": offsets}
 
         if not body.stream:
             try:
@@ -429,7 +445,7 @@ def create_app(proxy, router, tokenizer_address: str, api_key: str | None = None
                 gen.cancel()
             out = []
             for c in choices:
-                lp = await asyncio.to_thread(logprob_fields, c.ids, c.logprobs)
+                lp = await asyncio.to_thread(logprob_fields, c.ids, c.logprobs, c.top)
                 text = "".join(c.text)
                 entry = {"index": c.index, "finish_reason": finish_reason(c.finish), "logprobs": lp}
                 entry.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
@@ -446,8 +462,8 @@ def create_app(proxy, router, tokenizer_address: str, api_key: str | None = None
         def chunk(i, response) -> str:
             piece(i, response)
             reason = finish_reason(response.finish) if response.HasField("finish") else None
-            entry = {"index": i, "finish_reason": reason, "logprobs": logprob_fields(response.token_ids,
-                                                                                    response.logprobs)}
+            entry = {"index": i, "finish_reason": reason,
+                     "logprobs": logprob_fields(response.token_ids, response.logprobs, response.top_logprobs)}
             entry.update({"delta": {"content": response.text}} if chat else {"text": response.text})
             payload = {"id": rid, "object": chunk_kind, "created": created, "model": model, "choices": [entry]}
             if include_usage:

@@ -74,6 +74,21 @@ def test_logprobs_equal_hf_log_softmax(tiny_hf, engine, params):
     np.testing.assert_allclose(r.logprobs, ref.numpy(), atol=1e-4, rtol=0)
 
 
+def test_top_logprobs_equal_hf_top_k(tiny_hf, engine):
+    """``top_logprobs``: at each step the k most likely tokens of HF's log-softmax, most likely first
+    (torch.topk), sampled or not; the chosen token's logprob comes with them."""
+    params = SamplingParams(max_new_tokens=10, stop_token_ids=[], top_logprobs=5, temperature=0.8, seed=4)
+    prompt = random_ids(7, 256, seed=22)
+    events = list(generate(engine, prompt, params))
+    with torch.no_grad():
+        logits = tiny_hf[0](torch.tensor([prompt + [e.token_id for e in events]])).logits[0].double()
+    ref = torch.log_softmax(logits, -1)[len(prompt) - 1:-1].topk(5, -1)
+    for e, values, ids in zip(events, ref.values, ref.indices, strict=True):
+        assert [i for i, _ in e.top_logprobs] == ids.tolist()
+        np.testing.assert_allclose([lp for _, lp in e.top_logprobs], values.numpy(), atol=1e-4, rtol=0)
+        assert e.logprob is not None
+
+
 def test_slots_are_independent(engine):
     """A sequence's tokens do not depend on what the other slots hold."""
     p = random_ids(9, 512, seed=9)

@@ -202,3 +202,13 @@ def test_resume_refuses_tokens_that_end_the_request():
         SequenceState([1], SamplingParams(max_new_tokens=5, stop_token_ids=[2]), vocab_size=8).resume([4, 2, 4])
     with pytest.raises(ValueError, match="nothing is left to generate"):
         SequenceState([1], SamplingParams(max_new_tokens=2), vocab_size=8).resume([4, 5])
+
+
+def test_top_ids_without_a_full_sort():
+    from internlm_core.generation import top_ids
+
+    v = np.array([0.1, 3.0, -1.0, 3.0, 2.5, 0.0])
+    assert top_ids(v, 3).tolist() == [1, 3, 4]  # ties: the lower index first
+    assert top_ids(v, 10).tolist() == [1, 3, 4, 0, 5, 2]
+    with pytest.raises(ValueError, match="top_logprobs"):
+        SamplingParams(top_logprobs=21).validate()

@@ -114,6 +114,25 @@ def test_logprobs_are_the_cores(client, model_id, core_engine, core_tokenizer):
     assert "".join(c.token for c in content).strip() != ""
 
 
+def test_top_logprobs_are_the_cores(client, model_id, core_engine, core_tokenizer):
+    """The k most likely tokens at each step, most likely first, with the core's values; under
+    greedy decoding the first of them is the chosen token."""
+    messages = [{"role": "user", "content": "Count: one, two"}]
+    r = client.chat.completions.create(model=model_id, messages=messages, temperature=0, max_tokens=5,
+                                       logprobs=True, top_logprobs=3)
+    _, events = core_text(core_engine, core_tokenizer, core_tokenizer.encode_chat(messages),
+                          SamplingParams(max_new_tokens=5, top_logprobs=3))
+    content = r.choices[0].logprobs.content
+    for got, ev in zip(content, events, strict=True):
+        assert len(got.top_logprobs) == 3
+        np.testing.assert_allclose([t.logprob for t in got.top_logprobs], [lp for _, lp in ev.top_logprobs], atol=1e-4)
+        assert got.top_logprobs[0].token == got.token and abs(got.top_logprobs[0].logprob - got.logprob) < 1e-6
+    legacy = client.completions.create(model=model_id, prompt="Count: one, two", temperature=0, max_tokens=4,
+                                       logprobs=2, extra_body={"ignore_eos": True}).choices[0].logprobs
+    assert len(legacy.tokens) == len(legacy.token_logprobs) == len(legacy.top_logprobs) == 4
+    assert all(1 <= len(t) <= 2 for t in legacy.top_logprobs) and legacy.text_offset[0] == 0
+
+
 @pytest.mark.parametrize("body, status, param", [
     ("{not json", 400, None),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": 5}, 400, "temperature"),
@@ -121,10 +140,12 @@ def test_logprobs_are_the_cores(client, model_id, core_engine, core_tokenizer):
     ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
     ({"messages": []}, 400, "messages"),
     ({}, 400, "messages"),
-    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3, "logprobs": True}, 400, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 21, "logprobs": True}, 400, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, 400, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "hi"}], "model": "no-such-model"}, 404, None),
     ({"messages": [{"role": "user", "content": "hi"}], "stop_token_ids": [10 ** 9]}, 400, None),  # the worker checks it
-], ids=["malformed", "temperature", "max_tokens", "role", "no-messages", "empty", "top_logprobs", "model",
+], ids=["malformed", "temperature", "max_tokens", "role", "no-messages", "empty", "top_logprobs",
+        "top_logprobs-alone", "model",
         "stop-token-range"])
 def test_bad_requests_get_openai_errors(http, model_id, body, status, param):
     if isinstance(body, dict):
