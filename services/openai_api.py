@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -49,6 +50,8 @@ HTTP_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
     grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
 }
+INT32 = 2 ** 31 - 1  # the protobuf fields behind the counts
+UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 FINISH = {"length": "length", "eos": "stop", "stop": "stop", "aborted": "abort"}  # core -> OpenAI
 
 
@@ -74,8 +77,8 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")  # fields of newer API versions we do not use are ignored
 
     model: str = ""
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=INT32)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, le=INT32)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0  # OpenAI's default: sampled
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     n: Annotated[int, Field(ge=1, le=16)] = 1
@@ -87,12 +90,12 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM's extras
-    top_k: Annotated[int, Field(ge=-1)] = 0  # 0 or -1: off
+    top_k: Annotated[int, Field(ge=-1, le=INT32)] = 0  # 0 or -1: off
     min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
     repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
-    min_tokens: Annotated[int, Field(ge=0)] = 0
+    min_tokens: Annotated[int, Field(ge=0, le=INT32)] = 0
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=INT32)]] | None = None
 
     def sampling(self, default_max: int, logprobs: bool, top: int) -> common_pb2.SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -328,10 +331,17 @@ def create_app(proxy, router, tokenizer_address: str, api_key: str | None = None
     app.add_middleware(Guard, api_key=api_key)
     api = OpenAI(proxy, router, tokenizer_address)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):  # e.g. a body that is not UTF-8
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
+        return error_response(exc.status_code, str(exc.detail), kind)
+
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        while loc and (loc[-1] in UNION_TAGS or "[" in loc[-1]):  # pydantic names the union member tried
+            loc.pop()
         param = ".".join(loc) or None
         if first.get("type") == "json_invalid":
             return error_response(400, f"the body is not valid JSON: {first.get('msg')}")

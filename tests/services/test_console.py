@@ -1,13 +1,17 @@
 """The web console in a real browser (Debian's chromium driven by Playwright) against the real
-endpoint, worker, Jobs API and Redis: the models and workers show, the chat playground streams an
-answer, a job submitted from the page appears with its state, and an error is shown, not swallowed."""
+endpoint, inference worker, Jobs API, Celery converter and Redis: the models and workers show, the
+chat playground streams an answer, a job submitted from the page runs to its final state there,
+and an error is shown, not swallowed. Screenshots go to ``test-artifacts/``."""
 from __future__ import annotations
 
 import shutil
 
 import pytest
 
+from tests.helpers import REPO
 from tests.services.conftest import wait_workers
+
+ARTIFACTS = REPO / "test-artifacts"
 
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -23,7 +27,21 @@ def page(http):
         page.set_default_timeout(30_000)
         page.goto(http.base + "/")
         yield page
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "console-last.png"), full_page=True)
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def converter(stack_redis, stack_dir):
+    """A Celery converter worker on the endpoint's Redis and store, so jobs from the page run."""
+    from services.jobs.settings import JobsSettings
+    from tests.jobs.conftest import Worker
+
+    settings = JobsSettings(redis_url=stack_redis.url, store_root=str(stack_dir / "store"))
+    w = Worker(settings, "convert,export", stack_dir / "converter.log", "console-converter").wait_ready()
+    yield w
+    w.stop()
 
 
 def test_models_and_workers_show(page, http, worker, chat_model_dir):
@@ -45,9 +63,11 @@ def test_chat_playground_streams_an_answer(page, chat_model_dir):
     assert page.locator(".msg.assistant").inner_text().strip()
     assert page.locator("#chat-usage").inner_text().split(" + ")[1].startswith("8 ")
     assert page.locator("#error").is_hidden()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "console-chat.png"), full_page=True)
 
 
-def test_job_submitted_from_the_page(page, stack_dir, tiny_hf):
+def test_job_submitted_from_the_page(page, stack_dir, tiny_hf, converter):
     shutil.copytree(tiny_hf[1], stack_dir / "store" / "imports" / "browser-hf", dirs_exist_ok=True)
     page.click("nav button[data-tab=jobs]")
     page.select_option("#job-kind", "convert")
@@ -56,7 +76,13 @@ def test_job_submitted_from_the_page(page, stack_dir, tiny_hf):
     row = page.locator("#job-table tbody tr.selected")
     sync_api.expect(row).to_contain_text("convert")
     sync_api.expect(page.locator("#job-detail")).to_be_visible()
+    sync_api.expect(row).to_contain_text("succeeded", timeout=120_000)  # run by the converter, seen live
+    sync_api.expect(page.locator("#job-detail-text")).to_contain_text("from-the-browser")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "console-jobs.png"), full_page=True)
     # a refused submission is shown with the service's message
     page.fill("#job-fields", '{"source": "imports/not-there", "output": "x"}')
     page.click("#job-form button[type=submit]")
     sync_api.expect(page.locator("#error")).to_contain_text("not-there")
+    page.click("nav button[data-tab=store]")
+    sync_api.expect(page.locator("#store-table tbody")).to_contain_text("from-the-browser")

@@ -228,3 +228,60 @@ def test_api_key_guards_every_route_but_the_console_files(stack_redis, tokenizer
         assert c.models.list().data
     finally:
         s.stop()
+
+
+def test_greedy_text_equals_grpc_generate_unary(client, http, model_id):
+    """The same prompt over HTTP and over the endpoint's gRPC API gives the same greedy text."""
+    import grpc
+
+    from services.pb import common_pb2, inference_pb2, inference_pb2_grpc
+
+    stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(http.address))
+    params = common_pb2.SamplingParams(max_new_tokens=12, ignore_eos=True)
+    unary = stub.GenerateUnary(inference_pb2.GenerateRequest(text="The river", params=params), timeout=60)
+    over_http = client.completions.create(model=model_id, prompt="The river", temperature=0, max_tokens=12,
+                                          extra_body={"ignore_eos": True})
+    assert over_http.choices[0].text == unary.text and over_http.usage.completion_tokens == 12
+    chat = [{"role": "user", "content": "Hello"}]
+    unary = stub.GenerateUnary(inference_pb2.GenerateRequest(
+        chat=common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(**chat[0])]), params=params), timeout=60)
+    r = client.chat.completions.create(model=model_id, messages=chat, temperature=0, max_tokens=12,
+                                       extra_body={"ignore_eos": True})
+    assert r.choices[0].message.content == unary.text
+
+
+def test_errors_raise_the_clients_exception_types(client, model_id):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "x"}], top_p=0)
+    assert "top_p" in str(e.value)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=model_id, prompt="")
+
+
+@pytest.mark.parametrize("body, status, check", [
+    (b'{"prompt": "hi", "temperature": "hot"}', 400, "temperature"),
+    (b'{"prompt": 12}', 400, "prompt"),
+    (b'{"prompt": "hi", "max_tokens": "many"}', 400, "max_tokens"),
+    (b'{"prompt": "hi", "max_tokens": 4, "a_field_from_the_future": {"x": 1}}', 200, None),
+    (b'{"prompt": "hi", "max_tokens": 1000000000000}', 400, "max_tokens"),
+    (b'{"prompt": "hi", "max_tokens": 2000000000, "temperature": 0}', 200, "length"),
+    (b'{"prompt": "\xff\xfe bad utf-8"}', 400, None),
+    (b'[1, 2, 3]', 400, None),
+], ids=["wrong-type", "prompt-type", "max-tokens-type", "unknown-field", "max-tokens-int32", "huge-max-tokens",
+        "invalid-utf8", "not-an-object"])
+def test_raw_http_bad_input(http, model_id, body, status, check):
+    """Wrong types and values are 400s naming the field; fields this server does not know are ignored
+    (newer clients send them); a max_tokens past the model's length ends at that length."""
+    r = httpx.post(f"{http.base}/v1/completions", content=body, headers={"content-type": "application/json"},
+                   timeout=120)
+    assert r.status_code == status, r.text
+    if status == 400:
+        assert r.json()["error"]["type"] == "invalid_request_error"
+        if check:
+            assert r.json()["error"]["param"] == check
+    elif check == "length":
+        out = r.json()
+        assert out["choices"][0]["finish_reason"] == "length"
+        assert out["usage"]["total_tokens"] <= 256  # the worker's max_len
