@@ -5,7 +5,7 @@
 A real redis-server, tokenizer service, one inference worker with its defaults (8 slots, the
 model's positions) and the endpoint with its HTTP side, as the launcher starts them.
 (a) One greedy request of N new tokens (the same token ids everywhere): core ``generate`` in this
-    process (one slot), gRPC ``Generate`` through the endpoint, and ``POST /v1/completions``
+    process (an engine like the worker's: 8 slots, the model's positions), gRPC ``Generate`` through the endpoint, and ``POST /v1/completions``
     streamed through the same endpoint (httpx); median of --reps, and each path's overhead.
 (b) Time to first token over HTTP and over gRPC with 8 and 32 concurrent streams (32: 24 wait for
     a slot), median and p90.
@@ -121,7 +121,7 @@ def main() -> None:
         def grpc_one(ids):
             return stream(stub, inference_pb2.GenerateRequest(ids=common_pb2.TokenIds(ids=ids), params=params))
 
-        engine = Engine(load_model(model_dir), max_batch=1, max_len=256)
+        engine = Engine(load_model(model_dir), max_batch=8)  # as the worker's defaults: 8 slots, all positions
         core_params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
 
         def core_one(ids):
