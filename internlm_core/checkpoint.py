@@ -31,9 +31,9 @@ WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.model"
 
 # safetensors dtype names <-> numpy storage; bf16 is kept as raw uint16 bits (numpy has no bf16).
-_ST_NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
+ST_TO_NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-_NP_ST = {np.dtype(v): k for k, v in _ST_NP.items()}  # unambiguous: uint16 is only ever bf16 bits
+NP_TO_ST = {np.dtype(v): k for k, v in ST_TO_NP.items()}  # unambiguous: uint16 is only ever bf16 bits
 DTYPE_TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
 
@@ -60,7 +60,7 @@ def cast(arr: np.ndarray, src: str, dst: str) -> np.ndarray:
     if src == dst:
         return arr
     f = to_float32(arr, src)
-    return f32_to_bf16(f) if dst == "BF16" else f.astype(_ST_NP[dst])
+    return f32_to_bf16(f) if dst == "BF16" else f.astype(ST_TO_NP[dst])
 
 
 # ---- safetensors ---------------------------------------------------------------------------
@@ -102,10 +102,10 @@ class SafetensorsFile:
 
     def get(self, name: str) -> np.ndarray:
         e = self.entries[name]
-        if e["dtype"] not in _ST_NP:
+        if e["dtype"] not in ST_TO_NP:
             raise CheckpointError(f"{self.path.name}: {name} has unsupported dtype {e['dtype']}")
         a, b = e["data_offsets"]
-        dtype = np.dtype(_ST_NP[e["dtype"]])
+        dtype = np.dtype(ST_TO_NP[e["dtype"]])
         return np.fromfile(self.path, dtype, (b - a) // dtype.itemsize, offset=self.base + a).reshape(e["shape"])
 
 
@@ -122,7 +122,7 @@ class SafetensorsWriter:
                  resume: bool = False):
         header, offset = {}, 0
         for name, st_dtype, shape in entries:
-            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_ST_NP[st_dtype]).itemsize
+            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(ST_TO_NP[st_dtype]).itemsize
             header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         if metadata:
@@ -169,7 +169,7 @@ class SafetensorsWriter:
         if name != self.order[self._next]:
             raise CheckpointError(f"expected tensor {self.order[self._next]}, got {name}")
         e = self.header[name]
-        want = np.dtype(_ST_NP[e["dtype"]])
+        want = np.dtype(ST_TO_NP[e["dtype"]])
         if tuple(arr.shape) != tuple(e["shape"]) or arr.dtype != want:
             raise CheckpointError(f"{name}: got {arr.dtype}{list(arr.shape)}, header says {want}{e['shape']}")
         data = np.ascontiguousarray(arr).tobytes()
@@ -328,7 +328,7 @@ class TorchBinFile:
             raise CheckpointError(f"storage {key} is missing from the archive")
         if info.compress_type != zipfile.ZIP_STORED:
             raise CheckpointError(f"storage {key} is compressed (torch.save stores storages uncompressed)")
-        dtype = np.dtype(_ST_NP[st_dtype])
+        dtype = np.dtype(ST_TO_NP[st_dtype])
         if info.file_size != numel * dtype.itemsize:
             raise CheckpointError(f"storage {key} holds {info.file_size} bytes, its record says {numel} x {dtype}")
         # the member's data follows its local header, whose extra field may differ from the central one
@@ -348,7 +348,7 @@ class TorchBinFile:
 
     def info(self, name: str) -> tuple[str, tuple[int, ...]]:
         t = self.sd[name]
-        return _NP_ST[t.dtype], tuple(t.shape)
+        return NP_TO_ST[t.dtype], tuple(t.shape)
 
     def get(self, name: str) -> np.ndarray:
         return self.sd[name]

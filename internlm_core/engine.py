@@ -40,7 +40,7 @@ from .engine_api import EngineBase, bucket
 from .errors import PromptTooLong
 from .export import MANIFEST_FILE, ExportedEngine
 from .loader import load_model
-from .model import NEG_INF, InternLMForCausalLM, causal_mask, fused_rope_tables, rope_tables
+from .model import NEG_INF, InternLMForCausalLM, fused_rope_tables, rope_tables
 
 
 class _Step(nn.Cell):

@@ -5,11 +5,11 @@ MindRecord dataset (``internlm_core.data``) and writes ``args.out``: a full mode
 adapter-only folder in LoRA mode (``merge_lora`` folds it into a full model). Beside the
 weights it writes ``loss.png``, ``scalars.jsonl`` and a TensorBoard event file.
 
-The training step is one compiled graph (``ms.jit``): forward, loss, gradients, optional loss
-scaling, global-norm clipping and ``nn.AdamWeightDecay`` (which does train on CPU; several
-``mint.optim`` optimisers silently do nothing there). The learning rate is warmup + cosine,
-precomputed per step (with Adam's bias correction folded in, which AdamWeightDecay lacks) and
-indexed by the optimiser's own ``global_step``.
+The parts: ``schedule.py`` (learning rate, data order, eval hold-out: pure functions of the
+step), ``train_steps.py`` (the compiled step graphs), ``train_state.py`` (checkpoints),
+``train_logs.py`` (TensorBoard scalars, the loss plot); this module holds the arguments and the
+run. The learning rate is warmup + cosine, precomputed per step (with Adam's bias correction
+folded in, which AdamWeightDecay lacks) and indexed by the optimiser's own ``global_step``.
 
 Exact resume: every quantity that changes during training is either saved in a checkpoint
 (weights being trained, Adam moments, ``global_step``, loss-scale state, loss history) or a
@@ -27,12 +27,10 @@ alone writes checkpoints and outputs. See ``data_parallel_context``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
 import shutil
-import struct
 import time
 import zlib
 from dataclasses import dataclass
@@ -41,13 +39,13 @@ from typing import Callable
 
 import numpy as np
 
-from .checkpoint import Cancelled, SafetensorsFile, SafetensorsWriter, atomic_folder
+from .checkpoint import Cancelled, atomic_folder
 from .data import IGNORE, load_rows
 from .lora import AdapterSpec, parse_targets
+from .schedule import batch_rows, lr_at, split_eval
+from .train_logs import ScalarWriter, plot_loss
+from .train_state import latest_checkpoint, load_checkpoint, save_checkpoint
 
-CKPT_DIR = "checkpoints"
-STATE_FILE = "state.safetensors"
-TRAINER_FILE = "trainer.json"
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -157,39 +155,6 @@ def _int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-# ---- schedule and data order (pure functions of the step) ----------------------------------------
-
-def lr_at(step: int, total: int, peak: float, warmup_ratio: float, min_ratio: float = 0.0) -> float:
-    """Learning rate of optimiser step ``step`` (0-based): linear warmup, then cosine to peak*min_ratio."""
-    warmup = int(round(total * warmup_ratio))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-@functools.lru_cache(maxsize=4)
-def epoch_order(n: int, epoch: int, seed: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def batch_rows(micro: int, batch: int, n: int, seed: int) -> np.ndarray:
-    """Row indices of global micro-batch ``micro``: the data stream is one seeded permutation
-    per epoch laid end to end, so the position is the micro-batch number alone."""
-    out = np.empty(batch, np.int64)
-    for j in range(batch):
-        g = micro * batch + j
-        out[j] = epoch_order(n, g // n, seed)[g % n]
-    return out
-
-
-def split_eval(n: int, ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows, eval rows): a seeded hold-out of ``ratio`` of the rows (at least one row each)."""
-    order = np.random.default_rng([seed, 7919]).permutation(n)
-    k = min(n - 1, max(1, int(round(n * ratio)))) if ratio > 0 and n > 1 else 0
-    return np.sort(order[k:]), np.sort(order[:k])
-
-
 # ---- data parallel ---------------------------------------------------------------------------
 
 def data_parallel_context() -> tuple[int, int]:
@@ -214,262 +179,6 @@ def data_parallel_context() -> tuple[int, int]:
 _COMM_READY: list = []
 
 
-# ---- the compiled steps ----------------------------------------------------------------------
-
-def _build_cells(model, opt, args: TrainArgs, world: int, logit_bias):
-    import mindspore as ms
-    from mindspore import Parameter, Tensor, mint, nn, ops
-
-    vocab = model.config.vocab_size
-    bias = Tensor(np.asarray(logit_bias, np.float32)) if logit_bias is not None else None
-    dynamic = args.loss_scale == "dynamic" or (args.loss_scale == "auto" and model.dtype == ms.float16)
-    init_scale = 2.0 ** 16 if dynamic else (1.0 if args.loss_scale == "auto" else float(args.loss_scale))
-    scaled = dynamic or init_scale != 1.0
-
-    class LossNet(nn.Cell):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def construct(self, ids, labels, cos, sin, mask, scale):
-            logits = self.model(ids, cos, sin, mask).reshape(-1, vocab)  # (B*T, V) fp32
-            if bias is not None:
-                logits = logits + bias
-            return ops.cross_entropy(logits, labels.reshape(-1), ignore_index=IGNORE) * scale
-
-        def eval_sums(self, ids, labels, cos, sin, mask):
-            logits = self.model(ids, cos, sin, mask).reshape(-1, vocab)
-            if bias is not None:
-                logits = logits + bias
-            flat = labels.reshape(-1)
-            total = ops.cross_entropy(logits, flat, ignore_index=IGNORE, reduction="sum")
-            return total, (flat != IGNORE).astype(ms.float32).sum()
-
-    loss_net = LossNet()
-    weights = opt.parameters
-    reducer = nn.DistributedGradReducer(weights, mean=True, degree=world) if world > 1 else None
-
-    class TrainStep(nn.Cell):
-        """``micro`` adds one micro-batch's gradients; ``apply`` clips and steps the optimiser.
-        ``fused`` does both (grad_accum == 1)."""
-
-        def __init__(self):
-            super().__init__()
-            self.loss_net, self.opt = loss_net, opt
-            self.grad_fn = ms.value_and_grad(loss_net, None, weights)
-            self.scale = Parameter(Tensor(init_scale, ms.float32), name="trainer.loss_scale", requires_grad=False)
-            self.good = Parameter(Tensor(0, ms.int32), name="trainer.good_steps", requires_grad=False)
-            self.acc = weights.clone(prefix="trainer.grad_acc", init="zeros") if args.grad_accum > 1 else None
-            self.inv_accum = 1.0 / args.grad_accum
-
-        def _grads(self, ids, labels, cos, sin, mask):
-            loss, grads = self.grad_fn(ids, labels, cos, sin, mask, self.scale)
-            if reducer is not None:
-                grads = reducer(grads)
-            return loss / self.scale, grads
-
-        def _apply(self, grads):
-            inv = 1.0 / self.scale
-            grads = tuple(g * inv for g in grads)
-            sq = ops.zeros((), ms.float32)
-            for g in grads:  # mint.sum(g * g): ops.square + reduce_sum was ~60x slower on CPU (2.9)
-                g32 = g.astype(ms.float32)
-                sq = sq + mint.sum(g32 * g32)
-            norm = ops.sqrt(sq)
-            if args.grad_clip > 0:
-                factor = ops.minimum(1.0, args.grad_clip / (norm + 1e-6))
-                grads = tuple(g * factor.astype(g.dtype) for g in grads)
-            if not scaled:
-                self.opt(grads)
-                return norm
-            finite = ops.isfinite(norm)
-            if finite:
-                self.opt(grads)
-            if dynamic:  # grow x2 after 1000 clean steps, halve on overflow (skipping that step)
-                if finite:
-                    ops.assign_add(self.good, Tensor(1, ms.int32))
-                    if self.good >= 1000:
-                        ops.assign(self.scale, self.scale * 2.0)
-                        ops.assign(self.good, Tensor(0, ms.int32))
-                else:
-                    ops.assign(self.scale, ops.maximum(self.scale * 0.5, 1.0))
-                    ops.assign(self.good, Tensor(0, ms.int32))
-            return norm
-
-        @ms.jit
-        def fused(self, ids, labels, cos, sin, mask):
-            loss, grads = self._grads(ids, labels, cos, sin, mask)
-            norm = self._apply(grads)
-            return loss, norm
-
-        @ms.jit
-        def micro(self, ids, labels, cos, sin, mask):
-            loss, grads = self._grads(ids, labels, cos, sin, mask)
-            for a, g in zip(self.acc, grads):
-                ops.assign_add(a, g * self.inv_accum)
-            return loss
-
-        @ms.jit
-        def apply(self):
-            norm = self._apply(tuple(self.acc))
-            for a in self.acc:
-                ops.assign(a, ops.zeros_like(a))
-            return norm
-
-        @ms.jit
-        def evaluate(self, ids, labels, cos, sin, mask):
-            return self.loss_net.eval_sums(ids, labels, cos, sin, mask)
-
-    return TrainStep()
-
-
-# ---- checkpoints -----------------------------------------------------------------------------
-
-def _state_params(step_cell, model, opt) -> dict:
-    """Every Parameter whose value a resume must restore, by unique name."""
-    out = {p.name: p for p in model.trainable_params()}
-    for p in list(opt.moments1) + list(opt.moments2) + [opt.global_step, step_cell.scale, step_cell.good]:
-        out[p.name] = p
-    return out
-
-
-def _save_checkpoint(work_dir: Path, step: int, params: dict, trainer: dict, keep_last: int) -> Path:
-    ckpts = work_dir / CKPT_DIR
-    dst = ckpts / f"step-{step:08d}"
-    arrays = {n: p.asnumpy() for n, p in params.items()}
-    st = {np.dtype(np.float32): "F32", np.dtype(np.int32): "I32", np.dtype(np.int64): "I64", np.dtype(np.float16): "F16"}
-    with atomic_folder(dst, overwrite=True) as tmp:
-        w = SafetensorsWriter(tmp / STATE_FILE, [(n, st[a.dtype], a.shape) for n, a in arrays.items()])
-        for n, a in arrays.items():
-            w.write(n, np.array(a, order="C"))
-        w.close()
-        (tmp / TRAINER_FILE).write_text(json.dumps(trainer) + "\n")
-    for old in sorted(p for p in ckpts.iterdir() if p.name.startswith("step-"))[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return dst
-
-
-def latest_checkpoint(work_dir: Path) -> Path | None:
-    ckpts = Path(work_dir) / CKPT_DIR
-    if not ckpts.is_dir():
-        return None
-    done = sorted(p for p in ckpts.iterdir() if p.name.startswith("step-") and (p / TRAINER_FILE).is_file())
-    return done[-1] if done else None
-
-
-def _load_checkpoint(path: Path, params: dict) -> dict:
-    from mindspore import Tensor
-
-    f = SafetensorsFile(path / STATE_FILE)
-    missing = sorted(set(params) - set(f.keys()))
-    if missing:
-        raise ValueError(f"checkpoint {path} does not match this run (missing {missing[:3]}); use a fresh work folder")
-    for n, p in params.items():
-        arr = np.array(f.get(n))
-        if tuple(arr.shape) != tuple(p.shape):
-            raise ValueError(f"checkpoint {path}: {n} has shape {list(arr.shape)}, the run needs {list(p.shape)}")
-        p.set_data(Tensor(arr, p.dtype))
-    return json.loads((path / TRAINER_FILE).read_text())
-
-
-# ---- logs: JSONL, TensorBoard events, loss curve ------------------------------------------------
-
-def _crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-_CRC_TABLE = []
-for _i in range(256):
-    _c = _i
-    for _ in range(8):
-        _c = (_c >> 1) ^ 0x82F63B78 if _c & 1 else _c >> 1
-    _CRC_TABLE.append(_c)
-
-
-def _masked_crc(data: bytes) -> int:
-    c = _crc32c(data)
-    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(num: int, wire: int, payload: bytes) -> bytes:
-    return _varint(num << 3 | wire) + payload
-
-
-class EventWriter:
-    """TensorBoard scalars without TensorFlow: TFRecord-framed ``Event`` protos, encoded by hand
-    (wall_time=1 double, step=2 int64, file_version=3 string, summary=5 {value=1 {tag=1, simple_value=2}})."""
-
-    def __init__(self, folder: Path):
-        folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / f"events.out.tfevents.{int(time.time())}.{os.uname().nodename}.{os.getpid()}"
-        self.f = open(self.path, "ab")
-        self._write(_field(1, 1, struct.pack("<d", time.time())) + _field(3, 2, _varint(13) + b"brain.Event:2"))
-
-    def _write(self, event: bytes) -> None:
-        head = struct.pack("<Q", len(event))
-        self.f.write(head + struct.pack("<I", _masked_crc(head)) + event + struct.pack("<I", _masked_crc(event)))
-
-    def scalars(self, step: int, values: dict) -> None:
-        summary = b""
-        for tag, v in values.items():
-            tag_b = tag.encode()
-            val = _field(1, 2, _varint(len(tag_b)) + tag_b) + _field(2, 5, struct.pack("<f", float(v)))
-            summary += _field(1, 2, _varint(len(val)) + val)
-        self._write(_field(1, 1, struct.pack("<d", time.time())) + _field(2, 0, _varint(step))
-                    + _field(5, 2, _varint(len(summary)) + summary))
-        self.f.flush()
-
-    def close(self) -> None:
-        self.f.close()
-
-
-def plot_loss(history: list[dict], path: Path, title: str = "training loss") -> Path:
-    """A small PNG of training loss (and eval loss points) against step, drawn with Pillow."""
-    from PIL import Image, ImageDraw
-
-    w, h, m = 640, 400, 50
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    train = [(r["step"], r["loss"]) for r in history if "loss" in r and math.isfinite(r["loss"])]
-    evals = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
-    pts = train + evals
-    d.text((m, 15), title, fill="black")
-    if pts:
-        x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
-        y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
-        x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-3)
-
-        def xy(s, v):
-            return m + (s - x0) / (x1 - x0) * (w - 2 * m), h - m - (v - y0) / (y1 - y0) * (h - 2 * m)
-
-        d.rectangle([m, m, w - m, h - m], outline="gray")
-        for k in range(5):
-            v = y0 + (y1 - y0) * k / 4
-            d.text((5, xy(x0, v)[1] - 6), f"{v:.3g}", fill="black")
-        d.text((m, h - m + 8), f"step {x0}", fill="black")
-        d.text((w - m - 60, h - m + 8), f"step {x1}", fill="black")
-        if len(train) > 1:
-            d.line([xy(s, v) for s, v in train], fill=(31, 119, 180), width=2)
-        for s, v in evals:
-            x, y = xy(s, v)
-            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(214, 39, 40))
-        d.text((w - m - 150, 15), "train (line), eval (dots)", fill="black")
-    img.save(path)
-    return path
-
-
 # ---- the run ---------------------------------------------------------------------------------
 
 class Trainer:
@@ -486,6 +195,7 @@ class Trainer:
         from .loader import load_model
         from .lora import inject_lora
         from .model import forward_inputs
+        from .train_steps import LossNet, StepSettings, TrainStep
 
         self.args = args = args.validate()
         self.work_dir, self.out = Path(work_dir), Path(args.out)
@@ -525,14 +235,14 @@ class Trainer:
         corrected = self.lrs * np.sqrt(1 - args.betas[1] ** t) / (1 - args.betas[0] ** t)
         self.opt = nn.AdamWeightDecay(groups, learning_rate=Tensor(corrected.astype(np.float32)), beta1=args.betas[0],
                                       beta2=args.betas[1], eps=args.eps)
-        self.steps = _build_cells(model, self.opt, args, self.world, logit_bias)
-        self.params = _state_params(self.steps, model, self.opt)
+        self.steps = TrainStep(LossNet(model, logit_bias), self.opt, StepSettings.of(args, model, self.world))
+        self.params = self.steps.state_params(model)
         self.fixed = forward_inputs(cfg, np.zeros((args.batch_size, self.seq), np.int32))[1:]  # cos, sin, mask
 
         self.step, self.history = 0, []
         ckpt = latest_checkpoint(self.work_dir)
         if ckpt is not None:
-            trainer = _load_checkpoint(ckpt, self.params)
+            trainer = load_checkpoint(ckpt, self.params)
             if trainer.get("fingerprint") != _fingerprint(args, self.total):
                 raise ValueError(f"{self.work_dir} holds a checkpoint of a different run (other data, model or "
                                  "settings); use a fresh work folder")
@@ -560,7 +270,7 @@ class Trainer:
             trainer = {"step": self.step, "total": self.total, "micro_batches": self.step * self.args.grad_accum,
                        "epoch": self.step * self.args.grad_accum * self.global_batch / self.n_train,
                        "fingerprint": _fingerprint(self.args, self.total), "history": self.history}
-            _save_checkpoint(self.work_dir, self.step, self.params, trainer, self.args.keep_last)
+            save_checkpoint(self.work_dir, self.step, self.params, trainer, self.args.keep_last)
 
     def evaluate(self) -> float:
         """Mean loss per target token over the held-out rows (dropout off)."""
@@ -598,7 +308,7 @@ class Trainer:
     # ---- the loop ----
     def fit(self, progress: Callable[[dict], None] | None = None, cancel: Callable[[], bool] | None = None) -> list[dict]:
         args, logs = self.args, self.work_dir / "logs"
-        tb = EventWriter(logs) if self.rank == 0 else None
+        tb = ScalarWriter(logs) if self.rank == 0 else None
         times: list[float] = []
         try:
             while self.step < self.total:

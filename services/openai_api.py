@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from internlm_core.errors import ModelNotFound
 from services.messages import FINISH_FROM_PB
-from services.pb import common_pb2, inference_pb2, inference_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
+from services.pb import common_pb2, inference_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 from services.server_common import status_of
 
 CONSOLE = Path(__file__).resolve().parent / "console"

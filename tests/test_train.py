@@ -8,8 +8,9 @@ import pytest
 
 from internlm_core.checkpoint import Cancelled
 from internlm_core.data import write_dataset
-from internlm_core.train import (CKPT_DIR, TrainArgs, Trainer, _masked_crc, batch_rows, finetune, latest_checkpoint,
-                                 lr_at)
+from internlm_core.schedule import batch_rows, lr_at
+from internlm_core.train import TrainArgs, Trainer, finetune
+from internlm_core.train_state import CKPT_DIR, latest_checkpoint
 
 SEQ = 32
 
@@ -74,6 +75,17 @@ def test_full_finetune_loss_falls_and_writes_a_model(tmp_path, base_dir, data_di
     assert Image.open(out / "loss.png").size == (640, 400)
     tags = read_event_tags(next(out.glob("events.out.tfevents.*")))
     assert {"loss", "lr", "tokens_per_s", "eval_loss"} <= tags
+
+
+def _masked_crc(data: bytes) -> int:
+    """TFRecord's masked CRC-32C, computed here independently of the writer (bitwise, slow, exact)."""
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+    crc ^= 0xFFFFFFFF
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def read_event_tags(path) -> set:

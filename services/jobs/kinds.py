@@ -167,7 +167,8 @@ def check_finetune(req: dict, store: Store) -> str:
 
 
 def run_finetune(req: dict, ctx) -> dict:
-    from internlm_core import train
+    from internlm_core.train import finetune
+    from internlm_core.train_state import checkpoint_step
 
     base = _finetune_base(req, ctx.store, ctx.job_dir)
     if req.get("preset") and not base.is_dir():
@@ -177,11 +178,10 @@ def run_finetune(req: dict, ctx) -> dict:
     if not ctx.staging.is_dir():  # else an earlier execution finished training and died before publishing
         ctx.clear_partial()
         ctx.work_dir.mkdir(exist_ok=True)  # checkpoints: kept across executions, so a re-run resumes
-        ckpt = train.latest_checkpoint(ctx.work_dir)
-        if ckpt is not None:
-            resumed = json.loads((ckpt / train.TRAINER_FILE).read_text())["step"]
+        resumed = checkpoint_step(ctx.work_dir)
+        if resumed is not None:
             ctx.progress(force=True, message=f"resuming from the checkpoint of step {resumed}")
-        train.finetune(args, ctx.work_dir, progress=ctx.train_progress, cancel=ctx.cancelled)
+        finetune(args, ctx.work_dir, progress=ctx.train_progress, cancel=ctx.cancelled)
     summary = ctx.staging / "training.json"
     result = json.loads(summary.read_text()) if summary.is_file() else {}
     ctx.publish(MODELS, req["output"], req.get("overwrite", False))
