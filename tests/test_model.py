@@ -74,7 +74,12 @@ def test_half_precision_compute(tiny_model_dir, tiny_pair):
     ids = np.array([random_ids(16, 512, seed=11)])
     a = half(*forward_inputs(half.config, ids)).asnumpy()
     b = tiny_pair[1](*forward_inputs(half.config, ids)).asnumpy()
-    np.testing.assert_allclose(a, b, atol=0.05 * np.abs(b).max())
+    # fp16 rounds each result to u = 2**-11 (4.9e-4) relative; between the embedding and the logits
+    # this 2-layer model rounds ~30 times in series (per layer: norm, q/k/v, scores, softmax, mix,
+    # o, norm, gate/up, act, down; plus the head), so relative errors add up to at most ~30u = 1.5%
+    # of the logits' scale. Measured: 0.4% here, 0.7-1.5% with weights of std 0.5.
+    err = np.abs(a - b).max() / np.abs(b).max()
+    assert err <= 30 * 2.0 ** -11, err
     with pytest.raises(ValueError, match="bfloat16 compute"):
         load_model(tiny_model_dir, compute_dtype="bfloat16")
 

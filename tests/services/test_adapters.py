@@ -66,8 +66,12 @@ def test_adapter_and_base_requests_share_a_batch(lora_worker, chat_model_dir, ad
     base_req = inference_pb2.GenerateRequest(ids=common_pb2.TokenIds(ids=prompt), params=sampling_to_pb(params))
     lora_req = inference_pb2.GenerateRequest(ids=common_pb2.TokenIds(ids=prompt), params=sampling_to_pb(params),
                                              adapter=NAME)
+    steps0, rows0 = lora_worker.metric("internlm_batch_size_count"), lora_worker.metric("internlm_batch_size_sum")
     with ThreadPoolExecutor(2) as pool:
         base, lora = pool.map(lambda r: s.GenerateUnary(r, timeout=60), [base_req, lora_req])
+    steps = lora_worker.metric("internlm_batch_size_count") - steps0
+    rows = lora_worker.metric("internlm_batch_size_sum") - rows0
+    assert rows > steps, (rows, steps)  # some decode steps ran both requests' rows, base and adapter together
     assert list(base.token_ids) == [e.token_id for e in generate(core_engine, prompt, params, core_tokenizer)]
     assert list(lora.token_ids) == with_adapter(chat_model_dir, adapter_dir, core_tokenizer, prompt, params)
     assert list(lora.token_ids) != list(base.token_ids)  # the adapter really changes the model
