@@ -62,6 +62,11 @@ def rename(name: str, table=_HF_RE) -> str | None:
     raise KeyError(name)
 
 
+def hf_name(ms_name: str) -> str:
+    """The HF name of a MindSpore (MindFormers) parameter name."""
+    return rename(ms_name, _MS_RE)
+
+
 def ms_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     """Every parameter of the MindSpore model, by MindFormers name, with its shape."""
     h, i = cfg.hidden_size, cfg.intermediate_size
@@ -197,5 +202,5 @@ def is_model_folder(folder: str | Path) -> bool:
         '"format": "internlm-mindspore' in (folder / CONFIG_FILE).read_text()
 
 
-__all__ = ["hf_to_ms", "ms_to_hf", "ms_shapes", "rename", "HF_TO_MS", "MS_TO_HF", "TOKENIZER_FILE",
+__all__ = ["hf_to_ms", "ms_to_hf", "ms_shapes", "rename", "hf_name", "HF_TO_MS", "MS_TO_HF", "TOKENIZER_FILE",
            "is_model_folder"]
