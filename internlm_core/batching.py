@@ -311,11 +311,12 @@ class Batcher:
         """The next chunk of every prompt still going in, in one engine call; a prompt that is
         complete emits its first token."""
         chunk = self.engine.prefill_chunk
-        prompts = [h.context if chunk is None else h.context[:h.prefilled + chunk] for h in handles]
-        logits = self.engine.prefill([h.slot for h in handles], prompts, adapters=[h.adapter for h in handles],
-                                     starts=[h.prefilled for h in handles])
-        for h, prompt, row in zip(handles, prompts, logits):
-            h.prefilled = len(prompt)
+        ends = None if chunk is None else [min(h.prefilled + chunk, len(h.context)) for h in handles]
+        logits = self.engine.prefill([h.slot for h in handles], [h.context for h in handles],
+                                     adapters=[h.adapter for h in handles], starts=[h.prefilled for h in handles],
+                                     ends=ends)
+        for i, (h, row) in enumerate(zip(handles, logits)):
+            h.prefilled = len(h.context) if ends is None else ends[i]
             if h.prefilled == len(h.context):
                 self._emit(h, h.state.step(row, self.engine.max_len))
 

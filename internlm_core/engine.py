@@ -279,29 +279,33 @@ class Engine(EngineBase):
                 return self._step_no_head(*args).asnumpy() @ self._host_head.T
             return self._step(*args).asnumpy()[:n]
 
-    def prefill(self, slots: list[int], prompts: list[list[int]], adapters=None, starts=None) -> np.ndarray:
+    def prefill(self, slots: list[int], prompts: list[list[int]], adapters=None, starts=None,
+                ends=None) -> np.ndarray:
         """Write each prompt into its slot's cache; logits (B, V) after each prompt's last token.
 
         ``adapters`` (B,) picks each row's LoRA adapter by index (0 or None: the base model).
         ``starts`` (B,): the first ``starts[i]`` tokens of prompt i are already in its slot (only
-        the rest is computed). Prompts go through in chunks of ``PREFILL_CHUNK`` tokens."""
+        the rest is computed). ``ends`` (B,): compute only up to there now (a caller feeding a long
+        prompt in pieces; rows that do not reach their prompt's end get zero logits). The rotary
+        tables always see the whole prompt's length, so with dynamic NTK a prompt fed in pieces
+        gets the rotation a one-pass forward gives it. Prompts go through in chunks of
+        ``PREFILL_CHUNK`` tokens."""
         for p in prompts:
             self.check_prompt(len(p))
         self._check_slots(slots)
         starts = np.zeros(len(prompts), np.int64) if starts is None else np.asarray(starts, np.int64)
         lengths = np.array([len(p) for p in prompts])
-        out = None
+        stop = lengths if ends is None else np.minimum(np.asarray(ends, np.int64), lengths)
+        out = np.zeros((len(prompts), self.config.vocab_size), np.float32)
         pos = starts.copy()
-        while (pos < lengths).any():
-            going = np.flatnonzero(pos < lengths)
-            near = going[np.minimum(pos[going] + PREFILL_CHUNK, lengths[going]) <= MIN_ATTEND]
+        while (pos < stop).any():
+            going = np.flatnonzero(pos < stop)
+            near = going[np.minimum(pos[going] + PREFILL_CHUNK, stop[going]) <= MIN_ATTEND]
             # chunks near the start together, each chunk further in alone (see the module docstring)
             for rows in [near] * bool(len(near)) + [np.array([i]) for i in going if i not in near]:
-                chunks = [prompts[i][pos[i]:pos[i] + PREFILL_CHUNK] for i in rows]
+                chunks = [prompts[i][pos[i]:min(pos[i] + PREFILL_CHUNK, stop[i])] for i in rows]
                 logits = self._run([slots[i] for i in rows], chunks, pos[rows], lengths[rows],
                                    None if adapters is None else np.asarray(adapters)[rows])
-                if out is None:
-                    out = np.zeros((len(prompts), logits.shape[-1]), np.float32)
                 pos[rows] += [len(c) for c in chunks]
                 done = pos[rows] >= lengths[rows]
                 out[rows[done]] = logits[done]

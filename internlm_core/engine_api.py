@@ -2,7 +2,7 @@
 (a checkpoint, compiled steps over a slotted KV cache) and ``ExportedEngine`` (an exported MindIR
 pair) both implement in full; and the host-side step inputs both build.
 
-    logits = engine.prefill(slots, prompts, adapters=None, starts=None)   # (B, V) after each prompt
+    logits = engine.prefill(slots, prompts, adapters=None, starts=None, ends=None)  # (B, V) after each prompt
     logits = engine.decode(tokens, positions, adapters=None, slots=None)  # (rows, V), one token a row
 
 Callers never probe for capabilities: an engine that cannot do something (an exported one with
@@ -38,9 +38,11 @@ class EngineBase(ABC):
         """KV cache bytes of one sequence of ``max_len`` positions."""
 
     @abstractmethod
-    def prefill(self, slots: list[int], prompts: list[list[int]], adapters=None, starts=None) -> np.ndarray:
-        """Write each prompt (from ``starts[i]`` on: the rows before are already in the slot) into
-        its slot's cache; logits (B, V) after each prompt's last token."""
+    def prefill(self, slots: list[int], prompts: list[list[int]], adapters=None, starts=None,
+                ends=None) -> np.ndarray:
+        """Write each prompt (from ``starts[i]`` on: the rows before are already in the slot; up to
+        ``ends[i]`` if given: a piece of a long prompt now, the rest later) into its slot's cache;
+        logits (B, V) after each prompt's last token."""
 
     @abstractmethod
     def decode(self, tokens: np.ndarray, positions: np.ndarray, adapters=None, slots=None) -> np.ndarray:

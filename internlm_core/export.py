@@ -357,9 +357,12 @@ class ExportedEngine(EngineBase):
         if adapters is not None and np.any(np.asarray(adapters) != 0):
             raise ValueError("an exported engine serves no LoRA adapters")
 
-    def prefill(self, slots: list[int], prompts: list[list[int]], adapters=None, starts=None) -> np.ndarray:
+    def prefill(self, slots: list[int], prompts: list[list[int]], adapters=None, starts=None,
+                ends=None) -> np.ndarray:
         """Write each prompt into its slot's cache; logits (B, V) after each prompt's last token.
-        As ``Engine.prefill``, but whole prompts only (``starts`` 0) and no adapters."""
+        As ``Engine.prefill``, but whole prompts only (``starts`` 0, no ``ends``) and no adapters."""
+        if ends is not None and any(e < len(p) for e, p in zip(ends, prompts)):
+            raise ValueError("an exported engine prefills whole prompts (no ends before a prompt's end)")
         for p in prompts:
             self.check_prompt(len(p))
         self._check_slots(slots)

@@ -192,9 +192,9 @@ def test_long_prompt_is_prefilled_between_decode_steps(model, solo_engine):
 class PrefillLog(Engine):
     """An engine that records the (slot, tokens) of every prefill call."""
 
-    def prefill(self, slots, prompts, adapters=None, starts=None):
-        self.calls.append([(s, len(p) - st) for s, p, st in zip(slots, prompts, starts)])
-        return super().prefill(slots, prompts, adapters, starts)
+    def prefill(self, slots, prompts, adapters=None, starts=None, ends=None):
+        self.calls.append([(s, e - st) for s, e, st in zip(slots, ends, starts)])
+        return super().prefill(slots, prompts, adapters, starts, ends)
 
 
 def test_prefill_budget_while_streams_decode(model, solo_engine, monkeypatch):

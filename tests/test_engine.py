@@ -236,3 +236,37 @@ def test_warmup_covers_long_prompts_and_prefix_starts():
     for row, ids in zip(logits, prompts + [longer]):
         full = model(*forward_inputs(cfg, np.array([ids]))).asnumpy()[0, -1]
         np.testing.assert_allclose(row, full, atol=1e-4)
+
+
+def test_dynamic_ntk_while_serving_equals_hf(tmp_path, monkeypatch):
+    """The 20B shape (no bias, dynamic NTK) served past its 64 trained positions: a 90-token prompt
+    prefilled in chunks (some further in than MIN_ATTEND, so one row at a time) next to a short one,
+    then cached decode through the batcher, gives HF's cached greedy generation with the same rope
+    scaling, token for token."""
+    import internlm_core.engine as engine_mod
+    from internlm_core.batching import Batcher
+    from internlm_core.config import Config
+    from internlm_core.convert import hf_to_ms
+    from tests.helpers import hf_reference_model, save_hf_folder
+
+    monkeypatch.setattr(engine_mod, "PREFILL_CHUNK", 32)
+    monkeypatch.setattr(engine_mod, "PREFILL_MIN", 8)
+    monkeypatch.setattr(engine_mod, "MIN_ATTEND", 32)
+    cfg = Config.from_name("tiny-20b")
+    ref = hf_reference_model(cfg, seed=3)
+    hf_to_ms(save_hf_folder(ref, cfg, tmp_path / "hf"), tmp_path / "ms")
+    engine = Engine(load_model(tmp_path / "ms"), max_batch=2, max_len=160)
+    engine.prefill_chunk = 32
+    prompts = [random_ids(90, 512, seed=90), random_ids(12, 512, seed=12)]
+    params = SamplingParams(max_new_tokens=40, stop_token_ids=[], ignore_eos=True)
+    b = Batcher(engine, prefix_cache=False).start()
+    try:
+        got = [[e.token_id for e in h] for h in [b.submit(p, params) for p in prompts]]
+    finally:
+        b.stop(timeout=60)
+    for p, tokens in zip(prompts, got):
+        with torch.no_grad():
+            want = ref.generate(torch.tensor([p]), max_new_tokens=40, min_new_tokens=40, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+        assert tokens == want, f"prompt of {len(p)}"
+    assert any(a > 64 for _, _, a in engine.shapes_run)  # it did attend past the trained positions
