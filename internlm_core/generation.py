@@ -249,7 +249,10 @@ class SequenceState:
         away): they are recorded as if just generated (penalties, stop strings, the text already
         released) and a sampling generator is moved past their draws (each sampled step takes
         exactly one), so what follows is what the uninterrupted request would have produced,
-        under greedy decoding and under a fixed seed alike."""
+        under greedy decoding and under a fixed seed alike, up to float rounding: the caller
+        recomputes the prefix in other step shapes, so its logits differ from the lost worker's in
+        the last bits, and a sampled draw that falls within that of a token boundary takes the
+        neighbouring token (greedy decoding is unaffected unless two logits tie that closely)."""
         for i, token in enumerate(tokens, 1):
             self._record(int(token), max_len)
             if self.finish_reason is not None:
