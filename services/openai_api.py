@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from internlm_core.errors import ModelNotFound
 from services.messages import FINISH_FROM_PB
 from services.pb import common_pb2, inference_pb2, tokenizer_pb2, tokenizer_pb2_grpc
-from services.server_common import status_of
+from services.server_common import GRACE_S, status_of
 
 CONSOLE = Path(__file__).resolve().parent / "console"
 HTTP_REQUESTS = Counter("internlm_http_requests_total", "HTTP requests, by route and status", ["route", "status"])
@@ -523,8 +523,10 @@ class HttpServer:
     def __init__(self, app: FastAPI, host: str, port: int):
         import uvicorn
 
+        # On stop, open streams finish (up to the same grace as the gRPC side), new ones are refused.
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                                    access_log=False, lifespan="off"))
+                                                    access_log=False, lifespan="off",
+                                                    timeout_graceful_shutdown=int(GRACE_S)))
         self.server.install_signal_handlers = lambda: None  # the gRPC server owns SIGTERM / SIGINT
         self.thread = threading.Thread(target=self.server.run, name="http", daemon=True)
 
@@ -543,4 +545,4 @@ class HttpServer:
 
     def stop(self) -> None:
         self.server.should_exit = True
-        self.thread.join(10)
+        self.thread.join(GRACE_S + 5)

@@ -4,6 +4,7 @@ generating in-process on the same weights; errors, disconnects, the API key and 
 from __future__ import annotations
 
 import json
+import signal
 import time
 
 import httpx
@@ -285,3 +286,46 @@ def test_raw_http_bad_input(http, model_id, body, status, check):
         out = r.json()
         assert out["choices"][0]["finish_reason"] == "length"
         assert out["usage"]["total_tokens"] <= 256  # the worker's max_len
+
+
+def test_endpoint_sigterm_drains_grpc_and_http_streams(stack_redis, tokenizer_service, worker, stack_dir):
+    """SIGTERM to the endpoint mid-stream: the gRPC stream and the HTTP stream it is relaying both
+    run to their last token, and then the endpoint exits cleanly."""
+    import threading
+
+    import grpc
+
+    from services.pb import common_pb2, inference_pb2, inference_pb2_grpc
+
+    port = free_port()
+    ep = start_endpoint(stack_redis.url, tokenizer_service.address, stack_dir, "endpoint-drain",
+                        "--http-port", str(port)).wait_healthy()
+    base = f"http://127.0.0.1:{port}"
+    wait_workers(ep, 1)
+    wait_http(base)
+    n = 150
+    call = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(ep.address)).Generate(
+        inference_pb2.GenerateRequest(text="Tell me", params=common_pb2.SamplingParams(max_new_tokens=n,
+                                                                                        ignore_eos=True)),
+        timeout=120)
+    grpc_tokens = len(next(call).token_ids)
+    http_lines, started = [], threading.Event()
+
+    def http_stream():
+        body = {"prompt": "Tell me", "max_tokens": n, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line:
+                    http_lines.append(line)
+                    started.set()
+
+    t = threading.Thread(target=http_stream)
+    t.start()
+    assert started.wait(30)
+    ep.proc.send_signal(signal.SIGTERM)
+    grpc_tokens += sum(len(c.token_ids) for c in call)
+    t.join(60)
+    assert grpc_tokens == n
+    assert http_lines[-1] == "data: [DONE]" and json.loads(http_lines[-2][6:])["usage"]["completion_tokens"] == n
+    assert ep.proc.wait(60) == 0
