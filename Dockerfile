@@ -2,9 +2,10 @@
 # (the same commands services/launcher.py runs locally).
 FROM python:3.11-slim
 
-# libgomp: MindSpore's CPU kernels use OpenMP.
+# libgomp: MindSpore's CPU kernels use OpenMP. g++: the inference worker builds the serving
+# kernels (internlm_core/kernels.cc) for the CPU it runs on, once, at start-up.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libgomp1 \
+    && apt-get install -y --no-install-recommends libgomp1 g++ \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app

@@ -14,7 +14,10 @@ MindSpore 2.9 CPU: ScatterNdUpdate on a (slots, heads, L, hd) cache copied the w
 on every call, which made a step cost slots x L).
 
 The engine serves its model in the fused form (``InternLMForCausalLM.fuse_projections``, done
-in place by the constructor: the weights are not copied).
+in place by the constructor: the weights are not copied) and, on CPU, with the project's kernels
+(``kernels``: every linear and the head packed for a matmul that reads each weight once, decode
+attention read from the cache where it lies). Where they cannot be built it runs MindSpore's
+own ops, with the same results to float rounding.
 
 Prompts are prefilled in chunks of at most ``PREFILL_CHUNK`` tokens that attend the cache:
 MindSpore's CPU graphs keep every intermediate of a step alive, so chunking bounds prefill
@@ -29,6 +32,7 @@ prompts' latency. A long chunk alone is ~10% slower per token than eight togethe
 """
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
@@ -36,28 +40,30 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
+from . import kernels
 from .engine_api import EngineBase, bucket
 from .errors import PromptTooLong
 from .export import MANIFEST_FILE, ExportedEngine
 from .loader import load_model
 from .model import NEG_INF, InternLMForCausalLM, fused_rope_tables, rope_tables
 
+log = logging.getLogger(__name__)
+
 
 class _Step(nn.Cell):
-    """Rows of new tokens (B, T) written into the cache, attending their slots' first S positions;
-    logits (B, V) at each row's ``last_index`` (without ``head``: the final hidden states (B, C))."""
+    """Rows of new tokens (B, T) written into the cache, attending their slots' first S positions
+    (a decode step with the CPU kernels: each row's span of cache rows); logits (B, V) at each
+    row's ``last_index``."""
 
-    def __init__(self, model, caches, head: bool = True):
+    def __init__(self, model, caches):
         super().__init__()
-        self.model, self.caches, self.head = model, caches, head
+        self.model, self.caches = model, caches
 
     @ms.jit
     def construct(self, ids, cos, sin, mask, write_index, read_index, last_index, adapters=None):
         h = self.model.hidden(ids, cos, sin, mask, self.caches, write_index, True, adapters, read_index)
         last = ops.gather(h.reshape(-1, h.shape[-1]), last_index, 0)  # (B, C)
-        if self.head:
-            return self.model.lm_head(last).astype(ms.float32)
-        return last.astype(ms.float32)
+        return self.model.lm_head(last).astype(ms.float32)
 
 
 PREFILL_CHUNK = 128
@@ -80,9 +86,15 @@ def available_memory() -> int | None:
 class Engine(EngineBase):
     """Runs a model over a slotted KV cache; all inputs and outputs are numpy."""
 
-    def __init__(self, model: InternLMForCausalLM, max_batch: int = 1, max_len: int | None = None):
+    def __init__(self, model: InternLMForCausalLM, max_batch: int = 1, max_len: int | None = None,
+                 cpu_kernels: bool = True):
         cfg = model.config
         self.model, self.config = model.fuse_projections(), cfg
+        # Decode steps with the kernels attend each row's own positions, so their graphs do not
+        # depend on the attended length: one compiled decode shape per rows bucket.
+        self.kernels = cpu_kernels and self.model.use_cpu_kernels()
+        if cpu_kernels and not self.kernels and kernels.unavailable():
+            log.warning("CPU kernels not used (%s): serving with MindSpore's own ops, slower", kernels.unavailable())
         self.max_batch = max_batch
         self.max_len = max_len or cfg.max_position_embeddings
         if self.max_len > cfg.max_position_embeddings and cfg.rope_scaling != "dynamic":
@@ -98,12 +110,6 @@ class Engine(EngineBase):
             Parameter(ops.zeros(shape, model.dtype), name=f"kv_cache.{i // 2}.{'kv'[i % 2]}", requires_grad=False)
             for i in range(2 * cfg.num_layers)])
         self._build_steps()
-        # One row's head on the host's BLAS: a matrix-vector product that numpy (OpenBLAS sgemv) does
-        # in 6.9 ms and MindSpore's CPU MatMul in 11.3 ms for a 103168 x 512 head (2026-12, 2 threads);
-        # from two rows on MindSpore's kernel is the faster (12.4 ms for 8 rows, numpy 21 ms).
-        # ``asnumpy`` of a CPU parameter shares its memory: no copy of the head.
-        self._host_head = (model.lm_head.weight.asnumpy() if ms.get_context("device_target") == "CPU"
-                           and model.dtype == ms.float32 else None)
         self.shapes_run: set[tuple[int, int, int]] = set()  # (rows, tokens, attended) shapes compiled so far
         self.lock = threading.Lock()  # one step at a time: the cache is shared state
         self.prefill_chunk = PREFILL_CHUNK  # a caller may run decode steps between a prompt's chunks
@@ -162,7 +168,7 @@ class Engine(EngineBase):
             lin, part, parts = self.model.linear_for(module)
             groups.setdefault(id(lin), (lin, parts, []))[2].append((module, part))
         for lin, parts, members in groups.values():
-            out_f, in_f = lin.weight.shape
+            out_f, in_f = lin.d_out, lin.d_in
             rows = out_f // parts
             a = np.zeros((n, parts * rank, in_f), np.float32)
             b = np.zeros((n, out_f, parts * rank), np.float32)
@@ -185,7 +191,6 @@ class Engine(EngineBase):
     def _build_steps(self) -> None:
         # New parameter shapes (adapters): fresh step cells compile for them (the KV cache is shared, not copied).
         self._step = _Step(self.model, self.caches)
-        self._step_no_head = _Step(self.model, self.caches, head=False)
 
     def _adapter_indices(self, adapters, n: int):
         """None when no adapter is loaded (the plain graphs, bit-identical to an engine without
@@ -206,8 +211,9 @@ class Engine(EngineBase):
         rows = sorted({self._rows(n) for n in range(1, self.max_batch + 1)})
         lengths = sorted({self._attend(n) for n in range(1, self.max_len + 1)})
         chunks = sorted({self._chunk(n) for n in range(2, min(PREFILL_CHUNK, self.max_len - 1) + 1)})
+        decode_lengths = lengths[:1] if self.kernels else lengths  # the kernels' decode: any length
         for b in rows:
-            for a in lengths:
+            for a in decode_lengths:
                 self.decode(np.zeros(b, np.int32), np.full(b, a - 1), slots=list(range(b)))
             for t in chunks:
                 self.prefill(list(range(b)), [[0] * min(t, self.max_len - 1)] * b)  # same bucket as t
@@ -216,7 +222,7 @@ class Engine(EngineBase):
             for t in chunks:  # one row, its chunk ending at the last position of the attended length
                 end = min(a, self.max_len - 1)
                 self._run([0], [[0] * t], [end - t], [end])
-        return len(rows) * (len(lengths) + len(chunks)) + len(far) * len(chunks)
+        return len(rows) * (len(decode_lengths) + len(chunks)) + len(far) * len(chunks)
 
     def _chunk(self, n: int) -> int:
         """Tokens a prefill step computes for a chunk of n (> 1) tokens: few shapes to compile."""
@@ -242,7 +248,8 @@ class Engine(EngineBase):
         ends = np.array([s + len(c) for s, c in zip(starts, chunks)])
         if ends.max() > L:
             raise PromptTooLong("sequence reached the cache length")
-        attend = self._attend(int(ends.max()))
+        spans = t == 1 and self.kernels  # the kernel reads each row's positions; no attended length
+        attend = 0 if spans else self._attend(int(ends.max()))
         slots_b = np.full(b, self.scratch, np.int64)
         slots_b[:n] = slots
         starts_b = np.zeros(b, np.int64)
@@ -265,18 +272,20 @@ class Engine(EngineBase):
         base = (slots_b[:, None, None] * nh + heads) * L  # (b, nh, 1)
         scratch = (self.scratch * nh + heads) * L + (np.arange(b * t) % L).reshape(b, 1, t)
         write = np.where(valid[:, None, :], base + np.minimum(positions, L - 1)[:, None, :], scratch).reshape(-1)
-        read = base + np.arange(attend)[None, None, :]  # (b, nh, S)
-        ok = np.arange(attend)[None, None, :] <= positions[:, :, None]  # key j <= query position
-        mask = np.where(ok, 0.0, NEG_INF).astype(np.float32)[:, None]  # (b, 1, t, S)
+        if spans:  # (b, nh, 2): the first and last cache row each (row, head) attends; no mask needed
+            read = np.stack(np.broadcast_arrays(base, base + positions[:, :, None]), -1)[:, :, 0]
+            mask = None
+        else:
+            read = base + np.arange(attend)[None, None, :]  # (b, nh, S)
+            ok = np.arange(attend)[None, None, :] <= positions[:, :, None]  # key j <= query position
+            mask = Tensor(np.where(ok, 0.0, NEG_INF).astype(np.float32)[:, None])  # (b, 1, t, S)
         last = (np.arange(b) * t + lens - 1).astype(np.int32)
-        args = (Tensor(ids), Tensor(cos), Tensor(sin), Tensor(mask), Tensor(write.astype(np.int32)),
+        args = (Tensor(ids), Tensor(cos), Tensor(sin), mask, Tensor(write.astype(np.int32)),
                 Tensor(read.astype(np.int32)), Tensor(last))
         if extra is not None:  # padding rows use no adapter
             args += (Tensor(np.pad(extra, (0, b - n))),)
         with self.lock:
             self.shapes_run.add((b, t, attend))
-            if b == 1 and self._host_head is not None:
-                return self._step_no_head(*args).asnumpy() @ self._host_head.T
             return self._step(*args).asnumpy()[:n]
 
     def prefill(self, slots: list[int], prompts: list[list[int]], adapters=None, starts=None,

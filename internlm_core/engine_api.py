@@ -26,6 +26,7 @@ class EngineBase(ABC):
     prefill_chunk: int | None     # tokens a prefill step takes from each prompt (None: whole prompts)
     adapters: dict[str, int]      # LoRA adapter name -> index (0: the base model)
     adapters_version: int         # bumped by every adapter load (KV rows computed before may be stale)
+    kernels: bool = False         # steps run the project's CPU kernels (``kernels``), not only MindSpore's ops
 
     @property
     @abstractmethod

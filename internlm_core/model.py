@@ -24,6 +24,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, mint, nn, ops
 from mindspore.common.initializer import initializer
 
+from . import kernels
 from .config import Config
 
 MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
@@ -43,19 +44,38 @@ class Linear(nn.Cell):
     Serving LoRA adapters without merging: ``Engine.load_adapter`` sets ``lora_a`` (n+1, r, in)
     and ``lora_b`` (n+1, out, r) (scaling folded in, row 0 all zeros = no adapter), and each
     batch row picks its adapter with ``adapters`` (B,) int32. Without them nothing changes.
+
+    ``pack`` (serving on CPU) stores the weight in ``kernels.pack``'s layout and multiplies with
+    the CPU kernel instead of MindSpore's MatMul.
     """
 
     def __init__(self, d_in: int, d_out: int, bias: bool, dtype=ms.float32):
         super().__init__()
+        self.d_in, self.d_out = d_in, d_out
         # Lazy initializers: no memory is taken until weights are loaded, so loading a
         # checkpoint never holds two copies of the model.
         self.weight = Parameter(initializer("zeros", (d_out, d_in), dtype), name="weight")
         self.bias = Parameter(initializer("zeros", (d_out,), dtype), name="bias") if bias else None
         self.lora_a = None
         self.lora_b = None
+        self.packed_matmul = None  # set by ``pack``
+
+    def pack(self) -> None:
+        """Serve with the CPU kernel (idempotent; fp32 weights whose rows are a multiple of 16):
+        the weight is replaced by its packed form, so there is still one copy."""
+        if self.packed_matmul is not None or self.d_out % kernels.PANEL or self.weight.dtype != ms.float32:
+            return
+        self.weight = Parameter(Tensor(kernels.pack(self.weight.asnumpy())), name=self.weight.name,
+                                requires_grad=False)
+        self.packed_matmul = kernels.linear_op(self.bias is not None)
 
     def construct(self, x, adapters=None):
-        y = mint.nn.functional.linear(x, self.weight, self.bias)
+        if self.packed_matmul is None:
+            y = mint.nn.functional.linear(x, self.weight, self.bias)
+        elif self.bias is None:
+            y = self.packed_matmul(x, self.weight)
+        else:
+            y = self.packed_matmul(x, self.weight, self.bias)
         if self.lora_a is None or adapters is None:
             return y
         a = ops.gather(self.lora_a, adapters, 0)  # (B, r, in)
@@ -93,8 +113,7 @@ def fuse_linears(parts, name: str) -> "Linear":
     """One Linear whose output rows are ``parts``' rows in order; the parts give up their weights,
     so the model never holds two copies."""
     first = parts[0]
-    fused = Linear(first.weight.shape[1], sum(p.weight.shape[0] for p in parts), first.bias is not None,
-                   first.weight.dtype)
+    fused = Linear(first.d_in, sum(p.d_out for p in parts), first.bias is not None, first.weight.dtype)
     fused.weight = Parameter(ops.cat([p.weight for p in parts]), name=f"{name}.weight", requires_grad=False)
     if first.bias is not None:
         fused.bias = Parameter(ops.cat([p.bias for p in parts]), name=f"{name}.bias", requires_grad=False)
@@ -112,6 +131,7 @@ class Attention(nn.Cell):
         self.wv = Linear(h, h, cfg.bias, dtype)
         self.wo = Linear(h, h, cfg.bias, dtype)
         self.wqkv = None  # set by ``fuse``
+        self.cached_attention = None  # set by ``use_cpu_kernels``
         self.rot = Tensor(rotate_half_matrix(cfg.head_dim), dtype)
         self.bmm_kt = ops.BatchMatMul(transpose_b=True)  # q k^T without materialising k^T
 
@@ -137,6 +157,10 @@ class Attention(nn.Cell):
         in place (0.4 ms); ScatterNdUpdate on a (slots, nh, L, hd) cache copied the whole cache
         per call (8 ms per layer and k/v at 9 x 2048 positions), so a step cost the allocated cache.
 
+        With the CPU kernels (``cached_attention`` set) a decode step (T == 1) passes ``read_index``
+        (B, nh, 2) instead: the first and last cache row each (row, head) attends; the kernel reads
+        them where they lie (no gather, no mask) and ``mask`` is unused.
+
         The exported graphs' cache (no ``read_index``) is (slots, nh, L, hd) with ``cache_index``
         (B, nh, T, 3) = (slot, head, position): prefill attends within x (S == T), decode
         (``attend_cache``, one row per slot) attends the whole cache.
@@ -158,6 +182,9 @@ class Attention(nn.Cell):
             flat = (b * self.n_heads * t, self.head_dim)
             k_new = ops.scatter_update(k_cache, cache_index, k.reshape(flat).astype(k_cache.dtype))
             v_new = ops.scatter_update(v_cache, cache_index, v.reshape(flat).astype(v_cache.dtype))
+            if self.cached_attention is not None and t == 1:
+                out = self.cached_attention(q, ops.depend(k_cache, k_new), ops.depend(v_cache, v_new), read_index)
+                return self.wo(out.reshape(b, t, self.n_heads * self.head_dim), adapters)
             # read after the write: depend on the update, gather only the live rows and positions
             k = ops.gather(ops.depend(k_cache, k_new), read_index, 0)  # (B, nh, S, hd)
             v = ops.gather(ops.depend(v_cache, v_new), read_index, 0)
@@ -194,7 +221,7 @@ class FeedForward(nn.Cell):
 
     def construct(self, x, adapters=None):
         if self.w13 is not None:
-            gate, up = ops.split(self.w13(x, adapters), self.w2.weight.shape[1], -1)
+            gate, up = ops.split(self.w13(x, adapters), self.w2.d_in, -1)
         else:
             gate, up = self.w1(x, adapters), self.w3(x, adapters)
         return self.w2(ops.silu(gate) * up, adapters)
@@ -263,6 +290,19 @@ class InternLMForCausalLM(nn.Cell):
             layer.attention.fuse(f"model.layers.{i}.attention")
             layer.feed_forward.fuse(f"model.layers.{i}.feed_forward")
         return self
+
+    def use_cpu_kernels(self) -> bool:
+        """Serve with the CPU kernels (``kernels``): every linear of the fused form and the head
+        packed, decode attention read from the cache in place. Needs the fused form; False (and
+        nothing changed) where the kernels are unavailable (``kernels.unavailable()`` says why)."""
+        if not self.fused or self.dtype != ms.float32 or kernels.library() is None:
+            return False
+        for _, cell in self.cells_and_names():
+            if isinstance(cell, Linear):
+                cell.pack()
+            elif isinstance(cell, Attention):
+                cell.cached_attention = kernels.attention_op()
+        return True
 
     def linear_for(self, module: str):
         """(Linear, part, parts): the layer computing a MindFormers module's outputs, e.g.

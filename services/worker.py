@@ -195,8 +195,10 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     log.info("compiled %d step shapes in %.1f s", engine.warmup(), time.monotonic() - started)
     batcher.submit([BOS, BOS], SamplingParams(max_new_tokens=2, ignore_eos=True)).result()
-    log.info("serving %s (%s, %d slots x %d positions, KV cache %.0f MiB, %.1f MiB a slot)", name, engine.config.name,
-             engine.max_batch, engine.max_len, engine.cache_bytes / 2**20, engine.cache_bytes_per_slot / 2**20)
+    log.info("serving %s (%s, %d slots x %d positions, KV cache %.0f MiB, %.1f MiB a slot, %s)", name,
+             engine.config.name, engine.max_batch, engine.max_len, engine.cache_bytes / 2**20,
+             engine.cache_bytes_per_slot / 2**20,
+             "CPU kernels" if engine.kernels else "MindSpore ops")
 
     server = Server("worker", args.port, args.host, args.metrics_port,
                     max_workers=args.max_batch + args.max_queue + 8)

@@ -135,16 +135,20 @@ def test_chunked_prefill_of_long_prompts_equals_full_recompute():
         np.testing.assert_allclose(step[slot], full[lengths[row]], atol=1e-4)
 
 
-def test_live_rows_and_cache_buckets_equal_full_recompute(model, monkeypatch):
-    """Decode of a few live slots, attending only a power-of-two prefix of the cache, gives the
-    logits of a full forward as sequences cross bucket boundaries (the smallest attended length
-    lowered to 32 so that 32, 64 and 128 all occur in the tiny model's 128 positions), and a
-    step never runs the slots that are idle."""
+@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["kernels", "mindspore-ops"])
+def test_live_rows_and_cache_buckets_equal_full_recompute(model, tiny_model_dir, monkeypatch, cpu_kernels):
+    """Decode of a few live slots gives the logits of a full forward as sequences grow, and a step
+    never runs the slots that are idle; with MindSpore's ops a step attends a power-of-two prefix
+    of the cache and sequences cross those buckets (the smallest attended length lowered to 32 so
+    that 32, 64 and 128 all occur in the tiny model's 128 positions), with the CPU kernels each
+    row reads its own positions and decode has one shape per rows bucket."""
     import internlm_core.engine as engine_mod
 
     monkeypatch.setattr(engine_mod, "MIN_ATTEND", 32)
+    model = model if cpu_kernels else load_model(tiny_model_dir)  # the kernels pack a model in place
     cfg = model.config
-    eng = Engine(model, max_batch=8, max_len=128)
+    eng = Engine(model, max_batch=8, max_len=128, cpu_kernels=cpu_kernels)
+    assert eng.kernels == cpu_kernels
     seqs = {1: random_ids(120, 512, seed=7), 6: random_ids(70, 512, seed=8)}
     full = {s: model(*forward_inputs(cfg, np.array([ids]))).asnumpy()[0] for s, ids in seqs.items()}
     starts = {1: 20, 6: 9}
@@ -158,7 +162,7 @@ def test_live_rows_and_cache_buckets_equal_full_recompute(model, monkeypatch):
         assert out.shape == (len(live), cfg.vocab_size)
         for row, s, p in zip(out, live, pos):
             np.testing.assert_allclose(row, full[s][p], atol=1e-4)
-    assert {a for b, t, a in eng.shapes_run if t == 1} == {32, 64, 128}  # crossed mid-generation
+    assert {a for b, t, a in eng.shapes_run if t == 1} == ({0} if cpu_kernels else {32, 64, 128})
     assert {b for b, t, a in eng.shapes_run} == {2, 1}  # never the 8 allocated slots
 
 
@@ -204,7 +208,7 @@ def test_warmup_compiles_every_serving_shape(model):
     slots at once with prompts of up to PREFILL_CHUNK tokens, compiles nothing (counted in
     MindSpore's own compile cache, not inferred from shapes)."""
     eng = Engine(model, max_batch=4, max_len=128)
-    assert eng.warmup() == 3 * (1 + 3)  # rows 1, 2, 4 x (one attended length + chunks of 32, 64, 128)
+    assert eng.warmup() == 3 * (1 + 3)  # rows 1, 2, 4 x (one decode shape + chunks of 32, 64, 128)
     before = compiles()
     for n in (1, 2, 3, 4):
         eng.decode(np.ones(n, np.int32), np.full(n, 100), slots=list(range(n)))
@@ -225,8 +229,9 @@ def test_warmup_covers_long_prompts_and_prefix_starts():
     model = InternLMForCausalLM(cfg)
     init_weights(model, seed=3, std=0.5)
     eng = Engine(model, max_batch=2, max_len=4 * MIN_ATTEND)
-    # rows 1, 2 x (attended 128, 256, 512 + chunks 32, 64, 128) + one row x chunks x (256, 512)
-    assert eng.warmup() == 2 * (3 + 3) + 2 * 3
+    # rows 1, 2 x (decode: one shape with the kernels, else one per attended length 128, 256, 512;
+    # + chunks 32, 64, 128) + one row x chunks x (256, 512)
+    assert eng.warmup() == 2 * ((1 if eng.kernels else 3) + 3) + 2 * 3
     before = compiles()
     prompts = [random_ids(n, 512, seed=n) for n in (3 * PREFILL_CHUNK + 5, 2 * PREFILL_CHUNK + 70)]
     logits = list(eng.prefill([0, 1], prompts))

@@ -1,0 +1,211 @@
+// CPU kernels for serving, called from MindSpore graphs as AOT custom ops (see kernels.py).
+//
+// Decoding a few sequences is bound by reading weights and KV rows from memory, and MindSpore's
+// CPU kernels read them slower than the memory allows (its MatMul packs each call's weight into
+// its own blocks; the KV gather copies every attended row before attention reads it again).
+// These two kernels read each byte once, in the order it lies in memory:
+//
+//   PackedLinear     y = x W^T (+ b) with W packed once at load time as (N/16, K, 16): a k step
+//                    is one 16-wide load of W and one broadcast-multiply-add per row of x, so up to
+//                    8 rows share every weight load and no horizontal sums are needed.
+//   CachedAttention  softmax(q K^T) V for one query per (row, head), read straight from the
+//                    slotted cache: row b, head h attends cache rows span[b, h, 0] .. span[b, h, 1]
+//                    (clipped to the cache: never a read outside it).
+//
+// Built by kernels.py with the machine's g++ (-O3 -march=native -fopenmp). The vector type is
+// GCC's: 16 floats, one AVX-512 register, or two AVX2 ones on older CPUs. Float sums run in a
+// fixed order per output, so results do not depend on the thread count.
+#include <omp.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t i16 __attribute__((vector_size(64)));
+
+inline v16 load(const float* p) { v16 v; memcpy(&v, p, 64); return v; }
+inline void store(float* p, v16 v) { memcpy(p, &v, 64); }
+inline v16 splat(float f) { return (v16){} + f; }
+inline float hsum(v16 v) {
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+}
+
+bool is_f32(const char* t) { return strcmp(t, "float32") == 0 || strcmp(t, "float") == 0; }
+bool is_i32(const char* t) { return strcmp(t, "int32") == 0 || strcmp(t, "int") == 0; }
+
+int64_t rows_of(int ndim, const int64_t* shape) {  // product of every dimension but the last
+  int64_t m = 1;
+  for (int i = 0; i < ndim - 1; ++i) m *= shape[i];
+  return m;
+}
+
+// ---- PackedLinear -----------------------------------------------------------------------------
+
+// R rows of x against Q consecutive panels (16 outputs each); R * Q accumulators in registers.
+template <int R, int Q>
+void tile(const float* x, const float* wp, const float* b, float* y, int64_t n, int64_t N, int64_t K) {
+  v16 acc[R][Q];
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < Q; ++q) acc[r][q] = (v16){};
+  for (int64_t k = 0; k < K; ++k) {
+    v16 w[Q];
+    for (int q = 0; q < Q; ++q) w[q] = load(wp + (q * K + k) * 16);
+    for (int r = 0; r < R; ++r) {
+      const float xv = x[r * K + k];
+      for (int q = 0; q < Q; ++q) acc[r][q] += xv * w[q];
+    }
+  }
+  for (int q = 0; q < Q; ++q) {
+    const v16 bias = b ? load(b + n + q * 16) : (v16){};
+    for (int r = 0; r < R; ++r) store(y + r * N + n + q * 16, acc[r][q] + bias);
+  }
+}
+
+template <int R>
+void panels(const float* x, const float* wp, const float* b, float* y, int64_t p0, int64_t p1, int64_t N,
+            int64_t K) {
+  constexpr int Q = R == 1 ? 4 : R <= 4 ? 3 : 2;  // more panels in flight when few rows share them
+  int64_t p = p0;
+  for (; p + Q <= p1; p += Q) tile<R, Q>(x, wp + p * K * 16, b, y, p * 16, N, K);
+  for (; p < p1; ++p) tile<R, 1>(x, wp + p * K * 16, b, y, p * 16, N, K);
+}
+
+void linear_part(const float* x, const float* wp, const float* b, float* y, int64_t M, int64_t p0, int64_t p1,
+                 int64_t N, int64_t K) {
+  int64_t m = 0;
+  for (; m + 8 <= M; m += 8) panels<8>(x + m * K, wp, b, y + m * N, p0, p1, N, K);
+  const float* xs = x + m * K;
+  float* ys = y + m * N;
+  switch (M - m) {
+    case 1: panels<1>(xs, wp, b, ys, p0, p1, N, K); break;
+    case 2: panels<2>(xs, wp, b, ys, p0, p1, N, K); break;
+    case 3: panels<3>(xs, wp, b, ys, p0, p1, N, K); break;
+    case 4: panels<4>(xs, wp, b, ys, p0, p1, N, K); break;
+    case 5: panels<5>(xs, wp, b, ys, p0, p1, N, K); break;
+    case 6: panels<6>(xs, wp, b, ys, p0, p1, N, K); break;
+    case 7: panels<7>(xs, wp, b, ys, p0, p1, N, K); break;
+    default: break;
+  }
+}
+
+// ---- CachedAttention --------------------------------------------------------------------------
+
+// e^x for x <= 0 (softmax after subtracting the max): 2^(x log2 e) split into 2^i * 2^f with a
+// degree-6 polynomial for 2^f on [-0.5, 0.5] (relative error ~2e-7, the scale of float rounding).
+inline v16 exp_neg(v16 x) {
+  x = x < -87.f ? splat(-87.f) : x;  // e^-87 ~ 1.6e-38: the smallest normal float's scale
+  const v16 t = x * 1.44269504088896341f;
+  const i16 i = -__builtin_convertvector(0.5f - t, i16);  // round(t) for t <= 0
+  const v16 f = (t - __builtin_convertvector(i, v16)) * 0.6931471805599453f;
+  v16 p = splat(1.f / 720) * f + 1.f / 120;
+  p = p * f + 1.f / 24;
+  p = p * f + 1.f / 6;
+  p = p * f + 0.5f;
+  p = p * f + 1.f;
+  p = p * f + 1.f;
+  const i16 bits = (i + 127) << 23;  // 2^i as a float's exponent field
+  v16 scale;
+  memcpy(&scale, &bits, 64);
+  return p * scale;
+}
+
+// One (row, head): n keys of D floats from k and v (contiguous rows), q already scaled.
+void attend(const float* q, const float* k, const float* v, int64_t n, int64_t D, float* out, float* scores) {
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) {
+    v16 acc = (v16){};
+    for (int64_t d = 0; d < D; d += 16) acc += load(q + d) * load(k + j * D + d);
+    scores[j] = hsum(acc);
+    mx = scores[j] > mx ? scores[j] : mx;
+  }
+  int64_t j = 0;
+  v16 total = (v16){};
+  for (; j + 16 <= n; j += 16) {
+    const v16 e = exp_neg(load(scores + j) - mx);
+    store(scores + j, e);
+    total += e;
+  }
+  float sum = hsum(total);
+  for (; j < n; ++j) {
+    scores[j] = std::exp(scores[j] - mx);
+    sum += scores[j];
+  }
+  const float inv = 1.f / sum;
+  for (int64_t d = 0; d < D; d += 16) {
+    v16 acc = (v16){};
+    for (int64_t jj = 0; jj < n; ++jj) acc += scores[jj] * load(v + jj * D + d);
+    store(out + d, acc * inv);
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// inputs x (..., K) f32, wp (P, K, 16) f32[, b (16P,) f32]; output y (..., 16P) f32
+int PackedLinear(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
+                 void* extra) {
+  const bool bias = nparam == 4;
+  if (nparam != 3 && nparam != 4) return 1;
+  for (int i = 0; i < nparam; ++i)
+    if (!is_f32(dtypes[i])) return 2;
+  if (ndims[1] != 3 || shapes[1][2] != 16 || shapes[0][ndims[0] - 1] != shapes[1][1]) return 3;
+  const float* x = static_cast<const float*>(params[0]);
+  const float* wp = static_cast<const float*>(params[1]);
+  const float* b = bias ? static_cast<const float*>(params[2]) : nullptr;
+  float* y = static_cast<float*>(params[nparam - 1]);
+  const int64_t P = shapes[1][0], K = shapes[1][1], N = P * 16, M = rows_of(ndims[0], shapes[0]);
+  // Threads split the panels: each reads its share of the weight once, whatever the rows.
+#pragma omp parallel if (M * N * K > (1 << 18))
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    linear_part(x, wp, b, y, M, P * t / nt, P * (t + 1) / nt, N, K);
+  }
+  return 0;
+}
+
+// inputs q (B, H, 1, D) f32, k_cache (R, D) f32, v_cache (R, D) f32, span (B, H, 2) i32;
+// output (B, 1, H, D) f32: row b, head h attends cache rows span[b, h, 0] .. span[b, h, 1]
+int CachedAttention(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
+                    void* extra) {
+  if (nparam != 5 || !is_f32(dtypes[0]) || !is_f32(dtypes[1]) || !is_f32(dtypes[2]) || !is_i32(dtypes[3]) ||
+      !is_f32(dtypes[4]))
+    return 1;
+  if (ndims[0] != 4 || shapes[0][2] != 1 || shapes[0][3] % 16 != 0 || ndims[1] != 2 ||
+      shapes[1][1] != shapes[0][3] || ndims[3] != 3 || shapes[3][2] != 2)
+    return 2;
+  const float* q = static_cast<const float*>(params[0]);
+  const float* kc = static_cast<const float*>(params[1]);
+  const float* vc = static_cast<const float*>(params[2]);
+  const int32_t* span = static_cast<const int32_t*>(params[3]);
+  float* out = static_cast<float*>(params[4]);
+  const int64_t BH = shapes[0][0] * shapes[0][1], D = shapes[0][3], R = shapes[1][0];
+  // A span is clipped to the cache (at least one row) rather than refused: the engine never builds
+  // one outside it, and a non-zero return leaves MindSpore 2.9's graph unusable for the rest of the
+  // process (seen: every later call fails), which would take a whole worker down.
+  auto clip = [R](int64_t r) { return r < 0 ? 0 : r >= R ? R - 1 : r; };
+  int64_t longest = 0;
+  for (int64_t i = 0; i < BH; ++i) {
+    const int64_t first = clip(span[2 * i]), last = clip(span[2 * i + 1]);
+    longest = last - first + 1 > longest ? last - first + 1 : longest;
+  }
+#pragma omp parallel if (BH * longest * D > (1 << 16))
+  {
+    std::vector<float> scores(longest);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < BH; ++i) {
+      const int64_t first = clip(span[2 * i]), last = clip(span[2 * i + 1]);  // (B, H) order in and out
+      const int64_t n = last >= first ? last - first + 1 : 1;
+      attend(q + i * D, kc + first * D, vc + first * D, n, D, out + i * D, scores.data());
+    }
+  }
+  return 0;
+}
+
+}  // extern "C"

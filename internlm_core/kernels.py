@@ -1,0 +1,137 @@
+"""The serving engine's CPU kernels (``kernels.cc``): built once per machine, called from the
+compiled steps as MindSpore AOT custom ops.
+
+    so = library()          # the built kernels' path, or None (with ``unavailable()`` saying why)
+    wp = pack(w)            # (N, K) weight -> (N/16, K, 16), the layout PackedLinear reads
+    y = linear_op(bias)(x, wp[, b])                  # x W^T + b, any leading shape
+    out = attention_op()(q, k_cache, v_cache, span)  # one query per (row, head) over cache rows
+
+Why (measured on the 2-core build machine, the bench-serve model): a decode step reads the
+weights once per token and is bound by memory; MindSpore's CPU MatMul reads a 103168 x 512 head
+at ~20 GB/s and its KV gather copies every attended row before attention reads it again. The
+kernels stream each weight and KV byte once. See ``kernels.cc`` for the layouts.
+
+The library is compiled with the machine's ``g++ -O3 -march=native -fopenmp`` into a cache
+folder (``INTERNLM_KERNEL_DIR``, default ``~/.cache/internlm/kernels``) under a name that hashes
+the source, the command, the compiler's version and the CPU's flags, so a machine never loads
+code built for another CPU and concurrent builders rename a finished file into place. Without a
+compiler (or with ``INTERNLM_CPU_KERNELS=0``) the engine runs MindSpore's own ops instead: same
+results to float rounding, slower; ``unavailable()`` says why and the engine logs it once.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels.cc")
+PANEL = 16  # output rows per packed panel: one 16-float vector
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+ENV_SWITCH = "INTERNLM_CPU_KERNELS"
+ENV_DIR = "INTERNLM_KERNEL_DIR"
+
+_why_not: str | None = None
+
+
+def cache_dir() -> Path:
+    if os.environ.get(ENV_DIR):
+        return Path(os.environ[ENV_DIR])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "internlm" / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+@functools.cache
+def library() -> str | None:
+    """The built library's path; None where the kernels cannot be used here (``unavailable``)."""
+    global _why_not
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        _why_not = f"{ENV_SWITCH}=0"
+        return None
+    import mindspore as ms
+
+    if ms.get_context("device_target") != "CPU":
+        _why_not = f"device {ms.get_context('device_target')} (the kernels are for CPU)"
+        return None
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        _why_not = "no C++ compiler (g++) on PATH"
+        return None
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags()]).encode())
+        target = cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+            os.close(fd)
+            try:
+                subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+                               check=True, timeout=300)
+                os.replace(tmp, target)  # atomic: another process sees no file or a whole one
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        return str(target)
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", None) or str(e)
+        _why_not = f"building {SOURCE.name} failed: {detail.strip()[:500]}"
+        return None
+
+
+def unavailable() -> str | None:
+    """Why the kernels are not used here (None when they are)."""
+    return None if library() else _why_not
+
+
+def pack(w: np.ndarray) -> np.ndarray:
+    """(N, K) -> (N/16, K, 16): panel p holds output rows 16p..16p+15, k-major."""
+    n, k = w.shape
+    if n % PANEL:
+        raise ValueError(f"a packed weight needs a multiple of {PANEL} rows, got {n}")
+    return np.ascontiguousarray(np.asarray(w, np.float32).reshape(n // PANEL, PANEL, k).transpose(0, 2, 1))
+
+
+def unpack(wp: np.ndarray) -> np.ndarray:
+    """The inverse of ``pack``."""
+    p, k, _ = wp.shape
+    return np.ascontiguousarray(wp.transpose(0, 2, 1).reshape(p * PANEL, k))
+
+
+def _op(name: str, out_shape, out_dtype):
+    from mindspore import ops
+
+    so = library()
+    if so is None:
+        raise RuntimeError(f"the CPU kernels are unavailable: {unavailable()}")
+    return ops.Custom(f"{so}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
+
+
+@functools.cache
+def linear_op(bias: bool):
+    """y (..., N) = x (..., K) @ W^T (+ b) with W packed: inputs (x, wp[, b])."""
+    if bias:
+        return _op("PackedLinear", lambda x, w, b: x[:-1] + [w[0] * PANEL], lambda x, w, b: x)
+    return _op("PackedLinear", lambda x, w: x[:-1] + [w[0] * PANEL], lambda x, w: x)
+
+
+@functools.cache
+def attention_op():
+    """out (B, 1, H, D) = softmax(q K^T) V: q (B, H, 1, D) scaled, caches (R, D), span (B, H, 2)
+    int32 = the first and last cache row each (row, head) attends."""
+    return _op("CachedAttention", lambda q, k, v, span: [q[0], 1, q[1], q[3]], lambda q, k, v, span: q)

@@ -1,0 +1,151 @@
+"""The CPU kernels (internlm_core/kernels.cc) against numpy in float64, inside compiled graphs as
+the engine runs them, and the build: cached per machine, refused cleanly without a compiler."""
+import os
+import subprocess
+import sys
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import Parameter, Tensor, nn
+
+from internlm_core import kernels
+
+pytestmark = pytest.mark.skipif(kernels.library() is None, reason=f"kernels unavailable: {kernels.unavailable()}")
+
+
+class _Linear(nn.Cell):
+    def __init__(self, w, b):
+        super().__init__()
+        self.w = Parameter(Tensor(kernels.pack(w)), name="w")
+        self.b = None if b is None else Parameter(Tensor(b), name="b")
+        self.op = kernels.linear_op(b is not None)
+
+    @ms.jit
+    def construct(self, x):
+        return self.op(x, self.w) if self.b is None else self.op(x, self.w, self.b)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("lead", [(1,), (2,), (3,), (7,), (8,), (9,), (17,), (2, 1), (3, 40)])
+@pytest.mark.parametrize("n,k", [(16, 64), (48, 37), (80, 64), (400, 160)])
+def test_packed_linear_equals_numpy(bias, lead, n, k):
+    """Every rows count (the 8-row tiles and each remainder), panel counts that leave a remainder of
+    the 4/3/2-panel tiles, odd K, leading dims, bias; the threaded path too (the largest shapes)."""
+    rng = np.random.default_rng(n * k + len(lead))
+    w = rng.normal(size=(n, k)).astype(np.float32)
+    b = rng.normal(size=n).astype(np.float32) if bias else None
+    x = rng.normal(size=lead + (k,)).astype(np.float32)
+    y = _Linear(w, b)(Tensor(x)).asnumpy()
+    ref = x.astype(np.float64) @ w.T.astype(np.float64) + (0 if b is None else b)
+    assert y.shape == lead + (n,)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+
+def test_pack_layout_and_its_inverse():
+    w = np.arange(32 * 3, dtype=np.float32).reshape(32, 3)
+    wp = kernels.pack(w)
+    assert wp.shape == (2, 3, 16) and wp[1, 2, 5] == w[16 + 5, 2]
+    np.testing.assert_array_equal(kernels.unpack(wp), w)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        kernels.pack(np.zeros((20, 3), np.float32))
+
+
+class _Attention(nn.Cell):
+    def __init__(self, k, v):
+        super().__init__()
+        self.k = Parameter(Tensor(k), name="k")
+        self.v = Parameter(Tensor(v), name="v")
+        self.op = kernels.attention_op()
+
+    @ms.jit
+    def construct(self, q, span):
+        return self.op(q, self.k, self.v, span)
+
+
+def reference_attention(q, k, v, span):
+    b, h, _, d = q.shape
+    out = np.zeros((b, 1, h, d))
+    for i in range(b):
+        for j in range(h):
+            first, last = span[i, j]
+            s = k[first:last + 1].astype(np.float64) @ q[i, j, 0].astype(np.float64)
+            p = np.exp(s - s.max())
+            out[i, 0, j] = (p / p.sum()) @ v[first:last + 1]
+    return out
+
+
+@pytest.mark.parametrize("d", [16, 64, 128])
+def test_cached_attention_equals_softmax_over_each_rows_span(d):
+    """Spans of 1, 15, 16, 17 and hundreds of keys (the 16-wide exp and its scalar tail), rows
+    and heads anywhere in the cache, scores large enough that the max subtraction matters."""
+    rng = np.random.default_rng(d)
+    rows, b, h = 4000, 5, 3
+    k = rng.normal(size=(rows, d)).astype(np.float32)
+    v = rng.normal(size=(rows, d)).astype(np.float32)
+    q = (3 * rng.normal(size=(b, h, 1, d))).astype(np.float32)
+    lengths = np.array([1, 15, 16, 17, 700])
+    first = rng.integers(0, rows - 700, (b, h))
+    span = np.stack([first, first + lengths[:, None] - 1], -1).astype(np.int32)
+    out = _Attention(k, v)(Tensor(q), Tensor(span)).asnumpy()
+    # float32 sums over up to 700 keys of unit-scale values: ~1e-7 * sqrt(700) * a few
+    np.testing.assert_allclose(out, reference_attention(q, k, v, span), rtol=1e-5, atol=1e-5)
+
+
+def test_cached_attention_never_reads_outside_the_cache():
+    """A span past the cache's rows is clipped to them (an error code from an AOT kernel would leave
+    MindSpore's graph unusable for every later call): the output is attention over the rows that
+    exist, and the graph keeps working."""
+    rng = np.random.default_rng(0)
+    k = rng.normal(size=(64, 16)).astype(np.float32)
+    v = rng.normal(size=(64, 16)).astype(np.float32)
+    cell = _Attention(k, v)
+    q = Tensor(rng.normal(size=(1, 1, 1, 16)).astype(np.float32))
+    inside = np.array([[[60, 63]]], np.int32)
+    expected = reference_attention(q.asnumpy(), k, v, inside)
+    for span in ([[[60, 64]]], [[[60, 10**9]]], inside):
+        out = cell(q, Tensor(np.array(span, np.int32))).asnumpy()
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    assert np.isfinite(cell(q, Tensor(np.array([[[-5, -1]]], np.int32))).asnumpy()).all()
+
+
+def test_library_is_built_once_per_machine_and_found_again(tmp_path):
+    """A fresh cache folder gets one library; a second process finds it instead of compiling."""
+    code = "from internlm_core import kernels; print(kernels.library())"
+    env = {**os.environ, "INTERNLM_KERNEL_DIR": str(tmp_path)}
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    built = list(tmp_path.iterdir())
+    assert [p.name for p in built] == [os.path.basename(first.stdout.strip())]
+    mtime = built[0].stat().st_mtime_ns
+    again = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert again.stdout == first.stdout and built[0].stat().st_mtime_ns == mtime
+
+
+def test_without_a_compiler_the_engine_runs_mindspores_ops(tmp_path, tiny_model_dir):
+    """No g++: the kernels say why, the engine logs it and serves with MindSpore's ops, and its
+    logits equal the kernels' to float rounding."""
+    code = f"""
+import logging, numpy as np
+logging.basicConfig(level=logging.WARNING)
+from internlm_core import kernels
+from internlm_core.engine import Engine
+from internlm_core.loader import load_model
+eng = Engine(load_model({str(tiny_model_dir)!r}), max_batch=2, max_len=64)
+print("WHY", kernels.unavailable())
+print("USED", eng.kernels)
+logits = eng.prefill([0], [[5, 6, 7]])
+np.save({str(tmp_path / 'ops.npy')!r}, np.concatenate([logits, eng.decode([9], [3], slots=[0])]))
+"""
+    env = {**os.environ, "INTERNLM_KERNEL_DIR": str(tmp_path / "k"), "CXX": "no-such-compiler"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert "WHY no C++ compiler (g++) on PATH" in out.stdout and "USED False" in out.stdout
+    assert "CPU kernels not used (no C++ compiler" in out.stderr
+    assert not (tmp_path / "k").exists()
+
+    from internlm_core.engine import Engine
+    from internlm_core.loader import load_model
+
+    eng = Engine(load_model(tiny_model_dir), max_batch=2, max_len=64)
+    assert eng.kernels
+    ours = np.concatenate([eng.prefill([0], [[5, 6, 7]]), eng.decode([9], [3], slots=[0])])
+    np.testing.assert_allclose(ours, np.load(tmp_path / "ops.npy"), rtol=1e-5, atol=1e-5)
