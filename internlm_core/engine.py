@@ -263,7 +263,8 @@ class Engine(EngineBase):
             ids[i, :len(c)] = c
         j = np.arange(t)
         positions = starts_b[:, None] + j[None, :]  # (b, t)
-        cos, sin = fused_rope_tables(*rope_tables(cfg, positions, seq_b), cfg.num_heads)
+        cos, sin = rope_tables(cfg, positions, seq_b)  # (b, 1, t, hd)
+        cos, sin = (cos[:, 0], sin[:, 0]) if self.kernels else fused_rope_tables(cos, sin, cfg.num_heads)
         valid = j[None, :] < lens[:, None]
         # (slot * heads + head) * L + position, in the (rows, heads, tokens) order of the new k/v;
         # padding tokens go to distinct scratch positions (never a live slot, never past the cache)

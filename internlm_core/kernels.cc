@@ -12,6 +12,15 @@
 //                    slotted cache: row b, head h attends cache rows span[b, h, 0] .. span[b, h, 1]
 //                    (clipped to the cache: never a read outside it).
 //
+// and three row-wise ones that each stand for several MindSpore ops, because a decode step's
+// tensors are tiny and MindSpore spends ~10 us launching each op (a bench-serve decode step ran
+// ~300 of them; these leave ~120):
+//
+//   RmsNorm          x * rsqrt(mean(x^2) + eps) * w
+//   SiluMul          silu(gate) * up from the fused gate/up projection's output
+//   Rope             the fused q/k/v projection's output split into heads (B, 3H, T, D), q and k
+//                    rotated (rotate-half) and q scaled by 1/sqrt(D), v as it was
+//
 // Built by kernels.py with the machine's g++ (-O3 -march=native -fopenmp). The vector type is
 // GCC's: 16 floats, one AVX-512 register, or two AVX2 ones on older CPUs. Float sums run in a
 // fixed order per output, so results do not depend on the thread count.
@@ -144,6 +153,17 @@ void attend(const float* q, const float* k, const float* v, int64_t n, int64_t D
   }
 }
 
+// ---- row-wise ----------------------------------------------------------------------------------
+
+inline float dot_self(const float* x, int64_t n) {
+  int64_t i = 0;
+  v16 acc = (v16){};
+  for (; i + 16 <= n; i += 16) acc += load(x + i) * load(x + i);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += x[i] * x[i];
+  return s;
+}
+
 }  // namespace
 
 extern "C" {
@@ -205,6 +225,74 @@ int CachedAttention(int nparam, void** params, int* ndims, int64_t** shapes, con
       attend(q + i * D, kc + first * D, vc + first * D, n, D, out + i * D, scores.data());
     }
   }
+  return 0;
+}
+
+// inputs x (..., C) f32, w (C,) f32, eps (1,) f32; output (..., C)
+int RmsNorm(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
+            void* extra) {
+  if (nparam != 4 || !is_f32(dtypes[0]) || !is_f32(dtypes[1]) || !is_f32(dtypes[2])) return 1;
+  const int64_t C = shapes[0][ndims[0] - 1], M = rows_of(ndims[0], shapes[0]);
+  if (ndims[1] != 1 || shapes[1][0] != C) return 2;
+  const float* x = static_cast<const float*>(params[0]);
+  const float* w = static_cast<const float*>(params[1]);
+  const float eps = *static_cast<const float*>(params[2]);
+  float* y = static_cast<float*>(params[3]);
+#pragma omp parallel for if (M * C > (1 << 16)) schedule(static)
+  for (int64_t m = 0; m < M; ++m) {
+    const float r = 1.f / std::sqrt(dot_self(x + m * C, C) / C + eps);
+    for (int64_t c = 0; c < C; ++c) y[m * C + c] = x[m * C + c] * r * w[c];
+  }
+  return 0;
+}
+
+// input gu (..., 2F) f32 = [gate | up]; output (..., F) = silu(gate) * up
+int SiluMul(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
+            void* extra) {
+  if (nparam != 2 || !is_f32(dtypes[0]) || shapes[0][ndims[0] - 1] % 2) return 1;
+  const int64_t F = shapes[0][ndims[0] - 1] / 2, M = rows_of(ndims[0], shapes[0]);
+  const float* gu = static_cast<const float*>(params[0]);
+  float* y = static_cast<float*>(params[1]);
+#pragma omp parallel for if (M * F > (1 << 16)) schedule(static)
+  for (int64_t m = 0; m < M; ++m) {
+    const float* g = gu + m * 2 * F;
+    for (int64_t f = 0; f < F; ++f) y[m * F + f] = g[f] / (1.f + std::exp(-g[f])) * g[F + f];
+  }
+  return 0;
+}
+
+// inputs y (B, T, 3 H D) f32, cos (B, T, D) f32, sin (B, T, D) f32, q_scale (1,) f32;
+// output (B, 3H, T, D): heads 0..H-1 q (rotated, times q_scale), H..2H-1 k (rotated), then v
+int Rope(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
+         void* extra) {
+  if (nparam != 5 || !is_f32(dtypes[0]) || !is_f32(dtypes[1]) || !is_f32(dtypes[2]) || !is_f32(dtypes[3]))
+    return 1;
+  if (ndims[0] != 3 || ndims[1] != 3 || ndims[4] != 4) return 2;
+  const int64_t B = shapes[0][0], T = shapes[0][1], D = shapes[1][2], H3 = shapes[4][1], half = D / 2;
+  if (shapes[0][2] != H3 * D || shapes[1][0] != B || shapes[1][1] != T || D % 2) return 3;
+  const float* y = static_cast<const float*>(params[0]);
+  const float* cs = static_cast<const float*>(params[1]);
+  const float* sn = static_cast<const float*>(params[2]);
+  const float scale = *static_cast<const float*>(params[3]);
+  float* out = static_cast<float*>(params[4]);
+  const int64_t H = H3 / 3;
+#pragma omp parallel for collapse(2) if (B * T * H3 * D > (1 << 16)) schedule(static)
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H3; ++h) {
+      for (int64_t t = 0; t < T; ++t) {
+        const float* src = y + ((b * T + t) * H3 + h) * D;
+        float* dst = out + ((b * H3 + h) * T + t) * D;
+        if (h >= 2 * H) {  // v
+          memcpy(dst, src, D * sizeof(float));
+          continue;
+        }
+        const float* c = cs + (b * T + t) * D;
+        const float* s = sn + (b * T + t) * D;
+        const float f = h < H ? scale : 1.f;
+        for (int64_t d = 0; d < half; ++d) dst[d] = (src[d] * c[d] - src[d + half] * s[d]) * f;
+        for (int64_t d = half; d < D; ++d) dst[d] = (src[d] * c[d] + src[d - half] * s[d]) * f;
+      }
+    }
   return 0;
 }
 

@@ -5,6 +5,9 @@ compiled steps as MindSpore AOT custom ops.
     wp = pack(w)            # (N, K) weight -> (N/16, K, 16), the layout PackedLinear reads
     y = linear_op(bias)(x, wp[, b])                  # x W^T + b, any leading shape
     out = attention_op()(q, k_cache, v_cache, span)  # one query per (row, head) over cache rows
+    y = rms_norm_op()(x, w, eps)                     # eps a (1,) tensor
+    y = silu_mul_op()(gate_up)                       # silu(gate) * up
+    qkv = rope_op()(y, cos, sin, q_scale)            # (B, T, 3HD) -> (B, 3H, T, D), q/k rotated
 
 Why (measured on the 2-core build machine, the bench-serve model): a decode step reads the
 weights once per token and is bound by memory; MindSpore's CPU MatMul reads a 103168 x 512 head
@@ -135,3 +138,22 @@ def attention_op():
     """out (B, 1, H, D) = softmax(q K^T) V: q (B, H, 1, D) scaled, caches (R, D), span (B, H, 2)
     int32 = the first and last cache row each (row, head) attends."""
     return _op("CachedAttention", lambda q, k, v, span: [q[0], 1, q[1], q[3]], lambda q, k, v, span: q)
+
+
+@functools.cache
+def rms_norm_op():
+    """x * rsqrt(mean(x^2) + eps) * w: inputs (x (..., C), w (C,), eps (1,))."""
+    return _op("RmsNorm", lambda x, w, eps: x, lambda x, w, eps: x)
+
+
+@functools.cache
+def silu_mul_op():
+    """(..., 2F) = [gate | up] -> (..., F) = silu(gate) * up."""
+    return _op("SiluMul", lambda gu: gu[:-1] + [gu[-1] // 2], lambda gu: gu)
+
+
+@functools.cache
+def rope_op():
+    """The fused q/k/v output (B, T, 3HD) -> heads (B, 3H, T, D): q and k rotated by cos/sin (B, T, D)
+    (rotate-half), q also times q_scale (1,), v unchanged."""
+    return _op("Rope", lambda y, c, s, f: [y[0], y[2] // c[2], y[1], c[2]], lambda y, c, s, f: y)

@@ -88,8 +88,12 @@ class RMSNorm(nn.Cell):
         super().__init__()
         self.weight = Parameter(initializer("ones", (dim,), dtype), name="weight")
         self.eps = eps
+        self.kernel = None  # the CPU kernel, set by ``InternLMForCausalLM.use_cpu_kernels``
+        self.eps_tensor = Tensor([eps], ms.float32)
 
     def construct(self, x):
+        if self.kernel is not None:
+            return self.kernel(x, self.weight, self.eps_tensor)
         xf = x.astype(ms.float32)
         xf = xf * ops.rsqrt(mint.mean(xf * xf, -1, keepdim=True) + self.eps)
         return xf.astype(x.dtype) * self.weight
@@ -131,7 +135,8 @@ class Attention(nn.Cell):
         self.wv = Linear(h, h, cfg.bias, dtype)
         self.wo = Linear(h, h, cfg.bias, dtype)
         self.wqkv = None  # set by ``fuse``
-        self.cached_attention = None  # set by ``use_cpu_kernels``
+        self.cached_attention = self.rope = None  # the CPU kernels, set by ``use_cpu_kernels``
+        self.q_scale = Tensor([self.scale], ms.float32)
         self.rot = Tensor(rotate_half_matrix(cfg.head_dim), dtype)
         self.bmm_kt = ops.BatchMatMul(transpose_b=True)  # q k^T without materialising k^T
 
@@ -166,7 +171,9 @@ class Attention(nn.Cell):
         (``attend_cache``, one row per slot) attends the whole cache.
         """
         b, t, _ = x.shape
-        if self.wqkv is not None:
+        if self.rope is not None:  # the CPU kernel: cos/sin are rope_tables' (B, T, hd), q scaled here
+            q, k, v = ops.split(self.rope(self.wqkv(x, adapters), cos, sin, self.q_scale), self.n_heads, 1)
+        elif self.wqkv is not None:
             # (B, 3nh, T, hd); cos/sin are (B, 3nh, T, hd): q's scaled, v's 1 and 0, so one rotary
             # pass covers q and k and leaves v exactly as it was
             y = self._heads(self.wqkv(x, adapters), b, t, 3)
@@ -212,6 +219,7 @@ class FeedForward(nn.Cell):
         self.w2 = Linear(cfg.intermediate_size, cfg.hidden_size, False, dtype)  # down
         self.w3 = Linear(cfg.hidden_size, cfg.intermediate_size, False, dtype)  # up
         self.w13 = None  # set by ``fuse``
+        self.silu_mul = None  # the CPU kernel, set by ``InternLMForCausalLM.use_cpu_kernels``
 
     def fuse(self, name: str) -> None:
         """The serving form: gate and up from one matmul; ``w1``/``w3`` are replaced."""
@@ -220,6 +228,8 @@ class FeedForward(nn.Cell):
             self.w1 = self.w3 = None
 
     def construct(self, x, adapters=None):
+        if self.silu_mul is not None:
+            return self.w2(self.silu_mul(self.w13(x, adapters)), adapters)
         if self.w13 is not None:
             gate, up = ops.split(self.w13(x, adapters), self.w2.d_in, -1)
         else:
@@ -293,16 +303,26 @@ class InternLMForCausalLM(nn.Cell):
 
     def use_cpu_kernels(self) -> bool:
         """Serve with the CPU kernels (``kernels``): every linear of the fused form and the head
-        packed, decode attention read from the cache in place. Needs the fused form; False (and
-        nothing changed) where the kernels are unavailable (``kernels.unavailable()`` says why)."""
+        packed, decode attention read from the cache in place, norms, rotary and SwiGLU one kernel
+        each; the rope tables it takes are then ``rope_tables``' (B, T, hd), not the fused ones.
+        Needs the fused form; False (and nothing changed) where the kernels are unavailable
+        (``kernels.unavailable()`` says why)."""
         if not self.fused or self.dtype != ms.float32 or kernels.library() is None:
             return False
         for _, cell in self.cells_and_names():
             if isinstance(cell, Linear):
                 cell.pack()
+            elif isinstance(cell, RMSNorm):
+                cell.kernel = kernels.rms_norm_op()
+            elif isinstance(cell, FeedForward):
+                cell.silu_mul = kernels.silu_mul_op()
             elif isinstance(cell, Attention):
-                cell.cached_attention = kernels.attention_op()
+                cell.cached_attention, cell.rope = kernels.attention_op(), kernels.rope_op()
         return True
+
+    @property
+    def kernels(self) -> bool:
+        return self.model.layers[0].attention.rope is not None
 
     def linear_for(self, module: str):
         """(Linear, part, parts): the layer computing a MindFormers module's outputs, e.g.
@@ -329,7 +349,10 @@ class InternLMForCausalLM(nn.Cell):
         return self.model.norm_out(x)
 
     def construct(self, ids, cos, sin, mask):
-        if self.fused:  # PyNative only (parity checks on a served model); the engine builds these itself
+        # PyNative only (parity checks on a served model); the engine builds its tables itself
+        if self.kernels:
+            cos, sin = (Tensor(t.asnumpy()[:, 0]) for t in (cos, sin))
+        elif self.fused:
             cos, sin = (Tensor(t) for t in fused_rope_tables(cos.asnumpy(), sin.asnumpy(), self.config.num_heads))
         return self.lm_head(self.hidden(ids, cos, sin, mask)).astype(ms.float32)
 

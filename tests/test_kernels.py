@@ -109,6 +109,57 @@ def test_cached_attention_never_reads_outside_the_cache():
     assert np.isfinite(cell(q, Tensor(np.array([[[-5, -1]]], np.int32))).asnumpy()).all()
 
 
+class _Graph(nn.Cell):
+    """An op run in a compiled graph, as the engine's steps run it."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+
+    @ms.jit
+    def construct(self, *args):
+        return self.op(*args)
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (3, 5, 160), (1100, 96)])
+def test_rms_norm_equals_numpy(shape):
+    rng = np.random.default_rng(shape[-1])
+    x = (5 * rng.normal(size=shape)).astype(np.float32)
+    w = rng.normal(size=shape[-1]).astype(np.float32)
+    y = _Graph(kernels.rms_norm_op())(Tensor(x), Tensor(w), Tensor([1e-6], ms.float32)).asnumpy()
+    x64 = x.astype(np.float64)
+    ref = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-6) * w
+    np.testing.assert_allclose(y, ref, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 32), (3, 5, 320), (700, 2752)])
+def test_silu_mul_equals_numpy(shape):
+    rng = np.random.default_rng(shape[-1])
+    gu = (4 * rng.normal(size=shape)).astype(np.float32)
+    y = _Graph(kernels.silu_mul_op())(Tensor(gu)).asnumpy()
+    g, u = np.split(gu.astype(np.float64), 2, -1)
+    np.testing.assert_allclose(y, g / (1 + np.exp(-g)) * u, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("b,t,h,d", [(1, 1, 4, 16), (3, 7, 2, 64), (2, 130, 8, 128)])
+def test_rope_equals_rotate_half_on_q_and_k(b, t, h, d):
+    """Heads out of the fused projection's (B, T, 3HD): q rotated and scaled, k rotated, v as is,
+    with cos/sin per row and position (so rows of different lengths and NTK bases mix)."""
+    rng = np.random.default_rng(d)
+    y = rng.normal(size=(b, t, 3 * h * d)).astype(np.float32)
+    angles = rng.uniform(-50, 50, size=(b, t, d // 2))
+    cos = np.cos(np.concatenate([angles, angles], -1)).astype(np.float32)
+    sin = np.sin(np.concatenate([angles, angles], -1)).astype(np.float32)
+    out = _Graph(kernels.rope_op())(Tensor(y), Tensor(cos), Tensor(sin), Tensor([0.125], ms.float32)).asnumpy()
+    heads = y.astype(np.float64).reshape(b, t, 3 * h, d).transpose(0, 2, 1, 3)
+    c, s = cos[:, None].astype(np.float64), sin[:, None].astype(np.float64)
+    turned = np.concatenate([-heads[..., d // 2:], heads[..., :d // 2]], -1)
+    rotated = heads * c + turned * s
+    ref = np.concatenate([rotated[:, :h] * 0.125, rotated[:, h:2 * h], heads[:, 2 * h:]], 1)
+    assert out.shape == (b, 3 * h, t, d)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_library_is_built_once_per_machine_and_found_again(tmp_path):
     """A fresh cache folder gets one library; a second process finds it instead of compiling."""
     code = "from internlm_core import kernels; print(kernels.library())"
