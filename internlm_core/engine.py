@@ -7,28 +7,30 @@ on the left and padding never reaches a real row.
 
 A step's cost follows the live work, not the allocation: a step runs only the rows it is
 given (the batch rounded up to a power of two, padding rows pointed at the scratch slot) and
-attends only the first S positions of their slots (S = the longest live length rounded up to
-a power of two, at least ``MIN_ATTEND``). Each (rows, new tokens, S) shape compiles once.
-New k/v are written in place with ScatterUpdate on the flat cache's first axis (measured on
-MindSpore 2.9 CPU: ScatterNdUpdate on a (slots, heads, L, hd) cache copied the whole cache
-on every call, which made a step cost slots x L).
+each row reads only its own positions. New k/v are written in place with ScatterUpdate on the
+flat cache's first axis (measured on MindSpore 2.9 CPU: ScatterNdUpdate on a (slots, heads, L, hd)
+cache copied the whole cache on every call, which made a step cost slots x L).
 
 The engine serves its model in the fused form (``InternLMForCausalLM.fuse_projections``, done
 in place by the constructor: the weights are not copied) and, on CPU, with the project's kernels
-(``kernels``: every linear and the head packed for a matmul that reads each weight once, decode
-attention read from the cache where it lies). Where they cannot be built it runs MindSpore's
-own ops, with the same results to float rounding.
+(``kernels``: every linear and the head packed for a matmul that reads each weight once,
+attention read from the cache where it lies, norms, rotary and SwiGLU one op each). Each
+(rows, new tokens) shape compiles once.
+
+Where the kernels cannot be built the engine runs MindSpore's own ops, with the same results to
+float rounding: a step gathers the first S positions of its rows' slots (S = the longest live
+length rounded up to a power of two, at least ``MIN_ATTEND``) and masks what each row may not
+see, so each (rows, new tokens, S) shape compiles once.
 
 Prompts are prefilled in chunks of at most ``PREFILL_CHUNK`` tokens that attend the cache:
 MindSpore's CPU graphs keep every intermediate of a step alive, so chunking bounds prefill
-memory, and a caller may run decode steps between the chunks of a long prompt. Chunks that end
-within the first ``MIN_ATTEND`` positions (every short prompt, the first chunk of every long one)
-run together, one row each; a chunk that ends further in runs alone. That keeps the shapes
-serving can meet few enough (rows x chunk at one attended length, plus chunk x attended length
-for one row) that ``warmup`` compiles all of them: each shape costs ~0.5 s + 0.25 s per layer to
-compile (measured, bench-serve shape), so compiling on first use put seconds into the first long
-prompts' latency. A long chunk alone is ~10% slower per token than eight together (0.176 vs
-0.159 s for 128 tokens at 1024 positions).
+memory, and a caller may run decode steps between the chunks of a long prompt. With the kernels
+every prompt's next chunk goes into one step. With MindSpore's ops, chunks that end within the
+first ``MIN_ATTEND`` positions (every short prompt, the first chunk of every long one) run
+together, one row each, and a chunk that ends further in runs alone: that keeps the shapes few
+enough (rows x chunk at one attended length, plus chunk x attended length for one row) that
+``warmup`` compiles all of them (each shape costs ~0.5 s + 0.25 s per layer to compile, measured
+on the bench-serve shape, so compiling on first use put seconds into long prompts' latency).
 """
 from __future__ import annotations
 
@@ -204,17 +206,15 @@ class Engine(EngineBase):
 
     def warmup(self) -> int:
         """Compile every shape serving can meet now, so that no request waits for a compile later:
-        decode (rows bucket x attended length), chunks within the first ``MIN_ATTEND`` positions
-        (rows bucket x chunk bucket) and chunks further in (chunk bucket x attended length, one
-        row). Returns the number of shapes. Writes only positions that no sequence holds yet (call
-        it before serving)."""
+        decode and prefill chunks for each rows bucket (with MindSpore's ops also per attended
+        length, and chunks further in than ``MIN_ATTEND`` one row each). Returns the number of
+        shapes. Writes only positions that no sequence holds yet (call it before serving)."""
         rows = sorted({self._rows(n) for n in range(1, self.max_batch + 1)})
-        lengths = sorted({self._attend(n) for n in range(1, self.max_len + 1)})
         chunks = sorted({self._chunk(n) for n in range(2, min(PREFILL_CHUNK, self.max_len - 1) + 1)})
-        decode_lengths = lengths[:1] if self.kernels else lengths  # the kernels' decode: any length
+        lengths = [0] if self.kernels else sorted({self._attend(n) for n in range(1, self.max_len + 1)})
         for b in rows:
-            for a in decode_lengths:
-                self.decode(np.zeros(b, np.int32), np.full(b, a - 1), slots=list(range(b)))
+            for a in lengths:
+                self.decode(np.zeros(b, np.int32), np.full(b, max(a, 1) - 1), slots=list(range(b)))
             for t in chunks:
                 self.prefill(list(range(b)), [[0] * min(t, self.max_len - 1)] * b)  # same bucket as t
         far = [a for a in lengths if a > MIN_ATTEND]
@@ -222,7 +222,7 @@ class Engine(EngineBase):
             for t in chunks:  # one row, its chunk ending at the last position of the attended length
                 end = min(a, self.max_len - 1)
                 self._run([0], [[0] * t], [end - t], [end])
-        return len(rows) * (len(decode_lengths) + len(chunks)) + len(far) * len(chunks)
+        return len(rows) * (len(lengths) + len(chunks)) + len(far) * len(chunks)
 
     def _chunk(self, n: int) -> int:
         """Tokens a prefill step computes for a chunk of n (> 1) tokens: few shapes to compile."""
@@ -248,8 +248,7 @@ class Engine(EngineBase):
         ends = np.array([s + len(c) for s, c in zip(starts, chunks)])
         if ends.max() > L:
             raise PromptTooLong("sequence reached the cache length")
-        spans = t == 1 and self.kernels  # the kernel reads each row's positions; no attended length
-        attend = 0 if spans else self._attend(int(ends.max()))
+        attend = 0 if self.kernels else self._attend(int(ends.max()))  # the kernels read each row's own
         slots_b = np.full(b, self.scratch, np.int64)
         slots_b[:n] = slots
         starts_b = np.zeros(b, np.int64)
@@ -273,9 +272,9 @@ class Engine(EngineBase):
         base = (slots_b[:, None, None] * nh + heads) * L  # (b, nh, 1)
         scratch = (self.scratch * nh + heads) * L + (np.arange(b * t) % L).reshape(b, 1, t)
         write = np.where(valid[:, None, :], base + np.minimum(positions, L - 1)[:, None, :], scratch).reshape(-1)
-        if spans:  # (b, nh, 2): the first and last cache row each (row, head) attends; no mask needed
-            read = np.stack(np.broadcast_arrays(base, base + positions[:, :, None]), -1)[:, :, 0]
-            mask = None
+        if self.kernels:  # each (row, head)'s first cache row, and each query's position (see Attention)
+            read = base[:, :, 0]
+            mask = Tensor(np.minimum(positions, L - 1).astype(np.int32))
         else:
             read = base + np.arange(attend)[None, None, :]  # (b, nh, S)
             ok = np.arange(attend)[None, None, :] <= positions[:, :, None]  # key j <= query position
@@ -312,7 +311,9 @@ class Engine(EngineBase):
             going = np.flatnonzero(pos < stop)
             near = going[np.minimum(pos[going] + PREFILL_CHUNK, stop[going]) <= MIN_ATTEND]
             # chunks near the start together, each chunk further in alone (see the module docstring)
-            for rows in [near] * bool(len(near)) + [np.array([i]) for i in going if i not in near]:
+            groups = [going] if self.kernels else [near] * bool(len(near)) + [np.array([i]) for i in going
+                                                                                if i not in near]
+            for rows in groups:
                 chunks = [prompts[i][pos[i]:min(pos[i] + PREFILL_CHUNK, stop[i])] for i in rows]
                 logits = self._run([slots[i] for i in rows], chunks, pos[rows], lengths[rows],
                                    None if adapters is None else np.asarray(adapters)[rows])

@@ -8,9 +8,10 @@
 //   PackedLinear     y = x W^T (+ b) with W packed once at load time as (N/16, K, 16): a k step
 //                    is one 16-wide load of W and one broadcast-multiply-add per row of x, so up to
 //                    8 rows share every weight load and no horizontal sums are needed.
-//   CachedAttention  softmax(q K^T) V for one query per (row, head), read straight from the
-//                    slotted cache: row b, head h attends cache rows span[b, h, 0] .. span[b, h, 1]
-//                    (clipped to the cache: never a read outside it).
+//   CachedAttention  causal softmax(q K^T) V read straight from the slotted cache: query t of row
+//                    b, head h attends cache rows first[b, h] .. first[b, h] + pos[b, t] (clipped
+//                    to the cache: never a read outside it); one query in a plain loop (decode),
+//                    a prompt's chunk 16 queries at a time with an online softmax (prefill).
 //
 // and three row-wise ones that each stand for several MindSpore ops, because a decode step's
 // tensors are tiny and MindSpore spends ~10 us launching each op (a bench-serve decode step ran
@@ -26,6 +27,7 @@
 // fixed order per output, so results do not depend on the thread count.
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -153,6 +155,66 @@ void attend(const float* q, const float* k, const float* v, int64_t n, int64_t D
   }
 }
 
+// Up to 16 queries of one (row, head) at once, flash-attention style: the queries sit in the
+// vector lanes, keys come 16 at a time, and each query's softmax is kept online (running max and
+// sum), so a prefill chunk reads each key once per 16 queries and never builds a scores matrix.
+// Query j sees keys 0 .. seen[j] - 1; ``work`` holds 32 D floats.
+void attend_block(const float* q, int64_t nq, const int32_t* seen, const float* k, const float* v, int64_t D,
+                  float* out, int64_t out_stride, float* work) {
+  float* qt = work;           // (D, 16): the queries transposed, lane j = query j
+  float* o = work + 16 * D;   // (D, 16): the running weighted sums of V
+  int32_t lim[16];
+  int64_t keys = 0;
+  for (int64_t j = 0; j < 16; ++j) {
+    lim[j] = j < nq ? seen[j] : seen[nq - 1];  // padding lanes copy a real query's range
+    keys = std::max<int64_t>(keys, lim[j]);
+    for (int64_t d = 0; d < D; ++d) qt[d * 16 + j] = j < nq ? q[j * D + d] : 0.f;
+  }
+  for (int64_t d = 0; d < D; ++d) store(o + d * 16, (v16){});
+  i16 limit;
+  memcpy(&limit, lim, 64);
+  v16 m = splat(-INFINITY), l = (v16){};
+  for (int64_t k0 = 0; k0 < keys; k0 += 16) {
+    // Scores for 16 keys, summed over 16 dimensions at a time then added up: the rounding error
+    // grows with 16 + D/16 terms rather than D (the decode loop's 16-lane sums do the same).
+    v16 s[16];
+    for (int j = 0; j < 16; ++j) s[j] = (v16){};
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      for (int j = 0; j < 16; ++j) {
+        const float* kr = k + std::min<int64_t>(k0 + j, keys - 1) * D + d0;  // past the last key: masked below
+        v16 acc = (v16){};
+        for (int64_t d = 0; d < 16; ++d) acc += load(qt + (d0 + d) * 16) * kr[d];
+        s[j] += acc;
+      }
+    }
+    v16 m_new = m;
+    for (int j = 0; j < 16; ++j) {
+      const i16 visible = (int32_t)(k0 + j) < limit;
+      s[j] = visible ? s[j] : splat(-INFINITY);
+      m_new = s[j] > m_new ? s[j] : m_new;
+    }
+    const v16 alpha = exp_neg(m - m_new);  // rescales what was summed under the old max
+    l *= alpha;
+    for (int j = 0; j < 16; ++j) {
+      const i16 visible = (int32_t)(k0 + j) < limit;
+      s[j] = visible ? exp_neg(s[j] - m_new) : (v16){};  // exactly 0 for a masked key
+      l += s[j];
+    }
+    const int64_t n = std::min<int64_t>(16, keys - k0);
+    for (int64_t d = 0; d < D; ++d) {
+      v16 acc = load(o + d * 16) * alpha;
+      for (int64_t j = 0; j < n; ++j) acc += s[j] * v[(k0 + j) * D + d];
+      store(o + d * 16, acc);
+    }
+    m = m_new;
+  }
+  const v16 inv = splat(1.f) / l;
+  for (int64_t d = 0; d < D; ++d) {
+    const v16 od = load(o + d * 16) * inv;
+    for (int64_t j = 0; j < nq; ++j) out[j * out_stride + d] = od[j];
+  }
+}
+
 // ---- row-wise ----------------------------------------------------------------------------------
 
 inline float dot_self(const float* x, int64_t n) {
@@ -190,39 +252,50 @@ int PackedLinear(int nparam, void** params, int* ndims, int64_t** shapes, const 
   return 0;
 }
 
-// inputs q (B, H, 1, D) f32, k_cache (R, D) f32, v_cache (R, D) f32, span (B, H, 2) i32;
-// output (B, 1, H, D) f32: row b, head h attends cache rows span[b, h, 0] .. span[b, h, 1]
+// inputs q (B, H, T, D) f32, k_cache (R, D) f32, v_cache (R, D) f32, first (B, H) i32, pos (B, T) i32;
+// output (B, T, H, D) f32: query t of row b, head h attends cache rows first[b, h] .. first[b, h] + pos[b, t]
 int CachedAttention(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
                     void* extra) {
-  if (nparam != 5 || !is_f32(dtypes[0]) || !is_f32(dtypes[1]) || !is_f32(dtypes[2]) || !is_i32(dtypes[3]) ||
-      !is_f32(dtypes[4]))
+  if (nparam != 6 || !is_f32(dtypes[0]) || !is_f32(dtypes[1]) || !is_f32(dtypes[2]) || !is_i32(dtypes[3]) ||
+      !is_i32(dtypes[4]) || !is_f32(dtypes[5]))
     return 1;
-  if (ndims[0] != 4 || shapes[0][2] != 1 || shapes[0][3] % 16 != 0 || ndims[1] != 2 ||
-      shapes[1][1] != shapes[0][3] || ndims[3] != 3 || shapes[3][2] != 2)
+  if (ndims[0] != 4 || shapes[0][3] % 16 != 0 || ndims[1] != 2 || shapes[1][1] != shapes[0][3] || ndims[3] != 2 ||
+      ndims[4] != 2 || shapes[3][0] != shapes[0][0] || shapes[3][1] != shapes[0][1] || shapes[4][1] != shapes[0][2])
     return 2;
   const float* q = static_cast<const float*>(params[0]);
   const float* kc = static_cast<const float*>(params[1]);
   const float* vc = static_cast<const float*>(params[2]);
-  const int32_t* span = static_cast<const int32_t*>(params[3]);
-  float* out = static_cast<float*>(params[4]);
-  const int64_t BH = shapes[0][0] * shapes[0][1], D = shapes[0][3], R = shapes[1][0];
-  // A span is clipped to the cache (at least one row) rather than refused: the engine never builds
-  // one outside it, and a non-zero return leaves MindSpore 2.9's graph unusable for the rest of the
-  // process (seen: every later call fails), which would take a whole worker down.
-  auto clip = [R](int64_t r) { return r < 0 ? 0 : r >= R ? R - 1 : r; };
-  int64_t longest = 0;
-  for (int64_t i = 0; i < BH; ++i) {
-    const int64_t first = clip(span[2 * i]), last = clip(span[2 * i + 1]);
-    longest = last - first + 1 > longest ? last - first + 1 : longest;
-  }
-#pragma omp parallel if (BH * longest * D > (1 << 16))
+  const int32_t* first = static_cast<const int32_t*>(params[3]);
+  const int32_t* pos = static_cast<const int32_t*>(params[4]);
+  float* out = static_cast<float*>(params[5]);
+  const int64_t B = shapes[0][0], H = shapes[0][1], T = shapes[0][2], D = shapes[0][3], R = shapes[1][0];
+  // Rows are clipped to the cache rather than refused: the engine never asks for one outside it
+  // (padding queries included), and a non-zero return leaves MindSpore 2.9's graph unusable for
+  // the rest of the process (seen: every later call fails), which would take a whole worker down.
+  auto start = [&](int64_t i) { return std::min<int64_t>(std::max<int64_t>(first[i], 0), R - 1); };
+  auto keys = [&](int64_t i, int64_t b, int64_t t) {  // how many rows query t of (row, head) i sees
+    return std::min<int64_t>(std::max<int64_t>(pos[b * T + t], 0) + 1, R - start(i));
+  };
+  const int64_t blocks = (T + 15) / 16;  // queries go 16 at a time through attend_block
+  int64_t longest = 1;
+  for (int64_t i = 0; i < B * H; ++i)
+    for (int64_t t = 0; t < T; ++t) longest = std::max(longest, keys(i, i / H, t));
+#pragma omp parallel if (B * H * T * longest * D > (1 << 16))
   {
-    std::vector<float> scores(longest);
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < BH; ++i) {
-      const int64_t first = clip(span[2 * i]), last = clip(span[2 * i + 1]);  // (B, H) order in and out
-      const int64_t n = last >= first ? last - first + 1 : 1;
-      attend(q + i * D, kc + first * D, vc + first * D, n, D, out + i * D, scores.data());
+    std::vector<float> work(T == 1 ? longest : 32 * D);
+#pragma omp for schedule(dynamic)
+    for (int64_t item = 0; item < B * H * blocks; ++item) {
+      const int64_t i = item / blocks, b = i / H, h = i % H, t0 = item % blocks * 16;
+      const float* k = kc + start(i) * D;
+      const float* v = vc + start(i) * D;
+      if (T == 1) {  // decode: one query, the keys in a plain loop
+        attend(q + i * D, k, v, keys(i, b, 0), D, out + (b * H + h) * D, work.data());
+        continue;
+      }
+      int32_t seen[16];
+      const int64_t nq = std::min<int64_t>(16, T - t0);
+      for (int64_t j = 0; j < nq; ++j) seen[j] = (int32_t)keys(i, b, t0 + j);
+      attend_block(q + (i * T + t0) * D, nq, seen, k, v, D, out + ((b * T + t0) * H + h) * D, H * D, work.data());
     }
   }
   return 0;

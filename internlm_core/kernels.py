@@ -4,15 +4,16 @@ compiled steps as MindSpore AOT custom ops.
     so = library()          # the built kernels' path, or None (with ``unavailable()`` saying why)
     wp = pack(w)            # (N, K) weight -> (N/16, K, 16), the layout PackedLinear reads
     y = linear_op(bias)(x, wp[, b])                  # x W^T + b, any leading shape
-    out = attention_op()(q, k_cache, v_cache, span)  # one query per (row, head) over cache rows
+    out = attention_op()(q, k_cache, v_cache, first, pos)  # causal, over each row's cache rows
     y = rms_norm_op()(x, w, eps)                     # eps a (1,) tensor
     y = silu_mul_op()(gate_up)                       # silu(gate) * up
     qkv = rope_op()(y, cos, sin, q_scale)            # (B, T, 3HD) -> (B, 3H, T, D), q/k rotated
 
 Why (measured on the 2-core build machine, the bench-serve model): a decode step reads the
 weights once per token and is bound by memory; MindSpore's CPU MatMul reads a 103168 x 512 head
-at ~20 GB/s and its KV gather copies every attended row before attention reads it again. The
-kernels stream each weight and KV byte once. See ``kernels.cc`` for the layouts.
+at ~20 GB/s, its KV gather copies every attended row before attention reads it again, and each of
+a step's ~300 small ops costs ~10 us to launch. The kernels stream each weight and KV byte once
+and stand for several ops each. See ``kernels.cc`` for the layouts.
 
 The library is compiled with the machine's ``g++ -O3 -march=native -fopenmp`` into a cache
 folder (``INTERNLM_KERNEL_DIR``, default ``~/.cache/internlm/kernels``) under a name that hashes
@@ -135,9 +136,10 @@ def linear_op(bias: bool):
 
 @functools.cache
 def attention_op():
-    """out (B, 1, H, D) = softmax(q K^T) V: q (B, H, 1, D) scaled, caches (R, D), span (B, H, 2)
-    int32 = the first and last cache row each (row, head) attends."""
-    return _op("CachedAttention", lambda q, k, v, span: [q[0], 1, q[1], q[3]], lambda q, k, v, span: q)
+    """out (B, T, H, D) = softmax(q K^T) V: q (B, H, T, D) scaled, caches (R, D), first (B, H) int32
+    = each (row, head)'s first cache row, pos (B, T) int32: query t sees rows first .. first + pos."""
+    return _op("CachedAttention", lambda q, k, v, first, pos: [q[0], q[2], q[1], q[3]],
+               lambda q, k, v, first, pos: q)
 
 
 @functools.cache

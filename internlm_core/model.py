@@ -162,9 +162,9 @@ class Attention(nn.Cell):
         in place (0.4 ms); ScatterNdUpdate on a (slots, nh, L, hd) cache copied the whole cache
         per call (8 ms per layer and k/v at 9 x 2048 positions), so a step cost the allocated cache.
 
-        With the CPU kernels (``cached_attention`` set) a decode step (T == 1) passes ``read_index``
-        (B, nh, 2) instead: the first and last cache row each (row, head) attends; the kernel reads
-        them where they lie (no gather, no mask) and ``mask`` is unused.
+        With the CPU kernels (``cached_attention`` set) the engine passes ``read_index`` (B, nh), each
+        (row, head)'s first cache row, and ``mask`` (B, T) int32, each query's position: query t
+        attends rows first .. first + position, read where they lie (no gather, no mask tensor).
 
         The exported graphs' cache (no ``read_index``) is (slots, nh, L, hd) with ``cache_index``
         (B, nh, T, 3) = (slot, head, position): prefill attends within x (S == T), decode
@@ -189,8 +189,9 @@ class Attention(nn.Cell):
             flat = (b * self.n_heads * t, self.head_dim)
             k_new = ops.scatter_update(k_cache, cache_index, k.reshape(flat).astype(k_cache.dtype))
             v_new = ops.scatter_update(v_cache, cache_index, v.reshape(flat).astype(v_cache.dtype))
-            if self.cached_attention is not None and t == 1:
-                out = self.cached_attention(q, ops.depend(k_cache, k_new), ops.depend(v_cache, v_new), read_index)
+            if self.cached_attention is not None:
+                out = self.cached_attention(q, ops.depend(k_cache, k_new), ops.depend(v_cache, v_new), read_index,
+                                            mask)  # (B, T, nh, hd)
                 return self.wo(out.reshape(b, t, self.n_heads * self.head_dim), adapters)
             # read after the write: depend on the update, gather only the live rows and positions
             k = ops.gather(ops.depend(k_cache, k_new), read_index, 0)  # (B, nh, S, hd)
@@ -303,7 +304,7 @@ class InternLMForCausalLM(nn.Cell):
 
     def use_cpu_kernels(self) -> bool:
         """Serve with the CPU kernels (``kernels``): every linear of the fused form and the head
-        packed, decode attention read from the cache in place, norms, rotary and SwiGLU one kernel
+        packed, attention read from the cache where it lies, norms, rotary and SwiGLU one kernel
         each; the rope tables it takes are then ``rope_tables``' (B, T, hd), not the fused ones.
         Needs the fused form; False (and nothing changed) where the kernels are unavailable
         (``kernels.unavailable()`` says why)."""

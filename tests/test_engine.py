@@ -34,14 +34,16 @@ def hf_greedy(ref, prompt, n=32):
 def test_cached_decode_equals_full_recompute(model, engine):
     ids = random_ids(40, 512, seed=1)
     full = model(*forward_inputs(model.config, np.array([ids]))).asnumpy()[0]
+    # The cached path's attention (the CPU kernels' online softmax) sums in another order than the
+    # uncached forward's: float32 rounding, a few ulps of logits of order 1.
     logits = engine.prefill([2], [ids[:10]])[0]
-    np.testing.assert_allclose(logits, full[9], atol=1e-5)
+    np.testing.assert_allclose(logits, full[9], rtol=1e-5, atol=1e-5)
     tokens = np.zeros(4, np.int32)
     positions = np.zeros(4, np.int64)
     for t in range(10, 40):
         tokens[2], positions[2] = ids[t], t
         logits = engine.decode(tokens, positions)[2]
-        np.testing.assert_allclose(logits, full[t], atol=1e-5)
+        np.testing.assert_allclose(logits, full[t], rtol=1e-5, atol=1e-5)
 
 
 def test_greedy_32_tokens_identical_to_hf(tiny_hf, engine):
@@ -229,9 +231,9 @@ def test_warmup_covers_long_prompts_and_prefix_starts():
     model = InternLMForCausalLM(cfg)
     init_weights(model, seed=3, std=0.5)
     eng = Engine(model, max_batch=2, max_len=4 * MIN_ATTEND)
-    # rows 1, 2 x (decode: one shape with the kernels, else one per attended length 128, 256, 512;
-    # + chunks 32, 64, 128) + one row x chunks x (256, 512)
-    assert eng.warmup() == 2 * ((1 if eng.kernels else 3) + 3) + 2 * 3
+    # with the kernels rows 1, 2 x (decode + chunks 32, 64, 128); with MindSpore's ops rows 1, 2 x
+    # (decode at attended 128, 256, 512 + chunks) + one row x chunks x (256, 512)
+    assert eng.warmup() == (2 * (1 + 3) if eng.kernels else 2 * (3 + 3) + 2 * 3)
     before = compiles()
     prompts = [random_ids(n, 512, seed=n) for n in (3 * PREFILL_CHUNK + 5, 2 * PREFILL_CHUNK + 70)]
     logits = list(eng.prefill([0, 1], prompts))
@@ -245,9 +247,9 @@ def test_warmup_covers_long_prompts_and_prefix_starts():
 
 def test_dynamic_ntk_while_serving_equals_hf(tmp_path, monkeypatch):
     """The 20B shape (no bias, dynamic NTK) served past its 64 trained positions: a 90-token prompt
-    prefilled in chunks (some further in than MIN_ATTEND, so one row at a time) next to a short one,
-    then cached decode through the batcher, gives HF's cached greedy generation with the same rope
-    scaling, token for token."""
+    prefilled in chunks next to a short one (with MindSpore's ops, chunks further in than
+    MIN_ATTEND one row at a time), then cached decode through the batcher, gives HF's cached
+    greedy generation with the same rope scaling, token for token."""
     import internlm_core.engine as engine_mod
     from internlm_core.batching import Batcher
     from internlm_core.config import Config
@@ -274,4 +276,5 @@ def test_dynamic_ntk_while_serving_equals_hf(tmp_path, monkeypatch):
             want = ref.generate(torch.tensor([p]), max_new_tokens=40, min_new_tokens=40, do_sample=False,
                                 eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
         assert tokens == want, f"prompt of {len(p)}"
-    assert any(a > 64 for _, _, a in engine.shapes_run)  # it did attend past the trained positions
+    assert len(prompts[0]) > cfg.max_position_embeddings  # it attends past the trained positions
+    assert engine.kernels or any(a > 64 for _, _, a in engine.shapes_run)

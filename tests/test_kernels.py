@@ -59,54 +59,60 @@ class _Attention(nn.Cell):
         self.op = kernels.attention_op()
 
     @ms.jit
-    def construct(self, q, span):
-        return self.op(q, self.k, self.v, span)
+    def construct(self, q, first, pos):
+        return self.op(q, self.k, self.v, first, pos)
 
 
-def reference_attention(q, k, v, span):
-    b, h, _, d = q.shape
-    out = np.zeros((b, 1, h, d))
+def reference_attention(q, k, v, first, pos):
+    """(B, T, H, D): query t of row b, head h over cache rows first[b, h] .. first[b, h] + pos[b, t]."""
+    b, h, t, d = q.shape
+    out = np.zeros((b, t, h, d))
     for i in range(b):
         for j in range(h):
-            first, last = span[i, j]
-            s = k[first:last + 1].astype(np.float64) @ q[i, j, 0].astype(np.float64)
-            p = np.exp(s - s.max())
-            out[i, 0, j] = (p / p.sum()) @ v[first:last + 1]
+            for n in range(t):
+                rows = slice(first[i, j], first[i, j] + pos[i, n] + 1)
+                s = k[rows].astype(np.float64) @ q[i, j, n].astype(np.float64)
+                p = np.exp(s - s.max())
+                out[i, n, j] = (p / p.sum()) @ v[rows]
     return out
 
 
+@pytest.mark.parametrize("t", [1, 5, 16, 17, 40])
 @pytest.mark.parametrize("d", [16, 64, 128])
-def test_cached_attention_equals_softmax_over_each_rows_span(d):
-    """Spans of 1, 15, 16, 17 and hundreds of keys (the 16-wide exp and its scalar tail), rows
-    and heads anywhere in the cache, scores large enough that the max subtraction matters."""
-    rng = np.random.default_rng(d)
-    rows, b, h = 4000, 5, 3
+def test_cached_attention_equals_causal_softmax_over_each_rows_cache(t, d):
+    """One query (decode) and chunks of queries (prefill: 16 at a time, and remainders), rows and
+    heads anywhere in the cache, positions from 0 to hundreds (one key, the 16-key blocks and their
+    remainders, the 16-wide exp and its tail), scores large enough that the max subtraction matters."""
+    rng = np.random.default_rng(d * t)
+    rows, b, h = 4000, 3, 2
     k = rng.normal(size=(rows, d)).astype(np.float32)
     v = rng.normal(size=(rows, d)).astype(np.float32)
-    q = (3 * rng.normal(size=(b, h, 1, d))).astype(np.float32)
-    lengths = np.array([1, 15, 16, 17, 700])
-    first = rng.integers(0, rows - 700, (b, h))
-    span = np.stack([first, first + lengths[:, None] - 1], -1).astype(np.int32)
-    out = _Attention(k, v)(Tensor(q), Tensor(span)).asnumpy()
+    q = (3 * rng.normal(size=(b, h, t, d))).astype(np.float32)
+    start = np.array([0, 15, 650])[:, None] + np.arange(t)  # each row's query positions
+    first = rng.integers(0, rows - 700, (b, h)).astype(np.int32)
+    out = _Attention(k, v)(Tensor(q), Tensor(first), Tensor(start.astype(np.int32))).asnumpy()
     # float32 sums over up to 700 keys of unit-scale values: ~1e-7 * sqrt(700) * a few
-    np.testing.assert_allclose(out, reference_attention(q, k, v, span), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, reference_attention(q, k, v, first, start), rtol=1e-5, atol=1e-5)
 
 
 def test_cached_attention_never_reads_outside_the_cache():
-    """A span past the cache's rows is clipped to them (an error code from an AOT kernel would leave
+    """Rows past the cache are clipped to it (an error code from an AOT kernel would leave
     MindSpore's graph unusable for every later call): the output is attention over the rows that
     exist, and the graph keeps working."""
     rng = np.random.default_rng(0)
     k = rng.normal(size=(64, 16)).astype(np.float32)
     v = rng.normal(size=(64, 16)).astype(np.float32)
     cell = _Attention(k, v)
-    q = Tensor(rng.normal(size=(1, 1, 1, 16)).astype(np.float32))
-    inside = np.array([[[60, 63]]], np.int32)
-    expected = reference_attention(q.asnumpy(), k, v, inside)
-    for span in ([[[60, 64]]], [[[60, 10**9]]], inside):
-        out = cell(q, Tensor(np.array(span, np.int32))).asnumpy()
-        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
-    assert np.isfinite(cell(q, Tensor(np.array([[[-5, -1]]], np.int32))).asnumpy()).all()
+    for t in (1, 3):
+        q = Tensor(rng.normal(size=(1, 1, t, 16)).astype(np.float32))
+        first = Tensor(np.array([[60]], np.int32))
+        inside = np.full((1, t), 3, np.int32)  # rows 60..63, the cache's last
+        expected = reference_attention(q.asnumpy(), k, v, np.array([[60]]), inside)
+        for pos in (inside + 1, np.full((1, t), 10**9, np.int32), inside):
+            out = cell(q, first, Tensor(pos)).asnumpy()
+            np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+        out = cell(q, Tensor(np.array([[-5]], np.int32)), Tensor(np.full((1, t), -1, np.int32))).asnumpy()
+        assert np.isfinite(out).all()
 
 
 class _Graph(nn.Cell):
