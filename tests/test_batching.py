@@ -250,3 +250,40 @@ def test_resumed_request_continues_exactly(model, params):
             b.submit(prompt, params.replace(max_new_tokens=80), resume=[5] * 60)
     finally:
         b.stop(timeout=30)
+
+
+def test_the_cpu_kernels_serve_the_tokens_of_mindspores_own_ops(tiny_config):
+    """Greedy tokens are the same with every serving optimisation (the CPU kernels: packed
+    matmuls, attention read from the cache, one-op norms/rotary/SwiGLU, one decode shape for any
+    length) and without them (MindSpore's ops over gathered, masked cache buckets), for mixed
+    traffic through the batcher: short and long prompts (chunked, past the smallest bucket)
+    joining and leaving at different times, and prefix-cache hits."""
+    import internlm_core.engine as engine_mod
+    from internlm_core.model import InternLMForCausalLM, init_weights
+
+    cfg = tiny_config.replace(max_position_embeddings=256)
+    prompts = [random_ids(n, 512, seed=n) for n in (3, 90, 17, 140, 40, 9)]
+    prompts += [prompts[1] + random_ids(12, 512, seed=7), prompts[3][:100]]  # prefix hits on finished slots
+    lengths = [30, 12, 50, 20, 8, 40, 16, 10]
+    got = {}
+    for kernels in (True, False):
+        model = InternLMForCausalLM(cfg)
+        init_weights(model, seed=0, std=0.5)
+        engine = Engine(model, max_batch=3, max_len=256, cpu_kernels=kernels)
+        assert engine.kernels == kernels
+        engine.prefill_chunk = 32
+        b = Batcher(engine, max_queue=8).start()
+        try:
+            handles, early = [], []
+            for i, (p, n) in enumerate(zip(prompts, lengths)):
+                handles.append(b.submit(p, SamplingParams(max_new_tokens=n, ignore_eos=True)))
+                if i == 2:  # later arrivals join streams that are already decoding
+                    early = handles[0].next_events()
+                if i == 5:  # the prefix hits come after the slots they reuse were freed
+                    wait_idle(b)
+            got[kernels] = [[e.token_id for e in (early if i == 0 else []) + list(h)] for i, h in enumerate(handles)]
+        finally:
+            b.stop(timeout=60)
+        assert {t for _, t, _ in engine.shapes_run} & {32}  # chunked prefill ran
+    assert got[True] == got[False]
+    assert [len(t) for t in got[True]] == lengths
