@@ -217,10 +217,13 @@ class SequenceState:
         p = self.params
         logits = apply_repetition_penalty(logits, self.seen, p.repetition_penalty)
         logits = apply_presence_frequency(logits, self.counts, p.presence_penalty, p.frequency_penalty)
-        if len(self.generated) < p.min_new_tokens or p.ignore_eos:
+        if self._stops_masked():
             logits = logits.copy()
             logits[[i for i in self.stop_ids if i < len(logits)]] = -np.inf
         return logits
+
+    def _stops_masked(self) -> bool:
+        return len(self.generated) < self.params.min_new_tokens or self.params.ignore_eos
 
     def choose(self, logits: np.ndarray) -> int:
         p = self.params
@@ -235,7 +238,9 @@ class SequenceState:
     def step(self, logits: np.ndarray, max_len: int | None = None) -> TokenEvent:
         """Pick, record and report the next token from the model's logits (V,)."""
         logits = np.asarray(logits, np.float32)
-        token = self.choose(self.process(logits))
+        token = self._greedy_unchanged(logits)
+        if token is None:
+            token = self.choose(self.process(logits))
         logprob = top = None
         if self.params.logprobs or self.params.top_logprobs:  # of the model's distribution, before sampling's changes
             lsm = log_softmax(logits.astype(np.float64))
@@ -243,6 +248,16 @@ class SequenceState:
             if self.params.top_logprobs:
                 top = [(int(i), float(lsm[i])) for i in top_ids(lsm, self.params.top_logprobs)]
         return TokenEvent(token, self._record(token, max_len), logprob, self.finish_reason, top)
+
+    def _greedy_unchanged(self, logits: np.ndarray) -> int | None:
+        """Greedy without penalties: the argmax, found without copying the logits when it is not a
+        masked stop id (masking only lowers those, so the masked argmax is the same token); None
+        when ``choose(process(...))`` must decide. Saves a copy of the vocabulary every token."""
+        p = self.params
+        if p.temperature != 0.0 or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            return None
+        token = int(np.argmax(logits))
+        return None if token in self.stop_ids and self._stops_masked() else token
 
     def resume(self, tokens: Sequence[int], max_len: int | None = None) -> None:
         """Continue after ``tokens`` that this request already produced (on a worker that went
@@ -265,7 +280,8 @@ class SequenceState:
         """Append a generated token; the text it releases (finish_reason set when it ends the request)."""
         self.generated.append(token)
         self.counts[token] += 1
-        self.seen = np.union1d(self.seen, [token])
+        if self.params.repetition_penalty != 1.0:  # only the repetition penalty reads it
+            self.seen = np.union1d(self.seen, [token])
         text = ""
         if token in self.stop_ids and not self.params.ignore_eos:
             self.finish_reason = FINISH_EOS
