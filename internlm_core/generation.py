@@ -112,23 +112,27 @@ MAX_TOP_LOGPROBS = 20  # as OpenAI's API allows
 _FLOAT_PARAMS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
+def _param(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class SamplingParams:
-    max_new_tokens: int = 128
-    min_new_tokens: int = 0
-    temperature: float = 0.0  # 0 => greedy
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None  # None => a fresh seed, reported back
+    max_new_tokens: int = _param(128, "tokens to generate at most")
+    min_new_tokens: int = _param(0, "tokens before a stop token may end the request")
+    temperature: float = _param(0.0, "0 = greedy")
+    top_k: int = _param(0, "sample from the k most likely tokens (0 = all)")
+    top_p: float = _param(1.0, "sample from the smallest set reaching this probability")
+    min_p: float = _param(0.0, "drop tokens below this times the top token's probability")
+    repetition_penalty: float = _param(1.0, "HF's: seen tokens' logits divided (positive) or multiplied")
+    presence_penalty: float = _param(0.0, "OpenAI's: subtracted once from every seen token's logit")
+    frequency_penalty: float = _param(0.0, "OpenAI's: subtracted per occurrence of a token")
+    seed: int | None = _param(None, "sampling seed (default: a fresh one, reported back)")
     stop: Sequence[str] = ()
     stop_token_ids: Sequence[int] | None = None  # None => eos and <eoa>
     ignore_eos: bool = False
     logprobs: bool = False
-    top_logprobs: int = 0  # also the k most likely tokens' log-probabilities at each step (implies logprobs)
+    top_logprobs: int = _param(0, "also the k most likely tokens' log-probabilities (implies logprobs)")
 
     def validate(self) -> "SamplingParams":
         def bad(msg):
@@ -161,6 +165,11 @@ class SamplingParams:
 
     def replace(self, **kw) -> "SamplingParams":
         return dataclasses.replace(self, **kw)
+
+
+# The number-valued parameters, as every outer form names them (protobuf fields, CLI flags):
+# derived here so that a parameter added above reaches each of them.
+SCALAR_PARAMS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.type in ("int", "float", "int | None"))
 
 
 @dataclass

@@ -7,13 +7,13 @@ import sys
 
 import grpc
 
+from internlm_core.generation import SCALAR_PARAMS
+
 from services.messages import FINISH_FROM_PB, chat_to_pb
 from services.pb import common_pb2, inference_pb2, inference_pb2_grpc
 
 DEFAULT_ENDPOINT = "localhost:50051"
 
-_SAMPLING = ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-             "presence_penalty", "frequency_penalty", "seed")
 
 
 def endpoint_address(args=None) -> str:
@@ -23,7 +23,7 @@ def endpoint_address(args=None) -> str:
 def request_from_args(args) -> inference_pb2.GenerateRequest:
     """The GenerateRequest for ``internlm generate``'s arguments (the server checks the values)."""
     params = common_pb2.SamplingParams(stop=list(getattr(args, "stop", None) or []))
-    for name in _SAMPLING:
+    for name in SCALAR_PARAMS:  # the flags ``model_cmds`` derives from the same list
         value = getattr(args, name, None)
         if value is not None:
             setattr(params, name, value)

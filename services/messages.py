@@ -1,7 +1,8 @@
 """Conversions between the protobuf messages and the core's types (from_pb / to_pb)."""
 from __future__ import annotations
 
-from internlm_core.generation import FINISH_ABORTED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SamplingParams
+from internlm_core.generation import (FINISH_ABORTED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SCALAR_PARAMS,
+                                      SamplingParams)
 
 from services.pb import common_pb2, inference_pb2
 
@@ -13,13 +14,9 @@ FINISH_TO_PB = {
 }
 FINISH_FROM_PB = {v: k for k, v in FINISH_TO_PB.items()}
 
-_SCALARS = ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-            "presence_penalty", "frequency_penalty", "seed", "top_logprobs")
-
-
 def sampling_from_pb(p: common_pb2.SamplingParams) -> SamplingParams:
     """Unset fields keep the core's defaults; the values are checked by ``validate`` (ValueError)."""
-    kw = {name: getattr(p, name) for name in _SCALARS if p.HasField(name)}
+    kw = {name: getattr(p, name) for name in SCALAR_PARAMS if p.HasField(name)}
     kw["stop"] = tuple(p.stop)
     if p.HasField("stop_token_ids"):
         kw["stop_token_ids"] = tuple(p.stop_token_ids.ids)
@@ -28,7 +25,7 @@ def sampling_from_pb(p: common_pb2.SamplingParams) -> SamplingParams:
 
 def sampling_to_pb(s: SamplingParams) -> common_pb2.SamplingParams:
     p = common_pb2.SamplingParams(stop=list(s.stop), ignore_eos=s.ignore_eos, logprobs=s.logprobs)
-    for name in _SCALARS:
+    for name in SCALAR_PARAMS:
         value = getattr(s, name)
         if value is not None:
             setattr(p, name, value)

@@ -24,14 +24,7 @@ def register(sub) -> None:
     g.add_argument("--allow-special-tokens", action="store_true",
                    help="literal <s>, </s>, <eoh>, <eoa>, ... in the prompt become control tokens "
                         "(default: plain text)")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--min-new-tokens", type=int, default=0)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int)
+    add_sampling_flags(g)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--adapter", help="LoRA adapter name (remote only)")
     g.add_argument("--json", action="store_true", help="print one JSON object at the end")
@@ -58,12 +51,26 @@ def convert(args) -> int:
     return 0
 
 
-def sampling_from_args(args):
-    from internlm_core.generation import SamplingParams
+def add_sampling_flags(parser) -> None:
+    """One flag per number-valued ``SamplingParams`` field, with its help; unset flags keep the
+    core's defaults (locally) or the server's (remotely)."""
+    import dataclasses
 
-    return SamplingParams(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
-                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                          repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop)).validate()
+    from internlm_core.generation import SCALAR_PARAMS, SamplingParams
+
+    fields = {f.name: f for f in dataclasses.fields(SamplingParams)}
+    for name in SCALAR_PARAMS:
+        f = fields[name]
+        default = f.default if f.default is not None else "none"
+        parser.add_argument("--" + name.replace("_", "-"), type=float if f.type == "float" else int,
+                            help=f"{f.metadata['help']} (default: {default})")
+
+
+def sampling_from_args(args):
+    from internlm_core.generation import SCALAR_PARAMS, SamplingParams
+
+    given = {name: getattr(args, name) for name in SCALAR_PARAMS if getattr(args, name) is not None}
+    return SamplingParams(stop=tuple(args.stop), **given).validate()
 
 
 def prompt_messages(args) -> list[dict]:
