@@ -1,6 +1,5 @@
 """The gRPC services and Celery workers around ``internlm_core``."""
-import os
-
-# Same reason as in internlm_core/__init__.py: any services process may load MindSpore after
-# the generated stubs, and protobuf's runtime is fixed at its first import.
-os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
+# internlm_core's package init chooses protobuf's pure-Python runtime (MindSpore's own protobuf
+# modules need it) and libgomp's spin; both are read once, at the first import of protobuf or
+# MindSpore, and any services process may import the generated stubs before MindSpore.
+import internlm_core  # noqa: F401

@@ -6,14 +6,9 @@ endpoint can find it. Every RPC is: request -> one batcher call -> responses.
 """
 from __future__ import annotations
 
-import os
-
-# MindSpore's generated protobuf modules load only with the pure-Python protobuf runtime; MindSpore
-# selects it itself, but too late if our stubs imported protobuf first. Choose it before any import.
-os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
-
 import argparse
 import logging
+import os
 import socket
 import time
 import uuid

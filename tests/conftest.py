@@ -1,5 +1,6 @@
 import pytest
 
+import internlm_core  # noqa: F401  (first: it picks protobuf's runtime before any stub loads protobuf)
 from tests.helpers import TOKENIZER_MODEL, RedisServer, hf_reference_model, save_hf_folder
 
 

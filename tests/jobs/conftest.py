@@ -15,10 +15,6 @@ import pytest
 
 from tests.helpers import REPO, RedisServer
 
-# MindSpore's own generated protobuf modules only load with the pure-Python protobuf, which it selects
-# when it is imported first; these tests import gRPC stubs first, so select it here, before they do.
-os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
-
 # Short enough that a lost worker is noticed within a couple of seconds in tests.
 HEARTBEAT_S, LOCK_TTL_S = 0.25, 3.0
 

@@ -3,21 +3,16 @@ launcher starts it, with its own log file (shown when a test fails to reach it).
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
-# MindSpore's generated protobuf code loads only with the pure-Python runtime; these tests import
-# both our stubs and the core, so choose it before either (MindSpore would, but too late).
-os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
+import pytest
 
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import urllib.request  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-
-from tests.helpers import REPO, RedisServer, free_port  # noqa: E402
+from tests.helpers import REPO, RedisServer, free_port
 
 WORKER_SLOTS, WORKER_QUEUE, WORKER_LEN = 4, 8, 256
 
