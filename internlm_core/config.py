@@ -43,7 +43,7 @@ class Config:
         if (self.hidden_size // self.num_heads) % 2:
             raise ConfigError("head_dim must be even for rotary embeddings")
         if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+            raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
         if self.rope_scaling not in (None, "dynamic"):
             raise ConfigError(f"unsupported rope_scaling {self.rope_scaling!r} (None or 'dynamic')")
         for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -121,7 +121,7 @@ class Config:
                 bos_id=hf.get("bos_token_id", 1),
                 eos_id=hf.get("eos_token_id", 2) if isinstance(hf.get("eos_token_id", 2), int) else 2,
                 pad_id=hf.get("pad_token_id") if isinstance(hf.get("pad_token_id"), int) else 2,
-                dtype={"bfloat16": "bfloat16", "float16": "float16"}.get(hf.get("torch_dtype"), "float32"),
+                dtype=hf.get("torch_dtype") if hf.get("torch_dtype") in DTYPES else "float32",
             )
         except KeyError as e:
             raise ConfigError(f"HF config lacks {e.args[0]!r}") from None
@@ -164,7 +164,7 @@ class Config:
         }
 
 
-DTYPES = {"float32", "float16", "bfloat16"}
+DTYPES = ("float32", "float16", "bfloat16")  # the weight and compute dtypes, as every path names them
 
 # Numbers from InternLM's HF configs (shared/reference/internlm-v1.md), not the MindFormers
 # yamls, which carry num_heads 60 and rms_norm_eps 1e-5 for 20B by mistake.

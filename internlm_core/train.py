@@ -40,13 +40,14 @@ from typing import Callable
 import numpy as np
 
 from .checkpoint import Cancelled, atomic_folder
+from .config import DTYPES
 from .data import IGNORE, load_rows
 from .lora import AdapterSpec, parse_targets
 from .schedule import batch_rows, lr_at, split_eval
 from .train_logs import ScalarWriter, plot_loss
 from .train_state import latest_checkpoint, load_checkpoint, save_checkpoint
 
-DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
+DTYPE_CHOICES = ("auto", *DTYPES)
 
 
 # ---- arguments ------------------------------------------------------------------------------

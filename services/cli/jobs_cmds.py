@@ -7,6 +7,8 @@ import sys
 import time
 import uuid
 
+from internlm_core.config import DTYPES
+
 RPC_TIMEOUT_S = 30
 
 
@@ -20,7 +22,7 @@ def register(sub) -> None:
     c = kinds.add_parser("convert", help="HF InternLM folder -> model in the store")
     c.add_argument("--source", required=True, help="HF folder, relative to the store root or inside its roots")
     c.add_argument("--output", required=True, help="model name in the store")
-    c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    c.add_argument("--dtype", choices=DTYPES)
     pp = kinds.add_parser("preprocess", help="Alpaca JSON or WikiText -> MindRecord dataset in the store")
     pp.add_argument("--source", required=True)
     pp.add_argument("--output", required=True, help="dataset name in the store")

@@ -4,12 +4,14 @@ from __future__ import annotations
 import json
 import sys
 
+from internlm_core.config import DTYPES
+
 
 def register(sub) -> None:
     p = sub.add_parser("convert", help="HF InternLM folder -> MindSpore model folder (or back with --to-hf)")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="target dtype (default: the source's)")
+    p.add_argument("--dtype", choices=DTYPES, help="target dtype (default: the source's)")
     p.add_argument("--to-hf", action="store_true", help="MindSpore model folder -> HF safetensors folder")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=convert)

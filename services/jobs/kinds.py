@@ -10,9 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from internlm_core.config import DTYPES
 from internlm_core.store import DATASETS, MODELS, Store, check_name
-
-DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _output(store: Store, area: str, req: dict) -> str:
