@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 
 from internlm_core.checkpoint import DTYPE_TO_ST, SafetensorsWriter, cast  # noqa: E402
 from internlm_core.config import Config  # noqa: E402
-from internlm_core.convert import _MS_RE, hf_to_ms, ms_shapes, rename  # noqa: E402
+from internlm_core.convert import _MS_RE, hf_to_ms, rename  # noqa: E402
 from services.jobs.api import add_to_server  # noqa: E402
 from services.jobs.records import JobRecords  # noqa: E402
 from services.jobs.settings import JobsSettings  # noqa: E402
@@ -46,7 +46,7 @@ def write_hf_folder(cfg: Config, folder: Path, dtype: str = "float32", seed: int
     """A random HF InternLM folder (config.json + model.safetensors), written tensor by tensor."""
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
-    shapes = {rename(k, _MS_RE): s for k, s in ms_shapes(cfg).items()}
+    shapes = {rename(k, _MS_RE): s for k, s in cfg.param_shapes().items()}
     st = DTYPE_TO_ST[dtype]
     w = SafetensorsWriter(folder / "model.safetensors", [(k, st, s) for k, s in shapes.items()], {"format": "pt"})
     for k, s in shapes.items():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,10 +59,24 @@ class Config:
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
 
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every parameter of the model, by MindFormers name (what checkpoints hold), with its shape."""
+        h, i = self.hidden_size, self.intermediate_size
+        shapes = {"model.tok_embeddings.embedding_weight": (self.vocab_size, h),
+                  "model.norm_out.weight": (h,), "lm_head.weight": (self.vocab_size, h)}
+        for n in range(self.num_layers):
+            p = f"model.layers.{n}."
+            for w in "qkvo":
+                shapes[f"{p}attention.w{w}.weight"] = (h, h)
+                if self.bias:
+                    shapes[f"{p}attention.w{w}.bias"] = (h,)
+            shapes.update({f"{p}feed_forward.w1.weight": (i, h), f"{p}feed_forward.w2.weight": (h, i),
+                           f"{p}feed_forward.w3.weight": (i, h), f"{p}attention_norm.weight": (h,),
+                           f"{p}ffn_norm.weight": (h,)})
+        return shapes
+
     def num_parameters(self) -> int:
-        h, i, v, n = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_layers
-        attn = 4 * h * h + (4 * h if self.bias else 0)
-        return 2 * v * h + h + n * (attn + 3 * h * i + 2 * h)
+        return sum(math.prod(s) for s in self.param_shapes().values())
 
     # ---- constructors ---------------------------------------------------------------------
     @classmethod

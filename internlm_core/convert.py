@@ -67,23 +67,6 @@ def hf_name(ms_name: str) -> str:
     return rename(ms_name, _MS_RE)
 
 
-def ms_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
-    """Every parameter of the MindSpore model, by MindFormers name, with its shape."""
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    shapes = {"model.tok_embeddings.embedding_weight": (cfg.vocab_size, h),
-              "model.norm_out.weight": (h,), "lm_head.weight": (cfg.vocab_size, h)}
-    for n in range(cfg.num_layers):
-        p = f"model.layers.{n}."
-        for w in "qkvo":
-            shapes[f"{p}attention.w{w}.weight"] = (h, h)
-            if cfg.bias:
-                shapes[f"{p}attention.w{w}.bias"] = (h,)
-        shapes.update({f"{p}feed_forward.w1.weight": (i, h), f"{p}feed_forward.w2.weight": (h, i),
-                       f"{p}feed_forward.w3.weight": (i, h), f"{p}attention_norm.weight": (h,),
-                       f"{p}ffn_norm.weight": (h,)})
-    return shapes
-
-
 def _plan(where: dict, table, expected: dict[str, tuple]) -> list[tuple[str, str]]:
     """(source name, target name) for every expected tensor; errors name what does not fit."""
     pairs, unexpected = {}, []
@@ -163,7 +146,7 @@ def hf_to_ms(src: str | Path, dst: str | Path, dtype: str | None = None, overwri
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     where = open_weights(src)
-    plan = _plan(where, _HF_RE, ms_shapes(cfg))
+    plan = _plan(where, _HF_RE, cfg.param_shapes())
     with atomic_folder(dst, overwrite) as tmp:
         weights = _weights(tmp, work_dir)
         out_dtype = _convert(where, plan, weights, dtype, progress, cancel, {"format": "ms"}, work_dir is not None)
@@ -184,7 +167,7 @@ def ms_to_hf(src: str | Path, dst: str | Path, dtype: str | None = None, overwri
     src = Path(src)
     cfg = read_config(src)
     where = {k: f for f in [SafetensorsFile(src / WEIGHTS_FILE)] for k in f.keys()}
-    expected_hf = {rename(k, _MS_RE): s for k, s in ms_shapes(cfg).items()}
+    expected_hf = {rename(k, _MS_RE): s for k, s in cfg.param_shapes().items()}
     plan = _plan(where, _MS_RE, expected_hf)  # (ms name, hf name)
     with atomic_folder(dst, overwrite) as tmp:
         weights = _weights(tmp, work_dir)
@@ -202,5 +185,5 @@ def is_model_folder(folder: str | Path) -> bool:
         '"format": "internlm-mindspore' in (folder / CONFIG_FILE).read_text()
 
 
-__all__ = ["hf_to_ms", "ms_to_hf", "ms_shapes", "rename", "hf_name", "HF_TO_MS", "MS_TO_HF", "TOKENIZER_FILE",
+__all__ = ["hf_to_ms", "ms_to_hf", "rename", "hf_name", "HF_TO_MS", "MS_TO_HF", "TOKENIZER_FILE",
            "is_model_folder"]

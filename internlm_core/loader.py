@@ -10,7 +10,6 @@ from mindspore import Tensor
 from .checkpoint import (DTYPE_TO_ST, WEIGHTS_FILE, CheckpointError, SafetensorsFile, SafetensorsWriter,
                          atomic_folder, cast, copy_tokenizer, read_config, to_float32)
 from .config import Config
-from .convert import ms_shapes
 from .model import InternLMForCausalLM
 
 
@@ -21,7 +20,7 @@ def set_runtime() -> None:
 
 
 def load_weights(model: InternLMForCausalLM, weights: dict[str, np.ndarray] | SafetensorsFile) -> None:
-    expected = ms_shapes(model.config)
+    expected = model.config.param_shapes()
     params = dict(model.parameters_and_names())
     names = set(weights.keys())
     missing = sorted(k for k in params if k.startswith(("model.", "lm_head")) and k not in names
@@ -58,7 +57,7 @@ def load_model(folder: str | Path, compute_dtype: str | None = None) -> InternLM
 def state_dict(model: InternLMForCausalLM) -> dict[str, np.ndarray]:
     """Weights as float32 numpy arrays by MindFormers name (for saving and tests)."""
     return {n: p.astype(ms.float32).asnumpy() if p.dtype != ms.float32 else p.asnumpy()
-            for n, p in model.parameters_and_names() if n in ms_shapes(model.config)}
+            for n, p in model.parameters_and_names() if n in model.config.param_shapes()}
 
 
 def save_model(model: InternLMForCausalLM | dict, cfg: Config, folder: str | Path, dtype: str | None = None,
@@ -67,7 +66,7 @@ def save_model(model: InternLMForCausalLM | dict, cfg: Config, folder: str | Pat
     sd = state_dict(model) if isinstance(model, InternLMForCausalLM) else model
     dtype = dtype or cfg.dtype
     st = DTYPE_TO_ST[dtype]
-    names = list(ms_shapes(cfg))
+    names = list(cfg.param_shapes())
     with atomic_folder(folder, overwrite) as tmp:
         w = SafetensorsWriter(tmp / WEIGHTS_FILE, [(n, st, tuple(sd[n].shape)) for n in names], {"format": "ms"})
         for n in names:

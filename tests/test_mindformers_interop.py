@@ -7,7 +7,6 @@ import os
 import numpy as np
 import pytest
 
-from internlm_core.convert import ms_shapes
 from internlm_core.loader import load_model
 from internlm_core.model import forward_inputs
 from tests.helpers import random_ids
@@ -42,7 +41,7 @@ def test_checkpoint_loads_into_mindformers_llama(tiny_model_dir, tmp_path, monke
     net = mf.LlamaForCausalLM(mcfg)
     net.set_train(False)
     params = ms.load_checkpoint(str(tiny_model_dir / "model.safetensors"), format="safetensors")
-    assert set(params) == set(ms_shapes(cfg))
+    assert set(params) == set(cfg.param_shapes())
     not_loaded, unexpected = ms.load_param_into_net(net, params, strict_load=True)
     assert not_loaded == [] and unexpected == []
     assert {n for n, _ in net.parameters_and_names()} == set(params)
