@@ -39,7 +39,6 @@ from mindspore import Tensor, nn, ops
 from .checkpoint import (TOKENIZER_FILE, Cancelled, CheckpointError, atomic_folder, copy_tokenizer,
                          read_config)
 from .config import CONFIG_FILE, Config
-from .convert import ms_shapes
 from .engine_api import EngineBase, bucket, decode_inputs, prefill_inputs
 from .errors import ExportError, PromptTooLong
 from .loader import load_model, set_runtime
@@ -257,7 +256,7 @@ def check_exported(folder) -> tuple[dict, Config]:
 def _check_graph_params(graph, cfg: Config, name: str) -> None:
     """A loaded graph must carry exactly the weights the config describes (catches a graph
     copied in from another export)."""
-    expected = ms_shapes(cfg)
+    expected = cfg.param_shapes()
     got = {k: tuple(p.shape) for k, p in graph.parameters_dict().items()}
     if got != expected:
         bad = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
