@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from google.protobuf import json_format
 from google.protobuf.json_format import ParseError
 
-from services.openai_api import error_response, rpc_error_response
+from services.openai_schema import error_response, rpc_error_response
 from services.pb import jobs_pb2
 
 KINDS = {name.removeprefix("JOB_KIND_").lower(): value for name, value in jobs_pb2.JobKind.items() if value}

@@ -302,7 +302,8 @@ def main(argv: list[str] | None = None) -> None:
     def start_http():
         if not args.http_port:
             return
-        from services.openai_api import HttpServer, create_app
+        from services.http_server import HttpServer
+        from services.openai_api import create_app
         from services.pb import jobs_pb2_grpc
 
         jobs = None

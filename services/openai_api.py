@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Annotated, Literal
 
 import grpc
 from fastapi import FastAPI, Request
@@ -26,119 +24,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from internlm_core.errors import ModelNotFound
+from services.http_server import Guard
 from services.messages import FINISH_FROM_PB
+from services.openai_schema import (FINISH, HTTP_STATUS, UNION_TAGS, ChatCompletionRequest, CompletionRequest,
+                                    SamplingFields, error_response, rpc_error_response)
 from services.pb import common_pb2, inference_pb2, tokenizer_pb2, tokenizer_pb2_grpc
-from services.server_common import GRACE_S, status_of
+from services.server_common import status_of
 
 CONSOLE = Path(__file__).resolve().parent / "console"
-HTTP_REQUESTS = Counter("internlm_http_requests_total", "HTTP requests, by route and status", ["route", "status"])
-HTTP_SECONDS = Histogram("internlm_http_request_duration_seconds", "HTTP request duration (to the last byte)",
-                         ["route"], buckets=(0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
-
-# gRPC status -> (HTTP status, OpenAI error type)
-HTTP_STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
-    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
-    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
-    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
-    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
-    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
-    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
-}
-INT32 = 2 ** 31 - 1  # the protobuf fields behind the counts
-UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
-FINISH = {"length": "length", "eos": "stop", "stop": "stop", "aborted": "abort"}  # core -> OpenAI
-
-
-def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                   code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code or status}},
-                        status_code=status)
-
-
-def rpc_error_response(e: BaseException) -> JSONResponse:
-    code, message = status_of(e)
-    status, kind = HTTP_STATUS.get(code, (500, "internal_error"))
-    return error_response(status, message, kind)
-
-
-# ---- request models (OpenAI's names; vLLM's extras) ----------------------------------------
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # fields of newer API versions we do not use are ignored
-
-    model: str = ""
-    max_tokens: Annotated[int, Field(ge=1, le=INT32)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1, le=INT32)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0  # OpenAI's default: sampled
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    n: Annotated[int, Field(ge=1, le=16)] = 1
-    stop: str | list[str] | None = None
-    seed: Annotated[int, Field(ge=0, lt=2 ** 63)] | None = None
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
-    # vLLM's extras
-    top_k: Annotated[int, Field(ge=-1, le=INT32)] = 0  # 0 or -1: off
-    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
-    repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
-    min_tokens: Annotated[int, Field(ge=0, le=INT32)] = 0
-    ignore_eos: bool = False
-    stop_token_ids: list[Annotated[int, Field(ge=0, le=INT32)]] | None = None
-
-    def sampling(self, default_max: int, logprobs: bool, top: int) -> common_pb2.SamplingParams:
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        p = common_pb2.SamplingParams(
-            max_new_tokens=self.max_completion_tokens or self.max_tokens or default_max,
-            min_new_tokens=self.min_tokens, temperature=self.temperature, top_p=self.top_p,
-            top_k=max(self.top_k, 0), min_p=self.min_p, repetition_penalty=self.repetition_penalty,
-            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            stop=stop, ignore_eos=self.ignore_eos, logprobs=logprobs, top_logprobs=top)
-        if self.stop_token_ids is not None:
-            p.stop_token_ids.ids.extend(self.stop_token_ids)
-        return p
-
-
-class CompletionRequest(SamplingFields):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None  # the chosen tokens' and this many alternatives
-    echo: Literal[False] = False
-    suffix: None = None
-    best_of: Annotated[int, Field(ge=1)] | None = None
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[dict]
-
-    def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        parts = []
-        for part in self.content:  # the list form: text parts only (no images here)
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError("messages: only text content parts are supported")
-            parts.append(part["text"])
-        return "".join(parts)
-
-
-class ChatCompletionRequest(SamplingFields):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-
-
 # ---- the bridge to the gRPC proxy ----------------------------------------------------------
 
 class CallContext:
@@ -290,39 +186,6 @@ def usage(choices: list[Choice]) -> dict:
 
 def finish_reason(finish) -> str | None:
     return FINISH[FINISH_FROM_PB[finish.reason]] if finish is not None else None
-
-
-class Guard:
-    """ASGI middleware: the API key (when set) and the HTTP metrics, for every route. Plain ASGI,
-    not Starlette's BaseHTTPMiddleware, so streamed responses and client disconnects pass untouched."""
-
-    def __init__(self, app, api_key: str | None):
-        self.app, self.api_key = app, api_key
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path, start, status = scope["path"], time.monotonic(), [500]
-        route = path if not path.startswith(("/console/", "/api/jobs/")) else path.rsplit("/", 1)[0] + "/*"
-        public = path == "/" or path.startswith("/console/")  # the console's static files hold no data
-        if self.api_key and not public:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not secrets.compare_digest(given, f"Bearer {self.api_key}".encode()):
-                HTTP_REQUESTS.labels(route, "401").inc()
-                response = error_response(401, "a valid API key is required: Authorization: Bearer <key>",
-                                          "authentication_error")
-                return await response(scope, receive, send)
-
-        async def sending(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, sending)
-        finally:
-            HTTP_REQUESTS.labels(route, str(status[0])).inc()
-            HTTP_SECONDS.labels(route).observe(time.monotonic() - start)
 
 
 def create_app(proxy, router, tokenizer_address: str, api_key: str | None = None, jobs=None) -> FastAPI:
@@ -515,34 +378,3 @@ def create_app(proxy, router, tokenizer_address: str, api_key: str | None = None
         def index():
             return Response((CONSOLE / "index.html").read_bytes(), media_type="text/html")
     return app
-
-
-class HttpServer:
-    """uvicorn serving the app on a thread beside the gRPC server; ``stop()`` ends it."""
-
-    def __init__(self, app: FastAPI, host: str, port: int):
-        import uvicorn
-
-        # On stop, open streams finish (up to the same grace as the gRPC side), new ones are refused.
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                                    access_log=False, lifespan="off",
-                                                    timeout_graceful_shutdown=int(GRACE_S)))
-        self.server.install_signal_handlers = lambda: None  # the gRPC server owns SIGTERM / SIGINT
-        self.thread = threading.Thread(target=self.server.run, name="http", daemon=True)
-
-    def start(self, timeout: float = 10) -> "HttpServer":
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the HTTP server did not start (is the port free?)")
-            time.sleep(0.02)
-        return self
-
-    @property
-    def port(self) -> int:
-        return self.server.servers[0].sockets[0].getsockname()[1]
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(GRACE_S + 5)
