@@ -73,7 +73,7 @@ class Handle:
     _events: queue.Queue = field(default_factory=queue.Queue)
     _cancelled: threading.Event = field(default_factory=threading.Event)
     _wake: threading.Condition | None = None
-    _last: float | None = None
+    last_token_at: float | None = None  # when its latest token was emitted (inter-token latency)
     prefilled: int = 0  # context tokens already in the slot's cache
     failed: bool = False  # an engine step failed while this request held its slot
     logprobs: list[float] = field(default_factory=list)
@@ -96,6 +96,10 @@ class Handle:
         if self._wake is not None:
             with self._wake:
                 self._wake.notify()
+
+    def put(self, item) -> None:
+        """The batcher's side: a TokenEvent, an exception to raise in the reader, or the end."""
+        self._events.put(item)
 
     def next_events(self, timeout: float | None = None) -> list[TokenEvent] | None:
         """Every event ready now (waiting for at least one); None once the request has ended.
@@ -228,7 +232,7 @@ class Batcher:
                     self._wake.wait()
                 if not self._accepting and not self._drain:
                     for h in list(self._waiting) + [h for h in self._slots if h]:
-                        h._cancelled.set()
+                        h.cancel()
                 gone = [h for h in self._waiting if h.cancelled]
                 self._waiting = deque(h for h in self._waiting if not h.cancelled)
                 while self._waiting and None in self._slots:  # admitted: prefilled from the next step on
@@ -326,16 +330,16 @@ class Batcher:
 
     def _emit(self, h: Handle, ev: TokenEvent) -> None:
         now = time.monotonic()
-        if h._last is None:
+        if h.last_token_at is None:
             self.metrics.time_to_first_token(now - h.submitted)
         else:
-            self.metrics.inter_token_latency(now - h._last)
-        h._last = now
+            self.metrics.inter_token_latency(now - h.last_token_at)
+        h.last_token_at = now
         if ev.logprob is not None:
             h.logprobs.append(ev.logprob)
         self.tokens_generated += 1
         self.metrics.tokens(1)
-        h._events.put(ev)
+        h.put(ev)
         if ev.finish_reason:
             self._end(h)
 
@@ -352,7 +356,7 @@ class Batcher:
                 self._slots[h.slot] = None
         self.requests_finished += 1
         self.metrics.finished(h.state.finish_reason or FINISH_ABORTED, time.monotonic() - h.submitted)
-        h._events.put(_DONE)
+        h.put(_DONE)
 
     def _guard(self, handles: list[Handle], fn) -> None:
         """Run an engine step; if it fails, fail the requests in it (not the whole worker)."""
@@ -362,7 +366,7 @@ class Batcher:
             log.exception("engine step failed; failing %d request(s)", len(handles))
             for h in handles:
                 if h.slot is not None and self._slots[h.slot] is h:
-                    h._events.put(e)
+                    h.put(e)
                     h.state.abort()
                     h.failed = True
                     self._end(h)

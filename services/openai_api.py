@@ -62,6 +62,10 @@ class CallContext:
         for fn in callbacks:
             fn()
 
+    @property
+    def cancelled(self) -> bool:
+        return self._done
+
 
 class Generation:
     """The choices of one OpenAI request in flight: each GenerateRequest's stream read from the
@@ -83,7 +87,7 @@ class Generation:
             for response in proxy.Generate(request, ctx):
                 put((i, response))
         except BaseException as e:  # noqa: BLE001 - handed to the reader, who answers the client with it
-            if not ctx._done:  # not the CANCELLED of our own cancel
+            if not ctx.cancelled:  # not the CANCELLED of our own cancel
                 put((i, e))
         finally:
             put((i, self.END))
