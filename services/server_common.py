@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from concurrent import futures
@@ -104,12 +103,16 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         RPCS.labels(method, code.name).inc()
         RPC_SECONDS.labels(method).observe(time.monotonic() - start)
 
+    def _begin(self, method: str, request, context) -> None:
+        """What every call does first: count it when it ends, refuse bytes that were no request."""
+        start = time.monotonic()
+        context.add_callback(lambda: self._done(method, context, start))
+        if isinstance(request, _Undecodable):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}")
+
     def _unary(self, method, behaviour):
         def wrapper(request, context):
-            start = time.monotonic()
-            context.add_callback(lambda: self._done(method, context, start))
-            if isinstance(request, _Undecodable):
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}")
+            self._begin(method, request, context)
             try:
                 return behaviour(request, context)
             except Exception as e:  # noqa: BLE001 - mapped to a status here, once, for every method
@@ -118,10 +121,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
     def _stream(self, method, behaviour):
         def wrapper(request, context):
-            start = time.monotonic()
-            context.add_callback(lambda: self._done(method, context, start))
-            if isinstance(request, _Undecodable):
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}")
+            self._begin(method, request, context)
             try:
                 yield from behaviour(request, context)
             except Exception as e:  # noqa: BLE001

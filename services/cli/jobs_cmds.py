@@ -57,17 +57,14 @@ def register(sub) -> None:
         k.add_argument("--json", action="store_true")
         k.set_defaults(func=submit)
 
-    g = js.add_parser("get", help="one job")
-    g.add_argument("id")
-    g.add_argument("--json", action="store_true")
-    g.set_defaults(func=get)
+    for name, func, text in (("get", get, "one job"), ("cancel", cancel, "cancel a queued or running job")):
+        one = js.add_parser(name, help=text)
+        one.add_argument("id")
+        one.add_argument("--json", action="store_true")
+        one.set_defaults(func=func)
     w = js.add_parser("watch", help="follow a job with a live progress bar until it ends")
     w.add_argument("id")
     w.set_defaults(func=watch)
-    x = js.add_parser("cancel", help="cancel a queued or running job")
-    x.add_argument("id")
-    x.add_argument("--json", action="store_true")
-    x.set_defaults(func=cancel)
     ls = js.add_parser("list", help="jobs, newest first")
     ls.add_argument("--state", choices=["queued", "running", "succeeded", "failed", "cancelled"])
     ls.add_argument("--kind", choices=["convert", "preprocess", "finetune", "export"])
@@ -171,13 +168,16 @@ def submit(args) -> int:
     return 0
 
 
+def _print_job(job, as_json: bool) -> int:
+    print(_to_json(job) if as_json else _line(job))
+    return 0
+
+
 @_rpc
 def get(args) -> int:
     from services.pb import jobs_pb2
 
-    job = _stub(args).GetJob(jobs_pb2.GetJobRequest(id=args.id), timeout=RPC_TIMEOUT_S)
-    print(_to_json(job) if args.json else _line(job))
-    return 0
+    return _print_job(_stub(args).GetJob(jobs_pb2.GetJobRequest(id=args.id), timeout=RPC_TIMEOUT_S), args.json)
 
 
 @_rpc
@@ -224,9 +224,7 @@ def follow(stub, job_id: str) -> int:
 def cancel(args) -> int:
     from services.pb import jobs_pb2
 
-    job = _stub(args).CancelJob(jobs_pb2.CancelJobRequest(id=args.id), timeout=RPC_TIMEOUT_S)
-    print(_to_json(job) if args.json else _line(job))
-    return 0
+    return _print_job(_stub(args).CancelJob(jobs_pb2.CancelJobRequest(id=args.id), timeout=RPC_TIMEOUT_S), args.json)
 
 
 @_rpc
