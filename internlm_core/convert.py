@@ -8,6 +8,7 @@ Peak memory stays near the largest tensor: safetensors sources are read a tensor
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -16,9 +17,9 @@ from typing import Callable
 import numpy as np
 
 from .checkpoint import (DTYPE_TO_ST, ST_TO_DTYPE, TOKENIZER_FILE, WEIGHTS_FILE, Cancelled, CheckpointError,
-                         SafetensorsFile, SafetensorsWriter, atomic_folder, cast, copy_tokenizer, open_weights,
-                         read_config)
+                         SafetensorsFile, SafetensorsWriter, atomic_folder, cast, copy_tokenizer, read_config)
 from .config import CONFIG_FILE, Config, ConfigError
+from .torch_bin import TorchBinFile
 
 # HF name template -> MindSpore name template; {} is the layer number, None drops the key.
 HF_TO_MS: dict[str, str | None] = {
@@ -130,6 +131,27 @@ def _weights(tmp: Path, work_dir: Path | None) -> Path:
         return tmp / WEIGHTS_FILE
     Path(work_dir).mkdir(parents=True, exist_ok=True)
     return Path(work_dir) / WEIGHTS_FILE
+
+
+def open_weights(folder: Path) -> dict[str, object]:
+    """Map each tensor name to the file object holding it, for an HF or project folder."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    if not files:
+        raise CheckpointError(f"{folder}: no *.safetensors or pytorch_model*.bin weights")
+    index = next(iter(folder.glob("*.index.json")), None)
+    if index is not None:
+        wanted = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        missing = [w for w in wanted if not (folder / w).is_file()]
+        if missing:
+            raise CheckpointError(f"{folder}: shard {missing[0]} named in {index.name} is missing")
+        files = [folder / w for w in sorted(wanted)]
+    where: dict[str, object] = {}
+    for path in files:
+        f = SafetensorsFile(path) if path.suffix == ".safetensors" else TorchBinFile(path)
+        for k in f.keys():
+            where[k] = f
+    return where
 
 
 def hf_to_ms(src: str | Path, dst: str | Path, dtype: str | None = None, overwrite: bool = False,

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from internlm_core.checkpoint import CheckpointError, TorchBinFile, open_weights
+from internlm_core.convert import open_weights
+from internlm_core.errors import CheckpointError
+from internlm_core.torch_bin import TorchBinFile
 from internlm_core.convert import hf_to_ms
 from tests.helpers import REPO, save_hf_folder
 

@@ -33,7 +33,7 @@ def _model_folder(store: Store, name: str, what: str = "model") -> Path:
 # ---- convert: HF folder -> models/<output> ----------------------------------------------------
 
 def check_convert(req: dict, store: Store) -> str:
-    from internlm_core.checkpoint import open_weights
+    from internlm_core.convert import open_weights
     from internlm_core.config import CONFIG_FILE, Config
 
     src = store.source_path(req.get("source", ""))
