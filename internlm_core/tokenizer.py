@@ -88,13 +88,15 @@ class Tokenizer:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise TokenizerError(f"token id {bad[0]} outside the vocabulary (0..{self.vocab_size - 1})")
+        if skip_special:
+            # Dropped before decoding, as HF does: byte pieces on both sides of a skipped id still
+            # form their character (decoded apart, each side would be U+FFFD).
+            return self.sp.decode([i for i in ids if i not in _SPECIAL_TEXT])
         out, run = [], []
         for i in ids:
             if i in _SPECIAL_TEXT:
-                out.append(self.sp.decode(run))
+                out += [self.sp.decode(run), _SPECIAL_TEXT[i]]
                 run = []
-                if not skip_special:
-                    out.append(_SPECIAL_TEXT[i])
             else:
                 run.append(i)
         out.append(self.sp.decode(run))

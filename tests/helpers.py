@@ -49,6 +49,16 @@ def hf_reference_model(cfg, seed: int = 0, scale: float = 0.2):
     return model
 
 
+def hf_greedy(ref, prompt: list[int], n: int = 32) -> list[int]:
+    """HF's cached greedy generation of exactly ``n`` tokens after ``prompt`` (no stop token)."""
+    import torch
+
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
 def save_hf_folder(model, cfg, folder: Path, safetensors: bool = True, max_shard_size: str | None = None,
                    dtype: str = "float32") -> Path:
     """Save ``model`` as an HF InternLM folder (InternLM config.json, LLaMA tensor names)."""
@@ -122,6 +132,11 @@ class RedisServer:
         self.proc.kill()
         self.proc.wait(10)
         self.start()
+
+
+def byte_pieces(tokenizer, text: str) -> list[int]:
+    """``text`` spelled in byte-fallback pieces (<0xNN>), as a model may generate any character."""
+    return [tokenizer.sp.piece_to_id(f"<0x{b:02X}>") for b in text.encode()]
 
 
 def random_ids(n: int, vocab: int, seed: int = 0, low: int = 3) -> list[int]:

@@ -9,7 +9,7 @@ from internlm_core.errors import PromptTooLong
 from internlm_core.generation import SamplingParams, generate, generate_batch
 from internlm_core.loader import load_model
 from internlm_core.model import forward_inputs
-from tests.helpers import random_ids
+from tests.helpers import hf_greedy, random_ids
 
 GREEDY = SamplingParams(max_new_tokens=32, stop_token_ids=[])
 
@@ -22,13 +22,6 @@ def model(tiny_model_dir):
 @pytest.fixture(scope="module")
 def engine(model):
     return Engine(model, max_batch=4, max_len=128)
-
-
-def hf_greedy(ref, prompt, n=32):
-    with torch.no_grad():
-        out = ref.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 def test_cached_decode_equals_full_recompute(model, engine):
@@ -208,9 +201,12 @@ def compiles() -> int:
 def test_warmup_compiles_every_serving_shape(model):
     """After warm-up, decoding any number of live slots at any length, and prefilling up to all
     slots at once with prompts of up to PREFILL_CHUNK tokens, compiles nothing (counted in
-    MindSpore's own compile cache, not inferred from shapes)."""
+    MindSpore's own compile cache, not inferred from shapes). Warm-up itself compiles one graph
+    for each shape it reports: a step that ran without ms.jit would compile none."""
     eng = Engine(model, max_batch=4, max_len=128)
+    before = compiles()
     assert eng.warmup() == 3 * (1 + 3)  # rows 1, 2, 4 x (one decode shape + chunks of 32, 64, 128)
+    assert compiles() - before == 3 * (1 + 3)
     before = compiles()
     for n in (1, 2, 3, 4):
         eng.decode(np.ones(n, np.int32), np.full(n, 100), slots=list(range(n)))
@@ -272,9 +268,6 @@ def test_dynamic_ntk_while_serving_equals_hf(tmp_path, monkeypatch):
     finally:
         b.stop(timeout=60)
     for p, tokens in zip(prompts, got):
-        with torch.no_grad():
-            want = ref.generate(torch.tensor([p]), max_new_tokens=40, min_new_tokens=40, do_sample=False,
-                                eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
-        assert tokens == want, f"prompt of {len(p)}"
+        assert tokens == hf_greedy(ref, p, 40), f"prompt of {len(p)}"
     assert len(prompts[0]) > cfg.max_position_embeddings  # it attends past the trained positions
     assert engine.kernels or any(a > 64 for _, _, a in engine.shapes_run)

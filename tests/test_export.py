@@ -13,6 +13,7 @@ from internlm_core.export import (MANIFEST_FILE, ExportedEngine, ExportError, ex
                                   read_manifest)
 from internlm_core.generation import SamplingParams, generate, generate_batch
 from internlm_core.loader import load_model
+from tests.helpers import hf_greedy, hf_reference_model, save_hf_folder
 
 MAX_BATCH, MAX_LEN = 4, 64
 GREEDY = SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True)
@@ -190,3 +191,53 @@ def test_split_layout_of_large_models(tiny_model_dir, eager, tmp_path, monkeypat
         f.write(b"\0" * 64)
     with pytest.raises(ExportError, match="prefill_graph.mindir has .* bytes, the manifest says"):
         ExportedEngine(folder)
+
+
+@pytest.fixture(scope="module")
+def ntk_20b(tmp_path_factory):
+    """The 20B shape (no bias, dynamic NTK, 64 trained positions): (HF reference, model folder)."""
+    from internlm_core.convert import hf_to_ms
+
+    cfg = Config.from_name("tiny-20b")
+    ref = hf_reference_model(cfg, seed=3)
+    root = tmp_path_factory.mktemp("ntk")
+    hf_to_ms(save_hf_folder(ref, cfg, root / "hf"), root / "ms")
+    return ref, root / "ms"
+
+
+@pytest.mark.parametrize("kind", ["static", "dynamic"])
+def test_dynamic_ntk_past_the_trained_positions_equals_hf(ntk_20b, tmp_path, kind):
+    """Exported with 160 positions, 2.5x the 64 it was trained on: a 90-token prompt (prefilled
+    past them) and a 40-token one (whose decode crosses them) give HF's cached greedy generation
+    with the same rope scaling, token for token, both in one batch."""
+    ref, model_dir = ntk_20b
+    engine = ExportedEngine(export_mindir(model_dir, tmp_path / kind, max_batch=2, max_len=160,
+                                          dynamic=kind == "dynamic"))
+    assert engine.config.rope_scaling == "dynamic" and engine.config.max_position_embeddings == 64
+    batch = prompts([90, 40], seed=6)
+    results = generate_batch(engine, batch, GREEDY.replace(max_new_tokens=40))
+    for p, r in zip(batch, results):
+        assert r.token_ids == hf_greedy(ref, p, 40), f"prompt of {len(p)}"
+
+
+@pytest.mark.parametrize("kind", ["static", "dynamic"])
+def test_batcher_serves_a_long_prompt_whole_next_to_short_ones(exports, eager, kind):
+    """An exported engine has no chunked prefill: the continuous batcher must put a prompt of
+    nearly the whole cache (60 of 64 positions) in at once while short streams decode, and every
+    request gets the eager engine's tokens (the long one until the cache is full)."""
+    from internlm_core.batching import Batcher
+
+    engine = ExportedEngine(exports[kind])
+    assert engine.prefill_chunk is None
+    short, long = prompts([5, 9, 3], seed=7), prompts([60], seed=8)[0]
+    want = [r.token_ids for r in generate_batch(eager, short + [long], GREEDY)]
+    batcher = Batcher(engine).start()
+    try:
+        handles = [batcher.submit(p, GREEDY) for p in short]
+        next(iter(handles[0]))  # the short ones are decoding when the long one arrives
+        handles.append(batcher.submit(long, GREEDY))
+        results = [h.result() for h in handles]
+    finally:
+        batcher.stop(timeout=60)
+    assert [r.token_ids for r in results] == want
+    assert results[-1].finish_reason == "length" and len(want[-1]) == MAX_LEN - len(long)

@@ -4,6 +4,8 @@ import pytest
 
 from internlm_core import generation as g
 from internlm_core.generation import SamplingParams, SequenceState
+from internlm_core.tokenizer import EOS
+from tests.helpers import byte_pieces
 
 L = np.array([2.0, 1.0, 0.5, -1.0, -3.0], np.float32)
 
@@ -216,3 +218,62 @@ def test_top_ids_without_a_full_sort():
     assert top_ids(v, 10).tolist() == [1, 3, 4, 0, 5, 2]
     with pytest.raises(ValueError, match="top_logprobs"):
         SamplingParams(top_logprobs=21).validate()
+
+
+def _texts(tokenizer, params, ids, max_len=None):
+    """Each event's text, the finish reason and the state, with the model choosing exactly ``ids``."""
+    st = SequenceState([1, 5], params, tokenizer, vocab_size=tokenizer.vocab_size)
+    events = []
+    for i in ids:
+        events.append(st.step(onehot(i, tokenizer.vocab_size), max_len))
+        if events[-1].finish_reason:
+            break
+    assert "".join(e.text for e in events) == st.text
+    return [e.text for e in events], events[-1].finish_reason, st
+
+
+def test_a_length_limit_or_stop_id_inside_a_character_ends_in_one_u_fffd_per_byte(tokenizer):
+    """The bytes of a character cut short are held back while they may still complete it, then
+    released with the last event as one U+FFFD each: the text is the one-shot decode of the
+    generated ids (minus a final stop id, whose own text is never part of the text)."""
+    hello, smile = tokenizer.encode("Hello", bos=False), byte_pieces(tokenizer, "😀")
+    ids = hello + smile[:3]
+    for params, max_len in [(SamplingParams(max_new_tokens=4), None),  # max_new_tokens
+                            (SamplingParams(max_new_tokens=50), 2 + 4)]:  # the end of the cache (prompt of 2)
+        texts, reason, st = _texts(tokenizer, params, ids + smile[3:], max_len)
+        assert (texts, reason) == (["Hello", "", "", "\ufffd" * 3], "length")
+        assert st.text == tokenizer.decode(st.generated, skip_special=True)
+    texts, reason, st = _texts(tokenizer, SamplingParams(max_new_tokens=50), hello + smile[:2] + [EOS] + smile[2:])
+    assert (texts, reason, st.text) == (["Hello", "", "", "\ufffd" * 2], "eos", "Hello\ufffd\ufffd")
+    # a stop id that is itself a byte piece: the character is cut before it
+    texts, reason, st = _texts(tokenizer, SamplingParams(max_new_tokens=50, stop_token_ids=[smile[2]]), ids)
+    assert (texts, reason, st.generated) == (["Hello", "", "", "\ufffd" * 2], "eos", ids)
+
+
+def test_lone_byte_pieces_come_out_with_the_next_text(tokenizer):
+    """A byte piece that can never form a character is U+FFFD, released with the next token's text
+    (as soon as it is known not to start a character); a character in bytes comes out whole."""
+    hello, world, smile = tokenizer.encode("Hello", bos=False), tokenizer.encode(" world", bos=False), \
+        byte_pieces(tokenizer, "😀")
+    ids = smile[-1:] + hello + byte_pieces(tokenizer, "☃") + smile[:1] + world
+    texts, reason, st = _texts(tokenizer, SamplingParams(max_new_tokens=len(ids)), ids)
+    assert texts == ["", "\ufffdHello", "", "", "☃", "", "\ufffd world"] and reason == "length"
+    assert st.text == tokenizer.decode(ids) == "\ufffdHello☃\ufffd world"
+
+
+@pytest.mark.parametrize("stop, texts, reason", [
+    ("☃", ["Hello", "", "", ""], "stop"),  # the stop string is the character in bytes
+    ("o☃", ["Hell", "", "", ""], "stop"),  # it ends with it ("o" held while it may begin it)
+    (" w", ["Hello", "", "", "☃", ""], "stop"),  # it follows it
+    ("☃!", ["Hello", "", "", "", "☃ world"], "length"),  # it begins with it and never completes
+])
+def test_stop_strings_next_to_a_character_in_bytes(tokenizer, stop, texts, reason):
+    ids = tokenizer.encode("Hello", bos=False) + byte_pieces(tokenizer, "☃") + tokenizer.encode(" world", bos=False)
+    assert _texts(tokenizer, SamplingParams(max_new_tokens=len(ids), stop=[stop]), ids)[:2] == (texts, reason)
+
+
+def test_broken_bytes_before_a_stop_string_are_released_as_u_fffd(tokenizer):
+    ids = tokenizer.encode("Hello", bos=False) + byte_pieces(tokenizer, "😀")[:2] + \
+        tokenizer.encode(" world", bos=False)
+    texts, reason, st = _texts(tokenizer, SamplingParams(max_new_tokens=10, stop=[" w"]), ids)
+    assert (texts, reason) == (["Hello", "", "", "\ufffd\ufffd"], "stop")

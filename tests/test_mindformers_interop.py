@@ -50,3 +50,16 @@ def test_checkpoint_loads_into_mindformers_llama(tiny_model_dir, tmp_path, monke
     theirs = net(ms.Tensor(ids))[0].asnumpy()
     mine = ours(*forward_inputs(cfg, ids)).asnumpy()
     np.testing.assert_allclose(theirs.reshape(mine.shape), mine, atol=1e-4, rtol=0)
+
+
+def test_ci_turns_a_missing_mindformers_into_a_failure(monkeypatch):
+    """.ci/run sets CI itself (a runner may not), and with CI set a missing MindFormers fails the
+    interop test instead of skipping it."""
+    from tests.helpers import REPO
+
+    run = (REPO / ".ci" / "run").read_text().splitlines()
+    assert run.index("export CI=true") < run.index("exec bash scripts/test.sh -q")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # as if it were not installed
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="not installed"):
+        import_mindformers()

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from internlm_core.tokenizer import BOS, EOA, EOH, EOS, Tokenizer, TokenizerError, render_chat
-from tests.helpers import DATA
+from tests.helpers import DATA, byte_pieces
 
 
 def test_reference_check_values(tokenizer):
@@ -108,3 +108,34 @@ def test_skip_special(tokenizer):
 def test_decode_rejects_out_of_range(tokenizer):
     with pytest.raises(TokenizerError, match="outside the vocabulary"):
         tokenizer.decode([5, 103168])
+
+
+def test_broken_utf8_decodes_and_streams_as_hf_decodes_it(tokenizer):
+    """Byte pieces that never form a character decode to one U+FFFD each, as InternLM's HF
+    tokenizer (sentencepiece's decode, here LlamaTokenizer) gives generated text; a skipped
+    special id between the bytes of a character does not break it. (HF's fast ByteFallback
+    decoder differs on one case: a lone lead byte turns the character after it into U+FFFDs too.)
+    Streamed, every chunk is final: the chunks so far are always a prefix of the one-shot decode,
+    so no chunk carries a U+FFFD that a later byte would have completed."""
+    from transformers import LlamaTokenizer
+
+    hf = LlamaTokenizer(str(tokenizer.model_file), legacy=True)
+    smile = byte_pieces(tokenizer, "😀")  # F0 9F 98 80 (a single piece in the vocabulary, too)
+    snow = tokenizer.encode("☃", bos=False)
+    hello, world = tokenizer.encode("Hello", bos=False), tokenizer.encode(" world", bos=False)
+    assert snow == byte_pieces(tokenizer, "☃") and len(hello) == len(world) == 1  # ☃ has no piece of its own
+    cases = {"cut at the end": hello + smile[:2], "lone continuation byte": smile[-1:] + hello,
+             "cut in the middle": hello + smile[:3] + world, "lone lead byte": smile[:1] + snow,
+             "<s> inside a character": smile[:1] + [BOS] + smile[1:], "</s> inside": snow[:2] + [EOS] + snow[2:],
+             "<unk> next to one": hello + [0] + snow + world}
+    for name, ids in cases.items():
+        assert tokenizer.decode(ids, skip_special=True) == hf.decode(ids, skip_special_tokens=True), name
+        for skip in (True, False):
+            want = tokenizer.decode(ids, skip_special=skip)
+            dec = tokenizer.stream_decoder(skip_special=skip)
+            parts = [dec.push(i) for i in ids] + [dec.flush()]
+            assert all(want.startswith("".join(parts[:k])) for k in range(len(parts))), (name, skip, parts)
+            assert "".join(parts) == want, (name, skip)
+    assert tokenizer.decode(cases["cut at the end"]) == "Hello\ufffd\ufffd"
+    assert tokenizer.decode(cases["lone lead byte"]) == "\ufffd☃"
+    assert tokenizer.decode(cases["<s> inside a character"], skip_special=True) == "😀"

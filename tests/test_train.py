@@ -277,3 +277,34 @@ def test_loss_scaling_path_gives_the_same_training(tmp_path, base_dir, data_dir)
     scaled = scaled_trainer.fit()
     assert float(scaled_trainer.steps.scale.asnumpy()) == 2.0 ** 16
     np.testing.assert_allclose([r["loss"] for r in scaled], [r["loss"] for r in plain], rtol=1e-6)
+
+
+def test_dynamic_loss_scale_backs_off_on_overflow_skips_the_step_and_recovers(tmp_path, base_dir, data_dir):
+    """fp16 needs a GPU here, so overflows are forced in fp32: from 2**127, the largest power of two
+    a float32 holds, the scaled gradients overflow on the first step and on some later ones. Such a
+    step must leave the weights (and Adam's step count) alone and halve the scale; a clean step
+    updates at an unchanged scale; and training goes on to learn."""
+    import mindspore as ms
+    from mindspore import Tensor, ops
+
+    trainer = Trainer(args_for(base_dir, data_dir, tmp_path / "o", loss_scale="dynamic"), tmp_path / "w")
+    ops.assign(trainer.steps.scale, Tensor(2.0 ** 127, ms.float32))  # in place, as the graph reads it
+
+    def state():
+        weights = np.concatenate([p.asnumpy().ravel() for p in trainer.model.trainable_params()])
+        return weights, float(trainer.steps.scale.asnumpy()), trainer.opt.global_step.asnumpy().item()
+
+    overflows, losses = [], []
+    while trainer.step < trainer.total:
+        weights, scale, adam_step = state()
+        rec = trainer.train_step()
+        overflow = not np.isfinite(rec["grad_norm"])
+        overflows.append(overflow)
+        new_weights, new_scale, new_adam_step = state()
+        assert new_scale == (scale / 2 if overflow else scale)
+        assert np.array_equal(new_weights, weights) == overflow
+        assert new_adam_step == adam_step + (0 if overflow else 1)
+        if np.isfinite(rec["loss"]):  # the scaled loss itself can overflow on a clean step (reported as inf)
+            losses.append(rec["loss"])
+    assert overflows[0] and overflows.count(False) >= 20  # the back-off ran, and clean steps followed
+    assert np.mean(losses[-5:]) < 0.6 * losses[0]  # and they trained the model

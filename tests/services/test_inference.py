@@ -225,3 +225,85 @@ def test_stop_strings_over_grpc(via, request, core_engine, core_tokenizer):
     assert (list(r.token_ids), r.text, reason) == (ids, text, "stop")
     chunks = list(s.Generate(inference_pb2.GenerateRequest(text="Once", params=sampling_to_pb(params)), timeout=60))
     assert "".join(c.text for c in chunks) == r.text  # streamed: the held-back tail is never sent
+
+
+class ScriptedEngine:
+    """A model that says ``script`` whatever the prompt (one-hot logits), so that the real batcher,
+    servicer and gRPC carry exactly the byte pieces a test needs; only the engine is made up. Each
+    decode step waits for a ``step`` permit, so a test can take the stream one token a message."""
+
+    def __init__(self, script: list[int], vocab_size: int):
+        from internlm_core.config import Config
+
+        self.script, self.config = script, Config.from_name("tiny", vocab_size=vocab_size)
+        self.max_batch, self.max_len, self.prefill_chunk = 2, 256, None
+        self.adapters, self.adapters_version, self.cache_bytes = {}, 0, 0
+        self.prompt_len, self.step = {}, threading.Semaphore(0)
+
+    def check_prompt(self, n):
+        pass
+
+    def adapter_index(self, name):
+        return 0
+
+    def _logits(self, index):
+        out = np.zeros((len(index), self.config.vocab_size), np.float32)
+        out[np.arange(len(index)), [self.script[i] for i in index]] = 1.0
+        return out
+
+    def prefill(self, slots, prompts, adapters=None, starts=None, ends=None):
+        self.prompt_len.update({s: len(p) for s, p in zip(slots, prompts)})
+        return self._logits([0] * len(slots))
+
+    def decode(self, tokens, positions, adapters=None, slots=None):
+        assert self.step.acquire(timeout=30)
+        return self._logits([p + 1 - self.prompt_len[s] for s, p in zip(slots, positions)])
+
+
+@pytest.fixture
+def scripted_worker(core_tokenizer):
+    """(in-process gRPC server with the worker's servicer, its ScriptedEngine) saying: a lone byte
+    piece, "Hello", ☃ in three byte pieces, " world", the first two of 😀's four bytes, then </s>."""
+    from internlm_core.batching import Batcher
+    from services.server_common import Server
+    from services.worker import SERVICE_NAME, InferenceServicer
+    from tests.helpers import byte_pieces
+
+    tok, smile = core_tokenizer, byte_pieces(core_tokenizer, "😀")
+    script = smile[-1:] + tok.encode("Hello", bos=False) + byte_pieces(tok, "☃") + tok.encode(" world", bos=False) \
+        + smile[:2] + [2] + [9843] * 8
+    engine = ScriptedEngine(script, tok.vocab_size)
+    batcher = Batcher(engine, tok).start()
+    server = Server("scripted", 0)
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(batcher, tok, "scripted"), server.grpc)
+    server.start([SERVICE_NAME])
+    server.address = f"127.0.0.1:{server.port}"
+    yield server, engine
+    server.grpc.stop(0)
+    engine.step.release(100)
+    batcher.stop(timeout=10)
+
+
+@pytest.mark.parametrize("params, chunks, reason", [
+    (SamplingParams(max_new_tokens=8), ["", "\ufffdHello", "", "", "☃", " world", "", "\ufffd\ufffd"], "length"),
+    (SamplingParams(max_new_tokens=20), ["", "\ufffdHello", "", "", "☃", " world", "", "", "\ufffd\ufffd"], "eos"),
+    (SamplingParams(max_new_tokens=20, stop=[" w"]), ["", "\ufffdHello", "", "", "☃", ""], "stop"),
+], ids=["length-inside-a-character", "stop-id-inside-a-character", "stop-string-after-one"])
+def test_broken_utf8_over_grpc(scripted_worker, core_tokenizer, params, chunks, reason):
+    """One token a message: a U+FFFD goes out with the token that shows its bytes form no character,
+    ☃'s bytes are held until the last one, and the bytes of a character cut short (by the length
+    limit or a stop id) go out with the last message, one U+FFFD each. The unary answer has the same
+    text: the one-shot decode of the ids (for a stop string, cut before it)."""
+    server, engine = scripted_worker
+    s = stub(server)
+    req = inference_pb2.GenerateRequest(ids=common_pb2.TokenIds(ids=[1, 333]), params=sampling_to_pb(params))
+    got = []
+    for message in s.Generate(req, timeout=30):
+        got.append(message.text)
+        engine.step.release()  # the next token only after this message arrived
+    assert got == chunks
+    engine.step.release(100)
+    unary = s.GenerateUnary(req, timeout=30)
+    assert unary.text == "".join(chunks) and FINISH_FROM_PB[unary.finish.reason] == reason
+    if reason != "stop":
+        assert unary.text == core_tokenizer.decode(unary.token_ids, skip_special=True)
