@@ -5,11 +5,12 @@ MindRecord dataset (``internlm_core.data``) and writes ``args.out``: a full mode
 adapter-only folder in LoRA mode (``merge_lora`` folds it into a full model). Beside the
 weights it writes ``loss.png``, ``scalars.jsonl`` and a TensorBoard event file.
 
-The parts: ``schedule.py`` (learning rate, data order, eval hold-out: pure functions of the
-step), ``train_steps.py`` (the compiled step graphs), ``train_state.py`` (checkpoints),
-``train_logs.py`` (TensorBoard scalars, the loss plot); this module holds the arguments and the
-run. The learning rate is warmup + cosine, precomputed per step (with Adam's bias correction
-folded in, which AdamWeightDecay lacks) and indexed by the optimiser's own ``global_step``.
+The parts: ``train_args.py`` (the arguments, free of MindSpore so that services can check a job
+without loading it), ``schedule.py`` (learning rate, data order, eval hold-out: pure functions of
+the step), ``train_steps.py`` (the compiled step graphs), ``train_state.py`` (checkpoints),
+``train_logs.py`` (TensorBoard scalars, the loss plot); this module holds the run. The learning
+rate is warmup + cosine, precomputed per step (with Adam's bias correction folded in, which
+AdamWeightDecay lacks) and indexed by the optimiser's own ``global_step``.
 
 Exact resume: every quantity that changes during training is either saved in a checkpoint
 (weights being trained, Adam moments, ``global_step``, loss-scale state, loss history) or a
@@ -26,134 +27,30 @@ alone writes checkpoints and outputs. See ``data_parallel_context``.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import shutil
 import time
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import mindspore as ms
 import numpy as np
+from mindspore import Tensor, nn, ops
+from mindspore.communication import get_group_size, get_rank, init
 
 from .checkpoint import Cancelled, atomic_folder
-from .config import DTYPES
 from .data import IGNORE, load_rows
-from .lora import AdapterSpec, parse_targets
+from .loader import load_model, save_model
+from .lora import inject_lora, lora_state, save_adapter
+from .model import forward_inputs
 from .schedule import batch_rows, lr_at, split_eval
+from .train_args import TrainArgs
 from .train_logs import ScalarWriter, plot_loss
 from .train_state import latest_checkpoint, load_checkpoint, save_checkpoint
-
-DTYPE_CHOICES = ("auto", *DTYPES)
-
-
-# ---- arguments ------------------------------------------------------------------------------
-
-@dataclass
-class TrainArgs:
-    """Everything a fine-tuning run needs. ``None`` for lr / weight_decay picks the seed's
-    default for the mode (full 1e-5 / 0.1, LoRA 5e-5 / 0.01)."""
-    model: str  # base model folder
-    data: str  # dataset folder (or .mindrecord file) from internlm_core.data.preprocess
-    out: str  # output folder: a full model, or an adapter in LoRA mode
-    mode: str = "full"  # full | lora
-    lr: float | None = None
-    weight_decay: float | None = None
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
-    max_steps: int = 0  # optimiser steps; 0 = from epochs
-    epochs: float = 1.0
-    batch_size: int = 1  # rows per micro-batch (per device in data parallel)
-    grad_accum: int = 1  # micro-batches per optimiser step
-    grad_clip: float = 1.0  # global-norm clip; 0 = off
-    eval_ratio: float = 0.0  # share of rows held out for evaluation
-    eval_every: int = 0  # steps between evaluations (0 = only at the end, when there is an eval split)
-    save_every: int = 500  # steps between checkpoints (0 = only on cancel)
-    keep_last: int = 3
-    seed: int = 0
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
-    lora_targets: str = "wq|wk|wv|wo"  # regex or comma list over wq wk wv wo w1 w2 w3
-    dtype: str = "auto"  # compute dtype; auto = the model's (fp32 on CPU, whose half kernels are missing)
-    loss_scale: float | str = "auto"  # auto (dynamic for float16), dynamic, or a fixed number (1 = off)
-    overwrite: bool = False  # replace an existing output folder
-
-    def resolved(self) -> "TrainArgs":
-        lora = self.mode == "lora"
-        return dataclasses.replace(
-            self, lr=self.lr if self.lr is not None else (5e-5 if lora else 1e-5),
-            weight_decay=self.weight_decay if self.weight_decay is not None else (0.01 if lora else 0.1),
-            betas=tuple(self.betas))
-
-    def validate(self) -> "TrainArgs":
-        """Raise ValueError naming the first bad field; returns the resolved arguments."""
-        a = self.resolved()
-
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ValueError(msg)
-
-        for name in ("model", "data", "out"):
-            need(isinstance(getattr(a, name), (str, os.PathLike)) and str(getattr(a, name)).strip() != "",
-                 f"{name} must be a path")
-        need(a.mode in ("full", "lora"), f"mode must be 'full' or 'lora', got {a.mode!r}")
-        need(_num(a.lr) and 0 < a.lr < 1, f"lr must be in (0, 1), got {a.lr!r}")
-        need(_num(a.weight_decay) and a.weight_decay >= 0, f"weight_decay must be >= 0, got {a.weight_decay!r}")
-        need(len(a.betas) == 2 and all(_num(b) and 0 <= b < 1 for b in a.betas), f"betas must be two numbers in [0, 1), got {a.betas!r}")
-        need(_num(a.eps) and a.eps > 0, f"eps must be > 0, got {a.eps!r}")
-        need(_num(a.warmup_ratio) and 0 <= a.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {a.warmup_ratio!r}")
-        need(_num(a.min_lr_ratio) and 0 <= a.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {a.min_lr_ratio!r}")
-        need(_int(a.max_steps) and a.max_steps >= 0, f"max_steps must be an integer >= 0, got {a.max_steps!r}")
-        need(_num(a.epochs) and (a.epochs > 0 or a.max_steps > 0), f"epochs must be > 0 (or set max_steps), got {a.epochs!r}")
-        for name in ("batch_size", "grad_accum", "keep_last"):
-            need(_int(getattr(a, name)) and getattr(a, name) >= 1, f"{name} must be an integer >= 1, got {getattr(a, name)!r}")
-        for name in ("eval_every", "save_every", "seed"):
-            need(_int(getattr(a, name)) and getattr(a, name) >= 0, f"{name} must be an integer >= 0, got {getattr(a, name)!r}")
-        need(_num(a.grad_clip) and a.grad_clip >= 0, f"grad_clip must be >= 0, got {a.grad_clip!r}")
-        need(_num(a.eval_ratio) and 0 <= a.eval_ratio < 0.5, f"eval_ratio must be in [0, 0.5), got {a.eval_ratio!r}")
-        need(a.dtype in DTYPE_CHOICES, f"dtype must be one of {DTYPE_CHOICES}, got {a.dtype!r}")
-        need(a.loss_scale in ("auto", "dynamic") or (_num(a.loss_scale) and a.loss_scale >= 1),
-             f"loss_scale must be 'auto', 'dynamic' or a number >= 1, got {a.loss_scale!r}")
-        if a.mode == "lora":
-            need(_int(a.lora_rank) and a.lora_rank >= 1, f"lora_rank must be an integer >= 1, got {a.lora_rank!r}")
-            need(_num(a.lora_alpha) and a.lora_alpha > 0, f"lora_alpha must be > 0, got {a.lora_alpha!r}")
-            need(_num(a.lora_dropout) and 0 <= a.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {a.lora_dropout!r}")
-            parse_targets(a.lora_targets)
-        return a
-
-    def adapter_spec(self) -> AdapterSpec:
-        return AdapterSpec(rank=self.lora_rank, alpha=float(self.lora_alpha), dropout=float(self.lora_dropout),
-                           targets=parse_targets(self.lora_targets))
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(d["betas"])
-        return {k: str(v) if isinstance(v, os.PathLike) else v for k, v in d.items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainArgs":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown training arguments: {', '.join(unknown)}")
-        d = dict(d)
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
-        return cls(**d)
-
-
-def _num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+from .train_steps import LossNet, StepSettings, TrainStep
 
 
 # ---- data parallel ---------------------------------------------------------------------------
@@ -167,9 +64,6 @@ def data_parallel_context() -> tuple[int, int]:
     """
     if int(os.environ.get("MS_WORKER_NUM", "1")) <= 1 and int(os.environ.get("RANK_SIZE", "1")) <= 1:
         return 0, 1
-    import mindspore as ms
-    from mindspore.communication import get_group_size, get_rank, init
-
     if not _COMM_READY:  # init() joins the cluster once per process
         init()
         ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True)
@@ -190,14 +84,6 @@ class Trainer:
     """
 
     def __init__(self, args: TrainArgs, work_dir: str | Path, logit_bias: np.ndarray | None = None):
-        import mindspore as ms
-        from mindspore import Tensor, nn
-
-        from .loader import load_model
-        from .lora import inject_lora
-        from .model import forward_inputs
-        from .train_steps import LossNet, StepSettings, TrainStep
-
         self.args = args = args.validate()
         self.work_dir, self.out = Path(work_dir), Path(args.out)
         if self.out.exists() and not args.overwrite:
@@ -251,16 +137,11 @@ class Trainer:
 
     # ---- pieces ----
     def _micro_batch(self, micro: int):
-        from mindspore import Tensor
-
         rows = self.train_rows[batch_rows(micro, self.global_batch, self.n_train, self.args.seed)]
         rows = rows[self.rank * self.args.batch_size:(self.rank + 1) * self.args.batch_size]  # this rank's slice
         return Tensor(self.ids[rows, :-1]), Tensor(self.labels[rows, 1:])
 
     def _set_dropout_seed(self, value: float) -> None:
-        import mindspore as ms
-        from mindspore import Tensor, ops
-
         if self.drop_seed is not None:
             # In place: a compiled graph keeps reading the Parameter's memory; set_data would swap
             # in a new tensor that graphs compiled earlier never see.
@@ -275,8 +156,6 @@ class Trainer:
 
     def evaluate(self) -> float:
         """Mean loss per target token over the held-out rows (dropout off)."""
-        from mindspore import Tensor
-
         self._set_dropout_seed(-1.0)
         bs, tot, cnt = self.args.batch_size, 0.0, 0.0
         for s in range(0, len(self.eval_rows), bs):
@@ -353,9 +232,6 @@ class Trainer:
     def save(self) -> Path:
         """Publish the output folder (model or adapter, with training.json, scalars.jsonl,
         loss.png and the TensorBoard events): staged in work_dir, then renamed into place."""
-        from .loader import save_model
-        from .lora import lora_state, save_adapter
-
         if self.rank != 0:
             return self.out
         args, stage = self.args, self.work_dir / "output"

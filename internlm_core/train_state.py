@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from mindspore import Tensor
 
 from .checkpoint import NP_TO_ST, SafetensorsFile, SafetensorsWriter, atomic_folder
 
@@ -47,8 +48,6 @@ def checkpoint_step(work_dir: Path) -> int | None:
 
 def load_checkpoint(path: Path, params: dict) -> dict:
     """Set ``params`` from the checkpoint folder ``path``; the trainer's JSON."""
-    from mindspore import Tensor
-
     f = SafetensorsFile(path / STATE_FILE)
     missing = sorted(set(params) - set(f.keys()))
     if missing:

@@ -67,3 +67,34 @@ def test_errors_are_clear(args, msg):
 def test_over_long_prompt(tiny_model_dir):
     proc = cli("generate", "--model", tiny_model_dir, "--ids", ",".join(["5"] * 200), check=False)
     assert proc.returncode == 2 and "positions" in proc.stderr
+
+
+def test_every_parameter_reaches_each_outer_form():
+    """Each SamplingParams number and each TrainArgs hyperparameter is a flag of the CLI, and each
+    hyperparameter a FinetuneJob field and a flag of `internlm jobs submit finetune`, all derived
+    from the dataclasses: a field added there that misses one of these fails here."""
+    import argparse
+    import dataclasses
+
+    from internlm_core.generation import SCALAR_PARAMS, SamplingParams
+    from internlm_core.train_args import HYPERPARAMS
+    from services.cli import build_parser
+    from services.jobs.kinds import JOB_NAMES, TRAIN_FIELDS
+    from services.pb import common_pb2, jobs_pb2
+
+    def flags(*path):
+        parser = build_parser()
+        for name in path:
+            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            parser = sub.choices[name]
+        return {a.dest for a in parser._actions}
+
+    assert set(SCALAR_PARAMS) <= flags("generate")
+    assert set(SCALAR_PARAMS) <= set(common_pb2.SamplingParams.DESCRIPTOR.fields_by_name)
+    numbers = {f.name for f in dataclasses.fields(SamplingParams) if f.type in ("int", "float", "int | None")}
+    assert numbers == set(SCALAR_PARAMS)
+    assert set(HYPERPARAMS) <= flags("finetune")
+    job_names = {JOB_NAMES.get(n, n) for n in HYPERPARAMS}
+    assert job_names <= set(jobs_pb2.FinetuneJob.DESCRIPTOR.fields_by_name)
+    assert job_names <= flags("jobs", "submit", "finetune")
+    assert {TRAIN_FIELDS[n] for n in job_names} == set(HYPERPARAMS)

@@ -8,6 +8,8 @@ import time
 import uuid
 
 from internlm_core.config import DTYPES
+from services.cli.train_cmds import add_hyperparameter_flags
+from services.jobs.kinds import JOB_NAMES
 
 RPC_TIMEOUT_S = 30
 
@@ -38,12 +40,7 @@ def register(sub) -> None:
     f.add_argument("--dataset", required=True)
     f.add_argument("--output", required=True)
     f.add_argument("--method", choices=["full", "lora"], default="")
-    for name, typ in (("lora-rank", int), ("lora-alpha", float), ("lora-dropout", float), ("lora-targets", str),
-                      ("learning-rate", float), ("min-lr-ratio", float), ("warmup-ratio", float),
-                      ("max-steps", int), ("epochs", float), ("batch-size", int), ("grad-accum", int),
-                      ("weight-decay", float), ("grad-clip", float), ("save-every", int), ("keep-last", int),
-                      ("eval-every", int), ("eval-ratio", float), ("seed", int), ("dtype", str)):
-        f.add_argument(f"--{name}", type=typ)
+    add_hyperparameter_flags(f, JOB_NAMES)  # the job API's names (FinetuneJob's fields)
     e = kinds.add_parser("export", help="model in the store -> MindIR prefill/decode graphs")
     e.add_argument("--model", required=True)
     e.add_argument("--output", required=True)

@@ -27,22 +27,7 @@ def register(sub) -> None:
     f.add_argument("--out", required=True, help="output: a model folder, or an adapter folder with --lora")
     f.add_argument("--work", help="checkpoint folder; a rerun resumes from it (default: .<out>.work beside --out)")
     f.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all weights")
-    for name, kind, hint in [
-        ("lr", float, "peak learning rate (default 1e-5 full, 5e-5 LoRA)"),
-        ("weight-decay", float, "default 0.1 full, 0.01 LoRA"), ("warmup-ratio", float, "default 0.03"),
-        ("min-lr-ratio", float, "cosine floor as a share of lr (default 0)"),
-        ("max-steps", int, "optimiser steps (default: from --epochs)"), ("epochs", float, "default 1"),
-        ("batch-size", int, "rows per micro-batch (default 1)"), ("grad-accum", int, "micro-batches per step"),
-        ("grad-clip", float, "global-norm clip, 0 = off (default 1.0)"),
-        ("eval-ratio", float, "share of rows held out for eval loss/perplexity"),
-        ("eval-every", int, "steps between evaluations"), ("save-every", int, "steps between checkpoints (500)"),
-        ("keep-last", int, "checkpoints kept (3)"), ("seed", int, "data order, init and dropout seed"),
-        ("lora-rank", int, "default 8"), ("lora-alpha", float, "default 16"), ("lora-dropout", float, "default 0.05"),
-        ("lora-targets", str, "regex or comma list over wq wk wv wo w1 w2 w3 (default wq|wk|wv|wo)"),
-        ("dtype", str, "compute dtype: auto, float32, float16, bfloat16"),
-        ("loss-scale", str, "auto, dynamic, or a number"),
-    ]:
-        f.add_argument(f"--{name}", type=kind, help=hint)
+    add_hyperparameter_flags(f)
     f.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     f.set_defaults(func=finetune)
 
@@ -78,15 +63,26 @@ def preprocess(args) -> int:
     return 0
 
 
-def train_args(args):
-    from internlm_core.train import TrainArgs
+def add_hyperparameter_flags(parser, names: dict[str, str] | None = None) -> None:
+    """One flag per ``TrainArgs`` hyperparameter, with its help; ``names`` renames some (the job
+    API's names). Unset flags keep the trainer's defaults."""
+    import dataclasses
 
-    fields = ("lr", "weight_decay", "warmup_ratio", "min_lr_ratio", "max_steps", "epochs", "batch_size", "grad_accum",
-              "grad_clip", "eval_ratio", "eval_every", "save_every", "keep_last", "seed", "lora_rank", "lora_alpha",
-              "lora_dropout", "lora_targets", "dtype")
-    kw = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
-    if args.loss_scale is not None:
-        kw["loss_scale"] = args.loss_scale if args.loss_scale in ("auto", "dynamic") else float(args.loss_scale)
+    from internlm_core.train_args import HYPERPARAMS, TrainArgs
+
+    fields = {f.name: f for f in dataclasses.fields(TrainArgs)}
+    for name in HYPERPARAMS:
+        f = fields[name]
+        kind = {"int": int, "float": float, "float | None": float}.get(f.type, str)  # "auto" / numbers: parsed later
+        flag = (names or {}).get(name, name)
+        default = "" if f.default is None else f" (default: {f.default})"
+        parser.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, help=f.metadata["help"] + default)
+
+
+def train_args(args):
+    from internlm_core.train_args import HYPERPARAMS, TrainArgs
+
+    kw = {k: getattr(args, k) for k in HYPERPARAMS if getattr(args, k) is not None}
     return TrainArgs(model=args.model, data=args.data, out=args.out, mode="lora" if args.lora else "full",
                      overwrite=args.overwrite, **kw).validate()
 

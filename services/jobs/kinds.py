@@ -12,6 +12,7 @@ from pathlib import Path
 
 from internlm_core.config import DTYPES
 from internlm_core.store import DATASETS, MODELS, Store, check_name
+from internlm_core.train_args import HYPERPARAMS, TrainArgs
 
 
 def _output(store: Store, area: str, req: dict) -> str:
@@ -120,21 +121,16 @@ def run_preprocess(req: dict, ctx) -> dict:
 
 # ---- finetune: models/<base_model> (or a preset) + datasets/<dataset> -> models/<output> ---------
 
-# request field -> internlm_core.train.TrainArgs field
-TRAIN_FIELDS = {"method": "mode", "learning_rate": "lr", "min_lr_ratio": "min_lr_ratio",
-                "warmup_ratio": "warmup_ratio", "max_steps": "max_steps", "epochs": "epochs",
-                "batch_size": "batch_size", "grad_accum": "grad_accum", "weight_decay": "weight_decay",
-                "grad_clip": "grad_clip", "save_every": "save_every", "keep_last": "keep_last",
-                "eval_every": "eval_every", "eval_ratio": "eval_ratio", "seed": "seed", "dtype": "dtype",
-                "lora_rank": "lora_rank", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
-                "lora_targets": "lora_targets"}
+# The job API's names for TrainArgs hyperparameters where they differ; every other hyperparameter
+# has a FinetuneJob field of its own name (a test holds the proto to that).
+JOB_NAMES = {"lr": "learning_rate"}
+# request field -> TrainArgs field
+TRAIN_FIELDS = {"method": "mode", **{JOB_NAMES.get(name, name): name for name in HYPERPARAMS}}
 INIT = "init"  # a preset job's random starting model, inside its job folder (the same on every execution)
 
 
 def train_args(req: dict, store: Store, base: Path, out: Path):
     """The trainer's validated arguments for this request (its ValueErrors name the bad field)."""
-    from internlm_core.train import TrainArgs
-
     kw = {TRAIN_FIELDS[k]: v for k, v in req.items() if k in TRAIN_FIELDS and v not in ("", None)}
     dataset = store.dataset_path(check_name(req.get("dataset", ""), "dataset"))
     return TrainArgs(model=str(base), data=str(dataset), out=str(out), **kw).validate()
