@@ -14,8 +14,8 @@ whose logit carries +log(number of other ids) in the loss. Expanding it afterwar
 unused ids share the "other" probability mass instead of receiving random logits. This
 cuts the output layer, which dominates the cost at this size, by a factor of about 40.
 
-Interrupted training resumes from its checkpoints (``models_root/.internlm-demo.work``);
-concurrent callers wait on a file lock instead of training twice.
+Interrupted training resumes from its checkpoints (``models_root/.internlm-demo.work``), if the
+recipe and text are still the same; concurrent callers wait on a file lock instead of training twice.
 """
 from __future__ import annotations
 
@@ -52,39 +52,53 @@ def ensure_demo_model(models_root: Path, cancel: Callable[[], bool] | None = Non
 
     ``progress(dict)`` receives the trainer's reports (step, total, loss, eta_s...) with
     "stage"; ``cancel()`` stops training between steps (raises ``Cancelled``; the next call
-    resumes from the last checkpoint). ``max_steps`` shortens training (tests); a model
-    trained for another number of steps is not reused.
+    resumes from the last checkpoint, unless the recipe or text changed meanwhile).
+    ``max_steps`` shortens training (tests); a model trained for another number of steps is
+    not reused.
     """
     recipe = {**RECIPE, **({"max_steps": max_steps} if max_steps else {})}
+    corpus = CORPUS  # read now, so the cache check hashes the very text that training reads
     models_root = Path(models_root)
     models_root.mkdir(parents=True, exist_ok=True)
     target = models_root / DEMO_NAME
-    if _is_current(target, recipe):
+    if _is_current(target, recipe, corpus):
         return target
     with open(models_root / f".{DEMO_NAME}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be training it right now
-        if _is_current(target, recipe):
+        if _is_current(target, recipe, corpus):
             return target
         work = models_root / f".{DEMO_NAME}.work"
-        _train(work, target, recipe, cancel, progress)
+        key = json.dumps(_key(recipe, corpus), sort_keys=True)
+        stamp = work / "key.json"
+        if work.exists() and not (stamp.is_file() and stamp.read_text() == key):
+            # an interrupted build of another recipe or text: its data and checkpoints are not this one's
+            shutil.rmtree(work)
+        work.mkdir(exist_ok=True)
+        stamp.write_text(key)
+        _train(work, target, recipe, cancel, progress, corpus)
         shutil.rmtree(work, ignore_errors=True)
     return target
 
 
-def _is_current(folder: Path, recipe: dict) -> bool:
+def _key(recipe: dict, corpus: Path) -> dict:
+    """What a demo model is cached by: a change in any of these trains a new one."""
+    return {"version": DEMO_VERSION, "recipe": recipe, "corpus_sha256": _corpus_sha256(corpus)}
+
+
+def _is_current(folder: Path, recipe: dict, corpus: Path) -> bool:
     try:
         meta = json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return (meta.get("version") == DEMO_VERSION and meta.get("recipe") == recipe
-            and meta.get("corpus_sha256") == _corpus_sha256() and (folder / WEIGHTS_FILE).is_file())
+    key = _key(recipe, corpus)
+    return all(meta.get(k) == v for k, v in key.items()) and (folder / WEIGHTS_FILE).is_file()
 
 
-def _corpus_sha256(corpus: Path = CORPUS) -> str:
+def _corpus_sha256(corpus: Path) -> str:
     return hashlib.sha256(corpus.read_bytes()).hexdigest()
 
 
-def _train(work: Path, target: Path, recipe: dict, cancel, progress, corpus: Path = CORPUS) -> None:
+def _train(work: Path, target: Path, recipe: dict, cancel, progress, corpus: Path) -> None:
     from .data import IGNORE, pack_rows, write_dataset
     from .loader import save_model
     from .model import InternLMForCausalLM, init_weights
@@ -134,8 +148,7 @@ def _train(work: Path, target: Path, recipe: dict, cancel, progress, corpus: Pat
         big[used] = small[:other]
         sd[name] = big
     history = [json.loads(x) for x in (work / "trained" / "scalars.jsonl").read_text().splitlines()]
-    meta = {"version": DEMO_VERSION, "corpus": corpus.name, "corpus_sha256": _corpus_sha256(corpus),
-            "trained_ids": int(other), "seq_length": SEQ_LENGTH, "recipe": recipe,
+    meta = {**_key(recipe, corpus), "corpus": corpus.name, "trained_ids": int(other), "seq_length": SEQ_LENGTH,
             "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"]}
     save_model(sd, full, target, overwrite=True,
                extra_files={MARKER: json.dumps(meta, indent=2) + "\n",

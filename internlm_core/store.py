@@ -12,7 +12,10 @@ model, and a killed job's leftovers sit where a re-run of the same job finds the
 and nowhere else.
 
 Paths in requests are confined: names are plain folder names, and source paths must lie inside
-the root or one of the extra read-only roots, before and after resolving symlinks.
+the root or one of the extra read-only roots, before and after resolving symlinks. A folder is
+checked entry by entry: a symlink anywhere inside it (a weights file, a tokenizer, a subfolder)
+must resolve inside the roots too, or a job would read, and copy into the store, whatever the
+worker can read.
 """
 from __future__ import annotations
 
@@ -73,8 +76,9 @@ class Store:
     def source_path(self, path: str, must_exist: bool = True) -> Path:
         """A source path from a request: relative to the root, or absolute inside one of the roots.
 
-        Rejects '..', absolute paths outside the roots, symlinks that lead outside them, and other
-        jobs' private folders. ``FileNotFoundError`` when it does not exist (and must).
+        Rejects '..', absolute paths outside the roots, symlinks that lead outside them (the path's
+        own, or any inside the folder it names), and other jobs' private folders.
+        ``FileNotFoundError`` when it does not exist (and must).
         """
         if not path or "\x00" in path:
             raise PathError("empty source path")
@@ -82,16 +86,13 @@ class Store:
         if ".." in p.parts:
             raise PathError(f"{path!r}: '..' is not allowed in store paths")
         candidate = p if p.is_absolute() else self.root / p
-        roots = ", ".join(str(r) for r in self.read_roots)
         if not any(_inside(candidate, r) for r in self.read_roots):
-            raise PathError(f"{path!r} is outside the store's roots ({roots})")
+            raise PathError(f"{path!r} is outside the store's roots ({self._roots()})")
         resolved = candidate.resolve(strict=False)
-        if not any(_inside(resolved, r) for r in self.read_roots):
-            raise PathError(f"{path!r} leads outside the store's roots through a symlink ({roots})")
-        if _inside(resolved, self.root / JOBS):
-            raise PathError(f"{path!r} is inside a job's private folder")
+        self._check_target(resolved, repr(path))
         if must_exist and not resolved.exists():
             raise FileNotFoundError(f"{path!r} not found (looked at {resolved})")
+        self._check_tree(resolved, path)
         return resolved
 
     def item_path(self, area: str, name: str, must_exist: bool = True) -> Path:
@@ -103,9 +104,39 @@ class Store:
         resolved = (base / name).resolve(strict=False)
         if not any(_inside(resolved, r) for r in self.read_roots):
             raise PathError(f"{area}/{name} leads outside the store's roots through a symlink")
-        if must_exist and not resolved.exists():
-            raise FileNotFoundError(f"{area[:-1]} {name!r} not found in the store ({base})")
+        if must_exist:  # an item about to be read; an output about to be written is not looked into
+            if not resolved.exists():
+                raise FileNotFoundError(f"{area[:-1]} {name!r} not found in the store ({base})")
+            self._check_tree(resolved, f"{area}/{name}")
         return base / name
+
+    def _roots(self) -> str:
+        return ", ".join(str(r) for r in self.read_roots)
+
+    def _check_target(self, resolved: Path, shown: str) -> None:
+        """A resolved path that a request may read: inside a root, and not a job's private folder."""
+        if not any(_inside(resolved, r) for r in self.read_roots):
+            raise PathError(f"{shown} leads outside the store's roots through a symlink ({self._roots()})")
+        if _inside(resolved, self.root / JOBS):
+            raise PathError(f"{shown} is inside a job's private folder")
+
+    def _check_tree(self, folder: Path, shown: str) -> None:
+        """Every symlink under ``folder``, at any depth, must resolve where a request may read;
+        ``shown`` is the folder as the request named it, so that an error names the entry."""
+        if not folder.is_dir():
+            return
+        seen = set()
+        # followlinks: a symlinked subfolder inside the roots may itself hold links that lead out
+        for here, dirs, files in os.walk(folder, followlinks=True):
+            real = os.path.realpath(here)
+            if real in seen:  # a link back to a folder already walked: stop, or the walk never ends
+                dirs[:] = []
+                continue
+            seen.add(real)
+            for name in (*dirs, *files):
+                entry = Path(here, name)
+                if entry.is_symlink():
+                    self._check_target(entry.resolve(strict=False), repr(str(Path(shown, entry.relative_to(folder)))))
 
     def model_path(self, name: str, must_exist: bool = True) -> Path:
         return self.item_path(MODELS, name, must_exist)

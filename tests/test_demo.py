@@ -4,6 +4,7 @@ Training the real recipe takes minutes, so CI runs the same path for a few steps
 import json
 
 import numpy as np
+import pytest
 
 from internlm_core import demo
 from internlm_core.config import Config
@@ -43,3 +44,52 @@ def test_demo_model_is_trained_by_the_trainer_expanded_and_cached(tmp_path):
     again = []
     assert demo.ensure_demo_model(tmp_path, progress=again.append, max_steps=3) == folder
     assert again == []  # cached: no training the second time
+
+
+def test_a_new_recipe_version_or_text_trains_a_new_model(tmp_path, monkeypatch):
+    """The cache key is (version, recipe, text's sha256): a change in any one of them alone trains a
+    new model (a one-step recipe on a few paragraphs here, to keep it quick), and a build interrupted
+    under another key leaves nothing that the next build takes (its packed text, its checkpoint)."""
+    import hashlib
+
+    from internlm_core.errors import Cancelled
+
+    paragraphs = [s for s in demo.CORPUS.read_text(encoding="utf-8").splitlines() if s.strip()]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(paragraphs[:6]) + "\n", encoding="utf-8")
+    monkeypatch.setattr(demo, "CORPUS", corpus)
+    root = tmp_path / "models"
+    work = root / ".internlm-demo.work"
+
+    def build(cancel=None):
+        reports = []
+        folder = demo.ensure_demo_model(root, progress=reports.append, max_steps=1, cancel=cancel)
+        meta = json.loads((folder / "demo.json").read_text())
+        weights = hashlib.sha256((folder / "model.safetensors").read_bytes()).digest()
+        return [(r["stage"], r.get("step")) for r in reports if r["stage"] in ("prepare", "train")], meta, weights
+
+    trained = [("prepare", None), ("train", 1)]  # from the text up: packed anew, one step from step 0
+    stages, meta, weights = build()
+    assert stages == trained and meta["corpus_sha256"] == hashlib.sha256(corpus.read_bytes()).hexdigest()
+    assert build()[0] == []  # the same key: cached
+
+    # the version alone: the cached model is not taken, training starts (and is interrupted at once)
+    version = demo.DEMO_VERSION
+    monkeypatch.setattr(demo, "DEMO_VERSION", version + 1)
+    with pytest.raises(Cancelled):
+        build(cancel=lambda: True)
+    assert (work / "data").is_dir() and (work / "base").is_dir()  # what a resume under that key would take
+    monkeypatch.setattr(demo, "DEMO_VERSION", version)
+
+    # the text alone: neither the cached model nor the interrupted build's data (of the old text) is used
+    corpus.write_text(corpus.read_text(encoding="utf-8") + paragraphs[6] + "\n", encoding="utf-8")
+    stages, meta2, weights2 = build()
+    assert stages == trained and meta2["version"] == version
+    assert meta2["corpus_sha256"] == hashlib.sha256(corpus.read_bytes()).hexdigest() != meta["corpus_sha256"]
+    assert meta2["trained_ids"] > meta["trained_ids"]  # the compact vocabulary of the longer text
+
+    monkeypatch.setitem(demo.RECIPE, "lr", demo.RECIPE["lr"] / 4)  # a recipe field alone
+    stages, meta3, weights3 = build()
+    assert stages == trained and meta3["recipe"]["lr"] == meta2["recipe"]["lr"] / 4
+    assert weights3 != weights2  # trained anew with the new learning rate, not the old model kept
+    assert not work.exists()

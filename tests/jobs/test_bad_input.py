@@ -39,11 +39,30 @@ def test_refused_at_submit(jobs_api, jobs_settings, hf_source, tmp_path, tiny_mo
     outside = tmp_path / "outside"
     shutil.copytree(root / hf_source, outside)  # a perfectly good folder, but outside the roots
     os.symlink(outside, root / "imports" / "sneaky")
+    # folders inside the store that hold a symlink leading out: a file, or a subfolder
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"not the store's")
+    shutil.copytree(root / hf_source, root / "imports" / "leaky")
+    os.symlink(secret, root / "imports" / "leaky" / "tokenizer.model")
+    shutil.copytree(tiny_model_dir, root / "models" / "leaky")
+    (root / "models" / "leaky" / "model.safetensors").unlink()
+    os.symlink(outside / next(outside.glob("*.safetensors")).name, root / "models" / "leaky" / "model.safetensors")
+    (root / "datasets" / "leaky").mkdir()
+    os.symlink(outside, root / "datasets" / "leaky" / "part")
+    leads_out = "leads outside the store's roots through a symlink"
 
     cases = {
         "dotdot": (convert("imports/../../outside"), INVALID, "'..'"),
         "absolute outside": (convert(str(outside)), INVALID, "outside the store's roots"),
         "symlink escape": (convert("imports/sneaky"), INVALID, "symlink"),
+        "symlink inside the source": (convert("imports/leaky"), INVALID,
+                                      f"'imports/leaky/tokenizer.model' {leads_out}"),
+        "symlink inside the model": (jobs_pb2.SubmitJobRequest(export=jobs_pb2.ExportJob(model="leaky", output="o")),
+                                     INVALID, f"'models/leaky/model.safetensors' {leads_out}"),
+        "symlink inside the base model": (finetune(base_model="leaky"), INVALID,
+                                          f"'models/leaky/model.safetensors' {leads_out}"),
+        "symlinked subfolder in the dataset": (finetune(dataset="leaky"), INVALID,
+                                               f"'datasets/leaky/part' {leads_out}"),
         "missing source": (convert("imports/nope"), NOT_FOUND, "not found"),
         "bad output name": (convert(hf_source, "../models/x"), INVALID, "not a valid store name"),
         "bad dtype": (convert(hf_source, dtype="int8"), INVALID, "dtype must be one of"),
@@ -74,7 +93,7 @@ def test_refused_at_submit(jobs_api, jobs_settings, hf_source, tmp_path, tiny_mo
 
     # nothing was queued, nothing written
     assert len(stub.ListJobs(jobs_pb2.ListJobsRequest()).jobs) == 0
-    assert [p.name for p in (root / "models").iterdir()] == ["base"]
+    assert sorted(p.name for p in (root / "models").iterdir()) == ["base", "leaky"]
     with pytest.raises(grpc.RpcError) as e:
         stub.GetJob(jobs_pb2.GetJobRequest(id="no-such-job"))
     assert e.value.code() == NOT_FOUND
@@ -105,3 +124,20 @@ def test_failed_job_has_a_reason_and_the_worker_goes_on(jobs_api, jobs_settings,
     assert watch_until_done(stub, good.id)[-1].state == S.JOB_STATE_SUCCEEDED
     assert (root / "models" / "good" / "model.safetensors").is_file()
     assert json.loads(stub.GetJob(jobs_pb2.GetJobRequest(id=good.id)).result_json)["dtype"] == "float32"
+
+
+def test_symlink_planted_after_submit_fails_the_job(jobs_api, jobs_settings, hf_source, workers, tmp_path):
+    """The worker checks the folder again when it runs the job: a symlink leading out, planted
+    after the request was accepted, ends the job FAILED naming it, before anything is read."""
+    stub, _ = jobs_api
+    root = Path(jobs_settings.store_root)
+    job = stub.SubmitJob(convert(hf_source, "planted"))  # accepted: the folder is clean now
+    secret = tmp_path / "secret.model"
+    secret.write_bytes(b"not the store's")
+    os.symlink(secret, root / hf_source / "tokenizer.model")
+    workers("convert")
+    last = watch_until_done(stub, job.id)[-1]
+    assert last.state == S.JOB_STATE_FAILED, last
+    assert last.error == (f"PathError: 'imports/tiny-hf/tokenizer.model' leads outside the store's roots through "
+                          f"a symlink ({root})"), last.error
+    assert list((root / "models").iterdir()) == [] and list((root / "jobs").iterdir()) == []

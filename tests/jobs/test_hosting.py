@@ -34,3 +34,56 @@ def test_hosted_on_the_common_server(jobs_settings):
             assert SERVICE_NAME in [s.name for s in answer.list_services_response.service]
     finally:
         server.grpc.stop(0)
+
+
+def test_an_internal_error_is_logged_exactly_once(jobs_settings, caplog, monkeypatch):
+    """A bug (an exception nothing maps) is answered INTERNAL naming it, and logged once, with the
+    traceback of where it was raised: not again by the Jobs API's own mapping, nor by grpc; for a
+    unary call and for a stream that fails after its first message."""
+    import logging
+
+    from services.jobs import kinds
+    from services.server_common import Server
+
+    def broken_check(req, store):
+        raise KeyError("boom in a check")
+
+    server = Server("endpoint-test", 0)
+    servicer = add_to_server(server.grpc, jobs_settings)
+    server.start([SERVICE_NAME])
+    job, _ = servicer.records.create("convert", {"source": "imports/x", "output": "x"}, "models/x")
+    real_get, calls = servicer.records.get, []
+
+    def get_then_break(job_id):  # WatchJob's first read works, its next one meets the bug
+        calls.append(job_id)
+        if len(calls) > 1:
+            raise RuntimeError("boom in a stream")
+        return real_get(job_id)
+
+    monkeypatch.setitem(kinds.CHECKS, "convert", broken_check)
+    monkeypatch.setattr(servicer.records, "get", get_then_break)
+    caplog.set_level(logging.DEBUG)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            stub = jobs_pb2_grpc.JobsStub(ch)
+            with pytest.raises(grpc.RpcError) as e:
+                stub.SubmitJob(jobs_pb2.SubmitJobRequest(convert=jobs_pb2.ConvertJob(source="imports/x", output="y")))
+            assert e.value.code() == grpc.StatusCode.INTERNAL
+            assert e.value.details() == "internal error: KeyError: 'boom in a check'"
+            seen = []
+            with pytest.raises(grpc.RpcError) as e:
+                for m in stub.WatchJob(jobs_pb2.WatchJobRequest(id=job["id"]), timeout=30):
+                    seen.append(m.state)
+            assert seen == [jobs_pb2.JOB_STATE_QUEUED]
+            assert e.value.code() == grpc.StatusCode.INTERNAL
+            assert e.value.details() == "internal error: RuntimeError: boom in a stream"
+    finally:
+        server.grpc.stop(None).wait()  # every server thread done: any later log record is counted too
+
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [(r.name, r.getMessage()) for r in errors] == [
+        ("internlm.server", "/internlm.v1.Jobs/SubmitJob failed"),
+        ("internlm.server", "/internlm.v1.Jobs/WatchJob failed")], [r.getMessage() for r in errors]
+    for record, (kind, frame) in zip(errors, [(KeyError, "broken_check"), (RuntimeError, "get_then_break")]):
+        assert record.exc_info and record.exc_info[0] is kind
+        assert f"in {frame}\n" in logging.Formatter().formatException(record.exc_info)

@@ -31,6 +31,27 @@ def test_queued_jobs_survive_a_redis_restart(jobs_api, jobs_settings, workers, h
     assert last.state == S.JOB_STATE_SUCCEEDED and last.executions == 1
 
 
+def test_queued_jobs_survive_a_redis_crash(jobs_api, jobs_settings, workers, hf_source, redis_server):
+    """kill -9 of Redis (appendfsync everysec, as shipped) right after the last submit was answered:
+    a crash of the process, not the machine, loses nothing Redis acknowledged, so every record and
+    every queued message comes back from the append-only file, and each job runs once."""
+    import redis
+
+    stub, _ = jobs_api
+    root = Path(jobs_settings.store_root)
+    ids = [stub.SubmitJob(convert(hf_source, f"m{i}")).id for i in range(3)]  # no worker yet: they wait
+    redis_server.crash()  # at once: no second for everysec's fsync
+    for job_id in ids:
+        assert stub.GetJob(jobs_pb2.GetJobRequest(id=job_id)).state == S.JOB_STATE_QUEUED
+    assert redis.Redis.from_url(jobs_settings.redis_url).llen("convert") == 3  # the messages, not just the records
+    workers("convert")
+    for job_id in ids:
+        last = watch_until_done(stub, job_id)[-1]
+        assert last.state == S.JOB_STATE_SUCCEEDED and last.executions == 1, last
+    assert sorted(p.name for p in (root / "models").iterdir()) == ["m0", "m1", "m2"]
+    assert list((root / "jobs").iterdir()) == []
+
+
 def test_a_running_job_survives_a_redis_crash(jobs_api, jobs_settings, workers, trainer_store, alpaca_dataset,
                                               redis_server):
     """kill -9 of Redis (appendfsync everysec, as shipped) while a fine-tune runs: the worker's

@@ -44,8 +44,9 @@ def test_symlink_escape_is_rejected(store, tmp_path):
     os.symlink(tmp_path / "elsewhere", store.root / "models" / "escape")
     with pytest.raises(PathError, match="symlink"):
         store.model_path("escape")
-    os.symlink(store.root / "models", store.root / "link-in")  # inside the roots: fine
-    assert store.source_path("link-in") == store.root / "models"
+    # inside the roots: fine (not models/, which holds the escape above: see the test below)
+    os.symlink(store.root / "datasets", store.root / "link-in")
+    assert store.source_path("link-in") == store.root / "datasets"
 
 
 @pytest.mark.parametrize("name", ["", ".", "..", ".hidden", "a/b", "../x", "/abs", "x" * 129, "a b", "a\x00"])
@@ -99,3 +100,45 @@ def test_list_shows_only_published_items(store):
     assert [e.size_bytes for e in store.list("models") if e.name == "m"][0] > 100
     with pytest.raises(PathError):
         store.list("jobs")
+
+
+def test_symlinks_inside_a_folder_are_checked(store, tmp_path):
+    """A folder that is itself inside the roots may hold a symlink (a weights file, a tokenizer,
+    a subfolder, at any depth) that leads out: using the folder is refused, naming that entry."""
+    secret = tmp_path / "elsewhere" / "secret"
+    (secret / "weights").write_bytes(b"not yours")
+    imports = store.root / "imports"
+
+    def folder(rel: str) -> "os.PathLike":
+        path = store.root / rel
+        path.mkdir(parents=True)
+        (path / "config.json").write_text("{}")
+        return path
+
+    os.symlink(secret / "weights", folder("imports/hf") / "tokenizer.model")
+    with pytest.raises(PathError, match=r"'imports/hf/tokenizer\.model' leads outside the store's roots"):
+        store.source_path("imports/hf")
+    os.symlink(secret / "weights", folder("models/m") / "model.safetensors")
+    with pytest.raises(PathError, match=r"'models/m/model\.safetensors' leads outside the store's roots"):
+        store.model_path("m")
+    os.symlink(secret, folder("datasets/d") / "part")  # a symlinked subfolder
+    with pytest.raises(PathError, match=r"'datasets/d/part' leads outside the store's roots"):
+        store.dataset_path("d")
+    # a subfolder linked inside the roots is walked too: what it holds may lead out
+    os.symlink(secret / "weights", folder("imports/deep") / "w.safetensors")
+    os.symlink(imports / "deep", folder("imports/hf2") / "inner")
+    with pytest.raises(PathError, match=r"/imports/hf2/inner/w\.safetensors' leads outside"):
+        store.source_path(str(imports / "hf2"))  # absolute paths are walked the same way
+    os.symlink(store.job_dir("job1"), folder("imports/peek") / "other-job")
+    with pytest.raises(PathError, match=r"'imports/peek/other-job' is inside a job's private folder"):
+        store.source_path("imports/peek")
+
+    # links that stay inside the roots are fine, and a link back up does not walk forever
+    ok = folder("clean/ok")
+    os.symlink(tmp_path / "extra" / "hf", ok / "from-read-root")
+    os.symlink("..", ok / "up")
+    os.symlink(".", ok / "loop")
+    assert store.source_path("clean/ok") == ok
+    # an output that does not exist yet is not walked, and neither is a single file
+    assert store.model_path("new", must_exist=False) == store.root / "models" / "new"
+    assert store.source_path("imports/hf/config.json") == imports / "hf" / "config.json"
