@@ -94,7 +94,7 @@ def main() -> None:
         tok_port, worker_port, ep_port, http_port = free_port(), free_port(), free_port(), free_port()
         procs.append(Proc([sys.executable, "-m", "services.tokenizer_service", "--port", str(tok_port),
                            "--metrics-port", str(free_port())], tmp / "tokenizer.log"))
-        procs.append(Proc([sys.executable, "-m", "services.worker", "--model", str(model_dir), "--port",
+        procs.append(Proc([sys.executable, "-m", "services.inference_worker", "--model", str(model_dir), "--port",
                            str(worker_port), "--metrics-port", str(free_port()), "--redis-url", redis_url],
                           tmp / "worker.log"))
         procs.append(Proc([sys.executable, "-m", "services.endpoint", "--port", str(ep_port), "--metrics-port",

@@ -62,7 +62,7 @@ class Worker:
         self.log = log
         env = {**os.environ, **settings.env(), "PYTHONUNBUFFERED": "1", "INTERNLM_LOGLEVEL": "warning"}
         self.t0 = time.time()
-        self.proc = subprocess.Popen([sys.executable, "-m", "services.jobs.worker", "--queues", "convert",
+        self.proc = subprocess.Popen([sys.executable, "-m", "services.jobs.job_worker", "--queues", "convert",
                                       "--hostname", self.name, "--loglevel", "info"], cwd=REPO, env=env,
                                      stdout=open(log, "ab"), stderr=subprocess.STDOUT)
 

@@ -76,7 +76,7 @@ def main() -> None:
                                     json.dumps(hf_prompts), json.dumps(levels)], check=True, capture_output=True,
                                    text=True).stdout)
     port = free_port()
-    worker = Proc([sys.executable, "-m", "services.worker", "--model", str(model_dir), "--port", str(port),
+    worker = Proc([sys.executable, "-m", "services.inference_worker", "--model", str(model_dir), "--port", str(port),
                    "--metrics-port", str(free_port()), "--redis-url", "",
                    *(["--max-batch", str(args.max_batch)] if args.max_batch else [])], tmp / "worker.log")
     try:

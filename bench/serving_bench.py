@@ -68,7 +68,7 @@ def start_worker(model: Path, redis_url: str, slots: int, max_len: int, tmp: Pat
     from services.server_common import wait_healthy
 
     port = free_port()
-    p = Proc([sys.executable, "-m", "services.worker", "--model", str(model), "--port", str(port),
+    p = Proc([sys.executable, "-m", "services.inference_worker", "--model", str(model), "--port", str(port),
               "--metrics-port", str(free_port()), "--redis-url", redis_url, "--max-batch", str(slots),
               "--max-queue", "32", "--max-len", str(max_len)], tmp / f"{name}.log")
     wait_healthy(f"127.0.0.1:{port}", timeout=600)
@@ -112,7 +112,7 @@ def main() -> None:
         from internlm_core.generation import SamplingParams, generate
         from internlm_core.loader import load_model
         from internlm_core.tokenizer import Tokenizer
-        from services.messages import sampling_to_pb
+        from services.pb_convert import sampling_to_pb
         from services.pb import common_pb2, inference_pb2, inference_pb2_grpc
         from services.server_common import wait_healthy
 

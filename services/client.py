@@ -9,7 +9,7 @@ import grpc
 
 from internlm_core.generation import SCALAR_PARAMS
 
-from services.messages import FINISH_FROM_PB, chat_to_pb
+from services.pb_convert import FINISH_FROM_PB, chat_to_pb
 from services.pb import common_pb2, inference_pb2, inference_pb2_grpc
 
 DEFAULT_ENDPOINT = "localhost:50051"

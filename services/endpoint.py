@@ -26,7 +26,7 @@ import redis
 from prometheus_client import Counter, Gauge
 
 from internlm_core.errors import ModelNotFound, Unavailable
-from services.messages import join_chunks
+from services.pb_convert import join_chunks
 from services.pb import endpoint_pb2, endpoint_pb2_grpc, inference_pb2, inference_pb2_grpc, tokenizer_pb2
 from services.registry import TTL_S, list_workers
 from services.server_common import Server, env_default, setup_logging

@@ -46,12 +46,12 @@ def role_command(role: str, port: int | None = None, metrics_port: int | None = 
     if role == "tokenizer":
         return ["-m", "services.tokenizer_service", *ports]
     if role == "inference":
-        return ["-m", "services.worker", "--model", model, *ports]
+        return ["-m", "services.inference_worker", "--model", model, *ports]
     if role == "endpoint":
         http = ["--http-port", str(http_port)] if http_port else []
         return ["-m", "services.endpoint", *ports, "--tokenizer-address", tokenizer_address, *http]
     if role in JOBS_QUEUES:
-        return ["-m", "services.jobs.worker", "--queues", JOBS_QUEUES[role]]
+        return ["-m", "services.jobs.job_worker", "--queues", JOBS_QUEUES[role]]
     raise ValueError(f"unknown role {role!r}")
 
 
@@ -80,7 +80,7 @@ def stack_env(redis_url: str, store: Path | str, host: str) -> dict[str, str]:
 
 def jobs_available() -> bool:
     return importlib.util.find_spec("services.jobs") is not None and \
-        importlib.util.find_spec("services.jobs.worker") is not None
+        importlib.util.find_spec("services.jobs.job_worker") is not None
 
 
 # ---- the model -------------------------------------------------------------------------------------

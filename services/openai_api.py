@@ -28,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from internlm_core.errors import ModelNotFound
 from services.http_server import Guard
-from services.messages import FINISH_FROM_PB
+from services.pb_convert import FINISH_FROM_PB
 from services.openai_schema import (FINISH, HTTP_STATUS, UNION_TAGS, ChatCompletionRequest, CompletionRequest,
                                     SamplingFields, error_response, rpc_error_response)
 from services.pb import common_pb2, inference_pb2, tokenizer_pb2, tokenizer_pb2_grpc

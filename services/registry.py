@@ -27,7 +27,7 @@ class Registration:
         self.key, self.info = PREFIX + worker_id, info
         self.beat_s, self.ttl_s = beat_s, ttl_s
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="registration", daemon=True)
 
     def start(self) -> "Registration":
         self.beat()

@@ -9,7 +9,7 @@ import argparse
 
 from internlm_core.tokenizer import Tokenizer, render_chat
 
-from services.messages import chat_from_pb
+from services.pb_convert import chat_from_pb
 from services.pb import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 from services.server_common import Server, env_default, setup_logging
 

@@ -38,13 +38,13 @@ def jobs_settings(tmp_path, redis_server):
 
 
 class Worker:
-    """``python -m services.jobs.worker`` as a child process, its log in a file."""
+    """``python -m services.jobs.job_worker`` as a child process, its log in a file."""
 
     def __init__(self, settings, queues: str, log: Path, name: str):
         self.log = log
         env = {**os.environ, **settings.env(), "PYTHONUNBUFFERED": "1"}
         self.out = open(log, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "services.jobs.worker", "--queues", queues,
+        self.proc = subprocess.Popen([sys.executable, "-m", "services.jobs.job_worker", "--queues", queues,
                                       "--hostname", f"{name}@test"], cwd=REPO, env=env,
                                      stdout=self.out, stderr=subprocess.STDOUT)
         self.name = f"{name}@test"

@@ -68,7 +68,7 @@ class Service:
 
 
 def start_worker(model_dir, redis_url: str, log_dir: Path, name: str = "worker", *extra: str) -> Service:
-    return Service("services.worker", ["--model", str(model_dir), "--redis-url", redis_url,
+    return Service("services.inference_worker", ["--model", str(model_dir), "--redis-url", redis_url,
                                        "--max-batch", str(WORKER_SLOTS), "--max-queue", str(WORKER_QUEUE),
                                        "--max-len", str(WORKER_LEN), *extra],
                    log_dir / f"{name}.log", free_port(), free_port())

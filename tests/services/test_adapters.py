@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from internlm_core.generation import SamplingParams, SequenceState, generate
-from services.messages import sampling_to_pb
+from services.pb_convert import sampling_to_pb
 from services.pb import common_pb2, inference_pb2, inference_pb2_grpc
 from tests.helpers import free_port
 from tests.services.conftest import WORKER_LEN, Service
@@ -34,7 +34,7 @@ def adapter_dir(chat_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def lora_worker(chat_model_dir, adapter_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("lora-worker") / "worker.log"
-    s = Service("services.worker", ["--model", str(chat_model_dir), "--redis-url", "", "--max-batch", "2",
+    s = Service("services.inference_worker", ["--model", str(chat_model_dir), "--redis-url", "", "--max-batch", "2",
                                     "--max-len", str(WORKER_LEN), "--adapter", f"{NAME}={adapter_dir}"],
                 log, free_port(), free_port())
     yield s.wait_healthy()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from internlm_core.generation import SamplingParams, generate
-from services.messages import FINISH_FROM_PB, chat_to_pb, join_chunks, sampling_to_pb
+from services.pb_convert import FINISH_FROM_PB, chat_to_pb, join_chunks, sampling_to_pb
 from services.pb import common_pb2, inference_pb2, inference_pb2_grpc
 from tests.services.conftest import WORKER_QUEUE, WORKER_SLOTS
 
@@ -266,7 +266,7 @@ def scripted_worker(core_tokenizer):
     piece, "Hello", ☃ in three byte pieces, " world", the first two of 😀's four bytes, then </s>."""
     from internlm_core.batching import Batcher
     from services.server_common import Server
-    from services.worker import SERVICE_NAME, InferenceServicer
+    from services.inference_worker import SERVICE_NAME, InferenceServicer
     from tests.helpers import byte_pieces
 
     tok, smile = core_tokenizer, byte_pieces(core_tokenizer, "😀")

@@ -64,7 +64,7 @@ def test_stack_serves_restarts_and_stops(launched):
                         timeout=60).json()
     assert answer["usage"]["completion_tokens"] == 5
     logs = {p.stem for p in (var / "logs").iterdir()}
-    jobs = {"converter", "trainer"} if (REPO / "services" / "jobs" / "worker.py").is_file() else set()
+    jobs = {"converter", "trainer"} if (REPO / "services" / "jobs" / "job_worker.py").is_file() else set()
     assert {"redis", "tokenizer", "endpoint", "inference-0"} | jobs <= logs
     assert (var / "redis" / "appendonlydir").is_dir()  # AOF persistence under var/
     children = pids_in_session(proc.pid)
@@ -72,7 +72,7 @@ def test_stack_serves_restarts_and_stops(launched):
 
     # A worker that dies is started again and serves again. The stream it was serving has no other
     # worker to continue on, so that client (only) gets UNAVAILABLE, saying so.
-    worker = next(p for p in children if "services.worker" in open(f"/proc/{p}/cmdline").read())
+    worker = next(p for p in children if "services.inference_worker" in open(f"/proc/{p}/cmdline").read())
     long = inference_pb2.GenerateRequest(text="Hello", params=common_pb2.SamplingParams(max_new_tokens=400,
                                                                                         ignore_eos=True))
     call = stub.Generate(long, timeout=60)

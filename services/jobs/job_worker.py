@@ -1,4 +1,4 @@
-"""A jobs worker: ``python -m services.jobs.worker --queues convert,export`` (the converter service) or
+"""A jobs worker: ``python -m services.jobs.job_worker --queues convert,export`` (the converter service) or
 ``--queues preprocess,finetune`` (the trainer service). Settings come from the environment
 (``INTERNLM_REDIS_URL``, ``INTERNLM_STORE``, see ``settings.py``).
 

@@ -1,4 +1,4 @@
-"""An inference worker: ``python -m services.worker --model DIR --port 50061 --redis-url URL``.
+"""An inference worker: ``python -m services.inference_worker --model DIR --port 50061 --redis-url URL``.
 
 Holds one model (a folder made by the converter, or an exported one) behind a continuous
 batcher, serves ``internlm.v1.Inference``, and registers itself in Redis with its load so the
@@ -22,7 +22,7 @@ from internlm_core.errors import AdapterError, ModelNotFound
 from internlm_core.generation import FINISH_ABORTED, SamplingParams
 from internlm_core.tokenizer import BOS, Tokenizer
 
-from services.messages import chunk_to_pb, finish_to_pb, join_chunks, prompt_from_pb, sampling_from_pb
+from services.pb_convert import chunk_to_pb, finish_to_pb, join_chunks, prompt_from_pb, sampling_from_pb
 from services.pb import inference_pb2, inference_pb2_grpc
 from services.registry import Registration
 from services.server_common import Server, env_default, setup_logging
