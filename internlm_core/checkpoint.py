@@ -26,6 +26,9 @@ from .errors import Cancelled, CheckpointError  # noqa: F401 (Cancelled: jobs an
 
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.model"
+# An exported folder (export.py) names itself by this file; here, so that MindSpore-free code (the
+# store, the job checks) can tell one without loading the exporter.
+MANIFEST_FILE = "mindir_manifest.json"
 
 # safetensors dtype names <-> numpy storage; bf16 is kept as raw uint16 bits (numpy has no bf16).
 ST_TO_NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,

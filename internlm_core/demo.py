@@ -32,6 +32,7 @@ import numpy as np
 
 from .checkpoint import WEIGHTS_FILE, SafetensorsFile
 from .config import Config
+from .train_logs import LOSS_PLOT, SCALARS_FILE
 
 DEMO_NAME = "internlm-demo"
 DEMO_VERSION = 2  # bump when the recipe changes: an older cached model is then retrained
@@ -147,13 +148,13 @@ def _train(work: Path, target: Path, recipe: dict, cancel, progress, corpus: Pat
         big = np.repeat(small[other:other + 1], full.vocab_size, axis=0)
         big[used] = small[:other]
         sd[name] = big
-    history = [json.loads(x) for x in (work / "trained" / "scalars.jsonl").read_text().splitlines()]
+    history = [json.loads(x) for x in (work / "trained" / SCALARS_FILE).read_text().splitlines()]
     meta = {**_key(recipe, corpus), "corpus": corpus.name, "trained_ids": int(other), "seq_length": SEQ_LENGTH,
             "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"]}
     save_model(sd, full, target, overwrite=True,
                extra_files={MARKER: json.dumps(meta, indent=2) + "\n",
-                            "scalars.jsonl": (work / "trained" / "scalars.jsonl").read_text()})
-    shutil.copyfile(work / "trained" / "loss.png", target / "loss.png")
+                            SCALARS_FILE: (work / "trained" / SCALARS_FILE).read_text()})
+    shutil.copyfile(work / "trained" / LOSS_PLOT, target / LOSS_PLOT)
     report("done", path=str(target))
 
 

@@ -45,7 +45,8 @@ from mindspore import Parameter, Tensor, nn, ops
 from . import kernels
 from .engine_api import EngineBase, bucket
 from .errors import PromptTooLong
-from .export import MANIFEST_FILE, ExportedEngine
+from .checkpoint import MANIFEST_FILE
+from .export import ExportedEngine
 from .loader import load_model
 from .model import NEG_INF, InternLMForCausalLM, fused_rope_tables, rope_tables
 

@@ -36,7 +36,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from .checkpoint import (TOKENIZER_FILE, Cancelled, CheckpointError, atomic_folder, copy_tokenizer,
+from .checkpoint import (MANIFEST_FILE, TOKENIZER_FILE, Cancelled, CheckpointError, atomic_folder, copy_tokenizer,
                          read_config)
 from .config import CONFIG_FILE, Config
 from .engine_api import EngineBase, bucket, decode_inputs, prefill_inputs
@@ -44,7 +44,6 @@ from .errors import ExportError, PromptTooLong
 from .loader import load_model, set_runtime
 from .model import MS_DTYPES
 
-MANIFEST_FILE = "mindir_manifest.json"
 MANIFEST_FORMAT = "internlm-mindir/1"
 GRAPHS = ("prefill", "decode")
 

@@ -26,7 +26,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checkpoint import MANIFEST_FILE
+from .config import CONFIG_FILE
 from .errors import PathError
+from .lora import ADAPTER_CONFIG
 
 MODELS, DATASETS, JOBS = "models", "datasets", "jobs"
 AREAS = (MODELS, DATASETS)
@@ -200,11 +203,11 @@ def item_kind(folder: Path, area: str = MODELS) -> str:
     """What a published folder holds, from its marker files."""
     if area == DATASETS:
         return "dataset"
-    if (folder / "mindir_manifest.json").is_file():
+    if (folder / MANIFEST_FILE).is_file():
         return "exported"
-    if (folder / "adapter_config.json").is_file():
+    if (folder / ADAPTER_CONFIG).is_file():
         return "adapter"
-    cfg = folder / "config.json"
+    cfg = folder / CONFIG_FILE
     if cfg.is_file():
         try:
             if str(json.loads(cfg.read_text()).get("format", "")).startswith("internlm-mindspore"):

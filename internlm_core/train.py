@@ -48,7 +48,7 @@ from .lora import inject_lora, lora_state, save_adapter
 from .model import forward_inputs
 from .schedule import batch_rows, lr_at, split_eval
 from .train_args import TrainArgs
-from .train_logs import ScalarWriter, plot_loss
+from .train_logs import LOSS_PLOT, SCALARS_FILE, ScalarWriter, plot_loss
 from .train_state import latest_checkpoint, load_checkpoint, save_checkpoint
 from .train_steps import LossNet, StepSettings, TrainStep
 
@@ -217,7 +217,7 @@ class Trainer:
                           "epoch": done * args.grad_accum * self.global_batch / self.n_train}
                 if tb is not None:
                     tb.scalars(done, {k: v for k, v in report.items() if k not in ("step", "total")})
-                    with open(logs / "scalars.jsonl", "a") as f:
+                    with open(logs / SCALARS_FILE, "a") as f:
                         f.write(json.dumps(report) + "\n")
                 if progress is not None:
                     progress(report)
@@ -240,12 +240,12 @@ class Trainer:
                    "final_loss": h[-1]["loss"] if h else None,
                    "eval_loss": next((r["eval_loss"] for r in reversed(h) if "eval_loss" in r), None)}
         extra = {"training.json": json.dumps(summary, indent=2) + "\n",
-                 "scalars.jsonl": "".join(json.dumps(r) + "\n" for r in h)}
+                 SCALARS_FILE: "".join(json.dumps(r) + "\n" for r in h)}
         if args.mode == "lora":
             save_adapter(lora_state(self.model), args.adapter_spec(), self.config, stage, overwrite=True, extra_files=extra)
         else:
             save_model(self.model, self.config, stage, overwrite=True, tokenizer_from=Path(args.model), extra_files=extra)
-        plot_loss(h, stage / "loss.png", f"{args.mode} fine-tune of {Path(args.model).name}")
+        plot_loss(h, stage / LOSS_PLOT, f"{args.mode} fine-tune of {Path(args.model).name}")
         for ev in sorted((self.work_dir / "logs").glob("events.out.tfevents.*")):
             shutil.copyfile(ev, stage / ev.name)
         with atomic_folder(self.out, overwrite=True) as tmp:

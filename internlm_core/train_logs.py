@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+SCALARS_FILE = "scalars.jsonl"  # one JSON object a step, written by the trainer
+LOSS_PLOT = "loss.png"
+
 
 class ScalarWriter:
     """TensorBoard scalars under ``folder`` (an ``events.out.tfevents.*`` file)."""

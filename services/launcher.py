@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from internlm_core.config import CONFIG_FILE
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_VAR = REPO / "var"
 JOBS_QUEUES = {"converter": "convert,export", "trainer": "preprocess,finetune"}
@@ -89,7 +91,7 @@ def prepare_model(models_root: Path, hf_model: str | None = None, model: str | N
     """The model folder to serve: given, converted from HF once, or the cached demo model."""
     if model:
         folder = Path(model)
-        if not (folder / "config.json").is_file():
+        if not (folder / CONFIG_FILE).is_file():
             raise SystemExit(f"{folder} is not a model folder (no config.json)")
         return folder
     models_root.mkdir(parents=True, exist_ok=True)
@@ -98,7 +100,7 @@ def prepare_model(models_root: Path, hf_model: str | None = None, model: str | N
 
         src = Path(hf_model)
         dst = models_root / src.resolve().name
-        if not (dst / "config.json").is_file():  # converted before: hf_to_ms publishes whole folders only
+        if not (dst / CONFIG_FILE).is_file():  # converted before: hf_to_ms publishes whole folders only
             print(f"converting {src} -> {dst}", flush=True)
             hf_to_ms(src, dst)
         return dst

@@ -6,6 +6,8 @@ import signal
 import sys
 from pathlib import Path
 
+from internlm_core.train_logs import LOSS_PLOT
+
 DEFAULT_MODELS = Path(__file__).resolve().parents[2] / "var" / "store" / "models"  # the launcher's default
 
 
@@ -116,7 +118,7 @@ def finetune(args) -> int:
         print(f"stopped: {e}. Run the same command to resume from {work}.", file=sys.stderr)
         return 130
     bar.close()
-    print(f"wrote {folder} (loss curve: {folder / 'loss.png'}; checkpoints in {work})")
+    print(f"wrote {folder} (loss curve: {folder / LOSS_PLOT}; checkpoints in {work})")
     return 0
 
 
