@@ -130,15 +130,15 @@ def _train(work: Path, target: Path, recipe: dict, cancel, progress, corpus: Pat
             labels = ids.copy()
             labels[n:] = IGNORE  # explicit labels: eos (= the pad id) is a target here, padding is not
             rows.append({"input_ids": ids, "labels": labels})
-        write_dataset(data, rows, "alpaca", {"rows": len(rows), "source": corpus.name})
+        # the compact "other" id stands for every unused id: log(their number) in the loss
+        bias = {str(other): math.log(full.vocab_size - other)}
+        write_dataset(data, rows, "alpaca", {"rows": len(rows), "source": corpus.name, "logit_bias": bias})
     if not base.exists():
         model = InternLMForCausalLM(compact)
         init_weights(model, seed=0, std=0.02)
         save_model(model, compact, base)
-    bias = np.zeros(other + 1, np.float32)
-    bias[other] = math.log(full.vocab_size - other)
     args = TrainArgs(model=str(base), data=str(data), out=str(work / "trained"), overwrite=True, **recipe)
-    finetune(args, work / "run", progress=lambda r: report("train", **r), cancel=cancel, logit_bias=bias)
+    finetune(args, work / "run", progress=lambda r: report("train", **r), cancel=cancel)
 
     report("expand")
     trained = SafetensorsFile(work / "trained" / WEIGHTS_FILE)

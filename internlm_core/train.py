@@ -42,7 +42,7 @@ from mindspore import Tensor, nn, ops
 from mindspore.communication import get_group_size, get_rank, init
 
 from .checkpoint import Cancelled, atomic_folder
-from .data import IGNORE, load_rows
+from .data import IGNORE, load_rows, logit_bias
 from .loader import load_model, save_model
 from .lora import inject_lora, lora_state, save_adapter
 from .model import forward_inputs
@@ -83,7 +83,7 @@ class Trainer:
     ``finetune`` is the three in a row; tests use the parts to look inside (``model``, ``history``).
     """
 
-    def __init__(self, args: TrainArgs, work_dir: str | Path, logit_bias: np.ndarray | None = None):
+    def __init__(self, args: TrainArgs, work_dir: str | Path):
         self.args = args = args.validate()
         self.work_dir, self.out = Path(work_dir), Path(args.out)
         if self.out.exists() and not args.overwrite:
@@ -122,7 +122,7 @@ class Trainer:
         corrected = self.lrs * np.sqrt(1 - args.betas[1] ** t) / (1 - args.betas[0] ** t)
         self.opt = nn.AdamWeightDecay(groups, learning_rate=Tensor(corrected.astype(np.float32)), beta1=args.betas[0],
                                       beta2=args.betas[1], eps=args.eps)
-        self.steps = TrainStep(LossNet(model, logit_bias), self.opt, StepSettings.of(args, model, self.world))
+        self.steps = TrainStep(LossNet(model, logit_bias(args.data, cfg.vocab_size)), self.opt, StepSettings.of(args, model, self.world))
         self.params = self.steps.state_params(model)
         self.fixed = forward_inputs(cfg, np.zeros((args.batch_size, self.seq), np.int32))[1:]  # cos, sin, mask
 
@@ -256,15 +256,14 @@ class Trainer:
 
 
 def finetune(args: TrainArgs, work_dir: str | Path, progress: Callable[[dict], None] | None = None,
-             cancel: Callable[[], bool] | None = None, logit_bias: np.ndarray | None = None) -> Path:
+             cancel: Callable[[], bool] | None = None) -> Path:
     """Train and write ``args.out``; resumes from the newest checkpoint in ``work_dir``.
 
     ``progress(dict)`` gets step, total, loss, lr, grad_norm, tokens_per_s, eta_s, epoch (and
     eval_loss / eval_ppl after an evaluation). ``cancel()`` is polled between steps (state is
-    checkpointed, then ``Cancelled`` raised). A ``logit_bias`` (V,) is added to the logits in the
-    loss (the demo model uses it to stand for vocabulary it does not train). Returns the output.
+    checkpointed, then ``Cancelled`` raised). Returns the output.
     """
-    trainer = Trainer(args, work_dir, logit_bias)
+    trainer = Trainer(args, work_dir)
     trainer.fit(progress, cancel)
     return trainer.save()
 

@@ -39,7 +39,7 @@ class StepSettings:
 
 class LossNet(nn.Cell):
     """Mean token cross-entropy (labels IGNORE left out), times the loss scale. ``logit_bias`` (V,),
-    when given, is added to the logits (the demo model stands for vocabulary it does not train)."""
+    when the dataset gives one (``data.logit_bias``), is added to the logits."""
 
     def __init__(self, model, logit_bias=None):
         super().__init__()
