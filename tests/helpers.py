@@ -141,3 +141,17 @@ def byte_pieces(tokenizer, text: str) -> list[int]:
 
 def random_ids(n: int, vocab: int, seed: int = 0, low: int = 3) -> list[int]:
     return np.random.default_rng(seed).integers(low, vocab, n).tolist()
+
+
+def random_adapter(cfg, spec, folder, seed: int, std: float = 0.2):
+    """A LoRA adapter folder with random A and B on every target of ``spec`` (B nonzero, unlike a
+    fresh one, so that it changes the model)."""
+    from internlm_core.lora import module_shape, save_adapter, target_modules
+
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for m in target_modules(cfg, spec.targets):
+        out_f, in_f = module_shape(cfg, m)
+        weights[f"{m}.lora_a"] = rng.normal(0, std, (spec.rank, in_f)).astype(np.float32)
+        weights[f"{m}.lora_b"] = rng.normal(0, std, (out_f, spec.rank)).astype(np.float32)
+    return save_adapter(weights, spec, cfg, folder)

@@ -9,21 +9,11 @@ from internlm_core.config import Config
 from internlm_core.engine import Engine
 from internlm_core.errors import AdapterNotFound
 from internlm_core.loader import load_model, save_model
-from internlm_core.lora import (AdapterError, AdapterSpec, merge_lora, module_shape, parse_targets, save_adapter,
-                                target_modules)
+from internlm_core.lora import AdapterError, AdapterSpec, load_adapter, merge_lora, parse_targets
 from internlm_core.model import InternLMForCausalLM, init_weights
+from tests.helpers import random_adapter
 
 PROMPTS = [[1, 5, 9, 33, 7, 100], [1, 200, 31]]
-
-
-def random_adapter(cfg, spec, folder, seed):
-    rng = np.random.default_rng(seed)
-    weights = {}
-    for m in target_modules(cfg, spec.targets):
-        out_f, in_f = module_shape(cfg, m)
-        weights[f"{m}.lora_a"] = rng.normal(0, 0.2, (spec.rank, in_f)).astype(np.float32)
-        weights[f"{m}.lora_b"] = rng.normal(0, 0.2, (out_f, spec.rank)).astype(np.float32)
-    return save_adapter(weights, spec, cfg, folder)
 
 
 @pytest.fixture(scope="module")
@@ -145,13 +135,9 @@ def test_served_adapter_equals_peft_on_the_hf_model(tiny_hf, tiny_model_dir, tmp
 
     cfg = load_model(tiny_model_dir).config
     spec = AdapterSpec(rank=4, alpha=12.0, dropout=0.0, targets=ALL_TARGETS)
+    folder = random_adapter(cfg, spec, tmp_path / "adapter", seed=5, std=0.3)
+    weights = load_adapter(folder, cfg)[1]
     rng = np.random.default_rng(5)
-    weights = {}
-    for m in target_modules(cfg, spec.targets):
-        out_f, in_f = module_shape(cfg, m)
-        weights[f"{m}.lora_a"] = rng.normal(0, 0.3, (spec.rank, in_f)).astype(np.float32)
-        weights[f"{m}.lora_b"] = rng.normal(0, 0.3, (out_f, spec.rank)).astype(np.float32)
-    folder = save_adapter(weights, spec, cfg, tmp_path / "adapter")
 
     hf_module = {m: hf_name(f"{m}.weight").removesuffix(".weight") for m in target_modules(cfg, spec.targets)}
     peft_model = get_peft_model(copy.deepcopy(tiny_hf[0]), LoraConfig(

@@ -9,7 +9,7 @@ import pytest
 from internlm_core.generation import SamplingParams, SequenceState, generate
 from services.pb_convert import sampling_to_pb
 from services.pb import common_pb2, inference_pb2, inference_pb2_grpc
-from tests.helpers import free_port
+from tests.helpers import free_port, random_adapter
 from tests.services.conftest import WORKER_LEN, Service
 
 NAME = "sea-lora"
@@ -18,17 +18,11 @@ NAME = "sea-lora"
 @pytest.fixture(scope="module")
 def adapter_dir(chat_model_dir, tmp_path_factory):
     from internlm_core.config import Config
-    from internlm_core.lora import AdapterSpec, module_shape, save_adapter, target_modules
+    from internlm_core.lora import AdapterSpec
 
     cfg = Config.from_checkpoint(chat_model_dir)
     spec = AdapterSpec(rank=4, alpha=8.0, targets=("wq", "wv"))
-    rng = np.random.default_rng(7)
-    weights = {}
-    for m in target_modules(cfg, spec.targets):
-        out_f, in_f = module_shape(cfg, m)
-        weights[f"{m}.lora_a"] = rng.normal(0, 0.5, (spec.rank, in_f)).astype(np.float32)
-        weights[f"{m}.lora_b"] = rng.normal(0, 0.5, (out_f, spec.rank)).astype(np.float32)
-    return save_adapter(weights, spec, cfg, tmp_path_factory.mktemp("lora") / NAME)
+    return random_adapter(cfg, spec, tmp_path_factory.mktemp("lora") / NAME, seed=7, std=0.5)
 
 
 @pytest.fixture(scope="module")
