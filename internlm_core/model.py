@@ -13,7 +13,11 @@ into positions or attention.
 and gate/up each one matmul, rotary as one small matmul over q, k and v together, the score
 scale carried by q's rope tables. On this CPU a decode step is bound by per-kernel cost as much
 as by arithmetic, so fewer, larger kernels are what makes it faster (measured: 8 rows of the
-512-wide bench model 39 -> 36 ms a step, 450 -> 305 kernels).
+512-wide bench model 39 -> 36 ms a step, 450 -> 305 kernels). ``use_cpu_kernels`` then hands
+the matmuls, attention, norms, rotary and SwiGLU to the project's CPU kernels (``kernels``).
+
+The file keeps the training form, both serving forms and the host-side inputs together (~420
+lines) because the network should read in one place: each form is a branch of the same cells.
 """
 from __future__ import annotations
 
