@@ -149,7 +149,7 @@ $("chat-form").addEventListener("submit", async (event) => {
 });
 
 // ---- jobs: list with live progress, a loss curve per fine-tune, submit and cancel
-const losses = {};  // job id -> [[step, loss], ...] as seen while this page watches
+const losses = {};  // job id -> [[step, loss], ...]: the Jobs API's curve, then what this page sees
 let selected = null;
 
 const TEMPLATES = {
@@ -217,6 +217,12 @@ async function refreshJobs() {
     $("job-detail-text").textContent = `${(job.state || "").replace("JOB_STATE_", "").toLowerCase()}` +
       `${job.output ? `, output ${job.output}` : ""}${job.error ? `, error: ${job.error}` : ""}`;
     drawLoss(losses[job.id] || []);
+    // the whole curve, from the Jobs API: every step's loss, also those reported before this page opened
+    const detail = await api(`/api/jobs/${job.id}`);
+    if (detail.loss_curve && detail.loss_curve.length && selected === job.id) {
+      losses[job.id] = detail.loss_curve.map((p) => [Number(p.step), Number(p.loss)]);
+      drawLoss(losses[job.id]);
+    }
   }
 }
 

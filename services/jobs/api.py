@@ -117,7 +117,9 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
 
     @_status
     def GetJob(self, request, context):
-        return job_to_pb(self._get(request.id))
+        job = job_to_pb(self._get(request.id))
+        job.loss_curve.extend(jobs_pb2.LossPoint(step=s, loss=v) for s, v in self.records.loss_curve(request.id))
+        return job
 
     @_status
     def ListJobs(self, request, context):

@@ -134,6 +134,9 @@ class JobRecords:
     def idempotency_key(self, key: str) -> str:
         return f"{self.p}:key:{key}"
 
+    def curve_key(self, job_id: str) -> str:
+        return f"{self.p}:job:{job_id}:curve"
+
     def channel(self, job_id: str) -> str:
         return f"{self.p}:job:{job_id}:events"
 
@@ -201,6 +204,13 @@ class JobRecords:
         if notify:
             pipe.publish(self.channel(job_id), "1")
         pipe.execute()
+
+    def record_loss(self, job_id: str, step: int, loss: float) -> None:
+        """One training step's loss (a step replayed after a resume overwrites its own point)."""
+        self.r.hset(self.curve_key(job_id), str(int(step)), repr(float(loss)))
+
+    def loss_curve(self, job_id: str) -> list[tuple[int, float]]:
+        return sorted((int(s), float(v)) for s, v in self.r.hgetall(self.curve_key(job_id)).items())
 
     def notify(self, job_id: str) -> None:
         self.r.publish(self.channel(job_id), "1")
@@ -329,7 +339,7 @@ class JobRecords:
                    if state is None or (state in FINAL and float(finished or 0) < cutoff)]
             if old:
                 pipe = self.r.pipeline(transaction=False)
-                pipe.delete(*(self.key(i) for i in old))
+                pipe.delete(*(self.key(i) for i in old), *(self.curve_key(i) for i in old))
                 pipe.zrem(self.index, *old)
                 for i in old:  # its idempotency key would name a job that no longer exists
                     if found[i][2]:

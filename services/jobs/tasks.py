@@ -103,6 +103,8 @@ class JobContext:
         msg = f"step {report.get('step')}/{report.get('total')}, loss {report.get('loss', float('nan')):.4f}"
         if "eval_loss" in report:
             msg += f", eval loss {report['eval_loss']:.4f}"
+        if report.get("loss") is not None and report.get("step"):  # every step, not throttled: the curve
+            self.records.record_loss(self.job_id, report["step"], report["loss"])
         self.progress(step=report.get("step", 0), total_steps=report.get("total", 0), loss=report.get("loss"),
                       learning_rate=report.get("lr"), tokens_per_second=report.get("tokens_per_s", 0.0),
                       message=msg)

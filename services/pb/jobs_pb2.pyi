@@ -176,7 +176,7 @@ class JobProgress(_message.Message):
     def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., fraction: _Optional[float] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "kind", "state", "progress", "message", "error", "output", "idempotency_key", "created_at", "started_at", "finished_at", "executions", "cancel_requested", "worker", "result_json", "request")
+    __slots__ = ("id", "kind", "state", "progress", "message", "error", "output", "idempotency_key", "created_at", "started_at", "finished_at", "executions", "cancel_requested", "worker", "result_json", "request", "loss_curve")
     ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +193,7 @@ class Job(_message.Message):
     WORKER_FIELD_NUMBER: _ClassVar[int]
     RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
+    LOSS_CURVE_FIELD_NUMBER: _ClassVar[int]
     id: str
     kind: JobKind
     state: JobState
@@ -209,7 +210,16 @@ class Job(_message.Message):
     worker: str
     result_json: str
     request: SubmitJobRequest
-    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[JobKind, str]] = ..., state: _Optional[_Union[JobState, str]] = ..., progress: _Optional[_Union[JobProgress, _Mapping]] = ..., message: _Optional[str] = ..., error: _Optional[str] = ..., output: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., executions: _Optional[int] = ..., cancel_requested: _Optional[bool] = ..., worker: _Optional[str] = ..., result_json: _Optional[str] = ..., request: _Optional[_Union[SubmitJobRequest, _Mapping]] = ...) -> None: ...
+    loss_curve: _containers.RepeatedCompositeFieldContainer[LossPoint]
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[JobKind, str]] = ..., state: _Optional[_Union[JobState, str]] = ..., progress: _Optional[_Union[JobProgress, _Mapping]] = ..., message: _Optional[str] = ..., error: _Optional[str] = ..., output: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., executions: _Optional[int] = ..., cancel_requested: _Optional[bool] = ..., worker: _Optional[str] = ..., result_json: _Optional[str] = ..., request: _Optional[_Union[SubmitJobRequest, _Mapping]] = ..., loss_curve: _Optional[_Iterable[_Union[LossPoint, _Mapping]]] = ...) -> None: ...
+
+class LossPoint(_message.Message):
+    __slots__ = ("step", "loss")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    loss: float
+    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("id",)

@@ -84,6 +84,9 @@ def test_preprocess_then_finetune_survives_kill9(jobs_api, jobs_settings, worker
     assert [h["step"] for h in history] == list(range(1, STEPS + 1))  # each step exactly once
     assert history[-1]["loss"] < history[0]["loss"]
     assert (out / "loss.png").is_file()
+    # the Jobs API's curve: every step once, across the kill, with the loss the trainer wrote
+    # (a step replayed after the resume has the resumed run's value, as scalars.jsonl has)
+    assert [(p.step, round(p.loss, 5)) for p in rec.loss_curve] == [(h["step"], round(h["loss"], 5)) for h in history]
     assert json.loads(rec.result_json)["steps"] == STEPS
     assert list((Path(jobs_settings.store_root) / "jobs").iterdir()) == []
 

@@ -6,14 +6,15 @@ from __future__ import annotations
 import json
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
 
 from internlm_core.generation import SamplingParams, generate
-from tests.helpers import free_port
-from tests.services.conftest import start_endpoint, wait_http, wait_workers
+from tests.helpers import RedisServer, free_port
+from tests.services.conftest import start_endpoint, start_worker, wait_http, wait_workers
 
 openai = pytest.importorskip("openai")
 
@@ -329,3 +330,44 @@ def test_endpoint_sigterm_drains_grpc_and_http_streams(stack_redis, tokenizer_se
     assert grpc_tokens == n
     assert http_lines[-1] == "data: [DONE]" and json.loads(http_lines[-2][6:])["usage"]["completion_tokens"] == n
     assert ep.proc.wait(60) == 0
+
+
+def test_no_capacity_raises_the_clients_rate_limit_and_unavailable_errors(chat_model_dir, tokenizer_service,
+                                                                         stack_dir, tmp_path):
+    """With no worker at all the API answers 503 (the client's InternalServerError); with the one
+    worker's slot and queue taken it answers 429 (RateLimitError), as OpenAI's clients expect, and
+    serves again once the slot is free."""
+    redis = RedisServer(tmp_path / "redis").start()
+    port = free_port()
+    ep = start_endpoint(redis.url, tokenizer_service.address, stack_dir, "endpoint-capacity",
+                        "--http-port", str(port)).wait_healthy()
+    worker = None
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_http(base)
+        c = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as e:
+            c.completions.create(model="", prompt="The river", max_tokens=4)
+        assert e.value.status_code == 503
+        worker = start_worker(chat_model_dir, redis.url, stack_dir, "worker-capacity",
+                              "--max-batch", "1", "--max-queue", "1").wait_healthy()
+        assert wait_workers(ep, 1)
+        model = c.models.list().data[0].id
+        long = dict(model=model, max_tokens=220, extra_body={"ignore_eos": True})
+        # the slot and the one queue place, taken by requests that run on threads until they end
+        with ThreadPoolExecutor(2) as pool:
+            busy = [pool.submit(c.completions.create, prompt=p, **long) for p in ("The river", "In 1912 the")]
+            deadline = time.monotonic() + 30
+            while httpx.get(f"{base}/api/workers").json()["workers"][0]["inflight"] < 2:
+                assert time.monotonic() < deadline, "the two requests never reached the worker"
+                time.sleep(0.05)
+            with pytest.raises(openai.RateLimitError) as e:
+                c.completions.create(model=model, prompt="Paris is", max_tokens=4)
+            assert e.value.status_code == 429
+            assert all(len(b.result().choices[0].text) > 0 for b in busy)  # they were served meanwhile
+        assert c.completions.create(model=model, prompt="Paris is", max_tokens=4).usage.completion_tokens == 4
+    finally:
+        if worker is not None:
+            worker.stop()
+        ep.stop()
+        redis.stop()
