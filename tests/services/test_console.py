@@ -86,3 +86,53 @@ def test_job_submitted_from_the_page(page, stack_dir, tiny_hf, converter):
     sync_api.expect(page.locator("#error")).to_contain_text("not-there")
     page.click("nav button[data-tab=store]")
     sync_api.expect(page.locator("#store-table tbody")).to_contain_text("from-the-browser")
+
+
+@pytest.fixture(scope="module")
+def trainer(stack_redis, stack_dir):
+    """A Celery trainer worker on the endpoint's Redis and store."""
+    from services.jobs.settings import JobsSettings
+    from tests.jobs.conftest import Worker
+
+    settings = JobsSettings(redis_url=stack_redis.url, store_root=str(stack_dir / "store"))
+    w = Worker(settings, "preprocess,finetune", stack_dir / "trainer.log", "console-trainer").wait_ready()
+    yield w
+    w.stop()
+
+
+def test_a_fine_tune_from_the_page_shows_its_progress_and_whole_loss_curve(page, stack_dir, chat_model_dir,
+                                                                          trainer, tmp_path):
+    """A fine-tune submitted from the page shows its step progress while it runs and its final
+    state; a page opened after it ended draws every step's loss from the Jobs API."""
+    import json
+
+    from internlm_core.data import preprocess
+    from tests.helpers import DATA
+
+    store = stack_dir / "store"
+    shutil.copytree(chat_model_dir, store / "models" / "browser-base", dirs_exist_ok=True)
+    src = tmp_path / "alpaca48.json"
+    src.write_text(json.dumps(json.loads((DATA / "alpaca" / "alpaca_en.json").read_text())[:48]))
+    preprocess("alpaca", src, store / "datasets" / "browser-alpaca", seq_length=32)
+    steps = 100
+    page.click("nav button[data-tab=jobs]")
+    page.select_option("#job-kind", "finetune")
+    page.fill("#job-fields", json.dumps({"base_model": "browser-base", "dataset": "browser-alpaca",
+                                         "output": "browser-tuned", "method": "lora", "max_steps": steps,
+                                         "save_every": 0}))
+    page.click("#job-form button[type=submit]")
+    row = page.locator("#job-table tbody tr.selected")
+    sync_api.expect(row).to_contain_text("finetune")
+    sync_api.expect(row).to_contain_text("running", timeout=120_000)
+    sync_api.expect(row).to_contain_text(f"/{steps}", timeout=120_000)  # step k of 100, live
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "console-finetune-running.png"), full_page=True)
+    sync_api.expect(row).to_contain_text("succeeded", timeout=600_000)
+    page.reload()  # a page that saw none of it
+    page.click("nav button[data-tab=jobs]")
+    page.locator("#job-table tbody tr", has_text="finetune").first.click()
+    chart = page.locator("#loss-chart polyline")
+    sync_api.expect(chart).to_have_count(1)
+    page.wait_for_function("document.querySelector('#loss-chart polyline')"
+                           f".getAttribute('points').trim().split(' ').length === {steps}")
+    page.screenshot(path=str(ARTIFACTS / "console-finetune-curve.png"), full_page=True)

@@ -324,11 +324,16 @@ def test_endpoint_sigterm_drains_grpc_and_http_streams(stack_redis, tokenizer_se
     t = threading.Thread(target=http_stream)
     t.start()
     assert started.wait(30)
+    # both streams in flight at the endpoint when the signal comes (so the test shows a drain, not
+    # two streams that had already ended)
+    assert httpx.get(f"{base}/api/workers").json()["workers"][0]["inflight"] == 2
+    signalled = len(http_lines)
     ep.proc.send_signal(signal.SIGTERM)
     grpc_tokens += sum(len(c.token_ids) for c in call)
     t.join(60)
     assert grpc_tokens == n
     assert http_lines[-1] == "data: [DONE]" and json.loads(http_lines[-2][6:])["usage"]["completion_tokens"] == n
+    assert len(http_lines) > signalled + 1  # tokens kept coming after the signal
     assert ep.proc.wait(60) == 0
 
 
