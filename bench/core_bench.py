@@ -45,8 +45,6 @@ def run_convert(src: str, dst: str) -> dict:
 
 
 def run_ms(model_dir: str, new: int, prefill_len: int) -> dict:
-    import numpy as np
-
     from internlm_core.engine import Engine
     from internlm_core.generation import SamplingParams, generate_batch
     from internlm_core.loader import load_model

@@ -16,7 +16,6 @@ import os
 
 os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")  # this process imports MindSpore too
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -62,12 +61,9 @@ def concurrent(fn, jobs: list) -> list:
 
 
 def main() -> None:
-    from serving_bench import Proc, free_port, make_model, stream
+    from serving_bench import Proc, free_port, make_model, model_arguments, stream
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model")
-    ap.add_argument("--preset", default="bench-serve")
-    ap.add_argument("--new-tokens", type=int, default=64)
+    ap = model_arguments(__doc__.splitlines()[0], "bench-serve")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--streams", default="8,32")
     args = ap.parse_args()

@@ -11,9 +11,7 @@ flatter it; time to first token and inter-token latency are the served streams' 
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -45,12 +43,9 @@ print(json.dumps(out))
 
 
 def main() -> None:
-    from serving_bench import Proc, free_port, make_model, stream
+    from serving_bench import Proc, free_port, make_model, model_arguments, stream
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model")
-    ap.add_argument("--preset", default="bench-serve")
-    ap.add_argument("--new-tokens", type=int, default=64)
+    ap = model_arguments(__doc__.splitlines()[0], "bench-serve")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--streams", default="1,4,8,16")
     ap.add_argument("--max-batch", type=int, help="the worker's slots (default: the worker's own default, 8)")

@@ -44,12 +44,18 @@ class Proc:
                                      env=os.environ if env is None else env)
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        from services.launcher import terminate
+
+        terminate(self.proc, 60)
+
+
+def model_arguments(description: str, preset: str) -> argparse.ArgumentParser:
+    """The options every serving benchmark takes: which model, and how many tokens to generate."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", help="model folder (default: --preset with random weights)")
+    ap.add_argument("--preset", default=preset)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    return ap
 
 
 def make_model(preset: str, folder: Path) -> Path:
@@ -93,10 +99,7 @@ def stream(stub, request):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", help="model folder (default: --preset with random weights)")
-    ap.add_argument("--preset", default="demo")
-    ap.add_argument("--new-tokens", type=int, default=64)
+    ap = model_arguments(__doc__.splitlines()[0], "demo")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--concurrency", default="1,4,8,16")
     ap.add_argument("--json", help="also write the figures here")

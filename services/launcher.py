@@ -129,6 +129,18 @@ def _die_with_parent() -> None:
         pass
 
 
+def terminate(proc: subprocess.Popen, grace: float) -> int:
+    """SIGTERM (a part drains and exits), then SIGKILL if it has not exited within ``grace`` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 @dataclass
 class Child:
     name: str
@@ -153,14 +165,8 @@ class Child:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, grace: float = GRACE_S) -> None:
-        if not self.alive():
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.alive():
+            terminate(self.proc, grace)
 
 
 class Stack:

@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from services.launcher import terminate
 from tests.helpers import REPO, RedisServer
 
 # Short enough that a lost worker is noticed within a couple of seconds in tests.
@@ -64,13 +65,7 @@ class Worker:
         self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        terminate(self.proc, 20)
         self.out.close()
 
 

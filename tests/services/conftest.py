@@ -2,8 +2,6 @@
 launcher starts it, with its own log file (shown when a test fails to reach it)."""
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from services.launcher import terminate
 from tests.helpers import REPO, RedisServer, free_port
 
 WORKER_SLOTS, WORKER_QUEUE, WORKER_LEN = 4, 8, 256
@@ -53,14 +52,7 @@ class Service:
         raise KeyError(name)
 
     def stop(self, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return terminate(self.proc, timeout)
 
     def kill(self) -> None:
         self.proc.kill()

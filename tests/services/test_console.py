@@ -32,14 +32,25 @@ def page(http):
         browser.close()
 
 
-@pytest.fixture(scope="module")
-def converter(stack_redis, stack_dir):
-    """A Celery converter worker on the endpoint's Redis and store, so jobs from the page run."""
+def celery_worker(stack_redis, stack_dir, queues: str, name: str):
+    """A Celery jobs worker on the endpoint's Redis and store, so jobs from the page run."""
     from services.jobs.settings import JobsSettings
     from tests.jobs.conftest import Worker
 
     settings = JobsSettings(redis_url=stack_redis.url, store_root=str(stack_dir / "store"))
-    w = Worker(settings, "convert,export", stack_dir / "converter.log", "console-converter").wait_ready()
+    return Worker(settings, queues, stack_dir / f"{name}.log", name).wait_ready()
+
+
+@pytest.fixture(scope="module")
+def converter(stack_redis, stack_dir):
+    w = celery_worker(stack_redis, stack_dir, "convert,export", "console-converter")
+    yield w
+    w.stop()
+
+
+@pytest.fixture(scope="module")
+def trainer(stack_redis, stack_dir):
+    w = celery_worker(stack_redis, stack_dir, "preprocess,finetune", "console-trainer")
     yield w
     w.stop()
 
@@ -86,18 +97,6 @@ def test_job_submitted_from_the_page(page, stack_dir, tiny_hf, converter):
     sync_api.expect(page.locator("#error")).to_contain_text("not-there")
     page.click("nav button[data-tab=store]")
     sync_api.expect(page.locator("#store-table tbody")).to_contain_text("from-the-browser")
-
-
-@pytest.fixture(scope="module")
-def trainer(stack_redis, stack_dir):
-    """A Celery trainer worker on the endpoint's Redis and store."""
-    from services.jobs.settings import JobsSettings
-    from tests.jobs.conftest import Worker
-
-    settings = JobsSettings(redis_url=stack_redis.url, store_root=str(stack_dir / "store"))
-    w = Worker(settings, "preprocess,finetune", stack_dir / "trainer.log", "console-trainer").wait_ready()
-    yield w
-    w.stop()
 
 
 def test_a_fine_tune_from_the_page_shows_its_progress_and_whole_loss_curve(page, stack_dir, chat_model_dir,
