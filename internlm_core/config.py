@@ -37,8 +37,14 @@ class Config:
     eos_id: int = 2
     pad_id: int = 2  # HF InternLMTokenizer pads with </s>
     dtype: str = "float32"  # storage dtype of the weights: float32 | float16 | bfloat16
+    num_kv_heads: int | None = None  # grouped-query attention (InternLM2: 8); None = num_heads
+    family: str = "internlm"  # internlm (v1) | internlm2: HF layout, chat template and stops
 
     def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ConfigError(f"family must be one of {list(FAMILIES)}, got {self.family!r}")
+        if self.num_kv_heads is not None and (self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads):
+            raise ConfigError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if (self.hidden_size // self.num_heads) % 2:
@@ -56,20 +62,26 @@ class Config:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    @property
+    def kv_heads(self) -> int:
+        """Heads of k and v (and of the KV cache): fewer than the query heads under GQA."""
+        return self.num_kv_heads or self.num_heads
+
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every parameter of the model, by MindFormers name (what checkpoints hold), with its shape."""
         h, i = self.hidden_size, self.intermediate_size
+        kv = self.kv_heads * self.head_dim
         shapes = {"model.tok_embeddings.embedding_weight": (self.vocab_size, h),
                   "model.norm_out.weight": (h,), "lm_head.weight": (self.vocab_size, h)}
         for n in range(self.num_layers):
             p = f"model.layers.{n}."
-            for w in "qkvo":
-                shapes[f"{p}attention.w{w}.weight"] = (h, h)
+            for w, out in (("q", h), ("k", kv), ("v", kv), ("o", h)):
+                shapes[f"{p}attention.w{w}.weight"] = (out, h)
                 if self.bias:
-                    shapes[f"{p}attention.w{w}.bias"] = (h,)
+                    shapes[f"{p}attention.w{w}.bias"] = (out,)
             shapes.update({f"{p}feed_forward.w1.weight": (i, h), f"{p}feed_forward.w2.weight": (h, i),
                            f"{p}feed_forward.w3.weight": (i, h), f"{p}attention_norm.weight": (h,),
                            f"{p}ffn_norm.weight": (h,)})
@@ -106,7 +118,7 @@ class Config:
 
     @classmethod
     def from_hf_config(cls, hf: dict | str | Path) -> "Config":
-        """From an HF InternLM (or LLaMA) config.json."""
+        """From an HF InternLM, InternLM2 (model_type internlm2) or LLaMA config.json."""
         if not isinstance(hf, dict):
             hf = json.loads(Path(hf).read_text())
         try:
@@ -118,9 +130,12 @@ class Config:
             bias = hf.get("bias", hf.get("attention_bias", False))
             heads = hf["num_attention_heads"]
             kv_heads = hf.get("num_key_value_heads", heads)
-            if kv_heads != heads:
-                raise ConfigError("grouped-query attention is not part of InternLM v1")
+            family = "internlm2" if hf.get("model_type") == "internlm2" else "internlm"
+            if kv_heads != heads and family != "internlm2":
+                raise ConfigError("grouped-query attention is not part of InternLM v1 (model_type internlm2 has it)")
             return cls(
+                num_kv_heads=kv_heads if kv_heads != heads else None,
+                family=family,
                 name=hf.get("_name_or_path") or "hf",
                 vocab_size=hf["vocab_size"],
                 hidden_size=hf["hidden_size"],
@@ -151,7 +166,31 @@ class Config:
         return path
 
     def to_hf_config(self) -> dict:
-        """The config.json of an HF InternLM folder (InternLM's own keys plus LLaMA's aliases)."""
+        """The config.json of an HF InternLM folder (InternLM's own keys plus LLaMA's aliases), or
+        of an InternLM2 one (model_type internlm2: GQA, rope_theta, rope_scaling)."""
+        if self.family == "internlm2":
+            return {
+                "architectures": ["InternLM2ForCausalLM"],
+                "model_type": "internlm2",
+                "vocab_size": self.vocab_size,
+                "hidden_size": self.hidden_size,
+                "intermediate_size": self.intermediate_size,
+                "num_hidden_layers": self.num_layers,
+                "num_attention_heads": self.num_heads,
+                "num_key_value_heads": self.kv_heads,
+                "max_position_embeddings": self.max_position_embeddings,
+                "rms_norm_eps": self.rms_norm_eps,
+                "hidden_act": "silu",
+                "bias": self.bias,
+                "rope_theta": self.rope_base,
+                "rope_scaling": ({"type": self.rope_scaling, "factor": self.rope_scaling_factor}
+                                 if self.rope_scaling else None),
+                "tie_word_embeddings": False,
+                "bos_token_id": self.bos_id,
+                "eos_token_id": self.eos_id,
+                "pad_token_id": self.pad_id,
+                "torch_dtype": self.dtype,
+            }
         rotary = {"base": self.rope_base, "type": self.rope_scaling or "origin"}
         if self.rope_scaling:
             rotary["scaling_factor"] = self.rope_scaling_factor
@@ -180,6 +219,7 @@ class Config:
 
 
 DTYPES = ("float32", "float16", "bfloat16")  # the weight and compute dtypes, as every path names them
+FAMILIES = ("internlm", "internlm2")
 
 # Numbers from InternLM's HF configs (shared/reference/internlm-v1.md), not the MindFormers
 # yamls, which carry num_heads 60 and rms_norm_eps 1e-5 for 20B by mistake.
@@ -189,16 +229,32 @@ _20B = dict(hidden_size=5120, intermediate_size=13824, num_layers=60, num_heads=
             max_position_embeddings=4096, rms_norm_eps=1e-6, bias=False, rope_scaling="dynamic",
             dtype="bfloat16")
 
+# InternLM2 / 2.5 (HF configs, model_type internlm2): GQA with 8 KV heads, rope_theta 1e6, dynamic
+# NTK with factor 2.0 over 32768 positions, no bias, vocabulary 92544.
+_V2 = dict(vocab_size=92544, num_kv_heads=8, max_position_embeddings=32768, rms_norm_eps=1e-5, bias=False,
+           rope_base=1e6, rope_scaling="dynamic", rope_scaling_factor=2.0, dtype="bfloat16", family="internlm2")
+_V2_7B = dict(_V2, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32)
+_V2_20B = dict(_V2, hidden_size=6144, intermediate_size=16384, num_layers=48, num_heads=48)
+
 PRESETS: dict[str, dict] = {
     "internlm-7b": _7B,
     "internlm-chat-7b": _7B,
     "internlm-20b": _20B,
     "internlm-chat-20b": _20B,
+    "internlm2-7b": _V2_7B,
+    "internlm2-chat-7b": _V2_7B,
+    "internlm2_5-7b-chat": _V2_7B,
+    "internlm2-20b": _V2_20B,
+    "internlm2-chat-20b": _V2_20B,
     # Small shapes for tests, demos and benchmarks; the real tokenizer's vocabulary unless noted.
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
                  max_position_embeddings=128, bias=True),
     "tiny-20b": dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
                      max_position_embeddings=64, bias=False, rope_scaling="dynamic"),
+    # InternLM2's shape in small: 4 query heads sharing 2 KV heads, dynamic NTK (factor 2) past 64.
+    "tiny-v2": dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
+                    num_kv_heads=2, max_position_embeddings=64, bias=False, rope_scaling="dynamic",
+                    rope_scaling_factor=2.0, family="internlm2"),
     # The self-trained demo model served by the local stack (real tokenizer, ~16M parameters).
     "demo": dict(hidden_size=128, intermediate_size=352, num_layers=4, num_heads=4,
                  max_position_embeddings=512, bias=True),

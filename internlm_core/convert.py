@@ -1,7 +1,9 @@
 """HF InternLM <-> MindSpore (MindFormers names) conversion as a name map, tensor by tensor.
 
 Pure renaming: both sides store linear weights [out, in] and use rotate-half rotary, so no
-transpose or q/k permutation. Every expected tensor must be present with its shape; anything
+transpose or q/k permutation. InternLM2's HF layout (``V2_HF_TO_MS``) packs q, k and v into one
+``wqkv`` grouped per k/v head; it is split into the project's ``wq``/``wk``/``wv`` on the way in
+and joined again on the way out (``split_wqkv`` / ``join_wqkv``), bit for bit. Every expected tensor must be present with its shape; anything
 missing, unexpected or mis-shaped is an error naming it, raised before a byte is written.
 Peak memory stays near the largest tensor: safetensors sources are read a tensor at a time
 (torch pickles are memory-mapped) and each tensor is converted and written on its own.
@@ -43,6 +45,26 @@ HF_TO_MS: dict[str, str | None] = {
 }
 MS_TO_HF = {v: k for k, v in HF_TO_MS.items() if v is not None}
 
+# InternLM2 (model_type internlm2). Its packed ``wqkv`` has no entry: ``_unpack`` turns it into the
+# three names below (identity here), and ``_pack`` makes it again for the way out.
+V2_HF_TO_MS: dict[str, str | None] = {
+    "model.tok_embeddings.weight": "model.tok_embeddings.embedding_weight",
+    "model.layers.{}.attention.wq.weight": "model.layers.{}.attention.wq.weight",
+    "model.layers.{}.attention.wk.weight": "model.layers.{}.attention.wk.weight",
+    "model.layers.{}.attention.wv.weight": "model.layers.{}.attention.wv.weight",
+    "model.layers.{}.attention.wo.weight": "model.layers.{}.attention.wo.weight",
+    "model.layers.{}.attention.rotary_emb.inv_freq": None,
+    "model.layers.{}.feed_forward.w1.weight": "model.layers.{}.feed_forward.w1.weight",
+    "model.layers.{}.feed_forward.w2.weight": "model.layers.{}.feed_forward.w2.weight",
+    "model.layers.{}.feed_forward.w3.weight": "model.layers.{}.feed_forward.w3.weight",
+    "model.layers.{}.attention_norm.weight": "model.layers.{}.attention_norm.weight",
+    "model.layers.{}.ffn_norm.weight": "model.layers.{}.ffn_norm.weight",
+    "model.norm.weight": "model.norm_out.weight",
+    "output.weight": "lm_head.weight",
+}
+V2_MS_TO_HF = {v: k for k, v in V2_HF_TO_MS.items() if v is not None}
+WQKV = "model.layers.{}.attention.wqkv.weight"
+
 ProgressFn = Callable[[int, int, str], None]  # (bytes done, bytes total, tensor name)
 CancelFn = Callable[[], bool]
 
@@ -52,6 +74,84 @@ def _compile(table: dict[str, str | None]):
 
 
 _HF_RE, _MS_RE = _compile(HF_TO_MS), _compile(MS_TO_HF)
+_V2_HF_RE = _compile(V2_HF_TO_MS)
+
+
+# ---- InternLM2's packed q/k/v -------------------------------------------------------------
+
+def split_wqkv(wqkv: np.ndarray, cfg: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """InternLM2's ``wqkv`` -> (wq, wk, wv). Its rows are grouped per k/v head: for each of the
+    ``kv_heads``, that head's ``groups`` query heads, then its k head, then its v head; query head
+    ``kv * groups + g`` is the one that reads k/v head ``kv`` (as HF's GQA repeats k/v)."""
+    kv, hd = cfg.kv_heads, cfg.head_dim
+    g = cfg.num_heads // kv
+    rows = wqkv.reshape(kv, g + 2, hd, -1)
+    return (rows[:, :g].reshape(kv * g * hd, -1), rows[:, g].reshape(kv * hd, -1), rows[:, g + 1].reshape(kv * hd, -1))
+
+
+def join_wqkv(wq: np.ndarray, wk: np.ndarray, wv: np.ndarray, cfg: Config) -> np.ndarray:
+    """The inverse of ``split_wqkv``."""
+    kv, hd = cfg.kv_heads, cfg.head_dim
+    g = cfg.num_heads // kv
+    parts = [wq.reshape(kv, g, hd, -1), wk.reshape(kv, 1, hd, -1), wv.reshape(kv, 1, hd, -1)]
+    return np.concatenate(parts, axis=1).reshape((g + 2) * kv * hd, -1)
+
+
+class _Derived:
+    """Tensors computed from other files' tensors, read like a file (``info``, ``get``): the
+    three parts of a packed ``wqkv`` on the way in, the packed one on the way out."""
+
+    def __init__(self):
+        self.made: dict[str, tuple] = {}  # name -> (dtype, shape, make())
+
+    def add(self, name: str, dtype: str, shape: tuple, make) -> None:
+        self.made[name] = (dtype, tuple(shape), make)
+
+    def keys(self):
+        return self.made.keys()
+
+    def info(self, name: str):
+        return self.made[name][:2]
+
+    def get(self, name: str) -> np.ndarray:
+        return self.made[name][2]()
+
+
+def _unpack(where: dict, cfg: Config) -> dict:
+    """HF InternLM2 tensors with each layer's ``wqkv`` replaced by its wq/wk/wv (checked first:
+    a ``wqkv`` whose size does not fit the heads is an error naming it and the shape expected)."""
+    derived, hd, h = _Derived(), cfg.head_dim, cfg.hidden_size
+    want = ((cfg.num_heads + 2 * cfg.kv_heads) * hd, h)
+    out = dict(where)
+    for n in range(cfg.num_layers):
+        name = WQKV.format(n)
+        if name not in where:
+            continue  # reported as missing wq/wk/wv by _plan
+        f = out.pop(name)
+        dtype, shape = f.info(name)
+        if tuple(shape) != want:
+            raise CheckpointError(f"{name}: shape {list(shape)}, but {cfg.num_heads} query heads and "
+                                  f"{cfg.kv_heads} k/v heads of {hd} need {list(want)}")
+        for i, part in enumerate("qkv"):
+            rows = (cfg.num_heads if part == "q" else cfg.kv_heads) * hd
+            derived.add(f"model.layers.{n}.attention.w{part}.weight", dtype, (rows, h),
+                        lambda f=f, name=name, i=i: split_wqkv(np.asarray(f.get(name)), cfg)[i])
+            out[f"model.layers.{n}.attention.w{part}.weight"] = derived
+    return out
+
+
+def _pack(where: dict, cfg: Config) -> dict:
+    """Project tensors with each layer's wq/wk/wv replaced by InternLM2's packed ``wqkv``."""
+    derived, out = _Derived(), dict(where)
+    for n in range(cfg.num_layers):
+        names = [f"model.layers.{n}.attention.w{p}.weight" for p in "qkv"]
+        files = [out.pop(k) for k in names]
+        dtype = files[0].info(names[0])[0]
+        rows = (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim
+        derived.add(WQKV.format(n), dtype, (rows, cfg.hidden_size),
+                    lambda fs=files, ns=names: join_wqkv(*(np.asarray(f.get(k)) for f, k in zip(fs, ns)), cfg))
+        out[WQKV.format(n)] = derived
+    return out
 
 
 def rename(name: str, table=_HF_RE) -> str | None:
@@ -168,7 +268,9 @@ def hf_to_ms(src: str | Path, dst: str | Path, dtype: str | None = None, overwri
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     where = open_weights(src)
-    plan = _plan(where, _HF_RE, cfg.param_shapes())
+    if cfg.family == "internlm2":
+        where = _unpack(where, cfg)
+    plan = _plan(where, _V2_HF_RE if cfg.family == "internlm2" else _HF_RE, cfg.param_shapes())
     with atomic_folder(dst, overwrite) as tmp:
         weights = _weights(tmp, work_dir)
         out_dtype = _convert(where, plan, weights, dtype, progress, cancel, {"format": "ms"}, work_dir is not None)
@@ -189,8 +291,16 @@ def ms_to_hf(src: str | Path, dst: str | Path, dtype: str | None = None, overwri
     src = Path(src)
     cfg = read_config(src)
     where = {k: f for f in [SafetensorsFile(src / WEIGHTS_FILE)] for k in f.keys()}
-    expected_hf = {rename(k, _MS_RE): s for k, s in cfg.param_shapes().items()}
-    plan = _plan(where, _MS_RE, expected_hf)  # (ms name, hf name)
+    if cfg.family == "internlm2":
+        where = _pack(where, cfg)
+        table = _compile({**V2_MS_TO_HF, WQKV: WQKV})
+        expected_hf = {rename(k, table): s for k, s in cfg.param_shapes().items()
+                       if k.rsplit(".", 2)[-2] not in ("wq", "wk", "wv")}
+        expected_hf.update({WQKV.format(n): ((cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim, cfg.hidden_size)
+                            for n in range(cfg.num_layers)})
+    else:
+        table, expected_hf = _MS_RE, {rename(k, _MS_RE): s for k, s in cfg.param_shapes().items()}
+    plan = _plan(where, table, expected_hf)  # (ms name, hf name)
     with atomic_folder(dst, overwrite) as tmp:
         weights = _weights(tmp, work_dir)
         out_dtype = _convert(where, plan, weights, dtype, progress, cancel, {"format": "pt"}, work_dir is not None)

@@ -103,7 +103,7 @@ class Engine(EngineBase):
         if self.max_len > cfg.max_position_embeddings and cfg.rope_scaling != "dynamic":
             raise ValueError(f"max_len {self.max_len} exceeds the model's {cfg.max_position_embeddings} positions")
         self.scratch = max_batch  # padding rows write and read this extra slot, never a real one
-        shape = ((max_batch + 1) * cfg.num_heads * self.max_len, cfg.head_dim)
+        shape = ((max_batch + 1) * cfg.kv_heads * self.max_len, cfg.head_dim)
         free = available_memory()
         if free is not None and self.cache_bytes > free:
             raise MemoryError(f"a KV cache of {max_batch} slots x {self.max_len} positions needs "
@@ -124,7 +124,8 @@ class Engine(EngineBase):
     @property
     def cache_bytes_per_slot(self) -> int:
         cfg = self.config
-        return 2 * cfg.num_layers * self.max_len * cfg.hidden_size * ms.dtype_to_nptype(self.model.dtype)().itemsize
+        return (2 * cfg.num_layers * self.max_len * cfg.kv_heads * cfg.head_dim
+                * ms.dtype_to_nptype(self.model.dtype)().itemsize)
 
     @property
     def cache_bytes(self) -> int:
@@ -168,15 +169,14 @@ class Engine(EngineBase):
         # each part's rows see only its own adapter: one LoRA matmul pair per fused matmul.
         groups: dict[int, tuple] = {}
         for module in target_modules(self.config, targets):
-            lin, part, parts = self.model.linear_for(module)
-            groups.setdefault(id(lin), (lin, parts, []))[2].append((module, part))
-        for lin, parts, members in groups.values():
-            out_f, in_f = lin.d_out, lin.d_in
-            rows = out_f // parts
+            lin, part, sizes = self.model.linear_for(module)
+            groups.setdefault(id(lin), (lin, sizes, []))[2].append((module, part))
+        for lin, sizes, members in groups.values():
+            out_f, in_f, parts = lin.d_out, lin.d_in, len(sizes)
             a = np.zeros((n, parts * rank, in_f), np.float32)
             b = np.zeros((n, out_f, parts * rank), np.float32)
             for module, part in members:
-                r0, o0 = part * rank, part * rows
+                r0, o0, rows = part * rank, sum(sizes[:part]), sizes[part]
                 for i, (spec, w) in enumerate(self._adapter_weights, 1):
                     if f"{module}.lora_a" in w and module.rsplit(".", 1)[1] in spec.targets:
                         a[i, r0:r0 + spec.rank] = w[f"{module}.lora_a"]
@@ -264,11 +264,12 @@ class Engine(EngineBase):
         j = np.arange(t)
         positions = starts_b[:, None] + j[None, :]  # (b, t)
         cos, sin = rope_tables(cfg, positions, seq_b)  # (b, 1, t, hd)
-        cos, sin = (cos[:, 0], sin[:, 0]) if self.kernels else fused_rope_tables(cos, sin, cfg.num_heads)
+        cos, sin = (cos[:, 0], sin[:, 0]) if self.kernels else fused_rope_tables(cos, sin, cfg.num_heads,
+                                                                                   cfg.kv_heads)
         valid = j[None, :] < lens[:, None]
-        # (slot * heads + head) * L + position, in the (rows, heads, tokens) order of the new k/v;
-        # padding tokens go to distinct scratch positions (never a live slot, never past the cache)
-        nh = cfg.num_heads
+        # (slot * heads + head) * L + position over the k/v heads, in the (rows, heads, tokens) order of
+        # the new k/v; padding tokens go to distinct scratch positions (never a live slot or past the cache)
+        nh = cfg.kv_heads
         heads = np.arange(nh)[None, :, None]
         base = (slots_b[:, None, None] * nh + heads) * L  # (b, nh, 1)
         scratch = (self.scratch * nh + heads) * L + (np.arange(b * t) % L).reshape(b, 1, t)

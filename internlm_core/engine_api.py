@@ -79,7 +79,7 @@ class EngineBase(ABC):
 
 def prefill_inputs(cfg, slots, prompts: list[list[int]], t: int):
     """Host-side inputs of a one-piece prefill of right-padded prompts into their slots:
-    ids (B, t), cos/sin, causal mask, cache index (B, nh, t, 3) and each row's last-token index."""
+    ids (B, t), cos/sin, causal mask, cache index (B, n_kv, t, 3) and each row's last-token index."""
     b = len(prompts)
     lengths = np.array([len(p) for p in prompts])
     ids = np.zeros((b, t), np.int32)
@@ -87,7 +87,7 @@ def prefill_inputs(cfg, slots, prompts: list[list[int]], t: int):
         ids[i, :len(p)] = p
     positions = np.broadcast_to(np.arange(t), (b, t))
     cos, sin = rope_tables(cfg, positions, lengths)
-    heads = np.arange(cfg.num_heads)[None, :, None]
+    heads = np.arange(cfg.kv_heads)[None, :, None]
     index = np.stack(np.broadcast_arrays(np.asarray(slots)[:, None, None], heads, positions[:, None, :]),
                      -1).astype(np.int32)
     last = (np.arange(b) * t + lengths - 1).astype(np.int32)
@@ -96,12 +96,12 @@ def prefill_inputs(cfg, slots, prompts: list[list[int]], t: int):
 
 def decode_inputs(cfg, tokens, positions, cache_len: int):
     """Host-side inputs of a decode step over every slot: ids (S, 1), cos/sin, a mask that lets
-    slot s see cache positions 0..positions[s], and the cache index (S, nh, 1, 3)."""
+    slot s see cache positions 0..positions[s], and the cache index (S, n_kv, 1, 3)."""
     positions = np.asarray(positions, np.int64)
     cos, sin = rope_tables(cfg, positions[:, None], positions + 1)
     ok = np.arange(cache_len)[None, :] <= positions[:, None]
     mask = np.where(ok, 0.0, NEG_INF).astype(np.float32)[:, None, None, :]
-    heads = np.arange(cfg.num_heads)[None, :, None]
+    heads = np.arange(cfg.kv_heads)[None, :, None]
     index = np.stack(np.broadcast_arrays(np.arange(len(positions))[:, None, None], heads,
                                          positions[:, None, None]), -1).astype(np.int32)
     return np.asarray(tokens, np.int32).reshape(-1, 1), cos, sin, mask, index

@@ -81,7 +81,7 @@ def input_specs(cfg: Config, max_batch: int, max_len: int, dynamic: bool, cache_
     B = prompts in one prefill, T = padded prompt length, S = cache slots, L = cache length.
     Caches come last, per layer k then v, each (S, heads, L, head_dim).
     """
-    nh, hd = cfg.num_heads, cfg.head_dim
+    nh, hd = cfg.kv_heads, cfg.head_dim  # the caches and their index carry the k/v heads
     # Static prefill takes one prompt per call: the batcher prefills one request at a time, and a
     # padded (max_batch, max_len) shape would cost max_batch times as much for it.
     b, t, s, n = (None, None, None, None) if dynamic else (1, max_len, max_batch, max_len)
@@ -180,7 +180,7 @@ def export_mindir(model_dir, dst, max_batch: int = 1, max_len: int | None = None
             "dynamic": dynamic,
             "compute_dtype": compute_dtype,
             "cache": {"layout": "per layer k then v, (slots, heads, positions, head_dim)",
-                      "shape": [None if dynamic else max_batch, cfg.num_heads, None if dynamic else max_len,
+                      "shape": [None if dynamic else max_batch, cfg.kv_heads, None if dynamic else max_len,
                                 cfg.head_dim], "count": 2 * cfg.num_layers,
                       "updated": "in place by the graphs (ScatterNdUpdate on the cache inputs)"},
             "graphs": {name: {"file": files[name], "bytes": _graph_bytes(tmp, files[name]),
@@ -324,7 +324,7 @@ class ExportedEngine(EngineBase):
             _check_graph_params(graph, cfg, name)
             self.graphs[name] = graph
         self._share_weights()
-        shape = (self._slots, cfg.num_heads, self._cache_len, cfg.head_dim)
+        shape = (self._slots, cfg.kv_heads, self._cache_len, cfg.head_dim)
         dtype = getattr(ms, m["compute_dtype"])
         self.caches = [Tensor(np.zeros(shape, np.float32), dtype) for _ in range(2 * cfg.num_layers)]
         self.lock = threading.Lock()  # one step at a time: the caches are shared state

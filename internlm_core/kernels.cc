@@ -257,15 +257,17 @@ int PackedLinear(int nparam, void** params, int* ndims, int64_t** shapes, const 
   return 0;
 }
 
-// inputs q (B, H, T, D) f32, k_cache (R, D) f32, v_cache (R, D) f32, first (B, H) i32, pos (B, T) i32;
-// output (B, T, H, D) f32: query t of row b, head h attends cache rows first[b, h] .. first[b, h] + pos[b, t]
+// inputs q (B, H, T, D) f32, k_cache (R, D) f32, v_cache (R, D) f32, first (B, Hkv) i32, pos (B, T) i32;
+// output (B, T, H, D) f32: query t of row b, head h attends the cache rows of k/v head g = h / (H / Hkv),
+// first[b, g] .. first[b, g] + pos[b, t] (grouped-query attention; Hkv == H without it)
 int CachedAttention(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
                     void* extra) {
   if (nparam != 6 || !is_f32(dtypes[0]) || !is_f32(dtypes[1]) || !is_f32(dtypes[2]) || !is_i32(dtypes[3]) ||
       !is_i32(dtypes[4]) || !is_f32(dtypes[5]))
     return 1;
   if (ndims[0] != 4 || shapes[0][3] % 16 != 0 || ndims[1] != 2 || shapes[1][1] != shapes[0][3] || ndims[3] != 2 ||
-      ndims[4] != 2 || shapes[3][0] != shapes[0][0] || shapes[3][1] != shapes[0][1] || shapes[4][1] != shapes[0][2])
+      ndims[4] != 2 || shapes[3][0] != shapes[0][0] || shapes[0][1] % shapes[3][1] != 0 ||
+      shapes[4][1] != shapes[0][2])
     return 2;
   const float* q = static_cast<const float*>(params[0]);
   const float* kc = static_cast<const float*>(params[1]);
@@ -274,10 +276,12 @@ int CachedAttention(int nparam, void** params, int* ndims, int64_t** shapes, con
   const int32_t* pos = static_cast<const int32_t*>(params[4]);
   float* out = static_cast<float*>(params[5]);
   const int64_t B = shapes[0][0], H = shapes[0][1], T = shapes[0][2], D = shapes[0][3], R = shapes[1][0];
+  const int64_t group = H / shapes[3][1];  // query heads per k/v head
   // Rows are clipped to the cache rather than refused: the engine never asks for one outside it
   // (padding queries included), and a non-zero return leaves MindSpore 2.9's graph unusable for
   // the rest of the process (seen: every later call fails), which would take a whole worker down.
-  auto start = [&](int64_t i) { return std::min<int64_t>(std::max<int64_t>(first[i], 0), R - 1); };
+  // i = b * H + h, a query head; its k/v head's first row
+  auto start = [&](int64_t i) { return std::min<int64_t>(std::max<int64_t>(first[i / group], 0), R - 1); };
   auto keys = [&](int64_t i, int64_t b, int64_t t) {  // how many rows query t of (row, head) i sees
     return std::min<int64_t>(std::max<int64_t>(pos[b * T + t], 0) + 1, R - start(i));
   };
@@ -339,28 +343,32 @@ int SiluMul(int nparam, void** params, int* ndims, int64_t** shapes, const char*
   return 0;
 }
 
-// inputs y (B, T, 3 H D) f32, cos (B, T, D) f32, sin (B, T, D) f32, q_scale (1,) f32;
-// output (B, 3H, T, D): heads 0..H-1 q (rotated, times q_scale), H..2H-1 k (rotated), then v
+// inputs y (B, T, (H + 2 Hkv) D) f32, cos (B, T, D) f32, sin (B, T, D) f32, q_scale (1,) f32,
+// heads (2,) i32 = (H, Hkv); output (B, H + 2 Hkv, T, D): heads 0..H-1 q (rotated, times q_scale),
+// then Hkv k heads (rotated), then Hkv v heads as they were
 int Rope(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
          void* extra) {
-  if (nparam != 5 || !is_f32(dtypes[0]) || !is_f32(dtypes[1]) || !is_f32(dtypes[2]) || !is_f32(dtypes[3]))
+  if (nparam != 6 || !is_f32(dtypes[0]) || !is_f32(dtypes[1]) || !is_f32(dtypes[2]) || !is_f32(dtypes[3]) ||
+      !is_i32(dtypes[4]))
     return 1;
-  if (ndims[0] != 3 || ndims[1] != 3 || ndims[4] != 4) return 2;
-  const int64_t B = shapes[0][0], T = shapes[0][1], D = shapes[1][2], H3 = shapes[4][1], half = D / 2;
+  if (ndims[0] != 3 || ndims[1] != 3 || ndims[5] != 4 || ndims[4] != 1 || shapes[4][0] != 2) return 2;
+  const int64_t B = shapes[0][0], T = shapes[0][1], D = shapes[1][2], H3 = shapes[5][1], half = D / 2;
   if (shapes[0][2] != H3 * D || shapes[1][0] != B || shapes[1][1] != T || D % 2) return 3;
   const float* y = static_cast<const float*>(params[0]);
   const float* cs = static_cast<const float*>(params[1]);
   const float* sn = static_cast<const float*>(params[2]);
   const float scale = *static_cast<const float*>(params[3]);
-  float* out = static_cast<float*>(params[4]);
-  const int64_t H = H3 / 3;
+  const int32_t* heads = static_cast<const int32_t*>(params[4]);
+  float* out = static_cast<float*>(params[5]);
+  const int64_t H = heads[0], K = heads[0] + heads[1];  // q heads end at H, k heads at K, then v
+  if (H + 2 * heads[1] != H3) return 4;
 #pragma omp parallel for collapse(2) if (B * T * H3 * D > (1 << 16)) schedule(static)
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H3; ++h) {
       for (int64_t t = 0; t < T; ++t) {
         const float* src = y + ((b * T + t) * H3 + h) * D;
         float* dst = out + ((b * H3 + h) * T + t) * D;
-        if (h >= 2 * H) {  // v
+        if (h >= K) {  // v
           memcpy(dst, src, D * sizeof(float));
           continue;
         }

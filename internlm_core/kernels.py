@@ -7,7 +7,7 @@ compiled steps as MindSpore AOT custom ops.
     out = attention_op()(q, k_cache, v_cache, first, pos)  # causal, over each row's cache rows
     y = rms_norm_op()(x, w, eps)                     # eps a (1,) tensor
     y = silu_mul_op()(gate_up)                       # silu(gate) * up
-    qkv = rope_op()(y, cos, sin, q_scale)            # (B, T, 3HD) -> (B, 3H, T, D), q/k rotated
+    qkv = rope_op()(y, cos, sin, q_scale, heads)     # (B, T, (H+2Hkv)D) -> (B, H+2Hkv, T, D), q/k rotated
 
 Why (measured on the 2-core build machine, the bench-serve model): a decode step reads the
 weights once per token and is bound by memory; MindSpore's CPU MatMul reads a 103168 x 512 head
@@ -136,8 +136,9 @@ def linear_op(bias: bool):
 
 @functools.cache
 def attention_op():
-    """out (B, T, H, D) = softmax(q K^T) V: q (B, H, T, D) scaled, caches (R, D), first (B, H) int32
-    = each (row, head)'s first cache row, pos (B, T) int32: query t sees rows first .. first + pos."""
+    """out (B, T, H, D) = softmax(q K^T) V: q (B, H, T, D) scaled, caches (R, D), first (B, Hkv) int32
+    = each (row, k/v head)'s first cache row (query head h reads k/v head h // (H / Hkv)), pos (B, T)
+    int32: query t sees rows first .. first + pos."""
     return _op("CachedAttention", lambda q, k, v, first, pos: [q[0], q[2], q[1], q[3]],
                lambda q, k, v, first, pos: q)
 
@@ -156,6 +157,6 @@ def silu_mul_op():
 
 @functools.cache
 def rope_op():
-    """The fused q/k/v output (B, T, 3HD) -> heads (B, 3H, T, D): q and k rotated by cos/sin (B, T, D)
-    (rotate-half), q also times q_scale (1,), v unchanged."""
-    return _op("Rope", lambda y, c, s, f: [y[0], y[2] // c[2], y[1], c[2]], lambda y, c, s, f: y)
+    """The fused q/k/v output (B, T, (H + 2 Hkv) D) -> heads (B, H + 2 Hkv, T, D): q and k rotated by
+    cos/sin (B, T, D) (rotate-half), q also times q_scale (1,), v unchanged; heads (2,) int32 = (H, Hkv)."""
+    return _op("Rope", lambda y, c, s, f, h: [y[0], y[2] // c[2], y[1], c[2]], lambda y, c, s, f, h: y)

@@ -61,10 +61,10 @@ def target_modules(cfg: Config, targets: tuple[str, ...]) -> list[str]:
 
 
 def module_shape(cfg: Config, module: str) -> tuple[int, int]:
-    """(out, in) of a target linear."""
+    """(out, in) of a target linear (k and v have fewer rows under grouped-query attention)."""
     leaf = module.rsplit(".", 1)[1]
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    return {"w1": (i, h), "w3": (i, h), "w2": (h, i)}.get(leaf, (h, h))
+    h, i, kv = cfg.hidden_size, cfg.intermediate_size, cfg.kv_heads * cfg.head_dim
+    return {"w1": (i, h), "w3": (i, h), "w2": (h, i), "wk": (kv, h), "wv": (kv, h)}.get(leaf, (h, h))
 
 
 @dataclass(frozen=True)
@@ -185,8 +185,10 @@ def save_adapter(weights: dict[str, np.ndarray], spec: AdapterSpec, cfg: Config,
 
 
 def _base_shape(cfg: Config) -> dict:
+    gqa = {"num_kv_heads": cfg.kv_heads} if cfg.kv_heads != cfg.num_heads else {}  # v1 adapters keep their record
     return {"name": cfg.name, "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-            "intermediate_size": cfg.intermediate_size, "num_layers": cfg.num_layers, "num_heads": cfg.num_heads}
+            "intermediate_size": cfg.intermediate_size, "num_layers": cfg.num_layers, "num_heads": cfg.num_heads,
+            **gqa}
 
 
 def load_adapter(folder: Path, cfg: Config | None = None) -> tuple[AdapterSpec, dict[str, np.ndarray]]:

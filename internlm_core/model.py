@@ -122,6 +122,7 @@ def fuse_linears(parts, name: str) -> "Linear":
     so the model never holds two copies."""
     first = parts[0]
     fused = Linear(first.d_in, sum(p.d_out for p in parts), first.bias is not None, first.weight.dtype)
+    fused.parts = [p.d_out for p in parts]  # output rows of each part, in order (LoRA stacks per part)
     fused.weight = Parameter(ops.cat([p.weight for p in parts]), name=f"{name}.weight", requires_grad=False)
     if first.bias is not None:
         fused.bias = Parameter(ops.cat([p.bias for p in parts]), name=f"{name}.bias", requires_grad=False)
@@ -133,64 +134,78 @@ class Attention(nn.Cell):
         super().__init__()
         h = cfg.hidden_size
         self.n_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        # Grouped-query attention (InternLM2): n_kv k/v heads, each shared by ``groups`` query heads
+        # (query head i reads k/v head i // groups); v1 is the case n_kv == n_heads.
+        self.n_kv = cfg.kv_heads
+        self.groups = self.n_heads // self.n_kv
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self.wq = Linear(h, h, cfg.bias, dtype)
-        self.wk = Linear(h, h, cfg.bias, dtype)
-        self.wv = Linear(h, h, cfg.bias, dtype)
+        self.wk = Linear(h, self.n_kv * self.head_dim, cfg.bias, dtype)
+        self.wv = Linear(h, self.n_kv * self.head_dim, cfg.bias, dtype)
         self.wo = Linear(h, h, cfg.bias, dtype)
         self.wqkv = None  # set by ``fuse``
         self.cached_attention = self.rope = None  # the CPU kernels, set by ``use_cpu_kernels``
         self.q_scale = Tensor([self.scale], ms.float32)
+        self.head_counts = Tensor([self.n_heads, self.n_kv], ms.int32)  # the Rope kernel's q and k/v heads
         self.rot = Tensor(rotate_half_matrix(cfg.head_dim), dtype)
         self.bmm_kt = ops.BatchMatMul(transpose_b=True)  # q k^T without materialising k^T
 
     def fuse(self, name: str) -> None:
-        """The serving form: q, k and v from one matmul of (3h, h) (one weight read and one kernel
-        instead of three); ``wq``/``wk``/``wv`` are replaced. Its rope tables come from
+        """The serving form: q, k and v from one matmul of ((nh + 2 n_kv) hd, h) (one weight read and
+        one kernel instead of three); ``wq``/``wk``/``wv`` are replaced. Its rope tables come from
         ``fused_rope_tables``, which also carry the 1/sqrt(hd) score scale into q."""
         if self.wqkv is None:
             self.wqkv = fuse_linears([self.wq, self.wk, self.wv], f"{name}.wqkv")
             self.wq = self.wk = self.wv = None
 
-    def _heads(self, x, b, t, groups=1):
-        return x.reshape(b, t, groups * self.n_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, nh, T, hd)
+    def _heads(self, x, b, t, heads):
+        return x.reshape(b, t, heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, heads, T, hd)
+
+    def _expand(self, x):
+        """(B, n_kv, S, hd) -> (B, nh, S, hd): each k/v head repeated for its query heads."""
+        if self.groups == 1:
+            return x
+        b, _, s, d = x.shape
+        return ops.broadcast_to(x.reshape(b, self.n_kv, 1, s, d), (b, self.n_kv, self.groups, s, d)).reshape(
+            b, self.n_heads, s, d)
 
     def construct(self, x, cos, sin, mask, k_cache=None, v_cache=None, cache_index=None, attend_cache=False,
                   adapters=None, read_index=None):
-        """x (B, T, C); cos/sin (B, 1, T, hd), fused form (B, 3nh, T, hd); mask (B, 1, T, S) additive;
-        adapters (B,) or None.
+        """x (B, T, C); cos/sin (B, 1, T, hd), fused form (B, nh + 2 n_kv, T, hd); mask (B, 1, T, S)
+        additive; adapters (B,) or None. The caches hold the n_kv k/v heads.
 
-        The engine's cache (``read_index`` given) is flat, (slots * nh * L, hd): the new k/v rows are
-        written at ``cache_index`` (B*nh*T,) = (slot * nh + head) * L + position, then each row
-        attends the cache rows ``read_index`` (B, nh, S) = its slot's first S positions per head. ScatterUpdate on the first axis writes
+        The engine's cache (``read_index`` given) is flat, (slots * n_kv * L, hd): the new k/v rows are
+        written at ``cache_index`` (B*n_kv*T,) = (slot * n_kv + head) * L + position, then each row
+        attends the cache rows ``read_index`` (B, n_kv, S) = its slot's first S positions per head. ScatterUpdate on the first axis writes
         in place (0.4 ms); ScatterNdUpdate on a (slots, nh, L, hd) cache copied the whole cache
         per call (8 ms per layer and k/v at 9 x 2048 positions), so a step cost the allocated cache.
 
-        With the CPU kernels (``cached_attention`` set) the engine passes ``read_index`` (B, nh), each
+        With the CPU kernels (``cached_attention`` set) the engine passes ``read_index`` (B, n_kv), each
         (row, head)'s first cache row, and ``mask`` (B, T) int32, each query's position: query t
         attends rows first .. first + position, read where they lie (no gather, no mask tensor).
 
-        The exported graphs' cache (no ``read_index``) is (slots, nh, L, hd) with ``cache_index``
-        (B, nh, T, 3) = (slot, head, position): prefill attends within x (S == T), decode
+        The exported graphs' cache (no ``read_index``) is (slots, n_kv, L, hd) with ``cache_index``
+        (B, n_kv, T, 3) = (slot, head, position): prefill attends within x (S == T), decode
         (``attend_cache``, one row per slot) attends the whole cache.
         """
         b, t, _ = x.shape
+        parts = [self.n_heads, self.n_kv, self.n_kv]
         if self.rope is not None:  # the CPU kernel: cos/sin are rope_tables' (B, T, hd), q scaled here
-            q, k, v = ops.split(self.rope(self.wqkv(x, adapters), cos, sin, self.q_scale), self.n_heads, 1)
+            q, k, v = ops.split(self.rope(self.wqkv(x, adapters), cos, sin, self.q_scale, self.head_counts), parts, 1)
         elif self.wqkv is not None:
-            # (B, 3nh, T, hd); cos/sin are (B, 3nh, T, hd): q's scaled, v's 1 and 0, so one rotary
-            # pass covers q and k and leaves v exactly as it was
-            y = self._heads(self.wqkv(x, adapters), b, t, 3)
+            # (B, nh + 2 n_kv, T, hd); cos/sin alike: q's scaled, v's 1 and 0, so one rotary pass
+            # covers q and k and leaves v exactly as it was
+            y = self._heads(self.wqkv(x, adapters), b, t, sum(parts))
             turned = ops.matmul(y.reshape(-1, self.head_dim), self.rot).reshape(y.shape)  # 2-D: no broadcast copy
-            q, k, v = ops.split(y * cos + turned * sin, self.n_heads, 1)
+            q, k, v = ops.split(y * cos + turned * sin, parts, 1)
         else:
-            q = self._heads(self.wq(x, adapters), b, t)
-            k = self._heads(self.wk(x, adapters), b, t)
-            v = self._heads(self.wv(x, adapters), b, t)
+            q = self._heads(self.wq(x, adapters), b, t, self.n_heads)
+            k = self._heads(self.wk(x, adapters), b, t, self.n_kv)
+            v = self._heads(self.wv(x, adapters), b, t, self.n_kv)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
         if read_index is not None:
-            flat = (b * self.n_heads * t, self.head_dim)
+            flat = (b * self.n_kv * t, self.head_dim)
             k_new = ops.scatter_update(k_cache, cache_index, k.reshape(flat).astype(k_cache.dtype))
             v_new = ops.scatter_update(v_cache, cache_index, v.reshape(flat).astype(v_cache.dtype))
             if self.cached_attention is not None:
@@ -198,7 +213,7 @@ class Attention(nn.Cell):
                                             mask)  # (B, T, nh, hd)
                 return self.wo(out.reshape(b, t, self.n_heads * self.head_dim), adapters)
             # read after the write: depend on the update, gather only the live rows and positions
-            k = ops.gather(ops.depend(k_cache, k_new), read_index, 0)  # (B, nh, S, hd)
+            k = ops.gather(ops.depend(k_cache, k_new), read_index, 0)  # (B, n_kv, S, hd)
             v = ops.gather(ops.depend(v_cache, v_new), read_index, 0)
         elif k_cache is not None:
             # In-place update of the preallocated cache; using the op's output orders the read after the write.
@@ -208,6 +223,7 @@ class Attention(nn.Cell):
                 k, v = k_all, v_all
             else:  # keep the writes in the graph
                 k, v = ops.depend(k, k_all), ops.depend(v, v_all)
+        k, v = self._expand(k), self._expand(v)
         scores = self.bmm_kt(q.astype(ms.float32), k.astype(ms.float32))
         if self.wqkv is None:  # the fused path scaled q already
             scores = scores * self.scale
@@ -330,16 +346,19 @@ class InternLMForCausalLM(nn.Cell):
         return self.model.layers[0].attention.rope is not None
 
     def linear_for(self, module: str):
-        """(Linear, part, parts): the layer computing a MindFormers module's outputs, e.g.
-        ``model.layers.0.attention.wk`` -> (that layer's wqkv, 1, 3) in the fused form."""
+        """(Linear, part, part sizes): the layer computing a MindFormers module's outputs, which are
+        that layer's output rows of part ``part``, e.g. ``model.layers.0.attention.wk`` -> (that
+        layer's wqkv, 1, [q rows, k rows, v rows]) in the fused form, (wk, 0, [k rows]) unfused."""
         layer, leaf = module.rsplit(".", 1)
         cell = self
         for part in layer.split("."):
             cell = cell[int(part)] if part.isdigit() else getattr(cell, part)
         for fused, members in (("wqkv", ("wq", "wk", "wv")), ("w13", ("w1", "w3"))):
             if leaf in members and getattr(cell, fused, None) is not None:
-                return getattr(cell, fused), members.index(leaf), len(members)
-        return getattr(cell, leaf), 0, 1
+                lin = getattr(cell, fused)
+                return lin, members.index(leaf), lin.parts
+        lin = getattr(cell, leaf)
+        return lin, 0, [lin.d_out]
 
     def hidden(self, ids, cos, sin, mask, caches=None, cache_index=None, attend_cache=False, adapters=None,
                read_index=None):
@@ -358,7 +377,8 @@ class InternLMForCausalLM(nn.Cell):
         if self.kernels:
             cos, sin = (Tensor(t.asnumpy()[:, 0]) for t in (cos, sin))
         elif self.fused:
-            cos, sin = (Tensor(t) for t in fused_rope_tables(cos.asnumpy(), sin.asnumpy(), self.config.num_heads))
+            cos, sin = (Tensor(t) for t in fused_rope_tables(cos.asnumpy(), sin.asnumpy(), self.config.num_heads,
+                                                              self.config.kv_heads))
         return self.lm_head(self.hidden(ids, cos, sin, mask)).astype(ms.float32)
 
 
@@ -389,13 +409,15 @@ def rope_tables(cfg: Config, positions: np.ndarray, seq_lens=None):
     return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
 
 
-def fused_rope_tables(cos: np.ndarray, sin: np.ndarray, num_heads: int):
-    """(B, 1, T, hd) tables -> (B, 3nh, T, hd) for the fused q/k/v heads: q's scaled by 1/sqrt(hd)
-    (the score scale, applied here once instead of on every layer's scores), k's as they are,
-    v's cos 1 and sin 0 (v passes unrotated)."""
+def fused_rope_tables(cos: np.ndarray, sin: np.ndarray, num_heads: int, kv_heads: int):
+    """(B, 1, T, hd) tables -> (B, nh + 2 n_kv, T, hd) for the fused q/k/v heads: q's scaled by
+    1/sqrt(hd) (the score scale, applied here once instead of on every layer's scores), k's as
+    they are, v's cos 1 and sin 0 (v passes unrotated)."""
     scale = np.float32(1.0 / math.sqrt(cos.shape[-1]))
-    c, s = np.tile(cos, (1, num_heads, 1, 1)), np.tile(sin, (1, num_heads, 1, 1))
-    return (np.concatenate([c * scale, c, np.ones_like(c)], 1), np.concatenate([s * scale, s, np.zeros_like(s)], 1))
+    q_c, q_s = np.tile(cos, (1, num_heads, 1, 1)), np.tile(sin, (1, num_heads, 1, 1))
+    k_c, k_s = np.tile(cos, (1, kv_heads, 1, 1)), np.tile(sin, (1, kv_heads, 1, 1))
+    return (np.concatenate([q_c * scale, k_c, np.ones_like(k_c)], 1),
+            np.concatenate([q_s * scale, k_s, np.zeros_like(k_s)], 1))
 
 
 def causal_mask(lengths: np.ndarray, t: int) -> np.ndarray:

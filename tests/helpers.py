@@ -24,7 +24,7 @@ def llama_config(cfg):
 
     kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
               num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-              num_key_value_heads=cfg.num_heads, max_position_embeddings=cfg.max_position_embeddings,
+              num_key_value_heads=cfg.kv_heads, max_position_embeddings=cfg.max_position_embeddings,
               rms_norm_eps=cfg.rms_norm_eps, attention_bias=cfg.bias, mlp_bias=False,
               tie_word_embeddings=False, rope_theta=cfg.rope_base, bos_token_id=cfg.bos_id,
               eos_token_id=cfg.eos_id, pad_token_id=cfg.pad_id)
@@ -75,6 +75,41 @@ def save_hf_folder(model, cfg, folder: Path, safetensors: bool = True, max_shard
     m.save_pretrained(folder, **kw)
     (folder / "config.json").write_text(json.dumps(cfg.replace(dtype=dtype).to_hf_config(), indent=2))
     (folder / "generation_config.json").unlink(missing_ok=True)
+    return folder
+
+
+def save_internlm2_folder(model, cfg, folder: Path, group_order=None) -> Path:
+    """Save a LLaMA-layout ``model`` with GQA as an HF InternLM2 folder: InternLM2's names, q/k/v
+    packed into ``wqkv`` grouped per k/v head by this test code itself (not by the project's
+    converter), and an InternLM2 config.json. ``group_order`` permutes the slots inside each group
+    (the q heads, then k, then v) to make a wrongly packed file."""
+    from safetensors.numpy import save_file
+
+    kv, hd = cfg.kv_heads, cfg.head_dim
+    g = cfg.num_heads // kv
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    out = {"model.tok_embeddings.weight": sd["model.embed_tokens.weight"], "model.norm.weight": sd["model.norm.weight"],
+           "output.weight": sd["lm_head.weight"]}
+    for n in range(cfg.num_layers):
+        p, q = f"model.layers.{n}.", f"model.layers.{n}."
+        slots = [sd[f"{p}self_attn.q_proj.weight"].reshape(kv, g, hd, -1),
+                 sd[f"{p}self_attn.k_proj.weight"].reshape(kv, 1, hd, -1),
+                 sd[f"{p}self_attn.v_proj.weight"].reshape(kv, 1, hd, -1)]
+        packed = np.concatenate(slots, axis=1)  # (kv, g + 2, hd, hidden)
+        if group_order is not None:
+            packed = packed[:, group_order]
+        out[f"{q}attention.wqkv.weight"] = packed.reshape(-1, cfg.hidden_size)
+        out[f"{q}attention.wo.weight"] = sd[f"{p}self_attn.o_proj.weight"]
+        out[f"{q}feed_forward.w1.weight"] = sd[f"{p}mlp.gate_proj.weight"]
+        out[f"{q}feed_forward.w3.weight"] = sd[f"{p}mlp.up_proj.weight"]
+        out[f"{q}feed_forward.w2.weight"] = sd[f"{p}mlp.down_proj.weight"]
+        out[f"{q}attention_norm.weight"] = sd[f"{p}input_layernorm.weight"]
+        out[f"{q}ffn_norm.weight"] = sd[f"{p}post_attention_layernorm.weight"]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in out.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(cfg.to_hf_config(), indent=2))
     return folder
 
 

@@ -64,35 +64,40 @@ class _Attention(nn.Cell):
 
 
 def reference_attention(q, k, v, first, pos):
-    """(B, T, H, D): query t of row b, head h over cache rows first[b, h] .. first[b, h] + pos[b, t]."""
+    """(B, T, H, D): query t of row b, head h over the cache rows of k/v head h // (H / Hkv),
+    first[b, that head] .. + pos[b, t]."""
     b, h, t, d = q.shape
+    group = h // first.shape[1]
     out = np.zeros((b, t, h, d))
     for i in range(b):
         for j in range(h):
             for n in range(t):
-                rows = slice(first[i, j], first[i, j] + pos[i, n] + 1)
+                rows = slice(first[i, j // group], first[i, j // group] + pos[i, n] + 1)
                 s = k[rows].astype(np.float64) @ q[i, j, n].astype(np.float64)
                 p = np.exp(s - s.max())
                 out[i, n, j] = (p / p.sum()) @ v[rows]
     return out
 
 
+@pytest.mark.parametrize("kv", [2, 1], ids=["mha", "gqa"])
 @pytest.mark.parametrize("t", [1, 5, 16, 17, 40])
 @pytest.mark.parametrize("d", [16, 64, 128])
-def test_cached_attention_equals_causal_softmax_over_each_rows_cache(t, d):
+def test_cached_attention_equals_causal_softmax_over_each_rows_cache(t, d, kv):
     """One query (decode) and chunks of queries (prefill: 16 at a time, and remainders), rows and
     heads anywhere in the cache, positions from 0 to hundreds (one key, the 16-key blocks and their
-    remainders, the 16-wide exp and its tail), scores large enough that the max subtraction matters."""
+    remainders, the 16-wide exp and its tail), scores large enough that the max subtraction matters;
+    with k/v heads shared by query heads (grouped-query attention) too."""
     rng = np.random.default_rng(d * t)
     rows, b, h = 4000, 3, 2
     k = rng.normal(size=(rows, d)).astype(np.float32)
     v = rng.normal(size=(rows, d)).astype(np.float32)
     q = (3 * rng.normal(size=(b, h, t, d))).astype(np.float32)
     start = np.array([0, 15, 650])[:, None] + np.arange(t)  # each row's query positions
-    first = rng.integers(0, rows - 700, (b, h)).astype(np.int32)
+    first = rng.integers(0, rows - 700, (b, kv)).astype(np.int32)
     out = _Attention(k, v)(Tensor(q), Tensor(first), Tensor(start.astype(np.int32))).asnumpy()
-    # float32 sums over up to 700 keys of unit-scale values: ~1e-7 * sqrt(700) * a few
-    np.testing.assert_allclose(out, reference_attention(q, k, v, first, start), rtol=1e-5, atol=1e-5)
+    # float32 sums of 128 products per score and over up to 700 keys of unit-scale values:
+    # ~6e-8 * (sqrt(128) * |score| + sqrt(700)) a few times over
+    np.testing.assert_allclose(out, reference_attention(q, k, v, first, start), rtol=1e-5, atol=2e-5)
 
 
 def test_cached_attention_never_reads_outside_the_cache():
@@ -147,22 +152,24 @@ def test_silu_mul_equals_numpy(shape):
     np.testing.assert_allclose(y, g / (1 + np.exp(-g)) * u, rtol=2e-6, atol=2e-6)
 
 
-@pytest.mark.parametrize("b,t,h,d", [(1, 1, 4, 16), (3, 7, 2, 64), (2, 130, 8, 128)])
-def test_rope_equals_rotate_half_on_q_and_k(b, t, h, d):
-    """Heads out of the fused projection's (B, T, 3HD): q rotated and scaled, k rotated, v as is,
-    with cos/sin per row and position (so rows of different lengths and NTK bases mix)."""
-    rng = np.random.default_rng(d)
-    y = rng.normal(size=(b, t, 3 * h * d)).astype(np.float32)
+@pytest.mark.parametrize("b,t,h,kv,d", [(1, 1, 4, 4, 16), (3, 7, 2, 2, 64), (2, 130, 8, 8, 128), (2, 5, 8, 2, 32)])
+def test_rope_equals_rotate_half_on_q_and_k(b, t, h, kv, d):
+    """Heads out of the fused projection's (B, T, (H + 2 Hkv) D): q rotated and scaled, k rotated,
+    v as is (fewer k/v heads under grouped-query attention), with cos/sin per row and position (so
+    rows of different lengths and NTK bases mix)."""
+    rng = np.random.default_rng(d + kv)
+    y = rng.normal(size=(b, t, (h + 2 * kv) * d)).astype(np.float32)
     angles = rng.uniform(-50, 50, size=(b, t, d // 2))
     cos = np.cos(np.concatenate([angles, angles], -1)).astype(np.float32)
     sin = np.sin(np.concatenate([angles, angles], -1)).astype(np.float32)
-    out = _Graph(kernels.rope_op())(Tensor(y), Tensor(cos), Tensor(sin), Tensor([0.125], ms.float32)).asnumpy()
-    heads = y.astype(np.float64).reshape(b, t, 3 * h, d).transpose(0, 2, 1, 3)
+    out = _Graph(kernels.rope_op())(Tensor(y), Tensor(cos), Tensor(sin), Tensor([0.125], ms.float32),
+                                    Tensor([h, kv], ms.int32)).asnumpy()
+    heads = y.astype(np.float64).reshape(b, t, h + 2 * kv, d).transpose(0, 2, 1, 3)
     c, s = cos[:, None].astype(np.float64), sin[:, None].astype(np.float64)
     turned = np.concatenate([-heads[..., d // 2:], heads[..., :d // 2]], -1)
     rotated = heads * c + turned * s
-    ref = np.concatenate([rotated[:, :h] * 0.125, rotated[:, h:2 * h], heads[:, 2 * h:]], 1)
-    assert out.shape == (b, 3 * h, t, d)
+    ref = np.concatenate([rotated[:, :h] * 0.125, rotated[:, h:h + kv], heads[:, h + kv:]], 1)
+    assert out.shape == (b, h + 2 * kv, t, d)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
 
 

@@ -94,8 +94,9 @@ def test_fused_projections_match_hf_and_hold_one_copy(tiny_hf, tiny_model_dir):
     assert "model.layers.0.attention.wqkv.weight" in names and "model.layers.0.feed_forward.w13.weight" in names
     assert not any(".wq." in n or ".wk." in n or ".wv." in n or ".w1." in n or ".w3." in n for n in names)
     assert sum(int(np.prod(p.shape)) for p in model.get_parameters()) == before
-    assert model.linear_for("model.layers.1.attention.wk")[1:] == (1, 3)
-    assert model.linear_for("model.layers.1.feed_forward.w3")[1:] == (1, 2)
+    h, i = model.config.hidden_size, model.config.intermediate_size
+    assert model.linear_for("model.layers.1.attention.wk")[1:] == (1, [h, h, h])  # part 1 of q, k, v rows
+    assert model.linear_for("model.layers.1.feed_forward.w3")[1:] == (1, [i, i])
     ids = random_ids(21, model.config.vocab_size, seed=3)
     out = model(*forward_inputs(model.config, np.array([ids]))).asnumpy()[0]
     np.testing.assert_allclose(out, hf_logits(tiny_hf[0], ids), atol=1e-4, rtol=0)

@@ -1,0 +1,99 @@
+"""InternLM2 (model_type internlm2): a tiny random model built as HF's LlamaForCausalLM with
+grouped-query attention, its q/k/v packed into InternLM2's grouped ``wqkv`` by the test itself,
+saved as an InternLM2 HF folder and converted by the project: logits, greedy generations past the
+trained positions (dynamic NTK), the way back bit for bit, and what a wrong file does."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from internlm_core.config import Config
+from internlm_core.convert import hf_to_ms, ms_to_hf
+from internlm_core.engine import Engine
+from internlm_core.errors import CheckpointError
+from internlm_core.generation import SamplingParams, generate
+from internlm_core.loader import load_model
+from internlm_core.model import forward_inputs
+from tests.helpers import hf_greedy, hf_reference_model, random_ids, save_internlm2_folder
+
+CFG = Config.from_name("tiny-v2")  # 4 query heads on 2 k/v heads, dynamic NTK past 64 positions
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return hf_reference_model(CFG, seed=4)
+
+
+@pytest.fixture(scope="module")
+def v2_dir(ref, tmp_path_factory):
+    root = tmp_path_factory.mktemp("v2")
+    return hf_to_ms(save_internlm2_folder(ref, CFG, root / "hf"), root / "ms") and root / "ms"
+
+
+def hf_logits(ref, ids):
+    with torch.no_grad():
+        return ref(torch.tensor([ids])).logits[0].numpy()
+
+
+def test_the_converted_model_is_hfs_gqa_network(ref, v2_dir):
+    cfg = Config.from_checkpoint(v2_dir)
+    assert (cfg.family, cfg.num_heads, cfg.kv_heads) == ("internlm2", 4, 2)
+    model = load_model(v2_dir)
+    ids = random_ids(40, CFG.vocab_size, seed=2)
+    ours = model(*forward_inputs(cfg, np.array([ids]))).asnumpy()[0]
+    np.testing.assert_allclose(ours, hf_logits(ref, ids), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["kernels", "mindspore-ops"])
+def test_greedy_past_the_trained_positions_equals_hf(ref, v2_dir, cpu_kernels):
+    """Cached decoding through the engine's GQA cache (k/v heads only), with prompts and
+    generations past the 64 trained positions, gives HF's cached greedy tokens, on both paths."""
+    engine = Engine(load_model(v2_dir), max_batch=2, max_len=160, cpu_kernels=cpu_kernels)
+    assert engine.kernels == cpu_kernels
+    assert engine.cache_bytes_per_slot == 2 * CFG.num_layers * 160 * CFG.kv_heads * CFG.head_dim * 4
+    params = SamplingParams(max_new_tokens=40, stop_token_ids=[], ignore_eos=True)
+    for n in (12, 90):
+        prompt = random_ids(n, CFG.vocab_size, seed=n)
+        ours = [e.token_id for e in generate(engine, prompt, params)]
+        assert ours == hf_greedy(ref, prompt, 40), f"prompt of {n}"
+
+
+def test_the_way_back_is_bit_exact(v2_dir, tmp_path):
+    """MindSpore -> HF packs wqkv again exactly as InternLM2 does: every tensor equals the file the
+    test wrote, bit for bit, and the config says internlm2 with its k/v heads."""
+    from safetensors.numpy import load_file
+
+    back = tmp_path / "back"
+    ms_to_hf(v2_dir, back)
+    original = load_file(str(v2_dir.parent / "hf" / "model.safetensors"))
+    again = load_file(str(back / "model.safetensors"))
+    assert set(original) == set(again)
+    for name, value in original.items():
+        assert again[name].dtype == value.dtype and np.array_equal(again[name], value), name
+    hf = json.loads((back / "config.json").read_text())
+    assert hf["model_type"] == "internlm2" and hf["num_key_value_heads"] == 2
+    assert hf["rope_scaling"] == {"type": "dynamic", "factor": 2.0}
+
+
+@pytest.mark.parametrize("order", [[1, 0, 2, 3], [0, 1, 3, 2], [2, 1, 0, 3]],
+                         ids=["q-heads-swapped", "k-v-swapped", "q-k-swapped"])
+def test_a_wrongly_grouped_wqkv_is_caught_by_the_parity_check(ref, tmp_path, order):
+    """The same weights packed in another order convert without complaint (the shapes fit) but
+    talk nonsense: the parity check against HF fails, so the order the converter reads matters."""
+    hf = save_internlm2_folder(ref, CFG, tmp_path / "hf", group_order=order)
+    hf_to_ms(hf, tmp_path / "ms")
+    model = load_model(tmp_path / "ms")
+    ids = random_ids(20, CFG.vocab_size, seed=3)
+    ours = model(*forward_inputs(CFG, np.array([ids]))).asnumpy()[0]
+    assert np.abs(ours - hf_logits(ref, ids)).max() > 1e-2
+
+
+def test_a_wqkv_that_does_not_fit_the_heads_is_refused(ref, tmp_path):
+    hf = save_internlm2_folder(ref, CFG, tmp_path / "hf")
+    config = json.loads((hf / "config.json").read_text())
+    config["num_key_value_heads"] = 1  # the file packs 2 k/v heads
+    (hf / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"model.layers.0.attention.wqkv.weight: shape \[128, 64\].*\[96, 64\]"):
+        hf_to_ms(hf, tmp_path / "ms")
+    assert not (tmp_path / "ms").exists()
