@@ -28,7 +28,7 @@ import numpy as np
 
 from .checkpoint import Cancelled, atomic_folder
 from .errors import DataError
-from .tokenizer import EOA, EOS, Tokenizer
+from .tokenizer import EOS, Tokenizer
 
 IGNORE = -100  # label value the loss skips
 PAD_ID = EOS  # InternLM pads with </s>
@@ -52,16 +52,18 @@ def alpaca_user_text(rec: dict) -> str:
 
 
 def alpaca_tokens(tok: Tokenizer, rec: dict) -> tuple[list[int], list[int]]:
-    """(prompt ids with bos, answer ids): prompt = ``<|User|>:{user}<eoh>\\n<|Bot|>:``,
-    answer = ``{output}<eoa>\\n`` then eos."""
+    """(prompt ids with bos, answer ids) in the tokenizer's chat format: v1's prompt
+    ``<|User|>:{user}<eoh>\\n<|Bot|>:`` and answer ``{output}<eoa>\\n``, InternLM2's
+    ``<|im_start|>user\\n{user}<|im_end|>\\n<|im_start|>assistant\\n`` and ``{output}<|im_end|>\\n``;
+    then eos."""
     prompt = tok.encode_chat([{"role": "user", "content": alpaca_user_text(rec)}])
-    answer = tok.encode(rec["output"], bos=False) + [EOA] + tok.encode("\n", bos=False) + [EOS]
+    answer = tok.encode(rec["output"], bos=False) + tok.answer_end() + [EOS]
     return prompt, answer
 
 
 def _prompt_tail_length(tok: Tokenizer) -> int:
-    """Tokens at the end of every prompt that must survive truncation: ``<eoh>\\n<|Bot|>:``."""
-    return len(tok.encode("<eoh>\n<|Bot|>:", bos=False, allow_special=True))  # the template's own text
+    """Tokens at the end of every prompt that must survive truncation (v1: ``<eoh>\\n<|Bot|>:``)."""
+    return len(tok.prompt_tail())
 
 
 def alpaca_row(prompt: list[int], answer: list[int], row_len: int, tail: int) -> tuple[list[int], list[int], bool] | None:

@@ -206,7 +206,8 @@ class SequenceState:
         self.params.validate()
         self.seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
         self.rng = np.random.default_rng(self.seed)
-        self.stop_ids = set(CHAT_STOP_IDS if self.params.stop_token_ids is None else self.params.stop_token_ids)
+        default = self.tokenizer.stop_ids if self.tokenizer is not None else CHAT_STOP_IDS  # the family's
+        self.stop_ids = set(default if self.params.stop_token_ids is None else self.params.stop_token_ids)
         given = self.params.stop_token_ids or ()  # the defaults may lie past a small test vocabulary
         if self.vocab_size and any(not 0 <= t < self.vocab_size for t in given):
             raise ValueError(f"stop_token_ids must be token ids in 0..{self.vocab_size - 1}, got "

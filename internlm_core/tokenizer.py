@@ -1,4 +1,7 @@
-"""The InternLM v1 tokenizer: the real sentencepiece model plus what the HF wrapper adds.
+"""The InternLM tokenizers: a sentencepiece model plus what the HF wrapper adds, and each
+family's chat format (``CHAT_FORMATS``): v1's ``<|User|>:...<eoh>`` and InternLM2's ChatML
+``<|im_start|>user\n...<|im_end|>``. A tokenizer knows its family from its own pieces (InternLM2's
+has ``<|im_end|>``), so the chat format and the stop ids always match the vocabulary.
 
 Text is encoded as plain text by default: a ``<s>`` or ``<eoa>`` typed by a user is those
 characters, never the control token, so user text cannot forge the chat format (prompt
@@ -11,6 +14,7 @@ placeholders), which sentencepiece itself matches anywhere in raw text. The chat
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -22,9 +26,41 @@ from .errors import TokenizerError
 BUNDLED_MODEL = Path(__file__).parent / "assets" / "tokenizer.model"
 
 BOS, EOS, UNK = 1, 2, 0
-EOH, EOA = 103027, 103028  # single pieces in the real model
-CHAT_STOP_IDS = (EOS, EOA)
+EOH, EOA = 103027, 103028  # single pieces in the real v1 model
+CHAT_STOP_IDS = (EOS, EOA)  # v1's, where no tokenizer is at hand to say otherwise
 ROLES = ("system", "user", "assistant")
+
+
+class Control(str):
+    """A control piece in a chat format: always its id, never the text a user could type."""
+
+
+CONTENT = object()  # where a message's content goes in a turn
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """One family's chat template as runs of text, control pieces and the content; ``stops`` are the
+    control pieces that end an answer (besides eos)."""
+    system: tuple
+    user: tuple
+    assistant: tuple
+    generation_prompt: tuple
+    stops: tuple
+
+
+CHAT_FORMATS = {
+    # InternLM v1 (lmdeploy's and the seed's): <|System|>:{s}\n, <|User|>:{q}<eoh>\n, <|Bot|>:{a}<eoa>\n
+    "internlm": ChatFormat(system=("<|System|>:", CONTENT, "\n"), user=("<|User|>:", CONTENT, Control("<eoh>"), "\n"),
+                           assistant=("<|Bot|>:", CONTENT, Control("<eoa>"), "\n"), generation_prompt=("<|Bot|>:",),
+                           stops=(Control("<eoa>"),)),
+    # InternLM2 / 2.5 (its tokenizer_config's chat_template): ChatML
+    "internlm2": ChatFormat(system=(Control("<|im_start|>"), "system\n", CONTENT, Control("<|im_end|>"), "\n"),
+                            user=(Control("<|im_start|>"), "user\n", CONTENT, Control("<|im_end|>"), "\n"),
+                            assistant=(Control("<|im_start|>"), "assistant\n", CONTENT, Control("<|im_end|>"), "\n"),
+                            generation_prompt=(Control("<|im_start|>"), "assistant\n"),
+                            stops=(Control("<|im_end|>"),)),
+}
 
 _SPECIAL = {"<s>": BOS, "</s>": EOS, "<unk>": UNK}
 _SPECIAL_TEXT = {v: k for k, v in _SPECIAL.items()}
@@ -37,7 +73,9 @@ def _alternation(strings: Iterable[str]) -> re.Pattern:
 
 
 class Tokenizer:
-    def __init__(self, model_file: str | Path | None = None):
+    def __init__(self, model_file: str | Path | None = None, family: str | None = None):
+        """``family`` (internlm | internlm2) picks the chat format; by default the tokenizer's own
+        pieces say (InternLM2's has ``<|im_end|>``)."""
         self.model_file = Path(model_file) if model_file else BUNDLED_MODEL
         if not self.model_file.is_file():
             raise TokenizerError(f"tokenizer model not found: {self.model_file}")
@@ -49,6 +87,20 @@ class Tokenizer:
         self._specials = {**self._user_defined, **_SPECIAL}
         self._user_defined_re = _alternation(self._user_defined) if self._user_defined else None
         self._specials_re = _alternation(self._specials)
+        self.family = family or ("internlm2" if "<|im_end|>" in self._user_defined else "internlm")
+        if self.family not in CHAT_FORMATS:
+            raise TokenizerError(f"unknown model family {self.family!r}; known: {', '.join(CHAT_FORMATS)}")
+        self.chat_format = CHAT_FORMATS[self.family]
+        fmt = self.chat_format
+        controls = {p for turn in (fmt.system, fmt.user, fmt.assistant, fmt.generation_prompt, fmt.stops)
+                    for p in turn if isinstance(p, Control)}
+        missing = sorted(p for p in controls if p not in self._user_defined)
+        if missing:
+            raise TokenizerError(f"{self.model_file} has no single piece for {', '.join(missing)}: "
+                                 f"not a tokenizer of the {self.family} family")
+        self.control_ids = {p: self._user_defined[p] for p in controls}
+        # what ends an answer: eos and the format's own end-of-turn piece
+        self.stop_ids = (EOS, *(self.control_ids[p] for p in fmt.stops))
 
     # ---- ids <-> text ------------------------------------------------------------------
     def encode(self, text: str, bos: bool = True, eos: bool = False, allow_special: bool = False) -> list[int]:
@@ -105,31 +157,53 @@ class Tokenizer:
     # ---- chat ----------------------------------------------------------------------------
     def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True,
                     allow_special: bool = False) -> list[int]:
-        """bos + the InternLM chat format; the template's ``<eoh>``/``<eoa>`` are control ids, the
+        """bos + the family's chat format; the template's control pieces are their ids, the
         messages' content is plain text unless ``allow_special``."""
         ids = [BOS]
-        for part in chat_parts(messages, add_generation_prompt):
-            ids.extend([part] if isinstance(part, int) else self._encode_text(part, allow_special))
+        for part in chat_parts(messages, add_generation_prompt, self.chat_format):
+            ids.extend([self.control_ids[part]] if isinstance(part, Control)
+                       else self._encode_text(part, allow_special))
         return ids
+
+    def _ids(self, parts) -> list[int]:
+        return [i for p in parts for i in ([self.control_ids[p]] if isinstance(p, Control) else self.encode(p, bos=False))]
+
+    def answer_end(self) -> list[int]:
+        """What closes an assistant turn after its content (v1: ``<eoa>\n``, v2: ``<|im_end|>\n``)."""
+        fmt = self.chat_format
+        return self._ids(fmt.assistant[fmt.assistant.index(CONTENT) + 1:])
+
+    def prompt_tail(self) -> list[int]:
+        """What follows a user's content in a prompt that asks for an answer (v1: ``<eoh>\n<|Bot|>:``)."""
+        fmt = self.chat_format
+        return self._ids(fmt.user[fmt.user.index(CONTENT) + 1:] + fmt.generation_prompt)
+
+    def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        """The chat format as text (control pieces written out), as ``encode_chat`` encodes it."""
+        return render_chat(messages, add_generation_prompt, self.chat_format)
 
     def stream_decoder(self, skip_special: bool = False) -> "StreamDecoder":
         return StreamDecoder(self, skip_special)
 
 
-def chat_parts(messages: Sequence[dict], add_generation_prompt: bool = True) -> list[str | int]:
-    """InternLM v1 chat format as text runs and the template's control ids: ``<|System|>:{s}\\n``
-    then per turn ``<|User|>:{q}<eoh>\\n<|Bot|>:{a}<eoa>\\n``; ends with ``<|Bot|>:`` to ask for an
-    answer. Adjacent text is one run, so it is tokenized as the whole rendered text would be."""
+def chat_parts(messages: Sequence[dict], add_generation_prompt: bool = True,
+               fmt: ChatFormat = CHAT_FORMATS["internlm"]) -> list[str]:
+    """A chat in ``fmt`` as text runs and its ``Control`` pieces (v1: ``<|System|>:{s}\\n`` then per
+    turn ``<|User|>:{q}<eoh>\\n<|Bot|>:{a}<eoa>\\n``, ending with ``<|Bot|>:`` to ask for an answer).
+    Adjacent text is one run, so it is tokenized as the whole rendered text would be."""
     if not messages:
         raise TokenizerError("a chat needs at least one message")
-    parts: list[str | int] = [""]
+    parts: list[str] = [""]
 
     def add(*items):
         for item in items:
-            if isinstance(item, str) and isinstance(parts[-1], str):
+            if not isinstance(item, Control) and not isinstance(parts[-1], Control):
                 parts[-1] += item
             else:
                 parts.append(item)
+
+    def turn(template, content):
+        add(*(content if p is CONTENT else p for p in template))
 
     for i, m in enumerate(messages):
         role, content = m.get("role"), m.get("content")
@@ -137,25 +211,20 @@ def chat_parts(messages: Sequence[dict], add_generation_prompt: bool = True) -> 
             raise TokenizerError(f"message {i}: role must be one of {ROLES}, got {role!r}")
         if not isinstance(content, str):
             raise TokenizerError(f"message {i}: content must be a string")
-        if role == "system":
-            if i != 0:
-                raise TokenizerError("a system message may only come first")
-            add(f"<|System|>:{content}\n")
-        elif role == "user":
-            add(f"<|User|>:{content}", EOH, "\n")
-        else:
-            add(f"<|Bot|>:{content}", EOA, "\n")
+        if role == "system" and i != 0:
+            raise TokenizerError("a system message may only come first")
+        turn({"system": fmt.system, "user": fmt.user, "assistant": fmt.assistant}[role], content)
     if add_generation_prompt:
         if messages[-1]["role"] != "user":
             raise TokenizerError("the last message must be the user's to ask for an answer")
-        add("<|Bot|>:")
+        turn(fmt.generation_prompt, "")
     return [p for p in parts if p != ""]
 
 
-def render_chat(messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
-    """The chat format as text (``<eoh>``/``<eoa>`` written out), as ``encode_chat`` encodes it."""
-    return "".join({EOH: "<eoh>", EOA: "<eoa>"}[p] if isinstance(p, int) else p
-                   for p in chat_parts(messages, add_generation_prompt))
+def render_chat(messages: Sequence[dict], add_generation_prompt: bool = True,
+                fmt: ChatFormat = CHAT_FORMATS["internlm"]) -> str:
+    """The chat format as text (control pieces written out), as ``encode_chat`` encodes it."""
+    return "".join(chat_parts(messages, add_generation_prompt, fmt))
 
 
 class StreamDecoder:

@@ -18,7 +18,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from internlm_core.batching import Batcher, BatcherMetrics
 from internlm_core.checkpoint import TOKENIZER_FILE
-from internlm_core.errors import AdapterError, ModelNotFound
+from internlm_core.errors import AdapterError, ModelNotFound, TokenizerError
 from internlm_core.generation import FINISH_ABORTED, SamplingParams
 from internlm_core.tokenizer import BOS, Tokenizer
 
@@ -182,7 +182,10 @@ def main(argv: list[str] | None = None) -> None:
         except AdapterError as e:  # not an adapter of this model, or an engine that has none
             raise SystemExit(f"worker: --adapter {spec}: {e}") from None
     tok_file = folder / TOKENIZER_FILE
-    tokenizer = Tokenizer(tok_file if tok_file.is_file() else None)
+    try:  # the model's family picks the chat format and stops; its tokenizer must have their pieces
+        tokenizer = Tokenizer(tok_file if tok_file.is_file() else None, family=engine.config.family)
+    except TokenizerError as e:
+        raise SystemExit(f"worker: {e}") from None
     metrics = PrometheusMetrics()
     batcher = Batcher(engine, tokenizer, args.max_queue, metrics).start()
     metrics.watch(batcher)

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from internlm_core.checkpoint import TOKENIZER_FILE
 from internlm_core.config import CONFIG_FILE
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,11 +43,11 @@ GRACE_S = 30.0
 
 def role_command(role: str, port: int | None = None, metrics_port: int | None = None,
                  model: str | None = None, tokenizer_address: str | None = None,
-                 http_port: int | None = None) -> list[str]:
+                 http_port: int | None = None, tokenizer: str | None = None) -> list[str]:
     """The arguments after ``python`` for one part of the stack."""
     ports = ["--port", str(port), "--metrics-port", str(metrics_port)]
     if role == "tokenizer":
-        return ["-m", "services.tokenizer_service", *ports]
+        return ["-m", "services.tokenizer_service", *ports, *(["--tokenizer", tokenizer] if tokenizer else [])]
     if role == "inference":
         return ["-m", "services.inference_worker", "--model", model, *ports]
     if role == "endpoint":
@@ -297,7 +298,11 @@ def up(args) -> int:
         c = stack.start("redis", redis_command(args.redis_port, var / "redis", fsync=args.redis_fsync), env)
         stack.wait_until("redis", lambda: _redis_ready(redis_url), c)
         tok_addr = f"{host}:{ports['tokenizer']}"
-        c = stack.start("tokenizer", [python, *role_command("tokenizer", ports["tokenizer"], metrics["tokenizer"])], env)
+        # the served model's own tokenizer (an InternLM2 one speaks its own chat format), else the bundled v1 one
+        given = Path(args.hf_model or args.model or "") / TOKENIZER_FILE if (args.hf_model or args.model) else None
+        tokenizer = str(given) if given is not None and given.is_file() else None
+        c = stack.start("tokenizer", [python, *role_command("tokenizer", ports["tokenizer"], metrics["tokenizer"],
+                                                             tokenizer=tokenizer)], env)
         stack.wait_until("tokenizer", lambda: _healthy(tok_addr), c)
         endpoint_addr = f"{host}:{ports['endpoint']}"
         c = stack.start("endpoint", [python, *role_command("endpoint", ports["endpoint"], metrics["endpoint"],

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from internlm_core.tokenizer import Tokenizer, render_chat
+from internlm_core.tokenizer import Tokenizer
 
 from services.pb_convert import chat_from_pb
 from services.pb import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
@@ -40,7 +40,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
     def ApplyChatTemplate(self, request, context):
         messages = chat_from_pb(request.messages)
         add = not request.no_generation_prompt
-        text = render_chat(messages, add)
+        text = self.tok.render_chat(messages, add)
         ids = self.tok.encode_chat(messages, add, allow_special=request.allow_special_tokens)
         return tokenizer_pb2.ChatTemplateResponse(text=text, ids=ids)
 
@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--host", default=env_default("INTERNLM_HOST", "127.0.0.1"))
     ap.add_argument("--port", type=int, default=50052)
     ap.add_argument("--metrics-port", type=int, default=9102)
-    ap.add_argument("--tokenizer", help="tokenizer.model (default: the bundled InternLM one)")
+    ap.add_argument("--tokenizer", help="tokenizer.model, its chat format from its own pieces (default: the "
+                                        "bundled InternLM v1 one)")
     args = ap.parse_args(argv)
     setup_logging("tokenizer")
     server = Server("tokenizer", args.port, args.host, args.metrics_port, max_workers=16)

@@ -52,3 +52,21 @@ def redis_server(tmp_path):
     server = RedisServer(tmp_path / "redis").start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def v2_tokenizer_file(tmp_path_factory):
+    """A sentencepiece model in InternLM2's manner, trained here (the real one cannot be fetched):
+    byte fallback, <unk> 0, <s> 1, </s> 2, and ``<|im_start|>``/``<|im_end|>`` as single pieces."""
+    import sentencepiece as spm
+
+    from tests.helpers import DATA
+
+    out = tmp_path_factory.mktemp("v2tok")
+    text = (DATA / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")[:300_000]
+    (out / "corpus.txt").write_text(text, encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(out / "corpus.txt"), model_prefix=str(out / "tokenizer"),
+                                   vocab_size=1200, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1,
+                                   eos_id=2, pad_id=-1, user_defined_symbols=["<|im_start|>", "<|im_end|>"],
+                                   minloglevel=2)
+    return out / "tokenizer.model"

@@ -97,3 +97,65 @@ def test_a_wqkv_that_does_not_fit_the_heads_is_refused(ref, tmp_path):
     with pytest.raises(CheckpointError, match=r"model.layers.0.attention.wqkv.weight: shape \[128, 64\].*\[96, 64\]"):
         hf_to_ms(hf, tmp_path / "ms")
     assert not (tmp_path / "ms").exists()
+
+
+# ---- the chat format and stops -----------------------------------------------------------------
+
+def test_the_chat_format_is_chatml_with_the_tokenizers_own_control_ids(v2_tokenizer_file):
+    """A tokenizer with InternLM2's pieces speaks InternLM2's chat format (ChatML): the control
+    pieces are their ids, text runs are encoded as text, <|im_end|> stops an answer besides eos,
+    and a <|im_end|> typed by a user is text unless special tokens are allowed."""
+    from internlm_core.tokenizer import BOS, EOS, Tokenizer
+
+    tok = Tokenizer(v2_tokenizer_file)
+    assert tok.family == "internlm2"
+    start, end = tok.sp.piece_to_id("<|im_start|>"), tok.sp.piece_to_id("<|im_end|>")
+    assert tok.stop_ids == (EOS, end)
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The river"}]
+    assert tok.render_chat(chat) == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nThe river<|im_end|>\n"
+                                     "<|im_start|>assistant\n")
+    text = lambda s: tok.encode(s, bos=False)  # noqa: E731
+    assert tok.encode_chat(chat) == ([BOS, start] + text("system\nBe brief.") + [end] + text("\n") + [start]
+                                     + text("user\nThe river") + [end] + text("\n") + [start] + text("assistant\n"))
+    forged = [{"role": "user", "content": "a<|im_end|>b"}]
+    assert end not in tok.encode_chat(forged)[3:-6] and end in tok.encode_chat(forged, allow_special=True)[3:-6]
+    assert tok.answer_end() == [end] + text("\n")
+
+
+def test_an_answer_stops_at_im_end_and_alpaca_rows_use_chatml(v2_tokenizer_file, tmp_path):
+    import json
+
+    from internlm_core.data import IGNORE, load_rows, preprocess
+    from internlm_core.generation import SamplingParams, SequenceState
+    from internlm_core.tokenizer import EOS, Tokenizer
+    from tests.helpers import DATA
+
+    tok = Tokenizer(v2_tokenizer_file)
+    end = tok.sp.piece_to_id("<|im_end|>")
+    state = SequenceState([1, 5], SamplingParams(max_new_tokens=10), tok, tok.vocab_size)
+    for token in (40, 41, end):
+        logits = np.full(tok.vocab_size, -10.0, np.float32)
+        logits[token] = 10.0
+        ev = state.step(logits)
+    assert ev.finish_reason == "eos" and state.generated == [40, 41, end]
+    records = json.loads((DATA / "alpaca" / "alpaca_en.json").read_text())[:4]
+    (tmp_path / "a.json").write_text(json.dumps(records))
+    preprocess("alpaca", tmp_path / "a.json", tmp_path / "ds", seq_length=2048, tokenizer=tok)
+    ids, labels = load_rows(tmp_path / "ds")
+    rec = records[0]
+    user = rec["instruction"] + ("\n" + rec["input"] if rec.get("input") else "")
+    prompt = tok.encode_chat([{"role": "user", "content": user}])
+    answer = tok.encode(rec["output"], bos=False) + [end] + tok.encode("\n", bos=False) + [EOS]
+    assert ids[0, :len(prompt) + len(answer)].tolist() == prompt + answer
+    assert (labels[0, :len(prompt)] == IGNORE).all() and labels[0, len(prompt)] == answer[0]
+
+
+def test_a_tokenizer_without_the_familys_pieces_is_refused(v2_tokenizer_file):
+    from internlm_core.errors import TokenizerError
+    from internlm_core.tokenizer import Tokenizer
+
+    assert Tokenizer().family == "internlm"  # the bundled v1 tokenizer
+    with pytest.raises(TokenizerError, match=r"no single piece for <\|im_end\|>, <\|im_start\|>"):
+        Tokenizer(family="internlm2")
+    with pytest.raises(TokenizerError, match="<eoa>"):
+        Tokenizer(v2_tokenizer_file, family="internlm")
