@@ -159,3 +159,44 @@ def test_a_tokenizer_without_the_familys_pieces_is_refused(v2_tokenizer_file):
         Tokenizer(family="internlm2")
     with pytest.raises(TokenizerError, match="<eoa>"):
         Tokenizer(v2_tokenizer_file, family="internlm")
+
+
+# ---- LoRA and export work unchanged --------------------------------------------------------------
+
+def test_a_served_adapter_on_every_linear_equals_the_merged_model(v2_dir, tmp_path):
+    """LoRA on all seven linears of a GQA model (k and v narrower than q: the fused wqkv's adapter
+    stacks are cut by part sizes), served unmerged, gives the merged model's greedy tokens."""
+    from internlm_core.lora import ALL_TARGETS, AdapterSpec, merge_lora
+    from tests.helpers import random_adapter
+
+    adapter = random_adapter(CFG, AdapterSpec(rank=4, alpha=8.0, targets=ALL_TARGETS), tmp_path / "ad", seed=6)
+    merged = merge_lora(v2_dir, adapter, tmp_path / "merged")
+    served = Engine(load_model(v2_dir), max_batch=2, max_len=128)
+    index = served.load_adapter("a", adapter)
+    reference = Engine(load_model(merged), max_batch=1, max_len=128)
+    prompt = random_ids(30, CFG.vocab_size, seed=8)
+    np.testing.assert_allclose(served.prefill([0], [prompt], adapters=[index])[0], reference.prefill([0], [prompt])[0],
+                               atol=1e-4)
+    params = SamplingParams(max_new_tokens=20, stop_token_ids=[], ignore_eos=True)
+    base = [e.token_id for e in generate(Engine(load_model(v2_dir), max_batch=1, max_len=128), prompt, params)]
+    want = [e.token_id for e in generate(reference, prompt, params)]
+    assert want != base  # the adapter changes the model
+    from internlm_core.batching import Batcher
+
+    b = Batcher(served).start()
+    try:
+        assert [e.token_id for e in b.submit(prompt, params, adapter="a")] == want
+        assert [e.token_id for e in b.submit(prompt, params)] == base
+    finally:
+        b.stop(timeout=60)
+
+
+def test_the_exported_graphs_decode_as_the_eager_engine(v2_dir, tmp_path):
+    from internlm_core.export import ExportedEngine, export_mindir
+
+    folder = export_mindir(v2_dir, tmp_path / "mindir", max_batch=1, max_len=96)
+    params = SamplingParams(max_new_tokens=20, stop_token_ids=[], ignore_eos=True)
+    prompt = random_ids(70, CFG.vocab_size, seed=9)  # past the 64 trained positions: dynamic NTK
+    exported = [e.token_id for e in generate(ExportedEngine(folder), prompt, params)]
+    eager = [e.token_id for e in generate(Engine(load_model(v2_dir), max_batch=1, max_len=96), prompt, params)]
+    assert exported == eager
