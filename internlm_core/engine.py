@@ -43,9 +43,9 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from . import kernels
+from .checkpoint import MANIFEST_FILE
 from .engine_api import EngineBase, bucket
 from .errors import PromptTooLong
-from .checkpoint import MANIFEST_FILE
 from .export import ExportedEngine
 from .loader import load_model
 from .model import NEG_INF, InternLMForCausalLM, fused_rope_tables, rope_tables
@@ -55,8 +55,7 @@ log = logging.getLogger(__name__)
 
 class _Step(nn.Cell):
     """Rows of new tokens (B, T) written into the cache, attending their slots' first S positions
-    (a decode step with the CPU kernels: each row's span of cache rows); logits (B, V) at each
-    row's ``last_index``."""
+    (with the CPU kernels: each row's own positions); logits (B, V) at each row's ``last_index``."""
 
     def __init__(self, model, caches):
         super().__init__()
@@ -93,8 +92,8 @@ class Engine(EngineBase):
                  cpu_kernels: bool = True):
         cfg = model.config
         self.model, self.config = model.fuse_projections(), cfg
-        # Decode steps with the kernels attend each row's own positions, so their graphs do not
-        # depend on the attended length: one compiled decode shape per rows bucket.
+        # Steps with the kernels attend each row's own positions, so their graphs do not depend on
+        # the attended length: one compiled shape per (rows, tokens).
         self.kernels = cpu_kernels and self.model.use_cpu_kernels()
         if cpu_kernels and not self.kernels and kernels.unavailable():
             log.warning("CPU kernels not used (%s): serving with MindSpore's own ops, slower", kernels.unavailable())

@@ -342,7 +342,7 @@ class InternLMForCausalLM(nn.Cell):
         return True
 
     @property
-    def kernels(self) -> bool:
+    def uses_cpu_kernels(self) -> bool:
         return self.model.layers[0].attention.rope is not None
 
     def linear_for(self, module: str):
@@ -374,7 +374,7 @@ class InternLMForCausalLM(nn.Cell):
 
     def construct(self, ids, cos, sin, mask):
         # PyNative only (parity checks on a served model); the engine builds its tables itself
-        if self.kernels:
+        if self.uses_cpu_kernels:
             cos, sin = (Tensor(t.asnumpy()[:, 0]) for t in (cos, sin))
         elif self.fused:
             cos, sin = (Tensor(t) for t in fused_rope_tables(cos.asnumpy(), sin.asnumpy(), self.config.num_heads,
