@@ -49,6 +49,8 @@ class TrainArgs:
     lora_targets: str = _hyper("wq|wk|wv|wo", "regex or comma list over wq wk wv wo w1 w2 w3")
     dtype: str = _hyper("auto", f"compute dtype: {', '.join(DTYPE_CHOICES)} (auto = the model's; fp32 on CPU)")
     loss_scale: float | str = _hyper("auto", "auto (dynamic for float16), dynamic, or a fixed number (1 = off)")
+    recompute: bool = _hyper(False, "recompute each layer's activations in the backward pass: less memory, "
+                                    "~1/3 more compute")
     overwrite: bool = False  # replace an existing output folder
 
     def resolved(self) -> "TrainArgs":
@@ -85,6 +87,7 @@ class TrainArgs:
         need(_num(a.grad_clip) and a.grad_clip >= 0, f"grad_clip must be >= 0, got {a.grad_clip!r}")
         need(_num(a.eval_ratio) and 0 <= a.eval_ratio < 0.5, f"eval_ratio must be in [0, 0.5), got {a.eval_ratio!r}")
         need(a.dtype in DTYPE_CHOICES, f"dtype must be one of {DTYPE_CHOICES}, got {a.dtype!r}")
+        need(isinstance(a.recompute, bool), f"recompute must be true or false, got {a.recompute!r}")
         need(a.loss_scale in ("auto", "dynamic") or (_num(a.loss_scale) and a.loss_scale >= 1),
              f"loss_scale must be 'auto', 'dynamic' or a number >= 1, got {a.loss_scale!r}")
         if a.mode == "lora":

@@ -171,7 +171,7 @@ def test_a_different_run_does_not_resume_a_checkpoint(tmp_path, base_dir, data_d
     (dict(grad_accum=1.5), "grad_accum"), (dict(eval_ratio=0.9), "eval_ratio"), (dict(dtype="int8"), "dtype"),
     (dict(mode="lora", lora_rank=0), "lora_rank"), (dict(mode="lora", lora_targets="q_proj"), "match none"),
     (dict(mode="lora", lora_dropout=1.0), "lora_dropout"), (dict(loss_scale=0.5), "loss_scale"),
-    (dict(epochs=0), "epochs"), (dict(keep_last=0), "keep_last"),
+    (dict(epochs=0), "epochs"), (dict(keep_last=0), "keep_last"), (dict(recompute="yes"), "recompute"),
 ])
 def test_bad_arguments_are_rejected(change, message):
     with pytest.raises(ValueError, match=message):
@@ -277,6 +277,20 @@ def test_loss_scaling_path_gives_the_same_training(tmp_path, base_dir, data_dir)
     scaled = scaled_trainer.fit()
     assert float(scaled_trainer.steps.scale.asnumpy()) == 2.0 ** 16
     np.testing.assert_allclose([r["loss"] for r in scaled], [r["loss"] for r in plain], rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_recompute_gives_the_same_training(tmp_path, base_dir, data_dir, mode):
+    """Recomputing each block's activations in the backward pass trades compute for memory and
+    must change nothing else: the same losses, in full and LoRA mode (whose dropout masks are a
+    hash of the step's seed, so the recomputed forward draws the same ones)."""
+    kw = dict(mode=mode, max_steps=3, lr=2e-2 if mode == "lora" else 5e-3, lora_targets=".*", lora_dropout=0.1)
+    plain = Trainer(args_for(base_dir, data_dir, tmp_path / "a", **kw), tmp_path / "wa").fit()
+    trainer = Trainer(args_for(base_dir, data_dir, tmp_path / "b", recompute=True, **kw), tmp_path / "wb")
+    # Every cell of every block is marked, LoRA's included (recompute() marks the cells present at the call).
+    assert all(cell._has_config_recompute for layer in trainer.model.model.layers for _, cell in layer.cells_and_names())
+    assert not trainer.model.lm_head._has_config_recompute
+    np.testing.assert_allclose([r["loss"] for r in trainer.fit()], [r["loss"] for r in plain], rtol=1e-5)
 
 
 def test_dynamic_loss_scale_backs_off_on_overflow_skips_the_step_and_recovers(tmp_path, base_dir, data_dir):

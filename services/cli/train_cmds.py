@@ -75,8 +75,12 @@ def add_hyperparameter_flags(parser, names: dict[str, str] | None = None) -> Non
     fields = {f.name: f for f in dataclasses.fields(TrainArgs)}
     for name in HYPERPARAMS:
         f = fields[name]
-        kind = {"int": int, "float": float, "float | None": float}.get(f.type, str)  # "auto" / numbers: parsed later
         flag = (names or {}).get(name, name)
+        if f.type == "bool":  # a switch; unset (None) keeps the default, off
+            parser.add_argument("--" + flag.replace("_", "-"), dest=flag, action="store_true", default=None,
+                                help=f.metadata["help"])
+            continue
+        kind = {"int": int, "float": float, "float | None": float}.get(f.type, str)  # "auto" / numbers: parsed later
         default = "" if f.default is None else f" (default: {f.default})"
         parser.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, help=f.metadata["help"] + default)
 
