@@ -22,9 +22,8 @@
 //   Rope             the fused q/k/v projection's output split into heads (B, 3H, T, D), q and k
 //                    rotated (rotate-half) and q scaled by 1/sqrt(D), v as it was
 //
-// Built by kernels.py with the machine's g++ (-O3 -march=native -fopenmp). The vector type is
-// GCC's: 16 floats, one AVX-512 register, or two AVX2 ones on older CPUs. Float sums run in a
-// fixed order per output, so results do not depend on the thread count.
+// Built by kernels.py with the machine's g++ (-O3 -march=native -fopenmp); the vector helpers are
+// simd.h's. Float sums run in a fixed order per output, so results do not depend on the thread count.
 #include <omp.h>
 
 #include <algorithm>
@@ -33,19 +32,9 @@
 #include <cstring>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
-
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t i16 __attribute__((vector_size(64)));
-
-inline v16 load(const float* p) { v16 v; memcpy(&v, p, 64); return v; }
-inline void store(float* p, v16 v) { memcpy(p, &v, 64); }
-inline v16 splat(float f) { return (v16){} + f; }
-inline float hsum(v16 v) {
-  float s = 0.f;
-  for (int i = 0; i < 16; ++i) s += v[i];
-  return s;
-}
 
 bool is_f32(const char* t) { return strcmp(t, "float32") == 0 || strcmp(t, "float") == 0; }
 bool is_i32(const char* t) { return strcmp(t, "int32") == 0 || strcmp(t, "int") == 0; }
@@ -111,25 +100,6 @@ void linear_part(const float* x, const float* wp, const float* b, float* y, int6
 }
 
 // ---- CachedAttention --------------------------------------------------------------------------
-
-// e^x for x <= 0 (softmax after subtracting the max): 2^(x log2 e) split into 2^i * 2^f with a
-// degree-6 polynomial for 2^f on [-0.5, 0.5] (relative error ~2e-7, the scale of float rounding).
-inline v16 exp_neg(v16 x) {
-  x = x < -87.f ? splat(-87.f) : x;  // e^-87 ~ 1.6e-38: the smallest normal float's scale
-  const v16 t = x * 1.44269504088896341f;
-  const i16 i = -__builtin_convertvector(0.5f - t, i16);  // round(t) for t <= 0
-  const v16 f = (t - __builtin_convertvector(i, v16)) * 0.6931471805599453f;
-  v16 p = splat(1.f / 720) * f + 1.f / 120;
-  p = p * f + 1.f / 24;
-  p = p * f + 1.f / 6;
-  p = p * f + 0.5f;
-  p = p * f + 1.f;
-  p = p * f + 1.f;
-  const i16 bits = (i + 127) << 23;  // 2^i as a float's exponent field
-  v16 scale;
-  memcpy(&scale, &bits, 64);
-  return p * scale;
-}
 
 // One (row, head): n keys of D floats from k and v (contiguous rows), q already scaled.
 void attend(const float* q, const float* k, const float* v, int64_t n, int64_t D, float* out, float* scores) {

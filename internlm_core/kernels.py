@@ -37,7 +37,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels.cc")
+SOURCES = [Path(__file__).with_name("kernels.cc"), Path(__file__).with_name("train_kernels.cc")]
+HEADERS = [Path(__file__).with_name("simd.h")]
 PANEL = 16  # output rows per packed panel: one 16-float vector
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 ENV_SWITCH = "INTERNLM_CPU_KERNELS"
@@ -77,15 +78,23 @@ def library() -> str | None:
         _why_not = "no C++ compiler (g++) on PATH"
         return None
     try:
+        import scipy_openblas32 as openblas  # the GEMMs of train_kernels.cc
+    except ImportError:
+        _why_not = "the scipy-openblas32 package is not installed"
+        return None
+    blas = [f"-I{openblas.get_include_dir()}", str(Path(openblas.get_lib_dir()) / f"lib{openblas.get_library()}.so"),
+            f"-Wl,-rpath,{openblas.get_lib_dir()}"]
+    try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags()]).encode())
+        key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES + HEADERS), " ".join(FLAGS + blas), version,
+                                         _cpu_flags()]).encode())
         target = cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
         if not target.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
             os.close(fd)
             try:
-                subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+                subprocess.run([compiler, *FLAGS, "-o", tmp, *map(str, SOURCES), *blas], capture_output=True, text=True,
                                check=True, timeout=300)
                 os.replace(tmp, target)  # atomic: another process sees no file or a whole one
             finally:
@@ -94,7 +103,7 @@ def library() -> str | None:
         return str(target)
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", None) or str(e)
-        _why_not = f"building {SOURCE.name} failed: {detail.strip()[:500]}"
+        _why_not = f"building {' and '.join(s.name for s in SOURCES)} failed: {detail.strip()[:500]}"
         return None
 
 
@@ -117,13 +126,18 @@ def unpack(wp: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(wp.transpose(0, 2, 1).reshape(p * PANEL, k))
 
 
-def _op(name: str, out_shape, out_dtype):
+def _op(name: str, out_shape, out_dtype, bprop=None, variant: str = ""):
     from mindspore import ops
 
     so = library()
     if so is None:
         raise RuntimeError(f"the CPU kernels are unavailable: {unavailable()}")
-    return ops.Custom(f"{so}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
+    op = ops.Custom(f"{so}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot", bprop=bprop)
+    if variant:
+        # MindSpore 2.9 keeps one backward graph per distinct primitive (seen: two Custom ops of the
+        # same kernel with different bprops both ran the second's); an attribute tells them apart
+        op.add_prim_attr("variant", variant)
+    return op
 
 
 @functools.cache
@@ -160,3 +174,100 @@ def rope_op():
     """The fused q/k/v output (B, T, (H + 2 Hkv) D) -> heads (B, H + 2 Hkv, T, D): q and k rotated by
     cos/sin (B, T, D) (rotate-half), q also times q_scale (1,), v unchanged; heads (2,) int32 = (H, Hkv)."""
     return _op("Rope", lambda y, c, s, f, h: [y[0], y[2] // c[2], y[1], c[2]], lambda y, c, s, f, h: y)
+
+
+# ---- training (train_kernels.cc): ops whose backward passes are kernels too ---------------------
+
+GEMM_KINDS = ("forward", "input_grad", "weight_grad")
+
+
+def gemm_flops() -> dict[str, int]:
+    """Floating-point operations the training GEMMs did in this process, by kind: what a test reads
+    to see that a LoRA step computes no gradient for the frozen weights."""
+    import ctypes
+
+    fn = ctypes.CDLL(library()).internlm_gemm_flops
+    fn.restype, fn.argtypes = ctypes.c_int64, [ctypes.c_int]
+    return {kind: fn(i) for i, kind in enumerate(GEMM_KINDS)}
+
+
+@functools.cache
+def train_linear_op(bias: bool, trains: bool):
+    """y (..., N) = x (..., K) @ W^T (+ b), W (N, K) as it lies. Backward: dx = dy W; dW = dy^T x and
+    db = the sum of dy's rows only when the layer ``trains`` (a frozen layer's are zeros that
+    nothing reads, which the graph compiler drops)."""
+    from mindspore import ops
+
+    grad_x = _op("LinearGradX", lambda dy, w: dy[:-1] + [w[1]], lambda dy, w: dy)
+    grad_w = _op("LinearGradW", lambda dy, x: [dy[-1], x[-1]], lambda dy, x: dy)
+
+    def weight_grads(x, w, dout):
+        return grad_w(dout, x) if trains else ops.zeros_like(w)
+
+    if bias:
+        def bprop(x, w, b, out, dout):
+            db = ops.reduce_sum(dout.reshape((-1, dout.shape[-1])), 0) if trains else ops.zeros_like(b)
+            return grad_x(dout, w), weight_grads(x, w, dout), db
+
+        return _op("LinearFwd", lambda x, w, b: x[:-1] + [w[0]], lambda x, w, b: x, bprop, f"bias, trains={trains}")
+
+    def bprop(x, w, out, dout):
+        return grad_x(dout, w), weight_grads(x, w, dout)
+
+    return _op("LinearFwd", lambda x, w: x[:-1] + [w[0]], lambda x, w: x, bprop, f"no bias, trains={trains}")
+
+
+@functools.cache
+def train_rms_norm_op():
+    """``rms_norm_op`` with its backward pass (dx, dw) in one kernel: inputs (x, w, eps (1,))."""
+    from mindspore import ops
+
+    grad = _op("RmsNormGrad", lambda x, w, eps, dy: (x, w), lambda x, w, eps, dy: (x, w))
+
+    def bprop(x, w, eps, out, dout):
+        dx, dw = grad(x, w, eps, dout)
+        return dx, dw, ops.zeros_like(eps)
+
+    return _op("RmsNorm", lambda x, w, eps: x, lambda x, w, eps: x, bprop)
+
+
+@functools.cache
+def dropout_op():
+    """Inputs (x, seed (), cfg (2,) = (p, salt)): x with each element kept with probability 1 - p
+    (and scaled by 1 / (1 - p)) by a hash of (seed, salt, its index); seed < 0 turns it off. The
+    gradient applies the same mask to dy."""
+    from mindspore import ops
+
+    def bprop(x, seed, cfg, out, dout):
+        return op(dout, seed, cfg), ops.zeros_like(seed), ops.zeros_like(cfg)
+
+    op = _op("HashDropout", lambda x, seed, cfg: x, lambda x, seed, cfg: x, bprop)
+    return op
+
+
+@functools.cache
+def cross_entropy_op():
+    """Inputs (logits (M, V) f32, labels (M,) int32, negative = not counted); outputs (mean loss (1,)
+    over the counted rows, each row's log-sum-exp (M,)). Backward from the saved log-sum-exp."""
+    from mindspore import ops
+
+    grad = _op("CrossEntropyGrad", lambda z, y, lse, d: z, lambda z, y, lse, d: z)
+
+    def bprop(z, labels, out, dout):
+        return grad(z, labels, out[1], dout[0]), ops.zeros_like(labels)
+
+    return _op("CrossEntropy", lambda z, y: ([1], [z[0]]), lambda z, y: (z, z), bprop)
+
+
+@functools.cache
+def sum_squares_op():
+    """sum((g / loss_scale)^2) (1,) of a float32 tensor g and loss_scale (1,)."""
+    return _op("SumSquares", lambda g, s: [1], lambda g, s: g)
+
+
+@functools.cache
+def adamw_op():
+    """AdamWeightDecay's step IN PLACE on (p, m, v) from (g, hyper (8,) = lr, beta1, beta2, eps,
+    weight_decay, loss_scale, clip, apply), on g / loss_scale * clip; returns (1,) = apply. See
+    train_kernels.cc."""
+    return _op("AdamW", lambda p, m, v, g, h: [1], lambda p, m, v, g, h: p)

@@ -63,6 +63,7 @@ class Linear(nn.Cell):
         self.lora_a = None
         self.lora_b = None
         self.packed_matmul = None  # set by ``pack``
+        self.train_matmul = None  # the training kernel, set by ``InternLMForCausalLM.use_training_kernels``
 
     def pack(self) -> None:
         """Serve with the CPU kernel (idempotent; fp32 weights whose rows are a multiple of 16):
@@ -74,6 +75,8 @@ class Linear(nn.Cell):
         self.packed_matmul = kernels.linear_op(self.bias is not None)
 
     def construct(self, x, adapters=None):
+        if self.train_matmul is not None:
+            return self.train_matmul(x, self.weight) if self.bias is None else self.train_matmul(x, self.weight, self.bias)
         if self.packed_matmul is None:
             y = mint.nn.functional.linear(x, self.weight, self.bias)
         elif self.bias is None:
@@ -92,7 +95,7 @@ class RMSNorm(nn.Cell):
         super().__init__()
         self.weight = Parameter(initializer("ones", (dim,), dtype), name="weight")
         self.eps = eps
-        self.kernel = None  # the CPU kernel, set by ``InternLMForCausalLM.use_cpu_kernels``
+        self.kernel = None  # the CPU kernel, set by ``InternLMForCausalLM.use_cpu_kernels`` / ``use_training_kernels``
         self.eps_tensor = Tensor([eps], ms.float32)
 
     def construct(self, x):
@@ -303,6 +306,7 @@ class InternLMForCausalLM(nn.Cell):
         self.dtype = MS_DTYPES[dtype]
         self.model = InternLMModel(cfg, self.dtype)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, self.dtype)
+        self.training_kernels = False  # set by ``use_training_kernels``
         # Sub-cells built before being attached keep short names; give every parameter its full name.
         for name, p in self.parameters_and_names():
             p.name = name
@@ -344,6 +348,24 @@ class InternLMForCausalLM(nn.Cell):
     @property
     def uses_cpu_kernels(self) -> bool:
         return self.model.layers[0].attention.rope is not None
+
+    def use_training_kernels(self) -> bool:
+        """Train with the CPU kernels (``kernels``, train_kernels.cc): every linear an OpenBLAS GEMM
+        whose backward pass computes the weight's gradient only where the weight trains, RMSNorm
+        with a one-pass gradient, LoRA dropout by a hashed mask. Call it once what trains is
+        settled (after ``inject_lora``). Unfused float32 form only; False (nothing changed) where
+        the kernels are unavailable."""
+        if self.fused or self.dtype != ms.float32 or kernels.library() is None:
+            return False
+        for _, cell in self.cells_and_names():
+            if isinstance(cell, Linear):
+                cell.train_matmul = kernels.train_linear_op(cell.bias is not None, cell.weight.requires_grad)
+            elif isinstance(cell, RMSNorm):
+                cell.kernel = kernels.train_rms_norm_op()
+            elif cell is not self and hasattr(cell, "use_training_kernels"):  # LoRA layers (lora.py)
+                cell.use_training_kernels()
+        self.training_kernels = True
+        return True
 
     def linear_for(self, module: str):
         """(Linear, part, part sizes): the layer computing a MindFormers module's outputs, which are

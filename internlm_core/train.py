@@ -38,7 +38,7 @@ from typing import Callable
 
 import mindspore as ms
 import numpy as np
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, ops
 from mindspore.communication import get_group_size, get_rank, init
 
 from .checkpoint import Cancelled, atomic_folder
@@ -46,6 +46,7 @@ from .data import IGNORE, load_rows, logit_bias
 from .loader import load_model, save_model
 from .lora import inject_lora, lora_state, save_adapter
 from .model import forward_inputs
+from .optim import AdamW
 from .schedule import batch_rows, lr_at, split_eval
 from .train_args import TrainArgs
 from .train_logs import LOSS_PLOT, SCALARS_FILE, ScalarWriter, plot_loss
@@ -108,6 +109,7 @@ class Trainer:
 
         model.set_train(True)
         self.drop_seed = inject_lora(model, args.adapter_spec(), args.seed) if args.mode == "lora" else None
+        model.use_training_kernels()  # MindSpore's own ops where the CPU kernels are unavailable
         if args.recompute:
             # Each block's activations are recomputed in the backward pass instead of kept. After
             # every change to the blocks (LoRA's): recompute() marks the sub-cells present at the
@@ -122,13 +124,13 @@ class Trainer:
             groups.append({"params": no_decay, "weight_decay": 0.0})
         self.lrs = np.array([lr_at(s, self.total, args.lr, args.warmup_ratio, args.min_lr_ratio)
                              for s in range(self.total)], np.float32)
-        # nn.AdamWeightDecay has no bias correction (BERT-style): its first updates are up to ~6x
-        # larger than AdamW's, which stalls small models. Fold the correction into the step size,
-        # as Kingma & Ba's efficient form (and MindSpore's nn.Adam) do: lr_t * sqrt(1-b2^t) / (1-b1^t).
+        # AdamWeightDecay's update (optim.AdamW) has no bias correction (BERT-style): its first
+        # updates are up to ~6x larger than AdamW's, which stalls small models. Fold the correction
+        # into the step size, as Kingma & Ba's efficient form (and MindSpore's nn.Adam) do:
+        # lr_t * sqrt(1-b2^t) / (1-b1^t).
         t = np.arange(1, self.total + 1, dtype=np.float64)
         corrected = self.lrs * np.sqrt(1 - args.betas[1] ** t) / (1 - args.betas[0] ** t)
-        self.opt = nn.AdamWeightDecay(groups, learning_rate=Tensor(corrected.astype(np.float32)), beta1=args.betas[0],
-                                      beta2=args.betas[1], eps=args.eps)
+        self.opt = AdamW(groups, corrected.astype(np.float32), args.betas, args.eps)
         self.steps = TrainStep(LossNet(model, logit_bias(args.data, cfg.vocab_size)), self.opt, StepSettings.of(args, model, self.world))
         self.params = self.steps.state_params(model)
         self.fixed = forward_inputs(cfg, np.zeros((args.batch_size, self.seq), np.int32))[1:]  # cos, sin, mask

@@ -1,6 +1,5 @@
 """The compiled training steps: forward, loss, gradients, optional loss scaling, global-norm
-clipping and ``nn.AdamWeightDecay`` (which does train on CPU; several ``mint.optim`` optimisers
-silently do nothing there), each one ``ms.jit`` graph.
+clipping and the optimiser (``optim.AdamW``), each one ``ms.jit`` graph.
 
     steps = TrainStep(LossNet(model, logit_bias), opt, StepSettings.of(args, model, world))
     loss, grad_norm = steps.fused(ids, labels, cos, sin, mask)     # grad_accum == 1
@@ -14,6 +13,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, mint, nn, ops
 
+from . import kernels
 from .data import IGNORE
 
 
@@ -45,6 +45,9 @@ class LossNet(nn.Cell):
         super().__init__()
         self.model, self.vocab = model, model.config.vocab_size
         self.bias = Tensor(np.asarray(logit_bias, np.float32)) if logit_bias is not None else None
+        # the CPU kernel's loss reads the logits once forward and once backward (MindSpore's
+        # cross_entropy makes several passes and a one-hot of the vocabulary)
+        self.kernel = kernels.cross_entropy_op() if model.training_kernels else None
 
     def logits(self, ids, cos, sin, mask):
         logits = self.model(ids, cos, sin, mask).reshape(-1, self.vocab)  # (B*T, V) fp32
@@ -53,6 +56,8 @@ class LossNet(nn.Cell):
         return logits
 
     def construct(self, ids, labels, cos, sin, mask, scale):
+        if self.kernel is not None:
+            return self.kernel(self.logits(ids, cos, sin, mask), labels.reshape(-1))[0].reshape(()) * scale
         return ops.cross_entropy(self.logits(ids, cos, sin, mask), labels.reshape(-1), ignore_index=IGNORE) * scale
 
     def eval_sums(self, ids, labels, cos, sin, mask):
@@ -85,22 +90,13 @@ class TrainStep(nn.Cell):
         return loss / self.scale, grads
 
     def _apply(self, grads):
-        inv = 1.0 / self.scale
-        grads = tuple(g * inv for g in grads)
-        sq = ops.zeros((), ms.float32)
-        for g in grads:  # mint.sum(g * g): ops.square + reduce_sum was ~60x slower on CPU (2.9)
-            g32 = g.astype(ms.float32)
-            sq = sq + mint.sum(g32 * g32)
-        norm = ops.sqrt(sq)
-        if self.grad_clip > 0:
-            factor = ops.minimum(1.0, self.grad_clip / (norm + 1e-6))
-            grads = tuple(g * factor.astype(g.dtype) for g in grads)
-        if not self.scaled:
-            self.opt(grads)
-            return norm
+        # Unscaling and clipping are one factor that the optimiser applies as it reads each
+        # gradient: no pass over the gradients but the one for their norm.
+        norm = ops.sqrt(self.opt.sum_squares(grads, self.scale))
+        factor = ops.minimum(1.0, self.grad_clip / (norm + 1e-6)) if self.grad_clip > 0 else ops.ones((), ms.float32)
         finite = ops.isfinite(norm)
-        if finite:
-            self.opt(grads)
+        apply = finite.astype(ms.float32) if self.scaled else ops.ones((), ms.float32)
+        norm = ops.depend(norm, self.opt(grads, self.scale, factor, apply))
         if self.dynamic:  # grow x2 after 1000 clean steps, halve on overflow (skipping that step)
             if finite:
                 ops.assign_add(self.good, Tensor(1, ms.int32))

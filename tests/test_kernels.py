@@ -213,3 +213,135 @@ np.save({str(tmp_path / 'ops.npy')!r}, np.concatenate([logits, eng.decode([9], [
     assert eng.kernels
     ours = np.concatenate([eng.prefill([0], [[5, 6, 7]]), eng.decode([9], [3], slots=[0])])
     np.testing.assert_allclose(ours, np.load(tmp_path / "ops.npy"), rtol=1e-5, atol=1e-5)
+
+
+# ---- training kernels (train_kernels.cc): forward and backward inside compiled gradient graphs ----
+
+class _Grads(nn.Cell):
+    """value_and_grad of sum(f(inputs) * probe) in one compiled graph, as the trainer's step runs it."""
+
+    def __init__(self, fn, positions, weights=None):
+        super().__init__()
+        self.fn, self.grad = fn, ms.value_and_grad(fn, positions, weights)
+
+    @ms.jit
+    def construct(self, *args):
+        return self.grad(*args)
+
+
+class _Probe(nn.Cell):
+    def __init__(self, op, *params):
+        super().__init__()
+        self.op, self.params = op, ms.ParameterTuple(params)
+
+    def construct(self, x, probe):
+        return (self.op(x, *self.params) * probe).sum()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("lead", [(1,), (7,), (2, 33)])
+@pytest.mark.parametrize("n,k", [(16, 64), (37, 50), (320, 96)])
+def test_training_linear_and_its_gradients_equal_numpy(bias, lead, n, k):
+    """y = x W^T + b, dx = dy W, dW = dy^T x, db = the column sums of dy, in float64 numpy; a
+    frozen layer gives dx alone and its GEMMs count no weight-gradient work."""
+    rng = np.random.default_rng(n + k + len(lead))
+    x = rng.normal(size=lead + (k,)).astype(np.float32)
+    w, b = rng.normal(size=(n, k)).astype(np.float32), rng.normal(size=n).astype(np.float32)
+    dy = rng.normal(size=lead + (n,)).astype(np.float32)
+    x64, w64, dy64 = (a.astype(np.float64) for a in (x, w, dy))
+    tol = dict(rtol=1e-5, atol=1e-5 * np.sqrt(max(k, n, x.size // k)))
+    for trains in (True, False):
+        params = [Parameter(Tensor(w), name="w", requires_grad=trains)]
+        if bias:
+            params.append(Parameter(Tensor(b), name="b", requires_grad=trains))
+        net = _Probe(kernels.train_linear_op(bias, trains), *params)
+        before = kernels.gemm_flops()
+        value, grads = _Grads(net, 0, net.trainable_params() if trains else None)(Tensor(x), Tensor(dy))
+        grads = [grads[0], *grads[1]] if trains else [grads]  # dx, then dW (and db) when the layer trains
+        value, grads = value.asnumpy(), [g.asnumpy() for g in grads]
+        work = {kind: kernels.gemm_flops()[kind] - before[kind] for kind in before}  # counted once the graph ran
+        y = x64 @ w64.T + (b if bias else 0)
+        assert float(value) == pytest.approx(float((y * dy64).sum()), rel=1e-5, abs=1e-3)
+        np.testing.assert_allclose(grads[0], dy64 @ w64, **tol)
+        m = x.size // k
+        assert work["forward"] == 2 * m * n * k and work["input_grad"] == 2 * m * n * k
+        if trains:
+            np.testing.assert_allclose(grads[1], dy64.reshape(-1, n).T @ x64.reshape(-1, k), **tol)
+            if bias:
+                np.testing.assert_allclose(grads[2], dy64.reshape(-1, n).sum(0), **tol)
+            assert work["weight_grad"] == 2 * m * n * k
+        else:
+            assert work["weight_grad"] == 0
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (3, 5, 160), (300, 96)])
+def test_training_rms_norm_gradients_equal_torch_in_float64(shape):
+    import torch
+
+    rng = np.random.default_rng(shape[-1])
+    x = (3 * rng.normal(size=shape)).astype(np.float32)
+    w, dy = rng.normal(size=shape[-1]).astype(np.float32), rng.normal(size=shape).astype(np.float32)
+    eps = Tensor([1e-6], ms.float32)
+
+    class Net(nn.Cell):
+        def construct(self, x, w, probe):
+            return (kernels.train_rms_norm_op()(x, w, eps) * probe).sum()
+
+    _, (dx, dw) = _Grads(Net(), (0, 1))(Tensor(x), Tensor(w), Tensor(dy))
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    wt = torch.tensor(w, dtype=torch.float64, requires_grad=True)
+    (xt * torch.rsqrt(xt.pow(2).mean(-1, keepdim=True) + 1e-6) * wt * torch.tensor(dy, dtype=torch.float64)).sum().backward()
+    np.testing.assert_allclose(dx.asnumpy(), xt.grad.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw.asnumpy(), wt.grad.numpy(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("labels", [[1, -100, 3, 49, 0, -100], [-100] * 6, [5, 5, 5, 5, 5, 5]])
+def test_cross_entropy_and_its_gradient_equal_torch(labels):
+    """Mean over the counted rows (-100 left out), and nothing at all when every row is left out."""
+    import torch
+
+    z = (3 * np.random.default_rng(len(set(labels))).normal(size=(6, 50))).astype(np.float32)
+    labels = np.array(labels, np.int32)
+
+    class Net(nn.Cell):
+        def construct(self, z, labels):
+            return kernels.cross_entropy_op()(z, labels)[0].reshape(()) * 2.0
+
+    loss, dz = _Grads(Net(), 0)(Tensor(z), Tensor(labels))
+    zt = torch.tensor(z, dtype=torch.float64, requires_grad=True)
+    if (labels >= 0).any():
+        ref = torch.nn.functional.cross_entropy(zt, torch.tensor(labels, dtype=torch.long), ignore_index=-100) * 2
+        ref.backward()
+        assert float(loss) == pytest.approx(ref.item(), rel=1e-6)
+        np.testing.assert_allclose(dz.asnumpy(), zt.grad.numpy(), rtol=1e-5, atol=1e-7)
+    else:
+        assert float(loss) == 0.0 and not dz.asnumpy().any()
+
+
+def test_hash_dropout_is_a_function_of_seed_and_salt_and_its_gradient_uses_the_same_mask():
+    x = np.random.default_rng(0).normal(size=(64, 300)).astype(np.float32)
+    seed = Parameter(Tensor(7.0, ms.float32), name="seed", requires_grad=False)
+
+    class Net(nn.Cell):
+        def __init__(self, salt):
+            super().__init__()
+            self.seed, self.cfg = seed, Tensor([0.25, salt], ms.float32)
+
+        def construct(self, x, probe):
+            return (kernels.dropout_op()(x, self.seed, self.cfg) * probe).sum()
+
+    def run(salt, value):
+        seed.set_data(Tensor(value, ms.float32))
+        y = _Graph(kernels.dropout_op())(Tensor(x), seed, Tensor([0.25, salt], ms.float32)).asnumpy()
+        _, dx = _Grads(Net(salt), 0)(Tensor(x), Tensor(np.ones_like(x)))
+        return y, dx.asnumpy()
+
+    y, dx = run(3.0, 7.0)
+    kept = y != 0
+    assert abs(kept.mean() - 0.75) < 0.01
+    np.testing.assert_allclose(y[kept], x[kept] / 0.75, rtol=1e-6)
+    np.testing.assert_array_equal(dx != 0, kept)  # the gradient flows where the input was kept
+    np.testing.assert_array_equal(run(3.0, 7.0)[0], y)  # same seed and salt: the same mask
+    assert not np.array_equal(run(3.0, 8.0)[0] != 0, kept)  # another step (seed): another mask
+    assert not np.array_equal(run(4.0, 7.0)[0] != 0, kept)  # another layer (salt): another mask
+    np.testing.assert_array_equal(run(3.0, -1.0)[0], x)  # seed < 0: off
