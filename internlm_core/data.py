@@ -3,7 +3,8 @@
 A dataset is a folder: ``data.mindrecord`` (+ its ``.db`` index) with the seed's schema,
 ``input_ids`` int32 [-1] and, for Alpaca, ``labels`` int32 [-1], every row ``seq_length + 1``
 long and right-padded, plus ``stats.json``. The folder is written to a temporary sibling and
-renamed when complete, so a reader never sees half a dataset.
+renamed when complete, so a reader never sees half a dataset. Training reads it a batch at a
+time (``RowFile``), never whole.
 
 What differs from the seed scripts (shared/reference/internlm-v1.md) and why:
 - ``<eoh>``/``<eoa>`` are the real pieces 103027/103028 (the seed hard-codes unused ids).
@@ -21,8 +22,10 @@ What differs from the seed scripts (shared/reference/internlm-v1.md) and why:
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -260,22 +263,105 @@ def logit_bias(path: Path, vocab_size: int) -> np.ndarray | None:
     return bias
 
 
-def load_rows(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """All rows of a dataset as (input_ids, labels) int32 (N, L); labels IGNORE where not trained.
+def iter_rows(path: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """A dataset's rows in order, one at a time, as (input_ids, labels) int32 (L,); labels IGNORE
+    where not trained.
 
     WikiText rows have no labels: every token is a target except padding (id 2, as the seed).
     Rows must all have one length (this module writes them so).
     """
-    import mindspore.dataset as ds
+    from mindspore.mindrecord import FileReader
 
     f = data_file(path)
-    dset = ds.MindDataset(str(f), shuffle=False)
-    ids, labels = [], []
-    for rec in dset.create_dict_iterator(output_numpy=True, num_epochs=1):
-        ids.append(rec["input_ids"])
-        labels.append(rec["labels"] if "labels" in rec else np.where(rec["input_ids"] == PAD_ID, IGNORE, rec["input_ids"]))
-    if not ids:
-        raise DataError(f"{f}: the dataset is empty")
-    if len({len(r) for r in ids}) != 1:
-        raise DataError(f"{f}: rows have different lengths; re-run preprocess")
-    return np.stack(ids).astype(np.int32), np.stack(labels).astype(np.int32)
+    reader = FileReader(str(f), num_consumer=1)
+    try:
+        length = None
+        for rec in reader.get_next():
+            ids = rec["input_ids"].astype(np.int32)
+            labels = (rec["labels"] if "labels" in rec else np.where(ids == PAD_ID, IGNORE, ids)).astype(np.int32)
+            length = len(ids) if length is None else length
+            if len(ids) != length or len(labels) != length:
+                raise DataError(f"{f}: rows have different lengths; re-run preprocess")
+            yield ids, labels
+        if length is None:
+            raise DataError(f"{f}: the dataset is empty")
+    finally:
+        reader.close()
+
+
+def load_rows(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """All rows of a dataset in memory as (input_ids, labels) int32 (N, L), to look at one;
+    training reads its rows on demand instead (``RowFile``)."""
+    ids, labels = zip(*iter_rows(path))
+    return np.stack(ids), np.stack(labels)
+
+
+class RowFile:
+    """A dataset's rows as one int32 ``.npy`` file of shape (N, 2, L), [input_ids, labels] per
+    row, read by row index: a trainer holds the rows of its batch, never the dataset.
+
+    Why a copy: the batches are a seeded permutation of the rows, and MindRecord gives Python no
+    random access (FileReader and MindDataset read in order; ShardReader's read by id is C++
+    only). ``RowFile.write`` makes the copy in one streaming pass; ``rows[idx]`` then reads each
+    asked row with one positioned read (not a memory map, whose pages would stay resident).
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            (self.n, _, self.length), _, _ = read_header(f)
+            self.offset = f.tell()
+        self.row_bytes = 2 * self.length * 4
+
+    @classmethod
+    def write(cls, dataset: Path, dst: Path) -> "RowFile":
+        """Copy dataset ``dataset`` to ``dst``, a row at a time (a temporary sibling renamed into
+        place, so a reader never sees half of one)."""
+        dst = Path(dst)
+        tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as out:
+                n = 0
+                for ids, labels in iter_rows(dataset):
+                    if n == 0:  # the row count is known at the end; numpy's header leaves room for it
+                        header = {"descr": "<i4", "fortran_order": False, "shape": (0, 2, len(ids))}
+                        np.lib.format.write_array_header_1_0(out, header)
+                        offset = out.tell()
+                    out.write(ids.astype("<i4").tobytes() + labels.astype("<i4").tobytes())
+                    n += 1
+                out.seek(0)
+                np.lib.format.write_array_header_1_0(out, {**header, "shape": (n, 2, len(ids))})
+                if out.tell() != offset:
+                    raise RuntimeError("numpy's .npy header changed length with the row count")
+            os.replace(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return cls(dst)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, rows) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, labels) int32 (len(rows), L) of these row indices, read from the file now."""
+        out = np.empty((len(rows), 2, self.length), np.int32)
+        with open(self.path, "rb") as f:
+            for k, r in enumerate(rows):
+                if not 0 <= r < self.n:
+                    raise IndexError(f"row {r} of {self.n}")
+                f.seek(self.offset + int(r) * self.row_bytes)
+                if f.readinto(out[k]) != self.row_bytes:
+                    raise DataError(f"{self.path} is shorter than its {self.n} rows")
+        return out[:, 0], out[:, 1]
+
+    def max_id(self, chunk: int = 4096) -> int:
+        """The largest token id, read ``chunk`` rows at a time."""
+        top = 0
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            for start in range(0, self.n, chunk):
+                rows = np.fromfile(f, "<i4", min(chunk, self.n - start) * 2 * self.length)
+                top = max(top, int(rows.reshape(-1, 2, self.length)[:, 0].max()))
+        return top

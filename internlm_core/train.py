@@ -42,7 +42,7 @@ from mindspore import Tensor, ops
 from mindspore.communication import get_group_size, get_rank, init
 
 from .checkpoint import Cancelled, atomic_folder
-from .data import IGNORE, load_rows, logit_bias
+from .data import IGNORE, RowFile, logit_bias
 from .loader import load_model, save_model
 from .lora import inject_lora, lora_state, save_adapter
 from .model import forward_inputs
@@ -52,6 +52,8 @@ from .train_args import TrainArgs
 from .train_logs import LOSS_PLOT, SCALARS_FILE, ScalarWriter, plot_loss
 from .train_state import latest_checkpoint, load_checkpoint, save_checkpoint
 from .train_steps import LossNet, StepSettings, TrainStep
+
+ROWS_FILE = "rows.npy"  # the work folder's copy of the dataset that batches are read from (data.RowFile)
 
 
 # ---- data parallel ---------------------------------------------------------------------------
@@ -91,15 +93,19 @@ class Trainer:
             raise FileExistsError(f"output {self.out} already exists (set overwrite to replace it)")
         self.rank, self.world = data_parallel_context()
 
-        self.ids, self.labels = load_rows(args.data)
-        self.train_rows, self.eval_rows = split_eval(len(self.ids), args.eval_ratio, args.seed)
-        self.n_train, self.seq = len(self.train_rows), self.ids.shape[1] - 1
+        # Each batch's rows are read when it runs, from a copy made here (MindRecord has no random
+        # access); data-parallel ranks each write the same file, renamed into place whole.
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.row_file = RowFile.write(args.data, self.work_dir / ROWS_FILE)
+        self.train_rows, self.eval_rows = split_eval(len(self.row_file), args.eval_ratio, args.seed)
+        self.n_train, self.seq = len(self.train_rows), self.row_file.length - 1
         self.model = model = load_model(args.model, None if args.dtype == "auto" else args.dtype)
         cfg = self.config = model.config
         if self.seq > cfg.max_position_embeddings:
             raise ValueError(f"dataset rows of {self.seq} tokens exceed the model's {cfg.max_position_embeddings} positions")
-        if self.ids.max() >= cfg.vocab_size:
-            raise ValueError(f"dataset holds token id {int(self.ids.max())}, outside the model's vocabulary of {cfg.vocab_size}")
+        max_id = self.row_file.max_id()
+        if max_id >= cfg.vocab_size:
+            raise ValueError(f"dataset holds token id {max_id}, outside the model's vocabulary of {cfg.vocab_size}")
         if args.dtype in ("float16", "bfloat16") and ms.get_context("device_target") == "CPU":
             raise ValueError(f"{args.dtype} training needs a GPU or Ascend device; this is a CPU (use dtype auto/float32)")
         self.global_batch = args.batch_size * self.world
@@ -148,7 +154,8 @@ class Trainer:
     def _micro_batch(self, micro: int):
         rows = self.train_rows[batch_rows(micro, self.global_batch, self.n_train, self.args.seed)]
         rows = rows[self.rank * self.args.batch_size:(self.rank + 1) * self.args.batch_size]  # this rank's slice
-        return Tensor(self.ids[rows, :-1]), Tensor(self.labels[rows, 1:])
+        ids, labels = self.row_file[rows]
+        return Tensor(ids[:, :-1]), Tensor(labels[:, 1:])
 
     def _set_dropout_seed(self, value: float) -> None:
         if self.drop_seed is not None:
@@ -169,10 +176,9 @@ class Trainer:
         bs, tot, cnt = self.args.batch_size, 0.0, 0.0
         for s in range(0, len(self.eval_rows), bs):
             rows = self.eval_rows[s:s + bs]
-            ids = self.ids[np.resize(rows, bs), :-1]
-            lab = self.labels[np.resize(rows, bs), 1:].copy()
-            lab[len(rows):] = IGNORE  # filler rows keep the shape static and count for nothing
-            a, b = self.steps.evaluate(Tensor(ids), Tensor(lab), *self.fixed)
+            ids, labels = self.row_file[np.resize(rows, bs)]
+            labels[len(rows):] = IGNORE  # filler rows keep the shape static and count for nothing
+            a, b = self.steps.evaluate(Tensor(ids[:, :-1]), Tensor(labels[:, 1:]), *self.fixed)
             tot, cnt = tot + float(a), cnt + float(b)
         return tot / max(cnt, 1.0)
 

@@ -190,6 +190,25 @@ def test_bad_runs_are_rejected(tmp_path, base_dir, data_dir, chat_model_dir):
         Trainer(args_for(base_dir, big_ids, tmp_path / "o"), tmp_path / "w")
 
 
+def test_the_trainer_reads_each_batch_from_disk(tmp_path, base_dir, data_dir):
+    """The dataset is not held in memory: the trainer's rows are those of the dataset, read from
+    its copy on disk when a batch is made, so a change to that file shows in the next batch."""
+    from internlm_core.data import RowFile, load_rows
+
+    trainer = Trainer(args_for(base_dir, data_dir, tmp_path / "o"), tmp_path / "w")
+    assert isinstance(trainer.row_file, RowFile)
+    assert not [k for k, v in vars(trainer).items() if isinstance(v, np.ndarray) and v.ndim > 1]  # no rows held
+    ids, labels = load_rows(data_dir)
+    rows = trainer.train_rows[batch_rows(0, 4, trainer.n_train, 1)]
+    got_ids, got_labels = (x.asnumpy() for x in trainer._micro_batch(0))
+    assert np.array_equal(got_ids, ids[rows, :-1]) and np.array_equal(got_labels, labels[rows, 1:])
+    on_disk = np.load(trainer.row_file.path, mmap_mode="r+")
+    on_disk[rows, 0] = 11
+    on_disk.flush()
+    del on_disk
+    assert (trainer._micro_batch(0)[0].asnumpy() == 11).all()
+
+
 def test_schedule_and_data_order():
     lrs = [lr_at(s, 100, 1e-3, 0.1, 0.1) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear warmup over 10 steps
