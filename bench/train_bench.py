@@ -1,20 +1,25 @@
-"""Training throughput: this project's MindSpore trainer vs PyTorch, same model, same data, one run.
+"""Training throughput and memory: this project's MindSpore trainer vs PyTorch, same model, same data, one run.
 
 Full and LoRA fine-tuning of the "bench-100m" InternLM shape (vocab 32000, hidden 768,
-8 layers, q/k/v/o bias; ~106M parameters). Each of the four cases runs in its own
-subprocess so its peak RSS is its own:
+8 layers, q/k/v/o bias; ~106M parameters) at several batch x sequence shapes (by default
+1 x 128, 2 x 256 and 4 x 512). Every case of every shape runs in its own subprocess, so that its
+peak RSS is its own:
 
-- ms-full / ms-lora: ``internlm_core.train.Trainer`` (graph-mode step, AdamWeightDecay,
-  grad clipping, LoRA rank 8 on wq/wk/wv/wo with dropout), on a MindRecord dataset.
+- ms-full / ms-lora: ``internlm_core.train.Trainer`` (graph-mode step, AdamW, grad clipping,
+  LoRA rank 8 on wq/wk/wv/wo with dropout), on a MindRecord dataset; ``--recompute`` turns on
+  its activation recomputation (MindSpore only).
 - torch-full / torch-lora: HF ``LlamaForCausalLM(attention_bias=True)`` (the same network),
   ``torch.optim.AdamW``, ``clip_grad_norm_``, and a hand-written LoRA wrapper with the same
   rank/alpha/dropout on q/k/v/o, eager mode.
 
-Both sides get the same rows of random token ids and the same batch and sequence length.
-Tokens/s counts input tokens (batch x seq) of the timed steps; the first step (compilation
-for MindSpore, allocator warm-up for torch) is not timed.
+Both sides get the same rows of random token ids. The base model and each shape's dataset are
+written beforehand by a subprocess of their own, so a MindSpore case's peak RSS is its training
+(loading the model included), as a torch case's is (building the model included). Tokens/s counts
+input tokens (batch x seq) of the timed steps; the first step (compilation for MindSpore,
+allocator warm-up for torch) is not timed. Cases alternate over the repetitions; each reports its
+median tokens/s and its largest peak RSS.
 
-    .venv/bin/python bench/train_bench.py --steps 4 --batch 1 --seq 128 --reps 2 [--json out.json]
+    .venv/bin/python bench/train_bench.py --shapes 1x128,2x256,4x512 --steps 4 --reps 2 [--recompute] [--json out.json]
 """
 from __future__ import annotations
 
@@ -31,7 +36,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 CASES = ("ms-full", "ms-lora", "torch-full", "torch-lora")
+SHAPES = "1x128,2x256,4x512"
 LORA = dict(rank=8, alpha=16.0, dropout=0.05)
+PRESET = "bench-100m"
 
 
 def data_rows(n: int, seq: int, vocab: int, seed: int = 0):
@@ -48,28 +55,44 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """"1x128,2x256" -> [(1, 128), (2, 256)]: batch x sequence length."""
+    try:
+        shapes = [tuple(int(x) for x in s.lower().split("x")) for s in text.split(",") if s.strip()]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+        raise argparse.ArgumentTypeError(f"shapes are BATCHxSEQ separated by commas, e.g. {SHAPES}; got {text!r}")
+    return shapes
+
+
 # ---- MindSpore: the project's trainer ------------------------------------------------------------
 
-def run_ms(mode: str, steps: int, batch: int, seq: int, lr: float) -> dict:
+def prepare(folder: Path, steps: int, batch: int, seq: int) -> None:
+    """The base model (once) and this shape's dataset, for the MindSpore cases."""
     from internlm_core.config import Config
     from internlm_core.data import write_dataset
     from internlm_core.loader import save_model
     from internlm_core.model import InternLMForCausalLM, init_weights
-    from internlm_core.train import TrainArgs, Trainer
 
-    cfg = Config.from_name("bench-100m")
-    with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
-        tmp = Path(tmp)
+    cfg = Config.from_name(PRESET)
+    if not (folder / "base").is_dir():
         model = InternLMForCausalLM(cfg)
         init_weights(model, seed=0)
-        save_model(model, cfg, tmp / "base")
-        del model
-        rows = data_rows(batch * (steps + 1), seq, cfg.vocab_size)
-        write_dataset(tmp / "data", [{"input_ids": r} for r in rows], "wikitext", {})
-        args = TrainArgs(model=str(tmp / "base"), data=str(tmp / "data"), out=str(tmp / "out"), mode=mode, lr=lr,
-                         max_steps=steps + 1, batch_size=batch, save_every=0, warmup_ratio=0.0,
-                         lora_rank=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"])
-        trainer = Trainer(args, tmp / "work")
+        save_model(model, cfg, folder / "base")
+    rows = data_rows(batch * (steps + 1), seq, cfg.vocab_size)
+    write_dataset(folder / f"data-{batch}x{seq}", [{"input_ids": r} for r in rows], "wikitext", {})
+
+
+def run_ms(mode: str, steps: int, batch: int, seq: int, lr: float, folder: Path, recompute: bool) -> dict:
+    from internlm_core.train import TrainArgs, Trainer
+
+    with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
+        args = TrainArgs(model=str(folder / "base"), data=str(folder / f"data-{batch}x{seq}"), out=f"{tmp}/out",
+                         mode=mode, lr=lr, max_steps=steps + 1, batch_size=batch, save_every=0, warmup_ratio=0.0,
+                         lora_rank=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                         recompute=recompute)
+        trainer = Trainer(args, f"{tmp}/work")
         stamps, losses = [], []
         trainer.fit(progress=lambda r: (stamps.append(time.perf_counter()), losses.append(r["loss"])))
         return {"tokens_per_s": batch * seq * (len(stamps) - 1) / (stamps[-1] - stamps[0]), "losses": losses,
@@ -84,7 +107,7 @@ def run_torch(mode: str, steps: int, batch: int, seq: int, lr: float) -> dict:
 
     from internlm_core.config import Config
 
-    cfg = Config.from_name("bench-100m")
+    cfg = Config.from_name(PRESET)
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
@@ -141,57 +164,103 @@ def TorchLoRA(base, rank: int, alpha: float, dropout: float):
 
 # ---- driver ------------------------------------------------------------------------------------
 
-def worker(case: str, steps: int, batch: int, seq: int) -> None:
-    side, mode = case.split("-")
+def worker(a) -> None:
+    side, mode = a.worker.split("-")
     lr = 1e-5 if mode == "full" else 5e-5
-    result = (run_ms if side == "ms" else run_torch)(mode, steps, batch, seq, lr)
-    print("RESULT " + json.dumps({"case": case, **result}), flush=True)
+    if side == "ms":
+        result = run_ms(mode, a.steps, a.batch, a.seq, lr, Path(a.folder), a.recompute)
+    else:
+        result = run_torch(mode, a.steps, a.batch, a.seq, lr)
+    print("RESULT " + json.dumps({"case": a.worker, **result}), flush=True)
+
+
+def subprocess_run(args: list[str], what: str) -> str:
+    """Run this script with ``args`` in a fresh process; its stdout (exit on failure, with its output)."""
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "GLOG_v": "3"})
+    if out.returncode != 0:
+        print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
+        raise SystemExit(f"{what} failed")
+    return out.stdout
+
+
+def bench_shape(a, folder: Path, batch: int, seq: int, cases: list[str]) -> dict:
+    """One shape: every case over the repetitions; medians, then MindSpore / PyTorch ratios."""
+    import numpy as np
+
+    shape = ["--steps", str(a.steps), "--batch", str(batch), "--seq", str(seq)]
+    if any(c.startswith("ms-") for c in cases):
+        subprocess_run(["--prepare", str(folder), *shape], f"writing the {batch}x{seq} dataset")
+    runs: dict[str, list] = {}
+    for rep in range(a.reps):  # the machine may be shared: cases alternate over the repetitions
+        for case in cases:
+            t0 = time.time()
+            extra = ["--folder", str(folder)] + (["--recompute"] if a.recompute else [])
+            stdout = subprocess_run(["--worker", case, *shape, *extra], f"{case} {batch}x{seq}")
+            line = next((x for x in stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                raise SystemExit(f"{case} {batch}x{seq} printed no result:\n{stdout[-2000:]}")
+            r = json.loads(line[7:])
+            runs.setdefault(case, []).append(r)
+            print(f"  rep {rep + 1} {case:11s} {r['tokens_per_s']:8.1f} tokens/s  "
+                  f"peak RSS {r['peak_rss_mb']:7.0f} MB  loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}  "
+                  f"({time.time() - t0:.0f} s wall)", flush=True)
+    results = {case: {"tokens_per_s": float(np.median([r["tokens_per_s"] for r in rs])),
+                      "all_tokens_per_s": [r["tokens_per_s"] for r in rs],
+                      "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)} for case, rs in runs.items()}
+    ratios = {}
+    for mode in ("full", "lora"):
+        ms_r, torch_r = results.get(f"ms-{mode}"), results.get(f"torch-{mode}")
+        if ms_r and torch_r:
+            ratios[mode] = {"tokens_per_s": ms_r["tokens_per_s"] / torch_r["tokens_per_s"],
+                            "peak_rss": ms_r["peak_rss_mb"] / torch_r["peak_rss_mb"]}
+    return {"batch": batch, "seq": seq, "results": results, "ratios": ratios}
+
+
+def print_table(r: dict, reps: int) -> None:
+    print(f"\n{r['batch']} x {r['seq']}: median of {reps} rep(s)")
+    print(f"  {'case':11s} {'tokens/s':>10s} {'peak RSS MB':>12s}")
+    for case, x in r["results"].items():
+        print(f"  {case:11s} {x['tokens_per_s']:10.1f} {x['peak_rss_mb']:12.0f}")
+    for mode, x in r["ratios"].items():
+        print(f"  {mode}: MindSpore / PyTorch  tokens/s {x['tokens_per_s']:.2f}x  peak RSS {x['peak_rss']:.2f}x")
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", type=parse_shapes, default=parse_shapes(SHAPES),
+                   help=f"batch x sequence length, comma separated (default {SHAPES})")
     p.add_argument("--steps", type=int, default=4, help="timed steps per case (one more runs untimed first)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma separated, of {', '.join(CASES)}")
     p.add_argument("--reps", type=int, default=2, help="alternating repetitions of every case (median reported)")
-    p.add_argument("--json", help="write the results here too")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--recompute", action="store_true", help="MindSpore recomputes activations in the backward pass")
+    p.add_argument("--json", help="write every shape's results here too")
+    for hidden in ("--worker", "--prepare", "--folder"):  # a subprocess's part
+        p.add_argument(hidden, help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--seq", type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a.worker:
-        worker(a.worker, a.steps, a.batch, a.seq)
+    if a.prepare:
+        prepare(Path(a.prepare), a.steps, a.batch, a.seq)
         return 0
-    import numpy as np
+    if a.worker:
+        worker(a)
+        return 0
+    cases = a.cases.split(",")
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown:
+        p.error(f"unknown cases {unknown}; choose from {', '.join(CASES)}")
 
-    # The machine is shared: cases alternate over the repetitions and each reports its median.
-    runs: dict[str, list] = {}
-    for rep in range(a.reps):
-        for case in a.cases.split(","):
-            t0 = time.time()
-            out = subprocess.run([sys.executable, __file__, "--worker", case, "--steps", str(a.steps), "--batch",
-                                  str(a.batch), "--seq", str(a.seq)], capture_output=True, text=True, cwd=REPO,
-                                 env={**os.environ, "GLOG_v": "3"})
-            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
-                raise SystemExit(f"{case} failed")
-            r = json.loads(line[7:])
-            runs.setdefault(case, []).append(r)
-            print(f"rep {rep + 1} {case:11s} {r['tokens_per_s']:8.1f} tokens/s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
-                  f"loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}  ({time.time() - t0:.0f} s wall)", flush=True)
-    results = {case: {"tokens_per_s": float(np.median([r["tokens_per_s"] for r in rs])),
-                      "all_tokens_per_s": [r["tokens_per_s"] for r in rs],
-                      "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)} for case, rs in runs.items()}
-    for case, r in results.items():
-        print(f"median {case:11s} {r['tokens_per_s']:8.1f} tokens/s  peak RSS {r['peak_rss_mb']:7.0f} MB")
-    for mode in ("full", "lora"):
-        if f"ms-{mode}" in results and f"torch-{mode}" in results:
-            ratio = results[f"ms-{mode}"]["tokens_per_s"] / results[f"torch-{mode}"]["tokens_per_s"]
-            print(f"{mode}: MindSpore / PyTorch tokens/s = {ratio:.2f}")
+    shapes = []
+    with tempfile.TemporaryDirectory(prefix="train-bench-") as folder:
+        for batch, seq in a.shapes:
+            print(f"{batch} x {seq}", flush=True)
+            shapes.append(bench_shape(a, Path(folder), batch, seq, cases))
+    for r in shapes:
+        print_table(r, a.reps)
     if a.json:
-        Path(a.json).write_text(json.dumps({"steps": a.steps, "batch": a.batch, "seq": a.seq, "reps": a.reps,
-                                            "results": results},
-                                           indent=2))
+        Path(a.json).write_text(json.dumps({"preset": PRESET, "steps": a.steps, "reps": a.reps,
+                                            "recompute": a.recompute, "shapes": shapes}, indent=2) + "\n")
     return 0
 
 
