@@ -246,6 +246,8 @@ def main() -> int:
     if a.worker:
         worker(a)
         return 0
+    if a.batch or a.seq:  # the old form (README's earlier figures): say so rather than run other shapes
+        p.error(f"--batch/--seq are a subprocess's; give --shapes {a.batch or 1}x{a.seq or 128}")
     cases = a.cases.split(",")
     unknown = sorted(set(cases) - set(CASES))
     if unknown:
