@@ -100,11 +100,20 @@ def library() -> str | None:
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
+        _use_every_core(target)
         return str(target)
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", None) or str(e)
         _why_not = f"building {' and '.join(s.name for s in SOURCES)} failed: {detail.strip()[:500]}"
         return None
+
+
+def _use_every_core(so: Path) -> None:
+    """OpenBLAS in a MindSpore process started with one thread (seen on 2.9: its GEMMs ran at one
+    core's speed, 120 against 270 GFLOP/s); give it every core this process may use."""
+    import ctypes
+
+    ctypes.CDLL(str(so)).internlm_set_blas_threads(len(os.sched_getaffinity(0)))
 
 
 def unavailable() -> str | None:
@@ -215,6 +224,37 @@ def train_linear_op(bias: bool, trains: bool):
         return grad_x(dout, w), weight_grads(x, w, dout)
 
     return _op("LinearFwd", lambda x, w: x[:-1] + [w[0]], lambda x, w: x, bprop, f"no bias, trains={trains}")
+
+
+@functools.cache
+def causal_attention_op():
+    """(out (B, T, H*D), lse (B, H, T)) from the projections q (B, T, H*D), k, v (B, T, Hkv*D) and the
+    rotary tables cos, sin (B, 1, T, D): q and k rotated, causal softmax(q k^T / sqrt(D)) v per head
+    (query head h reads k/v head h // (H / Hkv)); out is wo's input as it lies. Causal only: a
+    right-padded row's real positions never see its padding anyway. Backward: one kernel, the
+    probabilities recomputed from lse."""
+    from mindspore import ops
+
+    grad = _op("CausalAttentionGrad", lambda q, k, v, c, s, o, lse, d: (q, k, v),
+               lambda q, k, v, c, s, o, lse, d: (q, k, v))
+
+    def bprop(q, k, v, cos, sin, out, dout):
+        dq, dk, dv = grad(q, k, v, cos, sin, out[0], out[1], dout[0])
+        return dq, dk, dv, ops.zeros_like(cos), ops.zeros_like(sin)
+
+    return _op("CausalAttention", lambda q, k, v, c, s: (q, [q[0], q[2] // c[-1], q[1]]),
+               lambda q, k, v, c, s: (q, q), bprop, "training")
+
+
+@functools.cache
+def swiglu_op():
+    """silu(gate) * up from (gate, up), with its backward pass in one kernel."""
+    grad = _op("SwiGluGrad", lambda g, u, dy: (g, g), lambda g, u, dy: (g, g))
+
+    def bprop(gate, up, out, dout):
+        return grad(gate, up, dout)
+
+    return _op("SwiGlu", lambda g, u: g, lambda g, u: g, bprop, "training")
 
 
 @functools.cache

@@ -148,6 +148,7 @@ class Attention(nn.Cell):
         self.wo = Linear(h, h, cfg.bias, dtype)
         self.wqkv = None  # set by ``fuse``
         self.cached_attention = self.rope = None  # the CPU kernels, set by ``use_cpu_kernels``
+        self.train_attention = None  # the CPU kernel, set by ``use_training_kernels``
         self.q_scale = Tensor([self.scale], ms.float32)
         self.head_counts = Tensor([self.n_heads, self.n_kv], ms.int32)  # the Rope kernel's q and k/v heads
         self.rot = Tensor(rotate_half_matrix(cfg.head_dim), dtype)
@@ -192,6 +193,8 @@ class Attention(nn.Cell):
         (``attend_cache``, one row per slot) attends the whole cache.
         """
         b, t, _ = x.shape
+        if self.train_attention is not None:  # training: rotary, causal attention and layouts in one kernel
+            return self.wo(self.train_attention(self.wq(x), self.wk(x), self.wv(x), cos, sin)[0])
         parts = [self.n_heads, self.n_kv, self.n_kv]
         if self.rope is not None:  # the CPU kernel: cos/sin are rope_tables' (B, T, hd), q scaled here
             q, k, v = ops.split(self.rope(self.wqkv(x, adapters), cos, sin, self.q_scale, self.head_counts), parts, 1)
@@ -243,7 +246,7 @@ class FeedForward(nn.Cell):
         self.w2 = Linear(cfg.intermediate_size, cfg.hidden_size, False, dtype)  # down
         self.w3 = Linear(cfg.hidden_size, cfg.intermediate_size, False, dtype)  # up
         self.w13 = None  # set by ``fuse``
-        self.silu_mul = None  # the CPU kernel, set by ``InternLMForCausalLM.use_cpu_kernels``
+        self.silu_mul = None  # the CPU kernel, set by ``use_cpu_kernels`` (fused [gate | up]) or ``use_training_kernels``
 
     def fuse(self, name: str) -> None:
         """The serving form: gate and up from one matmul; ``w1``/``w3`` are replaced."""
@@ -253,6 +256,8 @@ class FeedForward(nn.Cell):
 
     def construct(self, x, adapters=None):
         if self.silu_mul is not None:
+            if self.w13 is None:  # training (``use_training_kernels``): gate and up as separate layers
+                return self.w2(self.silu_mul(self.w1(x), self.w3(x)))
             return self.w2(self.silu_mul(self.w13(x, adapters)), adapters)
         if self.w13 is not None:
             gate, up = ops.split(self.w13(x, adapters), self.w2.d_in, -1)
@@ -351,8 +356,10 @@ class InternLMForCausalLM(nn.Cell):
 
     def use_training_kernels(self) -> bool:
         """Train with the CPU kernels (``kernels``, train_kernels.cc): every linear an OpenBLAS GEMM
-        whose backward pass computes the weight's gradient only where the weight trains, RMSNorm
-        with a one-pass gradient, LoRA dropout by a hashed mask. Call it once what trains is
+        whose backward pass computes the weight's gradient only where the weight trains, rotary
+        and causal attention in one kernel each way (the mask is taken to be causal, as training's
+        right-padded rows are), RMSNorm and SwiGLU with one-pass gradients, LoRA dropout by a
+        hashed mask. Call it once what trains is
         settled (after ``inject_lora``). Unfused float32 form only; False (nothing changed) where
         the kernels are unavailable."""
         if self.fused or self.dtype != ms.float32 or kernels.library() is None:
@@ -362,6 +369,10 @@ class InternLMForCausalLM(nn.Cell):
                 cell.train_matmul = kernels.train_linear_op(cell.bias is not None, cell.weight.requires_grad)
             elif isinstance(cell, RMSNorm):
                 cell.kernel = kernels.train_rms_norm_op()
+            elif isinstance(cell, FeedForward):
+                cell.silu_mul = kernels.swiglu_op()
+            elif isinstance(cell, Attention) and cell.head_dim % kernels.PANEL == 0:  # whole vectors per head
+                cell.train_attention = kernels.causal_attention_op()
             elif cell is not self and hasattr(cell, "use_training_kernels"):  # LoRA layers (lora.py)
                 cell.use_training_kernels()
         self.training_kernels = True

@@ -16,6 +16,12 @@
 //                  its gradient is the same op applied to dy
 //   CrossEntropy   per-token loss mean (labels < 0 left out) and each row's log-sum-exp, one pass
 //   CrossEntropyGrad  d logits = (softmax - onehot) * dloss / count, from the saved log-sum-exp
+//   CausalAttention  rotary + causal softmax(q k^T / sqrt(D)) v straight from the projections
+//                  (B, T, heads * D) layout to wo's input layout, keeping each row's log-sum-exp;
+//                  CausalAttentionGrad recomputes the probabilities from it (nothing T x T is
+//                  stored) and returns dq, dk, dv in the projections' layout (rotary undone).
+//                  MindSpore's form of this was ~25 ops a layer with transposes in both passes.
+//   SwiGlu         silu(gate) * up, and SwiGluGrad its two input gradients, one pass each
 //   SumSquares     sum((g / loss_scale)^2) of one gradient (the global norm: the sqrt of their sum)
 //   AdamW          one pass over a weight, its moments and its gradient, in place: the gradient's
 //                  unscale-and-clip factor applied on the way (MindSpore's optimiser, clipping and
@@ -72,6 +78,8 @@ inline uint64_t mix(uint64_t z) {
 extern "C" {
 
 int64_t internlm_gemm_flops(int kind) { return g_flops[kind].load(); }
+
+void internlm_set_blas_threads(int n) { scipy_openblas_set_num_threads(n); }
 
 // inputs x (..., K), w (N, K)[, b (N,)] f32; output (..., N)
 int LinearFwd(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
@@ -241,6 +249,222 @@ int CrossEntropyGrad(int nparam, void** params, int* ndims, int64_t** shapes, co
     for (int64_t v = 0; v < vec; v += 16) store(dr + v, exp_neg(load(zr + v) - lse[m]) * g);
     for (int64_t v = vec; v < V; ++v) dr[v] = std::exp(zr[v] - lse[m]) * g;
     dr[label[m]] -= g;
+  }
+  return 0;
+}
+
+// ---- CausalAttention --------------------------------------------------------------------------
+
+// rotate-half rotary of one head's D values: out = x * c + rotate_half(x) * s, times f
+inline void rope_row(const float* x, const float* c, const float* s, int64_t D, float f, float* out) {
+  const int64_t half = D / 2;
+  for (int64_t d = 0; d < half; ++d) out[d] = (x[d] * c[d] - x[d + half] * s[d]) * f;
+  for (int64_t d = half; d < D; ++d) out[d] = (x[d] * c[d] + x[d - half] * s[d]) * f;
+}
+
+// the transpose of rope_row: the gradient of x from the gradient g of its rotated form, times f
+inline void rope_row_grad(const float* g, const float* c, const float* s, int64_t D, float f, float* out) {
+  const int64_t half = D / 2;
+  for (int64_t d = 0; d < half; ++d) out[d] = (g[d] * c[d] + g[d + half] * s[d + half]) * f;
+  for (int64_t d = half; d < D; ++d) out[d] = (g[d] * c[d] - g[d - half] * s[d - half]) * f;
+}
+
+struct AttnShape {
+  int64_t B, T, H, Hkv, D;
+};
+
+// q (B,T,H*D), k and v (B,T,Hkv*D), cos and sin (B,1,T,D) or (B,T,D): the shape, or D = 0 if wrong
+AttnShape attn_shape(int* ndims, int64_t** shapes) {
+  AttnShape a{};
+  if (ndims[0] != 3 || ndims[1] != 3 || ndims[2] != 3 || ndims[3] < 3) return a;
+  const int64_t D = shapes[3][ndims[3] - 1];
+  if (D % 16 || shapes[0][2] % D || shapes[1][2] % D) return a;  // whole vectors per head
+  a = {shapes[0][0], shapes[0][1], shapes[0][2] / D, shapes[1][2] / D, D};
+  if (a.H % a.Hkv || shapes[2][2] != shapes[1][2] || shapes[1][1] != a.T || shapes[2][1] != a.T) a.D = 0;
+  return a;
+}
+
+// s[j] = qr . K[j] for j < n, from K transposed (D x T): 16 keys per vector, no horizontal sums
+inline void scores(const float* qr, const float* kt, int64_t n, int64_t D, int64_t T, float* s) {
+  for (int64_t j = 0; j < n; j += 16) {
+    v16 acc = (v16){};
+    for (int64_t d = 0; d < D; ++d) acc += qr[d] * load(kt + d * T + j);
+    store(s + j, acc);
+  }
+}
+
+// One (row, k/v head) task's keys and values, rotated where needed, in both layouts.
+struct KvBlock {
+  std::vector<float> kr, kt, v, vt;  // (T, D), (D, Tp), (T, D), (D, Tp); Tp = T rounded up to 16
+  KvBlock(const float* k, const float* vv, const float* cs, const float* sn, int64_t b, int64_t g,
+          const AttnShape& a, int64_t Tp)
+      : kr(a.T * a.D), kt(a.D * Tp, 0.f), v(a.T * a.D), vt(a.D * Tp, 0.f) {
+    const int64_t T = a.T, D = a.D, stride = a.Hkv * D;
+    for (int64_t t = 0; t < T; ++t) {
+      const float* c = cs + (b * T + t) * D;
+      const float* s = sn + (b * T + t) * D;
+      rope_row(k + (b * T + t) * stride + g * D, c, s, D, 1.f, kr.data() + t * D);
+      memcpy(v.data() + t * D, vv + (b * T + t) * stride + g * D, D * sizeof(float));
+      for (int64_t d = 0; d < D; ++d) {
+        kt[d * Tp + t] = kr[t * D + d];
+        vt[d * Tp + t] = v[t * D + d];
+      }
+    }
+  }
+};
+
+// p[j] = exp(s[j] - lse) for j <= t, 0 up to the next multiple of 16
+inline void probs(float* s, int64_t t, float lse) {
+  const int64_t n = t + 1, np = (n + 15) / 16 * 16;
+  for (int64_t j = n; j < np; ++j) s[j] = -INFINITY;
+  for (int64_t j = 0; j < np; j += 16) store(s + j, exp_neg(load(s + j) - lse));
+}
+
+// inputs q (B,T,H*D), k (B,T,Hkv*D), v (B,T,Hkv*D), cos, sin (B,1,T,D) f32; outputs
+// out (B,T,H*D) = causal softmax(rope(q) rope(k)^T / sqrt(D)) v per head (query head h reads k/v
+// head h / (H / Hkv)), lse (B,H,T) = each query's log-sum-exp of its scaled scores
+int CausalAttention(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
+                    void* extra) {
+  if (nparam != 7) return 1;
+  for (int i = 0; i < 5; ++i)
+    if (!f32(dtypes[i])) return 1;
+  const AttnShape a = attn_shape(ndims, shapes);
+  if (a.D == 0) return 2;
+  const float* q = static_cast<const float*>(params[0]);
+  const float* k = static_cast<const float*>(params[1]);
+  const float* v = static_cast<const float*>(params[2]);
+  const float* cs = static_cast<const float*>(params[3]);
+  const float* sn = static_cast<const float*>(params[4]);
+  float* out = static_cast<float*>(params[5]);
+  float* lse = static_cast<float*>(params[6]);
+  const int64_t T = a.T, D = a.D, group = a.H / a.Hkv, Tp = (T + 15) / 16 * 16;
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+#pragma omp parallel for collapse(2) schedule(dynamic)
+  for (int64_t b = 0; b < a.B; ++b)
+    for (int64_t g = 0; g < a.Hkv; ++g) {
+      const KvBlock kv(k, v, cs, sn, b, g, a, Tp);
+      std::vector<float> qr(D), s(Tp);
+      std::vector<v16> acc(D / 16);
+      for (int64_t h = g * group; h < (g + 1) * group; ++h)
+        for (int64_t t = 0; t < T; ++t) {
+          const float* c = cs + (b * T + t) * D;
+          rope_row(q + (b * T + t) * a.H * D + h * D, c, sn + (b * T + t) * D, D, scale, qr.data());
+          scores(qr.data(), kv.kt.data(), t + 1, D, Tp, s.data());
+          float mx = -INFINITY;
+          for (int64_t j = 0; j <= t; ++j) mx = std::max(mx, s[j]);
+          probs(s.data(), t, mx);
+          float sum = 0.f;
+          for (int64_t j = 0; j <= t; ++j) sum += s[j];
+          for (auto& x : acc) x = (v16){};
+          for (int64_t j = 0; j <= t; ++j)
+            for (int64_t d = 0; d < D / 16; ++d) acc[d] += s[j] * load(kv.v.data() + j * D + d * 16);
+          float* o = out + (b * T + t) * a.H * D + h * D;
+          for (int64_t d = 0; d < D / 16; ++d) store(o + d * 16, acc[d] / sum);
+          lse[(b * a.H + h) * T + t] = mx + std::log(sum);
+        }
+    }
+  return 0;
+}
+
+// inputs q, k, v, cos, sin (as CausalAttention), out, lse (its outputs), dout (B,T,H*D) f32;
+// outputs dq (B,T,H*D), dk, dv (B,T,Hkv*D). With P recomputed from lse and Dt = dout_t . out_t:
+// dV = P^T dO, dS = P * (dO V^T - Dt), dQ = rope^T(dS K' / sqrt(D)), dK = rope^T(dS^T Q'), where Q'
+// and K' are the rotated (Q' scaled) heads. One task per (row, k/v head) owns its dk and dv.
+int CausalAttentionGrad(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes,
+                        void* stream, void* extra) {
+  if (nparam != 11) return 1;
+  for (int i = 0; i < 8; ++i)
+    if (!f32(dtypes[i])) return 1;
+  const AttnShape a = attn_shape(ndims, shapes);
+  if (a.D == 0) return 2;
+  const float* q = static_cast<const float*>(params[0]);
+  const float* k = static_cast<const float*>(params[1]);
+  const float* v = static_cast<const float*>(params[2]);
+  const float* cs = static_cast<const float*>(params[3]);
+  const float* sn = static_cast<const float*>(params[4]);
+  const float* out = static_cast<const float*>(params[5]);
+  const float* lse = static_cast<const float*>(params[6]);
+  const float* dout = static_cast<const float*>(params[7]);
+  float* dq = static_cast<float*>(params[8]);
+  float* dk = static_cast<float*>(params[9]);
+  float* dv = static_cast<float*>(params[10]);
+  const int64_t T = a.T, D = a.D, group = a.H / a.Hkv, Tp = (T + 15) / 16 * 16, HD = a.H * D;
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+#pragma omp parallel for collapse(2) schedule(dynamic)
+  for (int64_t b = 0; b < a.B; ++b)
+    for (int64_t g = 0; g < a.Hkv; ++g) {
+      const KvBlock kv(k, v, cs, sn, b, g, a, Tp);
+      std::vector<float> qr(T * D), p(Tp), dp(Tp), dqr(D), dkr(T * D, 0.f), dvv(T * D, 0.f);
+      for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+        for (int64_t t = 0; t < T; ++t)
+          rope_row(q + (b * T + t) * HD + h * D, cs + (b * T + t) * D, sn + (b * T + t) * D, D, scale,
+                   qr.data() + t * D);
+        for (int64_t t = 0; t < T; ++t) {
+          const float* o = out + (b * T + t) * HD + h * D;
+          const float* go = dout + (b * T + t) * HD + h * D;
+          float dt = 0.f;
+          for (int64_t d = 0; d < D; ++d) dt += go[d] * o[d];
+          const float* qt = qr.data() + t * D;
+          scores(qt, kv.kt.data(), t + 1, D, Tp, p.data());
+          probs(p.data(), t, lse[(b * a.H + h) * T + t]);
+          scores(go, kv.vt.data(), t + 1, D, Tp, dp.data());  // dO_t . V_j
+          std::vector<v16> gq(D / 16, (v16){});
+          for (int64_t j = 0; j <= t; ++j) {
+            const float ds = p[j] * (dp[j] - dt);
+            const float* kr = kv.kr.data() + j * D;
+            float* gk = dkr.data() + j * D;
+            float* gv = dvv.data() + j * D;
+            for (int64_t d = 0; d < D / 16; ++d) {
+              gq[d] += ds * load(kr + d * 16);
+              store(gk + d * 16, load(gk + d * 16) + ds * load(qt + d * 16));
+              store(gv + d * 16, load(gv + d * 16) + p[j] * load(go + d * 16));
+            }
+          }
+          for (int64_t d = 0; d < D / 16; ++d) store(dqr.data() + d * 16, gq[d]);
+          rope_row_grad(dqr.data(), cs + (b * T + t) * D, sn + (b * T + t) * D, D, scale,
+                        dq + (b * T + t) * HD + h * D);
+        }
+      }
+      const int64_t stride = a.Hkv * D;
+      for (int64_t t = 0; t < T; ++t) {
+        rope_row_grad(dkr.data() + t * D, cs + (b * T + t) * D, sn + (b * T + t) * D, D, 1.f,
+                      dk + (b * T + t) * stride + g * D);
+        memcpy(dv + (b * T + t) * stride + g * D, dvv.data() + t * D, D * sizeof(float));
+      }
+    }
+  return 0;
+}
+
+// inputs gate, up (...) f32; output silu(gate) * up
+int SwiGlu(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
+           void* extra) {
+  if (nparam != 3 || !f32(dtypes[0]) || !f32(dtypes[1])) return 1;
+  int64_t n = 1;
+  for (int i = 0; i < ndims[0]; ++i) n *= shapes[0][i];
+  const float* g = static_cast<const float*>(params[0]);
+  const float* u = static_cast<const float*>(params[1]);
+  float* y = static_cast<float*>(params[2]);
+#pragma omp parallel for if (n > (1 << 16)) schedule(static)
+  for (int64_t i = 0; i < n; ++i) y[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+  return 0;
+}
+
+// inputs gate, up, dy (...) f32; outputs d gate, d up
+int SwiGluGrad(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
+               void* extra) {
+  if (nparam != 5 || !f32(dtypes[0]) || !f32(dtypes[1]) || !f32(dtypes[2])) return 1;
+  int64_t n = 1;
+  for (int i = 0; i < ndims[0]; ++i) n *= shapes[0][i];
+  const float* g = static_cast<const float*>(params[0]);
+  const float* u = static_cast<const float*>(params[1]);
+  const float* dy = static_cast<const float*>(params[2]);
+  float* dg = static_cast<float*>(params[3]);
+  float* du = static_cast<float*>(params[4]);
+#pragma omp parallel for if (n > (1 << 16)) schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const float sig = 1.f / (1.f + std::exp(-g[i]));
+    du[i] = dy[i] * g[i] * sig;
+    dg[i] = dy[i] * u[i] * sig * (1.f + g[i] * (1.f - sig));  // d silu = sig (1 + g (1 - sig))
   }
   return 0;
 }

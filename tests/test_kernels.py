@@ -345,3 +345,69 @@ def test_hash_dropout_is_a_function_of_seed_and_salt_and_its_gradient_uses_the_s
     assert not np.array_equal(run(3.0, 8.0)[0] != 0, kept)  # another step (seed): another mask
     assert not np.array_equal(run(4.0, 7.0)[0] != 0, kept)  # another layer (salt): another mask
     np.testing.assert_array_equal(run(3.0, -1.0)[0], x)  # seed < 0: off
+
+
+def test_swiglu_and_its_gradients_equal_torch_in_float64():
+    import torch
+
+    rng = np.random.default_rng(5)
+    gate, up, dy = ((4 * rng.normal(size=(3, 7, 200))).astype(np.float32) for _ in range(3))
+
+    class Net(nn.Cell):
+        def construct(self, gate, up, probe):
+            return (kernels.swiglu_op()(gate, up) * probe).sum()
+
+    value, (dg, du) = _Grads(Net(), (0, 1))(Tensor(gate), Tensor(up), Tensor(dy))
+    g, u = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (gate, up))
+    ref = (torch.nn.functional.silu(g) * u * torch.tensor(dy, dtype=torch.float64)).sum()
+    ref.backward()
+    assert float(value) == pytest.approx(ref.item(), rel=1e-5)
+    np.testing.assert_allclose(dg.asnumpy(), g.grad.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(du.asnumpy(), u.grad.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def reference_attention_torch(q, k, v, cos, sin, h, kv):
+    """The model's MindSpore-free reference in float64 torch: heads, rotate-half rotary, causal softmax."""
+    import torch
+
+    b, t, _ = q.shape
+    d = cos.shape[-1]
+
+    def heads(x, n):
+        return x.reshape(b, t, n, d).transpose(1, 2)
+
+    def rope(x):
+        turned = torch.cat([-x[..., d // 2:], x[..., :d // 2]], -1)
+        return x * cos + turned * sin
+
+    qh, kh, vh = rope(heads(q, h)), rope(heads(k, kv)), heads(v, kv)
+    kh, vh = (x.repeat_interleave(h // kv, 1) for x in (kh, vh))
+    scores = qh @ kh.transpose(-1, -2) / d ** 0.5
+    scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    return (scores.softmax(-1) @ vh).transpose(1, 2).reshape(b, t, h * d)
+
+
+@pytest.mark.parametrize("b,t,h,kv,d", [(1, 1, 2, 2, 32), (2, 17, 3, 3, 64), (1, 40, 4, 2, 16), (2, 130, 2, 1, 128)])
+def test_causal_attention_and_its_gradients_equal_torch_in_float64(b, t, h, kv, d):
+    """Rotary, causal softmax and the layouts in one kernel each way, against torch autograd in
+    float64: lengths around the 16-key blocks, grouped-query heads, head sizes 32..128."""
+    import torch
+
+    rng = np.random.default_rng(t + h + d)
+    q, dy = (rng.normal(size=(b, t, h * d)).astype(np.float32) for _ in range(2))
+    k, v = (rng.normal(size=(b, t, kv * d)).astype(np.float32) for _ in range(2))
+    angles = rng.uniform(-30, 30, size=(b, 1, t, d // 2))
+    cos, sin = (f(np.concatenate([angles, angles], -1)).astype(np.float32) for f in (np.cos, np.sin))
+
+    class Net(nn.Cell):
+        def construct(self, q, k, v, cos, sin, probe):
+            return (kernels.causal_attention_op()(q, k, v, cos, sin)[0] * probe).sum()
+
+    value, grads = _Grads(Net(), (0, 1, 2))(*(Tensor(a) for a in (q, k, v, cos, sin, dy)))
+    qt, kt, vt = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (q, k, v))
+    ct, st = (torch.tensor(a, dtype=torch.float64) for a in (cos, sin))
+    ref = (reference_attention_torch(qt, kt, vt, ct, st, h, kv) * torch.tensor(dy, dtype=torch.float64)).sum()
+    ref.backward()
+    assert float(value) == pytest.approx(ref.item(), rel=1e-4, abs=1e-3)
+    for got, want in zip(grads, (qt.grad, kt.grad, vt.grad)):
+        np.testing.assert_allclose(got.asnumpy(), want.numpy(), rtol=1e-4, atol=1e-4)

@@ -382,3 +382,72 @@ def test_a_datasets_logit_bias_enters_the_loss(tmp_path, base_dir):
     bad = write_dataset(tmp_path / "bad", rows, "alpaca", {"logit_bias": {"600": 1.0}})
     with pytest.raises(DataError, match="outside the model's vocabulary"):
         Trainer(args_for(base_dir, bad, tmp_path / "out-bad"), tmp_path / "bad-work")
+
+
+def test_the_cpu_kernels_train_as_mindspores_ops_do(tmp_path, base_dir, data_dir, monkeypatch):
+    """The training kernels (GEMMs, attention, norms, SwiGLU, loss, AdamW) against MindSpore's own
+    ops on the same run, full and LoRA (dropout off: the two draw different masks): every gradient
+    of the first batch, then the losses and gradient norms step after step, equal to float rounding."""
+    import mindspore as ms
+    from mindspore import Tensor, nn
+
+    from internlm_core import kernels
+
+    if kernels.library() is None:
+        pytest.skip(f"kernels unavailable: {kernels.unavailable()}")
+
+    class Grads(nn.Cell):  # the step's own gradient function, compiled
+        def __init__(self, steps):
+            super().__init__()
+            self.grad_fn = steps.grad_fn
+
+        @ms.jit
+        def construct(self, *args):
+            return self.grad_fn(*args)[1]
+
+    def first_grads(trainer):
+        batch = (*trainer._micro_batch(0), *trainer.fixed, Tensor(1.0, ms.float32))
+        return [g.asnumpy() for g in Grads(trainer.steps)(*batch)]
+
+    for mode in ("full", "lora"):
+        kw = dict(max_steps=6, mode=mode, lora_dropout=0.0, eval_ratio=0.1, eval_every=3)
+        fast = Trainer(args_for(base_dir, data_dir, tmp_path / f"{mode}-k", **kw), tmp_path / f"{mode}-kw")
+        assert fast.model.training_kernels and fast.opt.kernel is not None
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "library", lambda: None)
+            plain = Trainer(args_for(base_dir, data_dir, tmp_path / f"{mode}-p", **kw), tmp_path / f"{mode}-pw")
+            assert not plain.model.training_kernels and plain.opt.kernel is None
+            want = first_grads(plain)
+            ref = plain.fit()
+        for name, g, w in zip(fast.opt.parameters, first_grads(fast), want):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * np.abs(w).max(), err_msg=f"{mode} {name.name}")
+        got = fast.fit()
+        for key in ("loss", "grad_norm", "eval_loss"):
+            np.testing.assert_allclose([r.get(key, 0.0) for r in got], [r.get(key, 0.0) for r in ref], rtol=1e-4,
+                                       err_msg=f"{mode} {key}")
+
+
+def test_a_lora_step_computes_no_gradient_for_the_frozen_weights(tmp_path, base_dir, data_dir):
+    """Measured work, not a promise: the GEMMs of one LoRA step count exactly the forward and
+    input-gradient work of every linear and weight-gradient work for the adapters' A and B alone."""
+    from internlm_core import kernels
+    from internlm_core.lora import module_shape, target_modules
+
+    if kernels.library() is None:
+        pytest.skip(f"kernels unavailable: {kernels.unavailable()}")
+    trainer = Trainer(args_for(base_dir, data_dir, tmp_path / "o", mode="lora", lora_rank=4), tmp_path / "w")
+    trainer.train_step()  # compiles
+    before = kernels.gemm_flops()
+    trainer.train_step()
+    work = {k: kernels.gemm_flops()[k] - before[k] for k in before}
+    cfg, tokens, r = trainer.config, 4 * trainer.seq, 4
+    adapters = [module_shape(cfg, m) for m in target_modules(cfg, trainer.args.adapter_spec().targets)]
+    assert work["weight_grad"] == sum(2 * tokens * r * (n_in + n_out) for n_out, n_in in adapters)
+    h, i, kv = cfg.hidden_size, cfg.intermediate_size, cfg.kv_heads * cfg.head_dim
+    base = cfg.num_layers * (2 * h * h + 2 * kv * h + 3 * h * i) + cfg.vocab_size * h
+    assert work["forward"] == 2 * tokens * base + sum(2 * tokens * r * (n_in + n_out) for n_out, n_in in adapters)
+    full = Trainer(args_for(base_dir, data_dir, tmp_path / "f", mode="full"), tmp_path / "fw")
+    full.train_step()
+    before = kernels.gemm_flops()
+    full.train_step()
+    assert kernels.gemm_flops()["weight_grad"] - before["weight_grad"] == 2 * tokens * base  # every weight trains
