@@ -26,13 +26,13 @@ from . import kernels
 
 class AdamW(nn.Cell):
     def __init__(self, groups: list[dict], lrs: np.ndarray, betas: tuple[float, float], eps: float):
-        super().__init__()
+        super().__init__(auto_prefix=False)  # its Parameters keep their names inside the step cell
         params = [p for g in groups for p in g["params"]]
         self.decay = tuple(float(g["weight_decay"]) for g in groups for _ in g["params"])
         self.parameters = ParameterTuple(params)
         self.moments1 = self.parameters.clone(prefix="adam_m", init="zeros")
         self.moments2 = self.parameters.clone(prefix="adam_v", init="zeros")
-        self.global_step = Parameter(Tensor(0, ms.int32), name="global_step", requires_grad=False)
+        self.global_step = Parameter(Tensor([0], ms.int32), name="global_step", requires_grad=False)  # as theirs
         self.lrs = Tensor(np.asarray(lrs, np.float32))
         self.beta1, self.beta2, self.eps = float(betas[0]), float(betas[1]), float(eps)
         self.kernel = kernels.adamw_op() if kernels.library() is not None else None
@@ -52,7 +52,7 @@ class AdamW(nn.Cell):
 
     def construct(self, grads, loss_scale, clip, apply):
         """One step on ``grads / loss_scale * clip`` when ``apply`` (float32 scalars; apply 1 or 0)."""
-        lr = self.lrs[ops.minimum(self.global_step, self.lrs.shape[0] - 1)]
+        lr = ops.gather(self.lrs, ops.minimum(self.global_step, self.lrs.shape[0] - 1), 0).reshape(())
         done = []
         if self.kernel is not None:
             for p, m, v, g, wd in zip(self.parameters, self.moments1, self.moments2, grads, self.decay):
@@ -62,5 +62,5 @@ class AdamW(nn.Cell):
         elif apply > 0:
             for p, m, v, g, wd in zip(self.parameters, self.moments1, self.moments2, grads, self.decay):
                 done.append(self.fallback(p, m, v, lr, self.beta1, self.beta2, self.eps, wd, g / loss_scale * clip)[0])
-        step = ops.assign_add(self.global_step, (apply > 0).astype(ms.int32))
+        step = ops.assign_add(self.global_step, (apply > 0).astype(ms.int32).reshape((1,)))
         return ops.depend(step, done)

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import mindspore as ms
 import numpy as np
 from mindspore import Tensor
 
@@ -20,11 +21,11 @@ TRAINER_FILE = "trainer.json"
 def save_checkpoint(work_dir: Path, step: int, params: dict, trainer: dict, keep_last: int) -> Path:
     ckpts = Path(work_dir) / CKPT_DIR
     dst = ckpts / f"step-{step:08d}"
-    arrays = {n: p.asnumpy() for n, p in params.items()}
     with atomic_folder(dst, overwrite=True) as tmp:
-        w = SafetensorsWriter(tmp / STATE_FILE, [(n, NP_TO_ST[a.dtype], a.shape) for n, a in arrays.items()])
-        for n, a in arrays.items():
-            w.write(n, np.array(a, order="C"))
+        header = [(n, NP_TO_ST[np.dtype(ms.dtype_to_nptype(p.dtype))], tuple(p.shape)) for n, p in params.items()]
+        w = SafetensorsWriter(tmp / STATE_FILE, header)
+        for n, p in params.items():  # one tensor's host copy at a time: never a second copy of the model
+            w.write(n, np.asarray(p.asnumpy(), order="C"))  # (ascontiguousarray would make a scalar 1-D)
         w.close()
         (tmp / TRAINER_FILE).write_text(json.dumps(trainer) + "\n")
     for old in sorted(p for p in ckpts.iterdir() if p.name.startswith("step-"))[:-keep_last]:

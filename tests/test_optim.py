@@ -68,4 +68,4 @@ def test_adamw_steps_equal_numpy_and_skipped_steps_change_nothing(use_kernels, m
         # m / sqrt(v) of float32 moments: ~1e-4 of a step of size lr
         np.testing.assert_allclose(net.w.asnumpy(), w, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(net.b.asnumpy(), b, rtol=1e-5, atol=1e-5)
-        assert int(opt.global_step.asnumpy()) == done
+        assert opt.global_step.asnumpy().item() == done

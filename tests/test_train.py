@@ -72,7 +72,8 @@ def test_full_finetune_loss_falls_and_writes_a_model(tmp_path, base_dir, data_di
     load_model(out)  # a full model folder the worker can load
     from PIL import Image
 
-    assert Image.open(out / "loss.png").size == (640, 400)
+    with Image.open(out / "loss.png") as plot:
+        assert plot.size == (640, 400)
     tags = read_event_tags(next(out.glob("events.out.tfevents.*")))
     assert {"loss", "lr", "tokens_per_s", "eval_loss"} <= tags
 
