@@ -272,32 +272,17 @@ def train_rms_norm_op():
 
 
 @functools.cache
-def lora_linear_op(bias: bool):
-    """y = x W^T (+ b) + scaling * (dropout(x) A^T) B^T: a frozen linear and its LoRA adapter, inputs
-    (x, W[, b], A (r, in), B (out, r), seed (), cfg (3,) = (p, salt, scaling)). Dropout keeps each
-    element by a hash of (seed, salt, its index) (seed < 0: off). Backward: dx, dA, dB in one
-    kernel; W and b get none."""
+def dropout_op():
+    """Inputs (x, seed (), cfg (2,) = (p, salt)): x with each element kept with probability 1 - p
+    (and scaled by 1 / (1 - p)) by a hash of (seed, salt, its index); seed < 0 turns it off. The
+    gradient applies the same mask to dy."""
     from mindspore import ops
 
-    grad = _op("LoraLinearGrad", lambda x, w, a, b, seed, cfg, dy: (x, a, b),
-               lambda x, w, a, b, seed, cfg, dy: (x, a, b))
+    def bprop(x, seed, cfg, out, dout):
+        return op(dout, seed, cfg), ops.zeros_like(seed), ops.zeros_like(cfg)
 
-    def zeros(*tensors):
-        return tuple(ops.zeros_like(t) for t in tensors)
-
-    if bias:
-        def bprop(x, w, b, lora_a, lora_b, seed, cfg, out, dout):
-            dx, da, db = grad(x, w, lora_a, lora_b, seed, cfg, dout)
-            return (dx, *zeros(w, b), da, db, *zeros(seed, cfg))
-
-        return _op("LoraLinear", lambda x, w, b, a, bb, s, c: x[:-1] + [w[0]], lambda x, w, b, a, bb, s, c: x, bprop,
-                   "bias")
-
-    def bprop(x, w, lora_a, lora_b, seed, cfg, out, dout):
-        dx, da, db = grad(x, w, lora_a, lora_b, seed, cfg, dout)
-        return (dx, *zeros(w), da, db, *zeros(seed, cfg))
-
-    return _op("LoraLinear", lambda x, w, a, bb, s, c: x[:-1] + [w[0]], lambda x, w, a, bb, s, c: x, bprop, "no bias")
+    op = _op("HashDropout", lambda x, seed, cfg: x, lambda x, seed, cfg: x, bprop)
+    return op
 
 
 @functools.cache

@@ -106,16 +106,17 @@ def _lora_cell_class():
             self.p = float(dropout)
             self.seed = seed
             self.salt = float(salt)
-            self.kernel = None  # set by ``use_training_kernels``
-            self.kernel_cfg = Tensor([self.p, self.salt, self.scaling], ms.float32)
+            self.base_matmul = self.lora_matmul = self.dropout_kernel = None  # set by ``use_training_kernels``
+            self.dropout_cfg = Tensor([self.p, self.salt], ms.float32)
 
         def use_training_kernels(self):
-            """The CPU kernel (``kernels.lora_linear_op``): base and adapter in one op each way, no
-            gradient for the frozen base, dropout's mask from an integer hash (another mask than
-            the MindSpore ops' below draw, equally a function of the step)."""
+            """The CPU kernels (``kernels``): the frozen base's GEMM computes no weight gradient,
+            A and B's do, and dropout draws its mask from an integer hash in one pass."""
             from . import kernels
 
-            self.kernel = kernels.lora_linear_op(self.bias is not None)
+            self.base_matmul = kernels.train_linear_op(self.bias is not None, False)
+            self.lora_matmul = kernels.train_linear_op(False, True)
+            self.dropout_kernel = kernels.dropout_op()
 
         def _dropout(self, x):
             # Counter-based uniform numbers: frac(sin(row * a + col * b + seed + salt) * 43758.5453).
@@ -129,10 +130,10 @@ def _lora_cell_class():
             return ops.where(keep, x, ops.zeros_like(x)) * scale.astype(x.dtype)
 
         def construct(self, x, adapters=None):  # ``adapters`` is the serving path's; unused in training
-            if self.kernel is not None:
-                if self.bias is None:
-                    return self.kernel(x, self.weight, self.lora_a, self.lora_b, self.seed, self.kernel_cfg)
-                return self.kernel(x, self.weight, self.bias, self.lora_a, self.lora_b, self.seed, self.kernel_cfg)
+            if self.base_matmul is not None:
+                y = self.base_matmul(x, self.weight) if self.bias is None else self.base_matmul(x, self.weight, self.bias)
+                h = self.dropout_kernel(x, self.seed, self.dropout_cfg) if self.p > 0 else x
+                return y + self.lora_matmul(self.lora_matmul(h, self.lora_a), self.lora_b) * self.scaling
             y = mint.nn.functional.linear(x, self.weight, self.bias)
             h = self._dropout(x) if self.p > 0 else x
             return y + mint.nn.functional.linear(mint.nn.functional.linear(h, self.lora_a), self.lora_b) * self.scaling

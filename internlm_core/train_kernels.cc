@@ -11,10 +11,9 @@
 //   LinearGradX    dx = dy W                 one sgemm
 //   LinearGradW    dW = dy^T x               one sgemm, only for weights that train
 //   RmsNormGrad    dx, dw of x * rsqrt(mean(x^2) + eps) * w   one pass per row
-//   LoraLinear     a frozen linear and its adapter, x W^T + b + s (dropout(x) A^T) B^T, one op
-//                  each way (the backward computes no gradient for W and b); dropout's mask comes
-//                  from a hash of (step seed, layer salt, element index): a pure function of the
-//                  step, so a resumed run draws the same masks
+//   HashDropout    x * keep / (1 - p), keep from a hash of (seed, salt, element index): a mask
+//                  that is a pure function of the step, so a resumed run draws the same masks;
+//                  its gradient is the same op applied to dy
 //   CrossEntropy   per-token loss mean (labels < 0 left out) and each row's log-sum-exp, one pass
 //   CrossEntropyGrad  d logits = (softmax - onehot) * dloss / count, from the saved log-sum-exp
 //   CausalAttention  rotary + causal softmax(q k^T / sqrt(D)) v straight from the projections
@@ -60,12 +59,11 @@ constexpr int64_t kBlock = 64;  // rows per partial sum of a reduction over rows
 // show that a LoRA step computes no gradient for the frozen weights.
 std::atomic<int64_t> g_flops[3];  // forward, input gradient, weight gradient
 
-// C (M, N) = alpha op(A) op(B) + beta C, row-major; op transposes when ta / tb
 void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* b,
-          int64_t ldb, float beta, float* c, int kind, float alpha = 1.f) {
+          int64_t ldb, float beta, float* c, int kind) {
   g_flops[kind] += 2 * M * N * K;
-  scipy_cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K, alpha,
-                    a, lda, b, ldb, beta, c, N);
+  scipy_cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K, 1.f, a,
+                    lda, b, ldb, beta, c, N);
 }
 
 // 64-bit mix (splitmix64's finaliser): adjacent inputs give independent-looking outputs.
@@ -162,108 +160,27 @@ int RmsNormGrad(int nparam, void** params, int* ndims, int64_t** shapes, const c
   return 0;
 }
 
-// LoRA's input dropout: element i of a layer's input is kept when a uniform 24-bit draw from a
-// hash of (step seed, the layer's salt, i) is >= p, and scaled by 1 / (1 - p); seed < 0 turns it
-// off. A pure function of the step, so a resumed run draws the masks the first run drew.
-struct Dropout {
-  uint64_t key = 0;
-  uint32_t cut = 0;
-  float scale = 1.f;
-  bool on = false;
-  Dropout(float seed, float p, float salt) {
-    on = seed >= 0.f && p > 0.f;
-    key = mix((static_cast<uint64_t>(on ? seed : 0.f) << 32) ^ static_cast<uint64_t>(salt));
-    cut = static_cast<uint32_t>(std::ceil(p * 16777216.f));
-    scale = on ? 1.f / (1.f - p) : 1.f;
+// inputs x (...) f32, seed (1,) f32 (< 0: dropout off), cfg (2,) f32 = (p, salt); output like x
+int HashDropout(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
+                void* extra) {
+  if (nparam != 4 || !f32(dtypes[0]) || !f32(dtypes[1]) || !f32(dtypes[2])) return 1;
+  int64_t n = 1;
+  for (int i = 0; i < ndims[0]; ++i) n *= shapes[0][i];
+  const float* x = static_cast<const float*>(params[0]);
+  const float seed = *static_cast<const float*>(params[1]);
+  const float* cfg = static_cast<const float*>(params[2]);
+  float* y = static_cast<float*>(params[3]);
+  const float p = cfg[0];
+  if (seed < 0.f || p <= 0.f) {
+    memcpy(y, x, n * sizeof(float));
+    return 0;
   }
-  // out = x with the mask applied (out may be x)
-  void apply(const float* x, int64_t n, float* out) const {
-    if (!on) {
-      if (out != x) memcpy(out, x, n * sizeof(float));
-      return;
-    }
+  // keep when a uniform 24-bit draw is >= p; the key mixes the step's seed and the layer's salt
+  const uint64_t key = mix((static_cast<uint64_t>(seed) << 32) ^ static_cast<uint64_t>(cfg[1]));
+  const uint32_t cut = static_cast<uint32_t>(std::ceil(p * 16777216.f));
+  const float scale = 1.f / (1.f - p);
 #pragma omp parallel for if (n > (1 << 16)) schedule(static)
-    for (int64_t i = 0; i < n; ++i) out[i] = (mix(key + static_cast<uint64_t>(i)) >> 40) >= cut ? x[i] * scale : 0.f;
-  }
-};
-
-struct LoraShape {
-  int64_t M, K, N, R;
-};
-
-// x (..., K), w (N, K), a (R, K), b (N, R): the shape, or K = 0 if they do not fit
-LoraShape lora_shape(int* ndims, int64_t** shapes, int x, int w, int a, int b) {
-  LoraShape s{rows(ndims[x], shapes[x]), shapes[x][ndims[x] - 1], shapes[w][0], shapes[a][0]};
-  if (ndims[w] != 2 || ndims[a] != 2 || ndims[b] != 2 || shapes[w][1] != s.K || shapes[a][1] != s.K ||
-      shapes[b][0] != s.N || shapes[b][1] != s.R)
-    s.K = 0;
-  return s;
-}
-
-// inputs x (..., K), w (N, K)[, bias (N,)], a (R, K), b (N, R), seed (1,), cfg (3,) = (p, salt,
-// scaling) f32; output y (..., N) = x w^T + bias + scaling * (dropout(x) a^T) b^T: the frozen
-// base and its adapter in one op (the unfused form was ~6 ops forward and ~10 backward a layer)
-int LoraLinear(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
-               void* extra) {
-  if (nparam != 7 && nparam != 8) return 1;
-  for (int i = 0; i < nparam - 1; ++i)
-    if (!f32(dtypes[i])) return 1;
-  const int o = nparam - 7;  // 1 with a bias
-  const LoraShape s = lora_shape(ndims, shapes, 0, 1, 2 + o, 3 + o);
-  if (s.K == 0) return 2;
-  const float* x = static_cast<const float*>(params[0]);
-  const float* w = static_cast<const float*>(params[1]);
-  const float* a = static_cast<const float*>(params[2 + o]);
-  const float* b = static_cast<const float*>(params[3 + o]);
-  const float seed = *static_cast<const float*>(params[4 + o]);
-  const float* cfg = static_cast<const float*>(params[5 + o]);
-  float* y = static_cast<float*>(params[nparam - 1]);
-  float beta = 0.f;
-  if (o) {
-    const float* bias = static_cast<const float*>(params[2]);
-    for (int64_t m = 0; m < s.M; ++m) memcpy(y + m * s.N, bias, s.N * sizeof(float));
-    beta = 1.f;
-  }
-  gemm(false, true, s.M, s.N, s.K, x, s.K, w, s.K, beta, y, 0);
-  std::vector<float> h(s.M * s.K), t(s.M * s.R);
-  Dropout(seed, cfg[0], cfg[1]).apply(x, s.M * s.K, h.data());
-  gemm(false, true, s.M, s.R, s.K, h.data(), s.K, a, s.K, 0.f, t.data(), 0);
-  gemm(false, true, s.M, s.N, s.R, t.data(), s.R, b, s.R, 1.f, y, 0, cfg[2]);
-  return 0;
-}
-
-// inputs x, w, a, b, seed, cfg (as LoraLinear, no bias), dy (..., N) f32; outputs dx (..., K),
-// da (R, K), db (N, R). The frozen w gets no gradient; h = dropout(x) and t = h a^T are recomputed
-// (t's GEMM counts as forward work):
-//   db = scaling dy^T t;  dt = scaling dy b;  da = dt^T h;  dx = dropout(dt a) + dy w
-int LoraLinearGrad(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
-                   void* extra) {
-  if (nparam != 10) return 1;
-  for (int i = 0; i < 7; ++i)
-    if (!f32(dtypes[i])) return 1;
-  const LoraShape s = lora_shape(ndims, shapes, 0, 1, 2, 3);
-  if (s.K == 0) return 2;
-  const float* x = static_cast<const float*>(params[0]);
-  const float* w = static_cast<const float*>(params[1]);
-  const float* a = static_cast<const float*>(params[2]);
-  const float* b = static_cast<const float*>(params[3]);
-  const float seed = *static_cast<const float*>(params[4]);
-  const float* cfg = static_cast<const float*>(params[5]);
-  const float* dy = static_cast<const float*>(params[6]);
-  float* dx = static_cast<float*>(params[7]);
-  float* da = static_cast<float*>(params[8]);
-  float* db = static_cast<float*>(params[9]);
-  const Dropout drop(seed, cfg[0], cfg[1]);
-  const float scaling = cfg[2];
-  std::vector<float> h(s.M * s.K), t(s.M * s.R), dt(s.M * s.R);
-  drop.apply(x, s.M * s.K, h.data());
-  gemm(false, true, s.M, s.R, s.K, h.data(), s.K, a, s.K, 0.f, t.data(), 0);
-  gemm(true, false, s.N, s.R, s.M, dy, s.N, t.data(), s.R, 0.f, db, 2, scaling);
-  gemm(false, false, s.M, s.R, s.N, dy, s.N, b, s.R, 0.f, dt.data(), 1, scaling);
-  gemm(true, false, s.R, s.K, s.M, dt.data(), s.R, h.data(), s.K, 0.f, da, 2);
-  gemm(false, false, s.M, s.K, s.R, dt.data(), s.R, a, s.K, 0.f, dx, 1);
-  drop.apply(dx, s.M * s.K, dx);
-  gemm(false, false, s.M, s.K, s.N, dy, s.N, w, s.K, 1.f, dx, 1);  // added to the adapter's part
+  for (int64_t i = 0; i < n; ++i) y[i] = (mix(key + static_cast<uint64_t>(i)) >> 40) >= cut ? x[i] * scale : 0.f;
   return 0;
 }
 
