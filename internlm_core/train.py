@@ -87,10 +87,11 @@ class Trainer:
     """
 
     def __init__(self, args: TrainArgs, work_dir: str | Path):
-        # A training step is one graph whose result is waited for at once; MindSpore's
+        # On CPU a training step is one graph whose result is waited for at once; MindSpore's
         # asynchronous launch pipeline spins a core while it waits (bench-100m LoRA step
         # 0.35 -> 0.27 s run on the calling thread). Read when a graph runs.
-        os.environ.setdefault("MS_DEV_HOST_BLOCKING_RUN", "1")
+        if ms.get_context("device_target") == "CPU":
+            os.environ.setdefault("MS_DEV_HOST_BLOCKING_RUN", "1")
         self.args = args = args.validate()
         self.work_dir, self.out = Path(work_dir), Path(args.out)
         if self.out.exists() and not args.overwrite:
