@@ -23,7 +23,7 @@
 //                    rotated (rotate-half) and q scaled by 1/sqrt(D), v as it was
 //
 // Built by kernels.py with the machine's g++ (-O3 -march=native -fopenmp); the vector helpers are
-// simd.h's. Float sums run in a fixed order per output, so results do not depend on the thread count.
+// kernel_common.h's. Float sums run in a fixed order per output, so results do not depend on the thread count.
 #include <omp.h>
 
 #include <algorithm>
@@ -32,18 +32,9 @@
 #include <cstring>
 #include <vector>
 
-#include "simd.h"
+#include "kernel_common.h"
 
 namespace {
-
-bool is_f32(const char* t) { return strcmp(t, "float32") == 0 || strcmp(t, "float") == 0; }
-bool is_i32(const char* t) { return strcmp(t, "int32") == 0 || strcmp(t, "int") == 0; }
-
-int64_t rows_of(int ndim, const int64_t* shape) {  // product of every dimension but the last
-  int64_t m = 1;
-  for (int i = 0; i < ndim - 1; ++i) m *= shape[i];
-  return m;
-}
 
 // ---- PackedLinear -----------------------------------------------------------------------------
 
@@ -322,7 +313,7 @@ int Rope(int nparam, void** params, int* ndims, int64_t** shapes, const char** d
       !is_i32(dtypes[4]))
     return 1;
   if (ndims[0] != 3 || ndims[1] != 3 || ndims[5] != 4 || ndims[4] != 1 || shapes[4][0] != 2) return 2;
-  const int64_t B = shapes[0][0], T = shapes[0][1], D = shapes[1][2], H3 = shapes[5][1], half = D / 2;
+  const int64_t B = shapes[0][0], T = shapes[0][1], D = shapes[1][2], H3 = shapes[5][1];
   if (shapes[0][2] != H3 * D || shapes[1][0] != B || shapes[1][1] != T || D % 2) return 3;
   const float* y = static_cast<const float*>(params[0]);
   const float* cs = static_cast<const float*>(params[1]);
@@ -344,9 +335,7 @@ int Rope(int nparam, void** params, int* ndims, int64_t** shapes, const char** d
         }
         const float* c = cs + (b * T + t) * D;
         const float* s = sn + (b * T + t) * D;
-        const float f = h < H ? scale : 1.f;
-        for (int64_t d = 0; d < half; ++d) dst[d] = (src[d] * c[d] - src[d + half] * s[d]) * f;
-        for (int64_t d = half; d < D; ++d) dst[d] = (src[d] * c[d] + src[d - half] * s[d]) * f;
+        rope_row(src, c, s, D, h < H ? scale : 1.f, dst);
       }
     }
   return 0;

@@ -38,7 +38,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name("kernels.cc"), Path(__file__).with_name("train_kernels.cc")]
-HEADERS = [Path(__file__).with_name("simd.h")]
+HEADERS = [Path(__file__).with_name("kernel_common.h")]
 PANEL = 16  # output rows per packed panel: one 16-float vector
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 ENV_SWITCH = "INTERNLM_CPU_KERNELS"

@@ -40,18 +40,9 @@
 #include <cstring>
 #include <vector>
 
-#include "simd.h"
+#include "kernel_common.h"
 
 namespace {
-
-bool f32(const char* t) { return strcmp(t, "float32") == 0 || strcmp(t, "float") == 0; }
-bool i32(const char* t) { return strcmp(t, "int32") == 0 || strcmp(t, "int") == 0; }
-
-int64_t rows(int ndim, const int64_t* shape) {  // product of every dimension but the last
-  int64_t m = 1;
-  for (int i = 0; i < ndim - 1; ++i) m *= shape[i];
-  return m;
-}
 
 constexpr int64_t kBlock = 64;  // rows per partial sum of a reduction over rows
 
@@ -84,8 +75,8 @@ void internlm_set_blas_threads(int n) { scipy_openblas_set_num_threads(n); }
 // inputs x (..., K), w (N, K)[, b (N,)] f32; output (..., N)
 int LinearFwd(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
               void* extra) {
-  if ((nparam != 3 && nparam != 4) || !f32(dtypes[0]) || !f32(dtypes[1]) || ndims[1] != 2) return 1;
-  const int64_t K = shapes[0][ndims[0] - 1], M = rows(ndims[0], shapes[0]), N = shapes[1][0];
+  if ((nparam != 3 && nparam != 4) || !is_f32(dtypes[0]) || !is_f32(dtypes[1]) || ndims[1] != 2) return 1;
+  const int64_t K = shapes[0][ndims[0] - 1], M = rows_of(ndims[0], shapes[0]), N = shapes[1][0];
   if (shapes[1][1] != K) return 2;
   const float* x = static_cast<const float*>(params[0]);
   const float* w = static_cast<const float*>(params[1]);
@@ -103,8 +94,8 @@ int LinearFwd(int nparam, void** params, int* ndims, int64_t** shapes, const cha
 // inputs dy (..., N), w (N, K) f32; output dx (..., K)
 int LinearGradX(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
                 void* extra) {
-  if (nparam != 3 || !f32(dtypes[0]) || !f32(dtypes[1]) || ndims[1] != 2) return 1;
-  const int64_t N = shapes[0][ndims[0] - 1], M = rows(ndims[0], shapes[0]), K = shapes[1][1];
+  if (nparam != 3 || !is_f32(dtypes[0]) || !is_f32(dtypes[1]) || ndims[1] != 2) return 1;
+  const int64_t N = shapes[0][ndims[0] - 1], M = rows_of(ndims[0], shapes[0]), K = shapes[1][1];
   if (shapes[1][0] != N) return 2;
   gemm(false, false, M, K, N, static_cast<const float*>(params[0]), N, static_cast<const float*>(params[1]), K, 0.f,
        static_cast<float*>(params[2]), 1);
@@ -114,9 +105,9 @@ int LinearGradX(int nparam, void** params, int* ndims, int64_t** shapes, const c
 // inputs dy (..., N), x (..., K) f32; output dw (N, K)
 int LinearGradW(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
                 void* extra) {
-  if (nparam != 3 || !f32(dtypes[0]) || !f32(dtypes[1])) return 1;
-  const int64_t N = shapes[0][ndims[0] - 1], M = rows(ndims[0], shapes[0]), K = shapes[1][ndims[1] - 1];
-  if (rows(ndims[1], shapes[1]) != M) return 2;
+  if (nparam != 3 || !is_f32(dtypes[0]) || !is_f32(dtypes[1])) return 1;
+  const int64_t N = shapes[0][ndims[0] - 1], M = rows_of(ndims[0], shapes[0]), K = shapes[1][ndims[1] - 1];
+  if (rows_of(ndims[1], shapes[1]) != M) return 2;
   gemm(true, false, N, K, M, static_cast<const float*>(params[0]), N, static_cast<const float*>(params[1]), K, 0.f,
        static_cast<float*>(params[2]), 2);
   return 0;
@@ -125,8 +116,8 @@ int LinearGradW(int nparam, void** params, int* ndims, int64_t** shapes, const c
 // inputs x (..., C), w (C,), eps (1,), dy (..., C) f32; outputs dx (..., C), dw (C,)
 int RmsNormGrad(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
                 void* extra) {
-  if (nparam != 6 || !f32(dtypes[0]) || !f32(dtypes[1]) || !f32(dtypes[2]) || !f32(dtypes[3])) return 1;
-  const int64_t C = shapes[0][ndims[0] - 1], M = rows(ndims[0], shapes[0]);
+  if (nparam != 6 || !is_f32(dtypes[0]) || !is_f32(dtypes[1]) || !is_f32(dtypes[2]) || !is_f32(dtypes[3])) return 1;
+  const int64_t C = shapes[0][ndims[0] - 1], M = rows_of(ndims[0], shapes[0]);
   const float* x = static_cast<const float*>(params[0]);
   const float* w = static_cast<const float*>(params[1]);
   const float eps = *static_cast<const float*>(params[2]);
@@ -163,7 +154,7 @@ int RmsNormGrad(int nparam, void** params, int* ndims, int64_t** shapes, const c
 // inputs x (...) f32, seed (1,) f32 (< 0: dropout off), cfg (2,) f32 = (p, salt); output like x
 int HashDropout(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
                 void* extra) {
-  if (nparam != 4 || !f32(dtypes[0]) || !f32(dtypes[1]) || !f32(dtypes[2])) return 1;
+  if (nparam != 4 || !is_f32(dtypes[0]) || !is_f32(dtypes[1]) || !is_f32(dtypes[2])) return 1;
   int64_t n = 1;
   for (int i = 0; i < ndims[0]; ++i) n *= shapes[0][i];
   const float* x = static_cast<const float*>(params[0]);
@@ -188,7 +179,7 @@ int HashDropout(int nparam, void** params, int* ndims, int64_t** shapes, const c
 // counted rows of lse - logit[label] (0 when none), lse (M,)
 int CrossEntropy(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
                  void* extra) {
-  if (nparam != 4 || !f32(dtypes[0]) || !i32(dtypes[1]) || ndims[0] != 2) return 1;
+  if (nparam != 4 || !is_f32(dtypes[0]) || !is_i32(dtypes[1]) || ndims[0] != 2) return 1;
   const int64_t M = shapes[0][0], V = shapes[0][1];
   const float* z = static_cast<const float*>(params[0]);
   const int32_t* label = static_cast<const int32_t*>(params[1]);
@@ -227,7 +218,7 @@ int CrossEntropy(int nparam, void** params, int* ndims, int64_t** shapes, const 
 // inputs logits (M, V) f32, labels (M,) i32, lse (M,) f32, dloss (1,) f32; output d logits (M, V)
 int CrossEntropyGrad(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
                      void* extra) {
-  if (nparam != 5 || !f32(dtypes[0]) || !i32(dtypes[1]) || ndims[0] != 2) return 1;
+  if (nparam != 5 || !is_f32(dtypes[0]) || !is_i32(dtypes[1]) || ndims[0] != 2) return 1;
   const int64_t M = shapes[0][0], V = shapes[0][1];
   const float* z = static_cast<const float*>(params[0]);
   const int32_t* label = static_cast<const int32_t*>(params[1]);
@@ -255,13 +246,6 @@ int CrossEntropyGrad(int nparam, void** params, int* ndims, int64_t** shapes, co
 
 // ---- CausalAttention --------------------------------------------------------------------------
 
-// rotate-half rotary of one head's D values: out = x * c + rotate_half(x) * s, times f
-inline void rope_row(const float* x, const float* c, const float* s, int64_t D, float f, float* out) {
-  const int64_t half = D / 2;
-  for (int64_t d = 0; d < half; ++d) out[d] = (x[d] * c[d] - x[d + half] * s[d]) * f;
-  for (int64_t d = half; d < D; ++d) out[d] = (x[d] * c[d] + x[d - half] * s[d]) * f;
-}
-
 // the transpose of rope_row: the gradient of x from the gradient g of its rotated form, times f
 inline void rope_row_grad(const float* g, const float* c, const float* s, int64_t D, float f, float* out) {
   const int64_t half = D / 2;
@@ -273,15 +257,31 @@ struct AttnShape {
   int64_t B, T, H, Hkv, D;
 };
 
-// q (B,T,H*D), k and v (B,T,Hkv*D), cos and sin (B,1,T,D) or (B,T,D): the shape, or D = 0 if wrong
-AttnShape attn_shape(int* ndims, int64_t** shapes) {
-  AttnShape a{};
-  if (ndims[0] != 3 || ndims[1] != 3 || ndims[2] != 3 || ndims[3] < 3) return a;
+// The inputs both attention kernels start with: q (B,T,H*D), k and v (B,T,Hkv*D), cos and sin
+// (B,1,T,D) or (B,T,D).
+struct AttnInputs {
+  AttnShape a{};  // a.D == 0: the op's arguments are wrong
+  const float *q = nullptr, *k = nullptr, *v = nullptr, *cs = nullptr, *sn = nullptr;
+};
+
+// Checked: nparam == want and the first n_f32 arguments float32, the shapes consistent.
+AttnInputs attn_inputs(int nparam, int want, int n_f32, void** params, int* ndims, int64_t** shapes,
+                       const char** dtypes) {
+  AttnInputs in;
+  if (nparam != want || ndims[0] != 3 || ndims[1] != 3 || ndims[2] != 3 || ndims[3] < 3) return in;
+  for (int i = 0; i < n_f32; ++i)
+    if (!is_f32(dtypes[i])) return in;
   const int64_t D = shapes[3][ndims[3] - 1];
-  if (D % 16 || shapes[0][2] % D || shapes[1][2] % D) return a;  // whole vectors per head
-  a = {shapes[0][0], shapes[0][1], shapes[0][2] / D, shapes[1][2] / D, D};
-  if (a.H % a.Hkv || shapes[2][2] != shapes[1][2] || shapes[1][1] != a.T || shapes[2][1] != a.T) a.D = 0;
-  return a;
+  if (D % 16 || shapes[0][2] % D || shapes[1][2] % D) return in;  // whole vectors per head
+  AttnShape a{shapes[0][0], shapes[0][1], shapes[0][2] / D, shapes[1][2] / D, D};
+  if (a.H % a.Hkv || shapes[2][2] != shapes[1][2] || shapes[1][1] != a.T || shapes[2][1] != a.T) return in;
+  in.a = a;
+  in.q = static_cast<const float*>(params[0]);
+  in.k = static_cast<const float*>(params[1]);
+  in.v = static_cast<const float*>(params[2]);
+  in.cs = static_cast<const float*>(params[3]);
+  in.sn = static_cast<const float*>(params[4]);
+  return in;
 }
 
 // s[j] = qr . K[j] for j < n, from K transposed (D x T): 16 keys per vector, no horizontal sums
@@ -325,16 +325,10 @@ inline void probs(float* s, int64_t t, float lse) {
 // head h / (H / Hkv)), lse (B,H,T) = each query's log-sum-exp of its scaled scores
 int CausalAttention(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
                     void* extra) {
-  if (nparam != 7) return 1;
-  for (int i = 0; i < 5; ++i)
-    if (!f32(dtypes[i])) return 1;
-  const AttnShape a = attn_shape(ndims, shapes);
-  if (a.D == 0) return 2;
-  const float* q = static_cast<const float*>(params[0]);
-  const float* k = static_cast<const float*>(params[1]);
-  const float* v = static_cast<const float*>(params[2]);
-  const float* cs = static_cast<const float*>(params[3]);
-  const float* sn = static_cast<const float*>(params[4]);
+  const AttnInputs in = attn_inputs(nparam, 7, 5, params, ndims, shapes, dtypes);
+  if (in.a.D == 0) return 1;
+  const AttnShape& a = in.a;
+  const float *q = in.q, *k = in.k, *v = in.v, *cs = in.cs, *sn = in.sn;
   float* out = static_cast<float*>(params[5]);
   float* lse = static_cast<float*>(params[6]);
   const int64_t T = a.T, D = a.D, group = a.H / a.Hkv, Tp = (T + 15) / 16 * 16;
@@ -372,16 +366,10 @@ int CausalAttention(int nparam, void** params, int* ndims, int64_t** shapes, con
 // and K' are the rotated (Q' scaled) heads. One task per (row, k/v head) owns its dk and dv.
 int CausalAttentionGrad(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes,
                         void* stream, void* extra) {
-  if (nparam != 11) return 1;
-  for (int i = 0; i < 8; ++i)
-    if (!f32(dtypes[i])) return 1;
-  const AttnShape a = attn_shape(ndims, shapes);
-  if (a.D == 0) return 2;
-  const float* q = static_cast<const float*>(params[0]);
-  const float* k = static_cast<const float*>(params[1]);
-  const float* v = static_cast<const float*>(params[2]);
-  const float* cs = static_cast<const float*>(params[3]);
-  const float* sn = static_cast<const float*>(params[4]);
+  const AttnInputs in = attn_inputs(nparam, 11, 8, params, ndims, shapes, dtypes);
+  if (in.a.D == 0) return 1;
+  const AttnShape& a = in.a;
+  const float *q = in.q, *k = in.k, *v = in.v, *cs = in.cs, *sn = in.sn;
   const float* out = static_cast<const float*>(params[5]);
   const float* lse = static_cast<const float*>(params[6]);
   const float* dout = static_cast<const float*>(params[7]);
@@ -438,7 +426,7 @@ int CausalAttentionGrad(int nparam, void** params, int* ndims, int64_t** shapes,
 // inputs gate, up (...) f32; output silu(gate) * up
 int SwiGlu(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
            void* extra) {
-  if (nparam != 3 || !f32(dtypes[0]) || !f32(dtypes[1])) return 1;
+  if (nparam != 3 || !is_f32(dtypes[0]) || !is_f32(dtypes[1])) return 1;
   int64_t n = 1;
   for (int i = 0; i < ndims[0]; ++i) n *= shapes[0][i];
   const float* g = static_cast<const float*>(params[0]);
@@ -452,7 +440,7 @@ int SwiGlu(int nparam, void** params, int* ndims, int64_t** shapes, const char**
 // inputs gate, up, dy (...) f32; outputs d gate, d up
 int SwiGluGrad(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
                void* extra) {
-  if (nparam != 5 || !f32(dtypes[0]) || !f32(dtypes[1]) || !f32(dtypes[2])) return 1;
+  if (nparam != 5 || !is_f32(dtypes[0]) || !is_f32(dtypes[1]) || !is_f32(dtypes[2])) return 1;
   int64_t n = 1;
   for (int i = 0; i < ndims[0]; ++i) n *= shapes[0][i];
   const float* g = static_cast<const float*>(params[0]);
@@ -475,7 +463,7 @@ int SwiGluGrad(int nparam, void** params, int* ndims, int64_t** shapes, const ch
 // added in double
 int SumSquares(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
                void* extra) {
-  if (nparam != 3 || !f32(dtypes[0]) || !f32(dtypes[1])) return 1;
+  if (nparam != 3 || !is_f32(dtypes[0]) || !is_f32(dtypes[1])) return 1;
   int64_t n = 1;
   for (int i = 0; i < ndims[0]; ++i) n *= shapes[0][i];
   const float* g = static_cast<const float*>(params[0]);
@@ -513,7 +501,7 @@ int AdamW(int nparam, void** params, int* ndims, int64_t** shapes, const char** 
           void* extra) {
   if (nparam != 6) return 1;
   for (int i = 0; i < 5; ++i)
-    if (!f32(dtypes[i])) return 1;
+    if (!is_f32(dtypes[i])) return 1;
   int64_t n = 1;
   for (int i = 0; i < ndims[0]; ++i) n *= shapes[0][i];
   float* p = static_cast<float*>(params[0]);

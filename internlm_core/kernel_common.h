@@ -1,11 +1,21 @@
-// Vector helpers shared by kernels.cc and train_kernels.cc. The vector type is GCC's: 16 floats,
-// one AVX-512 register, or two AVX2 ones on older CPUs.
+// What kernels.cc and train_kernels.cc share: reading an AOT op's arguments, GCC's vector type
+// (16 floats, one AVX-512 register, or two AVX2 ones on older CPUs) with its helpers, and the
+// rotate-half rotary of one head.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 
 namespace {
+
+bool is_f32(const char* t) { return strcmp(t, "float32") == 0 || strcmp(t, "float") == 0; }
+bool is_i32(const char* t) { return strcmp(t, "int32") == 0 || strcmp(t, "int") == 0; }
+
+int64_t rows_of(int ndim, const int64_t* shape) {  // product of every dimension but the last
+  int64_t m = 1;
+  for (int i = 0; i < ndim - 1; ++i) m *= shape[i];
+  return m;
+}
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t i16 __attribute__((vector_size(64)));
@@ -36,6 +46,13 @@ inline v16 exp_neg(v16 x) {
   v16 scale;
   memcpy(&scale, &bits, 64);
   return p * scale;
+}
+
+// out = x * c + rotate_half(x) * s over one head's D values, times f (out must not alias x)
+inline void rope_row(const float* x, const float* c, const float* s, int64_t D, float f, float* out) {
+  const int64_t half = D / 2;
+  for (int64_t d = 0; d < half; ++d) out[d] = (x[d] * c[d] - x[d + half] * s[d]) * f;
+  for (int64_t d = half; d < D; ++d) out[d] = (x[d] * c[d] + x[d - half] * s[d]) * f;
 }
 
 }  // namespace
