@@ -45,8 +45,10 @@ class AdamW(nn.Cell):
         for g in grads:
             if self.squares is not None:
                 total = total + self.squares(g, loss_scale.reshape((1,))).reshape(())
-            else:  # mint.sum(g * g): ops.square + reduce_sum was ~60x slower on CPU (2.9)
-                g = g / loss_scale
+            else:
+                # in float32 (a half-precision square overflows early); mint.sum(g * g) because
+                # ops.square + reduce_sum was ~60x slower on CPU (2.9)
+                g = g.astype(ms.float32) / loss_scale
                 total = total + mint.sum(g * g)
         return total
 
@@ -61,6 +63,7 @@ class AdamW(nn.Cell):
                 done.append(self.kernel(p, m, v, g, hyper))  # in place
         elif apply > 0:
             for p, m, v, g, wd in zip(self.parameters, self.moments1, self.moments2, grads, self.decay):
-                done.append(self.fallback(p, m, v, lr, self.beta1, self.beta2, self.eps, wd, g / loss_scale * clip)[0])
+                g = (g.astype(ms.float32) / loss_scale * clip).astype(p.dtype)  # the op wants the weight's dtype
+                done.append(self.fallback(p, m, v, lr, self.beta1, self.beta2, self.eps, wd, g)[0])
         step = ops.assign_add(self.global_step, (apply > 0).astype(ms.int32).reshape((1,)))
         return ops.depend(step, done)
