@@ -1,8 +1,7 @@
-"""The training GEMMs alone: the project's kernels (OpenBLAS, inside a MindSpore graph, as the trainer
-runs them), MindSpore's own MatMul and PyTorch, on the bench-100m linears' shapes, each framework in
-its own process. This is the measurement behind the trainer's limit at small batches: a step is
-mostly these GEMMs, and at 128 rows OpenBLAS runs them below PyTorch's (MKL) speed.
-
+"""The training GEMMs alone: the project's kernels (oneDNN's sgemm, sliced over both cores, inside a
+MindSpore graph, as the trainer runs them), MindSpore's own MatMul and PyTorch, on the bench-100m
+linears' shapes, each framework in its own process. A step is mostly these GEMMs, so this is the
+measurement that says how much of a training step's speed is the GEMM kernel's.
     .venv/bin/python bench/gemm_bench.py [--rows 128,512,2048] [--json out.json]
 
 GFLOP/s of y = x W^T (forward), dx = dy W (input gradient) and dW = dy^T x (weight gradient).

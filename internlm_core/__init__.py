@@ -10,7 +10,3 @@ os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
 # Spinning briefly, then sleeping, gives 16 ms. libgomp reads this once, when MindSpore loads it,
 # so it must be set before the first ``import mindspore``.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-# The same for OpenBLAS's threads (the training kernels' GEMMs): by default they spin ~0.1 s after
-# each GEMM, taking a core from the ops in between (bench-100m LoRA step 0.42 -> 0.35 s with 2^4
-# cycles). Read when the kernels' library loads OpenBLAS.
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")

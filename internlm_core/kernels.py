@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name("kernels.cc"), Path(__file__).with_name("train_kernels.cc")]
 HEADERS = [Path(__file__).with_name("kernel_common.h")]
 PANEL = 16  # output rows per packed panel: one 16-float vector
+DNNL = "libdnnl.so.3"  # oneDNN 3, inside the mindspore wheel: the training GEMMs
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 ENV_SWITCH = "INTERNLM_CPU_KERNELS"
 ENV_DIR = "INTERNLM_KERNEL_DIR"
@@ -77,16 +78,14 @@ def library() -> str | None:
     if compiler is None:
         _why_not = "no C++ compiler (g++) on PATH"
         return None
-    try:
-        import scipy_openblas32 as openblas  # the GEMMs of train_kernels.cc
-    except ImportError:
-        _why_not = "the scipy-openblas32 package is not installed"
+    ms_lib = Path(ms.__file__).parent / "lib"  # train_kernels.cc's GEMMs are oneDNN's, as MindSpore ships it
+    if not (ms_lib / DNNL).is_file():
+        _why_not = f"this MindSpore ships no oneDNN ({ms_lib / DNNL} is missing)"
         return None
-    blas = [f"-I{openblas.get_include_dir()}", str(Path(openblas.get_lib_dir()) / f"lib{openblas.get_library()}.so"),
-            f"-Wl,-rpath,{openblas.get_lib_dir()}"]
+    dnnl = [f"-L{ms_lib}", f"-l:{DNNL}", f"-Wl,-rpath,{ms_lib}"]
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-        key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES + HEADERS), " ".join(FLAGS + blas), version,
+        key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES + HEADERS), " ".join(FLAGS + dnnl), version,
                                          _cpu_flags()]).encode())
         target = cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
         if not target.is_file():
@@ -94,26 +93,17 @@ def library() -> str | None:
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
             os.close(fd)
             try:
-                subprocess.run([compiler, *FLAGS, "-o", tmp, *map(str, SOURCES), *blas], capture_output=True, text=True,
+                subprocess.run([compiler, *FLAGS, "-o", tmp, *map(str, SOURCES), *dnnl], capture_output=True, text=True,
                                check=True, timeout=300)
                 os.replace(tmp, target)  # atomic: another process sees no file or a whole one
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-        _use_every_core(target)
         return str(target)
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", None) or str(e)
         _why_not = f"building {' and '.join(s.name for s in SOURCES)} failed: {detail.strip()[:500]}"
         return None
-
-
-def _use_every_core(so: Path) -> None:
-    """OpenBLAS in a MindSpore process started with one thread (seen on 2.9: its GEMMs ran at one
-    core's speed, 120 against 270 GFLOP/s); give it every core this process may use."""
-    import ctypes
-
-    ctypes.CDLL(str(so)).internlm_set_blas_threads(len(os.sched_getaffinity(0)))
 
 
 def unavailable() -> str | None:

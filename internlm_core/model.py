@@ -355,7 +355,7 @@ class InternLMForCausalLM(nn.Cell):
         return self.model.layers[0].attention.rope is not None
 
     def use_training_kernels(self) -> bool:
-        """Train with the CPU kernels (``kernels``, train_kernels.cc): every linear an OpenBLAS GEMM
+        """Train with the CPU kernels (``kernels``, train_kernels.cc): every linear a oneDNN GEMM
         whose backward pass computes the weight's gradient only where the weight trains, rotary
         and causal attention in one kernel each way (the mask is taken to be causal, as training's
         right-padded rows are), RMSNorm and SwiGLU with one-pass gradients, LoRA dropout by a

@@ -2,7 +2,7 @@
 // are other ops of this file (see kernels.py: ``train_linear_op`` and friends).
 //
 // Why (measured on the 2-core build machine, bench-100m, batch 1 x 128): MindSpore's CPU MatMul
-// runs ~95 GFLOP/s where OpenBLAS runs 260-400, its autodiff of x W^T materialises transposes in
+// runs ~95 GFLOP/s where oneDNN's sgemm runs 250-390 on both cores, its autodiff of x W^T materialises transposes in
 // the backward pass and computes weight gradients that LoRA throws away, and the step's row-wise
 // tails (RMSNorm's gradient, a hash dropout mask, cross-entropy over 32000 logits) each cost tens
 // of milliseconds as chains of small ops. So:
@@ -27,11 +27,10 @@
 //                  unscale-and-clip factor applied on the way (MindSpore's optimiser, clipping and
 //                  loss scaling made ~6 passes over every weight-sized tensor at ~4 GB/s)
 //
-// The GEMMs are OpenBLAS's (the scipy-openblas32 wheel), which threads itself. Row-wise kernels
-// split rows over OpenMP threads; the sums over rows (dw, the loss) add fixed-size row blocks in
+// The GEMMs are oneDNN's sgemm, one slice of the output per OpenMP thread. Row-wise kernels
+// split rows over the same threads; the sums over rows (dw, the loss) add fixed-size row blocks in
 // order, so results do not depend on the thread count.
 #include <omp.h>
-#include <cblas.h>
 
 #include <algorithm>
 #include <atomic>
@@ -50,11 +49,34 @@ constexpr int64_t kBlock = 64;  // rows per partial sum of a reduction over rows
 // show that a LoRA step computes no gradient for the frozen weights.
 std::atomic<int64_t> g_flops[3];  // forward, input gradient, weight gradient
 
-void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* b,
-          int64_t ldb, float beta, float* c, int kind) {
+// oneDNN's sgemm (the libdnnl MindSpore ships; its C API, declared here as MindSpore ships no
+// header): row-major C = op(A) op(B) + beta C, on the calling thread. Why not OpenBLAS, which
+// threads itself: measured at 128 rows (bench-100m's shapes, 2 cores), oneDNN's AVX-512 kernel
+// runs 180-190 GFLOP/s on one core against OpenBLAS's 160-170, and two column slices on two
+// OpenMP threads 340-390 against OpenBLAS's own threading's 200-310 (PyTorch: 310-380).
+extern "C" int dnnl_sgemm(char transa, char transb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                          int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+
+// Returns oneDNN's status: 0 when every slice succeeded.
+int gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* b,
+         int64_t ldb, float beta, float* c, int kind) {
   g_flops[kind] += 2 * M * N * K;
-  scipy_cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K, 1.f, a,
-                    lda, b, ldb, beta, c, N);
+  int status = 0;
+  const int threads = M * N * K < (1 << 20) ? 1 : omp_get_max_threads();
+  const bool by_cols = N >= M;  // slice the longer side of C, in multiples of 64
+  const int64_t side = by_cols ? N : M;
+  const int64_t step = ((side + threads - 1) / threads + 63) / 64 * 64;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : status)
+  for (int t = 0; t < threads; ++t) {
+    const int64_t lo = t * step, hi = std::min(side, lo + step);
+    if (lo >= hi) continue;
+    const char tra = ta ? 'T' : 'N', trb = tb ? 'T' : 'N';
+    if (by_cols)  // columns lo..hi of C: op(B)'s columns, at row lo of B^T or column lo of B
+      status |= dnnl_sgemm(tra, trb, M, hi - lo, K, 1.f, a, lda, tb ? b + lo * ldb : b + lo, ldb, beta, c + lo, N);
+    else  // rows lo..hi of C: op(A)'s rows, at column lo of A^T or row lo of A
+      status |= dnnl_sgemm(tra, trb, hi - lo, N, K, 1.f, ta ? a + lo : a + lo * lda, lda, b, ldb, beta, c + lo * N, N);
+  }
+  return status;
 }
 
 // 64-bit mix (splitmix64's finaliser): adjacent inputs give independent-looking outputs.
@@ -69,8 +91,6 @@ inline uint64_t mix(uint64_t z) {
 extern "C" {
 
 int64_t internlm_gemm_flops(int kind) { return g_flops[kind].load(); }
-
-void internlm_set_blas_threads(int n) { scipy_openblas_set_num_threads(n); }
 
 // inputs x (..., K), w (N, K)[, b (N,)] f32; output (..., N)
 int LinearFwd(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
@@ -87,8 +107,7 @@ int LinearFwd(int nparam, void** params, int* ndims, int64_t** shapes, const cha
     for (int64_t m = 0; m < M; ++m) memcpy(y + m * N, b, N * sizeof(float));
     beta = 1.f;
   }
-  gemm(false, true, M, N, K, x, K, w, K, beta, y, 0);
-  return 0;
+  return gemm(false, true, M, N, K, x, K, w, K, beta, y, 0) ? 3 : 0;  // 3: oneDNN failed
 }
 
 // inputs dy (..., N), w (N, K) f32; output dx (..., K)
@@ -97,9 +116,9 @@ int LinearGradX(int nparam, void** params, int* ndims, int64_t** shapes, const c
   if (nparam != 3 || !is_f32(dtypes[0]) || !is_f32(dtypes[1]) || ndims[1] != 2) return 1;
   const int64_t N = shapes[0][ndims[0] - 1], M = rows_of(ndims[0], shapes[0]), K = shapes[1][1];
   if (shapes[1][0] != N) return 2;
-  gemm(false, false, M, K, N, static_cast<const float*>(params[0]), N, static_cast<const float*>(params[1]), K, 0.f,
-       static_cast<float*>(params[2]), 1);
-  return 0;
+  const float* dy = static_cast<const float*>(params[0]);
+  const float* w = static_cast<const float*>(params[1]);
+  return gemm(false, false, M, K, N, dy, N, w, K, 0.f, static_cast<float*>(params[2]), 1) ? 3 : 0;  // 3: oneDNN failed
 }
 
 // inputs dy (..., N), x (..., K) f32; output dw (N, K)
@@ -108,9 +127,9 @@ int LinearGradW(int nparam, void** params, int* ndims, int64_t** shapes, const c
   if (nparam != 3 || !is_f32(dtypes[0]) || !is_f32(dtypes[1])) return 1;
   const int64_t N = shapes[0][ndims[0] - 1], M = rows_of(ndims[0], shapes[0]), K = shapes[1][ndims[1] - 1];
   if (rows_of(ndims[1], shapes[1]) != M) return 2;
-  gemm(true, false, N, K, M, static_cast<const float*>(params[0]), N, static_cast<const float*>(params[1]), K, 0.f,
-       static_cast<float*>(params[2]), 2);
-  return 0;
+  const float* dy = static_cast<const float*>(params[0]);
+  const float* x = static_cast<const float*>(params[1]);
+  return gemm(true, false, N, K, M, dy, N, x, K, 0.f, static_cast<float*>(params[2]), 2) ? 3 : 0;  // 3: oneDNN failed
 }
 
 // inputs x (..., C), w (C,), eps (1,), dy (..., C) f32; outputs dx (..., C), dw (C,)
