@@ -2,6 +2,7 @@
 MindSpore graph, as the trainer runs them), MindSpore's own MatMul and PyTorch, on the bench-100m
 linears' shapes, each framework in its own process. A step is mostly these GEMMs, so this is the
 measurement that says how much of a training step's speed is the GEMM kernel's.
+
     .venv/bin/python bench/gemm_bench.py [--rows 128,512,2048] [--json out.json]
 
 GFLOP/s of y = x W^T (forward), dx = dy W (input gradient) and dW = dy^T x (weight gradient).

@@ -2,10 +2,10 @@
 // are other ops of this file (see kernels.py: ``train_linear_op`` and friends).
 //
 // Why (measured on the 2-core build machine, bench-100m, batch 1 x 128): MindSpore's CPU MatMul
-// runs ~95 GFLOP/s where oneDNN's sgemm runs 250-390 on both cores, its autodiff of x W^T materialises transposes in
-// the backward pass and computes weight gradients that LoRA throws away, and the step's row-wise
-// tails (RMSNorm's gradient, a hash dropout mask, cross-entropy over 32000 logits) each cost tens
-// of milliseconds as chains of small ops. So:
+// runs ~95 GFLOP/s where oneDNN's sgemm runs 250-390 on both cores, its autodiff of x W^T
+// materialises transposes in the backward pass and computes weight gradients that LoRA throws
+// away, and the step's row-wise tails (RMSNorm's gradient, a hash dropout mask, cross-entropy
+// over 32000 logits) each cost tens of milliseconds as chains of small ops. So:
 //
 //   LinearFwd      y = x W^T (+ b)           one sgemm, W read as it lies (no transpose made)
 //   LinearGradX    dx = dy W                 one sgemm
@@ -57,7 +57,7 @@ std::atomic<int64_t> g_flops[3];  // forward, input gradient, weight gradient
 extern "C" int dnnl_sgemm(char transa, char transb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                           int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 
-// Returns oneDNN's status: 0 when every slice succeeded.
+// Returns an op's status: 0, or 3 where oneDNN refused a slice.
 int gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* b,
          int64_t ldb, float beta, float* c, int kind) {
   g_flops[kind] += 2 * M * N * K;
@@ -76,7 +76,7 @@ int gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* a, int6
     else  // rows lo..hi of C: op(A)'s rows, at column lo of A^T or row lo of A
       status |= dnnl_sgemm(tra, trb, hi - lo, N, K, 1.f, ta ? a + lo : a + lo * lda, lda, b, ldb, beta, c + lo * N, N);
   }
-  return status;
+  return status ? 3 : 0;
 }
 
 // 64-bit mix (splitmix64's finaliser): adjacent inputs give independent-looking outputs.
@@ -107,7 +107,7 @@ int LinearFwd(int nparam, void** params, int* ndims, int64_t** shapes, const cha
     for (int64_t m = 0; m < M; ++m) memcpy(y + m * N, b, N * sizeof(float));
     beta = 1.f;
   }
-  return gemm(false, true, M, N, K, x, K, w, K, beta, y, 0) ? 3 : 0;  // 3: oneDNN failed
+  return gemm(false, true, M, N, K, x, K, w, K, beta, y, 0);
 }
 
 // inputs dy (..., N), w (N, K) f32; output dx (..., K)
@@ -118,7 +118,7 @@ int LinearGradX(int nparam, void** params, int* ndims, int64_t** shapes, const c
   if (shapes[1][0] != N) return 2;
   const float* dy = static_cast<const float*>(params[0]);
   const float* w = static_cast<const float*>(params[1]);
-  return gemm(false, false, M, K, N, dy, N, w, K, 0.f, static_cast<float*>(params[2]), 1) ? 3 : 0;  // 3: oneDNN failed
+  return gemm(false, false, M, K, N, dy, N, w, K, 0.f, static_cast<float*>(params[2]), 1);
 }
 
 // inputs dy (..., N), x (..., K) f32; output dw (N, K)
@@ -129,7 +129,7 @@ int LinearGradW(int nparam, void** params, int* ndims, int64_t** shapes, const c
   if (rows_of(ndims[1], shapes[1]) != M) return 2;
   const float* dy = static_cast<const float*>(params[0]);
   const float* x = static_cast<const float*>(params[1]);
-  return gemm(true, false, N, K, M, dy, N, x, K, 0.f, static_cast<float*>(params[2]), 2) ? 3 : 0;  // 3: oneDNN failed
+  return gemm(true, false, N, K, M, dy, N, x, K, 0.f, static_cast<float*>(params[2]), 2);
 }
 
 // inputs x (..., C), w (C,), eps (1,), dy (..., C) f32; outputs dx (..., C), dw (C,)
