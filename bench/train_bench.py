@@ -19,7 +19,7 @@ input tokens (batch x seq) of the timed steps; the first step (compilation for M
 allocator warm-up for torch) is not timed. Cases alternate over the repetitions; each reports its
 median tokens/s and its largest peak RSS.
 
-    .venv/bin/python bench/train_bench.py --shapes 1x128,2x256,4x512 --steps 4 --reps 2 [--recompute] [--json out.json]
+    .venv/bin/python bench/train_bench.py --shapes 1x128,2x256,4x512 --steps 6 --reps 3 [--recompute] [--json out.json]
 """
 from __future__ import annotations
 
