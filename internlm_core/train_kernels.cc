@@ -263,7 +263,11 @@ int CrossEntropyGrad(int nparam, void** params, int* ndims, int64_t** shapes, co
   return 0;
 }
 
+}  // extern "C"
+
 // ---- CausalAttention --------------------------------------------------------------------------
+
+namespace {
 
 // the transpose of rope_row: the gradient of x from the gradient g of its rotated form, times f
 inline void rope_row_grad(const float* g, const float* c, const float* s, int64_t D, float f, float* out) {
@@ -303,143 +307,143 @@ AttnInputs attn_inputs(int nparam, int want, int n_f32, void** params, int* ndim
   return in;
 }
 
-// s[j] = qr . K[j] for j < n, from K transposed (D x T): 16 keys per vector, no horizontal sums
-inline void scores(const float* qr, const float* kt, int64_t n, int64_t D, int64_t T, float* s) {
-  for (int64_t j = 0; j < n; j += 16) {
-    v16 acc = (v16){};
-    for (int64_t d = 0; d < D; ++d) acc += qr[d] * load(kt + d * T + j);
-    store(s + j, acc);
-  }
+constexpr int64_t kQueries = 64;  // query rows per block of the attention kernels
+
+// A (T, D) block of one head, rotated (rope_row) and times f, from its rows in the projections'
+// (B, T, heads * D) layout: row t of batch row b at x + (b * T + t) * ld.
+void rotated(const float* x, int64_t ld, const float* cs, const float* sn, int64_t b, const AttnShape& a, float f,
+             float* out) {
+  for (int64_t t = 0; t < a.T; ++t)
+    rope_row(x + (b * a.T + t) * ld, cs + (b * a.T + t) * a.D, sn + (b * a.T + t) * a.D, a.D, f, out + t * a.D);
 }
 
-// One (row, k/v head) task's keys and values, rotated where needed, in both layouts.
-struct KvBlock {
-  std::vector<float> kr, kt, v, vt;  // (T, D), (D, Tp), (T, D), (D, Tp); Tp = T rounded up to 16
-  KvBlock(const float* k, const float* vv, const float* cs, const float* sn, int64_t b, int64_t g,
-          const AttnShape& a, int64_t Tp)
-      : kr(a.T * a.D), kt(a.D * Tp, 0.f), v(a.T * a.D), vt(a.D * Tp, 0.f) {
-    const int64_t T = a.T, D = a.D, stride = a.Hkv * D;
-    for (int64_t t = 0; t < T; ++t) {
-      const float* c = cs + (b * T + t) * D;
-      const float* s = sn + (b * T + t) * D;
-      rope_row(k + (b * T + t) * stride + g * D, c, s, D, 1.f, kr.data() + t * D);
-      memcpy(v.data() + t * D, vv + (b * T + t) * stride + g * D, D * sizeof(float));
-      for (int64_t d = 0; d < D; ++d) {
-        kt[d * Tp + t] = kr[t * D + d];
-        vt[d * Tp + t] = v[t * D + d];
-      }
-    }
-  }
-};
-
-// p[j] = exp(s[j] - lse) for j <= t, 0 up to the next multiple of 16
-inline void probs(float* s, int64_t t, float lse) {
-  const int64_t n = t + 1, np = (n + 15) / 16 * 16;
-  for (int64_t j = n; j < np; ++j) s[j] = -INFINITY;
-  for (int64_t j = 0; j < np; j += 16) store(s + j, exp_neg(load(s + j) - lse));
+// Query rows i0..i0+n of one head against keys 0..e (e = i0 + n): s (n, e) = q' k'^T, one GEMM.
+// Scores past a query's own key are computed and then masked: wasted work only in the last
+// kQueries keys, the block on the diagonal.
+int block_scores(const float* qr, const float* kr, int64_t i0, int64_t n, int64_t e, int64_t D, float* s) {
+  return dnnl_sgemm('N', 'T', n, e, D, 1.f, qr + i0 * D, D, kr, D, 0.f, s, e);
 }
+
+// One query's row of scores over e keys, of which it sees the first n: p = exp(s - m) there, 0
+// after. Returns the sum of p.
+float exp_row(float* row, int64_t n, int64_t e, float m) {
+  v16 sum = (v16){};
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const v16 p = exp_neg(load(row + j) - m);
+    store(row + j, p);
+    sum += p;
+  }
+  float tail = 0.f;
+  for (; j < n; ++j) tail += row[j] = std::exp(row[j] - m);
+  for (; j < e; ++j) row[j] = 0.f;
+  return hsum(sum) + tail;
+}
+
+}  // namespace
+
+extern "C" {
 
 // inputs q (B,T,H*D), k (B,T,Hkv*D), v (B,T,Hkv*D), cos, sin (B,1,T,D) f32; outputs
 // out (B,T,H*D) = causal softmax(rope(q) rope(k)^T / sqrt(D)) v per head (query head h reads k/v
-// head h / (H / Hkv)), lse (B,H,T) = each query's log-sum-exp of its scaled scores
+// head h / (H / Hkv)), lse (B,H,T) = each query's log-sum-exp of its scaled scores. One task per
+// (row, head); blocks of kQueries queries, their scores and their weighted values one GEMM each.
 int CausalAttention(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
                     void* extra) {
   const AttnInputs in = attn_inputs(nparam, 7, 5, params, ndims, shapes, dtypes);
   if (in.a.D == 0) return 1;
   const AttnShape& a = in.a;
-  const float *q = in.q, *k = in.k, *v = in.v, *cs = in.cs, *sn = in.sn;
   float* out = static_cast<float*>(params[5]);
   float* lse = static_cast<float*>(params[6]);
-  const int64_t T = a.T, D = a.D, group = a.H / a.Hkv, Tp = (T + 15) / 16 * 16;
+  const int64_t T = a.T, D = a.D, group = a.H / a.Hkv, HD = a.H * D, KD = a.Hkv * D;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-#pragma omp parallel for collapse(2) schedule(dynamic)
+  int status = 0;
+#pragma omp parallel for collapse(2) schedule(dynamic) reduction(| : status)
   for (int64_t b = 0; b < a.B; ++b)
-    for (int64_t g = 0; g < a.Hkv; ++g) {
-      const KvBlock kv(k, v, cs, sn, b, g, a, Tp);
-      std::vector<float> qr(D), s(Tp);
-      std::vector<v16> acc(D / 16);
-      for (int64_t h = g * group; h < (g + 1) * group; ++h)
-        for (int64_t t = 0; t < T; ++t) {
-          const float* c = cs + (b * T + t) * D;
-          rope_row(q + (b * T + t) * a.H * D + h * D, c, sn + (b * T + t) * D, D, scale, qr.data());
-          scores(qr.data(), kv.kt.data(), t + 1, D, Tp, s.data());
-          float mx = -INFINITY;
-          for (int64_t j = 0; j <= t; ++j) mx = std::max(mx, s[j]);
-          probs(s.data(), t, mx);
-          float sum = 0.f;
-          for (int64_t j = 0; j <= t; ++j) sum += s[j];
-          for (auto& x : acc) x = (v16){};
-          for (int64_t j = 0; j <= t; ++j)
-            for (int64_t d = 0; d < D / 16; ++d) acc[d] += s[j] * load(kv.v.data() + j * D + d * 16);
-          float* o = out + (b * T + t) * a.H * D + h * D;
-          for (int64_t d = 0; d < D / 16; ++d) store(o + d * 16, acc[d] / sum);
-          lse[(b * a.H + h) * T + t] = mx + std::log(sum);
+    for (int64_t h = 0; h < a.H; ++h) {
+      const int64_t g = h / group;
+      std::vector<float> qr(T * D), kr(T * D), s(kQueries * T);
+      rotated(in.q + h * D, HD, in.cs, in.sn, b, a, scale, qr.data());
+      rotated(in.k + g * D, KD, in.cs, in.sn, b, a, 1.f, kr.data());
+      for (int64_t i0 = 0; i0 < T; i0 += kQueries) {
+        const int64_t n = std::min(kQueries, T - i0), e = i0 + n;
+        status |= block_scores(qr.data(), kr.data(), i0, n, e, D, s.data());
+        for (int64_t r = 0; r < n; ++r) {
+          float* row = s.data() + r * e;
+          float m = -INFINITY;
+          for (int64_t j = 0; j <= i0 + r; ++j) m = std::max(m, row[j]);
+          const float sum = exp_row(row, i0 + r + 1, e, m);
+          for (int64_t j = 0; j <= i0 + r; ++j) row[j] /= sum;
+          lse[(b * a.H + h) * T + i0 + r] = m + std::log(sum);
         }
+        // out rows i0..e of head h = p v[0:e], written in place in the (B, T, H * D) layout
+        status |= dnnl_sgemm('N', 'N', n, D, e, 1.f, s.data(), e, in.v + b * T * KD + g * D, KD, 0.f,
+                             out + (b * T + i0) * HD + h * D, HD);
+      }
     }
-  return 0;
+  return status ? 3 : 0;
 }
 
 // inputs q, k, v, cos, sin (as CausalAttention), out, lse (its outputs), dout (B,T,H*D) f32;
 // outputs dq (B,T,H*D), dk, dv (B,T,Hkv*D). With P recomputed from lse and Dt = dout_t . out_t:
 // dV = P^T dO, dS = P * (dO V^T - Dt), dQ = rope^T(dS K' / sqrt(D)), dK = rope^T(dS^T Q'), where Q'
-// and K' are the rotated (Q' scaled) heads. One task per (row, k/v head) owns its dk and dv.
+// and K' are the rotated (Q' scaled) heads. One task per (row, k/v head) owns its dk and dv; each
+// block of kQueries queries is five GEMMs against the keys it sees.
 int CausalAttentionGrad(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes,
                         void* stream, void* extra) {
   const AttnInputs in = attn_inputs(nparam, 11, 8, params, ndims, shapes, dtypes);
   if (in.a.D == 0) return 1;
   const AttnShape& a = in.a;
-  const float *q = in.q, *k = in.k, *v = in.v, *cs = in.cs, *sn = in.sn;
   const float* out = static_cast<const float*>(params[5]);
   const float* lse = static_cast<const float*>(params[6]);
   const float* dout = static_cast<const float*>(params[7]);
   float* dq = static_cast<float*>(params[8]);
   float* dk = static_cast<float*>(params[9]);
   float* dv = static_cast<float*>(params[10]);
-  const int64_t T = a.T, D = a.D, group = a.H / a.Hkv, Tp = (T + 15) / 16 * 16, HD = a.H * D;
+  const int64_t T = a.T, D = a.D, group = a.H / a.Hkv, HD = a.H * D, KD = a.Hkv * D;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-#pragma omp parallel for collapse(2) schedule(dynamic)
+  int status = 0;
+#pragma omp parallel for collapse(2) schedule(dynamic) reduction(| : status)
   for (int64_t b = 0; b < a.B; ++b)
     for (int64_t g = 0; g < a.Hkv; ++g) {
-      const KvBlock kv(k, v, cs, sn, b, g, a, Tp);
-      std::vector<float> qr(T * D), p(Tp), dp(Tp), dqr(D), dkr(T * D, 0.f), dvv(T * D, 0.f);
+      std::vector<float> kr(T * D), qr(T * D), dqr(kQueries * D), dkr(T * D, 0.f), dvv(T * D, 0.f);
+      std::vector<float> p(kQueries * T), ds(kQueries * T);
+      rotated(in.k + g * D, KD, in.cs, in.sn, b, a, 1.f, kr.data());
+      const float* vb = in.v + b * T * KD + g * D;  // v[b, :, g] in place: rows KD apart
       for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-        for (int64_t t = 0; t < T; ++t)
-          rope_row(q + (b * T + t) * HD + h * D, cs + (b * T + t) * D, sn + (b * T + t) * D, D, scale,
-                   qr.data() + t * D);
-        for (int64_t t = 0; t < T; ++t) {
-          const float* o = out + (b * T + t) * HD + h * D;
-          const float* go = dout + (b * T + t) * HD + h * D;
-          float dt = 0.f;
-          for (int64_t d = 0; d < D; ++d) dt += go[d] * o[d];
-          const float* qt = qr.data() + t * D;
-          scores(qt, kv.kt.data(), t + 1, D, Tp, p.data());
-          probs(p.data(), t, lse[(b * a.H + h) * T + t]);
-          scores(go, kv.vt.data(), t + 1, D, Tp, dp.data());  // dO_t . V_j
-          std::vector<v16> gq(D / 16, (v16){});
-          for (int64_t j = 0; j <= t; ++j) {
-            const float ds = p[j] * (dp[j] - dt);
-            const float* kr = kv.kr.data() + j * D;
-            float* gk = dkr.data() + j * D;
-            float* gv = dvv.data() + j * D;
-            for (int64_t d = 0; d < D / 16; ++d) {
-              gq[d] += ds * load(kr + d * 16);
-              store(gk + d * 16, load(gk + d * 16) + ds * load(qt + d * 16));
-              store(gv + d * 16, load(gv + d * 16) + p[j] * load(go + d * 16));
-            }
+        rotated(in.q + h * D, HD, in.cs, in.sn, b, a, scale, qr.data());
+        for (int64_t i0 = 0; i0 < T; i0 += kQueries) {
+          const int64_t n = std::min(kQueries, T - i0), e = i0 + n;
+          const float* go = dout + (b * T + i0) * HD + h * D;  // dO rows i0.., HD apart
+          status |= block_scores(qr.data(), kr.data(), i0, n, e, D, p.data());
+          status |= dnnl_sgemm('N', 'T', n, e, D, 1.f, go, HD, vb, KD, 0.f, ds.data(), e);  // dO V^T
+          for (int64_t r = 0; r < n; ++r) {
+            const int64_t t = i0 + r;
+            exp_row(p.data() + r * e, t + 1, e, lse[(b * a.H + h) * T + t]);  // the forward's P
+            const float* o = out + (b * T + t) * HD + h * D;
+            float dt = 0.f;
+            for (int64_t d = 0; d < D; ++d) dt += go[r * HD + d] * o[d];
+            float* dsr = ds.data() + r * e;
+            const float* pr = p.data() + r * e;
+            for (int64_t j = 0; j < e; ++j) dsr[j] = pr[j] * (dsr[j] - dt);  // 0 past t, as p is
           }
-          for (int64_t d = 0; d < D / 16; ++d) store(dqr.data() + d * 16, gq[d]);
-          rope_row_grad(dqr.data(), cs + (b * T + t) * D, sn + (b * T + t) * D, D, scale,
-                        dq + (b * T + t) * HD + h * D);
+          status |= dnnl_sgemm('T', 'N', e, D, n, 1.f, p.data(), e, go, HD, 1.f, dvv.data(), D);  // += P^T dO
+          status |= dnnl_sgemm('N', 'N', n, D, e, 1.f, ds.data(), e, kr.data(), D, 0.f, dqr.data(), D);
+          status |= dnnl_sgemm('T', 'N', e, D, n, 1.f, ds.data(), e, qr.data() + i0 * D, D, 1.f, dkr.data(), D);
+          for (int64_t r = 0; r < n; ++r) {
+            const int64_t t = i0 + r;
+            rope_row_grad(dqr.data() + r * D, in.cs + (b * T + t) * D, in.sn + (b * T + t) * D, D, scale,
+                          dq + (b * T + t) * HD + h * D);
+          }
         }
       }
-      const int64_t stride = a.Hkv * D;
       for (int64_t t = 0; t < T; ++t) {
-        rope_row_grad(dkr.data() + t * D, cs + (b * T + t) * D, sn + (b * T + t) * D, D, 1.f,
-                      dk + (b * T + t) * stride + g * D);
-        memcpy(dv + (b * T + t) * stride + g * D, dvv.data() + t * D, D * sizeof(float));
+        rope_row_grad(dkr.data() + t * D, in.cs + (b * T + t) * D, in.sn + (b * T + t) * D, D, 1.f,
+                      dk + (b * T + t) * KD + g * D);
+        memcpy(dv + (b * T + t) * KD + g * D, dvv.data() + t * D, D * sizeof(float));
       }
     }
-  return 0;
+  return status ? 3 : 0;
 }
 
 // inputs gate, up (...) f32; output silu(gate) * up
