@@ -3,6 +3,7 @@
 // rotate-half rotary of one head.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -46,6 +47,23 @@ inline v16 exp_neg(v16 x) {
   v16 scale;
   memcpy(&scale, &bits, 64);
   return p * scale;
+}
+
+// 1 / (1 + e^-x), from e^-|x| so that the exponent never overflows
+inline v16 sigmoid(v16 x) {
+  const v16 e = exp_neg(x < 0.f ? x : -x);
+  const v16 r = 1.f / (1.f + e);
+  return x < 0.f ? e * r : r;
+}
+
+// x sigmoid(x) * u over n floats (SwiGLU's product)
+inline void silu_mul_row(const float* x, const float* u, int64_t n, float* y) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const v16 g = load(x + i);
+    store(y + i, g * sigmoid(g) * load(u + i));
+  }
+  for (; i < n; ++i) y[i] = x[i] / (1.f + std::exp(-x[i])) * u[i];
 }
 
 // out = x * c + rotate_half(x) * s over one head's D values, times f (out must not alias x)

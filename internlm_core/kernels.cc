@@ -297,10 +297,7 @@ int SiluMul(int nparam, void** params, int* ndims, int64_t** shapes, const char*
   const float* gu = static_cast<const float*>(params[0]);
   float* y = static_cast<float*>(params[1]);
 #pragma omp parallel for if (M * F > (1 << 16)) schedule(static)
-  for (int64_t m = 0; m < M; ++m) {
-    const float* g = gu + m * 2 * F;
-    for (int64_t f = 0; f < F; ++f) y[m * F + f] = g[f] / (1.f + std::exp(-g[f])) * g[F + f];
-  }
+  for (int64_t m = 0; m < M; ++m) silu_mul_row(gu + m * 2 * F, gu + m * 2 * F + F, F, y + m * F);
   return 0;
 }
 
