@@ -185,6 +185,25 @@ def test_library_is_built_once_per_machine_and_found_again(tmp_path):
     assert again.stdout == first.stdout and built[0].stat().st_mtime_ns == mtime
 
 
+def test_without_onednn_the_kernels_say_so_and_training_keeps_mindspores_ops(tmp_path):
+    """The training GEMMs link the oneDNN inside the mindspore wheel; a MindSpore without it gets
+    the reason, no library and the MindSpore-ops model (a fresh process: library() is cached)."""
+    code = """
+from internlm_core import kernels
+from internlm_core.config import Config
+from internlm_core.model import InternLMForCausalLM
+kernels.DNNL = "libdnnl.so.0-not-here"
+print("LIB", kernels.library())
+print("WHY", kernels.unavailable())
+print("TRAIN", InternLMForCausalLM(Config.from_name("tiny")).use_training_kernels())
+"""
+    env = {**os.environ, "INTERNLM_KERNEL_DIR": str(tmp_path / "k")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert "LIB None" in out.stdout and "TRAIN False" in out.stdout
+    assert "WHY this MindSpore ships no oneDNN (" in out.stdout and "libdnnl.so.0-not-here is missing)" in out.stdout
+    assert not (tmp_path / "k").exists()
+
+
 def test_without_a_compiler_the_engine_runs_mindspores_ops(tmp_path, tiny_model_dir):
     """No g++: the kernels say why, the engine logs it and serves with MindSpore's ops, and its
     logits equal the kernels' to float rounding."""
