@@ -66,11 +66,11 @@ int gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* a, int6
   const bool by_cols = N >= M;  // slice the longer side of C, in multiples of 64
   const int64_t side = by_cols ? N : M;
   const int64_t step = ((side + threads - 1) / threads + 63) / 64 * 64;
+  const char tra = ta ? 'T' : 'N', trb = tb ? 'T' : 'N';
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(| : status)
   for (int t = 0; t < threads; ++t) {
     const int64_t lo = t * step, hi = std::min(side, lo + step);
     if (lo >= hi) continue;
-    const char tra = ta ? 'T' : 'N', trb = tb ? 'T' : 'N';
     if (by_cols)  // columns lo..hi of C: op(B)'s columns, at row lo of B^T or column lo of B
       status |= dnnl_sgemm(tra, trb, M, hi - lo, K, 1.f, a, lda, tb ? b + lo * ldb : b + lo, ldb, beta, c + lo, N);
     else  // rows lo..hi of C: op(A)'s rows, at column lo of A^T or row lo of A
@@ -376,7 +376,7 @@ int CausalAttention(int nparam, void** params, int* ndims, int64_t** shapes, con
           for (int64_t j = 0; j <= i0 + r; ++j) row[j] /= sum;
           lse[(b * a.H + h) * T + i0 + r] = m + std::log(sum);
         }
-        // out rows i0..e of head h = p v[0:e], written in place in the (B, T, H * D) layout
+        // out rows i0..i0+n of head h = p v[0:e], written in place in the (B, T, H * D) layout
         status |= dnnl_sgemm('N', 'N', n, D, e, 1.f, s.data(), e, in.v + b * T * KD + g * D, KD, 0.f,
                              out + (b * T + i0) * HD + h * D, HD);
       }
