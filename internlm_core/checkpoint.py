@@ -231,11 +231,17 @@ def atomic_folder(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
 
 
 def copy_tokenizer(src_folder: Path | None, dst_folder: Path) -> None:
-    """Keep the model's own tokenizer when it has one; else the bundled InternLM tokenizer."""
-    from .tokenizer import BUNDLED_MODEL
+    """Keep the model's own tokenizer files (``tokenizer.model`` and the files that name its special
+    tokens) when it has them; else the bundled InternLM tokenizer."""
+    from .tokenizer import BUNDLED_MODEL, TOKENIZER_FILES
 
-    src = Path(src_folder) / TOKENIZER_FILE if src_folder else None
-    shutil.copyfile(src if src and src.is_file() else BUNDLED_MODEL, Path(dst_folder) / TOKENIZER_FILE)
+    src = Path(src_folder) if src_folder else None
+    if src is None or not (src / TOKENIZER_FILE).is_file():
+        shutil.copyfile(BUNDLED_MODEL, Path(dst_folder) / TOKENIZER_FILE)
+        return
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, Path(dst_folder) / name)
 
 
 def read_config(folder: str | Path) -> Config:

@@ -130,7 +130,7 @@ class Config:
             bias = hf.get("bias", hf.get("attention_bias", False))
             heads = hf["num_attention_heads"]
             kv_heads = hf.get("num_key_value_heads", heads)
-            family = "internlm2" if hf.get("model_type") == "internlm2" else "internlm"
+            family = hf_family(hf)
             if kv_heads != heads and family != "internlm2":
                 raise ConfigError("grouped-query attention is not part of InternLM v1 (model_type internlm2 has it)")
             return cls(
@@ -218,8 +218,31 @@ class Config:
         }
 
 
+def hf_family(hf: dict) -> str:
+    """The family of an HF config from its ``model_type`` and ``architectures``, which must agree;
+    a type or architecture this project does not know is a ConfigError naming it."""
+    model_type, archs = hf.get("model_type"), hf.get("architectures") or []
+    if model_type is not None and model_type not in HF_MODEL_TYPES:
+        raise ConfigError(f"model_type {model_type!r} is not a model this project knows "
+                          f"(known: {', '.join(HF_MODEL_TYPES)})")
+    if not isinstance(archs, list) or any(a not in HF_ARCHITECTURES for a in archs):
+        raise ConfigError(f"architectures {archs!r} is not a model this project knows "
+                          f"(known: {', '.join(HF_ARCHITECTURES)})")
+    families = {HF_ARCHITECTURES[a] for a in archs} | ({HF_MODEL_TYPES[model_type]} if model_type else set())
+    if len(families) > 1:
+        raise ConfigError(f"model_type {model_type!r} and architectures {archs} name different models")
+    if not families:
+        raise ConfigError("the HF config names neither a model_type nor architectures: cannot tell which model it is")
+    return families.pop()
+
+
 DTYPES = ("float32", "float16", "bfloat16")  # the weight and compute dtypes, as every path names them
 FAMILIES = ("internlm", "internlm2")
+# What an HF config.json says -> the family it is. LLaMA's layout and names are InternLM v1's (less
+# the bias), so a LLaMA config reads as v1; anything else is refused by name, never read as v1.
+HF_MODEL_TYPES = {"internlm": "internlm", "llama": "internlm", "internlm2": "internlm2"}
+HF_ARCHITECTURES = {"InternLMForCausalLM": "internlm", "LlamaForCausalLM": "internlm",
+                    "InternLM2ForCausalLM": "internlm2"}
 
 # Numbers from InternLM's HF configs (shared/reference/internlm-v1.md), not the MindFormers
 # yamls, which carry num_heads 60 and rms_norm_eps 1e-5 for 20B by mistake.

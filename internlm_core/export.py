@@ -43,6 +43,7 @@ from .engine_api import EngineBase, bucket, decode_inputs, prefill_inputs
 from .errors import ExportError, PromptTooLong
 from .loader import load_model, set_runtime
 from .model import MS_DTYPES
+from .tokenizer import TOKENIZER_FILES
 
 MANIFEST_FORMAT = "internlm-mindir/1"
 GRAPHS = ("prefill", "decode")
@@ -175,6 +176,8 @@ def export_mindir(model_dir, dst, max_batch: int = 1, max_len: int | None = None
             "preset": cfg.name,
             "config": cfg.to_dict(),
             "tokenizer_sha256": sha256_file(tmp / TOKENIZER_FILE),
+            # every tokenizer file: tokenizer_config.json gives the chat ids their names
+            "tokenizer_files": {name: sha256_file(tmp / name) for name in TOKENIZER_FILES if (tmp / name).is_file()},
             "max_batch": max_batch,
             "max_len": max_len,
             "dynamic": dynamic,
@@ -234,13 +237,17 @@ def check_exported(folder) -> tuple[dict, Config]:
                          for k, v in cfg.to_dict().items() if manifest["config"].get(k) != v)
         raise ExportError(f"{CONFIG_FILE} does not match the graphs' manifest (exported from preset "
                           f"{manifest.get('preset')!r}): {diff}")
-    tok = folder / TOKENIZER_FILE
-    if not tok.is_file():
-        raise ExportError(f"{folder} has no {TOKENIZER_FILE}")
-    digest = sha256_file(tok)
-    if digest != manifest.get("tokenizer_sha256"):
-        raise ExportError(f"{TOKENIZER_FILE} (sha256 {digest[:12]}) is not the tokenizer the graphs were exported "
-                          f"with (sha256 {str(manifest.get('tokenizer_sha256'))[:12]})")
+    exported_files = manifest.get("tokenizer_files") or {TOKENIZER_FILE: manifest.get("tokenizer_sha256")}
+    for name in TOKENIZER_FILES:
+        want, path = exported_files.get(name), folder / name
+        if want is None and path.is_file():
+            raise ExportError(f"{name} is not part of the tokenizer the graphs were exported with")
+        if want is not None and not path.is_file():
+            raise ExportError(f"{folder} has no {name}")
+        digest = sha256_file(path) if want is not None else None
+        if digest != want:
+            raise ExportError(f"{name} (sha256 {digest[:12]}) is not the tokenizer the graphs were exported with "
+                              f"(sha256 {str(want)[:12]})")
     for name in GRAPHS:
         g = manifest.get("graphs", {}).get(name) or {}
         file = g.get("file")

@@ -1,7 +1,14 @@
 """The InternLM tokenizers: a sentencepiece model plus what the HF wrapper adds, and each
 family's chat format (``CHAT_FORMATS``): v1's ``<|User|>:...<eoh>`` and InternLM2's ChatML
-``<|im_start|>user\n...<|im_end|>``. A tokenizer knows its family from its own pieces (InternLM2's
-has ``<|im_end|>``), so the chat format and the stop ids always match the vocabulary.
+``<|im_start|>user\n...<|im_end|>``.
+
+A tokenizer is the files of a checkpoint's folder: ``tokenizer.model`` and, where present,
+``tokenizer_config.json`` (``added_tokens_decoder``) and ``tokenizer.json`` (``added_tokens``),
+which give ids their names. The real InternLM2 / 2.5 model names ids 92538..92543
+``[UNUSED_TOKEN_141]``..``[UNUSED_TOKEN_146]``; only its ``tokenizer_config.json`` says they are
+``<|plugin|>`` .. ``<|im_start|>``. The family (which chat format) comes from the model's config when
+one is at hand, else from the names the tokenizer knows; a tokenizer lacking its family's chat tokens
+is refused with the file that should name them.
 
 Text is encoded as plain text by default: a ``<s>`` or ``<eoa>`` typed by a user is those
 characters, never the control token, so user text cannot forge the chat format (prompt
@@ -13,6 +20,7 @@ placeholders), which sentencepiece itself matches anywhere in raw text. The chat
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +29,7 @@ from typing import Iterable, Sequence
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
+from .checkpoint import TOKENIZER_FILE
 from .errors import TokenizerError
 
 BUNDLED_MODEL = Path(__file__).parent / "assets" / "tokenizer.model"
@@ -63,8 +72,71 @@ CHAT_FORMATS = {
 }
 
 _SPECIAL = {"<s>": BOS, "</s>": EOS, "<unk>": UNK}
-_SPECIAL_TEXT = {v: k for k, v in _SPECIAL.items()}
 _USER_DEFINED = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+
+CONFIG_FILE = "tokenizer_config.json"  # HF: added_tokens_decoder {id: {content, special, ...}}
+FAST_FILE = "tokenizer.json"  # HF fast tokenizer: added_tokens [{id, content, special, ...}]
+# What makes a checkpoint's tokenizer: copied with the model by conversion, training and export.
+TOKENIZER_FILES = (TOKENIZER_FILE, CONFIG_FILE, FAST_FILE, "special_tokens_map.json")
+MAX_ADDED_TOKENS = 4096  # more names than any published tokenizer gives; bounds a hostile file
+MAX_NAME_CHARS = 256
+MAX_FILE_BYTES = 64 << 20  # a tokenizer.json of a large vocabulary is a few MB
+
+
+@dataclass(frozen=True)
+class AddedToken:
+    """A name a checkpoint's tokenizer files give an id; ``special`` tokens are left out of text
+    decoded with ``skip_special``."""
+    content: str
+    special: bool = True
+
+
+def _read_json(path: Path) -> dict:
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise TokenizerError(f"{path}: {path.stat().st_size} bytes, more than a tokenizer file has ({MAX_FILE_BYTES})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_added_tokens(folder: str | Path) -> dict[int, AddedToken]:
+    """The ids a checkpoint's tokenizer files name: ``tokenizer_config.json``'s
+    ``added_tokens_decoder`` and ``tokenizer.json``'s ``added_tokens`` (either may be absent; where
+    both name an id they must agree)."""
+    folder = Path(folder)
+    entries: list[tuple[Path, object, object]] = []  # (file, id, entry)
+    if (folder / CONFIG_FILE).is_file():
+        path = folder / CONFIG_FILE
+        decoder = _read_json(path).get("added_tokens_decoder") or {}
+        if not isinstance(decoder, dict):
+            raise TokenizerError(f"{path}: added_tokens_decoder must be an object of id -> token")
+        entries += [(path, i, e) for i, e in decoder.items()]
+    if (folder / FAST_FILE).is_file():
+        path = folder / FAST_FILE
+        added = _read_json(path).get("added_tokens") or []
+        if not isinstance(added, list):
+            raise TokenizerError(f"{path}: added_tokens must be a list")
+        entries += [(path, e.get("id") if isinstance(e, dict) else None, e) for e in added]
+    if len(entries) > 2 * MAX_ADDED_TOKENS:
+        raise TokenizerError(f"{folder}: {len(entries)} added tokens, more than {MAX_ADDED_TOKENS} per file")
+    tokens: dict[int, AddedToken] = {}
+    for path, raw_id, entry in entries:
+        try:
+            i = int(raw_id)
+        except (TypeError, ValueError):
+            raise TokenizerError(f"{path}: added token id {raw_id!r} is not an integer") from None
+        content = entry.get("content") if isinstance(entry, dict) else None
+        if not isinstance(content, str) or not 0 < len(content) <= MAX_NAME_CHARS:
+            raise TokenizerError(f"{path}: added token {i} needs a content of 1..{MAX_NAME_CHARS} characters")
+        token = AddedToken(content, bool(entry.get("special", True)))
+        if tokens.get(i, token).content != content:
+            raise TokenizerError(f"{path}: names id {i} {content!r}, but {CONFIG_FILE} names it {tokens[i].content!r}")
+        tokens[i] = token
+    return tokens
 
 
 def _alternation(strings: Iterable[str]) -> re.Pattern:
@@ -72,11 +144,30 @@ def _alternation(strings: Iterable[str]) -> re.Pattern:
     return re.compile("(" + "|".join(re.escape(s) for s in sorted(strings, key=len, reverse=True)) + ")")
 
 
+def _family_of(names) -> str | None:
+    """The family whose chat format's control tokens are all among ``names`` (InternLM2's first: a
+    vocabulary could hold v1's pieces as well)."""
+    for family in ("internlm2", "internlm"):
+        if _controls(CHAT_FORMATS[family]) <= set(names):
+            return family
+    return None
+
+
+def _controls(fmt: ChatFormat) -> set[str]:
+    return {p for turn in (fmt.system, fmt.user, fmt.assistant, fmt.generation_prompt, fmt.stops)
+            for p in turn if isinstance(p, Control)}
+
+
 class Tokenizer:
-    def __init__(self, model_file: str | Path | None = None, family: str | None = None):
-        """``family`` (internlm | internlm2) picks the chat format; by default the tokenizer's own
-        pieces say (InternLM2's has ``<|im_end|>``)."""
+    def __init__(self, model_file: str | Path | None = None, family: str | None = None,
+                 added_tokens: dict[int, AddedToken] | None = None):
+        """``model_file`` (or a folder holding it; default: the bundled v1 tokenizer) with the names its folder's
+        ``tokenizer_config.json`` / ``tokenizer.json`` give ids (or ``added_tokens``). ``family``
+        (internlm | internlm2), from the model's config, picks the chat format; without it the
+        names the tokenizer knows say which (InternLM2's has ``<|im_end|>``)."""
         self.model_file = Path(model_file) if model_file else BUNDLED_MODEL
+        if self.model_file.is_dir():  # a checkpoint's folder
+            self.model_file = self.model_file / TOKENIZER_FILE
         if not self.model_file.is_file():
             raise TokenizerError(f"tokenizer model not found: {self.model_file}")
         self.sp = spm.SentencePieceProcessor(model_file=str(self.model_file))
@@ -84,28 +175,54 @@ class Tokenizer:
         proto = sentencepiece_model_pb2.ModelProto.FromString(self.sp.serialized_model_proto())
         # the pieces sentencepiece matches in raw text wherever they occur
         self._user_defined = {p.piece: i for i, p in enumerate(proto.pieces) if p.type == _USER_DEFINED}
-        self._specials = {**self._user_defined, **_SPECIAL}
+        self.added_tokens = read_added_tokens(self.model_file.parent) if added_tokens is None else dict(added_tokens)
+        outside = sorted(i for i in self.added_tokens if not 0 <= i < self.vocab_size)
+        if outside:
+            raise TokenizerError(f"{self.model_file.parent / CONFIG_FILE} names id {outside[0]}, outside "
+                                 f"{self.model_file.name}'s {self.vocab_size} pieces")
+        # name -> id of every token that is not text: <s> </s> <unk>, the user-defined pieces by
+        # their piece names, and the names the checkpoint's files give (which win)
+        self.special_tokens = {**self._user_defined, **_SPECIAL,
+                               **{t.content: i for i, t in self.added_tokens.items()}}
+        # id -> the text decode writes for it, and the ids skip_special drops
+        self._names = {**{v: k for k, v in _SPECIAL.items()}, **{i: t.content for i, t in self.added_tokens.items()}}
+        self._skipped = set(_SPECIAL.values()) | {i for i, t in self.added_tokens.items() if t.special}
         self._user_defined_re = _alternation(self._user_defined) if self._user_defined else None
-        self._specials_re = _alternation(self._specials)
-        self.family = family or ("internlm2" if "<|im_end|>" in self._user_defined else "internlm")
-        if self.family not in CHAT_FORMATS:
-            raise TokenizerError(f"unknown model family {self.family!r}; known: {', '.join(CHAT_FORMATS)}")
-        self.chat_format = CHAT_FORMATS[self.family]
-        fmt = self.chat_format
-        controls = {p for turn in (fmt.system, fmt.user, fmt.assistant, fmt.generation_prompt, fmt.stops)
-                    for p in turn if isinstance(p, Control)}
-        missing = sorted(p for p in controls if p not in self._user_defined)
+        self._specials_re = _alternation(self.special_tokens)
+        known = family or _family_of(self.special_tokens)
+        if known is None:
+            raise TokenizerError(f"{self.model_file} is not a tokenizer of a family this project knows: it names "
+                                 f"neither <|im_start|>, <|im_end|> (internlm2: in {CONFIG_FILE}'s "
+                                 f"added_tokens_decoder or as pieces) nor <eoh>, <eoa> (internlm)")
+        if known not in CHAT_FORMATS:
+            raise TokenizerError(f"unknown model family {known!r}; known: {', '.join(CHAT_FORMATS)}")
+        self.family = known
+        self.chat_format = CHAT_FORMATS[known]
+        controls = _controls(self.chat_format)
+        missing = sorted(p for p in controls if p not in self.special_tokens)
         if missing:
-            raise TokenizerError(f"{self.model_file} has no single piece for {', '.join(missing)}: "
-                                 f"not a tokenizer of the {self.family} family")
-        self.control_ids = {p: self._user_defined[p] for p in controls}
-        # what ends an answer: eos and the format's own end-of-turn piece
-        self.stop_ids = (EOS, *(self.control_ids[p] for p in fmt.stops))
+            where = self.model_file.parent / CONFIG_FILE
+            said = (f"{where}'s added_tokens_decoder does not name them" if where.is_file()
+                    else f"there is no {where} (added_tokens_decoder) to name them")
+            raise TokenizerError(f"the {known} chat format needs {', '.join(missing)}, which this tokenizer does not "
+                                 f"have: {self.model_file.name} has no such pieces and {said}")
+        self.control_ids = {p: self.special_tokens[p] for p in controls}
+        # what ends an answer: eos and the format's own end-of-turn token
+        self.stop_ids = (EOS, *(self.control_ids[p] for p in self.chat_format.stops))
+
+    @classmethod
+    def for_model(cls, folder: str | Path, family: str) -> "Tokenizer":
+        """The tokenizer of a model folder (the bundled v1 one where it has none) for its config's family."""
+        path = Path(folder) / TOKENIZER_FILE
+        if not path.is_file() and family != "internlm":
+            raise TokenizerError(f"{folder} has no {TOKENIZER_FILE}: an {family} model needs its own tokenizer "
+                                 f"(the bundled one is InternLM v1's)")
+        return cls(path if path.is_file() else None, family=family)
 
     # ---- ids <-> text ------------------------------------------------------------------
     def encode(self, text: str, bos: bool = True, eos: bool = False, allow_special: bool = False) -> list[int]:
         """Token ids of ``text`` as plain text (see the module docstring); with ``allow_special``
-        the literal special strings (``<s>``, ``</s>``, ``<unk>``, ``<eoh>``, ``<eoa>``, ...) become their ids."""
+        the literal special strings (``<s>``, ``</s>``, ``<unk>``, ``<eoh>``, ``<|im_end|>``, ...) become their ids."""
         ids = [BOS] if bos else []
         ids.extend(self._encode_text(text, allow_special))
         if eos:
@@ -116,8 +233,8 @@ class Tokenizer:
         ids: list[int] = []
         if allow_special:
             for part in self._specials_re.split(text):
-                if part in self._specials:
-                    ids.append(self._specials[part])
+                if part in self.special_tokens:
+                    ids.append(self.special_tokens[part])
                 elif part:
                     ids.extend(self.sp.encode(part))
             return ids
@@ -126,7 +243,8 @@ class Tokenizer:
         for part in self._user_defined_re.split(text):
             if part in self._user_defined:
                 # Encoded on their own, its first character and the rest no longer form the piece;
-                # the ids decode back to the same text.
+                # the ids decode back to the same text. (A one-character piece, such as InternLM2's
+                # full-width letters, is that character's own token either way.)
                 ids.extend(self.sp.encode(part[:1]))
                 ids.extend(self._encode_text(part[1:], False))
             elif part:
@@ -134,8 +252,9 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
-        """Text of ``ids``; ``<s>``, ``</s>``, ``<unk>`` come back as those literal strings
-        (as HF's tokenizer does), so ``decode(encode(text))`` is ``text``."""
+        """Text of ``ids``; ``<s>``, ``</s>``, ``<unk>`` and the ids the checkpoint's files name come
+        back as those names (as HF's tokenizer does: 92542 is ``<|im_end|>``, not the model's
+        ``[UNUSED_TOKEN_145]``), so ``decode(encode(text))`` is ``text``; ``skip_special`` drops them."""
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
@@ -143,11 +262,11 @@ class Tokenizer:
         if skip_special:
             # Dropped before decoding, as HF does: byte pieces on both sides of a skipped id still
             # form their character (decoded apart, each side would be U+FFFD).
-            return self.sp.decode([i for i in ids if i not in _SPECIAL_TEXT])
+            ids = [i for i in ids if i not in self._skipped]
         out, run = [], []
         for i in ids:
-            if i in _SPECIAL_TEXT:
-                out += [self.sp.decode(run), _SPECIAL_TEXT[i]]
+            if i in self._names:
+                out += [self.sp.decode(run), self._names[i]]
                 run = []
             else:
                 run.append(i)

@@ -17,8 +17,8 @@ from pathlib import Path
 from prometheus_client import Counter, Gauge, Histogram
 
 from internlm_core.batching import Batcher, BatcherMetrics
-from internlm_core.checkpoint import TOKENIZER_FILE
-from internlm_core.errors import AdapterError, ModelNotFound, TokenizerError
+from internlm_core.checkpoint import read_config
+from internlm_core.errors import AdapterError, CheckpointError, ModelNotFound, TokenizerError
 from internlm_core.generation import FINISH_ABORTED, SamplingParams
 from internlm_core.tokenizer import BOS, Tokenizer
 
@@ -169,6 +169,11 @@ def main(argv: list[str] | None = None) -> None:
 
     folder = Path(args.model)
     name = args.name or folder.resolve().name
+    try:  # the model's family picks the chat format and stops; its tokenizer must name their tokens.
+        # Checked before the weights load: a wrong folder is refused in a second, not after minutes.
+        tokenizer = Tokenizer.for_model(folder, read_config(folder).family)
+    except (TokenizerError, CheckpointError) as e:
+        raise SystemExit(f"worker: {e}") from None
     try:
         engine = open_engine(folder, max_batch=args.max_batch, max_len=args.max_len or None)
     except MemoryError as e:  # refused before allocating: say so plainly instead of a traceback
@@ -181,11 +186,6 @@ def main(argv: list[str] | None = None) -> None:
             engine.load_adapter(adapter, path)
         except AdapterError as e:  # not an adapter of this model, or an engine that has none
             raise SystemExit(f"worker: --adapter {spec}: {e}") from None
-    tok_file = folder / TOKENIZER_FILE
-    try:  # the model's family picks the chat format and stops; its tokenizer must have their pieces
-        tokenizer = Tokenizer(tok_file if tok_file.is_file() else None, family=engine.config.family)
-    except TokenizerError as e:
-        raise SystemExit(f"worker: {e}") from None
     metrics = PrometheusMetrics()
     batcher = Batcher(engine, tokenizer, args.max_queue, metrics).start()
     metrics.watch(batcher)

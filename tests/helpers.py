@@ -16,6 +16,9 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("INTERNLM_SHARED", REPO.parent / "shared"))
 DATA = SHARED / "data"
 TOKENIZER_MODEL = DATA / "internlm-tokenizer" / "tokenizer.model"
+# The real InternLM2 / 2.5 tokenizer: its tokenizer.model names the chat ids [UNUSED_TOKEN_*], its
+# tokenizer_config.json names them <|im_start|> etc. (as a published checkpoint's folder has them)
+V2_TOKENIZER = DATA / "internlm2-tokenizer"
 
 
 def llama_config(cfg):
@@ -111,6 +114,19 @@ def save_internlm2_folder(model, cfg, folder: Path, group_order=None) -> Path:
               metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(cfg.to_hf_config(), indent=2))
     return folder
+
+
+def internlm2_checkpoint(folder: Path, seed: int = 5, **overrides) -> tuple[object, Path]:
+    """(HF reference model, folder): a tiny InternLM2 HF folder as InternLM publishes one, with the
+    real tokenizer's 92544-id vocabulary, its ``tokenizer.model`` and ``tokenizer_config.json``."""
+    from internlm_core.config import Config
+
+    cfg = Config.from_name("tiny-v2", vocab_size=92544, **overrides)
+    ref = hf_reference_model(cfg, seed=seed)
+    folder = save_internlm2_folder(ref, cfg, folder)
+    for f in V2_TOKENIZER.iterdir():
+        shutil.copyfile(f, folder / f.name)
+    return ref, folder
 
 
 def free_port() -> int:

@@ -51,3 +51,21 @@ def test_hf_config_missing_key():
     del hf["hidden_size"]
     with pytest.raises(ConfigError, match="hidden_size"):
         Config.from_hf_config(hf)
+
+
+def test_the_family_comes_from_model_type_and_architectures_and_unknown_ones_are_refused():
+    v1, v2 = Config.from_name("tiny").to_hf_config(), Config.from_name("tiny-v2").to_hf_config()
+    assert Config.from_hf_config(v2).family == "internlm2" and Config.from_hf_config(v1).family == "internlm"
+    llama = {**v1, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    assert Config.from_hf_config(llama).family == "internlm"  # LLaMA's layout is v1's
+    only_arch = {k: v for k, v in v2.items() if k != "model_type"}
+    assert Config.from_hf_config(only_arch).family == "internlm2"
+    for change, msg in [({"model_type": "internlm3", "architectures": ["InternLM3ForCausalLM"]},
+                         "model_type 'internlm3' is not a model this project knows"),
+                        ({"model_type": "qwen2"}, "model_type 'qwen2'"),
+                        ({"architectures": ["Qwen2ForCausalLM"]}, r"architectures \['Qwen2ForCausalLM'\]"),
+                        ({"architectures": ["InternLMForCausalLM"]}, "name different models"),
+                        ({"model_type": None, "architectures": None}, "names neither a model_type nor architectures")]:
+        hf = {k: v for k, v in {**v2, **change}.items() if v is not None}
+        with pytest.raises(ConfigError, match=msg):
+            Config.from_hf_config(hf)

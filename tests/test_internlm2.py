@@ -155,9 +155,9 @@ def test_a_tokenizer_without_the_familys_pieces_is_refused(v2_tokenizer_file):
     from internlm_core.tokenizer import Tokenizer
 
     assert Tokenizer().family == "internlm"  # the bundled v1 tokenizer
-    with pytest.raises(TokenizerError, match=r"no single piece for <\|im_end\|>, <\|im_start\|>"):
+    with pytest.raises(TokenizerError, match=r"internlm2 chat format needs <\|im_end\|>, <\|im_start\|>"):
         Tokenizer(family="internlm2")
-    with pytest.raises(TokenizerError, match="<eoa>"):
+    with pytest.raises(TokenizerError, match="internlm chat format needs <eoa>, <eoh>"):
         Tokenizer(v2_tokenizer_file, family="internlm")
 
 
@@ -200,3 +200,121 @@ def test_the_exported_graphs_decode_as_the_eager_engine(v2_dir, tmp_path):
     exported = [e.token_id for e in generate(ExportedEngine(folder), prompt, params)]
     eager = [e.token_id for e in generate(Engine(load_model(v2_dir), max_batch=1, max_len=96), prompt, params)]
     assert exported == eager
+
+
+# ---- a checkpoint as InternLM publishes it: the real tokenizer and its tokenizer_config.json ------
+
+REAL_CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello 你好, what is a river?"}]
+
+
+@pytest.fixture(scope="module")
+def real_v2(tmp_path_factory):
+    """(HF reference model, converted folder, HF reference tokenizer) for a tiny InternLM2 with the
+    real tokenizer files and their 92544-id vocabulary."""
+    from transformers import LlamaTokenizer
+
+    from tests.helpers import internlm2_checkpoint
+
+    root = tmp_path_factory.mktemp("real-v2")
+    ref, hf = internlm2_checkpoint(root / "hf", seed=7)
+    hf_to_ms(hf, root / "ms")
+    # the reference tokenizer: see tests/test_tokenizer_internlm2.py for why LlamaTokenizer(legacy=True)
+    return ref, root / "ms", LlamaTokenizer.from_pretrained(str(hf), legacy=True)
+
+
+def test_conversion_keeps_the_checkpoints_tokenizer_files_both_ways(real_v2, tmp_path):
+    from tests.helpers import V2_TOKENIZER
+
+    _, ms_dir, _ = real_v2
+    back = tmp_path / "back"
+    ms_to_hf(ms_dir, back)
+    for folder in (ms_dir, back):
+        for name in ("tokenizer.model", "tokenizer_config.json"):
+            assert (folder / name).read_bytes() == (V2_TOKENIZER / name).read_bytes(), (folder, name)
+
+
+def test_generate_chat_through_the_cli_uses_the_published_chat_ids(real_v2):
+    """``internlm generate --chat`` (and ``--ids``, and a plain prompt) on the converted folder: the
+    prompt is the published template's ids, and the tokens are the core's greedy ones from them."""
+    import subprocess
+    import sys
+
+    from internlm_core.tokenizer import Tokenizer
+    from tests.helpers import REPO
+
+    _, ms_dir, hf_tok = real_v2
+
+    def cli(*args):
+        out = subprocess.run([sys.executable, "-m", "services.cli", "generate", "--model", str(ms_dir), *args,
+                              "--max-new-tokens", "8", "--temperature", "0", "--json"],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    want_prompt = list(hf_tok.apply_chat_template(REAL_CHAT, add_generation_prompt=True, tokenize=True))
+    tok = Tokenizer.for_model(ms_dir, "internlm2")
+    assert tok.encode_chat(REAL_CHAT) == want_prompt
+    engine = Engine(load_model(ms_dir), max_batch=1, max_len=64)
+    params = SamplingParams(max_new_tokens=8, temperature=0.0)
+    want = [e.token_id for e in generate(engine, want_prompt, params, tok)]
+    res = cli("--chat", "--system", REAL_CHAT[0]["content"], REAL_CHAT[1]["content"])
+    assert res["prompt_tokens"] == len(want_prompt) and res["token_ids"] == want
+    assert res["text"] == tok.decode(want, skip_special=True) and "[UNUSED_TOKEN" not in res["text"]
+    assert cli("--ids", "1,2000,3000")["prompt_tokens"] == 3
+    assert cli("Hello 你好")["prompt_tokens"] == 4  # bos + [9843, 262, 77230]
+
+
+def test_alpaca_rows_and_a_lora_fine_tune_with_the_real_tokenizer(real_v2, tmp_path):
+    """Alpaca rows in ChatML with the published ids (the prompt as HF's template renders it, the
+    answer closed by <|im_end|> 92542, newline, eos), then a LoRA fine-tune on them whose adapter
+    the engine serves."""
+    from internlm_core.data import IGNORE, load_rows, preprocess
+    from internlm_core.tokenizer import Tokenizer
+    from internlm_core.train import Trainer
+    from internlm_core.train_args import TrainArgs
+    from tests.helpers import DATA
+
+    _, ms_dir, hf_tok = real_v2
+    tok = Tokenizer.for_model(ms_dir, "internlm2")
+    records = [r for r in json.loads((DATA / "alpaca" / "alpaca_zh.json").read_text())
+               if len(r["instruction"]) + len(r["input"]) + len(r["output"]) < 40][:8]
+    assert len(records) == 8
+    (tmp_path / "a.json").write_text(json.dumps(records, ensure_ascii=False))
+    preprocess("alpaca", tmp_path / "a.json", tmp_path / "ds", seq_length=63, tokenizer=tok)
+    ids, labels = load_rows(tmp_path / "ds")
+    rec = records[0]
+    user = rec["instruction"] + ("\n" + rec["input"] if rec["input"] else "")
+    prompt = list(hf_tok.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
+                                             tokenize=True))
+    answer = hf_tok.encode(rec["output"], add_special_tokens=False) + [92542] + hf_tok.encode(
+        "\n", add_special_tokens=False) + [2]
+    assert ids[0, :len(prompt) + len(answer)].tolist() == prompt + answer
+    assert (labels[0, :len(prompt)] == IGNORE).all() and labels[0, len(prompt):len(prompt) + len(answer)].tolist() == answer
+    args = TrainArgs(model=str(ms_dir), data=str(tmp_path / "ds"), out=str(tmp_path / "adapter"), mode="lora",
+                     max_steps=4, batch_size=2, lr=1e-2, save_every=0, seed=1)
+    history = Trainer(args, tmp_path / "work").fit()
+    assert len(history) == 4 and all(np.isfinite(r["loss"]) for r in history)
+    engine = Engine(load_model(ms_dir), max_batch=1, max_len=64)
+    index = engine.load_adapter("zh", Trainer(args, tmp_path / "work").save())
+    assert index == 1
+
+
+def test_the_exported_folder_keeps_and_checks_the_tokenizer_config(real_v2, tmp_path):
+    from internlm_core.errors import ExportError
+    from internlm_core.export import ExportedEngine, export_mindir, read_manifest
+    from internlm_core.tokenizer import Tokenizer
+
+    _, ms_dir, hf_tok = real_v2
+    folder = export_mindir(ms_dir, tmp_path / "mindir", max_batch=1, max_len=64)
+    assert set(read_manifest(folder)["tokenizer_files"]) == {"tokenizer.model", "tokenizer_config.json"}
+    tok = Tokenizer.for_model(folder, "internlm2")
+    prompt = tok.encode_chat(REAL_CHAT)
+    assert prompt == list(hf_tok.apply_chat_template(REAL_CHAT, add_generation_prompt=True, tokenize=True))
+    params = SamplingParams(max_new_tokens=10, stop_token_ids=[], ignore_eos=True)
+    exported = [e.token_id for e in generate(ExportedEngine(folder), prompt, params)]
+    eager = [e.token_id for e in generate(Engine(load_model(ms_dir), max_batch=1, max_len=64), prompt, params)]
+    assert exported == eager
+    config = folder / "tokenizer_config.json"
+    config.write_text(config.read_text().replace("<|im_end|>", "<|end|>"))
+    with pytest.raises(ExportError, match="tokenizer_config.json .*is not the tokenizer the graphs were exported with"):
+        ExportedEngine(folder)

@@ -89,7 +89,7 @@ def generate(args) -> int:
         return remote_generate(args)
     from pathlib import Path
 
-    from internlm_core.checkpoint import TOKENIZER_FILE, read_config
+    from internlm_core.checkpoint import read_config
     from internlm_core.engine import open_engine
     from internlm_core.generation import generate as core_generate
     from internlm_core.tokenizer import Tokenizer
@@ -102,7 +102,7 @@ def generate(args) -> int:
     if not Path(args.model).is_dir():
         raise ValueError(f"model folder not found: {args.model}")
     cfg = read_config(args.model)
-    tok = Tokenizer(Path(args.model) / TOKENIZER_FILE)
+    tok = Tokenizer.for_model(args.model, cfg.family)
     if args.ids:
         prompt = [int(x) for x in args.ids.split(",") if x.strip()]
     elif args.chat:
