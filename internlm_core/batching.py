@@ -322,11 +322,26 @@ class Batcher:
         for i, (h, row) in enumerate(zip(handles, logits)):
             h.prefilled = len(h.context) if ends is None else ends[i]
             if h.prefilled == len(h.context):
-                self._emit(h, h.state.step(row, self.engine.max_len))
+                self._advance(h, row)
 
     def _after_decode(self, live: list[Handle], logits: np.ndarray) -> None:
         for h, row in zip(live, logits):
-            self._emit(h, h.state.step(row, self.engine.max_len))
+            self._advance(h, row)
+
+    def _advance(self, h: Handle, logits: np.ndarray) -> None:
+        """One request's next token from its row of the step's logits. Its sampling, penalties, stop
+        strings and detokenising are its own: a failure there ends this request alone, with its own
+        error, and the rest of the step goes on for everyone else (its KV rows were written by a
+        step that succeeded, so its slot stays reusable)."""
+        try:
+            ev = h.state.step(logits, self.engine.max_len)
+        except Exception as e:  # noqa: BLE001 - handed to this request's caller, who reports it
+            log.warning("request failed in its own sampling (%s: %s); the others in the step go on",
+                        type(e).__name__, e)
+            h.put(e)
+            self._end(h)
+            return
+        self._emit(h, ev)
 
     def _emit(self, h: Handle, ev: TokenEvent) -> None:
         now = time.monotonic()

@@ -110,6 +110,15 @@ def sample(logits: np.ndarray, rng: np.random.Generator) -> int:
 
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API allows
 _FLOAT_PARAMS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+# Each number's range, in one place: gRPC, HTTP and the CLI all validate through ``validate``.
+# OpenAI's where it has one; the others keep float32 arithmetic on the logits finite (a logit of ~30
+# divided by a repetition penalty of 1e-300 overflows to inf, and the NaNs that follow would fail
+# the request at its first token).
+RANGES = {"temperature": (0.0, 2.0), "repetition_penalty": (0.01, 100.0),
+          "presence_penalty": (-2.0, 2.0), "frequency_penalty": (-2.0, 2.0)}
+GREEDY_BELOW = 1e-5  # OpenAI accepts any temperature >= 0; dividing logits by a smaller one overflows
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 512  # OpenAI allows 4; every string is scanned after every token
+MAX_STOP_TOKEN_IDS = 256
 
 
 def _param(default, help: str):
@@ -147,24 +156,29 @@ class SamplingParams:
             value = getattr(self, name)
             if not isinstance(value, (int, float, np.number)) or not np.isfinite(value):
                 bad(f"{name} must be a finite number, got {value!r}")
-        if self.temperature < 0:
-            bad(f"temperature must be >= 0, got {self.temperature}")
+        for name, (low, high) in RANGES.items():
+            if not low <= getattr(self, name) <= high:
+                bad(f"{name} must be in [{low:g}, {high:g}], got {getattr(self, name)!r}")
         if self.top_k < 0:
             bad(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             bad(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p < 1:
             bad(f"min_p must be in [0, 1), got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if any(not s for s in self.stop):
-            bad("stop strings must not be empty")
+        if len(self.stop) > MAX_STOP_STRINGS or any(not 0 < len(s) <= MAX_STOP_CHARS for s in self.stop):
+            bad(f"stop takes at most {MAX_STOP_STRINGS} strings of 1..{MAX_STOP_CHARS} characters")
+        if self.stop_token_ids is not None and len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            bad(f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             bad(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
         return self
 
     def replace(self, **kw) -> "SamplingParams":
         return dataclasses.replace(self, **kw)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
 
 # The number-valued parameters, as every outer form names them (protobuf fields, CLI flags):
@@ -237,7 +251,7 @@ class SequenceState:
 
     def choose(self, logits: np.ndarray) -> int:
         p = self.params
-        if p.temperature == 0.0:
+        if p.greedy:
             return int(np.argmax(logits))
         logits = apply_temperature(logits, p.temperature)
         logits = top_k_filter(logits, p.top_k)
@@ -264,7 +278,7 @@ class SequenceState:
         masked stop id (masking only lowers those, so the masked argmax is the same token); None
         when ``choose(process(...))`` must decide. Saves a copy of the vocabulary every token."""
         p = self.params
-        if p.temperature != 0.0 or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+        if not p.greedy or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
             return None
         token = int(np.argmax(logits))
         return None if token in self.stop_ids and self._stops_masked() else token
@@ -283,7 +297,7 @@ class SequenceState:
             if self.finish_reason is not None:
                 raise ValueError(f"resumed token {i} of {len(tokens)} already ends the request "
                                  f"({self.finish_reason}): nothing is left to generate")
-        if self.params.temperature > 0 and len(tokens):
+        if not self.params.greedy and len(tokens):
             self.rng.random(len(tokens))
 
     def _record(self, token: int, max_len: int | None) -> str:

@@ -122,6 +122,31 @@ def test_bad_input_refused_at_submit(batcher, prompt, params, error):
     assert batcher.queued == 0
 
 
+def test_one_requests_own_failure_ends_it_alone(batcher, solo_engine, monkeypatch):
+    """A request whose own sampling raises (a fault injected into its SequenceState at its third
+    token, standing for any failure in sampling, penalties, stop strings or detokenising) gets that
+    error; the requests sharing its steps finish with every one of their solo tokens."""
+    from internlm_core import generation
+
+    real_step = generation.SequenceState.step
+
+    def step(self, logits, max_len=None):
+        if self.params.seed == 666 and len(self.generated) == 2:
+            raise ValueError("injected: this request's own sampling failed")
+        return real_step(self, logits, max_len)
+
+    monkeypatch.setattr(generation.SequenceState, "step", step)
+    victims = [(random_ids(n, 512, seed=40 + n), SamplingParams(max_new_tokens=12, ignore_eos=True)) for n in (4, 7)]
+    handles = [batcher.submit(p, sp) for p, sp in victims]
+    bad = batcher.submit(random_ids(5, 512, seed=3), SamplingParams(max_new_tokens=12, seed=666, ignore_eos=True))
+    with pytest.raises(ValueError, match="injected"):
+        list(bad)
+    assert len(bad.state.generated) == 2
+    for (prompt, params), h in zip(victims, handles):
+        assert [e.token_id for e in h] == solo(solo_engine, prompt, params) and h.finish_reason == "length"
+    assert wait_idle(batcher) == 0
+
+
 def test_unknown_adapter(batcher):
     with pytest.raises(AdapterNotFound):
         batcher.submit([3, 4], SamplingParams(), adapter="nope")

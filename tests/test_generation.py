@@ -277,3 +277,34 @@ def test_broken_bytes_before_a_stop_string_are_released_as_u_fffd(tokenizer):
         tokenizer.encode(" world", bos=False)
     texts, reason, st = _texts(tokenizer, SamplingParams(max_new_tokens=10, stop=[" w"]), ids)
     assert (texts, reason) == (["Hello", "", "", "\ufffd\ufffd"], "stop")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"repetition_penalty": 1e-300}, r"repetition_penalty must be in \[0.01, 100\]"),
+    ({"repetition_penalty": 1e6}, r"repetition_penalty must be in \[0.01, 100\]"),
+    ({"frequency_penalty": -1e308}, r"frequency_penalty must be in \[-2, 2\]"),
+    ({"presence_penalty": 2.5}, r"presence_penalty must be in \[-2, 2\]"),
+    ({"temperature": 2.5}, r"temperature must be in \[0, 2\]"),
+    ({"stop": ["x"] * 17}, "stop takes at most 16 strings of 1..512 characters"),
+    ({"stop": ["x" * 513]}, "stop takes at most 16 strings"),
+    ({"stop": [""]}, "stop takes at most 16 strings"),
+    ({"stop_token_ids": list(range(257))}, "stop_token_ids takes at most 256 ids"),
+])
+def test_every_number_has_a_range_that_keeps_the_arithmetic_finite(change, message):
+    """Values that pass as finite but overflow float32 on the logits (the NaNs then fail the request
+    at its first token, on a worker shared with others) are refused up front, with the range."""
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**change).validate()
+    for name, (low, high) in g.RANGES.items():  # the ends themselves are allowed
+        SamplingParams(**{name: low}).validate()
+        SamplingParams(**{name: high}).validate()
+
+
+def test_a_tiny_temperature_is_greedy():
+    """OpenAI accepts any temperature >= 0; below ``GREEDY_BELOW`` dividing by it overflows, so it
+    is greedy (1e-40 would otherwise turn every logit into +-inf and fail at prefill)."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 5, 1000).astype(np.float32)
+    for t in (1e-40, 1e-6, 0.0):
+        state = SequenceState([1], SamplingParams(max_new_tokens=3, temperature=t, seed=1), None, 1000)
+        assert state.step(logits).token_id == int(np.argmax(logits)), t
