@@ -256,6 +256,7 @@ _20B = dict(hidden_size=5120, intermediate_size=13824, num_layers=60, num_heads=
 # NTK with factor 2.0 over 32768 positions, no bias, vocabulary 92544.
 _V2 = dict(vocab_size=92544, num_kv_heads=8, max_position_embeddings=32768, rms_norm_eps=1e-5, bias=False,
            rope_base=1e6, rope_scaling="dynamic", rope_scaling_factor=2.0, dtype="bfloat16", family="internlm2")
+_V2_1_8B = dict(_V2, hidden_size=2048, intermediate_size=8192, num_layers=24, num_heads=16)
 _V2_7B = dict(_V2, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32)
 _V2_20B = dict(_V2, hidden_size=6144, intermediate_size=16384, num_layers=48, num_heads=48)
 
@@ -264,6 +265,9 @@ PRESETS: dict[str, dict] = {
     "internlm-chat-7b": _7B,
     "internlm-20b": _20B,
     "internlm-chat-20b": _20B,
+    "internlm2-1_8b": _V2_1_8B,
+    "internlm2-chat-1_8b": _V2_1_8B,
+    "internlm2_5-1_8b-chat": _V2_1_8B,
     "internlm2-7b": _V2_7B,
     "internlm2-chat-7b": _V2_7B,
     "internlm2_5-7b-chat": _V2_7B,

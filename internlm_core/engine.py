@@ -48,6 +48,7 @@ from .engine_api import EngineBase, bucket
 from .errors import PromptTooLong
 from .export import ExportedEngine
 from .loader import load_model
+from .memory import available_memory
 from .model import NEG_INF, InternLMForCausalLM, fused_rope_tables, rope_tables
 
 log = logging.getLogger(__name__)
@@ -73,16 +74,11 @@ PREFILL_MIN = 32  # prefill steps compute 32, 64 or 128 tokens a row
 MIN_ATTEND = 128  # smallest attended cache length: fewer shapes to compile, little waste
 
 
-def available_memory() -> int | None:
-    """Bytes the kernel says a new allocation can take (MemAvailable), or None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+def serving_dtypes(cfg) -> tuple[str, str]:
+    """(weights, KV cache) dtypes an ``Engine`` holds for ``cfg`` on this machine: what
+    ``memory.plan_serving`` sizes a worker by before loading. Today both float32 (weights are
+    widened at load, MindSpore's CPU ops compute in float32)."""
+    return "float32", "float32"
 
 
 class Engine(EngineBase):

@@ -17,9 +17,10 @@ from pathlib import Path
 from prometheus_client import Counter, Gauge, Histogram
 
 from internlm_core.batching import Batcher, BatcherMetrics
-from internlm_core.checkpoint import read_config
+from internlm_core.checkpoint import MANIFEST_FILE, read_config
 from internlm_core.errors import AdapterError, CheckpointError, ModelNotFound, TokenizerError
 from internlm_core.generation import FINISH_ABORTED, SamplingParams
+from internlm_core.memory import DEFAULT_SLOTS, available_memory, plan_serving
 from internlm_core.tokenizer import BOS, Tokenizer
 
 from services.pb_convert import chunk_to_pb, finish_to_pb, join_chunks, prompt_from_pb, sampling_from_pb
@@ -149,12 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--metrics-port", type=int, default=9101)
     ap.add_argument("--redis-url", default=env_default("INTERNLM_REDIS_URL", "redis://127.0.0.1:6379/0"),
                     help="where to register; '' = do not register")
-    ap.add_argument("--max-batch", type=int, default=int(env_default("INTERNLM_MAX_BATCH", "8")),
-                    help="slots in the running batch")
+    ap.add_argument("--max-batch", type=int, default=int(env_default("INTERNLM_MAX_BATCH", "0")),
+                    help="slots in the running batch (0 = up to 8, as many as the memory available holds)")
     ap.add_argument("--max-queue", type=int, default=int(env_default("INTERNLM_MAX_QUEUE", "32")),
                     help="requests waiting for a slot before RESOURCE_EXHAUSTED")
     ap.add_argument("--max-len", type=int, default=int(env_default("INTERNLM_MAX_LEN", "0")),
-                    help="positions per slot: prompt + generated (0 = the model's)")
+                    help="positions per slot: prompt + generated (0 = the model's, at most 4096, fewer where "
+                         "the memory available needs it)")
     ap.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                     help="serve a LoRA adapter folder under NAME (repeatable); requests pick it by name")
     return ap
@@ -165,18 +167,24 @@ def main(argv: list[str] | None = None) -> None:
     if not args.model:
         raise SystemExit("worker: give --model DIR (or set INTERNLM_MODEL)")
     setup_logging("worker")
-    from internlm_core.engine import open_engine
+    from internlm_core.engine import open_engine, serving_dtypes
 
     folder = Path(args.model)
     name = args.name or folder.resolve().name
     try:  # the model's family picks the chat format and stops; its tokenizer must name their tokens.
         # Checked before the weights load: a wrong folder is refused in a second, not after minutes.
-        tokenizer = Tokenizer.for_model(folder, read_config(folder).family)
+        cfg = read_config(folder)
+        tokenizer = Tokenizer.for_model(folder, cfg.family)
     except (TokenizerError, CheckpointError) as e:
         raise SystemExit(f"worker: {e}") from None
+    max_batch, max_len = args.max_batch or None, args.max_len or None
     try:
-        engine = open_engine(folder, max_batch=args.max_batch, max_len=args.max_len or None)
-    except MemoryError as e:  # refused before allocating: say so plainly instead of a traceback
+        if not (folder / MANIFEST_FILE).is_file():  # an exported pair is sized by its manifest
+            plan = plan_serving(cfg, *serving_dtypes(cfg), available_memory(), max_batch, max_len)
+            log.info("%d slots x %d positions: %s", plan.max_batch, plan.max_len, plan.reason)
+            max_batch, max_len = plan.max_batch, plan.max_len
+        engine = open_engine(folder, max_batch=max_batch or DEFAULT_SLOTS, max_len=max_len)
+    except MemoryError as e:  # refused before loading: say so plainly instead of a traceback
         raise SystemExit(f"worker: {e}") from None
     for spec in args.adapter:
         adapter, _, path = spec.partition("=")
@@ -199,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
              "CPU kernels" if engine.kernels else "MindSpore ops")
 
     server = Server("worker", args.port, args.host, args.metrics_port,
-                    max_workers=args.max_batch + args.max_queue + 8)
+                    max_workers=engine.max_batch + args.max_queue + 8)
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(batcher, tokenizer, name), server.grpc)
     address = advertised(args.host, args.port, args.advertise)
 

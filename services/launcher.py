@@ -76,7 +76,7 @@ def redis_command(port: int, data_dir: Path | str, bind: str = "127.0.0.1", fsyn
 def stack_env(redis_url: str, store: Path | str, host: str) -> dict[str, str]:
     """Settings every part reads from its environment (the same names in compose.yaml)."""
     return {"INTERNLM_REDIS_URL": redis_url, "INTERNLM_STORE": str(store), "INTERNLM_HOST": host,
-            "INTERNLM_MAX_BATCH": os.environ.get("INTERNLM_MAX_BATCH", "8"),
+            "INTERNLM_MAX_BATCH": os.environ.get("INTERNLM_MAX_BATCH", "0"),  # 0: sized by the memory available
             "INTERNLM_MAX_QUEUE": os.environ.get("INTERNLM_MAX_QUEUE", "32"),
             "PYTHONUNBUFFERED": "1"}
 
@@ -380,7 +380,8 @@ def add_model_arguments(p) -> None:
 def add_up_arguments(p) -> None:
     add_model_arguments(p)
     p.add_argument("--workers", type=int, default=2, help="inference workers (default 2)")
-    p.add_argument("--max-batch", type=int, help="slots per worker (default $INTERNLM_MAX_BATCH or 8)")
+    p.add_argument("--max-batch", type=int, help="slots per worker (default $INTERNLM_MAX_BATCH, or up to 8 as "
+                   "the memory available holds)")
     p.add_argument("--port", type=int, default=50051, help="endpoint port; the tokenizer takes +1, worker i +10+i, "
                    "metrics +1000 (default 50051)")
     p.add_argument("--http-port", type=int, default=8000,

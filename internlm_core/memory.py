@@ -1,0 +1,142 @@
+"""What serving a model takes in memory, decided from its config before any weight is read.
+
+A worker started with its defaults must come up on the machine it is given: the slots and positions
+it would like (``DEFAULT_SLOTS`` x the model's positions, at most ``DEFAULT_MAX_LEN``) are cut down
+until the weights, the KV cache and the runtime fit the memory available, and the reason is logged.
+What the caller sets explicitly is kept, or refused with the numbers and the flags that would fit;
+a model whose weights and smallest cache cannot fit is refused before loading, rather than the
+kernel killing the process half-way through reading its weights.
+
+Framework-free: the job checks and the worker read it without loading MindSpore.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+from .config import Config
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
+DEFAULT_SLOTS = 8
+DEFAULT_MAX_LEN = 4096  # positions per slot by default: a 32k-position model's full context per slot
+# would spend the memory on room few CPU requests use (a 32k prompt takes minutes to prefill here)
+MIN_LEN = 256  # the smallest cache worth serving with
+RUNTIME_BYTES = 768 << 20  # MindSpore's own (~0.5 GB of RSS after import), compiled steps, logits
+MARGIN = 0.9  # of the memory available: page cache and allocator slack
+
+
+ENV_LIMIT = "INTERNLM_MEMORY_LIMIT"  # bytes (or with a K/M/G suffix) this process may plan to use
+
+
+def _parse_bytes(text: str) -> int:
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+def available_memory() -> int | None:
+    """Bytes a new allocation can take: the kernel's MemAvailable, less where this process's cgroup
+    (a container's memory limit) leaves less, and at most ``$INTERNLM_MEMORY_LIMIT`` (an operator's
+    cap, e.g. for a worker sharing its machine); None where none of them is known."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except OSError:
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read())
+        if limit != "max":
+            found.append(int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    if os.environ.get(ENV_LIMIT):
+        try:
+            found.append(_parse_bytes(os.environ[ENV_LIMIT]))
+        except ValueError:
+            raise ValueError(f"{ENV_LIMIT} must be a number of bytes (with K, M or G), got "
+                             f"{os.environ[ENV_LIMIT]!r}") from None
+    return max(min(found), 0) if found else None
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def weight_bytes(cfg: Config, dtype: str) -> int:
+    """Bytes of the weights held as ``dtype`` (int8 ignores its small per-channel scales)."""
+    return cfg.num_parameters() * DTYPE_BYTES[dtype]
+
+
+def cache_bytes(cfg: Config, slots: int, positions: int, dtype: str) -> int:
+    """Bytes of a KV cache of ``slots`` (plus the engine's scratch slot) x ``positions``."""
+    return (slots + 1) * 2 * cfg.num_layers * positions * cfg.kv_heads * cfg.head_dim * DTYPE_BYTES[dtype]
+
+
+@dataclass(frozen=True)
+class ServingPlan:
+    max_batch: int
+    max_len: int
+    weight_bytes: int
+    cache_bytes: int
+    reason: str  # why these numbers (logged by the worker)
+
+
+def plan_serving(cfg: Config, weights_dtype: str, cache_dtype: str, available: int | None,
+                 max_batch: int | None = None, max_len: int | None = None) -> ServingPlan:
+    """Slots and positions for serving ``cfg`` in ``available`` bytes (None: unknown, nothing cut).
+    ``max_batch`` / ``max_len`` given are kept or refused (MemoryError naming the flags); left None,
+    they start at the defaults and shrink, slots first, down to one slot of ``MIN_LEN`` positions."""
+    weights = weight_bytes(cfg, weights_dtype)
+    want_len = max_len or min(cfg.max_position_embeddings, DEFAULT_MAX_LEN)
+    want_slots = max_batch or DEFAULT_SLOTS
+    if available is None:
+        return ServingPlan(want_slots, want_len, weights, cache_bytes(cfg, want_slots, want_len, cache_dtype),
+                           "memory available unknown: nothing cut")
+    budget = int(available * MARGIN) - weights - RUNTIME_BYTES
+    smallest = cache_bytes(cfg, 1, min(want_len, MIN_LEN), cache_dtype)
+    if budget < smallest:
+        raise MemoryError(
+            f"{cfg.name} cannot be served here: its weights take {gib(weights)} as {weights_dtype}, the runtime "
+            f"~{gib(RUNTIME_BYTES)} and the smallest KV cache {gib(smallest)}, but only {gib(available)} of memory "
+            f"is available" + ("" if weights_dtype == "int8" else " (int8 weights would take a quarter of float32's)"))
+
+    def fits(slots: int, positions: int) -> bool:
+        return cache_bytes(cfg, slots, positions, cache_dtype) <= budget
+
+    per_slot = cache_bytes(cfg, 1, want_len, cache_dtype) - cache_bytes(cfg, 0, want_len, cache_dtype)
+    if max_batch and max_len:
+        if not fits(max_batch, max_len):
+            most_slots = max(budget // per_slot - 1, 0)
+            raise MemoryError(f"a KV cache of {max_batch} slots x {max_len} positions needs "
+                              f"{gib(cache_bytes(cfg, max_batch, max_len, cache_dtype))} beside {gib(weights)} of "
+                              f"weights, but {gib(budget)} is left of {gib(available)} available: lower --max-batch "
+                              f"(at most {most_slots} at {max_len} positions) or --max-len")
+        return ServingPlan(max_batch, max_len, weights, cache_bytes(cfg, max_batch, max_len, cache_dtype),
+                           "as asked")
+    slots, positions = want_slots, want_len
+    if not max_batch:
+        slots = max(1, min(want_slots, budget // per_slot - 1))
+    if not fits(slots, positions):
+        if max_len:  # the positions were asked for and even one slot of them does not fit
+            raise MemoryError(f"one slot of {max_len} positions needs {gib(cache_bytes(cfg, 1, max_len, cache_dtype))} "
+                              f"of KV cache, but {gib(budget)} is left of {gib(available)} available: lower --max-len")
+        per_position = cache_bytes(cfg, slots, 1, cache_dtype)
+        positions = max(MIN_LEN, 2 ** int(math.log2(max(budget // per_position, 1))))
+        while positions > MIN_LEN and not fits(slots, positions):
+            positions //= 2
+        if not fits(slots, positions):
+            raise MemoryError(f"{slots} slots of {MIN_LEN} positions need "
+                              f"{gib(cache_bytes(cfg, slots, MIN_LEN, cache_dtype))} of KV cache, but {gib(budget)} "
+                              f"is left of {gib(available)} available: lower --max-batch")
+    cache = cache_bytes(cfg, slots, positions, cache_dtype)
+    if (slots, positions) == (want_slots, want_len):
+        reason = f"the defaults fit ({gib(weights)} of weights + {gib(cache)} of KV cache in {gib(available)})"
+    else:
+        reason = (f"cut from {want_slots} slots x {want_len} positions so that {gib(weights)} of weights and "
+                  f"{gib(cache)} of KV cache fit in {gib(available)} available (--max-batch / --max-len to choose)")
+    return ServingPlan(slots, positions, weights, cache, reason)

@@ -1,0 +1,44 @@
+"""A worker sizes itself by the memory available (here capped with ``INTERNLM_MEMORY_LIMIT``): its
+defaults cut to what fits, logged with the reason and reported by ModelInfo; a model that cannot
+fit is refused at start, before a weight is read, with its numbers."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import grpc
+
+from internlm_core.config import Config
+from internlm_core.memory import MARGIN, RUNTIME_BYTES, cache_bytes, plan_serving, weight_bytes
+from services.pb import inference_pb2, inference_pb2_grpc
+from tests.helpers import REPO, free_port
+from tests.services.conftest import Service
+
+
+def test_the_defaults_are_cut_to_the_memory_available(chat_model_dir, tmp_path, monkeypatch):
+    cfg = Config.from_checkpoint(chat_model_dir)  # 256 positions
+    # room for 3 slots beside the weights and the runtime (plus the scratch slot)
+    limit = int((weight_bytes(cfg, "float32") + RUNTIME_BYTES + cache_bytes(cfg, 3, 256, "float32")) / MARGIN) + 4096
+    want = plan_serving(cfg, "float32", "float32", limit)
+    assert (want.max_batch, want.max_len) == (3, 256)
+    monkeypatch.setenv("INTERNLM_MEMORY_LIMIT", str(limit))
+    worker = Service("services.inference_worker", ["--model", str(chat_model_dir), "--redis-url", ""],
+                     tmp_path / "worker.log", free_port(), free_port()).wait_healthy()
+    try:
+        info = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(worker.address)).ModelInfo(
+            inference_pb2.ModelInfoRequest(), timeout=30)
+        assert (info.max_batch, info.max_len) == (3, 256)
+    finally:
+        worker.stop()
+    assert "3 slots x 256 positions: cut from 8 slots x 256 positions" in worker.log.read_text()
+
+
+def test_a_model_that_cannot_fit_is_refused_before_loading(chat_model_dir):
+    env = {**os.environ, "INTERNLM_MEMORY_LIMIT": "600M"}
+    out = subprocess.run([sys.executable, "-m", "services.inference_worker", "--model", str(chat_model_dir),
+                          "--redis-url", "", "--port", "0"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env=env)
+    assert out.returncode != 0
+    assert "cannot be served here: its weights take 0.0 GiB as float32" in out.stderr
+    assert "only 0.6 GiB of memory is available" in out.stderr

@@ -1,0 +1,80 @@
+"""Sizing a served model before loading it: the defaults cut to the memory available, explicit
+settings kept or refused with the flags that fit, a model that cannot fit refused with numbers."""
+import subprocess
+import sys
+
+import pytest
+
+from internlm_core.config import Config
+from internlm_core.memory import (DEFAULT_MAX_LEN, DEFAULT_SLOTS, MARGIN, MIN_LEN, RUNTIME_BYTES, available_memory,
+                                  cache_bytes, plan_serving, weight_bytes)
+
+GIB = 2 ** 30
+V2_1_8B = Config.from_name("internlm2-1_8b")  # 32768 positions, 8 k/v heads of 128
+
+
+def fits(cfg, plan, available, dtype="float32"):
+    return weight_bytes(cfg, dtype) + RUNTIME_BYTES + plan.cache_bytes <= available * MARGIN
+
+
+def test_the_defaults_when_they_fit():
+    cfg = Config.from_name("bench-serve")  # 2048 positions
+    plan = plan_serving(cfg, "float32", "float32", 20 * GIB)
+    assert (plan.max_batch, plan.max_len) == (DEFAULT_SLOTS, 2048) and "the defaults fit" in plan.reason
+    assert plan.cache_bytes == cache_bytes(cfg, DEFAULT_SLOTS, 2048, "float32")
+    assert plan_serving(cfg, "float32", "float32", None).max_batch == DEFAULT_SLOTS  # unknown: nothing cut
+
+
+def test_slots_are_cut_first_then_positions():
+    """The issue's case: InternLM2-1.8B with fp32 weights (7.6 GB) and an fp32 cache (192 KiB a
+    position) on a 24 GB machine: 8 slots x 4096 positions (6.8 GiB) do not fit beside the weights."""
+    available = 12 * GIB
+    plan = plan_serving(V2_1_8B, "float32", "float32", available)
+    assert plan.max_len == DEFAULT_MAX_LEN and 1 <= plan.max_batch < DEFAULT_SLOTS
+    assert fits(V2_1_8B, plan, available)
+    assert not fits(V2_1_8B, plan_serving(V2_1_8B, "float32", "float32", 40 * GIB, plan.max_batch + 1,
+                                          DEFAULT_MAX_LEN), available)
+    assert "cut from 8 slots x 4096 positions" in plan.reason and "--max-batch / --max-len" in plan.reason
+    # halved weights leave room for more slots
+    assert plan_serving(V2_1_8B, "bfloat16", "float32", available).max_batch > plan.max_batch
+    # so little room that one slot of 4096 positions does not fit: the positions shrink
+    tight = weight_bytes(V2_1_8B, "float32") + RUNTIME_BYTES + cache_bytes(V2_1_8B, 1, 1024, "float32")
+    plan = plan_serving(V2_1_8B, "float32", "float32", int(tight / MARGIN) + 1)
+    assert plan.max_batch == 1 and MIN_LEN <= plan.max_len < DEFAULT_MAX_LEN and plan.max_len == 1024
+
+
+def test_explicit_settings_are_kept_or_refused_with_the_flags_that_fit():
+    plan = plan_serving(V2_1_8B, "bfloat16", "float32", 20 * GIB, max_batch=2, max_len=8192)
+    assert (plan.max_batch, plan.max_len, plan.reason) == (2, 8192, "as asked")
+    with pytest.raises(MemoryError, match=r"8 slots x 32768 positions needs .* lower --max-batch \(at most \d+ at "
+                                          r"32768 positions\) or --max-len"):
+        plan_serving(V2_1_8B, "bfloat16", "float32", 20 * GIB, max_batch=8, max_len=32768)
+    with pytest.raises(MemoryError, match="one slot of 200000 positions needs .* lower --max-len"):
+        plan_serving(V2_1_8B, "bfloat16", "float32", 20 * GIB, max_len=200000)
+    assert plan_serving(V2_1_8B, "bfloat16", "float32", 20 * GIB, max_batch=3).max_batch == 3
+
+
+def test_a_model_that_cannot_fit_is_refused_before_loading_with_its_numbers():
+    cfg = Config.from_name("internlm2_5-7b-chat")  # 7.7 B parameters: 31 GB as float32
+    with pytest.raises(MemoryError, match=r"cannot be served here: its weights take 28.8 GiB as float32, .* only "
+                                          r"22.0 GiB .*int8 weights would take a quarter"):
+        plan_serving(cfg, "float32", "float32", 22 * GIB)
+    assert plan_serving(cfg, "bfloat16", "float32", 22 * GIB).max_batch >= 1  # 14.4 GiB as stored
+
+
+def test_available_memory_takes_the_operators_cap(monkeypatch):
+    free = available_memory()
+    assert free is not None and free > 0
+    monkeypatch.setenv("INTERNLM_MEMORY_LIMIT", "1.5G")
+    assert available_memory() == min(free, int(1.5 * GIB))
+    monkeypatch.setenv("INTERNLM_MEMORY_LIMIT", "lots")
+    with pytest.raises(ValueError, match="INTERNLM_MEMORY_LIMIT must be a number of bytes"):
+        available_memory()
+
+
+def test_the_planner_needs_no_mindspore():
+    code = ("import sys; sys.modules['mindspore'] = None\n"
+            "from internlm_core.memory import plan_serving\nfrom internlm_core.config import Config\n"
+            "print(plan_serving(Config.from_name('tiny'), 'float32', 'float32', 2**34).max_batch)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "8", out.stderr
