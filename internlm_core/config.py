@@ -39,6 +39,7 @@ class Config:
     dtype: str = "float32"  # storage dtype of the weights: float32 | float16 | bfloat16
     num_kv_heads: int | None = None  # grouped-query attention (InternLM2: 8); None = num_heads
     family: str = "internlm"  # internlm (v1) | internlm2: HF layout, chat template and stops
+    quantization: str | None = None  # None | "int8": the linears' weights int8 with per-channel scales (quantize.py)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -51,6 +52,8 @@ class Config:
             raise ConfigError("head_dim must be even for rotary embeddings")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.quantization not in (None, "int8"):
+            raise ConfigError(f"quantization must be None or 'int8', got {self.quantization!r}")
         if self.rope_scaling not in (None, "dynamic"):
             raise ConfigError(f"unsupported rope_scaling {self.rope_scaling!r} (None or 'dynamic')")
         for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",

@@ -18,9 +18,11 @@ from typing import Callable
 
 import numpy as np
 
-from .checkpoint import (DTYPE_TO_ST, ST_TO_DTYPE, TOKENIZER_FILE, WEIGHTS_FILE, Cancelled, CheckpointError,
-                         SafetensorsFile, SafetensorsWriter, atomic_folder, cast, copy_tokenizer, read_config)
+from .checkpoint import (DTYPE_TO_ST, ST_TO_DTYPE, ST_TO_NP, TOKENIZER_FILE, WEIGHTS_FILE, Cancelled,
+                         CheckpointError, SafetensorsFile, SafetensorsWriter, atomic_folder, cast, copy_tokenizer,
+                         read_config, to_float32)
 from .config import CONFIG_FILE, Config, ConfigError
+from .quantize import METHODS, quantize_int8, quantized_names, scale_name
 from .torch_bin import TorchBinFile
 
 # HF name template -> MindSpore name template; {} is the layer number, None drops the key.
@@ -196,26 +198,40 @@ def _plan(where: dict, table, expected: dict[str, tuple]) -> list[tuple[str, str
     return [(pairs[k], k) for k in expected]
 
 
-def _convert(where, plan, dst_file: Path, dtype: str | None, progress, cancel, metadata, resume: bool) -> str:
+def _convert(where, plan, dst_file: Path, dtype: str | None, progress, cancel, metadata, resume: bool,
+             quantized: frozenset = frozenset()) -> str:
+    """Write ``plan``'s tensors into ``dst_file`` in ``dtype`` (default: the source's own), those
+    named in ``quantized`` as int8 with their per-channel scales (quantize.py); the dtype written."""
     src_dtypes = {where[s].info(s)[0] for s, _ in plan}
     for d in src_dtypes:
         if d not in ST_TO_DTYPE:
             raise CheckpointError(f"unsupported weight dtype {d}")
     target = DTYPE_TO_ST[dtype] if dtype else (src_dtypes.pop() if len(src_dtypes) == 1 else "F32")
-    entries = [(d, target, where[s].info(s)[1]) for s, d in plan]
-    size = [int(np.prod(e[2])) * (2 if target != "F32" else 4) for e in entries]
+    entries = []
+    for s, d in plan:
+        shape = tuple(where[s].info(s)[1])
+        entries += ([(d, "I8", shape), (scale_name(d), "F32", shape[:1])] if d in quantized else [(d, target, shape)])
+    size = [int(np.prod(shape)) * np.dtype(ST_TO_NP[st]).itemsize for _, st, shape in entries]
     writer = SafetensorsWriter(dst_file, entries, metadata, resume=resume)
+    kept = {e[0] for e in entries[:writer.kept]}
     done = sum(size[:writer.kept])
     if writer.kept and progress:
-        progress(done, sum(size), f"kept {writer.kept} of {len(plan)} tensors written and verified earlier")
+        progress(done, sum(size), f"kept {writer.kept} of {len(entries)} tensors written and verified earlier")
     try:
-        for src, dst in plan[writer.kept:]:
+        for src, dst in plan:
+            if dst in kept and (dst not in quantized or scale_name(dst) in kept):
+                continue
             if cancel and cancel():
                 raise Cancelled()
             f = where[src]
-            arr = cast(np.asarray(f.get(src)), f.info(src)[0], target)
-            writer.write(dst, arr)
-            done += arr.nbytes
+            if dst in quantized:
+                q, scale = quantize_int8(to_float32(np.asarray(f.get(src)), f.info(src)[0]))
+                parts = ([] if dst in kept else [(dst, q)]) + [(scale_name(dst), scale)]
+            else:
+                parts = [(dst, cast(np.asarray(f.get(src)), f.info(src)[0], target))]
+            for name, arr in parts:
+                writer.write(name, arr)
+                done += arr.nbytes
             if progress:
                 progress(done, sum(size), dst)
     except BaseException:
@@ -256,10 +272,13 @@ def open_weights(folder: Path) -> dict[str, object]:
 
 def hf_to_ms(src: str | Path, dst: str | Path, dtype: str | None = None, overwrite: bool = False,
              progress: ProgressFn | None = None, cancel: CancelFn | None = None,
-             work_dir: str | Path | None = None) -> Config:
+             work_dir: str | Path | None = None, quantize: str | None = None) -> Config:
     """Convert an HF InternLM folder into a project model folder; returns its config. With
     ``work_dir`` the weights are built there, journaled, and a run that was killed or cancelled
-    resumes after the tensors it wrote and verified (same source, dtype and config)."""
+    resumes after the tensors it wrote and verified (same source, dtype and config). ``quantize``
+    ("int8") stores the linears' weights as int8 with per-channel scales (quantize.py)."""
+    if quantize not in (None, *METHODS):
+        raise CheckpointError(f"quantize must be one of {', '.join(METHODS)}, got {quantize!r}")
     src = Path(src)
     if not (src / CONFIG_FILE).is_file():
         raise CheckpointError(f"{src} has no {CONFIG_FILE}")
@@ -273,9 +292,11 @@ def hf_to_ms(src: str | Path, dst: str | Path, dtype: str | None = None, overwri
     plan = _plan(where, _V2_HF_RE if cfg.family == "internlm2" else _HF_RE, cfg.param_shapes())
     with atomic_folder(dst, overwrite) as tmp:
         weights = _weights(tmp, work_dir)
-        out_dtype = _convert(where, plan, weights, dtype, progress, cancel, {"format": "ms"}, work_dir is not None)
+        quantized = frozenset(quantized_names(cfg) if quantize else ())
+        out_dtype = _convert(where, plan, weights, dtype, progress, cancel, {"format": "ms"}, work_dir is not None,
+                             quantized)
         os.replace(weights, tmp / WEIGHTS_FILE)
-        cfg = cfg.replace(dtype=out_dtype, name=cfg.name if cfg.name != "hf" else src.name)
+        cfg = cfg.replace(dtype=out_dtype, name=cfg.name if cfg.name != "hf" else src.name, quantization=quantize)
         cfg.save(tmp)
         copy_tokenizer(src, tmp)
     return cfg
@@ -290,6 +311,9 @@ def ms_to_hf(src: str | Path, dst: str | Path, dtype: str | None = None, overwri
 
     src = Path(src)
     cfg = read_config(src)
+    if cfg.quantization:
+        raise CheckpointError(f"{src} holds {cfg.quantization} weights, which HF folders do not: write the HF folder "
+                              "from the unquantised model it was made from")
     where = {k: f for f in [SafetensorsFile(src / WEIGHTS_FILE)] for k in f.keys()}
     if cfg.family == "internlm2":
         where = _pack(where, cfg)

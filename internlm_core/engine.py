@@ -120,7 +120,7 @@ class Engine(EngineBase):
     def cache_bytes_per_slot(self) -> int:
         cfg = self.config
         return (2 * cfg.num_layers * self.max_len * cfg.kv_heads * cfg.head_dim
-                * ms.dtype_to_nptype(self.model.dtype)().itemsize)
+                * self.model.dtype.itemsize)
 
     @property
     def cache_bytes(self) -> int:

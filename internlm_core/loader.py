@@ -11,6 +11,7 @@ from .checkpoint import (DTYPE_TO_ST, WEIGHTS_FILE, CheckpointError, Safetensors
                          atomic_folder, cast, copy_tokenizer, read_config, to_float32)
 from .config import Config
 from .model import InternLMForCausalLM
+from .quantize import dequantize_int8, quantized_names, scale_name
 
 
 def set_runtime() -> None:
@@ -25,11 +26,15 @@ def load_weights(model: InternLMForCausalLM, weights: dict[str, np.ndarray] | Sa
     names = set(weights.keys())
     missing = sorted(k for k in params if k.startswith(("model.", "lm_head")) and k not in names
                      and k in expected)
-    unexpected = sorted(names - set(params))
+    scales = {scale_name(n) for n in quantized_names(model.config)} if model.config.quantization else set()
+    unexpected = sorted(names - set(params) - scales)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint does not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     for name in expected:
-        if isinstance(weights, SafetensorsFile):
+        if isinstance(weights, SafetensorsFile) and scale_name(name) in scales:
+            # int8 with per-channel scales: MindSpore's own ops compute in float32, so widened here
+            arr = dequantize_int8(weights.get(name), weights.get(scale_name(name)))
+        elif isinstance(weights, SafetensorsFile):
             arr = to_float32(weights.get(name), weights.info(name)[0])
         else:
             arr = np.asarray(weights[name], np.float32)

@@ -11,8 +11,11 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor
 
-from .checkpoint import NP_TO_ST, SafetensorsFile, SafetensorsWriter, atomic_folder
+from .checkpoint import SafetensorsFile, SafetensorsWriter, atomic_folder
 
+# safetensors' name of each dtype a training state holds (ms.dtype_to_nptype is deprecated and warns per call)
+MS_TO_ST = {ms.float32: "F32", ms.float16: "F16", ms.float64: "F64", ms.int32: "I32", ms.int64: "I64",
+            ms.int8: "I8", ms.uint8: "U8", ms.bool_: "BOOL"}
 CKPT_DIR = "checkpoints"
 STATE_FILE = "state.safetensors"
 TRAINER_FILE = "trainer.json"
@@ -22,7 +25,7 @@ def save_checkpoint(work_dir: Path, step: int, params: dict, trainer: dict, keep
     ckpts = Path(work_dir) / CKPT_DIR
     dst = ckpts / f"step-{step:08d}"
     with atomic_folder(dst, overwrite=True) as tmp:
-        header = [(n, NP_TO_ST[np.dtype(ms.dtype_to_nptype(p.dtype))], tuple(p.shape)) for n, p in params.items()]
+        header = [(n, MS_TO_ST[p.dtype], tuple(p.shape)) for n, p in params.items()]
         w = SafetensorsWriter(tmp / STATE_FILE, header)
         for n, p in params.items():  # one tensor's host copy at a time: never a second copy of the model
             w.write(n, np.asarray(p.asnumpy(), order="C"))  # (ascontiguousarray would make a scalar 1-D)

@@ -5,6 +5,7 @@ import json
 import sys
 
 from internlm_core.config import DTYPES
+from internlm_core.quantize import METHODS
 
 
 def register(sub) -> None:
@@ -13,6 +14,7 @@ def register(sub) -> None:
     p.add_argument("dst")
     p.add_argument("--dtype", choices=DTYPES, help="target dtype (default: the source's)")
     p.add_argument("--to-hf", action="store_true", help="MindSpore model folder -> HF safetensors folder")
+    p.add_argument("--quantize", choices=METHODS, help="store the linears' weights as int8 with per-channel scales")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=convert)
 
@@ -46,10 +48,18 @@ def convert(args) -> int:
         bar.set_postfix_str(name[-40:], refresh=False)
         bar.refresh()
 
-    fn = ms_to_hf if args.to_hf else hf_to_ms
-    cfg = fn(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=progress)
-    bar.close()
-    print(f"wrote {args.dst} ({cfg.num_parameters() / 1e6:.1f}M parameters, {cfg.dtype})")
+    if args.to_hf and args.quantize:
+        raise ValueError("--quantize applies to HF -> MindSpore conversion, not --to-hf")
+    try:
+        if args.to_hf:
+            cfg = ms_to_hf(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=progress)
+        else:
+            cfg = hf_to_ms(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=progress,
+                           quantize=args.quantize)
+    finally:
+        bar.close()  # an error then starts on its own line, not after the bar
+    print(f"wrote {args.dst} ({cfg.num_parameters() / 1e6:.1f}M parameters, {cfg.dtype}"
+          f"{', linears ' + cfg.quantization if cfg.quantization else ''})")
     return 0
 
 

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from internlm_core.config import DTYPES
+from internlm_core.quantize import METHODS
 from internlm_core.store import DATASETS, MODELS, Store, check_name
 from internlm_core.train_args import HYPERPARAMS, TrainArgs
 
@@ -44,6 +45,8 @@ def check_convert(req: dict, store: Store) -> str:
         raise FileNotFoundError(f"source {req['source']!r} has no {CONFIG_FILE}")
     if req.get("dtype") and req["dtype"] not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {req['dtype']!r}")
+    if req.get("quantize") and req["quantize"] not in METHODS:
+        raise ValueError(f"quantize must be one of {', '.join(METHODS)}, got {req['quantize']!r}")
     Config.from_hf_config(src / CONFIG_FILE)  # ConfigError: the config does not describe a model
     if any(src.glob("*.safetensors")):
         open_weights(src)  # reads headers only: a truncated or corrupt file is caught here
@@ -59,13 +62,14 @@ def run_convert(req: dict, ctx) -> dict:
     if not ctx.staging.is_dir():  # a previous execution may have finished it before being killed
         ctx.clear_partial()
         # work_dir survives a killed execution: the next one keeps the tensors already written and verified.
-        hf_to_ms(src, ctx.staging, dtype=req.get("dtype") or None,
+        hf_to_ms(src, ctx.staging, dtype=req.get("dtype") or None, quantize=req.get("quantize") or None,
                  progress=lambda done, total, name: ctx.progress(bytes_done=done, bytes_total=total,
                                                                  message=name),
                  cancel=ctx.cancelled, work_dir=ctx.work_dir)
     cfg = _read_config(ctx.staging)
     ctx.publish(MODELS, req["output"], req.get("overwrite", False))
-    return {"parameters": cfg.num_parameters(), "dtype": cfg.dtype, "preset": cfg.name}
+    return {"parameters": cfg.num_parameters(), "dtype": cfg.dtype, "preset": cfg.name,
+            **({"quantization": cfg.quantization} if cfg.quantization else {})}
 
 
 # ---- preprocess: raw data -> datasets/<output> --------------------------------------------------

@@ -36,16 +36,18 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class ConvertJob(_message.Message):
-    __slots__ = ("source", "output", "dtype", "overwrite")
+    __slots__ = ("source", "output", "dtype", "overwrite", "quantize")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     OVERWRITE_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZE_FIELD_NUMBER: _ClassVar[int]
     source: str
     output: str
     dtype: str
     overwrite: bool
-    def __init__(self, source: _Optional[str] = ..., output: _Optional[str] = ..., dtype: _Optional[str] = ..., overwrite: _Optional[bool] = ...) -> None: ...
+    quantize: str
+    def __init__(self, source: _Optional[str] = ..., output: _Optional[str] = ..., dtype: _Optional[str] = ..., overwrite: _Optional[bool] = ..., quantize: _Optional[str] = ...) -> None: ...
 
 class PreprocessJob(_message.Message):
     __slots__ = ("source", "output", "format", "seq_length", "pack", "min_length", "tokenizer", "overwrite")
