@@ -30,7 +30,13 @@ class Registration:
         self._thread = threading.Thread(target=self._run, name="registration", daemon=True)
 
     def start(self) -> "Registration":
-        self.beat()
+        """Register now and keep renewing; a Redis that cannot be reached yet is one log line, and
+        the renewals register the worker as soon as it can be."""
+        try:
+            self.beat()
+        except redis.RedisError as e:
+            log.warning("cannot reach Redis to register %s (%s); serving, and registering once it is reachable",
+                        self.key, e)
         self._thread.start()
         return self
 

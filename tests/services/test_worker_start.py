@@ -1,6 +1,7 @@
-"""A worker sizes itself by the memory available (here capped with ``INTERNLM_MEMORY_LIMIT``): its
-defaults cut to what fits, logged with the reason and reported by ModelInfo; a model that cannot
-fit is refused at start, before a weight is read, with its numbers."""
+"""How a worker starts: it sizes itself by the memory available (here capped with
+``INTERNLM_MEMORY_LIMIT``), its defaults cut to what fits, logged with the reason and reported by
+ModelInfo; a model that cannot fit is refused at start, before a weight is read, with its numbers;
+a Redis that is down is one log line, and the worker registers once it is up."""
 from __future__ import annotations
 
 import os
@@ -42,3 +43,32 @@ def test_a_model_that_cannot_fit_is_refused_before_loading(chat_model_dir):
     assert out.returncode != 0
     assert "cannot be served here: its weights take 0.0 GiB as float32" in out.stderr
     assert "only 0.6 GiB of memory is available" in out.stderr
+
+
+def test_a_worker_whose_redis_is_down_serves_and_registers_once_it_is_up(chat_model_dir, tmp_path):
+    """A worker started before its Redis says so in one line (no traceback), serves on its own
+    port, and shows up in the registry once Redis is reachable."""
+    from services.registry import list_workers
+    from tests.helpers import RedisServer
+
+    redis_port = free_port()
+    worker = Service("services.inference_worker", ["--model", str(chat_model_dir), "--redis-url",
+                                                   f"redis://127.0.0.1:{redis_port}/0", "--max-batch", "1"],
+                     tmp_path / "worker.log", free_port(), free_port()).wait_healthy()
+    server = None
+    try:
+        log = worker.log.read_text()
+        assert "cannot reach Redis to register" in log and "Traceback" not in log
+        server = RedisServer(tmp_path / "redis", port=redis_port).start()
+        import time
+
+        import redis
+
+        deadline = time.monotonic() + 30
+        while not list_workers(redis.Redis.from_url(server.url)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(list_workers(redis.Redis.from_url(server.url))) == 1
+    finally:
+        worker.stop()
+        if server:
+            server.stop()
