@@ -113,6 +113,11 @@ def load_serving_model(folder: str | Path) -> InternLMForCausalLM:
     if not model.use_cpu_kernels():
         raise RuntimeError(f"the CPU kernels refused the serving form: {kernels.unavailable()}")
     model.set_train(False)
+    held = {}
+    for p in model.get_parameters():
+        held[str(p.dtype)] = held.get(str(p.dtype), 0) + p.nbytes
+    log.info("%s: serving weights as stored, %s (the embedding table mapped from the file)", folder,
+             ", ".join(f"{n / 2**20:.0f} MiB {dt}" for dt, n in sorted(held.items())))
     return model
 
 
