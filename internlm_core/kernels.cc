@@ -48,14 +48,7 @@ namespace {
 // result of the fp32 kernel on its widened values, at half the bytes read per token.
 // Activations stay fp32 (vdpbf16ps would round them to bf16 too: not within fp32 rounding).
 inline v16 widen(const float* p) { return load(p); }
-inline v16 widen(const bf16_t* p) {
-  u16x16 h;
-  memcpy(&h, p, 32);
-  const i16 bits = __builtin_convertvector(h, i16) << 16;
-  v16 v;
-  memcpy(&v, &bits, 64);
-  return v;
-}
+inline v16 widen(const bf16_t* p) { return bf16_to_f32(p); }
 inline v16 widen(const f16_t* p) { return f16_to_f32(p); }
 
 // R rows of x against Q consecutive panels (16 outputs each); R * Q accumulators in registers.
