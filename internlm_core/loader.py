@@ -2,7 +2,7 @@
 
 Two ways in. ``load_model``: the model as trained and saved, every weight in fp32 (training, export,
 MindSpore's own ops; the engine fuses it). ``load_serving_model``: the engine's serving form on the
-CPU kernels built straight from the file, a tensor at a time, each weight placed once in its final
+CPU kernels built straight from the file, a few MB at a time, each weight placed once in its final
 fused and packed layout in the precision the file stores (bf16 stays bf16): one copy of the
 weights in memory, no fp32 intermediate, no unfused layers.
 """

@@ -1,5 +1,6 @@
 """Loading a model folder for serving (``loader.load_serving_model``): the engine's fused, packed
 form read straight from the file, weights in their stored precision, one copy in memory."""
+import gc
 import json
 import subprocess
 import sys
@@ -55,11 +56,16 @@ def test_serving_model_holds_each_weight_once_in_the_stored_dtype(tmp_path, pres
     size = {ms.float32: 4, ms.float16: 2, ms.bfloat16: 2}
     assert sum(int(np.prod(p.shape)) * size[p.dtype] for p in params.values()) == served_bytes(cfg, dtype)
     f = SafetensorsFile(tmp_path / "m" / WEIGHTS_FILE)
+
+    def raw(p):  # a parameter's stored values (bf16 as its uint16 bits, as the file has them)
+        return (p.view(ms.uint16) if dtype == "bfloat16" else p).asnumpy()
+
     a = "model.layers.1.attention"
-    wqkv = params[f"{a}.wqkv.weight"]
-    bits = wqkv.view(ms.uint16) if dtype == "bfloat16" else wqkv
-    np.testing.assert_array_equal(kernels.unpack(bits.asnumpy()),
+    np.testing.assert_array_equal(kernels.unpack(raw(params[f"{a}.wqkv.weight"])),
                                   np.concatenate([f.get(f"{a}.{w}.weight") for w in ("wq", "wk", "wv")]))
+    gc.collect()  # the embedding table is a mapping of the file: still there once the loader's objects are gone
+    table = "model.tok_embeddings.embedding_weight"
+    np.testing.assert_array_equal(raw(params[table]), f.get(table))
 
 
 CHILD = r"""
@@ -102,3 +108,39 @@ def test_loading_a_bf16_checkpoint_peaks_near_its_weight_bytes(tmp_path):
           "after a step")
     assert grew["load"] <= 1.0 * weights_mb + 32, (grew, weights_mb)
     assert grew["step"] <= 1.2 * weights_mb + 160, (grew, weights_mb)  # + MindSpore's compiled step
+
+
+def test_a_checkpoint_that_does_not_fit_its_config_is_refused_before_loading(tmp_path):
+    from internlm_core.errors import CheckpointError
+    from internlm_core.loader import load_serving_model
+
+    folder = write_random_folder(tmp_path / "m", Config.from_name("tiny"), "bfloat16")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 192}))
+    with pytest.raises(CheckpointError, match=r"feed_forward.w1.weight: shape \[160, 64\] does not match"):
+        load_serving_model(folder)
+
+
+def test_without_the_kernels_a_bf16_checkpoint_is_served_from_fp32_with_mindspores_ops(tmp_path):
+    """INTERNLM_CPU_KERNELS=0: open_engine falls back to ``load_model`` (fp32, MindSpore's ops have no
+    bf16 kernels on CPU); the logits equal the kernels' served from bf16 (1e-4 relative)."""
+    import os
+
+    from internlm_core.engine import open_engine
+
+    folder = write_random_folder(tmp_path / "m", Config.from_name("tiny-v2"), "bfloat16")
+    code = f"""
+import numpy as np
+from internlm_core.engine import open_engine
+eng = open_engine({str(folder)!r}, max_batch=2, max_len=64)
+print("KERNELS", eng.kernels, sorted({{str(p.dtype) for p in eng.model.get_parameters()}}))
+np.save({str(tmp_path / 'ops.npy')!r}, np.concatenate([eng.prefill([0], [[5, 6, 7]]), eng.decode([9], [3], slots=[0])]))
+"""
+    run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "INTERNLM_CPU_KERNELS": "0"},
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "KERNELS False ['Float32']" in run.stdout
+    eng = open_engine(folder, max_batch=2, max_len=64)
+    ours = np.concatenate([eng.prefill([0], [[5, 6, 7]]), eng.decode([9], [3], slots=[0])])
+    ops = np.load(tmp_path / "ops.npy")
+    assert np.abs(ours - ops).max() <= 1e-4 * np.abs(ops).max()
