@@ -83,6 +83,14 @@ for b in (1, 4):
             times[j].append(time.perf_counter() - t)
     out[b] = [b * steps / sum(t) for t in times]
     out[f"same_tokens_b{b}"] = all((t == toks[0]).all() for t in toks)
+prompt = [[7 + i % 1000 for i in range(max_len - 8)]]  # prefill: compute-bound, 128-token chunks
+best = [float("inf")] * len(engines)
+for _ in range(3):
+    for j, e in enumerate(engines):
+        t = time.perf_counter()
+        e.prefill([3], prompt)
+        best[j] = min(best[j], time.perf_counter() - t)
+out["prefill"] = [len(prompt[0]) / t for t in best]
 print(json.dumps(out))
 """
 
@@ -139,6 +147,9 @@ def main() -> None:
             mine, theirs = r[b]
             print(f"{name} batch {b}: {args.dtype} {mine:.2f} tok/s, {args.against} {theirs:.2f} tok/s, "
                   f"{mine / theirs:.2f}x; same tokens {r['same_tokens_b' + b]}")
+        mine, theirs = r["prefill"]
+        print(f"{name} prefill of {args.max_len - 8} tokens: {args.dtype} {mine:.0f} tok/s, {args.against} "
+              f"{theirs:.0f} tok/s, {mine / theirs:.2f}x")
         return
     run = subprocess.run([sys.executable, "-c", CHILD, args.code, str(folder), str(args.steps), str(args.max_len)],
                          capture_output=True, text=True, env=env, cwd="/")
