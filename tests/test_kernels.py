@@ -39,10 +39,11 @@ class _Linear(nn.Cell):
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("lead", [(1,), (2,), (3,), (7,), (8,), (9,), (17,), (2, 1), (3, 40)])
-@pytest.mark.parametrize("n,k", [(16, 64), (48, 37), (80, 64), (400, 160)])
+@pytest.mark.parametrize("n,k", [(16, 64), (48, 37), (80, 64), (400, 160), (816, 2048)])
 def test_packed_linear_equals_numpy(bias, lead, n, k):
     """Every rows count (the 8-row tiles and each remainder), panel counts that leave a remainder of
-    the 4/3/2-panel tiles, odd K, leading dims, bias; the threaded path too (the largest shapes)."""
+    the 4/3/2-panel tiles, odd K, leading dims, bias; the threaded path too (the largest shapes),
+    and past 8 rows the weight taken in blocks of panels with a remainder block (816 x 2048)."""
     rng = np.random.default_rng(n * k + len(lead))
     w = rng.normal(size=(n, k)).astype(np.float32)
     b = rng.normal(size=n).astype(np.float32) if bias else None
@@ -56,7 +57,7 @@ def test_packed_linear_equals_numpy(bias, lead, n, k):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", list(range(1, 18)) + [(3, 40)])
-@pytest.mark.parametrize("n,k", [(16, 64), (48, 37), (80, 64), (400, 160)])
+@pytest.mark.parametrize("n,k", [(16, 64), (48, 37), (80, 64), (400, 160), (816, 2048)])
 def test_packed_linear_with_half_precision_weights_equals_numpy(dtype, bias, rows, n, k):
     """bf16 / fp16 weights widened in the kernel: every row count 1..17 (the 8-row tiles and each
     remainder), panel remainders, odd K, the threaded path, against float64 on the widened values;
