@@ -167,10 +167,10 @@ def unpack(wp: np.ndarray) -> np.ndarray:
 
 
 def to_tensor(arr: np.ndarray, dtype: str):
-    """A MindSpore tensor of ``dtype`` (float32, float16, bfloat16) sharing ``arr``'s memory: bf16
-    from its uint16 bits by a view, so no float32 round trip and no copy (measured on MindSpore
-    2.9: ``Tensor(bits).view(ms.bfloat16)`` copies nothing more, ``Tensor(float32 array, ms.bfloat16)``
-    converts through a float32 copy). Keep the tensor, not ``arr``: it holds the memory."""
+    """A MindSpore tensor of ``dtype`` (float32, float16, bfloat16) sharing ``arr``'s memory
+    (``Tensor.from_numpy``), bf16 from its uint16 bits by ``view(ms.bfloat16)``: no float32 round
+    trip and no copy (measured on MindSpore 2.9: ``Tensor(array)`` copies, ``Tensor(float32 array,
+    ms.bfloat16)`` converts through a float32 copy). The tensor keeps ``arr`` alive."""
     import mindspore as ms
     from mindspore import Tensor
 
