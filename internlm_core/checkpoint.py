@@ -69,7 +69,8 @@ class SafetensorsFile:
     """Reads one safetensors file a tensor at a time, validating its header against its size.
 
     Each ``get`` reads just that tensor's bytes (no memory map), so a reader's memory is one
-    tensor, not the file, whatever the page cache holds.
+    tensor, not the file, whatever the page cache holds; ``rows`` reads part of one, and ``map``
+    maps one where it lies.
     """
 
     def __init__(self, path: str | Path):
@@ -100,13 +101,32 @@ class SafetensorsFile:
         e = self.entries[name]
         return e["dtype"], tuple(e["shape"])
 
-    def get(self, name: str) -> np.ndarray:
+    def _where(self, name: str) -> tuple[np.dtype, tuple[int, ...], int]:
+        """(numpy dtype, shape, file offset) of tensor ``name``."""
         e = self.entries[name]
         if e["dtype"] not in ST_TO_NP:
             raise CheckpointError(f"{self.path.name}: {name} has unsupported dtype {e['dtype']}")
-        a, b = e["data_offsets"]
-        dtype = np.dtype(ST_TO_NP[e["dtype"]])
-        return np.fromfile(self.path, dtype, (b - a) // dtype.itemsize, offset=self.base + a).reshape(e["shape"])
+        return np.dtype(ST_TO_NP[e["dtype"]]), tuple(e["shape"]), self.base + e["data_offsets"][0]
+
+    def get(self, name: str) -> np.ndarray:
+        dtype, shape, offset = self._where(name)
+        return np.fromfile(self.path, dtype, int(np.prod(shape, dtype=np.int64)), offset=offset).reshape(shape)
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of tensor ``name`` (along its first axis), reading only their bytes."""
+        dtype, shape, offset = self._where(name)
+        start, stop = max(0, start), min(stop, shape[0])
+        row = int(np.prod(shape[1:], dtype=np.int64))
+        count = max(stop - start, 0) * row
+        return np.fromfile(self.path, dtype, count, offset=offset + start * row * dtype.itemsize).reshape(
+            (max(stop - start, 0),) + shape[1:])
+
+    def map(self, name: str) -> np.ndarray:
+        """Tensor ``name`` memory-mapped (private, copy-on-write: a write never reaches the file):
+        its pages are read when touched and belong to the page cache, so a large table of which a
+        few rows are read costs those rows."""
+        dtype, shape, offset = self._where(name)
+        return np.memmap(self.path, dtype, "c", offset, shape)
 
 
 class SafetensorsWriter:

@@ -15,7 +15,10 @@ The engine serves its model in the fused form (``InternLMForCausalLM.fuse_projec
 in place by the constructor: the weights are not copied) and, on CPU, with the project's kernels
 (``kernels``: every linear and the head packed for a matmul that reads each weight once,
 attention read from the cache where it lies, norms, rotary and SwiGLU one op each). Each
-(rows, new tokens) shape compiles once.
+(rows, new tokens) shape compiles once. ``open_engine`` gives it a model already in that form,
+read from the file with its weights in their stored precision (``loader.load_serving_model``:
+a bf16 checkpoint is served from bf16 weights, one copy); a model passed in from ``load_model``
+is fp32 and is fused and packed here.
 
 Where the kernels cannot be built the engine runs MindSpore's own ops, with the same results to
 float rounding: a step gathers the first S positions of its rows' slots (S = the longest live
@@ -47,7 +50,7 @@ from .checkpoint import MANIFEST_FILE
 from .engine_api import EngineBase, bucket
 from .errors import PromptTooLong
 from .export import ExportedEngine
-from .loader import load_model
+from .loader import load_serving_model
 from .memory import available_memory
 from .model import NEG_INF, InternLMForCausalLM, fused_rope_tables, rope_tables
 
@@ -75,10 +78,12 @@ MIN_ATTEND = 128  # smallest attended cache length: fewer shapes to compile, lit
 
 
 def serving_dtypes(cfg) -> tuple[str, str]:
-    """(weights, KV cache) dtypes an ``Engine`` holds for ``cfg`` on this machine: what
-    ``memory.plan_serving`` sizes a worker by before loading. Today both float32 (weights are
-    widened at load, MindSpore's CPU ops compute in float32)."""
-    return "float32", "float32"
+    """(weights, KV cache) dtypes ``open_engine`` holds for ``cfg`` on this machine, which
+    ``memory.plan_serving`` sizes a worker by before loading: the weights as the checkpoint stores
+    them where the CPU kernels serve (``load_serving_model``), else float32; the cache float32."""
+    if cfg.quantization or kernels.library() is None:
+        return "float32", "float32"
+    return cfg.dtype, "float32"
 
 
 class Engine(EngineBase):
@@ -339,8 +344,9 @@ class Engine(EngineBase):
 
 
 def open_engine(folder, max_batch: int = 1, max_len: int | None = None) -> EngineBase:
-    """An engine for a model folder: a checkpoint folder, or an exported MindIR pair."""
+    """An engine for a model folder: a checkpoint folder (its weights held in the precision the file
+    stores, on the CPU kernels: ``loader.load_serving_model``), or an exported MindIR pair."""
     folder = Path(folder)
     if (folder / MANIFEST_FILE).is_file():
         return ExportedEngine(folder, max_batch=max_batch, max_len=max_len)
-    return Engine(load_model(folder), max_batch=max_batch, max_len=max_len)
+    return Engine(load_serving_model(folder), max_batch=max_batch, max_len=max_len)

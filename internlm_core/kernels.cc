@@ -7,22 +7,26 @@
 //
 //   PackedLinear     y = x W^T (+ b) with W packed once at load time as (N/16, K, 16): a k step
 //                    is one 16-wide load of W and one broadcast-multiply-add per row of x, so up to
-//                    8 rows share every weight load and no horizontal sums are needed.
+//                    8 rows share every weight load and no horizontal sums are needed. W is fp32,
+//                    bf16 or fp16 as the checkpoint stores it, widened to fp32 in registers.
 //   CachedAttention  causal softmax(q K^T) V read straight from the slotted cache: query t of row
 //                    b, head h attends cache rows first[b, h] .. first[b, h] + pos[b, t] (clipped
 //                    to the cache: never a read outside it); one query in a plain loop (decode),
 //                    a prompt's chunk 16 queries at a time with an online softmax (prefill).
 //
-// and three row-wise ones that each stand for several MindSpore ops, because a decode step's
+// and row-wise ones, most standing for several MindSpore ops each, because a decode step's
 // tensors are tiny and MindSpore spends ~10 us launching each op (a bench-serve decode step ran
 // ~300 of them; these leave ~120):
 //
 //   RmsNorm          x * rsqrt(mean(x^2) + eps) * w
 //   SiluMul          silu(gate) * up from the fused gate/up projection's output
+//   Embedding        the token embeddings' rows gathered from the table in its stored precision
+//                    (fp32, bf16, fp16) and widened to fp32 (MindSpore's CPU Gather has no bf16)
 //   Rope             the fused q/k/v projection's output split into heads (B, 3H, T, D), q and k
 //                    rotated (rotate-half) and q scaled by 1/sqrt(D), v as it was
 //
-// Built by kernels.py with the machine's g++ (-O3 -march=native -fopenmp); the vector helpers are
+// Built by kernels.py with the machine's g++ (-O3 -march=native -fopenmp; INTERNLM_KERNEL_MARCH picks
+// another target, e.g. x86-64-v3 for an AVX2 build, where each v16 is two registers); the vector helpers are
 // kernel_common.h's. Float sums run in a fixed order per output, so results do not depend on the thread count.
 #include <omp.h>
 
@@ -38,19 +42,29 @@ namespace {
 
 // ---- PackedLinear -----------------------------------------------------------------------------
 
+// The packed weight is read in its stored precision and widened to floats in registers: fp32 as it
+// is, bf16 by a 16-bit shift (exact), fp16 by vcvtph2ps (exact); the products and sums are the
+// same float FMAs in the same order whatever the weight's type, so a bf16 weight gives exactly the
+// result of the fp32 kernel on its widened values, at half the bytes read per token.
+// Activations stay fp32 (vdpbf16ps would round them to bf16 too: not within fp32 rounding).
+inline v16 widen(const float* p) { return load(p); }
+inline v16 widen(const bf16_t* p) { return bf16_to_f32(p); }
+inline v16 widen(const f16_t* p) { return f16_to_f32(p); }
+
 // R rows of x against Q consecutive panels (16 outputs each); R * Q accumulators in registers.
-template <int R, int Q>
-void tile(const float* x, const float* wp, const float* b, float* y, int64_t n, int64_t N, int64_t K) {
+template <int R, int Q, typename W>
+void tile(const float* x, const W* wp, const float* b, float* y, int64_t n, int64_t N, int64_t K) {
+  // 4 KB ahead in each panel's stream: with several rows per k step the hardware prefetcher
+  // alone leaves the loads waiting (8 rows of the 103168 x 512 head: 10.0 -> 6.4 ms)
+  constexpr int64_t ahead = 4096 / (16 * sizeof(W));
   v16 acc[R][Q];
   for (int r = 0; r < R; ++r)
     for (int q = 0; q < Q; ++q) acc[r][q] = (v16){};
   for (int64_t k = 0; k < K; ++k) {
     v16 w[Q];
     for (int q = 0; q < Q; ++q) {
-      w[q] = load(wp + (q * K + k) * 16);
-      // 4 KB ahead in each panel's stream: with several rows per k step the hardware prefetcher
-      // alone leaves the loads waiting (8 rows of the 103168 x 512 head: 10.0 -> 6.4 ms)
-      __builtin_prefetch(wp + (q * K + k + 64) * 16);
+      w[q] = widen(wp + (q * K + k) * 16);
+      __builtin_prefetch(wp + (q * K + k + ahead) * 16);
     }
     for (int r = 0; r < R; ++r) {
       const float xv = x[r * K + k];
@@ -63,17 +77,17 @@ void tile(const float* x, const float* wp, const float* b, float* y, int64_t n, 
   }
 }
 
-template <int R>
-void panels(const float* x, const float* wp, const float* b, float* y, int64_t p0, int64_t p1, int64_t N,
-            int64_t K) {
+template <int R, typename W>
+void panels(const float* x, const W* wp, const float* b, float* y, int64_t p0, int64_t p1, int64_t N, int64_t K) {
   constexpr int Q = R <= 2 ? 4 : 3;  // panels in flight: R * Q accumulators + Q weights fit 32 registers
   int64_t p = p0;
   for (; p + Q <= p1; p += Q) tile<R, Q>(x, wp + p * K * 16, b, y, p * 16, N, K);
   for (; p < p1; ++p) tile<R, 1>(x, wp + p * K * 16, b, y, p * 16, N, K);
 }
 
-void linear_part(const float* x, const float* wp, const float* b, float* y, int64_t M, int64_t p0, int64_t p1,
-                 int64_t N, int64_t K) {
+template <typename W>
+void linear_part(const float* x, const W* wp, const float* b, float* y, int64_t M, int64_t p0, int64_t p1, int64_t N,
+                 int64_t K) {
   int64_t m = 0;
   for (; m + 8 <= M; m += 8) panels<8>(x + m * K, wp, b, y + m * N, p0, p1, N, K);
   const float* xs = x + m * K;
@@ -87,6 +101,57 @@ void linear_part(const float* x, const float* wp, const float* b, float* y, int6
     case 6: panels<6>(xs, wp, b, ys, p0, p1, N, K); break;
     case 7: panels<7>(xs, wp, b, ys, p0, p1, N, K); break;
     default: break;
+  }
+}
+
+template <typename W>
+void linear(const float* x, const void* wp, const float* b, float* y, int64_t M, int64_t N, int64_t K) {
+  const int64_t P = N / 16;
+  // More than 8 rows (prefill) pass over the weight once per 8 rows: go through it a block of
+  // panels at a time (~512 KB, half an L2), every row over a block before the next, so the passes
+  // after the first read it from cache instead of memory (a 1.8B model's weights do not stay in
+  // L3 from one pass to the next). Each output's sum is still one tile's, in the same order.
+  const int64_t block = M <= 8 ? P : std::max<int64_t>(12, (512 << 10) / (K * 16 * (int64_t)sizeof(W)) / 12 * 12);
+  // Threads split the panels: each reads its share of the weight once, whatever the rows.
+#pragma omp parallel if (M * N * K > (1 << 18))
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t p0 = P * t / nt, p1 = P * (t + 1) / nt;
+    for (int64_t p = p0; p < p1; p += block)
+      linear_part(x, static_cast<const W*>(wp), b, y, M, p, std::min(p + block, p1), N, K);
+  }
+}
+
+// ---- Embedding ---------------------------------------------------------------------------------
+
+inline float widen1(float v) { return v; }
+inline float widen1(bf16_t v) {
+  const uint32_t bits = uint32_t(v.bits) << 16;
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+inline float widen1(f16_t v) {
+  _Float16 h;
+  memcpy(&h, &v.bits, 2);
+  return (float)h;
+}
+
+// One table row of C values, widened, into out.
+template <typename W>
+void widen_row(const W* row, int64_t C, float* out) {
+  int64_t c = 0;
+  for (; c + 16 <= C; c += 16) store(out + c, widen(row + c));
+  for (; c < C; ++c) out[c] = widen1(row[c]);
+}
+
+template <typename W>
+void embed(const int32_t* ids, const void* table, int64_t M, int64_t V, int64_t C, float* out) {
+  const W* t = static_cast<const W*>(table);
+#pragma omp parallel for if (M * C > (1 << 16)) schedule(static)
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t id = std::min<int64_t>(std::max<int64_t>(ids[m], 0), V - 1);
+    widen_row(t + id * C, C, out + m * C);
   }
 }
 
@@ -196,25 +261,48 @@ inline float dot_self(const float* x, int64_t n) {
 
 extern "C" {
 
-// inputs x (..., K) f32, wp (P, K, 16) f32[, b (16P,) f32]; output y (..., 16P) f32
+// inputs x (..., K) f32, wp (P, K, 16) f32, bf16 or f16[, b (16P,) f32]; output y (..., 16P) f32
 int PackedLinear(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
                  void* extra) {
   const bool bias = nparam == 4;
   if (nparam != 3 && nparam != 4) return 1;
   for (int i = 0; i < nparam; ++i)
-    if (!is_f32(dtypes[i])) return 2;
+    if (i != 1 && !is_f32(dtypes[i])) return 2;
   if (ndims[1] != 3 || shapes[1][2] != 16 || shapes[0][ndims[0] - 1] != shapes[1][1]) return 3;
   const float* x = static_cast<const float*>(params[0]);
-  const float* wp = static_cast<const float*>(params[1]);
   const float* b = bias ? static_cast<const float*>(params[2]) : nullptr;
   float* y = static_cast<float*>(params[nparam - 1]);
-  const int64_t P = shapes[1][0], K = shapes[1][1], N = P * 16, M = rows_of(ndims[0], shapes[0]);
-  // Threads split the panels: each reads its share of the weight once, whatever the rows.
-#pragma omp parallel if (M * N * K > (1 << 18))
-  {
-    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    linear_part(x, wp, b, y, M, P * t / nt, P * (t + 1) / nt, N, K);
-  }
+  const int64_t N = shapes[1][0] * 16, K = shapes[1][1], M = rows_of(ndims[0], shapes[0]);
+  if (is_f32(dtypes[1]))
+    linear<float>(x, params[1], b, y, M, N, K);
+  else if (is_bf16(dtypes[1]))
+    linear<bf16_t>(x, params[1], b, y, M, N, K);
+  else if (is_f16(dtypes[1]))
+    linear<f16_t>(x, params[1], b, y, M, N, K);
+  else
+    return 2;
+  return 0;
+}
+
+// inputs ids (...) i32, table (V, C) f32, bf16 or f16; output (..., C) f32: each id's row, widened.
+// An id outside 0..V-1 reads the nearest row (never memory outside the table; see CachedAttention
+// for why kernels clip rather than fail).
+int Embedding(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
+              void* extra) {
+  if (nparam != 3 || !is_i32(dtypes[0]) || !is_f32(dtypes[2]) || ndims[1] != 2) return 1;
+  const int64_t V = shapes[1][0], C = shapes[1][1];
+  int64_t M = 1;
+  for (int i = 0; i < ndims[0]; ++i) M *= shapes[0][i];
+  const int32_t* ids = static_cast<const int32_t*>(params[0]);
+  float* out = static_cast<float*>(params[2]);
+  if (is_f32(dtypes[1]))
+    embed<float>(ids, params[1], M, V, C, out);
+  else if (is_bf16(dtypes[1]))
+    embed<bf16_t>(ids, params[1], M, V, C, out);
+  else if (is_f16(dtypes[1]))
+    embed<f16_t>(ids, params[1], M, V, C, out);
+  else
+    return 2;
   return 0;
 }
 

@@ -2,8 +2,10 @@
 compiled steps as MindSpore AOT custom ops.
 
     so = library()          # the built kernels' path, or None (with ``unavailable()`` saying why)
-    wp = pack(w)            # (N, K) weight -> (N/16, K, 16), the layout PackedLinear reads
-    y = linear_op(bias)(x, wp[, b])                  # x W^T + b, any leading shape
+    wp = pack(w)            # (N, K) weight -> (N/16, K, 16), the layout PackedLinear reads, w's dtype kept
+    pack_rows(wp, w, row0)  # w's rows into an already allocated packed weight at output row0
+    y = linear_op(bias)(x, wp[, b])                  # x W^T + b, any leading shape; wp fp32, bf16 or fp16
+    x = embedding_op()(ids, table)                   # the table's rows (fp32, bf16 or fp16) as fp32
     out = attention_op()(q, k_cache, v_cache, first, pos)  # causal, over each row's cache rows
     y = rms_norm_op()(x, w, eps)                     # eps a (1,) tensor
     y = silu_mul_op()(gate_up)                       # silu(gate) * up
@@ -15,12 +17,20 @@ at ~20 GB/s, its KV gather copies every attended row before attention reads it a
 a step's ~300 small ops costs ~10 us to launch. The kernels stream each weight and KV byte once
 and stand for several ops each. See ``kernels.cc`` for the layouts.
 
+Weights may be fp32, bf16 or fp16 (``PackedLinear``, ``Embedding``): half-precision weights are
+widened to fp32 in registers and everything is computed in fp32, so a bf16 checkpoint is served
+from half the bytes with the results of fp32 compute on its values. numpy has no bf16: bf16
+arrays here are their raw bits as uint16 (``checkpoint.ST_TO_NP``), and ``to_tensor`` makes
+them MindSpore bfloat16 tensors without a float32 round trip or a copy.
+
 The library is compiled with the machine's ``g++ -O3 -march=native -fopenmp`` into a cache
 folder (``INTERNLM_KERNEL_DIR``, default ``~/.cache/internlm/kernels``) under a name that hashes
 the source, the command, the compiler's version and the CPU's flags, so a machine never loads
 code built for another CPU and concurrent builders rename a finished file into place. Without a
 compiler (or with ``INTERNLM_CPU_KERNELS=0``) the engine runs MindSpore's own ops instead: same
 results to float rounding, slower; ``unavailable()`` says why and the engine logs it once.
+``INTERNLM_KERNEL_MARCH`` builds for another target than ``native`` (``x86-64-v3``: AVX2 and FMA
+without AVX-512, as an older CPU has; the tests build and run the linear kernels so).
 """
 from __future__ import annotations
 
@@ -44,6 +54,7 @@ DNNL = "libdnnl.so.3"  # oneDNN 3, inside the mindspore wheel: the training GEMM
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 ENV_SWITCH = "INTERNLM_CPU_KERNELS"
 ENV_DIR = "INTERNLM_KERNEL_DIR"
+ENV_MARCH = "INTERNLM_KERNEL_MARCH"  # the compiler's -march (default native), e.g. x86-64-v3 for AVX2 only
 
 _why_not: str | None = None
 
@@ -52,6 +63,12 @@ def cache_dir() -> Path:
     if os.environ.get(ENV_DIR):
         return Path(os.environ[ENV_DIR])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "internlm" / "kernels"
+
+
+def flags() -> list[str]:
+    """The compiler flags: ``FLAGS`` with ``INTERNLM_KERNEL_MARCH``'s target where it is set."""
+    march = os.environ.get(ENV_MARCH, "").strip()
+    return [f"-march={march}" if f == "-march=native" and march else f for f in FLAGS]
 
 
 def _cpu_flags() -> str:
@@ -85,7 +102,8 @@ def library() -> str | None:
     dnnl = [f"-L{ms_lib}", f"-l:{DNNL}", f"-Wl,-rpath,{ms_lib}"]
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-        key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES + HEADERS), " ".join(FLAGS + dnnl), version,
+        cmd = flags()
+        key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES + HEADERS), " ".join(cmd + dnnl), version,
                                          _cpu_flags()]).encode())
         target = cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
         if not target.is_file():
@@ -93,7 +111,7 @@ def library() -> str | None:
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
             os.close(fd)
             try:
-                subprocess.run([compiler, *FLAGS, "-o", tmp, *map(str, SOURCES), *dnnl], capture_output=True, text=True,
+                subprocess.run([compiler, *cmd, "-o", tmp, *map(str, SOURCES), *dnnl], capture_output=True, text=True,
                                check=True, timeout=300)
                 os.replace(tmp, target)  # atomic: another process sees no file or a whole one
             finally:
@@ -112,17 +130,60 @@ def unavailable() -> str | None:
 
 
 def pack(w: np.ndarray) -> np.ndarray:
-    """(N, K) -> (N/16, K, 16): panel p holds output rows 16p..16p+15, k-major."""
+    """(N, K) -> (N/16, K, 16): panel p holds output rows 16p..16p+15, k-major; w's dtype kept
+    (float32, float16, or bf16 as uint16 bits)."""
     n, k = w.shape
     if n % PANEL:
         raise ValueError(f"a packed weight needs a multiple of {PANEL} rows, got {n}")
-    return np.ascontiguousarray(np.asarray(w, np.float32).reshape(n // PANEL, PANEL, k).transpose(0, 2, 1))
+    out = np.empty((n // PANEL, k, PANEL), np.asarray(w).dtype)
+    pack_rows(out, w, 0)
+    return out
+
+
+def pack_rows(wp: np.ndarray, w: np.ndarray, row0: int) -> None:
+    """Write the rows of ``w`` (n, K) into the packed weight ``wp`` (P, K, 16) as its output rows
+    row0 .. row0 + n - 1, at any row offset: a fused weight is packed part by part from the file,
+    never built whole in the unpacked layout first."""
+    n, k = w.shape
+    if wp.shape[1:] != (k, PANEL) or row0 < 0 or row0 + n > wp.shape[0] * PANEL:
+        raise ValueError(f"rows {row0}..{row0 + n} of width {k} do not fit a packed weight of shape {wp.shape}")
+    i = 0
+    while i < n:
+        p, j = divmod(row0 + i, PANEL)
+        if j == 0 and n - i >= PANEL:  # whole panels at once
+            full = (n - i) // PANEL
+            wp[p:p + full] = w[i:i + full * PANEL].reshape(full, PANEL, k).transpose(0, 2, 1)
+            i += full * PANEL
+        else:  # a panel shared with the previous or the next part
+            take = min(PANEL - j, n - i)
+            wp[p, :, j:j + take] = w[i:i + take].T
+            i += take
 
 
 def unpack(wp: np.ndarray) -> np.ndarray:
     """The inverse of ``pack``."""
     p, k, _ = wp.shape
     return np.ascontiguousarray(wp.transpose(0, 2, 1).reshape(p * PANEL, k))
+
+
+def to_tensor(arr: np.ndarray, dtype: str):
+    """A MindSpore tensor of ``dtype`` (float32, float16, bfloat16) sharing ``arr``'s memory
+    (``Tensor.from_numpy``), bf16 from its uint16 bits by ``view(ms.bfloat16)``: no float32 round
+    trip and no copy (measured on MindSpore 2.9: ``Tensor(array)`` copies, ``Tensor(float32 array,
+    ms.bfloat16)`` converts through a float32 copy). The tensor keeps ``arr`` alive."""
+    import mindspore as ms
+    from mindspore import Tensor
+
+    arr = np.ascontiguousarray(arr)
+    t = Tensor.from_numpy(arr)
+    if dtype == "bfloat16":
+        if arr.dtype != np.uint16:
+            raise ValueError(f"bfloat16 bits come as uint16, got {arr.dtype}")
+        return t.view(ms.bfloat16)
+    want = {"float32": np.float32, "float16": np.float16}[dtype]
+    if arr.dtype != want:
+        raise ValueError(f"{dtype} data comes as {np.dtype(want)}, got {arr.dtype}")
+    return t
 
 
 def _op(name: str, out_shape, out_dtype, bprop=None, variant: str = ""):
@@ -145,6 +206,14 @@ def linear_op(bias: bool):
     if bias:
         return _op("PackedLinear", lambda x, w, b: x[:-1] + [w[0] * PANEL], lambda x, w, b: x)
     return _op("PackedLinear", lambda x, w: x[:-1] + [w[0] * PANEL], lambda x, w: x)
+
+
+@functools.cache
+def embedding_op():
+    """x (..., C) float32 = the rows ``ids`` (..., int32) of ``table`` (V, C), fp32, bf16 or fp16."""
+    import mindspore as ms
+
+    return _op("Embedding", lambda ids, t: ids + [t[1]], lambda ids, t: ms.float32)
 
 
 @functools.cache

@@ -1,17 +1,28 @@
-"""Build a MindSpore model from a project model folder, and save one back."""
+"""Build a MindSpore model from a project model folder, and save one back.
+
+Two ways in. ``load_model``: the model as trained and saved, every weight in fp32 (training, export,
+MindSpore's own ops; the engine fuses it). ``load_serving_model``: the engine's serving form on the
+CPU kernels built straight from the file, a few MB at a time, each weight placed once in its final
+fused and packed layout in the precision the file stores (bf16 stays bf16): one copy of the
+weights in memory, no fp32 intermediate, no unfused layers.
+"""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor
 
-from .checkpoint import (DTYPE_TO_ST, WEIGHTS_FILE, CheckpointError, SafetensorsFile, SafetensorsWriter,
-                         atomic_folder, cast, copy_tokenizer, read_config, to_float32)
+from . import kernels
+from .checkpoint import (DTYPE_TO_ST, ST_TO_DTYPE, ST_TO_NP, WEIGHTS_FILE, CheckpointError, SafetensorsFile,
+                         SafetensorsWriter, atomic_folder, cast, copy_tokenizer, read_config, to_float32)
 from .config import Config
-from .model import InternLMForCausalLM
+from .model import Embedding, InternLMForCausalLM, Linear, RMSNorm, parameter_of
 from .quantize import dequantize_int8, quantized_names, scale_name
+
+log = logging.getLogger(__name__)
 
 
 def set_runtime() -> None:
@@ -44,19 +55,127 @@ def load_weights(model: InternLMForCausalLM, weights: dict[str, np.ndarray] | Sa
         p.set_data(Tensor(np.ascontiguousarray(arr), p.dtype))
 
 
-def load_model(folder: str | Path, compute_dtype: str | None = None) -> InternLMForCausalLM:
-    """The model in ``folder`` (config.json + model.safetensors) ready to run."""
-    set_runtime()
+def _open(folder: str | Path) -> tuple[Config, SafetensorsFile]:
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"model folder not found: {folder}")
     cfg = read_config(folder)
     if not (folder / WEIGHTS_FILE).is_file():
         raise CheckpointError(f"{folder} has no {WEIGHTS_FILE}")
+    return cfg, SafetensorsFile(folder / WEIGHTS_FILE)
+
+
+def load_model(folder: str | Path, compute_dtype: str | None = None) -> InternLMForCausalLM:
+    """The model in ``folder`` (config.json + model.safetensors) ready to run."""
+    set_runtime()
+    cfg, weights = _open(folder)
     model = InternLMForCausalLM(cfg, compute_dtype)
-    load_weights(model, SafetensorsFile(folder / WEIGHTS_FILE))
+    load_weights(model, weights)
     model.set_train(False)
     return model
+
+
+# What a served weight is held in: the file's own precision when it is one the kernels read.
+SERVED_ST = ("F32", "F16", "BF16")
+
+
+def load_serving_model(folder: str | Path) -> InternLMForCausalLM:
+    """The model in ``folder`` in the engine's serving form, as ``Engine`` would make of
+    ``load_model``'s (``fuse_projections`` + ``use_cpu_kernels``), but read from the file straight
+    into that form: each linear's weight (q/k/v and gate/up fused) packed once, part by part, into
+    its final layout in the stored dtype (fp32, fp16 or bf16; the kernels widen in registers), the
+    embedding table in the stored dtype too and memory-mapped from the file (only the rows read
+    take memory), norms and biases in fp32. The unfused layers are never loaded, and weights are
+    read a few MB at a time, so the peak is the weights plus those few MB.
+
+    Where the kernels are unavailable (``kernels.unavailable()``), or a fused layer's outputs are
+    not a multiple of 16 rows, this is ``load_model``'s fp32 model instead (MindSpore's ops have no
+    bf16 kernels on CPU)."""
+    set_runtime()
+    cfg, f = _open(folder)
+    if cfg.quantization:  # no int8 kernel yet: MindSpore's ops on the widened weights
+        log.info("serving %s from fp32 weights widened from %s", folder, cfg.quantization)
+        return load_model(folder)
+    check_names(cfg, f)
+    # compute in fp32; its weights are initializers (zero pages, no memory until written) that the
+    # file's tensors replace below, each once
+    model = InternLMForCausalLM(cfg).fuse_projections(loaded=False)
+    linears = [(name, cell) for name, cell in model.cells_and_names() if isinstance(cell, Linear)]
+    if kernels.library() is None or any(cell.d_out % kernels.PANEL for _, cell in linears):
+        log.info("serving %s from fp32 weights: %s", folder, kernels.unavailable() or
+                 f"a layer's outputs are not a multiple of {kernels.PANEL}")
+        return load_model(folder)
+    for name, cell in linears:
+        sources = getattr(cell, "part_names", [name])
+        cell.pack(_packed(f, [f"{s}.weight" for s in sources], cell.d_out, cell.d_in))
+        if cell.bias is not None:
+            bias = np.concatenate([to_float32(f.get(f"{s}.bias"), f.info(f"{s}.bias")[0]) for s in sources])
+            cell.bias.set_data(Tensor.from_numpy(np.ascontiguousarray(bias, np.float32)))
+    for name, cell in model.cells_and_names():
+        if isinstance(cell, RMSNorm):
+            w = f"{name}.weight"
+            cell.weight.set_data(Tensor.from_numpy(np.ascontiguousarray(to_float32(f.get(w), f.info(w)[0]))))
+        elif isinstance(cell, Embedding):
+            w = f"{name}.embedding_weight"
+            cell.embedding_weight = parameter_of(_table(f, w), w)
+    if not model.use_cpu_kernels():
+        raise RuntimeError(f"the CPU kernels refused the serving form: {kernels.unavailable()}")
+    model.set_train(False)
+    held = {}
+    for p in model.get_parameters():
+        held[str(p.dtype)] = held.get(str(p.dtype), 0) + p.nbytes
+    log.info("%s: serving weights as stored, %s (the embedding table mapped from the file)", folder,
+             ", ".join(f"{n / 2**20:.0f} MiB {dt}" for dt, n in sorted(held.items())))
+    return model
+
+
+def _served_st(dtypes) -> str:
+    """One stored dtype for a weight made of parts in ``dtypes``: theirs if they agree on one the
+    kernels read, else fp32."""
+    dtypes = set(dtypes)
+    return dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)) in SERVED_ST else "F32"
+
+
+READ_BYTES = 8 << 20  # a weight is read and packed this many bytes at a time
+
+
+def _packed(f: SafetensorsFile, names: list[str], rows: int, cols: int):
+    """The tensors ``names`` (rows stacked) packed for PackedLinear in their stored dtype, read a
+    few MB at a time straight into the one final array."""
+    st = _served_st(f.info(n)[0] for n in names)
+    wp = np.empty((rows // kernels.PANEL, cols, kernels.PANEL), ST_TO_NP[st])
+    row = 0
+    for n in names:
+        src, shape = f.info(n)
+        step = max(kernels.PANEL, READ_BYTES // (cols * wp.itemsize) // kernels.PANEL * kernels.PANEL)
+        for r in range(0, shape[0], step):
+            kernels.pack_rows(wp, cast(f.rows(n, r, r + step), src, st), row + r)
+        row += shape[0]
+    return kernels.to_tensor(wp, ST_TO_DTYPE[st])
+
+
+def _table(f: SafetensorsFile, name: str):
+    """The embedding table in its stored dtype: memory-mapped where it lies (its layout is the
+    stored one), so only the rows read are in memory; read and cast where the file's dtype is not
+    one the kernels take."""
+    src = f.info(name)[0]
+    st = _served_st([src])
+    arr = f.map(name) if st == src else cast(f.get(name), src, st)
+    return kernels.to_tensor(arr, ST_TO_DTYPE[st])
+
+
+def check_names(cfg: Config, weights) -> None:
+    """Every tensor ``cfg`` needs is in ``weights`` with its shape, and nothing else is."""
+    expected = cfg.param_shapes()
+    names = set(weights.keys())
+    missing = sorted(set(expected) - names)
+    unexpected = sorted(names - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint does not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, shape in expected.items():
+        got = weights.info(name)[1] if isinstance(weights, SafetensorsFile) else np.shape(weights[name])
+        if tuple(got) != tuple(shape):
+            raise CheckpointError(f"{name}: shape {list(got)} does not match the config's {list(shape)}")
 
 
 def state_dict(model: InternLMForCausalLM) -> dict[str, np.ndarray]:

@@ -65,13 +65,19 @@ class Linear(nn.Cell):
         self.packed_matmul = None  # set by ``pack``
         self.train_matmul = None  # the training kernel, set by ``InternLMForCausalLM.use_training_kernels``
 
-    def pack(self) -> None:
-        """Serve with the CPU kernel (idempotent; fp32 weights whose rows are a multiple of 16):
-        the weight is replaced by its packed form, so there is still one copy."""
-        if self.packed_matmul is not None or self.d_out % kernels.PANEL or self.weight.dtype != ms.float32:
+    def pack(self, packed: Tensor | None = None) -> None:
+        """Serve with the CPU kernel (idempotent; weights whose rows are a multiple of 16): the
+        weight is replaced by its packed form, so there is still one copy. Without ``packed`` the
+        loaded fp32 weight is packed here; ``packed`` is the weight already in ``kernels.pack``'s
+        layout, fp32, bf16 or fp16 (``loader.load_serving_model`` builds it straight from the file,
+        and this layer's own weight is never loaded)."""
+        if self.packed_matmul is not None or self.d_out % kernels.PANEL:
             return
-        self.weight = Parameter(Tensor(kernels.pack(self.weight.asnumpy())), name=self.weight.name,
-                                requires_grad=False)
+        if packed is None:
+            if self.weight.dtype != ms.float32:
+                return
+            packed = Tensor(kernels.pack(self.weight.asnumpy()))
+        self.weight = parameter_of(packed, self.weight.name)
         self.packed_matmul = kernels.linear_op(self.bias is not None)
 
     def construct(self, x, adapters=None):
@@ -88,6 +94,13 @@ class Linear(nn.Cell):
         a = ops.gather(self.lora_a, adapters, 0)  # (B, r, in)
         b = ops.gather(self.lora_b, adapters, 0)  # (B, out, r)
         return y + ops.matmul(ops.matmul(x, a.swapaxes(1, 2)), b.swapaxes(1, 2))  # (B, T, out)
+
+
+def parameter_of(data: Tensor, name: str) -> Parameter:
+    """A frozen Parameter holding ``data``'s memory: ``Parameter(tensor)`` copies the tensor (seen on
+    MindSpore 2.9), ``set_data`` on a not yet loaded Parameter of the same shape and dtype does not."""
+    p = Parameter(initializer("zeros", data.shape, data.dtype), name=name, requires_grad=False)
+    return p.set_data(data)
 
 
 class RMSNorm(nn.Cell):
@@ -120,15 +133,19 @@ def rotate_half_matrix(d: int) -> np.ndarray:
     return r
 
 
-def fuse_linears(parts, name: str) -> "Linear":
+def fuse_linears(parts, name: str, loaded: bool = True) -> "Linear":
     """One Linear whose output rows are ``parts``' rows in order; the parts give up their weights,
-    so the model never holds two copies."""
+    so the model never holds two copies. With ``loaded`` False the parts' weights were never
+    loaded (``loader.load_serving_model`` reads the fused ones from the file): nothing is
+    concatenated, the fused weights are left to be set."""
     first = parts[0]
     fused = Linear(first.d_in, sum(p.d_out for p in parts), first.bias is not None, first.weight.dtype)
     fused.parts = [p.d_out for p in parts]  # output rows of each part, in order (LoRA stacks per part)
-    fused.weight = Parameter(ops.cat([p.weight for p in parts]), name=f"{name}.weight", requires_grad=False)
-    if first.bias is not None:
-        fused.bias = Parameter(ops.cat([p.bias for p in parts]), name=f"{name}.bias", requires_grad=False)
+    fused.part_names = [p.weight.name.rsplit(".", 1)[0] for p in parts]  # their modules, e.g. ...attention.wq
+    for attr in ("weight", "bias") if first.bias is not None else ("weight",):
+        p = getattr(fused, attr)
+        data = ops.cat([getattr(part, attr) for part in parts]) if loaded else initializer("zeros", p.shape, p.dtype)
+        setattr(fused, attr, Parameter(data, name=f"{name}.{attr}", requires_grad=False))
     return fused
 
 
@@ -154,12 +171,12 @@ class Attention(nn.Cell):
         self.rot = Tensor(rotate_half_matrix(cfg.head_dim), dtype)
         self.bmm_kt = ops.BatchMatMul(transpose_b=True)  # q k^T without materialising k^T
 
-    def fuse(self, name: str) -> None:
+    def fuse(self, name: str, loaded: bool = True) -> None:
         """The serving form: q, k and v from one matmul of ((nh + 2 n_kv) hd, h) (one weight read and
         one kernel instead of three); ``wq``/``wk``/``wv`` are replaced. Its rope tables come from
         ``fused_rope_tables``, which also carry the 1/sqrt(hd) score scale into q."""
         if self.wqkv is None:
-            self.wqkv = fuse_linears([self.wq, self.wk, self.wv], f"{name}.wqkv")
+            self.wqkv = fuse_linears([self.wq, self.wk, self.wv], f"{name}.wqkv", loaded)
             self.wq = self.wk = self.wv = None
 
     def _heads(self, x, b, t, heads):
@@ -248,10 +265,10 @@ class FeedForward(nn.Cell):
         self.w13 = None  # set by ``fuse``
         self.silu_mul = None  # the CPU kernel, set by ``use_cpu_kernels`` (fused [gate | up]) or ``use_training_kernels``
 
-    def fuse(self, name: str) -> None:
+    def fuse(self, name: str, loaded: bool = True) -> None:
         """The serving form: gate and up from one matmul; ``w1``/``w3`` are replaced."""
         if self.w13 is None:
-            self.w13 = fuse_linears([self.w1, self.w3], f"{name}.w13")
+            self.w13 = fuse_linears([self.w1, self.w3], f"{name}.w13", loaded)
             self.w1 = self.w3 = None
 
     def construct(self, x, adapters=None):
@@ -285,8 +302,11 @@ class Embedding(nn.Cell):
     def __init__(self, vocab: int, dim: int, dtype):
         super().__init__()
         self.embedding_weight = Parameter(initializer("zeros", (vocab, dim), dtype), name="embedding_weight")
+        self.kernel = None  # the CPU kernel (any table dtype), set by ``InternLMForCausalLM.use_cpu_kernels``
 
     def construct(self, ids):
+        if self.kernel is not None:
+            return self.kernel(ids, self.embedding_weight)
         return ops.gather(self.embedding_weight, ids, 0)
 
 
@@ -320,21 +340,26 @@ class InternLMForCausalLM(nn.Cell):
     def fused(self) -> bool:
         return self.model.layers[0].attention.wqkv is not None
 
-    def fuse_projections(self) -> "InternLMForCausalLM":
+    def fuse_projections(self, loaded: bool = True) -> "InternLMForCausalLM":
         """Switch to the serving form (idempotent): q/k/v and w1/w3 each become one matmul, the
         separate weights are dropped. The rope tables it takes are ``fused_rope_tables``'.
+        ``loaded=False``: no weights were loaded yet, and the fused ones are left to be set (what
+        ``loader.load_serving_model`` does; the unfused weights never take memory).
         Outputs stay the same; parameter names become
         ``...attention.wqkv`` and ``...feed_forward.w13``, so save and train the unfused form
         (checkpoints keep MindFormers' names)."""
         for i, layer in enumerate(self.model.layers):
-            layer.attention.fuse(f"model.layers.{i}.attention")
-            layer.feed_forward.fuse(f"model.layers.{i}.feed_forward")
+            layer.attention.fuse(f"model.layers.{i}.attention", loaded)
+            layer.feed_forward.fuse(f"model.layers.{i}.feed_forward", loaded)
+        for name, p in self.parameters_and_names():  # the fused cells were attached with short names
+            p.name = name
         return self
 
     def use_cpu_kernels(self) -> bool:
         """Serve with the CPU kernels (``kernels``): every linear of the fused form and the head
-        packed, attention read from the cache where it lies, norms, rotary and SwiGLU one kernel
-        each; the rope tables it takes are then ``rope_tables``' (B, T, hd), not the fused ones.
+        packed (fp32 here; ``loader.load_serving_model`` packs them from the file in the stored
+        dtype), the embedding rows gathered by a kernel, attention read from the cache where it
+        lies, norms, rotary and SwiGLU one kernel each; the rope tables it takes are then ``rope_tables``' (B, T, hd), not the fused ones.
         Needs the fused form; False (and nothing changed) where the kernels are unavailable
         (``kernels.unavailable()`` says why)."""
         if not self.fused or self.dtype != ms.float32 or kernels.library() is None:
@@ -348,6 +373,8 @@ class InternLMForCausalLM(nn.Cell):
                 cell.silu_mul = kernels.silu_mul_op()
             elif isinstance(cell, Attention):
                 cell.cached_attention, cell.rope = kernels.attention_op(), kernels.rope_op()
+            elif isinstance(cell, Embedding):
+                cell.kernel = kernels.embedding_op()
         return True
 
     @property

@@ -271,3 +271,93 @@ def test_dynamic_ntk_while_serving_equals_hf(tmp_path, monkeypatch):
         assert tokens == hf_greedy(ref, p, 40), f"prompt of {len(p)}"
     assert len(prompts[0]) > cfg.max_position_embeddings  # it attends past the trained positions
     assert engine.kernels or any(a > 64 for _, _, a in engine.shapes_run)
+
+
+def _rounded_folders(tmp_path, preset: str, dtype: str):
+    """(a ``dtype`` checkpoint folder, an fp32 folder of the same values): random weights rounded to
+    ``dtype`` first, so both files hold exactly the same numbers."""
+    from internlm_core.checkpoint import bf16_to_f32, f32_to_bf16
+    from internlm_core.config import Config
+    from internlm_core.loader import save_model, state_dict
+    from internlm_core.model import InternLMForCausalLM, init_weights
+
+    cfg = Config.from_name(preset)
+    model = InternLMForCausalLM(cfg)
+    init_weights(model, seed=3, std=0.2)
+    rounded = {n: bf16_to_f32(f32_to_bf16(w)) if dtype == "bfloat16" else w.astype(np.float16).astype(np.float32)
+               for n, w in state_dict(model).items()}
+    return (save_model(rounded, cfg, tmp_path / dtype, dtype=dtype),
+            save_model(rounded, cfg, tmp_path / "float32", dtype="float32"))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-v2"])
+def test_half_precision_checkpoint_is_served_in_its_precision(tmp_path, preset, dtype):
+    """open_engine holds a bf16 / fp16 checkpoint's linears, head and embedding in that dtype (norms
+    and biases fp32) and computes in fp32: logits equal today's fp32 engine on the same values to
+    fp32 rounding (1e-4 relative) through prefill, prefill in pieces and batched decode, and greedy
+    tokens are identical; with and without bias, grouped-query attention."""
+    import mindspore as ms
+
+    from internlm_core.engine import open_engine
+
+    half, full = _rounded_folders(tmp_path, preset, dtype)
+    served = open_engine(half, max_batch=3, max_len=64 if preset == "tiny-v2" else 128)
+    reference = Engine(load_model(full), max_batch=3, max_len=served.max_len)
+    want = ms.bfloat16 if dtype == "bfloat16" else ms.float16
+    kinds = {p.name.split(".")[-2] + "." + p.name.split(".")[-1]: p.dtype for p in served.model.get_parameters()
+             if not p.name.startswith("kv_cache")}
+    for name, dt in kinds.items():
+        assert dt == (ms.float32 if "norm" in name or name.endswith(".bias") else want), name
+    assert "wqkv.weight" in kinds and "w13.weight" in kinds and "wq.weight" not in kinds
+
+    def close(a, b):
+        assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+
+    prompts = [random_ids(n, 512, seed=n) for n in (5, 40, 17)]
+    slots = [0, 1, 2]
+    close(served.prefill(slots, prompts), reference.prefill(slots, prompts))
+    tokens, positions = np.array([3, 7, 11]), np.array([len(p) for p in prompts])
+    for _ in range(4):
+        close(served.decode(tokens, positions), reference.decode(tokens, positions))
+        positions += 1
+    for eng in (served, reference):  # the prompts again, fed in two pieces (the second attends the cache)
+        eng.prefill(slots, prompts, ends=[2, 21, 9])
+    close(served.prefill(slots, prompts, starts=[2, 21, 9]), reference.prefill(slots, prompts, starts=[2, 21, 9]))
+    params = SamplingParams(max_new_tokens=16, stop_token_ids=[])
+    ours = generate_batch(served, prompts, params)
+    theirs = generate_batch(reference, prompts, params)
+    assert [r.token_ids for r in ours] == [r.token_ids for r in theirs]
+
+
+def test_fp32_checkpoint_serves_as_before(tiny_model_dir, model):
+    """An fp32 folder through open_engine (read straight into the packed form) gives exactly the
+    logits of the engine built from ``load_model``'s model (packed after loading), as served before."""
+    from internlm_core.engine import open_engine
+
+    served = open_engine(tiny_model_dir, max_batch=2, max_len=128)
+    before = Engine(load_model(tiny_model_dir), max_batch=2, max_len=128)
+    assert all(p.dtype == model.dtype for p in served.model.get_parameters())
+    prompts = [random_ids(9, 512, seed=1), random_ids(30, 512, seed=2)]
+    np.testing.assert_array_equal(served.prefill([0, 1], prompts), before.prefill([0, 1], prompts))
+    np.testing.assert_array_equal(served.decode([4, 5], [9, 30]), before.decode([4, 5], [9, 30]))
+
+
+def test_lora_adapter_on_a_bf16_base_equals_the_fp32_base(tmp_path):
+    """A LoRA adapter (fp32) served per row on a base held in bf16 gives the logits of the same
+    adapter on the fp32 engine with the same base values (1e-4 relative)."""
+    from internlm_core.config import Config
+    from internlm_core.engine import open_engine
+    from internlm_core.lora import AdapterSpec
+    from tests.helpers import random_adapter
+
+    half, full = _rounded_folders(tmp_path, "tiny", "bfloat16")
+    adapter = random_adapter(Config.from_name("tiny"), AdapterSpec(rank=4, alpha=8, targets=("wq", "wv", "w2")),
+                             tmp_path / "a", 1)
+    served, reference = open_engine(half, max_batch=2, max_len=64), Engine(load_model(full), max_batch=2, max_len=64)
+    for eng in (served, reference):
+        assert eng.load_adapter("a", adapter) == 1
+    prompts, rows = [random_ids(7, 512, seed=1), random_ids(12, 512, seed=2)], np.array([1, 0])
+    for a, b in ((served.prefill([0, 1], prompts, rows), reference.prefill([0, 1], prompts, rows)),
+                 (served.decode([3, 4], [7, 12], rows), reference.decode([3, 4], [7, 12], rows))):
+        assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()

@@ -1,6 +1,7 @@
 """The CPU kernels (internlm_core/kernels.cc) against numpy in float64, inside compiled graphs as
 the engine runs them, and the build: cached per machine, refused cleanly without a compiler."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,14 +11,24 @@ import pytest
 from mindspore import Parameter, Tensor, nn
 
 from internlm_core import kernels
+from internlm_core.checkpoint import bf16_to_f32, f32_to_bf16
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason=f"kernels unavailable: {kernels.unavailable()}")
 
 
+def stored(w: np.ndarray, dtype: str):
+    """(the weight as stored in ``dtype``: fp32, fp16, or bf16 bits as uint16; its values as float64)."""
+    if dtype == "bfloat16":
+        bits = f32_to_bf16(w)
+        return bits, bf16_to_f32(bits).astype(np.float64)
+    arr = w.astype({"float32": np.float32, "float16": np.float16}[dtype])
+    return arr, arr.astype(np.float64)
+
+
 class _Linear(nn.Cell):
-    def __init__(self, w, b):
+    def __init__(self, w, b, dtype="float32"):
         super().__init__()
-        self.w = Parameter(Tensor(kernels.pack(w)), name="w")
+        self.w = Parameter(kernels.to_tensor(kernels.pack(w), dtype), name="w")
         self.b = None if b is None else Parameter(Tensor(b), name="b")
         self.op = kernels.linear_op(b is not None)
 
@@ -28,10 +39,11 @@ class _Linear(nn.Cell):
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("lead", [(1,), (2,), (3,), (7,), (8,), (9,), (17,), (2, 1), (3, 40)])
-@pytest.mark.parametrize("n,k", [(16, 64), (48, 37), (80, 64), (400, 160)])
+@pytest.mark.parametrize("n,k", [(16, 64), (48, 37), (80, 64), (400, 160), (816, 2048)])
 def test_packed_linear_equals_numpy(bias, lead, n, k):
     """Every rows count (the 8-row tiles and each remainder), panel counts that leave a remainder of
-    the 4/3/2-panel tiles, odd K, leading dims, bias; the threaded path too (the largest shapes)."""
+    the 4/3/2-panel tiles, odd K, leading dims, bias; the threaded path too (the largest shapes),
+    and past 8 rows the weight taken in blocks of panels with a remainder block (816 x 2048)."""
     rng = np.random.default_rng(n * k + len(lead))
     w = rng.normal(size=(n, k)).astype(np.float32)
     b = rng.normal(size=n).astype(np.float32) if bias else None
@@ -40,6 +52,75 @@ def test_packed_linear_equals_numpy(bias, lead, n, k):
     ref = x.astype(np.float64) @ w.T.astype(np.float64) + (0 if b is None else b)
     assert y.shape == lead + (n,)
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", list(range(1, 18)) + [(3, 40)])
+@pytest.mark.parametrize("n,k", [(16, 64), (48, 37), (80, 64), (400, 160), (816, 2048)])
+def test_packed_linear_with_half_precision_weights_equals_numpy(dtype, bias, rows, n, k):
+    """bf16 / fp16 weights widened in the kernel: every row count 1..17 (the 8-row tiles and each
+    remainder), panel remainders, odd K, the threaded path, against float64 on the widened values;
+    and exactly the fp32 kernel's result on those values (the same FMAs in the same order)."""
+    rng = np.random.default_rng(n * k + (rows if isinstance(rows, int) else 99))
+    lead = (rows,) if isinstance(rows, int) else rows
+    w, w64 = stored(rng.normal(size=(n, k)).astype(np.float32), dtype)
+    b = rng.normal(size=n).astype(np.float32) if bias else None
+    x = rng.normal(size=lead + (k,)).astype(np.float32)
+    y = _Linear(w, b, dtype)(Tensor(x)).asnumpy()
+    ref = x.astype(np.float64) @ w64.T + (0 if b is None else b)
+    assert y.shape == lead + (n,) and y.dtype == np.float32
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+    np.testing.assert_array_equal(y, _Linear(w64.astype(np.float32), b)(Tensor(x)).asnumpy())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("c", [64, 37])
+def test_embedding_widens_the_rows_of_its_table(dtype, c):
+    """Rows of an fp32 / bf16 / fp16 table as fp32, exactly; a vector tail; ids out of range read
+    the nearest row, never outside the table."""
+    rng = np.random.default_rng(c)
+    table, t64 = stored(rng.normal(size=(300, c)).astype(np.float32), dtype)
+    ids = np.array([[0, 299, 17], [5, 5, 123]], np.int32)
+    out = _Graph(kernels.embedding_op())(Tensor(ids), Parameter(kernels.to_tensor(table, dtype), name="t")).asnumpy()
+    assert out.dtype == np.float32 and out.shape == (2, 3, c)
+    np.testing.assert_array_equal(out, t64[ids].astype(np.float32))
+    out = _Graph(kernels.embedding_op())(Tensor(np.array([-3, 10**6], np.int32)),
+                                         Parameter(kernels.to_tensor(table, dtype), name="t")).asnumpy()
+    np.testing.assert_array_equal(out, t64[[0, 299]].astype(np.float32))
+
+
+def test_pack_rows_fills_a_fused_weight_part_by_part():
+    """Parts of any row count (not panel-aligned) packed in place equal the whole packed at once,
+    in the stored dtype (bf16 bits)."""
+    rng = np.random.default_rng(0)
+    parts = [rng.integers(0, 2**16, size=(n, 7), dtype=np.uint16) for n in (40, 8, 8, 24)]
+    wp = np.zeros((5, 7, 16), np.uint16)
+    row = 0
+    for part in parts:
+        kernels.pack_rows(wp, part, row)
+        row += len(part)
+    np.testing.assert_array_equal(wp, kernels.pack(np.concatenate(parts)))
+    assert kernels.pack(parts[0][:32]).dtype == np.uint16
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.pack_rows(wp, parts[0], 50)
+
+
+def test_linear_and_embedding_kernels_on_an_avx2_build(tmp_path):
+    """The kernels built for x86-64-v3 (AVX2 + FMA + F16C, no AVX-512: ``INTERNLM_KERNEL_MARCH``), in
+    a fresh process with its own cache folder: the fp32, bf16 and fp16 linear tests and the
+    embedding's pass there too, from a library without one AVX-512 register in it."""
+    env = {**os.environ, "INTERNLM_KERNEL_DIR": str(tmp_path), kernels.ENV_MARCH: "x86-64-v3"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
+                          "packed_linear or embedding_widens"], cwd=os.path.dirname(os.path.dirname(__file__)),
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout
+    (lib,) = tmp_path.glob("kernels-*.so")
+    objdump = shutil.which("objdump")
+    if objdump:
+        code = subprocess.run([objdump, "-d", str(lib)], capture_output=True, text=True, check=True).stdout
+        assert "%zmm" not in code and "%ymm" in code
 
 
 def test_pack_layout_and_its_inverse():

@@ -1,0 +1,170 @@
+"""Serving from weights in their stored precision: decode tokens/s and peak RSS of an engine on a
+random checkpoint saved in bf16 (or fp16 / fp32), loaded as ``open_engine`` loads it.
+
+    .venv/bin/python bench/weights_bench.py [--preset bench-serve | --shape internlm2-1.8b] [--dtype bfloat16]
+        [--code DIR]      # another checkout's internlm_core (e.g. main's, to compare with the fp32 upcast)
+        [--against float32]  # the same weights stored fp32, served in the same process, steps alternated
+
+The checkpoint is written tensor by tensor into a cache folder (``--work``, kept between runs, so
+two checkouts are measured on the same file); the engine runs in its own process, so its peak RSS
+(VmHWM) is its own. It gets 4 slots x ``--max-len`` positions; batch 1 and 4 decode ``--steps``
+greedy tokens each after 32-token prompts (engine level: prefill, then one decode step per token),
+reported over all steps and from the median step (less moved by a busy neighbour on a shared machine).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# InternLM2-1.8B's shape (hidden 2048, 24 layers, 16 query / 8 k/v heads, intermediate 8192), with
+# the v1 tokenizer's vocabulary as in issue 24's measurements.
+SHAPES = {"internlm2-1.8b": ("internlm2-7b", dict(hidden_size=2048, intermediate_size=8192, num_layers=24,
+                                                  num_heads=16, num_kv_heads=8, vocab_size=103168))}
+
+CHILD = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+def mb(key):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) / 1024
+from internlm_core import kernels
+from internlm_core.engine import open_engine
+kernels.library()
+folder, steps, max_len = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+base = mb("VmRSS:")
+t = time.perf_counter()
+eng = open_engine(folder, max_batch=4, max_len=max_len)
+out = {"code": sys.argv[1], "base_rss_mb": base, "load_s": time.perf_counter() - t, "after_load_peak_mb": mb("VmHWM:"),
+       "kernels": eng.kernels, "cache_mb": eng.cache_bytes / 2**20}
+vocab = eng.config.vocab_size
+rng = np.random.default_rng(0)
+for b in (1, 4):
+    prompts = rng.integers(3, vocab, (b, 32)).tolist()
+    slots = list(range(b))
+    tok = eng.prefill(slots, prompts).argmax(-1)
+    tok = eng.decode(tok, np.full(b, 32), slots=slots).argmax(-1)  # compile
+    times = []
+    for i in range(steps):
+        t = time.perf_counter()
+        tok = eng.decode(tok, np.full(b, 33 + i), slots=slots).argmax(-1)
+        times.append(time.perf_counter() - t)
+    out[f"decode_b{b}_tok_s"] = b * steps / sum(times)
+    out[f"decode_b{b}_median_tok_s"] = b / sorted(times)[len(times) // 2]  # less moved by a busy neighbour
+    out[f"tokens_b{b}"] = tok.tolist()
+out["peak_rss_mb"] = mb("VmHWM:")
+print(json.dumps(out))
+"""
+
+
+AB = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+from internlm_core.engine import open_engine
+folders, steps, max_len = sys.argv[2].split(","), int(sys.argv[3]), int(sys.argv[4])
+engines = [open_engine(f, max_batch=4, max_len=max_len) for f in folders]
+out = {}
+for b in (1, 4):
+    slots = list(range(b))
+    toks = [e.prefill(slots, [[5 + i for i in range(32)]] * b).argmax(-1) for e in engines]
+    toks = [e.decode(t, np.full(b, 32), slots=slots).argmax(-1) for e, t in zip(engines, toks)]
+    times = [[] for _ in engines]
+    for i in range(steps):  # alternate the engines step by step: a busy neighbour slows both alike
+        for j, e in enumerate(engines):
+            t = time.perf_counter()
+            toks[j] = e.decode(toks[j], np.full(b, 33 + i), slots=slots).argmax(-1)
+            times[j].append(time.perf_counter() - t)
+    out[b] = [b * steps / sum(t) for t in times]
+    out[f"same_tokens_b{b}"] = all((t == toks[0]).all() for t in toks)
+prompt = [[7 + i % 1000 for i in range(max_len - 8)]]  # prefill: compute-bound, 128-token chunks
+best = [float("inf")] * len(engines)
+for _ in range(3):
+    for j, e in enumerate(engines):
+        t = time.perf_counter()
+        e.prefill([3], prompt)
+        best[j] = min(best[j], time.perf_counter() - t)
+out["prefill"] = [len(prompt[0]) / t for t in best]
+print(json.dumps(out))
+"""
+
+
+def make_checkpoint(folder: Path, cfg, dtype: str) -> None:
+    import numpy as np
+
+    from internlm_core.checkpoint import DTYPE_TO_ST, WEIGHTS_FILE, SafetensorsWriter, atomic_folder, cast
+
+    rng = np.random.default_rng(0)
+    st = DTYPE_TO_ST[dtype]
+    shapes = cfg.param_shapes()
+    with atomic_folder(folder, overwrite=True) as tmp:
+        w = SafetensorsWriter(tmp / WEIGHTS_FILE, [(n, st, s) for n, s in shapes.items()], {"format": "ms"})
+        for n, s in shapes.items():
+            a = np.ones(s, np.float32) if "norm" in n else rng.standard_normal(s, dtype=np.float32) * 0.02
+            w.write(n, cast(cast(a, "F32", "BF16"), "BF16", st))  # bf16 values in every dtype: the same weights
+        w.close()
+        cfg.replace(dtype=dtype).save(tmp)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="bench-serve")
+    ap.add_argument("--shape", choices=sorted(SHAPES), help="a named shape instead of a preset")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--code", default=str(REPO), help="the checkout whose internlm_core serves")
+    ap.add_argument("--work", default=str(Path.home() / ".cache" / "internlm" / "weights-bench"))
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--against", help="another dtype of the same weights: both served in one process, their decode "
+                                      "steps alternated (a fair speed ratio on a busy machine)")
+    args = ap.parse_args()
+    sys.path.insert(0, str(REPO))
+    from internlm_core.config import Config
+
+    name = args.shape or args.preset
+    cfg = Config.from_name(SHAPES[name][0], **SHAPES[name][1]) if args.shape else Config.from_name(args.preset)
+    folder = Path(args.work) / f"{name}-{args.dtype}"
+    if not (folder / "config.json").is_file():
+        t = time.perf_counter()
+        make_checkpoint(folder, cfg, args.dtype)
+        print(f"wrote {folder} in {time.perf_counter() - t:.0f} s", flush=True)
+    size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    if args.against:
+        other = Path(args.work) / f"{name}-{args.against}"
+        if not (other / "config.json").is_file():
+            make_checkpoint(other, cfg, args.against)
+        run = subprocess.run([sys.executable, "-c", AB, args.code, f"{folder},{other}", str(args.steps),
+                              str(args.max_len)], capture_output=True, text=True, env=env, cwd="/", check=True)
+        r = json.loads(run.stdout.strip().splitlines()[-1])
+        for b in ("1", "4"):
+            mine, theirs = r[b]
+            print(f"{name} batch {b}: {args.dtype} {mine:.2f} tok/s, {args.against} {theirs:.2f} tok/s, "
+                  f"{mine / theirs:.2f}x; same tokens {r['same_tokens_b' + b]}")
+        mine, theirs = r["prefill"]
+        print(f"{name} prefill of {args.max_len - 8} tokens: {args.dtype} {mine:.0f} tok/s, {args.against} "
+              f"{theirs:.0f} tok/s, {mine / theirs:.2f}x")
+        return
+    run = subprocess.run([sys.executable, "-c", CHILD, args.code, str(folder), str(args.steps), str(args.max_len)],
+                         capture_output=True, text=True, env=env, cwd="/")
+    if run.returncode:
+        print(f"the engine failed (exit {run.returncode}):\n{run.stderr[-3000:]}")
+        sys.exit(1)
+    r = json.loads(run.stdout.strip().splitlines()[-1])
+    print(f"{name} {args.dtype}: {cfg.num_parameters() / 1e6:.0f}M parameters, file {size:.0f} MB; code {args.code}")
+    print(f"  load {r['load_s']:.1f} s; peak RSS {r['peak_rss_mb']:.0f} MB (after load {r['after_load_peak_mb']:.0f} MB, "
+          f"before it {r['base_rss_mb']:.0f} MB; KV cache {r['cache_mb']:.0f} MB); kernels {r['kernels']}")
+    print(f"  decode batch 1: {r['decode_b1_tok_s']:.2f} tok/s (median step {r['decode_b1_median_tok_s']:.2f}), "
+          f"batch 4: {r['decode_b4_tok_s']:.2f} tok/s (median step {r['decode_b4_median_tok_s']:.2f}) over "
+          f"{args.steps} steps; last tokens b1 {r['tokens_b1']} b4 {r['tokens_b4']}; load average {os.getloadavg()[0]:.1f}")
+    print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
