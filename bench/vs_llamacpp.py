@@ -1,11 +1,13 @@
 """The deployed worker against llama.cpp's server on the same weights, side by side in one run.
 
-    .venv/bin/python bench/vs_llamacpp.py [--preset internlm2-1_8b | bench-serve] [--llama bf16,q8_0]
-                                          [--streams 1,4] [--new-tokens 64] [--json OUT]
+    .venv/bin/python bench/vs_llamacpp.py [--preset internlm2-1_8b | bench-serve] [--ours bf16,int8]
+                                          [--llama bf16,q8_0] [--streams 1,4] [--new-tokens 64]
+                                          [--work DIR] [--json OUT]
 
 A model of the preset's shape with random weights is written as InternLM ships it (bf16, tensor by
 tensor, never whole in memory): the project's folder, served by one inference worker started with
-its defaults over gRPC, and the same weights as an HF folder (``ms_to_hf``; InternLM2 presets get the
+its defaults over gRPC (bf16 as stored; int8 is the same worker with ``--quantize int8``), and the
+same weights as an HF folder (``ms_to_hf``; InternLM2 presets get the
 real InternLM2 tokenizer files) converted by llama.cpp's own ``convert_hf_to_gguf.py`` (and
 ``llama-quantize`` for q8_0), served by ``llama-server`` with 2 threads and 4 slots. Both get the
 same fresh 32-token prompts (no prompt cache on either side) and generate 64 greedy tokens per
@@ -87,7 +89,7 @@ def run_streams(one, prompts: list[list[int]]) -> float:
     return sum(counts) / (time.perf_counter() - t)
 
 
-def bench_worker(model_dir: Path, tmp: Path, levels, fresh, new_tokens: int) -> dict:
+def bench_worker(model_dir: Path, tmp: Path, levels, fresh, new_tokens: int, extra: list[str]) -> dict:
     import grpc
 
     from serving_bench import Proc, free_port, stream
@@ -96,7 +98,7 @@ def bench_worker(model_dir: Path, tmp: Path, levels, fresh, new_tokens: int) -> 
 
     port = free_port()
     worker = Proc([sys.executable, "-m", "services.inference_worker", "--model", str(model_dir), "--port", str(port),
-                   "--metrics-port", str(free_port()), "--redis-url", ""], tmp / "worker.log")
+                   "--metrics-port", str(free_port()), "--redis-url", "", *extra], tmp / "worker.log")
     try:
         wait_healthy(f"127.0.0.1:{port}", timeout=1800)
         stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
@@ -110,7 +112,7 @@ def bench_worker(model_dir: Path, tmp: Path, levels, fresh, new_tokens: int) -> 
         out["peak_rss_mb"] = peak_rss_mb(worker.proc.pid)
         info = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{port}")).ModelInfo(
             inference_pb2.ModelInfoRequest(), timeout=30)
-        out["setup"] = f"{info.max_batch} slots x {info.max_len} positions (its defaults)"
+        out["setup"] = f"{info.max_batch} slots x {info.max_len} positions (its defaults{', ' + ' '.join(extra) if extra else ''})"
         return out
     finally:
         worker.stop()
@@ -158,12 +160,12 @@ def bench_llama(gguf: Path, tmp: Path, levels, fresh, new_tokens: int, prompt_to
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="internlm2-1_8b")
-    ap.add_argument("--llama", default="bf16,q8_0", help="llama.cpp weight types: f32, bf16, q8_0")
+    ap.add_argument("--ours", default="bf16,int8", help="the worker's weights: bf16 (as stored), int8 (--quantize int8)")
+    ap.add_argument("--llama", default="bf16,q8_0", help="llama.cpp weight types: f32, bf16, q8_0 ('' for none)")
     ap.add_argument("--streams", default="1,4")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--work", help="folder for the models (kept between runs; default: a temporary one)")
-    ap.add_argument("--skip-worker", action="store_true", help="llama.cpp only")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     from internlm_core.config import Config
@@ -192,9 +194,10 @@ def main() -> None:
         cells = ", ".join(f"{c} stream(s) {r[c]:6.2f} tok/s" for c in levels)
         print(f"{name:>22}: {cells}, peak RSS {r['peak_rss_mb']:8.0f} MB  ({r['setup']})", flush=True)
 
-    if not args.skip_worker:
-        report("this project (worker)", bench_worker(model_dir, work, levels, fresh, args.new_tokens))
-    for kind in args.llama.split(","):
+    for kind in filter(None, args.ours.split(",")):
+        extra = ["--quantize", "int8"] if kind == "int8" else []
+        report(f"this project {kind}", bench_worker(model_dir, work, levels, fresh, args.new_tokens, extra))
+    for kind in filter(None, args.llama.split(",")):
         base = to_gguf(llama_hf_folder(hf), work / f"{args.preset}-{'f32' if kind == 'f32' else 'bf16'}.gguf",
                        "f32" if kind == "f32" else "bf16")
         gguf = quantize(base, work / f"{args.preset}-q8_0.gguf") if kind == "q8_0" else base
