@@ -145,7 +145,8 @@ def run_worker(code: str, folder: Path, max_len: int) -> None:
                              "--max-len", str(max_len)], cwd=code, stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
     def peak_mb():
-        return int(next(line for line in open(f"/proc/{proc.pid}/status") if line.startswith("VmHWM")).split()[1]) / 1024
+        with open(f"/proc/{proc.pid}/status") as f:
+            return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) / 1024
 
     try:
         t = time.perf_counter()
@@ -224,11 +225,13 @@ def main() -> None:
         sys.exit(1)
     r = json.loads(run.stdout.strip().splitlines()[-1])
     print(f"{name} {args.dtype}: {cfg.num_parameters() / 1e6:.0f}M parameters, file {size:.0f} MB; code {args.code}")
-    print(f"  load {r['load_s']:.1f} s; peak RSS {r['peak_rss_mb']:.0f} MB (after load {r['after_load_peak_mb']:.0f} MB, "
+    print(f"  load {r['load_s']:.1f} s; peak RSS {r['peak_rss_mb']:.0f} MB "
+          f"(after load {r['after_load_peak_mb']:.0f} MB, "
           f"before it {r['base_rss_mb']:.0f} MB; KV cache {r['cache_mb']:.0f} MB); kernels {r['kernels']}")
     print(f"  decode batch 1: {r['decode_b1_tok_s']:.2f} tok/s (median step {r['decode_b1_median_tok_s']:.2f}), "
           f"batch 4: {r['decode_b4_tok_s']:.2f} tok/s (median step {r['decode_b4_median_tok_s']:.2f}) over "
-          f"{args.steps} steps; last tokens b1 {r['tokens_b1']} b4 {r['tokens_b4']}; load average {os.getloadavg()[0]:.1f}")
+          f"{args.steps} steps; last tokens b1 {r['tokens_b1']} b4 {r['tokens_b4']}; "
+          f"load average {os.getloadavg()[0]:.1f}")
     print(json.dumps(r))
 
 
