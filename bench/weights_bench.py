@@ -4,12 +4,17 @@ random checkpoint saved in bf16 (or fp16 / fp32), loaded as ``open_engine`` load
     .venv/bin/python bench/weights_bench.py [--preset bench-serve | --shape internlm2-1.8b] [--dtype bfloat16]
         [--code DIR]      # another checkout's internlm_core (e.g. main's, to compare with the fp32 upcast)
         [--against float32]  # the same weights stored fp32, served in the same process, steps alternated
+        [--worker]        # one inference worker (4 slots x --max-len) instead, 1 and 4 greedy gRPC streams
 
 The checkpoint is written tensor by tensor into a cache folder (``--work``, kept between runs, so
 two checkouts are measured on the same file); the engine runs in its own process, so its peak RSS
 (VmHWM) is its own. It gets 4 slots x ``--max-len`` positions; batch 1 and 4 decode ``--steps``
 greedy tokens each after 32-token prompts (engine level: prefill, then one decode step per token),
 reported over all steps and from the median step (less moved by a busy neighbour on a shared machine).
+``--worker`` serves the file with ``services.inference_worker`` of ``--code`` instead (its defaults
+but 4 slots x ``--max-len``; the config's family set to v1 so that the bundled tokenizer fits,
+weights and compute unchanged): time to healthy (load and warm-up), 64-token greedy streams after
+32-token prompts, 1 and 4 at once, tokens/s over wall time, and the worker's peak RSS.
 """
 from __future__ import annotations
 
@@ -112,6 +117,65 @@ def make_checkpoint(folder: Path, cfg, dtype: str) -> None:
         cfg.replace(dtype=dtype).save(tmp)
 
 
+def run_worker(code: str, folder: Path, max_len: int) -> None:
+    import shutil
+    import threading
+
+    import grpc
+    import numpy as np
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from serving_bench import free_port, stream
+
+    from internlm_core.tokenizer import BUNDLED_MODEL
+    from services.pb import common_pb2, inference_pb2, inference_pb2_grpc
+    from services.server_common import wait_healthy
+
+    served = folder.with_name(folder.name + "-worker")  # the same file, a v1 config and the bundled tokenizer
+    served.mkdir(exist_ok=True)
+    if not (served / "model.safetensors").exists():
+        (served / "model.safetensors").symlink_to(folder / "model.safetensors")
+    shutil.copyfile(BUNDLED_MODEL, served / "tokenizer.model")
+    config = json.loads((folder / "config.json").read_text())
+    (served / "config.json").write_text(json.dumps({**config, "family": "internlm"}))
+    port, log = free_port(), served / "worker.log"
+    # -m from the checkout's folder: its internlm_core and services serve
+    proc = subprocess.Popen([sys.executable, "-m", "services.inference_worker", "--model", str(served), "--port",
+                             str(port), "--metrics-port", str(free_port()), "--redis-url", "", "--max-batch", "4",
+                             "--max-len", str(max_len)], cwd=code, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+    def peak_mb():
+        with open(f"/proc/{proc.pid}/status") as f:
+            return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) / 1024
+
+    try:
+        t = time.perf_counter()
+        wait_healthy(f"127.0.0.1:{port}", timeout=900)
+        print(f"worker ({code}) healthy after {time.perf_counter() - t:.0f} s, peak RSS {peak_mb():.0f} MB", flush=True)
+        stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        params = common_pb2.SamplingParams(max_new_tokens=64, ignore_eos=True)
+        rng = np.random.default_rng(0)
+
+        def request(prompt):
+            return inference_pb2.GenerateRequest(ids=common_pb2.TokenIds(ids=prompt), params=params)
+
+        stream(stub, request(rng.integers(3, 30000, 32).tolist()))
+        for n in (1, 4):
+            reqs = [request(p) for p in rng.integers(3, 30000, (n, 32)).tolist()]
+            res = [None] * n
+            threads = [threading.Thread(target=lambda i=i: res.__setitem__(i, stream(stub, reqs[i]))) for i in range(n)]
+            t = time.perf_counter()
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            print(f"  {n} stream(s): {sum(r[0] for r in res) / (time.perf_counter() - t):.2f} tok/s; worker peak RSS "
+                  f"{peak_mb():.0f} MB; load average {os.getloadavg()[0]:.1f}", flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="bench-serve")
@@ -121,6 +185,7 @@ def main() -> None:
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "internlm" / "weights-bench"))
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--worker", action="store_true", help="serve with one inference worker over gRPC instead")
     ap.add_argument("--against", help="another dtype of the same weights: both served in one process, their decode "
                                       "steps alternated (a fair speed ratio on a busy machine)")
     args = ap.parse_args()
@@ -136,6 +201,8 @@ def main() -> None:
         print(f"wrote {folder} in {time.perf_counter() - t:.0f} s", flush=True)
     size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    if args.worker:
+        return run_worker(args.code, folder, args.max_len)
     if args.against:
         other = Path(args.work) / f"{name}-{args.against}"
         if not (other / "config.json").is_file():
@@ -158,11 +225,13 @@ def main() -> None:
         sys.exit(1)
     r = json.loads(run.stdout.strip().splitlines()[-1])
     print(f"{name} {args.dtype}: {cfg.num_parameters() / 1e6:.0f}M parameters, file {size:.0f} MB; code {args.code}")
-    print(f"  load {r['load_s']:.1f} s; peak RSS {r['peak_rss_mb']:.0f} MB (after load {r['after_load_peak_mb']:.0f} MB, "
+    print(f"  load {r['load_s']:.1f} s; peak RSS {r['peak_rss_mb']:.0f} MB "
+          f"(after load {r['after_load_peak_mb']:.0f} MB, "
           f"before it {r['base_rss_mb']:.0f} MB; KV cache {r['cache_mb']:.0f} MB); kernels {r['kernels']}")
     print(f"  decode batch 1: {r['decode_b1_tok_s']:.2f} tok/s (median step {r['decode_b1_median_tok_s']:.2f}), "
           f"batch 4: {r['decode_b4_tok_s']:.2f} tok/s (median step {r['decode_b4_median_tok_s']:.2f}) over "
-          f"{args.steps} steps; last tokens b1 {r['tokens_b1']} b4 {r['tokens_b4']}; load average {os.getloadavg()[0]:.1f}")
+          f"{args.steps} steps; last tokens b1 {r['tokens_b1']} b4 {r['tokens_b4']}; "
+          f"load average {os.getloadavg()[0]:.1f}")
     print(json.dumps(r))
 
 

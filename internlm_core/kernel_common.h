@@ -38,7 +38,8 @@ inline v16 splat(float f) { return (v16){} + f; }
 // (6 instructions a vector instead of 2 on AVX-512).
 inline v16 bf16_to_f32(const bf16_t* p) {
 #if defined(__AVX512F__)
-  const __m512i v = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m512i v = _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
 #elif defined(__AVX2__)
   const __m256i v[2] = {
       _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16),

@@ -171,7 +171,8 @@ def check_names(cfg: Config, weights) -> None:
     missing = sorted(set(expected) - names)
     unexpected = sorted(names - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"checkpoint does not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise CheckpointError(f"checkpoint does not match the config: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
     for name, shape in expected.items():
         got = weights.info(name)[1] if isinstance(weights, SafetensorsFile) else np.shape(weights[name])
         if tuple(got) != tuple(shape):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from internlm_core import kernels
-from internlm_core.checkpoint import WEIGHTS_FILE, SafetensorsWriter, atomic_folder, cast, DTYPE_TO_ST
+from internlm_core.checkpoint import DTYPE_TO_ST, WEIGHTS_FILE, SafetensorsWriter, atomic_folder, cast
 from internlm_core.config import Config
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason=f"kernels unavailable: {kernels.unavailable()}")
