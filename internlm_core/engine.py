@@ -129,6 +129,20 @@ class Engine(EngineBase):
                 * self.model.dtype.itemsize)
 
     @property
+    def quantization(self) -> str | None:
+        """"int8" where the linears are served as int8 with per-channel scales (an int8 folder, or
+        one quantised at load), else None (the weights in ``config.dtype`` or fp32)."""
+        from .model import Linear
+
+        return "int8" if any(isinstance(c, Linear) and c.weight_scale is not None
+                             for _, c in self.model.cells_and_names()) else None
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the model's parameters as held (packed weights, scales, adapters; not the cache)."""
+        return sum(p.nbytes for p in self.model.get_parameters())
+
+    @property
     def cache_bytes(self) -> int:
         """Bytes of KV cache allocated (the slots plus the scratch slot)."""
         return (self.max_batch + 1) * self.cache_bytes_per_slot
