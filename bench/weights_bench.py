@@ -5,6 +5,7 @@ random checkpoint saved in bf16 (or fp16 / fp32), loaded as ``open_engine`` load
         [--code DIR]      # another checkout's internlm_core (e.g. main's, to compare with the fp32 upcast)
         [--against float32]  # the same weights stored fp32, served in the same process, steps alternated
         [--worker]        # one inference worker (4 slots x --max-len) instead, 1 and 4 greedy gRPC streams
+        [--quantize int8]    # serve the --dtype folder's linears quantised to int8 at load (W8A16 kernel)
 
 The checkpoint is written tensor by tensor into a cache folder (``--work``, kept between runs, so
 two checkouts are measured on the same file); the engine runs in its own process, so its peak RSS
@@ -43,9 +44,10 @@ from internlm_core import kernels
 from internlm_core.engine import open_engine
 kernels.library()
 folder, steps, max_len = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+quantize = sys.argv[5] if len(sys.argv) > 5 and sys.argv[5] else None
 base = mb("VmRSS:")
 t = time.perf_counter()
-eng = open_engine(folder, max_batch=4, max_len=max_len)
+eng = open_engine(folder, max_batch=4, max_len=max_len, **({"quantize": quantize} if quantize else {}))
 out = {"code": sys.argv[1], "base_rss_mb": base, "load_s": time.perf_counter() - t, "after_load_peak_mb": mb("VmHWM:"),
        "kernels": eng.kernels, "cache_mb": eng.cache_bytes / 2**20}
 vocab = eng.config.vocab_size
@@ -74,7 +76,9 @@ sys.path.insert(0, sys.argv[1])
 import numpy as np
 from internlm_core.engine import open_engine
 folders, steps, max_len = sys.argv[2].split(","), int(sys.argv[3]), int(sys.argv[4])
-engines = [open_engine(f, max_batch=4, max_len=max_len) for f in folders]
+quantize = (sys.argv[5] if len(sys.argv) > 5 else "").split(",")
+engines = [open_engine(f, max_batch=4, max_len=max_len, **({"quantize": q} if q else {}))
+           for f, q in zip(folders, quantize + [""] * len(folders))]
 out = {}
 for b in (1, 4):
     slots = list(range(b))
@@ -186,9 +190,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--worker", action="store_true", help="serve with one inference worker over gRPC instead")
+    ap.add_argument("--quantize", choices=["int8"], help="quantise the --dtype folder's linears at load")
     ap.add_argument("--against", help="another dtype of the same weights: both served in one process, their decode "
                                       "steps alternated (a fair speed ratio on a busy machine)")
     args = ap.parse_args()
+    label = f"{args.dtype} -> {args.quantize} at load" if args.quantize else args.dtype
     sys.path.insert(0, str(REPO))
     from internlm_core.config import Config
 
@@ -208,23 +214,24 @@ def main() -> None:
         if not (other / "config.json").is_file():
             make_checkpoint(other, cfg, args.against)
         run = subprocess.run([sys.executable, "-c", AB, args.code, f"{folder},{other}", str(args.steps),
-                              str(args.max_len)], capture_output=True, text=True, env=env, cwd="/", check=True)
+                              str(args.max_len), args.quantize or ""], capture_output=True, text=True, env=env, cwd="/",
+                             check=True)
         r = json.loads(run.stdout.strip().splitlines()[-1])
         for b in ("1", "4"):
             mine, theirs = r[b]
-            print(f"{name} batch {b}: {args.dtype} {mine:.2f} tok/s, {args.against} {theirs:.2f} tok/s, "
+            print(f"{name} batch {b}: {label} {mine:.2f} tok/s, {args.against} {theirs:.2f} tok/s, "
                   f"{mine / theirs:.2f}x; same tokens {r['same_tokens_b' + b]}")
         mine, theirs = r["prefill"]
-        print(f"{name} prefill of {args.max_len - 8} tokens: {args.dtype} {mine:.0f} tok/s, {args.against} "
+        print(f"{name} prefill of {args.max_len - 8} tokens: {label} {mine:.0f} tok/s, {args.against} "
               f"{theirs:.0f} tok/s, {mine / theirs:.2f}x")
         return
-    run = subprocess.run([sys.executable, "-c", CHILD, args.code, str(folder), str(args.steps), str(args.max_len)],
-                         capture_output=True, text=True, env=env, cwd="/")
+    run = subprocess.run([sys.executable, "-c", CHILD, args.code, str(folder), str(args.steps), str(args.max_len),
+                          args.quantize or ""], capture_output=True, text=True, env=env, cwd="/")
     if run.returncode:
         print(f"the engine failed (exit {run.returncode}):\n{run.stderr[-3000:]}")
         sys.exit(1)
     r = json.loads(run.stdout.strip().splitlines()[-1])
-    print(f"{name} {args.dtype}: {cfg.num_parameters() / 1e6:.0f}M parameters, file {size:.0f} MB; code {args.code}")
+    print(f"{name} {label}: {cfg.num_parameters() / 1e6:.0f}M parameters, file {size:.0f} MB; code {args.code}")
     print(f"  load {r['load_s']:.1f} s; peak RSS {r['peak_rss_mb']:.0f} MB "
           f"(after load {r['after_load_peak_mb']:.0f} MB, "
           f"before it {r['base_rss_mb']:.0f} MB; KV cache {r['cache_mb']:.0f} MB); kernels {r['kernels']}")

@@ -77,13 +77,14 @@ PREFILL_MIN = 32  # prefill steps compute 32, 64 or 128 tokens a row
 MIN_ATTEND = 128  # smallest attended cache length: fewer shapes to compile, little waste
 
 
-def serving_dtypes(cfg) -> tuple[str, str]:
+def serving_dtypes(cfg, quantize: str | None = None) -> tuple[str, str]:
     """(weights, KV cache) dtypes ``open_engine`` holds for ``cfg`` on this machine, which
-    ``memory.plan_serving`` sizes a worker by before loading: the weights as the checkpoint stores
-    them where the CPU kernels serve (``load_serving_model``), else float32; the cache float32."""
-    if cfg.quantization or kernels.library() is None:
+    ``memory.plan_serving`` sizes a worker by before loading: where the CPU kernels serve
+    (``load_serving_model``) the weights as the checkpoint stores them, int8 for an int8 folder
+    or one quantised at load (``quantize``); else float32. The cache float32."""
+    if kernels.library() is None:
         return "float32", "float32"
-    return cfg.dtype, "float32"
+    return cfg.quantization or quantize or cfg.dtype, "float32"
 
 
 class Engine(EngineBase):
@@ -126,6 +127,20 @@ class Engine(EngineBase):
         cfg = self.config
         return (2 * cfg.num_layers * self.max_len * cfg.kv_heads * cfg.head_dim
                 * self.model.dtype.itemsize)
+
+    @property
+    def quantization(self) -> str | None:
+        """"int8" where the linears are served as int8 with per-channel scales (an int8 folder, or
+        one quantised at load), else None (the weights in ``config.dtype`` or fp32)."""
+        from .model import Linear
+
+        return "int8" if any(isinstance(c, Linear) and c.weight_scale is not None
+                             for _, c in self.model.cells_and_names()) else None
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the model's parameters as held (packed weights, scales, adapters; not the cache)."""
+        return sum(p.nbytes for p in self.model.get_parameters())
 
     @property
     def cache_bytes(self) -> int:
@@ -343,10 +358,13 @@ class Engine(EngineBase):
         return self._run(slots, [[int(t)] for t in tokens], positions, positions + 1, adapters)
 
 
-def open_engine(folder, max_batch: int = 1, max_len: int | None = None) -> EngineBase:
+def open_engine(folder, max_batch: int = 1, max_len: int | None = None, quantize: str | None = None) -> EngineBase:
     """An engine for a model folder: a checkpoint folder (its weights held in the precision the file
-    stores, on the CPU kernels: ``loader.load_serving_model``), or an exported MindIR pair."""
+    stores, on the CPU kernels: ``loader.load_serving_model``; ``quantize="int8"`` quantises a float
+    folder's linears to int8 while loading), or an exported MindIR pair."""
     folder = Path(folder)
     if (folder / MANIFEST_FILE).is_file():
+        if quantize:
+            raise ValueError(f"{folder} is an exported model: it cannot be quantised at load")
         return ExportedEngine(folder, max_batch=max_batch, max_len=max_len)
-    return Engine(load_serving_model(folder), max_batch=max_batch, max_len=max_len)
+    return Engine(load_serving_model(folder, quantize), max_batch=max_batch, max_len=max_len)

@@ -15,6 +15,7 @@ bool is_f32(const char* t) { return strcmp(t, "float32") == 0 || strcmp(t, "floa
 bool is_i32(const char* t) { return strcmp(t, "int32") == 0 || strcmp(t, "int") == 0; }
 bool is_bf16(const char* t) { return strcmp(t, "bfloat16") == 0; }
 bool is_f16(const char* t) { return strcmp(t, "float16") == 0 || strcmp(t, "half") == 0; }
+bool is_i8(const char* t) { return strcmp(t, "int8") == 0; }
 
 int64_t rows_of(int ndim, const int64_t* shape) {  // product of every dimension but the last
   int64_t m = 1;
@@ -63,6 +64,22 @@ inline v16 f16_to_f32(const f16_t* p) {
 #else
   float v[16];
   for (int i = 0; i < 16; ++i) v[i] = (float)reinterpret_cast<const _Float16*>(p)[i];
+#endif
+  v16 out;
+  memcpy(&out, &v, 64);
+  return out;
+}
+// 16 int8 values -> floats: sign-extend to 32 bits (vpmovsxbd) and convert (vcvtdq2ps), exact.
+inline v16 i8_to_f32(const int8_t* p) {
+#if defined(__AVX512F__)
+  const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(__AVX2__)
+  const __m256 v[2] = {
+      _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))),
+      _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))))};
+#else
+  float v[16];
+  for (int i = 0; i < 16; ++i) v[i] = (float)p[i];
 #endif
   v16 out;
   memcpy(&out, &v, 64);

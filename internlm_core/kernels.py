@@ -5,6 +5,7 @@ compiled steps as MindSpore AOT custom ops.
     wp = pack(w)            # (N, K) weight -> (N/16, K, 16), the layout PackedLinear reads, w's dtype kept
     pack_rows(wp, w, row0)  # w's rows into an already allocated packed weight at output row0
     y = linear_op(bias)(x, wp[, b])                  # x W^T + b, any leading shape; wp fp32, bf16 or fp16
+    y = linear_op(bias, True)(x, wq, scale[, b])     # wq int8 packed, scale (N,) fp32: (x q^T) * scale + b
     x = embedding_op()(ids, table)                   # the table's rows (fp32, bf16 or fp16) as fp32
     out = attention_op()(q, k_cache, v_cache, first, pos)  # causal, over each row's cache rows
     y = rms_norm_op()(x, w, eps)                     # eps a (1,) tensor
@@ -19,7 +20,9 @@ and stand for several ops each. See ``kernels.cc`` for the layouts.
 
 Weights may be fp32, bf16 or fp16 (``PackedLinear``, ``Embedding``): half-precision weights are
 widened to fp32 in registers and everything is computed in fp32, so a bf16 checkpoint is served
-from half the bytes with the results of fp32 compute on its values. numpy has no bf16: bf16
+from half the bytes with the results of fp32 compute on its values. ``PackedLinear`` also reads
+int8 weights with one fp32 scale per output (``quantize.py``, W8A16): the integers widened in
+registers, the sums in fp32, each output times its scale at the end; a quarter of fp32's bytes. numpy has no bf16: bf16
 arrays here are their raw bits as uint16 (``checkpoint.ST_TO_NP``), and ``to_tensor`` makes
 them MindSpore bfloat16 tensors without a float32 round trip or a copy.
 
@@ -131,7 +134,7 @@ def unavailable() -> str | None:
 
 def pack(w: np.ndarray) -> np.ndarray:
     """(N, K) -> (N/16, K, 16): panel p holds output rows 16p..16p+15, k-major; w's dtype kept
-    (float32, float16, or bf16 as uint16 bits)."""
+    (float32, float16, bf16 as uint16 bits, or int8: its scales (N,) stay as they are)."""
     n, k = w.shape
     if n % PANEL:
         raise ValueError(f"a packed weight needs a multiple of {PANEL} rows, got {n}")
@@ -167,7 +170,7 @@ def unpack(wp: np.ndarray) -> np.ndarray:
 
 
 def to_tensor(arr: np.ndarray, dtype: str):
-    """A MindSpore tensor of ``dtype`` (float32, float16, bfloat16) sharing ``arr``'s memory
+    """A MindSpore tensor of ``dtype`` (float32, float16, bfloat16, int8) sharing ``arr``'s memory
     (``Tensor.from_numpy``), bf16 from its uint16 bits by ``view(ms.bfloat16)``: no float32 round
     trip and no copy (measured on MindSpore 2.9: ``Tensor(array)`` copies, ``Tensor(float32 array,
     ms.bfloat16)`` converts through a float32 copy). The tensor keeps ``arr`` alive."""
@@ -180,7 +183,7 @@ def to_tensor(arr: np.ndarray, dtype: str):
         if arr.dtype != np.uint16:
             raise ValueError(f"bfloat16 bits come as uint16, got {arr.dtype}")
         return t.view(ms.bfloat16)
-    want = {"float32": np.float32, "float16": np.float16}[dtype]
+    want = {"float32": np.float32, "float16": np.float16, "int8": np.int8}[dtype]
     if arr.dtype != want:
         raise ValueError(f"{dtype} data comes as {np.dtype(want)}, got {arr.dtype}")
     return t
@@ -201,8 +204,13 @@ def _op(name: str, out_shape, out_dtype, bprop=None, variant: str = ""):
 
 
 @functools.cache
-def linear_op(bias: bool):
-    """y (..., N) = x (..., K) @ W^T (+ b) with W packed: inputs (x, wp[, b])."""
+def linear_op(bias: bool, quantized: bool = False):
+    """y (..., N) = x (..., K) @ W^T (+ b) with W packed: inputs (x, wp[, b]); ``quantized``: wp int8
+    and inputs (x, wq, scale (N,) f32[, b]), y = (x q^T) * scale (+ b)."""
+    if quantized:
+        if bias:
+            return _op("PackedLinear", lambda x, w, s, b: x[:-1] + [w[0] * PANEL], lambda x, w, s, b: x)
+        return _op("PackedLinear", lambda x, w, s: x[:-1] + [w[0] * PANEL], lambda x, w, s: x)
     if bias:
         return _op("PackedLinear", lambda x, w, b: x[:-1] + [w[0] * PANEL], lambda x, w, b: x)
     return _op("PackedLinear", lambda x, w: x[:-1] + [w[0] * PANEL], lambda x, w: x)

@@ -3,8 +3,9 @@
 Two ways in. ``load_model``: the model as trained and saved, every weight in fp32 (training, export,
 MindSpore's own ops; the engine fuses it). ``load_serving_model``: the engine's serving form on the
 CPU kernels built straight from the file, a few MB at a time, each weight placed once in its final
-fused and packed layout in the precision the file stores (bf16 stays bf16): one copy of the
-weights in memory, no fp32 intermediate, no unfused layers.
+fused and packed layout in the precision the file stores (bf16 stays bf16; an int8 folder's
+linears stay int8 with their scales), or quantised to int8 tensor by tensor as they are read
+(``quantize="int8"``): one copy of the weights in memory, no fp32 intermediate, no unfused layers.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from .checkpoint import (DTYPE_TO_ST, ST_TO_DTYPE, ST_TO_NP, WEIGHTS_FILE, Check
                          SafetensorsWriter, atomic_folder, cast, copy_tokenizer, read_config, to_float32)
 from .config import Config
 from .model import Embedding, InternLMForCausalLM, Linear, RMSNorm, parameter_of
-from .quantize import dequantize_int8, quantized_names, scale_name
+from .quantize import METHODS, dequantize_int8, quantize_int8, quantized_names, scale_name
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def load_model(folder: str | Path, compute_dtype: str | None = None) -> InternLM
 SERVED_ST = ("F32", "F16", "BF16")
 
 
-def load_serving_model(folder: str | Path) -> InternLMForCausalLM:
+def load_serving_model(folder: str | Path, quantize: str | None = None) -> InternLMForCausalLM:
     """The model in ``folder`` in the engine's serving form, as ``Engine`` would make of
     ``load_model``'s (``fuse_projections`` + ``use_cpu_kernels``), but read from the file straight
     into that form: each linear's weight (q/k/v and gate/up fused) packed once, part by part, into
@@ -88,14 +89,22 @@ def load_serving_model(folder: str | Path) -> InternLMForCausalLM:
     take memory), norms and biases in fp32. The unfused layers are never loaded, and weights are
     read a few MB at a time, so the peak is the weights plus those few MB.
 
+    int8: an int8 folder's linears (``quantize.quantized_names``) are packed as int8 with their
+    per-output-channel scales concatenated part by part (PackedLinear's W8A16 path); with
+    ``quantize="int8"`` a float folder's are quantised so while they are read, a few MB of rows at a
+    time (``quantize.quantize_int8`` per row: the same integers and scales as ``internlm convert
+    --quantize int8`` writes), never the whole model in fp32.
+
     Where the kernels are unavailable (``kernels.unavailable()``), or a fused layer's outputs are
     not a multiple of 16 rows, this is ``load_model``'s fp32 model instead (MindSpore's ops have no
-    bf16 kernels on CPU)."""
+    bf16 or int8 kernels on CPU), the quantised weights widened from their int8 values."""
     set_runtime()
     cfg, f = _open(folder)
-    if cfg.quantization:  # no int8 kernel yet: MindSpore's ops on the widened weights
-        log.info("serving %s from fp32 weights widened from %s", folder, cfg.quantization)
-        return load_model(folder)
+    if quantize not in (None, *METHODS):
+        raise ValueError(f"quantize must be one of {', '.join(METHODS)}, got {quantize!r}")
+    if quantize and cfg.quantization and quantize != cfg.quantization:
+        raise CheckpointError(f"{folder} holds {cfg.quantization} weights: it cannot be served as {quantize}")
+    int8 = (cfg.quantization or quantize) == "int8"
     check_names(cfg, f)
     # compute in fp32; its weights are initializers (zero pages, no memory until written) that the
     # file's tensors replace below, each once
@@ -104,10 +113,20 @@ def load_serving_model(folder: str | Path) -> InternLMForCausalLM:
     if kernels.library() is None or any(cell.d_out % kernels.PANEL for _, cell in linears):
         log.info("serving %s from fp32 weights: %s", folder, kernels.unavailable() or
                  f"a layer's outputs are not a multiple of {kernels.PANEL}")
-        return load_model(folder)
+        model = load_model(folder)
+        if quantize and not cfg.quantization:  # the values the int8 form would serve
+            params = dict(model.parameters_and_names())
+            for name in quantized_names(cfg):
+                params[name].set_data(Tensor(dequantize_int8(*quantize_int8(params[name].asnumpy())), ms.float32))
+        return model
+    quantized = set(quantized_names(cfg)) if int8 else set()
     for name, cell in linears:
         sources = getattr(cell, "part_names", [name])
-        cell.pack(_packed(f, [f"{s}.weight" for s in sources], cell.d_out, cell.d_in))
+        weights = [f"{s}.weight" for s in sources]
+        if all(w in quantized for w in weights):
+            cell.pack(*_packed_int8(f, weights, cell.d_out, cell.d_in, bool(cfg.quantization)))
+        else:
+            cell.pack(_packed(f, weights, cell.d_out, cell.d_in))
         if cell.bias is not None:
             bias = np.concatenate([to_float32(f.get(f"{s}.bias"), f.info(f"{s}.bias")[0]) for s in sources])
             cell.bias.set_data(Tensor.from_numpy(np.ascontiguousarray(bias, np.float32)))
@@ -124,7 +143,9 @@ def load_serving_model(folder: str | Path) -> InternLMForCausalLM:
     held = {}
     for p in model.get_parameters():
         held[str(p.dtype)] = held.get(str(p.dtype), 0) + p.nbytes
-    log.info("%s: serving weights as stored, %s (the embedding table mapped from the file)", folder,
+    how = ("as stored" if not quantize or cfg.quantization
+           else f"linears quantised to {quantize} at load from {cfg.dtype}")
+    log.info("%s: serving weights %s, %s (the embedding table mapped from the file)", folder, how,
              ", ".join(f"{n / 2**20:.0f} MiB {dt}" for dt, n in sorted(held.items())))
     return model
 
@@ -154,6 +175,37 @@ def _packed(f: SafetensorsFile, names: list[str], rows: int, cols: int):
     return kernels.to_tensor(wp, ST_TO_DTYPE[st])
 
 
+def _packed_int8(f: SafetensorsFile, names: list[str], rows: int, cols: int, stored: bool):
+    """The tensors ``names`` (rows stacked) packed as int8 for PackedLinear's W8A16 path, with their
+    per-output-channel scales (rows,) fp32 concatenated in the same order: read as the file stores
+    them (``stored``: an int8 folder's I8 weights and F32 ``<name>_scale``), or quantised a few MB of
+    rows at a time from a float folder (``quantize_int8`` is per row, so chunks change nothing)."""
+    wp = np.empty((rows // kernels.PANEL, cols, kernels.PANEL), np.int8)
+    scale = np.empty(rows, np.float32)
+    row = 0
+    for n in names:
+        src, shape = f.info(n)
+        if stored:
+            if src != "I8" or f.info(scale_name(n)) != ("F32", shape[:1]):
+                raise CheckpointError(f"{n}: an int8 folder stores it as I8 with an F32 {scale_name(n)} of "
+                                      f"{shape[0]} values, got {src} and {f.info(scale_name(n))}")
+            scale[row:row + shape[0]] = f.get(scale_name(n))
+        # stored: READ_BYTES of int8 at a time; quantised here: a quarter as much as fp32, whose
+        # quantisation makes ~5 temporaries of its size
+        per_row = cols if stored else cols * 16
+        step = max(kernels.PANEL, READ_BYTES // per_row // kernels.PANEL * kernels.PANEL)
+        for r in range(0, shape[0], step):
+            block = f.rows(n, r, r + step)
+            if stored:
+                q = block
+            else:
+                q, s = quantize_int8(to_float32(block, src))
+                scale[row + r:row + r + len(q)] = s
+            kernels.pack_rows(wp, q, row + r)
+        row += shape[0]
+    return kernels.to_tensor(wp, "int8"), Tensor.from_numpy(scale)
+
+
 def _table(f: SafetensorsFile, name: str):
     """The embedding table in its stored dtype: memory-mapped where it lies (its layout is the
     stored one), so only the rows read are in memory; read and cast where the file's dtype is not
@@ -165,8 +217,11 @@ def _table(f: SafetensorsFile, name: str):
 
 
 def check_names(cfg: Config, weights) -> None:
-    """Every tensor ``cfg`` needs is in ``weights`` with its shape, and nothing else is."""
-    expected = cfg.param_shapes()
+    """Every tensor ``cfg`` needs is in ``weights`` with its shape (in a quantised folder, each
+    quantised weight's scales too), and nothing else is."""
+    expected = dict(cfg.param_shapes())
+    if cfg.quantization:
+        expected.update({scale_name(n): expected[n][:1] for n in quantized_names(cfg)})
     names = set(weights.keys())
     missing = sorted(set(expected) - names)
     unexpected = sorted(names - set(expected))

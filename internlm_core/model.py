@@ -63,28 +63,37 @@ class Linear(nn.Cell):
         self.lora_a = None
         self.lora_b = None
         self.packed_matmul = None  # set by ``pack``
+        self.weight_scale = None  # int8 packed weights: the per-output-channel scales (N,) fp32
         self.train_matmul = None  # the training kernel, set by ``InternLMForCausalLM.use_training_kernels``
 
-    def pack(self, packed: Tensor | None = None) -> None:
+    def pack(self, packed: Tensor | None = None, scale: Tensor | None = None) -> None:
         """Serve with the CPU kernel (idempotent; weights whose rows are a multiple of 16): the
         weight is replaced by its packed form, so there is still one copy. Without ``packed`` the
         loaded fp32 weight is packed here; ``packed`` is the weight already in ``kernels.pack``'s
-        layout, fp32, bf16 or fp16 (``loader.load_serving_model`` builds it straight from the file,
-        and this layer's own weight is never loaded)."""
+        layout, fp32, bf16 or fp16, or int8 with its per-output-channel ``scale`` (N,) fp32
+        (``loader.load_serving_model`` builds it straight from the file, and this layer's own
+        weight is never loaded)."""
         if self.packed_matmul is not None or self.d_out % kernels.PANEL:
             return
         if packed is None:
             if self.weight.dtype != ms.float32:
                 return
             packed = Tensor(kernels.pack(self.weight.asnumpy()))
+        if (packed.dtype == ms.int8) != (scale is not None):
+            raise ValueError("an int8 packed weight comes with its scales, and only an int8 one")
         self.weight = parameter_of(packed, self.weight.name)
-        self.packed_matmul = kernels.linear_op(self.bias is not None)
+        if scale is not None:
+            self.weight_scale = parameter_of(scale, self.weight.name + "_scale")
+        self.packed_matmul = kernels.linear_op(self.bias is not None, scale is not None)
 
     def construct(self, x, adapters=None):
         if self.train_matmul is not None:
             return self.train_matmul(x, self.weight) if self.bias is None else self.train_matmul(x, self.weight, self.bias)
         if self.packed_matmul is None:
             y = mint.nn.functional.linear(x, self.weight, self.bias)
+        elif self.weight_scale is not None:
+            y = (self.packed_matmul(x, self.weight, self.weight_scale) if self.bias is None
+                 else self.packed_matmul(x, self.weight, self.weight_scale, self.bias))
         elif self.bias is None:
             y = self.packed_matmul(x, self.weight)
         else:

@@ -21,6 +21,7 @@ from internlm_core.checkpoint import MANIFEST_FILE, read_config
 from internlm_core.errors import AdapterError, CheckpointError, ModelNotFound, TokenizerError
 from internlm_core.generation import FINISH_ABORTED, SamplingParams
 from internlm_core.memory import DEFAULT_SLOTS, available_memory, plan_serving
+from internlm_core.quantize import METHODS
 from internlm_core.tokenizer import BOS, Tokenizer
 
 from services.pb_convert import chunk_to_pb, finish_to_pb, join_chunks, prompt_from_pb, sampling_from_pb
@@ -123,7 +124,8 @@ def model_info(engine, name: str) -> inference_pb2.ModelInfoResponse:
         model=name, preset=cfg.name, dtype=cfg.dtype, max_len=engine.max_len, vocab_size=cfg.vocab_size,
         adapters=sorted(engine.adapters), max_batch=engine.max_batch,
         num_parameters=cfg.num_parameters(), kv_cache_bytes=engine.cache_bytes,
-        kv_cache_bytes_per_slot=engine.cache_bytes_per_slot)
+        kv_cache_bytes_per_slot=engine.cache_bytes_per_slot,
+        quantization=getattr(engine, "quantization", None) or "", weight_bytes=getattr(engine, "weight_bytes", 0))
 
 
 def advertised(host: str, port: int, advertise: str | None) -> str:
@@ -157,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-len", type=int, default=int(env_default("INTERNLM_MAX_LEN", "0")),
                     help="positions per slot: prompt + generated (0 = the model's, at most 4096, fewer where "
                          "the memory available needs it)")
+    ap.add_argument("--quantize", choices=METHODS, default=env_default("INTERNLM_QUANTIZE", "") or None,
+                    help="quantise a float model's linears to int8 (per-channel scales) while loading "
+                         "($INTERNLM_QUANTIZE): a quarter of fp32's bytes, half of bf16's")
     ap.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                     help="serve a LoRA adapter folder under NAME (repeatable); requests pick it by name")
     return ap
@@ -180,10 +185,12 @@ def main(argv: list[str] | None = None) -> None:
     max_batch, max_len = args.max_batch or None, args.max_len or None
     try:
         if not (folder / MANIFEST_FILE).is_file():  # an exported pair is sized by its manifest
-            plan = plan_serving(cfg, *serving_dtypes(cfg), available_memory(), max_batch, max_len)
+            plan = plan_serving(cfg, *serving_dtypes(cfg, args.quantize), available_memory(), max_batch, max_len)
             log.info("%d slots x %d positions: %s", plan.max_batch, plan.max_len, plan.reason)
             max_batch, max_len = plan.max_batch, plan.max_len
-        engine = open_engine(folder, max_batch=max_batch or DEFAULT_SLOTS, max_len=max_len)
+        engine = open_engine(folder, max_batch=max_batch or DEFAULT_SLOTS, max_len=max_len, quantize=args.quantize)
+    except (ValueError, CheckpointError) as e:  # e.g. --quantize on an exported model
+        raise SystemExit(f"worker: {e}") from None
     except MemoryError as e:  # refused before loading: say so plainly instead of a traceback
         raise SystemExit(f"worker: {e}") from None
     for spec in args.adapter:
@@ -201,10 +208,12 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     log.info("compiled %d step shapes in %.1f s", engine.warmup(), time.monotonic() - started)
     batcher.submit([BOS, BOS], SamplingParams(max_new_tokens=2, ignore_eos=True)).result()
-    log.info("serving %s (%s, %d slots x %d positions, KV cache %.0f MiB, %.1f MiB a slot, %s)", name,
-             engine.config.name, engine.max_batch, engine.max_len, engine.cache_bytes / 2**20,
-             engine.cache_bytes_per_slot / 2**20,
-             "CPU kernels" if engine.kernels else "MindSpore ops")
+    quantization = getattr(engine, "quantization", None)
+    log.info("serving %s (%s, weights %s%s, %d slots x %d positions, KV cache %.0f MiB, %.1f MiB a slot, %s)", name,
+             engine.config.name, f"{quantization} linears + {engine.config.dtype}" if quantization else engine.config.dtype,
+             f" {engine.weight_bytes / 2**20:.0f} MiB" if getattr(engine, "weight_bytes", 0) else "",
+             engine.max_batch, engine.max_len, engine.cache_bytes / 2**20, engine.cache_bytes_per_slot / 2**20,
+             "CPU kernels" if getattr(engine, "kernels", False) else "MindSpore ops")
 
     server = Server("worker", args.port, args.host, args.metrics_port,
                     max_workers=engine.max_batch + args.max_queue + 8)

@@ -32,6 +32,20 @@ def test_convert_then_generate_ids_json(tiny_hf, tmp_path):
     assert (tmp_path / "hf" / "config.json").is_file() and back.returncode == 0
 
 
+def test_generate_quantised_at_load(tiny_hf, tmp_path):
+    """``generate --model M --quantize int8`` serves M's linears as int8: the greedy tokens of the
+    engine on the int8 folder converted from the same weights."""
+    from internlm_core.engine import open_engine
+
+    cli("convert", tiny_hf[1], tmp_path / "m", "--dtype", "bfloat16")
+    cli("convert", tiny_hf[1], tmp_path / "q8", "--dtype", "bfloat16", "--quantize", "int8")
+    res = json.loads(cli("generate", "--model", tmp_path / "m", "--ids", "1,5,9,200", "--max-new-tokens", 6,
+                         "--quantize", "int8", "--json").stdout)
+    want = generate_batch(open_engine(tmp_path / "q8", max_batch=1, max_len=64), [[1, 5, 9, 200]],
+                          SamplingParams(max_new_tokens=6))[0]
+    assert res["token_ids"] == want.token_ids
+
+
 def test_generate_chat_prompt(chat_model_dir, tokenizer):
     res = json.loads(cli("generate", "--model", chat_model_dir, "--chat", "你好", "--max-new-tokens", 5,
                          "--temperature", 0.8, "--top-p", 0.9, "--seed", 3, "--json").stdout)

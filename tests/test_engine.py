@@ -361,3 +361,113 @@ def test_lora_adapter_on_a_bf16_base_equals_the_fp32_base(tmp_path):
     for a, b in ((served.prefill([0, 1], prompts, rows), reference.prefill([0, 1], prompts, rows)),
                  (served.decode([3, 4], [7, 12], rows), reference.decode([3, 4], [7, 12], rows))):
         assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+
+
+@pytest.fixture(scope="module")
+def int8_folders(tmp_path_factory):
+    """(a bf16 MindSpore folder, the int8 folder ``internlm convert --quantize int8`` makes of the
+    same HF checkpoint): the tiny shape, with biases."""
+    from internlm_core.config import Config
+    from internlm_core.convert import hf_to_ms
+    from tests.helpers import hf_reference_model, save_hf_folder
+
+    cfg = Config.from_name("tiny")
+    root = tmp_path_factory.mktemp("int8")
+    hf = save_hf_folder(hf_reference_model(cfg, seed=3), cfg, root / "hf", dtype="bfloat16")
+    hf_to_ms(hf, root / "bf16")
+    hf_to_ms(hf, root / "q8", quantize="int8")
+    return root / "bf16", root / "q8"
+
+
+def _close(a, b):
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+
+
+def test_int8_folder_is_served_in_int8_one_copy(int8_folders):
+    """An int8 folder's linears and head are held as int8 packed weights + fp32 scales (nothing
+    else: the served parameters' bytes are those, the bf16 embedding table, fp32 norms and biases),
+    and give the logits of the fp32 engine on the dequantised weights (1e-4 relative) through
+    prefill, prefill in pieces and batched decode, with identical greedy tokens."""
+    import mindspore as ms
+
+    from internlm_core.checkpoint import SafetensorsFile
+    from internlm_core.engine import open_engine, serving_dtypes
+    from internlm_core.quantize import quantized_names
+
+    _, q8 = int8_folders
+    served = open_engine(q8, max_batch=3, max_len=128)
+    reference = Engine(load_model(q8), max_batch=3, max_len=128)  # load_model widens q * scale to fp32
+    cfg = served.config
+    assert serving_dtypes(cfg) == ("int8", "float32")
+    params = {p.name: p for p in served.model.get_parameters() if not p.name.startswith("kv_cache")}
+    for name, p in params.items():
+        leaf = name.rsplit(".", 1)[1]
+        want = {"weight_scale": ms.float32, "bias": ms.float32, "embedding_weight": ms.bfloat16}.get(leaf)
+        if leaf == "weight":
+            want = ms.float32 if "norm" in name else ms.int8
+        assert p.dtype == want, name
+    assert any(n.endswith("lm_head.weight_scale") for n in params)
+    assert any(n.endswith("model.layers.0.attention.wqkv.weight_scale") for n in params)
+    f = SafetensorsFile(q8 / "model.safetensors")
+    quantized = quantized_names(cfg)
+    want_bytes = sum(int(np.prod(cfg.param_shapes()[n])) + 4 * cfg.param_shapes()[n][0] for n in quantized)
+    want_bytes += sum(4 * int(np.prod(s)) for n, s in cfg.param_shapes().items()
+                      if n not in quantized and "embedding" not in n)
+    want_bytes += 2 * cfg.vocab_size * cfg.hidden_size
+    assert sum(p.nbytes for p in params.values()) == want_bytes
+    assert f.info("lm_head.weight")[0] == "I8"
+
+    prompts = [random_ids(n, 512, seed=n) for n in (5, 40, 17)]
+    slots = [0, 1, 2]
+    _close(served.prefill(slots, prompts), reference.prefill(slots, prompts))
+    tokens, positions = np.array([3, 7, 11]), np.array([len(p) for p in prompts])
+    for _ in range(4):
+        _close(served.decode(tokens, positions), reference.decode(tokens, positions))
+        positions += 1
+    for eng in (served, reference):
+        eng.prefill(slots, prompts, ends=[2, 21, 9])
+    _close(served.prefill(slots, prompts, starts=[2, 21, 9]), reference.prefill(slots, prompts, starts=[2, 21, 9]))
+    params = SamplingParams(max_new_tokens=16, stop_token_ids=[])
+    assert ([r.token_ids for r in generate_batch(served, prompts, params)]
+            == [r.token_ids for r in generate_batch(reference, prompts, params)])
+
+
+def test_bf16_folder_quantised_at_load_equals_the_int8_folder(int8_folders):
+    """``quantize="int8"`` on a bf16 folder quantises it while loading into exactly the int8 folder's
+    serving form: the same packed integers and scales, bit-identical logits; serving_dtypes counts it
+    as int8 for the worker's memory plan."""
+    from internlm_core.engine import open_engine, serving_dtypes
+
+    bf16, q8 = int8_folders
+    at_load = open_engine(bf16, max_batch=2, max_len=64, quantize="int8")
+    stored = open_engine(q8, max_batch=2, max_len=64)
+    assert serving_dtypes(at_load.config) == ("bfloat16", "float32")
+    assert serving_dtypes(at_load.config, "int8") == ("int8", "float32")
+    ours = {p.name: p.asnumpy() for p in at_load.model.get_parameters() if "weight" in p.name and "embedding" not in p.name}
+    theirs = {p.name: p.asnumpy() for p in stored.model.get_parameters() if "weight" in p.name and "embedding" not in p.name}
+    assert ours.keys() == theirs.keys() and any(a.dtype == np.int8 for a in ours.values())
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+    prompts = [random_ids(9, 512, seed=1), random_ids(30, 512, seed=2)]
+    np.testing.assert_array_equal(at_load.prefill([0, 1], prompts), stored.prefill([0, 1], prompts))
+    np.testing.assert_array_equal(at_load.decode([4, 5], [9, 30]), stored.decode([4, 5], [9, 30]))
+
+
+def test_lora_adapter_on_an_int8_base_equals_the_fp32_base(int8_folders, tmp_path):
+    """A LoRA adapter (fp32) served per row on an int8 base gives the logits of the same adapter on
+    the fp32 engine with the dequantised base (1e-4 relative)."""
+    from internlm_core.config import Config
+    from internlm_core.engine import open_engine
+    from internlm_core.lora import AdapterSpec
+    from tests.helpers import random_adapter
+
+    _, q8 = int8_folders
+    adapter = random_adapter(Config.from_name("tiny"), AdapterSpec(rank=4, alpha=8, targets=("wq", "wv", "w2")),
+                             tmp_path / "a", 1)
+    served, reference = open_engine(q8, max_batch=2, max_len=64), Engine(load_model(q8), max_batch=2, max_len=64)
+    for eng in (served, reference):
+        assert eng.load_adapter("a", adapter) == 1
+    prompts, rows = [random_ids(7, 512, seed=1), random_ids(12, 512, seed=2)], np.array([1, 0])
+    for a, b in ((served.prefill([0, 1], prompts, rows), reference.prefill([0, 1], prompts, rows)),
+                 (served.decode([3, 4], [7, 12], rows), reference.decode([3, 4], [7, 12], rows))):
+        _close(a, b)

@@ -12,6 +12,7 @@ from mindspore import Parameter, Tensor, nn
 
 from internlm_core import kernels
 from internlm_core.checkpoint import bf16_to_f32, f32_to_bf16
+from internlm_core.quantize import quantize_int8
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason=f"kernels unavailable: {kernels.unavailable()}")
 
@@ -26,14 +27,17 @@ def stored(w: np.ndarray, dtype: str):
 
 
 class _Linear(nn.Cell):
-    def __init__(self, w, b, dtype="float32"):
+    def __init__(self, w, b, dtype="float32", scale=None):
         super().__init__()
         self.w = Parameter(kernels.to_tensor(kernels.pack(w), dtype), name="w")
         self.b = None if b is None else Parameter(Tensor(b), name="b")
-        self.op = kernels.linear_op(b is not None)
+        self.s = None if scale is None else Parameter(Tensor(scale), name="s")
+        self.op = kernels.linear_op(b is not None, scale is not None)
 
     @ms.jit
     def construct(self, x):
+        if self.s is not None:
+            return self.op(x, self.w, self.s) if self.b is None else self.op(x, self.w, self.s, self.b)
         return self.op(x, self.w) if self.b is None else self.op(x, self.w, self.b)
 
 
@@ -74,6 +78,30 @@ def test_packed_linear_with_half_precision_weights_equals_numpy(dtype, bias, row
     np.testing.assert_array_equal(y, _Linear(w64.astype(np.float32), b)(Tensor(x)).asnumpy())
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", list(range(1, 18)) + [(3, 40)])
+@pytest.mark.parametrize("n,k", [(16, 64), (48, 37), (80, 64), (400, 160), (816, 2048)])
+def test_packed_linear_with_int8_weights_equals_numpy(bias, rows, n, k):
+    """int8 weights with per-output-channel scales (W8A16): every row count 1..17, panel
+    remainders, odd K, the threaded path, against float64 on the dequantised values q * scale;
+    and exactly the fp32 kernel's sums on the integers, times the scale, plus the bias."""
+    rng = np.random.default_rng(n * k + (rows if isinstance(rows, int) else 99))
+    lead = (rows,) if isinstance(rows, int) else rows
+    q, scale = quantize_int8(rng.normal(size=(n, k)).astype(np.float32) * rng.uniform(0.1, 3, size=(n, 1)))
+    b = rng.normal(size=n).astype(np.float32) if bias else None
+    x = rng.normal(size=lead + (k,)).astype(np.float32)
+    y = _Linear(q, b, "int8", scale)(Tensor(x)).asnumpy()
+    w64 = q.astype(np.float64) * scale.astype(np.float64)[:, None]
+    ref = x.astype(np.float64) @ w64.T + (0 if b is None else b)
+    assert y.shape == lead + (n,) and y.dtype == np.float32
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.sqrt(k) * scale.max() * 127)
+    sums = _Linear(q.astype(np.float32), None)(Tensor(x)).asnumpy()
+    if b is None:
+        np.testing.assert_array_equal(y, sums * scale)
+    else:  # sums * scale + b in one FMA: one rounding of the exact value
+        np.testing.assert_array_equal(y, (sums.astype(np.float64) * scale + b).astype(np.float32))
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("c", [64, 37])
 def test_embedding_widens_the_rows_of_its_table(dtype, c):
@@ -108,7 +136,7 @@ def test_pack_rows_fills_a_fused_weight_part_by_part():
 
 def test_linear_and_embedding_kernels_on_an_avx2_build(tmp_path):
     """The kernels built for x86-64-v3 (AVX2 + FMA + F16C, no AVX-512: ``INTERNLM_KERNEL_MARCH``), in
-    a fresh process with its own cache folder: the fp32, bf16 and fp16 linear tests and the
+    a fresh process with its own cache folder: the fp32, bf16, fp16 and int8 linear tests and the
     embedding's pass there too, from a library without one AVX-512 register in it."""
     env = {**os.environ, "INTERNLM_KERNEL_DIR": str(tmp_path), kernels.ENV_MARCH: "x86-64-v3"}
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",

@@ -31,6 +31,8 @@ def register(sub) -> None:
     add_sampling_flags(g)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--adapter", help="LoRA adapter name (remote only)")
+    g.add_argument("--quantize", choices=METHODS,
+                   help="with --model: quantise a float model's linears to int8 while loading (local only)")
     g.add_argument("--json", action="store_true", help="print one JSON object at the end")
     g.set_defaults(func=generate)
 
@@ -94,6 +96,8 @@ def generate(args) -> int:
     if (args.prompt is None) == (args.ids is None):
         raise ValueError("give either a PROMPT or --ids")
     if not args.model:
+        if args.quantize:
+            raise ValueError("--quantize applies to a local --model (a worker quantises with its own --quantize)")
         from services.client import remote_generate  # gRPC lives in services, never in the core
 
         return remote_generate(args)
@@ -123,7 +127,8 @@ def generate(args) -> int:
         raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in the model's "
                          f"{cfg.max_position_embeddings} positions")
     engine = open_engine(args.model, max_batch=1,
-                         max_len=min(cfg.max_position_embeddings, len(prompt) + params.max_new_tokens + 1))
+                         max_len=min(cfg.max_position_embeddings, len(prompt) + params.max_new_tokens + 1),
+                         quantize=args.quantize)
     ids, reason, text = [], None, []
     for ev in core_generate(engine, prompt, params, tok):
         ids.append(ev.token_id)

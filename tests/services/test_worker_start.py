@@ -72,3 +72,32 @@ def test_a_worker_whose_redis_is_down_serves_and_registers_once_it_is_up(chat_mo
         worker.stop()
         if server:
             server.stop()
+
+
+def test_a_worker_started_with_quantize_int8_serves_int8_and_says_so(chat_model_dir, tmp_path):
+    """``--quantize int8`` on an fp32 folder: the linears are quantised while loading, the worker
+    answers, and ModelInfo and the start log report int8 and the bytes held (1 byte a linear's
+    weight + its scales; the embedding table and norms fp32 as stored)."""
+    from internlm_core.generation import SamplingParams
+    from services.pb import common_pb2
+    from services.pb_convert import sampling_to_pb
+
+    worker = Service("services.inference_worker", ["--model", str(chat_model_dir), "--redis-url", "",
+                                                   "--quantize", "int8", "--max-batch", "2"],
+                     tmp_path / "worker.log", free_port(), free_port()).wait_healthy()
+    try:
+        stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(worker.address))
+        info = stub.ModelInfo(inference_pb2.ModelInfoRequest(), timeout=30)
+        out = stub.GenerateUnary(inference_pb2.GenerateRequest(
+            ids=common_pb2.TokenIds(ids=[1, 333, 4444, 55]),
+            params=sampling_to_pb(SamplingParams(max_new_tokens=6, ignore_eos=True))), timeout=60)
+    finally:
+        worker.stop()
+    cfg = Config.from_checkpoint(chat_model_dir)
+    assert info.quantization == "int8" and info.dtype == "float32"
+    from internlm_core.quantize import quantized_names
+
+    shapes = [cfg.param_shapes()[n] for n in quantized_names(cfg)]  # 1 byte a weight + a 4-byte scale a row
+    assert info.weight_bytes == weight_bytes(cfg, "float32") - sum(3 * r * c - 4 * r for r, c in shapes)
+    assert len(out.token_ids) == 6
+    assert "weights int8 linears + float32" in worker.log.read_text()
