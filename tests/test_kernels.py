@@ -317,7 +317,7 @@ np.save({str(tmp_path / 'ops.npy')!r}, np.concatenate([logits, eng.decode([9], [
     from internlm_core.engine import Engine
     from internlm_core.loader import load_model
 
-    eng = Engine(load_model(tiny_model_dir), max_batch=2, max_len=64)
+    eng = Engine(load_model(tiny_model_dir), max_batch=2, max_len=64, cache_dtype="float32")  # as the ops path's
     assert eng.kernels
     ours = np.concatenate([eng.prefill([0], [[5, 6, 7]]), eng.decode([9], [3], slots=[0])])
     np.testing.assert_allclose(ours, np.load(tmp_path / "ops.npy"), rtol=1e-5, atol=1e-5)
