@@ -31,6 +31,8 @@ def register(sub) -> None:
     add_sampling_flags(g)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--adapter", help="LoRA adapter name (remote only)")
+    g.add_argument("--kv-cache-dtype", choices=["float32", "float16"],
+                   help="the KV cache's dtype with --model (default: float16 on the CPU kernels, float32 otherwise)")
     g.add_argument("--json", action="store_true", help="print one JSON object at the end")
     g.set_defaults(func=generate)
 
@@ -123,7 +125,8 @@ def generate(args) -> int:
         raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in the model's "
                          f"{cfg.max_position_embeddings} positions")
     engine = open_engine(args.model, max_batch=1,
-                         max_len=min(cfg.max_position_embeddings, len(prompt) + params.max_new_tokens + 1))
+                         max_len=min(cfg.max_position_embeddings, len(prompt) + params.max_new_tokens + 1),
+                         cache_dtype=args.kv_cache_dtype)
     ids, reason, text = [], None, []
     for ev in core_generate(engine, prompt, params, tok):
         ids.append(ev.token_id)
