@@ -198,6 +198,20 @@ def test_cache_bytes_reported(model):
         Engine(model, max_batch=1, max_len=128, cache_dtype="bfloat16")
 
 
+def test_serving_dtypes_name_the_cache_the_engine_will_hold(model):
+    """What the worker's memory plan counts: the default cache dtype where the kernels serve is the
+    one ``Engine`` allocates (float16), float32 when asked; anything else refused."""
+    from internlm_core.engine import serving_dtypes
+
+    cfg = model.config
+    assert serving_dtypes(cfg) == ("float32", "float16")
+    assert serving_dtypes(cfg.replace(dtype="bfloat16")) == ("bfloat16", "float16")
+    assert serving_dtypes(cfg, "float32") == ("float32", "float32")
+    assert Engine(model, max_batch=1, max_len=64).cache_dtype == serving_dtypes(cfg)[1]
+    with pytest.raises(ValueError, match="float32 or float16"):
+        serving_dtypes(cfg, "int8")
+
+
 def test_cache_that_cannot_fit_is_refused_before_allocating(model):
     """A cache larger than the machine's available memory is a clear error, not an OOM kill."""
     from internlm_core.engine import available_memory
