@@ -115,8 +115,8 @@ class Engine(EngineBase):
 
     def __init__(self, model: InternLMForCausalLM, max_batch: int = 1, max_len: int | None = None,
                  cpu_kernels: bool = True, cache_dtype: str | None = None):
-        """``cache_dtype``: the KV cache's, "float32" or "float16"; None: ``default_cache_dtype`` (float16
-        on the CPU kernels, float32 on MindSpore's ops)."""
+        """``cache_dtype``: the KV cache's, "float32" or "float16"; None: float16 on the CPU kernels
+        (``default_cache_dtype``), the model's compute dtype on MindSpore's ops (float32 on CPU)."""
         cfg = model.config
         self.model, self.config = model.fuse_projections(), cfg
         # Steps with the kernels attend each row's own positions, so their graphs do not depend on
@@ -128,7 +128,10 @@ class Engine(EngineBase):
         self.max_len = max_len or cfg.max_position_embeddings
         if self.max_len > cfg.max_position_embeddings and cfg.rope_scaling != "dynamic":
             raise ValueError(f"max_len {self.max_len} exceeds the model's {cfg.max_position_embeddings} positions")
-        self.cache_dtype = check_cache_dtype(cache_dtype) if cache_dtype else default_cache_dtype(self.kernels)
+        # Without the kernels the default is the model's compute dtype, as before (float32 on CPU)
+        compute = next(name for name, dt in MS_DTYPES.items() if dt == model.dtype)
+        self.cache_dtype = (check_cache_dtype(cache_dtype) if cache_dtype else
+                            default_cache_dtype(True) if self.kernels else compute)
         self.scratch = max_batch  # padding rows write and read this extra slot, never a real one
         shape = ((max_batch + 1) * cfg.kv_heads * self.max_len, cfg.head_dim)
         free = available_memory()
