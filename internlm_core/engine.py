@@ -11,6 +11,13 @@ each row reads only its own positions. New k/v are written in place with Scatter
 flat cache's first axis (measured on MindSpore 2.9 CPU: ScatterNdUpdate on a (slots, heads, L, hd)
 cache copied the whole cache on every call, which made a step cost slots x L).
 
+The cache is float16 by default where the CPU kernels serve (``cache_dtype``): the new rows are cast
+to fp16 and scattered (MindSpore's CPU ScatterUpdate has fp16, not bf16), and CachedAttention widens
+them to fp32 as it reads them, so a cache takes half the bytes of an fp32 one and attention reads
+half as many per token; fp16's 10-bit mantissa keeps the greedy tokens of the fp32 cache on the
+parity models (tests/test_engine.py, test_internlm2.py, test_batching.py). float32 is the option
+(``cache_dtype="float32"``, the worker's ``--kv-cache-dtype``) and the default on MindSpore's ops.
+
 The engine serves its model in the fused form (``InternLMForCausalLM.fuse_projections``, done
 in place by the constructor: the weights are not copied) and, on CPU, with the project's kernels
 (``kernels``: every linear and the head packed for a matmul that reads each weight once,
@@ -51,8 +58,8 @@ from .engine_api import EngineBase, bucket
 from .errors import PromptTooLong
 from .export import ExportedEngine
 from .loader import load_serving_model
-from .memory import available_memory
-from .model import NEG_INF, InternLMForCausalLM, fused_rope_tables, rope_tables
+from .memory import DTYPE_BYTES, available_memory
+from .model import MS_DTYPES, NEG_INF, InternLMForCausalLM, fused_rope_tables, rope_tables
 
 log = logging.getLogger(__name__)
 
@@ -77,21 +84,40 @@ PREFILL_MIN = 32  # prefill steps compute 32, 64 or 128 tokens a row
 MIN_ATTEND = 128  # smallest attended cache length: fewer shapes to compile, little waste
 
 
-def serving_dtypes(cfg, quantize: str | None = None) -> tuple[str, str]:
+CACHE_DTYPES = ("float32", "float16")
+
+
+def default_cache_dtype(cpu_kernels: bool) -> str:
+    """The KV cache's dtype unless one is asked for: float16 where the CPU kernels serve (their
+    attention widens its rows to fp32 as it reads them: half the bytes of an fp32 cache, the same
+    greedy tokens on the parity models), float32 on MindSpore's own ops."""
+    return "float16" if cpu_kernels else "float32"
+
+
+def check_cache_dtype(cache_dtype: str) -> str:
+    if cache_dtype not in CACHE_DTYPES:
+        raise ValueError(f"the KV cache is float32 or float16, not {cache_dtype!r}")
+    return cache_dtype
+
+
+def serving_dtypes(cfg, quantize: str | None = None, cache_dtype: str | None = None) -> tuple[str, str]:
     """(weights, KV cache) dtypes ``open_engine`` holds for ``cfg`` on this machine, which
     ``memory.plan_serving`` sizes a worker by before loading: where the CPU kernels serve
-    (``load_serving_model``) the weights as the checkpoint stores them, int8 for an int8 folder
-    or one quantised at load (``quantize``); else float32. The cache float32."""
-    if kernels.library() is None:
-        return "float32", "float32"
-    return cfg.quantization or quantize or cfg.dtype, "float32"
+    (``load_serving_model``) the weights as the checkpoint stores them, int8 for an int8 folder or
+    one quantised at load (``quantize``), else float32; the cache ``cache_dtype`` where given, else
+    ``default_cache_dtype`` (float16 on the CPU kernels)."""
+    served = kernels.library() is not None
+    cache = check_cache_dtype(cache_dtype) if cache_dtype else default_cache_dtype(served)
+    return (cfg.quantization or quantize or cfg.dtype) if served else "float32", cache
 
 
 class Engine(EngineBase):
     """Runs a model over a slotted KV cache; all inputs and outputs are numpy."""
 
     def __init__(self, model: InternLMForCausalLM, max_batch: int = 1, max_len: int | None = None,
-                 cpu_kernels: bool = True):
+                 cpu_kernels: bool = True, cache_dtype: str | None = None):
+        """``cache_dtype``: the KV cache's, "float32" or "float16"; None: float16 on the CPU kernels
+        (``default_cache_dtype``), the model's compute dtype on MindSpore's ops (float32 on CPU)."""
         cfg = model.config
         self.model, self.config = model.fuse_projections(), cfg
         # Steps with the kernels attend each row's own positions, so their graphs do not depend on
@@ -103,6 +129,10 @@ class Engine(EngineBase):
         self.max_len = max_len or cfg.max_position_embeddings
         if self.max_len > cfg.max_position_embeddings and cfg.rope_scaling != "dynamic":
             raise ValueError(f"max_len {self.max_len} exceeds the model's {cfg.max_position_embeddings} positions")
+        # Without the kernels the default is the model's compute dtype, as before (float32 on CPU)
+        compute = next(name for name, dt in MS_DTYPES.items() if dt == model.dtype)
+        self.cache_dtype = (check_cache_dtype(cache_dtype) if cache_dtype else
+                            default_cache_dtype(True) if self.kernels else compute)
         self.scratch = max_batch  # padding rows write and read this extra slot, never a real one
         shape = ((max_batch + 1) * cfg.kv_heads * self.max_len, cfg.head_dim)
         free = available_memory()
@@ -111,7 +141,8 @@ class Engine(EngineBase):
                               f"{self.cache_bytes / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB of memory is "
                               "available; lower max_batch or max_len")
         self.caches = ms.ParameterTuple([
-            Parameter(ops.zeros(shape, model.dtype), name=f"kv_cache.{i // 2}.{'kv'[i % 2]}", requires_grad=False)
+            Parameter(ops.zeros(shape, MS_DTYPES[self.cache_dtype]), name=f"kv_cache.{i // 2}.{'kv'[i % 2]}",
+                      requires_grad=False)
             for i in range(2 * cfg.num_layers)])
         self._build_steps()
         self.shapes_run: set[tuple[int, int, int]] = set()  # (rows, tokens, attended) shapes compiled so far
@@ -125,8 +156,7 @@ class Engine(EngineBase):
     @property
     def cache_bytes_per_slot(self) -> int:
         cfg = self.config
-        return (2 * cfg.num_layers * self.max_len * cfg.kv_heads * cfg.head_dim
-                * self.model.dtype.itemsize)
+        return 2 * cfg.num_layers * self.max_len * cfg.kv_heads * cfg.head_dim * DTYPE_BYTES[self.cache_dtype]
 
     @property
     def quantization(self) -> str | None:
@@ -358,13 +388,17 @@ class Engine(EngineBase):
         return self._run(slots, [[int(t)] for t in tokens], positions, positions + 1, adapters)
 
 
-def open_engine(folder, max_batch: int = 1, max_len: int | None = None, quantize: str | None = None) -> EngineBase:
+def open_engine(folder, max_batch: int = 1, max_len: int | None = None, quantize: str | None = None,
+                cache_dtype: str | None = None) -> EngineBase:
     """An engine for a model folder: a checkpoint folder (its weights held in the precision the file
     stores, on the CPU kernels: ``loader.load_serving_model``; ``quantize="int8"`` quantises a float
-    folder's linears to int8 while loading), or an exported MindIR pair."""
+    folder's linears to int8 while loading; its KV cache ``cache_dtype``, by default float16 on the
+    kernels), or an exported MindIR pair (its cache in the dtype it was exported with)."""
     folder = Path(folder)
     if (folder / MANIFEST_FILE).is_file():
         if quantize:
             raise ValueError(f"{folder} is an exported model: it cannot be quantised at load")
+        if cache_dtype:
+            log.info("an exported model keeps the KV cache dtype it was exported with; %s not used", cache_dtype)
         return ExportedEngine(folder, max_batch=max_batch, max_len=max_len)
-    return Engine(load_serving_model(folder, quantize), max_batch=max_batch, max_len=max_len)
+    return Engine(load_serving_model(folder, quantize), max_batch=max_batch, max_len=max_len, cache_dtype=cache_dtype)

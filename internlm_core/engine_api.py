@@ -27,6 +27,7 @@ class EngineBase(ABC):
     adapters: dict[str, int]      # LoRA adapter name -> index (0: the base model)
     adapters_version: int         # bumped by every adapter load (KV rows computed before may be stale)
     kernels: bool = False         # steps run the project's CPU kernels (``kernels``), not only MindSpore's ops
+    cache_dtype: str = "float32"  # the KV cache's dtype (``Engine``: float16 by default on the CPU kernels)
 
     @property
     @abstractmethod

@@ -333,6 +333,7 @@ class ExportedEngine(EngineBase):
         self._share_weights()
         shape = (self._slots, cfg.kv_heads, self._cache_len, cfg.head_dim)
         dtype = getattr(ms, m["compute_dtype"])
+        self.cache_dtype = m["compute_dtype"]
         self.caches = [Tensor(np.zeros(shape, np.float32), dtype) for _ in range(2 * cfg.num_layers)]
         self.lock = threading.Lock()  # one step at a time: the caches are shared state
         self.adapters: dict[str, int] = {}  # exported graphs carry no LoRA adapters

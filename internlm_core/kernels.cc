@@ -13,7 +13,9 @@
 //   CachedAttention  causal softmax(q K^T) V read straight from the slotted cache: query t of row
 //                    b, head h attends cache rows first[b, h] .. first[b, h] + pos[b, t] (clipped
 //                    to the cache: never a read outside it); one query in a plain loop (decode),
-//                    a prompt's chunk 16 queries at a time with an online softmax (prefill).
+//                    a prompt's chunk 16 queries at a time with an online softmax (prefill). The
+//                    cache is fp32 or fp16 (the engine's default: half the bytes per token), fp16
+//                    rows widened to fp32 in registers; the arithmetic is fp32 either way.
 //
 // and row-wise ones, most standing for several MindSpore ops each, because a decode step's
 // tensors are tiny and MindSpore spends ~10 us launching each op (a bench-serve decode step ran
@@ -169,12 +171,25 @@ void embed(const int32_t* ids, const void* table, int64_t M, int64_t V, int64_t 
 
 // ---- CachedAttention --------------------------------------------------------------------------
 
-// One (row, head): n keys of D floats from k and v (contiguous rows), q already scaled.
-void attend(const float* q, const float* k, const float* v, int64_t n, int64_t D, float* out, float* scores) {
+// The cache rows are fp32 or fp16 (T = float or f16_t): fp16 rows are widened to floats in
+// registers (vcvtph2ps, exact) by PackedLinear's ``widen``, so every product and sum is the same
+// fp32 arithmetic in the same order as on an fp32 cache holding the fp16-rounded values.
+
+// n rows of D values of a cache from ``src`` as floats: fp32 rows where they lie, fp16 rows widened
+// into ``buf`` (n * D floats).
+inline const float* rows_f32(const float* src, int64_t, int64_t, float*) { return src; }
+inline const float* rows_f32(const f16_t* src, int64_t n, int64_t D, float* buf) {
+  for (int64_t i = 0; i < n * D; i += 16) store(buf + i, widen(src + i));
+  return buf;
+}
+
+// One (row, head): n keys of D values from k and v (contiguous rows), q already scaled.
+template <typename T>
+void attend(const float* q, const T* k, const T* v, int64_t n, int64_t D, float* out, float* scores) {
   float mx = -INFINITY;
   for (int64_t j = 0; j < n; ++j) {
     v16 acc = (v16){};
-    for (int64_t d = 0; d < D; d += 16) acc += load(q + d) * load(k + j * D + d);
+    for (int64_t d = 0; d < D; d += 16) acc += load(q + d) * widen(k + j * D + d);
     scores[j] = hsum(acc);
     mx = scores[j] > mx ? scores[j] : mx;
   }
@@ -193,7 +208,7 @@ void attend(const float* q, const float* k, const float* v, int64_t n, int64_t D
   const float inv = 1.f / sum;
   for (int64_t d = 0; d < D; d += 16) {
     v16 acc = (v16){};
-    for (int64_t jj = 0; jj < n; ++jj) acc += scores[jj] * load(v + jj * D + d);
+    for (int64_t jj = 0; jj < n; ++jj) acc += scores[jj] * widen(v + jj * D + d);
     store(out + d, acc * inv);
   }
 }
@@ -201,11 +216,14 @@ void attend(const float* q, const float* k, const float* v, int64_t n, int64_t D
 // Up to 16 queries of one (row, head) at once, flash-attention style: the queries sit in the
 // vector lanes, keys come 16 at a time, and each query's softmax is kept online (running max and
 // sum), so a prefill chunk reads each key once per 16 queries and never builds a scores matrix.
-// Query j sees keys 0 .. seen[j] - 1; ``work`` holds 32 D floats.
-void attend_block(const float* q, int64_t nq, const int32_t* seen, const float* k, const float* v, int64_t D,
+// Query j sees keys 0 .. seen[j] - 1; ``work`` holds 64 D floats (32 D for an fp32 cache).
+template <typename T>
+void attend_block(const float* q, int64_t nq, const int32_t* seen, const T* kc, const T* vc, int64_t D,
                   float* out, int64_t out_stride, float* work) {
   float* qt = work;           // (D, 16): the queries transposed, lane j = query j
   float* o = work + 16 * D;   // (D, 16): the running weighted sums of V
+  float* kw = work + 32 * D;  // (16, D) each: a block of 16 fp16 keys and values, widened
+  float* vw = work + 48 * D;
   int32_t lim[16];
   int64_t keys = 0;
   for (int64_t j = 0; j < 16; ++j) {
@@ -218,13 +236,16 @@ void attend_block(const float* q, int64_t nq, const int32_t* seen, const float* 
   memcpy(&limit, lim, 64);
   v16 m = splat(-INFINITY), l = (v16){};
   for (int64_t k0 = 0; k0 < keys; k0 += 16) {
+    const int64_t n = std::min<int64_t>(16, keys - k0);
+    const float* k = rows_f32(kc + k0 * D, n, D, kw);  // the block's keys k0 .. k0 + n - 1
+    const float* v = rows_f32(vc + k0 * D, n, D, vw);
     // Scores for 16 keys, summed over 16 dimensions at a time then added up: the rounding error
     // grows with 16 + D/16 terms rather than D (the decode loop's 16-lane sums do the same).
     v16 s[16];
     for (int j = 0; j < 16; ++j) s[j] = (v16){};
     for (int64_t d0 = 0; d0 < D; d0 += 16) {
       for (int j = 0; j < 16; ++j) {
-        const float* kr = k + std::min<int64_t>(k0 + j, keys - 1) * D + d0;  // past the last key: masked below
+        const float* kr = k + std::min<int64_t>(j, n - 1) * D + d0;  // past the last key: masked below
         v16 acc = (v16){};
         for (int64_t d = 0; d < 16; ++d) acc += load(qt + (d0 + d) * 16) * kr[d];
         s[j] += acc;
@@ -243,10 +264,9 @@ void attend_block(const float* q, int64_t nq, const int32_t* seen, const float* 
       s[j] = visible ? exp_neg(s[j] - m_new) : (v16){};  // exactly 0 for a masked key
       l += s[j];
     }
-    const int64_t n = std::min<int64_t>(16, keys - k0);
     for (int64_t d = 0; d < D; ++d) {
       v16 acc = load(o + d * 16) * alpha;
-      for (int64_t j = 0; j < n; ++j) acc += s[j] * v[(k0 + j) * D + d];
+      for (int64_t j = 0; j < n; ++j) acc += s[j] * v[j * D + d];
       store(o + d * 16, acc);
     }
     m = m_new;
@@ -267,6 +287,49 @@ inline float dot_self(const float* x, int64_t n) {
   float s = hsum(acc);
   for (; i < n; ++i) s += x[i] * x[i];
   return s;
+}
+
+// CachedAttention over a cache of T (float or f16_t) rows; the arguments as checked there.
+template <typename T>
+void cached_attention(void** params, int64_t** shapes) {
+  const float* q = static_cast<const float*>(params[0]);
+  const T* kc = static_cast<const T*>(params[1]);
+  const T* vc = static_cast<const T*>(params[2]);
+  const int32_t* first = static_cast<const int32_t*>(params[3]);
+  const int32_t* pos = static_cast<const int32_t*>(params[4]);
+  float* out = static_cast<float*>(params[5]);
+  const int64_t B = shapes[0][0], H = shapes[0][1], Tq = shapes[0][2], D = shapes[0][3], R = shapes[1][0];
+  const int64_t group = H / shapes[3][1];  // query heads per k/v head
+  // Rows are clipped to the cache rather than refused: the engine never asks for one outside it
+  // (padding queries included), and a non-zero return leaves MindSpore 2.9's graph unusable for
+  // the rest of the process (seen: every later call fails), which would take a whole worker down.
+  // i = b * H + h, a query head; its k/v head's first row
+  auto start = [&](int64_t i) { return std::min<int64_t>(std::max<int64_t>(first[i / group], 0), R - 1); };
+  auto keys = [&](int64_t i, int64_t b, int64_t t) {  // how many rows query t of (row, head) i sees
+    return std::min<int64_t>(std::max<int64_t>(pos[b * Tq + t], 0) + 1, R - start(i));
+  };
+  const int64_t blocks = (Tq + 15) / 16;  // queries go 16 at a time through attend_block
+  int64_t longest = 1;
+  for (int64_t i = 0; i < B * H; ++i)
+    for (int64_t t = 0; t < Tq; ++t) longest = std::max(longest, keys(i, i / H, t));
+#pragma omp parallel if (B * H * Tq * longest * D > (1 << 16))
+  {
+    std::vector<float> work(Tq == 1 ? longest : (sizeof(T) == 4 ? 32 : 64) * D);
+#pragma omp for schedule(dynamic)
+    for (int64_t item = 0; item < B * H * blocks; ++item) {
+      const int64_t i = item / blocks, b = i / H, h = i % H, t0 = item % blocks * 16;
+      const T* k = kc + start(i) * D;
+      const T* v = vc + start(i) * D;
+      if (Tq == 1) {  // decode: one query, the keys in a plain loop
+        attend(q + i * D, k, v, keys(i, b, 0), D, out + (b * H + h) * D, work.data());
+        continue;
+      }
+      int32_t seen[16];
+      const int64_t nq = std::min<int64_t>(16, Tq - t0);
+      for (int64_t j = 0; j < nq; ++j) seen[j] = (int32_t)keys(i, b, t0 + j);
+      attend_block(q + (i * Tq + t0) * D, nq, seen, k, v, D, out + ((b * Tq + t0) * H + h) * D, H * D, work.data());
+    }
+  }
 }
 
 }  // namespace
@@ -328,56 +391,24 @@ int Embedding(int nparam, void** params, int* ndims, int64_t** shapes, const cha
   return 0;
 }
 
-// inputs q (B, H, T, D) f32, k_cache (R, D) f32, v_cache (R, D) f32, first (B, Hkv) i32, pos (B, T) i32;
+// inputs q (B, H, T, D) f32, k_cache (R, D) and v_cache (R, D) both f32 or both f16, first (B, Hkv) i32,
+// pos (B, T) i32;
 // output (B, T, H, D) f32: query t of row b, head h attends the cache rows of k/v head g = h / (H / Hkv),
 // first[b, g] .. first[b, g] + pos[b, t] (grouped-query attention; Hkv == H without it)
 int CachedAttention(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
                     void* extra) {
-  if (nparam != 6 || !is_f32(dtypes[0]) || !is_f32(dtypes[1]) || !is_f32(dtypes[2]) || !is_i32(dtypes[3]) ||
-      !is_i32(dtypes[4]) || !is_f32(dtypes[5]))
+  const bool f16 = nparam == 6 && is_f16(dtypes[1]);  // an fp16 cache: its rows widened to fp32 as read
+  if (nparam != 6 || !is_f32(dtypes[0]) || !(is_f32(dtypes[1]) || f16) || strcmp(dtypes[1], dtypes[2]) != 0 ||
+      !is_i32(dtypes[3]) || !is_i32(dtypes[4]) || !is_f32(dtypes[5]))
     return 1;
   if (ndims[0] != 4 || shapes[0][3] % 16 != 0 || ndims[1] != 2 || shapes[1][1] != shapes[0][3] || ndims[3] != 2 ||
       ndims[4] != 2 || shapes[3][0] != shapes[0][0] || shapes[0][1] % shapes[3][1] != 0 ||
       shapes[4][1] != shapes[0][2])
     return 2;
-  const float* q = static_cast<const float*>(params[0]);
-  const float* kc = static_cast<const float*>(params[1]);
-  const float* vc = static_cast<const float*>(params[2]);
-  const int32_t* first = static_cast<const int32_t*>(params[3]);
-  const int32_t* pos = static_cast<const int32_t*>(params[4]);
-  float* out = static_cast<float*>(params[5]);
-  const int64_t B = shapes[0][0], H = shapes[0][1], T = shapes[0][2], D = shapes[0][3], R = shapes[1][0];
-  const int64_t group = H / shapes[3][1];  // query heads per k/v head
-  // Rows are clipped to the cache rather than refused: the engine never asks for one outside it
-  // (padding queries included), and a non-zero return leaves MindSpore 2.9's graph unusable for
-  // the rest of the process (seen: every later call fails), which would take a whole worker down.
-  // i = b * H + h, a query head; its k/v head's first row
-  auto start = [&](int64_t i) { return std::min<int64_t>(std::max<int64_t>(first[i / group], 0), R - 1); };
-  auto keys = [&](int64_t i, int64_t b, int64_t t) {  // how many rows query t of (row, head) i sees
-    return std::min<int64_t>(std::max<int64_t>(pos[b * T + t], 0) + 1, R - start(i));
-  };
-  const int64_t blocks = (T + 15) / 16;  // queries go 16 at a time through attend_block
-  int64_t longest = 1;
-  for (int64_t i = 0; i < B * H; ++i)
-    for (int64_t t = 0; t < T; ++t) longest = std::max(longest, keys(i, i / H, t));
-#pragma omp parallel if (B * H * T * longest * D > (1 << 16))
-  {
-    std::vector<float> work(T == 1 ? longest : 32 * D);
-#pragma omp for schedule(dynamic)
-    for (int64_t item = 0; item < B * H * blocks; ++item) {
-      const int64_t i = item / blocks, b = i / H, h = i % H, t0 = item % blocks * 16;
-      const float* k = kc + start(i) * D;
-      const float* v = vc + start(i) * D;
-      if (T == 1) {  // decode: one query, the keys in a plain loop
-        attend(q + i * D, k, v, keys(i, b, 0), D, out + (b * H + h) * D, work.data());
-        continue;
-      }
-      int32_t seen[16];
-      const int64_t nq = std::min<int64_t>(16, T - t0);
-      for (int64_t j = 0; j < nq; ++j) seen[j] = (int32_t)keys(i, b, t0 + j);
-      attend_block(q + (i * T + t0) * D, nq, seen, k, v, D, out + ((b * T + t0) * H + h) * D, H * D, work.data());
-    }
-  }
+  if (f16)
+    cached_attention<f16_t>(params, shapes);
+  else
+    cached_attention<float>(params, shapes);
   return 0;
 }
 

@@ -226,7 +226,8 @@ def embedding_op():
 
 @functools.cache
 def attention_op():
-    """out (B, T, H, D) = softmax(q K^T) V: q (B, H, T, D) scaled, caches (R, D), first (B, Hkv) int32
+    """out (B, T, H, D) = softmax(q K^T) V: q (B, H, T, D) scaled, caches (R, D) both float32 or both
+    float16 (widened to fp32 as they are read, the arithmetic fp32), first (B, Hkv) int32
     = each (row, k/v head)'s first cache row (query head h reads k/v head h // (H / Hkv)), pos (B, T)
     int32: query t sees rows first .. first + pos."""
     return _op("CachedAttention", lambda q, k, v, first, pos: [q[0], q[2], q[1], q[3]],

@@ -204,7 +204,8 @@ class Attention(nn.Cell):
         """x (B, T, C); cos/sin (B, 1, T, hd), fused form (B, nh + 2 n_kv, T, hd); mask (B, 1, T, S)
         additive; adapters (B,) or None. The caches hold the n_kv k/v heads.
 
-        The engine's cache (``read_index`` given) is flat, (slots * n_kv * L, hd): the new k/v rows are
+        The engine's cache (``read_index`` given) is flat, (slots * n_kv * L, hd), float32 or float16 (the
+        new rows cast to it; the kernel widens fp16 rows as it reads them): the new k/v rows are
         written at ``cache_index`` (B*n_kv*T,) = (slot * n_kv + head) * L + position, then each row
         attends the cache rows ``read_index`` (B, n_kv, S) = its slot's first S positions per head. ScatterUpdate on the first axis writes
         in place (0.4 ms); ScatterNdUpdate on a (slots, nh, L, hd) cache copied the whole cache
@@ -247,6 +248,8 @@ class Attention(nn.Cell):
             # read after the write: depend on the update, gather only the live rows and positions
             k = ops.gather(ops.depend(k_cache, k_new), read_index, 0)  # (B, n_kv, S, hd)
             v = ops.gather(ops.depend(v_cache, v_new), read_index, 0)
+            if k_cache.dtype != x.dtype:  # an fp16 cache asked for on this path: attention in x's dtype
+                k, v = k.astype(x.dtype), v.astype(x.dtype)
         elif k_cache is not None:
             # In-place update of the preallocated cache; using the op's output orders the read after the write.
             k_all = ops.scatter_nd_update(k_cache, cache_index, k.astype(k_cache.dtype))

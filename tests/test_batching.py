@@ -292,7 +292,8 @@ def test_the_cpu_kernels_serve_the_tokens_of_mindspores_own_ops(tiny_config):
     matmuls, attention read from the cache, one-op norms/rotary/SwiGLU, one decode shape for any
     length) and without them (MindSpore's ops over gathered, masked cache buckets), for mixed
     traffic through the batcher: short and long prompts (chunked, past the smallest bucket)
-    joining and leaving at different times, and prefix-cache hits."""
+    joining and leaving at different times, and prefix-cache hits; the kernels with their default
+    fp16 KV cache and with an fp32 one (MindSpore's ops hold fp32) give the same tokens too."""
     import internlm_core.engine as engine_mod
     from internlm_core.model import InternLMForCausalLM, init_weights
 
@@ -301,11 +302,12 @@ def test_the_cpu_kernels_serve_the_tokens_of_mindspores_own_ops(tiny_config):
     prompts += [prompts[1] + random_ids(12, 512, seed=7), prompts[3][:100]]  # prefix hits on finished slots
     lengths = [30, 12, 50, 20, 8, 40, 16, 10]
     got = {}
-    for kernels in (True, False):
+    for kernels, cache in ((True, None), (True, "float32"), (False, None)):
         model = InternLMForCausalLM(cfg)
         init_weights(model, seed=0, std=0.5)
-        engine = Engine(model, max_batch=3, max_len=256, cpu_kernels=kernels)
+        engine = Engine(model, max_batch=3, max_len=256, cpu_kernels=kernels, cache_dtype=cache)
         assert engine.kernels == kernels
+        assert engine.cache_dtype == (cache or ("float16" if kernels else "float32"))
         engine.prefill_chunk = 32
         b = Batcher(engine, max_queue=8).start()
         try:
@@ -316,9 +318,9 @@ def test_the_cpu_kernels_serve_the_tokens_of_mindspores_own_ops(tiny_config):
                     early = handles[0].next_events()
                 if i == 5:  # the prefix hits come after the slots they reuse were freed
                     wait_idle(b)
-            got[kernels] = [[e.token_id for e in (early if i == 0 else []) + list(h)] for i, h in enumerate(handles)]
+            got[kernels, cache] = [[e.token_id for e in (early if i == 0 else []) + list(h)] for i, h in enumerate(handles)]
         finally:
             b.stop(timeout=60)
         assert {t for _, t, _ in engine.shapes_run} & {32}  # chunked prefill ran
-    assert got[True] == got[False]
-    assert [len(t) for t in got[True]] == lengths
+    assert got[True, None] == got[False, None] == got[True, "float32"]
+    assert [len(t) for t in got[True, None]] == lengths

@@ -28,6 +28,9 @@ def test_convert_then_generate_ids_json(tiny_hf, tmp_path):
     want = generate_batch(engine, [[1, 5, 9, 200]], SamplingParams(max_new_tokens=6))[0]
     assert res["token_ids"] == want.token_ids
     assert res["finish_reason"] == want.finish_reason
+    fp32 = json.loads(cli("generate", "--model", tmp_path / "m", "--ids", "1,5,9,200", "--max-new-tokens", 6,
+                          "--json", "--kv-cache-dtype", "float32").stdout)
+    assert fp32["token_ids"] == want.token_ids  # the same greedy tokens from an fp32 KV cache
     back = cli("convert", tmp_path / "m", tmp_path / "hf", "--to-hf")
     assert (tmp_path / "hf" / "config.json").is_file() and back.returncode == 0
 

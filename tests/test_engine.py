@@ -21,6 +21,13 @@ def model(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def engine(model):
+    """An fp32 KV cache: logits compared with HF's and a cache-free forward's to fp32 rounding."""
+    return Engine(model, max_batch=4, max_len=128, cache_dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def half_engine(model):
+    """The default KV cache (float16 on the CPU kernels): greedy tokens compared."""
     return Engine(model, max_batch=4, max_len=128)
 
 
@@ -39,13 +46,17 @@ def test_cached_decode_equals_full_recompute(model, engine):
         np.testing.assert_allclose(logits, full[t], rtol=1e-5, atol=1e-5)
 
 
-def test_greedy_32_tokens_identical_to_hf(tiny_hf, engine):
+@pytest.mark.parametrize("cache", ["float32", "default"])
+def test_greedy_32_tokens_identical_to_hf(tiny_hf, engine, half_engine, cache):
+    engine = engine if cache == "float32" else half_engine
     prompt = random_ids(13, 512, seed=5)
     ours = [e.token_id for e in generate(engine, prompt, GREEDY)]
     assert ours == hf_greedy(tiny_hf[0], prompt)
 
 
-def test_batch_of_different_lengths(tiny_hf, engine):
+@pytest.mark.parametrize("cache", ["float32", "default"])
+def test_batch_of_different_lengths(tiny_hf, engine, half_engine, cache):
+    engine = engine if cache == "float32" else half_engine
     prompts = [random_ids(n, 512, seed=n) for n in (3, 29, 11, 17)]
     results = generate_batch(engine, prompts, GREEDY)
     for p, r in zip(prompts, results):
@@ -114,7 +125,7 @@ def test_chunked_prefill_of_long_prompts_equals_full_recompute():
     cfg = Config.from_name("tiny", max_position_embeddings=400)
     model = InternLMForCausalLM(cfg)
     init_weights(model, seed=2, std=0.2)
-    eng = Engine(model, max_batch=3, max_len=330)
+    eng = Engine(model, max_batch=3, max_len=330, cache_dtype="float32")
     seqs = [random_ids(n, 512, seed=n) for n in (310, PREFILL_CHUNK + 2, 20)]
     lengths = [300, PREFILL_CHUNK + 1, 12]
     logits = eng.prefill([2, 0, 1], [s[:n] for s, n in zip(seqs, lengths)])
@@ -142,7 +153,7 @@ def test_live_rows_and_cache_buckets_equal_full_recompute(model, tiny_model_dir,
     monkeypatch.setattr(engine_mod, "MIN_ATTEND", 32)
     model = model if cpu_kernels else load_model(tiny_model_dir)  # the kernels pack a model in place
     cfg = model.config
-    eng = Engine(model, max_batch=8, max_len=128, cpu_kernels=cpu_kernels)
+    eng = Engine(model, max_batch=8, max_len=128, cpu_kernels=cpu_kernels, cache_dtype="float32")
     assert eng.kernels == cpu_kernels
     seqs = {1: random_ids(120, 512, seed=7), 6: random_ids(70, 512, seed=8)}
     full = {s: model(*forward_inputs(cfg, np.array([ids]))).asnumpy()[0] for s, ids in seqs.items()}
@@ -175,10 +186,30 @@ def test_steps_reuse_their_compiled_shapes(model):
 
 
 def test_cache_bytes_reported(model):
-    eng = Engine(model, max_batch=4, max_len=128)
+    """The default cache on the kernels is float16, half an fp32 one's bytes; float32 on request."""
     cfg = model.config
-    assert eng.cache_bytes_per_slot == 2 * cfg.num_layers * 128 * cfg.hidden_size * 4
-    assert eng.cache_bytes == 5 * eng.cache_bytes_per_slot  # the slots and the scratch slot
+    for cache, size in (("float32", 4), (None, 2), ("float16", 2)):
+        eng = Engine(model, max_batch=4, max_len=128, cache_dtype=cache)
+        assert eng.kernels and eng.cache_dtype == (cache or "float16")
+        assert eng.cache_bytes_per_slot == 2 * cfg.num_layers * 128 * cfg.hidden_size * size
+        assert eng.cache_bytes == 5 * eng.cache_bytes_per_slot  # the slots and the scratch slot
+        assert sum(c.nbytes for c in eng.caches) == eng.cache_bytes
+    with pytest.raises(ValueError, match="float32 or float16"):
+        Engine(model, max_batch=1, max_len=128, cache_dtype="bfloat16")
+
+
+def test_serving_dtypes_name_the_cache_the_engine_will_hold(model):
+    """What the worker's memory plan counts: the default cache dtype where the kernels serve is the
+    one ``Engine`` allocates (float16), float32 when asked; anything else refused."""
+    from internlm_core.engine import serving_dtypes
+
+    cfg = model.config
+    assert serving_dtypes(cfg) == ("float32", "float16")
+    assert serving_dtypes(cfg.replace(dtype="bfloat16")) == ("bfloat16", "float16")
+    assert serving_dtypes(cfg, "float32") == ("float32", "float32")
+    assert Engine(model, max_batch=1, max_len=64).cache_dtype == serving_dtypes(cfg)[1]
+    with pytest.raises(ValueError, match="float32 or float16"):
+        serving_dtypes(cfg, "int8")
 
 
 def test_cache_that_cannot_fit_is_refused_before_allocating(model):
@@ -188,7 +219,7 @@ def test_cache_that_cannot_fit_is_refused_before_allocating(model):
     free = available_memory()
     slots = int(free // (2 * model.config.num_layers * 128 * model.config.hidden_size * 4)) + 1
     with pytest.raises(MemoryError, match="lower max_batch or max_len"):
-        Engine(model, max_batch=slots, max_len=128)
+        Engine(model, max_batch=slots, max_len=128, cache_dtype="float32")
 
 
 def compiles() -> int:
@@ -226,7 +257,7 @@ def test_warmup_covers_long_prompts_and_prefix_starts():
     cfg = Config.from_name("tiny", max_position_embeddings=4 * MIN_ATTEND)
     model = InternLMForCausalLM(cfg)
     init_weights(model, seed=3, std=0.5)
-    eng = Engine(model, max_batch=2, max_len=4 * MIN_ATTEND)
+    eng = Engine(model, max_batch=2, max_len=4 * MIN_ATTEND, cache_dtype="float32")
     # with the kernels rows 1, 2 x (decode + chunks 32, 64, 128); with MindSpore's ops rows 1, 2 x
     # (decode at attended 128, 256, 512 + chunks) + one row x chunks x (256, 512)
     assert eng.warmup() == (2 * (1 + 3) if eng.kernels else 2 * (3 + 3) + 2 * 3)
@@ -241,11 +272,13 @@ def test_warmup_covers_long_prompts_and_prefix_starts():
         np.testing.assert_allclose(row, full, atol=1e-4)
 
 
-def test_dynamic_ntk_while_serving_equals_hf(tmp_path, monkeypatch):
+@pytest.mark.parametrize("cache", ["float32", None], ids=["fp32-cache", "default-cache"])
+def test_dynamic_ntk_while_serving_equals_hf(tmp_path, monkeypatch, cache):
     """The 20B shape (no bias, dynamic NTK) served past its 64 trained positions: a 90-token prompt
     prefilled in chunks next to a short one (with MindSpore's ops, chunks further in than
     MIN_ATTEND one row at a time), then cached decode through the batcher, gives HF's cached
-    greedy generation with the same rope scaling, token for token."""
+    greedy generation with the same rope scaling, token for token; on an fp32 KV cache and on the
+    default one (fp16 on the CPU kernels)."""
     import internlm_core.engine as engine_mod
     from internlm_core.batching import Batcher
     from internlm_core.config import Config
@@ -258,7 +291,7 @@ def test_dynamic_ntk_while_serving_equals_hf(tmp_path, monkeypatch):
     cfg = Config.from_name("tiny-20b")
     ref = hf_reference_model(cfg, seed=3)
     hf_to_ms(save_hf_folder(ref, cfg, tmp_path / "hf"), tmp_path / "ms")
-    engine = Engine(load_model(tmp_path / "ms"), max_batch=2, max_len=160)
+    engine = Engine(load_model(tmp_path / "ms"), max_batch=2, max_len=160, cache_dtype=cache)
     engine.prefill_chunk = 32
     prompts = [random_ids(90, 512, seed=90), random_ids(12, 512, seed=12)]
     params = SamplingParams(max_new_tokens=40, stop_token_ids=[], ignore_eos=True)

@@ -45,13 +45,17 @@ def test_the_converted_model_is_hfs_gqa_network(ref, v2_dir):
     np.testing.assert_allclose(ours, hf_logits(ref, ids), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["kernels", "mindspore-ops"])
-def test_greedy_past_the_trained_positions_equals_hf(ref, v2_dir, cpu_kernels):
+@pytest.mark.parametrize("cpu_kernels,cache", [(True, None), (True, "float32"), (False, None), (False, "float16")],
+                         ids=["kernels-fp16-cache", "kernels-fp32-cache", "mindspore-ops", "mindspore-ops-fp16-cache"])
+def test_greedy_past_the_trained_positions_equals_hf(ref, v2_dir, cpu_kernels, cache):
     """Cached decoding through the engine's GQA cache (k/v heads only), with prompts and
-    generations past the 64 trained positions, gives HF's cached greedy tokens, on both paths."""
-    engine = Engine(load_model(v2_dir), max_batch=2, max_len=160, cpu_kernels=cpu_kernels)
+    generations past the 64 trained positions, gives HF's cached greedy tokens, on both paths, and
+    on the kernels with their default fp16 cache (half the bytes) as with an fp32 one."""
+    engine = Engine(load_model(v2_dir), max_batch=2, max_len=160, cpu_kernels=cpu_kernels, cache_dtype=cache)
     assert engine.kernels == cpu_kernels
-    assert engine.cache_bytes_per_slot == 2 * CFG.num_layers * 160 * CFG.kv_heads * CFG.head_dim * 4
+    # the default: fp16 on the kernels, fp32 on MindSpore's ops (which widen an fp16 cache's rows when asked for one)
+    size = 2 if (cache or ("float16" if cpu_kernels else "float32")) == "float16" else 4
+    assert engine.cache_bytes_per_slot == 2 * CFG.num_layers * 160 * CFG.kv_heads * CFG.head_dim * size
     params = SamplingParams(max_new_tokens=40, stop_token_ids=[], ignore_eos=True)
     for n in (12, 90):
         prompt = random_ids(n, CFG.vocab_size, seed=n)

@@ -136,11 +136,12 @@ def test_pack_rows_fills_a_fused_weight_part_by_part():
 
 def test_linear_and_embedding_kernels_on_an_avx2_build(tmp_path):
     """The kernels built for x86-64-v3 (AVX2 + FMA + F16C, no AVX-512: ``INTERNLM_KERNEL_MARCH``), in
-    a fresh process with its own cache folder: the fp32, bf16, fp16 and int8 linear tests and the
-    embedding's pass there too, from a library without one AVX-512 register in it."""
+    a fresh process with its own cache folder: the fp32, bf16, fp16 and int8 linear tests, the
+    embedding's and cached attention's over fp32 and fp16 caches pass there too, from a library
+    without one AVX-512 register in it."""
     env = {**os.environ, "INTERNLM_KERNEL_DIR": str(tmp_path), kernels.ENV_MARCH: "x86-64-v3"}
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
-                          "packed_linear or embedding_widens"], cwd=os.path.dirname(os.path.dirname(__file__)),
+                          "packed_linear or embedding_widens or cached_attention"], cwd=os.path.dirname(os.path.dirname(__file__)),
                          env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and "skipped" not in run.stdout
@@ -188,25 +189,32 @@ def reference_attention(q, k, v, first, pos):
     return out
 
 
+@pytest.mark.parametrize("cache", ["float32", "float16"])
 @pytest.mark.parametrize("kv", [2, 1], ids=["mha", "gqa"])
 @pytest.mark.parametrize("t", [1, 5, 16, 17, 40])
 @pytest.mark.parametrize("d", [16, 64, 128])
-def test_cached_attention_equals_causal_softmax_over_each_rows_cache(t, d, kv):
+def test_cached_attention_equals_causal_softmax_over_each_rows_cache(t, d, kv, cache):
     """One query (decode) and chunks of queries (prefill: 16 at a time, and remainders), rows and
     heads anywhere in the cache, positions from 0 to hundreds (one key, the 16-key blocks and their
     remainders, the 16-wide exp and its tail), scores large enough that the max subtraction matters;
-    with k/v heads shared by query heads (grouped-query attention) too."""
+    with k/v heads shared by query heads (grouped-query attention) too. An fp16 cache (the engine's
+    default) against float64 on its fp16 values (widening is exact: the same fp32 arithmetic), and
+    exactly the fp32 kernel's output on an fp32 cache holding those values."""
     rng = np.random.default_rng(d * t)
     rows, b, h = 4000, 3, 2
-    k = rng.normal(size=(rows, d)).astype(np.float32)
-    v = rng.normal(size=(rows, d)).astype(np.float32)
+    k = rng.normal(size=(rows, d)).astype(cache)
+    v = rng.normal(size=(rows, d)).astype(cache)
     q = (3 * rng.normal(size=(b, h, t, d))).astype(np.float32)
     start = np.array([0, 15, 650])[:, None] + np.arange(t)  # each row's query positions
     first = rng.integers(0, rows - 700, (b, kv)).astype(np.int32)
-    out = _Attention(k, v)(Tensor(q), Tensor(first), Tensor(start.astype(np.int32))).asnumpy()
+    args = Tensor(q), Tensor(first), Tensor(start.astype(np.int32))
+    out = _Attention(k, v)(*args).asnumpy()
+    assert out.dtype == np.float32
     # float32 sums of 128 products per score and over up to 700 keys of unit-scale values:
     # ~6e-8 * (sqrt(128) * |score| + sqrt(700)) a few times over
     np.testing.assert_allclose(out, reference_attention(q, k, v, first, start), rtol=1e-5, atol=2e-5)
+    if cache == "float16":
+        np.testing.assert_array_equal(out, _Attention(k.astype(np.float32), v.astype(np.float32))(*args).asnumpy())
 
 
 def test_cached_attention_never_reads_outside_the_cache():
@@ -337,7 +345,7 @@ np.save({str(tmp_path / 'ops.npy')!r}, np.concatenate([logits, eng.decode([9], [
     from internlm_core.engine import Engine
     from internlm_core.loader import load_model
 
-    eng = Engine(load_model(tiny_model_dir), max_batch=2, max_len=64)
+    eng = Engine(load_model(tiny_model_dir), max_batch=2, max_len=64, cache_dtype="float32")  # as the ops path's
     assert eng.kernels
     ours = np.concatenate([eng.prefill([0], [[5, 6, 7]]), eng.decode([9], [3], slots=[0])])
     np.testing.assert_allclose(ours, np.load(tmp_path / "ops.npy"), rtol=1e-5, atol=1e-5)

@@ -33,6 +33,8 @@ def register(sub) -> None:
     g.add_argument("--adapter", help="LoRA adapter name (remote only)")
     g.add_argument("--quantize", choices=METHODS,
                    help="with --model: quantise a float model's linears to int8 while loading (local only)")
+    g.add_argument("--kv-cache-dtype", choices=["float32", "float16"],
+                   help="the KV cache's dtype with --model (default: float16 on the CPU kernels, float32 otherwise)")
     g.add_argument("--json", action="store_true", help="print one JSON object at the end")
     g.set_defaults(func=generate)
 
@@ -128,7 +130,7 @@ def generate(args) -> int:
                          f"{cfg.max_position_embeddings} positions")
     engine = open_engine(args.model, max_batch=1,
                          max_len=min(cfg.max_position_embeddings, len(prompt) + params.max_new_tokens + 1),
-                         quantize=args.quantize)
+                         quantize=args.quantize, cache_dtype=args.kv_cache_dtype)
     ids, reason, text = [], None, []
     for ev in core_generate(engine, prompt, params, tok):
         ids.append(ev.token_id)

@@ -120,14 +120,38 @@ def test_worker_metrics_expose_the_counters(worker, endpoint):
     assert endpoint.metric("internlm_endpoint_workers") == 1
 
 
+def test_worker_serves_the_kv_cache_dtype_asked_for(worker, chat_model_dir, tmp_path):
+    """--kv-cache-dtype float32 gives an fp32 cache (twice the default's bytes on the CPU kernels, in
+    ModelInfo); the start logs name the cache's dtype, the default worker's its default."""
+    from internlm_core import kernels
+    from internlm_core.checkpoint import read_config
+    from tests.services.conftest import WORKER_LEN, start_worker
+
+    cfg = read_config(chat_model_dir)
+    default = "float16" if kernels.library() else "float32"
+    assert f"KV cache {default} " in worker.log.read_text()
+    fp32 = start_worker(chat_model_dir, "", tmp_path, "worker-fp32", "--kv-cache-dtype", "float32").wait_healthy()
+    try:
+        info = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(fp32.address)).ModelInfo(
+            inference_pb2.ModelInfoRequest(), timeout=30)
+        assert info.kv_cache_bytes_per_slot == 2 * cfg.num_layers * WORKER_LEN * cfg.hidden_size * 4
+        log = fp32.log.read_text()
+        assert "(float32 KV cache)" in log and "KV cache float32 " in log
+    finally:
+        fp32.stop()
+
+
 def test_worker_reports_its_cache_and_prefix_reuse(worker, chat_model_dir):
     """KV cache bytes in ModelInfo and as a gauge (what a 4-slot x 256 cache of this model takes,
-    scratch slot included); a repeated prompt counts as prefix-cache hits."""
+    scratch slot included, in fp16: the default on the CPU kernels); a repeated prompt counts as
+    prefix-cache hits."""
     from internlm_core.checkpoint import read_config
     from tests.services.conftest import WORKER_LEN, WORKER_SLOTS
 
     cfg = read_config(chat_model_dir)
-    per_slot = 2 * cfg.num_layers * WORKER_LEN * cfg.hidden_size * 4
+    from internlm_core import kernels
+
+    per_slot = 2 * cfg.num_layers * WORKER_LEN * cfg.hidden_size * (2 if kernels.library() else 4)
     stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(worker.address))
     info = stub.ModelInfo(inference_pb2.ModelInfoRequest(), timeout=30)
     assert (info.kv_cache_bytes_per_slot, info.kv_cache_bytes) == (per_slot, (WORKER_SLOTS + 1) * per_slot)
