@@ -206,10 +206,11 @@ def test_serving_dtypes_name_the_cache_the_engine_will_hold(model):
     cfg = model.config
     assert serving_dtypes(cfg) == ("float32", "float16")
     assert serving_dtypes(cfg.replace(dtype="bfloat16")) == ("bfloat16", "float16")
-    assert serving_dtypes(cfg, "float32") == ("float32", "float32")
+    assert serving_dtypes(cfg, cache_dtype="float32") == ("float32", "float32")
+    assert serving_dtypes(cfg, "int8") == ("int8", "float16")  # quantised at load
     assert Engine(model, max_batch=1, max_len=64).cache_dtype == serving_dtypes(cfg)[1]
     with pytest.raises(ValueError, match="float32 or float16"):
-        serving_dtypes(cfg, "int8")
+        serving_dtypes(cfg, cache_dtype="int8")
 
 
 def test_cache_that_cannot_fit_is_refused_before_allocating(model):
@@ -431,7 +432,7 @@ def test_int8_folder_is_served_in_int8_one_copy(int8_folders):
     served = open_engine(q8, max_batch=3, max_len=128)
     reference = Engine(load_model(q8), max_batch=3, max_len=128)  # load_model widens q * scale to fp32
     cfg = served.config
-    assert serving_dtypes(cfg) == ("int8", "float32")
+    assert serving_dtypes(cfg) == ("int8", "float16")
     params = {p.name: p for p in served.model.get_parameters() if not p.name.startswith("kv_cache")}
     for name, p in params.items():
         leaf = name.rsplit(".", 1)[1]
@@ -474,8 +475,8 @@ def test_bf16_folder_quantised_at_load_equals_the_int8_folder(int8_folders):
     bf16, q8 = int8_folders
     at_load = open_engine(bf16, max_batch=2, max_len=64, quantize="int8")
     stored = open_engine(q8, max_batch=2, max_len=64)
-    assert serving_dtypes(at_load.config) == ("bfloat16", "float32")
-    assert serving_dtypes(at_load.config, "int8") == ("int8", "float32")
+    assert serving_dtypes(at_load.config) == ("bfloat16", "float16")
+    assert serving_dtypes(at_load.config, "int8") == ("int8", "float16")
     ours = {p.name: p.asnumpy() for p in at_load.model.get_parameters() if "weight" in p.name and "embedding" not in p.name}
     theirs = {p.name: p.asnumpy() for p in stored.model.get_parameters() if "weight" in p.name and "embedding" not in p.name}
     assert ours.keys() == theirs.keys() and any(a.dtype == np.int8 for a in ours.values())
