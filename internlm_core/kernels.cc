@@ -183,6 +183,19 @@ inline const float* rows_f32(const f16_t* src, int64_t n, int64_t D, float* buf)
   return buf;
 }
 
+// out[0 .. 16W) = inv * sum over j < n of p[j] * v row j's values 0 .. 16W (rows D apart): the n rows
+// read once, in order, W vectors of each summed in registers (each output's sum in key order).
+template <int W, typename T>
+void weigh_rows(const float* p, const T* v, int64_t n, int64_t D, float inv, float* out) {
+  v16 acc[W];
+  for (int c = 0; c < W; ++c) acc[c] = (v16){};
+  for (int64_t j = 0; j < n; ++j) {
+    const v16 pj = splat(p[j]);
+    for (int c = 0; c < W; ++c) acc[c] += pj * widen(v + j * D + 16 * c);
+  }
+  for (int c = 0; c < W; ++c) store(out + 16 * c, acc[c] * inv);
+}
+
 // One (row, head): n keys of D values from k and v (contiguous rows), q already scaled.
 template <typename T>
 void attend(const float* q, const T* k, const T* v, int64_t n, int64_t D, float* out, float* scores) {
@@ -206,10 +219,17 @@ void attend(const float* q, const T* k, const T* v, int64_t n, int64_t D, float*
     sum += scores[j];
   }
   const float inv = 1.f / sum;
-  for (int64_t d = 0; d < D; d += 16) {
-    v16 acc = (v16){};
-    for (int64_t jj = 0; jj < n; ++jj) acc += scores[jj] * widen(v + jj * D + d);
-    store(out + d, acc * inv);
+  for (int64_t d = 0; d < D; d += 128) {  // up to 8 vectors of a row at a time, in registers
+    switch ((D - d) / 16) {
+      case 1: weigh_rows<1>(scores, v + d, n, D, inv, out + d); break;
+      case 2: weigh_rows<2>(scores, v + d, n, D, inv, out + d); break;
+      case 3: weigh_rows<3>(scores, v + d, n, D, inv, out + d); break;
+      case 4: weigh_rows<4>(scores, v + d, n, D, inv, out + d); break;
+      case 5: weigh_rows<5>(scores, v + d, n, D, inv, out + d); break;
+      case 6: weigh_rows<6>(scores, v + d, n, D, inv, out + d); break;
+      case 7: weigh_rows<7>(scores, v + d, n, D, inv, out + d); break;
+      default: weigh_rows<8>(scores, v + d, n, D, inv, out + d); break;
+    }
   }
 }
 
