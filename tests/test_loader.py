@@ -149,7 +149,7 @@ np.save({str(tmp_path / 'ops.npy')!r}, np.concatenate([eng.prefill([0], [[5, 6, 
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "KERNELS False ['Float32']" in run.stdout
-    eng = open_engine(folder, max_batch=2, max_len=64, quantize="int8")
+    eng = open_engine(folder, max_batch=2, max_len=64, quantize="int8", cache_dtype="float32")  # as the ops path's
     assert eng.quantization == "int8"
     ours = np.concatenate([eng.prefill([0], [[5, 6, 7]]), eng.decode([9], [3], slots=[0])])
     ops = np.load(tmp_path / "ops.npy")

@@ -18,10 +18,13 @@ from tests.services.conftest import Service
 
 
 def test_the_defaults_are_cut_to_the_memory_available(chat_model_dir, tmp_path, monkeypatch):
+    from internlm_core.engine import serving_dtypes
+
     cfg = Config.from_checkpoint(chat_model_dir)  # 256 positions
+    weights, cache = serving_dtypes(cfg)  # what the worker holds them in
     # room for 3 slots beside the weights and the runtime (plus the scratch slot)
-    limit = int((weight_bytes(cfg, "float32") + RUNTIME_BYTES + cache_bytes(cfg, 3, 256, "float32")) / MARGIN) + 4096
-    want = plan_serving(cfg, "float32", "float32", limit)
+    limit = int((weight_bytes(cfg, weights) + RUNTIME_BYTES + cache_bytes(cfg, 3, 256, cache)) / MARGIN) + 4096
+    want = plan_serving(cfg, weights, cache, limit)
     assert (want.max_batch, want.max_len) == (3, 256)
     monkeypatch.setenv("INTERNLM_MEMORY_LIMIT", str(limit))
     worker = Service("services.inference_worker", ["--model", str(chat_model_dir), "--redis-url", ""],
@@ -32,7 +35,8 @@ def test_the_defaults_are_cut_to_the_memory_available(chat_model_dir, tmp_path, 
         assert (info.max_batch, info.max_len) == (3, 256)
     finally:
         worker.stop()
-    assert "3 slots x 256 positions: cut from 8 slots x 256 positions" in worker.log.read_text()
+    log = worker.log.read_text()
+    assert f"3 slots x 256 positions ({weights} weights, {cache} KV cache): cut from 8 slots x 256 positions" in log
 
 
 def test_a_model_that_cannot_fit_is_refused_before_loading(chat_model_dir):
