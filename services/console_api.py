@@ -34,7 +34,8 @@ def add_routes(app: FastAPI, router, jobs) -> None:
     @app.get("/api/workers")
     def workers():
         return {"workers": [{"id": w.id, "address": w.address, "model": w.model, "load": w.load,
-                             "inflight": w.inflight, "max_batch": w.max_batch, "requests_routed": w.routed}
+                             "inflight": w.inflight, "max_batch": w.max_batch, "requests_routed": w.routed,
+                             "precision": w.precision}
                             for w in router.snapshot()]}
 
     @app.get("/api/jobs")

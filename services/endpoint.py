@@ -53,6 +53,7 @@ class WorkerRef:
     max_batch: int = 0
     inflight: int = 0           # this endpoint's requests on it now (exact, unlike ``load``)
     routed: int = 0
+    precision: str = ""         # what its weights and KV cache are held in (the console shows it)
     last_pick: float = 0.0
     down_until: float = 0.0
     retired: bool = False
@@ -102,6 +103,7 @@ class Router:
                     w.stub = inference_pb2_grpc.InferenceStub(w.channel)
                     log.info("worker %s at %s (%s) joined", wid, w.address, w.model)
                 w.load, w.max_batch = int(info.get("load", 0)), int(info.get("max_batch", 0))
+                w.precision = str(info.get("precision", ""))[:120]
             for wid in set(self.workers) - set(found):
                 w = self.workers.pop(wid)
                 w.retired = True

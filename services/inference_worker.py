@@ -35,6 +35,16 @@ SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5, 10, 30)
 
 
+def precision(engine) -> str:
+    """What the served weights and KV cache are held in, e.g. "int8 linears, bfloat16 rest; float16
+    KV cache": the console, the registry and the metrics show it."""
+    q, dtype = getattr(engine, "quantization", None), engine.config.dtype
+    weights = f"{q} linears, {dtype} rest" if q else dtype
+    if not getattr(engine, "kernels", True):
+        weights = "float32 (MindSpore ops)"
+    return f"{weights}; {getattr(engine, 'cache_dtype', 'float32')} KV cache"
+
+
 class PrometheusMetrics(BatcherMetrics):
     """The batcher's reports as Prometheus series (names after vLLM's / TGI's)."""
 
@@ -54,12 +64,16 @@ class PrometheusMetrics(BatcherMetrics):
         self.prefix_hits = Counter("internlm_prefix_cache_hits_tokens_total",
                                    "Prompt tokens whose KV was reused from a slot instead of computed")
         self.cache = Gauge("internlm_kv_cache_bytes", "KV cache allocated")
+        self.weights = Gauge("internlm_weight_bytes", "Model weights held, by the precision they are held in",
+                             ["precision"])
 
     def watch(self, batcher: Batcher) -> None:
         """Read the gauges from the batcher at each scrape."""
         self.queue.set_function(lambda: batcher.queued)
         self.active.set_function(lambda: batcher.active)
         self.cache.set(batcher.engine.cache_bytes)
+        self.weights.labels(precision(batcher.engine)).set(getattr(batcher.engine, "weight_bytes", 0))
+
 
     def time_to_first_token(self, seconds):
         self.ttft.observe(seconds)
@@ -230,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def info():  # what the endpoint reads from the registry, renewed every heartbeat
         return {"address": address, "model": name, "load": batcher.load, "active": batcher.active,
-                "queued": batcher.queued, "max_batch": engine.max_batch, "pid": os.getpid()}
+                "queued": batcher.queued, "max_batch": engine.max_batch, "pid": os.getpid(),
+                "precision": precision(engine), "weight_bytes": getattr(engine, "weight_bytes", 0)}
 
     registration = None
     if args.redis_url:

@@ -61,8 +61,8 @@ document.querySelectorAll("nav button").forEach((b) => b.addEventListener("click
 async function refreshModels() {
   const [models, workers] = await Promise.all([api("/v1/models"), api("/api/workers")]);
   fill("model-table", models.data.map((m) => [m.id, m.parent || "", m.max_model_len]));
-  fill("worker-table", workers.workers.map((w) => [w.address, w.model, w.load, w.max_batch, w.inflight,
-                                                    w.requests_routed]));
+  fill("worker-table", workers.workers.map((w) => [w.address, w.model, w.precision, w.load, w.max_batch,
+                                                    w.inflight, w.requests_routed]));
   const select = $("chat-model");
   const chosen = select.value;
   select.replaceChildren(...models.data.map((m) => new Option(m.id, m.id)));

@@ -60,6 +60,8 @@ def test_models_and_workers_show(page, http, worker, chat_model_dir):
     page.locator("#model-table tbody tr").first.wait_for()
     assert page.locator("#model-table tbody tr td").first.inner_text() == chat_model_dir.name
     sync_api.expect(page.locator("#worker-table tbody")).to_contain_text(worker.address)
+    # the precision served: the tiny chat model's fp32 weights, the fp16 KV cache of the CPU kernels
+    sync_api.expect(page.locator("#worker-table tbody")).to_contain_text("float32; float16 KV cache")
 
 
 def test_chat_playground_streams_an_answer(page, chat_model_dir):

@@ -136,7 +136,7 @@ def test_worker_serves_the_kv_cache_dtype_asked_for(worker, chat_model_dir, tmp_
             inference_pb2.ModelInfoRequest(), timeout=30)
         assert info.kv_cache_bytes_per_slot == 2 * cfg.num_layers * WORKER_LEN * cfg.hidden_size * 4
         log = fp32.log.read_text()
-        assert "(float32 KV cache)" in log and "KV cache float32 " in log
+        assert "weights, float32 KV cache)" in log and "KV cache float32 " in log
     finally:
         fp32.stop()
 
@@ -156,6 +156,10 @@ def test_worker_reports_its_cache_and_prefix_reuse(worker, chat_model_dir):
     info = stub.ModelInfo(inference_pb2.ModelInfoRequest(), timeout=30)
     assert (info.kv_cache_bytes_per_slot, info.kv_cache_bytes) == (per_slot, (WORKER_SLOTS + 1) * per_slot)
     assert worker.metric("internlm_kv_cache_bytes") == info.kv_cache_bytes
+    held = [line for line in worker.metrics().splitlines() if line.startswith("internlm_weight_bytes{")]
+    cache = "float16" if kernels.library() else "float32"
+    assert len(held) == 1 and f'precision="float32; {cache} KV cache"' in held[0]
+    assert float(held[0].split()[-1]) == info.weight_bytes > 0
     req = inference_pb2.GenerateRequest(text="A prompt that comes twice, word for word",
                                         params=params(max_new_tokens=3, ignore_eos=True))
     first = stub.GenerateUnary(req, timeout=60)
