@@ -68,7 +68,7 @@ def concurrent(fn, jobs: list) -> list:
 
 
 def main() -> None:
-    from serving_bench import Proc, free_port, make_model, model_arguments, stream
+    from serving_bench import Proc, free_port, make_model, model_arguments, stream, wait_http
 
     ap = model_arguments(__doc__.splitlines()[0], "bench-serve")
     ap.add_argument("--reps", type=int, default=3)
@@ -107,17 +107,7 @@ def main() -> None:
             wait_healthy(f"127.0.0.1:{port}", timeout=900)
         wait_for_workers(redis_url, 1, timeout=60)
         base = f"http://127.0.0.1:{http_port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                import httpx
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the endpoint's HTTP side did not come up")
-            time.sleep(0.2)
+        wait_http(base, 30)
         stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{ep_port}"))
         params = common_pb2.SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
 

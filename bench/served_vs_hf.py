@@ -15,8 +15,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,7 +41,7 @@ print(json.dumps(out))
 
 
 def main() -> None:
-    from serving_bench import Proc, free_port, make_model, model_arguments, stream
+    from serving_bench import Proc, at_once, free_port, make_model, model_arguments, stream
 
     ap = model_arguments(__doc__.splitlines()[0], "bench-serve")
     ap.add_argument("--prompt-tokens", type=int, default=32)
@@ -86,15 +84,8 @@ def main() -> None:
         print(f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, greedy, "
               f"{args.max_batch or 'default'} slots", flush=True)
         for c in levels:
-            reqs = [request(p) for p in fresh(c)]
-            results = [None] * c
-            ths = [threading.Thread(target=lambda i=i: results.__setitem__(i, stream(stub, reqs[i]))) for i in range(c)]
-            t = time.perf_counter()
-            for th in ths:
-                th.start()
-            for th in ths:
-                th.join()
-            served = sum(r[0] for r in results) / (time.perf_counter() - t)
+            results, seconds = at_once(lambda p: stream(stub, request(p)), fresh(c))
+            served = sum(r[0] for r in results) / seconds
             ttft = np.median([r[1] for r in results])
             itl = np.median([(r[2] - r[1]) / max(r[0] - 1, 1) for r in results])
             print(f"{c:2d} stream(s): served {served:6.1f} tok/s (TTFT {ttft * 1e3:5.0f} ms, ITL {itl * 1e3:5.1f} ms), "

@@ -87,6 +87,34 @@ def wait_registered(redis_url: str, n: int) -> None:
     wait_for_workers(redis_url, n, timeout=60)
 
 
+def at_once(fn, items) -> tuple[list, float]:
+    """``fn(item)`` for every item in its own thread, all started together: (results, wall seconds)."""
+    results = [None] * len(items)
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, fn(items[i]))) for i in range(len(items))]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return results, time.perf_counter() - t
+
+
+def wait_http(base: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    """Until ``base``/health answers 200 (RuntimeError past ``timeout`` or when ``proc`` exits)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if (proc is not None and proc.poll() is not None) or time.monotonic() > deadline:
+            raise RuntimeError(f"{base} did not come up")
+        time.sleep(0.2)
+
+
 def stream(stub, request):
     """(tokens, seconds to first token, seconds in all) of one streamed Generate."""
     t0 = time.perf_counter()

@@ -21,8 +21,6 @@ import argparse
 import json
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -79,14 +77,10 @@ def peak_rss_mb(pid: int) -> float:
 
 def run_streams(one, prompts: list[list[int]]) -> float:
     """Tokens/s over wall time of ``one(prompt) -> tokens`` run for every prompt at once."""
-    counts = [0] * len(prompts)
-    ths = [threading.Thread(target=lambda i=i: counts.__setitem__(i, one(prompts[i]))) for i in range(len(prompts))]
-    t = time.perf_counter()
-    for th in ths:
-        th.start()
-    for th in ths:
-        th.join()
-    return sum(counts) / (time.perf_counter() - t)
+    from serving_bench import at_once
+
+    counts, seconds = at_once(one, prompts)
+    return sum(counts) / seconds
 
 
 def bench_worker(model_dir: Path, tmp: Path, levels, fresh, new_tokens: int, extra: list[str]) -> dict:
@@ -122,7 +116,7 @@ def bench_llama(gguf: Path, tmp: Path, levels, fresh, new_tokens: int, prompt_to
     import httpx
 
     from llamacpp import binaries
-    from serving_bench import Proc, free_port
+    from serving_bench import Proc, free_port, wait_http
 
     port, slots = free_port(), max(levels)
     server = Proc([str(binaries()["llama-server"]), "-m", str(gguf), "-t", "2", "-np", str(slots),
@@ -130,16 +124,7 @@ def bench_llama(gguf: Path, tmp: Path, levels, fresh, new_tokens: int, prompt_to
                   tmp / f"llama-{gguf.stem}.log")
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 1800
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"llama-server did not start: see {server.log}")
-            time.sleep(0.5)
+        wait_http(base, 1800, server.proc)
 
         def one(prompt):
             r = httpx.post(f"{base}/completion", timeout=1800, json={

@@ -123,13 +123,12 @@ def make_checkpoint(folder: Path, cfg, dtype: str) -> None:
 
 def run_worker(code: str, folder: Path, max_len: int) -> None:
     import shutil
-    import threading
 
     import grpc
     import numpy as np
 
     sys.path.insert(0, str(REPO / "bench"))
-    from serving_bench import free_port, stream
+    from serving_bench import at_once, free_port, stream
 
     from internlm_core.tokenizer import BUNDLED_MODEL
     from services.pb import common_pb2, inference_pb2, inference_pb2_grpc
@@ -165,15 +164,8 @@ def run_worker(code: str, folder: Path, max_len: int) -> None:
 
         stream(stub, request(rng.integers(3, 30000, 32).tolist()))
         for n in (1, 4):
-            reqs = [request(p) for p in rng.integers(3, 30000, (n, 32)).tolist()]
-            res = [None] * n
-            threads = [threading.Thread(target=lambda i=i: res.__setitem__(i, stream(stub, reqs[i]))) for i in range(n)]
-            t = time.perf_counter()
-            for th in threads:
-                th.start()
-            for th in threads:
-                th.join()
-            print(f"  {n} stream(s): {sum(r[0] for r in res) / (time.perf_counter() - t):.2f} tok/s; worker peak RSS "
+            res, seconds = at_once(lambda p: stream(stub, request(p)), rng.integers(3, 30000, (n, 32)).tolist())
+            print(f"  {n} stream(s): {sum(r[0] for r in res) / seconds:.2f} tok/s; worker peak RSS "
                   f"{peak_mb():.0f} MB; load average {os.getloadavg()[0]:.1f}", flush=True)
     finally:
         proc.terminate()
