@@ -58,7 +58,7 @@ from .engine_api import EngineBase, bucket
 from .errors import PromptTooLong
 from .export import ExportedEngine
 from .loader import load_serving_model
-from .memory import DTYPE_BYTES, available_memory
+from .memory import CACHE_DTYPES, DTYPE_BYTES, available_memory
 from .model import MS_DTYPES, NEG_INF, InternLMForCausalLM, fused_rope_tables, rope_tables
 
 log = logging.getLogger(__name__)
@@ -82,9 +82,6 @@ class _Step(nn.Cell):
 PREFILL_CHUNK = 128
 PREFILL_MIN = 32  # prefill steps compute 32, 64 or 128 tokens a row
 MIN_ATTEND = 128  # smallest attended cache length: fewer shapes to compile, little waste
-
-
-CACHE_DTYPES = ("float32", "float16")
 
 
 def default_cache_dtype(cpu_kernels: bool) -> str:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from .config import Config
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
+CACHE_DTYPES = ("float32", "float16")  # what the engine's KV cache can be held in
 DEFAULT_SLOTS = 8
 DEFAULT_MAX_LEN = 4096  # positions per slot by default: a 32k-position model's full context per slot
 # would spend the memory on room few CPU requests use (a 32k prompt takes minutes to prefill here)

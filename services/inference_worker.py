@@ -20,7 +20,7 @@ from internlm_core.batching import Batcher, BatcherMetrics
 from internlm_core.checkpoint import MANIFEST_FILE, read_config
 from internlm_core.errors import AdapterError, CheckpointError, ModelNotFound, TokenizerError
 from internlm_core.generation import FINISH_ABORTED, SamplingParams
-from internlm_core.memory import DEFAULT_SLOTS, available_memory, plan_serving
+from internlm_core.memory import CACHE_DTYPES, DEFAULT_SLOTS, available_memory, plan_serving
 from internlm_core.quantize import METHODS
 from internlm_core.tokenizer import BOS, Tokenizer
 
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quantize", choices=METHODS, default=env_default("INTERNLM_QUANTIZE", "") or None,
                     help="quantise a float model's linears to int8 (per-channel scales) while loading "
                          "($INTERNLM_QUANTIZE): a quarter of fp32's bytes, half of bf16's")
-    ap.add_argument("--kv-cache-dtype", choices=["float32", "float16"],
+    ap.add_argument("--kv-cache-dtype", choices=CACHE_DTYPES,
                     default=env_default("INTERNLM_KV_CACHE_DTYPE", "") or None,
                     help="the KV cache's dtype (default: float16 where the CPU kernels serve, half the bytes of "
                          "float32 with the same greedy tokens on the parity tests; float32 on MindSpore's ops)")

@@ -5,6 +5,7 @@ import json
 import sys
 
 from internlm_core.config import DTYPES
+from internlm_core.memory import CACHE_DTYPES
 from internlm_core.quantize import METHODS
 
 
@@ -33,7 +34,7 @@ def register(sub) -> None:
     g.add_argument("--adapter", help="LoRA adapter name (remote only)")
     g.add_argument("--quantize", choices=METHODS,
                    help="with --model: quantise a float model's linears to int8 while loading (local only)")
-    g.add_argument("--kv-cache-dtype", choices=["float32", "float16"],
+    g.add_argument("--kv-cache-dtype", choices=CACHE_DTYPES,
                    help="the KV cache's dtype with --model (default: float16 on the CPU kernels, float32 otherwise)")
     g.add_argument("--json", action="store_true", help="print one JSON object at the end")
     g.set_defaults(func=generate)
