@@ -81,6 +81,18 @@ def stack_env(redis_url: str, store: Path | str, host: str) -> dict[str, str]:
             "PYTHONUNBUFFERED": "1"}
 
 
+def memory_shares(workers: int) -> dict[str, str]:
+    """Workers started together each size themselves by the memory available at their start, which
+    each would count as its own: N of them get an equal share each (``INTERNLM_MEMORY_LIMIT``), unless
+    the operator set a limit."""
+    from internlm_core.memory import ENV_LIMIT, available_memory
+
+    free = available_memory()
+    if workers < 2 or os.environ.get(ENV_LIMIT) or free is None:
+        return {}
+    return {ENV_LIMIT: str(free // workers)}
+
+
 def jobs_available() -> bool:
     return importlib.util.find_spec("services.jobs") is not None and \
         importlib.util.find_spec("services.jobs.job_worker") is not None
@@ -318,9 +330,11 @@ def up(args) -> int:
         model = _run_visible(prep, {**os.environ, **env}, stack.stopping)
         if model is None:
             return 130 if stack.stopping.is_set() else 1
+        worker_env = {**env, **memory_shares(args.workers)}
         for i in range(args.workers):
             name = f"inference-{i}"
-            c = stack.start(name, [python, *role_command("inference", ports[name], metrics[name], model=model)], env)
+            c = stack.start(name, [python, *role_command("inference", ports[name], metrics[name], model=model)],
+                            worker_env)
         for c in stack.children:
             if c.name.startswith("inference-"):
                 stack.wait_until(c.name, lambda c=c: _healthy(f"{host}:{ports[c.name]}"), c, timeout=600)

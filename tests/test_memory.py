@@ -78,3 +78,16 @@ def test_the_planner_needs_no_mindspore():
             "print(plan_serving(Config.from_name('tiny'), 'float32', 'float32', 2**34).max_batch)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "8", out.stderr
+
+
+def test_workers_started_together_each_get_a_share(monkeypatch):
+    """The launcher's N workers would each plan with all the memory available at their start: each
+    gets 1/N of it, unless the operator set a limit."""
+    from services.launcher import memory_shares
+
+    monkeypatch.delenv("INTERNLM_MEMORY_LIMIT", raising=False)
+    assert memory_shares(1) == {}
+    share = int(memory_shares(2)["INTERNLM_MEMORY_LIMIT"])
+    assert abs(share - available_memory() / 2) < 256 << 20  # what is free moves a little meanwhile
+    monkeypatch.setenv("INTERNLM_MEMORY_LIMIT", "4G")
+    assert memory_shares(3) == {}
