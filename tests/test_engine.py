@@ -345,23 +345,7 @@ def test_half_precision_checkpoint_is_served_in_its_precision(tmp_path, preset, 
         assert dt == (ms.float32 if "norm" in name or name.endswith(".bias") else want), name
     assert "wqkv.weight" in kinds and "w13.weight" in kinds and "wq.weight" not in kinds
 
-    def close(a, b):
-        assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
-
-    prompts = [random_ids(n, 512, seed=n) for n in (5, 40, 17)]
-    slots = [0, 1, 2]
-    close(served.prefill(slots, prompts), reference.prefill(slots, prompts))
-    tokens, positions = np.array([3, 7, 11]), np.array([len(p) for p in prompts])
-    for _ in range(4):
-        close(served.decode(tokens, positions), reference.decode(tokens, positions))
-        positions += 1
-    for eng in (served, reference):  # the prompts again, fed in two pieces (the second attends the cache)
-        eng.prefill(slots, prompts, ends=[2, 21, 9])
-    close(served.prefill(slots, prompts, starts=[2, 21, 9]), reference.prefill(slots, prompts, starts=[2, 21, 9]))
-    params = SamplingParams(max_new_tokens=16, stop_token_ids=[])
-    ours = generate_batch(served, prompts, params)
-    theirs = generate_batch(reference, prompts, params)
-    assert [r.token_ids for r in ours] == [r.token_ids for r in theirs]
+    _agree(served, reference)
 
 
 def test_fp32_checkpoint_serves_as_before(tiny_model_dir, model):
@@ -417,6 +401,25 @@ def _close(a, b):
     assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
 
 
+def _agree(served, reference):
+    """``served`` and ``reference`` (3 slots) give the same logits (1e-4 relative) on a prefill, four
+    decode steps and a prompt fed in two pieces (the second attending the cache), and the same
+    greedy tokens."""
+    prompts = [random_ids(n, 512, seed=n) for n in (5, 40, 17)]
+    slots = [0, 1, 2]
+    _close(served.prefill(slots, prompts), reference.prefill(slots, prompts))
+    tokens, positions = np.array([3, 7, 11]), np.array([len(p) for p in prompts])
+    for _ in range(4):
+        _close(served.decode(tokens, positions), reference.decode(tokens, positions))
+        positions += 1
+    for eng in (served, reference):
+        eng.prefill(slots, prompts, ends=[2, 21, 9])
+    _close(served.prefill(slots, prompts, starts=[2, 21, 9]), reference.prefill(slots, prompts, starts=[2, 21, 9]))
+    params = SamplingParams(max_new_tokens=16, stop_token_ids=[])
+    assert ([r.token_ids for r in generate_batch(served, prompts, params)]
+            == [r.token_ids for r in generate_batch(reference, prompts, params)])
+
+
 def test_int8_folder_is_served_in_int8_one_copy(int8_folders):
     """An int8 folder's linears and head are held as int8 packed weights + fp32 scales (nothing
     else: the served parameters' bytes are those, the bf16 embedding table, fp32 norms and biases),
@@ -451,19 +454,7 @@ def test_int8_folder_is_served_in_int8_one_copy(int8_folders):
     assert sum(p.nbytes for p in params.values()) == want_bytes
     assert f.info("lm_head.weight")[0] == "I8"
 
-    prompts = [random_ids(n, 512, seed=n) for n in (5, 40, 17)]
-    slots = [0, 1, 2]
-    _close(served.prefill(slots, prompts), reference.prefill(slots, prompts))
-    tokens, positions = np.array([3, 7, 11]), np.array([len(p) for p in prompts])
-    for _ in range(4):
-        _close(served.decode(tokens, positions), reference.decode(tokens, positions))
-        positions += 1
-    for eng in (served, reference):
-        eng.prefill(slots, prompts, ends=[2, 21, 9])
-    _close(served.prefill(slots, prompts, starts=[2, 21, 9]), reference.prefill(slots, prompts, starts=[2, 21, 9]))
-    params = SamplingParams(max_new_tokens=16, stop_token_ids=[])
-    assert ([r.token_ids for r in generate_batch(served, prompts, params)]
-            == [r.token_ids for r in generate_batch(reference, prompts, params)])
+    _agree(served, reference)
 
 
 def test_bf16_folder_quantised_at_load_equals_the_int8_folder(int8_folders):

@@ -11,6 +11,7 @@ import pytest
 from internlm_core import kernels
 from internlm_core.checkpoint import DTYPE_TO_ST, WEIGHTS_FILE, SafetensorsWriter, atomic_folder, cast
 from internlm_core.config import Config
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason=f"kernels unavailable: {kernels.unavailable()}")
 
@@ -130,29 +131,41 @@ def test_quantising_a_bf16_checkpoint_at_load_peaks_near_its_int8_bytes(tmp_path
     assert grew["load"] <= int8_mb + 48, (grew, int8_mb)  # measured: 75 MB held, 107 MB grown
 
 
-def test_without_the_kernels_int8_is_served_from_its_dequantised_values(tmp_path):
-    """INTERNLM_CPU_KERNELS=0 with quantize="int8": fp32 weights holding q * scale, MindSpore's ops;
-    the logits equal the int8 kernels' (1e-4 relative)."""
+def _first_logits(eng):
+    """The logits of a 3-token prefill and one decode step on slot 0."""
+    return np.concatenate([eng.prefill([0], [[5, 6, 7]]), eng.decode([9], [3], slots=[0])])
+
+
+def _logits_without_kernels(folder, tmp_path, **open_kw):
+    """``_first_logits`` of ``open_engine(folder, **open_kw)`` in a process with INTERNLM_CPU_KERNELS=0,
+    after checking that it served fp32 parameters on MindSpore's own ops."""
     import os
 
-    from internlm_core.engine import open_engine
-
-    folder = write_random_folder(tmp_path / "m", Config.from_name("tiny-v2"), "bfloat16")
     code = f"""
 import numpy as np
 from internlm_core.engine import open_engine
-eng = open_engine({str(folder)!r}, max_batch=2, max_len=64, quantize="int8")
+from tests.test_loader import _first_logits
+eng = open_engine({str(folder)!r}, max_batch=2, max_len=64, **{open_kw!r})
 print("KERNELS", eng.kernels, sorted({{str(p.dtype) for p in eng.model.get_parameters()}}))
-np.save({str(tmp_path / 'ops.npy')!r}, np.concatenate([eng.prefill([0], [[5, 6, 7]]), eng.decode([9], [3], slots=[0])]))
+np.save({str(tmp_path / 'ops.npy')!r}, _first_logits(eng))
 """
     run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "INTERNLM_CPU_KERNELS": "0"},
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, cwd=REPO)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "KERNELS False ['Float32']" in run.stdout
+    return np.load(tmp_path / "ops.npy")
+
+
+def test_without_the_kernels_int8_is_served_from_its_dequantised_values(tmp_path):
+    """INTERNLM_CPU_KERNELS=0 with quantize="int8": fp32 weights holding q * scale, MindSpore's ops;
+    the logits equal the int8 kernels' (1e-4 relative)."""
+    from internlm_core.engine import open_engine
+
+    folder = write_random_folder(tmp_path / "m", Config.from_name("tiny-v2"), "bfloat16")
+    ops = _logits_without_kernels(folder, tmp_path, quantize="int8")
     eng = open_engine(folder, max_batch=2, max_len=64, quantize="int8", cache_dtype="float32")  # as the ops path's
     assert eng.quantization == "int8"
-    ours = np.concatenate([eng.prefill([0], [[5, 6, 7]]), eng.decode([9], [3], slots=[0])])
-    ops = np.load(tmp_path / "ops.npy")
+    ours = _first_logits(eng)
     assert np.abs(ours - ops).max() <= 1e-4 * np.abs(ops).max()
     plain = open_engine(folder, max_batch=2, max_len=64)
     assert np.abs(plain.prefill([0], [[5, 6, 7]]) - ours[:1]).max() > 0  # quantised: not the bf16 logits
@@ -172,23 +185,10 @@ def test_a_checkpoint_that_does_not_fit_its_config_is_refused_before_loading(tmp
 def test_without_the_kernels_a_bf16_checkpoint_is_served_from_fp32_with_mindspores_ops(tmp_path):
     """INTERNLM_CPU_KERNELS=0: open_engine falls back to ``load_model`` (fp32, MindSpore's ops have no
     bf16 kernels on CPU); the logits equal the kernels' served from bf16 (1e-4 relative)."""
-    import os
-
     from internlm_core.engine import open_engine
 
     folder = write_random_folder(tmp_path / "m", Config.from_name("tiny-v2"), "bfloat16")
-    code = f"""
-import numpy as np
-from internlm_core.engine import open_engine
-eng = open_engine({str(folder)!r}, max_batch=2, max_len=64)
-print("KERNELS", eng.kernels, sorted({{str(p.dtype) for p in eng.model.get_parameters()}}))
-np.save({str(tmp_path / 'ops.npy')!r}, np.concatenate([eng.prefill([0], [[5, 6, 7]]), eng.decode([9], [3], slots=[0])]))
-"""
-    run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "INTERNLM_CPU_KERNELS": "0"},
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "KERNELS False ['Float32']" in run.stdout
+    ops = _logits_without_kernels(folder, tmp_path)
     eng = open_engine(folder, max_batch=2, max_len=64, cache_dtype="float32")  # the ops path's cache
-    ours = np.concatenate([eng.prefill([0], [[5, 6, 7]]), eng.decode([9], [3], slots=[0])])
-    ops = np.load(tmp_path / "ops.npy")
+    ours = _first_logits(eng)
     assert np.abs(ours - ops).max() <= 1e-4 * np.abs(ops).max()
