@@ -10,9 +10,10 @@
 //                    8 rows share every weight load and no horizontal sums are needed. W is fp32,
 //                    bf16 or fp16 as the checkpoint stores it, or int8 with one fp32 scale per
 //                    output (W8A16), widened to fp32 in registers.
-//   CachedAttention  causal softmax(q K^T) V read straight from the slotted cache: query t of row
-//                    b, head h attends cache rows first[b, h] .. first[b, h] + pos[b, t] (clipped
-//                    to the cache: never a read outside it); one query in a plain loop (decode),
+//   CachedAttention  the step's new k/v rows written into the slotted cache, then causal
+//                    softmax(q K^T) V read straight from it: query t of row b, head h attends cache
+//                    rows first[b, h] .. first[b, h] + pos[b, t] (clipped to the cache: never a
+//                    read or write outside it); one query in a plain loop (decode),
 //                    a prompt's chunk 16 queries at a time with an online softmax (prefill). The
 //                    cache is fp32 or fp16 (the engine's default: half the bytes per token), fp16
 //                    rows widened to fp32 in registers; the arithmetic is fp32 either way.
@@ -309,17 +310,36 @@ inline float dot_self(const float* x, int64_t n) {
   return s;
 }
 
+// One row of D floats into a cache of T rows, as the cache holds it.
+inline void put_row(const float* x, int64_t D, float* row) { memcpy(row, x, D * sizeof(float)); }
+inline void put_row(const float* x, int64_t D, f16_t* row) {
+  for (int64_t d = 0; d < D; d += 16) f32_to_f16(load(x + d), row + d);
+}
+
 // CachedAttention over a cache of T (float or f16_t) rows; the arguments as checked there.
 template <typename T>
 void cached_attention(void** params, int64_t** shapes) {
-  const float* q = static_cast<const float*>(params[0]);
-  const T* kc = static_cast<const T*>(params[1]);
-  const T* vc = static_cast<const T*>(params[2]);
-  const int32_t* first = static_cast<const int32_t*>(params[3]);
-  const int32_t* pos = static_cast<const int32_t*>(params[4]);
-  float* out = static_cast<float*>(params[5]);
-  const int64_t B = shapes[0][0], H = shapes[0][1], Tq = shapes[0][2], D = shapes[0][3], R = shapes[1][0];
-  const int64_t group = H / shapes[3][1];  // query heads per k/v head
+  const float* qkv = static_cast<const float*>(params[0]);
+  T* kc = static_cast<T*>(params[1]);
+  T* vc = static_cast<T*>(params[2]);
+  const int32_t* write = static_cast<const int32_t*>(params[3]);
+  const int32_t* first = static_cast<const int32_t*>(params[4]);
+  const int32_t* pos = static_cast<const int32_t*>(params[5]);
+  float* out = static_cast<float*>(params[6]);
+  const int64_t B = shapes[0][0], Tq = shapes[0][2], D = shapes[0][3], R = shapes[1][0];
+  const int64_t Hkv = shapes[4][1], heads = shapes[0][1], H = heads - 2 * Hkv;  // qkv: H q, Hkv k, Hkv v heads
+  const int64_t group = H / Hkv;  // query heads per k/v head
+  // The new rows first, in the cache's dtype (the caches are this op's inputs, written in place:
+  // MindSpore's ScatterUpdate and the casts and slices around it cost ~0.25 ms a layer at decode,
+  // more than attention itself). A row outside the cache is skipped, never written.
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t g = 0; g < Hkv; ++g)
+      for (int64_t t = 0; t < Tq; ++t) {
+        const int64_t row = write[(b * Hkv + g) * Tq + t];
+        if (row < 0 || row >= R) continue;
+        put_row(qkv + ((b * heads + H + g) * Tq + t) * D, D, kc + row * D);
+        put_row(qkv + ((b * heads + H + Hkv + g) * Tq + t) * D, D, vc + row * D);
+      }
   // Rows are clipped to the cache rather than refused: the engine never asks for one outside it
   // (padding queries included), and a non-zero return leaves MindSpore 2.9's graph unusable for
   // the rest of the process (seen: every later call fails), which would take a whole worker down.
@@ -340,14 +360,15 @@ void cached_attention(void** params, int64_t** shapes) {
       const int64_t i = item / blocks, b = i / H, h = i % H, t0 = item % blocks * 16;
       const T* k = kc + start(i) * D;
       const T* v = vc + start(i) * D;
+      const float* q = qkv + ((b * heads + h) * Tq + t0) * D;
       if (Tq == 1) {  // decode: one query, the keys in a plain loop
-        attend(q + i * D, k, v, keys(i, b, 0), D, out + (b * H + h) * D, work.data());
+        attend(q, k, v, keys(i, b, 0), D, out + (b * H + h) * D, work.data());
         continue;
       }
       int32_t seen[16];
       const int64_t nq = std::min<int64_t>(16, Tq - t0);
       for (int64_t j = 0; j < nq; ++j) seen[j] = (int32_t)keys(i, b, t0 + j);
-      attend_block(q + (i * Tq + t0) * D, nq, seen, k, v, D, out + ((b * Tq + t0) * H + h) * D, H * D, work.data());
+      attend_block(q, nq, seen, k, v, D, out + ((b * Tq + t0) * H + h) * D, H * D, work.data());
     }
   }
 }
@@ -411,20 +432,25 @@ int Embedding(int nparam, void** params, int* ndims, int64_t** shapes, const cha
   return 0;
 }
 
-// inputs q (B, H, T, D) f32, k_cache (R, D) and v_cache (R, D) both f32 or both f16, first (B, Hkv) i32,
-// pos (B, T) i32;
-// output (B, T, H, D) f32: query t of row b, head h attends the cache rows of k/v head g = h / (H / Hkv),
-// first[b, g] .. first[b, g] + pos[b, t] (grouped-query attention; Hkv == H without it)
+// inputs qkv (B, H + 2 Hkv, T, D) f32 (the Rope kernel's output: q heads scaled and rotated, then k,
+// then v), k_cache (R, D) and v_cache (R, D) both f32 or both f16, write (B * Hkv * T,) i32,
+// first (B, Hkv) i32, pos (B, T) i32;
+// output (B, T, H, D) f32. First k/v head g's row t of row b goes into cache row write[(b * Hkv + g) * T + t]
+// (both caches, written in place); then query t of row b, head h attends the cache rows of k/v head
+// g = h / (H / Hkv), first[b, g] .. first[b, g] + pos[b, t] (grouped-query attention; Hkv == H without it)
 int CachedAttention(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
                     void* extra) {
-  const bool f16 = nparam == 6 && is_f16(dtypes[1]);  // an fp16 cache: its rows widened to fp32 as read
-  if (nparam != 6 || !is_f32(dtypes[0]) || !(is_f32(dtypes[1]) || f16) || strcmp(dtypes[1], dtypes[2]) != 0 ||
-      !is_i32(dtypes[3]) || !is_i32(dtypes[4]) || !is_f32(dtypes[5]))
+  const bool f16 = nparam == 7 && is_f16(dtypes[1]);  // an fp16 cache: its rows widened to fp32 as read
+  if (nparam != 7 || !is_f32(dtypes[0]) || !(is_f32(dtypes[1]) || f16) || strcmp(dtypes[1], dtypes[2]) != 0 ||
+      !is_i32(dtypes[3]) || !is_i32(dtypes[4]) || !is_i32(dtypes[5]) || !is_f32(dtypes[6]))
     return 1;
-  if (ndims[0] != 4 || shapes[0][3] % 16 != 0 || ndims[1] != 2 || shapes[1][1] != shapes[0][3] || ndims[3] != 2 ||
-      ndims[4] != 2 || shapes[3][0] != shapes[0][0] || shapes[0][1] % shapes[3][1] != 0 ||
-      shapes[4][1] != shapes[0][2])
+  if (ndims[0] != 4 || shapes[0][3] % 16 != 0 || ndims[1] != 2 || shapes[1][1] != shapes[0][3] ||
+      ndims[2] != 2 || shapes[2][0] != shapes[1][0] || shapes[2][1] != shapes[1][1] || ndims[3] != 1 ||
+      ndims[4] != 2 || ndims[5] != 2 || shapes[4][0] != shapes[0][0] || shapes[5][0] != shapes[0][0] ||
+      shapes[5][1] != shapes[0][2])
     return 2;
+  const int64_t Hkv = shapes[4][1], H = shapes[0][1] - 2 * Hkv;
+  if (Hkv < 1 || H < 1 || H % Hkv != 0 || shapes[3][0] != shapes[0][0] * Hkv * shapes[0][2]) return 2;
   if (f16)
     cached_attention<f16_t>(params, shapes);
   else

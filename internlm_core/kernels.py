@@ -7,7 +7,7 @@ compiled steps as MindSpore AOT custom ops.
     y = linear_op(bias)(x, wp[, b])                  # x W^T + b, any leading shape; wp fp32, bf16 or fp16
     y = linear_op(bias, True)(x, wq, scale[, b])     # wq int8 packed, scale (N,) fp32: (x q^T) * scale + b
     x = embedding_op()(ids, table)                   # the table's rows (fp32, bf16 or fp16) as fp32
-    out = attention_op()(q, k_cache, v_cache, first, pos)  # causal, over each row's cache rows
+    out = attention_op()(qkv, k_cache, v_cache, write, first, pos)  # new k/v rows in, then causal attention
     y = rms_norm_op()(x, w, eps)                     # eps a (1,) tensor
     y = silu_mul_op()(gate_up)                       # silu(gate) * up
     qkv = rope_op()(y, cos, sin, q_scale, heads)     # (B, T, (H+2Hkv)D) -> (B, H+2Hkv, T, D), q/k rotated
@@ -226,12 +226,15 @@ def embedding_op():
 
 @functools.cache
 def attention_op():
-    """out (B, T, H, D) = softmax(q K^T) V: q (B, H, T, D) scaled, caches (R, D) both float32 or both
-    float16 (widened to fp32 as they are read, the arithmetic fp32), first (B, Hkv) int32
-    = each (row, k/v head)'s first cache row (query head h reads k/v head h // (H / Hkv)), pos (B, T)
-    int32: query t sees rows first .. first + pos."""
-    return _op("CachedAttention", lambda q, k, v, first, pos: [q[0], q[2], q[1], q[3]],
-               lambda q, k, v, first, pos: q)
+    """out (B, T, H, D) = softmax(q K^T) V after the new k/v rows are written into the caches:
+    qkv (B, H + 2 Hkv, T, D) is the Rope kernel's output (q heads scaled and rotated, then k, then v),
+    caches (R, D) both float32 or both float16 (new rows rounded to it, read rows widened to fp32,
+    the arithmetic fp32), write (B * Hkv * T,) int32 = the cache row of each new k/v row, in
+    (row, head, token) order (written in place; a row outside the cache is skipped), first (B, Hkv)
+    int32 = each (row, k/v head)'s first cache row (query head h reads k/v head h // (H / Hkv)),
+    pos (B, T) int32: query t sees rows first .. first + pos."""
+    return _op("CachedAttention", lambda qkv, k, v, write, first, pos: [qkv[0], qkv[2], qkv[1] - 2 * first[1], qkv[3]],
+               lambda qkv, k, v, write, first, pos: qkv)
 
 
 @functools.cache

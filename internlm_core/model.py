@@ -212,8 +212,9 @@ class Attention(nn.Cell):
         per call (8 ms per layer and k/v at 9 x 2048 positions), so a step cost the allocated cache.
 
         With the CPU kernels (``cached_attention`` set) the engine passes ``read_index`` (B, n_kv), each
-        (row, head)'s first cache row, and ``mask`` (B, T) int32, each query's position: query t
-        attends rows first .. first + position, read where they lie (no gather, no mask tensor).
+        (row, head)'s first cache row, and ``mask`` (B, T) int32, each query's position: one kernel
+        writes the new rows at ``cache_index`` and query t attends rows first .. first + position,
+        read where they lie (no scatter op, no gather, no mask tensor).
 
         The exported graphs' cache (no ``read_index``) is (slots, n_kv, L, hd) with ``cache_index``
         (B, n_kv, T, 3) = (slot, head, position): prefill attends within x (S == T), decode
@@ -224,7 +225,11 @@ class Attention(nn.Cell):
             return self.wo(self.train_attention(self.wq(x), self.wk(x), self.wv(x), cos, sin)[0])
         parts = [self.n_heads, self.n_kv, self.n_kv]
         if self.rope is not None:  # the CPU kernel: cos/sin are rope_tables' (B, T, hd), q scaled here
-            q, k, v = ops.split(self.rope(self.wqkv(x, adapters), cos, sin, self.q_scale, self.head_counts), parts, 1)
+            qkv = self.rope(self.wqkv(x, adapters), cos, sin, self.q_scale, self.head_counts)
+            if read_index is not None:  # one kernel writes the new k/v rows into the caches and attends
+                out = self.cached_attention(qkv, k_cache, v_cache, cache_index, read_index, mask)  # (B, T, nh, hd)
+                return self.wo(out.reshape(b, t, self.n_heads * self.head_dim), adapters)
+            q, k, v = ops.split(qkv, parts, 1)
         elif self.wqkv is not None:
             # (B, nh + 2 n_kv, T, hd); cos/sin alike: q's scaled, v's 1 and 0, so one rotary pass
             # covers q and k and leaves v exactly as it was
@@ -241,10 +246,6 @@ class Attention(nn.Cell):
             flat = (b * self.n_kv * t, self.head_dim)
             k_new = ops.scatter_update(k_cache, cache_index, k.reshape(flat).astype(k_cache.dtype))
             v_new = ops.scatter_update(v_cache, cache_index, v.reshape(flat).astype(v_cache.dtype))
-            if self.cached_attention is not None:
-                out = self.cached_attention(q, ops.depend(k_cache, k_new), ops.depend(v_cache, v_new), read_index,
-                                            mask)  # (B, T, nh, hd)
-                return self.wo(out.reshape(b, t, self.n_heads * self.head_dim), adapters)
             # read after the write: depend on the update, gather only the live rows and positions
             k = ops.gather(ops.depend(k_cache, k_new), read_index, 0)  # (B, n_kv, S, hd)
             v = ops.gather(ops.depend(v_cache, v_new), read_index, 0)

@@ -118,6 +118,25 @@ def test_embedding_widens_the_rows_of_its_table(dtype, c):
     np.testing.assert_array_equal(out, t64[[0, 299]].astype(np.float32))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_packed_linear_rows_do_not_depend_on_how_many_are_computed_together(dtype):
+    """A row's outputs are the same bits whether it is computed alone (decode, one stream) or with
+    up to 16 others (the tiles differ: four panels at a time for one or two rows, three for more,
+    8 rows a pass), so batching never changes a greedy token."""
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(816, 160)).astype(np.float32)
+    scale = None
+    if dtype == "int8":
+        w, scale = quantize_int8(w)
+    elif dtype == "bfloat16":
+        w = f32_to_bf16(w)
+    x = rng.normal(size=(17, 160)).astype(np.float32)
+    cell = _Linear(w, None, dtype, scale)
+    alone = np.concatenate([cell(Tensor(x[i:i + 1])).asnumpy() for i in range(17)])
+    for rows in (2, 3, 8, 17):
+        np.testing.assert_array_equal(cell(Tensor(x[:rows])).asnumpy(), alone[:rows])
+
+
 def test_pack_rows_fills_a_fused_weight_part_by_part():
     """Parts of any row count (not panel-aligned) packed in place equal the whole packed at once,
     in the stored dtype (bf16 bits)."""
@@ -169,8 +188,8 @@ class _Attention(nn.Cell):
         self.op = kernels.attention_op()
 
     @ms.jit
-    def construct(self, q, first, pos):
-        return self.op(q, self.k, self.v, first, pos)
+    def construct(self, qkv, write, first, pos):
+        return self.op(qkv, self.k, self.v, write, first, pos)
 
 
 def reference_attention(q, k, v, first, pos):
@@ -197,44 +216,62 @@ def test_cached_attention_equals_causal_softmax_over_each_rows_cache(t, d, kv, c
     """One query (decode) and chunks of queries (prefill: 16 at a time, and remainders), rows and
     heads anywhere in the cache, positions from 0 to hundreds (one key, the 16-key blocks and their
     remainders, the 16-wide exp and its tail), scores large enough that the max subtraction matters;
-    with k/v heads shared by query heads (grouped-query attention) too. An fp16 cache (the engine's
-    default) against float64 on its fp16 values (widening is exact: the same fp32 arithmetic), and
-    exactly the fp32 kernel's output on an fp32 cache holding those values."""
+    with k/v heads shared by query heads (grouped-query attention) too. The step's new k/v rows are
+    written at their positions first (rounded to nearest-even in an fp16 cache, as numpy rounds them,
+    and nothing else changed) and attended by the same call. An fp16 cache (the engine's default)
+    against float64 on its fp16 values (widening is exact: the same fp32 arithmetic), and exactly the
+    fp32 kernel's output on an fp32 cache holding those values."""
     rng = np.random.default_rng(d * t)
-    rows, b, h = 4000, 3, 2
+    rows, b, h = 4400, 3, 2
     k = rng.normal(size=(rows, d)).astype(cache)
     v = rng.normal(size=(rows, d)).astype(cache)
     q = (3 * rng.normal(size=(b, h, t, d))).astype(np.float32)
+    new_k, new_v = (rng.normal(size=(b, kv, t, d)).astype(np.float32) for _ in range(2))
+    qkv = np.concatenate([q, new_k, new_v], 1)
     start = np.array([0, 15, 650])[:, None] + np.arange(t)  # each row's query positions
-    first = rng.integers(0, rows - 700, (b, kv)).astype(np.int32)
-    args = Tensor(q), Tensor(first), Tensor(start.astype(np.int32))
-    out = _Attention(k, v)(*args).asnumpy()
+    first = (rng.permutation(b * kv) * 700).reshape(b, kv).astype(np.int32)  # apart: no row written twice
+    write = (first[:, :, None] + start[:, None, :]).reshape(-1).astype(np.int32)
+    args = Tensor(qkv), Tensor(write), Tensor(first), Tensor(start.astype(np.int32))
+    cell = _Attention(k, v)
+    out = cell(*args).asnumpy()
     assert out.dtype == np.float32
+    k_after, v_after = k.copy(), v.copy()
+    k_after[write] = new_k.reshape(-1, d)
+    v_after[write] = new_v.reshape(-1, d)
+    np.testing.assert_array_equal(cell.k.asnumpy(), k_after)
+    np.testing.assert_array_equal(cell.v.asnumpy(), v_after)
     # float32 sums of 128 products per score and over up to 700 keys of unit-scale values:
     # ~6e-8 * (sqrt(128) * |score| + sqrt(700)) a few times over
-    np.testing.assert_allclose(out, reference_attention(q, k, v, first, start), rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(out, reference_attention(q, k_after, v_after, first, start), rtol=1e-5, atol=2e-5)
     if cache == "float16":
-        np.testing.assert_array_equal(out, _Attention(k.astype(np.float32), v.astype(np.float32))(*args).asnumpy())
+        exact = np.concatenate([q, new_k.astype(np.float16), new_v.astype(np.float16)], 1).astype(np.float32)
+        fp32 = _Attention(k.astype(np.float32), v.astype(np.float32))
+        np.testing.assert_array_equal(out, fp32(Tensor(exact), *args[1:]).asnumpy())
 
 
-def test_cached_attention_never_reads_outside_the_cache():
-    """Rows past the cache are clipped to it (an error code from an AOT kernel would leave
-    MindSpore's graph unusable for every later call): the output is attention over the rows that
-    exist, and the graph keeps working."""
+def test_cached_attention_never_reads_or_writes_outside_the_cache():
+    """Rows past the cache are clipped to it and writes outside it are skipped (an error code from an
+    AOT kernel would leave MindSpore's graph unusable for every later call): the output is attention
+    over the rows that exist, nothing outside the cache is touched, and the graph keeps working."""
     rng = np.random.default_rng(0)
     k = rng.normal(size=(64, 16)).astype(np.float32)
     v = rng.normal(size=(64, 16)).astype(np.float32)
     cell = _Attention(k, v)
     for t in (1, 3):
-        q = Tensor(rng.normal(size=(1, 1, t, 16)).astype(np.float32))
+        q = rng.normal(size=(1, 1, t, 16)).astype(np.float32)
+        qkv = Tensor(np.concatenate([q, np.full((1, 2, t, 16), 7, np.float32)], 1))
         first = Tensor(np.array([[60]], np.int32))
         inside = np.full((1, t), 3, np.int32)  # rows 60..63, the cache's last
-        expected = reference_attention(q.asnumpy(), k, v, np.array([[60]]), inside)
-        for pos in (inside + 1, np.full((1, t), 10**9, np.int32), inside):
-            out = cell(q, first, Tensor(pos)).asnumpy()
-            np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
-        out = cell(q, Tensor(np.array([[-5]], np.int32)), Tensor(np.full((1, t), -1, np.int32))).asnumpy()
+        expected = reference_attention(q, k, v, np.array([[60]]), inside)
+        for write in (-1, 64, 2**31 - 1):  # no row of the cache
+            for pos in (inside + 1, np.full((1, t), 10**9, np.int32), inside):
+                out = cell(qkv, Tensor(np.full(t, write, np.int32)), first, Tensor(pos)).asnumpy()
+                np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+        out = cell(qkv, Tensor(np.full(t, -7, np.int32)), Tensor(np.array([[-5]], np.int32)),
+                   Tensor(np.full((1, t), -1, np.int32))).asnumpy()
         assert np.isfinite(out).all()
+    np.testing.assert_array_equal(cell.k.asnumpy(), k)
+    np.testing.assert_array_equal(cell.v.asnumpy(), v)
 
 
 class _Graph(nn.Cell):
