@@ -70,21 +70,28 @@ inline v16 f16_to_f32(const f16_t* p) {
   return out;
 }
 // 16 floats -> fp16 (round to nearest even, as numpy's and MindSpore's casts): how new k/v rows
-// enter an fp16 cache.
+// enter an fp16 cache. Values past fp16's range are held at +-65504, not made infinite: one
+// overflowing key would otherwise turn that row's every later score into inf - inf = NaN.
 inline void f32_to_f16(v16 x, f16_t* p) {
+  constexpr float top = 65504.f;
 #if defined(__AVX512F__)
   __m512 v;
   memcpy(&v, &x, 64);
+  v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-top)), _mm512_set1_ps(top));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #elif defined(__F16C__)
   __m256 v[2];
   memcpy(&v, &x, 64);
-  for (int i = 0; i < 2; ++i)
+  for (int i = 0; i < 2; ++i) {
+    v[i] = _mm256_min_ps(_mm256_max_ps(v[i], _mm256_set1_ps(-top)), _mm256_set1_ps(top));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p) + i, _mm256_cvtps_ph(v[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
 #else
-  for (int i = 0; i < 16; ++i) reinterpret_cast<_Float16*>(p)[i] = (_Float16)x[i];
+  for (int i = 0; i < 16; ++i)
+    reinterpret_cast<_Float16*>(p)[i] = (_Float16)(x[i] < -top ? -top : x[i] > top ? top : x[i]);
 #endif
 }
+
 // 16 int8 values -> floats: sign-extend to 32 bits (vpmovsxbd) and convert (vcvtdq2ps), exact.
 inline v16 i8_to_f32(const int8_t* p) {
 #if defined(__AVX512F__)

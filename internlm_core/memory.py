@@ -69,8 +69,17 @@ def gib(n: float) -> str:
 
 
 def weight_bytes(cfg: Config, dtype: str) -> int:
-    """Bytes of the weights held as ``dtype`` (int8 ignores its small per-channel scales)."""
-    return cfg.num_parameters() * DTYPE_BYTES[dtype]
+    """Bytes of the weights held as ``dtype``. int8 is the linears' (``quantize.quantized_names``):
+    a byte a weight and a float32 scale an output row; the rest (embedding, norms, biases) stays
+    in the folder's dtype (``cfg.dtype``), as ``loader.load_serving_model`` holds it."""
+    if dtype != "int8":
+        return cfg.num_parameters() * DTYPE_BYTES[dtype]
+    from .quantize import quantized_names
+
+    shapes = cfg.param_shapes()
+    linears = [shapes[n] for n in quantized_names(cfg)]
+    rest = cfg.num_parameters() - sum(math.prod(s) for s in linears)
+    return sum(r * c + 4 * r for r, c in linears) + rest * DTYPE_BYTES[cfg.dtype]
 
 
 def cache_bytes(cfg: Config, slots: int, positions: int, dtype: str) -> int:

@@ -249,6 +249,19 @@ def test_cached_attention_equals_causal_softmax_over_each_rows_cache(t, d, kv, c
         np.testing.assert_array_equal(out, fp32(Tensor(exact), *args[1:]).asnumpy())
 
 
+def test_an_fp16_cache_holds_values_past_its_range_at_its_largest():
+    """New k/v values past fp16's range are written as +-65504 (the largest finite fp16), not inf:
+    attention over them stays finite."""
+    k = np.zeros((8, 16), np.float16)
+    cell = _Attention(k, k.copy())
+    qkv = np.zeros((1, 3, 1, 16), np.float32)
+    qkv[0, 1:, 0, :8], qkv[0, 1:, 0, 8:] = 1e6, -1e9
+    out = cell(Tensor(qkv), Tensor(np.array([2], np.int32)), Tensor(np.zeros((1, 1), np.int32)),
+               Tensor(np.array([[2]], np.int32))).asnumpy()
+    assert np.isfinite(out).all()
+    np.testing.assert_array_equal(cell.k.asnumpy()[2], [65504] * 8 + [-65504] * 8)
+
+
 def test_cached_attention_never_reads_or_writes_outside_the_cache():
     """Rows past the cache are clipped to it and writes outside it are skipped (an error code from an
     AOT kernel would leave MindSpore's graph unusable for every later call): the output is attention

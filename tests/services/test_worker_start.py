@@ -103,5 +103,6 @@ def test_a_worker_started_with_quantize_int8_serves_int8_and_says_so(chat_model_
 
     shapes = [cfg.param_shapes()[n] for n in quantized_names(cfg)]  # 1 byte a weight + a 4-byte scale a row
     assert info.weight_bytes == weight_bytes(cfg, "float32") - sum(3 * r * c - 4 * r for r, c in shapes)
+    assert info.weight_bytes == weight_bytes(cfg, "int8")  # what the worker planned its memory with
     assert len(out.token_ids) == 6
     assert "weights int8 linears + float32" in worker.log.read_text()
