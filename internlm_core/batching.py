@@ -165,9 +165,7 @@ class Batcher:
         self._accepting = True
         self._drain = True
         self._thread: threading.Thread | None = None
-        self.tokens_generated = 0
         self.requests_finished = 0
-        self.last_batch_size = 0
 
     # ---- the public side (any thread) --------------------------------------------------------
     def start(self) -> "Batcher":
@@ -263,7 +261,6 @@ class Batcher:
             tokens = np.array([h.state.generated[-1] for h in live], np.int32)
             positions = np.array([h.state.length - 1 for h in live], np.int64)
             adapters = np.array([h.adapter for h in live], np.int32)
-            self.last_batch_size = len(live)
             self.metrics.batch_size(len(live))
             self._guard(live, lambda: self._after_decode(
                 live, self.engine.decode(tokens, positions, adapters=adapters, slots=slots)))
@@ -352,7 +349,6 @@ class Batcher:
         h.last_token_at = now
         if ev.logprob is not None:
             h.logprobs.append(ev.logprob)
-        self.tokens_generated += 1
         self.metrics.tokens(1)
         h.put(ev)
         if ev.finish_reason:

@@ -71,7 +71,7 @@ class EngineBase(ABC):
 
     def check_prompt(self, n: int) -> None:
         if n == 0:
-            raise PromptTooLong("empty prompt")
+            raise ValueError("empty prompt: at least one token is needed")
         if n >= self.max_len:
             raise PromptTooLong(f"prompt of {n} tokens leaves no room in the model's {self.max_len} positions")
 

@@ -42,6 +42,6 @@ if [ ! -f "$stamp" ] && ! { [ "$MODE" = runtime ] && [ -f ".venv/.installed-test
     rm -f .venv/.installed-"$MODE"-* .venv/.installed-????????????  # this mode's stale stamps, old-style ones
     touch "$stamp"
 fi
-if [ -f services/gen_protos.py ]; then
-    .venv/bin/python -m services.gen_protos
-fi
+# The stubs in services/pb are committed and tested against the protos (tests/services/
+# test_gen_protos.py); regenerating them here would make that test compare fresh stubs with
+# themselves. A proto change is followed by `python -m services.gen_protos` and a commit.

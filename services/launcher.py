@@ -32,11 +32,14 @@ from pathlib import Path
 
 from internlm_core.checkpoint import TOKENIZER_FILE
 from internlm_core.config import CONFIG_FILE
+from services.server_common import GRACE_S
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_VAR = REPO / "var"
 JOBS_QUEUES = {"converter": "convert,export", "trainer": "preprocess,finetune"}
-GRACE_S = 30.0
+# How long a stopped child may take: its own grace for running streams (server_common.GRACE_S)
+# and a margin to close; then it is killed.
+STOP_WAIT_S = GRACE_S + 10
 
 
 # ---- what each part runs: shared with compose.yaml -----------------------------------------------
@@ -177,7 +180,7 @@ class Child:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self, grace: float = GRACE_S) -> None:
+    def stop(self, grace: float = STOP_WAIT_S) -> None:
         if self.alive():
             terminate(self.proc, grace)
 
@@ -363,7 +366,7 @@ def _run_visible(argv: list[str], env: dict, stopping: threading.Event) -> str |
     while proc.poll() is None:
         if stopping.wait(0.3):
             proc.terminate()
-            proc.wait(GRACE_S)
+            proc.wait(STOP_WAIT_S)
             return None
     reader.join(5)
     if proc.returncode != 0:

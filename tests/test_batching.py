@@ -110,7 +110,7 @@ def test_queue_is_bounded(batcher):
 
 
 @pytest.mark.parametrize("prompt, params, error", [
-    ([], SamplingParams(), PromptTooLong),
+    ([], SamplingParams(), ValueError),
     (list(range(3, 67)), SamplingParams(), PromptTooLong),
     ([3, 4], SamplingParams(top_p=0.0), ValueError),
     ([3, 4], SamplingParams(max_new_tokens=-1), ValueError),

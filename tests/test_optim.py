@@ -12,10 +12,10 @@ LRS = np.array([1e-2, 2e-2, 3e-2, 4e-2, 5e-2], np.float32)
 
 
 class _Net(nn.Cell):
-    def __init__(self, rng):
+    def __init__(self, rng, n, k):
         super().__init__()
-        self.w = Parameter(Tensor(rng.normal(size=(64, 40)).astype(np.float32)), name="w")
-        self.b = Parameter(Tensor(rng.normal(size=64).astype(np.float32)), name="b")
+        self.w = Parameter(Tensor(rng.normal(size=(n, k)).astype(np.float32)), name="w")
+        self.b = Parameter(Tensor(rng.normal(size=n).astype(np.float32)), name="b")
 
     def construct(self, x, loss_scale):
         return ((ops.matmul(x, self.w.T) + self.b) ** 2).mean() * loss_scale
@@ -33,20 +33,21 @@ class _Step(nn.Cell):
         return ops.depend(sq, self.opt(grads, loss_scale, clip, apply))
 
 
+@pytest.mark.parametrize("n,k", [(64, 40), (400, 200)])  # the kernels' one-thread and threaded branches
 @pytest.mark.parametrize("use_kernels", [True, False])
-def test_adamw_steps_equal_numpy_and_skipped_steps_change_nothing(use_kernels, monkeypatch):
+def test_adamw_steps_equal_numpy_and_skipped_steps_change_nothing(use_kernels, n, k, monkeypatch):
     if use_kernels and kernels.library() is None:
         pytest.skip(f"kernels unavailable: {kernels.unavailable()}")
     if not use_kernels:
         monkeypatch.setattr(kernels, "library", lambda: None)
     rng = np.random.default_rng(0)
-    net = _Net(rng)
+    net = _Net(rng, n, k)
     opt = AdamW([{"params": [net.w], "weight_decay": 0.1}, {"params": [net.b], "weight_decay": 0.0}], LRS,
                 (0.9, 0.999), 1e-8)
     assert (opt.kernel is not None) == use_kernels
     assert [p.name for p in opt.moments1] == ["adam_m.w", "adam_m.b"]  # AdamWeightDecay's names: old checkpoints resume
     step = _Step(net, opt)
-    x = rng.normal(size=(8, 40)).astype(np.float32)
+    x = rng.normal(size=(8, k)).astype(np.float32)
     w, b = net.w.asnumpy().astype(np.float64), net.b.asnumpy().astype(np.float64)
     m, v, done = [0.0, 0.0], [0.0, 0.0], 0
     # (apply, loss scale, clip); 2^100's gradients square past float32's range, 2^127's inverse is
@@ -65,7 +66,9 @@ def test_adamw_steps_equal_numpy_and_skipped_steps_change_nothing(use_kernels, m
                 v[j] = 0.999 * v[j] + 0.001 * g * g
                 p -= LRS[done] * (m[j] / (np.sqrt(v[j]) + 1e-8) + wd * p)
             done += 1
-        # m / sqrt(v) of float32 moments: ~1e-4 of a step of size lr
-        np.testing.assert_allclose(net.w.asnumpy(), w, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(net.b.asnumpy(), b, rtol=1e-5, atol=1e-5)
+        # m / sqrt(v) of float32 moments: ~1e-4 of a step of size lr; at 80,000 weights a few whose
+        # gradients are near zero (v tiny, m / sqrt(v) ill-conditioned) reach ~3e-3 of the 5e-2 step
+        atol = 1e-5 if n * k < 10**4 else 3e-4
+        np.testing.assert_allclose(net.w.asnumpy(), w, rtol=1e-5, atol=atol)
+        np.testing.assert_allclose(net.b.asnumpy(), b, rtol=1e-5, atol=atol)
         assert opt.global_step.asnumpy().item() == done
