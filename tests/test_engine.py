@@ -20,6 +20,15 @@ def model(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    """The same weights never handed to an Engine: unfused, unpacked, MindSpore's own ops, so a
+    kernel bug cannot cancel out of a comparison with it (an Engine packs its model in place)."""
+    ref = load_model(tiny_model_dir)
+    assert not ref.fused and not ref.uses_cpu_kernels
+    return ref
+
+
+@pytest.fixture(scope="module")
 def engine(model):
     """An fp32 KV cache: logits compared with HF's and a cache-free forward's to fp32 rounding."""
     return Engine(model, max_batch=4, max_len=128, cache_dtype="float32")
@@ -31,9 +40,9 @@ def half_engine(model):
     return Engine(model, max_batch=4, max_len=128)
 
 
-def test_cached_decode_equals_full_recompute(model, engine):
+def test_cached_decode_equals_full_recompute(reference, engine):
     ids = random_ids(40, 512, seed=1)
-    full = model(*forward_inputs(model.config, np.array([ids]))).asnumpy()[0]
+    full = reference(*forward_inputs(reference.config, np.array([ids]))).asnumpy()[0]
     # The cached path's attention (the CPU kernels' online softmax) sums in another order than the
     # uncached forward's: float32 rounding, a few ulps of logits of order 1.
     logits = engine.prefill([2], [ids[:10]])[0]
@@ -124,26 +133,27 @@ def test_chunked_prefill_of_long_prompts_equals_full_recompute():
     from internlm_core.model import InternLMForCausalLM, init_weights
 
     cfg = Config.from_name("tiny", max_position_embeddings=400)
-    model = InternLMForCausalLM(cfg)
+    model, reference = InternLMForCausalLM(cfg), InternLMForCausalLM(cfg)  # the reference stays unpacked
     init_weights(model, seed=2, std=0.2)
+    init_weights(reference, seed=2, std=0.2)
     eng = Engine(model, max_batch=3, max_len=330, cache_dtype="float32")
     seqs = [random_ids(n, 512, seed=n) for n in (310, PREFILL_CHUNK + 2, 20)]
     lengths = [300, PREFILL_CHUNK + 1, 12]
     logits = eng.prefill([2, 0, 1], [s[:n] for s, n in zip(seqs, lengths)])
     for row, (s, n) in enumerate(zip(seqs, lengths)):
-        full = model(*forward_inputs(cfg, np.array([s]))).asnumpy()[0]
+        full = reference(*forward_inputs(cfg, np.array([s]))).asnumpy()[0]
         np.testing.assert_allclose(logits[row], full[n - 1], atol=1e-4)
     # decode one more token in every slot and compare with the full forward
     tokens = np.array([seqs[1][lengths[1]], seqs[2][lengths[2]], seqs[0][lengths[0]]], np.int32)
     positions = np.array([lengths[1], lengths[2], lengths[0]])
     step = eng.decode(tokens, positions)
     for slot, row in ((0, 1), (1, 2), (2, 0)):
-        full = model(*forward_inputs(cfg, np.array([seqs[row]]))).asnumpy()[0]
+        full = reference(*forward_inputs(cfg, np.array([seqs[row]]))).asnumpy()[0]
         np.testing.assert_allclose(step[slot], full[lengths[row]], atol=1e-4)
 
 
 @pytest.mark.parametrize("cpu_kernels", [True, False], ids=["kernels", "mindspore-ops"])
-def test_live_rows_and_cache_buckets_equal_full_recompute(model, tiny_model_dir, monkeypatch, cpu_kernels):
+def test_live_rows_and_cache_buckets_equal_full_recompute(model, reference, tiny_model_dir, monkeypatch, cpu_kernels):
     """Decode of a few live slots gives the logits of a full forward as sequences grow, and a step
     never runs the slots that are idle; with MindSpore's ops a step attends a power-of-two prefix
     of the cache and sequences cross those buckets (the smallest attended length lowered to 32 so
@@ -157,7 +167,7 @@ def test_live_rows_and_cache_buckets_equal_full_recompute(model, tiny_model_dir,
     eng = Engine(model, max_batch=8, max_len=128, cpu_kernels=cpu_kernels, cache_dtype="float32")
     assert eng.kernels == cpu_kernels
     seqs = {1: random_ids(120, 512, seed=7), 6: random_ids(70, 512, seed=8)}
-    full = {s: model(*forward_inputs(cfg, np.array([ids]))).asnumpy()[0] for s, ids in seqs.items()}
+    full = {s: reference(*forward_inputs(cfg, np.array([ids]))).asnumpy()[0] for s, ids in seqs.items()}
     starts = {1: 20, 6: 9}
     logits = eng.prefill(list(seqs), [seqs[s][:starts[s]] for s in seqs])
     for row, s in zip(logits, seqs):
