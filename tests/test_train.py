@@ -141,7 +141,9 @@ def test_resume_after_interruption_replays_the_same_curve(tmp_path, base_dir, da
     # LoRA with dropout and gradient accumulation: the hardest state to restore exactly.
     kw = dict(mode="lora", lr=2e-2, lora_dropout=0.1, grad_accum=2, batch_size=2, max_steps=10, save_every=3,
               keep_last=2)
-    straight = Trainer(args_for(base_dir, data_dir, tmp_path / "a", **kw), tmp_path / "wa").fit()
+    first = Trainer(args_for(base_dir, data_dir, tmp_path / "a", **kw), tmp_path / "wa")
+    straight = first.fit()
+    first.save()
 
     calls = []
     with pytest.raises(Cancelled):
@@ -156,8 +158,17 @@ def test_resume_after_interruption_replays_the_same_curve(tmp_path, base_dir, da
     resumed = Trainer(args_for(base_dir, data_dir, tmp_path / "b", **kw), tmp_path / "wb")
     assert resumed.step == 6
     history = resumed.fit()
+    resumed.save()
     assert [r["loss"] for r in history] == [r["loss"] for r in straight]
     assert [r["lr"] for r in history] == [r["lr"] for r in straight]
+    # and what it leaves behind: the interrupted run's adapter is the uninterrupted one's, bit for bit
+    from safetensors.numpy import load_file
+
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.safetensors"))
+    assert files and files == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.safetensors"))
+    for f in files:
+        a, b = load_file(str(tmp_path / "a" / f)), load_file(str(tmp_path / "b" / f))
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), f
 
 
 def test_a_different_run_does_not_resume_a_checkpoint(tmp_path, base_dir, data_dir):
