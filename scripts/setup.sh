@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a fresh machine: virtual environment, packages, generated gRPC stubs,
-# a real redis-server (Debian package) when none is installed, and for tests Debian's chromium.
+# a real redis-server and g++ (Debian packages) when none is installed, and for tests Debian's chromium.
 #
 #   setup.sh runtime   what serving, jobs and training need: the package plus its build extra
 #                      (grpcio-tools, to generate the stubs); used by scripts/up.sh
@@ -23,6 +23,9 @@ command -v "$PY" >/dev/null || PY=python3
 if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
 need=()
 command -v redis-server >/dev/null || need+=(redis-server)
+# The serving and training kernels are compiled on first use (internlm_core/kernels.py); without a
+# C++ compiler the engine falls back to MindSpore's slower ops, so install one (a slim Debian has none).
+command -v g++ >/dev/null || need+=(g++)
 # The console's browser tests drive Debian's chromium (Playwright's own browser download is not used).
 [ "$MODE" = test ] && ! command -v chromium >/dev/null && need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then

@@ -14,7 +14,14 @@ from internlm_core import kernels
 from internlm_core.checkpoint import bf16_to_f32, f32_to_bf16
 from internlm_core.quantize import quantize_int8
 
-pytestmark = pytest.mark.skipif(kernels.library() is None, reason=f"kernels unavailable: {kernels.unavailable()}")
+# A developer's machine without a compiler skips these; CI (CI set, as .ci/run sets it) must not:
+# setup.sh installs g++, and a library that does not build there is a failure.
+pytestmark = pytest.mark.skipif(kernels.library() is None and not os.environ.get("CI"),
+                                reason=f"kernels unavailable: {kernels.unavailable()}")
+
+
+def test_the_kernels_build_here():
+    assert kernels.library() is not None, kernels.unavailable()
 
 
 def stored(w: np.ndarray, dtype: str):
