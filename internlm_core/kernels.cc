@@ -94,10 +94,23 @@ void tile(const float* x, const W* wp, const float* s, const float* b, float* y,
   }
 }
 
+// Tile shapes that keep R * Q accumulators and Q weights in registers: AVX-512 has 32 of 16
+// floats (8 rows x 3 panels); AVX2 has 16 of 8 floats and a v16 takes two, so at most 4 rows and
+// fewer panels (the AVX-512 shapes spilled there: bench-serve decode at 4 rows 55 tok/s, not 730).
+#if defined(__AVX512F__)
+constexpr int64_t ROWS = 8;  // rows of x per pass over the weight
+template <int R>
+constexpr int panels_at_once() { return R <= 2 ? 4 : 3; }
+#else
+constexpr int64_t ROWS = 4;
+template <int R>
+constexpr int panels_at_once() { return R == 1 ? 3 : R == 2 ? 2 : 1; }
+#endif
+
 template <int R, typename W>
 void panels(const float* x, const W* wp, const float* s, const float* b, float* y, int64_t p0, int64_t p1, int64_t N,
             int64_t K) {
-  constexpr int Q = R <= 2 ? 4 : 3;  // panels in flight: R * Q accumulators + Q weights fit 32 registers
+  constexpr int Q = panels_at_once<R>();
   int64_t p = p0;
   for (; p + Q <= p1; p += Q) tile<R, Q>(x, wp + p * K * 16, s, b, y, p * 16, N, K);
   for (; p < p1; ++p) tile<R, 1>(x, wp + p * K * 16, s, b, y, p * 16, N, K);
@@ -107,17 +120,19 @@ template <typename W>
 void linear_part(const float* x, const W* wp, const float* s, const float* b, float* y, int64_t M, int64_t p0,
                  int64_t p1, int64_t N, int64_t K) {
   int64_t m = 0;
-  for (; m + 8 <= M; m += 8) panels<8>(x + m * K, wp, s, b, y + m * N, p0, p1, N, K);
+  for (; m + ROWS <= M; m += ROWS) panels<ROWS>(x + m * K, wp, s, b, y + m * N, p0, p1, N, K);
   const float* xs = x + m * K;
   float* ys = y + m * N;
-  switch (M - m) {
+  switch (M - m) {  // fewer than ROWS left
     case 1: panels<1>(xs, wp, s, b, ys, p0, p1, N, K); break;
     case 2: panels<2>(xs, wp, s, b, ys, p0, p1, N, K); break;
     case 3: panels<3>(xs, wp, s, b, ys, p0, p1, N, K); break;
+#if defined(__AVX512F__)
     case 4: panels<4>(xs, wp, s, b, ys, p0, p1, N, K); break;
     case 5: panels<5>(xs, wp, s, b, ys, p0, p1, N, K); break;
     case 6: panels<6>(xs, wp, s, b, ys, p0, p1, N, K); break;
     case 7: panels<7>(xs, wp, s, b, ys, p0, p1, N, K); break;
+#endif
     default: break;
   }
 }
@@ -126,11 +141,11 @@ template <typename W>
 void linear(const float* x, const void* wp, const float* s, const float* b, float* y, int64_t M, int64_t N,
             int64_t K) {
   const int64_t P = N / 16;
-  // More than 8 rows (prefill) pass over the weight once per 8 rows: go through it a block of
+  // More than ROWS rows (prefill) pass over the weight once per ROWS rows: go through it a block of
   // panels at a time (~512 KB, half an L2), every row over a block before the next, so the passes
   // after the first read it from cache instead of memory (a 1.8B model's weights do not stay in
   // L3 from one pass to the next). Each output's sum is still one tile's, in the same order.
-  const int64_t block = M <= 8 ? P : std::max<int64_t>(12, (512 << 10) / (K * 16 * (int64_t)sizeof(W)) / 12 * 12);
+  const int64_t block = M <= ROWS ? P : std::max<int64_t>(12, (512 << 10) / (K * 16 * (int64_t)sizeof(W)) / 12 * 12);
   // Threads split the panels: each reads its share of the weight once, whatever the rows.
 #pragma omp parallel if (M * N * K > (1 << 18))
   {
@@ -224,16 +239,23 @@ void attend(const float* q, const T* k, const T* v, int64_t n, int64_t D, float*
     sum += scores[j];
   }
   const float inv = 1.f / sum;
-  for (int64_t d = 0; d < D; d += 128) {  // up to 8 vectors of a row at a time, in registers
-    switch ((D - d) / 16) {
+#if defined(__AVX512F__)
+  constexpr int64_t vecs = 8;  // vectors of a row summed at a time, in registers (half on AVX2's 16)
+#else
+  constexpr int64_t vecs = 4;
+#endif
+  for (int64_t d = 0; d < D; d += 16 * vecs) {
+    switch (std::min((D - d) / 16, vecs)) {
       case 1: weigh_rows<1>(scores, v + d, n, D, inv, out + d); break;
       case 2: weigh_rows<2>(scores, v + d, n, D, inv, out + d); break;
       case 3: weigh_rows<3>(scores, v + d, n, D, inv, out + d); break;
       case 4: weigh_rows<4>(scores, v + d, n, D, inv, out + d); break;
+#if defined(__AVX512F__)
       case 5: weigh_rows<5>(scores, v + d, n, D, inv, out + d); break;
       case 6: weigh_rows<6>(scores, v + d, n, D, inv, out + d); break;
       case 7: weigh_rows<7>(scores, v + d, n, D, inv, out + d); break;
       default: weigh_rows<8>(scores, v + d, n, D, inv, out + d); break;
+#endif
     }
   }
 }
@@ -279,14 +301,14 @@ void attend_block(const float* q, int64_t nq, const int32_t* seen, const T* kc, 
     v16 m_new = m;
     for (int j = 0; j < 16; ++j) {
       const i16 visible = (int32_t)(k0 + j) < limit;
-      s[j] = visible ? s[j] : splat(-INFINITY);
-      m_new = s[j] > m_new ? s[j] : m_new;
+      s[j] = select(visible, s[j], splat(-INFINITY));
+      m_new = select(s[j] > m_new, s[j], m_new);
     }
     const v16 alpha = exp_neg(m - m_new);  // rescales what was summed under the old max
     l *= alpha;
     for (int j = 0; j < 16; ++j) {
       const i16 visible = (int32_t)(k0 + j) < limit;
-      s[j] = visible ? exp_neg(s[j] - m_new) : (v16){};  // exactly 0 for a masked key
+      s[j] = select(visible, exp_neg(s[j] - m_new), (v16){});  // exactly 0 for a masked key
       l += s[j];
     }
     for (int64_t d = 0; d < D; ++d) {

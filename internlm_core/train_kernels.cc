@@ -212,7 +212,7 @@ int CrossEntropy(int nparam, void** params, int* ndims, int64_t** shapes, const 
     v16 mx16 = splat(-INFINITY);
     for (int64_t v = 0; v < vec; v += 16) {
       const v16 x = load(zr + v);
-      mx16 = x > mx16 ? x : mx16;
+      mx16 = select(x > mx16, x, mx16);
     }
     float mx = -INFINITY;
     for (int i = 0; i < 16; ++i) mx = std::max(mx, mx16[i]);
