@@ -10,8 +10,8 @@ its defaults over gRPC (bf16 as stored; int8 is the same worker with ``--quantiz
 same weights as an HF folder (``ms_to_hf``; InternLM2 presets get the
 real InternLM2 tokenizer files) converted by llama.cpp's own ``convert_hf_to_gguf.py`` (and
 ``llama-quantize`` for q8_0), served by ``llama-server`` with 2 threads and 4 slots. Both get the
-same fresh 32-token prompts (no prompt cache on either side) and generate 64 greedy tokens per
-stream, 1 and 4 streams at once; tokens/s over wall time from the client, prefill included; peak
+same fresh 32-token prompts (no prompt cache on either side) and stream 64 greedy tokens per
+request to the client (gRPC messages / server-sent events), 1 and 4 streams at once; tokens/s over wall time from the client, prefill included; peak
 RSS (VmHWM) of each server process, loading included. One server runs at a time.
 llama.cpp is built once from the ``llama-cpp-python`` sdist (``bench/llamacpp.py``).
 """
@@ -126,12 +126,15 @@ def bench_llama(gguf: Path, tmp: Path, levels, fresh, new_tokens: int, prompt_to
     try:
         wait_http(base, 1800, server.proc)
 
-        def one(prompt):
-            r = httpx.post(f"{base}/completion", timeout=1800, json={
-                "prompt": prompt, "n_predict": new_tokens, "temperature": 0, "ignore_eos": True,
-                "cache_prompt": False, "samplers": ["top_k"], "top_k": 1})
-            r.raise_for_status()
-            return r.json()["tokens_predicted"]
+        def one(prompt):  # streamed, as the worker's tokens are: each token a message to the client
+            body = {"prompt": prompt, "n_predict": new_tokens, "temperature": 0, "ignore_eos": True,
+                    "cache_prompt": False, "samplers": ["top_k"], "top_k": 1, "stream": True}
+            with httpx.stream("POST", f"{base}/completion", timeout=1800, json=body) as r:
+                r.raise_for_status()
+                for line in r.iter_lines():
+                    if line.startswith("data: ") and (event := json.loads(line[6:])).get("stop"):
+                        return event["tokens_predicted"]
+            raise RuntimeError("llama-server's stream ended without its last event")
 
         one(fresh(1)[0])
         out = {c: run_streams(one, fresh(c)) for c in levels}
