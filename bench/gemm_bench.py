@@ -41,14 +41,14 @@ def mindspore_cases(side: str, m: int, k: int, n: int):
     from mindspore import Tensor, nn, ops
 
     os.environ["MS_DEV_HOST_BLOCKING_RUN"] = "1"  # as the trainer runs its steps
-    from internlm_core import kernels
+    from internlm_core import kernels, train_kernels
 
     rng = np.random.default_rng(0)
     x, w, dy = (Tensor(rng.normal(size=s).astype(np.float32)) for s in ((m, k), (n, k), (m, n)))
     if side == "kernels":
-        op_list = (kernels.train_linear_op(False, True),
-                   kernels._op("LinearGradX", lambda dy, w: dy[:-1] + [w[1]], lambda dy, w: dy),
-                   kernels._op("LinearGradW", lambda dy, x: [dy[-1], x[-1]], lambda dy, x: dy))
+        op_list = (train_kernels.train_linear_op(False, True),
+                   kernels._op("LinearGradX", lambda dy, w: dy[:-1] + [w[1]], lambda dy, w: dy, training=True),
+                   kernels._op("LinearGradW", lambda dy, x: [dy[-1], x[-1]], lambda dy, x: dy, training=True))
     else:
         op_list = (ops.MatMul(transpose_b=True), ops.MatMul(), ops.MatMul(transpose_a=True))
 

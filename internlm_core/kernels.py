@@ -1,7 +1,9 @@
 """The serving engine's CPU kernels (``kernels.cc``): built once per machine, called from the
-compiled steps as MindSpore AOT custom ops.
+compiled steps as MindSpore AOT custom ops; and the build of the training kernels' library, whose
+ops are ``train_kernels``'s.
 
-    so = library()          # the built kernels' path, or None (with ``unavailable()`` saying why)
+    so = library()          # the built serving kernels' path, or None (with ``unavailable()`` saying why)
+    so = training_library() # train_kernels.cc's (linked with the oneDNN in the mindspore wheel), or None
     wp = pack(w)            # (N, K) weight -> (N/16, K, 16), the layout PackedLinear reads, w's dtype kept
     pack_rows(wp, w, row0)  # w's rows into an already allocated packed weight at output row0
     y = linear_op(bias)(x, wp[, b])                  # x W^T + b, any leading shape; wp fp32, bf16 or fp16
@@ -26,14 +28,16 @@ registers, the sums in fp32, each output times its scale at the end; a quarter o
 arrays here are their raw bits as uint16 (``checkpoint.ST_TO_NP``), and ``to_tensor`` makes
 them MindSpore bfloat16 tensors without a float32 round trip or a copy.
 
-The library is compiled with the machine's ``g++ -O3 -march=native -fopenmp`` into a cache
+Each library is compiled with the machine's ``g++ -O3 -march=native -fopenmp`` into a cache
 folder (``INTERNLM_KERNEL_DIR``, default ``~/.cache/internlm/kernels``) under a name that hashes
 the source, the command, the compiler's version and the CPU's flags, so a machine never loads
 code built for another CPU and concurrent builders rename a finished file into place. Without a
 compiler (or with ``INTERNLM_CPU_KERNELS=0``) the engine runs MindSpore's own ops instead: same
 results to float rounding, slower; ``unavailable()`` says why and the engine logs it once.
 ``INTERNLM_KERNEL_MARCH`` builds for another target than ``native`` (``x86-64-v3``: AVX2 and FMA
-without AVX-512, as an older CPU has; the tests build and run the linear kernels so).
+without AVX-512, as an older CPU has; the tests build and run every kernel so). The serving
+library needs only a compiler; the training one also the oneDNN that MindSpore ships (a MindSpore
+without it still serves on the kernels, and trains on its own ops).
 """
 from __future__ import annotations
 
@@ -50,7 +54,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("kernels.cc"), Path(__file__).with_name("train_kernels.cc")]
+SERVING_SOURCE = Path(__file__).with_name("kernels.cc")
+TRAINING_SOURCE = Path(__file__).with_name("train_kernels.cc")
 HEADERS = [Path(__file__).with_name("kernel_common.h")]
 PANEL = 16  # output rows per packed panel: one 16-float vector
 DNNL = "libdnnl.so.3"  # oneDNN 3, inside the mindspore wheel: the training GEMMs
@@ -60,6 +65,7 @@ ENV_DIR = "INTERNLM_KERNEL_DIR"
 ENV_MARCH = "INTERNLM_KERNEL_MARCH"  # the compiler's -march (default native), e.g. x86-64-v3 for AVX2 only
 
 _why_not: str | None = None
+_why_not_training: str | None = None
 
 
 def cache_dir() -> Path:
@@ -82,54 +88,73 @@ def _cpu_flags() -> str:
         return ""
 
 
-@functools.cache
-def library() -> str | None:
-    """The built library's path; None where the kernels cannot be used here (``unavailable``)."""
-    global _why_not
+def _build(prefix: str, sources: list[Path], link: list[str]) -> tuple[str | None, str | None]:
+    """(the library of ``sources`` built for this machine, None) or (None, why not)."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
-        _why_not = f"{ENV_SWITCH}=0"
-        return None
+        return None, f"{ENV_SWITCH}=0"
     import mindspore as ms
 
     if ms.get_context("device_target") != "CPU":
-        _why_not = f"device {ms.get_context('device_target')} (the kernels are for CPU)"
-        return None
+        return None, f"device {ms.get_context('device_target')} (the kernels are for CPU)"
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
-        _why_not = "no C++ compiler (g++) on PATH"
-        return None
-    ms_lib = Path(ms.__file__).parent / "lib"  # train_kernels.cc's GEMMs are oneDNN's, as MindSpore ships it
-    if not (ms_lib / DNNL).is_file():
-        _why_not = f"this MindSpore ships no oneDNN ({ms_lib / DNNL} is missing)"
-        return None
-    dnnl = [f"-L{ms_lib}", f"-l:{DNNL}", f"-Wl,-rpath,{ms_lib}"]
+        return None, "no C++ compiler (g++) on PATH"
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
         cmd = flags()
-        key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES + HEADERS), " ".join(cmd + dnnl), version,
+        key = hashlib.sha256("\0".join([*(s.read_text() for s in sources + HEADERS), " ".join(cmd + link), version,
                                          _cpu_flags()]).encode())
-        target = cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
+        target = cache_dir() / f"{prefix}-{key.hexdigest()[:16]}.so"
         if not target.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
             os.close(fd)
             try:
-                subprocess.run([compiler, *cmd, "-o", tmp, *map(str, SOURCES), *dnnl], capture_output=True, text=True,
+                subprocess.run([compiler, *cmd, "-o", tmp, *map(str, sources), *link], capture_output=True, text=True,
                                check=True, timeout=300)
                 os.replace(tmp, target)  # atomic: another process sees no file or a whole one
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-        return str(target)
+        return str(target), None
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", None) or str(e)
-        _why_not = f"building {' and '.join(s.name for s in SOURCES)} failed: {detail.strip()[:500]}"
+        return None, f"building {' and '.join(s.name for s in sources)} failed: {detail.strip()[:500]}"
+
+
+@functools.cache
+def library() -> str | None:
+    """The serving kernels' library (``kernels.cc``); None where they cannot be used here
+    (``unavailable`` says why). It needs a compiler only: no oneDNN."""
+    global _why_not
+    path, _why_not = _build("kernels", [SERVING_SOURCE], [])
+    return path
+
+
+@functools.cache
+def training_library() -> str | None:
+    """The training kernels' library (``train_kernels.cc``, whose GEMMs are the oneDNN inside the
+    mindspore wheel); None where they cannot be used (``training_unavailable`` says why)."""
+    global _why_not_training
+    import mindspore as ms
+
+    ms_lib = Path(ms.__file__).parent / "lib"
+    if not (ms_lib / DNNL).is_file():
+        _why_not_training = f"this MindSpore ships no oneDNN ({ms_lib / DNNL} is missing)"
         return None
+    path, _why_not_training = _build("train-kernels", [TRAINING_SOURCE],
+                                     [f"-L{ms_lib}", f"-l:{DNNL}", f"-Wl,-rpath,{ms_lib}"])
+    return path
 
 
 def unavailable() -> str | None:
-    """Why the kernels are not used here (None when they are)."""
+    """Why the serving kernels are not used here (None when they are)."""
     return None if library() else _why_not
+
+
+def training_unavailable() -> str | None:
+    """Why the training kernels are not used here (None when they are)."""
+    return None if training_library() else _why_not_training
 
 
 def pack(w: np.ndarray) -> np.ndarray:
@@ -189,12 +214,14 @@ def to_tensor(arr: np.ndarray, dtype: str):
     return t
 
 
-def _op(name: str, out_shape, out_dtype, bprop=None, variant: str = ""):
+def _op(name: str, out_shape, out_dtype, bprop=None, variant: str = "", training: bool = False):
+    """A MindSpore AOT op calling kernel ``name`` of the serving library (``training``: of the
+    training one)."""
     from mindspore import ops
 
-    so = library()
+    so = training_library() if training else library()
     if so is None:
-        raise RuntimeError(f"the CPU kernels are unavailable: {unavailable()}")
+        raise RuntimeError(f"the CPU kernels are unavailable: {training_unavailable() if training else unavailable()}")
     op = ops.Custom(f"{so}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot", bprop=bprop)
     if variant:
         # MindSpore 2.9 keeps one backward graph per distinct primitive (seen: two Custom ops of the
@@ -254,131 +281,3 @@ def rope_op():
     """The fused q/k/v output (B, T, (H + 2 Hkv) D) -> heads (B, H + 2 Hkv, T, D): q and k rotated by
     cos/sin (B, T, D) (rotate-half), q also times q_scale (1,), v unchanged; heads (2,) int32 = (H, Hkv)."""
     return _op("Rope", lambda y, c, s, f, h: [y[0], y[2] // c[2], y[1], c[2]], lambda y, c, s, f, h: y)
-
-
-# ---- training (train_kernels.cc): ops whose backward passes are kernels too ---------------------
-
-GEMM_KINDS = ("forward", "input_grad", "weight_grad")
-
-
-def gemm_flops() -> dict[str, int]:
-    """Floating-point operations the training GEMMs did in this process, by kind: what a test reads
-    to see that a LoRA step computes no gradient for the frozen weights."""
-    import ctypes
-
-    fn = ctypes.CDLL(library()).internlm_gemm_flops
-    fn.restype, fn.argtypes = ctypes.c_int64, [ctypes.c_int]
-    return {kind: fn(i) for i, kind in enumerate(GEMM_KINDS)}
-
-
-@functools.cache
-def train_linear_op(bias: bool, trains: bool):
-    """y (..., N) = x (..., K) @ W^T (+ b), W (N, K) as it lies. Backward: dx = dy W; dW = dy^T x and
-    db = the sum of dy's rows only when the layer ``trains`` (a frozen layer's are zeros that
-    nothing reads, which the graph compiler drops)."""
-    from mindspore import ops
-
-    grad_x = _op("LinearGradX", lambda dy, w: dy[:-1] + [w[1]], lambda dy, w: dy)
-    grad_w = _op("LinearGradW", lambda dy, x: [dy[-1], x[-1]], lambda dy, x: dy)
-
-    def weight_grads(x, w, dout):
-        return grad_w(dout, x) if trains else ops.zeros_like(w)
-
-    if bias:
-        def bprop(x, w, b, out, dout):
-            db = ops.reduce_sum(dout.reshape((-1, dout.shape[-1])), 0) if trains else ops.zeros_like(b)
-            return grad_x(dout, w), weight_grads(x, w, dout), db
-
-        return _op("LinearFwd", lambda x, w, b: x[:-1] + [w[0]], lambda x, w, b: x, bprop, f"bias, trains={trains}")
-
-    def bprop(x, w, out, dout):
-        return grad_x(dout, w), weight_grads(x, w, dout)
-
-    return _op("LinearFwd", lambda x, w: x[:-1] + [w[0]], lambda x, w: x, bprop, f"no bias, trains={trains}")
-
-
-@functools.cache
-def causal_attention_op():
-    """(out (B, T, H*D), lse (B, H, T)) from the projections q (B, T, H*D), k, v (B, T, Hkv*D) and the
-    rotary tables cos, sin (B, 1, T, D): q and k rotated, causal softmax(q k^T / sqrt(D)) v per head
-    (query head h reads k/v head h // (H / Hkv)); out is wo's input as it lies. Causal only: a
-    right-padded row's real positions never see its padding anyway. Backward: one kernel, the
-    probabilities recomputed from lse."""
-    from mindspore import ops
-
-    grad = _op("CausalAttentionGrad", lambda q, k, v, c, s, o, lse, d: (q, k, v),
-               lambda q, k, v, c, s, o, lse, d: (q, k, v))
-
-    def bprop(q, k, v, cos, sin, out, dout):
-        dq, dk, dv = grad(q, k, v, cos, sin, out[0], out[1], dout[0])
-        return dq, dk, dv, ops.zeros_like(cos), ops.zeros_like(sin)
-
-    return _op("CausalAttention", lambda q, k, v, c, s: (q, [q[0], q[2] // c[-1], q[1]]),
-               lambda q, k, v, c, s: (q, q), bprop, "training")
-
-
-@functools.cache
-def swiglu_op():
-    """silu(gate) * up from (gate, up), with its backward pass in one kernel."""
-    grad = _op("SwiGluGrad", lambda g, u, dy: (g, g), lambda g, u, dy: (g, g))
-
-    def bprop(gate, up, out, dout):
-        return grad(gate, up, dout)
-
-    return _op("SwiGlu", lambda g, u: g, lambda g, u: g, bprop, "training")
-
-
-@functools.cache
-def train_rms_norm_op():
-    """``rms_norm_op`` with its backward pass (dx, dw) in one kernel: inputs (x, w, eps (1,))."""
-    from mindspore import ops
-
-    grad = _op("RmsNormGrad", lambda x, w, eps, dy: (x, w), lambda x, w, eps, dy: (x, w))
-
-    def bprop(x, w, eps, out, dout):
-        dx, dw = grad(x, w, eps, dout)
-        return dx, dw, ops.zeros_like(eps)
-
-    return _op("RmsNorm", lambda x, w, eps: x, lambda x, w, eps: x, bprop)
-
-
-@functools.cache
-def dropout_op():
-    """Inputs (x, seed (), cfg (2,) = (p, salt)): x with each element kept with probability 1 - p
-    (and scaled by 1 / (1 - p)) by a hash of (seed, salt, its index); seed < 0 turns it off. The
-    gradient applies the same mask to dy."""
-    from mindspore import ops
-
-    def bprop(x, seed, cfg, out, dout):
-        return op(dout, seed, cfg), ops.zeros_like(seed), ops.zeros_like(cfg)
-
-    op = _op("HashDropout", lambda x, seed, cfg: x, lambda x, seed, cfg: x, bprop)
-    return op
-
-
-@functools.cache
-def cross_entropy_op():
-    """Inputs (logits (M, V) f32, labels (M,) int32, negative = not counted); outputs (mean loss (1,)
-    over the counted rows, each row's log-sum-exp (M,)). Backward from the saved log-sum-exp."""
-    from mindspore import ops
-
-    grad = _op("CrossEntropyGrad", lambda z, y, lse, d: z, lambda z, y, lse, d: z)
-
-    def bprop(z, labels, out, dout):
-        return grad(z, labels, out[1], dout[0]), ops.zeros_like(labels)
-
-    return _op("CrossEntropy", lambda z, y: ([1], [z[0]]), lambda z, y: (z, z), bprop)
-
-
-@functools.cache
-def sum_squares_op():
-    """sum((g / loss_scale)^2) (1,) of a float32 tensor g and loss_scale (1,)."""
-    return _op("SumSquares", lambda g, s: [1], lambda g, s: g)
-
-
-@functools.cache
-def adamw_op():
-    """AdamWeightDecay's step IN PLACE on (p, m, v) from (g, hyper (8,) = lr, beta1, beta2, eps,
-    weight_decay, loss_scale, clip, apply), on g / loss_scale * clip; returns (1,) = apply. See
-    train_kernels.cc."""
-    return _op("AdamW", lambda p, m, v, g, h: [1], lambda p, m, v, g, h: p)

@@ -112,11 +112,11 @@ def _lora_cell_class():
         def use_training_kernels(self):
             """The CPU kernels (``kernels``): the frozen base's GEMM computes no weight gradient,
             A and B's do, and dropout draws its mask from an integer hash in one pass."""
-            from . import kernels
+            from . import train_kernels
 
-            self.base_matmul = kernels.train_linear_op(self.bias is not None, False)
-            self.lora_matmul = kernels.train_linear_op(False, True)
-            self.dropout_kernel = kernels.dropout_op()
+            self.base_matmul = train_kernels.train_linear_op(self.bias is not None, False)
+            self.lora_matmul = train_kernels.train_linear_op(False, True)
+            self.dropout_kernel = train_kernels.dropout_op()
 
         def _dropout(self, x):
             # Counter-based uniform numbers: frac(sin(row * a + col * b + seed + salt) * 43758.5453).

@@ -28,7 +28,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, mint, nn, ops
 from mindspore.common.initializer import initializer
 
-from . import kernels
+from . import kernels, train_kernels
 from .config import Config
 
 MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
@@ -395,24 +395,24 @@ class InternLMForCausalLM(nn.Cell):
         return self.model.layers[0].attention.rope is not None
 
     def use_training_kernels(self) -> bool:
-        """Train with the CPU kernels (``kernels``, train_kernels.cc): every linear a oneDNN GEMM
+        """Train with the CPU kernels (``train_kernels``): every linear a oneDNN GEMM
         whose backward pass computes the weight's gradient only where the weight trains, rotary
         and causal attention in one kernel each way (the mask is taken to be causal, as training's
         right-padded rows are), RMSNorm and SwiGLU with one-pass gradients, LoRA dropout by a
         hashed mask. Call it once what trains is
         settled (after ``inject_lora``). Unfused float32 form only; False (nothing changed) where
-        the kernels are unavailable."""
-        if self.fused or self.dtype != ms.float32 or kernels.library() is None:
+        the kernels are unavailable (``kernels.training_unavailable()`` says why)."""
+        if self.fused or self.dtype != ms.float32 or not train_kernels.available():
             return False
         for _, cell in self.cells_and_names():
             if isinstance(cell, Linear):
-                cell.train_matmul = kernels.train_linear_op(cell.bias is not None, cell.weight.requires_grad)
+                cell.train_matmul = train_kernels.train_linear_op(cell.bias is not None, cell.weight.requires_grad)
             elif isinstance(cell, RMSNorm):
-                cell.kernel = kernels.train_rms_norm_op()
+                cell.kernel = train_kernels.train_rms_norm_op()
             elif isinstance(cell, FeedForward):
-                cell.silu_mul = kernels.swiglu_op()
+                cell.silu_mul = train_kernels.swiglu_op()
             elif isinstance(cell, Attention) and cell.head_dim % kernels.PANEL == 0:  # whole vectors per head
-                cell.train_attention = kernels.causal_attention_op()
+                cell.train_attention = train_kernels.causal_attention_op()
             elif cell is not self and hasattr(cell, "use_training_kernels"):  # LoRA layers (lora.py)
                 cell.use_training_kernels()
         self.training_kernels = True

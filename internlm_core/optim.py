@@ -21,7 +21,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, mint, nn, ops
 
-from . import kernels
+from . import train_kernels
 
 
 class AdamW(nn.Cell):
@@ -35,8 +35,8 @@ class AdamW(nn.Cell):
         self.global_step = Parameter(Tensor([0], ms.int32), name="global_step", requires_grad=False)  # as theirs
         self.lrs = Tensor(np.asarray(lrs, np.float32))
         self.beta1, self.beta2, self.eps = float(betas[0]), float(betas[1]), float(eps)
-        self.kernel = kernels.adamw_op() if kernels.library() is not None else None
-        self.squares = kernels.sum_squares_op() if self.kernel is not None else None
+        self.kernel = train_kernels.adamw_op() if train_kernels.available() else None
+        self.squares = train_kernels.sum_squares_op() if self.kernel is not None else None
         self.fallback = ops.AdamWeightDecay()
 
     def sum_squares(self, grads, loss_scale):

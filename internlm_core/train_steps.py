@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import mindspore as ms
 import numpy as np
-from mindspore import Parameter, Tensor, mint, nn, ops
+from mindspore import Parameter, Tensor, nn, ops
 
-from . import kernels
+from . import train_kernels
 from .data import IGNORE
 
 
@@ -47,7 +47,7 @@ class LossNet(nn.Cell):
         self.bias = Tensor(np.asarray(logit_bias, np.float32)) if logit_bias is not None else None
         # the CPU kernel's loss reads the logits once forward and once backward (MindSpore's
         # cross_entropy makes several passes and a one-hot of the vocabulary)
-        self.kernel = kernels.cross_entropy_op() if model.training_kernels else None
+        self.kernel = train_kernels.cross_entropy_op() if model.training_kernels else None
 
     def logits(self, ids, cos, sin, mask):
         logits = self.model(ids, cos, sin, mask).reshape(-1, self.vocab)  # (B*T, V) fp32

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from mindspore import Parameter, Tensor, nn
 
-from internlm_core import kernels
+from internlm_core import kernels, train_kernels
 from internlm_core.checkpoint import bf16_to_f32, f32_to_bf16
 from internlm_core.quantize import quantize_int8
 
@@ -22,6 +22,7 @@ pytestmark = pytest.mark.skipif(kernels.library() is None and not os.environ.get
 
 def test_the_kernels_build_here():
     assert kernels.library() is not None, kernels.unavailable()
+    assert kernels.training_library() is not None, kernels.training_unavailable()
 
 
 def stored(w: np.ndarray, dtype: str):
@@ -359,23 +360,25 @@ def test_library_is_built_once_per_machine_and_found_again(tmp_path):
     assert again.stdout == first.stdout and built[0].stat().st_mtime_ns == mtime
 
 
-def test_without_onednn_the_kernels_say_so_and_training_keeps_mindspores_ops(tmp_path):
-    """The training GEMMs link the oneDNN inside the mindspore wheel; a MindSpore without it gets
-    the reason, no library and the MindSpore-ops model (a fresh process: library() is cached)."""
+def test_without_onednn_serving_keeps_its_kernels_and_training_says_why(tmp_path):
+    """The training GEMMs link the oneDNN inside the mindspore wheel; a MindSpore without it still
+    gets the serving kernels (their own library, no oneDNN), and training gets the reason and the
+    MindSpore-ops model (a fresh process: the libraries are cached per process)."""
     code = """
 from internlm_core import kernels
 from internlm_core.config import Config
 from internlm_core.model import InternLMForCausalLM
 kernels.DNNL = "libdnnl.so.0-not-here"
-print("LIB", kernels.library())
-print("WHY", kernels.unavailable())
+print("SERVING", kernels.library() is not None)
+print("TRAINING", kernels.training_library())
+print("WHY", kernels.training_unavailable())
 print("TRAIN", InternLMForCausalLM(Config.from_name("tiny")).use_training_kernels())
 """
     env = {**os.environ, "INTERNLM_KERNEL_DIR": str(tmp_path / "k")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert "LIB None" in out.stdout and "TRAIN False" in out.stdout
+    assert "SERVING True" in out.stdout and "TRAINING None" in out.stdout and "TRAIN False" in out.stdout
     assert "WHY this MindSpore ships no oneDNN (" in out.stdout and "libdnnl.so.0-not-here is missing)" in out.stdout
-    assert not (tmp_path / "k").exists()
+    assert [p.name.split("-")[0] for p in (tmp_path / "k").glob("*.so")] == ["kernels"]
 
 
 def test_without_a_compiler_the_engine_runs_mindspores_ops(tmp_path, tiny_model_dir):
@@ -447,12 +450,12 @@ def test_training_linear_and_its_gradients_equal_numpy(bias, lead, n, k):
         params = [Parameter(Tensor(w), name="w", requires_grad=trains)]
         if bias:
             params.append(Parameter(Tensor(b), name="b", requires_grad=trains))
-        net = _Probe(kernels.train_linear_op(bias, trains), *params)
-        before = kernels.gemm_flops()
+        net = _Probe(train_kernels.train_linear_op(bias, trains), *params)
+        before = train_kernels.gemm_flops()
         value, grads = _Grads(net, 0, net.trainable_params() if trains else None)(Tensor(x), Tensor(dy))
         grads = [grads[0], *grads[1]] if trains else [grads]  # dx, then dW (and db) when the layer trains
         value, grads = value.asnumpy(), [g.asnumpy() for g in grads]
-        work = {kind: kernels.gemm_flops()[kind] - before[kind] for kind in before}  # counted once the graph ran
+        work = {kind: train_kernels.gemm_flops()[kind] - before[kind] for kind in before}  # counted once the graph ran
         y = x64 @ w64.T + (b if bias else 0)
         assert float(value) == pytest.approx(float((y * dy64).sum()), rel=1e-5, abs=1e-3)
         np.testing.assert_allclose(grads[0], dy64 @ w64, **tol)
@@ -478,7 +481,7 @@ def test_training_rms_norm_gradients_equal_torch_in_float64(shape):
 
     class Net(nn.Cell):
         def construct(self, x, w, probe):
-            return (kernels.train_rms_norm_op()(x, w, eps) * probe).sum()
+            return (train_kernels.train_rms_norm_op()(x, w, eps) * probe).sum()
 
     _, (dx, dw) = _Grads(Net(), (0, 1))(Tensor(x), Tensor(w), Tensor(dy))
     xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
@@ -498,7 +501,7 @@ def test_cross_entropy_and_its_gradient_equal_torch(labels):
 
     class Net(nn.Cell):
         def construct(self, z, labels):
-            return kernels.cross_entropy_op()(z, labels)[0].reshape(()) * 2.0
+            return train_kernels.cross_entropy_op()(z, labels)[0].reshape(()) * 2.0
 
     loss, dz = _Grads(Net(), 0)(Tensor(z), Tensor(labels))
     zt = torch.tensor(z, dtype=torch.float64, requires_grad=True)
@@ -521,11 +524,11 @@ def test_hash_dropout_is_a_function_of_seed_and_salt_and_its_gradient_uses_the_s
             self.seed, self.cfg = seed, Tensor([0.25, salt], ms.float32)
 
         def construct(self, x, probe):
-            return (kernels.dropout_op()(x, self.seed, self.cfg) * probe).sum()
+            return (train_kernels.dropout_op()(x, self.seed, self.cfg) * probe).sum()
 
     def run(salt, value):
         seed.set_data(Tensor(value, ms.float32))
-        y = _Graph(kernels.dropout_op())(Tensor(x), seed, Tensor([0.25, salt], ms.float32)).asnumpy()
+        y = _Graph(train_kernels.dropout_op())(Tensor(x), seed, Tensor([0.25, salt], ms.float32)).asnumpy()
         _, dx = _Grads(Net(salt), 0)(Tensor(x), Tensor(np.ones_like(x)))
         return y, dx.asnumpy()
 
@@ -550,7 +553,7 @@ def test_swiglu_and_its_gradients_equal_torch_in_float64(shape):
 
     class Net(nn.Cell):
         def construct(self, gate, up, probe):
-            return (kernels.swiglu_op()(gate, up) * probe).sum()
+            return (train_kernels.swiglu_op()(gate, up) * probe).sum()
 
     value, (dg, du) = _Grads(Net(), (0, 1))(Tensor(gate), Tensor(up), Tensor(dy))
     g, u = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (gate, up))
@@ -596,7 +599,7 @@ def test_causal_attention_and_its_gradients_equal_torch_in_float64(b, t, h, kv, 
 
     class Net(nn.Cell):
         def construct(self, q, k, v, cos, sin, probe):
-            return (kernels.causal_attention_op()(q, k, v, cos, sin)[0] * probe).sum()
+            return (train_kernels.causal_attention_op()(q, k, v, cos, sin)[0] * probe).sum()
 
     value, grads = _Grads(Net(), (0, 1, 2))(*(Tensor(a) for a in (q, k, v, cos, sin, dy)))
     qt, kt, vt = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (q, k, v))

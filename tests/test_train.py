@@ -403,10 +403,10 @@ def test_the_cpu_kernels_train_as_mindspores_ops_do(tmp_path, base_dir, data_dir
     import mindspore as ms
     from mindspore import Tensor, nn
 
-    from internlm_core import kernels
+    from internlm_core import kernels, train_kernels
 
-    if kernels.library() is None:
-        pytest.skip(f"kernels unavailable: {kernels.unavailable()}")
+    if not train_kernels.available():
+        pytest.skip(f"kernels unavailable: {kernels.unavailable() or kernels.training_unavailable()}")
 
     class Grads(nn.Cell):  # the step's own gradient function, compiled
         def __init__(self, steps):
@@ -442,16 +442,16 @@ def test_the_cpu_kernels_train_as_mindspores_ops_do(tmp_path, base_dir, data_dir
 def test_a_lora_step_computes_no_gradient_for_the_frozen_weights(tmp_path, base_dir, data_dir):
     """Measured work, not a promise: the GEMMs of one LoRA step count exactly the forward and
     input-gradient work of every linear and weight-gradient work for the adapters' A and B alone."""
-    from internlm_core import kernels
+    from internlm_core import kernels, train_kernels
     from internlm_core.lora import module_shape, target_modules
 
-    if kernels.library() is None:
-        pytest.skip(f"kernels unavailable: {kernels.unavailable()}")
+    if not train_kernels.available():
+        pytest.skip(f"kernels unavailable: {kernels.unavailable() or kernels.training_unavailable()}")
     trainer = Trainer(args_for(base_dir, data_dir, tmp_path / "o", mode="lora", lora_rank=4), tmp_path / "w")
     trainer.train_step()  # compiles
-    before = kernels.gemm_flops()
+    before = train_kernels.gemm_flops()
     trainer.train_step()
-    work = {k: kernels.gemm_flops()[k] - before[k] for k in before}
+    work = {k: train_kernels.gemm_flops()[k] - before[k] for k in before}
     cfg, tokens, r = trainer.config, 4 * trainer.seq, 4
     adapters = [module_shape(cfg, m) for m in target_modules(cfg, trainer.args.adapter_spec().targets)]
     assert work["weight_grad"] == sum(2 * tokens * r * (n_in + n_out) for n_out, n_in in adapters)
@@ -460,6 +460,6 @@ def test_a_lora_step_computes_no_gradient_for_the_frozen_weights(tmp_path, base_
     assert work["forward"] == 2 * tokens * base + sum(2 * tokens * r * (n_in + n_out) for n_out, n_in in adapters)
     full = Trainer(args_for(base_dir, data_dir, tmp_path / "f", mode="full"), tmp_path / "fw")
     full.train_step()
-    before = kernels.gemm_flops()
+    before = train_kernels.gemm_flops()
     full.train_step()
-    assert kernels.gemm_flops()["weight_grad"] - before["weight_grad"] == 2 * tokens * base  # every weight trains
+    assert train_kernels.gemm_flops()["weight_grad"] - before["weight_grad"] == 2 * tokens * base  # every weight trains
