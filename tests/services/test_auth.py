@@ -115,7 +115,7 @@ def calls(channel):
 
 
 # What each call answers when it gets through (a refusal of its request, not of its caller).
-THROUGH = {"Jobs.SubmitJob": grpc.StatusCode.INVALID_ARGUMENT, "Jobs.WatchJob": grpc.StatusCode.NOT_FOUND}
+THROUGH = {"Jobs.SubmitJob": grpc.StatusCode.NOT_FOUND, "Jobs.WatchJob": grpc.StatusCode.NOT_FOUND}
 
 
 def code_of(call) -> grpc.StatusCode:
