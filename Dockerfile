@@ -20,5 +20,7 @@ RUN pip install --no-cache-dir -e ".[build]" \
 ENV INTERNLM_HOST=0.0.0.0 \
     PYTHONUNBUFFERED=1
 
-EXPOSE 50051 50052 50061 9100 9101 9102
+# The endpoint's gRPC and HTTP ports, and the tokenizer's and a worker's (which need INTERNLM_INTERNAL_TOKEN
+# when they listen beyond loopback); the metrics ports stay on loopback (INTERNLM_METRICS_HOST).
+EXPOSE 50051 8000 50052 50061
 CMD ["python", "-m", "services.launcher", "--help"]

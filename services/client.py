@@ -1,4 +1,5 @@
-"""The client side of ``internlm generate`` without ``--model``: stream from the running stack."""
+"""The client side of ``internlm generate`` without ``--model``: stream from the running stack; and
+the endpoint options every remote command shares (address, API key, TLS CA)."""
 from __future__ import annotations
 
 import json
@@ -9,15 +10,34 @@ import grpc
 
 from internlm_core.generation import SCALAR_PARAMS
 
+from services.auth import API_KEY_ENV, TLS_CA_ENV, client_channel, parse_keys
 from services.pb_convert import FINISH_FROM_PB, chat_to_pb
 from services.pb import common_pb2, inference_pb2, inference_pb2_grpc
 
 DEFAULT_ENDPOINT = "localhost:50051"
 
 
+def add_endpoint_arguments(p) -> None:
+    """--endpoint, --api-key and --tls-ca, for the commands that call the running stack."""
+    p.add_argument("--endpoint", default=None, help="endpoint address (default: $INTERNLM_ENDPOINT or localhost:50051)")
+    p.add_argument("--api-key", default=None,
+                   help=f"the endpoint's API key, sent as 'authorization: Bearer <key>' (default: ${API_KEY_ENV}, "
+                        "its first key)")
+    p.add_argument("--tls-ca", default=None,
+                   help=f"speak TLS, trusting the CA in this PEM file (for a self-signed certificate, the "
+                        f"certificate itself; default: ${TLS_CA_ENV}; none: plain text)")
+
 
 def endpoint_address(args=None) -> str:
     return getattr(args, "endpoint", None) or os.environ.get("INTERNLM_ENDPOINT") or DEFAULT_ENDPOINT
+
+
+def endpoint_channel(args=None) -> grpc.Channel:
+    """A channel to the endpoint with the options of ``add_endpoint_arguments`` (or the environment)."""
+    keys = parse_keys(os.environ.get(API_KEY_ENV))  # the endpoint's own setting, when this shell has it
+    key = getattr(args, "api_key", None) or (keys[0] if keys else None)
+    ca = getattr(args, "tls_ca", None) or os.environ.get(TLS_CA_ENV) or None
+    return client_channel(endpoint_address(args), key, ca)
 
 
 def request_from_args(args) -> inference_pb2.GenerateRequest:
@@ -44,7 +64,7 @@ def remote_generate(args) -> int:
     address = endpoint_address(args)
     request = request_from_args(args)
     ids, text, finish = [], [], None
-    with grpc.insecure_channel(address) as channel:
+    with endpoint_channel(args) as channel:
         try:
             for chunk in inference_pb2_grpc.InferenceStub(channel).Generate(request, wait_for_ready=False):
                 ids.extend(chunk.token_ids)

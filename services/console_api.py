@@ -1,12 +1,14 @@
 """The JSON the web console reads: the workers behind the router, and the Jobs API (list, get,
 submit, cancel, the store) as JSON over HTTP. Each route is one call to the endpoint's own gRPC
-Jobs service, so the console sees exactly what ``internlm jobs`` sees; job bodies are the
+Jobs servicer, in this process (``InProcess``), so the console sees exactly what ``internlm jobs``
+sees; job bodies are the
 protobuf messages in their JSON form (``SubmitJobRequest`` in, ``Job`` out), so no field name is
 written out again here.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import grpc
 from fastapi import FastAPI, Request
@@ -15,9 +17,62 @@ from google.protobuf.json_format import ParseError
 
 from services.openai_schema import error_response, rpc_error_response
 from services.pb import jobs_pb2
+from services.server_common import status_of
 
+log = logging.getLogger("internlm.console")
 KINDS = {name.removeprefix("JOB_KIND_").lower(): value for name, value in jobs_pb2.JobKind.items() if value}
 STATES = {name.removeprefix("JOB_STATE_").lower(): value for name, value in jobs_pb2.JobState.items() if value}
+
+
+class _Aborted(grpc.RpcError):
+    """A call ended with a status, as a channel would raise it."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+class _Context:
+    """What the Jobs servicer's unary methods use of a gRPC context."""
+
+    def abort(self, code, details):
+        raise _Aborted(code, details)
+
+    def is_active(self) -> bool:
+        return True
+
+    def time_remaining(self):
+        return None
+
+
+class InProcess:
+    """A servicer called as a stub is (``jobs.ListJobs(request, timeout=...)``, statuses raised as
+    ``grpc.RpcError``), without a channel: no key or TLS client to hold, and nothing on the network.
+    Errors are mapped and logged as the server's interceptor would."""
+
+    def __init__(self, servicer):
+        self.servicer = servicer
+
+    def __getattr__(self, name: str):
+        method = getattr(self.servicer, name)
+
+        def call(request, timeout=None):  # noqa: ARG001 - a stub's signature; in-process calls have no deadline
+            try:
+                return method(request, _Context())
+            except grpc.RpcError:
+                raise
+            except Exception as e:  # noqa: BLE001 - one status for any failure, as on the gRPC door
+                code, message = status_of(e)
+                if code == grpc.StatusCode.INTERNAL:
+                    log.error("%s failed", name, exc_info=e)
+                raise _Aborted(code, message) from e
+        return call
 
 
 def as_json(message) -> dict:

@@ -7,9 +7,11 @@ tokenizer service, ``internlm.v1.Endpoint`` to list the workers, and the Jobs AP
 jobs package is installed. Plain gRPC all the way; statuses from behind pass through as they are.
 
 With ``--http-port`` it also serves HTTP (``services/openai_api.py``): the OpenAI API, health,
-metrics and the web console, over the same router. ``--api-key`` (or INTERNLM_API_KEY) makes every
-HTTP request but the console's static files need ``Authorization: Bearer <key>``; without it the
-HTTP side, like the gRPC side, is unauthenticated.
+metrics and the web console, over the same router. ``--api-key`` (or INTERNLM_API_KEY; several,
+comma-separated) makes every call on both doors need ``authorization: Bearer <key>``, but health
+and the console's static files; without it both doors are open. ``--tls-cert`` / ``--tls-key`` put
+both doors on TLS. ``--internal-token`` is what it sends to the workers and the tokenizer service
+(``services/auth.py``).
 """
 from __future__ import annotations
 
@@ -26,8 +28,10 @@ import redis
 from prometheus_client import Counter, Gauge
 
 from internlm_core.errors import ModelNotFound, Unavailable
+from services.auth import (API_KEY_ENV, INTERNAL_TOKEN_ENV, TLS_CERT_ENV, TLS_KEY_ENV, parse_keys, tls_pair,
+                           with_bearer)
 from services.pb_convert import join_chunks
-from services.pb import endpoint_pb2, endpoint_pb2_grpc, inference_pb2, inference_pb2_grpc, tokenizer_pb2
+from services.pb import endpoint_pb2, endpoint_pb2_grpc, inference_pb2, inference_pb2_grpc, jobs_pb2, tokenizer_pb2
 from services.registry import TTL_S, list_workers
 from services.server_common import Server, env_default, setup_logging
 
@@ -36,6 +40,7 @@ log = logging.getLogger("internlm.endpoint")
 INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["Inference"]
 TOKENIZER = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"]
 ENDPOINT = endpoint_pb2.DESCRIPTOR.services_by_name["Endpoint"]
+JOBS = jobs_pb2.DESCRIPTOR.services_by_name["Jobs"]
 # The worker has stopped serving the request (or never took it): another worker takes it over.
 RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
@@ -64,9 +69,9 @@ class WorkerRef:
 class Router:
     """The live workers, refreshed from Redis in the background; picks the least loaded."""
 
-    def __init__(self, redis_url: str, refresh_s: float = 0.5):
+    def __init__(self, redis_url: str, refresh_s: float = 0.5, token: str | None = None):
         self.r = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
-        self.refresh_s = refresh_s
+        self.refresh_s, self.token = refresh_s, token  # the internal token, sent on every call to a worker
         self.workers: dict[str, WorkerRef] = {}
         self.lock = threading.Lock()
         self._stop = threading.Event()
@@ -99,7 +104,7 @@ class Router:
                 w = self.workers.get(wid)
                 if w is None:
                     w = self.workers[wid] = WorkerRef(wid, info["address"], info["model"])
-                    w.channel = grpc.insecure_channel(w.address)
+                    w.channel = with_bearer(grpc.insecure_channel(w.address), self.token)
                     w.stub = inference_pb2_grpc.InferenceStub(w.channel)
                     log.info("worker %s at %s (%s) joined", wid, w.address, w.model)
                 w.load, w.max_batch = int(info.get("load", 0)), int(info.get("max_batch", 0))
@@ -245,10 +250,8 @@ class EndpointServicer(endpoint_pb2_grpc.EndpointServicer):
                                     max_batch=w.max_batch, requests_routed=w.routed) for w in self.router.snapshot()])
 
 
-def tokenizer_passthrough(address: str) -> grpc.GenericRpcHandler:
+def tokenizer_passthrough(channel: grpc.Channel) -> grpc.GenericRpcHandler:
     """Every Tokenizer method forwarded as raw bytes to the tokenizer service (nothing re-parsed)."""
-    channel = grpc.insecure_channel(address)
-
     def forward(path):
         upstream = channel.unary_unary(path)  # no (de)serializers: bytes in, bytes out
 
@@ -260,16 +263,15 @@ def tokenizer_passthrough(address: str) -> grpc.GenericRpcHandler:
         TOKENIZER.full_name, {m.name: forward(f"/{TOKENIZER.full_name}/{m.name}") for m in TOKENIZER.methods})
 
 
-def add_jobs(server: Server, redis_url: str, store: str | None) -> list[str]:
-    """The jobs API (services.jobs.api), when that package is present; the names it serves."""
+def add_jobs(server: Server, redis_url: str, store: str | None):
+    """The jobs API (services.jobs.api), when that package is present: its servicer, or None."""
     try:
         from services.jobs import api
     except ModuleNotFoundError as e:
         if e.name and e.name.startswith("services.jobs"):
-            return []
+            return None
         raise
-    api.add_to_server(server.grpc, SimpleNamespace(redis_url=redis_url, store_root=store))
-    return [api.SERVICE_NAME]
+    return api.add_to_server(server.grpc, SimpleNamespace(redis_url=redis_url, store_root=store))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -277,44 +279,59 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--host", default=env_default("INTERNLM_HOST", "127.0.0.1"))
     ap.add_argument("--port", type=int, default=50051)
     ap.add_argument("--metrics-port", type=int, default=9100)
+    ap.add_argument("--metrics-host", default=env_default("INTERNLM_METRICS_HOST", "127.0.0.1"),
+                    help="address of the Prometheus metrics port ($INTERNLM_METRICS_HOST; default loopback: "
+                         "from outside, GET /metrics on the HTTP port, behind the API key)")
     ap.add_argument("--redis-url", default=env_default("INTERNLM_REDIS_URL", "redis://127.0.0.1:6379/0"))
     ap.add_argument("--tokenizer-address", default=env_default("INTERNLM_TOKENIZER_ADDRESS", "127.0.0.1:50052"))
     ap.add_argument("--store", default=env_default("INTERNLM_STORE", ""), help="the jobs' model store root")
     ap.add_argument("--no-jobs", action="store_true", help="do not serve the Jobs API")
     ap.add_argument("--http-port", type=int, default=int(env_default("INTERNLM_HTTP_PORT", "0")),
                     help="serve the OpenAI API and the web console on this port (0: no HTTP)")
-    ap.add_argument("--api-key", default=env_default("INTERNLM_API_KEY", ""),
-                    help="require Authorization: Bearer <key> on HTTP requests")
+    ap.add_argument("--api-key", default=env_default(API_KEY_ENV, ""),
+                    help=f"require 'authorization: Bearer <key>' on every gRPC and HTTP call but health (${API_KEY_ENV}; "
+                         "several keys comma-separated, any of them accepted)")
+    ap.add_argument("--internal-token", default=env_default(INTERNAL_TOKEN_ENV, ""),
+                    help=f"sent to the inference workers and the tokenizer service (${INTERNAL_TOKEN_ENV}), "
+                         "which require it when they are given it too")
+    ap.add_argument("--tls-cert", default=env_default(TLS_CERT_ENV, ""),
+                    help=f"PEM certificate (chain) for TLS on the gRPC and HTTP ports (${TLS_CERT_ENV}); with --tls-key")
+    ap.add_argument("--tls-key", default=env_default(TLS_KEY_ENV, ""), help=f"its PEM private key (${TLS_KEY_ENV})")
     return ap
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    keys, tls = parse_keys(args.api_key), tls_pair(args.tls_cert, args.tls_key)
     setup_logging("endpoint")
-    server = Server("endpoint", args.port, args.host, args.metrics_port, max_workers=128)
-    router = Router(args.redis_url).start()
+    server = Server("endpoint", args.port, args.host, args.metrics_port, max_workers=128,
+                    metrics_host=args.metrics_host, keys=keys, tls=tls)
+    token = args.internal_token or None
+    router = Router(args.redis_url, token=token).start()
+    tokenizer = with_bearer(grpc.insecure_channel(args.tokenizer_address), token)
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceProxy(router), server.grpc)
     endpoint_pb2_grpc.add_EndpointServicer_to_server(EndpointServicer(router), server.grpc)
-    server.grpc.add_generic_rpc_handlers([tokenizer_passthrough(args.tokenizer_address)])
+    server.grpc.add_generic_rpc_handlers([tokenizer_passthrough(tokenizer)])
     services = [INFERENCE.full_name, TOKENIZER.full_name, ENDPOINT.full_name]
-    if not args.no_jobs:
-        services += add_jobs(server, args.redis_url, args.store or None)
+    jobs = None if args.no_jobs else add_jobs(server, args.redis_url, args.store or None)
+    if jobs is not None:
+        services.append(JOBS.full_name)
+    if not keys:
+        log.warning("no API key: anyone who reaches %s:%d can call every service (see --api-key)", args.host, args.port)
     http = []
 
     def start_http():
         if not args.http_port:
             return
+        from services.console_api import InProcess
         from services.http_server import HttpServer
         from services.openai_api import create_app
-        from services.pb import jobs_pb2_grpc
 
-        jobs = None
-        if len(services) > 3:  # the console's job pages call this endpoint's own Jobs API
-            own = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
-            jobs = jobs_pb2_grpc.JobsStub(grpc.insecure_channel(f"{own}:{server.port}"))
-        app = create_app(InferenceProxy(router), router, args.tokenizer_address, args.api_key or None, jobs)
-        http.append(HttpServer(app, args.host, args.http_port).start())
-        log.info("HTTP (OpenAI API, console) on %s:%d", args.host, http[0].port)
+        # The console's job pages call this endpoint's Jobs servicer in this process: no channel,
+        # so neither a key nor a TLS client of their own (the HTTP door has checked the caller).
+        app = create_app(InferenceProxy(router), router, tokenizer, keys, jobs and InProcess(jobs))
+        http.append(HttpServer(app, args.host, args.http_port, tls).start())
+        log.info("HTTP (OpenAI API, console) on %s:%d%s", args.host, http[0].port, " with TLS" if tls else "")
 
     def stop():
         for h in http:

@@ -1,15 +1,15 @@
 """The endpoint's HTTP plumbing, below the OpenAI routes (``openai_api``): uvicorn on a thread
-beside the gRPC server, and one ASGI middleware that checks the API key and records the HTTP
-metrics for every route."""
+beside the gRPC server (with TLS when given a certificate), and one ASGI middleware that checks the
+API key (``services/auth.py``) and records the HTTP metrics for every route."""
 from __future__ import annotations
 
-import secrets
 import threading
 import time
 
 from fastapi import FastAPI
 from prometheus_client import Counter, Histogram
 
+from services.auth import NEED_KEY, authorized
 from services.openai_schema import error_response
 from services.server_common import GRACE_S
 
@@ -22,21 +22,20 @@ class Guard:
     """ASGI middleware: the API key (when set) and the HTTP metrics, for every route. Plain ASGI,
     not Starlette's BaseHTTPMiddleware, so streamed responses and client disconnects pass untouched."""
 
-    def __init__(self, app, api_key: str | None):
-        self.app, self.api_key = app, api_key
+    def __init__(self, app, api_keys=()):
+        self.app, self.api_keys = app, tuple(api_keys)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path, start, status = scope["path"], time.monotonic(), [500]
         route = path if not path.startswith(("/console/", "/api/jobs/")) else path.rsplit("/", 1)[0] + "/*"
-        public = path == "/" or path.startswith("/console/")  # the console's static files hold no data
-        if self.api_key and not public:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not secrets.compare_digest(given, f"Bearer {self.api_key}".encode()):
+        # health: for probes, as on the gRPC side; the console's static files hold no data
+        public = path in ("/", "/health") or path.startswith("/console/")
+        if self.api_keys and not public:
+            if not authorized(self.api_keys, dict(scope["headers"]).get(b"authorization")):
                 HTTP_REQUESTS.labels(route, "401").inc()
-                response = error_response(401, "a valid API key is required: Authorization: Bearer <key>",
-                                          "authentication_error")
+                response = error_response(401, NEED_KEY, "authentication_error")
                 return await response(scope, receive, send)
 
         async def sending(message):
@@ -54,13 +53,15 @@ class Guard:
 class HttpServer:
     """uvicorn serving the app on a thread beside the gRPC server; ``stop()`` ends it."""
 
-    def __init__(self, app: FastAPI, host: str, port: int):
+    def __init__(self, app: FastAPI, host: str, port: int, tls: tuple[str, str] | None = None):
         import uvicorn
 
+        cert, key = tls or (None, None)  # PEM certificate and key: HTTPS
         # On stop, open streams finish (up to the same grace as the gRPC side), new ones are refused.
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                                     access_log=False, lifespan="off",
-                                                    timeout_graceful_shutdown=int(GRACE_S)))
+                                                    timeout_graceful_shutdown=int(GRACE_S),
+                                                    ssl_certfile=cert, ssl_keyfile=key))
         self.server.install_signal_handlers = lambda: None  # the gRPC server owns SIGTERM / SIGINT
         self.thread = threading.Thread(target=self.server.run, name="http", daemon=True)
 

@@ -2,7 +2,9 @@
 
 Holds one model (a folder made by the converter, or an exported one) behind a continuous
 batcher, serves ``internlm.v1.Inference``, and registers itself in Redis with its load so the
-endpoint can find it. Every RPC is: request -> one batcher call -> responses.
+endpoint can find it. Every RPC is: request -> one batcher call -> responses. Clients reach it
+through the endpoint: it listens on loopback unless ``--host`` says otherwise, and then
+``--internal-token`` keeps others out.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ from internlm_core.tokenizer import BOS, Tokenizer
 from services.pb_convert import chunk_to_pb, finish_to_pb, join_chunks, prompt_from_pb, sampling_from_pb
 from services.pb import inference_pb2, inference_pb2_grpc
 from services.registry import Registration
-from services.server_common import Server, env_default, setup_logging
+from services.auth import NEED_TOKEN
+from services.server_common import Server, add_access_arguments, env_default, setup_logging
 
 log = logging.getLogger("internlm.worker")
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
@@ -164,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--port", type=int, default=50061)
     ap.add_argument("--advertise", help="address to register (default: host:port; on 0.0.0.0 this host's own address)")
     ap.add_argument("--metrics-port", type=int, default=9101)
+    add_access_arguments(ap)
     ap.add_argument("--redis-url", default=env_default("INTERNLM_REDIS_URL", "redis://127.0.0.1:6379/0"),
                     help="where to register; '' = do not register")
     ap.add_argument("--max-batch", type=int, default=int(env_default("INTERNLM_MAX_BATCH", "0")),
@@ -238,7 +242,8 @@ def main(argv: list[str] | None = None) -> None:
              engine.cache_bytes_per_slot / 2**20, "CPU kernels" if getattr(engine, "kernels", False) else "MindSpore ops")
 
     server = Server("worker", args.port, args.host, args.metrics_port,
-                    max_workers=engine.max_batch + args.max_queue + 8)
+                    max_workers=engine.max_batch + args.max_queue + 8, metrics_host=args.metrics_host,
+                    keys=[args.internal_token] if args.internal_token else [], refusal=NEED_TOKEN)
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(batcher, tokenizer, name), server.grpc)
     address = advertised(args.host, args.port, args.advertise)
 

@@ -29,6 +29,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from internlm_core.checkpoint import TOKENIZER_FILE
 from internlm_core.config import CONFIG_FILE
@@ -259,23 +260,32 @@ def _redis_ready(url: str) -> bool:
         return False
 
 
-def _healthy(address: str) -> bool:
+def _endpoint_ca() -> str | None:
+    """What the launcher trusts when the endpoint serves TLS (INTERNLM_TLS_CERT in this environment):
+    INTERNLM_TLS_CA, else the certificate itself (right for a self-signed one)."""
+    from services.auth import TLS_CA_ENV, TLS_CERT_ENV
+
+    return os.environ.get(TLS_CA_ENV) or os.environ.get(TLS_CERT_ENV) or None
+
+
+def _healthy(address: str, tls_ca: str | None = None) -> bool:
     from services.server_common import wait_healthy
 
     try:
-        wait_healthy(address, timeout=1)
+        wait_healthy(address, timeout=1, tls_ca=tls_ca)
         return True
     except TimeoutError:
         return False
 
 
 def _workers_seen(address: str) -> int:
-    """How many inference workers the endpoint routes to now."""
+    """How many inference workers the endpoint routes to now (with the API key of this environment)."""
     import grpc
 
+    from services.client import endpoint_channel
     from services.pb import endpoint_pb2, endpoint_pb2_grpc
 
-    with grpc.insecure_channel(address) as ch:
+    with endpoint_channel(SimpleNamespace(endpoint=address, tls_ca=_endpoint_ca())) as ch:
         try:
             return len(endpoint_pb2_grpc.EndpointStub(ch).ListWorkers(endpoint_pb2.ListWorkersRequest(),
                                                                       timeout=2).workers)
@@ -323,7 +333,7 @@ def up(args) -> int:
         c = stack.start("endpoint", [python, *role_command("endpoint", ports["endpoint"], metrics["endpoint"],
                                                             tokenizer_address=tok_addr, http_port=args.http_port)],
                         env)
-        stack.wait_until("endpoint", lambda: _healthy(endpoint_addr), c)
+        stack.wait_until("endpoint", lambda: _healthy(endpoint_addr, _endpoint_ca()), c)
         if jobs_available() and not args.no_jobs:
             for role in JOBS_QUEUES:
                 stack.start(role, [python, *role_command(role)], env)
@@ -384,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     h = sub.add_parser("health", help="exit 0 if the gRPC server at ADDRESS is SERVING (container health checks)")
     h.add_argument("address")
     h.add_argument("--timeout", type=float, default=5.0)
+    h.add_argument("--tls-ca", default=os.environ.get("INTERNLM_TLS_CA"),
+                   help="the server speaks TLS with a certificate this CA (PEM) signed ($INTERNLM_TLS_CA)")
     return ap
 
 
@@ -424,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     from services.server_common import wait_healthy
 
     try:
-        wait_healthy(args.address, timeout=args.timeout)
+        wait_healthy(args.address, timeout=args.timeout, tls_ca=args.tls_ca)
         return 0
     except TimeoutError as e:
         print(e, file=sys.stderr)

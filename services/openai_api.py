@@ -119,9 +119,9 @@ class Choice:
 class OpenAI:
     """The OpenAI routes over an ``InferenceProxy`` and its router."""
 
-    def __init__(self, proxy, router, tokenizer_address: str):
+    def __init__(self, proxy, router, tokenizer: grpc.Channel):
         self.proxy, self.router = proxy, router
-        self._tokenizer = tokenizer_pb2_grpc.TokenizerStub(grpc.insecure_channel(tokenizer_address))
+        self._tokenizer = tokenizer_pb2_grpc.TokenizerStub(tokenizer)
         self._infos: dict[str, tuple[float, inference_pb2.ModelInfoResponse]] = {}
 
     # -- models
@@ -192,11 +192,12 @@ def finish_reason(finish) -> str | None:
     return FINISH[FINISH_FROM_PB[finish.reason]] if finish is not None else None
 
 
-def create_app(proxy, router, tokenizer_address: str, api_key: str | None = None, jobs=None) -> FastAPI:
-    """The HTTP app. ``jobs``: a Jobs gRPC stub for the console's job pages (None: no jobs)."""
+def create_app(proxy, router, tokenizer: grpc.Channel, api_keys=(), jobs=None) -> FastAPI:
+    """The HTTP app. ``tokenizer``: a channel to the tokenizer service; ``api_keys``: any of them
+    needed (none: open); ``jobs``: the Jobs API called as a stub, for the console's job pages (None: no jobs)."""
     app = FastAPI(title="InternLM endpoint", docs_url="/docs", redoc_url=None)
-    app.add_middleware(Guard, api_key=api_key)
-    api = OpenAI(proxy, router, tokenizer_address)
+    app.add_middleware(Guard, api_keys=api_keys)
+    api = OpenAI(proxy, router, tokenizer)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):  # e.g. a body that is not UTF-8

@@ -1,5 +1,6 @@
 """What every gRPC server here has: one error interceptor, health, reflection, Prometheus
-metrics, and a graceful stop on SIGTERM.
+metrics, and a graceful stop on SIGTERM; when asked, keys on every call but health and TLS
+(``services/auth.py``).
 
     server = Server("worker", port=50061, metrics_port=9101)
     add_InferenceServicer_to_server(servicer, server.grpc)
@@ -30,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram, start_http_server
 
 from internlm_core import errors
+from services.auth import INTERNAL_TOKEN_ENV, NEED_KEY, KeyInterceptor, client_channel, server_credentials
 
 log = logging.getLogger("internlm.server")
 
@@ -138,13 +140,18 @@ class Server:
     """A grpc server with the standard parts; add services to ``.grpc``, then ``serve()``."""
 
     def __init__(self, name: str, port: int, host: str = "127.0.0.1", metrics_port: int | None = None,
-                 max_workers: int = 32):
+                 max_workers: int = 32, metrics_host: str = "127.0.0.1", keys=(), refusal: str = NEED_KEY,
+                 tls: tuple[str, str] | None = None):
+        """``keys``: one of them needed on every call but health (``refusal`` says so otherwise);
+        ``tls``: (certificate, key) PEM files to serve TLS instead of plain text."""
         self.name, self.host, self.port, self.metrics_port = name, host, port, metrics_port
+        self.metrics_host, self.tls = metrics_host, tls
+        # After the error interceptor, so refused calls are counted in the RPC metrics too.
+        interceptors = [ErrorInterceptor(), *([KeyInterceptor(keys, refusal)] if keys else [])]
         # Each open stream holds a thread, so the pool must exceed the streams a server admits,
         # or extra calls would queue inside grpc where nobody can see or bound them.
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers, thread_name_prefix=name),
-                                interceptors=[ErrorInterceptor()],
-                                options=[("grpc.so_reuseport", 0)])
+                                interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
         self.health = health.HealthServicer(experimental_non_blocking=True,
                                             experimental_thread_pool=futures.ThreadPoolExecutor(2))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -153,16 +160,21 @@ class Server:
     def start(self, services: list[str]) -> "Server":
         names = [*services, health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, self.grpc)
-        bound = self.grpc.add_insecure_port(f"{self.host}:{self.port}")
+        address = f"{self.host}:{self.port}"
+        if self.tls:
+            bound = self.grpc.add_secure_port(address, server_credentials(*self.tls))
+        else:
+            bound = self.grpc.add_insecure_port(address)
         if not bound:
-            raise RuntimeError(f"{self.name}: cannot listen on {self.host}:{self.port}")
+            raise RuntimeError(f"{self.name}: cannot listen on {address}")
         self.port = bound
         if self.metrics_port:
-            start_http_server(self.metrics_port, addr=self.host)
+            start_http_server(self.metrics_port, addr=self.metrics_host)
         self.grpc.start()
         for s in ["", *services]:
             self.health.set(s, health_pb2.HealthCheckResponse.SERVING)
-        log.info("%s listening on %s:%d (metrics on %s)", self.name, self.host, self.port, self.metrics_port)
+        log.info("%s listening on %s:%d%s (metrics on %s:%s)", self.name, self.host, self.port,
+                 " with TLS" if self.tls else "", self.metrics_host, self.metrics_port)
         return self
 
     def stop(self) -> None:
@@ -188,10 +200,11 @@ class Server:
         log.info("%s stopped", self.name)
 
 
-def wait_healthy(address: str, timeout: float = 60.0, service: str = "") -> None:
-    """Block until the server at ``address`` answers SERVING (for launchers and tests)."""
+def wait_healthy(address: str, timeout: float = 60.0, service: str = "", tls_ca: str | None = None) -> None:
+    """Block until the server at ``address`` answers SERVING (for launchers and tests); ``tls_ca``:
+    the server speaks TLS, with a certificate this CA signed."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as ch:
+    with client_channel(address, ca=tls_ca) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while True:
             try:
@@ -207,3 +220,12 @@ def wait_healthy(address: str, timeout: float = 60.0, service: str = "") -> None
 
 def env_default(name: str, default: str) -> str:
     return os.environ.get(name, default)
+
+
+def add_access_arguments(ap) -> None:
+    """Who reaches a part behind the endpoint (inference worker, tokenizer service) beside ``--host``."""
+    ap.add_argument("--metrics-host", default=env_default("INTERNLM_METRICS_HOST", "127.0.0.1"),
+                    help="address of the Prometheus metrics port ($INTERNLM_METRICS_HOST; default loopback)")
+    ap.add_argument("--internal-token", default=env_default(INTERNAL_TOKEN_ENV, ""),
+                    help=f"refuse every call but health without 'authorization: Bearer <token>' (${INTERNAL_TOKEN_ENV}; "
+                         "the endpoint sends it): for parts listening beyond loopback")

@@ -1,7 +1,8 @@
 """The tokenizer service: ``python -m services.tokenizer_service --port 50052``.
 
 Encode / decode (single and batched), the InternLM chat template, token counts; each RPC is
-one call into ``internlm_core.tokenizer``.
+one call into ``internlm_core.tokenizer``. Clients reach it through the endpoint: it listens on
+loopback unless ``--host`` says otherwise, and then ``--internal-token`` keeps others out.
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from internlm_core.tokenizer import Tokenizer
 
 from services.pb_convert import chat_from_pb
 from services.pb import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
-from services.server_common import Server, env_default, setup_logging
+from services.auth import NEED_TOKEN
+from services.server_common import Server, add_access_arguments, env_default, setup_logging
 
 SERVICE_NAME = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"].full_name
 
@@ -58,11 +60,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--host", default=env_default("INTERNLM_HOST", "127.0.0.1"))
     ap.add_argument("--port", type=int, default=50052)
     ap.add_argument("--metrics-port", type=int, default=9102)
+    add_access_arguments(ap)
     ap.add_argument("--tokenizer", help="tokenizer.model, its chat format from its own pieces (default: the "
                                         "bundled InternLM v1 one)")
     args = ap.parse_args(argv)
     setup_logging("tokenizer")
-    server = Server("tokenizer", args.port, args.host, args.metrics_port, max_workers=16)
+    server = Server("tokenizer", args.port, args.host, args.metrics_port, max_workers=16,
+                    metrics_host=args.metrics_host, keys=[args.internal_token] if args.internal_token else [],
+                    refusal=NEED_TOKEN)
     tokenizer_pb2_grpc.add_TokenizerServicer_to_server(TokenizerServicer(Tokenizer(args.tokenizer)), server.grpc)
     server.serve([SERVICE_NAME])
 

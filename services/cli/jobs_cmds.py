@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 import uuid
 
 from internlm_core.config import DTYPES
 from services.cli.train_cmds import add_hyperparameter_flags
+from services.client import add_endpoint_arguments
 from services.jobs.kinds import JOB_NAMES
 
 RPC_TIMEOUT_S = 30
@@ -16,7 +16,7 @@ RPC_TIMEOUT_S = 30
 
 def register(sub) -> None:
     p = sub.add_parser("jobs", help="queue and follow long jobs (convert, preprocess, finetune, export)")
-    p.add_argument("--endpoint", default=None, help="endpoint address (default: $INTERNLM_ENDPOINT or localhost:50051)")
+    add_endpoint_arguments(p)
     js = p.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
 
     s = js.add_parser("submit", help="queue a job; prints its id (and follows it with --watch)")
@@ -77,12 +77,10 @@ def register(sub) -> None:
 # ---- plumbing -------------------------------------------------------------------------------------
 
 def _stub(args):
-    import grpc
-
+    from services.client import endpoint_channel
     from services.pb import jobs_pb2_grpc
 
-    endpoint = args.endpoint or os.environ.get("INTERNLM_ENDPOINT", "localhost:50051")
-    return jobs_pb2_grpc.JobsStub(grpc.insecure_channel(endpoint))
+    return jobs_pb2_grpc.JobsStub(endpoint_channel(args))
 
 
 def _rpc(fn):
@@ -136,7 +134,7 @@ def request_from_args(args):
     from services.pb import jobs_pb2
 
     fields = {k: v for k, v in vars(args).items() if v is not None}
-    skip = {"func", "command", "jobs_command", "kind", "endpoint", "key", "watch", "json"}
+    skip = {"func", "command", "jobs_command", "kind", "endpoint", "api_key", "tls_ca", "key", "watch", "json"}
     msg_cls = {"convert": jobs_pb2.ConvertJob, "preprocess": jobs_pb2.PreprocessJob,
                "finetune": jobs_pb2.FinetuneJob, "export": jobs_pb2.ExportJob}[args.kind]
     known = set(msg_cls.DESCRIPTOR.fields_by_name)

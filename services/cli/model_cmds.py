@@ -7,6 +7,7 @@ import sys
 from internlm_core.config import DTYPES
 from internlm_core.memory import CACHE_DTYPES
 from internlm_core.quantize import METHODS
+from services.client import add_endpoint_arguments
 
 
 def register(sub) -> None:
@@ -22,7 +23,7 @@ def register(sub) -> None:
     g = sub.add_parser("generate", help="generate from a local model folder, or from the running stack")
     g.add_argument("prompt", nargs="?", help="text (bos is added); see --chat and --ids")
     g.add_argument("--model", help="local model folder; without it, ask the running stack's endpoint")
-    g.add_argument("--endpoint", default=None, help="endpoint address (default: $INTERNLM_ENDPOINT or localhost:50051)")
+    add_endpoint_arguments(g)
     g.add_argument("--ids", help="comma-separated token ids, fed as they are")
     g.add_argument("--chat", action="store_true", help="render the prompt as a user turn in InternLM's chat format")
     g.add_argument("--system", help="system prompt (with --chat)")

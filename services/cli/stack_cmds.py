@@ -3,6 +3,7 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
+    from services.client import add_endpoint_arguments
     from services.launcher import add_up_arguments
 
     p = sub.add_parser("up", help="run redis, the tokenizer, inference workers, jobs workers and the endpoint "
@@ -11,7 +12,7 @@ def register(sub) -> None:
     p.set_defaults(func=up)
 
     w = sub.add_parser("workers", help="list the inference workers behind the running stack's endpoint")
-    w.add_argument("--endpoint", default=None, help="endpoint address (default: $INTERNLM_ENDPOINT or localhost:50051)")
+    add_endpoint_arguments(w)
     w.set_defaults(func=workers)
 
 
@@ -26,11 +27,11 @@ def up(args) -> int:
 def workers(args) -> int:
     import grpc
 
-    from services.client import endpoint_address
+    from services.client import endpoint_address, endpoint_channel
     from services.pb import endpoint_pb2, endpoint_pb2_grpc
 
     address = endpoint_address(args)
-    with grpc.insecure_channel(address) as ch:
+    with endpoint_channel(args) as ch:
         try:
             r = endpoint_pb2_grpc.EndpointStub(ch).ListWorkers(endpoint_pb2.ListWorkersRequest(), timeout=10)
         except grpc.RpcError as e:

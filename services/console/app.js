@@ -4,7 +4,11 @@
 const $ = (id) => document.getElementById(id);
 const keyInput = $("api-key");
 keyInput.value = localStorage.getItem("internlm-api-key") || "";
-keyInput.addEventListener("change", () => localStorage.setItem("internlm-api-key", keyInput.value));
+keyInput.addEventListener("change", () => {
+  localStorage.setItem("internlm-api-key", keyInput.value);
+  showError("");
+  refresh();
+});
 
 function headers(json) {
   const h = json ? { "Content-Type": "application/json" } : {};
@@ -18,12 +22,16 @@ function showError(message) {
   el.hidden = !message;
 }
 
+// The server's own message; on 401 (no key, or a wrong one) the key field is where to act.
+function failure(response, body) {
+  if (response.status === 401) keyInput.focus();
+  return new Error((body.error && body.error.message) || `${response.status} ${response.statusText}`);
+}
+
 async function api(path, options = {}) {
   const response = await fetch(path, { ...options, headers: headers(options.body !== undefined) });
   const body = await response.json().catch(() => ({}));
-  if (!response.ok) {
-    throw new Error((body.error && body.error.message) || `${response.status} ${response.statusText}`);
-  }
+  if (!response.ok) throw failure(response, body);
   return body;
 }
 
@@ -112,8 +120,7 @@ $("chat-form").addEventListener("submit", async (event) => {
                              max_tokens: Number($("chat-max").value), stream_options: { include_usage: true } }),
     });
     if (!response.ok) {
-      const body = await response.json().catch(() => ({}));
-      throw new Error((body.error && body.error.message) || `${response.status}`);
+      throw failure(response, await response.json().catch(() => ({})));
     }
     const reader = response.body.getReader();
     const decoder = new TextDecoder();

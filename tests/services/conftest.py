@@ -2,6 +2,7 @@
 launcher starts it, with its own log file (shown when a test fails to reach it)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -17,15 +18,18 @@ WORKER_SLOTS, WORKER_QUEUE, WORKER_LEN = 4, 8, 256
 
 
 class Service:
-    """One server subprocess: ``address``, ``metrics_url``, ``stop()`` (SIGTERM), ``kill()``."""
+    """One server subprocess: ``address``, ``metrics_url``, ``stop()`` (SIGTERM), ``kill()``; ``env``:
+    settings added to its environment; ``tls_ca``: it serves TLS with a certificate this CA signed."""
 
-    def __init__(self, module: str, args: list[str], log: Path, metrics_port: int, port: int):
-        self.module, self.log, self.port = module, log, port
+    def __init__(self, module: str, args: list[str], log: Path, metrics_port: int, port: int,
+                 env: dict | None = None, tls_ca: str | None = None):
+        self.module, self.log, self.port, self.tls_ca = module, log, port, tls_ca
         self.address = f"127.0.0.1:{port}"
         self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         self.proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(port),
                                       "--metrics-port", str(metrics_port), *args],
-                                     cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+                                     cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                                     env={**os.environ, **env} if env else None)
 
     def wait_healthy(self, timeout: float = 180) -> "Service":
         from services.server_common import wait_healthy
@@ -35,7 +39,7 @@ class Service:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.module} exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
             try:
-                wait_healthy(self.address, timeout=2)
+                wait_healthy(self.address, timeout=2, tls_ca=self.tls_ca)
                 return self
             except TimeoutError:
                 pass
@@ -59,18 +63,18 @@ class Service:
         self.proc.wait()
 
 
-def start_worker(model_dir, redis_url: str, log_dir: Path, name: str = "worker", *extra: str) -> Service:
+def start_worker(model_dir, redis_url: str, log_dir: Path, name: str = "worker", *extra: str, **kw) -> Service:
     return Service("services.inference_worker", ["--model", str(model_dir), "--redis-url", redis_url,
                                        "--max-batch", str(WORKER_SLOTS), "--max-queue", str(WORKER_QUEUE),
                                        "--max-len", str(WORKER_LEN), *extra],
-                   log_dir / f"{name}.log", free_port(), free_port())
+                   log_dir / f"{name}.log", free_port(), free_port(), **kw)
 
 
 def start_endpoint(redis_url: str, tokenizer_address: str, log_dir: Path, name: str = "endpoint",
-                   *extra: str) -> Service:
+                   *extra: str, **kw) -> Service:
     return Service("services.endpoint", ["--redis-url", redis_url, "--tokenizer-address", tokenizer_address,
                                          "--store", str(log_dir / "store"), *extra],
-                   log_dir / f"{name}.log", free_port(), free_port())
+                   log_dir / f"{name}.log", free_port(), free_port(), **kw)
 
 
 def wait_workers(endpoint: Service, n: int, timeout: float = 60) -> list:

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from internlm_core.demo import DEMO_NAME
+from services.auth import API_KEY_ENV, INTERNAL_TOKEN_ENV
 from services.launcher import JOBS_QUEUES, redis_command, role_command, stack_env
 from tests.helpers import REPO
 
@@ -53,10 +54,15 @@ def test_commands_are_the_launchers(services):
 
 
 def test_settings_are_the_launchers(services):
+    """The launcher's settings, and the two secrets, which compose requires from the host's environment
+    (no default: the parts listen beyond loopback and the endpoint's ports are published)."""
     redis_port = flag(services["redis"]["command"], "--port")
     expected = stack_env(f"redis://redis:{redis_port}/0", "/data/store", "0.0.0.0")
     for name in APP:
-        assert services[name]["environment"] == expected, name
+        env = dict(services[name]["environment"])
+        for secret in (API_KEY_ENV, INTERNAL_TOKEN_ENV):
+            assert env.pop(secret).startswith("${%s:?" % secret), (name, secret)
+        assert env == expected, name
 
 
 def test_one_model_store_shared_by_every_part(services):
@@ -80,7 +86,11 @@ def test_health_checks_and_scaling(services):
     assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     assert services["inference"]["deploy"]["replicas"] >= 2
     assert "ports" not in services["inference"]  # replicas must not fight over a host port
-    assert f"{flag(services['endpoint']['command'], '--port')}:50051" in services["endpoint"]["ports"]
+    ep = services["endpoint"]["command"]
+    published = {p.rsplit(":", 1)[1] for p in services["endpoint"]["ports"]}
+    assert published == {flag(ep, "--port"), flag(ep, "--http-port")}  # not the metrics port
+    assert f"{flag(ep, '--port')}:50051" in services["endpoint"]["ports"]
+    assert all("ports" not in s for name, s in services.items() if name != "endpoint")
     assert services["endpoint"]["depends_on"]["tokenizer"] == {"condition": "service_healthy"}
 
 
