@@ -159,7 +159,7 @@ def _pack(where: dict, cfg: Config) -> dict:
 def rename(name: str, table=_HF_RE) -> str | None:
     """Map one name through a template table; KeyError when no template matches."""
     for pattern, target in table:
-        m = pattern.match(name)
+        m = pattern.fullmatch(name)  # not match: its '$' would let a trailing newline through
         if m:
             return None if target is None else target.replace("{}", m.group(1)) if m.groups() else target
     raise KeyError(name)

@@ -202,3 +202,12 @@ def test_a_resumed_conversion_with_other_settings_starts_over(tiny_hf, tmp_path)
     assert not any(name.startswith("kept") for name in seen)  # another header: nothing kept
     hf_to_ms(tiny_hf[1], tmp_path / "ref", dtype="float16")
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
+
+
+def test_names_with_a_trailing_newline_match_no_template():
+    assert rename("model.norm.weight") == "model.norm_out.weight"
+    with pytest.raises(KeyError):
+        rename("model.norm.weight\n")  # '$' alone would let it through, as a second norm
+    with pytest.raises(KeyError):
+        rename("model.layers.0.mlp.up_proj.weight\n")
+

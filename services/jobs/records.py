@@ -25,6 +25,9 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from internlm_core.errors import AlreadyExists
+from internlm_core.store import check_job_id
+
+from .settings import LIMITS
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
@@ -125,20 +128,22 @@ class JobRecords:
         self._requeue = self.r.register_script(_REQUEUE_IF_DEAD)
 
     # ---- keys --------------------------------------------------------------------------------
+    # A job id is the suffix of several keys (its hash, lock, curve, channel): only plain ids
+    # (store.check_job_id) pass, so that an id such as "<id>:lock" never names another key.
     def key(self, job_id: str) -> str:
-        return f"{self.p}:job:{job_id}"
+        return f"{self.p}:job:{check_job_id(job_id)}"
 
     def lock_key(self, job_id: str) -> str:
-        return f"{self.p}:job:{job_id}:lock"
+        return f"{self.key(job_id)}:lock"
 
     def idempotency_key(self, key: str) -> str:
-        return f"{self.p}:key:{key}"
+        return f"{self.p}:key:{check_idempotency_key(key)}"
 
     def curve_key(self, job_id: str) -> str:
-        return f"{self.p}:job:{job_id}:curve"
+        return f"{self.key(job_id)}:curve"
 
     def channel(self, job_id: str) -> str:
-        return f"{self.p}:job:{job_id}:events"
+        return f"{self.key(job_id)}:events"
 
     @property
     def index(self) -> str:
@@ -342,8 +347,8 @@ class JobRecords:
                 pipe.delete(*(self.key(i) for i in old), *(self.curve_key(i) for i in old))
                 pipe.zrem(self.index, *old)
                 for i in old:  # its idempotency key would name a job that no longer exists
-                    if found[i][2]:
-                        pipe.delete(self.idempotency_key(found[i][2]))
+                    if found[i][2]:  # as stored (not checked again: it may predate the limit)
+                        pipe.delete(f"{self.p}:key:{found[i][2]}")
                 pipe.execute()
                 gone += len(old)
             start += batch - len(old)
@@ -357,6 +362,15 @@ class JobRecords:
         return [{"start": float(rec[f"exec:{n}:start"]), "beat": float(rec.get(f"exec:{n}:beat", 0)),
                  "end": float(rec.get(f"exec:{n}:end", 0)), "worker": rec.get(f"exec:{n}:worker", "")}
                 for n in range(1, int(rec.get("executions", 0)) + 1) if f"exec:{n}:start" in rec]
+
+
+def check_idempotency_key(key: str) -> str:
+    """An idempotency key is printable text of at most LIMITS["idempotency_key"] characters."""
+    most = LIMITS["idempotency_key"]
+    if not isinstance(key, str) or not key or len(key) > most or not key.isprintable():
+        shown = key if not isinstance(key, str) or len(key) <= 40 else key[:40] + "..."
+        raise ValueError(f"idempotency_key {shown!r} must be 1 to {most} printable characters")
+    return key
 
 
 def alive_field(execution: int) -> str:

@@ -12,6 +12,13 @@ from pathlib import Path
 WEEK = 7 * 24 * 3600
 
 
+# The most a request may ask for, checked at submit (api.py) and listed in the README. Each name
+# is the request field it bounds.
+LIMITS = {
+    "idempotency_key": 128,      # characters (printable), the key's Redis key suffix
+}
+
+
 @dataclass(frozen=True)
 class JobsSettings:
     redis_url: str = "redis://127.0.0.1:6379/0"

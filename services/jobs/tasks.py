@@ -30,7 +30,7 @@ from celery import signals
 from celery.exceptions import Ignore, Reject
 
 from internlm_core import errors
-from internlm_core.errors import Cancelled
+from internlm_core.errors import Cancelled, PathError
 from internlm_core.store import OUTPUT, Store
 
 from . import kinds
@@ -198,7 +198,10 @@ class Runtime:
     def _start(self, task, job_id: str, tag: str) -> tuple[str, int, dict]:
         """Take the job's lock and mark it RUNNING: (lock token, execution number, record); raises
         Ignore for a delivery that must not run (no record, already ended, running elsewhere)."""
-        rec = self.records.get(job_id)
+        try:
+            rec = self.records.get(job_id)
+        except PathError:  # not an id this service made: no job's message
+            rec = None
         if rec is None:
             log.warning("job %s: no record; dropping the message", job_id)
             raise Ignore()

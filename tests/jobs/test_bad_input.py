@@ -141,3 +141,43 @@ def test_symlink_planted_after_submit_fails_the_job(jobs_api, jobs_settings, hf_
     assert last.error == (f"PathError: 'imports/tiny-hf/tokenizer.model' leads outside the store's roots through "
                           f"a symlink ({root})"), last.error
     assert list((root / "models").iterdir()) == [] and list((root / "jobs").iterdir()) == []
+
+
+def test_job_ids_and_idempotency_keys_are_checked(jobs_api, jobs_settings, hf_source):
+    """A job id is a Redis key suffix: one that is not a plain id (``<id>:lock``, ``<id>:curve``, a
+    trailing newline) is INVALID_ARGUMENT in every RPC that takes one, never a read of another key.
+    Idempotency keys are printable and at most LIMITS["idempotency_key"] characters."""
+    import redis
+
+    from services.jobs.settings import LIMITS
+
+    stub, _ = jobs_api
+    job = stub.SubmitJob(convert(hf_source, "out"))  # no worker: it stays queued
+    r = redis.Redis.from_url(jobs_settings.redis_url)
+    r.set(f"internlm:job:{job.id}:lock", "someone's token")
+    r.hset(f"internlm:job:{job.id}:curve", mapping={"1": "2.5"})
+    calls = {"GetJob": lambda i: stub.GetJob(jobs_pb2.GetJobRequest(id=i)),
+             "CancelJob": lambda i: stub.CancelJob(jobs_pb2.CancelJobRequest(id=i)),
+             "WatchJob": lambda i: list(stub.WatchJob(jobs_pb2.WatchJobRequest(id=i), timeout=10))}
+    for rpc, call in calls.items():
+        for bad in (f"{job.id}:lock", f"{job.id}:curve", f"{job.id}:events", f"{job.id}\n", "x" * 65, "../x"):
+            with pytest.raises(grpc.RpcError) as e:
+                call(bad)
+            assert e.value.code() == INVALID and "invalid job id" in e.value.details(), (rpc, bad, e.value)
+        with pytest.raises(grpc.RpcError) as e:
+            call("f" * 32)  # well formed, but no such job
+        assert e.value.code() == NOT_FOUND, rpc
+    assert r.get(f"internlm:job:{job.id}:lock") == b"someone's token"  # untouched
+    assert stub.GetJob(jobs_pb2.GetJobRequest(id=job.id)).state == S.JOB_STATE_QUEUED
+
+    most = LIMITS["idempotency_key"]
+    for bad in ("k" * (most + 1), "key\n", "key\x00", "tab\there"):
+        code, details = refused(stub, jobs_pb2.SubmitJobRequest(idempotency_key=bad, convert=jobs_pb2.ConvertJob(
+            source=hf_source, output="keyed")))
+        assert code == INVALID and f"1 to {most} printable characters" in details, (bad, details)
+    keyed = jobs_pb2.SubmitJobRequest(idempotency_key="k" * most, convert=jobs_pb2.ConvertJob(
+        source=hf_source, output="keyed"))
+    first = stub.SubmitJob(keyed)
+    assert stub.SubmitJob(keyed).id == first.id  # the longest key works, and is idempotent
+    assert len(stub.ListJobs(jobs_pb2.ListJobsRequest()).jobs) == 2
+
