@@ -12,10 +12,21 @@ from pathlib import Path
 WEEK = 7 * 24 * 3600
 
 
-# The most a request may ask for, checked at submit (api.py) and listed in the README. Each name
-# is the request field it bounds.
+# The most a request may ask for, checked at submit (kinds.py, api.py) and listed in the README:
+# one job must not hold a worker for months, fill the disk with checkpoints, or size a cache or a
+# row that no machine here can hold. Each name is the request field it bounds.
 LIMITS = {
     "idempotency_key": 128,      # characters (printable), the key's Redis key suffix
+    "max_steps": 1_000_000,      # optimiser steps of a fine-tune
+    "epochs": 1000,              # passes over the data (when max_steps is 0)
+    "batch_size": 1024,          # rows per micro-batch
+    "grad_accum": 1024,          # micro-batches per step
+    "lora_rank": 1024,
+    "keep_last": 20,             # checkpoints kept (each one is the weights and the optimiser state)
+    "checkpoints": 100_000,      # checkpoints one run writes: max_steps / save_every
+    "seq_length": 32768,         # tokens per preprocessed row
+    "max_batch": 64,             # an exported graph's cache slots
+    "max_len": 32768,            # an exported graph's positions (and at most the model's own)
 }
 
 

@@ -181,3 +181,53 @@ def test_job_ids_and_idempotency_keys_are_checked(jobs_api, jobs_settings, hf_so
     assert stub.SubmitJob(keyed).id == first.id  # the longest key works, and is idempotent
     assert len(stub.ListJobs(jobs_pb2.ListJobsRequest()).jobs) == 2
 
+
+def test_requests_beyond_the_limits_or_the_memory_are_refused(jobs_api, jobs_settings, hf_source, tiny_model_dir,
+                                                              monkeypatch):
+    """Each bound in settings.LIMITS refuses at submit, naming the field and its limit; a fine-tune
+    or a conversion that cannot fit the memory available is refused with the numbers."""
+    from services.jobs.settings import LIMITS
+
+    stub, _ = jobs_api
+    root = Path(jobs_settings.store_root)
+    shutil.copytree(tiny_model_dir, root / "models" / "base")
+    (root / "datasets" / "d").mkdir()
+    over = {k: v + 1 for k, v in LIMITS.items()}
+
+    def export(output="o", **kw):
+        return jobs_pb2.SubmitJobRequest(export=jobs_pb2.ExportJob(model="base", output=output, **kw))
+
+    cases = {
+        "max_steps": finetune(max_steps=over["max_steps"]),
+        "epochs": finetune(epochs=over["epochs"]),
+        "batch_size": finetune(batch_size=over["batch_size"]),
+        "grad_accum": finetune(grad_accum=over["grad_accum"]),
+        "keep_last": finetune(keep_last=over["keep_last"]),
+        "lora_rank": finetune(method="lora", lora_rank=over["lora_rank"]),
+        "checkpoints": finetune(max_steps=LIMITS["checkpoints"] * 2, save_every=1),
+        "max_batch": export(max_batch=over["max_batch"]),
+        "max_len": export(max_len=over["max_len"]),
+        "seq_length": jobs_pb2.SubmitJobRequest(preprocess=jobs_pb2.PreprocessJob(
+            source=hf_source + "/config.json", output="d2", format="alpaca", seq_length=over["seq_length"])),
+    }
+    for field, request in cases.items():
+        code, details = refused(stub, request)
+        assert code == INVALID and f"{field} " in details and f"above the limit of {LIMITS[field]}" in details, \
+            (field, details)
+    # at the limits: accepted (queued; no worker runs them here)
+    stub.SubmitJob(finetune(output="a", max_steps=LIMITS["max_steps"], keep_last=LIMITS["keep_last"],
+                            save_every=LIMITS["max_steps"] // LIMITS["checkpoints"]))
+    stub.SubmitJob(export(output="b", max_batch=LIMITS["max_batch"]))
+
+    monkeypatch.setenv("INTERNLM_MEMORY_LIMIT", "4G")  # this process's memory, as the operator caps it
+    for method, needs in (("full", "109.9"), ("lora", "28.0")):
+        code, details = refused(stub, finetune(base_model="", preset="internlm-7b", method=method, output="big"))
+        assert code == INVALID and details.startswith(f"a {method} fine-tune of internlm-7b (7.32B parameters) "
+                                                      f"needs at least {needs} GiB of memory") \
+            and details.endswith("but 4.0 GiB is available here"), details
+    stub.SubmitJob(finetune(output="small"))  # the tiny base model fits
+    monkeypatch.setenv("INTERNLM_MEMORY_LIMIT", "100K")
+    code, details = refused(stub, convert(hf_source, "c"))
+    assert code == INVALID and details.startswith("converting ") and details.endswith(
+        "MiB of memory, but 0.1 MiB is available here"), details
+    assert not list((root / "jobs").iterdir())
