@@ -66,7 +66,7 @@ if stall > 0 then
   local alive = tonumber(redis.call('HGET', KEYS[2], ARGV[3]) or ARGV[4])
   if tonumber(ARGV[4]) - alive > stall then
     redis.call('DEL', KEYS[1])
-    redis.call('HSET', KEYS[2], 'stalled', 'no progress for ' .. ARGV[5] .. ' s (worker hung); re-queued')
+    redis.call('HSET', KEYS[2], 'stalled', 'no progress for ' .. ARGV[5] .. ' s (worker hung)')
     return -1
   end
 end
@@ -85,21 +85,32 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 redis.call('SREM', KEYS[3], ARGV[1])
 return 1
 """
-# KEYS: job hash, lock, running set; ARGV: id, now. A running job whose lock expired lost its worker
-# (or hung: then the heartbeat left the reason in 'stalled').
+# KEYS: job hash, lock, running set; ARGV: id, now, most losses (0 = no limit). A running job whose
+# lock expired lost its worker (or hung: then the heartbeat left the reason in 'stalled'). It is
+# re-queued (1), unless its executions have now lost their worker the most times allowed: a job
+# that gets its worker killed (the kernel's OOM killer) would go round the workers forever, so it
+# ends FAILED (2) with the reason.
 _REQUEUE_IF_DEAD = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'RUNNING' then
   redis.call('SREM', KEYS[3], ARGV[1])
   return 0
 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-local why = redis.call('HGET', KEYS[1], 'stalled') or 'worker lost; re-queued'
+local why = redis.call('HGET', KEYS[1], 'stalled') or 'worker lost'
 redis.call('HDEL', KEYS[1], 'stalled')
-redis.call('HSET', KEYS[1], 'state', 'QUEUED', 'message', why, 'requeued', ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'requeues', 1)
 redis.call('SREM', KEYS[3], ARGV[1])
+local lost = redis.call('HINCRBY', KEYS[1], 'requeues', 1)
+local most = tonumber(ARGV[3])
+if most > 0 and lost >= most then
+  redis.call('HSET', KEYS[1], 'state', 'FAILED', 'message', 'failed', 'finished', ARGV[2], 'error',
+             'its worker was lost ' .. lost .. ' times (killed, e.g. out of memory, or hung; last: ' .. why ..
+             '); not re-queued again (at most ' .. most .. ' deliveries)')
+  return 2
+end
+redis.call('HSET', KEYS[1], 'state', 'QUEUED', 'message', why .. '; re-queued', 'requeued', ARGV[2])
 return 1
 """
+REQUEUED, GAVE_UP = 1, 2  # what _REQUEUE_IF_DEAD did
 
 
 class KeyReused(AlreadyExists):
@@ -320,13 +331,14 @@ class JobRecords:
         pipe.publish(self.channel(job_id), "1")  # a spurious ping if refused: watchers just re-read
         return bool(pipe.execute()[0])
 
-    def requeue_if_dead(self, job_id: str) -> bool:
-        """RUNNING with an expired lock -> QUEUED; True when this caller did it (and must re-deliver it)."""
-        ok = bool(self._requeue(keys=[self.key(job_id), self.lock_key(job_id), self.running],
-                                args=[job_id, repr(time.time())]))
-        if ok:
+    def requeue_if_dead(self, job_id: str, max_deliveries: int = 0) -> int:
+        """RUNNING with an expired lock -> QUEUED (REQUEUED: this caller must re-deliver it), or
+        FAILED once its worker was lost ``max_deliveries`` times (GAVE_UP); 0 when it was not dead."""
+        done = int(self._requeue(keys=[self.key(job_id), self.lock_key(job_id), self.running],
+                                 args=[job_id, repr(time.time()), int(max_deliveries)]) or 0)
+        if done:
             self.notify(job_id)
-        return ok
+        return done
 
     def prune(self, older_than_s: float, batch: int = 500) -> int:
         """Delete the records of jobs that ended more than ``older_than_s`` ago; how many went.

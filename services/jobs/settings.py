@@ -42,6 +42,10 @@ class JobsSettings:
     # its lock is let go and the job re-queued. Longer than the slowest silent phase (compiling
     # the first training step of a 20B model); 0 = no watchdog.
     stall_s: float = 900.0
+    # A job whose executions lost their worker this many times (killed -9, by the kernel's OOM
+    # killer, or hung) ends FAILED instead of being re-queued again: a job that kills every worker
+    # it runs on would otherwise go round the workers forever. 0 = no limit.
+    max_deliveries: int = 3
     keep_finished_s: float = 30 * 24 * 3600.0  # finished job records are deleted after this long; 0 = keep
     visibility_timeout_s: int = WEEK
     prefix: str = "internlm"               # Redis key prefix for job records
@@ -78,6 +82,7 @@ ENV = {
     "heartbeat_s": "INTERNLM_JOB_HEARTBEAT_S",
     "lock_ttl_s": "INTERNLM_JOB_LOCK_TTL_S",
     "stall_s": "INTERNLM_JOB_STALL_S",
+    "max_deliveries": "INTERNLM_JOB_MAX_DELIVERIES",
     "keep_finished_s": "INTERNLM_JOB_KEEP_S",
     "visibility_timeout_s": "INTERNLM_JOB_VISIBILITY_TIMEOUT_S",
 }
