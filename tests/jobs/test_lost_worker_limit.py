@@ -51,3 +51,39 @@ def test_a_job_that_keeps_losing_its_worker_ends_failed(jobs_api, jobs_settings,
     wait_for(lambda: f"job {job.id}: already FAILED; duplicate delivery skipped" in survivor.log.read_text(),
              timeout=30, what="the lost job's message skipped")
     assert records.get(job.id)["state"] == "FAILED"
+
+
+def test_the_recovery_script_counts_losses_only(redis_server):
+    """The script alone, on a real Redis: a lost execution is re-queued with its reason (the
+    watchdog's, for a hung one) until the limit; a worker's own put-back (SIGTERM) is no loss; a
+    limit of 0 never gives up."""
+    from services.jobs.records import GAVE_UP, REQUEUED
+
+    records = JobRecords(redis_server.url)
+
+    def running(job_id):
+        records.start_execution(job_id, "w")  # RUNNING, and no lock: its worker is gone
+
+    rec, _ = records.create("convert", {"n": 1}, "models/x")
+    job = rec["id"]
+    running(job)
+    records.r.hset(records.key(job), "stalled", "no progress for 30 s (worker hung)")
+    assert records.requeue_if_dead(job, 2) == REQUEUED
+    assert records.get(job)["message"] == "no progress for 30 s (worker hung); re-queued"
+    running(job)
+    records.put_back(job, "worker stopped; re-queued to resume")  # SIGTERM: not a loss
+    running(job)
+    assert records.acquire(job, "alive", 10) and records.requeue_if_dead(job, 2) == 0  # its lock is held
+    records.release(job, "alive")
+    assert records.requeue_if_dead(job, 2) == GAVE_UP
+    got = records.get(job)
+    assert got["state"] == "FAILED" and float(got["finished"]) > 0 and job not in records.running_ids()
+    assert got["error"] == ("its worker was lost 2 times (killed, e.g. out of memory, or hung; last: worker lost); "
+                            "not re-queued again (at most 2 deliveries)")
+    assert records.requeue_if_dead(job, 2) == 0  # ended: nothing more to do
+
+    rec, _ = records.create("convert", {"n": 2}, "models/y")
+    for _ in range(5):
+        running(rec["id"])
+        assert records.requeue_if_dead(rec["id"], 0) == REQUEUED  # 0: no limit
+    assert records.get(rec["id"])["message"] == "worker lost; re-queued"
