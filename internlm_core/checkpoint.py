@@ -10,6 +10,7 @@ half a file.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -87,12 +88,35 @@ class SafetensorsFile:
                 header = json.loads(f.read(n))
             except ValueError:
                 raise CheckpointError(f"{self.path.name}: corrupt header") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path.name}: corrupt header (not a JSON object)")
         self.metadata = header.pop("__metadata__", {}) or {}
         self.base = 8 + n
         self.entries = header
-        end = max((e["data_offsets"][1] for e in header.values()), default=0)
-        if self.base + end > size:
-            raise CheckpointError(f"{self.path.name}: truncated ({size} bytes, header needs {self.base + end})")
+        for name, e in header.items():
+            self._check_entry(name, e, size - self.base)
+
+    def _check_entry(self, name: str, e, room: int) -> None:
+        """Each tensor's record must be whole and its bytes inside the file (``room`` bytes after
+        the header), as many as its dtype and shape say, so a read never goes past the file or
+        stands for more (or other) bytes than the file holds for it."""
+        where = f"{self.path.name}: tensor {name!r}"
+        if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= e.keys():
+            raise CheckpointError(f"{where}: corrupt header entry")
+        shape, offsets = e["shape"], e["data_offsets"]
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise CheckpointError(f"{where}: bad shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{where}: bad data_offsets {offsets!r}")
+        if offsets[1] > room:
+            raise CheckpointError(f"{where}: truncated ({self.base + room} bytes, its data ends at "
+                                  f"{self.base + offsets[1]})")
+        if e["dtype"] in ST_TO_NP:  # an unknown dtype is refused when the tensor is read
+            nbytes = math.prod(shape) * np.dtype(ST_TO_NP[e["dtype"]]).itemsize
+            if nbytes != offsets[1] - offsets[0]:
+                raise CheckpointError(f"{where}: {e['dtype']}{shape} is {nbytes} bytes, but its data_offsets "
+                                      f"span {offsets[1] - offsets[0]}")
 
     def keys(self):
         return self.entries.keys()

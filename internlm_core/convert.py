@@ -159,7 +159,7 @@ def _pack(where: dict, cfg: Config) -> dict:
 def rename(name: str, table=_HF_RE) -> str | None:
     """Map one name through a template table; KeyError when no template matches."""
     for pattern, target in table:
-        m = pattern.match(name)
+        m = pattern.fullmatch(name)  # not match: its '$' would let a trailing newline through
         if m:
             return None if target is None else target.replace("{}", m.group(1)) if m.groups() else target
     raise KeyError(name)
@@ -249,6 +249,34 @@ def _weights(tmp: Path, work_dir: Path | None) -> Path:
     return Path(work_dir) / WEIGHTS_FILE
 
 
+MAX_INDEX_BYTES = 64 << 20  # a weight map is ~100 bytes a tensor: far below this for any model
+
+
+def _shards(folder: Path, index: Path) -> set[str]:
+    """The shard files an ``*.index.json`` names, each confined to ``folder``: a plain relative path,
+    no '..', nothing that resolves outside the folder (a symlinked subfolder); else CheckpointError
+    naming the index and the entry. (Shards that are symlinks themselves are followed, as an HF
+    cache's snapshot folders are made; the jobs' store confines those to its roots.)"""
+    where = f"{folder.name}/{index.name}"
+    if index.stat().st_size > MAX_INDEX_BYTES:
+        raise CheckpointError(f"{where}: {index.stat().st_size} bytes, more than a weight map takes")
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+    except (ValueError, AttributeError):
+        raise CheckpointError(f"{where}: not a JSON object with a weight_map") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{where}: weight_map must map tensor names to shard file names")
+    real = folder.resolve()
+    for shard in set(weight_map.values()):
+        p = Path(shard)
+        if not shard or "\x00" in shard or p.is_absolute() or ".." in p.parts:
+            raise CheckpointError(f"{where}: shard {shard!r} is not a file name inside the folder")
+        parent = (folder / p).parent.resolve()
+        if parent != real and real not in parent.parents:
+            raise CheckpointError(f"{where}: shard {shard!r} leads outside the folder through a symlink")
+    return set(weight_map.values())
+
+
 def open_weights(folder: Path) -> dict[str, object]:
     """Map each tensor name to the file object holding it, for an HF or project folder."""
     folder = Path(folder)
@@ -257,7 +285,7 @@ def open_weights(folder: Path) -> dict[str, object]:
         raise CheckpointError(f"{folder}: no *.safetensors or pytorch_model*.bin weights")
     index = next(iter(folder.glob("*.index.json")), None)
     if index is not None:
-        wanted = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        wanted = _shards(folder, index)
         missing = [w for w in wanted if not (folder / w).is_file()]
         if missing:
             raise CheckpointError(f"{folder}: shard {missing[0]} named in {index.name} is missing")

@@ -40,6 +40,11 @@ class PathError(ValueError):
     """A path or name from a request that is not allowed (outside the roots, not a plain name)."""
 
 
+class TooLarge(ValueError):
+    """A request beyond a bound: more than a configured limit allows (steps, sizes), or a model
+    that cannot fit this machine's memory for what the request would do with it."""
+
+
 # ---- lookups, conflicts, capacity ---------------------------------------------------------------
 class AdapterNotFound(KeyError):
     """A request named a LoRA adapter that this engine does not hold (never fall back silently)."""

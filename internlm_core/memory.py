@@ -1,4 +1,5 @@
-"""What serving a model takes in memory, decided from its config before any weight is read.
+"""What serving, fine-tuning or converting a model takes in memory, decided from its config
+before any weight is read.
 
 A worker started with its defaults must come up on the machine it is given: the slots and positions
 it would like (``DEFAULT_SLOTS`` x the model's positions, at most ``DEFAULT_MAX_LEN``) are cut down
@@ -16,6 +17,7 @@ import os
 from dataclasses import dataclass
 
 from .config import Config
+from .errors import TooLarge
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 CACHE_DTYPES = ("float32", "float16")  # what the engine's KV cache can be held in
@@ -80,6 +82,38 @@ def weight_bytes(cfg: Config, dtype: str) -> int:
     linears = [shapes[n] for n in quantized_names(cfg)]
     rest = cfg.num_parameters() - sum(math.prod(s) for s in linears)
     return sum(r * c + 4 * r for r, c in linears) + rest * DTYPE_BYTES[cfg.dtype]
+
+
+# Bytes a fine-tune holds per parameter, beyond the runtime. Full: fp32 master weights, AdamW's two
+# fp32 moments and the gradients (fp32; with half compute a half copy of the weights and half
+# gradients, the same 16 bytes). LoRA: the frozen base as computed (fp32 on CPU); its adapters
+# are a rounding error. Activations come on top: a lower bound, so only what cannot fit is refused.
+TRAIN_BYTES_PER_PARAM = {"full": 4 + 8 + 4}
+# A conversion holds one tensor at a time: as read, widened to fp32, and cast (or quantised); it
+# runs without MindSpore, so no runtime is counted.
+CONVERT_COPIES = 3
+
+
+def training_bytes(cfg: Config, mode: str, dtype: str = "float32") -> int:
+    """At least what fine-tuning ``cfg`` (``mode`` "full" or "lora", computing in ``dtype``) holds."""
+    per_param = TRAIN_BYTES_PER_PARAM["full"] if mode == "full" else DTYPE_BYTES[dtype]
+    return cfg.num_parameters() * per_param + RUNTIME_BYTES
+
+
+def conversion_bytes(cfg: Config) -> int:
+    """At least what converting ``cfg``'s weights holds: its largest tensor, a few times, as fp32."""
+    largest = max(math.prod(shape) for shape in cfg.param_shapes().values())
+    return largest * DTYPE_BYTES["float32"] * CONVERT_COPIES
+
+
+def require_fits(what: str, needed: int, available: int | None) -> None:
+    """TooLarge, with the numbers, when ``needed`` bytes exceed ``available`` (None: unknown, passes)."""
+    if available is not None and needed > available:
+        raise TooLarge(f"{what} needs at least {_size(needed)} of memory, but {_size(available)} is available here")
+
+
+def _size(n: int) -> str:
+    return gib(n) if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def cache_bytes(cfg: Config, slots: int, positions: int, dtype: str) -> int:

@@ -35,8 +35,9 @@ MODELS, DATASETS, JOBS = "models", "datasets", "jobs"
 AREAS = (MODELS, DATASETS)
 OUTPUT = "output"  # a job's output folder inside its job folder, before it is published
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+# Matched whole (``fullmatch``): ``$`` alone would also accept a trailing newline.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,18 @@ class Entry:
 
 def check_name(name: str, what: str = "name") -> str:
     """A store name is one plain folder name: no separators, no '..', no leading dot (temporaries)."""
-    if not isinstance(name, str) or not _NAME.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name in (".", ".."):
         raise PathError(f"{what} {name!r} is not a valid store name "
                         "(letters, digits, '.', '_', '-'; no '/', no leading '.'; at most 128 characters)")
     return name
+
+
+def check_job_id(job_id: str) -> str:
+    """A job id is a plain token (letters, digits, '_', '-'; at most 64): it becomes a folder name
+    here and a Redis key suffix in the jobs service, so nothing else may pass (no ':', no '/')."""
+    if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
+        raise PathError(f"invalid job id {job_id!r} (letters, digits, '_', '-'; at most 64 characters)")
+    return job_id
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -150,9 +159,7 @@ class Store:
     # ---- writing: job folders and publishing ---------------------------------------------------
     def job_dir(self, job_id: str, create: bool = True) -> Path:
         """The job's private folder (stable across re-deliveries of the same job, so it can resume)."""
-        if not _JOB_ID.match(job_id or ""):
-            raise PathError(f"invalid job id {job_id!r}")
-        d = self.root / JOBS / job_id
+        d = self.root / JOBS / check_job_id(job_id)
         if create:
             d.mkdir(parents=True, exist_ok=True)
         return d
@@ -191,7 +198,7 @@ class Store:
             if a not in AREAS:
                 raise PathError(f"unknown store area {a!r}; known: {', '.join(AREAS)}")
             for p in sorted((self.root / a).iterdir()):
-                if p.name.startswith(".") or not p.is_dir() or not _NAME.match(p.name):
+                if p.name.startswith(".") or not p.is_dir() or not _NAME.fullmatch(p.name):
                     continue
                 files = [f for f in p.rglob("*") if f.is_file()]
                 out.append(Entry(a, p.name, item_kind(p, a), sum(f.stat().st_size for f in files),
@@ -217,4 +224,5 @@ def item_kind(folder: Path, area: str = MODELS) -> str:
     return "other"
 
 
-__all__ = ["Store", "Entry", "PathError", "check_name", "item_kind", "MODELS", "DATASETS", "JOBS", "AREAS"]
+__all__ = ["Store", "Entry", "PathError", "check_name", "check_job_id", "item_kind", "MODELS", "DATASETS", "JOBS",
+           "AREAS"]

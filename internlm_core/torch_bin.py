@@ -3,6 +3,7 @@ behind an unpickler that allows only what a state dict needs (see below)."""
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import struct
 import zipfile
@@ -26,6 +27,10 @@ from .errors import CheckpointError
 _TORCH_STORAGES = {"FloatStorage": "F32", "HalfStorage": "F16", "BFloat16Storage": "BF16",
                    "DoubleStorage": "F64", "LongStorage": "I64", "IntStorage": "I32", "ShortStorage": "I16",
                    "CharStorage": "I8", "ByteStorage": "U8", "BoolStorage": "BOOL"}
+# The most ``data.pkl`` may unpack to: a state dict's pickle is a few hundred bytes a tensor, and
+# torch stores it uncompressed, so it is never larger than its archive; a compressed one may not
+# unpack past the archive's own size either (a zip bomb), nor past this cap.
+MAX_PICKLE_BYTES = 256 << 20
 # what torch.save(..., _use_new_zipfile_serialization=False) starts with: its magic number, pickled
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 
@@ -42,11 +47,21 @@ def _is_ints(xs) -> bool:
 
 
 def _rebuild_tensor(storage, offset, size, stride, *_requires_grad_hooks_metadata):
-    """``torch._utils._rebuild_tensor_v2``: a read-only strided view of the storage's memory map."""
+    """``torch._utils._rebuild_tensor_v2``: a read-only strided view of the storage's memory map.
+
+    The view must hold no more elements than its storage, so that a tensor is never larger than
+    the bytes the file holds for it: a stride of 0 (or overlapping strides) would otherwise make
+    a few bytes of file stand for a tensor of any size, which a copy or a cast then allocates."""
     if not isinstance(storage, np.ndarray) or not _is_ints((offset,)) or not _is_ints(size) \
             or not _is_ints(stride) or len(size) != len(stride):
         raise CheckpointError("malformed tensor record")
     if 0 not in size:
+        if any(s == 0 for n, s in zip(size, stride) if n > 1):
+            raise CheckpointError(f"a tensor of shape {list(size)} has a stride of 0 (a broadcast view): "
+                                  "state dicts hold real tensors")
+        if math.prod(size) > storage.size - offset:
+            raise CheckpointError(f"a tensor of shape {list(size)} has more elements than its storage of "
+                                  f"{storage.size} elements holds after offset {offset}")
         last = offset + sum((n - 1) * s for n, s in zip(size, stride))
         if last >= storage.size:
             raise CheckpointError(f"a tensor of shape {list(size)} reaches past its storage of {storage.size} elements")
@@ -110,7 +125,14 @@ class TorchBinFile:
                 root = pkl[:-len("data.pkl")]
                 if root + "byteorder" in members and z.read(root + "byteorder") != b"little":
                     raise CheckpointError(f"{name}: big-endian torch checkpoints are not supported")
-                data = z.read(pkl)
+                most = min(MAX_PICKLE_BYTES, self.path.stat().st_size)
+                if members[pkl].file_size > most:
+                    raise CheckpointError(f"{name}: {pkl} unpacks to {members[pkl].file_size} bytes, more than "
+                                          f"the {most} allowed (a state dict's pickle is smaller than its archive)")
+                with z.open(pkl) as f:
+                    data = f.read(most + 1)  # the sizes in the zip's headers may lie: read no more
+                if len(data) > most:
+                    raise CheckpointError(f"{name}: {pkl} unpacks to more than the {most} bytes allowed")
         except CheckpointError:
             raise
         except Exception as e:  # noqa: BLE001 - zipfile raises several kinds for a damaged archive

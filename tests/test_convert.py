@@ -1,6 +1,7 @@
 """HF <-> MindSpore conversion: every HF layout, dtype handling, exact round trips, bad input."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -202,3 +203,52 @@ def test_a_resumed_conversion_with_other_settings_starts_over(tiny_hf, tmp_path)
     assert not any(name.startswith("kept") for name in seen)  # another header: nothing kept
     hf_to_ms(tiny_hf[1], tmp_path / "ref", dtype="float16")
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
+
+
+def test_names_with_a_trailing_newline_match_no_template():
+    assert rename("model.norm.weight") == "model.norm_out.weight"
+    with pytest.raises(KeyError):
+        rename("model.norm.weight\n")  # '$' alone would let it through, as a second norm
+    with pytest.raises(KeyError):
+        rename("model.layers.0.mlp.up_proj.weight\n")
+
+
+def test_index_shards_are_confined_to_the_folder(tmp_path):
+    """An ``*.index.json`` names shard files: only plain paths inside the model folder, never an
+    absolute path, '..' or a symlinked subfolder leading out; the error names the index."""
+    from internlm_core.checkpoint import SafetensorsWriter
+    from internlm_core.convert import open_weights
+
+    def shard(path):
+        w = SafetensorsWriter(path, [("model.norm.weight", "F32", (4,))])
+        w.write("model.norm.weight", np.ones(4, np.float32))
+        w.close()
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shard(outside / "model-00001.safetensors")
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    shard(folder / "model-00001.safetensors")
+    os.symlink(outside, folder / "sub")
+    index = folder / "model.safetensors.index.json"
+
+    def with_map(weight_map):
+        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        return open_weights(folder)
+
+    assert set(with_map({"model.norm.weight": "model-00001.safetensors"})) == {"model.norm.weight"}
+    for bad, message in [("../outside/model-00001.safetensors", "is not a file name inside the folder"),
+                         (str(outside / "model-00001.safetensors"), "is not a file name inside the folder"),
+                         ("sub/../model-00001.safetensors", "is not a file name inside the folder"),
+                         ("", "is not a file name inside the folder"),
+                         ("sub/model-00001.safetensors", "leads outside the folder through a symlink")]:
+        expected = f"hf/model.safetensors.index.json: shard {bad!r} {message}"
+        with pytest.raises(CheckpointError, match=re.escape(expected)):
+            with_map({"model.norm.weight": bad})
+    for weight_map in (["model-00001.safetensors"], {"model.norm.weight": 1}):
+        with pytest.raises(CheckpointError, match="index.json: weight_map must map tensor names to shard file names"):
+            with_map(weight_map)
+    index.write_text("[]")
+    with pytest.raises(CheckpointError, match="index.json: not a JSON object with a weight_map"):
+        open_weights(folder)

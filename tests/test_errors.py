@@ -12,6 +12,7 @@ from internlm_core.errors import status_of
     (errors.TokenizerError("x"), "INVALID_ARGUMENT"), (errors.PromptTooLong("x"), "INVALID_ARGUMENT"),
     (errors.DataError("x"), "INVALID_ARGUMENT"), (errors.AdapterError("x"), "INVALID_ARGUMENT"),
     (errors.ExportError("x"), "INVALID_ARGUMENT"), (errors.PathError("x"), "INVALID_ARGUMENT"),
+    (errors.TooLarge("x"), "INVALID_ARGUMENT"),
     (ValueError("x"), "INVALID_ARGUMENT"),
     (errors.AdapterNotFound("a"), "NOT_FOUND"),  # a KeyError: not an internal error
     (errors.ModelNotFound("m"), "NOT_FOUND"), (FileNotFoundError("f"), "NOT_FOUND"),

@@ -91,3 +91,23 @@ def test_workers_started_together_each_get_a_share(monkeypatch):
     assert abs(share - available_memory() / 2) < 256 << 20  # what is free moves a little meanwhile
     monkeypatch.setenv("INTERNLM_MEMORY_LIMIT", "4G")
     assert memory_shares(3) == {}
+
+
+def test_what_a_fine_tune_or_a_conversion_holds_at_least():
+    """A full fine-tune: 16 bytes a parameter (fp32 master weights, gradients, AdamW's two moments)
+    plus the runtime; LoRA: the base as computed; a conversion: its largest tensor three times as fp32."""
+    from internlm_core.errors import TooLarge
+    from internlm_core.memory import conversion_bytes, require_fits, training_bytes
+
+    cfg = Config.from_name("internlm-7b")
+    n = cfg.num_parameters()
+    assert training_bytes(cfg, "full") == 16 * n + RUNTIME_BYTES
+    assert training_bytes(cfg, "full", "bfloat16") == 16 * n + RUNTIME_BYTES  # half copy + half grads: the same
+    assert training_bytes(cfg, "lora") == 4 * n + RUNTIME_BYTES
+    assert training_bytes(cfg, "lora", "bfloat16") == 2 * n + RUNTIME_BYTES
+    assert conversion_bytes(cfg) == 103168 * 4096 * 4 * 3  # the embedding (and the head)
+    require_fits("x", 10 * GIB, None)  # unknown: passes
+    require_fits("x", 10 * GIB, 10 * GIB)
+    with pytest.raises(TooLarge, match=r"^a full fine-tune needs at least 109.9 GiB of memory, but 24.0 GiB is "
+                                       r"available here$"):
+        require_fits("a full fine-tune", training_bytes(cfg, "full"), 24 * GIB)

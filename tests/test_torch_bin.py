@@ -242,3 +242,79 @@ def test_damaged_archives_give_clear_errors(tmp_path):
     torch.save([torch.ones(2)], not_sd)
     with pytest.raises(CheckpointError, match="not a state dict of tensors"):
         TorchBinFile(not_sd)
+
+
+# ---- hostile archives: sizes that the file's own bytes do not back ------------------------------
+
+class _Storage:
+    """Stands for storage "0" in a crafted pickle (its persistent id says how many elements)."""
+
+
+class _Tensor:
+    def __init__(self, offset, size, stride):
+        self.args = (_Storage(), offset, size, stride, False, OrderedDict())
+
+    def __reduce__(self):
+        return torch._utils._rebuild_tensor_v2, self.args
+
+
+class _Pickler:
+    """A ``data.pkl`` as torch writes one, for the tensor records a test makes up."""
+
+    def __init__(self, numel):
+        import pickle
+
+        class P(pickle.Pickler):
+            def persistent_id(self, obj):
+                return ("storage", torch.FloatStorage, "0", "cpu", numel) if isinstance(obj, _Storage) else None
+        self.cls = P
+
+    def dumps(self, obj) -> bytes:
+        import io
+
+        buf = io.BytesIO()
+        self.cls(buf, protocol=2).dump(obj)
+        return buf.getvalue()
+
+
+def _crafted_bin(path, size, stride, offset=0, numel=4, stored=None):
+    """A torch-layout archive of one float32 tensor record over a storage of ``numel`` elements
+    (``stored`` elements actually written, if other)."""
+    pkl = _Pickler(numel).dumps(OrderedDict(w=_Tensor(offset, size, stride)))
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", pkl)
+        z.writestr("archive/byteorder", b"little")
+        z.writestr("archive/data/0", np.arange(numel if stored is None else stored, dtype=np.float32).tobytes())
+    return path
+
+
+def test_tensor_records_are_bounded_by_their_storage(tmp_path):
+    ok = TorchBinFile(_crafted_bin(tmp_path / "ok.bin", (2, 2), (2, 1)))  # the crafting itself reads
+    np.testing.assert_array_equal(ok.get("w"), np.arange(4, dtype=np.float32).reshape(2, 2))
+    cases = {
+        # 4 bytes of file standing for a terabyte-sized broadcast
+        "zero stride": (dict(size=(10**12,), stride=(0,)), "has a stride of 0"),
+        "zero stride, 2-d": (dict(size=(1000, 1000), stride=(0, 1)), "has a stride of 0"),
+        # overlapping strides: 6 elements out of a storage of 4, without reaching past its end
+        "overlap": (dict(size=(2, 3), stride=(1, 1)), r"shape \[2, 3\] has more elements than its storage of 4"),
+        "offset": (dict(size=(4,), stride=(1,), offset=2), "more elements than its storage"),
+        "past the end": (dict(size=(2,), stride=(3,), offset=1), "reaches past its storage"),
+        # a storage that says it is larger than the bytes the archive holds for it
+        "storage size": (dict(size=(10**9,), stride=(1,), numel=10**9, stored=4), "holds 16 bytes, its record says"),
+    }
+    for label, (kw, message) in cases.items():
+        path = _crafted_bin(tmp_path / "bad.bin", **kw)
+        with pytest.raises(CheckpointError, match=f"bad.bin: .*{message}"):
+            TorchBinFile(path)
+            pytest.fail(label)
+
+
+def test_a_compressed_pickle_may_not_unpack_past_the_archive(tmp_path):
+    """A zip bomb: ``data.pkl`` deflated from 64 MiB of zeros to a few KB; torch never compresses it."""
+    bomb = tmp_path / "bomb.bin"
+    with zipfile.ZipFile(bomb, "w") as z:
+        z.writestr("archive/data.pkl", bytes(64 << 20), compress_type=zipfile.ZIP_DEFLATED)
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(CheckpointError, match=r"bomb.bin: archive/data.pkl unpacks to 67108864 bytes, more than "
+                                              rf"the {bomb.stat().st_size} allowed"):
+        TorchBinFile(bomb)

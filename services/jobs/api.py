@@ -85,6 +85,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         self.app = make_app(self.settings)
 
     def _get(self, job_id: str) -> dict:
+        """The job's record; PathError (INVALID_ARGUMENT) for an id that is not a job id."""
         rec = self.records.get(job_id) if job_id else None
         if rec is None:
             raise FileNotFoundError(f"no job {job_id!r}")
@@ -150,7 +151,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
     def WatchJob(self, request, context):
         try:
             rec = self._get(request.id)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:  # no such job; not a job id
             context.abort(*status_of(e))
         last = job_to_pb(rec)
         yield last

@@ -3,17 +3,23 @@
 A request is the plain dict of the job's protobuf message (unset optional fields absent), so the
 workers need no protobuf. ``check_*`` raise ``PathError``/``ValueError`` (INVALID_ARGUMENT),
 ``FileNotFoundError`` (NOT_FOUND) or ``FileExistsError`` (ALREADY_EXISTS) and return the store
-path the job will publish. ``run_*`` write into ``ctx.staging`` (or ``ctx.work_dir``) and publish it.
+path the job will publish; ``TooLarge`` (INVALID_ARGUMENT) for what is beyond ``settings.LIMITS``
+or this machine's memory. ``run_*`` write into ``ctx.staging`` (or ``ctx.work_dir``) and publish it.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from internlm_core.config import DTYPES
+from internlm_core.checkpoint import read_config
+from internlm_core.config import DTYPES, Config
+from internlm_core.errors import TooLarge
+from internlm_core.memory import available_memory, conversion_bytes, require_fits, training_bytes
 from internlm_core.quantize import METHODS
 from internlm_core.store import DATASETS, MODELS, Store, check_name
 from internlm_core.train_args import HYPERPARAMS, TrainArgs
+
+from .settings import LIMITS
 
 
 def _output(store: Store, area: str, req: dict) -> str:
@@ -21,6 +27,13 @@ def _output(store: Store, area: str, req: dict) -> str:
     if store.item_path(area, name, must_exist=False).exists() and not req.get("overwrite"):
         raise FileExistsError(f"{area}/{name} already exists (set overwrite to replace it)")
     return f"{area}/{name}"
+
+
+def _at_most(values: dict, *fields: str) -> None:
+    """TooLarge naming the first of ``fields`` whose value in ``values`` is above its limit."""
+    for field in fields:
+        if values.get(field) is not None and values[field] > LIMITS[field]:
+            raise TooLarge(f"{field} {values[field]} is above the limit of {LIMITS[field]}")
 
 
 def _model_folder(store: Store, name: str, what: str = "model") -> Path:
@@ -36,7 +49,7 @@ def _model_folder(store: Store, name: str, what: str = "model") -> Path:
 
 def check_convert(req: dict, store: Store) -> str:
     from internlm_core.convert import open_weights
-    from internlm_core.config import CONFIG_FILE, Config
+    from internlm_core.config import CONFIG_FILE
 
     src = store.source_path(req.get("source", ""))
     if not src.is_dir():
@@ -47,7 +60,9 @@ def check_convert(req: dict, store: Store) -> str:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {req['dtype']!r}")
     if req.get("quantize") and req["quantize"] not in METHODS:
         raise ValueError(f"quantize must be one of {', '.join(METHODS)}, got {req['quantize']!r}")
-    Config.from_hf_config(src / CONFIG_FILE)  # ConfigError: the config does not describe a model
+    cfg = Config.from_hf_config(src / CONFIG_FILE)  # ConfigError: the config does not describe a model
+    require_fits(f"converting {cfg.name} (its largest tensor, widened to float32)", conversion_bytes(cfg),
+                 available_memory())
     if any(src.glob("*.safetensors")):
         open_weights(src)  # reads headers only: a truncated or corrupt file is caught here
     elif not any(src.glob("pytorch_model*.bin")):
@@ -89,6 +104,7 @@ def _preprocess_args(req: dict, store: Store) -> dict:
         raise ValueError(f"source {req['source']!r} is not a file")
     if kw["seq_length"] < 8:
         raise ValueError(f"seq_length must be at least 8, got {kw['seq_length']}")
+    _at_most(kw, "seq_length")
     if "pack" in req:
         if fmt != "wikitext":
             raise ValueError("pack applies to the wikitext format only")
@@ -141,8 +157,6 @@ def train_args(req: dict, store: Store, base: Path, out: Path):
 
 
 def _finetune_base(req: dict, store: Store, job_dir: Path | None) -> Path:
-    from internlm_core.config import Config
-
     if req.get("base_model") and req.get("preset"):
         raise ValueError("give base_model or preset, not both")
     if req.get("base_model"):
@@ -161,8 +175,23 @@ def check_finetune(req: dict, store: Store) -> str:
         raise ValueError(f"method must be 'full' or 'lora', got {req['method']!r}")
     out = _output(store, MODELS, req)
     base = _finetune_base(req, store, None)
-    train_args(req, store, base, store.root / out)
+    args = train_args(req, store, base, store.root / out)
+    _bounded_training(args)
+    cfg = Config.from_name(req["preset"]) if req.get("preset") else read_config(base)
+    dtype = "float32" if args.dtype == "auto" else args.dtype  # auto: fp32 on CPU
+    require_fits(f"a {args.mode} fine-tune of {cfg.name} ({cfg.num_parameters() / 1e9:.2f}B parameters)",
+                 training_bytes(cfg, args.mode, dtype), available_memory())
     return out
+
+
+def _bounded_training(args: TrainArgs) -> None:
+    """A fine-tune within LIMITS: its length, batch, rank and checkpoints (TooLarge otherwise)."""
+    values = {f: getattr(args, f) for f in ("max_steps", "epochs", "batch_size", "grad_accum", "keep_last")}
+    if args.mode == "lora":
+        values["lora_rank"] = args.lora_rank
+    if args.max_steps and args.save_every:  # with epochs, the steps are bounded by epochs x rows
+        values["checkpoints"] = -(-args.max_steps // args.save_every)
+    _at_most(values, *values)
 
 
 def run_finetune(req: dict, ctx) -> dict:
@@ -189,7 +218,6 @@ def run_finetune(req: dict, ctx) -> dict:
 
 def _init_model(preset: str, seed: int, folder: Path) -> None:
     """A seeded random model of ``preset`` (the same on every execution of the job)."""
-    from internlm_core.config import Config
     from internlm_core.loader import save_model
     from internlm_core.model import InternLMForCausalLM, init_weights
 
@@ -206,6 +234,7 @@ def check_export(req: dict, store: Store) -> str:
     for k in ("max_batch", "max_len"):
         if k in req and req[k] <= 0:
             raise ValueError(f"{k} must be positive, got {req[k]}")
+    _at_most(req, "max_batch", "max_len")
     return _output(store, MODELS, req)
 
 

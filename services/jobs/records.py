@@ -25,6 +25,9 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from internlm_core.errors import AlreadyExists
+from internlm_core.store import check_job_id
+
+from .settings import LIMITS
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
@@ -63,7 +66,7 @@ if stall > 0 then
   local alive = tonumber(redis.call('HGET', KEYS[2], ARGV[3]) or ARGV[4])
   if tonumber(ARGV[4]) - alive > stall then
     redis.call('DEL', KEYS[1])
-    redis.call('HSET', KEYS[2], 'stalled', 'no progress for ' .. ARGV[5] .. ' s (worker hung); re-queued')
+    redis.call('HSET', KEYS[2], 'stalled', 'no progress for ' .. ARGV[5] .. ' s (worker hung)')
     return -1
   end
 end
@@ -82,21 +85,32 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 redis.call('SREM', KEYS[3], ARGV[1])
 return 1
 """
-# KEYS: job hash, lock, running set; ARGV: id, now. A running job whose lock expired lost its worker
-# (or hung: then the heartbeat left the reason in 'stalled').
+# KEYS: job hash, lock, running set; ARGV: id, now, most losses (0 = no limit). A running job whose
+# lock expired lost its worker (or hung: then the heartbeat left the reason in 'stalled'). It is
+# re-queued (1), unless its executions have now lost their worker the most times allowed: a job
+# that gets its worker killed (the kernel's OOM killer) would go round the workers forever, so it
+# ends FAILED (2) with the reason.
 _REQUEUE_IF_DEAD = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'RUNNING' then
   redis.call('SREM', KEYS[3], ARGV[1])
   return 0
 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-local why = redis.call('HGET', KEYS[1], 'stalled') or 'worker lost; re-queued'
+local why = redis.call('HGET', KEYS[1], 'stalled') or 'worker lost'
 redis.call('HDEL', KEYS[1], 'stalled')
-redis.call('HSET', KEYS[1], 'state', 'QUEUED', 'message', why, 'requeued', ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'requeues', 1)
 redis.call('SREM', KEYS[3], ARGV[1])
+local lost = redis.call('HINCRBY', KEYS[1], 'requeues', 1)
+local most = tonumber(ARGV[3])
+if most > 0 and lost >= most then
+  redis.call('HSET', KEYS[1], 'state', 'FAILED', 'message', 'failed', 'finished', ARGV[2], 'error',
+             'its worker was lost ' .. lost .. ' times (killed, e.g. out of memory, or hung; last: ' .. why ..
+             '); not re-queued again (at most ' .. most .. ' deliveries)')
+  return 2
+end
+redis.call('HSET', KEYS[1], 'state', 'QUEUED', 'message', why .. '; re-queued', 'requeued', ARGV[2])
 return 1
 """
+REQUEUED, GAVE_UP = 1, 2  # what _REQUEUE_IF_DEAD did
 
 
 class KeyReused(AlreadyExists):
@@ -125,20 +139,22 @@ class JobRecords:
         self._requeue = self.r.register_script(_REQUEUE_IF_DEAD)
 
     # ---- keys --------------------------------------------------------------------------------
+    # A job id is the suffix of several keys (its hash, lock, curve, channel): only plain ids
+    # (store.check_job_id) pass, so that an id such as "<id>:lock" never names another key.
     def key(self, job_id: str) -> str:
-        return f"{self.p}:job:{job_id}"
+        return f"{self.p}:job:{check_job_id(job_id)}"
 
     def lock_key(self, job_id: str) -> str:
-        return f"{self.p}:job:{job_id}:lock"
+        return f"{self.key(job_id)}:lock"
 
     def idempotency_key(self, key: str) -> str:
-        return f"{self.p}:key:{key}"
+        return f"{self.p}:key:{check_idempotency_key(key)}"
 
     def curve_key(self, job_id: str) -> str:
-        return f"{self.p}:job:{job_id}:curve"
+        return f"{self.key(job_id)}:curve"
 
     def channel(self, job_id: str) -> str:
-        return f"{self.p}:job:{job_id}:events"
+        return f"{self.key(job_id)}:events"
 
     @property
     def index(self) -> str:
@@ -315,13 +331,14 @@ class JobRecords:
         pipe.publish(self.channel(job_id), "1")  # a spurious ping if refused: watchers just re-read
         return bool(pipe.execute()[0])
 
-    def requeue_if_dead(self, job_id: str) -> bool:
-        """RUNNING with an expired lock -> QUEUED; True when this caller did it (and must re-deliver it)."""
-        ok = bool(self._requeue(keys=[self.key(job_id), self.lock_key(job_id), self.running],
-                                args=[job_id, repr(time.time())]))
-        if ok:
+    def requeue_if_dead(self, job_id: str, max_deliveries: int = 0) -> int:
+        """RUNNING with an expired lock -> QUEUED (REQUEUED: this caller must re-deliver it), or
+        FAILED once its worker was lost ``max_deliveries`` times (GAVE_UP); 0 when it was not dead."""
+        done = int(self._requeue(keys=[self.key(job_id), self.lock_key(job_id), self.running],
+                                 args=[job_id, repr(time.time()), int(max_deliveries)]) or 0)
+        if done:
             self.notify(job_id)
-        return ok
+        return done
 
     def prune(self, older_than_s: float, batch: int = 500) -> int:
         """Delete the records of jobs that ended more than ``older_than_s`` ago; how many went.
@@ -342,8 +359,8 @@ class JobRecords:
                 pipe.delete(*(self.key(i) for i in old), *(self.curve_key(i) for i in old))
                 pipe.zrem(self.index, *old)
                 for i in old:  # its idempotency key would name a job that no longer exists
-                    if found[i][2]:
-                        pipe.delete(self.idempotency_key(found[i][2]))
+                    if found[i][2]:  # as stored (not checked again: it may predate the limit)
+                        pipe.delete(f"{self.p}:key:{found[i][2]}")
                 pipe.execute()
                 gone += len(old)
             start += batch - len(old)
@@ -357,6 +374,15 @@ class JobRecords:
         return [{"start": float(rec[f"exec:{n}:start"]), "beat": float(rec.get(f"exec:{n}:beat", 0)),
                  "end": float(rec.get(f"exec:{n}:end", 0)), "worker": rec.get(f"exec:{n}:worker", "")}
                 for n in range(1, int(rec.get("executions", 0)) + 1) if f"exec:{n}:start" in rec]
+
+
+def check_idempotency_key(key: str) -> str:
+    """An idempotency key is printable text of at most LIMITS["idempotency_key"] characters."""
+    most = LIMITS["idempotency_key"]
+    if not isinstance(key, str) or not key or len(key) > most or not key.isprintable():
+        shown = key if not isinstance(key, str) or len(key) <= 40 else key[:40] + "..."
+        raise ValueError(f"idempotency_key {shown!r} must be 1 to {most} printable characters")
+    return key
 
 
 def alive_field(execution: int) -> str:

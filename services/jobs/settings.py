@@ -12,6 +12,24 @@ from pathlib import Path
 WEEK = 7 * 24 * 3600
 
 
+# The most a request may ask for, checked at submit (kinds.py, api.py) and listed in the README:
+# one job must not hold a worker for months, fill the disk with checkpoints, or size a cache or a
+# row that no machine here can hold. Each name is the request field it bounds.
+LIMITS = {
+    "idempotency_key": 128,      # characters (printable), the key's Redis key suffix
+    "max_steps": 1_000_000,      # optimiser steps of a fine-tune
+    "epochs": 1000,              # passes over the data (when max_steps is 0)
+    "batch_size": 1024,          # rows per micro-batch
+    "grad_accum": 1024,          # micro-batches per step
+    "lora_rank": 1024,
+    "keep_last": 20,             # checkpoints kept (each one is the weights and the optimiser state)
+    "checkpoints": 100_000,      # checkpoints one run writes: max_steps / save_every
+    "seq_length": 32768,         # tokens per preprocessed row
+    "max_batch": 64,             # an exported graph's cache slots
+    "max_len": 32768,            # an exported graph's positions (and at most the model's own)
+}
+
+
 @dataclass(frozen=True)
 class JobsSettings:
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -24,6 +42,10 @@ class JobsSettings:
     # its lock is let go and the job re-queued. Longer than the slowest silent phase (compiling
     # the first training step of a 20B model); 0 = no watchdog.
     stall_s: float = 900.0
+    # A job whose executions lost their worker this many times (killed -9, by the kernel's OOM
+    # killer, or hung) ends FAILED instead of being re-queued again: a job that kills every worker
+    # it runs on would otherwise go round the workers forever. 0 = no limit.
+    max_deliveries: int = 3
     keep_finished_s: float = 30 * 24 * 3600.0  # finished job records are deleted after this long; 0 = keep
     visibility_timeout_s: int = WEEK
     prefix: str = "internlm"               # Redis key prefix for job records
@@ -60,6 +82,7 @@ ENV = {
     "heartbeat_s": "INTERNLM_JOB_HEARTBEAT_S",
     "lock_ttl_s": "INTERNLM_JOB_LOCK_TTL_S",
     "stall_s": "INTERNLM_JOB_STALL_S",
+    "max_deliveries": "INTERNLM_JOB_MAX_DELIVERIES",
     "keep_finished_s": "INTERNLM_JOB_KEEP_S",
     "visibility_timeout_s": "INTERNLM_JOB_VISIBILITY_TIMEOUT_S",
 }

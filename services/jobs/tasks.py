@@ -15,7 +15,9 @@ starve of the GIL. A worker killed with -9 leaves its job RUNNING with a lock th
 has its lock let go by that same process; a worker that dies after receiving a job but before
 starting it leaves a claim that expires as fast. Every worker sweeps for such jobs every
 ``heartbeat_s`` and puts the dead execution's unacknowledged message back at the head of its
-queue (:func:`recover_lost_jobs`), long before Redis' visibility timeout would.
+queue (:func:`recover_lost_jobs`), long before Redis' visibility timeout would. A job whose
+worker is lost ``max_deliveries`` times (one that gets every worker it runs on OOM-killed) ends
+FAILED with the reason instead, and its job folder is removed.
 """
 from __future__ import annotations
 
@@ -30,13 +32,14 @@ from celery import signals
 from celery.exceptions import Ignore, Reject
 
 from internlm_core import errors
-from internlm_core.errors import Cancelled
+from internlm_core.errors import Cancelled, PathError
 from internlm_core.store import OUTPUT, Store
 
 from . import kinds
 from .app import KINDS, send, task_name
 from .heartbeat import Beacon
-from .records import CANCELLED, FAILED, FINAL, QUEUED, SUCCEEDED, JobRecords, alive_field
+from .records import (CANCELLED, FAILED, FINAL, GAVE_UP, QUEUED, REQUEUED, SUCCEEDED, JobRecords,
+                      alive_field)
 
 log = logging.getLogger("internlm.jobs")
 PROGRESS_EVERY_S = 0.25   # progress writes to Redis at most this often (the core calls back per tensor/step)
@@ -198,7 +201,10 @@ class Runtime:
     def _start(self, task, job_id: str, tag: str) -> tuple[str, int, dict]:
         """Take the job's lock and mark it RUNNING: (lock token, execution number, record); raises
         Ignore for a delivery that must not run (no record, already ended, running elsewhere)."""
-        rec = self.records.get(job_id)
+        try:
+            rec = self.records.get(job_id)
+        except PathError:  # not an id this service made: no job's message
+            rec = None
         if rec is None:
             log.warning("job %s: no record; dropping the message", job_id)
             raise Ignore()
@@ -266,15 +272,27 @@ def register(app) -> Runtime:
 
 # ---- recovery of jobs whose worker died ---------------------------------------------------------
 
-def recover_lost_jobs(app, records: JobRecords) -> list[str]:
-    """Re-deliver every RUNNING job whose lock expired (its worker is gone or hung), and every
-    received job whose worker died before starting it. Returns their ids."""
+def recover_lost_jobs(app, records: JobRecords, store: Store | None = None) -> list[str]:
+    """Re-deliver every RUNNING job whose lock expired (its worker is gone or hung), or end it
+    FAILED when its worker was lost ``max_deliveries`` times; re-deliver every received job whose
+    worker died before starting it. Returns their ids."""
     done = []
     for job_id in records.running_ids():
-        if records.requeue_if_dead(job_id):
+        outcome = records.requeue_if_dead(job_id, app.jobs_settings.max_deliveries)
+        if outcome == REQUEUED:
             rec = records.get(job_id)
             how = redeliver(app, rec)
             log.warning("job %s: %s; %s", job_id, rec.get("message", "worker lost"), how)
+            done.append(job_id)
+        elif outcome == GAVE_UP:
+            rec = records.get(job_id)
+            if store is not None:  # what its executions left (checkpoints, temporaries): no one resumes it now
+                store.discard(job_id)
+            # its unacknowledged message goes back too, so that a worker takes it off the queue
+            # (skipped: the job has ended) rather than Redis giving it back a visibility timeout later
+            if rec.get("delivery_tag"):
+                restore(app, rec["delivery_tag"])
+            log.error("job %s: FAILED: %s", job_id, rec.get("error"))
             done.append(job_id)
     for tag, job_id in records.expired_claims().items():
         if not records.unclaim(tag):
@@ -327,7 +345,7 @@ def install_worker_hooks(app, runtime: Runtime) -> None:
             keep, pruned = runtime.settings.keep_finished_s, 0.0
             while True:
                 try:
-                    recover_lost_jobs(app, runtime.records)
+                    recover_lost_jobs(app, runtime.records, runtime.store)
                     if keep > 0 and time.monotonic() - pruned >= PRUNE_EVERY_S:
                         if gone := runtime.records.prune(keep):
                             log.info("deleted %d job record(s) finished more than %.0f s ago", gone, keep)

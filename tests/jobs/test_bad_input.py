@@ -141,3 +141,93 @@ def test_symlink_planted_after_submit_fails_the_job(jobs_api, jobs_settings, hf_
     assert last.error == (f"PathError: 'imports/tiny-hf/tokenizer.model' leads outside the store's roots through "
                           f"a symlink ({root})"), last.error
     assert list((root / "models").iterdir()) == [] and list((root / "jobs").iterdir()) == []
+
+
+def test_job_ids_and_idempotency_keys_are_checked(jobs_api, jobs_settings, hf_source):
+    """A job id is a Redis key suffix: one that is not a plain id (``<id>:lock``, ``<id>:curve``, a
+    trailing newline) is INVALID_ARGUMENT in every RPC that takes one, never a read of another key.
+    Idempotency keys are printable and at most LIMITS["idempotency_key"] characters."""
+    import redis
+
+    from services.jobs.settings import LIMITS
+
+    stub, _ = jobs_api
+    job = stub.SubmitJob(convert(hf_source, "out"))  # no worker: it stays queued
+    r = redis.Redis.from_url(jobs_settings.redis_url)
+    r.set(f"internlm:job:{job.id}:lock", "someone's token")
+    r.hset(f"internlm:job:{job.id}:curve", mapping={"1": "2.5"})
+    calls = {"GetJob": lambda i: stub.GetJob(jobs_pb2.GetJobRequest(id=i)),
+             "CancelJob": lambda i: stub.CancelJob(jobs_pb2.CancelJobRequest(id=i)),
+             "WatchJob": lambda i: list(stub.WatchJob(jobs_pb2.WatchJobRequest(id=i), timeout=10))}
+    for rpc, call in calls.items():
+        for bad in (f"{job.id}:lock", f"{job.id}:curve", f"{job.id}:events", f"{job.id}\n", "x" * 65, "../x"):
+            with pytest.raises(grpc.RpcError) as e:
+                call(bad)
+            assert e.value.code() == INVALID and "invalid job id" in e.value.details(), (rpc, bad, e.value)
+        with pytest.raises(grpc.RpcError) as e:
+            call("f" * 32)  # well formed, but no such job
+        assert e.value.code() == NOT_FOUND, rpc
+    assert r.get(f"internlm:job:{job.id}:lock") == b"someone's token"  # untouched
+    assert stub.GetJob(jobs_pb2.GetJobRequest(id=job.id)).state == S.JOB_STATE_QUEUED
+
+    most = LIMITS["idempotency_key"]
+    for bad in ("k" * (most + 1), "key\n", "key\x00", "tab\there"):
+        code, details = refused(stub, jobs_pb2.SubmitJobRequest(idempotency_key=bad, convert=jobs_pb2.ConvertJob(
+            source=hf_source, output="keyed")))
+        assert code == INVALID and f"1 to {most} printable characters" in details, (bad, details)
+    keyed = jobs_pb2.SubmitJobRequest(idempotency_key="k" * most, convert=jobs_pb2.ConvertJob(
+        source=hf_source, output="keyed"))
+    first = stub.SubmitJob(keyed)
+    assert stub.SubmitJob(keyed).id == first.id  # the longest key works, and is idempotent
+    assert len(stub.ListJobs(jobs_pb2.ListJobsRequest()).jobs) == 2
+
+
+def test_requests_beyond_the_limits_or_the_memory_are_refused(jobs_api, jobs_settings, hf_source, tiny_model_dir,
+                                                              monkeypatch):
+    """Each bound in settings.LIMITS refuses at submit, naming the field and its limit; a fine-tune
+    or a conversion that cannot fit the memory available is refused with the numbers."""
+    from services.jobs.settings import LIMITS
+
+    stub, _ = jobs_api
+    root = Path(jobs_settings.store_root)
+    shutil.copytree(tiny_model_dir, root / "models" / "base")
+    (root / "datasets" / "d").mkdir()
+    over = {k: v + 1 for k, v in LIMITS.items()}
+
+    def export(output="o", **kw):
+        return jobs_pb2.SubmitJobRequest(export=jobs_pb2.ExportJob(model="base", output=output, **kw))
+
+    cases = {
+        "max_steps": finetune(max_steps=over["max_steps"]),
+        "epochs": finetune(epochs=over["epochs"]),
+        "batch_size": finetune(batch_size=over["batch_size"]),
+        "grad_accum": finetune(grad_accum=over["grad_accum"]),
+        "keep_last": finetune(keep_last=over["keep_last"]),
+        "lora_rank": finetune(method="lora", lora_rank=over["lora_rank"]),
+        "checkpoints": finetune(max_steps=LIMITS["checkpoints"] * 2, save_every=1),
+        "max_batch": export(max_batch=over["max_batch"]),
+        "max_len": export(max_len=over["max_len"]),
+        "seq_length": jobs_pb2.SubmitJobRequest(preprocess=jobs_pb2.PreprocessJob(
+            source=hf_source + "/config.json", output="d2", format="alpaca", seq_length=over["seq_length"])),
+    }
+    for field, request in cases.items():
+        code, details = refused(stub, request)
+        assert code == INVALID and f"{field} " in details and f"above the limit of {LIMITS[field]}" in details, \
+            (field, details)
+    # at the limits: accepted (queued; no worker runs them here)
+    stub.SubmitJob(finetune(output="a", max_steps=LIMITS["max_steps"], keep_last=LIMITS["keep_last"],
+                            save_every=LIMITS["max_steps"] // LIMITS["checkpoints"]))
+    stub.SubmitJob(export(output="b", max_batch=LIMITS["max_batch"]))
+
+    monkeypatch.setenv("INTERNLM_MEMORY_LIMIT", "4G")  # this process's memory, as the operator caps it
+    for method, needs in (("full", "109.9"), ("lora", "28.0")):
+        code, details = refused(stub, finetune(base_model="", preset="internlm-7b", method=method, output="big"))
+        assert code == INVALID and details.startswith(f"a {method} fine-tune of internlm-7b (7.32B parameters) "
+                                                      f"needs at least {needs} GiB of memory") \
+            and details.endswith("but 4.0 GiB is available here"), details
+    stub.SubmitJob(finetune(output="small"))  # the tiny base model fits
+    monkeypatch.setenv("INTERNLM_MEMORY_LIMIT", "100K")
+    code, details = refused(stub, convert(hf_source, "c"))
+    assert code == INVALID and details.startswith("converting ") and details.endswith(
+        "MiB of memory, but 0.1 MiB is available here"), details
+    assert not list((root / "jobs").iterdir())

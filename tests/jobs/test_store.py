@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from internlm_core.store import PathError, Store, check_name
+from internlm_core.store import PathError, Store, check_job_id, check_name
 
 
 @pytest.fixture
@@ -49,10 +49,19 @@ def test_symlink_escape_is_rejected(store, tmp_path):
     assert store.source_path("link-in") == store.root / "datasets"
 
 
-@pytest.mark.parametrize("name", ["", ".", "..", ".hidden", "a/b", "../x", "/abs", "x" * 129, "a b", "a\x00"])
+@pytest.mark.parametrize("name", ["", ".", "..", ".hidden", "a/b", "../x", "/abs", "x" * 129, "a b", "a\x00",
+                                  "model\n", "x" * 128 + "\n"])
 def test_bad_names(name):
     with pytest.raises(PathError, match="not a valid store name"):
         check_name(name)
+
+
+@pytest.mark.parametrize("job_id", ["", "a" * 65, "abc\n", "abc:lock", "a/b", "..", "-x", None])
+def test_bad_job_ids(job_id):
+    """A job id is a folder name and a Redis key suffix: a trailing newline or a ':' never passes."""
+    with pytest.raises(PathError, match="invalid job id"):
+        check_job_id(job_id)
+    assert check_job_id("0123abcdef_x-y") == "0123abcdef_x-y"
 
 
 def test_model_and_dataset_names(store):
