@@ -7,13 +7,14 @@ written out again here.
 from __future__ import annotations
 
 import asyncio
+from typing import Annotated
 
 import grpc
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from google.protobuf import json_format
 from google.protobuf.json_format import ParseError
 
-from services.openai_schema import error_response, rpc_error_response
+from services.openai_schema import MAX_JOBS_LISTED, error_response, rpc_error_response
 from services.pb import jobs_pb2
 
 KINDS = {name.removeprefix("JOB_KIND_").lower(): value for name, value in jobs_pb2.JobKind.items() if value}
@@ -39,7 +40,7 @@ def add_routes(app: FastAPI, router, jobs) -> None:
                             for w in router.snapshot()]}
 
     @app.get("/api/jobs")
-    async def list_jobs(state: str = "", kind: str = "", limit: int = 50):
+    async def list_jobs(state: str = "", kind: str = "", limit: Annotated[int, Query(ge=1, le=MAX_JOBS_LISTED)] = 50):
         if state and state not in STATES or kind and kind not in KINDS:
             return error_response(400, f"state is one of {sorted(STATES)}, kind one of {sorted(KINDS)}")
         return await call(jobs.ListJobs, jobs_pb2.ListJobsRequest(state=STATES.get(state, 0), kind=KINDS.get(kind, 0),

@@ -29,14 +29,15 @@ from internlm_core.errors import ModelNotFound, Unavailable
 from services.pb_convert import join_chunks
 from services.pb import endpoint_pb2, endpoint_pb2_grpc, inference_pb2, inference_pb2_grpc, tokenizer_pb2
 from services.registry import TTL_S, list_workers
-from services.server_common import Server, env_default, setup_logging
+from services.server_common import Server, env_default, setup_logging, too_large
 
 log = logging.getLogger("internlm.endpoint")
 
 INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["Inference"]
 TOKENIZER = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"]
 ENDPOINT = endpoint_pb2.DESCRIPTOR.services_by_name["Endpoint"]
-# The worker has stopped serving the request (or never took it): another worker takes it over.
+# The worker has stopped serving the request (or never took it): another worker takes it over
+# (not a request grpc refused as too large, which every worker would refuse: see ``too_large``).
 RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 ROUTED = Counter("internlm_endpoint_routed_total", "Generate requests sent to workers", ["worker"])
@@ -221,7 +222,7 @@ class InferenceProxy(inference_pb2_grpc.InferenceServicer):
                 return
             except grpc.RpcError as e:
                 self._failed(w, e)
-                if e.code() not in RETRY:
+                if e.code() not in RETRY or too_large(e.code(), e.details() or ""):
                     raise
                 error = e
             finally:

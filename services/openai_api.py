@@ -29,10 +29,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from internlm_core.errors import ModelNotFound
 from services.http_server import Guard
 from services.pb_convert import FINISH_FROM_PB
-from services.openai_schema import (FINISH, HTTP_STATUS, UNION_TAGS, ChatCompletionRequest, CompletionRequest,
-                                    SamplingFields, error_response, rpc_error_response)
+from services.openai_schema import (FINISH, MAX_PROMPT_CHARS, MAX_PROMPT_IDS, UNION_TAGS, ChatCompletionRequest,
+                                    CompletionRequest, SamplingFields, error_response, http_error,
+                                    rpc_error_response)
 from services.pb import common_pb2, inference_pb2, tokenizer_pb2, tokenizer_pb2_grpc
-from services.server_common import status_of
 
 CONSOLE = Path(__file__).resolve().parent / "console"
 # ---- the bridge to the gRPC proxy ----------------------------------------------------------
@@ -107,6 +107,17 @@ class Generation:
     def cancel(self) -> None:
         for ctx in self.contexts:
             ctx.cancel()
+
+
+def oversized(prompt) -> str | None:
+    """Why a prompt is past the limits, or None: checked here, before a worker spends time
+    tokenizing it (or grpc refuses the message as too large)."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        size, unit, limit = len(prompt), "token ids", MAX_PROMPT_IDS
+    else:  # text, or chat messages
+        size = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
+        unit, limit = "characters", MAX_PROMPT_CHARS
+    return f"{size} {unit}, over the {limit} this server takes" if size > limit else None
 
 
 class Choice:
@@ -206,7 +217,7 @@ def create_app(proxy, router, tokenizer_address: str, api_key: str | None = None
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query")]
         while loc and (loc[-1] in UNION_TAGS or "[" in loc[-1]):  # pydantic names the union member tried
             loc.pop()
         param = ".".join(loc) or None
@@ -264,6 +275,9 @@ def create_app(proxy, router, tokenizer_address: str, api_key: str | None = None
         return await answer(body, messages, 0, body.logprobs, body.top_logprobs or 0, chat=True)
 
     async def answer(body: SamplingFields, prompt, default_max: int, want_logprobs: bool, top: int, chat: bool):
+        param = "messages" if chat else "prompt"
+        if why := oversized(prompt):
+            return error_response(400, f"{param}: {why}", param=param)
         try:
             requests = await asyncio.to_thread(api.requests, body, prompt, default_max, want_logprobs, top)
         except Exception as e:  # noqa: BLE001 - unknown model, no worker
@@ -362,8 +376,7 @@ def create_app(proxy, router, tokenizer_address: str, api_key: str | None = None
                     yield event({"id": rid, "object": chunk_kind, "created": created, "model": model,
                                  "choices": [], "usage": usage(choices)})
             except Exception as e:  # noqa: BLE001 - mid-stream: the error as an event, then the end
-                code, message = status_of(e)
-                status, kind_ = HTTP_STATUS.get(code, (500, "internal_error"))
+                status, kind_, message = http_error(e)
                 yield event({"error": {"message": message, "type": kind_, "param": None, "code": status}})
             finally:  # also when the client went away (the task is cancelled): free the slots now
                 gen.cancel()
