@@ -9,7 +9,9 @@ jobs package is installed. Plain gRPC all the way; statuses from behind pass thr
 With ``--http-port`` it also serves HTTP (``services/openai_api.py``): the OpenAI API, health,
 metrics and the web console, over the same router. ``--api-key`` (or INTERNLM_API_KEY) makes every
 HTTP request but the console's static files need ``Authorization: Bearer <key>``; without it the
-HTTP side, like the gRPC side, is unauthenticated.
+HTTP side, like the gRPC side, is unauthenticated. ``--allowed-origins`` (or
+INTERNLM_ALLOWED_ORIGINS) names the web pages elsewhere that may send it POSTs (by default only
+its own, the console).
 """
 from __future__ import annotations
 
@@ -286,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="serve the OpenAI API and the web console on this port (0: no HTTP)")
     ap.add_argument("--api-key", default=env_default("INTERNLM_API_KEY", ""),
                     help="require Authorization: Bearer <key> on HTTP requests")
+    ap.add_argument("--allowed-origins", default=env_default("INTERNLM_ALLOWED_ORIGINS", ""),
+                    help="comma-separated origins (https://host:port) of pages elsewhere that may POST to "
+                         "the HTTP side (default: none but its own)")
     return ap
 
 
@@ -313,7 +318,8 @@ def main(argv: list[str] | None = None) -> None:
         if len(services) > 3:  # the console's job pages call this endpoint's own Jobs API
             own = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
             jobs = jobs_pb2_grpc.JobsStub(grpc.insecure_channel(f"{own}:{server.port}"))
-        app = create_app(InferenceProxy(router), router, args.tokenizer_address, args.api_key or None, jobs)
+        app = create_app(InferenceProxy(router), router, args.tokenizer_address, args.api_key or None, jobs,
+                         args.allowed_origins.split(","))
         http.append(HttpServer(app, args.host, args.http_port).start())
         log.info("HTTP (OpenAI API, console) on %s:%d", args.host, http[0].port)
 

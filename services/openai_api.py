@@ -203,10 +203,12 @@ def finish_reason(finish) -> str | None:
     return FINISH[FINISH_FROM_PB[finish.reason]] if finish is not None else None
 
 
-def create_app(proxy, router, tokenizer_address: str, api_key: str | None = None, jobs=None) -> FastAPI:
-    """The HTTP app. ``jobs``: a Jobs gRPC stub for the console's job pages (None: no jobs)."""
+def create_app(proxy, router, tokenizer_address: str, api_key: str | None = None, jobs=None,
+               allowed_origins=()) -> FastAPI:
+    """The HTTP app. ``jobs``: a Jobs gRPC stub for the console's job pages (None: no jobs);
+    ``allowed_origins``: the pages elsewhere (``https://host:port``) that may POST here."""
     app = FastAPI(title="InternLM endpoint", docs_url="/docs", redoc_url=None)
-    app.add_middleware(Guard, api_key=api_key)
+    app.add_middleware(Guard, api_key=api_key, routes=app.router.routes, allowed_origins=allowed_origins)
     api = OpenAI(proxy, router, tokenizer_address)
 
     @app.exception_handler(StarletteHTTPException)
