@@ -5,7 +5,8 @@ and the web console, on ``--http-port`` beside the gRPC port.
 Every generation goes through the endpoint's own ``InferenceProxy.Generate`` (the least-loaded
 live worker, the same retries and mid-stream failover as gRPC clients get): an OpenAI request is
 turned into one ``GenerateRequest`` per choice, the gRPC stream is read on a thread and relayed,
-and a client that disconnects cancels its call, so the worker frees the slot within a step.
+and a client that disconnects (streamed or not, queued or generating) cancels its calls, so the
+worker frees the slot within a step.
 Parameters are checked here by pydantic models named as OpenAI names them, so a bad value is a
 400 that names the field (the worker's own checks remain behind them).
 """
@@ -27,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from internlm_core.errors import ModelNotFound
-from services.http_server import Guard
+from services.http_server import CLIENT_GONE, Guard
 from services.pb_convert import FINISH_FROM_PB
 from services.openai_schema import (FINISH, MAX_PROMPT_CHARS, MAX_PROMPT_IDS, UNION_TAGS, ChatCompletionRequest,
                                     CompletionRequest, SamplingFields, error_response, http_error,
@@ -107,6 +108,31 @@ class Generation:
     def cancel(self) -> None:
         for ctx in self.contexts:
             ctx.cancel()
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before its answer was ready."""
+
+
+async def unless_gone(request: Request, work):
+    """``work``'s result; if the client disconnects first, ``work`` is cancelled and ClientGone
+    raised. Starlette tells a streamed response that its client left, but never a plain route,
+    which would otherwise wait for the whole generation for nobody."""
+    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+    if task not in done:
+        raise ClientGone
+    return task.result()
+
+
+async def disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":  # the body, if unread, then the end
+        pass
 
 
 def oversized(prompt) -> str | None:
@@ -253,7 +279,7 @@ def create_app(proxy, router, tokenizer_address: str, api_key: str | None = None
                                                      "not_found_error", param="model")
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         if body.best_of not in (None, body.n):
             return error_response(400, "best_of must equal n (no server-side best-of)", param="best_of")
         prompt = body.prompt
@@ -264,19 +290,20 @@ def create_app(proxy, router, tokenizer_address: str, api_key: str | None = None
             prompt = prompt[0]
         if not prompt:
             return error_response(400, "prompt: must not be empty", param="prompt")
-        return await answer(body, prompt, 16, body.logprobs is not None, body.logprobs or 0, chat=False)
+        return await answer(request, body, prompt, 16, body.logprobs is not None, body.logprobs or 0, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         try:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         except ValueError as e:
             return error_response(400, str(e), param="messages")
         if body.top_logprobs and not body.logprobs:
             return error_response(400, "top_logprobs: needs logprobs set to true", param="top_logprobs")
-        return await answer(body, messages, 0, body.logprobs, body.top_logprobs or 0, chat=True)
+        return await answer(request, body, messages, 0, body.logprobs, body.top_logprobs or 0, chat=True)
 
-    async def answer(body: SamplingFields, prompt, default_max: int, want_logprobs: bool, top: int, chat: bool):
+    async def answer(request: Request, body: SamplingFields, prompt, default_max: int, want_logprobs: bool, top: int,
+                     chat: bool):
         param = "messages" if chat else "prompt"
         if why := oversized(prompt):
             return error_response(400, f"{param}: {why}", param=param)
@@ -290,7 +317,10 @@ def create_app(proxy, router, tokenizer_address: str, api_key: str | None = None
         choices = [Choice(i) for i in range(len(requests))]
         gen = Generation(api.proxy, requests)
         try:  # the first response before any byte goes out, so that a refusal gets its HTTP status
-            first = await gen.next()
+            first = await unless_gone(request, gen.next())
+        except ClientGone:  # while queued at a worker
+            gen.cancel()
+            return Response(status_code=CLIENT_GONE)
         except Exception as e:  # noqa: BLE001
             gen.cancel()
             return rpc_error_response(e)
@@ -326,15 +356,20 @@ def create_app(proxy, router, tokenizer_address: str, api_key: str | None = None
             return {"tokens": names, "token_logprobs": list(lps), "top_logprobs": [dict(a) for a in alts],
                     "text_offset": offsets}
 
+        async def collect() -> None:
+            item = first
+            while item is not None:
+                piece(*item)
+                item = await gen.next()
+
         if not body.stream:
             try:
-                item = first
-                while item is not None:
-                    piece(*item)
-                    item = await gen.next()
+                await unless_gone(request, collect())
+            except ClientGone:
+                return Response(status_code=CLIENT_GONE)  # nobody reads it; the metrics count it
             except Exception as e:  # noqa: BLE001 - e.g. every worker gone mid-way
                 return rpc_error_response(e)
-            finally:
+            finally:  # also when the client went away: free the slots now
                 gen.cancel()
             out = []
             for c in choices:
