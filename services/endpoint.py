@@ -11,7 +11,8 @@ metrics and the web console, over the same router. ``--api-key`` (or INTERNLM_AP
 comma-separated) makes every call on both doors need ``authorization: Bearer <key>``, but health
 and the console's static files; without it both doors are open. ``--tls-cert`` / ``--tls-key`` put
 both doors on TLS. ``--internal-token`` is what it sends to the workers and the tokenizer service
-(``services/auth.py``).
+(``services/auth.py``). ``--allowed-origins`` (or INTERNLM_ALLOWED_ORIGINS) names the web pages
+elsewhere that may send the HTTP door POSTs (by default only its own, the console).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from services.auth import (API_KEY_ENV, INTERNAL_TOKEN_ENV, TLS_CERT_ENV, TLS_KE
 from services.pb_convert import join_chunks
 from services.pb import endpoint_pb2, endpoint_pb2_grpc, inference_pb2, inference_pb2_grpc, jobs_pb2, tokenizer_pb2
 from services.registry import TTL_S, list_workers
-from services.server_common import Server, env_default, setup_logging
+from services.server_common import Server, env_default, setup_logging, too_large
 
 log = logging.getLogger("internlm.endpoint")
 
@@ -41,7 +42,8 @@ INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["Inference"]
 TOKENIZER = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"]
 ENDPOINT = endpoint_pb2.DESCRIPTOR.services_by_name["Endpoint"]
 JOBS = jobs_pb2.DESCRIPTOR.services_by_name["Jobs"]
-# The worker has stopped serving the request (or never took it): another worker takes it over.
+# The worker has stopped serving the request (or never took it): another worker takes it over
+# (not a request grpc refused as too large, which every worker would refuse: see ``too_large``).
 RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 ROUTED = Counter("internlm_endpoint_routed_total", "Generate requests sent to workers", ["worker"])
@@ -226,7 +228,7 @@ class InferenceProxy(inference_pb2_grpc.InferenceServicer):
                 return
             except grpc.RpcError as e:
                 self._failed(w, e)
-                if e.code() not in RETRY:
+                if e.code() not in RETRY or too_large(e.code(), e.details() or ""):
                     raise
                 error = e
             finally:
@@ -297,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tls-cert", default=env_default(TLS_CERT_ENV, ""),
                     help=f"PEM certificate (chain) for TLS on the gRPC and HTTP ports (${TLS_CERT_ENV}); with --tls-key")
     ap.add_argument("--tls-key", default=env_default(TLS_KEY_ENV, ""), help=f"its PEM private key (${TLS_KEY_ENV})")
+    ap.add_argument("--allowed-origins", default=env_default("INTERNLM_ALLOWED_ORIGINS", ""),
+                    help="comma-separated origins (https://host:port) of pages elsewhere that may POST to "
+                         "the HTTP side (default: none but its own)")
     return ap
 
 
@@ -329,7 +334,8 @@ def main(argv: list[str] | None = None) -> None:
 
         # The console's job pages call this endpoint's Jobs servicer in this process: no channel,
         # so neither a key nor a TLS client of their own (the HTTP door has checked the caller).
-        app = create_app(InferenceProxy(router), router, tokenizer, keys, jobs and InProcess(jobs))
+        app = create_app(InferenceProxy(router), router, tokenizer, keys, jobs and InProcess(jobs),
+                         [o for o in args.allowed_origins.split(",") if o])
         http.append(HttpServer(app, args.host, args.http_port, tls).start())
         log.info("HTTP (OpenAI API, console) on %s:%d%s", args.host, http[0].port, " with TLS" if tls else "")
 

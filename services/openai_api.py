@@ -5,7 +5,8 @@ and the web console, on ``--http-port`` beside the gRPC port.
 Every generation goes through the endpoint's own ``InferenceProxy.Generate`` (the least-loaded
 live worker, the same retries and mid-stream failover as gRPC clients get): an OpenAI request is
 turned into one ``GenerateRequest`` per choice, the gRPC stream is read on a thread and relayed,
-and a client that disconnects cancels its call, so the worker frees the slot within a step.
+and a client that disconnects (streamed or not, queued or generating) cancels its calls, so the
+worker frees the slot within a step.
 Parameters are checked here by pydantic models named as OpenAI names them, so a bad value is a
 400 that names the field (the worker's own checks remain behind them).
 """
@@ -27,12 +28,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from internlm_core.errors import ModelNotFound
-from services.http_server import Guard
+from services.http_server import CLIENT_GONE, Guard
 from services.pb_convert import FINISH_FROM_PB
-from services.openai_schema import (FINISH, HTTP_STATUS, UNION_TAGS, ChatCompletionRequest, CompletionRequest,
-                                    SamplingFields, error_response, rpc_error_response)
+from services.openai_schema import (FINISH, MAX_PROMPT_CHARS, MAX_PROMPT_IDS, UNION_TAGS, ChatCompletionRequest,
+                                    CompletionRequest, SamplingFields, error_response, http_error,
+                                    rpc_error_response)
 from services.pb import common_pb2, inference_pb2, tokenizer_pb2, tokenizer_pb2_grpc
-from services.server_common import status_of
 
 CONSOLE = Path(__file__).resolve().parent / "console"
 # ---- the bridge to the gRPC proxy ----------------------------------------------------------
@@ -107,6 +108,42 @@ class Generation:
     def cancel(self) -> None:
         for ctx in self.contexts:
             ctx.cancel()
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before its answer was ready."""
+
+
+async def unless_gone(request: Request, work):
+    """``work``'s result; if the client disconnects first, ``work`` is cancelled and ClientGone
+    raised. Starlette tells a streamed response that its client left, but never a plain route,
+    which would otherwise wait for the whole generation for nobody."""
+    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+    if task not in done:
+        raise ClientGone
+    return task.result()
+
+
+async def disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":  # the body, if unread, then the end
+        pass
+
+
+def oversized(prompt) -> str | None:
+    """Why a prompt is past the limits, or None: checked here, before a worker spends time
+    tokenizing it (or grpc refuses the message as too large)."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        size, unit, limit = len(prompt), "token ids", MAX_PROMPT_IDS
+    else:  # text, or chat messages
+        size = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
+        unit, limit = "characters", MAX_PROMPT_CHARS
+    return f"{size} {unit}, over the {limit} this server takes" if size > limit else None
 
 
 class Choice:
@@ -192,22 +229,23 @@ def finish_reason(finish) -> str | None:
     return FINISH[FINISH_FROM_PB[finish.reason]] if finish is not None else None
 
 
-def create_app(proxy, router, tokenizer: grpc.Channel, api_keys=(), jobs=None) -> FastAPI:
+def create_app(proxy, router, tokenizer: grpc.Channel, api_keys=(), jobs=None, allowed_origins=()) -> FastAPI:
     """The HTTP app. ``tokenizer``: a channel to the tokenizer service; ``api_keys``: any of them
-    needed (none: open); ``jobs``: the Jobs API called as a stub, for the console's job pages (None: no jobs)."""
+    needed (none: open); ``jobs``: the Jobs API called as a stub, for the console's job pages (None:
+    no jobs); ``allowed_origins``: the pages elsewhere (``https://host:port``) that may POST here."""
     app = FastAPI(title="InternLM endpoint", docs_url="/docs", redoc_url=None)
-    app.add_middleware(Guard, api_keys=api_keys)
+    app.add_middleware(Guard, api_keys=api_keys, routes=app.router.routes, allowed_origins=allowed_origins)
     api = OpenAI(proxy, router, tokenizer)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):  # e.g. a body that is not UTF-8
+    async def http_exception(request: Request, exc: StarletteHTTPException):  # e.g. a body that is not UTF-8
         kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
         return error_response(exc.status_code, str(exc.detail), kind)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query")]
         while loc and (loc[-1] in UNION_TAGS or "[" in loc[-1]):  # pydantic names the union member tried
             loc.pop()
         param = ".".join(loc) or None
@@ -241,7 +279,7 @@ def create_app(proxy, router, tokenizer: grpc.Channel, api_keys=(), jobs=None) -
                                                      "not_found_error", param="model")
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         if body.best_of not in (None, body.n):
             return error_response(400, "best_of must equal n (no server-side best-of)", param="best_of")
         prompt = body.prompt
@@ -252,19 +290,23 @@ def create_app(proxy, router, tokenizer: grpc.Channel, api_keys=(), jobs=None) -
             prompt = prompt[0]
         if not prompt:
             return error_response(400, "prompt: must not be empty", param="prompt")
-        return await answer(body, prompt, 16, body.logprobs is not None, body.logprobs or 0, chat=False)
+        return await answer(request, body, prompt, 16, body.logprobs is not None, body.logprobs or 0, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         try:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         except ValueError as e:
             return error_response(400, str(e), param="messages")
         if body.top_logprobs and not body.logprobs:
             return error_response(400, "top_logprobs: needs logprobs set to true", param="top_logprobs")
-        return await answer(body, messages, 0, body.logprobs, body.top_logprobs or 0, chat=True)
+        return await answer(request, body, messages, 0, body.logprobs, body.top_logprobs or 0, chat=True)
 
-    async def answer(body: SamplingFields, prompt, default_max: int, want_logprobs: bool, top: int, chat: bool):
+    async def answer(request: Request, body: SamplingFields, prompt, default_max: int, want_logprobs: bool, top: int,
+                     chat: bool):
+        param = "messages" if chat else "prompt"
+        if why := oversized(prompt):
+            return error_response(400, f"{param}: {why}", param=param)
         try:
             requests = await asyncio.to_thread(api.requests, body, prompt, default_max, want_logprobs, top)
         except Exception as e:  # noqa: BLE001 - unknown model, no worker
@@ -275,7 +317,10 @@ def create_app(proxy, router, tokenizer: grpc.Channel, api_keys=(), jobs=None) -
         choices = [Choice(i) for i in range(len(requests))]
         gen = Generation(api.proxy, requests)
         try:  # the first response before any byte goes out, so that a refusal gets its HTTP status
-            first = await gen.next()
+            first = await unless_gone(request, gen.next())
+        except ClientGone:  # while queued at a worker
+            gen.cancel()
+            return Response(status_code=CLIENT_GONE)
         except Exception as e:  # noqa: BLE001
             gen.cancel()
             return rpc_error_response(e)
@@ -311,15 +356,20 @@ def create_app(proxy, router, tokenizer: grpc.Channel, api_keys=(), jobs=None) -
             return {"tokens": names, "token_logprobs": list(lps), "top_logprobs": [dict(a) for a in alts],
                     "text_offset": offsets}
 
+        async def collect() -> None:
+            item = first
+            while item is not None:
+                piece(*item)
+                item = await gen.next()
+
         if not body.stream:
             try:
-                item = first
-                while item is not None:
-                    piece(*item)
-                    item = await gen.next()
+                await unless_gone(request, collect())
+            except ClientGone:
+                return Response(status_code=CLIENT_GONE)  # nobody reads it; the metrics count it
             except Exception as e:  # noqa: BLE001 - e.g. every worker gone mid-way
                 return rpc_error_response(e)
-            finally:
+            finally:  # also when the client went away: free the slots now
                 gen.cancel()
             out = []
             for c in choices:
@@ -363,8 +413,7 @@ def create_app(proxy, router, tokenizer: grpc.Channel, api_keys=(), jobs=None) -
                     yield event({"id": rid, "object": chunk_kind, "created": created, "model": model,
                                  "choices": [], "usage": usage(choices)})
             except Exception as e:  # noqa: BLE001 - mid-stream: the error as an event, then the end
-                code, message = status_of(e)
-                status, kind_ = HTTP_STATUS.get(code, (500, "internal_error"))
+                status, kind_, message = http_error(e)
                 yield event({"error": {"message": message, "type": kind_, "param": None, "code": status}})
             finally:  # also when the client went away (the task is cancelled): free the slots now
                 gen.cancel()

@@ -1,6 +1,7 @@
 """The OpenAI API's wire forms for the endpoint's HTTP side (``openai_api``): the request
 models, named as OpenAI names them (with vLLM's extras), so that pydantic refuses a bad value with
-a 400 naming the field; OpenAI's error object and the one table from gRPC status to HTTP status.
+a 400 naming the field; OpenAI's error object, the one table from gRPC status to HTTP status, and
+the one table of the limits the HTTP side puts on a request (the README lists them).
 """
 from __future__ import annotations
 
@@ -11,7 +12,16 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.pb import common_pb2
-from services.server_common import status_of
+from services.server_common import status_of, too_large
+
+# ---- limits: every bound the HTTP side puts on a request, named here once --------------------
+MAX_BODY_BYTES = 8 * 2 ** 20     # a request body: 413 (by Content-Length, or counted while reading)
+MAX_PROMPT_CHARS = 1_000_000     # a prompt's text (chat: all messages), checked before tokenizing: 400
+MAX_PROMPT_IDS = 262_144         # a prompt given as token ids: 400
+MAX_N = 16                       # choices per request (each takes a worker slot)
+MAX_LOGPROBS = 5                 # completions' logprobs: alternatives per token (OpenAI's bound)
+MAX_TOP_LOGPROBS = 20            # chat's top_logprobs (OpenAI's bound)
+MAX_JOBS_LISTED = 1000           # GET /api/jobs?limit=
 
 # gRPC status -> (HTTP status, OpenAI error type)
 HTTP_STATUS = {
@@ -35,9 +45,17 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
                         status_code=status)
 
 
-def rpc_error_response(e: BaseException) -> JSONResponse:
+def http_error(e: BaseException) -> tuple[int, str, str]:
+    """(HTTP status, OpenAI error type, message) for an exception from a gRPC call or the core."""
     code, message = status_of(e)
+    if too_large(code, message):  # grpc's message size limit, on the way to a worker: not a 429
+        return 413, "invalid_request_error", f"the request is too large: {message}"
     status, kind = HTTP_STATUS.get(code, (500, "internal_error"))
+    return status, kind, message
+
+
+def rpc_error_response(e: BaseException) -> JSONResponse:
+    status, kind, message = http_error(e)
     return error_response(status, message, kind)
 
 
@@ -55,7 +73,7 @@ class SamplingFields(BaseModel):
     max_completion_tokens: Annotated[int, Field(ge=1, le=INT32)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0  # OpenAI's default: sampled
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    n: Annotated[int, Field(ge=1, le=16)] = 1
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     stop: str | list[str] | None = None
     seed: Annotated[int, Field(ge=0, lt=2 ** 63)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
@@ -86,7 +104,7 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None  # the chosen tokens' and this many alternatives
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None  # the chosen tokens' and this many alternatives
     echo: Literal[False] = False
     suffix: None = None
     best_of: Annotated[int, Field(ge=1)] | None = None
@@ -110,4 +128,4 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None

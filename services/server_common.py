@@ -57,6 +57,12 @@ def status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode[status], str(e)
 
 
+def too_large(code: grpc.StatusCode, message: str) -> bool:
+    """Whether a status is grpc's own refusal of a message over its size limit (RESOURCE_EXHAUSTED,
+    like a full queue, but a fault of the request: no other server would take it either)."""
+    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in message
+
+
 class _Undecodable:
     """Stands for a request that protobuf could not parse, so that it can be answered properly."""
 

@@ -1,7 +1,8 @@
 """The web console in a real browser (Debian's chromium driven by Playwright) against the real
 endpoint, inference worker, Jobs API, Celery converter and Redis: the models and workers show, the
 chat playground streams an answer, a job submitted from the page runs to its final state there,
-and an error is shown, not swallowed. Screenshots go to ``test-artifacts/``."""
+and an error is shown, not swallowed; all of it under the page's Content-Security-Policy, which the
+browser never had to enforce against the console. Screenshots go to ``test-artifacts/``."""
 from __future__ import annotations
 
 import shutil
@@ -15,6 +16,8 @@ ARTIFACTS = REPO / "test-artifacts"
 
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CSP_REFUSALS: list[str] = []
+PAGE_HEADERS: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +28,9 @@ def page(http):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page()
         page.set_default_timeout(30_000)
-        page.goto(http.base + "/")
+        # what the browser refused under the Content-Security-Policy (it says so on the console)
+        page.on("console", lambda m: "Content Security Policy" in m.text and CSP_REFUSALS.append(m.text))
+        PAGE_HEADERS.update(page.goto(http.base + "/").headers)
         yield page
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "console-last.png"), full_page=True)
@@ -137,3 +142,13 @@ def test_a_fine_tune_from_the_page_shows_its_progress_and_whole_loss_curve(page,
     page.wait_for_function("document.querySelector('#loss-chart polyline')"
                            f".getAttribute('points').trim().split(' ').length === {steps}")
     page.screenshot(path=str(ARTIFACTS / "console-finetune-curve.png"), full_page=True)
+
+
+def test_the_console_ran_under_its_content_security_policy(page):
+    """After every tab, a streamed chat, jobs, the store and a loss curve: the page came with the
+    policy (no framing, own files only) and the browser refused nothing the console does."""
+    assert "frame-ancestors 'none'" in PAGE_HEADERS["content-security-policy"]
+    assert PAGE_HEADERS["x-frame-options"] == "DENY" and PAGE_HEADERS["x-content-type-options"] == "nosniff"
+    page.click("nav button[data-tab=models]")
+    page.locator("#model-table tbody tr").first.wait_for()
+    assert CSP_REFUSALS == []

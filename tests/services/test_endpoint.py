@@ -1,5 +1,6 @@
-"""Two workers behind one endpoint (their own Redis): both get traffic; one killed mid-stream
-has its requests continued on the other, unbroken, while new requests go there too; SIGTERM drains.
+"""Two workers behind one endpoint (their own Redis): both get traffic; a request too large for
+grpc is not retried on the other; one killed mid-stream has its requests continued on the other,
+unbroken, while new requests go there too; SIGTERM drains.
 
 The tests run in file order on the same pair of workers (the later ones stop them)."""
 import signal
@@ -8,14 +9,15 @@ from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import grpc
+import httpx
 import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.pb import common_pb2, inference_pb2, inference_pb2_grpc
 from services.registry import PREFIX, TTL_S
-from tests.helpers import RedisServer
-from tests.services.conftest import start_endpoint, start_worker, wait_workers
+from tests.helpers import RedisServer, free_port
+from tests.services.conftest import start_endpoint, start_worker, wait_http, wait_workers
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,9 @@ def pair(chat_model_dir, tokenizer_service, tmp_path_factory):
     a = start_worker(chat_model_dir, server.url, d, "worker-a")
     b = start_worker(chat_model_dir, server.url, d, "worker-b")
     a.wait_healthy(), b.wait_healthy()
-    ep = start_endpoint(server.url, tokenizer_service.address, d).wait_healthy()
+    port = free_port()
+    ep = start_endpoint(server.url, tokenizer_service.address, d, "endpoint", "--http-port", str(port)).wait_healthy()
+    ep.base = f"http://127.0.0.1:{port}"
     assert len(wait_workers(ep, 2)) == 2
     yield SimpleNamespace(redis=server, a=a, b=b, endpoint=ep)
     for s in (ep, a, b):
@@ -63,6 +67,25 @@ def test_both_workers_get_traffic(pair):
     assert routed == {pair.a.address: 4, pair.b.address: 4}
     assert pair.a.metric("internlm_generated_tokens_total") - a0 == 240
     assert pair.b.metric("internlm_generated_tokens_total") - b0 == 240
+
+
+def test_a_request_too_large_for_grpc_is_refused_once_not_retried(pair):
+    """A request over grpc's message size limit on its way to a worker (here: 5 MB of stop strings
+    in an 8 MiB HTTP body) is RESOURCE_EXHAUSTED, as a full queue is, but no other worker would take
+    it: it goes to one worker only and the HTTP client gets 413, not 429."""
+    wait_http(pair.endpoint.base)
+    body = {"prompt": "hi", "max_tokens": 2, "stop": ["x" * 1000] * 5000}
+
+    def routed():
+        return sum(w.requests_routed for w in wait_workers(pair.endpoint, 2))
+
+    for _ in range(2):  # the first also caches the model's info (a ModelInfo call is routed too)
+        before = routed()
+        r = httpx.post(f"{pair.endpoint.base}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 413, r.text
+        assert "larger than max" in r.json()["error"]["message"]
+    assert routed() - before == 1
+    assert stub(pair.endpoint).GenerateUnary(request(2), timeout=60).finish.completion_tokens == 2
 
 
 def test_streams_ride_out_a_redis_restart_and_crash(pair):
