@@ -40,6 +40,10 @@ class PathError(ValueError):
     """A path or name from a request that is not allowed (outside the roots, not a plain name)."""
 
 
+class GrammarError(ValueError):
+    """A structured-output grammar that cannot be compiled or followed (invalid, unsupported, too large)."""
+
+
 # ---- lookups, conflicts, capacity ---------------------------------------------------------------
 class AdapterNotFound(KeyError):
     """A request named a LoRA adapter that this engine does not hold (never fall back silently)."""
