@@ -193,7 +193,12 @@ class Constraint:
 
     def _check(self, doing: str) -> None:
         if self.matcher.is_error():
-            raise GrammarError(f"{self.kind}: the grammar failed at {doing}: {self.matcher.get_error()}")
+            raise GrammarError(f"{self.kind}: the grammar failed at {doing}: {_error(self.matcher)}")
+
+
+def _error(matcher: llguidance.LLMatcher) -> str:
+    # without verbose_errors (which would echo the grammar's internals) llguidance appends a marker
+    return matcher.get_error().replace("<non-verbose/>", "").strip()
 
 
 def compile_grammar(grammar: Grammar, tokenizer, stop_ids: Sequence[int]) -> Constraint:
@@ -208,5 +213,5 @@ def compile_grammar(grammar: Grammar, tokenizer, stop_ids: Sequence[int]) -> Con
     matcher = llguidance.LLMatcher(lltok, grammar.llguidance(), log_level=0,
                                    limits=llguidance.LLParserLimits(**LIMITS))
     if matcher.is_error():
-        raise GrammarError(f"{grammar.kind}: {matcher.get_error()}")
+        raise GrammarError(f"{grammar.kind}: {_error(matcher)}")
     return Constraint(matcher, grammar.kind, stop_ids, lltok.eos_tokens).prepare()
