@@ -67,6 +67,13 @@ class Grammar:
             size = len(self.text)
         if size > MAX_GRAMMAR_CHARS:
             raise GrammarError(f"{self.kind}: {size} characters, more than the {MAX_GRAMMAR_CHARS} allowed")
+        if self.kind == "json_schema":  # checked here too, so that a bad schema fails before a model loads
+            try:
+                schema = json.loads(self.text)
+            except json.JSONDecodeError as e:
+                raise GrammarError(f"json_schema: not valid JSON ({e})") from None
+            if not isinstance(schema, (dict, bool)):
+                raise GrammarError("json_schema: a schema is a JSON object")
         return self
 
     def llguidance(self) -> str:
@@ -79,13 +86,7 @@ class Grammar:
     def _llguidance(self) -> str:
         if self.kind == "json_object":
             return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=JSON_OPTIONS)
-        if self.kind == "json_schema":
-            try:
-                schema = json.loads(self.text)
-            except json.JSONDecodeError as e:
-                raise GrammarError(f"json_schema: not valid JSON ({e})") from None
-            if not isinstance(schema, (dict, bool)):
-                raise GrammarError("json_schema: a schema is a JSON object")
+        if self.kind == "json_schema":  # (valid JSON: ``validate``)
             return llguidance.LLMatcher.grammar_from_json_schema(self.text, overrides=JSON_OPTIONS)
         if self.kind == "regex":
             return llguidance.LLMatcher.grammar_from_regex(self.text)
