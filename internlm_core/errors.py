@@ -45,6 +45,10 @@ class TooLarge(ValueError):
     that cannot fit this machine's memory for what the request would do with it."""
 
 
+class GrammarError(ValueError):
+    """A structured-output grammar that cannot be compiled or followed (invalid, unsupported, too large)."""
+
+
 # ---- lookups, conflicts, capacity ---------------------------------------------------------------
 class AdapterNotFound(KeyError):
     """A request named a LoRA adapter that this engine does not hold (never fall back silently)."""

@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .structured import Grammar, compile_grammar
 from .tokenizer import CHAT_STOP_IDS
 
 FINISH_LENGTH, FINISH_EOS, FINISH_STOP, FINISH_ABORTED = "length", "eos", "stop", "aborted"
@@ -142,6 +143,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = _param(0, "also the k most likely tokens' log-probabilities (implies logprobs)")
+    grammar: Grammar | None = None  # structured output: the answer must match it (structured.py)
 
     def validate(self) -> "SamplingParams":
         def bad(msg):
@@ -171,6 +173,10 @@ class SamplingParams:
             bad(f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             bad(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        if self.grammar is not None:
+            self.grammar.validate()
+            if self.ignore_eos or self.min_new_tokens:  # each could forbid the end the grammar reaches
+                bad("a grammar (structured output) cannot be combined with ignore_eos or min_new_tokens")
         return self
 
     def replace(self, **kw) -> "SamplingParams":
@@ -226,6 +232,9 @@ class SequenceState:
         if self.vocab_size and any(not 0 <= t < self.vocab_size for t in given):
             raise ValueError(f"stop_token_ids must be token ids in 0..{self.vocab_size - 1}, got "
                              f"{sorted(t for t in given if not 0 <= t < self.vocab_size)[:3]}")
+        # Compiled here, on the submitting thread: a grammar that cannot be followed is refused now.
+        self.constraint = (compile_grammar(self.params.grammar, self.tokenizer, sorted(self.stop_ids))
+                           if self.params.grammar is not None else None)
         self.counts = np.zeros(self.vocab_size, np.float32)
         self.seen = np.unique(np.asarray(self.prompt, np.int64))  # repetition penalty covers the prompt (HF)
         # Generated text leaves out <s>/</s>/<unk> (as HF pipelines do); the ids keep them.
@@ -244,6 +253,8 @@ class SequenceState:
         if self._stops_masked():
             logits = logits.copy()
             logits[[i for i in self.stop_ids if i < len(logits)]] = -np.inf
+        if self.constraint is not None:  # before temperature and top-k/p, so those pick among allowed tokens
+            logits = self.constraint.mask(logits)
         return logits
 
     def _stops_masked(self) -> bool:
@@ -278,7 +289,8 @@ class SequenceState:
         masked stop id (masking only lowers those, so the masked argmax is the same token); None
         when ``choose(process(...))`` must decide. Saves a copy of the vocabulary every token."""
         p = self.params
-        if not p.greedy or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+        if (not p.greedy or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+                or self.constraint is not None):
             return None
         token = int(np.argmax(logits))
         return None if token in self.stop_ids and self._stops_masked() else token
@@ -302,6 +314,8 @@ class SequenceState:
 
     def _record(self, token: int, max_len: int | None) -> str:
         """Append a generated token; the text it releases (finish_reason set when it ends the request)."""
+        if self.constraint is not None and token not in self.stop_ids:  # a stop token ends it instead
+            self.constraint.advance(token)  # raises GrammarError for a token the grammar refuses
         self.generated.append(token)
         self.counts[token] += 1
         if self.params.repetition_penalty != 1.0:  # only the repetition penalty reads it

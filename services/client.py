@@ -11,7 +11,7 @@ import grpc
 from internlm_core.generation import SCALAR_PARAMS
 
 from services.auth import API_KEY_ENV, TLS_CA_ENV, client_channel, parse_keys
-from services.pb_convert import FINISH_FROM_PB, chat_to_pb
+from services.pb_convert import FINISH_FROM_PB, chat_to_pb, grammar_to_pb
 from services.pb import common_pb2, inference_pb2, inference_pb2_grpc
 
 DEFAULT_ENDPOINT = "localhost:50051"
@@ -47,6 +47,10 @@ def request_from_args(args) -> inference_pb2.GenerateRequest:
         value = getattr(args, name, None)
         if value is not None:
             setattr(params, name, value)
+    from services.cli.model_cmds import grammar_from_args
+
+    if (grammar := grammar_from_args(args)) is not None:
+        params.grammar.CopyFrom(grammar_to_pb(grammar))
     request = inference_pb2.GenerateRequest(params=params, adapter=getattr(args, "adapter", None) or "",
                                             allow_special_tokens=getattr(args, "allow_special_tokens", False))
     if getattr(args, "ids", None):

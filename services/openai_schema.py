@@ -5,11 +5,13 @@ the one table of the limits the HTTP side puts on a request (the README lists th
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal
 
 import grpc
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from services.pb import common_pb2
 from services.server_common import status_of, too_large
@@ -65,9 +67,47 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # fields of newer API versions we do not use are ignored
+# Why a field the server does not implement is refused (400), where there is more to say than that.
+NOT_IMPLEMENTED = {name: "tool calls are not implemented" for name in
+                   ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls")}
 
+
+class KnownFields(BaseModel):
+    """A request object whose every field is one the server implements (or documents as ignored):
+    any other field is a 400 naming it, since dropping it silently would give the client an answer
+    other than the one it asked for (tools, logit_bias, ...). A field set to null asks for nothing
+    and is taken as absent."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unknown(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = {f.alias or name for name, f in cls.model_fields.items()}
+            unknown = [k for k, v in data.items() if k not in known and v is not None]
+            if unknown:
+                why = "; ".join(f"{k} ({NOT_IMPLEMENTED[k]})" if k in NOT_IMPLEMENTED else k for k in unknown)
+                raise PydanticCustomError("unsupported_field", "unsupported field(s), not implemented by this "
+                                          "server: {why}", {"why": why})
+            data = {k: v for k, v in data.items() if k in known}
+        return data
+
+
+class JsonSchemaFormat(KnownFields):
+    name: str
+    description: str | None = None
+    schema_: dict | bool = Field(alias="schema")
+    strict: bool | None = None  # the schema is always enforced
+
+
+class ResponseFormat(KnownFields):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+GUIDED = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+
+
+class SamplingFields(KnownFields):
     model: str = ""
     max_tokens: Annotated[int, Field(ge=1, le=INT32)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1, le=INT32)] | None = None
@@ -80,7 +120,17 @@ class SamplingFields(BaseModel):
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Accepted and ignored (README): none changes the answer.
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    # Structured output (one at most): OpenAI's response_format, vLLM's guided_*
+    response_format: ResponseFormat | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
+    guided_grammar: str | None = None  # Lark, as llguidance takes it
     # vLLM's extras
     top_k: Annotated[int, Field(ge=-1, le=INT32)] = 0  # 0 or -1: off
     min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
@@ -88,6 +138,35 @@ class SamplingFields(BaseModel):
     min_tokens: Annotated[int, Field(ge=0, le=INT32)] = 0
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0, le=INT32)]] | None = None
+
+    @model_validator(mode="after")
+    def _one_grammar(self):
+        given = [name for name in GUIDED if getattr(self, name) is not None
+                 and not (name == "response_format" and self.response_format.type == "text")]
+        if len(given) > 1:
+            raise PydanticCustomError("conflict", "give one of {given}, not several", {"given": ", ".join(given)})
+        rf = self.response_format
+        if rf is not None and rf.type == "json_schema" and rf.json_schema is None:
+            raise PydanticCustomError("missing", "response_format: type json_schema needs json_schema")
+        return self
+
+    def grammar(self) -> common_pb2.Grammar | None:
+        """The structured-output grammar these fields ask for (compiled and checked by the worker)."""
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            return common_pb2.Grammar(json_object=True)
+        if rf is not None and rf.type == "json_schema":
+            return common_pb2.Grammar(json_schema=json.dumps(rf.json_schema.schema_))
+        if self.guided_json is not None:
+            schema = self.guided_json if isinstance(self.guided_json, str) else json.dumps(self.guided_json)
+            return common_pb2.Grammar(json_schema=schema)
+        if self.guided_regex is not None:
+            return common_pb2.Grammar(regex=self.guided_regex)
+        if self.guided_choice is not None:
+            return common_pb2.Grammar(choice=common_pb2.Choices(choices=self.guided_choice))
+        if self.guided_grammar is not None:
+            return common_pb2.Grammar(lark=self.guided_grammar)
+        return None
 
     def sampling(self, default_max: int, logprobs: bool, top: int) -> common_pb2.SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -99,6 +178,8 @@ class SamplingFields(BaseModel):
             stop=stop, ignore_eos=self.ignore_eos, logprobs=logprobs, top_logprobs=top)
         if self.stop_token_ids is not None:
             p.stop_token_ids.ids.extend(self.stop_token_ids)
+        if (grammar := self.grammar()) is not None:
+            p.grammar.CopyFrom(grammar)
         return p
 
 
@@ -110,7 +191,7 @@ class CompletionRequest(SamplingFields):
     best_of: Annotated[int, Field(ge=1)] | None = None
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(KnownFields):
     role: Literal["system", "user", "assistant"]
     content: str | list[dict]
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 from internlm_core.generation import (FINISH_ABORTED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SCALAR_PARAMS,
                                       SamplingParams)
 
+from internlm_core.structured import Grammar
+
 from services.pb import common_pb2, inference_pb2
 
 FINISH_TO_PB = {
@@ -20,6 +22,8 @@ def sampling_from_pb(p: common_pb2.SamplingParams) -> SamplingParams:
     kw["stop"] = tuple(p.stop)
     if p.HasField("stop_token_ids"):
         kw["stop_token_ids"] = tuple(p.stop_token_ids.ids)
+    if p.HasField("grammar"):
+        kw["grammar"] = grammar_from_pb(p.grammar)
     return SamplingParams(ignore_eos=p.ignore_eos, logprobs=p.logprobs, **kw).validate()
 
 
@@ -31,7 +35,24 @@ def sampling_to_pb(s: SamplingParams) -> common_pb2.SamplingParams:
             setattr(p, name, value)
     if s.stop_token_ids is not None:
         p.stop_token_ids.ids.extend(s.stop_token_ids)
+    if s.grammar is not None:
+        p.grammar.CopyFrom(grammar_to_pb(s.grammar))
     return p
+
+
+def grammar_from_pb(g: common_pb2.Grammar) -> Grammar:
+    kind = g.WhichOneof("kind")
+    if kind is None or (kind == "json_object" and not g.json_object):
+        raise ValueError("grammar: set one of json_schema, json_object (true), regex, choice, lark")
+    if kind == "choice":
+        return Grammar("choice", choices=tuple(g.choice.choices))
+    return Grammar(kind, "" if kind == "json_object" else getattr(g, kind))
+
+
+def grammar_to_pb(g: Grammar) -> common_pb2.Grammar:
+    if g.kind == "choice":
+        return common_pb2.Grammar(choice=common_pb2.Choices(choices=list(g.choices)))
+    return common_pb2.Grammar(**{g.kind: True if g.kind == "json_object" else g.text})
 
 
 def chat_from_pb(messages) -> list[dict]:

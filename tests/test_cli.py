@@ -70,11 +70,39 @@ def test_generate_typed_control_strings(chat_model_dir, tokenizer):
             assert res["prompt_tokens"] == len(want), (flag, chat)
 
 
+def test_generate_structured_output(chat_model_dir, tmp_path):
+    """--json-schema (text or @FILE) and --choice make the sampled answer match them."""
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                               "w": {"type": "string", "maxLength": 6}},
+              "required": ["n", "w"], "additionalProperties": False}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    for given in (json.dumps(schema), f"@{tmp_path / 's.json'}"):
+        res = json.loads(cli("generate", "--model", chat_model_dir, "--chat", "JSON please", "--temperature", 1,
+                             "--seed", 5, "--max-new-tokens", 60, "--json-schema", given, "--json").stdout)
+        jsonschema.validate(json.loads(res["text"]), schema)
+    res = json.loads(cli("generate", "--model", chat_model_dir, "Yes or no?", "--temperature", 1, "--seed", 5,
+                         "--choice", "yes", "--choice", "no", "--json").stdout)
+    assert res["text"] in ("yes", "no") and res["finish_reason"] == "eos"
+
+
+def test_remote_request_carries_the_grammar():
+    from services.cli import build_parser
+    from services.client import request_from_args
+
+    args = build_parser().parse_args(["generate", "hi", "--choice", "a", "--choice", "b"])
+    assert list(request_from_args(args).params.grammar.choice.choices) == ["a", "b"]
+    args = build_parser().parse_args(["generate", "hi", "--regex", "[a-z]+"])
+    assert request_from_args(args).params.grammar.regex == "[a-z]+"
+    assert not request_from_args(build_parser().parse_args(["generate", "hi"])).params.HasField("grammar")
+
+
 @pytest.mark.parametrize("args, msg", [
     (["generate", "--model", "/nonexistent", "hi", "--repetition-penalty", "nan"], "repetition_penalty must be a finite"),
     (["convert", "/nonexistent/hf", "/tmp/x"], "no config.json"),
     (["generate", "--model", "/nonexistent", "hi"], "model folder not found"),
     (["generate", "--model", "/nonexistent"], "either a PROMPT or --ids"),
+    (["generate", "--model", "/nonexistent", "hi", "--json-schema", "{no"], "json_schema: not valid JSON"),
 ])
 def test_errors_are_clear(args, msg):
     proc = cli(*args, check=False)

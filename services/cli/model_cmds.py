@@ -32,6 +32,7 @@ def register(sub) -> None:
                         "(default: plain text)")
     add_sampling_flags(g)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    add_grammar_flags(g)
     g.add_argument("--adapter", help="LoRA adapter name (remote only)")
     g.add_argument("--quantize", choices=METHODS,
                    help="with --model: quantise a float model's linears to int8 while loading (local only)")
@@ -84,11 +85,44 @@ def add_sampling_flags(parser) -> None:
                             help=f"{f.metadata['help']} (default: {default})")
 
 
+def add_grammar_flags(parser) -> None:
+    """Structured output: at most one grammar the answer must match (``SamplingParams.grammar``)."""
+    x = parser.add_mutually_exclusive_group()
+    x.add_argument("--json-schema", metavar="SCHEMA", help="the answer is JSON valid against this JSON Schema "
+                                                           "(JSON text, or @FILE)")
+    x.add_argument("--json-object", action="store_true", help="the answer is a JSON object")
+    x.add_argument("--regex", help="the whole answer matches this regular expression")
+    x.add_argument("--choice", action="append", help="the answer is one of these strings (repeatable)")
+    x.add_argument("--lark", metavar="GRAMMAR", help="the answer matches this Lark grammar (text, or @FILE)")
+
+
+def grammar_from_args(args):
+    """The ``Grammar`` the flags ask for, or None; ``@FILE`` reads the schema or grammar from FILE."""
+    from pathlib import Path
+
+    from internlm_core.structured import Grammar
+
+    def text(value: str) -> str:
+        return Path(value[1:]).read_text(encoding="utf-8") if value.startswith("@") else value
+
+    if getattr(args, "json_schema", None):
+        return Grammar("json_schema", text(args.json_schema))
+    if getattr(args, "json_object", False):
+        return Grammar("json_object")
+    if getattr(args, "regex", None):
+        return Grammar("regex", args.regex)
+    if getattr(args, "choice", None):
+        return Grammar("choice", choices=tuple(args.choice))
+    if getattr(args, "lark", None):
+        return Grammar("lark", text(args.lark))
+    return None
+
+
 def sampling_from_args(args):
     from internlm_core.generation import SCALAR_PARAMS, SamplingParams
 
     given = {name: getattr(args, name) for name in SCALAR_PARAMS if getattr(args, name) is not None}
-    return SamplingParams(stop=tuple(args.stop), **given).validate()
+    return SamplingParams(stop=tuple(args.stop), grammar=grammar_from_args(args), **given).validate()
 
 
 def prompt_messages(args) -> list[dict]:
