@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 import grpc
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from services.pb import common_pb2
