@@ -57,11 +57,11 @@ def test_metrics_label_routes_by_template_not_path(http):
     c.get(f"{base}/metrics")  # (itself counted from its next read on)
     before = http_series(base)
     size = len(httpx.get(f"{base}/metrics").text)
-    for _ in range(150):
+    for _ in range(150):  # job ids of the valid form (at most 64 characters): each a 404 of its route
         c.get(f"{base}/{secrets.token_hex(100)}/{secrets.token_hex(20)}")
-        c.get(f"{base}/api/jobs/{secrets.token_hex(60)}")
+        c.get(f"{base}/api/jobs/{secrets.token_hex(32)}")
     for _ in range(20):
-        c.post(f"{base}/api/jobs/{secrets.token_hex(60)}/cancel")
+        c.post(f"{base}/api/jobs/{secrets.token_hex(32)}/cancel")
     after = http_series(base)
     assert after == before
     assert len(httpx.get(f"{base}/metrics").text) < size + 500  # only counts and sums grew
