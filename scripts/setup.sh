@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Idempotent set-up on a fresh machine: virtual environment, packages, generated gRPC stubs,
+# Idempotent set-up on a fresh machine: virtual environment, packages (the gRPC stubs are committed),
 # a real redis-server and g++ (Debian packages) when none is installed, and for tests Debian's chromium.
 #
 #   setup.sh runtime   what serving, jobs and training need: the package plus its build extra
-#                      (grpcio-tools, to generate the stubs); used by scripts/up.sh
+#                      (grpcio-tools, to regenerate the stubs after a proto change); used by scripts/up.sh
 #   setup.sh test      runtime plus the test extra (torch, transformers, mindformers, pytest, ...);
 #                      used by scripts/test.sh
 #

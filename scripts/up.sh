@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The run command: set up (venv, runtime packages only, stubs, redis-server), then run the
+# The run command: set up (venv, runtime packages only, redis-server, g++), then run the
 # whole stack on loopback until Ctrl-C. Extra arguments go to the launcher (--workers N, --hf-model DIR, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
