@@ -90,7 +90,10 @@ class Router:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.refresh_s):
-            self.refresh()
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - the thread must outlive any one bad refresh, or routing stops for good
+                log.exception("refreshing the worker list failed; keeping the workers known")
 
     def refresh(self) -> None:
         try:
@@ -109,8 +112,7 @@ class Router:
                     w.channel = with_bearer(grpc.insecure_channel(w.address), self.token)
                     w.stub = inference_pb2_grpc.InferenceStub(w.channel)
                     log.info("worker %s at %s (%s) joined", wid, w.address, w.model)
-                w.load, w.max_batch = int(info.get("load", 0)), int(info.get("max_batch", 0))
-                w.precision = str(info.get("precision", ""))[:120]
+                w.load, w.max_batch, w.precision = info["load"], info["max_batch"], info["precision"]
             for wid in set(self.workers) - set(found):
                 w = self.workers.pop(wid)
                 w.retired = True

@@ -63,13 +63,34 @@ class Registration:
             pass
 
 
+def parse_registration(value: bytes) -> dict | None:
+    """A registration's info, its fields of the types the router reads (address and model strings,
+    load and max_batch integers), or None where it is not one: anything that can write the Redis a
+    deployment shares could leave a bad value under the prefix, and one must not stop the routing."""
+    try:
+        info = json.loads(value)
+        if not isinstance(info, dict) or not isinstance(info.get("address"), str) or not info["address"] \
+                or not isinstance(info.get("model"), str):
+            return None
+        return {**info, "load": int(info.get("load", 0)), "max_batch": int(info.get("max_batch", 0)),
+                "precision": str(info.get("precision", ""))[:120]}
+    except (ValueError, TypeError):  # not JSON (UnicodeDecodeError included), or a count that is no number
+        return None
+
+
 def list_workers(r: redis.Redis) -> dict[str, dict]:
-    """{worker id: info} of every live registration."""
+    """{worker id: info} of every live, well-formed registration (a malformed one is logged, skipped)."""
     keys = list(r.scan_iter(match=PREFIX + "*", count=200))
     out = {}
     for key, value in zip(keys, r.mget(keys) if keys else []):
-        if value is not None:  # expired between SCAN and MGET
-            out[key.decode().removeprefix(PREFIX)] = json.loads(value)
+        if value is None:  # expired between SCAN and MGET
+            continue
+        name = key.decode(errors="replace").removeprefix(PREFIX)
+        info = parse_registration(value)
+        if info is None:
+            log.warning("skipping the malformed worker registration %r", name[:200])
+            continue
+        out[name] = info
     return out
 
 

@@ -69,6 +69,31 @@ def test_both_workers_get_traffic(pair):
     assert pair.b.metric("internlm_generated_tokens_total") - b0 == 240
 
 
+def test_malformed_registrations_are_skipped_and_routing_goes_on(pair):
+    """Values under the registry's prefix that are not a worker's registration (not JSON, not an
+    object, no address, a load that is no number, bytes that are not text) are skipped: the endpoint
+    keeps listing and routing to the real workers, and sees a worker that registers afterwards."""
+    r = redis.Redis.from_url(pair.redis.url)
+    bad = {"not-json": b"{", "a-list": b"[1, 2]", "no-address": b'{"model": "m"}',
+           "bad-load": b'{"address": "127.0.0.1:1", "model": "m", "load": "many"}', "binary": b"\xff\xfe"}
+    for name, value in bad.items():
+        r.set(PREFIX + name, value, ex=60)
+    try:
+        time.sleep(1.5)  # a few refreshes
+        listed = {w.address for w in wait_workers(pair.endpoint, 2)}
+        assert listed == {pair.a.address, pair.b.address}
+        assert stub(pair.endpoint).GenerateUnary(request(3), timeout=60).finish.completion_tokens == 3
+        r.set(PREFIX + "late", b'{"address": "127.0.0.1:9", "model": "other-model", "load": 0}', ex=60)
+        assert "127.0.0.1:9" in {w.address for w in wait_workers(pair.endpoint, 3, timeout=10)}
+    finally:
+        r.delete(*(PREFIX + n for n in [*bad, "late"]))
+    deadline = time.monotonic() + 10  # the pretend worker gone before the next test routes anything
+    while {w.address for w in wait_workers(pair.endpoint, 2)} != {pair.a.address, pair.b.address}:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert "skipping the malformed worker registration 'not-json'" in pair.endpoint.log.read_text()
+
+
 def test_a_request_too_large_for_grpc_is_refused_once_not_retried(pair):
     """A request over grpc's message size limit on its way to a worker (here: 5 MB of stop strings
     in an 8 MiB HTTP body) is RESOURCE_EXHAUSTED, as a full queue is, but no other worker would take
