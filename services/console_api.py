@@ -16,7 +16,8 @@ from fastapi import FastAPI, Query, Request
 from google.protobuf import json_format
 from google.protobuf.json_format import ParseError
 
-from services.openai_schema import MAX_JOBS_LISTED, error_response, rpc_error_response
+from services.jobs.settings import LIMITS
+from services.openai_schema import error_response, rpc_error_response
 from services.pb import jobs_pb2
 from services.server_common import status_of
 
@@ -95,7 +96,7 @@ def add_routes(app: FastAPI, router, jobs) -> None:
                             for w in router.snapshot()]}
 
     @app.get("/api/jobs")
-    async def list_jobs(state: str = "", kind: str = "", limit: Annotated[int, Query(ge=1, le=MAX_JOBS_LISTED)] = 50):
+    async def list_jobs(state: str = "", kind: str = "", limit: Annotated[int, Query(ge=1, le=LIMITS["list_jobs"])] = 50):
         if state and state not in STATES or kind and kind not in KINDS:
             return error_response(400, f"state is one of {sorted(STATES)}, kind one of {sorted(KINDS)}")
         return await call(jobs.ListJobs, jobs_pb2.ListJobsRequest(state=STATES.get(state, 0), kind=KINDS.get(kind, 0),

@@ -23,7 +23,6 @@ MAX_PROMPT_IDS = 262_144         # a prompt given as token ids: 400
 MAX_N = 16                       # choices per request (each takes a worker slot)
 MAX_LOGPROBS = 5                 # completions' logprobs: alternatives per token (OpenAI's bound)
 MAX_TOP_LOGPROBS = 20            # chat's top_logprobs (OpenAI's bound)
-MAX_JOBS_LISTED = 1000           # GET /api/jobs?limit=
 
 # gRPC status -> (HTTP status, OpenAI error type)
 HTTP_STATUS = {

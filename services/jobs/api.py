@@ -15,6 +15,7 @@ import grpc
 import redis
 from google.protobuf import json_format
 
+from internlm_core.errors import TooLarge
 from internlm_core.store import Store
 
 from services.pb import jobs_pb2, jobs_pb2_grpc
@@ -23,7 +24,7 @@ from services.server_common import status_of
 from . import kinds
 from .app import make_app, send
 from .records import FAILED, FINAL, STATES, JobRecords, KeyReused, canonical
-from .settings import JobsSettings
+from .settings import LIMITS, JobsSettings
 
 log = logging.getLogger("internlm.jobs.api")
 SERVICE_NAME = jobs_pb2.DESCRIPTOR.services_by_name["Jobs"].full_name
@@ -130,6 +131,8 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
             raise ValueError(f"unknown state {request.state}")
         if request.limit < 0:
             raise ValueError("limit must not be negative")
+        if request.limit > LIMITS["list_jobs"]:
+            raise TooLarge(f"limit {request.limit} is above the limit of {LIMITS['list_jobs']}")
         recs = self.records.list(state=state, kind=kind, limit=request.limit or 100)
         return jobs_pb2.ListJobsResponse(jobs=[job_to_pb(r) for r in recs])
 

@@ -27,6 +27,7 @@ LIMITS = {
     "seq_length": 32768,         # tokens per preprocessed row
     "max_batch": 64,             # an exported graph's cache slots
     "max_len": 32768,            # an exported graph's positions (and at most the model's own)
+    "list_jobs": 1000,           # jobs one ListJobs (or GET /api/jobs) returns
 }
 
 

@@ -218,6 +218,10 @@ def test_requests_beyond_the_limits_or_the_memory_are_refused(jobs_api, jobs_set
     stub.SubmitJob(finetune(output="a", max_steps=LIMITS["max_steps"], keep_last=LIMITS["keep_last"],
                             save_every=LIMITS["max_steps"] // LIMITS["checkpoints"]))
     stub.SubmitJob(export(output="b", max_batch=LIMITS["max_batch"]))
+    with pytest.raises(grpc.RpcError) as e:  # a listing is bounded too
+        stub.ListJobs(jobs_pb2.ListJobsRequest(limit=over["list_jobs"]))
+    assert e.value.code() == INVALID and f"above the limit of {LIMITS['list_jobs']}" in e.value.details()
+    assert len(stub.ListJobs(jobs_pb2.ListJobsRequest(limit=LIMITS["list_jobs"])).jobs) == 2
 
     monkeypatch.setenv("INTERNLM_MEMORY_LIMIT", "4G")  # this process's memory, as the operator caps it
     for method, needs in (("full", "109.9"), ("lora", "28.0")):

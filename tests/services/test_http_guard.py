@@ -13,7 +13,8 @@ import time
 import httpx
 import pytest
 
-from services.openai_schema import (MAX_BODY_BYTES, MAX_JOBS_LISTED, MAX_LOGPROBS, MAX_N, MAX_PROMPT_CHARS,
+from services.jobs.settings import LIMITS
+from services.openai_schema import (MAX_BODY_BYTES, MAX_LOGPROBS, MAX_N, MAX_PROMPT_CHARS,
                                     MAX_PROMPT_IDS)
 from tests.helpers import free_port
 from tests.services.conftest import WORKER_SLOTS, start_endpoint, wait_http, wait_workers
@@ -180,11 +181,11 @@ def test_count_bounds(http, path, body, param):
 
 
 def test_jobs_list_limit_is_bounded(http):
-    for limit in ("0", "-1", str(MAX_JOBS_LISTED + 1), str(10 ** 12), "many"):
+    for limit in ("0", "-1", str(LIMITS["list_jobs"] + 1), str(10 ** 12), "many"):
         r = httpx.get(f"{http.base}/api/jobs", params={"limit": limit})
         assert r.status_code == 400, (limit, r.text)
         assert r.json()["error"]["param"] == "limit"
-    assert httpx.get(f"{http.base}/api/jobs", params={"limit": MAX_JOBS_LISTED}).status_code == 200
+    assert httpx.get(f"{http.base}/api/jobs", params={"limit": LIMITS["list_jobs"]}).status_code == 200
 
 
 def finished(worker, reason: str) -> float:
