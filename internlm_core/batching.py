@@ -75,6 +75,7 @@ class Handle:
     _wake: threading.Condition | None = None
     last_token_at: float | None = None  # when its latest token was emitted (inter-token latency)
     prefilled: int = 0  # context tokens already in the slot's cache
+    tenant: str = ""  # whose cached prompt rows it may reuse: only its own tenant's (see ``submit``)
     failed: bool = False  # an engine step failed while this request held its slot
     logprobs: list[float] = field(default_factory=list)
 
@@ -159,7 +160,8 @@ class Batcher:
         # What each slot's cache rows hold: (adapter, adapters_version, tokens) after its last request.
         # An engine that prefills whole prompts only (prefill_chunk None) cannot start mid-prompt.
         self.prefix_cache = prefix_cache and engine.prefill_chunk is not None
-        self._resident: list[tuple[int, int, list[int]] | None] = [None] * engine.max_batch
+        # per slot, what its cache rows hold: (adapter, adapters version, tenant, tokens)
+        self._resident: list[tuple[int, int, str, list[int]] | None] = [None] * engine.max_batch
         self._freed: list[int] = [0] * engine.max_batch  # when each slot was last freed (LRU order)
         self._clock = 0
         self._accepting = True
@@ -174,11 +176,13 @@ class Batcher:
         return self
 
     def submit(self, prompt: list[int], params: SamplingParams, adapter: str | None = None,
-               resume: list[int] = ()) -> Handle:
+               resume: list[int] = (), tenant: str = "") -> Handle:
         """Queue a request; raises ValueError / PromptTooLong / AdapterNotFound for bad input and
         QueueFull when the waiting queue is at its bound. ``resume``: tokens the request already
         produced elsewhere; it continues after them (``SequenceState.resume``) and streams only
-        what follows."""
+        what follows. ``tenant``: who sent it (the services pass a digest of its API key); a
+        prompt reuses only KV rows its own tenant's requests left, so that how fast a prompt is
+        answered never tells one user what another one asked."""
         prompt, resume = [int(t) for t in prompt], [int(t) for t in resume]
         self.engine.check_prompt(len(prompt) + len(resume))
         bad = [t for t in prompt + resume if not 0 <= t < self.vocab_size]
@@ -187,7 +191,7 @@ class Batcher:
         index = self.engine.adapter_index(adapter)
         state = SequenceState(prompt, params, self.tokenizer, self.vocab_size)  # validates params
         state.resume(resume, self.engine.max_len)
-        handle = Handle(state, prompt + resume, index, _wake=self._wake)
+        handle = Handle(state, prompt + resume, index, _wake=self._wake, tenant=tenant)
         with self._wake:
             if not self._accepting:
                 raise ShuttingDown("the worker is shutting down")
@@ -267,7 +271,8 @@ class Batcher:
 
     def _place(self, h: Handle) -> tuple[int, int]:
         """A free slot for ``h`` and how many of its prompt tokens that slot already holds: the
-        longest shared prefix (with the same adapter), else the longest-free slot."""
+        longest shared prefix (with the same adapter, left by the same tenant), else the
+        longest-free slot."""
         free = [s for s, x in enumerate(self._slots) if x is None]
         best, reuse = min(free, key=lambda s: self._freed[s]), 0
         if not self.prefix_cache:
@@ -275,9 +280,9 @@ class Batcher:
         prompt = h.context
         for s in free:
             held = self._resident[s]
-            if held is None or held[:2] != (h.adapter, self.engine.adapters_version):
+            if held is None or held[:3] != (h.adapter, self.engine.adapters_version, h.tenant):
                 continue
-            n = common_prefix(held[2], prompt, len(prompt) - 1)  # the last token is always computed
+            n = common_prefix(held[3], prompt, len(prompt) - 1)  # the last token is always computed
             if n > reuse:
                 best, reuse = s, n
         return best, reuse
@@ -362,7 +367,7 @@ class Batcher:
             tokens = self._reusable(h)
             self._clock += 1
             with self._wake:
-                self._resident[h.slot] = tokens and (h.adapter, self.engine.adapters_version, tokens)
+                self._resident[h.slot] = tokens and (h.adapter, self.engine.adapters_version, h.tenant, tokens)
                 self._freed[h.slot] = self._clock
                 self._slots[h.slot] = None
         self.requests_finished += 1

@@ -11,6 +11,9 @@
   (containers), the token keeps everything but the endpoint out.
 - **TLS** for both doors of the endpoint from a certificate and key (``--tls-cert`` / ``--tls-key``),
   and for clients the CA that signed it (``--tls-ca``).
+- **Tenants**: the endpoint tells a worker whose request it is (``TENANT_HEADER``, a digest of the
+  API key the call came with, never the key), and a worker reuses cached prompt rows only within
+  one tenant, so a fast answer never tells one user what another one asked.
 
 Both gRPC checks are one server interceptor (``KeyInterceptor``), the HTTP check is the ``Guard``
 middleware calling ``authorized``; clients add the header with ``with_bearer``.
@@ -18,6 +21,7 @@ middleware calling ``authorized``; clients add the header with ``with_bearer``.
 from __future__ import annotations
 
 import collections
+import hashlib
 import secrets
 from pathlib import Path
 
@@ -28,6 +32,8 @@ INTERNAL_TOKEN_ENV = "INTERNLM_INTERNAL_TOKEN"
 TLS_CERT_ENV, TLS_KEY_ENV, TLS_CA_ENV = "INTERNLM_TLS_CERT", "INTERNLM_TLS_KEY", "INTERNLM_TLS_CA"
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
+TENANT_HEADER = "x-internlm-tenant"  # endpoint -> worker: whose request (see tenant_of)
+
 NEED_KEY = "a valid API key is required: authorization: Bearer <key>"
 NEED_TOKEN = "this service answers the endpoint only: the internal token is missing or wrong"
 
@@ -35,6 +41,15 @@ NEED_TOKEN = "this service answers the endpoint only: the internal token is miss
 def parse_keys(value: str | None) -> tuple[str, ...]:
     """``"k1, k2"`` -> ``("k1", "k2")``; empty -> no keys (nothing required)."""
     return tuple(k.strip() for k in (value or "").split(",") if k.strip())
+
+
+def tenant_of(metadata) -> str:
+    """Whose call this is, from its metadata (``(name, value)`` pairs): a digest of its
+    ``authorization`` value, "" where it has none (an endpoint without keys: one tenant)."""
+    header = next((v for k, v in metadata or () if k == "authorization"), None)
+    if not header:
+        return ""
+    return hashlib.sha256(header.encode() if isinstance(header, str) else header).hexdigest()[:32]
 
 
 def authorized(keys, header: str | bytes | None) -> bool:

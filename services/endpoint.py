@@ -29,8 +29,8 @@ import redis
 from prometheus_client import Counter, Gauge
 
 from internlm_core.errors import ModelNotFound, Unavailable
-from services.auth import (API_KEY_ENV, INTERNAL_TOKEN_ENV, TLS_CERT_ENV, TLS_KEY_ENV, parse_keys, tls_pair,
-                           with_bearer)
+from services.auth import (API_KEY_ENV, INTERNAL_TOKEN_ENV, TENANT_HEADER, TLS_CERT_ENV, TLS_KEY_ENV, parse_keys,
+                           tenant_of, tls_pair, with_bearer)
 from services.pb_convert import join_chunks
 from services.pb import endpoint_pb2, endpoint_pb2_grpc, inference_pb2, inference_pb2_grpc, jobs_pb2, tokenizer_pb2
 from services.registry import TTL_S, list_workers
@@ -183,8 +183,10 @@ def _timeout(context) -> float | None:
 
 
 class InferenceProxy(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, router: Router):
-        self.router = router
+    def __init__(self, router: Router, tenants: bool = False):
+        """``tenants``: tell workers whose key each call came with (``auth.tenant_of``), so that
+        cached prompt rows are reused within one key only; without keys every caller is one."""
+        self.router, self.tenants = router, tenants
 
     def _next(self, request, tried: set, error):
         try:
@@ -204,6 +206,7 @@ class InferenceProxy(inference_pb2_grpc.InferenceServicer):
         """The worker's stream; when a worker goes away mid-stream, another continues the request
         from the tokens already streamed (``resume_ids``), so the client sees one stream."""
         request = with_seed(request)
+        tenant = ((TENANT_HEADER, tenant_of(context.invocation_metadata()) if self.tenants else ""),)
         tried, error, produced = set(), None, []
         while True:
             try:
@@ -221,7 +224,7 @@ class InferenceProxy(inference_pb2_grpc.InferenceServicer):
                 CONTINUED.inc()
                 log.warning("continuing a request on %s after %d token(s): %s", w.address, len(produced),
                             error.details())
-            call = w.stub.Generate(attempt, timeout=_timeout(context))
+            call = w.stub.Generate(attempt, timeout=_timeout(context), metadata=tenant)
             context.add_callback(call.cancel)  # the client's cancel or deadline reaches the worker
             try:
                 for response in call:
@@ -316,7 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     token = args.internal_token or None
     router = Router(args.redis_url, token=token).start()
     tokenizer = with_bearer(grpc.insecure_channel(args.tokenizer_address), token)
-    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceProxy(router), server.grpc)
+    proxy = InferenceProxy(router, tenants=bool(keys))
+    inference_pb2_grpc.add_InferenceServicer_to_server(proxy, server.grpc)
     endpoint_pb2_grpc.add_EndpointServicer_to_server(EndpointServicer(router), server.grpc)
     server.grpc.add_generic_rpc_handlers([tokenizer_passthrough(tokenizer)])
     services = [INFERENCE.full_name, TOKENIZER.full_name, ENDPOINT.full_name]
@@ -336,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
 
         # The console's job pages call this endpoint's Jobs servicer in this process: no channel,
         # so neither a key nor a TLS client of their own (the HTTP door has checked the caller).
-        app = create_app(InferenceProxy(router), router, tokenizer, keys, jobs and InProcess(jobs),
+        app = create_app(proxy, router, tokenizer, keys, jobs and InProcess(jobs),
                          [o for o in args.allowed_origins.split(",") if o])
         http.append(HttpServer(app, args.host, args.http_port, tls).start())
         log.info("HTTP (OpenAI API, console) on %s:%d%s", args.host, http[0].port, " with TLS" if tls else "")

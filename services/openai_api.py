@@ -40,13 +40,18 @@ CONSOLE = Path(__file__).resolve().parent / "console"
 
 class CallContext:
     """What ``InferenceProxy.Generate`` needs of a gRPC context, for an HTTP request: no deadline,
-    and callbacks (the upstream call's cancel) that run when the client goes away or the call ends."""
+    the request's ``authorization`` as metadata (its tenant), and callbacks (the upstream call's
+    cancel) that run when the client goes away or the call ends."""
 
-    def __init__(self):
+    def __init__(self, authorization: str | None = None):
         self._callbacks, self._lock, self._done = [], threading.Lock(), False
+        self._metadata = (("authorization", authorization),) if authorization else ()
 
     def time_remaining(self):
         return None
+
+    def invocation_metadata(self):
+        return self._metadata
 
     def add_callback(self, fn) -> bool:
         with self._lock:
@@ -75,9 +80,9 @@ class Generation:
 
     END = object()
 
-    def __init__(self, proxy, requests):
+    def __init__(self, proxy, requests, authorization: str | None = None):
         self.loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
-        self.contexts = [CallContext() for _ in requests]
+        self.contexts = [CallContext(authorization) for _ in requests]
         self.left = len(requests)
         for i, (r, ctx) in enumerate(zip(requests, self.contexts)):
             threading.Thread(target=self._pump, args=(proxy, i, r, ctx), name="http-generate", daemon=True).start()
@@ -315,7 +320,7 @@ def create_app(proxy, router, tokenizer: grpc.Channel, api_keys=(), jobs=None, a
         created, model = int(time.time()), body.model or requests[0].model
         kind = "chat.completion" if chat else "text_completion"
         choices = [Choice(i) for i in range(len(requests))]
-        gen = Generation(api.proxy, requests)
+        gen = Generation(api.proxy, requests, request.headers.get("authorization"))
         try:  # the first response before any byte goes out, so that a refusal gets its HTTP status
             first = await unless_gone(request, gen.next())
         except ClientGone:  # while queued at a worker

@@ -202,6 +202,21 @@ def test_prefix_reuse_gives_the_same_tokens(model, solo_engine):
         assert admits == ([(0, 36), (30, 39), (38, 39)] if reuse else [(0, 36), (0, 39), (0, 39)])
 
 
+def test_prefix_reuse_stays_within_one_tenant(model):
+    """A prompt reuses the rows its own tenant's request left, never another tenant's."""
+    prompt = random_ids(30, 512, seed=33)
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    rec = Recorder()
+    b = Batcher(Engine(model, max_batch=2, max_len=64), metrics=rec).start()
+    try:
+        for tenant in ("alice", "bob", "alice", "bob"):
+            list(b.submit(prompt, params, tenant=tenant))
+    finally:
+        b.stop(timeout=30)
+    admits = [e[1:] for e in rec.log if e[0] == "admit"]
+    assert admits == [(0, 30), (0, 30), (29, 30), (29, 30)]
+
+
 def test_long_prompt_is_prefilled_between_decode_steps(model, solo_engine):
     """A prompt longer than the prefill chunk goes in a chunk per iteration while a running stream
     keeps getting a token each iteration, and comes out as it would alone."""

@@ -203,6 +203,27 @@ def test_the_worker_and_the_tokenizer_refuse_calls_without_the_token(guarded):
             health_pb2.HealthCheckResponse.SERVING
 
 
+def test_cached_prompt_rows_are_reused_within_one_key_only(guarded):
+    """A prompt sent again with the same key reuses the KV rows its first sending left (the
+    worker's prefix-hit counter grows by most of the prompt); sent with another key it reuses none
+    of them, so how fast a prompt is answered tells no user what another one asked. The first
+    sending goes over HTTP, the others over gRPC: both doors tell the worker the same tenant."""
+    prompt = " ".join(f"tenant-{i} sentence about the sea" for i in range(20))
+    hits = lambda: guarded.worker.metric("internlm_prefix_cache_hits_tokens_total")  # noqa: E731
+    r = httpx.post(f"{guarded.keyed.base}/v1/completions", headers={"authorization": f"Bearer {KEYS[0]}"},
+                   json={"prompt": prompt, "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200, r.text
+    n = r.json()["usage"]["prompt_tokens"]
+    request = inference_pb2.GenerateRequest(text=prompt, params=common_pb2.SamplingParams(max_new_tokens=2))
+    before = hits()
+    inference_pb2_grpc.InferenceStub(client_channel(guarded.keyed.address, KEYS[1])).GenerateUnary(request, timeout=60)
+    other = hits() - before
+    assert other <= 1, other  # at most the BOS token, shared with that key's own earlier prompts
+    before = hits()
+    inference_pb2_grpc.InferenceStub(client_channel(guarded.keyed.address, KEYS[0])).GenerateUnary(request, timeout=60)
+    assert hits() - before >= n - 2  # all but the last token (always computed) reused
+
+
 def test_tls_on_both_doors(guarded):
     address = guarded.tls.address
     with client_channel(address, ENV_KEY) as plain, pytest.raises(grpc.RpcError) as e:
