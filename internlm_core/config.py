@@ -247,7 +247,7 @@ HF_MODEL_TYPES = {"internlm": "internlm", "llama": "internlm", "internlm2": "int
 HF_ARCHITECTURES = {"InternLMForCausalLM": "internlm", "LlamaForCausalLM": "internlm",
                     "InternLM2ForCausalLM": "internlm2"}
 
-# Numbers from InternLM's HF configs (shared/reference/internlm-v1.md), not the MindFormers
+# Numbers from InternLM's own HF configs (config.json of internlm-7b / -20b), not the MindFormers
 # yamls, which carry num_heads 60 and rms_norm_eps 1e-5 for 20B by mistake.
 _7B = dict(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
            max_position_embeddings=2048, rms_norm_eps=1e-6, bias=True)

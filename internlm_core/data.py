@@ -1,22 +1,22 @@
 """Training data: Alpaca JSON and WikiText text to MindRecord rows, and reading them back.
 
-A dataset is a folder: ``data.mindrecord`` (+ its ``.db`` index) with the seed's schema,
+A dataset is a folder: ``data.mindrecord`` (+ its ``.db`` index) with MindFormers' research/internlm schema,
 ``input_ids`` int32 [-1] and, for Alpaca, ``labels`` int32 [-1], every row ``seq_length + 1``
 long and right-padded, plus ``stats.json``. The folder is written to a temporary sibling and
 renamed when complete, so a reader never sees half a dataset. Training reads it a batch at a
 time (``RowFile``), never whole.
 
-What differs from the seed scripts (shared/reference/internlm-v1.md) and why:
-- ``<eoh>``/``<eoa>`` are the real pieces 103027/103028 (the seed hard-codes unused ids).
+What differs from MindFormers' research/internlm preprocessing scripts and why:
+- ``<eoh>``/``<eoa>`` are the real pieces 103027/103028 (those scripts hard-code the unused ids 103166/103167).
 - The prompt is tokenized exactly as the serving chat template renders it
   (``Tokenizer.encode_chat``), so training and inference see the same tokens.
 - A record that overflows is truncated: the answer's tail first, then the middle of the user
   text, always keeping the ``<eoh>\\n<|Bot|>:`` turn marker and at least a few answer tokens.
   A record that still cannot fit is dropped and counted; no row ever has all labels ignored.
 - Alpaca text is encoded as plain text, as serving encodes user text: a literal ``<eoa>`` in an
-  answer is characters, not an early end of the answer. WikiText keeps the seed's tokenizer
+  answer is characters, not an early end of the answer. WikiText keeps those scripts' tokenizer
   behaviour, literal special strings to ids: its ``<unk>`` marks out-of-vocabulary words.
-- WikiText is packed into full rows by default (no padding wasted); the seed's
+- WikiText is packed into full rows by default (no padding wasted); their
   one-line-per-sample mode (min length, pad with 2) stays available as ``mode="line"``.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ PAD_ID = EOS  # InternLM pads with </s>
 DATA_FILE = "data.mindrecord"
 STATS_FILE = "stats.json"
 MIN_ANSWER = 4  # a truncated Alpaca row keeps at least this many answer tokens
-WIKI_MIN_LENGTH = 50  # the seed's min_length for one-line samples
+WIKI_MIN_LENGTH = 50  # MindFormers' min_length for one-line samples
 
 SCHEMAS = {
     "alpaca": {"input_ids": {"type": "int32", "shape": [-1]}, "labels": {"type": "int32", "shape": [-1]}},
@@ -118,7 +118,7 @@ def read_lines(src: Path) -> list[str]:
 
 
 def line_row(ids: list[int], row_len: int, min_length: int = WIKI_MIN_LENGTH) -> tuple[list[int], bool] | None:
-    """The seed's one-line sample: kept if at least ``min_length`` tokens, cut or padded with 2."""
+    """MindFormers' one-line sample: kept if at least ``min_length`` tokens, cut or padded with 2."""
     if len(ids) < min_length:
         return None
     return (ids + [PAD_ID] * (row_len - len(ids)))[:row_len], len(ids) > row_len
@@ -145,7 +145,7 @@ def preprocess(kind: str, src: Path, dst: Path, seq_length: int, mode: str | Non
                overwrite: bool = False, min_length: int = WIKI_MIN_LENGTH) -> dict:
     """Write a MindRecord dataset folder ``dst`` from ``src``; returns the statistics.
 
-    kind "alpaca" (mode "pad") or "wikitext" (mode "pack", the default, or the seed's "line").
+    kind "alpaca" (mode "pad") or "wikitext" (mode "pack", the default, or MindFormers' "line").
     ``progress(done, total)`` counts input records/lines; ``cancel()`` is checked between them
     and raises ``Cancelled`` (nothing is left behind). Stats: rows, tokens (real, non-padding),
     truncated, dropped, plus the input count and settings.
@@ -204,7 +204,7 @@ def preprocess(kind: str, src: Path, dst: Path, seq_length: int, mode: str | Non
         def streams():
             for i, line in enumerate(items, 1):
                 tick(i)
-                # bos starts every paragraph/heading; no eos (as the seed)
+                # bos starts every paragraph/heading; no eos (as MindFormers' scripts)
                 yield tok.encode(line, allow_special=True)
         for ids, n in pack_rows(streams(), row_len):
             stats["tokens"] += n
@@ -267,7 +267,7 @@ def iter_rows(path: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """A dataset's rows in order, one at a time, as (input_ids, labels) int32 (L,); labels IGNORE
     where not trained.
 
-    WikiText rows have no labels: every token is a target except padding (id 2, as the seed).
+    WikiText rows have no labels: every token is a target except padding (id 2, as MindFormers' scripts pad).
     Rows must all have one length (this module writes them so).
     """
     from mindspore.mindrecord import FileReader

@@ -21,7 +21,7 @@ Static export fixes every shape: prefill runs one prompt padded to (1, max_len),
 batch, prompt length and cache length as unknown (None); MindSpore prepares the graph once per
 distinct shape, so prompt lengths are rounded up to the engine's buckets.
 
-MindSpore Lite (the seed's runtime) has no Python package for this platform; its path is a
+MindSpore Lite (MindFormers' research/internlm's runtime) has no Python package for this platform; its path is a
 check that fails clearly (see ``require_lite``), not an untested runner.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """LoRA for training: a wrapping linear layer, adapter-only folders, and merging into a full model.
 
-LoRA output (shared/reference/internlm-v1.md): ``x W^T + b + dropout(x) A^T B^T * (alpha / rank)``,
+LoRA output (as MindFormers' and PEFT's): ``x W^T + b + dropout(x) A^T B^T * (alpha / rank)``,
 A [rank, in], B [out, rank], B initialised to zero so training starts from the base model.
 
 An adapter folder holds ``adapter_config.json`` (rank, alpha, dropout, targets, the base

@@ -3,7 +3,7 @@
 A pre-norm LLaMA: RMSNorm, rotate-half rotary, SwiGLU MLP, untied head; the 7B family adds
 bias to q/k/v/o. Parameter names are MindFormers' so checkpoints load there unchanged.
 
-Only ops with CPU kernels are used (see shared/reference/mindspore-cpu.md): no fused
+Only ops MindSpore has CPU kernels for are used: no fused
 RMSNorm/rotary/flash attention, ``mint.nn.functional.linear`` for projections. The same
 code runs on GPU/Ascend. Host-side numpy builds the small per-call inputs (rotary tables,
 masks, cache indices) so that each graph compiles once per shape and padding can never leak

@@ -59,7 +59,7 @@ class ChatFormat:
 
 
 CHAT_FORMATS = {
-    # InternLM v1 (lmdeploy's and the seed's): <|System|>:{s}\n, <|User|>:{q}<eoh>\n, <|Bot|>:{a}<eoa>\n
+    # InternLM v1 (lmdeploy's and MindFormers' research/internlm's): <|System|>:{s}\n, <|User|>:{q}<eoh>\n, <|Bot|>:{a}<eoa>\n
     "internlm": ChatFormat(system=("<|System|>:", CONTENT, "\n"), user=("<|User|>:", CONTENT, Control("<eoh>"), "\n"),
                            assistant=("<|Bot|>:", CONTENT, Control("<eoa>"), "\n"), generation_prompt=("<|Bot|>:",),
                            stops=(Control("<eoa>"),)),

@@ -21,8 +21,8 @@ def _hyper(default, help: str):
 
 @dataclass
 class TrainArgs:
-    """Everything a fine-tuning run needs. ``None`` for lr / weight_decay picks the seed's
-    default for the mode (full 1e-5 / 0.1, LoRA 5e-5 / 0.01)."""
+    """Everything a fine-tuning run needs. ``None`` for lr / weight_decay picks MindFormers'
+    research/internlm default for the mode (full 1e-5 / 0.1, LoRA 5e-5 / 0.01)."""
     model: str  # base model folder
     data: str  # dataset folder (or .mindrecord file) from internlm_core.data.preprocess
     out: str  # output folder: a full model, or an adapter in LoRA mode

@@ -14,7 +14,7 @@ ALPACA_EN = DATA / "alpaca" / "alpaca_en.json"
 ALPACA_ZH = DATA / "alpaca" / "alpaca_zh.json"
 WIKI = DATA / "wikitext-2" / "valid.txt"
 
-# <|User|>:你好<eoh>\n<|Bot|>: without bos (shared/reference/internlm-v1.md)
+# <|User|>:你好<eoh>\n<|Bot|>: without bos (InternLM v1's chat format)
 PROMPT_NIHAO = [333, 352, 1621, 352, 27232, 76379, 103027, 364, 333, 352, 23845, 352, 27232]
 
 
@@ -48,7 +48,7 @@ def test_exact_fit_is_trained_not_masked(tokenizer):
     n = len(prompt) + len(answer)
     ids, labels, truncated = alpaca_row(prompt, answer, n, _prompt_tail_length(tokenizer))
     assert not truncated and len(ids) == n and PAD_ID not in ids[:-1]
-    assert labels[-5:] == answer  # the seed masked this whole row
+    assert labels[-5:] == answer  # MindFormers' script masked this whole row
 
 
 def test_overflowing_answer_is_cut_keeping_the_prompt(tokenizer):
@@ -87,7 +87,7 @@ def test_shared_alpaca_samples(tmp_path, tokenizer, src):
     trained = labels != IGNORE
     assert trained.any(1).all()  # never an all-ignored row
     assert (labels[trained] == ids[trained]).all()
-    assert (ids == EOH).sum(1).min() >= 1 and not np.isin(ids, [103166, 103167]).any()  # real <eoh>, not the seed's
+    assert (ids == EOH).sum(1).min() >= 1 and not np.isin(ids, [103166, 103167]).any()  # real <eoh>, not MindFormers' unused ids
     assert int(trained.sum()) <= stats["tokens"] <= ids.size
     assert json.loads((tmp_path / "ds" / "stats.json").read_text()) == stats
     # the first record, rebuilt by hand from the tokenizer, is the first row
@@ -100,7 +100,7 @@ def test_shared_alpaca_samples(tmp_path, tokenizer, src):
 def test_wikitext_packing_fills_rows(tmp_path, tokenizer):
     stats = preprocess("wikitext", WIKI, tmp_path / "ds", seq_length=256, tokenizer=tokenizer)
     lines = [s.strip() for s in WIKI.read_text().splitlines() if s.strip()]
-    # WikiText's own <unk> marker is the unk id, as the seed's tokenizer made it
+    # WikiText's own <unk> marker is the unk id, as MindFormers' preprocessing made it
     expected_tokens = sum(len(tokenizer.encode(s, allow_special=True)) for s in lines)
     assert stats["mode"] == "pack" and stats["tokens"] == expected_tokens and stats["dropped"] == 0
     ids, labels = load_rows(tmp_path / "ds")

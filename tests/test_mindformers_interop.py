@@ -1,4 +1,4 @@
-"""The project's checkpoints load by name into MindFormers 1.9.0 (the seed's framework) and give
+"""The project's checkpoints load by name into MindFormers 1.9.0 (the framework of its research/internlm) and give
 the same logits. MindFormers runs forward on CPU only with the settings below (mindspore-cpu.md)."""
 import importlib
 import importlib.util

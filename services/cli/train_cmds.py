@@ -17,7 +17,7 @@ def register(sub) -> None:
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path, help="dataset folder to create (data.mindrecord + stats.json)")
     p.add_argument("--seq-length", type=int, required=True, help="tokens per row (rows hold seq_length+1)")
-    p.add_argument("--mode", help="wikitext: pack (default; full rows) or line (the seed's one line per row)")
+    p.add_argument("--mode", help="wikitext: pack (default; full rows) or line (MindFormers' one line per row)")
     p.add_argument("--min-length", type=int, default=50, help="wikitext line mode: shortest line kept")
     p.add_argument("--tokenizer", type=Path, help="tokenizer.model (default: the bundled InternLM one)")
     p.add_argument("--overwrite", action="store_true")
