@@ -43,10 +43,15 @@ def parse_keys(value: str | None) -> tuple[str, ...]:
     return tuple(k.strip() for k in (value or "").split(",") if k.strip())
 
 
+def metadata_value(metadata, name: str):
+    """The value of ``name`` in a call's metadata (``(name, value)`` pairs), or None."""
+    return next((v for k, v in metadata or () if k == name), None)
+
+
 def tenant_of(metadata) -> str:
     """Whose call this is, from its metadata (``(name, value)`` pairs): a digest of its
     ``authorization`` value, "" where it has none (an endpoint without keys: one tenant)."""
-    header = next((v for k, v in metadata or () if k == "authorization"), None)
+    header = metadata_value(metadata, "authorization")
     if not header:
         return ""
     return hashlib.sha256(header.encode() if isinstance(header, str) else header).hexdigest()[:32]

@@ -29,7 +29,7 @@ from internlm_core.tokenizer import BOS, Tokenizer
 from services.pb_convert import chunk_to_pb, finish_to_pb, join_chunks, prompt_from_pb, sampling_from_pb
 from services.pb import inference_pb2, inference_pb2_grpc
 from services.registry import Registration
-from services.auth import NEED_TOKEN, TENANT_HEADER
+from services.auth import NEED_TOKEN, TENANT_HEADER, metadata_value
 from services.server_common import Server, add_access_arguments, env_default, setup_logging
 
 log = logging.getLogger("internlm.worker")
@@ -111,7 +111,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         """The responses of one request; a client's cancel or deadline cancels its handle."""
         self._check_model(request.model)
         prompt = prompt_from_pb(request, self.tok)
-        tenant = next((v for k, v in context.invocation_metadata() or () if k == TENANT_HEADER), "")
+        tenant = metadata_value(context.invocation_metadata(), TENANT_HEADER) or ""
         handle = self.batcher.submit(prompt, sampling_from_pb(request.params), request.adapter or None,
                                      resume=request.resume_ids, tenant=tenant)
         context.add_callback(handle.cancel)  # runs on cancel, deadline and normal end alike
