@@ -49,6 +49,10 @@ class GrammarError(ValueError):
     """A structured-output grammar that cannot be compiled or followed (invalid, unsupported, too large)."""
 
 
+class ToolError(ValueError):
+    """A request's tools or tool choice that cannot be used (a bad name or schema, an unknown tool named)."""
+
+
 # ---- lookups, conflicts, capacity ---------------------------------------------------------------
 class AdapterNotFound(KeyError):
     """A request named a LoRA adapter that this engine does not hold (never fall back silently)."""

@@ -50,12 +50,17 @@ CONTENT = object()  # where a message's content goes in a turn
 @dataclass(frozen=True)
 class ChatFormat:
     """One family's chat template as runs of text, control pieces and the content; ``stops`` are the
-    control pieces that end an answer (besides eos)."""
+    control pieces that end an answer (besides eos). A family with tool calls also has ``tools`` (the
+    turn that lists them), ``call`` (one call inside an assistant turn, its JSON as the content) and
+    ``environment`` (a tool's result); without them it has none (``None``)."""
     system: tuple
     user: tuple
     assistant: tuple
     generation_prompt: tuple
     stops: tuple
+    tools: tuple | None = None
+    call: tuple | None = None
+    environment: tuple | None = None
 
 
 CHAT_FORMATS = {
@@ -63,12 +68,21 @@ CHAT_FORMATS = {
     "internlm": ChatFormat(system=("<|System|>:", CONTENT, "\n"), user=("<|User|>:", CONTENT, Control("<eoh>"), "\n"),
                            assistant=("<|Bot|>:", CONTENT, Control("<eoa>"), "\n"), generation_prompt=("<|Bot|>:",),
                            stops=(Control("<eoa>"),)),
-    # InternLM2 / 2.5 (its tokenizer_config's chat_template): ChatML
+    # InternLM2 / 2.5 (its tokenizer_config's chat_template): ChatML; tool calls as InternLM's
+    # chat_format.md gives them: the tools' JSON schemas in a system turn named <|plugin|>, a call
+    # <|action_start|><|plugin|>\n{"name": ..., "parameters": {...}}<|action_end|> in the assistant's
+    # turn, the result in an environment turn named <|plugin|>.
     "internlm2": ChatFormat(system=(Control("<|im_start|>"), "system\n", CONTENT, Control("<|im_end|>"), "\n"),
                             user=(Control("<|im_start|>"), "user\n", CONTENT, Control("<|im_end|>"), "\n"),
                             assistant=(Control("<|im_start|>"), "assistant\n", CONTENT, Control("<|im_end|>"), "\n"),
                             generation_prompt=(Control("<|im_start|>"), "assistant\n"),
-                            stops=(Control("<|im_end|>"),)),
+                            stops=(Control("<|im_end|>"),),
+                            tools=(Control("<|im_start|>"), "system name=", Control("<|plugin|>"), "\n", CONTENT,
+                                   Control("<|im_end|>"), "\n"),
+                            call=(Control("<|action_start|>"), Control("<|plugin|>"), "\n", CONTENT,
+                                  Control("<|action_end|>")),
+                            environment=(Control("<|im_start|>"), "environment name=", Control("<|plugin|>"), "\n",
+                                         CONTENT, Control("<|im_end|>"), "\n")),
 }
 
 _SPECIAL = {"<s>": BOS, "</s>": EOS, "<unk>": UNK}
@@ -275,14 +289,24 @@ class Tokenizer:
 
     # ---- chat ----------------------------------------------------------------------------
     def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True,
-                    allow_special: bool = False) -> list[int]:
+                    allow_special: bool = False, tools: Sequence[dict] | None = None) -> list[int]:
         """bos + the family's chat format; the template's control pieces are their ids, the
-        messages' content is plain text unless ``allow_special``."""
+        messages' content is plain text unless ``allow_special``; ``tools``: see ``chat_parts``."""
         ids = [BOS]
-        for part in chat_parts(messages, add_generation_prompt, self.chat_format):
-            ids.extend([self.control_ids[part]] if isinstance(part, Control)
+        for part in chat_parts(messages, add_generation_prompt, self.chat_format, tools):
+            ids.extend([self.control_id(part)] if isinstance(part, Control)
                        else self._encode_text(part, allow_special))
         return ids
+
+    def control_id(self, piece: str) -> int:
+        """The id of a control piece of the chat format (the tool-call pieces are looked up when used:
+        a tokenizer need not name them to chat)."""
+        if piece in self.control_ids:
+            return self.control_ids[piece]
+        if piece not in self.special_tokens:
+            raise TokenizerError(f"this tokenizer does not name {piece}, which tool calls in the {self.family} "
+                                 f"chat format need ({CONFIG_FILE}'s added_tokens_decoder names it in InternLM2's)")
+        return self.special_tokens[piece]
 
     def _ids(self, parts) -> list[int]:
         return [i for p in parts for i in ([self.control_ids[p]] if isinstance(p, Control) else self.encode(p, bos=False))]
@@ -297,21 +321,33 @@ class Tokenizer:
         fmt = self.chat_format
         return self._ids(fmt.user[fmt.user.index(CONTENT) + 1:] + fmt.generation_prompt)
 
-    def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+                    tools: Sequence[dict] | None = None) -> str:
         """The chat format as text (control pieces written out), as ``encode_chat`` encodes it."""
-        return render_chat(messages, add_generation_prompt, self.chat_format)
+        return render_chat(messages, add_generation_prompt, self.chat_format, tools)
 
     def stream_decoder(self, skip_special: bool = False) -> "StreamDecoder":
         return StreamDecoder(self, skip_special)
 
 
 def chat_parts(messages: Sequence[dict], add_generation_prompt: bool = True,
-               fmt: ChatFormat = CHAT_FORMATS["internlm"]) -> list[str]:
+               fmt: ChatFormat = CHAT_FORMATS["internlm"], tools: Sequence[dict] | None = None) -> list[str]:
     """A chat in ``fmt`` as text runs and its ``Control`` pieces (v1: ``<|System|>:{s}\\n`` then per
     turn ``<|User|>:{q}<eoh>\\n<|Bot|>:{a}<eoa>\\n``, ending with ``<|Bot|>:`` to ask for an answer).
-    Adjacent text is one run, so it is tokenized as the whole rendered text would be."""
+    Adjacent text is one run, so it is tokenized as the whole rendered text would be.
+
+    Tool calls (a family whose format has them): ``tools``, the functions' schemas
+    (``{"name", "description", "parameters"}``), are listed as JSON in their own system turn, after
+    the leading system message if there is one; an assistant message's ``tool_calls``
+    (``{"name", "arguments"}``, the arguments as JSON text) follow its content, each in the format's
+    call form; a message of role ``tool`` is a tool's result (its ``tool_call_id`` is not part of the
+    format, which pairs results with calls by order)."""
     if not messages:
         raise TokenizerError("a chat needs at least one message")
+    uses_tools = tools or any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
+    if uses_tools and fmt.call is None:
+        raise TokenizerError(f"this model's chat format ({_family_name(fmt)}) has no tool calls: tools, tool "
+                             f"calls and tool messages need a model of the InternLM2 family")
     parts: list[str] = [""]
 
     def add(*items):
@@ -322,28 +358,74 @@ def chat_parts(messages: Sequence[dict], add_generation_prompt: bool = True,
                 parts.append(item)
 
     def turn(template, content):
-        add(*(content if p is CONTENT else p for p in template))
+        for p in template:
+            if p is not CONTENT:
+                add(p)
+            elif isinstance(content, str):
+                add(content)
+            else:  # runs and control pieces (an assistant's content and its calls)
+                add(*content)
 
+    def tool_list():
+        turn(fmt.tools, json.dumps(list(tools), ensure_ascii=False))
+
+    roles = ROLES + (("tool",) if fmt.call is not None else ())
     for i, m in enumerate(messages):
         role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise TokenizerError(f"message {i}: role must be one of {ROLES}, got {role!r}")
+        if role not in roles:
+            raise TokenizerError(f"message {i}: role must be one of {roles}, got {role!r}")
         if not isinstance(content, str):
             raise TokenizerError(f"message {i}: content must be a string")
         if role == "system" and i != 0:
             raise TokenizerError("a system message may only come first")
-        turn({"system": fmt.system, "user": fmt.user, "assistant": fmt.assistant}[role], content)
+        if tools and i == 0 and role != "system":
+            tool_list()
+        calls = m.get("tool_calls") or ()
+        if calls and role != "assistant":
+            raise TokenizerError(f"message {i}: only an assistant message has tool_calls")
+        if role == "tool":
+            turn(fmt.environment, content)
+        elif calls:
+            turn(fmt.assistant, [content, *(p for j, c in enumerate(calls)
+                                             for p in _call_parts(fmt, c, f"message {i}: tool call {j}"))])
+        else:
+            turn({"system": fmt.system, "user": fmt.user, "assistant": fmt.assistant}[role], content)
+        if tools and i == 0 and role == "system":
+            tool_list()
     if add_generation_prompt:
-        if messages[-1]["role"] != "user":
-            raise TokenizerError("the last message must be the user's to ask for an answer")
+        if messages[-1]["role"] not in ("user", "tool"):
+            raise TokenizerError("the last message must be the user's (or a tool's result) to ask for an answer")
         turn(fmt.generation_prompt, "")
     return [p for p in parts if p != ""]
 
 
+def call_json(name: str, arguments) -> str:
+    """One tool call as InternLM2 writes it: ``{"name": ..., "parameters": {...}}``."""
+    return json.dumps({"name": name, "parameters": arguments}, ensure_ascii=False)
+
+
+def _call_parts(fmt: ChatFormat, call: dict, where: str) -> list:
+    name, arguments = call.get("name"), call.get("arguments")
+    if not isinstance(name, str) or not name:
+        raise TokenizerError(f"{where}: needs a function name")
+    try:
+        parsed = json.loads(arguments) if isinstance(arguments, str) else None
+    except json.JSONDecodeError as e:
+        raise TokenizerError(f"{where}: arguments are not JSON ({e})") from None
+    if not isinstance(parsed, dict):
+        raise TokenizerError(f"{where}: arguments must be a JSON object, as text")
+    return [call_json(name, parsed) if p is CONTENT else p for p in fmt.call]
+
+
+def _family_name(fmt: ChatFormat) -> str:
+    return next((f"{name}: InternLM v1" if name == "internlm" else name)
+                for name, f in CHAT_FORMATS.items() if f is fmt)
+
+
 def render_chat(messages: Sequence[dict], add_generation_prompt: bool = True,
-                fmt: ChatFormat = CHAT_FORMATS["internlm"]) -> str:
+                fmt: ChatFormat = CHAT_FORMATS["internlm"], tools: Sequence[dict] | None = None) -> str:
     """The chat format as text (control pieces written out), as ``encode_chat`` encodes it."""
-    return "".join(chat_parts(messages, add_generation_prompt, fmt))
+    return "".join(chat_parts(messages, add_generation_prompt, fmt, tools))
 
 
 class StreamDecoder:
