@@ -173,6 +173,19 @@ class ToolCallParser:
         self.buf += text
         return "", self._progress()
 
+    def split(self, tokens, end: bool = False) -> tuple[str, list[ToolCallDelta]]:
+        """``feed`` over (id, text) pairs, then ``finish`` if the answer ``end``s with them."""
+        content, deltas = [], []
+        for token_id, text in tokens:
+            c, d = self.feed(token_id, text)
+            content.append(c)
+            deltas += d
+        if end:
+            c, d = self.finish()
+            content.append(c)
+            deltas += d
+        return "".join(content), deltas
+
     def finish(self) -> tuple[str, list[ToolCallDelta]]:
         """What is left when the answer ends (a call cut short keeps the arguments it had)."""
         if self.state != "call":
@@ -228,10 +241,8 @@ class ToolCallParser:
 def parse_answer(tokenizer, ids: Sequence[int]) -> tuple[str, list[ToolCall]]:
     """(content, calls) of a whole answer's ids: the streaming parser over the answer's text as
     generation releases it (stop ids, if any, are left out by the caller)."""
-    parser, decoder, content = ToolCallParser(tokenizer), tokenizer.stream_decoder(skip_special=True), []
-    for i in ids:
-        content.append(parser.feed(i, decoder.push(i))[0])
-    tail = decoder.flush()
-    content.append(parser.feed(-1, tail)[0] if tail else "")
-    content.append(parser.finish()[0])
-    return "".join(content), parser.calls
+    parser, decoder = ToolCallParser(tokenizer), tokenizer.stream_decoder(skip_special=True)
+    texts = [decoder.push(i) for i in ids]
+    if texts:
+        texts[-1] += decoder.flush()
+    return parser.split(zip(ids, texts), end=True)[0], parser.calls

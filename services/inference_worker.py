@@ -21,12 +21,13 @@ from prometheus_client import Counter, Gauge, Histogram
 from internlm_core.batching import Batcher, BatcherMetrics
 from internlm_core.checkpoint import MANIFEST_FILE, read_config
 from internlm_core.errors import AdapterError, CheckpointError, ModelNotFound, TokenizerError
-from internlm_core.generation import FINISH_ABORTED, SamplingParams
+from internlm_core.generation import FINISH_ABORTED, FINISH_EOS, SamplingParams
 from internlm_core.memory import CACHE_DTYPES, DEFAULT_SLOTS, available_memory, plan_serving
 from internlm_core.quantize import METHODS
 from internlm_core.tokenizer import BOS, Tokenizer
+from internlm_core.tools import FINISH_TOOL_CALLS, ToolCallParser, check_family
 
-from services.pb_convert import chunk_to_pb, finish_to_pb, join_chunks, prompt_from_pb, sampling_from_pb
+from services.pb_convert import chunk_to_pb, finish_to_pb, join_chunks, prompt_from_pb, sampling_from_pb, tools_from_pb
 from services.pb import inference_pb2, inference_pb2_grpc
 from services.registry import Registration
 from services.auth import NEED_TOKEN, TENANT_HEADER, metadata_value
@@ -110,20 +111,42 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def _generate(self, request, context):
         """The responses of one request; a client's cancel or deadline cancels its handle."""
         self._check_model(request.model)
-        prompt = prompt_from_pb(request, self.tok)
+        tools = tools_from_pb(request)
+        if tools is not None:
+            check_family(self.tok)
+        prompt = prompt_from_pb(request, self.tok, tools)
+        params = sampling_from_pb(request.params)
+        if tools is not None and (grammar := tools.grammar(self.tok)) is not None:  # required / a named tool
+            if params.grammar is not None:
+                raise ValueError("tool_choice required or a named tool constrains the answer to calls: it cannot be "
+                                 "combined with a grammar (response_format)")
+            params = params.replace(grammar=grammar).validate()
+        parser = ToolCallParser(self.tok) if tools is not None and tools.choice != "none" else None
+        if parser is not None and request.resume_ids:  # what the lost worker already parsed and sent
+            decoder = self.tok.stream_decoder(skip_special=True)
+            parser.split((i, decoder.push(i)) for i in request.resume_ids)
         tenant = metadata_value(context.invocation_metadata(), TENANT_HEADER) or ""
-        handle = self.batcher.submit(prompt, sampling_from_pb(request.params), request.adapter or None,
-                                     resume=request.resume_ids, tenant=tenant)
+        handle = self.batcher.submit(prompt, params, request.adapter or None, resume=request.resume_ids,
+                                     tenant=tenant)
         context.add_callback(handle.cancel)  # runs on cancel, deadline and normal end alike
         done = len(request.resume_ids)
+
+        def chunk(events, reason):
+            if parser is None:
+                return chunk_to_pb(events, reason and finish_to_pb(reason, len(prompt), done, handle.seed))
+            content, calls = parser.split(((e.token_id, e.text) for e in events), end=bool(reason))
+            if reason == FINISH_EOS and parser.calls:
+                reason = FINISH_TOOL_CALLS
+            return chunk_to_pb(events, reason and finish_to_pb(reason, len(prompt), done, handle.seed), content, calls)
+
         while (events := handle.next_events()) is not None:
             done += len(events)
             reason = events[-1].finish_reason
-            yield chunk_to_pb(events, reason and finish_to_pb(reason, len(prompt), done, handle.seed))
+            yield chunk(events, reason)
             if reason:
                 return
         # Aborted without a final token (worker stopping): still end with a final message.
-        yield chunk_to_pb([], finish_to_pb(FINISH_ABORTED, len(prompt), done, handle.seed))
+        yield chunk([], FINISH_ABORTED)
 
     def Generate(self, request, context):
         yield from self._generate(request, context)

@@ -5,6 +5,7 @@ from internlm_core.generation import (FINISH_ABORTED, FINISH_EOS, FINISH_LENGTH,
                                       SamplingParams)
 
 from internlm_core.structured import Grammar
+from internlm_core.tools import FINISH_TOOL_CALLS, Tool, ToolCallDelta, Tools
 
 from services.pb import common_pb2, inference_pb2
 
@@ -13,6 +14,7 @@ FINISH_TO_PB = {
     FINISH_EOS: common_pb2.FINISH_REASON_EOS,
     FINISH_STOP: common_pb2.FINISH_REASON_STOP_SEQUENCE,
     FINISH_ABORTED: common_pb2.FINISH_REASON_ABORTED,
+    FINISH_TOOL_CALLS: common_pb2.FINISH_REASON_TOOL_CALLS,
 }
 FINISH_FROM_PB = {v: k for k, v in FINISH_TO_PB.items()}
 
@@ -56,31 +58,75 @@ def grammar_to_pb(g: Grammar) -> common_pb2.Grammar:
 
 
 def chat_from_pb(messages) -> list[dict]:
-    return [{"role": m.role, "content": m.content} for m in messages]
+    out = []
+    for m in messages:
+        out.append({"role": m.role, "content": m.content})
+        if m.tool_calls:
+            out[-1]["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in m.tool_calls]
+        if m.tool_call_id:
+            out[-1]["tool_call_id"] = m.tool_call_id
+    return out
 
 
 def chat_to_pb(messages: list[dict]) -> common_pb2.ChatMessages:
-    return common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(**m) for m in messages])
+    return common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(
+        role=m["role"], content=m["content"], tool_call_id=m.get("tool_call_id", ""),
+        tool_calls=[common_pb2.ToolCall(**c) for c in m.get("tool_calls", ())]) for m in messages])
 
 
-def prompt_from_pb(request: inference_pb2.GenerateRequest, tokenizer) -> list[int]:
-    """Token ids of the request's prompt (text gets <s>; chat gets the InternLM template); special-token
-    strings typed in text or content are plain text unless the request sets allow_special_tokens."""
+def tools_from_pb(request: inference_pb2.GenerateRequest) -> Tools | None:
+    """The request's tools and tool choice (checked), or None when it has none."""
+    choice = request.tool_choice.WhichOneof("choice") if request.HasField("tool_choice") else None
+    if not request.tools:
+        if choice is not None:
+            raise ValueError("tool_choice: the request has no tools")
+        return None
+    mode = getattr(request.tool_choice, choice) if choice else "auto"
+    if choice == "mode" and mode not in ("auto", "none", "required"):
+        raise ValueError(f"tool_choice.mode must be auto, none or required, got {mode!r} (a tool: tool_choice.function)")
+    parallel = request.parallel_tool_calls if request.HasField("parallel_tool_calls") else True
+    return Tools(tools_of(request.tools), mode, parallel).validate()
+
+
+def tools_of(tools) -> tuple[Tool, ...]:
+    return tuple(Tool(t.name, t.description, t.parameters) for t in tools)
+
+
+def tools_to_pb(tools: Tools) -> dict:
+    """GenerateRequest's fields for ``tools``."""
+    choice = ({"mode": tools.choice} if tools.choice in ("auto", "none", "required") else {"function": tools.choice})
+    return {"tools": [common_pb2.Tool(name=t.name, description=t.description, parameters=t.parameters)
+                      for t in tools.tools],
+            "tool_choice": common_pb2.ToolChoice(**choice), "parallel_tool_calls": tools.parallel}
+
+
+def prompt_from_pb(request: inference_pb2.GenerateRequest, tokenizer, tools: Tools | None = None) -> list[int]:
+    """Token ids of the request's prompt (text gets <s>; chat gets the InternLM template, with
+    ``tools`` listed); special-token strings typed in text or content are plain text unless the
+    request sets allow_special_tokens."""
     kind = request.WhichOneof("prompt")
     if kind is None:
         raise ValueError("the request has no prompt: set one of text, ids, chat")
+    if tools is not None and kind != "chat":
+        raise ValueError("tools: need a chat prompt (they are listed in the chat's template)")
     if kind == "text":
         if not request.text:
             raise ValueError("empty prompt")
         return tokenizer.encode(request.text, allow_special=request.allow_special_tokens)
     if kind == "ids":
         return list(request.ids.ids)
-    return tokenizer.encode_chat(chat_from_pb(request.chat.messages), allow_special=request.allow_special_tokens)
+    return tokenizer.encode_chat(chat_from_pb(request.chat.messages), allow_special=request.allow_special_tokens,
+                                 tools=tools.listed() if tools else None)
 
 
-def chunk_to_pb(events, finish=None) -> inference_pb2.GenerateResponse:
-    """One streamed message from consecutive TokenEvents; ``finish`` on the last one."""
-    r = inference_pb2.GenerateResponse(token_ids=[e.token_id for e in events], text="".join(e.text for e in events))
+def chunk_to_pb(events, finish=None, text: str | None = None,
+                tool_calls: list[ToolCallDelta] = ()) -> inference_pb2.GenerateResponse:
+    """One streamed message from consecutive TokenEvents; ``finish`` on the last one. With tools,
+    ``text`` (the content) and ``tool_calls`` come from the answer's ToolCallParser."""
+    r = inference_pb2.GenerateResponse(token_ids=[e.token_id for e in events],
+                                       text="".join(e.text for e in events) if text is None else text,
+                                       tool_calls=[common_pb2.ToolCall(index=d.index, id=d.id, name=d.name,
+                                                                       arguments=d.arguments) for d in tool_calls])
     r.logprobs.extend(e.logprob for e in events if e.logprob is not None)
     for e in events:
         if e.top_logprobs is not None:
@@ -96,15 +142,20 @@ def finish_to_pb(reason: str, prompt_tokens: int, completion_tokens: int, seed: 
 
 
 def join_chunks(chunks) -> inference_pb2.GenerateResponse:
-    """A stream's messages joined into the unary answer."""
+    """A stream's messages joined into the unary answer (each tool call whole)."""
     out = inference_pb2.GenerateResponse()
-    texts = []
+    texts, calls = [], {}
     for c in chunks:
         out.token_ids.extend(c.token_ids)
         out.logprobs.extend(c.logprobs)
         out.top_logprobs.extend(c.top_logprobs)
         texts.append(c.text)
+        for piece in c.tool_calls:
+            call = calls.setdefault(piece.index, common_pb2.ToolCall(index=piece.index))
+            call.id, call.name = call.id or piece.id, call.name or piece.name
+            call.arguments += piece.arguments
         if c.HasField("finish"):
             out.finish.CopyFrom(c.finish)
     out.text = "".join(texts)
+    out.tool_calls.extend(calls[i] for i in sorted(calls))
     return out

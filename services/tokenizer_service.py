@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 
 from internlm_core.tokenizer import Tokenizer
+from internlm_core.tools import Tools
 
-from services.pb_convert import chat_from_pb
+from services.pb_convert import chat_from_pb, tools_of
 from services.pb import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 from services.auth import NEED_TOKEN
 from services.server_common import Server, add_access_arguments, env_default, setup_logging
@@ -42,8 +43,9 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
     def ApplyChatTemplate(self, request, context):
         messages = chat_from_pb(request.messages)
         add = not request.no_generation_prompt
-        text = self.tok.render_chat(messages, add)
-        ids = self.tok.encode_chat(messages, add, allow_special=request.allow_special_tokens)
+        tools = Tools(tools_of(request.tools)).validate().listed() if request.tools else None
+        text = self.tok.render_chat(messages, add, tools)
+        ids = self.tok.encode_chat(messages, add, allow_special=request.allow_special_tokens, tools=tools)
         return tokenizer_pb2.ChatTemplateResponse(text=text, ids=ids)
 
     def CountTokens(self, request, context):

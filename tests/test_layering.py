@@ -14,6 +14,7 @@ FRAMEWORK_FREE = (
     "internlm_core.config", "internlm_core.errors", "internlm_core.memory", "internlm_core.quantize",
     "internlm_core.store", "internlm_core.train_args", "internlm_core.tokenizer", "internlm_core.generation",
     "internlm_core.checkpoint", "internlm_core.data", "internlm_core.torch_bin", "internlm_core.schedule",
+    "internlm_core.tools",
     "services.endpoint", "services.registry", "services.jobs.api", "services.jobs.kinds",
 )
 SERVICE_FRAMEWORKS = ("grpc", "celery", "redis", "fastapi", "starlette", "uvicorn")

@@ -68,14 +68,16 @@ class DecodeBatchResponse(_message.Message):
     def __init__(self, texts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ChatTemplateRequest(_message.Message):
-    __slots__ = ("messages", "no_generation_prompt", "allow_special_tokens")
+    __slots__ = ("messages", "no_generation_prompt", "allow_special_tokens", "tools")
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     NO_GENERATION_PROMPT_FIELD_NUMBER: _ClassVar[int]
     ALLOW_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
     no_generation_prompt: bool
     allow_special_tokens: bool
-    def __init__(self, messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., no_generation_prompt: _Optional[bool] = ..., allow_special_tokens: _Optional[bool] = ...) -> None: ...
+    tools: _containers.RepeatedCompositeFieldContainer[_common_pb2.Tool]
+    def __init__(self, messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., no_generation_prompt: _Optional[bool] = ..., allow_special_tokens: _Optional[bool] = ..., tools: _Optional[_Iterable[_Union[_common_pb2.Tool, _Mapping]]] = ...) -> None: ...
 
 class ChatTemplateResponse(_message.Message):
     __slots__ = ("text", "ids")
