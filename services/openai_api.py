@@ -27,9 +27,9 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from internlm_core.errors import ModelNotFound
+from internlm_core.errors import ModelNotFound, ToolError
 from services.http_server import CLIENT_GONE, Guard
-from services.pb_convert import FINISH_FROM_PB
+from services.pb_convert import FINISH_FROM_PB, chat_to_pb, tools_to_pb
 from services.openai_schema import (FINISH, MAX_PROMPT_CHARS, MAX_PROMPT_IDS, UNION_TAGS, ChatCompletionRequest,
                                     CompletionRequest, SamplingFields, error_response, http_error,
                                     rpc_error_response)
@@ -146,7 +146,8 @@ def oversized(prompt) -> str | None:
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
         size, unit, limit = len(prompt), "token ids", MAX_PROMPT_IDS
     else:  # text, or chat messages
-        size = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
+        size = len(prompt) if isinstance(prompt, str) else sum(
+            len(m["content"]) + sum(len(c["arguments"]) for c in m.get("tool_calls", ())) for m in prompt)
         unit, limit = "characters", MAX_PROMPT_CHARS
     return f"{size} {unit}, over the {limit} this server takes" if size > limit else None
 
@@ -156,6 +157,26 @@ class Choice:
 
     def __init__(self, index: int):
         self.index, self.text, self.ids, self.logprobs, self.top, self.finish = index, [], [], [], [], None
+        self.calls: dict[int, dict] = {}  # index -> OpenAI's tool call, its arguments joined
+
+    def add_calls(self, pieces) -> None:
+        for piece in pieces:
+            call = self.calls.setdefault(piece.index, {"id": piece.id, "type": "function",
+                                                       "function": {"name": piece.name, "arguments": ""}})
+            call["function"]["arguments"] += piece.arguments
+
+
+def call_deltas(pieces) -> list[dict]:
+    """A response's tool-call pieces as OpenAI streams them: a call's first piece with its id, type
+    and name (arguments ""), then its arguments' pieces; pieces of one call in a chunk are one entry."""
+    out: dict[int, dict] = {}
+    for piece in pieces:
+        entry = out.setdefault(piece.index, {"index": piece.index, "function": {"arguments": ""}})
+        if piece.name:
+            entry.update(id=piece.id, type="function")
+            entry["function"]["name"] = piece.name
+        entry["function"]["arguments"] += piece.arguments
+    return list(out.values())
 
 
 class OpenAI:
@@ -199,19 +220,21 @@ class OpenAI:
                             f"{', '.join(m['id'] for m in self.models()) or 'nothing yet'}")
 
     # -- generation
-    def requests(self, body: SamplingFields, prompt, default_max: int, logprobs: bool, top: int):
-        """One GenerateRequest per choice (n of them: seeds seed, seed + 1, ... when a seed is given)."""
+    def requests(self, body: SamplingFields, prompt, default_max: int, logprobs: bool, top: int, tools=None):
+        """One GenerateRequest per choice (n of them: seeds seed, seed + 1, ... when a seed is given);
+        ``tools``: the core's Tools of a chat request, or None."""
         model, adapter, max_len = self.resolve(body.model)
         out = []
         for i in range(body.n):
             r = inference_pb2.GenerateRequest(model=model, adapter=adapter,
-                                              params=body.sampling(default_max or max_len, logprobs, top))
+                                              params=body.sampling(default_max or max_len, logprobs, top),
+                                              **(tools_to_pb(tools) if tools else {}))
             if body.seed is not None:
                 r.params.seed = (body.seed + i) % 2 ** 63
             if isinstance(prompt, str):
                 r.text = prompt
             elif prompt and isinstance(prompt[0], dict):
-                r.chat.CopyFrom(common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(**m) for m in prompt]))
+                r.chat.CopyFrom(chat_to_pb(prompt))
             else:
                 r.ids.ids.extend(prompt)
             out.append(r)
@@ -300,20 +323,24 @@ def create_app(proxy, router, tokenizer: grpc.Channel, api_keys=(), jobs=None, a
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         try:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            messages = [m.core() for m in body.messages]
         except ValueError as e:
             return error_response(400, str(e), param="messages")
         if body.top_logprobs and not body.logprobs:
             return error_response(400, "top_logprobs: needs logprobs set to true", param="top_logprobs")
-        return await answer(request, body, messages, 0, body.logprobs, body.top_logprobs or 0, chat=True)
+        try:
+            tools = body.tool_spec()
+        except ToolError as e:  # its message starts with the field at fault
+            return error_response(400, str(e), param="tool_choice" if str(e).startswith("tool_choice") else "tools")
+        return await answer(request, body, messages, 0, body.logprobs, body.top_logprobs or 0, chat=True, tools=tools)
 
     async def answer(request: Request, body: SamplingFields, prompt, default_max: int, want_logprobs: bool, top: int,
-                     chat: bool):
+                     chat: bool, tools=None):
         param = "messages" if chat else "prompt"
         if why := oversized(prompt):
             return error_response(400, f"{param}: {why}", param=param)
         try:
-            requests = await asyncio.to_thread(api.requests, body, prompt, default_max, want_logprobs, top)
+            requests = await asyncio.to_thread(api.requests, body, prompt, default_max, want_logprobs, top, tools)
         except Exception as e:  # noqa: BLE001 - unknown model, no worker
             return rpc_error_response(e)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -336,6 +363,7 @@ def create_app(proxy, router, tokenizer: grpc.Channel, api_keys=(), jobs=None, a
             c.ids.extend(response.token_ids)
             c.logprobs.extend(response.logprobs)
             c.top.extend(response.top_logprobs)
+            c.add_calls(response.tool_calls)
             if response.HasField("finish"):
                 c.finish = response.finish
 
@@ -381,7 +409,13 @@ def create_app(proxy, router, tokenizer: grpc.Channel, api_keys=(), jobs=None, a
                 lp = await asyncio.to_thread(logprob_fields, c.ids, c.logprobs, c.top)
                 text = "".join(c.text)
                 entry = {"index": c.index, "finish_reason": finish_reason(c.finish), "logprobs": lp}
-                entry.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+                if not chat:
+                    entry["text"] = text
+                elif c.calls:  # OpenAI's content is null beside tool calls when the model said nothing
+                    entry["message"] = {"role": "assistant", "content": text or None,
+                                        "tool_calls": [c.calls[i] for i in sorted(c.calls)]}
+                else:
+                    entry["message"] = {"role": "assistant", "content": text}
                 out.append(entry)
             return {"id": rid, "object": kind, "created": created, "model": model, "choices": out,
                     "usage": usage(choices)}
@@ -397,7 +431,13 @@ def create_app(proxy, router, tokenizer: grpc.Channel, api_keys=(), jobs=None, a
             reason = finish_reason(response.finish) if response.HasField("finish") else None
             entry = {"index": i, "finish_reason": reason,
                      "logprobs": logprob_fields(response.token_ids, response.logprobs, response.top_logprobs)}
-            entry.update({"delta": {"content": response.text}} if chat else {"text": response.text})
+            if not chat:
+                entry["text"] = response.text
+            elif response.tool_calls:
+                entry["delta"] = {**({"content": response.text} if response.text else {}),
+                                  "tool_calls": call_deltas(response.tool_calls)}
+            else:
+                entry["delta"] = {"content": response.text}
             payload = {"id": rid, "object": chunk_kind, "created": created, "model": model, "choices": [entry]}
             if include_usage:
                 payload["usage"] = None

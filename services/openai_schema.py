@@ -13,6 +13,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from internlm_core.errors import ToolError
+from internlm_core.tools import MAX_TOOLS, Tool, Tools
+
 from services.pb import common_pb2
 from services.server_common import status_of, too_large
 
@@ -23,6 +26,7 @@ MAX_PROMPT_IDS = 262_144         # a prompt given as token ids: 400
 MAX_N = 16                       # choices per request (each takes a worker slot)
 MAX_LOGPROBS = 5                 # completions' logprobs: alternatives per token (OpenAI's bound)
 MAX_TOP_LOGPROBS = 20            # chat's top_logprobs (OpenAI's bound)
+MAX_TOOLS_CHARS = 262_144        # a request's tools as JSON (all of them; MAX_TOOLS of them at most): 400
 
 # gRPC status -> (HTTP status, OpenAI error type)
 HTTP_STATUS = {
@@ -37,7 +41,7 @@ HTTP_STATUS = {
 }
 INT32 = 2 ** 31 - 1  # the protobuf fields behind the counts
 UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
-FINISH = {"length": "length", "eos": "stop", "stop": "stop", "aborted": "abort"}  # core -> OpenAI
+FINISH = {"length": "length", "eos": "stop", "stop": "stop", "aborted": "abort", "tool_calls": "tool_calls"}  # core -> OpenAI
 
 
 def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -67,8 +71,7 @@ class StreamOptions(BaseModel):
 
 
 # Why a field the server does not implement is refused (400), where there is more to say than that.
-NOT_IMPLEMENTED = {name: "tool calls are not implemented" for name in
-                   ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls")}
+NOT_IMPLEMENTED = {name: "deprecated by OpenAI: use tools and tool_choice" for name in ("functions", "function_call")}
 
 
 class KnownFields(BaseModel):
@@ -190,11 +193,38 @@ class CompletionRequest(SamplingFields):
     best_of: Annotated[int, Field(ge=1)] | None = None
 
 
+class FunctionCall(KnownFields):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(KnownFields):
+    """A call an assistant made, sent back in the history."""
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(KnownFields):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[dict]
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[dict] | None = None  # may be null in an assistant message with tool_calls
+    tool_calls: list[ToolCall] | None = None  # an assistant's
+    tool_call_id: str | None = None  # a tool's result: the call it answers
+
+    @model_validator(mode="after")
+    def _content(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise PydanticCustomError("missing", "content is required (null only in an assistant message with "
+                                      "tool_calls)")
+        if self.tool_calls and self.role != "assistant":
+            raise PydanticCustomError("invalid", "tool_calls: only in an assistant message")
+        if self.role == "tool" and not self.tool_call_id:
+            raise PydanticCustomError("missing", "a tool message needs tool_call_id")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         parts = []
@@ -204,8 +234,58 @@ class ChatMessage(KnownFields):
             parts.append(part["text"])
         return "".join(parts)
 
+    def core(self) -> dict:
+        """The message as the core's chat template takes it."""
+        m = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            m["tool_calls"] = [{"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
+                               for c in self.tool_calls]
+        if self.tool_call_id:
+            m["tool_call_id"] = self.tool_call_id
+        return m
+
+
+class FunctionDef(KnownFields):
+    name: str
+    description: str | None = None
+    parameters: dict | None = None  # a JSON Schema
+    strict: bool | None = None  # tool_choice required / a named tool always enforces the schema; auto never
+
+
+class ToolDef(KnownFields):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(KnownFields):
+    name: str
+
+
+class NamedToolChoice(KnownFields):
+    type: Literal["function"]
+    function: NamedFunction
+
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    tools: Annotated[list[ToolDef], Field(min_length=1, max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+    def tool_spec(self) -> Tools | None:
+        """The core's Tools for this request (ToolError naming the problem), None without tools."""
+        if not self.tools:
+            if self.tool_choice not in (None, "none"):
+                raise ToolError("tool_choice: the request has no tools")
+            return None
+        size = len(json.dumps([t.model_dump(exclude_none=True) for t in self.tools]))
+        if size > MAX_TOOLS_CHARS:
+            raise ToolError(f"tools: {size} characters of JSON, more than the {MAX_TOOLS_CHARS} this server takes")
+        choice = self.tool_choice or "auto"
+        tools = tuple(Tool(t.function.name, t.function.description or "",
+                           json.dumps(t.function.parameters) if t.function.parameters is not None else "")
+                      for t in self.tools)
+        return Tools(tools, choice if isinstance(choice, str) else choice.function.name,
+                     self.parallel_tool_calls is not False).validate()

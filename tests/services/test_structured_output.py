@@ -114,8 +114,8 @@ def test_json_object_choice_regex_and_lark_over_http(client, model_id):
     ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_regex, guided_choice"),
     ({"guided_choice": []}, "guided_choice"),
     ({"response_format": {"type": "json_object"}, "ignore_eos": True}, "ignore_eos"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"},
-     "tools (tool calls are not implemented); tool_choice"),
+    ({"functions": [{"name": "f"}], "function_call": "auto"},
+     "functions (deprecated by OpenAI: use tools and tool_choice); function_call"),
     ({"logit_bias": {"50256": -100}, "reasoning_effort": "low"}, "logit_bias; reasoning_effort"),
     ({"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages.0: unsupported field(s), not "
      "implemented by this server: name"),
