@@ -17,7 +17,7 @@ from internlm_core.convert import hf_to_ms
 from internlm_core.tokenizer import Tokenizer
 from internlm_core.tools import parse_answer
 from services.pb import common_pb2, inference_pb2, inference_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
-from services.pb_convert import chat_to_pb
+from services.pb_convert import chat_to_pb, join_chunks
 from tests.helpers import RedisServer, free_port, internlm2_checkpoint
 from tests.services.conftest import Service, start_endpoint, start_worker, wait_http, wait_workers
 from tests.test_tools import ACTION_START, IM_END, IM_START, PLUGIN, TIME, WEATHER
@@ -196,3 +196,24 @@ def test_internlm_v1_refuses_tools(http, endpoint):
         stub.GenerateUnary(inference_pb2.GenerateRequest(chat=chat_to_pb(ASK), tools=[common_pb2.Tool(name="f")]),
                            timeout=60)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "has no tool calls" in e.value.details()
+
+
+def test_a_resumed_stream_goes_on_with_the_call_it_was_in(v2):
+    """The endpoint resumes a stream on another worker with the tokens already sent (resume_ids): the
+    worker's parser reads them first, so the rest of the call follows, not a new call or content."""
+    stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(v2[1].address))
+    request = inference_pb2.GenerateRequest(
+        chat=chat_to_pb(ASK), params=common_pb2.SamplingParams(temperature=0, max_new_tokens=80),
+        tools=[common_pb2.Tool(name=t.name, description=t.description, parameters=t.parameters) for t in (WEATHER, TIME)],
+        tool_choice=common_pb2.ToolChoice(mode="required"), parallel_tool_calls=False)
+    whole = list(stub.Generate(request, timeout=120))
+    [call] = join_chunks(whole).tool_calls
+    ids = [i for r in whole for i in r.token_ids]
+    m = next(k for k in range(1, len(whole)) if "".join(p.arguments for r in whole[:k] for p in r.tool_calls))
+    sent = [p for r in whole[:m] for p in r.tool_calls]  # the name and some of the arguments
+    request.resume_ids.extend(ids[:sum(len(r.token_ids) for r in whole[:m])])
+    rest = list(stub.Generate(request, timeout=120))
+    pieces = [p for r in rest for p in r.tool_calls]
+    assert all(p.index == 0 and not p.name and not p.id for p in pieces) and pieces
+    assert "".join(p.arguments for p in sent + pieces) == call.arguments
+    assert "".join(r.text for r in rest) == "" and rest[-1].finish.reason == common_pb2.FINISH_REASON_TOOL_CALLS
