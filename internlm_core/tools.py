@@ -105,6 +105,23 @@ class Tools:
         return Grammar("lark", text)
 
 
+def prepare(tools: Tools, tokenizer, params, resumed: Sequence[int] = ()):
+    """(params, parser) for a request with ``tools``: its sampling params with the tools' grammar
+    (``required`` / a named tool), and the parser of its answer (None under ``none``: content only),
+    having read the tokens the request already produced (``resumed``)."""
+    check_family(tokenizer)
+    if (grammar := tools.grammar(tokenizer)) is not None:
+        if params.grammar is not None:
+            raise ToolError("tool_choice required or a named tool constrains the answer to calls: it cannot be "
+                            "combined with a grammar (response_format)")
+        params = params.replace(grammar=grammar).validate()
+    if tools.choice == "none":
+        return params, None
+    parser, decoder = ToolCallParser(tokenizer), tokenizer.stream_decoder(skip_special=True)
+    parser.split((i, decoder.push(i)) for i in resumed)
+    return params, parser
+
+
 def check_family(tokenizer) -> None:
     """Refuse tools for a model whose chat format has no tool calls (InternLM v1)."""
     if tokenizer.chat_format.call is None:

@@ -25,7 +25,7 @@ from internlm_core.generation import FINISH_ABORTED, FINISH_EOS, SamplingParams
 from internlm_core.memory import CACHE_DTYPES, DEFAULT_SLOTS, available_memory, plan_serving
 from internlm_core.quantize import METHODS
 from internlm_core.tokenizer import BOS, Tokenizer
-from internlm_core.tools import FINISH_TOOL_CALLS, ToolCallParser, check_family
+from internlm_core.tools import FINISH_TOOL_CALLS, check_family, prepare
 
 from services.pb_convert import chunk_to_pb, finish_to_pb, join_chunks, prompt_from_pb, sampling_from_pb, tools_from_pb
 from services.pb import inference_pb2, inference_pb2_grpc
@@ -113,18 +113,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self._check_model(request.model)
         tools = tools_from_pb(request)
         if tools is not None:
-            check_family(self.tok)
+            check_family(self.tok)  # before rendering: the error says what the model lacks
         prompt = prompt_from_pb(request, self.tok, tools)
-        params = sampling_from_pb(request.params)
-        if tools is not None and (grammar := tools.grammar(self.tok)) is not None:  # required / a named tool
-            if params.grammar is not None:
-                raise ValueError("tool_choice required or a named tool constrains the answer to calls: it cannot be "
-                                 "combined with a grammar (response_format)")
-            params = params.replace(grammar=grammar).validate()
-        parser = ToolCallParser(self.tok) if tools is not None and tools.choice != "none" else None
-        if parser is not None and request.resume_ids:  # what the lost worker already parsed and sent
-            decoder = self.tok.stream_decoder(skip_special=True)
-            parser.split((i, decoder.push(i)) for i in request.resume_ids)
+        params, parser = sampling_from_pb(request.params), None  # parser: the answer's calls, with tools
+        if tools is not None:
+            params, parser = prepare(tools, self.tok, params, request.resume_ids)
         tenant = metadata_value(context.invocation_metadata(), TENANT_HEADER) or ""
         handle = self.batcher.submit(prompt, params, request.adapter or None, resume=request.resume_ids,
                                      tenant=tenant)

@@ -41,7 +41,8 @@ HTTP_STATUS = {
 }
 INT32 = 2 ** 31 - 1  # the protobuf fields behind the counts
 UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
-FINISH = {"length": "length", "eos": "stop", "stop": "stop", "aborted": "abort", "tool_calls": "tool_calls"}  # core -> OpenAI
+# core -> OpenAI
+FINISH = {"length": "length", "eos": "stop", "stop": "stop", "aborted": "abort", "tool_calls": "tool_calls"}
 
 
 def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,

@@ -83,7 +83,8 @@ def tools_from_pb(request: inference_pb2.GenerateRequest) -> Tools | None:
         return None
     mode = getattr(request.tool_choice, choice) if choice else "auto"
     if choice == "mode" and mode not in ("auto", "none", "required"):
-        raise ValueError(f"tool_choice.mode must be auto, none or required, got {mode!r} (a tool: tool_choice.function)")
+        raise ValueError(f"tool_choice.mode must be auto, none or required, got {mode!r} "
+                         f"(a tool: tool_choice.function)")
     parallel = request.parallel_tool_calls if request.HasField("parallel_tool_calls") else True
     return Tools(tools_of(request.tools), mode, parallel).validate()
 

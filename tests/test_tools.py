@@ -119,9 +119,9 @@ def stream(tok, ids):
 
 
 def test_two_calls_parse_whole_and_streamed(tok):
-    ids = answer(tok, "Let me look.", ACTION_START, PLUGIN, '\n{"name": "get_weather", "parameters": {"city": "Oslo", '
-                 '"days": 3}}', ACTION_END, ACTION_START, PLUGIN, '\n{"name": "get_time", "parameters": {"zone": "UTC"}}',
-                 ACTION_END)
+    ids = answer(tok, "Let me look.", ACTION_START, PLUGIN,
+                 '\n{"name": "get_weather", "parameters": {"city": "Oslo", "days": 3}}', ACTION_END,
+                 ACTION_START, PLUGIN, '\n{"name": "get_time", "parameters": {"zone": "UTC"}}', ACTION_END)
     content, calls = parse_answer(tok, ids)
     assert content == "Let me look."
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Oslo", "days": 3}),
@@ -189,7 +189,8 @@ def test_the_grammar_makes_the_answer_calls(tok):
     assert not c.allowed(tok.vocab_size)[enc(tok, "Hi")[0]]  # content first: not a call
     assert not c.allowed(tok.vocab_size)[IM_END]
     c = compile_grammar(required, tok, tok.stop_ids)
-    assert not follow(c, tok, answer(tok, ACTION_START, PLUGIN, '\n{"name": "get_weather", "parameters": {"city": "Rome"'))
+    rome = answer(tok, ACTION_START, PLUGIN, '\n{"name": "get_weather", "parameters": {"city": "Rome"')
+    assert not follow(c, tok, rome)  # not in the schema's enum
     # a named tool: only it; one call unless parallel
     named = Tools((WEATHER, TIME), "get_time", parallel=False).validate().grammar(tok)
     c = compile_grammar(named, tok, tok.stop_ids)

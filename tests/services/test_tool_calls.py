@@ -15,7 +15,7 @@ import pytest
 
 from internlm_core.convert import hf_to_ms
 from internlm_core.tokenizer import Tokenizer
-from internlm_core.tools import parse_answer
+from internlm_core.tools import Tools, parse_answer
 from services.pb import common_pb2, inference_pb2, inference_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 from services.pb_convert import chat_to_pb, join_chunks
 from tests.helpers import RedisServer, free_port, internlm2_checkpoint
@@ -28,6 +28,7 @@ openai = pytest.importorskip("openai")
 SCHEMAS = {t.name: json.loads(t.parameters) for t in (WEATHER, TIME)}
 TOOLS = [{"type": "function", "function": {"name": t.name, "description": t.description,
                                            "parameters": json.loads(t.parameters)}} for t in (WEATHER, TIME)]
+PB_TOOLS = [common_pb2.Tool(name=t.name, description=t.description, parameters=t.parameters) for t in (WEATHER, TIME)]
 ASK = [{"role": "user", "content": "What is the weather in Paris, and the time there?"}]
 
 
@@ -106,17 +107,14 @@ def test_the_openai_tool_loop(client, v2, tok):
         {"id": call.id, "name": call.function.name, "arguments": call.function.arguments}]},
         {"role": "tool", "content": result, "tool_call_id": call.id}]
     served = list(stub.ApplyChatTemplate(tokenizer_pb2.ChatTemplateRequest(
-        messages=chat_to_pb(core_history).messages, tools=[common_pb2.Tool(
-            name=t.name, description=t.description, parameters=t.parameters) for t in (WEATHER, TIME)]),
-        timeout=30).ids)
+        messages=chat_to_pb(core_history).messages, tools=PB_TOOLS), timeout=30).ids)
     enc = lambda text: tok.encode(text, bos=False)  # noqa: E731
     call_json = json.dumps({"name": call.function.name, "parameters": json.loads(call.function.arguments)})
     tail = ([IM_START] + enc("assistant\n") + [ACTION_START, PLUGIN] + enc("\n" + call_json) + [tok.control_id(
         "<|action_end|>"), IM_END] + enc("\n") + [IM_START] + enc("environment name=") + [PLUGIN] + enc("\n" + result)
         + [IM_END] + enc("\n") + [IM_START] + enc("assistant\n"))
     assert served[-len(tail):] == tail
-    assert served == tok.encode_chat(core_history, tools=[
-        {"name": t.name, "description": t.description, "parameters": json.loads(t.parameters)} for t in (WEATHER, TIME)])
+    assert served == tok.encode_chat(core_history, tools=Tools((WEATHER, TIME)).listed())
     answer = client.chat.completions.create(model=model, messages=history, tools=TOOLS, temperature=0, max_tokens=12)
     assert answer.usage.prompt_tokens == len(served)
     # the worker's prompt is those ids: its greedy answer is the core's from them
@@ -147,7 +145,7 @@ def test_tool_calls_over_grpc_plain_and_streamed(v2, tok):
     stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(v2[2].address))
     request = inference_pb2.GenerateRequest(
         chat=chat_to_pb(ASK), params=common_pb2.SamplingParams(temperature=1.0, seed=3, max_new_tokens=80),
-        tools=[common_pb2.Tool(name=t.name, description=t.description, parameters=t.parameters) for t in (WEATHER, TIME)],
+        tools=PB_TOOLS,
         tool_choice=common_pb2.ToolChoice(function="get_time"), parallel_tool_calls=False)
     unary = stub.GenerateUnary(request, timeout=120)
     assert unary.finish.reason == common_pb2.FINISH_REASON_TOOL_CALLS and unary.text == ""
@@ -163,8 +161,8 @@ def test_tool_calls_over_grpc_plain_and_streamed(v2, tok):
     assert "".join(p.arguments for p in pieces) == call.arguments and list(unary.token_ids) == [
         i for r in stream for i in r.token_ids]
     with pytest.raises(grpc.RpcError) as e:
-        stub.GenerateUnary(inference_pb2.GenerateRequest(chat=chat_to_pb(ASK), tools=request.tools,
-                                                         tool_choice=common_pb2.ToolChoice(function="nope")), timeout=60)
+        stub.GenerateUnary(inference_pb2.GenerateRequest(
+            chat=chat_to_pb(ASK), tools=PB_TOOLS, tool_choice=common_pb2.ToolChoice(function="nope")), timeout=60)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no tool is named 'nope'" in e.value.details()
 
 
@@ -204,7 +202,7 @@ def test_a_resumed_stream_goes_on_with_the_call_it_was_in(v2):
     stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(v2[1].address))
     request = inference_pb2.GenerateRequest(
         chat=chat_to_pb(ASK), params=common_pb2.SamplingParams(temperature=0, max_new_tokens=80),
-        tools=[common_pb2.Tool(name=t.name, description=t.description, parameters=t.parameters) for t in (WEATHER, TIME)],
+        tools=PB_TOOLS,
         tool_choice=common_pb2.ToolChoice(mode="required"), parallel_tool_calls=False)
     whole = list(stub.Generate(request, timeout=120))
     [call] = join_chunks(whole).tool_calls
@@ -217,3 +215,12 @@ def test_a_resumed_stream_goes_on_with_the_call_it_was_in(v2):
     assert all(p.index == 0 and not p.name and not p.id for p in pieces) and pieces
     assert "".join(p.arguments for p in sent + pieces) == call.arguments
     assert "".join(r.text for r in rest) == "" and rest[-1].finish.reason == common_pb2.FINISH_REASON_TOOL_CALLS
+
+
+def test_tool_choice_none_leaves_the_tools_out_of_the_prompt(client, v2, tok):
+    ask = dict(model=v2[0].name, messages=ASK, tools=TOOLS, temperature=0, max_tokens=4)
+    none = client.chat.completions.create(**ask, tool_choice="none")
+    auto = client.chat.completions.create(**ask)
+    assert none.usage.prompt_tokens == len(tok.encode_chat(ASK))
+    assert auto.usage.prompt_tokens == len(tok.encode_chat(ASK, tools=Tools((WEATHER, TIME)).listed()))
+    assert none.choices[0].message.tool_calls is None
