@@ -144,6 +144,32 @@ def save_internlm3_folder(model, cfg, folder: Path) -> Path:
     return folder
 
 
+V3_CONTROLS = ("<|im_start|>", "<|im_end|>", "<|action_start|>", "<|action_end|>", "<|interpreter|>", "<|plugin|>")
+
+
+def v3_tokenizer_folder(out: Path, vocab_size: int) -> Path:
+    """A sentencepiece model trained here in InternLM3's manner (byte fallback, <unk> 0, <s> 1,
+    </s> 2; its files cannot be fetched), whose chat pieces are placeholders that the folder's
+    tokenizer_config.json names, as a published checkpoint's files name its ids."""
+    import sentencepiece as spm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "corpus.txt").write_text((DATA / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")[:200_000],
+                                    encoding="utf-8")
+    placeholders = [f"[UNUSED_TOKEN_{i}]" for i in range(len(V3_CONTROLS))]
+    spm.SentencePieceTrainer.train(input=str(out / "corpus.txt"), model_prefix=str(out / "tokenizer"),
+                                   vocab_size=vocab_size, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1,
+                                   eos_id=2, pad_id=-1, user_defined_symbols=placeholders, minloglevel=2)
+    (out / "corpus.txt").unlink()
+    (out / "tokenizer.vocab").unlink()
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    decoder = {str(sp.piece_to_id(p)): {"content": name, "special": True} for p, name in zip(placeholders, V3_CONTROLS)}
+    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "InternLM3Tokenizer",
+                                                           "added_tokens_decoder": decoder}))
+    return out
+
+
 def internlm2_checkpoint(folder: Path, seed: int = 5, **overrides) -> tuple[object, Path]:
     """(HF reference model, folder): a tiny InternLM2 HF folder as InternLM publishes one, with the
     real tokenizer's 92544-id vocabulary, its ``tokenizer.model`` and ``tokenizer_config.json``."""

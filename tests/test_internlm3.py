@@ -19,7 +19,8 @@ from internlm_core.errors import CheckpointError
 from internlm_core.generation import SamplingParams, generate
 from internlm_core.loader import load_model
 from internlm_core.model import forward_inputs
-from tests.helpers import DATA, REPO, hf_greedy, hf_reference_model, random_ids, save_internlm3_folder
+from tests.helpers import (REPO, hf_greedy, hf_reference_model, random_ids, save_internlm3_folder,
+                           v3_tokenizer_folder)
 
 CFG = Config.from_name("tiny-v3")
 BIAS_CASES = {"qkv-bias": {}, "no-bias": dict(bias=False, o_bias=None), "all-bias": dict(o_bias=None, mlp_bias=True)}
@@ -145,28 +146,9 @@ def test_a_lora_fine_tune_runs_and_the_exported_graphs_decode_as_the_eager_engin
 
 # ---- the tokenizer and chat format: names from the checkpoint's own files ----------------------
 
-V3_CONTROLS = ["<|im_start|>", "<|im_end|>", "<|action_start|>", "<|action_end|>", "<|interpreter|>", "<|plugin|>"]
-
-
 @pytest.fixture(scope="module")
 def v3_tokenizer(tmp_path_factory):
-    """A sentencepiece model trained here in InternLM3's manner (byte fallback, <unk> 0, <s> 1,
-    </s> 2), whose chat pieces are placeholders the folder's tokenizer_config.json names, as a
-    published checkpoint's files name its ids."""
-    import sentencepiece as spm
-
-    out = tmp_path_factory.mktemp("v3tok")
-    (out / "corpus.txt").write_text((DATA / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")[:200_000],
-                                    encoding="utf-8")
-    placeholders = [f"[UNUSED_TOKEN_{i}]" for i in range(len(V3_CONTROLS))]
-    spm.SentencePieceTrainer.train(input=str(out / "corpus.txt"), model_prefix=str(out / "tokenizer"),
-                                   vocab_size=CFG.vocab_size, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1,
-                                   eos_id=2, pad_id=-1, user_defined_symbols=placeholders, minloglevel=2)
-    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
-    decoder = {str(sp.piece_to_id(p)): {"content": name, "special": True} for p, name in zip(placeholders, V3_CONTROLS)}
-    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "InternLM3Tokenizer",
-                                                           "added_tokens_decoder": decoder}))
-    return out
+    return v3_tokenizer_folder(tmp_path_factory.mktemp("v3tok"), CFG.vocab_size)
 
 
 def test_the_chat_format_is_chatml_with_the_checkpoints_own_ids(v3_tokenizer):
