@@ -1,4 +1,4 @@
-"""One config dataclass for every InternLM v1 model, with named presets.
+"""One config dataclass for every InternLM model (v1, InternLM2 / 2.5, InternLM3), with named presets.
 
 Importing this module needs no deep-learning framework, so services and job
 validators can check a request without loading MindSpore.
@@ -30,6 +30,10 @@ class Config:
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-6
     bias: bool = True  # q/k/v/o projection bias: the one difference from LLaMA (7B family)
+    o_bias: bool | None = None  # the o projection's bias where it differs from q/k/v's (InternLM3's ``qkv_bias``
+    #                             and ``bias`` are two switches); None: as ``bias``
+    mlp_bias: bool = False  # gate/up/down bias (InternLM3's ``bias`` covers o and the MLP)
+    attn_head_dim: int | None = None  # InternLM3's ``head_dim`` where the config gives one; None: hidden / heads
     rope_base: float = 10000.0
     rope_scaling: str | None = None  # None or "dynamic" (20B's dynamic NTK past max positions)
     rope_scaling_factor: float = 1.0
@@ -38,7 +42,7 @@ class Config:
     pad_id: int = 2  # HF InternLMTokenizer pads with </s>
     dtype: str = "float32"  # storage dtype of the weights: float32 | float16 | bfloat16
     num_kv_heads: int | None = None  # grouped-query attention (InternLM2: 8); None = num_heads
-    family: str = "internlm"  # internlm (v1) | internlm2: HF layout, chat template and stops
+    family: str = "internlm"  # internlm (v1) | internlm2 | internlm3: HF layout, chat template and stops
     quantization: str | None = None  # None | "int8": the linears' weights int8 with per-channel scales (quantize.py)
 
     def __post_init__(self) -> None:
@@ -46,10 +50,15 @@ class Config:
             raise ConfigError(f"family must be one of {list(FAMILIES)}, got {self.family!r}")
         if self.num_kv_heads is not None and (self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads):
             raise ConfigError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
-        if self.hidden_size % self.num_heads:
+        if self.attn_head_dim is None and self.hidden_size % self.num_heads:
             raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if (self.hidden_size // self.num_heads) % 2:
+        if self.attn_head_dim is not None and self.attn_head_dim <= 0:
+            raise ConfigError(f"attn_head_dim must be positive, got {self.attn_head_dim}")
+        if self.head_dim % 2:
             raise ConfigError("head_dim must be even for rotary embeddings")
+        if self.num_kv_heads is not None and self.num_kv_heads != self.num_heads and not FAMILIES[self.family].gqa:
+            raise ConfigError(f"grouped-query attention is not part of the {self.family} family "
+                              f"(num_kv_heads {self.num_kv_heads} != num_heads {self.num_heads})")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
         if self.quantization not in (None, "int8"):
@@ -63,7 +72,12 @@ class Config:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.attn_head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def out_bias(self) -> bool:
+        """Whether the o projection has a bias."""
+        return self.bias if self.o_bias is None else self.o_bias
 
     @property
     def kv_heads(self) -> int:
@@ -76,18 +90,21 @@ class Config:
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every parameter of the model, by MindFormers name (what checkpoints hold), with its shape."""
         h, i = self.hidden_size, self.intermediate_size
-        kv = self.kv_heads * self.head_dim
+        q, kv = self.num_heads * self.head_dim, self.kv_heads * self.head_dim
         shapes = {"model.tok_embeddings.embedding_weight": (self.vocab_size, h),
                   "model.norm_out.weight": (h,), "lm_head.weight": (self.vocab_size, h)}
         for n in range(self.num_layers):
             p = f"model.layers.{n}."
-            for w, out in (("q", h), ("k", kv), ("v", kv), ("o", h)):
-                shapes[f"{p}attention.w{w}.weight"] = (out, h)
-                if self.bias:
-                    shapes[f"{p}attention.w{w}.bias"] = (out,)
-            shapes.update({f"{p}feed_forward.w1.weight": (i, h), f"{p}feed_forward.w2.weight": (h, i),
-                           f"{p}feed_forward.w3.weight": (i, h), f"{p}attention_norm.weight": (h,),
-                           f"{p}ffn_norm.weight": (h,)})
+            # (module, weight shape, has a bias)
+            linears = (("attention.wq", (q, h), self.bias), ("attention.wk", (kv, h), self.bias),
+                       ("attention.wv", (kv, h), self.bias), ("attention.wo", (h, q), self.out_bias),
+                       ("feed_forward.w1", (i, h), self.mlp_bias), ("feed_forward.w2", (h, i), self.mlp_bias),
+                       ("feed_forward.w3", (i, h), self.mlp_bias))
+            for name, shape, bias in linears:
+                shapes[f"{p}{name}.weight"] = shape
+                if bias:
+                    shapes[f"{p}{name}.bias"] = (shape[0],)
+            shapes.update({f"{p}attention_norm.weight": (h,), f"{p}ffn_norm.weight": (h,)})
         return shapes
 
     def num_parameters(self) -> int:
@@ -130,12 +147,16 @@ class Config:
             rope_type = rotary.get("type") or scaling.get("type") or scaling.get("rope_type")
             if rope_type in ("origin", "default", None):
                 rope_type = None
-            bias = hf.get("bias", hf.get("attention_bias", False))
+            family = hf_family(hf)
+            if family == "internlm3":  # two switches: qkv_bias for q/k/v, bias for o and the MLP
+                bias, o_bias, mlp_bias = hf.get("qkv_bias", False), hf.get("bias", False), hf.get("bias", False)
+            else:  # InternLM's bias (q/k/v/o), LLaMA's attention_bias / mlp_bias
+                bias, o_bias, mlp_bias = hf.get("bias", hf.get("attention_bias", False)), None, hf.get("mlp_bias", False)
             heads = hf["num_attention_heads"]
             kv_heads = hf.get("num_key_value_heads", heads)
-            family = hf_family(hf)
-            if kv_heads != heads and family != "internlm2":
-                raise ConfigError("grouped-query attention is not part of InternLM v1 (model_type internlm2 has it)")
+            head_dim = hf.get("head_dim")
+            if head_dim is not None and (not isinstance(head_dim, int) or isinstance(head_dim, bool)):
+                raise ConfigError(f"head_dim must be an integer, got {head_dim!r}")
             return cls(
                 num_kv_heads=kv_heads if kv_heads != heads else None,
                 family=family,
@@ -148,6 +169,9 @@ class Config:
                 max_position_embeddings=hf.get("max_position_embeddings", 2048),
                 rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
                 bias=bool(bias),
+                o_bias=None if o_bias is None or bool(o_bias) == bool(bias) else bool(o_bias),
+                mlp_bias=bool(mlp_bias),
+                attn_head_dim=head_dim,
                 rope_base=float(rotary.get("base", hf.get("rope_theta", 10000.0))),
                 rope_scaling=rope_type,
                 rope_scaling_factor=float(rotary.get("scaling_factor", scaling.get("factor", 1.0))),
@@ -170,7 +194,39 @@ class Config:
 
     def to_hf_config(self) -> dict:
         """The config.json of an HF InternLM folder (InternLM's own keys plus LLaMA's aliases), or
-        of an InternLM2 one (model_type internlm2: GQA, rope_theta, rope_scaling)."""
+        of an InternLM2 one (model_type internlm2: GQA, rope_theta, rope_scaling), or of an InternLM3 one
+        (LLaMA's names, its own two bias switches and head_dim)."""
+        if self.family == "internlm3":
+            if self.out_bias != self.mlp_bias:
+                raise ConfigError("InternLM3's config has one switch (bias) for the o projection and the MLP: "
+                                  f"o bias {self.out_bias} and MLP bias {self.mlp_bias} cannot be written")
+            return {
+                "architectures": [FAMILIES["internlm3"].architecture],
+                "model_type": "internlm3",
+                "vocab_size": self.vocab_size,
+                "hidden_size": self.hidden_size,
+                "intermediate_size": self.intermediate_size,
+                "num_hidden_layers": self.num_layers,
+                "num_attention_heads": self.num_heads,
+                "num_key_value_heads": self.kv_heads,
+                "head_dim": self.head_dim,
+                "max_position_embeddings": self.max_position_embeddings,
+                "rms_norm_eps": self.rms_norm_eps,
+                "hidden_act": "silu",
+                "qkv_bias": self.bias,
+                "bias": self.out_bias,
+                "rope_theta": self.rope_base,
+                "rope_scaling": ({"rope_type": self.rope_scaling, "factor": self.rope_scaling_factor}
+                                 if self.rope_scaling else None),
+                "tie_word_embeddings": False,
+                "bos_token_id": self.bos_id,
+                "eos_token_id": self.eos_id,
+                "pad_token_id": self.pad_id,
+                "torch_dtype": self.dtype,
+            }
+        if self.out_bias != self.bias or self.mlp_bias or self.head_dim * self.num_heads != self.hidden_size:
+            raise ConfigError(f"an {self.family} HF config has no separate o / MLP bias or head_dim: "
+                              "this model can only be written as InternLM3")
         if self.family == "internlm2":
             return {
                 "architectures": ["InternLM2ForCausalLM"],
@@ -240,12 +296,26 @@ def hf_family(hf: dict) -> str:
 
 
 DTYPES = ("float32", "float16", "bfloat16")  # the weight and compute dtypes, as every path names them
-FAMILIES = ("internlm", "internlm2")
+
+
+@dataclass(frozen=True)
+class Family:
+    """What an InternLM generation is, besides its numbers: its HF names and whether k/v heads may be
+    fewer than query heads. Weight names live in convert.py, chat formats in tokenizer.py."""
+    model_type: str  # HF config.json's model_type
+    architecture: str  # and its architectures entry
+    gqa: bool
+
+
+FAMILIES = {
+    "internlm": Family("internlm", "InternLMForCausalLM", gqa=False),
+    "internlm2": Family("internlm2", "InternLM2ForCausalLM", gqa=True),
+    "internlm3": Family("internlm3", "InternLM3ForCausalLM", gqa=True),
+}
 # What an HF config.json says -> the family it is. LLaMA's layout and names are InternLM v1's (less
 # the bias), so a LLaMA config reads as v1; anything else is refused by name, never read as v1.
-HF_MODEL_TYPES = {"internlm": "internlm", "llama": "internlm", "internlm2": "internlm2"}
-HF_ARCHITECTURES = {"InternLMForCausalLM": "internlm", "LlamaForCausalLM": "internlm",
-                    "InternLM2ForCausalLM": "internlm2"}
+HF_MODEL_TYPES = {**{f.model_type: name for name, f in FAMILIES.items()}, "llama": "internlm"}
+HF_ARCHITECTURES = {**{f.architecture: name for name, f in FAMILIES.items()}, "LlamaForCausalLM": "internlm"}
 
 # Numbers from InternLM's own HF configs (config.json of internlm-7b / -20b), not the MindFormers
 # yamls, which carry num_heads 60 and rms_norm_eps 1e-5 for 20B by mistake.
@@ -263,6 +333,13 @@ _V2_1_8B = dict(_V2, hidden_size=2048, intermediate_size=8192, num_layers=24, nu
 _V2_7B = dict(_V2, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32)
 _V2_20B = dict(_V2, hidden_size=6144, intermediate_size=16384, num_layers=48, num_heads=48)
 
+# InternLM3-8B-Instruct (its HF config, model_type internlm3): LLaMA's tensor names, 16 query heads on
+# each of 2 k/v heads, head_dim 128 given explicitly, rope_theta 5e7 with dynamic NTK (factor 6) past
+# 32768 positions, vocabulary 128512, no biases (qkv_bias and bias both false).
+_V3_8B = dict(vocab_size=128512, hidden_size=4096, intermediate_size=10240, num_layers=48, num_heads=32,
+              num_kv_heads=2, attn_head_dim=128, max_position_embeddings=32768, rms_norm_eps=1e-5, bias=False,
+              rope_base=5e7, rope_scaling="dynamic", rope_scaling_factor=6.0, dtype="bfloat16", family="internlm3")
+
 PRESETS: dict[str, dict] = {
     "internlm-7b": _7B,
     "internlm-chat-7b": _7B,
@@ -276,6 +353,7 @@ PRESETS: dict[str, dict] = {
     "internlm2_5-7b-chat": _V2_7B,
     "internlm2-20b": _V2_20B,
     "internlm2-chat-20b": _V2_20B,
+    "internlm3-8b-instruct": _V3_8B,
     # Small shapes for tests, demos and benchmarks; the real tokenizer's vocabulary unless noted.
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
                  max_position_embeddings=128, bias=True),
@@ -287,6 +365,12 @@ PRESETS: dict[str, dict] = {
     "tiny-v2": dict(vocab_size=512, hidden_size=96, intermediate_size=160, num_layers=2, num_heads=6,
                     num_kv_heads=2, max_position_embeddings=64, bias=False, rope_scaling="dynamic",
                     rope_scaling_factor=2.0, family="internlm2"),
+    # InternLM3's shape in small: 8 query heads on 2 k/v heads (4 each), head_dim 16 given explicitly
+    # and not hidden / heads (96 / 8 = 12), q/k/v biases but none on o and the MLP (two switches),
+    # dynamic NTK (factor 6) past 64 positions.
+    "tiny-v3": dict(vocab_size=512, hidden_size=96, intermediate_size=160, num_layers=2, num_heads=8,
+                    num_kv_heads=2, attn_head_dim=16, max_position_embeddings=64, bias=True, o_bias=False,
+                    rope_base=5e7, rope_scaling="dynamic", rope_scaling_factor=6.0, family="internlm3"),
     # The self-trained demo model served by the local stack (real tokenizer, ~16M parameters).
     "demo": dict(hidden_size=128, intermediate_size=352, num_layers=4, num_heads=4,
                  max_position_embeddings=512, bias=True),

@@ -1,7 +1,8 @@
 """HF InternLM <-> MindSpore (MindFormers names) conversion as a name map, tensor by tensor.
 
 Pure renaming: both sides store linear weights [out, in] and use rotate-half rotary, so no
-transpose or q/k permutation. InternLM2's HF layout (``V2_HF_TO_MS``) packs q, k and v into one
+transpose or q/k permutation. InternLM v1 and InternLM3 use LLaMA's names (``HF_TO_MS``; v3's MLP
+may carry biases, v1's never does: the config's shapes say which are expected). InternLM2's HF layout (``V2_HF_TO_MS``) packs q, k and v into one
 ``wqkv`` grouped per k/v head; it is split into the project's ``wq``/``wk``/``wv`` on the way in
 and joined again on the way out (``split_wqkv`` / ``join_wqkv``), bit for bit. Every expected tensor must be present with its shape; anything
 missing, unexpected or mis-shaped is an error naming it, raised before a byte is written.
@@ -40,6 +41,9 @@ HF_TO_MS: dict[str, str | None] = {
     "model.layers.{}.mlp.gate_proj.weight": "model.layers.{}.feed_forward.w1.weight",
     "model.layers.{}.mlp.down_proj.weight": "model.layers.{}.feed_forward.w2.weight",
     "model.layers.{}.mlp.up_proj.weight": "model.layers.{}.feed_forward.w3.weight",
+    "model.layers.{}.mlp.gate_proj.bias": "model.layers.{}.feed_forward.w1.bias",
+    "model.layers.{}.mlp.down_proj.bias": "model.layers.{}.feed_forward.w2.bias",
+    "model.layers.{}.mlp.up_proj.bias": "model.layers.{}.feed_forward.w3.bias",
     "model.layers.{}.input_layernorm.weight": "model.layers.{}.attention_norm.weight",
     "model.layers.{}.post_attention_layernorm.weight": "model.layers.{}.ffn_norm.weight",
     "model.norm.weight": "model.norm_out.weight",

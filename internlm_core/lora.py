@@ -61,10 +61,12 @@ def target_modules(cfg: Config, targets: tuple[str, ...]) -> list[str]:
 
 
 def module_shape(cfg: Config, module: str) -> tuple[int, int]:
-    """(out, in) of a target linear (k and v have fewer rows under grouped-query attention)."""
+    """(out, in) of a target linear (k and v have fewer rows under grouped-query attention; q and o
+    are nh * hd wide, which is the hidden size unless the config gives head_dim)."""
     leaf = module.rsplit(".", 1)[1]
-    h, i, kv = cfg.hidden_size, cfg.intermediate_size, cfg.kv_heads * cfg.head_dim
-    return {"w1": (i, h), "w3": (i, h), "w2": (h, i), "wk": (kv, h), "wv": (kv, h)}.get(leaf, (h, h))
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    return {"wq": (q, h), "wk": (kv, h), "wv": (kv, h), "wo": (h, q), "w1": (i, h), "w3": (i, h), "w2": (h, i)}[leaf]
 
 
 @dataclass(frozen=True)
@@ -200,10 +202,12 @@ def save_adapter(weights: dict[str, np.ndarray], spec: AdapterSpec, cfg: Config,
 
 
 def _base_shape(cfg: Config) -> dict:
-    gqa = {"num_kv_heads": cfg.kv_heads} if cfg.kv_heads != cfg.num_heads else {}  # v1 adapters keep their record
+    # keys only where they differ from v1's shape, so v1 adapters keep their record
+    gqa = {"num_kv_heads": cfg.kv_heads} if cfg.kv_heads != cfg.num_heads else {}
+    head_dim = {"head_dim": cfg.head_dim} if cfg.head_dim * cfg.num_heads != cfg.hidden_size else {}
     return {"name": cfg.name, "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
             "intermediate_size": cfg.intermediate_size, "num_layers": cfg.num_layers, "num_heads": cfg.num_heads,
-            **gqa}
+            **gqa, **head_dim}
 
 
 def load_adapter(folder: Path, cfg: Config | None = None) -> tuple[AdapterSpec, dict[str, np.ndarray]]:

@@ -168,10 +168,11 @@ class Attention(nn.Cell):
         self.n_kv = cfg.kv_heads
         self.groups = self.n_heads // self.n_kv
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
-        self.wq = Linear(h, h, cfg.bias, dtype)
+        # nh * hd is the hidden size except where the config gives head_dim (InternLM3 may)
+        self.wq = Linear(h, self.n_heads * self.head_dim, cfg.bias, dtype)
         self.wk = Linear(h, self.n_kv * self.head_dim, cfg.bias, dtype)
         self.wv = Linear(h, self.n_kv * self.head_dim, cfg.bias, dtype)
-        self.wo = Linear(h, h, cfg.bias, dtype)
+        self.wo = Linear(self.n_heads * self.head_dim, h, cfg.out_bias, dtype)
         self.wqkv = None  # set by ``fuse``
         self.cached_attention = self.rope = None  # the CPU kernels, set by ``use_cpu_kernels``
         self.train_attention = None  # the CPU kernel, set by ``use_training_kernels``
@@ -272,9 +273,9 @@ class Attention(nn.Cell):
 class FeedForward(nn.Cell):
     def __init__(self, cfg: Config, dtype):
         super().__init__()
-        self.w1 = Linear(cfg.hidden_size, cfg.intermediate_size, False, dtype)  # gate
-        self.w2 = Linear(cfg.intermediate_size, cfg.hidden_size, False, dtype)  # down
-        self.w3 = Linear(cfg.hidden_size, cfg.intermediate_size, False, dtype)  # up
+        self.w1 = Linear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, dtype)  # gate
+        self.w2 = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, dtype)  # down
+        self.w3 = Linear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, dtype)  # up
         self.w13 = None  # set by ``fuse``
         self.silu_mul = None  # the CPU kernel, set by ``use_cpu_kernels`` (fused [gate | up]) or ``use_training_kernels``
 

@@ -84,6 +84,71 @@ CHAT_FORMATS = {
                             environment=(Control("<|im_start|>"), "environment name=", Control("<|plugin|>"), "\n",
                                          CONTENT, Control("<|im_end|>"), "\n")),
 }
+CHAT_FORMATS["internlm3"] = CHAT_FORMATS["internlm2"]  # InternLM3's tokenizer_config chat_template is the same ChatML
+
+# InternLM3's thinking mode is no token: it is this system prompt, as InternLM publishes it with
+# InternLM3-8B-Instruct (the model then writes its reasoning before the answer).
+THINKING_SYSTEM_PROMPT = """You are an expert mathematician with extensive experience in mathematical competitions. \
+You approach problems through systematic thinking and rigorous reasoning. When solving problems, follow these thought \
+processes:
+## Deep Understanding
+Take time to fully comprehend the problem before attempting a solution. Consider:
+- What is the real question being asked?
+- What are the given conditions and what do they tell us?
+- Are there any special restrictions or assumptions?
+- Which information is crucial and which is supplementary?
+## Multi-angle Analysis
+Before solving, conduct thorough analysis:
+- What mathematical concepts and properties are involved?
+- Can you recall similar classic problems or solution methods?
+- Would diagrams or tables help visualize the problem?
+- Are there special cases that need separate consideration?
+## Systematic Thinking
+Plan your solution path:
+- Propose multiple possible approaches
+- Analyze the feasibility and merits of each method
+- Choose the most appropriate method and explain why
+- Break complex problems into smaller, manageable steps
+## Rigorous Proof
+During the solution process:
+- Provide solid justification for each step
+- Include detailed proofs for key conclusions
+- Pay attention to logical connections
+- Be vigilant about potential oversights
+## Repeated Verification
+After completing your solution:
+- Verify your results satisfy all conditions
+- Check for overlooked special cases
+- Consider if the solution can be optimized or simplified
+- Review your reasoning process
+Remember:
+1. Take time to think thoroughly rather than rushing to an answer
+2. Rigorously prove each key conclusion
+3. Keep an open mind and try different approaches
+4. Summarize valuable problem-solving methods
+5. Maintain healthy skepticism and verify multiple times
+Your response should reflect deep mathematical understanding and precise logical thinking, making your solution path \
+and reasoning clear to others.
+When you're ready, present your complete solution with:
+- Clear problem understanding
+- Detailed solution process
+- Key insights
+- Thorough verification
+Focus on clear, logical progression of ideas and thorough explanation of your mathematical reasoning. Provide answers \
+in the same language as the user asking the question, repeat the final answer using a '\\boxed{}' without any units, \
+you have [[8192]] tokens to complete the answer.
+"""
+THINKING_FAMILIES = ("internlm3",)
+
+
+def thinking_chat(messages: Sequence[dict], family: str) -> list[dict]:
+    """``messages`` in thinking mode: InternLM3's published thinking system prompt first. The mode
+    is that system prompt, so a chat that brings its own is refused rather than silently changed."""
+    if family not in THINKING_FAMILIES:
+        raise TokenizerError(f"{family} has no thinking mode (it is InternLM3's: {', '.join(THINKING_FAMILIES)})")
+    if any(m.get("role") == "system" for m in messages):
+        raise TokenizerError("thinking mode sets the system prompt; this chat has its own system message")
+    return [{"role": "system", "content": THINKING_SYSTEM_PROMPT}, *messages]
 
 _SPECIAL = {"<s>": BOS, "</s>": EOS, "<unk>": UNK}
 _USER_DEFINED = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
@@ -177,7 +242,7 @@ class Tokenizer:
                  added_tokens: dict[int, AddedToken] | None = None):
         """``model_file`` (or a folder holding it; default: the bundled v1 tokenizer) with the names its folder's
         ``tokenizer_config.json`` / ``tokenizer.json`` give ids (or ``added_tokens``). ``family``
-        (internlm | internlm2), from the model's config, picks the chat format; without it the
+        (internlm | internlm2 | internlm3), from the model's config, picks the chat format; without it the
         names the tokenizer knows say which (InternLM2's has ``<|im_end|>``)."""
         self.model_file = Path(model_file) if model_file else BUNDLED_MODEL
         if self.model_file.is_dir():  # a checkpoint's folder

@@ -47,7 +47,7 @@ def request_from_args(args) -> inference_pb2.GenerateRequest:
         value = getattr(args, name, None)
         if value is not None:
             setattr(params, name, value)
-    from services.cli.model_cmds import grammar_from_args
+    from services.cli.model_cmds import grammar_from_args, prompt_messages
 
     if (grammar := grammar_from_args(args)) is not None:
         params.grammar.CopyFrom(grammar_to_pb(grammar))
@@ -56,8 +56,7 @@ def request_from_args(args) -> inference_pb2.GenerateRequest:
     if getattr(args, "ids", None):
         request.ids.ids.extend(int(x) for x in args.ids.split(",") if x.strip())
     elif getattr(args, "chat", False):
-        messages = [{"role": "system", "content": args.system}] if getattr(args, "system", None) else []
-        request.chat.CopyFrom(chat_to_pb(messages + [{"role": "user", "content": args.prompt}]))
+        request.chat.CopyFrom(chat_to_pb(prompt_messages(args)))
     else:
         request.text = args.prompt
     return request

@@ -28,7 +28,9 @@ def llama_config(cfg):
     kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
               num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
               num_key_value_heads=cfg.kv_heads, max_position_embeddings=cfg.max_position_embeddings,
-              rms_norm_eps=cfg.rms_norm_eps, attention_bias=cfg.bias, mlp_bias=False,
+              head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
+              # LLaMA has one switch for q/k/v/o: an o without bias is an o_proj bias held at zero
+              attention_bias=cfg.bias or cfg.out_bias, mlp_bias=cfg.mlp_bias,
               tie_word_embeddings=False, rope_theta=cfg.rope_base, bos_token_id=cfg.bos_id,
               eos_token_id=cfg.eos_id, pad_token_id=cfg.pad_id)
     if cfg.rope_scaling == "dynamic":
@@ -37,7 +39,8 @@ def llama_config(cfg):
 
 
 def hf_reference_model(cfg, seed: int = 0, scale: float = 0.2):
-    """A random HF LlamaForCausalLM (eval mode, fp32) standing for InternLM with ``cfg``."""
+    """A random HF LlamaForCausalLM (eval mode, fp32) standing for InternLM with ``cfg`` (a bias the
+    config does not have, which LLaMA's single switch makes, is zero: see ``hf_state_dict``)."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -49,7 +52,19 @@ def hf_reference_model(cfg, seed: int = 0, scale: float = 0.2):
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             else:
                 p.normal_(0.0, scale)
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and name not in hf_state_dict(model, cfg):
+                p.zero_()
     return model
+
+
+def hf_state_dict(model, cfg) -> dict:
+    """The reference model's tensors as an HF folder of ``cfg`` holds them (LLaMA's names), less the
+    biases ``cfg`` does not have (LLaMA cannot bias q/k/v without o)."""
+    from internlm_core.convert import hf_name
+
+    wanted = {hf_name(n) for n in cfg.param_shapes()}
+    return {k: v.detach().float().numpy() for k, v in model.state_dict().items() if k in wanted}
 
 
 def hf_greedy(ref, prompt: list[int], n: int = 32) -> list[int]:
@@ -114,6 +129,45 @@ def save_internlm2_folder(model, cfg, folder: Path, group_order=None) -> Path:
               metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(cfg.to_hf_config(), indent=2))
     return folder
+
+
+def save_internlm3_folder(model, cfg, folder: Path) -> Path:
+    """Save a LLaMA-layout ``model`` as an HF InternLM3 folder: LLaMA's names, the biases its two
+    switches give, and an InternLM3 config.json (head_dim, qkv_bias, bias)."""
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in hf_state_dict(model, cfg).items()},
+              str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(cfg.to_hf_config(), indent=2))
+    return folder
+
+
+V3_CONTROLS = ("<|im_start|>", "<|im_end|>", "<|action_start|>", "<|action_end|>", "<|interpreter|>", "<|plugin|>")
+
+
+def v3_tokenizer_folder(out: Path, vocab_size: int) -> Path:
+    """A sentencepiece model trained here in InternLM3's manner (byte fallback, <unk> 0, <s> 1,
+    </s> 2; its files cannot be fetched), whose chat pieces are placeholders that the folder's
+    tokenizer_config.json names, as a published checkpoint's files name its ids."""
+    import sentencepiece as spm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "corpus.txt").write_text((DATA / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")[:200_000],
+                                    encoding="utf-8")
+    placeholders = [f"[UNUSED_TOKEN_{i}]" for i in range(len(V3_CONTROLS))]
+    spm.SentencePieceTrainer.train(input=str(out / "corpus.txt"), model_prefix=str(out / "tokenizer"),
+                                   vocab_size=vocab_size, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1,
+                                   eos_id=2, pad_id=-1, user_defined_symbols=placeholders, minloglevel=2)
+    (out / "corpus.txt").unlink()
+    (out / "tokenizer.vocab").unlink()
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    decoder = {str(sp.piece_to_id(p)): {"content": name, "special": True} for p, name in zip(placeholders, V3_CONTROLS)}
+    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "InternLM3Tokenizer",
+                                                           "added_tokens_decoder": decoder}))
+    return out
 
 
 def internlm2_checkpoint(folder: Path, seed: int = 5, **overrides) -> tuple[object, Path]:

@@ -1,0 +1,82 @@
+"""A tiny InternLM3 (8 query heads on 2 k/v heads, head_dim 16 given explicitly, its own
+tokenizer files naming the chat ids) converted from its HF folder and served by a real worker
+behind a real endpoint: gRPC chat and ``/v1/chat/completions`` give the core's tokens for the
+ChatML prompt with the checkpoint's own ids."""
+from __future__ import annotations
+
+import shutil
+
+import grpc
+import httpx
+import pytest
+
+from internlm_core.config import Config
+from internlm_core.convert import hf_to_ms
+from internlm_core.engine import Engine
+from internlm_core.generation import SamplingParams, generate
+from internlm_core.loader import load_model
+from internlm_core.tokenizer import Tokenizer
+from services.pb import common_pb2, inference_pb2, inference_pb2_grpc
+from services.pb_convert import chat_to_pb
+from tests.helpers import RedisServer, free_port, hf_reference_model, save_internlm3_folder, v3_tokenizer_folder
+from tests.services.conftest import Service, start_endpoint, start_worker, wait_http, wait_workers
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell a story about a river."}]
+
+
+@pytest.fixture(scope="module")
+def v3_stack(tmp_path_factory):
+    """(model folder, worker, endpoint with HTTP)."""
+    root = tmp_path_factory.mktemp("v3-stack")
+    cfg = Config.from_name("tiny-v3")
+    hf = save_internlm3_folder(hf_reference_model(cfg, seed=5), cfg, root / "hf")
+    tok = v3_tokenizer_folder(root / "tok", cfg.vocab_size)
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copyfile(tok / name, hf / name)
+    model_dir = root / "internlm3-tiny"
+    hf_to_ms(hf, model_dir)
+    redis = RedisServer(root / "redis").start()
+    services = []
+    try:
+        tok = Service("services.tokenizer_service", ["--tokenizer", str(model_dir / "tokenizer.model")],
+                      root / "tokenizer.log", free_port(), free_port())
+        services.append(tok)
+        worker = start_worker(model_dir, redis.url, root, "worker-v3", "--max-len", "128")
+        services.append(worker)
+        port = free_port()
+        endpoint = start_endpoint(redis.url, tok.address, root, "endpoint-v3", "--http-port", str(port))
+        services.append(endpoint)
+        for s in services:
+            s.wait_healthy()
+        assert wait_workers(endpoint, 1)
+        endpoint.base = f"http://127.0.0.1:{port}"
+        wait_http(endpoint.base)
+        yield model_dir, worker, endpoint
+    finally:
+        for s in services:
+            s.stop()
+        redis.stop()
+
+
+def core_answer(model_dir, n):
+    tok = Tokenizer.for_model(model_dir, "internlm3")
+    prompt = tok.encode_chat(CHAT)
+    engine = Engine(load_model(model_dir), max_batch=1, max_len=128)
+    events = list(generate(engine, prompt, SamplingParams(max_new_tokens=n, temperature=0.0), tok))
+    return prompt, [e.token_id for e in events], "".join(e.text for e in events)
+
+
+def test_grpc_and_http_chat_give_the_cores_tokens_with_the_checkpoints_chat_ids(v3_stack):
+    model_dir, worker, endpoint = v3_stack
+    prompt, ids, text = core_answer(model_dir, 12)
+    tok = Tokenizer.for_model(model_dir, "internlm3")
+    assert prompt[1] == tok.special_tokens["<|im_start|>"] == tok.sp.piece_to_id("[UNUSED_TOKEN_0]")
+    stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(worker.address))
+    served = stub.GenerateUnary(inference_pb2.GenerateRequest(
+        chat=chat_to_pb(CHAT), params=common_pb2.SamplingParams(max_new_tokens=12)), timeout=60)
+    assert served.finish.prompt_tokens == len(prompt) and list(served.token_ids) == ids and served.text == text
+    r = httpx.post(f"{endpoint.base}/v1/chat/completions", timeout=60,
+                   json={"model": model_dir.name, "messages": CHAT, "max_tokens": 12, "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["usage"]["prompt_tokens"] == len(prompt) and body["choices"][0]["message"]["content"] == text
