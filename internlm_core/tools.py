@@ -126,7 +126,7 @@ def check_family(tokenizer) -> None:
     """Refuse tools for a model whose chat format has no tool calls (InternLM v1)."""
     if tokenizer.chat_format.call is None:
         raise ToolError(f"tools: this model's chat format ({tokenizer.family}) has no tool calls; tool calls "
-                        f"need a model of the InternLM2 family")
+                        f"need a model of the InternLM2 or InternLM3 family")
 
 
 @dataclass

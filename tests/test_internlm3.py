@@ -166,6 +166,27 @@ def test_the_chat_format_is_chatml_with_the_checkpoints_own_ids(v3_tokenizer):
     assert tok.decode([start, *text("user"), end], skip_special=False) == "<|im_start|>user<|im_end|>"
 
 
+def test_tool_calls_use_internlm2s_format_with_the_checkpoints_own_ids(v3_tokenizer):
+    """InternLM3 calls tools as InternLM2 does: the tools' <|plugin|> system turn, a call between
+    <|action_start|><|plugin|> and <|action_end|>, with the ids its own tokenizer_config.json names."""
+    from internlm_core.tokenizer import BOS, Tokenizer
+    from internlm_core.tools import parse_answer
+
+    tok = Tokenizer.for_model(v3_tokenizer, "internlm3")
+    ids = {name: tok.special_tokens[name] for name in ("<|im_start|>", "<|im_end|>", "<|plugin|>", "<|action_start|>",
+                                                        "<|action_end|>")}
+    text = lambda s: tok.encode(s, bos=False)  # noqa: E731
+    tools = [{"name": "weather", "parameters": {"type": "object"}}]
+    prompt = tok.encode_chat([{"role": "user", "content": "Rain?"}], tools=tools)
+    head = [BOS, ids["<|im_start|>"], *text("system name="), ids["<|plugin|>"]]
+    assert prompt[:len(head)] == head
+    answer = ([*text("Checking."), ids["<|action_start|>"], ids["<|plugin|>"]] + text('\n{"name": "weather", "parameters": '
+                                                                              '{"city": "Oslo"}}')
+              + [ids["<|action_end|>"]])
+    content, calls = parse_answer(tok, answer)
+    assert content == "Checking." and [(c.name, json.loads(c.arguments)) for c in calls] == [("weather", {"city": "Oslo"})]
+
+
 def test_thinking_mode_is_internlm3s_published_system_prompt(v3_tokenizer):
     from internlm_core.errors import TokenizerError
     from internlm_core.tokenizer import THINKING_SYSTEM_PROMPT, Tokenizer, thinking_chat
