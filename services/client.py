@@ -52,7 +52,8 @@ def request_from_args(args) -> inference_pb2.GenerateRequest:
     if (grammar := grammar_from_args(args)) is not None:
         params.grammar.CopyFrom(grammar_to_pb(grammar))
     request = inference_pb2.GenerateRequest(params=params, adapter=getattr(args, "adapter", None) or "",
-                                            allow_special_tokens=getattr(args, "allow_special_tokens", False))
+                                            allow_special_tokens=getattr(args, "allow_special_tokens", False),
+                                            thinking=getattr(args, "thinking", False))
     if getattr(args, "ids", None):
         request.ids.ids.extend(int(x) for x in args.ids.split(",") if x.strip())
     elif getattr(args, "chat", False):

@@ -228,6 +228,7 @@ class OpenAI:
         for i in range(body.n):
             r = inference_pb2.GenerateRequest(model=model, adapter=adapter,
                                               params=body.sampling(default_max or max_len, logprobs, top),
+                                              thinking=getattr(body, "thinking", False),
                                               **(tools_to_pb(tools) if tools else {}))
             if body.seed is not None:
                 r.params.seed = (body.seed + i) % 2 ** 63

@@ -267,6 +267,11 @@ class NamedToolChoice(KnownFields):
     function: NamedFunction
 
 
+class ChatTemplateKwargs(KnownFields):
+    """vLLM's ``chat_template_kwargs`` extra; the one switch the InternLM templates have."""
+    thinking: bool = False  # InternLM3's thinking mode: its published thinking system prompt first
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     logprobs: bool = False
@@ -274,6 +279,11 @@ class ChatCompletionRequest(SamplingFields):
     tools: Annotated[list[ToolDef], Field(min_length=1, max_length=MAX_TOOLS)] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    chat_template_kwargs: ChatTemplateKwargs | None = None
+
+    @property
+    def thinking(self) -> bool:
+        return bool(self.chat_template_kwargs and self.chat_template_kwargs.thinking)
 
     def tool_spec(self) -> Tools | None:
         """The core's Tools for this request (ToolError naming the problem), None without tools."""

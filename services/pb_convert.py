@@ -5,6 +5,7 @@ from internlm_core.generation import (FINISH_ABORTED, FINISH_EOS, FINISH_LENGTH,
                                       SamplingParams)
 
 from internlm_core.structured import Grammar
+from internlm_core.tokenizer import thinking_chat
 from internlm_core.tools import FINISH_TOOL_CALLS, Tool, ToolCallDelta, Tools
 
 from services.pb import common_pb2, inference_pb2
@@ -110,13 +111,18 @@ def prompt_from_pb(request: inference_pb2.GenerateRequest, tokenizer, tools: Too
         raise ValueError("the request has no prompt: set one of text, ids, chat")
     if tools is not None and kind != "chat":
         raise ValueError("tools: need a chat prompt (they are listed in the chat's template)")
+    if request.thinking and kind != "chat":
+        raise ValueError("thinking: needs a chat prompt (thinking mode is a system turn)")
     if kind == "text":
         if not request.text:
             raise ValueError("empty prompt")
         return tokenizer.encode(request.text, allow_special=request.allow_special_tokens)
     if kind == "ids":
         return list(request.ids.ids)
-    return tokenizer.encode_chat(chat_from_pb(request.chat.messages), allow_special=request.allow_special_tokens,
+    messages = chat_from_pb(request.chat.messages)
+    if request.thinking:
+        messages = thinking_chat(messages, tokenizer.family)
+    return tokenizer.encode_chat(messages, allow_special=request.allow_special_tokens,
                                  tools=tools.listed() if tools else None)
 
 

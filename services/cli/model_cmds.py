@@ -28,8 +28,7 @@ def register(sub) -> None:
     g.add_argument("--chat", action="store_true", help="render the prompt as a user turn in InternLM's chat format")
     g.add_argument("--system", help="system prompt (with --chat)")
     g.add_argument("--thinking", action="store_true",
-                   help="with --chat: InternLM3's thinking mode (its published thinking system prompt; a local "
-                        "--model's family is checked, a remote one renders it as a system turn)")
+                   help="with --chat: InternLM3's thinking mode (its published thinking system prompt goes first)")
     g.add_argument("--allow-special-tokens", action="store_true",
                    help="literal <s>, </s>, <eoh>, <eoa>, ... in the prompt become control tokens "
                         "(default: plain text)")
@@ -128,16 +127,10 @@ def sampling_from_args(args):
     return SamplingParams(stop=tuple(args.stop), grammar=grammar_from_args(args), **given).validate()
 
 
-def prompt_messages(args, family: str | None = None) -> list[dict]:
-    """The chat ``--chat`` sends: the system turn (or thinking mode's), then the prompt as the user's.
-    ``family`` (a local model's) is checked to have a thinking mode; remotely the server renders it."""
-    from internlm_core.tokenizer import THINKING_FAMILIES, thinking_chat
-
+def prompt_messages(args) -> list[dict]:
+    """The chat ``--chat`` sends: the system turn, if any, then the prompt as the user's."""
     messages = [{"role": "system", "content": args.system}] if getattr(args, "system", None) else []
-    messages.append({"role": "user", "content": args.prompt})
-    if getattr(args, "thinking", False):
-        messages = thinking_chat(messages, family or THINKING_FAMILIES[0])
-    return messages
+    return messages + [{"role": "user", "content": args.prompt}]
 
 
 def generate(args) -> int:
@@ -170,7 +163,11 @@ def generate(args) -> int:
     if args.ids:
         prompt = [int(x) for x in args.ids.split(",") if x.strip()]
     elif args.chat:
-        prompt = tok.encode_chat(prompt_messages(args, cfg.family), allow_special=args.allow_special_tokens)
+        from internlm_core.tokenizer import thinking_chat
+
+        messages = prompt_messages(args)
+        prompt = tok.encode_chat(thinking_chat(messages, cfg.family) if args.thinking else messages,
+                                 allow_special=args.allow_special_tokens)
     else:
         prompt = tok.encode(args.prompt, allow_special=args.allow_special_tokens)
     if len(prompt) >= cfg.max_position_embeddings:

@@ -41,7 +41,8 @@ def v3_stack(tmp_path_factory):
         tok = Service("services.tokenizer_service", ["--tokenizer", str(model_dir / "tokenizer.model")],
                       root / "tokenizer.log", free_port(), free_port())
         services.append(tok)
-        worker = start_worker(model_dir, redis.url, root, "worker-v3", "--max-len", "128")
+        # room for thinking mode's long system prompt (dynamic NTK past the 64 trained positions)
+        worker = start_worker(model_dir, redis.url, root, "worker-v3", "--max-len", "2048")
         services.append(worker)
         port = free_port()
         endpoint = start_endpoint(redis.url, tok.address, root, "endpoint-v3", "--http-port", str(port))
@@ -61,7 +62,7 @@ def v3_stack(tmp_path_factory):
 def core_answer(model_dir, n):
     tok = Tokenizer.for_model(model_dir, "internlm3")
     prompt = tok.encode_chat(CHAT)
-    engine = Engine(load_model(model_dir), max_batch=1, max_len=128)
+    engine = Engine(load_model(model_dir), max_batch=1, max_len=2048)
     events = list(generate(engine, prompt, SamplingParams(max_new_tokens=n, temperature=0.0), tok))
     return prompt, [e.token_id for e in events], "".join(e.text for e in events)
 
@@ -80,3 +81,46 @@ def test_grpc_and_http_chat_give_the_cores_tokens_with_the_checkpoints_chat_ids(
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["usage"]["prompt_tokens"] == len(prompt) and body["choices"][0]["message"]["content"] == text
+
+
+def test_thinking_mode_over_http_and_grpc_puts_the_published_prompt_first(v3_stack):
+    """``chat_template_kwargs: {"thinking": true}`` (HTTP) and ``GenerateRequest.thinking`` (gRPC):
+    the worker renders InternLM3's thinking system prompt first; a chat with its own system prompt, a
+    prompt that is not a chat and an unknown template switch are refused, naming the reason."""
+    from internlm_core.tokenizer import thinking_chat
+
+    model_dir, worker, endpoint = v3_stack
+    tok = Tokenizer.for_model(model_dir, "internlm3")
+    user = [{"role": "user", "content": "What is 17 * 23?"}]
+    want = len(tok.encode_chat(thinking_chat(user, "internlm3")))
+    assert want > 1000
+    url = f"{endpoint.base}/v1/chat/completions"
+    r = httpx.post(url, timeout=120, json={"model": model_dir.name, "messages": user, "max_tokens": 2,
+                                           "chat_template_kwargs": {"thinking": True}})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == want
+    plain = httpx.post(url, timeout=60, json={"model": model_dir.name, "messages": user, "max_tokens": 2})
+    assert plain.json()["usage"]["prompt_tokens"] == len(tok.encode_chat(user))
+    stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(worker.address))
+    served = stub.GenerateUnary(inference_pb2.GenerateRequest(
+        chat=chat_to_pb(user), thinking=True, params=common_pb2.SamplingParams(max_new_tokens=2)), timeout=120)
+    assert served.finish.prompt_tokens == want
+    own = httpx.post(url, timeout=60, json={"model": model_dir.name, "messages": CHAT, "max_tokens": 2,
+                                            "chat_template_kwargs": {"thinking": True}})
+    assert own.status_code == 400 and "thinking mode sets the system prompt" in own.text
+    with pytest.raises(grpc.RpcError) as e:
+        stub.GenerateUnary(inference_pb2.GenerateRequest(text="hi", thinking=True), timeout=60)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "thinking: needs a chat prompt" in e.value.details()
+    other = httpx.post(url, timeout=60, json={"model": model_dir.name, "messages": user, "max_tokens": 2,
+                                              "chat_template_kwargs": {"enable_thinking": True}})
+    assert other.status_code == 400 and "enable_thinking" in other.text
+
+
+def test_a_family_without_thinking_mode_is_refused():
+    from internlm_core.errors import TokenizerError
+    from services.pb_convert import prompt_from_pb
+    from tests.helpers import V2_TOKENIZER
+
+    request = inference_pb2.GenerateRequest(chat=chat_to_pb([{"role": "user", "content": "hi"}]), thinking=True)
+    with pytest.raises(TokenizerError, match="internlm2 has no thinking mode"):
+        prompt_from_pb(request, Tokenizer(V2_TOKENIZER))
