@@ -1,7 +1,7 @@
 """The Jobs gRPC service: check a request, record it, queue it; read records back; stream progress.
 
 The public endpoint hosts it with ``add_to_server(server, settings)``. Requests are checked
-here, before anything is queued (``kinds.CHECKS``); everything after that is the workers' part.
+here, before anything is queued (``kinds.KINDS[kind].check``); everything after that is the workers' part.
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from internlm_core.store import Store
 from services.pb import jobs_pb2, jobs_pb2_grpc
 from services.server_common import status_of
 
-from . import kinds
+from .kinds import KINDS, enum_name, kind_of_enum
 from .app import make_app, send
-from .records import FAILED, FINAL, STATES, JobRecords, KeyReused, canonical
+from .records import FAILED, FINAL, STATE_PREFIX, STATES, JobRecords, KeyReused, canonical, state_enum_name
 from .settings import LIMITS, JobsSettings
 
 log = logging.getLogger("internlm.jobs.api")
@@ -61,8 +61,8 @@ def job_to_pb(rec: dict) -> jobs_pb2.Job:
     if kind and rec.get("request"):
         json_format.ParseDict(json.loads(rec["request"]), getattr(request, kind))
     return jobs_pb2.Job(
-        id=rec["id"], kind=jobs_pb2.JobKind.Value(f"JOB_KIND_{kind.upper()}"),
-        state=jobs_pb2.JobState.Value(f"JOB_STATE_{rec['state']}"), progress=progress,
+        id=rec["id"], kind=jobs_pb2.JobKind.Value(enum_name(kind)),
+        state=jobs_pb2.JobState.Value(state_enum_name(rec["state"])), progress=progress,
         message=rec.get("message", ""), error=rec.get("error", ""), output=rec.get("output", ""),
         idempotency_key=rec.get("key", ""), created_at=f("created"), started_at=f("started"),
         finished_at=f("finished"), executions=int(f("executions")), cancel_requested=rec.get("cancel") == "1",
@@ -96,7 +96,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
     def SubmitJob(self, request, context):
         kind = request.WhichOneof("job")
         if kind is None:
-            raise ValueError(f"set one of: {', '.join(kinds.RUNS)}")
+            raise ValueError(f"set one of: {', '.join(KINDS)}")
         body = request_body(getattr(request, kind))
         key = request.idempotency_key
         if key:  # a repeat of a known request returns its job before any check (its output may exist now)
@@ -106,7 +106,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
                     raise KeyReused(f"idempotency key {key!r} was already used for a different request "
                                     f"(job {rec['id']})")
                 return job_to_pb(rec)
-        output = kinds.CHECKS[kind](body, self.store)
+        output = KINDS[kind].check(body, self.store)
         rec, created = self.records.create(kind, body, output, key)
         if created:
             try:
@@ -125,8 +125,8 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
 
     @_status
     def ListJobs(self, request, context):
-        state = jobs_pb2.JobState.Name(request.state).removeprefix("JOB_STATE_") if request.state else None
-        kind = jobs_pb2.JobKind.Name(request.kind).removeprefix("JOB_KIND_").lower() if request.kind else None
+        state = jobs_pb2.JobState.Name(request.state).removeprefix(STATE_PREFIX) if request.state else None
+        kind = kind_of_enum(jobs_pb2.JobKind.Name(request.kind)) if request.kind else None
         if state is not None and state not in STATES:
             raise ValueError(f"unknown state {request.state}")
         if request.limit < 0:

@@ -9,7 +9,9 @@ or this machine's memory. ``run_*`` write into ``ctx.staging`` (or ``ctx.work_di
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from internlm_core.checkpoint import read_config
 from internlm_core.config import DTYPES, Config
@@ -250,11 +252,37 @@ def run_export(req: dict, ctx) -> dict:
     return {"graphs": sorted(p.name for p in ctx.store.model_path(req["output"]).glob("*.mindir"))}
 
 
-# ---- tables -------------------------------------------------------------------------------------
+# ---- the table --------------------------------------------------------------------------------
 
-CHECKS = {"convert": check_convert, "preprocess": check_preprocess, "finetune": check_finetune,
-          "export": check_export}
-RUNS = {"convert": run_convert, "preprocess": run_preprocess, "finetune": run_finetune, "export": run_export}
+@dataclass(frozen=True)
+class JobKind:
+    """One kind of job. Its ``name`` is the field of ``SubmitJobRequest``'s ``job`` oneof, the Celery
+    queue and task (``app.task_name``), the ``internlm jobs submit`` subcommand, and, upper-cased
+    after ``JOB_KIND_``, the value of the proto's ``JobKind`` enum (``enum_name``); a test holds the
+    proto to this table."""
+    name: str
+    check: Callable[[dict, Store], str]  # in the endpoint, before queueing: the output's store path
+    run: Callable[[dict, object], dict]  # in a worker: the job's result
+    help: str
+
+
+KINDS: dict[str, JobKind] = {k.name: k for k in (
+    JobKind("convert", check_convert, run_convert, "HF InternLM folder -> model in the store"),
+    JobKind("preprocess", check_preprocess, run_preprocess, "Alpaca JSON or WikiText -> MindRecord dataset in the store"),
+    JobKind("finetune", check_finetune, run_finetune, "full or LoRA fine-tuning of a model in the store"),
+    JobKind("export", check_export, run_export, "model in the store -> MindIR prefill/decode graphs"),
+)}
+ENUM_PREFIX = "JOB_KIND_"
+
+
+def enum_name(kind: str) -> str:
+    """The proto ``JobKind`` value's name for a kind (``convert`` -> ``JOB_KIND_CONVERT``)."""
+    return ENUM_PREFIX + kind.upper()
+
+
+def kind_of_enum(name: str) -> str:
+    """The kind a proto ``JobKind`` value's name stands for (``JOB_KIND_CONVERT`` -> ``convert``)."""
+    return name.removeprefix(ENUM_PREFIX).lower()
 
 
 def _read_config(folder: Path):
