@@ -40,7 +40,7 @@ def endpoint_channel(args=None) -> grpc.Channel:
     return client_channel(endpoint_address(args), key, ca)
 
 
-def request_from_args(args) -> inference_pb2.GenerateRequest:
+def generate_request(args) -> inference_pb2.GenerateRequest:
     """The GenerateRequest for ``internlm generate``'s arguments (the server checks the values)."""
     params = common_pb2.SamplingParams(stop=list(getattr(args, "stop", None) or []))
     for name in SCALAR_PARAMS:  # the flags ``model_cmds`` derives from the same list
@@ -66,7 +66,7 @@ def request_from_args(args) -> inference_pb2.GenerateRequest:
 def remote_generate(args) -> int:
     """Print the stream as it comes (or one JSON object with ``--json``); 1 on an RPC error."""
     address = endpoint_address(args)
-    request = request_from_args(args)
+    request = generate_request(args)
     ids, text, finish = [], [], None
     with endpoint_channel(args) as channel:
         try:

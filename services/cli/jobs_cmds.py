@@ -131,7 +131,7 @@ def _line(job) -> str:
     return f"{job.id}  {_kind(job):<10} {_state(job):<9} {prog:<22} {job.output:<28} {detail}"
 
 
-def request_from_args(args):
+def submit_request(args):
     """The SubmitJobRequest for ``internlm jobs submit KIND ...`` (unset options stay unset)."""
     from services.pb import jobs_pb2
 
@@ -153,7 +153,7 @@ def request_from_args(args):
 def submit(args) -> int:
     import grpc
 
-    stub, request = _stub(args), request_from_args(args)
+    stub, request = _stub(args), submit_request(args)
     for attempt in range(5):  # the same idempotency key makes a retry after a lost reply safe
         try:
             job = stub.SubmitJob(request, timeout=RPC_TIMEOUT_S)
