@@ -8,7 +8,6 @@ written out again here.
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Annotated
 
 import grpc
@@ -21,9 +20,8 @@ from services.jobs.records import STATES, state_enum_name
 from services.jobs.settings import LIMITS
 from services.openai_schema import error_response, rpc_error_response
 from services.pb import jobs_pb2
-from services.server_common import status_of
+from services.server_common import reported_status
 
-log = logging.getLogger("internlm.console")
 
 
 class _Aborted(grpc.RpcError):
@@ -70,10 +68,7 @@ class InProcess:
             except grpc.RpcError:
                 raise
             except Exception as e:  # noqa: BLE001 - one status for any failure, as on the gRPC door
-                code, message = status_of(e)
-                if code == grpc.StatusCode.INTERNAL:
-                    log.error("%s failed", name, exc_info=e)
-                raise _Aborted(code, message) from e
+                raise _Aborted(*reported_status(name, e)) from e
         return call
 
 
