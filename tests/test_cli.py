@@ -124,7 +124,7 @@ def test_every_parameter_reaches_each_outer_form():
     from internlm_core.generation import SCALAR_PARAMS, SamplingParams
     from internlm_core.train_args import HYPERPARAMS
     from services.cli import build_parser
-    from services.jobs.kinds import JOB_NAMES, TRAIN_FIELDS
+    from services.jobs.checks import JOB_NAMES, TRAIN_FIELDS
     from services.pb import common_pb2, jobs_pb2
 
     def flags(*path):

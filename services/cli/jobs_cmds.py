@@ -9,7 +9,8 @@ import uuid
 from internlm_core.config import DTYPES
 from services.cli.train_cmds import add_hyperparameter_flags
 from services.client import add_endpoint_arguments
-from services.jobs.kinds import JOB_NAMES, KINDS, enum_name, kind_of_enum
+from services.jobs.checks import JOB_NAMES
+from services.jobs.kinds import KINDS, enum_name, kind_of_enum
 from services.jobs.records import STATES, STATE_PREFIX, state_enum_name
 
 RPC_TIMEOUT_S = 30
