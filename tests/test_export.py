@@ -9,8 +9,8 @@ import pytest
 from internlm_core.checkpoint import Cancelled
 from internlm_core.config import Config
 from internlm_core.engine import Engine, open_engine
-from internlm_core.export import (MANIFEST_FILE, ExportedEngine, ExportError, export_mindir, lite_available,
-                                  read_manifest)
+from internlm_core.export import MANIFEST_FILE, ExportError, export_mindir
+from internlm_core.exported import ExportedEngine, lite_available, read_manifest
 from internlm_core.generation import SamplingParams, generate, generate_batch
 from internlm_core.loader import load_model
 from tests.helpers import hf_greedy, hf_reference_model, save_hf_folder
