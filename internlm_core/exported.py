@@ -3,8 +3,9 @@ and ``ExportedEngine``, which loads the two graphs with MindSpore's own ``ms.loa
 ``nn.GraphCell`` and behaves like ``engine.Engine`` (``engine.open_engine`` picks it for a folder
 with a manifest). Why the KV caches are the graphs' inputs, written in place: ``export.py``.
 
-MindSpore Lite (MindFormers' research/internlm's runtime) has no Python package for this platform; its path is a
-check that fails clearly (see ``require_lite``), not an untested runner.
+There is no MindSpore Lite runner: Lite (MindFormers' research/internlm's runtime) has no Python
+package for this platform (the registry's mindspore-lite is 2.0.0 for Python 3.7), so a Lite path
+could not be tested here.
 """
 from __future__ import annotations
 
@@ -90,28 +91,6 @@ def _check_graph_params(graph, cfg: Config, name: str) -> None:
                           f"{list(expected[k]) if k in expected else 'absent'} ({len(bad)} mismatches)")
 
 
-# ---- MindSpore Lite -------------------------------------------------------------------------
-
-def lite_available() -> bool:
-    try:
-        import mindspore_lite  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def require_lite() -> None:
-    """The Lite path: refuses clearly. Lite's Python package (mindspore-lite) only exists as
-    2.0.0 for Python 3.7 in the registry, so running the pair under Lite was never tested
-    here; when Lite is importable this still refuses rather than run untested code."""
-    if not lite_available():
-        raise ExportError("MindSpore Lite is not installed (the package registry has only mindspore-lite "
-                          "2.0.0 for Python 3.7, not installable here); use runtime='mindspore', which loads "
-                          "the same MindIR files with ms.load + nn.GraphCell")
-    raise ExportError("a MindSpore Lite runtime is importable, but running the exported pair under Lite is "
-                      "untested in this project; use runtime='mindspore'")
-
-
 # ---- the runner ----------------------------------------------------------------------------
 
 class ExportedEngine(EngineBase):
@@ -121,12 +100,7 @@ class ExportedEngine(EngineBase):
     shorter limit than it was exported with (idle slots are padded), never more.
     """
 
-    def __init__(self, folder, max_batch: int | None = None, max_len: int | None = None,
-                 runtime: str = "mindspore"):
-        if runtime == "lite":
-            require_lite()
-        if runtime != "mindspore":
-            raise ExportError(f"unknown runtime {runtime!r} (mindspore or lite)")
+    def __init__(self, folder, max_batch: int | None = None, max_len: int | None = None):
         set_runtime()
         self.folder = Path(folder)
         self.manifest, self.config = check_exported(self.folder)
