@@ -88,7 +88,7 @@ def test_generate_structured_output(chat_model_dir, tmp_path):
 
 def test_remote_request_carries_the_grammar():
     from services.cli import build_parser
-    from services.client import generate_request
+    from services.cli.remote import generate_request
 
     args = build_parser().parse_args(["generate", "hi", "--choice", "a", "--choice", "b"])
     assert list(generate_request(args).params.grammar.choice.choices) == ["a", "b"]

@@ -8,7 +8,7 @@ import uuid
 
 from internlm_core.config import DTYPES
 from services.cli.train_cmds import add_hyperparameter_flags
-from services.client import add_endpoint_arguments
+from services.cli.remote import add_endpoint_arguments
 from services.jobs.checks import JOB_NAMES
 from services.jobs.kinds import KINDS, enum_name, kind_of_enum
 from services.jobs.records import STATES, STATE_PREFIX, state_enum_name
@@ -80,7 +80,7 @@ def register(sub) -> None:
 # ---- plumbing -------------------------------------------------------------------------------------
 
 def _stub(args):
-    from services.client import endpoint_channel
+    from services.auth import endpoint_channel
     from services.pb import jobs_pb2_grpc
 
     return jobs_pb2_grpc.JobsStub(endpoint_channel(args))

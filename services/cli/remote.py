@@ -1,43 +1,29 @@
-"""The client side of ``internlm generate`` without ``--model``: stream from the running stack; and
-the endpoint options every remote command shares (address, API key, TLS CA)."""
+"""The CLI's side of the running stack: ``internlm generate`` without ``--model`` (stream from the
+endpoint), and the endpoint options every remote command shares (address, API key, TLS CA; the
+channel itself is ``services.auth.endpoint_channel``)."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import grpc
 
 from internlm_core.generation import SCALAR_PARAMS
 
-from services.auth import API_KEY_ENV, TLS_CA_ENV, client_channel, parse_keys
+from services.auth import API_KEY_ENV, DEFAULT_ENDPOINT, ENDPOINT_ENV, TLS_CA_ENV, endpoint_address, endpoint_channel
 from services.pb_convert import FINISH_FROM_PB, chat_to_pb, grammar_to_pb
 from services.pb import common_pb2, inference_pb2, inference_pb2_grpc
-
-DEFAULT_ENDPOINT = "localhost:50051"
 
 
 def add_endpoint_arguments(p) -> None:
     """--endpoint, --api-key and --tls-ca, for the commands that call the running stack."""
-    p.add_argument("--endpoint", default=None, help="endpoint address (default: $INTERNLM_ENDPOINT or localhost:50051)")
+    p.add_argument("--endpoint", default=None, help=f"endpoint address (default: ${ENDPOINT_ENV} or {DEFAULT_ENDPOINT})")
     p.add_argument("--api-key", default=None,
                    help=f"the endpoint's API key, sent as 'authorization: Bearer <key>' (default: ${API_KEY_ENV}, "
                         "its first key)")
     p.add_argument("--tls-ca", default=None,
                    help=f"speak TLS, trusting the CA in this PEM file (for a self-signed certificate, the "
                         f"certificate itself; default: ${TLS_CA_ENV}; none: plain text)")
-
-
-def endpoint_address(args=None) -> str:
-    return getattr(args, "endpoint", None) or os.environ.get("INTERNLM_ENDPOINT") or DEFAULT_ENDPOINT
-
-
-def endpoint_channel(args=None) -> grpc.Channel:
-    """A channel to the endpoint with the options of ``add_endpoint_arguments`` (or the environment)."""
-    keys = parse_keys(os.environ.get(API_KEY_ENV))  # the endpoint's own setting, when this shell has it
-    key = getattr(args, "api_key", None) or (keys[0] if keys else None)
-    ca = getattr(args, "tls_ca", None) or os.environ.get(TLS_CA_ENV) or None
-    return client_channel(endpoint_address(args), key, ca)
 
 
 def generate_request(args) -> inference_pb2.GenerateRequest:
