@@ -15,9 +15,8 @@ import httpx
 import pytest
 
 from internlm_core.generation import SamplingParams, generate
-from tests.helpers import RedisServer, free_port, random_adapter
-from tests.conftest import TOKENIZER_MODEL
-from tests.services.conftest import WORKER_LEN, start_endpoint, start_worker, wait_http, wait_workers
+from tests.helpers import RedisServer, save_chat_model, serving_adapter
+from tests.services.conftest import WORKER_LEN, start_http_endpoint, start_worker, wait_workers
 from tests.services.test_adapters import NAME as ADAPTER, with_adapter
 
 openai = pytest.importorskip("openai")
@@ -27,14 +26,7 @@ PROMPT = "The history of the city"
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from internlm_core.config import Config
-    from internlm_core.loader import save_model
-    from internlm_core.model import InternLMForCausalLM, init_weights
-
-    cfg = Config.from_name("tiny", vocab_size=103168, max_position_embeddings=256).replace(name="tiny-flat")
-    model = InternLMForCausalLM(cfg)
-    init_weights(model, seed=1, std=0.05)
-    return save_model(model, cfg, tmp_path_factory.mktemp("flat") / "tiny-flat", tokenizer_from=TOKENIZER_MODEL.parent)
+    return save_chat_model(tmp_path_factory.mktemp("flat") / "tiny-flat", "tiny-flat", std=0.05)
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +40,7 @@ def engine(model_dir):
 
 @pytest.fixture(scope="module")
 def adapter_dir(model_dir, tmp_path_factory):
-    from internlm_core.config import Config
-    from internlm_core.lora import AdapterSpec
-
-    cfg = Config.from_checkpoint(model_dir)
-    spec = AdapterSpec(rank=4, alpha=8.0, targets=("wq", "wv"))
-    return random_adapter(cfg, spec, tmp_path_factory.mktemp("lora") / ADAPTER, seed=7, std=0.5)
+    return serving_adapter(model_dir, tmp_path_factory.mktemp("lora") / ADAPTER)
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +48,10 @@ def stack(model_dir, adapter_dir, tokenizer_service, stack_dir, tmp_path_factory
     """An endpoint on a Redis of its own, asked for /health before and after its one worker (with
     the adapter) registers; ``.base`` is its HTTP URL, ``.client`` an OpenAI client."""
     redis = RedisServer(tmp_path_factory.mktemp("params-redis")).start()
-    port = free_port()
-    ep = start_endpoint(redis.url, tokenizer_service.address, stack_dir, "endpoint-params",
-                        "--http-port", str(port)).wait_healthy()
-    worker = None
+    ep = worker = None
     try:
-        base = f"http://127.0.0.1:{port}"
-        wait_http(base)
+        ep = start_http_endpoint(redis.url, tokenizer_service.address, stack_dir, "endpoint-params")
+        base = ep.base
         health_before = httpx.get(f"{base}/health")
         worker = start_worker(model_dir, redis.url, stack_dir, "worker-params",
                               "--adapter", f"{ADAPTER}={adapter_dir}").wait_healthy()
@@ -75,9 +59,9 @@ def stack(model_dir, adapter_dir, tokenizer_service, stack_dir, tmp_path_factory
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
         yield SimpleNamespace(base=base, client=client, health_before=health_before, model=model_dir.name)
     finally:
-        if worker is not None:
-            worker.stop()
-        ep.stop()
+        for service in (worker, ep):
+            if service is not None:
+                service.stop()
         redis.stop()
 
 
