@@ -55,7 +55,8 @@ def main() -> None:
 
     from internlm_core.config import Config
     from internlm_core.engine import Engine
-    from internlm_core.export import ExportedEngine, export_mindir
+    from internlm_core.export import export_mindir
+    from internlm_core.exported import ExportedEngine
     from internlm_core.generation import SamplingParams, generate_batch
     from internlm_core.loader import load_model, save_model
     from internlm_core.model import InternLMForCausalLM, init_weights

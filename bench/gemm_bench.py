@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 LINEARS = {"attention 768->768": (768, 768), "ffn 768->2048": (768, 2048), "ffn 2048->768": (2048, 768),
            "head 768->32000": (768, 32000)}
-KINDS = ("forward", "input_grad", "weight_grad")
+GEMM_PASSES = ("forward", "input_grad", "weight_grad")
 SIDES = ("kernels", "mindspore", "torch")
 REPEAT = 8  # GEMMs per MindSpore graph
 
@@ -87,7 +87,7 @@ def worker(side: str, rows: list[int]) -> dict:
         for name, (k, n) in LINEARS.items():
             cases = torch_cases(m, k, n) if side == "torch" else mindspore_cases(side, m, k, n)
             per_call = 1 if side == "torch" else REPEAT
-            for kind, fn in zip(KINDS, cases):
+            for kind, fn in zip(GEMM_PASSES, cases):
                 out[f"{m} {name} {kind}"] = per_call * 2 * m * k * n / timed(fn) / 1e9
     return out
 

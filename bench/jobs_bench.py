@@ -36,6 +36,7 @@ from services.jobs.api import add_to_server  # noqa: E402
 from services.jobs.records import JobRecords  # noqa: E402
 from services.jobs.settings import JobsSettings  # noqa: E402
 from services.pb import jobs_pb2, jobs_pb2_grpc  # noqa: E402
+from services.server_common import ErrorInterceptor  # noqa: E402
 from tests.helpers import RedisServer  # noqa: E402
 
 S = jobs_pb2.JobState
@@ -109,7 +110,7 @@ def main() -> int:
     settings = JobsSettings(redis_url=redis.url, store_root=str(tmp / "store"), heartbeat_s=args.heartbeat,
                             lock_ttl_s=args.lock_ttl)
     src = write_hf_folder(Config.from_name("tiny"), tmp / "store" / "imports" / "tiny")
-    server = grpc.server(futures.ThreadPoolExecutor(16))
+    server = grpc.server(futures.ThreadPoolExecutor(16), interceptors=[ErrorInterceptor()])
     add_to_server(server, settings)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()

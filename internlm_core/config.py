@@ -19,6 +19,16 @@ CONFIG_FILE = "config.json"
 FORMAT_TAG = "internlm-mindspore/1"
 
 
+def is_own_config(path: str | Path) -> bool:
+    """Whether the JSON file at ``path`` is a config this project wrote (its ``format`` is
+    ``FORMAT_TAG``), as opposed to an HF config or anything else (unreadable or not JSON: False)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT_TAG
+
+
 @dataclass(frozen=True)
 class Config:
     name: str = "custom"

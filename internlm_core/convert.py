@@ -22,7 +22,7 @@ import numpy as np
 from .checkpoint import (DTYPE_TO_ST, ST_TO_DTYPE, ST_TO_NP, TOKENIZER_FILE, WEIGHTS_FILE, Cancelled,
                          CheckpointError, SafetensorsFile, SafetensorsWriter, atomic_folder, cast, copy_tokenizer,
                          read_config, to_float32)
-from .config import CONFIG_FILE, Config, ConfigError
+from .config import CONFIG_FILE, Config, ConfigError, is_own_config
 from .quantize import METHODS, quantize_int8, quantized_names, scale_name
 from .torch_bin import TorchBinFile
 
@@ -368,9 +368,9 @@ def ms_to_hf(src: str | Path, dst: str | Path, dtype: str | None = None, overwri
 
 
 def is_model_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a model in this project's format: weights and a config of ours."""
     folder = Path(folder)
-    return (folder / WEIGHTS_FILE).is_file() and (folder / CONFIG_FILE).is_file() and \
-        '"format": "internlm-mindspore' in (folder / CONFIG_FILE).read_text()
+    return (folder / WEIGHTS_FILE).is_file() and is_own_config(folder / CONFIG_FILE)
 
 
 __all__ = ["hf_to_ms", "ms_to_hf", "rename", "hf_name", "HF_TO_MS", "MS_TO_HF", "TOKENIZER_FILE",

@@ -244,25 +244,6 @@ def data_file(path: Path) -> Path:
     return f
 
 
-def logit_bias(path: Path, vocab_size: int) -> np.ndarray | None:
-    """The (V,) bias a dataset asks the loss to add to the logits, or None.
-
-    A dataset written over a compacted vocabulary (the demo model's: one id stands for every id
-    its text never uses) names it in its stats as ``{"logit_bias": {"id": value}}``, so that the
-    id standing for n ids carries log n in the softmax, as the n ids would together."""
-    path = Path(path)
-    stats = path / STATS_FILE if path.is_dir() else path.parent / STATS_FILE
-    given = json.loads(stats.read_text()).get("logit_bias") if stats.is_file() else None
-    if not given:
-        return None
-    bias = np.zeros(vocab_size, np.float32)
-    for token, value in given.items():
-        if not 0 <= int(token) < vocab_size:
-            raise DataError(f"{stats}: logit_bias names id {token}, outside the model's vocabulary of {vocab_size}")
-        bias[int(token)] = float(value)
-    return bias
-
-
 def iter_rows(path: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """A dataset's rows in order, one at a time, as (input_ids, labels) int32 (L,); labels IGNORE
     where not trained.

@@ -9,7 +9,7 @@ every service work with it unchanged.
 Why training is cheap enough for a first start on two CPU cores: the bundled text (~41 KB,
 ~9.8k tokens) uses only about 2.4k of the 103168 token ids. The model is trained with a
 compact vocabulary, the ids the text uses plus one "other" row standing for all the rest,
-whose logit carries +log(number of other ids) in the loss. Expanding it afterwards (every unused id gets the
+whose logit carries +log(number of other ids) in the loss (``compact_vocab_loss``). Expanding it afterwards (every unused id gets the
 "other" row) gives a full-vocabulary model whose softmax is exactly the one trained: the
 unused ids share the "other" probability mass instead of receiving random logits. This
 cuts the output layer, which dominates the cost at this size, by a factor of about 40.
@@ -130,15 +130,15 @@ def _train(work: Path, target: Path, recipe: dict, cancel, progress, corpus: Pat
             labels = ids.copy()
             labels[n:] = IGNORE  # explicit labels: eos (= the pad id) is a target here, padding is not
             rows.append({"input_ids": ids, "labels": labels})
-        # the compact "other" id stands for every unused id: log(their number) in the loss
-        bias = {str(other): math.log(full.vocab_size - other)}
-        write_dataset(data, rows, "alpaca", {"rows": len(rows), "source": corpus.name, "logit_bias": bias})
+        write_dataset(data, rows, "alpaca", {"rows": len(rows), "source": corpus.name})
     if not base.exists():
         model = InternLMForCausalLM(compact)
         init_weights(model, seed=0, std=0.02)
         save_model(model, compact, base)
     args = TrainArgs(model=str(base), data=str(data), out=str(work / "trained"), overwrite=True, **recipe)
-    finetune(args, work / "run", progress=lambda r: report("train", **r), cancel=cancel)
+    # the compact "other" id stands for every unused id: log(their number) in the loss
+    finetune(args, work / "run", progress=lambda r: report("train", **r), cancel=cancel,
+             loss_net=compact_vocab_loss(other, full.vocab_size - other))
 
     report("expand")
     trained = SafetensorsFile(work / "trained" / WEIGHTS_FILE)
@@ -156,6 +156,29 @@ def _train(work: Path, target: Path, recipe: dict, cancel, progress, corpus: Pat
                             SCALARS_FILE: (work / "trained" / SCALARS_FILE).read_text()})
     shutil.copyfile(work / "trained" / LOSS_PLOT, target / LOSS_PLOT)
     report("done", path=str(target))
+
+
+def compact_vocab_loss(other: int, count: int):
+    """The loss (a ``train_steps.LossNet`` class) of a model trained over a compacted vocabulary,
+    where the id ``other`` stands for ``count`` ids: its logit carries +log(count) in the softmax,
+    as the ``count`` ids would together once the model is expanded to the full vocabulary."""
+    from mindspore import Tensor
+
+    from .train_steps import LossNet
+
+    class CompactVocabLoss(LossNet):
+        def __init__(self, model):
+            super().__init__(model)
+            if not 0 <= other < self.vocab:
+                raise ValueError(f"the 'other' id {other} is outside the model's vocabulary of {self.vocab}")
+            bias = np.zeros(self.vocab, np.float32)
+            bias[other] = math.log(count)
+            self.bias = Tensor(bias)
+
+        def logits(self, ids, cos, sin, mask):
+            return self.model(ids, cos, sin, mask).reshape(-1, self.vocab) + self.bias
+
+    return CompactVocabLoss
 
 
 # ---- building the bundled text (run once by a developer; the result ships in assets/) ----------

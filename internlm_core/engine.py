@@ -56,7 +56,7 @@ from . import kernels
 from .checkpoint import MANIFEST_FILE
 from .engine_api import EngineBase, bucket
 from .errors import PromptTooLong
-from .export import ExportedEngine
+from .exported import ExportedEngine
 from .loader import load_serving_model
 from .memory import CACHE_DTYPES, DTYPE_BYTES, available_memory
 from .model import MS_DTYPES, NEG_INF, InternLMForCausalLM, fused_rope_tables, rope_tables

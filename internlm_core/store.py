@@ -19,7 +19,6 @@ worker can read.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import MANIFEST_FILE
-from .config import CONFIG_FILE
+from .config import CONFIG_FILE, is_own_config
 from .errors import PathError
 from .lora import ADAPTER_CONFIG
 
@@ -214,14 +213,7 @@ def item_kind(folder: Path, area: str = MODELS) -> str:
         return "exported"
     if (folder / ADAPTER_CONFIG).is_file():
         return "adapter"
-    cfg = folder / CONFIG_FILE
-    if cfg.is_file():
-        try:
-            if str(json.loads(cfg.read_text()).get("format", "")).startswith("internlm-mindspore"):
-                return "model"
-        except ValueError:
-            pass
-    return "other"
+    return "model" if is_own_config(folder / CONFIG_FILE) else "other"
 
 
 __all__ = ["Store", "Entry", "PathError", "check_name", "check_job_id", "item_kind", "MODELS", "DATASETS", "JOBS",

@@ -30,7 +30,7 @@ from sentencepiece import sentencepiece_model_pb2
 
 from .errors import GrammarError
 
-KINDS = ("json_schema", "json_object", "regex", "choice", "lark")
+GRAMMAR_KINDS = ("json_schema", "json_object", "regex", "choice", "lark")
 MAX_GRAMMAR_CHARS = 32_768  # a schema or grammar's text, or all choices together (OpenAI caps a schema's size too)
 MAX_CHOICES = 256
 # llguidance's limits, lower than its defaults where those allow hundreds of MB or ~1 s of work.
@@ -55,8 +55,8 @@ class Grammar:
     choices: tuple[str, ...] = ()
 
     def validate(self) -> "Grammar":
-        if self.kind not in KINDS:
-            raise GrammarError(f"grammar kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.kind not in GRAMMAR_KINDS:
+            raise GrammarError(f"grammar kind must be one of {', '.join(GRAMMAR_KINDS)}, got {self.kind!r}")
         if self.kind == "choice":
             if not 0 < len(self.choices) <= MAX_CHOICES or not all(self.choices):
                 raise GrammarError(f"choice takes 1..{MAX_CHOICES} non-empty strings")

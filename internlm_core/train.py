@@ -42,7 +42,7 @@ from mindspore import Tensor, ops
 from mindspore.communication import get_group_size, get_rank, init
 
 from .checkpoint import Cancelled, atomic_folder
-from .data import IGNORE, RowFile, logit_bias
+from .data import IGNORE, RowFile
 from .loader import load_model, save_model
 from .lora import inject_lora, lora_state, save_adapter
 from .model import forward_inputs
@@ -86,7 +86,7 @@ class Trainer:
     ``finetune`` is the three in a row; tests use the parts to look inside (``model``, ``history``).
     """
 
-    def __init__(self, args: TrainArgs, work_dir: str | Path):
+    def __init__(self, args: TrainArgs, work_dir: str | Path, loss_net: Callable[..., LossNet] = LossNet):
         # On CPU a training step is one graph whose result is waited for at once; MindSpore's
         # asynchronous launch pipeline spins a core while it waits (bench-100m LoRA step
         # 0.35 -> 0.27 s run on the calling thread). Read when a graph runs.
@@ -143,7 +143,7 @@ class Trainer:
         t = np.arange(1, self.total + 1, dtype=np.float64)
         corrected = self.lrs * np.sqrt(1 - args.betas[1] ** t) / (1 - args.betas[0] ** t)
         self.opt = AdamW(groups, corrected.astype(np.float32), args.betas, args.eps)
-        self.steps = TrainStep(LossNet(model, logit_bias(args.data, cfg.vocab_size)), self.opt, StepSettings.of(args, model, self.world))
+        self.steps = TrainStep(loss_net(model), self.opt, StepSettings.of(args, model, self.world))
         self.params = self.steps.state_params(model)
         self.fixed = forward_inputs(cfg, np.zeros((args.batch_size, self.seq), np.int32))[1:]  # cos, sin, mask
 
@@ -277,14 +277,15 @@ class Trainer:
 
 
 def finetune(args: TrainArgs, work_dir: str | Path, progress: Callable[[dict], None] | None = None,
-             cancel: Callable[[], bool] | None = None) -> Path:
+             cancel: Callable[[], bool] | None = None, loss_net: Callable[..., LossNet] = LossNet) -> Path:
     """Train and write ``args.out``; resumes from the newest checkpoint in ``work_dir``.
 
     ``progress(dict)`` gets step, total, loss, lr, grad_norm, tokens_per_s, eta_s, epoch (and
     eval_loss / eval_ppl after an evaluation). ``cancel()`` is polled between steps (state is
-    checkpointed, then ``Cancelled`` raised). Returns the output.
+    checkpointed, then ``Cancelled`` raised). ``loss_net(model)`` builds the loss (a ``LossNet``,
+    or a subclass of it: the demo's). Returns the output.
     """
-    trainer = Trainer(args, work_dir)
+    trainer = Trainer(args, work_dir, loss_net)
     trainer.fit(progress, cancel)
     return trainer.save()
 

@@ -1,7 +1,7 @@
 """The compiled training steps: forward, loss, gradients, optional loss scaling, global-norm
 clipping and the optimiser (``optim.AdamW``), each one ``ms.jit`` graph.
 
-    steps = TrainStep(LossNet(model, logit_bias), opt, StepSettings.of(args, model, world))
+    steps = TrainStep(LossNet(model), opt, StepSettings.of(args, model, world))
     loss, grad_norm = steps.fused(ids, labels, cos, sin, mask)     # grad_accum == 1
     loss = steps.micro(...); ...; grad_norm = steps.apply()        # grad_accum > 1
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mindspore as ms
-import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from . import train_kernels
@@ -38,22 +37,19 @@ class StepSettings:
 
 
 class LossNet(nn.Cell):
-    """Mean token cross-entropy (labels IGNORE left out), times the loss scale. ``logit_bias`` (V,),
-    when the dataset gives one (``data.logit_bias``), is added to the logits."""
+    """Mean token cross-entropy (labels IGNORE left out), times the loss scale. A subclass may
+    change the logits the loss reads (``logits``), as the demo's compact vocabulary does
+    (``demo.py``); ``finetune(..., loss_net=...)`` takes one."""
 
-    def __init__(self, model, logit_bias=None):
+    def __init__(self, model):
         super().__init__()
         self.model, self.vocab = model, model.config.vocab_size
-        self.bias = Tensor(np.asarray(logit_bias, np.float32)) if logit_bias is not None else None
         # the CPU kernel's loss reads the logits once forward and once backward (MindSpore's
         # cross_entropy makes several passes and a one-hot of the vocabulary)
         self.kernel = train_kernels.cross_entropy_op() if model.training_kernels else None
 
     def logits(self, ids, cos, sin, mask):
-        logits = self.model(ids, cos, sin, mask).reshape(-1, self.vocab)  # (B*T, V) fp32
-        if self.bias is not None:
-            logits = logits + self.bias
-        return logits
+        return self.model(ids, cos, sin, mask).reshape(-1, self.vocab)  # (B*T, V) fp32
 
     def construct(self, ids, labels, cos, sin, mask, scale):
         if self.kernel is not None:

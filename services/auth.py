@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import os
 import secrets
 from pathlib import Path
 
@@ -31,6 +32,7 @@ API_KEY_ENV = "INTERNLM_API_KEY"
 INTERNAL_TOKEN_ENV = "INTERNLM_INTERNAL_TOKEN"
 TLS_CERT_ENV, TLS_KEY_ENV, TLS_CA_ENV = "INTERNLM_TLS_CERT", "INTERNLM_TLS_KEY", "INTERNLM_TLS_CA"
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+ENDPOINT_ENV, DEFAULT_ENDPOINT = "INTERNLM_ENDPOINT", "localhost:50051"  # where clients find the endpoint
 
 TENANT_HEADER = "x-internlm-tenant"  # endpoint -> worker: whose request (see tenant_of)
 
@@ -148,3 +150,16 @@ def client_channel(address: str, key: str | None = None, ca: str | None = None) 
     else:
         channel = grpc.insecure_channel(address)
     return with_bearer(channel, key)
+
+
+def endpoint_address(args=None) -> str:
+    return getattr(args, "endpoint", None) or os.environ.get(ENDPOINT_ENV) or DEFAULT_ENDPOINT
+
+
+def endpoint_channel(args=None) -> grpc.Channel:
+    """A client's channel to the endpoint: address, API key and CA from ``args`` (the CLI's
+    ``cli.remote.add_endpoint_arguments``; any object with those attributes) or the environment."""
+    keys = parse_keys(os.environ.get(API_KEY_ENV))  # the endpoint's own setting, when this shell has it
+    key = getattr(args, "api_key", None) or (keys[0] if keys else None)
+    ca = getattr(args, "tls_ca", None) or os.environ.get(TLS_CA_ENV) or None
+    return client_channel(endpoint_address(args), key, ca)

@@ -8,7 +8,6 @@ written out again here.
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Annotated
 
 import grpc
@@ -16,14 +15,13 @@ from fastapi import FastAPI, Query, Request
 from google.protobuf import json_format
 from google.protobuf.json_format import ParseError
 
+from services.jobs.kinds import KINDS, enum_name
+from services.jobs.records import STATES, state_enum_name
 from services.jobs.settings import LIMITS
 from services.openai_schema import error_response, rpc_error_response
 from services.pb import jobs_pb2
-from services.server_common import status_of
+from services.server_common import reported_status
 
-log = logging.getLogger("internlm.console")
-KINDS = {name.removeprefix("JOB_KIND_").lower(): value for name, value in jobs_pb2.JobKind.items() if value}
-STATES = {name.removeprefix("JOB_STATE_").lower(): value for name, value in jobs_pb2.JobState.items() if value}
 
 
 class _Aborted(grpc.RpcError):
@@ -70,10 +68,7 @@ class InProcess:
             except grpc.RpcError:
                 raise
             except Exception as e:  # noqa: BLE001 - one status for any failure, as on the gRPC door
-                code, message = status_of(e)
-                if code == grpc.StatusCode.INTERNAL:
-                    log.error("%s failed", name, exc_info=e)
-                raise _Aborted(code, message) from e
+                raise _Aborted(*reported_status(name, e)) from e
         return call
 
 
@@ -97,10 +92,14 @@ def add_routes(app: FastAPI, router, jobs) -> None:
 
     @app.get("/api/jobs")
     async def list_jobs(state: str = "", kind: str = "", limit: Annotated[int, Query(ge=1, le=LIMITS["list_jobs"])] = 50):
-        if state and state not in STATES or kind and kind not in KINDS:
-            return error_response(400, f"state is one of {sorted(STATES)}, kind one of {sorted(KINDS)}")
-        return await call(jobs.ListJobs, jobs_pb2.ListJobsRequest(state=STATES.get(state, 0), kind=KINDS.get(kind, 0),
-                                                                  limit=limit))
+        if state and state.upper() not in STATES or kind and kind not in KINDS:
+            return error_response(400, f"state is one of {sorted(s.lower() for s in STATES)}, kind one of {sorted(KINDS)}")
+        request = jobs_pb2.ListJobsRequest(limit=limit)
+        if state:
+            request.state = jobs_pb2.JobState.Value(state_enum_name(state))
+        if kind:
+            request.kind = jobs_pb2.JobKind.Value(enum_name(kind))
+        return await call(jobs.ListJobs, request)
 
     @app.get("/api/jobs/{job_id}")
     async def get_job(job_id: str):

@@ -282,7 +282,7 @@ def _workers_seen(address: str) -> int:
     """How many inference workers the endpoint routes to now (with the API key of this environment)."""
     import grpc
 
-    from services.client import endpoint_channel
+    from services.auth import endpoint_channel
     from services.pb import endpoint_pb2, endpoint_pb2_grpc
 
     with endpoint_channel(SimpleNamespace(endpoint=address, tls_ca=_endpoint_ca())) as ch:

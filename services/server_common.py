@@ -57,6 +57,16 @@ def status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode[status], str(e)
 
 
+def reported_status(method: str, e: BaseException) -> tuple[grpc.StatusCode, str]:
+    """``status_of(e)`` for a call of ``method`` that raised ``e``, logging it (with its traceback)
+    when it is INTERNAL: a bug, logged here once. What every door answers a raising servicer with:
+    the gRPC server's ``ErrorInterceptor`` and the console's in-process calls."""
+    code, message = status_of(e)
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("%s failed", method, exc_info=e)
+    return code, message
+
+
 def too_large(code: grpc.StatusCode, message: str) -> bool:
     """Whether a status is grpc's own refusal of a message over its size limit (RESOURCE_EXHAUSTED,
     like a full queue, but a fault of the request: no other server would take it either)."""
@@ -100,10 +110,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
     def _fail(method: str, e: BaseException, context) -> None:
         if context.code() not in (None, grpc.StatusCode.OK):  # the servicer aborted with its own status
             raise e
-        code, message = status_of(e)
-        if code == grpc.StatusCode.INTERNAL:
-            log.error("%s failed", method, exc_info=e)
-        context.abort(code, message)
+        context.abort(*reported_status(method, e))
 
     @staticmethod
     def _done(method: str, context, start: float) -> None:

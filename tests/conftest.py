@@ -1,7 +1,7 @@
 import pytest
 
 import internlm_core  # noqa: F401  (first: it picks protobuf's runtime before any stub loads protobuf)
-from tests.helpers import TOKENIZER_MODEL, RedisServer, hf_reference_model, save_hf_folder
+from tests.helpers import TOKENIZER_MODEL, RedisServer, hf_reference_model, save_chat_model, save_hf_folder
 
 
 @pytest.fixture(scope="session")
@@ -37,14 +37,7 @@ def tiny_model_dir(tmp_path_factory, tiny_hf):
 @pytest.fixture(scope="session")
 def chat_model_dir(tmp_path_factory):
     """A small random model with the real tokenizer's vocabulary, for text-in/text-out tests."""
-    from internlm_core.config import Config
-    from internlm_core.loader import save_model
-    from internlm_core.model import InternLMForCausalLM, init_weights
-
-    cfg = Config.from_name("tiny", vocab_size=103168, max_position_embeddings=256).replace(name="tiny-chat")
-    model = InternLMForCausalLM(cfg)
-    init_weights(model, seed=1, std=0.5)
-    return save_model(model, cfg, tmp_path_factory.mktemp("chat") / "tiny-chat", tokenizer_from=TOKENIZER_MODEL.parent)
+    return save_chat_model(tmp_path_factory.mktemp("chat") / "tiny-chat", "tiny-chat", std=0.5)
 
 
 @pytest.fixture

@@ -260,3 +260,26 @@ def random_adapter(cfg, spec, folder, seed: int, std: float = 0.2):
         weights[f"{m}.lora_a"] = rng.normal(0, std, (spec.rank, in_f)).astype(np.float32)
         weights[f"{m}.lora_b"] = rng.normal(0, std, (out_f, spec.rank)).astype(np.float32)
     return save_adapter(weights, spec, cfg, folder)
+
+
+def save_chat_model(folder, name: str, std: float):
+    """A tiny random model with the real tokenizer's vocabulary (for text-in/text-out tests), its
+    weights drawn with ``std``, saved to ``folder`` with the tokenizer."""
+    from internlm_core.config import Config
+    from internlm_core.loader import save_model
+    from internlm_core.model import InternLMForCausalLM, init_weights
+
+    cfg = Config.from_name("tiny", vocab_size=103168, max_position_embeddings=256).replace(name=name)
+    model = InternLMForCausalLM(cfg)
+    init_weights(model, seed=1, std=std)
+    return save_model(model, cfg, folder, tokenizer_from=TOKENIZER_MODEL.parent)
+
+
+def serving_adapter(model_dir, folder):
+    """A rank-4 LoRA adapter on wq and wv of the model in ``model_dir``, random enough to change its
+    answers (what the serving tests load into a worker)."""
+    from internlm_core.config import Config
+    from internlm_core.lora import AdapterSpec
+
+    spec = AdapterSpec(rank=4, alpha=8.0, targets=("wq", "wv"))
+    return random_adapter(Config.from_checkpoint(model_dir), spec, folder, seed=7, std=0.5)

@@ -88,13 +88,13 @@ def test_generate_structured_output(chat_model_dir, tmp_path):
 
 def test_remote_request_carries_the_grammar():
     from services.cli import build_parser
-    from services.client import request_from_args
+    from services.cli.remote import generate_request
 
     args = build_parser().parse_args(["generate", "hi", "--choice", "a", "--choice", "b"])
-    assert list(request_from_args(args).params.grammar.choice.choices) == ["a", "b"]
+    assert list(generate_request(args).params.grammar.choice.choices) == ["a", "b"]
     args = build_parser().parse_args(["generate", "hi", "--regex", "[a-z]+"])
-    assert request_from_args(args).params.grammar.regex == "[a-z]+"
-    assert not request_from_args(build_parser().parse_args(["generate", "hi"])).params.HasField("grammar")
+    assert generate_request(args).params.grammar.regex == "[a-z]+"
+    assert not generate_request(build_parser().parse_args(["generate", "hi"])).params.HasField("grammar")
 
 
 @pytest.mark.parametrize("args, msg", [
@@ -124,7 +124,7 @@ def test_every_parameter_reaches_each_outer_form():
     from internlm_core.generation import SCALAR_PARAMS, SamplingParams
     from internlm_core.train_args import HYPERPARAMS
     from services.cli import build_parser
-    from services.jobs.kinds import JOB_NAMES, TRAIN_FIELDS
+    from services.jobs.checks import JOB_NAMES, TRAIN_FIELDS
     from services.pb import common_pb2, jobs_pb2
 
     def flags(*path):

@@ -252,3 +252,26 @@ def test_index_shards_are_confined_to_the_folder(tmp_path):
     index.write_text("[]")
     with pytest.raises(CheckpointError, match="index.json: not a JSON object with a weight_map"):
         open_weights(folder)
+
+
+def test_a_model_folder_is_known_by_its_parsed_config(tmp_path):
+    """A folder is a model of ours when its config.json, read as JSON, carries our format tag at the
+    top: written compactly too, and not when the tag is only a value nested inside (as text
+    matching would have it), nor for an HF config or a config that is not JSON."""
+    from internlm_core.checkpoint import WEIGHTS_FILE
+    from internlm_core.config import FORMAT_TAG
+    from internlm_core.convert import is_model_folder
+
+    def folder(name, config_text, weights=True):
+        f = tmp_path / name
+        f.mkdir()
+        (f / "config.json").write_text(config_text)
+        if weights:
+            (f / WEIGHTS_FILE).write_bytes(b"")
+        return f
+
+    assert is_model_folder(folder("compact", json.dumps({"format": FORMAT_TAG}, separators=(",", ":"))))
+    assert not is_model_folder(folder("nested", json.dumps({"format": "hf", "note": {"format": FORMAT_TAG}})))
+    assert not is_model_folder(folder("hf", json.dumps({"model_type": "internlm"})))
+    assert not is_model_folder(folder("broken", '{"format": "' + FORMAT_TAG + '", '))
+    assert not is_model_folder(folder("no-weights", json.dumps({"format": FORMAT_TAG}), weights=False))

@@ -9,8 +9,8 @@ import pytest
 from internlm_core.checkpoint import Cancelled
 from internlm_core.config import Config
 from internlm_core.engine import Engine, open_engine
-from internlm_core.export import (MANIFEST_FILE, ExportedEngine, ExportError, export_mindir, lite_available,
-                                  read_manifest)
+from internlm_core.export import MANIFEST_FILE, ExportError, export_mindir
+from internlm_core.exported import ExportedEngine, read_manifest
 from internlm_core.generation import SamplingParams, generate, generate_batch
 from internlm_core.loader import load_model
 from tests.helpers import hf_greedy, hf_reference_model, save_hf_folder
@@ -140,12 +140,6 @@ def test_refuses_a_swapped_graph_file_and_bad_sizes(copy_of, exports):
         ExportedEngine(exports["static"], max_batch=8)
     with pytest.raises(ExportError, match="max_len 500 exceeds the model's 128 positions"):
         ExportedEngine(exports["dynamic"], max_len=500)
-
-
-def test_lite_path_is_checked(exports):
-    assert not lite_available()  # no mindspore-lite wheel exists for this Python
-    with pytest.raises(ExportError, match="MindSpore Lite is not installed"):
-        ExportedEngine(exports["static"], runtime="lite")
 
 
 def test_export_refusals_leave_nothing_behind(tiny_model_dir, exports, tmp_path):

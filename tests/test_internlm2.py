@@ -198,7 +198,8 @@ def test_a_served_adapter_on_every_linear_equals_the_merged_model(v2_dir, tmp_pa
 
 
 def test_the_exported_graphs_decode_as_the_eager_engine(v2_dir, tmp_path):
-    from internlm_core.export import ExportedEngine, export_mindir
+    from internlm_core.export import export_mindir
+    from internlm_core.exported import ExportedEngine
 
     folder = export_mindir(v2_dir, tmp_path / "mindir", max_batch=1, max_len=96)
     params = SamplingParams(max_new_tokens=20, stop_token_ids=[], ignore_eos=True)
@@ -307,7 +308,8 @@ def test_alpaca_rows_and_a_lora_fine_tune_with_the_real_tokenizer(real_v2, tmp_p
 
 def test_the_exported_folder_keeps_and_checks_the_tokenizer_config(real_v2, tmp_path):
     from internlm_core.errors import ExportError
-    from internlm_core.export import ExportedEngine, export_mindir, read_manifest
+    from internlm_core.export import export_mindir
+    from internlm_core.exported import ExportedEngine, read_manifest
     from internlm_core.tokenizer import Tokenizer
 
     _, ms_dir, hf_tok = real_v2

@@ -123,7 +123,8 @@ def test_a_served_adapter_on_every_linear_equals_the_merged_model(v3_dir, tmp_pa
 
 
 def test_a_lora_fine_tune_runs_and_the_exported_graphs_decode_as_the_eager_engine(v3_dir, tmp_path):
-    from internlm_core.export import ExportedEngine, export_mindir
+    from internlm_core.export import export_mindir
+    from internlm_core.exported import ExportedEngine
     from internlm_core.train import Trainer
     from internlm_core.train_args import TrainArgs
 

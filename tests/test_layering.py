@@ -1,6 +1,7 @@
 """The layering rules the code relies on, pinned: the framework-free modules import with MindSpore
-blocked (the endpoint, the job checks and the memory planner run where MindSpore must not load:
-it takes seconds and ~0.5 GB), and no module of the core imports a service framework (gRPC,
+blocked (the endpoint, the job checks, the table of job kinds that names the runners, and the
+memory planner run where MindSpore must not load: it takes seconds and ~0.5 GB), and no module of
+the core imports a service framework (gRPC,
 Celery, Redis, HTTP): services call the core, never the other way."""
 import pkgutil
 import subprocess
@@ -16,6 +17,7 @@ FRAMEWORK_FREE = (
     "internlm_core.checkpoint", "internlm_core.data", "internlm_core.torch_bin", "internlm_core.schedule",
     "internlm_core.tools",
     "services.endpoint", "services.registry", "services.jobs.api", "services.jobs.kinds",
+    "services.jobs.checks", "services.jobs.runners", "internlm_core.convert",  # convert: the checks call it
 )
 SERVICE_FRAMEWORKS = ("grpc", "celery", "redis", "fastapi", "starlette", "uvicorn")
 

@@ -365,35 +365,35 @@ def test_dynamic_loss_scale_backs_off_on_overflow_skips_the_step_and_recovers(tm
     assert first_batch_loss() < 0.6 * start  # and they trained the model
 
 
-def test_a_datasets_logit_bias_enters_the_loss(tmp_path, base_dir):
-    """A dataset over a compacted vocabulary names a logit bias in its stats (the demo model's
-    "other" id): the trainer's loss is the cross-entropy of the model's logits plus that bias,
-    compared with numpy on the first batch; an id outside the vocabulary is refused."""
-    from internlm_core.data import DataError
+def test_the_demos_compact_vocabulary_loss(tmp_path, base_dir, data_dir):
+    """The demo's loss (``demo.compact_vocab_loss``: its "other" id stands for ``count`` ids) is the
+    cross-entropy of the model's logits with +log(count) on that id, compared with numpy on the
+    first batch, where the plain loss has none; an id outside the vocabulary is refused."""
+    import math
+
+    from internlm_core.demo import compact_vocab_loss
     from internlm_core.model import forward_inputs
     from internlm_core.train import Trainer
 
-    rows = progressions(8, 3, 1)
-    plain = write_dataset(tmp_path / "plain", rows, "alpaca", {})
-    biased = write_dataset(tmp_path / "biased", rows, "alpaca", {"logit_bias": {"7": 4.0, "11": -2.5}})
+    other, count = 7, 1000
     losses = {}
-    for name, data in (("plain", plain), ("biased", biased)):
-        t = Trainer(args_for(base_dir, data, tmp_path / f"out-{name}", batch_size=8, eval_ratio=0.0), tmp_path / name)
+    for name, loss_net in (("plain", {}), ("demo", {"loss_net": compact_vocab_loss(other, count)})):
+        t = Trainer(args_for(base_dir, data_dir, tmp_path / f"out-{name}", batch_size=8, eval_ratio=0.0),
+                    tmp_path / name, **loss_net)
         ids, labels = (x.asnumpy() for x in t._micro_batch(0))
         logits = t.model(*forward_inputs(t.config, ids)).asnumpy().reshape(-1, t.config.vocab_size)
-        if name == "biased":
-            logits[:, 7] += 4.0
-            logits[:, 11] -= 2.5
+        if name == "demo":
+            logits[:, other] += math.log(count)
         z = logits - logits.max(-1, keepdims=True)
         lse = np.log(np.exp(z).sum(-1))
         flat, keep = labels.reshape(-1), labels.reshape(-1) != -100
         losses[name] = float(np.mean(lse[keep] - z[keep, flat[keep]]))
         got = float(t.steps.evaluate(*t._micro_batch(0), *t.fixed)[0]) / float(keep.sum())
         np.testing.assert_allclose(got, losses[name], rtol=1e-5)
-    assert abs(losses["biased"] - losses["plain"]) > 1e-3  # the bias changed the loss
-    bad = write_dataset(tmp_path / "bad", rows, "alpaca", {"logit_bias": {"600": 1.0}})
-    with pytest.raises(DataError, match="outside the model's vocabulary"):
-        Trainer(args_for(base_dir, bad, tmp_path / "out-bad"), tmp_path / "bad-work")
+    assert abs(losses["demo"] - losses["plain"]) > 1e-3  # the bias changed the loss
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        Trainer(args_for(base_dir, data_dir, tmp_path / "out-bad"), tmp_path / "bad-work",
+                loss_net=compact_vocab_loss(600, 2))
 
 
 def test_the_cpu_kernels_train_as_mindspores_ops_do(tmp_path, base_dir, data_dir, monkeypatch):

@@ -20,7 +20,8 @@ def register(sub) -> None:
 def export(args) -> int:
     from tqdm import tqdm
 
-    from internlm_core.export import export_mindir, read_manifest
+    from internlm_core.export import export_mindir
+    from internlm_core.exported import read_manifest
 
     bar = tqdm(total=4, desc="export", file=sys.stderr)
 

@@ -8,24 +8,27 @@ import uuid
 
 from internlm_core.config import DTYPES
 from services.cli.train_cmds import add_hyperparameter_flags
-from services.client import add_endpoint_arguments
-from services.jobs.kinds import JOB_NAMES
+from services.cli.remote import add_endpoint_arguments
+from services.jobs.checks import JOB_NAMES
+from services.jobs.kinds import KINDS, enum_name, kind_of_enum
+from services.jobs.records import STATES, STATE_PREFIX, state_enum_name
 
 RPC_TIMEOUT_S = 30
 
 
 def register(sub) -> None:
-    p = sub.add_parser("jobs", help="queue and follow long jobs (convert, preprocess, finetune, export)")
+    p = sub.add_parser("jobs", help=f"queue and follow long jobs ({', '.join(KINDS)})")
     add_endpoint_arguments(p)
     js = p.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
 
     s = js.add_parser("submit", help="queue a job; prints its id (and follows it with --watch)")
     kinds = s.add_subparsers(dest="kind", required=True, metavar="KIND")
-    c = kinds.add_parser("convert", help="HF InternLM folder -> model in the store")
+    parsers = {name: kinds.add_parser(name, help=kind.help) for name, kind in KINDS.items()}
+    c = parsers["convert"]
     c.add_argument("--source", required=True, help="HF folder, relative to the store root or inside its roots")
     c.add_argument("--output", required=True, help="model name in the store")
     c.add_argument("--dtype", choices=DTYPES)
-    pp = kinds.add_parser("preprocess", help="Alpaca JSON or WikiText -> MindRecord dataset in the store")
+    pp = parsers["preprocess"]
     pp.add_argument("--source", required=True)
     pp.add_argument("--output", required=True, help="dataset name in the store")
     pp.add_argument("--format", required=True, choices=["alpaca", "wikitext"])
@@ -34,20 +37,20 @@ def register(sub) -> None:
                     help="wikitext: one line per row instead of packing")
     pp.add_argument("--min-length", type=int)
     pp.add_argument("--tokenizer")
-    f = kinds.add_parser("finetune", help="full or LoRA fine-tuning of a model in the store")
+    f = parsers["finetune"]
     f.add_argument("--base-model", default="", help="model name in the store")
     f.add_argument("--preset", default="", help="start from random weights of this preset instead")
     f.add_argument("--dataset", required=True)
     f.add_argument("--output", required=True)
     f.add_argument("--method", choices=["full", "lora"], default="")
     add_hyperparameter_flags(f, JOB_NAMES)  # the job API's names (FinetuneJob's fields)
-    e = kinds.add_parser("export", help="model in the store -> MindIR prefill/decode graphs")
+    e = parsers["export"]
     e.add_argument("--model", required=True)
     e.add_argument("--output", required=True)
     e.add_argument("--max-batch", type=int)
     e.add_argument("--max-len", type=int)
     e.add_argument("--dynamic", action="store_true", default=None)
-    for k in (c, pp, f, e):
+    for k in parsers.values():
         k.add_argument("--overwrite", action="store_true")
         k.add_argument("--key", help="idempotency key (default: a fresh one; reuse it to retry safely)")
         k.add_argument("--watch", action="store_true", help="follow the job with a progress bar")
@@ -63,8 +66,8 @@ def register(sub) -> None:
     w.add_argument("id")
     w.set_defaults(func=watch)
     ls = js.add_parser("list", help="jobs, newest first")
-    ls.add_argument("--state", choices=["queued", "running", "succeeded", "failed", "cancelled"])
-    ls.add_argument("--kind", choices=["convert", "preprocess", "finetune", "export"])
+    ls.add_argument("--state", choices=[s.lower() for s in STATES])
+    ls.add_argument("--kind", choices=list(KINDS))
     ls.add_argument("--limit", type=int, default=20)
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=list_jobs)
@@ -77,7 +80,7 @@ def register(sub) -> None:
 # ---- plumbing -------------------------------------------------------------------------------------
 
 def _stub(args):
-    from services.client import endpoint_channel
+    from services.auth import endpoint_channel
     from services.pb import jobs_pb2_grpc
 
     return jobs_pb2_grpc.JobsStub(endpoint_channel(args))
@@ -102,13 +105,13 @@ def _rpc(fn):
 def _state(job) -> str:
     from services.pb import jobs_pb2
 
-    return jobs_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_")
+    return jobs_pb2.JobState.Name(job.state).removeprefix(STATE_PREFIX)
 
 
 def _kind(job) -> str:
     from services.pb import jobs_pb2
 
-    return jobs_pb2.JobKind.Name(job.kind).removeprefix("JOB_KIND_").lower()
+    return kind_of_enum(jobs_pb2.JobKind.Name(job.kind))
 
 
 def _to_json(msg) -> str:
@@ -129,17 +132,20 @@ def _line(job) -> str:
     return f"{job.id}  {_kind(job):<10} {_state(job):<9} {prog:<22} {job.output:<28} {detail}"
 
 
-def request_from_args(args):
+def submit_request(args):
     """The SubmitJobRequest for ``internlm jobs submit KIND ...`` (unset options stay unset)."""
     from services.pb import jobs_pb2
 
     fields = {k: v for k, v in vars(args).items() if v is not None}
     skip = {"func", "command", "jobs_command", "kind", "endpoint", "api_key", "tls_ca", "key", "watch", "json"}
-    msg_cls = {"convert": jobs_pb2.ConvertJob, "preprocess": jobs_pb2.PreprocessJob,
-               "finetune": jobs_pb2.FinetuneJob, "export": jobs_pb2.ExportJob}[args.kind]
-    known = set(msg_cls.DESCRIPTOR.fields_by_name)
-    body = msg_cls(**{k: v for k, v in fields.items() if k not in skip and k in known})
-    return jobs_pb2.SubmitJobRequest(idempotency_key=args.key or uuid.uuid4().hex, **{args.kind: body})
+    request = jobs_pb2.SubmitJobRequest(idempotency_key=args.key or uuid.uuid4().hex)
+    body = getattr(request, args.kind)  # the oneof's field of this kind's name
+    body.SetInParent()
+    known = set(body.DESCRIPTOR.fields_by_name)
+    for k, v in fields.items():
+        if k not in skip and k in known:
+            setattr(body, k, v)
+    return request
 
 
 # ---- commands -------------------------------------------------------------------------------------
@@ -148,7 +154,7 @@ def request_from_args(args):
 def submit(args) -> int:
     import grpc
 
-    stub, request = _stub(args), request_from_args(args)
+    stub, request = _stub(args), submit_request(args)
     for attempt in range(5):  # the same idempotency key makes a retry after a lost reply safe
         try:
             job = stub.SubmitJob(request, timeout=RPC_TIMEOUT_S)
@@ -228,9 +234,9 @@ def list_jobs(args) -> int:
 
     req = jobs_pb2.ListJobsRequest(limit=args.limit)
     if args.state:
-        req.state = jobs_pb2.JobState.Value(f"JOB_STATE_{args.state.upper()}")
+        req.state = jobs_pb2.JobState.Value(state_enum_name(args.state))
     if args.kind:
-        req.kind = jobs_pb2.JobKind.Value(f"JOB_KIND_{args.kind.upper()}")
+        req.kind = jobs_pb2.JobKind.Value(enum_name(args.kind))
     jobs = _stub(args).ListJobs(req, timeout=RPC_TIMEOUT_S).jobs
     for job in jobs:
         print(_to_json(job) if args.json else _line(job))

@@ -7,7 +7,7 @@ import sys
 from internlm_core.config import DTYPES
 from internlm_core.memory import CACHE_DTYPES
 from internlm_core.quantize import METHODS
-from services.client import add_endpoint_arguments
+from services.cli.remote import add_endpoint_arguments
 
 
 def register(sub) -> None:
@@ -141,7 +141,7 @@ def generate(args) -> int:
     if not args.model:
         if args.quantize:
             raise ValueError("--quantize applies to a local --model (a worker quantises with its own --quantize)")
-        from services.client import remote_generate  # gRPC lives in services, never in the core
+        from services.cli.remote import remote_generate  # gRPC lives in services, never in the core
 
         return remote_generate(args)
     from pathlib import Path

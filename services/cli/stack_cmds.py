@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
-    from services.client import add_endpoint_arguments
+    from services.cli.remote import add_endpoint_arguments
     from services.launcher import add_up_arguments
 
     p = sub.add_parser("up", help="run redis, the tokenizer, inference workers, jobs workers and the endpoint "
@@ -27,7 +27,7 @@ def up(args) -> int:
 def workers(args) -> int:
     import grpc
 
-    from services.client import endpoint_address, endpoint_channel
+    from services.auth import endpoint_address, endpoint_channel
     from services.pb import endpoint_pb2, endpoint_pb2_grpc
 
     address = endpoint_address(args)

@@ -1,11 +1,12 @@
 """The Jobs gRPC service: check a request, record it, queue it; read records back; stream progress.
 
-The public endpoint hosts it with ``add_to_server(server, settings)``. Requests are checked
-here, before anything is queued (``kinds.CHECKS``); everything after that is the workers' part.
+The public endpoint hosts it with ``add_to_server(server, settings)``, on a server with
+``server_common.ErrorInterceptor``: the methods raise, and the interceptor answers each exception with
+its status (the services' one table, ``server_common.status_of``). Requests are checked
+here, before anything is queued (``kinds.KINDS[kind].check``); everything after that is the workers' part.
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -19,31 +20,15 @@ from internlm_core.errors import TooLarge
 from internlm_core.store import Store
 
 from services.pb import jobs_pb2, jobs_pb2_grpc
-from services.server_common import status_of
 
-from . import kinds
+from .kinds import KINDS, enum_name, kind_of_enum
 from .app import make_app, send
-from .records import FAILED, FINAL, STATES, JobRecords, KeyReused, canonical
+from .records import FAILED, FINAL, STATE_PREFIX, STATES, JobRecords, KeyReused, canonical, state_enum_name
 from .settings import LIMITS, JobsSettings
 
 log = logging.getLogger("internlm.jobs.api")
 SERVICE_NAME = jobs_pb2.DESCRIPTOR.services_by_name["Jobs"].full_name
 WATCH_POLL_S = 0.5  # a watcher re-reads the record at least this often, even if a ping was missed
-
-
-def _status(fn):
-    """Map the checks' exceptions to gRPC status codes, with their messages (the services' one
-    table, ``server_common.status_of``; here too, for a Jobs API hosted on a plain grpc server)."""
-    @functools.wraps(fn)
-    def wrapper(self, request, context):
-        try:
-            return fn(self, request, context)
-        except Exception as e:  # noqa: BLE001 - each mapped once; the rest go on to the interceptor
-            code, message = status_of(e)
-            if code == grpc.StatusCode.INTERNAL:
-                raise
-            context.abort(code, message)
-    return wrapper
 
 
 def job_to_pb(rec: dict) -> jobs_pb2.Job:
@@ -61,8 +46,8 @@ def job_to_pb(rec: dict) -> jobs_pb2.Job:
     if kind and rec.get("request"):
         json_format.ParseDict(json.loads(rec["request"]), getattr(request, kind))
     return jobs_pb2.Job(
-        id=rec["id"], kind=jobs_pb2.JobKind.Value(f"JOB_KIND_{kind.upper()}"),
-        state=jobs_pb2.JobState.Value(f"JOB_STATE_{rec['state']}"), progress=progress,
+        id=rec["id"], kind=jobs_pb2.JobKind.Value(enum_name(kind)),
+        state=jobs_pb2.JobState.Value(state_enum_name(rec["state"])), progress=progress,
         message=rec.get("message", ""), error=rec.get("error", ""), output=rec.get("output", ""),
         idempotency_key=rec.get("key", ""), created_at=f("created"), started_at=f("started"),
         finished_at=f("finished"), executions=int(f("executions")), cancel_requested=rec.get("cancel") == "1",
@@ -92,11 +77,10 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
             raise FileNotFoundError(f"no job {job_id!r}")
         return rec
 
-    @_status
     def SubmitJob(self, request, context):
         kind = request.WhichOneof("job")
         if kind is None:
-            raise ValueError(f"set one of: {', '.join(kinds.RUNS)}")
+            raise ValueError(f"set one of: {', '.join(KINDS)}")
         body = request_body(getattr(request, kind))
         key = request.idempotency_key
         if key:  # a repeat of a known request returns its job before any check (its output may exist now)
@@ -106,7 +90,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
                     raise KeyReused(f"idempotency key {key!r} was already used for a different request "
                                     f"(job {rec['id']})")
                 return job_to_pb(rec)
-        output = kinds.CHECKS[kind](body, self.store)
+        output = KINDS[kind].check(body, self.store)
         rec, created = self.records.create(kind, body, output, key)
         if created:
             try:
@@ -117,16 +101,14 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
             log.info("job %s: %s queued -> %s", rec["id"], kind, output)
         return job_to_pb(rec)
 
-    @_status
     def GetJob(self, request, context):
         job = job_to_pb(self._get(request.id))
         job.loss_curve.extend(jobs_pb2.LossPoint(step=s, loss=v) for s, v in self.records.loss_curve(request.id))
         return job
 
-    @_status
     def ListJobs(self, request, context):
-        state = jobs_pb2.JobState.Name(request.state).removeprefix("JOB_STATE_") if request.state else None
-        kind = jobs_pb2.JobKind.Name(request.kind).removeprefix("JOB_KIND_").lower() if request.kind else None
+        state = jobs_pb2.JobState.Name(request.state).removeprefix(STATE_PREFIX) if request.state else None
+        kind = kind_of_enum(jobs_pb2.JobKind.Name(request.kind)) if request.kind else None
         if state is not None and state not in STATES:
             raise ValueError(f"unknown state {request.state}")
         if request.limit < 0:
@@ -136,7 +118,6 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         recs = self.records.list(state=state, kind=kind, limit=request.limit or 100)
         return jobs_pb2.ListJobsResponse(jobs=[job_to_pb(r) for r in recs])
 
-    @_status
     def CancelJob(self, request, context):
         self._get(request.id)
         state = self.records.request_cancel(request.id)
@@ -144,7 +125,6 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"job {request.id} already ended {state}")
         return job_to_pb(self._get(request.id))
 
-    @_status
     def ListStore(self, request, context):
         entries = self.store.list(request.area or None)
         return jobs_pb2.ListStoreResponse(entries=[
@@ -152,10 +132,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
                                 modified_at=e.modified) for e in entries])
 
     def WatchJob(self, request, context):
-        try:
-            rec = self._get(request.id)
-        except (FileNotFoundError, ValueError) as e:  # no such job; not a job id
-            context.abort(*status_of(e))
+        rec = self._get(request.id)
         last = job_to_pb(rec)
         yield last
         pubsub = None
@@ -180,7 +157,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
 
 
 def add_to_server(server: grpc.Server, settings=None) -> JobsServicer:
-    """Register the Jobs service on ``server``; ``settings`` is a JobsSettings, None (environment), or any
+    """Register the Jobs service on ``server`` (one with ``server_common.ErrorInterceptor``); ``settings`` is a JobsSettings, None (environment), or any
     object with ``redis_url`` / ``store_root`` attributes."""
     servicer = JobsServicer(settings)
     jobs_pb2_grpc.add_JobsServicer_to_server(servicer, server)

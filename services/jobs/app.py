@@ -11,9 +11,8 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
+from .kinds import KINDS
 from .settings import JobsSettings
-
-KINDS = ("convert", "preprocess", "finetune", "export")
 
 
 def task_name(kind: str) -> str:
@@ -39,7 +38,7 @@ def make_app(settings: JobsSettings | None = None) -> Celery:
         task_track_started=True,
         task_queues=[Queue(k, routing_key=k) for k in KINDS],
         task_routes={task_name(k): {"queue": k, "routing_key": k} for k in KINDS},
-        task_default_queue="convert",
+        task_default_queue=next(iter(KINDS)),
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # ride out a Redis restart
         worker_cancel_long_running_tasks_on_connection_loss=False,  # the job's own lock decides

@@ -13,7 +13,8 @@ import os
 import socket
 import sys
 
-from .app import KINDS, make_app
+from .app import make_app
+from .kinds import KINDS
 from .settings import JobsSettings
 from .tasks import install_worker_hooks, register
 

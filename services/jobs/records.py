@@ -30,8 +30,16 @@ from internlm_core.store import check_job_id
 from .settings import LIMITS
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
-STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)  # a record's states; a test holds the proto's JobState to them
 FINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+STATE_PREFIX = "JOB_STATE_"
+
+
+def state_enum_name(state: str) -> str:
+    """The proto ``JobState`` value's name for a record's state (either case): ``JOB_STATE_QUEUED``."""
+    return STATE_PREFIX + state.upper()
+
+
 KEY_TTL_S = 30 * 24 * 3600  # idempotency keys are remembered this long
 
 # KEYS: job hash, index, idempotency key (or ""); ARGV: id, created, key ttl, then field/value pairs.

@@ -12,7 +12,7 @@ from pathlib import Path
 WEEK = 7 * 24 * 3600
 
 
-# The most a request may ask for, checked at submit (kinds.py, api.py) and listed in the README:
+# The most a request may ask for, checked at submit (checks.py, api.py) and listed in the README:
 # one job must not hold a worker for months, fill the disk with checkpoints, or size a cache or a
 # row that no machine here can hold. Each name is the request field it bounds.
 LIMITS = {

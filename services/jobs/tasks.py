@@ -1,4 +1,4 @@
-"""Celery tasks: transport only (job id in, progress and state out); the work is ``kinds.RUNS``.
+"""Celery tasks: transport only (job id in, progress and state out); the work is ``kinds.KINDS[kind].run``.
 
 Every delivery of a job's message goes through :func:`Runtime.run`, which makes running it more
 than once safe:
@@ -35,8 +35,8 @@ from internlm_core import errors
 from internlm_core.errors import Cancelled, PathError
 from internlm_core.store import OUTPUT, Store
 
-from . import kinds
-from .app import KINDS, send, task_name
+from .app import send, task_name
+from .kinds import KINDS
 from .heartbeat import Beacon
 from .records import (CANCELLED, FAILED, FINAL, GAVE_UP, QUEUED, REQUEUED, SUCCEEDED, JobRecords,
                       alive_field)
@@ -226,7 +226,7 @@ class Runtime:
         try:
             if rec.get("cancel") == "1":
                 raise Cancelled("cancel requested before start")
-            result = kinds.RUNS[kind](request, ctx)
+            result = KINDS[kind].run(request, ctx)
         except Cancelled:
             if ctx.lock_lost.is_set():
                 raise Ignore()  # another execution owns the job now; leave everything to it

@@ -92,8 +92,9 @@ def jobs_api(jobs_settings):
     """(stub, servicer) of a real gRPC server on loopback hosting the Jobs API."""
     from services.jobs.api import add_to_server
     from services.pb import jobs_pb2_grpc
+    from services.server_common import ErrorInterceptor
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), interceptors=[ErrorInterceptor()])
     servicer = add_to_server(server, jobs_settings)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()

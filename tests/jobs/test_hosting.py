@@ -40,6 +40,7 @@ def test_an_internal_error_is_logged_exactly_once(jobs_settings, caplog, monkeyp
     """A bug (an exception nothing maps) is answered INTERNAL naming it, and logged once, with the
     traceback of where it was raised: not again by the Jobs API's own mapping, nor by grpc; for a
     unary call and for a stream that fails after its first message."""
+    import dataclasses
     import logging
 
     from services.jobs import kinds
@@ -60,7 +61,7 @@ def test_an_internal_error_is_logged_exactly_once(jobs_settings, caplog, monkeyp
             raise RuntimeError("boom in a stream")
         return real_get(job_id)
 
-    monkeypatch.setitem(kinds.CHECKS, "convert", broken_check)
+    monkeypatch.setitem(kinds.KINDS, "convert", dataclasses.replace(kinds.KINDS["convert"], check=broken_check))
     monkeypatch.setattr(servicer.records, "get", get_then_break)
     caplog.set_level(logging.DEBUG)
     try:

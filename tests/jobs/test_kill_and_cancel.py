@@ -142,7 +142,7 @@ def deep_model(tmp_path_factory):
 
 
 def test_export_killed_runs_again_and_cancel_leaves_nothing(jobs_api, jobs_settings, workers, deep_model):
-    from internlm_core.export import ExportedEngine
+    from internlm_core.exported import ExportedEngine
 
     stub, _ = jobs_api
     records = JobRecords(jobs_settings.redis_url)

@@ -77,6 +77,15 @@ def start_endpoint(redis_url: str, tokenizer_address: str, log_dir: Path, name: 
                    log_dir / f"{name}.log", free_port(), free_port(), **kw)
 
 
+def start_http_endpoint(redis_url: str, tokenizer_address: str, log_dir: Path, name: str, *extra: str) -> Service:
+    """An endpoint with its HTTP side on, healthy and answering HTTP; ``.base`` is its URL."""
+    port = free_port()
+    s = start_endpoint(redis_url, tokenizer_address, log_dir, name, "--http-port", str(port), *extra).wait_healthy()
+    s.base = f"http://127.0.0.1:{port}"
+    wait_http(s.base)
+    return s
+
+
 def wait_workers(endpoint: Service, n: int, timeout: float = 60) -> list:
     import grpc
 
@@ -146,12 +155,8 @@ def core_tokenizer(chat_model_dir):
 @pytest.fixture(scope="session")
 def http(stack_redis, tokenizer_service, worker, stack_dir):
     """An endpoint with its HTTP side on (``.base`` is its URL) in front of the session's worker."""
-    port = free_port()
-    s = start_endpoint(stack_redis.url, tokenizer_service.address, stack_dir, "endpoint-http",
-                       "--http-port", str(port)).wait_healthy()
+    s = start_http_endpoint(stack_redis.url, tokenizer_service.address, stack_dir, "endpoint-http")
     assert wait_workers(s, 1)
-    s.base = f"http://127.0.0.1:{port}"
-    wait_http(s.base)
     yield s
     s.stop()
 

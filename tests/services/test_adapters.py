@@ -9,7 +9,7 @@ import pytest
 from internlm_core.generation import SamplingParams, SequenceState, generate
 from services.pb_convert import sampling_to_pb
 from services.pb import common_pb2, inference_pb2, inference_pb2_grpc
-from tests.helpers import free_port, random_adapter
+from tests.helpers import free_port, serving_adapter
 from tests.services.conftest import WORKER_LEN, Service
 
 NAME = "sea-lora"
@@ -17,12 +17,7 @@ NAME = "sea-lora"
 
 @pytest.fixture(scope="module")
 def adapter_dir(chat_model_dir, tmp_path_factory):
-    from internlm_core.config import Config
-    from internlm_core.lora import AdapterSpec
-
-    cfg = Config.from_checkpoint(chat_model_dir)
-    spec = AdapterSpec(rank=4, alpha=8.0, targets=("wq", "wv"))
-    return random_adapter(cfg, spec, tmp_path_factory.mktemp("lora") / NAME, seed=7, std=0.5)
+    return serving_adapter(chat_model_dir, tmp_path_factory.mktemp("lora") / NAME)
 
 
 @pytest.fixture(scope="module")

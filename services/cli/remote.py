@@ -1,25 +1,23 @@
-"""The client side of ``internlm generate`` without ``--model``: stream from the running stack; and
-the endpoint options every remote command shares (address, API key, TLS CA)."""
+"""The CLI's side of the running stack: ``internlm generate`` without ``--model`` (stream from the
+endpoint), and the endpoint options every remote command shares (address, API key, TLS CA; the
+channel itself is ``services.auth.endpoint_channel``)."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import grpc
 
 from internlm_core.generation import SCALAR_PARAMS
 
-from services.auth import API_KEY_ENV, TLS_CA_ENV, client_channel, parse_keys
+from services.auth import API_KEY_ENV, DEFAULT_ENDPOINT, ENDPOINT_ENV, TLS_CA_ENV, endpoint_address, endpoint_channel
 from services.pb_convert import FINISH_FROM_PB, chat_to_pb, grammar_to_pb
 from services.pb import common_pb2, inference_pb2, inference_pb2_grpc
-
-DEFAULT_ENDPOINT = "localhost:50051"
 
 
 def add_endpoint_arguments(p) -> None:
     """--endpoint, --api-key and --tls-ca, for the commands that call the running stack."""
-    p.add_argument("--endpoint", default=None, help="endpoint address (default: $INTERNLM_ENDPOINT or localhost:50051)")
+    p.add_argument("--endpoint", default=None, help=f"endpoint address (default: ${ENDPOINT_ENV} or {DEFAULT_ENDPOINT})")
     p.add_argument("--api-key", default=None,
                    help=f"the endpoint's API key, sent as 'authorization: Bearer <key>' (default: ${API_KEY_ENV}, "
                         "its first key)")
@@ -28,19 +26,7 @@ def add_endpoint_arguments(p) -> None:
                         f"certificate itself; default: ${TLS_CA_ENV}; none: plain text)")
 
 
-def endpoint_address(args=None) -> str:
-    return getattr(args, "endpoint", None) or os.environ.get("INTERNLM_ENDPOINT") or DEFAULT_ENDPOINT
-
-
-def endpoint_channel(args=None) -> grpc.Channel:
-    """A channel to the endpoint with the options of ``add_endpoint_arguments`` (or the environment)."""
-    keys = parse_keys(os.environ.get(API_KEY_ENV))  # the endpoint's own setting, when this shell has it
-    key = getattr(args, "api_key", None) or (keys[0] if keys else None)
-    ca = getattr(args, "tls_ca", None) or os.environ.get(TLS_CA_ENV) or None
-    return client_channel(endpoint_address(args), key, ca)
-
-
-def request_from_args(args) -> inference_pb2.GenerateRequest:
+def generate_request(args) -> inference_pb2.GenerateRequest:
     """The GenerateRequest for ``internlm generate``'s arguments (the server checks the values)."""
     params = common_pb2.SamplingParams(stop=list(getattr(args, "stop", None) or []))
     for name in SCALAR_PARAMS:  # the flags ``model_cmds`` derives from the same list
@@ -66,7 +52,7 @@ def request_from_args(args) -> inference_pb2.GenerateRequest:
 def remote_generate(args) -> int:
     """Print the stream as it comes (or one JSON object with ``--json``); 1 on an RPC error."""
     address = endpoint_address(args)
-    request = request_from_args(args)
+    request = generate_request(args)
     ids, text, finish = [], [], None
     with endpoint_channel(args) as channel:
         try:
