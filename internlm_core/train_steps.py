@@ -13,7 +13,6 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
-from . import train_kernels
 from .data import IGNORE
 
 
@@ -45,9 +44,10 @@ class LossNet(nn.Cell):
         super().__init__()
         self.model, self.vocab = model, model.config.vocab_size
         self.bias = Tensor(np.asarray(logit_bias, np.float32)) if logit_bias is not None else None
-        # the CPU kernel's loss reads the logits once forward and once backward (MindSpore's
-        # cross_entropy makes several passes and a one-hot of the vocabulary)
-        self.kernel = train_kernels.cross_entropy_op() if model.training_kernels else None
+        # the model's form computes the loss too: on the training kernels one kernel that reads the
+        # logits once forward and once backward (MindSpore's cross_entropy makes several passes and a
+        # one-hot of the vocabulary)
+        self.ops = model.ops
 
     def logits(self, ids, cos, sin, mask):
         logits = self.model(ids, cos, sin, mask).reshape(-1, self.vocab)  # (B*T, V) fp32
@@ -56,9 +56,7 @@ class LossNet(nn.Cell):
         return logits
 
     def construct(self, ids, labels, cos, sin, mask, scale):
-        if self.kernel is not None:
-            return self.kernel(self.logits(ids, cos, sin, mask), labels.reshape(-1))[0].reshape(()) * scale
-        return ops.cross_entropy(self.logits(ids, cos, sin, mask), labels.reshape(-1), ignore_index=IGNORE) * scale
+        return self.ops.cross_entropy(self.logits(ids, cos, sin, mask), labels.reshape(-1), IGNORE) * scale
 
     def eval_sums(self, ids, labels, cos, sin, mask):
         flat = labels.reshape(-1)
