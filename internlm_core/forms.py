@@ -315,7 +315,7 @@ def serving_ops(dtype: str = "float32", kernels_wanted: bool = True):
         _say(logging.INFO, f"serving form: {SERVING_KERNELS}")
         return ServingKernels()
     _say(logging.WARNING if kernels_wanted and dtype == "float32" else logging.INFO,
-         f"serving form: {MINDSPORE} (CPU kernels not used: {why}; slower)")
+         f"CPU kernels not used ({why}): serving form {MINDSPORE}, slower")
     return MindSporeOps()
 
 
