@@ -118,7 +118,9 @@ def _lora_cell_class():
 
         def construct(self, x, adapters=None):  # ``adapters`` is the serving path's; unused in training
             y = self.ops.linear(x, self.weight, self.bias, None, False)
-            h = self.ops.dropout(x, self.seed, self.dropout_cfg, self.dropout_cut, self.dropout_scale) if self.p > 0 else x
+            h = x
+            if self.p > 0:
+                h = self.ops.dropout(x, self.seed, self.dropout_cfg, self.dropout_cut, self.dropout_scale)
             return y + self.ops.linear(self.ops.linear(h, self.lora_a, None, None, True), self.lora_b, None, None,
                                        True) * self.scaling
 

@@ -22,7 +22,7 @@ import math
 
 import mindspore as ms
 import numpy as np
-from mindspore import Parameter, Tensor, mint, nn, ops
+from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
 from . import kernels
@@ -151,15 +151,13 @@ class Attention(nn.Cell):
 
     def __init__(self, cfg: Config, dtype, ops):
         super().__init__()
-        h = cfg.hidden_size
+        h, kv = cfg.hidden_size, cfg.kv_heads * cfg.head_dim
         # Grouped-query attention (InternLM2): n_kv k/v heads, each shared by nh / n_kv query heads
         # (query head i reads k/v head i // groups); v1 is the case n_kv == n_heads.
-        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_dim
-        self.shape = (self.n_heads, self.n_kv, self.head_dim)
-        self.ops = ops
+        self.shape, self.ops = (cfg.num_heads, cfg.kv_heads, cfg.head_dim), ops  # (nh, n_kv, hd)
         self.wq = Linear(h, h, cfg.bias, dtype, ops)
-        self.wk = Linear(h, self.n_kv * self.head_dim, cfg.bias, dtype, ops)
-        self.wv = Linear(h, self.n_kv * self.head_dim, cfg.bias, dtype, ops)
+        self.wk = Linear(h, kv, cfg.bias, dtype, ops)
+        self.wv = Linear(h, kv, cfg.bias, dtype, ops)
         self.wo = Linear(h, h, cfg.bias, dtype, ops)
 
     def construct(self, x, cos, sin, mask, k_cache=None, v_cache=None, cache_index=None, attend_cache=False,
@@ -178,15 +176,12 @@ class FusedAttention(nn.Cell):
 
     def __init__(self, cfg: Config, dtype, ops):
         super().__init__()
-        h = cfg.hidden_size
-        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_dim
-        self.shape = (self.n_heads, self.n_kv, self.head_dim)
-        self.ops = ops
-        kv = self.n_kv * self.head_dim
+        h, kv = cfg.hidden_size, cfg.kv_heads * cfg.head_dim
+        self.shape, self.ops = (cfg.num_heads, cfg.kv_heads, cfg.head_dim), ops  # (nh, n_kv, hd)
         self.wqkv = fused_linear([("wq", h), ("wk", kv), ("wv", kv)], h, cfg.bias, dtype, ops)
         self.wo = Linear(h, h, cfg.bias, dtype, ops)
         self.q_scale = Tensor([1.0 / math.sqrt(cfg.head_dim)], ms.float32)
-        self.head_counts = Tensor([self.n_heads, self.n_kv], ms.int32)  # the Rope kernel's q and k/v heads
+        self.head_counts = Tensor([cfg.num_heads, cfg.kv_heads], ms.int32)  # the Rope kernel's q and k/v heads
         self.rot = Tensor(rotate_half_matrix(cfg.head_dim), dtype)
 
     def construct(self, x, cos, sin, mask, k_cache=None, v_cache=None, cache_index=None, attend_cache=False,
