@@ -318,7 +318,7 @@ class Engine(EngineBase):
         base = (slots_b[:, None, None] * nh + heads) * L  # (b, nh, 1)
         scratch = (self.scratch * nh + heads) * L + (np.arange(b * t) % L).reshape(b, 1, t)
         write = np.where(valid[:, None, :], base + np.minimum(positions, L - 1)[:, None, :], scratch).reshape(-1)
-        if self.kernels:  # each (row, head)'s first cache row, and each query's position (see Attention)
+        if self.kernels:  # each (row, head)'s first cache row, and each query's position (forms.ServingKernels)
             read = base[:, :, 0]
             mask = Tensor(np.minimum(positions, L - 1).astype(np.int32))
         else:
