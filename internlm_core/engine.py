@@ -18,14 +18,15 @@ half as many per token; fp16's 10-bit mantissa keeps the greedy tokens of the fp
 parity models (tests/test_engine.py, test_internlm2.py, test_batching.py). float32 is the option
 (``cache_dtype="float32"``, the worker's ``--kv-cache-dtype``) and the default on MindSpore's ops.
 
-The engine serves its model in the fused form (``InternLMForCausalLM.fuse_projections``, done
-in place by the constructor: the weights are not copied) and, on CPU, with the project's kernels
-(``kernels``: every linear and the head packed for a matmul that reads each weight once,
-attention read from the cache where it lies, norms, rotary and SwiGLU one op each). Each
-(rows, new tokens) shape compiles once. ``open_engine`` gives it a model already in that form,
-read from the file with its weights in their stored precision (``loader.load_serving_model``:
-a bf16 checkpoint is served from bf16 weights, one copy); a model passed in from ``load_model``
-is fp32 and is fused and packed here.
+The engine serves the fused form of its model (``InternLMForCausalLM(fused=True)``) and picks its
+execution form once (``forms.serving_ops``): on CPU the project's kernels (``forms.ServingKernels``:
+every linear and the head packed for a matmul that reads each weight once, attention read from
+the cache where it lies, norms, rotary and SwiGLU one op each). Each (rows, new tokens) shape
+compiles once. ``open_engine`` gives it a model already in that form, read from the file with
+its weights in their stored precision (``loader.load_serving_model``: a bf16 checkpoint is
+served from bf16 weights, one copy); for a model passed in from ``load_model`` (fp32, unfused)
+the engine builds the serving form beside it (``serving_form``: the fused and packed weights
+are new, the rest shared; the model passed in is not changed).
 
 Where the kernels cannot be built the engine runs MindSpore's own ops, with the same results to
 float rounding: a step gathers the first S positions of its rows' slots (S = the longest live
@@ -57,9 +58,10 @@ from .checkpoint import MANIFEST_FILE
 from .engine_api import EngineBase, bucket
 from .errors import PromptTooLong
 from .exported import ExportedEngine
+from .forms import serving_ops
 from .loader import load_serving_model
 from .memory import CACHE_DTYPES, DTYPE_BYTES, available_memory
-from .model import MS_DTYPES, NEG_INF, InternLMForCausalLM, fused_rope_tables, rope_tables
+from .model import MS_DTYPES, NEG_INF, InternLMForCausalLM, rope_tables
 
 log = logging.getLogger(__name__)
 
@@ -116,20 +118,21 @@ class Engine(EngineBase):
         """``cache_dtype``: the KV cache's, "float32" or "float16"; None: float16 on the CPU kernels
         (``default_cache_dtype``), the model's compute dtype on MindSpore's ops (float32 on CPU)."""
         cfg = model.config
-        self.model, self.config = model.fuse_projections(), cfg
+        # The serving form is decided once, here: the fused model on the CPU kernels where they run,
+        # else on MindSpore's ops (``forms.serving_ops`` logs which and why). A model in that form
+        # already (``load_serving_model``'s) is served as it is; a model in another form is left as
+        # it is, and the engine serves a new one sharing its weights (``serving_form``).
+        self.model, self.config = model.serving_form(serving_ops(model.compute_dtype, cpu_kernels)), cfg
         # Steps with the kernels attend each row's own positions, so their graphs do not depend on
         # the attended length: one compiled shape per (rows, tokens).
-        self.kernels = cpu_kernels and self.model.use_cpu_kernels()
-        if cpu_kernels and not self.kernels and kernels.unavailable():
-            log.warning("CPU kernels not used (%s): serving with MindSpore's own ops, slower", kernels.unavailable())
+        self.kernels = self.model.ops.cpu_kernels
         self.max_batch = max_batch
         self.max_len = max_len or cfg.max_position_embeddings
         if self.max_len > cfg.max_position_embeddings and cfg.rope_scaling != "dynamic":
             raise ValueError(f"max_len {self.max_len} exceeds the model's {cfg.max_position_embeddings} positions")
         # Without the kernels the default is the model's compute dtype, as before (float32 on CPU)
-        compute = next(name for name, dt in MS_DTYPES.items() if dt == model.dtype)
         self.cache_dtype = (check_cache_dtype(cache_dtype) if cache_dtype else
-                            default_cache_dtype(True) if self.kernels else compute)
+                            default_cache_dtype(True) if self.kernels else model.compute_dtype)
         self.scratch = max_batch  # padding rows write and read this extra slot, never a real one
         shape = ((max_batch + 1) * cfg.kv_heads * self.max_len, cfg.head_dim)
         free = available_memory()
@@ -306,8 +309,7 @@ class Engine(EngineBase):
         j = np.arange(t)
         positions = starts_b[:, None] + j[None, :]  # (b, t)
         cos, sin = rope_tables(cfg, positions, seq_b)  # (b, 1, t, hd)
-        cos, sin = (cos[:, 0], sin[:, 0]) if self.kernels else fused_rope_tables(cos, sin, cfg.num_heads,
-                                                                                   cfg.kv_heads)
+        cos, sin = self.model.rope_inputs(cos, sin)
         valid = j[None, :] < lens[:, None]
         # (slot * heads + head) * L + position over the k/v heads, in the (rows, heads, tokens) order of
         # the new k/v; padding tokens go to distinct scratch positions (never a live slot or past the cache)
@@ -316,7 +318,7 @@ class Engine(EngineBase):
         base = (slots_b[:, None, None] * nh + heads) * L  # (b, nh, 1)
         scratch = (self.scratch * nh + heads) * L + (np.arange(b * t) % L).reshape(b, 1, t)
         write = np.where(valid[:, None, :], base + np.minimum(positions, L - 1)[:, None, :], scratch).reshape(-1)
-        if self.kernels:  # each (row, head)'s first cache row, and each query's position (see Attention)
+        if self.kernels:  # each (row, head)'s first cache row, and each query's position (forms.ServingKernels)
             read = base[:, :, 0]
             mask = Tensor(np.minimum(positions, L - 1).astype(np.int32))
         else:

@@ -20,7 +20,8 @@ from . import kernels
 from .checkpoint import (DTYPE_TO_ST, ST_TO_DTYPE, ST_TO_NP, WEIGHTS_FILE, CheckpointError, SafetensorsFile,
                          SafetensorsWriter, atomic_folder, cast, copy_tokenizer, read_config, to_float32)
 from .config import Config
-from .model import Embedding, InternLMForCausalLM, Linear, RMSNorm, parameter_of
+from .forms import serving_ops
+from .model import Embedding, InternLMForCausalLM, Linear, RMSNorm, compute_dtype_for, parameter_of
 from .quantize import METHODS, dequantize_int8, quantize_int8, quantized_names, scale_name
 
 log = logging.getLogger(__name__)
@@ -66,11 +67,12 @@ def _open(folder: str | Path) -> tuple[Config, SafetensorsFile]:
     return cfg, SafetensorsFile(folder / WEIGHTS_FILE)
 
 
-def load_model(folder: str | Path, compute_dtype: str | None = None) -> InternLMForCausalLM:
-    """The model in ``folder`` (config.json + model.safetensors) ready to run."""
+def load_model(folder: str | Path, compute_dtype: str | None = None, ops=None) -> InternLMForCausalLM:
+    """The model in ``folder`` (config.json + model.safetensors) ready to run, unfused, computing with
+    ``ops`` (``forms``; MindSpore's own by default)."""
     set_runtime()
     cfg, weights = _open(folder)
-    model = InternLMForCausalLM(cfg, compute_dtype)
+    model = InternLMForCausalLM(cfg, compute_dtype, ops=ops)
     load_weights(model, weights)
     model.set_train(False)
     return model
@@ -81,8 +83,8 @@ SERVED_ST = ("F32", "F16", "BF16")
 
 
 def load_serving_model(folder: str | Path, quantize: str | None = None) -> InternLMForCausalLM:
-    """The model in ``folder`` in the engine's serving form, as ``Engine`` would make of
-    ``load_model``'s (``fuse_projections`` + ``use_cpu_kernels``), but read from the file straight
+    """The model in ``folder`` in the engine's serving form on the CPU kernels, as ``Engine`` would
+    make of ``load_model``'s (``serving_form(forms.ServingKernels())``), but read from the file straight
     into that form: each linear's weight (q/k/v and gate/up fused) packed once, part by part, into
     its final layout in the stored dtype (fp32, fp16 or bf16; the kernels widen in registers), the
     embedding table in the stored dtype too and memory-mapped from the file (only the rows read
@@ -95,9 +97,10 @@ def load_serving_model(folder: str | Path, quantize: str | None = None) -> Inter
     time (``quantize.quantize_int8`` per row: the same integers and scales as ``internlm convert
     --quantize int8`` writes), never the whole model in fp32.
 
-    Where the kernels are unavailable (``kernels.unavailable()``), or a fused layer's outputs are
+    Where the kernels are unavailable (``forms.serving_ops`` says why), or a fused layer's outputs are
     not a multiple of 16 rows, this is ``load_model``'s fp32 model instead (MindSpore's ops have no
-    bf16 or int8 kernels on CPU), the quantised weights widened from their int8 values."""
+    bf16 or int8 kernels on CPU), the quantised weights widened from their int8 values; the engine
+    makes its serving form."""
     set_runtime()
     cfg, f = _open(folder)
     if quantize not in (None, *METHODS):
@@ -108,10 +111,11 @@ def load_serving_model(folder: str | Path, quantize: str | None = None) -> Inter
     check_names(cfg, f)
     # compute in fp32; its weights are initializers (zero pages, no memory until written) that the
     # file's tensors replace below, each once
-    model = InternLMForCausalLM(cfg).fuse_projections(loaded=False)
-    linears = [(name, cell) for name, cell in model.cells_and_names() if isinstance(cell, Linear)]
-    if kernels.library() is None or any(cell.d_out % kernels.PANEL for _, cell in linears):
-        log.info("serving %s from fp32 weights: %s", folder, kernels.unavailable() or
+    ops = serving_ops(compute_dtype_for(cfg))
+    model = InternLMForCausalLM(cfg, ops=ops, fused=True) if ops.cpu_kernels else None
+    linears = [(name, cell) for name, cell in model.cells_and_names() if isinstance(cell, Linear)] if model else []
+    if model is None or any(cell.d_out % kernels.PANEL for _, cell in linears):
+        log.info("serving %s from fp32 weights: %s", folder, "MindSpore's ops" if model is None else
                  f"a layer's outputs are not a multiple of {kernels.PANEL}")
         model = load_model(folder)
         if quantize and not cfg.quantization:  # the values the int8 form would serve
@@ -137,8 +141,6 @@ def load_serving_model(folder: str | Path, quantize: str | None = None) -> Inter
         elif isinstance(cell, Embedding):
             w = f"{name}.embedding_weight"
             cell.embedding_weight = parameter_of(_table(f, w), w)
-    if not model.use_cpu_kernels():
-        raise RuntimeError(f"the CPU kernels refused the serving form: {kernels.unavailable()}")
     model.set_train(False)
     held = {}
     for p in model.get_parameters():

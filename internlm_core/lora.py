@@ -8,8 +8,10 @@ model's shape) and ``adapter.safetensors`` with ``<module>.lora_a`` / ``<module>
 the base model's MindFormers module names, e.g. ``model.layers.0.attention.wq.lora_a``.
 Merging and serving (``Engine.load_adapter``) read the same folder.
 
-Dropout draws its mask from a counter-based hash of (step seed, element index), not from a
-stateful generator, so a resumed run draws exactly the masks the uninterrupted run drew.
+Dropout draws its mask from a counter-based hash of (step seed, layer salt, element index), not
+from a stateful generator, so a resumed run draws exactly the masks the uninterrupted run drew;
+the hash is one definition (``forms.MindSporeOps.dropout``, HashDropout in ``train_kernels.cc``),
+so both training forms draw the same masks.
 """
 from __future__ import annotations
 
@@ -85,16 +87,22 @@ class AdapterSpec:
 
 def _lora_cell_class():
     import mindspore as ms
-    from mindspore import Parameter, Tensor, mint, nn, ops
+    from mindspore import Parameter, Tensor, nn
+
+    from .forms import dropout_constants, dropout_cut
 
     class LoRALinear(nn.Cell):
         """Wraps a base ``Linear``: keeps its (frozen) weight/bias under the same names and adds
-        trainable ``lora_a`` / ``lora_b``. ``seed`` is a shared scalar Parameter the trainer sets
-        before each micro-step; a negative seed turns dropout off (evaluation)."""
+        trainable ``lora_a`` / ``lora_b``, computing with the base's ``ops`` (``forms``): on the
+        training kernels the frozen base's GEMM computes no weight gradient, A and B's do. ``seed``
+        is a shared scalar Parameter the trainer sets before each micro-step; a negative seed turns
+        dropout off (evaluation). Dropout's mask is ``forms``' one hash of (seed, salt, index) on
+        either form."""
 
         def __init__(self, base, rank: int, alpha: float, dropout: float, seed, salt: float, init_seed: int):
             super().__init__()
             out_f, in_f = base.weight.shape
+            self.ops = base.ops
             self.weight, self.bias = base.weight, base.bias
             self.weight.requires_grad = False
             if self.bias is not None:
@@ -107,38 +115,16 @@ def _lora_cell_class():
             self.scaling = alpha / rank
             self.p = float(dropout)
             self.seed = seed
-            self.salt = float(salt)
-            self.base_matmul = self.lora_matmul = self.dropout_kernel = None  # set by ``use_training_kernels``
-            self.dropout_cfg = Tensor([self.p, self.salt], ms.float32)
-
-        def use_training_kernels(self):
-            """The CPU kernels (``kernels``): the frozen base's GEMM computes no weight gradient,
-            A and B's do, and dropout draws its mask from an integer hash in one pass."""
-            from . import train_kernels
-
-            self.base_matmul = train_kernels.train_linear_op(self.bias is not None, False)
-            self.lora_matmul = train_kernels.train_linear_op(False, True)
-            self.dropout_kernel = train_kernels.dropout_op()
-
-        def _dropout(self, x):
-            # Counter-based uniform numbers: frac(sin(row * a + col * b + seed + salt) * 43758.5453).
-            n_rows = x.size // x.shape[-1]
-            rows = ops.arange(0, n_rows, dtype=ms.float32).reshape(x.shape[:-1] + (1,))
-            cols = ops.arange(0, x.shape[-1], dtype=ms.float32)
-            h = ops.sin(rows * 12.9898 + cols * 78.233 + self.seed * 0.6180339 + self.salt) * 43758.5453
-            u = h - ops.floor(h)
-            keep = ops.logical_or(u >= self.p, self.seed < 0)
-            scale = ops.where(self.seed < 0, 1.0, 1.0 / (1.0 - self.p))
-            return ops.where(keep, x, ops.zeros_like(x)) * scale.astype(x.dtype)
+            self.dropout_cfg = Tensor([self.p, float(salt)], ms.float32)
+            self.dropout_cut, self.dropout_scale = dropout_cut(self.p), dropout_constants(self.p)[1]
 
         def construct(self, x, adapters=None):  # ``adapters`` is the serving path's; unused in training
-            if self.base_matmul is not None:
-                y = self.base_matmul(x, self.weight) if self.bias is None else self.base_matmul(x, self.weight, self.bias)
-                h = self.dropout_kernel(x, self.seed, self.dropout_cfg) if self.p > 0 else x
-                return y + self.lora_matmul(self.lora_matmul(h, self.lora_a), self.lora_b) * self.scaling
-            y = mint.nn.functional.linear(x, self.weight, self.bias)
-            h = self._dropout(x) if self.p > 0 else x
-            return y + mint.nn.functional.linear(mint.nn.functional.linear(h, self.lora_a), self.lora_b) * self.scaling
+            y = self.ops.linear(x, self.weight, self.bias, None, False)
+            h = x
+            if self.p > 0:
+                h = self.ops.dropout(x, self.seed, self.dropout_cfg, self.dropout_cut, self.dropout_scale)
+            return y + self.ops.linear(self.ops.linear(h, self.lora_a, None, None, True), self.lora_b, None, None,
+                                       True) * self.scaling
 
     return LoRALinear
 
@@ -152,9 +138,14 @@ def inject_lora(model, spec: AdapterSpec, seed: int = 0):
     from mindspore import Parameter, Tensor
 
     LoRALinear = _lora_cell_class()
+    from .model import Linear
+
     drop_seed = Parameter(Tensor(-1.0, ms.float32), name="lora_dropout_seed", requires_grad=False)
     for p in model.get_parameters():
         p.requires_grad = False
+    for _, cell in model.cells_and_names():
+        if isinstance(cell, Linear):
+            cell.freeze()
     for k, name in enumerate(target_modules(model.config, spec.targets)):
         parent_name, leaf = name.rsplit(".", 1)
         parent = model

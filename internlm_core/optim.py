@@ -25,7 +25,10 @@ from . import train_kernels
 
 
 class AdamW(nn.Cell):
-    def __init__(self, groups: list[dict], lrs: np.ndarray, betas: tuple[float, float], eps: float):
+    def __init__(self, groups: list[dict], lrs: np.ndarray, betas: tuple[float, float], eps: float,
+                 kernels: bool | None = None):
+        """``kernels``: step with the training kernels (the trainer passes its form's choice);
+        None: where they are available."""
         super().__init__(auto_prefix=False)  # its Parameters keep their names inside the step cell
         params = [p for g in groups for p in g["params"]]
         self.decay = tuple(float(g["weight_decay"]) for g in groups for _ in g["params"])
@@ -35,7 +38,8 @@ class AdamW(nn.Cell):
         self.global_step = Parameter(Tensor([0], ms.int32), name="global_step", requires_grad=False)  # as theirs
         self.lrs = Tensor(np.asarray(lrs, np.float32))
         self.beta1, self.beta2, self.eps = float(betas[0]), float(betas[1]), float(eps)
-        self.kernel = train_kernels.adamw_op() if train_kernels.available() else None
+        kernels = train_kernels.available() if kernels is None else kernels
+        self.kernel = train_kernels.adamw_op() if kernels else None
         self.squares = train_kernels.sum_squares_op() if self.kernel is not None else None
         self.fallback = ops.AdamWeightDecay()
 

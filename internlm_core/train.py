@@ -41,11 +41,12 @@ import numpy as np
 from mindspore import Tensor, ops
 from mindspore.communication import get_group_size, get_rank, init
 
-from .checkpoint import Cancelled, atomic_folder
+from .checkpoint import Cancelled, atomic_folder, read_config
 from .data import IGNORE, RowFile
+from .forms import training_ops
 from .loader import load_model, save_model
 from .lora import inject_lora, lora_state, save_adapter
-from .model import forward_inputs
+from .model import compute_dtype_for, forward_inputs
 from .optim import AdamW
 from .schedule import batch_rows, lr_at, split_eval
 from .train_args import TrainArgs
@@ -104,7 +105,12 @@ class Trainer:
         self.row_file = RowFile.write(args.data, self.work_dir / ROWS_FILE)
         self.train_rows, self.eval_rows = split_eval(len(self.row_file), args.eval_ratio, args.seed)
         self.n_train, self.seq = len(self.train_rows), self.row_file.length - 1
-        self.model = model = load_model(args.model, None if args.dtype == "auto" else args.dtype)
+        # "kernels or not" is decided here, once (``forms.training_ops`` logs which and why), and is
+        # part of the run's fingerprint: the forms agree to float rounding only, so a resume on a
+        # machine with the other form would not replay the same run
+        dtype = compute_dtype_for(read_config(Path(args.model))) if args.dtype == "auto" else args.dtype
+        self.ops = training_ops(dtype)
+        self.model = model = load_model(args.model, dtype, ops=self.ops)
         cfg = self.config = model.config
         if self.seq > cfg.max_position_embeddings:
             raise ValueError(f"dataset rows of {self.seq} tokens exceed the model's {cfg.max_position_embeddings} positions")
@@ -120,7 +126,6 @@ class Trainer:
 
         model.set_train(True)
         self.drop_seed = inject_lora(model, args.adapter_spec(), args.seed) if args.mode == "lora" else None
-        model.use_training_kernels()  # MindSpore's own ops where the CPU kernels are unavailable
         if args.recompute:
             # Each block's activations are recomputed in the backward pass instead of kept. After
             # every change to the blocks (LoRA's): recompute() marks the sub-cells present at the
@@ -142,7 +147,7 @@ class Trainer:
         # lr_t * sqrt(1-b2^t) / (1-b1^t).
         t = np.arange(1, self.total + 1, dtype=np.float64)
         corrected = self.lrs * np.sqrt(1 - args.betas[1] ** t) / (1 - args.betas[0] ** t)
-        self.opt = AdamW(groups, corrected.astype(np.float32), args.betas, args.eps)
+        self.opt = AdamW(groups, corrected.astype(np.float32), args.betas, args.eps, kernels=self.ops.cpu_kernels)
         self.steps = TrainStep(loss_net(model), self.opt, StepSettings.of(args, model, self.world))
         self.params = self.steps.state_params(model)
         self.fixed = forward_inputs(cfg, np.zeros((args.batch_size, self.seq), np.int32))[1:]  # cos, sin, mask
@@ -151,7 +156,11 @@ class Trainer:
         ckpt = latest_checkpoint(self.work_dir)
         if ckpt is not None:
             trainer = load_checkpoint(ckpt, self.params)
-            if trainer.get("fingerprint") != _fingerprint(args, self.total):
+            if trainer.get("form", self.ops.name) != self.ops.name:
+                raise ValueError(f"{self.work_dir} holds a checkpoint of a run trained on {trainer['form']}, and this "
+                                 f"machine trains on {self.ops.name}: resuming would not replay the same run (the "
+                                 "forms agree to float rounding only); resume where it ran, or use a fresh work folder")
+            if trainer.get("fingerprint") != _fingerprint(args, self.total, self.ops.name):
                 raise ValueError(f"{self.work_dir} holds a checkpoint of a different run (other data, model or "
                                  "settings); use a fresh work folder")
             self.step, self.history = trainer["step"], trainer["history"]
@@ -173,7 +182,8 @@ class Trainer:
         if self.rank == 0:
             trainer = {"step": self.step, "total": self.total, "micro_batches": self.step * self.args.grad_accum,
                        "epoch": self.step * self.args.grad_accum * self.global_batch / self.n_train,
-                       "fingerprint": _fingerprint(self.args, self.total), "history": self.history}
+                       "fingerprint": _fingerprint(self.args, self.total, self.ops.name), "form": self.ops.name,
+                       "history": self.history}
             save_checkpoint(self.work_dir, self.step, self.params, trainer, self.args.keep_last)
 
     def evaluate(self) -> float:
@@ -290,7 +300,8 @@ def finetune(args: TrainArgs, work_dir: str | Path, progress: Callable[[dict], N
     return trainer.save()
 
 
-def _fingerprint(args: TrainArgs, total: int) -> str:
-    """What must not change between a run and its resume (the output path and overwrite may)."""
+def _fingerprint(args: TrainArgs, total: int, form: str) -> str:
+    """What must not change between a run and its resume (the output path and overwrite may): the
+    arguments, the steps, and the execution form (``forms``: the training kernels or MindSpore's ops)."""
     keep = {k: v for k, v in args.to_dict().items() if k not in ("out", "overwrite")}
-    return f"{zlib.crc32(json.dumps(keep, sort_keys=True).encode()):08x}-{total}"
+    return f"{zlib.crc32(json.dumps(keep, sort_keys=True).encode()):08x}-{total}-{form}"

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from . import train_kernels
 from .data import IGNORE
 
 
@@ -44,17 +43,16 @@ class LossNet(nn.Cell):
     def __init__(self, model):
         super().__init__()
         self.model, self.vocab = model, model.config.vocab_size
-        # the CPU kernel's loss reads the logits once forward and once backward (MindSpore's
-        # cross_entropy makes several passes and a one-hot of the vocabulary)
-        self.kernel = train_kernels.cross_entropy_op() if model.training_kernels else None
+        # the model's form computes the loss too: on the training kernels one kernel that reads the
+        # logits once forward and once backward (MindSpore's cross_entropy makes several passes and a
+        # one-hot of the vocabulary)
+        self.ops = model.ops
 
     def logits(self, ids, cos, sin, mask):
         return self.model(ids, cos, sin, mask).reshape(-1, self.vocab)  # (B*T, V) fp32
 
     def construct(self, ids, labels, cos, sin, mask, scale):
-        if self.kernel is not None:
-            return self.kernel(self.logits(ids, cos, sin, mask), labels.reshape(-1))[0].reshape(()) * scale
-        return ops.cross_entropy(self.logits(ids, cos, sin, mask), labels.reshape(-1), ignore_index=IGNORE) * scale
+        return self.ops.cross_entropy(self.logits(ids, cos, sin, mask), labels.reshape(-1), IGNORE) * scale
 
     def eval_sums(self, ids, labels, cos, sin, mask):
         flat = labels.reshape(-1)

@@ -22,9 +22,9 @@ def model(tiny_model_dir):
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir):
     """The same weights never handed to an Engine: unfused, unpacked, MindSpore's own ops, so a
-    kernel bug cannot cancel out of a comparison with it (an Engine packs its model in place)."""
+    kernel bug cannot cancel out of a comparison with it."""
     ref = load_model(tiny_model_dir)
-    assert not ref.fused and not ref.uses_cpu_kernels
+    assert not ref.fused and ref.ops.name == "mindspore"
     return ref
 
 
@@ -162,7 +162,6 @@ def test_live_rows_and_cache_buckets_equal_full_recompute(model, reference, tiny
     import internlm_core.engine as engine_mod
 
     monkeypatch.setattr(engine_mod, "MIN_ATTEND", 32)
-    model = model if cpu_kernels else load_model(tiny_model_dir)  # the kernels pack a model in place
     cfg = model.config
     eng = Engine(model, max_batch=8, max_len=128, cpu_kernels=cpu_kernels, cache_dtype="float32")
     assert eng.kernels == cpu_kernels
@@ -222,6 +221,27 @@ def test_serving_dtypes_name_the_cache_the_engine_will_hold(model):
     assert Engine(model, max_batch=1, max_len=64).cache_dtype == serving_dtypes(cfg)[1]
     with pytest.raises(ValueError, match="float32 or float16"):
         serving_dtypes(cfg, cache_dtype="int8")
+
+
+def test_an_engine_serves_its_own_form_and_leaves_the_model_it_is_given_as_it_was(tiny_model_dir):
+    """The engine decides the serving form once and builds it beside the model it is given (fused
+    and, on the kernels, packed weights new, the others shared): that model keeps its form and
+    weights, so a second engine or a reference forward on it computes what it did. A model whose
+    weights are packed for the kernels cannot be served on MindSpore's ops, and says so."""
+    from internlm_core.loader import load_serving_model
+
+    model = load_model(tiny_model_dir)
+    before = {n: (tuple(p.shape), p.dtype) for n, p in model.parameters_and_names()}
+    eng = Engine(model, max_batch=1, max_len=32)
+    assert eng.model is not model and eng.model.fused and not model.fused and model.ops.name == "mindspore"
+    assert {n: (tuple(p.shape), p.dtype) for n, p in model.parameters_and_names()} == before
+    served = dict(eng.model.parameters_and_names())
+    assert served["model.norm_out.weight"] is dict(model.parameters_and_names())["model.norm_out.weight"]
+    plain = Engine(model, max_batch=1, max_len=32, cpu_kernels=False)
+    assert plain.model.ops.name == "mindspore" and not plain.kernels
+    if eng.kernels:
+        with pytest.raises(ValueError, match="packed for cpu-kernels: it cannot serve on mindspore"):
+            Engine(load_serving_model(tiny_model_dir), cpu_kernels=False)
 
 
 def test_cache_that_cannot_fit_is_refused_before_allocating(model):

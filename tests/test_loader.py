@@ -51,7 +51,7 @@ def test_serving_model_holds_each_weight_once_in_the_stored_dtype(tmp_path, pres
 
     cfg = Config.from_name(preset)
     model = load_serving_model(write_random_folder(tmp_path / "m", cfg, dtype))
-    assert model.uses_cpu_kernels and model.fused
+    assert model.ops.name == "cpu-kernels" and model.fused
     params = {p.name: p for p in model.get_parameters()}
     assert not [n for n in params if n.rsplit(".", 2)[-2] in ("wq", "wk", "wv", "w1", "w3")]
     size = {ms.float32: 4, ms.float16: 2, ms.bfloat16: 2}

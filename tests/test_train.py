@@ -177,6 +177,29 @@ def test_a_different_run_does_not_resume_a_checkpoint(tmp_path, base_dir, data_d
         Trainer(args_for(base_dir, data_dir, tmp_path / "b", max_steps=2, lr=1e-3), tmp_path / "w")
 
 
+def test_the_training_form_is_recorded_and_a_resume_on_the_other_is_refused(tmp_path, base_dir, data_dir,
+                                                                           monkeypatch):
+    """"Kernels or not" is decided once per run and written into its checkpoints (the forms agree to
+    float rounding only); a resume where the other form runs is refused with both names, and one
+    on the same form resumes."""
+    from internlm_core import kernels, train_kernels
+    from internlm_core.train_state import load_checkpoint
+
+    if not train_kernels.available():
+        pytest.skip(f"kernels unavailable: {kernels.unavailable() or kernels.training_unavailable()}")
+    kw = dict(max_steps=3, save_every=1)
+    first = Trainer(args_for(base_dir, data_dir, tmp_path / "a", **kw), tmp_path / "w")
+    with pytest.raises(Cancelled):
+        first.fit(cancel=lambda: first.step >= 1)
+    trainer = load_checkpoint(latest_checkpoint(tmp_path / "w"), first.params)
+    assert trainer["form"] == "cpu-training-kernels" and trainer["fingerprint"].endswith("-cpu-training-kernels")
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "library", lambda: None)  # a machine where the kernels do not build
+        with pytest.raises(ValueError, match="trained on cpu-training-kernels, and this machine trains on mindspore"):
+            Trainer(args_for(base_dir, data_dir, tmp_path / "a", **kw), tmp_path / "w")
+    assert Trainer(args_for(base_dir, data_dir, tmp_path / "a", **kw), tmp_path / "w").step == 1
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(lr=-1e-4), "lr"), (dict(lr=0), "lr"), (dict(mode="qlora"), "mode"), (dict(batch_size=0), "batch_size"),
     (dict(warmup_ratio=1.5), "warmup_ratio"), (dict(weight_decay=-0.1), "weight_decay"), (dict(betas=(0.9, 1.0)), "betas"),
@@ -424,11 +447,11 @@ def test_the_cpu_kernels_train_as_mindspores_ops_do(tmp_path, base_dir, data_dir
     for mode in ("full", "lora"):
         kw = dict(max_steps=6, mode=mode, lora_dropout=0.0, eval_ratio=0.1, eval_every=3)
         fast = Trainer(args_for(base_dir, data_dir, tmp_path / f"{mode}-k", **kw), tmp_path / f"{mode}-kw")
-        assert fast.model.training_kernels and fast.opt.kernel is not None
+        assert fast.model.ops.name == "cpu-training-kernels" and fast.opt.kernel is not None
         with monkeypatch.context() as m:
             m.setattr(kernels, "library", lambda: None)
             plain = Trainer(args_for(base_dir, data_dir, tmp_path / f"{mode}-p", **kw), tmp_path / f"{mode}-pw")
-            assert not plain.model.training_kernels and plain.opt.kernel is None
+            assert plain.model.ops.name == "mindspore" and plain.opt.kernel is None
             want = first_grads(plain)
             ref = plain.fit()
         for name, g, w in zip(fast.opt.parameters, first_grads(fast), want):
