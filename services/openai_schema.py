@@ -18,6 +18,9 @@ from services.server_common import status_of, too_large
 
 # ---- limits: every bound the HTTP side puts on a request, named here once --------------------
 MAX_BODY_BYTES = 8 * 2 ** 20     # a request body: 413 (by Content-Length, or counted while reading)
+HEAD_TIMEOUT_S = 10.0            # a request's line and headers, from the connection's start or the last answer: closed
+BODY_TIMEOUT_S = 60.0            # a request body, from its headers to its last byte: 408
+MAX_CONNECTIONS = 512            # connections (or requests) at once: 503 beyond (uvicorn's limit_concurrency)
 MAX_PROMPT_CHARS = 1_000_000     # a prompt's text (chat: all messages), checked before tokenizing: 400
 MAX_PROMPT_IDS = 262_144         # a prompt given as token ids: 400
 MAX_N = 16                       # choices per request (each takes a worker slot)
