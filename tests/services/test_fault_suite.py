@@ -3,19 +3,29 @@ request field (one level into nested messages) extreme numbers, NaN and infiniti
 and invalid-UTF-8 strings, long repeated fields, unknown enum values; plus bytes that are no
 protobuf at all, truncated messages and messages over the size limit. Every answer must be OK or
 a status that names the client's mistake (never INTERNAL or UNKNOWN), and every server must still
-be up and serving afterwards. The figures are printed (pytest -s) for the closing notes."""
+be up and serving afterwards.
+
+Meanwhile victims stream from the same worker through the endpoint, back to back on two threads
+so that one is always open, and the cases are sent one at a time, so that what a victim meets
+is that case's doing: every case is timed against the victim streams open while it ran, each of
+which must bring all its tokens (the ones it brings alone) with no wait for a token longer than
+GAP_S while the case ran; and the victims' median speed must be at least half of what it is
+without the barrage. The figures are printed (pytest -s) for the closing notes."""
 from __future__ import annotations
 
 import math
+import threading
+import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from statistics import median
 
 import grpc
 import pytest
 from google.protobuf.descriptor import FieldDescriptor as F
 from google.protobuf.message_factory import GetMessageClass
 
-from services.pb import endpoint_pb2, inference_pb2, jobs_pb2, tokenizer_pb2
+from services.pb import common_pb2, endpoint_pb2, inference_pb2, inference_pb2_grpc, jobs_pb2, tokenizer_pb2
 
 INT_EXTREMES = {F.TYPE_INT32: (-2**31, 2**31 - 1), F.TYPE_INT64: (-2**63, 2**63 - 1),
                 F.TYPE_UINT32: (2**32 - 1,), F.TYPE_UINT64: (2**64 - 1,)}
@@ -87,7 +97,8 @@ def method_cases(method):
 
 
 def call(channel, service, method, payload: bytes):
-    path = f"/{service.full_name}/{method.name}"
+    """(status, details, start, end) of one call."""
+    path, start = f"/{service.full_name}/{method.name}", time.monotonic()
     try:
         if method.server_streaming:
             stream = channel.unary_stream(path)(payload, timeout=20)
@@ -95,9 +106,79 @@ def call(channel, service, method, payload: bytes):
                 pass
         else:
             channel.unary_unary(path)(payload, timeout=20)
-        return grpc.StatusCode.OK, ""
+        return grpc.StatusCode.OK, "", start, time.monotonic()
     except grpc.RpcError as e:
-        return e.code(), e.details() or ""
+        return e.code(), e.details() or "", start, time.monotonic()
+
+
+# ---- victims -------------------------------------------------------------------------------------
+VICTIM_TOKENS = 48
+GAP_S = 2.0           # the longest pause between two of a victim's tokens while a case runs
+MIN_SPEED = 0.5     # the victims' median speed under the barrage, of their median speed without it
+VICTIM = inference_pb2.GenerateRequest(text="A victim of other people's requests", params=common_pb2.SamplingParams(
+    max_new_tokens=VICTIM_TOKENS, ignore_eos=True))
+
+
+@dataclass
+class Stream:
+    """One victim stream: when it began, when each token came, what came, how it ended."""
+    start: float
+    times: list = field(default_factory=list)
+    ids: list = field(default_factory=list)
+    end: float = math.inf
+    error: str = ""
+
+    def speed(self) -> float:
+        """Tokens a second, from its first token to its last (its wait in the worker's queue apart)."""
+        return (len(self.times) - 1) / max(self.times[-1] - self.times[0], 1e-9)
+
+    def longest_pause(self, start: float, end: float) -> float:
+        """The longest wait for a token (from the one before, or from the stream's start) that
+        overlaps [start, end]."""
+        waits, last = [], self.start
+        for t in [*self.times, self.end]:
+            if t >= start and last <= end:  # this wait overlaps the case
+                waits.append(t - last)
+            last = t
+        return max(waits, default=0.0)
+
+
+def victim_stream(stub) -> Stream:
+    s = Stream(time.monotonic())
+    try:
+        for r in stub.Generate(VICTIM, timeout=120):
+            s.times += [time.monotonic()] * len(r.token_ids)
+            s.ids += r.token_ids
+    except grpc.RpcError as e:
+        s.error = f"{e.code().name}: {e.details()}"
+    s.end = time.monotonic()
+    return s
+
+
+class Victims:
+    """Victim streams back to back on ``threads`` threads until stopped (``streams``: every one)."""
+
+    def __init__(self, address: str, threads: int = 2):
+        self.channel = grpc.insecure_channel(address)
+        self.stub, self.streams, self.done = inference_pb2_grpc.InferenceStub(self.channel), [], threading.Event()
+        self.threads = [threading.Thread(target=self.run, args=(i * 0.1,), daemon=True) for i in range(threads)]
+
+    def run(self, delay: float) -> None:
+        time.sleep(delay)  # staggered, so that one is open while the other starts again
+        while not self.done.is_set():
+            self.streams.append(victim_stream(self.stub))
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        for t in self.threads:
+            t.join(150)
+        self.channel.close()
 
 
 SERVICES = {"Inference": inference_pb2, "Tokenizer": tokenizer_pb2, "Endpoint": endpoint_pb2, "Jobs": jobs_pb2}
@@ -122,17 +203,41 @@ def test_bad_input_on_every_rpc_gets_a_client_error_and_nothing_falls_over(endpo
                 jobs.append((server, address, service, method, label, payload))
     channels = {a: grpc.insecure_channel(a, options=[("grpc.max_send_message_length", 8 << 20)])
                 for _, a, _ in targets(endpoint, worker, tokenizer_service)}
-    with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda j: call(channels[j[1]], j[2], j[3], j[5]), jobs))
+    with grpc.insecure_channel(endpoint.address) as ch:
+        solo = victim_stream(inference_pb2_grpc.InferenceStub(ch))
+    assert not solo.error and len(solo.ids) == VICTIM_TOKENS, solo.error
+    with Victims(endpoint.address) as calm:  # the victims' pace without the barrage
+        time.sleep(3)
+    calm_speed = median(v.speed() for v in calm.streams)
+    with Victims(endpoint.address) as victims:
+        answers = [call(channels[j[1]], j[2], j[3], j[5]) for j in jobs]
 
-    codes = Counter(code for code, _ in answers)
+    codes = Counter(code for code, *_ in answers)
     bad = [(j[0], f"{j[2].name}.{j[3].name}", j[4], code.name, details[:200])
-           for j, (code, details) in zip(jobs, answers) if code != grpc.StatusCode.OK and code not in CLIENT_ERRORS]
+           for j, (code, details, *_) in zip(jobs, answers) if code != grpc.StatusCode.OK and code not in CLIENT_ERRORS]
     print(f"\nfault suite: {len(jobs)} cases over {sum(1 for _ in targets(endpoint, worker, tokenizer_service))} "
           f"(server, service) pairs; answers: " + ", ".join(f"{c.name} {n}" for c, n in codes.most_common()))
     assert not bad, "\n".join(map(str, bad[:20]))
     # Every client error says what was wrong.
-    assert all(details for code, details in answers if code in CLIENT_ERRORS - {grpc.StatusCode.DEADLINE_EXCEEDED})
+    assert all(details for code, details, *_ in answers if code in CLIENT_ERRORS - {grpc.StatusCode.DEADLINE_EXCEEDED})
+
+    # Every victim stream brought all its tokens, the ones it brings alone, at a fair pace.
+    streams = victims.streams
+    failed = [v.error or f"{len(v.ids)} tokens, not the solo ones" for v in streams if v.ids != solo.ids]
+    assert not failed, failed[:5]
+    speed = median(v.speed() for v in streams)
+    # Each case ran while a victim streamed, and no victim then waited more than GAP_S for a token.
+    pauses = []
+    for j, (code, details, start, end) in zip(jobs, answers):
+        open_ = [v for v in streams if v.start < end and v.end > start]
+        assert open_, f"no victim stream was open during {j[0]} {j[3].name} {j[4]}"
+        pauses.append((max(v.longest_pause(start, end) for v in open_), f"{j[0]} {j[2].name}.{j[3].name} {j[4]}"))
+    pauses.sort(reverse=True)
+    print(f"victims: {len(streams)} streams of {VICTIM_TOKENS} tokens, {speed:.0f} tokens/s (median) under the "
+          f"barrage, {calm_speed:.0f} without; the longest waits for a token: "
+          + "; ".join(f"{p:.2f} s ({label})" for p, label in pauses[:3]))
+    assert not [p for p in pauses if p[0] > GAP_S], [p for p in pauses if p[0] > GAP_S][:10]
+    assert speed >= MIN_SPEED * calm_speed, (speed, calm_speed)
     # Nothing fell over: each server process lives and answers health checks.
     for s in (endpoint, worker, tokenizer_service):
         assert s.proc.poll() is None and serving(s), s.module
