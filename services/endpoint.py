@@ -31,7 +31,7 @@ from prometheus_client import Counter, Gauge
 from internlm_core.errors import ModelNotFound, Unavailable
 from services.auth import (API_KEY_ENV, INTERNAL_TOKEN_ENV, TENANT_HEADER, TLS_CERT_ENV, TLS_KEY_ENV, parse_keys,
                            tenant_of, tls_pair, with_bearer)
-from services.pb_convert import join_chunks
+from services.pb_convert import check_names, join_chunks
 from services.pb import endpoint_pb2, endpoint_pb2_grpc, inference_pb2, inference_pb2_grpc, jobs_pb2, tokenizer_pb2
 from services.registry import TTL_S, list_workers
 from services.server_common import (MAX_STREAMS, MAX_STREAMS_PER_KEY, Server, StreamLimit, env_default, setup_logging,
@@ -206,6 +206,7 @@ class InferenceProxy(inference_pb2_grpc.InferenceServicer):
     def Generate(self, request, context):
         """The worker's stream; when a worker goes away mid-stream, another continues the request
         from the tokens already streamed (``resume_ids``), so the client sees one stream."""
+        check_names(request)  # before the router quotes an unknown name back
         request = with_seed(request)
         tenant = ((TENANT_HEADER, tenant_of(context.invocation_metadata()) if self.tenants else ""),)
         tried, error, produced = set(), None, []
@@ -245,6 +246,7 @@ class InferenceProxy(inference_pb2_grpc.InferenceServicer):
         return join_chunks(self.Generate(request, context))
 
     def ModelInfo(self, request, context):
+        check_names(request)
         return self.router.any_worker(request.model).stub.ModelInfo(request, timeout=_timeout(context) or 10)
 
 
