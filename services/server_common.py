@@ -191,37 +191,45 @@ class StreamLimit:
 
 
 class StreamLimitInterceptor(grpc.ServerInterceptor):
-    """Every response stream but health's, and the unary methods named in ``held``, go through
-    ``limit`` for as long as they run (the thread they hold)."""
+    """Every stream but health's (a stream of responses, of requests, or both: reflection's waits on
+    its client) and the unary methods named in ``held`` go through ``limit`` for as long as they
+    run (the thread they hold); a call refused is answered RESOURCE_EXHAUSTED with the cap's
+    message."""
 
     def __init__(self, limit: StreamLimit, held=()):
         self.limit, self.held = limit, frozenset(held)
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
-        if (handler is None or handler.request_streaming or details.method.startswith(HEALTH_PREFIX)
-                or not (handler.response_streaming or details.method in self.held)):
+        if (handler is None or details.method.startswith(HEALTH_PREFIX)
+                or not (handler.request_streaming or handler.response_streaming or details.method in self.held)):
             return handler
         limit, tenant = self.limit, self.limit.tenant(details.invocation_metadata)
-        if handler.response_streaming:
-            behaviour = handler.unary_stream
+        # the handler's one behaviour: unary_unary, unary_stream, stream_unary or stream_stream
+        kind = "_".join("stream" if streaming else "unary"
+                        for streaming in (handler.request_streaming, handler.response_streaming))
+        behaviour = getattr(handler, kind)
 
-            def stream(request, context):
+        def enter(context):
+            try:
                 limit.enter(tenant)
-                try:
-                    yield from behaviour(request, context)
-                finally:
-                    limit.leave(tenant)
-            return handler._replace(unary_stream=stream)
-        behaviour = handler.unary_unary
+            except errors.TooManyCalls as e:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
 
-        def unary(request, context):
-            limit.enter(tenant)
+        def responses(request, context):
+            enter(context)
+            try:
+                yield from behaviour(request, context)
+            finally:
+                limit.leave(tenant)
+
+        def response(request, context):
+            enter(context)
             try:
                 return behaviour(request, context)
             finally:
                 limit.leave(tenant)
-        return handler._replace(unary_unary=unary)
+        return handler._replace(**{kind: responses if handler.response_streaming else response})
 
 
 def setup_logging(name: str) -> None:

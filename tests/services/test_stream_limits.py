@@ -1,16 +1,19 @@
 """The endpoint's cap on long calls (``--max-streams``, ``--max-streams-per-key``): streams held
-open by one key (WatchJob on a job that never moves) are refused past the key's share and past
+open by one key (WatchJob on a job that never moves, reflection waiting on its client) are
+refused past the key's share and past
 the total, on both doors, with RESOURCE_EXHAUSTED / 429 naming the cap, while another key's
 stream, short calls and health are still answered at once, and a closed stream frees its place.
 A real endpoint with two keys in front of the session's worker."""
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.auth import client_channel
 from services.jobs.records import JobRecords
@@ -53,6 +56,20 @@ def watch(channel, job_id):
     return stream
 
 
+def reflect(channel):
+    """An open reflection stream (its first answer read), whose client sends nothing more until
+    the stream is cancelled: the server's side waits on it, holding a thread."""
+    quiet = threading.Event()
+
+    def requests():
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+        quiet.wait(120)
+    stream = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(requests(), timeout=120)
+    next(stream)
+    stream.add_done_callback(lambda _: quiet.set())
+    return stream
+
+
 def refused(call) -> str:
     with pytest.raises(grpc.RpcError) as e:
         call()
@@ -68,7 +85,8 @@ def complete(base: str, key: str, **body) -> httpx.Response:
 def served_at_once(channel, capped, key: str) -> None:
     """Another caller's stream, a short call and health, each answered within seconds."""
     start = time.monotonic()
-    tokens = [t for r in inference_pb2_grpc.InferenceStub(channel).Generate(generate(8), timeout=30) for t in r.token_ids]
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    tokens = [t for r in stub.Generate(generate(8), timeout=30) for t in r.token_ids]
     assert len(tokens) == 8
     assert endpoint_pb2_grpc.EndpointStub(channel).ListWorkers(endpoint_pb2.ListWorkersRequest(), timeout=5).workers
     with grpc.insecure_channel(capped.address) as plain:
@@ -87,11 +105,13 @@ def wait_open(capped, n: int, timeout: float = 10) -> None:
 
 def test_streams_past_the_caps_are_refused_and_everyone_else_is_served(capped, queued_job):
     one, two = (client_channel(capped.address, k) for k in KEYS)
-    held = [watch(one, queued_job) for _ in range(PER_KEY)]
+    held = [watch(one, queued_job) for _ in range(PER_KEY - 1)] + [reflect(one)]
     wait_open(capped, PER_KEY)
 
-    # The key's share is taken: its next stream, its unary generation and its HTTP generation are refused.
+    # The key's share is taken: its next stream (of either kind), its unary generation and its HTTP
+    # generation are refused.
     assert "--max-streams-per-key" in refused(lambda: watch(one, queued_job))
+    assert "--max-streams-per-key" in refused(lambda: reflect(one))
     assert "--max-streams-per-key" in refused(lambda: inference_pb2_grpc.InferenceStub(one).GenerateUnary(
         generate(), timeout=30))
     r = complete(capped.base, KEYS[0])
