@@ -43,6 +43,9 @@ INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["Inference"]
 TOKENIZER = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"]
 ENDPOINT = endpoint_pb2.DESCRIPTOR.services_by_name["Endpoint"]
 JOBS = jobs_pb2.DESCRIPTOR.services_by_name["Jobs"]
+# Unary calls that can hold a thread long, counted with the streams (``StreamLimit``): generation,
+# and the tokenizer's, each waiting on the tokenizer service (a few threads) for megabytes of text.
+HELD = [f"/{INFERENCE.full_name}/GenerateUnary", *(f"/{TOKENIZER.full_name}/{m.name}" for m in TOKENIZER.methods)]
 # The worker has stopped serving the request (or never took it): another worker takes it over
 # (not a request grpc refused as too large, which every worker would refuse: see ``too_large``).
 RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -328,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         raise SystemExit(str(e)) from None
     server = Server("endpoint", args.port, args.host, args.metrics_port, metrics_host=args.metrics_host,
-                    keys=keys, tls=tls, streams=streams, held=[f"/{INFERENCE.full_name}/GenerateUnary"])
+                    keys=keys, tls=tls, streams=streams, held=HELD)
     token = args.internal_token or None
     router = Router(args.redis_url, token=token).start()
     tokenizer = with_bearer(grpc.insecure_channel(args.tokenizer_address), token)

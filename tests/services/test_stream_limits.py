@@ -17,7 +17,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.auth import client_channel
 from services.jobs.records import JobRecords
-from services.pb import endpoint_pb2, endpoint_pb2_grpc, inference_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+from services.pb import (endpoint_pb2, endpoint_pb2_grpc, inference_pb2_grpc, jobs_pb2, jobs_pb2_grpc, tokenizer_pb2,
+                         tokenizer_pb2_grpc)
 from tests.helpers import free_port
 from tests.services.conftest import start_endpoint, wait_http
 from tests.services.test_auth import generate, wait_registered
@@ -114,6 +115,8 @@ def test_streams_past_the_caps_are_refused_and_everyone_else_is_served(capped, q
     assert "--max-streams-per-key" in refused(lambda: reflect(one))
     assert "--max-streams-per-key" in refused(lambda: inference_pb2_grpc.InferenceStub(one).GenerateUnary(
         generate(), timeout=30))
+    assert "--max-streams-per-key" in refused(lambda: tokenizer_pb2_grpc.TokenizerStub(one).Encode(
+        tokenizer_pb2.EncodeRequest(text="Hello"), timeout=30))
     r = complete(capped.base, KEYS[0])
     assert r.status_code == 429 and "--max-streams-per-key" in r.json()["error"]["message"], r.text
     # An HTTP request takes a place per choice, all or none: more choices than a key's share are refused.
