@@ -311,8 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"PEM certificate (chain) for TLS on the gRPC and HTTP ports (${TLS_CERT_ENV}); with --tls-key")
     ap.add_argument("--tls-key", default=env_default(TLS_KEY_ENV, ""), help=f"its PEM private key (${TLS_KEY_ENV})")
     ap.add_argument("--max-streams", type=int, default=int(env_default("INTERNLM_MAX_STREAMS", str(MAX_STREAMS))),
-                    help="long calls (streams: Generate, WatchJob, GenerateUnary, HTTP generations, a choice "
-                         "each) open at once over both doors; beyond, RESOURCE_EXHAUSTED / 429 ($INTERNLM_MAX_STREAMS)")
+                    help="long calls open at once over both doors (every gRPC stream, GenerateUnary, the Tokenizer "
+                         "calls forwarded, an HTTP generation's choices); beyond, RESOURCE_EXHAUSTED / 429 "
+                         "($INTERNLM_MAX_STREAMS)")
     ap.add_argument("--max-streams-per-key", type=int,
                     default=int(env_default("INTERNLM_MAX_STREAMS_PER_KEY", str(MAX_STREAMS_PER_KEY))),
                     help="the same, for the calls of one API key (with --api-key) ($INTERNLM_MAX_STREAMS_PER_KEY)")
