@@ -72,12 +72,12 @@ def prompt_from_pb(request: inference_pb2.GenerateRequest, tokenizer) -> list[in
     if kind == "text":
         if not request.text:
             raise ValueError("empty prompt")
-        _within(len(request.text), MAX_PROMPT_CHARS, "text", "characters")
+        check_size(len(request.text), MAX_PROMPT_CHARS, "text", "characters")
         return tokenizer.encode(request.text, allow_special=request.allow_special_tokens)
     if kind == "ids":
-        _within(len(request.ids.ids), MAX_PROMPT_IDS, "ids", "token ids")
+        check_size(len(request.ids.ids), MAX_PROMPT_IDS, "ids", "token ids")
         return list(request.ids.ids)
-    _within(sum(len(m.content) for m in request.chat.messages), MAX_PROMPT_CHARS, "chat", "characters")
+    check_size(sum(len(m.content) for m in request.chat.messages), MAX_PROMPT_CHARS, "chat", "characters")
     return tokenizer.encode_chat(chat_from_pb(request.chat.messages), allow_special=request.allow_special_tokens)
 
 
@@ -85,10 +85,11 @@ def check_names(request) -> None:
     """A request's model and adapter names within MAX_NAME_CHARS (ValueError otherwise)."""
     for name in ("model", "adapter"):
         if name in request.DESCRIPTOR.fields_by_name:
-            _within(len(getattr(request, name)), MAX_NAME_CHARS, name, "characters")
+            check_size(len(getattr(request, name)), MAX_NAME_CHARS, name, "characters")
 
 
-def _within(size: int, limit: int, field: str, unit: str) -> None:
+def check_size(size: int, limit: int, field: str, unit: str) -> None:
+    """ValueError naming ``field`` when ``size`` (in ``unit``) is over ``limit``."""
     if size > limit:
         raise ValueError(f"{field}: {size} {unit}, over the {limit} this server takes")
 
