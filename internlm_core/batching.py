@@ -183,8 +183,8 @@ class Batcher:
         what follows. ``tenant``: who sent it (the services pass a digest of its API key); a
         prompt reuses only KV rows its own tenant's requests left, so that how fast a prompt is
         answered never tells one user what another one asked."""
+        self.engine.check_prompt(len(prompt) + len(resume))  # first: a long one costs nothing more
         prompt, resume = [int(t) for t in prompt], [int(t) for t in resume]
-        self.engine.check_prompt(len(prompt) + len(resume))
         bad = [t for t in prompt + resume if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} outside the model's vocabulary (0..{self.vocab_size - 1})")

@@ -39,6 +39,27 @@ DTYPE_TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
 
 
+# ---- where a folder's weights may live ------------------------------------------------------
+
+def confined(folder: Path, path: Path, shown: str | None = None) -> Path:
+    """``path``, a weights file of the model ``folder``, if its real location (links followed) is
+    inside the folder, or, for a snapshot of a Hugging Face cache (``models--org--name/snapshots/
+    <rev>/``, whose files are links to ``../../blobs/<hash>``), inside that repository's
+    ``blobs``; else CheckpointError naming it (``shown``, or its name in the folder). A link
+    leading anywhere else would have a worker serve, or a job copy into the store, whatever file
+    it names."""
+    folder = Path(folder)
+    real_folder, real = folder.resolve(), Path(path).resolve()
+    homes = [real_folder]
+    if real_folder.parent.name == "snapshots" and real_folder.parent.parent.name.startswith("models--"):
+        homes.append(real_folder.parent.parent / "blobs")
+    if not any(real == h or h in real.parents for h in homes):
+        where = shown or f"{folder.name}/{Path(path).relative_to(folder)}"
+        raise CheckpointError(f"{where} leads outside the folder through a symlink (a weights file must lie in "
+                              "the model folder, or in the blobs of the Hugging Face cache it is a snapshot of)")
+    return Path(path)
+
+
 # ---- dtype conversion on raw arrays -------------------------------------------------------
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:

@@ -20,8 +20,8 @@ from typing import Callable
 import numpy as np
 
 from .checkpoint import (DTYPE_TO_ST, ST_TO_DTYPE, ST_TO_NP, TOKENIZER_FILE, WEIGHTS_FILE, Cancelled,
-                         CheckpointError, SafetensorsFile, SafetensorsWriter, atomic_folder, cast, copy_tokenizer,
-                         read_config, to_float32)
+                         CheckpointError, SafetensorsFile, SafetensorsWriter, atomic_folder, cast, confined,
+                         copy_tokenizer, read_config, to_float32)
 from .config import CONFIG_FILE, Config, ConfigError, is_own_config
 from .quantize import METHODS, quantize_int8, quantized_names, scale_name
 from .torch_bin import TorchBinFile
@@ -258,9 +258,8 @@ MAX_INDEX_BYTES = 64 << 20  # a weight map is ~100 bytes a tensor: far below thi
 
 def _shards(folder: Path, index: Path) -> set[str]:
     """The shard files an ``*.index.json`` names, each confined to ``folder``: a plain relative path,
-    no '..', nothing that resolves outside the folder (a symlinked subfolder); else CheckpointError
-    naming the index and the entry. (Shards that are symlinks themselves are followed, as an HF
-    cache's snapshot folders are made; the jobs' store confines those to its roots.)"""
+    no '..', nothing that resolves outside the folder (or the HF cache's blobs: ``confined``);
+    else CheckpointError naming the index and the entry."""
     where = f"{folder.name}/{index.name}"
     if index.stat().st_size > MAX_INDEX_BYTES:
         raise CheckpointError(f"{where}: {index.stat().st_size} bytes, more than a weight map takes")
@@ -270,14 +269,11 @@ def _shards(folder: Path, index: Path) -> set[str]:
         raise CheckpointError(f"{where}: not a JSON object with a weight_map") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{where}: weight_map must map tensor names to shard file names")
-    real = folder.resolve()
     for shard in set(weight_map.values()):
         p = Path(shard)
         if not shard or "\x00" in shard or p.is_absolute() or ".." in p.parts:
             raise CheckpointError(f"{where}: shard {shard!r} is not a file name inside the folder")
-        parent = (folder / p).parent.resolve()
-        if parent != real and real not in parent.parents:
-            raise CheckpointError(f"{where}: shard {shard!r} leads outside the folder through a symlink")
+        confined(folder, folder / p, f"{where}: shard {shard!r}")
     return set(weight_map.values())
 
 
@@ -289,13 +285,13 @@ def open_weights(folder: Path) -> dict[str, object]:
         raise CheckpointError(f"{folder}: no *.safetensors or pytorch_model*.bin weights")
     index = next(iter(folder.glob("*.index.json")), None)
     if index is not None:
-        wanted = _shards(folder, index)
+        wanted = _shards(folder, confined(folder, index))
         missing = [w for w in wanted if not (folder / w).is_file()]
         if missing:
             raise CheckpointError(f"{folder}: shard {missing[0]} named in {index.name} is missing")
         files = [folder / w for w in sorted(wanted)]
     where: dict[str, object] = {}
-    for path in files:
+    for path in (confined(folder, p) for p in files):
         f = SafetensorsFile(path) if path.suffix == ".safetensors" else TorchBinFile(path)
         for k in f.keys():
             where[k] = f
@@ -346,7 +342,7 @@ def ms_to_hf(src: str | Path, dst: str | Path, dtype: str | None = None, overwri
     if cfg.quantization:
         raise CheckpointError(f"{src} holds {cfg.quantization} weights, which HF folders do not: write the HF folder "
                               "from the unquantised model it was made from")
-    where = {k: f for f in [SafetensorsFile(src / WEIGHTS_FILE)] for k in f.keys()}
+    where = {k: f for f in [SafetensorsFile(confined(src, src / WEIGHTS_FILE))] for k in f.keys()}
     if cfg.family == "internlm2":
         where = _pack(where, cfg)
         table = _compile({**V2_MS_TO_HF, WQKV: WQKV})

@@ -73,6 +73,11 @@ class QueueFull(RuntimeError):
     """Every slot is busy and the waiting queue is at its bound: try again later."""
 
 
+class TooManyCalls(RuntimeError):
+    """A caller (or all callers together) holds as many long calls (streams) open as a server admits
+    at once: try again when one ends."""
+
+
 class ShuttingDown(RuntimeError):
     """The batcher no longer accepts requests."""
 
@@ -94,6 +99,7 @@ STATUS: tuple[tuple[type[BaseException], str], ...] = (
     (AlreadyExists, "ALREADY_EXISTS"),
     (FileExistsError, "ALREADY_EXISTS"),
     (QueueFull, "RESOURCE_EXHAUSTED"),
+    (TooManyCalls, "RESOURCE_EXHAUSTED"),
     (ShuttingDown, "UNAVAILABLE"),
     (Unavailable, "UNAVAILABLE"),
     (Cancelled, "CANCELLED"),

@@ -120,6 +120,11 @@ RANGES = {"temperature": (0.0, 2.0), "repetition_penalty": (0.01, 100.0),
 GREEDY_BELOW = 1e-5  # OpenAI accepts any temperature >= 0; dividing logits by a smaller one overflows
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 512  # OpenAI allows 4; every string is scanned after every token
 MAX_STOP_TOKEN_IDS = 256
+# The size of a request's prompt and names, the same over gRPC and HTTP, checked before any work on
+# them (tokenizing, converting each id), so that an oversized request costs its worker nothing.
+MAX_PROMPT_CHARS = 1_000_000  # a prompt's text (chat: all messages' contents)
+MAX_PROMPT_IDS = 262_144      # a prompt given as token ids
+MAX_NAME_CHARS = 256          # a model or adapter name (an unknown one is quoted back in the error)
 
 
 def _param(default, help: str):

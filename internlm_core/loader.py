@@ -18,7 +18,7 @@ from mindspore import Tensor
 
 from . import kernels
 from .checkpoint import (DTYPE_TO_ST, ST_TO_DTYPE, ST_TO_NP, WEIGHTS_FILE, CheckpointError, SafetensorsFile,
-                         SafetensorsWriter, atomic_folder, cast, copy_tokenizer, read_config, to_float32)
+                         SafetensorsWriter, atomic_folder, cast, confined, copy_tokenizer, read_config, to_float32)
 from .config import Config
 from .forms import serving_ops
 from .model import Embedding, InternLMForCausalLM, Linear, RMSNorm, compute_dtype_for, parameter_of
@@ -64,7 +64,7 @@ def _open(folder: str | Path) -> tuple[Config, SafetensorsFile]:
     cfg = read_config(folder)
     if not (folder / WEIGHTS_FILE).is_file():
         raise CheckpointError(f"{folder} has no {WEIGHTS_FILE}")
-    return cfg, SafetensorsFile(folder / WEIGHTS_FILE)
+    return cfg, SafetensorsFile(confined(folder, folder / WEIGHTS_FILE))
 
 
 def load_model(folder: str | Path, compute_dtype: str | None = None, ops=None) -> InternLMForCausalLM:

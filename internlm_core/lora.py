@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import (WEIGHTS_FILE, CheckpointError, SafetensorsFile, SafetensorsWriter, atomic_folder, read_config,
-                         to_float32)
+from .checkpoint import (WEIGHTS_FILE, CheckpointError, SafetensorsFile, SafetensorsWriter, atomic_folder, confined,
+                         read_config, to_float32)
 from .config import Config
 from .errors import AdapterError
 
@@ -222,7 +222,7 @@ def load_adapter(folder: Path, cfg: Config | None = None) -> tuple[AdapterSpec, 
             bad = sorted(k for k in ours if theirs[k] != ours[k])
             raise AdapterError(f"adapter {folder.name} was trained for a different model ({', '.join(bad)} differ)")
     try:
-        f = SafetensorsFile(folder / ADAPTER_WEIGHTS)
+        f = SafetensorsFile(confined(folder, folder / ADAPTER_WEIGHTS))
     except CheckpointError as e:
         raise AdapterError(str(e)) from None
     weights = {n: to_float32(f.get(n), f.info(n)[0]).copy() for n in f.keys()}
@@ -247,7 +247,7 @@ def merge_lora(base_folder: Path, adapter_folder: Path, out_folder: Path, overwr
     if not (base_folder / WEIGHTS_FILE).is_file():
         raise CheckpointError(f"{base_folder} has no {WEIGHTS_FILE}")
     spec, lw = load_adapter(adapter_folder, cfg)
-    base = SafetensorsFile(base_folder / WEIGHTS_FILE)
+    base = SafetensorsFile(confined(base_folder, base_folder / WEIGHTS_FILE))
     sd = {}
     for n in base.keys():
         sd[n] = to_float32(base.get(n), base.info(n)[0])

@@ -31,10 +31,11 @@ from prometheus_client import Counter, Gauge
 from internlm_core.errors import ModelNotFound, Unavailable
 from services.auth import (API_KEY_ENV, INTERNAL_TOKEN_ENV, TENANT_HEADER, TLS_CERT_ENV, TLS_KEY_ENV, parse_keys,
                            tenant_of, tls_pair, with_bearer)
-from services.pb_convert import join_chunks
+from services.pb_convert import check_names, join_chunks
 from services.pb import endpoint_pb2, endpoint_pb2_grpc, inference_pb2, inference_pb2_grpc, jobs_pb2, tokenizer_pb2
 from services.registry import TTL_S, list_workers
-from services.server_common import Server, env_default, setup_logging, too_large
+from services.server_common import (MAX_STREAMS, MAX_STREAMS_PER_KEY, Server, StreamLimit, env_default, setup_logging,
+                                   too_large)
 
 log = logging.getLogger("internlm.endpoint")
 
@@ -42,6 +43,9 @@ INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["Inference"]
 TOKENIZER = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"]
 ENDPOINT = endpoint_pb2.DESCRIPTOR.services_by_name["Endpoint"]
 JOBS = jobs_pb2.DESCRIPTOR.services_by_name["Jobs"]
+# Unary calls that can hold a thread long, counted with the streams (``StreamLimit``): generation,
+# and the tokenizer's, each waiting on the tokenizer service (a few threads) for megabytes of text.
+HELD = [f"/{INFERENCE.full_name}/GenerateUnary", *(f"/{TOKENIZER.full_name}/{m.name}" for m in TOKENIZER.methods)]
 # The worker has stopped serving the request (or never took it): another worker takes it over
 # (not a request grpc refused as too large, which every worker would refuse: see ``too_large``).
 RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -205,6 +209,7 @@ class InferenceProxy(inference_pb2_grpc.InferenceServicer):
     def Generate(self, request, context):
         """The worker's stream; when a worker goes away mid-stream, another continues the request
         from the tokens already streamed (``resume_ids``), so the client sees one stream."""
+        check_names(request)  # before the router quotes an unknown name back
         request = with_seed(request)
         tenant = ((TENANT_HEADER, tenant_of(context.invocation_metadata()) if self.tenants else ""),)
         tried, error, produced = set(), None, []
@@ -244,6 +249,7 @@ class InferenceProxy(inference_pb2_grpc.InferenceServicer):
         return join_chunks(self.Generate(request, context))
 
     def ModelInfo(self, request, context):
+        check_names(request)
         return self.router.any_worker(request.model).stub.ModelInfo(request, timeout=_timeout(context) or 10)
 
 
@@ -304,6 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tls-cert", default=env_default(TLS_CERT_ENV, ""),
                     help=f"PEM certificate (chain) for TLS on the gRPC and HTTP ports (${TLS_CERT_ENV}); with --tls-key")
     ap.add_argument("--tls-key", default=env_default(TLS_KEY_ENV, ""), help=f"its PEM private key (${TLS_KEY_ENV})")
+    ap.add_argument("--max-streams", type=int, default=int(env_default("INTERNLM_MAX_STREAMS", str(MAX_STREAMS))),
+                    help="long calls open at once over both doors (every gRPC stream, GenerateUnary, the Tokenizer "
+                         "calls forwarded, an HTTP generation's choices); beyond, RESOURCE_EXHAUSTED / 429 "
+                         "($INTERNLM_MAX_STREAMS)")
+    ap.add_argument("--max-streams-per-key", type=int,
+                    default=int(env_default("INTERNLM_MAX_STREAMS_PER_KEY", str(MAX_STREAMS_PER_KEY))),
+                    help="the same, for the calls of one API key (with --api-key) ($INTERNLM_MAX_STREAMS_PER_KEY)")
     ap.add_argument("--allowed-origins", default=env_default("INTERNLM_ALLOWED_ORIGINS", ""),
                     help="comma-separated origins (https://host:port) of pages elsewhere that may POST to "
                          "the HTTP side (default: none but its own)")
@@ -314,8 +327,12 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     keys, tls = parse_keys(args.api_key), tls_pair(args.tls_cert, args.tls_key)
     setup_logging("endpoint")
-    server = Server("endpoint", args.port, args.host, args.metrics_port, max_workers=128,
-                    metrics_host=args.metrics_host, keys=keys, tls=tls)
+    try:
+        streams = StreamLimit(args.max_streams, args.max_streams_per_key, keyed=bool(keys))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    server = Server("endpoint", args.port, args.host, args.metrics_port, metrics_host=args.metrics_host,
+                    keys=keys, tls=tls, streams=streams, held=HELD)
     token = args.internal_token or None
     router = Router(args.redis_url, token=token).start()
     tokenizer = with_bearer(grpc.insecure_channel(args.tokenizer_address), token)
@@ -341,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
         # The console's job pages call this endpoint's Jobs servicer in this process: no channel,
         # so neither a key nor a TLS client of their own (the HTTP door has checked the caller).
         app = create_app(proxy, router, tokenizer, keys, jobs and InProcess(jobs),
-                         [o for o in args.allowed_origins.split(",") if o])
+                         [o for o in args.allowed_origins.split(",") if o], streams)
         http.append(HttpServer(app, args.host, args.http_port, tls).start())
         log.info("HTTP (OpenAI API, console) on %s:%d%s", args.host, http[0].port, " with TLS" if tls else "")
 

@@ -4,6 +4,8 @@ every route (same-origin writes, the API key (``services/auth.py``), JSON bodies
 limit), adds the browser security headers and records the HTTP metrics."""
 from __future__ import annotations
 
+import asyncio
+import functools
 import threading
 import time
 from urllib.parse import urlsplit
@@ -12,9 +14,11 @@ from fastapi import FastAPI
 from prometheus_client import Counter, Histogram
 from starlette.datastructures import Headers
 from starlette.routing import Match
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from services.auth import NEED_KEY, authorized
-from services.openai_schema import MAX_BODY_BYTES, error_response
+from services.openai_schema import (BODY_TIMEOUT_S, HEAD_TIMEOUT_S, MAX_BODY_BYTES, MAX_CONNECTIONS,
+                                    error_response)
 from services.server_common import GRACE_S
 
 HTTP_REQUESTS = Counter("internlm_http_requests_total", "HTTP requests, by route and status", ["route", "status"])
@@ -94,7 +98,11 @@ class Guard:
         self.check(scope, headers)
         if not has_body(headers):
             return receive
-        body = await read_body(receive)
+        try:  # a body trickled in slowly would hold its connection and its task as long as it lasts
+            async with asyncio.timeout(BODY_TIMEOUT_S):
+                body = await read_body(receive)
+        except TimeoutError:
+            raise Refused(408, f"the body did not arrive within {BODY_TIMEOUT_S:g} s") from None
         return None if body is None else replay(body, receive)
 
     def check(self, scope, headers: Headers) -> None:
@@ -155,10 +163,47 @@ def replay(body: bytes, receive):
     return again
 
 
+class TimedHead(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol (h11) with a deadline on each request's head (its request line
+    and headers), from the connection's start or the end of its previous answer; a connection past
+    it is closed. uvicorn itself times only the idle wait between requests and restarts that timer
+    on every byte, so a client sending its headers a byte at a time (slowloris) would hold its
+    connection forever (h11 bounds only their size, 16 KiB)."""
+
+    def __init__(self, *args, head_timeout: float = HEAD_TIMEOUT_S, **kw):
+        super().__init__(*args, **kw)
+        self.head_timeout, self.head_timer = head_timeout, None
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self.wait_for_head()
+
+    def on_response_complete(self):
+        super().on_response_complete()
+        self.wait_for_head()
+
+    def connection_lost(self, exc):
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+        super().connection_lost(exc)
+
+    def wait_for_head(self):
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+        self.head_timer = self.loop.call_later(self.head_timeout, self.head_late, self.cycle)
+
+    def head_late(self, cycle):
+        # No request begun since the timer was set (each head starts a new cycle), or none running.
+        running = self.cycle is not None and not self.cycle.response_complete
+        if self.cycle is cycle and not running and not self.transport.is_closing():
+            self.transport.close()
+
+
 class HttpServer:
     """uvicorn serving the app on a thread beside the gRPC server; ``stop()`` ends it."""
 
-    def __init__(self, app: FastAPI, host: str, port: int, tls: tuple[str, str] | None = None):
+    def __init__(self, app: FastAPI, host: str, port: int, tls: tuple[str, str] | None = None,
+                 head_timeout: float = HEAD_TIMEOUT_S):
         import uvicorn
 
         cert, key = tls or (None, None)  # PEM certificate and key: HTTPS
@@ -166,6 +211,8 @@ class HttpServer:
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                                     access_log=False, lifespan="off",
                                                     timeout_graceful_shutdown=int(GRACE_S),
+                                                    http=functools.partial(TimedHead, head_timeout=head_timeout),
+                                                    limit_concurrency=MAX_CONNECTIONS,
                                                     ssl_certfile=cert, ssl_keyfile=key))
         self.server.install_signal_handlers = lambda: None  # the gRPC server owns SIGTERM / SIGINT
         self.thread = threading.Thread(target=self.server.run, name="http", daemon=True)

@@ -27,7 +27,8 @@ from internlm_core.quantize import METHODS
 from internlm_core.tokenizer import BOS, Tokenizer
 from internlm_core.tools import FINISH_TOOL_CALLS, check_family, prepare
 
-from services.pb_convert import chunk_to_pb, finish_to_pb, join_chunks, prompt_from_pb, sampling_from_pb, tools_from_pb
+from services.pb_convert import (check_names, chunk_to_pb, finish_to_pb, join_chunks, prompt_from_pb,
+                                 sampling_from_pb, tools_from_pb)
 from services.pb import inference_pb2, inference_pb2_grpc
 from services.registry import Registration
 from services.auth import NEED_TOKEN, TENANT_HEADER, metadata_value
@@ -104,13 +105,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self, batcher: Batcher, tokenizer: Tokenizer, name: str):
         self.batcher, self.tok, self.name = batcher, tokenizer, name
 
-    def _check_model(self, model: str) -> None:
+    def _check_model(self, request) -> None:
+        check_names(request)
+        model = request.model
         if model and model != self.name:
             raise ModelNotFound(f"unknown model {model!r}; this worker serves {self.name!r}")
 
     def _generate(self, request, context):
         """The responses of one request; a client's cancel or deadline cancels its handle."""
-        self._check_model(request.model)
+        self._check_model(request)
         tools = tools_from_pb(request)
         if tools is not None:
             check_family(self.tok)  # before rendering: the error says what the model lacks
@@ -148,7 +151,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         return join_chunks(self._generate(request, context))
 
     def ModelInfo(self, request, context):
-        self._check_model(request.model)
+        self._check_model(request)
         return model_info(self.batcher.engine, self.name)
 
 

@@ -27,13 +27,14 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from internlm_core.errors import ModelNotFound, ToolError
+from internlm_core.errors import ModelNotFound, TooManyCalls, ToolError
 from services.http_server import CLIENT_GONE, Guard
 from services.pb_convert import FINISH_FROM_PB, chat_to_pb, tools_to_pb
 from services.openai_schema import (FINISH, MAX_PROMPT_CHARS, MAX_PROMPT_IDS, UNION_TAGS, ChatCompletionRequest,
                                     CompletionRequest, SamplingFields, error_response, http_error,
                                     rpc_error_response)
 from services.pb import common_pb2, inference_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+from services.server_common import StreamLimit
 
 CONSOLE = Path(__file__).resolve().parent / "console"
 # ---- the bridge to the gRPC proxy ----------------------------------------------------------
@@ -80,10 +81,16 @@ class Generation:
 
     END = object()
 
-    def __init__(self, proxy, requests, authorization: str | None = None):
+    def __init__(self, proxy, requests, authorization: str | None = None, streams: StreamLimit | None = None):
+        """``streams``: the endpoint's cap on long calls, one place a choice (a thread each) for as
+        long as it runs, all admitted or TooManyCalls raised here."""
         self.loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
         self.contexts = [CallContext(authorization) for _ in requests]
         self.left = len(requests)
+        self.streams = streams
+        self.tenant = streams.tenant(self.contexts[0].invocation_metadata()) if streams else ""
+        if streams is not None:
+            streams.enter(self.tenant, len(requests))
         for i, (r, ctx) in enumerate(zip(requests, self.contexts)):
             threading.Thread(target=self._pump, args=(proxy, i, r, ctx), name="http-generate", daemon=True).start()
 
@@ -96,6 +103,8 @@ class Generation:
             if not ctx.cancelled:  # not the CANCELLED of our own cancel
                 put((i, e))
         finally:
+            if self.streams is not None:
+                self.streams.leave(self.tenant)
             put((i, self.END))
 
     async def next(self):
@@ -258,10 +267,12 @@ def finish_reason(finish) -> str | None:
     return FINISH[FINISH_FROM_PB[finish.reason]] if finish is not None else None
 
 
-def create_app(proxy, router, tokenizer: grpc.Channel, api_keys=(), jobs=None, allowed_origins=()) -> FastAPI:
+def create_app(proxy, router, tokenizer: grpc.Channel, api_keys=(), jobs=None, allowed_origins=(),
+               streams: StreamLimit | None = None) -> FastAPI:
     """The HTTP app. ``tokenizer``: a channel to the tokenizer service; ``api_keys``: any of them
     needed (none: open); ``jobs``: the Jobs API called as a stub, for the console's job pages (None:
-    no jobs); ``allowed_origins``: the pages elsewhere (``https://host:port``) that may POST here."""
+    no jobs); ``allowed_origins``: the pages elsewhere (``https://host:port``) that may POST here;
+    ``streams``: the cap on long calls that the gRPC door shares (None: no cap)."""
     app = FastAPI(title="InternLM endpoint", docs_url="/docs", redoc_url=None)
     app.add_middleware(Guard, api_keys=api_keys, routes=app.router.routes, allowed_origins=allowed_origins)
     api = OpenAI(proxy, router, tokenizer)
@@ -348,7 +359,10 @@ def create_app(proxy, router, tokenizer: grpc.Channel, api_keys=(), jobs=None, a
         created, model = int(time.time()), body.model or requests[0].model
         kind = "chat.completion" if chat else "text_completion"
         choices = [Choice(i) for i in range(len(requests))]
-        gen = Generation(api.proxy, requests, request.headers.get("authorization"))
+        try:
+            gen = Generation(api.proxy, requests, request.headers.get("authorization"), streams)
+        except TooManyCalls as e:
+            return rpc_error_response(e)
         try:  # the first response before any byte goes out, so that a refusal gets its HTTP status
             first = await unless_gone(request, gen.next())
         except ClientGone:  # while queued at a worker

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from internlm_core.errors import ToolError
+from internlm_core.generation import MAX_NAME_CHARS, MAX_PROMPT_CHARS, MAX_PROMPT_IDS, MAX_TOP_LOGPROBS  # noqa: F401
 from internlm_core.tools import MAX_TOOLS, Tool, Tools
 
 from services.pb import common_pb2
@@ -21,11 +22,14 @@ from services.server_common import status_of, too_large
 
 # ---- limits: every bound the HTTP side puts on a request, named here once --------------------
 MAX_BODY_BYTES = 8 * 2 ** 20     # a request body: 413 (by Content-Length, or counted while reading)
-MAX_PROMPT_CHARS = 1_000_000     # a prompt's text (chat: all messages), checked before tokenizing: 400
-MAX_PROMPT_IDS = 262_144         # a prompt given as token ids: 400
+HEAD_TIMEOUT_S = 10.0            # a request's line and headers, from the connection's start or the last answer: closed
+BODY_TIMEOUT_S = 60.0            # a request body, from its headers to its last byte: 408
+MAX_CONNECTIONS = 512            # connections (or requests) at once: 503 beyond (uvicorn's limit_concurrency)
 MAX_N = 16                       # choices per request (each takes a worker slot)
 MAX_LOGPROBS = 5                 # completions' logprobs: alternatives per token (OpenAI's bound)
-MAX_TOP_LOGPROBS = 20            # chat's top_logprobs (OpenAI's bound)
+# and the core's (internlm_core.generation), the same over gRPC: MAX_PROMPT_CHARS (a prompt's text,
+# chat: all messages) and MAX_PROMPT_IDS, checked before tokenizing (400); MAX_NAME_CHARS (model);
+# MAX_TOP_LOGPROBS (chat's top_logprobs, OpenAI's bound)
 MAX_TOOLS_CHARS = 262_144        # a request's tools as JSON (all of them; MAX_TOOLS of them at most): 400
 
 # gRPC status -> (HTTP status, OpenAI error type)
@@ -111,7 +115,7 @@ GUIDED = ("response_format", "guided_json", "guided_regex", "guided_choice", "gu
 
 
 class SamplingFields(KnownFields):
-    model: str = ""
+    model: Annotated[str, Field(max_length=MAX_NAME_CHARS)] = ""
     max_tokens: Annotated[int, Field(ge=1, le=INT32)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1, le=INT32)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0  # OpenAI's default: sampled

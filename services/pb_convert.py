@@ -1,8 +1,8 @@
 """Conversions between the protobuf messages and the core's types (from_pb / to_pb)."""
 from __future__ import annotations
 
-from internlm_core.generation import (FINISH_ABORTED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SCALAR_PARAMS,
-                                      SamplingParams)
+from internlm_core.generation import (FINISH_ABORTED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, MAX_NAME_CHARS,
+                                      MAX_PROMPT_CHARS, MAX_PROMPT_IDS, SCALAR_PARAMS, SamplingParams)
 
 from internlm_core.structured import Grammar
 from internlm_core.tokenizer import thinking_chat
@@ -116,14 +116,30 @@ def prompt_from_pb(request: inference_pb2.GenerateRequest, tokenizer, tools: Too
     if kind == "text":
         if not request.text:
             raise ValueError("empty prompt")
+        check_size(len(request.text), MAX_PROMPT_CHARS, "text", "characters")
         return tokenizer.encode(request.text, allow_special=request.allow_special_tokens)
     if kind == "ids":
+        check_size(len(request.ids.ids), MAX_PROMPT_IDS, "ids", "token ids")
         return list(request.ids.ids)
+    check_size(sum(len(m.content) for m in request.chat.messages), MAX_PROMPT_CHARS, "chat", "characters")
     messages = chat_from_pb(request.chat.messages)
     if request.thinking:
         messages = thinking_chat(messages, tokenizer.family)
     return tokenizer.encode_chat(messages, allow_special=request.allow_special_tokens,
                                  tools=tools.listed() if tools else None)
+
+
+def check_names(request) -> None:
+    """A request's model and adapter names within MAX_NAME_CHARS (ValueError otherwise)."""
+    for name in ("model", "adapter"):
+        if name in request.DESCRIPTOR.fields_by_name:
+            check_size(len(getattr(request, name)), MAX_NAME_CHARS, name, "characters")
+
+
+def check_size(size: int, limit: int, field: str, unit: str) -> None:
+    """ValueError naming ``field`` when ``size`` (in ``unit``) is over ``limit``."""
+    if size > limit:
+        raise ValueError(f"{field}: {size} {unit}, over the {limit} this server takes")
 
 
 def chunk_to_pb(events, finish=None, text: str | None = None,

@@ -16,6 +16,7 @@ INVALID_ARGUMENT with the parser's message, instead of grpc's bare "Exception de
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import signal
@@ -28,16 +29,25 @@ import redis
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from internlm_core import errors
-from services.auth import INTERNAL_TOKEN_ENV, NEED_KEY, KeyInterceptor, client_channel, server_credentials
+from services.auth import (HEALTH_PREFIX, INTERNAL_TOKEN_ENV, NEED_KEY, KeyInterceptor, client_channel,
+                           server_credentials, tenant_of)
 
 log = logging.getLogger("internlm.server")
 
 GRACE_S = float(os.environ.get("INTERNLM_GRACE_S", "20"))  # SIGTERM: let running streams finish
+# Long calls (every response stream: Generate, WatchJob; and a unary call that generates) each hold
+# a thread while they run. The endpoint admits this many at once over both doors, and this many
+# for one API key (``--max-streams`` / ``--max-streams-per-key``), so that one client opening
+# streams cannot take every thread; its gRPC pool has UNARY_HEADROOM threads more, so that short
+# calls, health and the refusals themselves always find one.
+MAX_STREAMS, MAX_STREAMS_PER_KEY, UNARY_HEADROOM = 96, 32, 32
 
 RPCS = Counter("internlm_grpc_requests_total", "RPCs handled, by method and status code", ["method", "code"])
+OPEN_STREAMS = Gauge("internlm_open_streams", "Long calls (streams) open, both doors")
+STREAMS_REFUSED = Counter("internlm_streams_refused_total", "Long calls refused at a cap", ["cap"])
 RPC_SECONDS = Histogram("internlm_grpc_request_duration_seconds", "RPC duration (whole stream)", ["method"],
                         buckets=(0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
 
@@ -144,6 +154,91 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         return wrapper
 
 
+class StreamLimit:
+    """The long calls open on a server's doors, overall and per API key: ``enter`` admits a call
+    (or ``n`` at once, all or none) or raises TooManyCalls (RESOURCE_EXHAUSTED, HTTP 429) naming the
+    cap; ``leave`` when each ends. Without API keys (``keyed`` False) every caller is one tenant
+    and only the total applies: a caller could otherwise claim a fresh share with any header."""
+
+    def __init__(self, total: int = MAX_STREAMS, per_key: int = MAX_STREAMS_PER_KEY, keyed: bool = False):
+        if total < 1 or per_key < 1:
+            raise ValueError(f"stream limits must be >= 1, got {total} and {per_key} per key")
+        self.total, self.per_key, self.keyed = total, per_key, keyed
+        self.open, self.by_tenant, self.lock = 0, collections.Counter(), threading.Lock()
+
+    def tenant(self, metadata) -> str:
+        """Whose call this is for the per-key cap: ``auth.tenant_of`` with keys, "" (nobody's) without."""
+        return tenant_of(metadata) if self.keyed else ""
+
+    def enter(self, tenant: str, n: int = 1) -> None:
+        with self.lock:
+            if tenant and self.by_tenant[tenant] + n > self.per_key:
+                STREAMS_REFUSED.labels("key").inc()
+                raise errors.TooManyCalls(
+                    f"too many streams: this API key has {self.by_tenant[tenant]} open and one key may hold "
+                    f"{self.per_key} at once (--max-streams-per-key); {n} more refused: retry when one ends")
+            if self.open + n > self.total:
+                STREAMS_REFUSED.labels("total").inc()
+                raise errors.TooManyCalls(
+                    f"too many streams: the server has {self.open} open and serves {self.total} at once "
+                    f"(--max-streams); {n} more refused: retry when one ends")
+            self.open += n
+            if tenant:
+                self.by_tenant[tenant] += n
+        OPEN_STREAMS.inc(n)
+
+    def leave(self, tenant: str, n: int = 1) -> None:
+        with self.lock:
+            self.open -= n
+            if tenant:
+                self.by_tenant[tenant] -= n
+                if self.by_tenant[tenant] <= 0:
+                    del self.by_tenant[tenant]
+        OPEN_STREAMS.dec(n)
+
+
+class StreamLimitInterceptor(grpc.ServerInterceptor):
+    """Every stream but health's (a stream of responses, of requests, or both: reflection's waits on
+    its client) and the unary methods named in ``held`` go through ``limit`` for as long as they
+    run (the thread they hold); a call refused is answered RESOURCE_EXHAUSTED with the cap's
+    message."""
+
+    def __init__(self, limit: StreamLimit, held=()):
+        self.limit, self.held = limit, frozenset(held)
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if (handler is None or details.method.startswith(HEALTH_PREFIX)
+                or not (handler.request_streaming or handler.response_streaming or details.method in self.held)):
+            return handler
+        limit, tenant = self.limit, self.limit.tenant(details.invocation_metadata)
+        # the handler's one behaviour: unary_unary, unary_stream, stream_unary or stream_stream
+        kind = "_".join("stream" if streaming else "unary"
+                        for streaming in (handler.request_streaming, handler.response_streaming))
+        behaviour = getattr(handler, kind)
+
+        def enter(context):
+            try:
+                limit.enter(tenant)
+            except errors.TooManyCalls as e:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+
+        def responses(request, context):
+            enter(context)
+            try:
+                yield from behaviour(request, context)
+            finally:
+                limit.leave(tenant)
+
+        def response(request, context):
+            enter(context)
+            try:
+                return behaviour(request, context)
+            finally:
+                limit.leave(tenant)
+        return handler._replace(**{kind: responses if handler.response_streaming else response})
+
+
 def setup_logging(name: str) -> None:
     logging.basicConfig(level=os.environ.get("INTERNLM_LOGLEVEL", "INFO").upper(),
                         format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s")
@@ -154,15 +249,21 @@ class Server:
 
     def __init__(self, name: str, port: int, host: str = "127.0.0.1", metrics_port: int | None = None,
                  max_workers: int = 32, metrics_host: str = "127.0.0.1", keys=(), refusal: str = NEED_KEY,
-                 tls: tuple[str, str] | None = None):
+                 tls: tuple[str, str] | None = None, streams: StreamLimit | None = None, held=()):
         """``keys``: one of them needed on every call but health (``refusal`` says so otherwise);
-        ``tls``: (certificate, key) PEM files to serve TLS instead of plain text."""
+        ``tls``: (certificate, key) PEM files to serve TLS instead of plain text; ``streams``: the
+        cap on long calls (every response stream, and the unary methods in ``held``), which sizes
+        the thread pool instead of ``max_workers``."""
         self.name, self.host, self.port, self.metrics_port = name, host, port, metrics_port
         self.metrics_host, self.tls = metrics_host, tls
-        # After the error interceptor, so refused calls are counted in the RPC metrics too.
-        interceptors = [ErrorInterceptor(), *([KeyInterceptor(keys, refusal)] if keys else [])]
+        # After the error interceptor, so refused calls are counted in the RPC metrics too; the
+        # stream cap after the key check, so a caller without a key never takes a place.
+        interceptors = [ErrorInterceptor(), *([KeyInterceptor(keys, refusal)] if keys else []),
+                        *([StreamLimitInterceptor(streams, held)] if streams else [])]
         # Each open stream holds a thread, so the pool must exceed the streams a server admits,
         # or extra calls would queue inside grpc where nobody can see or bound them.
+        if streams is not None:
+            max_workers = streams.total + UNARY_HEADROOM
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers, thread_name_prefix=name),
                                 interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
         self.health = health.HealthServicer(experimental_non_blocking=True,

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 
+from internlm_core.generation import MAX_PROMPT_CHARS
 from internlm_core.tokenizer import Tokenizer
 from internlm_core.tools import Tools
 
-from services.pb_convert import chat_from_pb, tools_of
+from services.pb_convert import chat_from_pb, check_size, tools_of
 from services.pb import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 from services.auth import NEED_TOKEN
 from services.server_common import Server, add_access_arguments, env_default, setup_logging
@@ -27,10 +28,14 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         return self.tok.encode(text, bos=not request.no_bos, eos=request.add_eos,
                                allow_special=request.allow_special_tokens)
 
+    # Text to encode is bounded as a prompt is (MAX_PROMPT_CHARS), before any work: this service
+    # has a few threads, and the endpoint's clients and HTTP door share them.
     def Encode(self, request, context):
+        check_size(len(request.text), MAX_PROMPT_CHARS, "text", "characters")
         return tokenizer_pb2.EncodeResponse(ids=self._encode(request.text, request))
 
     def EncodeBatch(self, request, context):
+        check_size(sum(map(len, request.texts)), MAX_PROMPT_CHARS, "texts", "characters")
         return tokenizer_pb2.EncodeBatchResponse(
             items=[common_pb2.TokenIds(ids=self._encode(t, request)) for t in request.texts])
 
@@ -41,6 +46,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         return tokenizer_pb2.DecodeBatchResponse(texts=[self.tok.decode(item.ids) for item in request.items])
 
     def ApplyChatTemplate(self, request, context):
+        check_size(sum(len(m.content) for m in request.messages), MAX_PROMPT_CHARS, "messages", "characters")
         messages = chat_from_pb(request.messages)
         add = not request.no_generation_prompt
         tools = Tools(tools_of(request.tools)).validate().listed() if request.tools else None
@@ -50,6 +56,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
 
     def CountTokens(self, request, context):
         allow = request.allow_special_tokens
+        size = sum(len(m.content) for m in request.chat.messages) if request.HasField("chat") else len(request.text)
+        check_size(size, MAX_PROMPT_CHARS, request.WhichOneof("input") or "text", "characters")
         if request.WhichOneof("input") == "chat":
             n = len(self.tok.encode_chat(chat_from_pb(request.chat.messages), allow_special=allow))
         else:

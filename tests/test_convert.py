@@ -275,3 +275,78 @@ def test_a_model_folder_is_known_by_its_parsed_config(tmp_path):
     assert not is_model_folder(folder("hf", json.dumps({"model_type": "internlm"})))
     assert not is_model_folder(folder("broken", '{"format": "' + FORMAT_TAG + '", '))
     assert not is_model_folder(folder("no-weights", json.dumps({"format": FORMAT_TAG}), weights=False))
+
+
+def hf_cache(folder, root, repo="models--internlm--tiny", rev="0123abcd"):
+    """``folder`` laid out as the Hugging Face cache holds a download: each file a blob named by its
+    hash, the snapshot folder relative links to them (``snapshots/<rev>/f -> ../../blobs/<hash>``)."""
+    import hashlib
+    import shutil
+
+    blobs, snapshot = root / repo / "blobs", root / repo / "snapshots" / rev
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for f in folder.iterdir():
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copyfile(f, blobs / digest)
+        os.symlink(f"../../blobs/{digest}", snapshot / f.name)
+    return snapshot
+
+
+@pytest.mark.parametrize("shard", [None, "60KB"], ids=["one file", "sharded"])
+def test_a_hugging_face_cache_snapshot_converts_through_its_links(tiny_hf, tiny_config, tmp_path, shard):
+    src = save_hf_folder(tiny_hf[0], tiny_config, tmp_path / "hf", max_shard_size=shard)
+    snapshot = hf_cache(src, tmp_path / "cache")
+    assert all(f.is_symlink() for f in snapshot.iterdir())
+    hf_to_ms(snapshot, tmp_path / "from-cache")
+    hf_to_ms(src, tmp_path / "from-folder")
+    assert (tmp_path / "from-cache" / "model.safetensors").read_bytes() == \
+        (tmp_path / "from-folder" / "model.safetensors").read_bytes()
+
+
+def test_weights_linked_from_outside_the_folder_are_refused(tiny_hf, tiny_config, tmp_path):
+    """A weights file (a lone one, a shard, the index, a project folder's) that is a symlink leading
+    outside its folder is refused, naming it: to /etc/passwd, to a real checkpoint elsewhere, or, in
+    a cache snapshot, to another repository's blobs."""
+    from internlm_core.convert import open_weights
+
+    src = save_hf_folder(tiny_hf[0], tiny_config, tmp_path / "hf", max_shard_size="60KB")
+    elsewhere = save_hf_folder(tiny_hf[0], tiny_config, tmp_path / "elsewhere")
+    refused = "leads outside the folder through a symlink"
+
+    shard = sorted(src.glob("model-*.safetensors"))[0]
+    for target in ("/etc/passwd", elsewhere / "model.safetensors"):
+        shard.unlink()
+        os.symlink(target, shard)
+        with pytest.raises(CheckpointError, match=re.escape(f"shard {shard.name!r} {refused}")):
+            open_weights(src)
+    index = src / "model.safetensors.index.json"
+    index.rename(tmp_path / "index.json")
+    os.symlink(tmp_path / "index.json", index)
+    with pytest.raises(CheckpointError, match=re.escape(f"hf/{index.name} {refused}")):
+        open_weights(src)
+
+    lone = save_hf_folder(tiny_hf[0], tiny_config, tmp_path / "lone")
+    (lone / "model.safetensors").unlink()
+    os.symlink("/etc/passwd", lone / "model.safetensors")
+    with pytest.raises(CheckpointError, match=re.escape(f"lone/model.safetensors {refused}")):
+        hf_to_ms(lone, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+    # A snapshot whose link leads to another repository's blobs: not its own download.
+    snapshot = hf_cache(save_hf_folder(tiny_hf[0], tiny_config, tmp_path / "mine"), tmp_path / "cache")
+    other = hf_cache(elsewhere, tmp_path / "cache", repo="models--someone--else")
+    (snapshot / "model.safetensors").unlink()
+    os.symlink(os.readlink(other / "model.safetensors").replace("../../blobs", "../../../models--someone--else/blobs"),
+               snapshot / "model.safetensors")
+    assert (snapshot / "model.safetensors").is_file()
+    with pytest.raises(CheckpointError, match=refused):
+        hf_to_ms(snapshot, tmp_path / "out")
+
+    # A project folder (what a worker loads, what ms_to_hf reads) alike.
+    ms = tmp_path / "ms"
+    hf_to_ms(elsewhere, ms)
+    (ms / "model.safetensors").rename(tmp_path / "weights.safetensors")
+    os.symlink(tmp_path / "weights.safetensors", ms / "model.safetensors")
+    with pytest.raises(CheckpointError, match=re.escape(f"ms/model.safetensors {refused}")):
+        ms_to_hf(ms, tmp_path / "back")

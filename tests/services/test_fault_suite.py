@@ -3,19 +3,31 @@ request field (one level into nested messages) extreme numbers, NaN and infiniti
 and invalid-UTF-8 strings, long repeated fields, unknown enum values; plus bytes that are no
 protobuf at all, truncated messages and messages over the size limit. Every answer must be OK or
 a status that names the client's mistake (never INTERNAL or UNKNOWN), and every server must still
-be up and serving afterwards. The figures are printed (pytest -s) for the closing notes."""
+be up and serving afterwards. Then the HTTP door's bad input (``HTTP_CASES``: the hardening
+issue's findings, each limit crossed, what a page elsewhere can send), each with its status.
+
+Meanwhile victims stream from the same worker through the endpoint, back to back on two threads
+so that one is always open, and the cases are sent one at a time, so that what a victim meets
+is that case's doing: every case is timed against the victim streams open while it ran, each of
+which must bring all its tokens (the ones it brings alone) with no wait for a token longer than
+GAP_S while the case ran; and the victims' median speed must be at least half of what it is
+without the barrage. The figures are printed (pytest -s) for the closing notes."""
 from __future__ import annotations
 
 import math
+import threading
+import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from statistics import median
 
 import grpc
+import httpx
 import pytest
 from google.protobuf.descriptor import FieldDescriptor as F
 from google.protobuf.message_factory import GetMessageClass
 
-from services.pb import endpoint_pb2, inference_pb2, jobs_pb2, tokenizer_pb2
+from services.pb import common_pb2, endpoint_pb2, inference_pb2, inference_pb2_grpc, jobs_pb2, tokenizer_pb2
 
 INT_EXTREMES = {F.TYPE_INT32: (-2**31, 2**31 - 1), F.TYPE_INT64: (-2**63, 2**63 - 1),
                 F.TYPE_UINT32: (2**32 - 1,), F.TYPE_UINT64: (2**64 - 1,)}
@@ -100,6 +112,76 @@ def call(channel, service, method, payload: bytes):
         return e.code(), e.details() or ""
 
 
+# ---- victims -------------------------------------------------------------------------------------
+VICTIM_TOKENS = 48
+GAP_S = 2.0           # the longest pause between two of a victim's tokens while a case runs
+MIN_SPEED = 0.5     # the victims' median speed under the barrage, of their median speed without it
+VICTIM = inference_pb2.GenerateRequest(text="A victim of other people's requests", params=common_pb2.SamplingParams(
+    max_new_tokens=VICTIM_TOKENS, ignore_eos=True))
+
+
+@dataclass
+class Stream:
+    """One victim stream: when it began, when each token came, what came, how it ended."""
+    start: float
+    times: list = field(default_factory=list)
+    ids: list = field(default_factory=list)
+    end: float = math.inf
+    error: str = ""
+
+    def speed(self) -> float:
+        """Tokens a second, from its first token to its last (its wait in the worker's queue apart)."""
+        return (len(self.times) - 1) / max(self.times[-1] - self.times[0], 1e-9)
+
+    def longest_pause(self, start: float, end: float) -> float:
+        """The longest wait for a token (from the one before, or from the stream's start) that
+        overlaps [start, end]."""
+        waits, last = [], self.start
+        for t in [*self.times, self.end]:
+            if t >= start and last <= end:  # this wait overlaps the case
+                waits.append(t - last)
+            last = t
+        return max(waits, default=0.0)
+
+
+def victim_stream(stub) -> Stream:
+    s = Stream(time.monotonic())
+    try:
+        for r in stub.Generate(VICTIM, timeout=120):
+            s.times += [time.monotonic()] * len(r.token_ids)
+            s.ids += r.token_ids
+    except grpc.RpcError as e:
+        s.error = f"{e.code().name}: {e.details()}"
+    s.end = time.monotonic()
+    return s
+
+
+class Victims:
+    """Victim streams back to back on ``threads`` threads until stopped (``streams``: every one)."""
+
+    def __init__(self, address: str, threads: int = 2):
+        self.channel = grpc.insecure_channel(address)
+        self.stub, self.streams, self.done = inference_pb2_grpc.InferenceStub(self.channel), [], threading.Event()
+        self.threads = [threading.Thread(target=self.run, args=(i * 0.1,), daemon=True) for i in range(threads)]
+
+    def run(self, delay: float) -> None:
+        time.sleep(delay)  # staggered, so that one is open while the other starts again
+        while not self.done.is_set():
+            self.streams.append(victim_stream(self.stub))
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        for t in self.threads:
+            t.join(150)
+        self.channel.close()
+
+
 SERVICES = {"Inference": inference_pb2, "Tokenizer": tokenizer_pb2, "Endpoint": endpoint_pb2, "Jobs": jobs_pb2}
 
 
@@ -111,24 +193,61 @@ def targets(endpoint, worker, tokenizer_service):
     yield "tokenizer", tokenizer_service.address, tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"]
 
 
+def against_victims(endpoint, cases, fire) -> list:
+    """``fire(case)`` for each case of ``{label: case}``, one at a time, while victims stream through
+    ``endpoint`` to its worker; every victim stream must bring all its solo tokens, none may wait
+    more than GAP_S for a token while a case runs, and their median speed must stay within
+    MIN_SPEED of theirs without the cases. The answers, in order; the figures printed."""
+    with grpc.insecure_channel(endpoint.address) as ch:
+        solo = victim_stream(inference_pb2_grpc.InferenceStub(ch))
+    assert not solo.error and len(solo.ids) == VICTIM_TOKENS, solo.error
+    with Victims(endpoint.address) as calm:  # the victims' pace without the barrage
+        time.sleep(3)
+    calm_speed = median(v.speed() for v in calm.streams)
+    answers, spans = [], []
+    with Victims(endpoint.address) as victims:
+        for case in cases.values():
+            start = time.monotonic()
+            answers.append(fire(case))
+            spans.append((start, time.monotonic()))
+
+    # Every victim stream brought all its tokens, the ones it brings alone, at a fair pace.
+    streams = victims.streams
+    failed = [v.error or f"{len(v.ids)} tokens, not the solo ones" for v in streams if v.ids != solo.ids]
+    assert not failed, failed[:5]
+    speed = median(v.speed() for v in streams)
+    # Each case ran while a victim streamed, and no victim then waited more than GAP_S for a token.
+    pauses = []
+    for label, (start, end) in zip(cases, spans):
+        open_ = [v for v in streams if v.start < end and v.end > start]
+        assert open_, f"no victim stream was open during {label}"
+        pauses.append((max(v.longest_pause(start, end) for v in open_), label))
+    pauses.sort(reverse=True)
+    print(f"victims: {len(streams)} streams of {VICTIM_TOKENS} tokens, {speed:.0f} tokens/s (median) under the "
+          f"barrage, {calm_speed:.0f} without; the longest waits for a token: "
+          + "; ".join(f"{p:.2f} s ({label})" for p, label in pauses[:3]))
+    assert not [p for p in pauses if p[0] > GAP_S], [p for p in pauses if p[0] > GAP_S][:10]
+    assert speed >= MIN_SPEED * calm_speed, (speed, calm_speed)
+    return answers
+
+
 @pytest.mark.timeout(900)
 def test_bad_input_on_every_rpc_gets_a_client_error_and_nothing_falls_over(endpoint, worker, tokenizer_service):
     from tests.services.test_endpoint import serving
 
-    jobs = []
+    cases = {}
     for server, address, service in targets(endpoint, worker, tokenizer_service):
         for method in service.methods:
             for label, payload in method_cases(method):
-                jobs.append((server, address, service, method, label, payload))
+                cases[f"{server} {service.name}.{method.name} {label}"] = (address, service, method, payload)
     channels = {a: grpc.insecure_channel(a, options=[("grpc.max_send_message_length", 8 << 20)])
                 for _, a, _ in targets(endpoint, worker, tokenizer_service)}
-    with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda j: call(channels[j[1]], j[2], j[3], j[5]), jobs))
+    answers = against_victims(endpoint, cases, lambda c: call(channels[c[0]], *c[1:]))
 
     codes = Counter(code for code, _ in answers)
-    bad = [(j[0], f"{j[2].name}.{j[3].name}", j[4], code.name, details[:200])
-           for j, (code, details) in zip(jobs, answers) if code != grpc.StatusCode.OK and code not in CLIENT_ERRORS]
-    print(f"\nfault suite: {len(jobs)} cases over {sum(1 for _ in targets(endpoint, worker, tokenizer_service))} "
+    bad = [(label, code.name, details[:200])
+           for label, (code, details) in zip(cases, answers) if code != grpc.StatusCode.OK and code not in CLIENT_ERRORS]
+    print(f"fault suite: {len(cases)} cases over {sum(1 for _ in targets(endpoint, worker, tokenizer_service))} "
           f"(server, service) pairs; answers: " + ", ".join(f"{c.name} {n}" for c, n in codes.most_common()))
     assert not bad, "\n".join(map(str, bad[:20]))
     # Every client error says what was wrong.
@@ -136,3 +255,68 @@ def test_bad_input_on_every_rpc_gets_a_client_error_and_nothing_falls_over(endpo
     # Nothing fell over: each server process lives and answers health checks.
     for s in (endpoint, worker, tokenizer_service):
         assert s.proc.poll() is None and serving(s), s.module
+
+
+def completion(**fields):
+    return "POST", "/v1/completions", {"json": {"prompt": "Hello", "max_tokens": 8, **fields}}
+
+
+def chat(**fields):
+    return "POST", "/v1/chat/completions", {"json": {"messages": [{"role": "user", "content": "Hello"}],
+                                                     "max_tokens": 8, **fields}}
+
+
+# The HTTP door's bad input (the hardening issue's findings among them): (method, path, httpx
+# arguments) -> the status it must get. Each with a message, in OpenAI's error object.
+HTTP_CASES = {
+    "repetition_penalty 1e-300": (completion(prompt=[13], seed=1, temperature=1, repetition_penalty=1e-300), 400),
+    "frequency_penalty -1e308": (chat(frequency_penalty=-1e308), 400),
+    "presence_penalty 1e308": (chat(presence_penalty=1e308), 400),
+    "temperature 1e-40 (greedy)": (completion(temperature=1e-40), 200),
+    "temperature 3": (completion(temperature=3), 400),
+    "100,000 stop strings": (completion(stop=["ab"] * 100_000), 400),
+    "a 600-character stop string": (completion(stop=["x" * 600]), 400),
+    "300 stop_token_ids": (completion(stop_token_ids=list(range(300))), 400),
+    "a 3.5 MB prompt, n 8": (completion(prompt="a" * 3_500_000, n=8), 400),
+    "a 6 MB prompt": (completion(prompt="a" * 6_000_000), 400),
+    "300,000 prompt ids": (completion(prompt=[13] * 300_000), 400),
+    "a 9 MB body": (("POST", "/v1/completions", {"content": b"{" + b" " * (9 << 20) + b"}",
+                                                  "headers": {"content-type": "application/json"}}), 413),
+    "n 17": (completion(n=17), 400),
+    "logprobs 6": (completion(logprobs=6), 400),
+    "top_logprobs 21": (chat(logprobs=True, top_logprobs=21), 400),
+    "max_tokens 2^31": (completion(max_tokens=2 ** 31), 400),
+    "a 2 MB model name": (completion(model="m" * 2_000_000), 400),
+    "a grammar over its size": (completion(guided_regex="a" * 40_000), 400),
+    "a tool call": (chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400),
+    "not JSON": (("POST", "/v1/completions", {"content": b"{nope", "headers": {"content-type": "application/json"}}),
+                 400),
+    "text/plain job": (("POST", "/api/jobs", {"content": b"{}", "headers": {"content-type": "text/plain"}}), 415),
+    "a job from another origin": (("POST", "/api/jobs", {"json": {}, "headers": {"origin": "https://evil.example"}}),
+                                  403),
+    "a 2 MB idempotency key": (("POST", "/api/jobs", {"json": {"idempotency_key": "k" * 2_000_000, "convert": {
+        "source": "nothing", "output": "nothing"}}}), 400),
+    "jobs limit 3000000000": (("GET", "/api/jobs?limit=3000000000", {}), 400),
+    "a job id naming its lock": (("GET", "/api/jobs/abc:lock", {}), 400),
+    "a 2000-character path": (("GET", "/" + "p" * 2000, {}), 404),
+}
+
+
+@pytest.mark.timeout(600)
+def test_bad_input_on_the_http_door_gets_its_status_and_harms_no_one(http, endpoint, worker):
+    """Through the HTTP side of an endpoint in front of the same worker as the victims."""
+    def fire(case):
+        (method, path, kw), _ = case
+        return httpx.request(method, f"{http.base}{path}", timeout=60, **kw)
+
+    metrics_before = len(httpx.get(f"{http.base}/metrics").text)
+    answers = against_victims(endpoint, HTTP_CASES, fire)
+    wrong = [(label, r.status_code, r.text[:200]) for (label, (_, want)), r in zip(HTTP_CASES.items(), answers)
+             if r.status_code != want]
+    assert not wrong, wrong
+    for (label, (_, want)), r in zip(HTTP_CASES.items(), answers):
+        if want != 200 and want != 404:
+            assert r.json()["error"]["message"], label
+    # The door still serves, and the metrics did not grow with the paths sent.
+    assert httpx.get(f"{http.base}/health", timeout=5).status_code == 200
+    assert len(httpx.get(f"{http.base}/metrics").text) < metrics_before + 20_000

@@ -219,3 +219,102 @@ def test_a_plain_request_whose_client_leaves_frees_its_slots(http, worker):
     assert worker.metric("internlm_generated_tokens_total") - generated < n * tokens
     text = httpx.get(f"{http.base}/metrics").text
     assert 'internlm_http_requests_total{route="/v1/completions",status="499"}' in text
+
+
+@pytest.fixture
+def small_door():
+    """The HTTP plumbing (uvicorn, TimedHead, Guard) in this process around two routes, with a head
+    deadline of one second: ``.base``, ``.head_timeout``."""
+    from fastapi import FastAPI
+
+    from services.http_server import Guard, HttpServer
+
+    app = FastAPI()
+    app.add_middleware(Guard, routes=app.router.routes)
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok"}
+
+    @app.post("/echo")
+    def echo(body: dict):
+        return body
+
+    server = HttpServer(app, "127.0.0.1", 0, head_timeout=1.0).start()
+    yield type("Door", (), {"base": f"http://127.0.0.1:{server.port}", "head_timeout": 1.0})
+    server.stop()
+
+
+def trickle(base: str, data: bytes, every_s: float = 0.1, first: bytes = b"", read_first: bool = False):
+    """Send ``first`` at once (reading its answer when ``read_first``), then ``data`` a byte every
+    ``every_s``, on a socket of its own, while the caller waits: (seconds until the server closed
+    the connection or answered, from the start of the trickle; what it answered)."""
+    import threading
+
+    host, port = base.removeprefix("http://").split(":")
+    s = socket.create_connection((host, int(port)), timeout=30)
+    if first:
+        s.sendall(first)
+        if read_first:
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+    start, stop = time.monotonic(), threading.Event()
+
+    def send():
+        for b in data:
+            if stop.wait(every_s):
+                return
+            try:
+                s.sendall(bytes([b]))
+            except OSError:  # closed by the server
+                return
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    answer, took = b"", None
+    try:
+        answer = s.recv(65536)
+        took = time.monotonic() - start
+        while chunk := s.recv(65536):  # the rest of an answer, until the server closes
+            answer += chunk
+    except ConnectionResetError:
+        took = took or time.monotonic() - start
+    stop.set()
+    sender.join()
+    s.close()
+    return took, answer
+
+
+SLOW_HEAD = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-Slow: " + b"a" * 200 + b"\r\n\r\n"
+
+
+@pytest.mark.parametrize("when", ["new connection", "after an answer"])
+def test_a_client_trickling_its_headers_is_cut_off(small_door, when):
+    """A head sent a byte every 0.1 s (it would take 25 s) is cut off at the deadline, whether it
+    opens the connection or follows an answer on it (uvicorn's keep-alive timer restarts on every
+    byte), while another client is served at once."""
+    import threading
+
+    first = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" if when == "after an answer" else b""
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=trickle(small_door.base, SLOW_HEAD, first=first,
+                                                                read_first=bool(first))))
+    t.start()
+    time.sleep(0.3)
+    start = time.monotonic()
+    assert httpx.get(f"{small_door.base}/health", timeout=5).json() == {"status": "ok"}
+    assert time.monotonic() - start < 1
+    t.join(30)
+    took, answer = result["r"]
+    assert answer == b"" and small_door.head_timeout - 0.2 < took < small_door.head_timeout + 2, (took, answer)
+
+
+def test_a_body_trickled_past_its_deadline_is_refused(small_door, monkeypatch):
+    monkeypatch.setattr("services.http_server.BODY_TIMEOUT_S", 1.0)
+    body = json.dumps({"x": "a" * 100}).encode()
+    head = (b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+    took, answer = trickle(small_door.base, body, first=head)
+    assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 1 s" in answer, answer
+    assert took < 3
+    # The same body sent at once is taken.
+    assert httpx.post(f"{small_door.base}/echo", content=body, headers={"content-type": "application/json"},
+                      timeout=5).json() == {"x": "a" * 100}

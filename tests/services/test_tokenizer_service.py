@@ -71,3 +71,26 @@ def test_bad_input(tok_stub, call, request_, words):
     with pytest.raises(grpc.RpcError) as e:
         getattr(tok_stub, call)(request_, timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in e.value.details()
+
+
+def test_text_past_a_prompts_size_is_refused_before_encoding(tok_stub):
+    from internlm_core.generation import MAX_PROMPT_CHARS
+
+    over = "a" * (MAX_PROMPT_CHARS + 1)
+    said = f"{MAX_PROMPT_CHARS + 1} characters, over the {MAX_PROMPT_CHARS}"
+    chat = common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role="user", content=over)])
+    for label, call in {
+        "text": lambda: tok_stub.Encode(tokenizer_pb2.EncodeRequest(text=over), timeout=10),
+        "texts": lambda: tok_stub.EncodeBatch(tokenizer_pb2.EncodeBatchRequest(texts=[over[:10], over[10:]]),
+                                              timeout=10),
+        "messages": lambda: tok_stub.ApplyChatTemplate(tokenizer_pb2.ChatTemplateRequest(messages=chat.messages),
+                                                       timeout=10),
+        "chat": lambda: tok_stub.CountTokens(tokenizer_pb2.CountTokensRequest(chat=chat), timeout=10),
+    }.items():
+        with pytest.raises(grpc.RpcError) as e:
+            call()
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and f"{label}: {said}" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        tok_stub.CountTokens(tokenizer_pb2.CountTokensRequest(text=over), timeout=10)
+    assert f"text: {said}" in e.value.details()
+    assert tok_stub.CountTokens(tokenizer_pb2.CountTokensRequest(text=over[:1000]), timeout=10).count > 0
