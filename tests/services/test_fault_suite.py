@@ -11,7 +11,9 @@ so that one is always open, and the cases are sent one at a time, so that what a
 is that case's doing: every case is timed against the victim streams open while it ran, each of
 which must bring all its tokens (the ones it brings alone) with no wait for a token longer than
 GAP_S while the case ran; and the victims' median speed must be at least half of what it is
-without the barrage. The figures are printed (pytest -s) for the closing notes."""
+without the barrage. Afterwards each server's memory is flat (RSS within RSS_GROWTH_MB of before)
+and the model store holds exactly the files it held before. The figures are printed (pytest -s)
+for the closing notes."""
 from __future__ import annotations
 
 import math
@@ -19,6 +21,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from statistics import median
 
 import grpc
@@ -110,6 +113,32 @@ def call(channel, service, method, payload: bytes):
         return grpc.StatusCode.OK, ""
     except grpc.RpcError as e:
         return e.code(), e.details() or ""
+
+
+# ---- what must not change: memory and the store ---------------------------------------------------
+RSS_GROWTH_MB = 200  # per server; the unbounded metric labels once grew an endpoint by 130 MB
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def footprint(servers, store: Path) -> tuple[dict, dict]:
+    """({server: RSS MB}, {store file: (size, mtime)})."""
+    files = {str(f.relative_to(store)): (f.stat().st_size, f.stat().st_mtime_ns)
+             for f in sorted(store.rglob("*")) if f.is_file()} if store.is_dir() else {}
+    return {f"{s.module}:{s.port}": rss_mb(s.proc.pid) for s in servers}, files
+
+
+def assert_unchanged(before, after) -> None:
+    (rss0, files0), (rss1, files1) = before, after
+    print("RSS (MB) before -> after: " + ", ".join(f"{m} {rss0[m]:.0f} -> {rss1[m]:.0f}" for m in rss0))
+    grown = {m: rss1[m] - rss0[m] for m in rss0 if rss1[m] - rss0[m] > RSS_GROWTH_MB}
+    assert not grown, f"memory grew (MB): {grown}"
+    assert files1 == files0, f"the store changed: {sorted(set(files1.items()) ^ set(files0.items()))[:5]}"
 
 
 # ---- victims -------------------------------------------------------------------------------------
@@ -232,7 +261,8 @@ def against_victims(endpoint, cases, fire) -> list:
 
 
 @pytest.mark.timeout(900)
-def test_bad_input_on_every_rpc_gets_a_client_error_and_nothing_falls_over(endpoint, worker, tokenizer_service):
+def test_bad_input_on_every_rpc_gets_a_client_error_and_nothing_falls_over(endpoint, worker, tokenizer_service,
+                                                                          stack_dir):
     from tests.services.test_endpoint import serving
 
     cases = {}
@@ -242,7 +272,10 @@ def test_bad_input_on_every_rpc_gets_a_client_error_and_nothing_falls_over(endpo
                 cases[f"{server} {service.name}.{method.name} {label}"] = (address, service, method, payload)
     channels = {a: grpc.insecure_channel(a, options=[("grpc.max_send_message_length", 8 << 20)])
                 for _, a, _ in targets(endpoint, worker, tokenizer_service)}
+    servers = (endpoint, worker, tokenizer_service)
+    before = footprint(servers, stack_dir / "store")
     answers = against_victims(endpoint, cases, lambda c: call(channels[c[0]], *c[1:]))
+    assert_unchanged(before, footprint(servers, stack_dir / "store"))
 
     codes = Counter(code for code, _ in answers)
     bad = [(label, code.name, details[:200])
@@ -303,14 +336,16 @@ HTTP_CASES = {
 
 
 @pytest.mark.timeout(600)
-def test_bad_input_on_the_http_door_gets_its_status_and_harms_no_one(http, endpoint, worker):
+def test_bad_input_on_the_http_door_gets_its_status_and_harms_no_one(http, endpoint, worker, stack_dir):
     """Through the HTTP side of an endpoint in front of the same worker as the victims."""
     def fire(case):
         (method, path, kw), _ = case
         return httpx.request(method, f"{http.base}{path}", timeout=60, **kw)
 
     metrics_before = len(httpx.get(f"{http.base}/metrics").text)
+    before = footprint((http, endpoint, worker), stack_dir / "store")
     answers = against_victims(endpoint, HTTP_CASES, fire)
+    assert_unchanged(before, footprint((http, endpoint, worker), stack_dir / "store"))
     wrong = [(label, r.status_code, r.text[:200]) for (label, (_, want)), r in zip(HTTP_CASES.items(), answers)
              if r.status_code != want]
     assert not wrong, wrong
