@@ -1,0 +1,75 @@
+"""Prompt-lookup (n-gram) speculative decoding: what to propose, how many, and which to keep.
+
+A decode step on a CPU costs reading the weights once, and the kernels' linears let up to 8 rows
+share each weight load, so checking a few proposed tokens in the step that produces the next one
+costs little more than that one token. The proposals come from the sequence itself (no second
+model): the tokens that followed the most recent earlier occurrence of its last n tokens (n from
+``MAX_NGRAM`` down to ``MIN_NGRAM``), in the prompt or in what it has generated, which is what an
+answer that quotes, edits or summarises a given passage repeats.
+
+Exactness: ``accept`` feeds each verified position's logits to ``SequenceState.step``, the very
+call plain decoding makes, in order, and keeps going only while the token it picks is the next
+proposal. Each position's logits are those plain decoding would compute (``Engine.verify`` makes
+every proposed token a decode row of its own, bit for bit decode's), and the state (penalties,
+grammar, stop strings, min/max tokens, its sampling generator) has advanced exactly as plain
+decoding's would by then, so the tokens are plain decoding's, greedy or sampled under a seed
+alike, and so are their logprobs. For a draft that is a point mass on proposal x (prompt lookup),
+this is the rejection rule of Leviathan et al. / Chen et al.: sampling y from the target and
+keeping x when y == x accepts x with probability P(x), and on a rejection y follows P with x
+removed and renormalised; each sampled token takes one draw, as without speculation, so a seed
+gives the same tokens with and without it (and ``SequenceState.resume`` stays right).
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .generation import SequenceState, TokenEvent
+
+MAX_NGRAM, MIN_NGRAM = 3, 1  # the suffix lengths looked up, longest first
+K_MIN, K_MAX = 1, 7  # proposals per step for one sequence (with its last token: up to 8 rows)
+K_START = 4
+SEARCH = 4096  # the tokens searched for a match: the most recent ones
+
+
+def propose(tokens: Sequence[int], k: int, max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM) -> list[int]:
+    """Up to ``k`` tokens that followed an earlier occurrence of the longest suffix of ``tokens``
+    (``max_ngram`` tokens down to ``min_ngram``) that occurs before: the most recent occurrence
+    with ``k`` tokens after it, else the one with the most; [] when no suffix recurs."""
+    if k <= 0 or len(tokens) < 2:
+        return []
+    seq = np.asarray(tokens[-SEARCH:], np.int64)
+    for n in range(min(max_ngram, len(seq) - 1), min_ngram - 1, -1):
+        # windows starting at 0 .. len-1-n: each has a token after it, and the suffix itself is not one
+        windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)
+        hits = np.flatnonzero((windows == seq[-n:]).all(axis=1))
+        if len(hits):
+            full = hits[hits + n + k <= len(seq)]
+            start = (full[-1] if len(full) else hits[0]) + n
+            return seq[start:start + k].tolist()
+    return []
+
+
+def next_k(k: int, proposed: int, accepted: int) -> int:
+    """The proposal length after a step that proposed ``proposed`` and kept ``accepted``: one more
+    after a run kept whole, the kept length plus one after a rejection (bounded by K_MIN..K_MAX)."""
+    if proposed == 0:
+        return k
+    if accepted == proposed:
+        return min(k + 1, K_MAX)
+    return max(K_MIN, min(accepted + 1, K_MAX))
+
+
+def accept(state: SequenceState, rows: np.ndarray, proposals: Sequence[int],
+           max_len: int | None = None) -> Iterator[TokenEvent]:
+    """The tokens one verification gives a sequence: ``rows[j]`` are the logits after its last
+    token (j = 0) and after proposal j (j >= 1), ``len(proposals) + 1`` rows. Steps ``state`` on
+    each row in turn, yielding each event, and stops after the first token that is not the next
+    proposal (the model's own), after the one that ends the request, or after the last row (every
+    proposal kept: the model's next token comes free). ``proposals`` empty: one plain step."""
+    for j, row in enumerate(rows):
+        event = state.step(row, max_len)
+        yield event
+        if event.finish_reason or j == len(proposals) or event.token_id != proposals[j]:
+            return
