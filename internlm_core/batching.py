@@ -74,7 +74,8 @@ class BatcherMetrics:
 
 _DONE = object()  # queued after a handle's last event
 PREFILL_BUDGET = 256  # prompt tokens a prefill step takes while streams decode (~0.35 s on 2 cores, bench-serve)
-SPECULATE_ROWS = 8  # rows a speculative decode step may fill: the kernels' linears read each weight once per 8
+SPECULATE_ROWS = 16  # rows a speculative decode step may fill (measured on the demo model, 2 busy cores: 16
+# decode rows cost about what 8 do, the linears' second pass over each weight block reading it from L2; 32 twice)
 SPECULATION = ("off", "ngram")
 
 
@@ -380,7 +381,7 @@ class Batcher:
         """``logits[i]``: request i's rows, after its last token then after each of ``proposals[i]``."""
         for h, rows, proposed in zip(live, logits, proposals):
             events = self._advance(h, rows, proposed)
-            if self.speculate:
+            if self.speculate and h.state.params.speculate:
                 accepted = sum(e.token_id == p for e, p in zip(events, proposed))  # a prefix: accept stops at a miss
                 h.speculate_k = next_k(h.speculate_k, len(proposed), accepted)
                 self.metrics.speculation(len(proposed), accepted)

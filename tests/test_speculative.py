@@ -286,7 +286,7 @@ def test_opting_out_and_refusals(model):
     engine = Engine(model, max_batch=2, max_len=96)
     request = (random_ids(3, 512, seed=3), SamplingParams(max_new_tokens=30, ignore_eos=True), None)
     off, counts = serve(engine, [(request[0], request[1].replace(speculate=False), None)], "ngram")
-    assert counts.proposed == 0 and counts.steps > 0
+    assert counts.steps == 0
     assert off == serve(engine, [request], "off")[0]
     with pytest.raises(ValueError, match="speculate is one of"):
         Batcher(engine, speculate="draft")
