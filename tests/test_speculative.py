@@ -202,6 +202,7 @@ class Counts(BatcherMetrics):
         self.steps = self.proposed = self.accepted = self.reused = 0
 
     def speculation(self, proposed, accepted):
+        self.last = (proposed, accepted)
         self.steps += 1
         self.proposed += proposed
         self.accepted += accepted
@@ -210,12 +211,12 @@ class Counts(BatcherMetrics):
         self.reused += reused
 
 
-def serve(engine, requests, speculate, then=()):
+def serve(engine, requests, speculate, then=(), tok=None):
     """Each (prompt, params, adapter) through a batcher over ``engine``, all submitted at once
     (more than the slots: they join as others leave), then the ones of ``then`` (after those
     ended: their prefixes are in the slots); their results and the batcher's counts."""
     counts = Counts()
-    b = Batcher(engine, metrics=counts, speculate=speculate).start()
+    b = Batcher(engine, tok, metrics=counts, speculate=speculate).start()
     try:
         results = []
         for wave in (requests, then):
@@ -292,3 +293,27 @@ def test_opting_out_and_refusals(model):
         Batcher(engine, speculate="draft")
     with pytest.raises(ValueError, match="CPU kernels"):
         Batcher(Engine(model, max_batch=1, max_len=16, cpu_kernels=False), speculate="ngram")
+
+
+def test_a_stop_string_ending_inside_a_kept_run(tokenizer):
+    """A stop string that completes on a kept proposal ends the request there, with plain
+    decoding's tokens, text and finish reason (the rest of the run is dropped)."""
+    from internlm_core.config import Config
+    from internlm_core.model import InternLMForCausalLM, init_weights
+
+    cfg = Config.from_name("tiny", vocab_size=103168, max_position_embeddings=256)
+    model = InternLMForCausalLM(cfg)
+    init_weights(model, seed=1, std=0.05)  # its greedy text falls into a cycle after ~18 tokens
+    engine = Engine(model, max_batch=2, max_len=128)
+    prompt = tokenizer.encode("The cat sat on the mat. The cat sat on the")
+    params = SamplingParams(max_new_tokens=60, ignore_eos=True)
+    (tokens, text, *_), = serve(engine, [(prompt, params, None)], "off", tok=tokenizer)[0]
+    i, p = next((i, p) for i in range(len(tokens)) for p in range(1, 20) if tokens[i:i + 4] == tokens[i + p:i + p + 4])
+    end = i + p + 3  # the stop string: one whole cycle and then three tokens into the next
+    stop = text[len(tokenizer.decode(tokens[:i])):len(tokenizer.decode(tokens[:end]))]
+    request = [(prompt, params.replace(stop=(stop,)), None)]
+    plain, _ = serve(engine, request, "off", tok=tokenizer)
+    spec, counts = serve(engine, request, "ngram", tok=tokenizer)
+    assert spec == plain
+    assert len(plain[0][0]) == end and plain[0][2] == "stop"
+    assert counts.last == (counts.last[0], 2) and counts.last[0] > 2  # ended on the second of more kept proposals
