@@ -53,7 +53,7 @@ import numpy as np
 from .engine_api import bucket
 from .errors import QueueFull, ShuttingDown
 from .generation import FINISH_ABORTED, GenerationResult, SamplingParams, SequenceState, TokenEvent
-from .speculative import K_START, accept, next_k, propose
+from .speculative import K_START, History, accept, next_k, propose
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ class Handle:
     failed: bool = False  # an engine step failed while this request held its slot
     logprobs: list[float] = field(default_factory=list)
     speculate_k: int = K_START  # tokens to propose at its next decode step (adapted to its acceptances)
+    history: History | None = None  # its tokens as proposals search them (made at its first lookup)
 
     @property
     def seed(self) -> int:
@@ -371,7 +372,11 @@ class Batcher:
             st = h.state
             room = min(h.speculate_k, st.params.max_new_tokens - len(st.generated) - 1,
                        self.engine.max_len - st.length)  # the last proposal's position < max_len
-            out.append(propose(st.prompt + st.generated, room) if st.params.speculate and room > 0 else [])
+            if not st.params.speculate or room <= 0:
+                out.append([])
+                continue
+            h.history = h.history or History(self.engine.max_len)
+            out.append(propose(h.history.update(st.prompt, st.generated), room))
         spare = max(self.speculate_rows, bucket(len(live), self.engine.max_batch, start=1)) - len(live)
         while sum(map(len, out)) > spare:  # the longest give way first
             max(out, key=len).pop()

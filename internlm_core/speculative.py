@@ -40,15 +40,34 @@ def propose(tokens: Sequence[int], k: int, max_ngram: int = MAX_NGRAM, min_ngram
     if k <= 0 or len(tokens) < 2:
         return []
     seq = np.asarray(tokens[-SEARCH:], np.int64)
+    # where an earlier match would end: the last token's earlier places (each has a token after it)
+    ends = np.flatnonzero(seq[:-1] == seq[-1])
     for n in range(min(max_ngram, len(seq) - 1), min_ngram - 1, -1):
-        # windows starting at 0 .. len-1-n: each has a token after it, and the suffix itself is not one
-        windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)
-        hits = np.flatnonzero((windows == seq[-n:]).all(axis=1))
+        hits = ends[ends >= n - 1]
+        for back in range(1, n):  # the n-gram's other tokens, on the few candidates left
+            hits = hits[seq[hits - back] == seq[-1 - back]]
         if len(hits):
-            full = hits[hits + n + k <= len(seq)]
-            start = (full[-1] if len(full) else hits[0]) + n
+            full = hits[hits + 1 + k <= len(seq)]
+            start = (full[-1] if len(full) else hits[0]) + 1
             return seq[start:start + k].tolist()
     return []
+
+
+class History:
+    """A sequence's tokens (prompt, then generated) in one array that grows, so that each step's
+    lookup copies only the tokens new since the last."""
+
+    def __init__(self, capacity: int):
+        self.tokens, self.n, self.prompt = np.zeros(capacity, np.int64), 0, 0
+
+    def update(self, prompt: Sequence[int], generated: Sequence[int]) -> np.ndarray:
+        if self.n == 0:
+            self.prompt = self.n = len(prompt)
+            self.tokens[:self.n] = prompt
+        new = generated[self.n - self.prompt:]
+        self.tokens[self.n:self.n + len(new)] = new
+        self.n += len(new)
+        return self.tokens[:self.n]
 
 
 def next_k(k: int, proposed: int, accepted: int) -> int:
