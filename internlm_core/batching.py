@@ -53,7 +53,7 @@ import numpy as np
 from .engine_api import bucket
 from .errors import QueueFull, ShuttingDown
 from .generation import FINISH_ABORTED, GenerationResult, SamplingParams, SequenceState, TokenEvent
-from .speculative import K_START, History, accept, next_k, propose
+from .speculative import Adaptive, History, accept, propose
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class Handle:
     tenant: str = ""  # whose cached prompt rows it may reuse: only its own tenant's (see ``submit``)
     failed: bool = False  # an engine step failed while this request held its slot
     logprobs: list[float] = field(default_factory=list)
-    speculate_k: int = K_START  # tokens to propose at its next decode step (adapted to its acceptances)
+    speculation: Adaptive = field(default_factory=Adaptive)  # how many tokens it proposes (speculative.py)
     history: History | None = None  # its tokens as proposals search them (made at its first lookup)
 
     @property
@@ -363,14 +363,14 @@ class Batcher:
 
     def _proposals(self, live: list[Handle]) -> list[list[int]]:
         """Each live request's prompt-lookup proposals for this step ([] for none): up to its
-        adaptive ``speculate_k``, no more than it may still generate, within the rows a step may
+        adaptive ``speculation.wanted()``, no more than it may still generate, within the rows a step may
         fill (``speculate_rows``, or the rows the step runs anyway: padding to a power of two)."""
         if not self.speculate:
             return [[] for _ in live]
         out = []
         for h in live:
             st = h.state
-            room = min(h.speculate_k, st.params.max_new_tokens - len(st.generated) - 1,
+            room = min(h.speculation.wanted(), st.params.max_new_tokens - len(st.generated) - 1,
                        self.engine.max_len - st.length)  # the last proposal's position < max_len
             if not st.params.speculate or room <= 0:
                 out.append([])
@@ -388,7 +388,7 @@ class Batcher:
             events = self._advance(h, rows, proposed)
             if self.speculate and h.state.params.speculate:
                 accepted = sum(e.token_id == p for e, p in zip(events, proposed))  # a prefix: accept stops at a miss
-                h.speculate_k = next_k(h.speculate_k, len(proposed), accepted)
+                h.speculation.update(len(proposed), accepted)
                 self.metrics.speculation(len(proposed), accepted)
 
     def _advance(self, h: Handle, rows, proposals=()) -> list[TokenEvent]:

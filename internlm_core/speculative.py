@@ -21,6 +21,7 @@ gives the same tokens with and without it (and ``SequenceState.resume`` stays ri
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -30,6 +31,7 @@ from .generation import SequenceState, TokenEvent
 MAX_NGRAM, MIN_NGRAM = 3, 1  # the suffix lengths looked up, longest first
 K_MIN, K_MAX = 1, 7  # proposals per step for one sequence (with its last token: up to 8 rows)
 K_START = 4
+MAX_PAUSE = 16  # steps without proposals, at most, after a single proposal is rejected again and again
 SEARCH = 4096  # the tokens searched for a match: the most recent ones
 
 
@@ -70,14 +72,31 @@ class History:
         return self.tokens[:self.n]
 
 
-def next_k(k: int, proposed: int, accepted: int) -> int:
-    """The proposal length after a step that proposed ``proposed`` and kept ``accepted``: one more
-    after a run kept whole, the kept length plus one after a rejection (bounded by K_MIN..K_MAX)."""
-    if proposed == 0:
-        return k
-    if accepted == proposed:
-        return min(k + 1, K_MAX)
-    return max(K_MIN, min(accepted + 1, K_MAX))
+@dataclass
+class Adaptive:
+    """How many tokens one sequence proposes at its next step: ``k`` grows by one after a run kept
+    whole and drops to the kept length plus one after a rejection (K_MIN..K_MAX); a single
+    proposal rejected pauses proposing for ``backoff`` steps, a pause that doubles each time (up
+    to MAX_PAUSE) until a proposal is kept, so text that does not repeat itself costs few rows."""
+    k: int = K_START
+    skip: int = 0  # steps left in the current pause
+    backoff: int = 1
+
+    def wanted(self) -> int:
+        """Tokens to propose now (0 in a pause); call once a step."""
+        if self.skip:
+            self.skip -= 1
+            return 0
+        return self.k
+
+    def update(self, proposed: int, accepted: int) -> None:
+        if proposed == 0:
+            return
+        self.k = min(self.k + 1, K_MAX) if accepted == proposed else max(K_MIN, min(accepted + 1, K_MAX))
+        if accepted:
+            self.backoff = 1
+        elif proposed <= K_MIN:
+            self.skip, self.backoff = self.backoff, min(2 * self.backoff, MAX_PAUSE)
 
 
 def accept(state: SequenceState, rows: np.ndarray, proposals: Sequence[int],

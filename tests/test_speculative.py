@@ -8,7 +8,7 @@ from scipy import stats
 from internlm_core.batching import Batcher, BatcherMetrics
 from internlm_core.engine import Engine
 from internlm_core.generation import SamplingParams, SequenceState, softmax
-from internlm_core.speculative import K_MAX, accept, next_k, propose
+from internlm_core.speculative import K_MAX, K_MIN, MAX_PAUSE, Adaptive, accept, propose
 from tests.helpers import random_ids
 
 
@@ -36,12 +36,35 @@ def test_propose_nothing_without_a_recurrence():
     assert propose([1, 5, 2, 1], 2, min_ngram=2) == []
 
 
-def test_next_k_grows_on_acceptance_and_shrinks_on_rejection():
-    assert next_k(4, 4, 4) == 5
-    assert next_k(K_MAX, K_MAX, K_MAX) == K_MAX
-    assert next_k(4, 4, 0) == 1
-    assert next_k(5, 5, 2) == 3
-    assert next_k(3, 0, 0) == 3  # nothing proposed: unchanged
+def test_k_grows_on_acceptance_and_shrinks_on_rejection():
+    a = Adaptive(k=4)
+    a.update(4, 4)
+    assert a.wanted() == 5
+    a.update(5, 2)
+    assert a.wanted() == 3
+    a.update(0, 0)  # nothing proposed: unchanged
+    assert a.wanted() == 3
+    a.update(3, 0)
+    assert a.wanted() == K_MIN
+    a = Adaptive(k=K_MAX)
+    a.update(K_MAX, K_MAX)
+    assert a.wanted() == K_MAX
+
+
+def test_rejected_single_proposals_pause_proposing_longer_each_time():
+    a = Adaptive(k=K_MIN)
+    pauses = []
+    for _ in range(7):
+        a.update(K_MIN, 0)
+        steps = 0
+        while a.wanted() == 0:
+            steps += 1
+        pauses.append(steps)
+    assert pauses == [1, 2, 4, 8, 16, MAX_PAUSE, MAX_PAUSE]
+    a.update(K_MIN, 1)  # kept: the next miss pauses for one step again
+    a.update(2, 0)
+    a.update(K_MIN, 0)
+    assert [a.wanted() for _ in range(2)] == [0, K_MIN]
 
 
 # ---- the acceptance rule -------------------------------------------------------------------
