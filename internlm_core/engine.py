@@ -282,7 +282,7 @@ class Engine(EngineBase):
     def _rows(self, n: int) -> int:
         """Rows a step runs for n sequences: a power of two, at most the slots (more only for a
         ``verify`` step, whose rows are tokens: several of one slot)."""
-        return min(bucket(n, self.max_batch, start=1), self.max_batch) if n <= self.max_batch else bucket(n, n, 1)
+        return min(bucket(n, self.max_batch, start=1), self.max_batch) if n <= self.max_batch else bucket(n, 2 * n, 1)
 
     def _run(self, slots, chunks, starts, seq_lens, adapters=None) -> np.ndarray:
         """One compiled step: ``chunks[i]`` (new tokens) go into slot ``slots[i]`` at positions

@@ -67,6 +67,15 @@ def test_rejected_single_proposals_pause_proposing_longer_each_time():
     assert [a.wanted() for _ in range(2)] == [0, K_MIN]
 
 
+def test_history_appends_only_what_is_new():
+    from internlm_core.speculative import History
+
+    h = History(8)
+    assert h.update([5, 6], [7]).tolist() == [5, 6, 7]
+    assert h.update([5, 6], [7, 8, 9]).tolist() == [5, 6, 7, 8, 9]
+    assert h.update([5, 6], [7, 8, 9]).tolist() == [5, 6, 7, 8, 9]
+
+
 # ---- the acceptance rule -------------------------------------------------------------------
 
 V = 6
@@ -206,6 +215,13 @@ def test_rejected_rows_are_rewritten_before_anything_reads_them(model):
         np.testing.assert_array_equal(got, plain_logits[i])
     for a, b in zip(slot_rows(plain, 0, len(prompt) + 8), slot_rows(spec, 0, len(prompt) + 8)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_warmup_compiles_the_verification_rows(model):
+    """Steps of more rows than slots (a verification's) are compiled by ``warmup(verify_rows)``."""
+    engine = Engine(model, max_batch=2, max_len=32)
+    assert engine.warmup(8) == engine.warmup() + 2
+    assert {(4, 1, 0), (8, 1, 0)} <= engine.shapes_run
 
 
 def test_verify_refuses_shared_slots_and_the_cache_end(model):
