@@ -67,7 +67,8 @@ class PrometheusMetrics(BatcherMetrics):
         self.prefix_queries = Counter("internlm_prefix_cache_queries_tokens_total", "Prompt tokens admitted")
         self.prefix_hits = Counter("internlm_prefix_cache_hits_tokens_total",
                                    "Prompt tokens whose KV was reused from a slot instead of computed")
-        self.drafts = Counter("internlm_spec_decode_draft_tokens_total", "Proposed tokens verified (speculative decoding)")
+        self.drafts = Counter("internlm_spec_decode_draft_tokens_total",
+                              "Proposed tokens verified (speculative decoding)")
         self.accepted = Counter("internlm_spec_decode_accepted_tokens_total", "Proposed tokens kept")
         self.per_step = Histogram("internlm_spec_decode_tokens_per_step",
                                   "Tokens one sequence got from one decode step (speculative decoding on)",

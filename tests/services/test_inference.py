@@ -57,8 +57,8 @@ def test_speculation_gives_the_same_tokens_and_is_counted(worker, core_engine, c
     assert list(r.token_ids) == want
     after = steps()
     assert after > before  # its decode steps
-    r = s.GenerateUnary(inference_pb2.GenerateRequest(text=text, params=sampling_to_pb(params.replace(speculate=False))),
-                        timeout=60)
+    off = sampling_to_pb(params.replace(speculate=False))
+    r = s.GenerateUnary(inference_pb2.GenerateRequest(text=text, params=off), timeout=60)
     assert list(r.token_ids) == want and steps() == after
 
 
