@@ -74,8 +74,10 @@ class BatcherMetrics:
 
 _DONE = object()  # queued after a handle's last event
 PREFILL_BUDGET = 256  # prompt tokens a prefill step takes while streams decode (~0.35 s on 2 cores, bench-serve)
-SPECULATE_ROWS = 16  # rows a speculative decode step may fill (measured on the demo model, 2 busy cores: 16
-# decode rows cost about what 8 do, the linears' second pass over each weight block reading it from L2; 32 twice)
+# Rows a speculative decode step may fill: past 8 rows the linears pass over each weight block again from L2,
+# so 16 rows cost little more than 8 (bench-serve, engine level, 2 busy cores: 1 / 8 / 16 / 32 rows 28-31 /
+# 40 / 41-44 / 55 ms a step)
+SPECULATE_ROWS = 16
 SPECULATION = ("off", "ngram")
 
 
