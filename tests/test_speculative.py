@@ -356,3 +356,22 @@ def test_a_stop_string_ending_inside_a_kept_run(tokenizer):
     assert spec == plain
     assert len(plain[0][0]) == end and plain[0][2] == "stop"
     assert counts.last == (counts.last[0], 2) and counts.last[0] > 2  # ended on the second of more kept proposals
+
+
+def test_a_grammar_constrains_speculative_decoding_as_plain(tokenizer):
+    """Structured output: each verified position is masked by the grammar's state after the
+    tokens kept before it, so the answer is plain decoding's (here a run of kept proposals)."""
+    from internlm_core.config import Config
+    from internlm_core.model import InternLMForCausalLM, init_weights
+    from internlm_core.structured import Grammar
+
+    cfg = Config.from_name("tiny", vocab_size=103168, max_position_embeddings=256)
+    model = InternLMForCausalLM(cfg)
+    init_weights(model, seed=1, std=0.05)
+    engine = Engine(model, max_batch=2, max_len=128)
+    params = SamplingParams(max_new_tokens=40, grammar=Grammar("regex", "(ab|cd|xyz )+!"))
+    request = [(tokenizer.encode("Repeat: ab cd xyz ab cd xyz"), params, None)]
+    plain, _ = serve(engine, request, "off", tok=tokenizer)
+    spec, counts = serve(engine, request, "ngram", tok=tokenizer)
+    assert spec == plain
+    assert counts.accepted > 0
