@@ -268,7 +268,7 @@ def serve(engine, requests, speculate, then=(), tok=None):
 
 def test_speculative_greedy_is_plain_greedy_in_a_crowd(model, tmp_path, tiny_config):
     """Streams joining and leaving, prefix hits, an adapter beside the base model, max_new_tokens
-    cutting a kept run: speculation gives every request plain decoding's tokens and logprobs, keeps
+    cutting a kept run, a stop id held back by min_new_tokens: speculation gives every request plain decoding's tokens and logprobs, keeps
     proposals (more than one token a step) and rejects some."""
     from internlm_core.lora import AdapterSpec
     from tests.helpers import random_adapter
@@ -280,11 +280,14 @@ def test_speculative_greedy_is_plain_greedy_in_a_crowd(model, tmp_path, tiny_con
     lengths = [30, 41, 12, 60, 25]
     requests = [(p, SamplingParams(max_new_tokens=n, ignore_eos=True, logprobs=True), "a" if i % 3 == 1 else None)
                 for i, (p, n) in enumerate(zip(prompts, lengths))]
+    # a stop id held back by min_new_tokens (the model says 286 fourth; masked, it goes round a cycle)
+    requests.append((prompts[4], SamplingParams(max_new_tokens=40, min_new_tokens=8, stop_token_ids=[286]), None))
     hits = [(prompts[4] + random_ids(4, 512, seed=40), requests[4][1], None),  # prefix hits on finished slots
             (prompts[3] + random_ids(2, 512, seed=41), requests[1][1], None)]
     plain, _ = serve(engine, requests, "off", hits)
     spec, counts = serve(engine, requests, "ngram", hits)
     assert spec == plain
+    assert plain[5][2] == "eos" and len(plain[5][0]) == 9
     assert counts.accepted > 0 and counts.proposed > counts.accepted  # kept ones and rejected ones
     assert (counts.steps + counts.accepted) / counts.steps > 1.2  # tokens per sequence per step
     assert counts.reused > 0
