@@ -157,16 +157,20 @@ def test_accept_stops_where_the_request_ends():
 
 # ---- the engine's verification step ---------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def model(tiny_config):
+def repetitive(cfg):
     """Small weights make the tiny model repeat itself (runs and cycles that it sometimes breaks),
     so prompt lookup has proposals that are kept and ones that are rejected; and its logits lie
     close together, where a rounding difference would change a greedy token."""
     from internlm_core.model import InternLMForCausalLM, init_weights
 
-    m = InternLMForCausalLM(tiny_config)
+    m = InternLMForCausalLM(cfg)
     init_weights(m, seed=0, std=0.02)
     return m
+
+
+@pytest.fixture(scope="module")
+def model(tiny_config):
+    return repetitive(tiny_config)
 
 
 def slot_rows(engine, slot, n):
@@ -266,14 +270,14 @@ def serve(engine, requests, speculate, then=(), tok=None):
     return [(r.token_ids, r.text, r.finish_reason, r.logprobs) for r in results], counts
 
 
-def test_speculative_greedy_is_plain_greedy_in_a_crowd(model, tmp_path, tiny_config):
+def test_speculative_greedy_is_plain_greedy_in_a_crowd(tmp_path, tiny_config):
     """Streams joining and leaving, prefix hits, an adapter beside the base model, max_new_tokens
     cutting a kept run, a stop id held back by min_new_tokens: speculation gives every request plain decoding's tokens and logprobs, keeps
     proposals (more than one token a step) and rejects some."""
     from internlm_core.lora import AdapterSpec
     from tests.helpers import random_adapter
 
-    engine = Engine(model, max_batch=3, max_len=96)
+    engine = Engine(repetitive(tiny_config), max_batch=3, max_len=96)  # its own: the adapter goes into its layers
     engine.load_adapter("a", random_adapter(tiny_config, AdapterSpec(rank=4, alpha=8, targets=("wq", "wv")),
                                             tmp_path / "a", seed=1, std=0.5))
     prompts = [random_ids(n, 512, seed=n) for n in (3, 9, 17, 5, 12)]
