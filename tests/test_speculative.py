@@ -272,8 +272,9 @@ def serve(engine, requests, speculate, then=(), tok=None):
 
 def test_speculative_greedy_is_plain_greedy_in_a_crowd(tmp_path, tiny_config):
     """Streams joining and leaving, prefix hits, an adapter beside the base model, max_new_tokens
-    cutting a kept run, a stop id held back by min_new_tokens: speculation gives every request plain decoding's tokens and logprobs, keeps
-    proposals (more than one token a step) and rejects some."""
+    cutting a kept run, a stop id held back by min_new_tokens: speculation gives every request
+    plain decoding's tokens and logprobs, keeps proposals (more than one token a step) and rejects
+    some."""
     from internlm_core.lora import AdapterSpec
     from tests.helpers import random_adapter
 
