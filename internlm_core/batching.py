@@ -19,6 +19,15 @@ are the ones a fresh prefill would write (same tokens, positions and adapter), s
 the same; with dynamic NTK only rows written within the trained positions are reused (past
 them a row's rotation depends on the length at the time).
 
+Speculative decoding (``speculate="ngram"``, ``speculative.py``): a running request whose text so
+far has an earlier occurrence of its last few tokens proposes the tokens that followed it, and the
+decode step verifies them as extra rows of the same sequence (``Engine.verify``), beside the
+requests that propose nothing; it keeps the proposals the model agrees with plus the model's own
+next token, so a step gives it up to k + 1 tokens, the very tokens plain decoding gives. A
+rejected proposal's KV rows lie past the sequence's new end: the next step writes over them
+before any query reads that far, and a finished request's reusable rows stop at its last accepted
+token, so prefix reuse never sees them.
+
 Per-token logic is ``SequenceState.step``, the same as ``generate``; each slot's attention sees
 only its own cache rows, so under greedy decoding a request gets the same tokens alone or in a
 crowd.
@@ -41,8 +50,10 @@ from typing import Iterator
 
 import numpy as np
 
+from .engine_api import bucket
 from .errors import QueueFull, ShuttingDown
 from .generation import FINISH_ABORTED, GenerationResult, SamplingParams, SequenceState, TokenEvent
+from .speculative import Adaptive, History, accept, propose
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +67,18 @@ class BatcherMetrics:
     def prefix_cache(self, reused: int, prompt: int) -> None: ...  # tokens reused of a prompt's tokens
     def tokens(self, n: int) -> None: ...
     def finished(self, reason: str, seconds: float) -> None: ...
+    # speculative decoding: one sequence's decode step, its proposals verified and those kept (the
+    # step gave it accepted + 1 tokens, unless it ended sooner)
+    def speculation(self, proposed: int, accepted: int) -> None: ...
 
 
 _DONE = object()  # queued after a handle's last event
 PREFILL_BUDGET = 256  # prompt tokens a prefill step takes while streams decode (~0.35 s on 2 cores, bench-serve)
+# Rows a speculative decode step may fill: past 8 rows the linears pass over each weight block again from L2,
+# so 16 rows cost little more than 8 (bench-serve, engine level, 2 busy cores: 1 / 8 / 16 / 32 rows 28-31 /
+# 40 / 41-44 / 55 ms a step)
+SPECULATE_ROWS = 16
+SPECULATION = ("off", "ngram")
 
 
 @dataclass(eq=False)
@@ -78,6 +97,8 @@ class Handle:
     tenant: str = ""  # whose cached prompt rows it may reuse: only its own tenant's (see ``submit``)
     failed: bool = False  # an engine step failed while this request held its slot
     logprobs: list[float] = field(default_factory=list)
+    speculation: Adaptive = field(default_factory=Adaptive)  # how many tokens it proposes (speculative.py)
+    history: History | None = None  # its tokens as proposals search them (made at its first lookup)
 
     @property
     def seed(self) -> int:
@@ -149,7 +170,17 @@ class Batcher:
     """Owns an engine in a thread and runs continuous batching over its slots."""
 
     def __init__(self, engine, tokenizer=None, max_queue: int = 64, metrics: BatcherMetrics | None = None,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, speculate: str = "off", speculate_rows: int = SPECULATE_ROWS):
+        """``speculate``: "ngram" verifies prompt-lookup proposals in the decode steps (requests
+        with ``SamplingParams.speculate`` False opt out), filling up to ``speculate_rows`` rows a
+        step; it needs an engine on the CPU kernels (``Engine.verify``)."""
+        if speculate not in SPECULATION:
+            raise ValueError(f"speculate is one of {', '.join(SPECULATION)}, not {speculate!r}")
+        if speculate != "off" and not engine.kernels:
+            # On MindSpore's ops a verification step attends another length than decode does, so its
+            # logits, hence greedy near-ties, could differ from plain decoding's: not exact.
+            raise ValueError("speculative decoding needs an engine on the CPU kernels")
+        self.speculate, self.speculate_rows = speculate != "off", speculate_rows
         self.engine, self.tokenizer = engine, tokenizer
         self.max_queue = max_queue
         self.metrics = metrics or BatcherMetrics()
@@ -266,8 +297,14 @@ class Batcher:
             positions = np.array([h.state.length - 1 for h in live], np.int64)
             adapters = np.array([h.adapter for h in live], np.int32)
             self.metrics.batch_size(len(live))
-            self._guard(live, lambda: self._after_decode(
-                live, self.engine.decode(tokens, positions, adapters=adapters, slots=slots)))
+            proposals = self._proposals(live)
+            if any(proposals):  # each row's last token and its proposals, every one a row of the step
+                chunks = [[int(t)] + p for t, p in zip(tokens, proposals)]
+                self._guard(live, lambda: self._after_decode(
+                    live, self.engine.verify(slots, chunks, positions, adapters=adapters), proposals))
+            else:
+                self._guard(live, lambda: self._after_decode(
+                    live, self.engine.decode(tokens, positions, adapters=adapters, slots=slots)[:, None], proposals))
 
     def _place(self, h: Handle) -> tuple[int, int]:
         """A free slot for ``h`` and how many of its prompt tokens that slot already holds: the
@@ -324,26 +361,58 @@ class Batcher:
         for i, (h, row) in enumerate(zip(handles, logits)):
             h.prefilled = len(h.context) if ends is None else ends[i]
             if h.prefilled == len(h.context):
-                self._advance(h, row)
+                self._advance(h, [row])
 
-    def _after_decode(self, live: list[Handle], logits: np.ndarray) -> None:
-        for h, row in zip(live, logits):
-            self._advance(h, row)
+    def _proposals(self, live: list[Handle]) -> list[list[int]]:
+        """Each live request's prompt-lookup proposals for this step ([] for none): up to its
+        adaptive ``speculation.wanted()``, no more than it may still generate, within the rows a step may
+        fill (``speculate_rows``, or the rows the step runs anyway: padding to a power of two)."""
+        if not self.speculate:
+            return [[] for _ in live]
+        out = []
+        for h in live:
+            st = h.state
+            room = min(h.speculation.wanted(), st.params.max_new_tokens - len(st.generated) - 1,
+                       self.engine.max_len - st.length)  # the last proposal's position < max_len
+            if not st.params.speculate or room <= 0:
+                out.append([])
+                continue
+            h.history = h.history or History(self.engine.max_len)
+            out.append(propose(h.history.update(st.prompt, st.generated), room))
+        spare = max(self.speculate_rows, bucket(len(live), self.engine.max_batch, start=1)) - len(live)
+        while sum(map(len, out)) > spare:  # the longest give way first
+            max(out, key=len).pop()
+        return out
 
-    def _advance(self, h: Handle, logits: np.ndarray) -> None:
-        """One request's next token from its row of the step's logits. Its sampling, penalties, stop
+    def _after_decode(self, live: list[Handle], logits, proposals: list[list[int]]) -> None:
+        """``logits[i]``: request i's rows, after its last token then after each of ``proposals[i]``."""
+        for h, rows, proposed in zip(live, logits, proposals):
+            events = self._advance(h, rows, proposed)
+            if self.speculate and h.state.params.speculate:
+                accepted = sum(e.token_id == p for e, p in zip(events, proposed))  # a prefix: accept stops at a miss
+                h.speculation.update(len(proposed), accepted)
+                self.metrics.speculation(len(proposed), accepted)
+
+    def _advance(self, h: Handle, rows, proposals=()) -> list[TokenEvent]:
+        """One request's next token(s) from its rows of the step's logits (``speculative.accept``:
+        one row, or one after each proposal kept); the events emitted. Its sampling, penalties, stop
         strings and detokenising are its own: a failure there ends this request alone, with its own
         error, and the rest of the step goes on for everyone else (its KV rows were written by a
         step that succeeded, so its slot stays reusable)."""
-        try:
-            ev = h.state.step(logits, self.engine.max_len)
-        except Exception as e:  # noqa: BLE001 - handed to this request's caller, who reports it
-            log.warning("request failed in its own sampling (%s: %s); the others in the step go on",
-                        type(e).__name__, e)
-            h.put(e)
-            self._end(h)
-            return
-        self._emit(h, ev)
+        events, steps = [], accept(h.state, rows, proposals, self.engine.max_len)
+        while True:
+            try:
+                ev = next(steps, None)
+            except Exception as e:  # noqa: BLE001 - handed to this request's caller, who reports it
+                log.warning("request failed in its own sampling (%s: %s); the others in the step go on",
+                            type(e).__name__, e)
+                h.put(e)
+                self._end(h)
+                return events
+            if ev is None:
+                return events
+            events.append(ev)
+            self._emit(h, ev)
 
     def _emit(self, h: Handle, ev: TokenEvent) -> None:
         now = time.monotonic()

@@ -250,11 +250,15 @@ class Engine(EngineBase):
             raise ValueError(f"adapter index out of range 0..{len(self._adapter_weights)}")
         return idx if self._adapter_weights else None
 
-    def warmup(self) -> int:
+    def warmup(self, verify_rows: int = 0) -> int:
         """Compile every shape serving can meet now, so that no request waits for a compile later:
         decode and prefill chunks for each rows bucket (with MindSpore's ops also per attended
-        length, and chunks further in than ``MIN_ATTEND`` one row each). Returns the number of
+        length, and chunks further in than ``MIN_ATTEND`` one row each), and decode-shaped steps of
+        up to ``verify_rows`` rows (``verify``: speculative decoding). Returns the number of
         shapes. Writes only positions that no sequence holds yet (call it before serving)."""
+        extra = sorted({self._rows(n) for n in range(self.max_batch + 1, verify_rows + 1)})
+        for b in extra:  # every row the first position of slot 0
+            self._run([0] * b, [[0]] * b, np.zeros(b, np.int64), np.ones(b, np.int64))
         rows = sorted({self._rows(n) for n in range(1, self.max_batch + 1)})
         chunks = sorted({self._chunk(n) for n in range(2, min(PREFILL_CHUNK, self.max_len - 1) + 1)})
         lengths = [0] if self.kernels else sorted({self._attend(n) for n in range(1, self.max_len + 1)})
@@ -268,7 +272,7 @@ class Engine(EngineBase):
             for t in chunks:  # one row, its chunk ending at the last position of the attended length
                 end = min(a, self.max_len - 1)
                 self._run([0], [[0] * t], [end - t], [end])
-        return len(rows) * (len(lengths) + len(chunks)) + len(far) * len(chunks)
+        return len(rows) * (len(lengths) + len(chunks)) + len(far) * len(chunks) + len(extra)
 
     def _chunk(self, n: int) -> int:
         """Tokens a prefill step computes for a chunk of n (> 1) tokens: few shapes to compile."""
@@ -279,8 +283,9 @@ class Engine(EngineBase):
         return min(bucket(end, self.max_len, start=MIN_ATTEND), self.max_len)
 
     def _rows(self, n: int) -> int:
-        """Rows a step runs for n sequences: a power of two, at most the slots."""
-        return min(bucket(n, self.max_batch, start=1), self.max_batch)
+        """Rows a step runs for n sequences: a power of two, at most the slots (more only for a
+        ``verify`` step, whose rows are tokens: several of one slot)."""
+        return min(bucket(n, self.max_batch, start=1), self.max_batch) if n <= self.max_batch else bucket(n, 2 * n, 1)
 
     def _run(self, slots, chunks, starts, seq_lens, adapters=None) -> np.ndarray:
         """One compiled step: ``chunks[i]`` (new tokens) go into slot ``slots[i]`` at positions
@@ -385,6 +390,33 @@ class Engine(EngineBase):
         if positions.max() >= self.max_len:
             raise PromptTooLong("sequence reached the cache length")
         return self._run(slots, [[int(t)] for t in tokens], positions, positions + 1, adapters)
+
+
+    def verify(self, slots: list[int], chunks: list[list[int]], starts, adapters=None) -> list[np.ndarray]:
+        """Speculative decoding's check: ``chunks[i]`` (the slot's last token, then proposed ones) go
+        into slot ``slots[i]`` at positions ``starts[i]``...; the logits (len(chunks[i]), V) after
+        each of their tokens.
+
+        Every token is a row of its own in one decode-shaped step (one query, ``Tq == 1``): the
+        kernels write all the step's new k/v rows before any query reads, so a row attends its
+        slot's positions up to its own, the ones this step wrote included, exactly as a decode of
+        that token would, and its logits are decode's to the bit (a chunk of ``Tq > 1`` would take
+        ``attend_block``'s online softmax and round differently). ``adapters[i]``: slot i's."""
+        if not self.kernels:  # MindSpore's ops attend a length that follows the step's longest row
+            raise NotImplementedError("verify needs the CPU kernels (on MindSpore's ops the attended length, "
+                                      "hence the rounding, would differ from decode's)")
+        self._check_slots(slots)
+        rows = [(s, int(t), int(p) + j) for s, c, p in zip(slots, chunks, starts) for j, t in enumerate(c)]
+        if not rows:
+            return []
+        row_slots, tokens, positions = (list(x) for x in zip(*rows))
+        positions = np.asarray(positions, np.int64)
+        if positions.max() >= self.max_len:
+            raise PromptTooLong("sequence reached the cache length")
+        row_adapters = None if adapters is None else np.repeat(np.asarray(adapters, np.int32),
+                                                               [len(c) for c in chunks])
+        logits = self._run(row_slots, [[t] for t in tokens], positions, positions + 1, row_adapters)
+        return np.split(logits, np.cumsum([len(c) for c in chunks])[:-1])
 
 
 def open_engine(folder, max_batch: int = 1, max_len: int | None = None, quantize: str | None = None,

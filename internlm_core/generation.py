@@ -149,6 +149,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = _param(0, "also the k most likely tokens' log-probabilities (implies logprobs)")
     grammar: Grammar | None = None  # structured output: the answer must match it (structured.py)
+    speculate: bool = True  # False: never verify proposed tokens for this request (speculative.py)
 
     def validate(self) -> "SamplingParams":
         def bad(msg):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from internlm_core.batching import Batcher, BatcherMetrics
+from internlm_core.batching import SPECULATION, Batcher, BatcherMetrics
 from internlm_core.checkpoint import MANIFEST_FILE, read_config
 from internlm_core.errors import AdapterError, CheckpointError, ModelNotFound, TokenizerError
 from internlm_core.generation import FINISH_ABORTED, FINISH_EOS, SamplingParams
@@ -68,6 +68,12 @@ class PrometheusMetrics(BatcherMetrics):
         self.prefix_queries = Counter("internlm_prefix_cache_queries_tokens_total", "Prompt tokens admitted")
         self.prefix_hits = Counter("internlm_prefix_cache_hits_tokens_total",
                                    "Prompt tokens whose KV was reused from a slot instead of computed")
+        self.drafts = Counter("internlm_spec_decode_draft_tokens_total",
+                              "Proposed tokens verified (speculative decoding)")
+        self.accepted = Counter("internlm_spec_decode_accepted_tokens_total", "Proposed tokens kept")
+        self.per_step = Histogram("internlm_spec_decode_tokens_per_step",
+                                  "Tokens one sequence got from one decode step (speculative decoding on)",
+                                  buckets=(1, 2, 3, 4, 5, 6, 7, 8))
         self.cache = Gauge("internlm_kv_cache_bytes", "KV cache allocated")
         self.weights = Gauge("internlm_weight_bytes", "Model weights held, by the precision they are held in",
                              ["precision"])
@@ -95,6 +101,11 @@ class PrometheusMetrics(BatcherMetrics):
 
     def tokens(self, n):
         self.generated.inc(n)
+
+    def speculation(self, proposed, accepted):
+        self.drafts.inc(proposed)
+        self.accepted.inc(accepted)
+        self.per_step.observe(accepted + 1)
 
     def finished(self, reason, seconds):
         self.requests.labels(reason).inc()
@@ -204,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
                     default=env_default("INTERNLM_KV_CACHE_DTYPE", "") or None,
                     help="the KV cache's dtype (default: float16 where the CPU kernels serve, half the bytes of "
                          "float32 with the same greedy tokens on the parity tests; float32 on MindSpore's ops)")
+    ap.add_argument("--speculate", choices=("auto", *SPECULATION), default=env_default("INTERNLM_SPECULATE", "auto"),
+                    help="speculative decoding ($INTERNLM_SPECULATE): ngram verifies prompt-lookup proposals in the "
+                         "decode steps (the same tokens as without; a request's speculate=false opts out); auto: "
+                         "ngram where the CPU kernels serve, off on MindSpore's ops (not exact there)")
     ap.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                     help="serve a LoRA adapter folder under NAME (repeatable); requests pick it by name")
     return ap
@@ -247,11 +262,16 @@ def main(argv: list[str] | None = None) -> None:
         except AdapterError as e:  # not an adapter of this model, or an engine that has none
             raise SystemExit(f"worker: --adapter {spec}: {e}") from None
     metrics = PrometheusMetrics()
-    batcher = Batcher(engine, tokenizer, args.max_queue, metrics).start()
+    speculate = args.speculate if args.speculate != "auto" else "ngram" if engine.kernels else "off"
+    try:
+        batcher = Batcher(engine, tokenizer, args.max_queue, metrics, speculate=speculate).start()
+    except ValueError as e:  # ngram asked for on an engine without the kernels
+        raise SystemExit(f"worker: --speculate {args.speculate}: {e}") from None
     metrics.watch(batcher)
     # Compile prefill and every decode shape now, not on a client's time.
     started = time.monotonic()
-    log.info("compiled %d step shapes in %.1f s", engine.warmup(), time.monotonic() - started)
+    shapes = engine.warmup(batcher.speculate_rows) if batcher.speculate else engine.warmup()
+    log.info("compiled %d step shapes in %.1f s", shapes, time.monotonic() - started)
     batcher.submit([BOS, BOS], SamplingParams(max_new_tokens=2, ignore_eos=True)).result()
     quantization = getattr(engine, "quantization", None)
     log.info("serving %s (%s, weights %s%s, %d slots x %d positions, KV cache %s %.0f MiB, %.1f MiB a slot, %s)",
@@ -260,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
              f" {engine.weight_bytes / 2**20:.0f} MiB" if getattr(engine, "weight_bytes", 0) else "",
              engine.max_batch, engine.max_len, getattr(engine, "cache_dtype", "float32"), engine.cache_bytes / 2**20,
              engine.cache_bytes_per_slot / 2**20, "CPU kernels" if getattr(engine, "kernels", False) else "MindSpore ops")
+    log.info("speculative decoding: %s", speculate)
 
     server = Server("worker", args.port, args.host, args.metrics_port,
                     max_workers=engine.max_batch + args.max_queue + 8, metrics_host=args.metrics_host,

@@ -145,6 +145,8 @@ class SamplingFields(KnownFields):
     min_tokens: Annotated[int, Field(ge=0, le=INT32)] = 0
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0, le=INT32)]] | None = None
+    # ours: false opts out of the worker's speculative decoding (the same tokens either way)
+    speculate: bool = True
 
     @model_validator(mode="after")
     def _one_grammar(self):
@@ -182,7 +184,7 @@ class SamplingFields(KnownFields):
             min_new_tokens=self.min_tokens, temperature=self.temperature, top_p=self.top_p,
             top_k=max(self.top_k, 0), min_p=self.min_p, repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            stop=stop, ignore_eos=self.ignore_eos, logprobs=logprobs, top_logprobs=top)
+            stop=stop, ignore_eos=self.ignore_eos, logprobs=logprobs, top_logprobs=top, speculate=self.speculate)
         if self.stop_token_ids is not None:
             p.stop_token_ids.ids.extend(self.stop_token_ids)
         if (grammar := self.grammar()) is not None:

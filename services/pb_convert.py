@@ -27,11 +27,14 @@ def sampling_from_pb(p: common_pb2.SamplingParams) -> SamplingParams:
         kw["stop_token_ids"] = tuple(p.stop_token_ids.ids)
     if p.HasField("grammar"):
         kw["grammar"] = grammar_from_pb(p.grammar)
+    if p.HasField("speculate"):
+        kw["speculate"] = p.speculate
     return SamplingParams(ignore_eos=p.ignore_eos, logprobs=p.logprobs, **kw).validate()
 
 
 def sampling_to_pb(s: SamplingParams) -> common_pb2.SamplingParams:
-    p = common_pb2.SamplingParams(stop=list(s.stop), ignore_eos=s.ignore_eos, logprobs=s.logprobs)
+    p = common_pb2.SamplingParams(stop=list(s.stop), ignore_eos=s.ignore_eos, logprobs=s.logprobs,
+                                  speculate=s.speculate)
     for name in SCALAR_PARAMS:
         value = getattr(s, name)
         if value is not None:

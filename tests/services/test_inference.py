@@ -43,6 +43,25 @@ def test_typed_control_strings_are_plain_text_unless_allowed(via, request, core_
     assert len(core_tokenizer.encode("Bye</s><s>")) != len(core_tokenizer.encode("Bye</s><s>", allow_special=True))
 
 
+def test_speculation_gives_the_same_tokens_and_is_counted(worker, core_engine, core_tokenizer):
+    """The worker speculates by default (the CPU kernels serve): a request gets core generate's
+    tokens with speculation and with the request's opt-out (``speculate: false``); only the first
+    counts decode steps in the speculation metrics."""
+    s = stub(worker)
+    text = "one two three four five, one two three four five, one two three"
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    want = core_generate(core_engine, core_tokenizer, core_tokenizer.encode(text), params)[0]
+    steps = lambda: worker.metric("internlm_spec_decode_tokens_per_step_count")  # noqa: E731
+    before = steps()
+    r = s.GenerateUnary(inference_pb2.GenerateRequest(text=text, params=sampling_to_pb(params)), timeout=60)
+    assert list(r.token_ids) == want
+    after = steps()
+    assert after > before  # its decode steps
+    off = sampling_to_pb(params.replace(speculate=False))
+    r = s.GenerateUnary(inference_pb2.GenerateRequest(text=text, params=off), timeout=60)
+    assert list(r.token_ids) == want and steps() == after
+
+
 @pytest.mark.parametrize("via", ["worker", "endpoint"])
 def test_stream_unary_and_core_agree(via, request, core_engine, core_tokenizer):
     s = stub(request.getfixturevalue(via))

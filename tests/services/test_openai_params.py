@@ -57,7 +57,8 @@ def stack(model_dir, adapter_dir, tokenizer_service, stack_dir, tmp_path_factory
                               "--adapter", f"{ADAPTER}={adapter_dir}").wait_healthy()
         assert wait_workers(ep, 1), "the worker never showed up at the endpoint"
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
-        yield SimpleNamespace(base=base, client=client, health_before=health_before, model=model_dir.name)
+        yield SimpleNamespace(base=base, client=client, health_before=health_before, model=model_dir.name,
+                              worker=worker)
     finally:
         for service in (worker, ep):
             if service is not None:
@@ -106,6 +107,20 @@ def test_min_p_narrows_sampling_as_the_core_does(stack, engine, core_tokenizer):
     r = httpx.post(f"{stack.base}/v1/completions", json={"model": stack.model, "prompt": PROMPT, "max_tokens": 4,
                                                          "min_p": 1.0}, timeout=60)
     assert r.status_code == 400 and "min_p" in r.json()["error"]["message"], r.text
+
+
+def test_speculate_false_opts_out_with_the_same_answer(stack, engine, core_tokenizer):
+    """The worker speculates by default; ``speculate: false`` (ours) opts a request out: the same
+    text either way, the core's, and only the first counts speculative decode steps."""
+    steps = lambda: stack.worker.metric("internlm_spec_decode_tokens_per_step_count")  # noqa: E731
+    want = core(engine, core_tokenizer, core_tokenizer.encode(PROMPT), max_new_tokens=40, ignore_eos=True)
+    kw = dict(model=stack.model, prompt=PROMPT, max_tokens=40, temperature=0)
+    before = steps()
+    assert stack.client.completions.create(**kw, extra_body={"ignore_eos": True}).choices[0].text == want
+    after = steps()
+    assert after > before
+    off = stack.client.completions.create(**kw, extra_body={"ignore_eos": True, "speculate": False})
+    assert off.choices[0].text == want and steps() == after
 
 
 def test_max_completion_tokens_bounds_the_answer(stack):

@@ -1,0 +1,117 @@
+"""Speculative decoding as served: tokens/s with prompt-lookup speculation on and off, same run.
+
+    .venv/bin/python bench/speculative_bench.py --model /root/demo-models/internlm-demo [--streams 1,8]
+
+One inference worker with its default settings (subprocess, gRPC on loopback; it speculates by
+default where the CPU kernels serve) serves the model; each request sets ``speculate`` on or off,
+so both halves run on the same worker, alternately, ``--reps`` times. Two tasks at each stream
+count (``--streams``, concurrent ``Generate`` streams):
+
+  copy  a WikiText-2 passage, a blank line, then the passage's first sentence again: greedy, so a
+        model that has learnt to continue what it has seen repeats spans of the prompt (issue 28's
+        target: >= 2.0x tokens/s at 1 stream, >= 1.3x at 8);
+  free  the start of another passage, sampled (temperature 0.8, a seed per stream): little repeats
+        (target: >= 0.97x, no loss where proposals fail).
+
+Reported per task and stream count: tokens/s off and on, the ratio, and from the worker's
+Prometheus series over the speculative runs: proposed and accepted tokens (acceptance rate) and the
+tokens a sequence got per decode step. ``--model`` takes a model folder (the self-trained demo
+model of the local stack was trained on WikiText); without it a ``--preset`` model with random
+weights is made (small random weights make greedy text loop: proposals are kept there too).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
+
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import urllib.request  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from serving_bench import Proc, at_once, free_port, make_model, model_arguments  # noqa: E402
+
+WIKITEXT = Path("/work/shared/data/wikitext-2/valid.txt")
+SERIES = ("internlm_spec_decode_draft_tokens_total", "internlm_spec_decode_accepted_tokens_total",
+          "internlm_spec_decode_tokens_per_step_sum", "internlm_spec_decode_tokens_per_step_count")
+
+
+def passages(n: int, chars: int) -> list[str]:
+    """n WikiText-2 paragraphs (no headings) cut to about ``chars`` characters at a word."""
+    lines = [line.strip() for line in WIKITEXT.read_text(encoding="utf-8").splitlines()]
+    paras = [line for line in lines if len(line) > chars and not line.startswith("=")]
+    return [p[:chars].rsplit(" ", 1)[0] for p in paras[:n]]
+
+
+def prompts(task: str, streams: int, chars: int) -> list[str]:
+    if task == "copy":
+        return [p + "\n\n" + p.split(" . ")[0] for p in passages(streams, chars)]
+    return [p[:chars // 4].rsplit(" ", 1)[0] for p in passages(2 * streams, chars)[streams:]]
+
+
+def scrape(url: str) -> dict[str, float]:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    values = dict(line.rpartition(" ")[::2] for line in text.splitlines() if line.split(" ", 1)[0] in SERIES)
+    return {name: float(values.get(name, 0.0)) for name in SERIES}
+
+
+def main() -> None:
+    ap = model_arguments(__doc__.splitlines()[0], "bench-serve")
+    ap.add_argument("--streams", default="1,8", help="comma-separated concurrent stream counts")
+    ap.add_argument("--reps", type=int, default=2, help="(off, on) pairs per task and stream count")
+    ap.add_argument("--chars", type=int, default=700, help="characters of each passage")
+    args = ap.parse_args()
+
+    import grpc
+
+    from services.pb import common_pb2, inference_pb2, inference_pb2_grpc
+    from services.server_common import wait_healthy
+
+    tmp = Path(tempfile.mkdtemp(prefix="speculative-bench-"))
+    model = Path(args.model) if args.model else make_model(args.preset, tmp)
+    port, metrics_port = free_port(), free_port()
+    worker = Proc([sys.executable, "-m", "services.inference_worker", "--model", str(model), "--port", str(port),
+                   "--metrics-port", str(metrics_port), "--redis-url", ""], tmp / "worker.log")
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    try:
+        wait_healthy(f"127.0.0.1:{port}", timeout=600)
+        stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+
+        def one(job):
+            text, task, i, speculate = job
+            params = common_pb2.SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True, speculate=speculate)
+            if task == "free":
+                params.temperature, params.seed = 0.8, 1000 + i
+            return sum(len(c.token_ids) for c in stub.Generate(
+                inference_pb2.GenerateRequest(text=text, params=params), timeout=600))
+
+        one((prompts("copy", 1, args.chars)[0], "copy", 0, True))  # warm
+        print(f"model {model.name}, {args.new_tokens} new tokens a stream, one worker with its defaults, "
+              f"{args.reps} alternating (off, on) pairs")
+        print(f"  {'task':5} {'streams':>7} {'off tok/s':>10} {'on tok/s':>9} {'on/off':>7} {'accepted':>14} "
+              f"{'tokens/step':>11}")
+        for streams in (int(s) for s in args.streams.split(",")):
+            for task in ("copy", "free"):
+                texts = prompts(task, streams, args.chars)
+                rates = {False: [], True: []}
+                before = scrape(metrics_url)
+                for _ in range(args.reps):
+                    for speculate in (False, True):
+                        counts, wall = at_once(one, [(t, task, i, speculate) for i, t in enumerate(texts)])
+                        rates[speculate].append(sum(counts) / wall)
+                delta = {k: v - before[k] for k, v in scrape(metrics_url).items()}
+                drafts, kept, per_step, steps = (delta[name] for name in SERIES)
+                off, on = (sum(rates[s]) / len(rates[s]) for s in (False, True))
+                print(f"  {task:5} {streams:>7} {off:>10.1f} {on:>9.1f} {on / off:>6.2f}x "
+                      f"{int(kept):>6}/{int(drafts):<7} {per_step / max(steps, 1):>11.2f}")
+    finally:
+        worker.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Prompt-lookup (n-gram) speculative decoding: what to propose, how many, and which to keep.
+
+A decode step on a CPU costs reading the weights once, and the kernels' linears let up to 8 rows
+share each weight load, so checking a few proposed tokens in the step that produces the next one
+costs little more than that one token. The proposals come from the sequence itself (no second
+model): the tokens that followed the most recent earlier occurrence of its last n tokens (n from
+``MAX_NGRAM`` down to ``MIN_NGRAM``), in the prompt or in what it has generated, which is what an
+answer that quotes, edits or summarises a given passage repeats.
+
+Exactness: ``accept`` feeds each verified position's logits to ``SequenceState.step``, the very
+call plain decoding makes, in order, and keeps going only while the token it picks is the next
+proposal. Each position's logits are those plain decoding would compute (``Engine.verify`` makes
+every proposed token a decode row of its own, bit for bit decode's), and the state (penalties,
+grammar, stop strings, min/max tokens, its sampling generator) has advanced exactly as plain
+decoding's would by then, so the tokens are plain decoding's, greedy or sampled under a seed
+alike, and so are their logprobs. For a draft that is a point mass on proposal x (prompt lookup),
+this is the rejection rule of Leviathan et al. / Chen et al.: sampling y from the target and
+keeping x when y == x accepts x with probability P(x), and on a rejection y follows P with x
+removed and renormalised; each sampled token takes one draw, as without speculation, so a seed
+gives the same tokens with and without it (and ``SequenceState.resume`` stays right).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .generation import SequenceState, TokenEvent
+
+MAX_NGRAM, MIN_NGRAM = 3, 1  # the suffix lengths looked up, longest first
+K_MIN, K_MAX = 1, 7  # proposals per step for one sequence (with its last token: up to 8 rows)
+K_START = 4
+MAX_PAUSE = 16  # steps without proposals, at most, after a single proposal is rejected again and again
+SEARCH = 4096  # the tokens searched for a match: the most recent ones
+
+
+def propose(tokens: Sequence[int], k: int, max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM) -> list[int]:
+    """Up to ``k`` tokens that followed an earlier occurrence of the longest suffix of ``tokens``
+    (``max_ngram`` tokens down to ``min_ngram``) that occurs before: the most recent occurrence
+    with ``k`` tokens after it, else the one with the most; [] when no suffix recurs."""
+    if k <= 0 or len(tokens) < 2:
+        return []
+    seq = np.asarray(tokens[-SEARCH:], np.int64)
+    # where an earlier match would end: the last token's earlier places (each has a token after it)
+    ends = np.flatnonzero(seq[:-1] == seq[-1])
+    for n in range(min(max_ngram, len(seq) - 1), min_ngram - 1, -1):
+        hits = ends[ends >= n - 1]
+        for back in range(1, n):  # the n-gram's other tokens, on the few candidates left
+            hits = hits[seq[hits - back] == seq[-1 - back]]
+        if len(hits):
+            full = hits[hits + 1 + k <= len(seq)]
+            start = (full[-1] if len(full) else hits[0]) + 1
+            return seq[start:start + k].tolist()
+    return []
+
+
+class History:
+    """A sequence's tokens (prompt, then generated) in one array that grows, so that each step's
+    lookup copies only the tokens new since the last."""
+
+    def __init__(self, capacity: int):
+        self.tokens, self.n, self.prompt = np.zeros(capacity, np.int64), 0, 0
+
+    def update(self, prompt: Sequence[int], generated: Sequence[int]) -> np.ndarray:
+        if self.n == 0:
+            self.prompt = self.n = len(prompt)
+            self.tokens[:self.n] = prompt
+        new = generated[self.n - self.prompt:]
+        self.tokens[self.n:self.n + len(new)] = new
+        self.n += len(new)
+        return self.tokens[:self.n]
+
+
+@dataclass
+class Adaptive:
+    """How many tokens one sequence proposes at its next step: ``k`` grows by one after a run kept
+    whole and drops to the kept length plus one after a rejection (K_MIN..K_MAX); a single
+    proposal rejected pauses proposing for ``backoff`` steps, a pause that doubles each time (up
+    to MAX_PAUSE) until a proposal is kept, so text that does not repeat itself costs few rows."""
+    k: int = K_START
+    skip: int = 0  # steps left in the current pause
+    backoff: int = 1
+
+    def wanted(self) -> int:
+        """Tokens to propose now (0 in a pause); call once a step."""
+        if self.skip:
+            self.skip -= 1
+            return 0
+        return self.k
+
+    def update(self, proposed: int, accepted: int) -> None:
+        if proposed == 0:
+            return
+        self.k = min(self.k + 1, K_MAX) if accepted == proposed else max(K_MIN, min(accepted + 1, K_MAX))
+        if accepted:
+            self.backoff = 1
+        elif proposed <= K_MIN:
+            self.skip, self.backoff = self.backoff, min(2 * self.backoff, MAX_PAUSE)
+
+
+def accept(state: SequenceState, rows: np.ndarray, proposals: Sequence[int],
+           max_len: int | None = None) -> Iterator[TokenEvent]:
+    """The tokens one verification gives a sequence: ``rows[j]`` are the logits after its last
+    token (j = 0) and after proposal j (j >= 1), ``len(proposals) + 1`` rows. Steps ``state`` on
+    each row in turn, yielding each event, and stops after the first token that is not the next
+    proposal (the model's own), after the one that ends the request, or after the last row (every
+    proposal kept: the model's next token comes free). ``proposals`` empty: one plain step."""
+    for j, row in enumerate(rows):
+        event = state.step(row, max_len)
+        yield event
+        if event.finish_reason or j == len(proposals) or event.token_id != proposals[j]:
+            return
