@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from serving_bench import Proc, at_once, free_port, make_model, model_arguments  # noqa: E402
 
-WIKITEXT = Path("/work/shared/data/wikitext-2/valid.txt")
+WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 SERIES = ("internlm_spec_decode_draft_tokens_total", "internlm_spec_decode_accepted_tokens_total",
           "internlm_spec_decode_tokens_per_step_sum", "internlm_spec_decode_tokens_per_step_count")
 
