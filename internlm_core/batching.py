@@ -74,10 +74,11 @@ class BatcherMetrics:
 
 _DONE = object()  # queued after a handle's last event
 PREFILL_BUDGET = 256  # prompt tokens a prefill step takes while streams decode (~0.35 s on 2 cores, bench-serve)
-# Rows a speculative decode step may fill: past 8 rows the linears pass over each weight block again from L2,
-# so 16 rows cost little more than 8 (bench-serve, engine level, 2 busy cores: 1 / 8 / 16 / 32 rows 28-31 /
-# 40 / 41-44 / 55 ms a step)
-SPECULATE_ROWS = 16
+# Rows a speculative decode step may fill: up to 8 rows (the AVX-512 tile) share each weight load, so
+# proposals there ride on the step's one pass over the weights; past 8 the linears pass again (from L2).
+# Measured served (bench/speculative_bench.py, demo model, 8 streams of a copy task where the model keeps
+# 17% of proposals): filling up to 16 rows ran 0.89x of no speculation; up to 8 leaves 8 streams alone.
+SPECULATE_ROWS = 8
 SPECULATION = ("off", "ngram")
 
 
