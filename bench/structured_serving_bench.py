@@ -4,11 +4,12 @@
 
 One inference worker with its default settings (subprocess, gRPC on loopback) serves the model;
 ``--streams`` concurrent ``Generate`` streams of sampled answers (temperature 1, the same prompts
-both times) run twice in one run, alternately: free, and with ``SamplingParams.grammar`` a JSON
-Schema whose answers are long enough to reach ``--new-tokens`` (an array of short strings), so both
-runs generate about the same number of tokens. Reported: aggregate tokens/s of each, the ratio
-(the issue's target: constrained >= 0.9x free), how the answers ended, and whether every
-constrained answer that finished parses and validates. ``--model`` takes a model folder (e.g. the
+both times) run twice in one run, alternately: free (``ignore_eos``), and with
+``SamplingParams.grammar`` a JSON Schema that cannot be complete within ``--new-tokens`` (at least
+64 array items), so every answer of both runs is exactly ``--new-tokens`` long and the two runs
+generate the same number of tokens (that every constrained answer parses and validates is the
+tests' business). Reported: aggregate tokens/s of each, the ratio (the issue's target:
+constrained >= 0.9x free) and how the answers ended. ``--model`` takes a model folder (e.g. the
 demo model the local stack trains); without it a ``--preset`` model with random weights is made.
 """
 from __future__ import annotations
@@ -20,7 +21,6 @@ os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
 import json  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,7 +31,8 @@ from serving_bench import Proc, at_once, free_port, make_model, model_arguments 
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["title", "tags"],
           "properties": {"title": {"type": "string", "maxLength": 16},
-                         "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 200}}}
+                         "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "minItems": 64,
+                                  "maxItems": 200}}}
 PROMPT = "Describe the river in JSON:"
 
 
@@ -42,7 +43,6 @@ def main() -> None:
     args = ap.parse_args()
 
     import grpc
-    import jsonschema
 
     from services.pb import common_pb2, inference_pb2, inference_pb2_grpc
     from services.pb_convert import FINISH_FROM_PB, grammar_to_pb
@@ -63,6 +63,8 @@ def main() -> None:
             params = common_pb2.SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, seed=1000 + i)
             if constrained:
                 params.grammar.CopyFrom(grammar)
+            else:
+                params.ignore_eos = True
             n, text, reason = 0, [], None
             for chunk in stub.Generate(inference_pb2.GenerateRequest(text=PROMPT, params=params), timeout=600):
                 n += len(chunk.token_ids)
@@ -74,25 +76,18 @@ def main() -> None:
         one(0, True)  # warm: compiles and the grammar's tokenizer view
         runs = {"free": [], "json_schema": []}
         ends = {"free": {}, "json_schema": {}}
-        valid = bad = 0
         for _ in range(args.reps):
             for kind in runs:
                 results, wall = at_once(lambda i: one(i, kind == "json_schema"), list(range(args.streams)))
                 runs[kind].append(sum(n for n, _, _ in results) / wall)
-                for _, text, reason in results:
+                for _, _, reason in results:
                     ends[kind][reason] = ends[kind].get(reason, 0) + 1
-                    if kind == "json_schema" and reason == "stop":
-                        try:
-                            jsonschema.validate(json.loads(text), SCHEMA)
-                            valid += 1
-                        except (ValueError, jsonschema.ValidationError):
-                            bad += 1
         print(f"model {model.name}, {args.streams} streams of {args.new_tokens} sampled tokens, one worker with "
               f"its defaults, {args.reps} alternating pairs")
         for kind, rates in runs.items():
             print(f"  {kind:12} tok/s {' / '.join(f'{r:.1f}' for r in rates)}   ends {ends[kind]}")
         ratio = sum(runs["json_schema"]) / sum(runs["free"])
-        print(f"  constrained / free: {ratio:.2f}x   finished constrained answers valid: {valid}, invalid: {bad}")
+        print(f"  constrained / free: {ratio:.2f}x")
     finally:
         worker.stop()
 
