@@ -206,78 +206,19 @@ class Config:
         """The config.json of an HF InternLM folder (InternLM's own keys plus LLaMA's aliases), or
         of an InternLM2 one (model_type internlm2: GQA, rope_theta, rope_scaling), or of an InternLM3 one
         (LLaMA's names, its own two bias switches and head_dim)."""
-        if self.family == "internlm3":
-            if self.out_bias != self.mlp_bias:
-                raise ConfigError("InternLM3's config has one switch (bias) for the o projection and the MLP: "
-                                  f"o bias {self.out_bias} and MLP bias {self.mlp_bias} cannot be written")
-            return {
-                "architectures": [FAMILIES["internlm3"].architecture],
-                "model_type": "internlm3",
-                "vocab_size": self.vocab_size,
-                "hidden_size": self.hidden_size,
-                "intermediate_size": self.intermediate_size,
-                "num_hidden_layers": self.num_layers,
-                "num_attention_heads": self.num_heads,
-                "num_key_value_heads": self.kv_heads,
-                "head_dim": self.head_dim,
-                "max_position_embeddings": self.max_position_embeddings,
-                "rms_norm_eps": self.rms_norm_eps,
-                "hidden_act": "silu",
-                "qkv_bias": self.bias,
-                "bias": self.out_bias,
-                "rope_theta": self.rope_base,
-                "rope_scaling": ({"rope_type": self.rope_scaling, "factor": self.rope_scaling_factor}
-                                 if self.rope_scaling else None),
-                "tie_word_embeddings": False,
-                "bos_token_id": self.bos_id,
-                "eos_token_id": self.eos_id,
-                "pad_token_id": self.pad_id,
-                "torch_dtype": self.dtype,
-            }
-        if self.out_bias != self.bias or self.mlp_bias or self.head_dim * self.num_heads != self.hidden_size:
-            raise ConfigError(f"an {self.family} HF config has no separate o / MLP bias or head_dim: "
-                              "this model can only be written as InternLM3")
-        if self.family == "internlm2":
-            return {
-                "architectures": ["InternLM2ForCausalLM"],
-                "model_type": "internlm2",
-                "vocab_size": self.vocab_size,
-                "hidden_size": self.hidden_size,
-                "intermediate_size": self.intermediate_size,
-                "num_hidden_layers": self.num_layers,
-                "num_attention_heads": self.num_heads,
-                "num_key_value_heads": self.kv_heads,
-                "max_position_embeddings": self.max_position_embeddings,
-                "rms_norm_eps": self.rms_norm_eps,
-                "hidden_act": "silu",
-                "bias": self.bias,
-                "rope_theta": self.rope_base,
-                "rope_scaling": ({"type": self.rope_scaling, "factor": self.rope_scaling_factor}
-                                 if self.rope_scaling else None),
-                "tie_word_embeddings": False,
-                "bos_token_id": self.bos_id,
-                "eos_token_id": self.eos_id,
-                "pad_token_id": self.pad_id,
-                "torch_dtype": self.dtype,
-            }
-        rotary = {"base": self.rope_base, "type": self.rope_scaling or "origin"}
-        if self.rope_scaling:
-            rotary["scaling_factor"] = self.rope_scaling_factor
-        return {
-            "architectures": ["InternLMForCausalLM"],
-            "model_type": "internlm",
+        family = FAMILIES[self.family]
+        common = {
+            "architectures": [family.architecture],
+            "model_type": family.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.num_layers,
             "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_heads,
+            "num_key_value_heads": self.kv_heads,
             "max_position_embeddings": self.max_position_embeddings,
             "rms_norm_eps": self.rms_norm_eps,
             "hidden_act": "silu",
-            "bias": self.bias,
-            "attention_bias": self.bias,
-            "rotary": rotary,
             "rope_theta": self.rope_base,
             "tie_word_embeddings": False,
             "bos_token_id": self.bos_id,
@@ -285,6 +226,24 @@ class Config:
             "pad_token_id": self.pad_id,
             "torch_dtype": self.dtype,
         }
+        if self.family == "internlm3":
+            if self.out_bias != self.mlp_bias:
+                raise ConfigError("InternLM3's config has one switch (bias) for the o projection and the MLP: "
+                                  f"o bias {self.out_bias} and MLP bias {self.mlp_bias} cannot be written")
+            return {**common, "head_dim": self.head_dim, "qkv_bias": self.bias, "bias": self.out_bias,
+                    "rope_scaling": ({"rope_type": self.rope_scaling, "factor": self.rope_scaling_factor}
+                                     if self.rope_scaling else None)}
+        if self.out_bias != self.bias or self.mlp_bias or self.head_dim * self.num_heads != self.hidden_size:
+            raise ConfigError(f"an {self.family} HF config has no separate o / MLP bias or head_dim: "
+                              "this model can only be written as InternLM3")
+        if self.family == "internlm2":
+            return {**common, "bias": self.bias,
+                    "rope_scaling": ({"type": self.rope_scaling, "factor": self.rope_scaling_factor}
+                                     if self.rope_scaling else None)}
+        rotary = {"base": self.rope_base, "type": self.rope_scaling or "origin"}
+        if self.rope_scaling:
+            rotary["scaling_factor"] = self.rope_scaling_factor
+        return {**common, "bias": self.bias, "attention_bias": self.bias, "rotary": rotary}
 
 
 def hf_family(hf: dict) -> str:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,31 @@ def start_http_endpoint(redis_url: str, tokenizer_address: str, log_dir: Path, n
     s.base = f"http://127.0.0.1:{port}"
     wait_http(s.base)
     return s
+
+
+@contextmanager
+def model_stack(model_dir: Path, root: Path, name: str, *worker_args: str):
+    """A model folder served as a user's stack has it, on its own Redis under ``root``: a tokenizer
+    service on the folder's tokenizer, one worker (``worker_args`` added), an endpoint with its HTTP
+    side (``.base``). Yields (worker, endpoint, tokenizer service); stops them all on the way out."""
+    redis = RedisServer(root / "redis").start()
+    services = []
+    try:
+        tok = Service("services.tokenizer_service", ["--tokenizer", str(model_dir / "tokenizer.model")],
+                      root / f"tokenizer-{name}.log", free_port(), free_port())
+        services.append(tok)
+        worker = start_worker(model_dir, redis.url, root, f"worker-{name}", *worker_args)
+        services.append(worker)
+        tok.wait_healthy()
+        worker.wait_healthy()
+        endpoint = start_http_endpoint(redis.url, tok.address, root, f"endpoint-{name}")
+        services.append(endpoint)
+        assert wait_workers(endpoint, 1)
+        yield worker, endpoint, tok
+    finally:
+        for s in services:
+            s.stop()
+        redis.stop()
 
 
 def wait_workers(endpoint: Service, n: int, timeout: float = 60) -> list:

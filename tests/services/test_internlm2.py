@@ -20,8 +20,8 @@ from internlm_core.loader import load_model
 from internlm_core.tokenizer import Tokenizer
 from services.pb import common_pb2, inference_pb2, inference_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 from services.pb_convert import chat_to_pb
-from tests.helpers import REPO, V2_TOKENIZER, RedisServer, free_port, internlm2_checkpoint
-from tests.services.conftest import Service, start_endpoint, start_worker, wait_http, wait_workers
+from tests.helpers import REPO, V2_TOKENIZER, internlm2_checkpoint
+from tests.services.conftest import model_stack
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "讲一个关于河流的故事。"}]
 
@@ -38,27 +38,8 @@ def v2_stack(tmp_path_factory):
     # the reference tokenizer: see tests/test_tokenizer_internlm2.py for why LlamaTokenizer(legacy=True)
     ref_ids = list(LlamaTokenizer.from_pretrained(str(hf), legacy=True).apply_chat_template(
         CHAT, add_generation_prompt=True, tokenize=True))
-    redis = RedisServer(root / "redis").start()
-    services = []
-    try:
-        tok = Service("services.tokenizer_service", ["--tokenizer", str(model_dir / "tokenizer.model")],
-                      root / "tokenizer.log", free_port(), free_port())
-        services.append(tok)
-        worker = start_worker(model_dir, redis.url, root, "worker-v2", "--max-len", "128")
-        services.append(worker)
-        port = free_port()
-        endpoint = start_endpoint(redis.url, tok.address, root, "endpoint-v2", "--http-port", str(port))
-        services.append(endpoint)
-        for s in services:
-            s.wait_healthy()
-        assert wait_workers(endpoint, 1)
-        endpoint.base = f"http://127.0.0.1:{port}"
-        wait_http(endpoint.base)
+    with model_stack(model_dir, root, "v2", "--max-len", "128") as (worker, endpoint, tok):
         yield model_dir, worker, endpoint, tok, ref_ids
-    finally:
-        for s in services:
-            s.stop()
-        redis.stop()
 
 
 def core_answer(model_dir, prompt, n):

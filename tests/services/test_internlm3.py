@@ -18,8 +18,8 @@ from internlm_core.loader import load_model
 from internlm_core.tokenizer import Tokenizer
 from services.pb import common_pb2, inference_pb2, inference_pb2_grpc
 from services.pb_convert import chat_to_pb
-from tests.helpers import RedisServer, free_port, hf_reference_model, save_internlm3_folder, v3_tokenizer_folder
-from tests.services.conftest import Service, start_endpoint, start_worker, wait_http, wait_workers
+from tests.helpers import hf_reference_model, save_internlm3_folder, v3_tokenizer_folder
+from tests.services.conftest import model_stack
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell a story about a river."}]
 
@@ -35,28 +35,9 @@ def v3_stack(tmp_path_factory):
         shutil.copyfile(tok / name, hf / name)
     model_dir = root / "internlm3-tiny"
     hf_to_ms(hf, model_dir)
-    redis = RedisServer(root / "redis").start()
-    services = []
-    try:
-        tok = Service("services.tokenizer_service", ["--tokenizer", str(model_dir / "tokenizer.model")],
-                      root / "tokenizer.log", free_port(), free_port())
-        services.append(tok)
-        # room for thinking mode's long system prompt (dynamic NTK past the 64 trained positions)
-        worker = start_worker(model_dir, redis.url, root, "worker-v3", "--max-len", "2048")
-        services.append(worker)
-        port = free_port()
-        endpoint = start_endpoint(redis.url, tok.address, root, "endpoint-v3", "--http-port", str(port))
-        services.append(endpoint)
-        for s in services:
-            s.wait_healthy()
-        assert wait_workers(endpoint, 1)
-        endpoint.base = f"http://127.0.0.1:{port}"
-        wait_http(endpoint.base)
+    # room for thinking mode's long system prompt (dynamic NTK past the 64 trained positions)
+    with model_stack(model_dir, root, "v3", "--max-len", "2048") as (worker, endpoint, _):
         yield model_dir, worker, endpoint
-    finally:
-        for s in services:
-            s.stop()
-        redis.stop()
 
 
 def core_answer(model_dir, n):

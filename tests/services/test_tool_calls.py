@@ -18,8 +18,8 @@ from internlm_core.tokenizer import Tokenizer
 from internlm_core.tools import Tools, parse_answer
 from services.pb import common_pb2, inference_pb2, inference_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 from services.pb_convert import chat_to_pb, join_chunks
-from tests.helpers import RedisServer, free_port, internlm2_checkpoint
-from tests.services.conftest import Service, start_endpoint, start_worker, wait_http, wait_workers
+from tests.helpers import internlm2_checkpoint
+from tests.services.conftest import model_stack
 from tests.test_tools import ACTION_START, IM_END, IM_START, PLUGIN, TIME, WEATHER
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -39,27 +39,8 @@ def v2(tmp_path_factory):
     _, hf = internlm2_checkpoint(root / "hf", seed=5, max_position_embeddings=512)
     model_dir = root / "internlm2-tools"
     hf_to_ms(hf, model_dir)
-    redis = RedisServer(root / "redis").start()
-    services = []
-    try:
-        tok = Service("services.tokenizer_service", ["--tokenizer", str(model_dir / "tokenizer.model")],
-                      root / "tokenizer.log", free_port(), free_port())
-        services.append(tok)
-        worker = start_worker(model_dir, redis.url, root, "worker-tools", "--max-len", "512", "--max-batch", "4")
-        services.append(worker)
-        port = free_port()
-        endpoint = start_endpoint(redis.url, tok.address, root, "endpoint-tools", "--http-port", str(port))
-        services.append(endpoint)
-        for s in services:
-            s.wait_healthy()
-        assert wait_workers(endpoint, 1)
-        endpoint.base = f"http://127.0.0.1:{port}"
-        wait_http(endpoint.base)
+    with model_stack(model_dir, root, "tools", "--max-len", "512", "--max-batch", "4") as (worker, endpoint, tok):
         yield model_dir, worker, endpoint, tok
-    finally:
-        for s in services:
-            s.stop()
-        redis.stop()
 
 
 @pytest.fixture(scope="module")
