@@ -67,6 +67,14 @@ def hf_state_dict(model, cfg) -> dict:
     return {k: v.detach().float().numpy() for k, v in model.state_dict().items() if k in wanted}
 
 
+def hf_logits(ref, ids: list[int]):
+    """The reference model's logits (T, V) for one sequence of ids."""
+    import torch
+
+    with torch.no_grad():
+        return ref(torch.tensor([ids])).logits[0].numpy()
+
+
 def hf_greedy(ref, prompt: list[int], n: int = 32) -> list[int]:
     """HF's cached greedy generation of exactly ``n`` tokens after ``prompt`` (no stop token)."""
     import torch

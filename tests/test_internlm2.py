@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from internlm_core.config import Config
 from internlm_core.convert import hf_to_ms, ms_to_hf
@@ -15,7 +14,7 @@ from internlm_core.errors import CheckpointError
 from internlm_core.generation import SamplingParams, generate
 from internlm_core.loader import load_model
 from internlm_core.model import forward_inputs
-from tests.helpers import hf_greedy, hf_reference_model, random_ids, save_internlm2_folder
+from tests.helpers import hf_greedy, hf_logits, hf_reference_model, random_ids, save_internlm2_folder
 
 CFG = Config.from_name("tiny-v2")  # 4 query heads on 2 k/v heads, dynamic NTK past 64 positions
 
@@ -30,10 +29,6 @@ def v2_dir(ref, tmp_path_factory):
     root = tmp_path_factory.mktemp("v2")
     return hf_to_ms(save_internlm2_folder(ref, CFG, root / "hf"), root / "ms") and root / "ms"
 
-
-def hf_logits(ref, ids):
-    with torch.no_grad():
-        return ref(torch.tensor([ids])).logits[0].numpy()
 
 
 def test_the_converted_model_is_hfs_gqa_network(ref, v2_dir):

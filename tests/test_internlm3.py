@@ -11,7 +11,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from internlm_core.config import Config
 from internlm_core.convert import hf_to_ms, ms_to_hf
@@ -20,7 +19,7 @@ from internlm_core.errors import CheckpointError
 from internlm_core.generation import SamplingParams, generate
 from internlm_core.loader import load_model
 from internlm_core.model import forward_inputs
-from tests.helpers import (REPO, hf_greedy, hf_reference_model, random_ids, save_internlm3_folder,
+from tests.helpers import (REPO, hf_greedy, hf_logits, hf_reference_model, random_ids, save_internlm3_folder,
                            v3_tokenizer_folder)
 
 CFG = Config.from_name("tiny-v3")
@@ -38,10 +37,6 @@ def v3_dir(ref, tmp_path_factory):
     hf_to_ms(save_internlm3_folder(ref, CFG, root / "hf"), root / "ms")
     return root / "ms"
 
-
-def hf_logits(ref, ids):
-    with torch.no_grad():
-        return ref(torch.tensor([ids])).logits[0].numpy()
 
 
 @pytest.mark.parametrize("case", BIAS_CASES)

@@ -2,18 +2,13 @@
 InternLM-7B's network (without bias, InternLM-20B's). Same weights via the project's converter."""
 import numpy as np
 import pytest
-import torch
 
 from internlm_core.config import Config
 from internlm_core.convert import hf_to_ms
 from internlm_core.loader import load_model
 from internlm_core.model import forward_inputs, rope_base
-from tests.helpers import hf_reference_model, random_ids, save_hf_folder
+from tests.helpers import hf_logits, hf_reference_model, random_ids, save_hf_folder
 
-
-def hf_logits(model, ids):
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].numpy()
 
 
 @pytest.fixture(scope="module")

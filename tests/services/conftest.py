@@ -200,3 +200,15 @@ def wait_http(base: str, timeout: float = 30, **kw) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def client(http):
+    """The official ``openai`` client against the session's HTTP endpoint."""
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"{http.base}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model_id(client):
+    return client.models.list().data[0].id

@@ -19,16 +19,6 @@ from tests.services.conftest import start_endpoint, start_worker, wait_http, wai
 openai = pytest.importorskip("openai")
 
 
-@pytest.fixture(scope="module")
-def client(http):
-    return openai.OpenAI(base_url=f"{http.base}/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def model_id(client):
-    return client.models.list().data[0].id
-
-
 def core_text(engine, tokenizer, ids, params):
     events = list(generate(engine, ids, params, tokenizer))
     return "".join(e.text for e in events), events

@@ -26,16 +26,6 @@ MESSAGES = [{"role": "user", "content": "Describe a person as JSON."}]
 SAMPLES, N = 64, 8  # N choices a request: the worker's 4 slots and 8 waiting hold them
 
 
-@pytest.fixture(scope="module")
-def client(http):
-    return openai.OpenAI(base_url=f"{http.base}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def model_id(client):
-    return client.models.list().data[0].id
-
-
 def valid(text: str) -> bool:
     try:
         jsonschema.validate(json.loads(text), SCHEMA)
