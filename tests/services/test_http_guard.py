@@ -255,8 +255,15 @@ def trickle(base: str, data: bytes, every_s: float = 0.1, first: bytes = b"", re
     s = socket.create_connection((host, int(port)), timeout=30)
     if first:
         s.sendall(first)
-        if read_first:
-            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        if read_first:  # the whole answer, which may come in more than one segment
+            reply = b""
+            while b"\r\n\r\n" not in reply:
+                reply += s.recv(65536)
+            head, _, body = reply.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200")
+            length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))
+            while len(body) < length:
+                body += s.recv(65536)
     start, stop = time.monotonic(), threading.Event()
 
     def send():
