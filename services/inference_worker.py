@@ -77,6 +77,10 @@ class PrometheusMetrics(BatcherMetrics):
         self.cache = Gauge("internlm_kv_cache_bytes", "KV cache allocated")
         self.weights = Gauge("internlm_weight_bytes", "Model weights held, by the precision they are held in",
                              ["precision"])
+        # MindSpore compiles a graph per step shape (seconds each): a count that keeps growing under
+        # steady traffic means the batcher's shape buckets do not fit the load.
+        self.shapes = Gauge("internlm_step_shapes", "Distinct step shapes (rows, tokens, attended positions) "
+                            "run so far; each was compiled once")
 
     def watch(self, batcher: Batcher) -> None:
         """Read the gauges from the batcher at each scrape."""
@@ -84,6 +88,7 @@ class PrometheusMetrics(BatcherMetrics):
         self.active.set_function(lambda: batcher.active)
         self.cache.set(batcher.engine.cache_bytes)
         self.weights.labels(precision(batcher.engine)).set(getattr(batcher.engine, "weight_bytes", 0))
+        self.shapes.set_function(lambda: len(getattr(batcher.engine, "shapes_run", ())))
 
 
     def time_to_first_token(self, seconds):

@@ -140,7 +140,7 @@ class SamplingFields(KnownFields):
     guided_grammar: str | None = None  # Lark, as llguidance takes it
     # vLLM's extras
     top_k: Annotated[int, Field(ge=-1, le=INT32)] = 0  # 0 or -1: off
-    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
+    min_p: Annotated[float, Field(ge=0, lt=1)] = 0.0
     repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
     min_tokens: Annotated[int, Field(ge=0, le=INT32)] = 0
     ignore_eos: bool = False

@@ -170,6 +170,9 @@ def test_worker_reports_its_cache_and_prefix_reuse(worker, chat_model_dir):
     n = first.finish.prompt_tokens
     assert worker.metric("internlm_prefix_cache_queries_tokens_total") - queries == n
     assert worker.metric("internlm_prefix_cache_hits_tokens_total") - hits == n - 1  # all but the last token
+    shapes = worker.metric("internlm_step_shapes")
+    assert list(stub.GenerateUnary(req, timeout=60).token_ids) == list(first.token_ids)
+    assert worker.metric("internlm_step_shapes") == shapes > 0  # a repeat runs only shapes compiled before
 
 
 def test_endpoint_hosts_the_jobs_api(endpoint):
