@@ -9,7 +9,7 @@ tensor, never whole in memory): the project's folder, served by one inference wo
 its defaults over gRPC (bf16 as stored; int8 is the same worker with ``--quantize int8``), and the
 same weights as an HF folder (``ms_to_hf``; InternLM2 presets get the
 real InternLM2 tokenizer files) converted by llama.cpp's own ``convert_hf_to_gguf.py`` (and
-``llama-quantize`` for q8_0), served by ``llama-server`` with 2 threads and 4 slots. Both get the
+``llama-quantize`` for q8_0; its converter's own q8_0 where bf16 is not asked for, to spare the disk), served by ``llama-server`` with 2 threads and 4 slots. Both get the
 same fresh 32-token prompts (no prompt cache on either side) and stream 64 greedy tokens per
 request to the client (gRPC messages / server-sent events), 1 and 4 streams at once; tokens/s over wall time from the client, prefill included; peak
 RSS (VmHWM) of each server process, loading included. One server runs at a time.
@@ -50,15 +50,17 @@ def write_random_model(preset: str, folder: Path, seed: int = 0) -> Path:
             w.write(name, f32_to_bf16(arr))
         w.close()
         cfg.save(tmp)
-        copy_tokenizer(V2_TOKENIZER if cfg.family == "internlm2" else None, tmp)
+        # InternLM3's chat format is InternLM2's (ChatML ids named in tokenizer_config.json); its own
+        # 128k tokenizer is not in ../shared, and the v2 one fits inside its vocabulary.
+        copy_tokenizer(V2_TOKENIZER if cfg.family in ("internlm2", "internlm3") else None, tmp)
     return folder
 
 
 def llama_hf_folder(hf: Path) -> Path:
-    """llama.cpp reads an InternLM2 folder as it is; v1's layout is LLaMA's with q/k/v/o bias, which
-    its converter knows under LLaMA's name."""
+    """llama.cpp reads an InternLM2 or InternLM3 folder as it is; v1's layout is LLaMA's with q/k/v/o
+    bias, which its converter knows under LLaMA's name."""
     cfg = json.loads((hf / "config.json").read_text())
-    if cfg["model_type"] == "internlm2":
+    if cfg["model_type"] in ("internlm2", "internlm3"):
         return hf
     out = hf.with_name(hf.name + "-llama")
     out.mkdir(exist_ok=True)
@@ -185,10 +187,14 @@ def main() -> None:
     for kind in filter(None, args.ours.split(",")):
         extra = ["--quantize", "int8"] if kind == "int8" else []
         report(f"this project {kind}", bench_worker(model_dir, work, levels, fresh, args.new_tokens, extra))
-    for kind in filter(None, args.llama.split(",")):
-        base = to_gguf(llama_hf_folder(hf), work / f"{args.preset}-{'f32' if kind == 'f32' else 'bf16'}.gguf",
-                       "f32" if kind == "f32" else "bf16")
-        gguf = quantize(base, work / f"{args.preset}-q8_0.gguf") if kind == "q8_0" else base
+    kinds = list(filter(None, args.llama.split(",")))
+    for kind in kinds:
+        if kind == "q8_0" and "bf16" not in kinds:  # straight from the HF folder: no bf16 GGUF on disk
+            gguf = to_gguf(llama_hf_folder(hf), work / f"{args.preset}-q8_0.gguf", "q8_0")
+        else:
+            base = to_gguf(llama_hf_folder(hf), work / f"{args.preset}-{'f32' if kind == 'f32' else 'bf16'}.gguf",
+                           "f32" if kind == "f32" else "bf16")
+            gguf = quantize(base, work / f"{args.preset}-q8_0.gguf") if kind == "q8_0" else base
         report(f"llama.cpp {kind}", bench_llama(gguf, work, levels, fresh, args.new_tokens, args.prompt_tokens))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
