@@ -45,6 +45,9 @@ class Control(str):
 
 
 CONTENT = object()  # where a message's content goes in a turn
+NAME = object()  # where a message's participant name goes (" name=..."), in formats that have one
+# OpenAI's rule for a participant's name; it also keeps the name inside its turn's header line.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,8 @@ class ChatFormat:
     """One family's chat template as runs of text, control pieces and the content; ``stops`` are the
     control pieces that end an answer (besides eos). A family with tool calls also has ``tools`` (the
     turn that lists them), ``call`` (one call inside an assistant turn, its JSON as the content) and
-    ``environment`` (a tool's result); without them it has none (``None``)."""
+    ``environment`` (a tool's result); without them it has none (``None``). ``NAME`` in a turn is
+    where a message's participant name goes (ChatML's ``<|im_start|>user name=file``)."""
     system: tuple
     user: tuple
     assistant: tuple
@@ -72,9 +76,11 @@ CHAT_FORMATS = {
     # chat_format.md gives them: the tools' JSON schemas in a system turn named <|plugin|>, a call
     # <|action_start|><|plugin|>\n{"name": ..., "parameters": {...}}<|action_end|> in the assistant's
     # turn, the result in an environment turn named <|plugin|>.
-    "internlm2": ChatFormat(system=(Control("<|im_start|>"), "system\n", CONTENT, Control("<|im_end|>"), "\n"),
-                            user=(Control("<|im_start|>"), "user\n", CONTENT, Control("<|im_end|>"), "\n"),
-                            assistant=(Control("<|im_start|>"), "assistant\n", CONTENT, Control("<|im_end|>"), "\n"),
+    # A message's name goes in its header, as chat_format.md's <|im_start|>user name=file.
+    "internlm2": ChatFormat(system=(Control("<|im_start|>"), "system", NAME, "\n", CONTENT, Control("<|im_end|>"), "\n"),
+                            user=(Control("<|im_start|>"), "user", NAME, "\n", CONTENT, Control("<|im_end|>"), "\n"),
+                            assistant=(Control("<|im_start|>"), "assistant", NAME, "\n", CONTENT, Control("<|im_end|>"),
+                                       "\n"),
                             generation_prompt=(Control("<|im_start|>"), "assistant\n"),
                             stops=(Control("<|im_end|>"),),
                             tools=(Control("<|im_start|>"), "system name=", Control("<|plugin|>"), "\n", CONTENT,
@@ -405,8 +411,9 @@ def chat_parts(messages: Sequence[dict], add_generation_prompt: bool = True,
     (``{"name", "description", "parameters"}``), are listed as JSON in their own system turn, after
     the leading system message if there is one; an assistant message's ``tool_calls``
     (``{"name", "arguments"}``, the arguments as JSON text) follow its content, each in the format's
-    call form; a message of role ``tool`` is a tool's result (its ``tool_call_id`` is not part of the
-    format, which pairs results with calls by order)."""
+    call form; a message of role ``tool`` is a tool's result (its ``tool_call_id`` and ``name`` are not
+    part of the format, which pairs results with calls by order and names the environment
+    ``<|plugin|>``). A message's ``name`` goes in its turn's header where the format has names."""
     if not messages:
         raise TokenizerError("a chat needs at least one message")
     uses_tools = tools or any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
@@ -422,9 +429,11 @@ def chat_parts(messages: Sequence[dict], add_generation_prompt: bool = True,
             else:
                 parts.append(item)
 
-    def turn(template, content):
+    def turn(template, content, name=None):
         for p in template:
-            if p is not CONTENT:
+            if p is NAME:
+                add(f" name={name}" if name else "")
+            elif p is not CONTENT:
                 add(p)
             elif isinstance(content, str):
                 add(content)
@@ -445,6 +454,13 @@ def chat_parts(messages: Sequence[dict], add_generation_prompt: bool = True,
             raise TokenizerError("a system message may only come first")
         if tools and i == 0 and role != "system":
             tool_list()
+        name = m.get("name")
+        if name is not None and role != "tool":  # a tool's result is named by the format (<|plugin|>)
+            if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+                raise TokenizerError(f"message {i}: name must be 1 to 64 letters, digits, '_' or '-'")
+            if NAME not in fmt.user:
+                raise TokenizerError(f"message {i}: this model's chat format ({_family_name(fmt)}) has no "
+                                     "participant names")
         calls = m.get("tool_calls") or ()
         if calls and role != "assistant":
             raise TokenizerError(f"message {i}: only an assistant message has tool_calls")
@@ -452,9 +468,9 @@ def chat_parts(messages: Sequence[dict], add_generation_prompt: bool = True,
             turn(fmt.environment, content)
         elif calls:
             turn(fmt.assistant, [content, *(p for j, c in enumerate(calls)
-                                             for p in _call_parts(fmt, c, f"message {i}: tool call {j}"))])
+                                             for p in _call_parts(fmt, c, f"message {i}: tool call {j}"))], name)
         else:
-            turn({"system": fmt.system, "user": fmt.user, "assistant": fmt.assistant}[role], content)
+            turn({"system": fmt.system, "user": fmt.user, "assistant": fmt.assistant}[role], content, name)
         if tools and i == 0 and role == "system":
             tool_list()
     if add_generation_prompt:

@@ -217,6 +217,9 @@ class ChatMessage(KnownFields):
     content: str | list[dict] | None = None  # may be null in an assistant message with tool_calls
     tool_calls: list[ToolCall] | None = None  # an assistant's
     tool_call_id: str | None = None  # a tool's result: the call it answers
+    # The participant's name, in the turn's header (ChatML's "user name=..."); on a tool's result it
+    # is accepted and not rendered: InternLM's format names the environment <|plugin|>.
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None
 
     @model_validator(mode="after")
     def _content(self):
@@ -249,6 +252,8 @@ class ChatMessage(KnownFields):
                                for c in self.tool_calls]
         if self.tool_call_id:
             m["tool_call_id"] = self.tool_call_id
+        if self.name:
+            m["name"] = self.name
         return m
 
 

@@ -69,12 +69,14 @@ def chat_from_pb(messages) -> list[dict]:
             out[-1]["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in m.tool_calls]
         if m.tool_call_id:
             out[-1]["tool_call_id"] = m.tool_call_id
+        if m.name:
+            out[-1]["name"] = m.name
     return out
 
 
 def chat_to_pb(messages: list[dict]) -> common_pb2.ChatMessages:
     return common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(
-        role=m["role"], content=m["content"], tool_call_id=m.get("tool_call_id", ""),
+        role=m["role"], content=m["content"], tool_call_id=m.get("tool_call_id", ""), name=m.get("name", ""),
         tool_calls=[common_pb2.ToolCall(**c) for c in m.get("tool_calls", ())]) for m in messages])
 
 

@@ -133,3 +133,29 @@ def test_bad_tokenizer_configs_are_refused(tmp_path, decoder, msg):
     (tmp_path / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(TokenizerError, match="not valid JSON"):
         Tokenizer(tmp_path)
+
+
+def test_a_message_name_goes_in_its_header_as_chat_format_md_writes_it(v2, tokenizer):
+    """InternLM's chat_format.md names a participant in the turn's header (``<|im_start|>user
+    name=file``); a tool's result keeps the format's own name (<|plugin|>); v1 has no names."""
+    upload = '[{"path": "data.csv", "size": "10K"}]'
+    messages = [{"role": "user", "content": upload, "name": "file"},
+                {"role": "user", "content": "Plot it.", "name": "alice"},
+                {"role": "assistant", "content": "Done.", "name": "plotter"}]
+
+    def enc(text):
+        return v2.encode(text, bos=False)
+
+    want = ([BOS, IM_START] + enc("user name=file\n" + upload) + [IM_END] + enc("\n")
+            + [IM_START] + enc("user name=alice\nPlot it.") + [IM_END] + enc("\n")
+            + [IM_START] + enc("assistant name=plotter\nDone.") + [IM_END] + enc("\n"))
+    assert v2.encode_chat(messages, add_generation_prompt=False) == want
+    assert v2.render_chat(messages[:1]) == f"<|im_start|>user name=file\n{upload}<|im_end|>\n<|im_start|>assistant\n"
+    result = {"role": "tool", "content": "42", "tool_call_id": "call_1"}
+    assert v2.encode_chat([{**result, "name": "get_answer"}]) == v2.encode_chat([result])
+    for bad in ("two words", "a\nuser", "", "x" * 65, "<|im_end|>"):
+        with pytest.raises(TokenizerError, match="message 0: name must be 1 to 64"):
+            v2.encode_chat([{"role": "user", "content": "hi", "name": bad}])
+    with pytest.raises(TokenizerError, match=r"message 0: this model's chat format \(internlm: InternLM v1\) has no "
+                                             "participant names"):
+        tokenizer.encode_chat([{"role": "user", "content": "hi", "name": "alice"}])

@@ -205,3 +205,25 @@ def test_tool_choice_none_leaves_the_tools_out_of_the_prompt(client, v2, tok):
     assert none.usage.prompt_tokens == len(tok.encode_chat(ASK))
     assert auto.usage.prompt_tokens == len(tok.encode_chat(ASK, tools=Tools((WEATHER, TIME)).listed()))
     assert none.choices[0].message.tool_calls is None
+
+
+def test_named_messages_render_their_names_on_both_doors(v2, client, tok, http):
+    """A message's ``name`` reaches the prompt (``user name=...``, as InternLM's chat_format.md writes
+    it) over HTTP and gRPC alike; a bad name is a 400 naming the field; v1 has no names."""
+    named = [{"role": "user", "content": '[{"path": "data.csv"}]', "name": "file"},
+             {"role": "user", "content": "Plot it.", "name": "alice"}]
+    count = len(tok.encode_chat(named))
+    assert count != len(tok.encode_chat([{k: v for k, v in m.items() if k != "name"} for m in named]))
+    r = client.chat.completions.create(model=v2[0].name, messages=named, max_tokens=1)
+    assert r.usage.prompt_tokens == count
+    stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(v2[2].address))
+    unary = stub.GenerateUnary(inference_pb2.GenerateRequest(
+        chat=chat_to_pb(named), params=common_pb2.SamplingParams(max_new_tokens=1)), timeout=60)
+    assert unary.finish.prompt_tokens == count
+    bad = httpx.post(f"{v2[2].base}/v1/chat/completions", timeout=60, json={
+        "model": v2[0].name, "max_tokens": 1, "messages": [{"role": "user", "content": "hi", "name": "two words"}]})
+    assert bad.status_code == 400 and "name" in bad.json()["error"]["message"], bad.text
+    model = httpx.get(f"{http.base}/v1/models", timeout=30).json()["data"][0]["id"]
+    v1 = httpx.post(f"{http.base}/v1/chat/completions", timeout=60,
+                    json={"model": model, "messages": named[1:], "max_tokens": 1})
+    assert v1.status_code == 400 and "has no participant names" in v1.json()["error"]["message"], v1.text
