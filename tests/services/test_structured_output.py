@@ -107,8 +107,8 @@ def test_json_object_choice_regex_and_lark_over_http(client, model_id):
     ({"functions": [{"name": "f"}], "function_call": "auto"},
      "functions (deprecated by OpenAI: use tools and tool_choice); function_call"),
     ({"logit_bias": {"50256": -100}, "reasoning_effort": "low"}, "logit_bias; reasoning_effort"),
-    ({"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages.0: unsupported field(s), not "
-     "implemented by this server: name"),
+    ({"messages": [{"role": "user", "content": "hi", "refusal": "no"}]}, "messages.0: unsupported field(s), not "
+     "implemented by this server: refusal"),
 ])
 def test_what_cannot_be_served_is_a_400_naming_it(http, model_id, extra, message):
     body = {"model": model_id, "messages": MESSAGES, "max_tokens": 8, **extra}
