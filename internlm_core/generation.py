@@ -231,6 +231,10 @@ class SequenceState:
     def __post_init__(self):
         self.params.validate()
         self.seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
+        if self.tokenizer is not None and self.vocab_size > self.tokenizer.vocab_size:
+            # A model's embedding may be padded past its tokenizer's pieces: those ids are no text
+            # (decoding one fails), so they are never picked, and the distribution is the text's.
+            self.vocab_size = self.tokenizer.vocab_size
         self.rng = np.random.default_rng(self.seed)
         default = self.tokenizer.stop_ids if self.tokenizer is not None else CHAT_STOP_IDS  # the family's
         self.stop_ids = set(default if self.params.stop_token_ids is None else self.params.stop_token_ids)
@@ -279,6 +283,8 @@ class SequenceState:
     def step(self, logits: np.ndarray, max_len: int | None = None) -> TokenEvent:
         """Pick, record and report the next token from the model's logits (V,)."""
         logits = np.asarray(logits, np.float32)
+        if self.vocab_size:
+            logits = logits[:self.vocab_size]
         token = self._greedy_unchanged(logits)
         if token is None:
             token = self.choose(self.process(logits))

@@ -308,3 +308,22 @@ def test_a_tiny_temperature_is_greedy():
     for t in (1e-40, 1e-6, 0.0):
         state = SequenceState([1], SamplingParams(max_new_tokens=3, temperature=t, seed=1), None, 1000)
         assert state.step(logits).token_id == int(np.argmax(logits)), t
+
+
+def test_ids_past_the_tokenizer_are_never_picked():
+    """A model's embedding padded past its tokenizer (an InternLM3-sized 128512 over a 92544-piece
+    tokenizer): the pad ids decode to nothing, so greedy and sampling pick among the tokenizer's
+    pieces, and the logprobs are the text's distribution."""
+    from internlm_core.tokenizer import Tokenizer
+    from tests.helpers import V2_TOKENIZER
+
+    tok = Tokenizer(V2_TOKENIZER / "tokenizer.model")
+    logits = np.full(tok.vocab_size + 512, -5.0, np.float32)
+    logits[tok.vocab_size + 7] = 50.0  # a pad id the model favours
+    logits[1000] = 1.0
+    greedy = SequenceState([1], SamplingParams(max_new_tokens=4, logprobs=True), tok, len(logits))
+    event = greedy.step(logits)
+    assert event.token_id == 1000 and event.logprob == pytest.approx(
+        float(g.log_softmax(logits[:tok.vocab_size].astype(np.float64))[1000]))
+    sampled = SequenceState([1], SamplingParams(max_new_tokens=64, temperature=1.0, seed=0), tok, len(logits))
+    assert all(sampled.step(logits).token_id < tok.vocab_size for _ in range(32))
