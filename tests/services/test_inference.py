@@ -51,7 +51,7 @@ def test_speculation_gives_the_same_tokens_and_is_counted(worker, core_engine, c
     text = "one two three four five, one two three four five, one two three"
     params = SamplingParams(max_new_tokens=16, ignore_eos=True)
     want = core_generate(core_engine, core_tokenizer, core_tokenizer.encode(text), params)[0]
-    steps = lambda: worker.metric("internlm_spec_decode_tokens_per_step_count")  # noqa: E731
+    steps = lambda: worker.metric('internlm_spec_decode_tokens_per_step_count{method="ngram"}')  # noqa: E731
     before = steps()
     r = s.GenerateUnary(inference_pb2.GenerateRequest(text=text, params=sampling_to_pb(params)), timeout=60)
     assert list(r.token_ids) == want
