@@ -52,10 +52,10 @@ from typing import Iterator
 
 import numpy as np
 
+from .draft import Drafter
 from .engine_api import bucket
 from .errors import QueueFull, ShuttingDown
 from .generation import FINISH_ABORTED, GenerationResult, SamplingParams, SequenceState, TokenEvent
-from .draft import Drafter
 from .speculative import Adaptive, History, accept, propose
 
 log = logging.getLogger(__name__)

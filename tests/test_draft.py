@@ -190,6 +190,26 @@ def test_a_resumed_request_continues_exactly_with_a_draft(target, drafts):
         b.stop(timeout=60)
 
 
+def test_a_cancelled_request_leaves_the_draft_exact_for_the_next(target, drafts):
+    """A request cancelled mid-stream frees its slot; the next request in that slot (a prefix hit
+    on what the cancelled one left) gets plain decoding's tokens."""
+    engine, draft = Engine(target, max_batch=1, max_len=96), Engine(drafts["near"], max_batch=1, max_len=96)
+    prompt, params = random_ids(8, 512, seed=70), SamplingParams(max_new_tokens=40, ignore_eos=True)
+    follow = prompt + random_ids(3, 512, seed=71)
+    (plain, *_), = serve(engine, [(follow, params, None)], "off")[0]
+    b = Batcher(engine, speculate="draft", draft=draft).start()
+    try:
+        h = b.submit(prompt, params)
+        got = 0
+        while got < 10:
+            got += len(h.next_events(timeout=60))
+        h.cancel()
+        assert h.result().finish_reason == "aborted"
+        assert b.submit(follow, params).result().token_ids == plain
+    finally:
+        b.stop(timeout=60)
+
+
 def test_a_stop_string_ending_inside_a_run_of_draft_proposals(tokenizer):
     """A stop string that completes on a kept draft proposal ends the request there, with plain
     decoding's tokens, text and finish reason."""

@@ -66,10 +66,12 @@ def test_a_draft_model_that_cannot_serve_as_one_is_refused_at_start(chat_model_d
                               timeout=120)
 
     out = start("--draft-model", str(other))
-    assert out.returncode != 0
-    assert f"--draft-model {other}: the draft model's tokenizer" in out.stderr and "differs from the target's" in out.stderr
+    assert out.returncode != 0 and f"--draft-model {other}: the draft model's tokenizer" in out.stderr
+    assert "differs from the target's" in out.stderr
     out = start("--speculate", "draft")
     assert out.returncode != 0 and "--speculate draft needs --draft-model DIR" in out.stderr
+    out = start("--speculate", "ngram", "--draft-model", str(chat_model_dir))
+    assert out.returncode != 0 and "a draft model is used by --speculate draft or auto, not ngram" in out.stderr
 
 
 def test_a_worker_whose_redis_is_down_serves_and_registers_once_it_is_up(chat_model_dir, tmp_path):
