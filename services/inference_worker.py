@@ -237,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_draft(args, cfg, tokenizer):
     """The config of ``--draft-model`` (None without one), or SystemExit naming what is wrong: a
-    draft used by no --speculate mode, one that is not a checkpoint folder, or one whose
-    tokenizer is not the target's (checked before any weights load)."""
+    draft used by no --speculate mode, a draft or a target that is an exported model (no verify
+    step), or a draft whose tokenizer is not the target's (checked before any weights load)."""
     if not args.draft_model:
         if args.speculate == "draft":
             raise SystemExit("worker: --speculate draft needs --draft-model DIR (or $INTERNLM_DRAFT_MODEL)")
@@ -247,8 +247,10 @@ def check_draft(args, cfg, tokenizer):
     if args.speculate not in ("auto", "draft"):
         raise SystemExit(f"{where}: a draft model is used by --speculate draft or auto, not {args.speculate}")
     folder = Path(args.draft_model)
-    if (folder / MANIFEST_FILE).is_file():
-        raise SystemExit(f"{where}: an exported model cannot be a draft (it needs the CPU kernels' verify step)")
+    for what, path in (("an exported model cannot be a draft", folder),
+                       ("the target is an exported model, which cannot speculate", Path(args.model))):
+        if (path / MANIFEST_FILE).is_file():
+            raise SystemExit(f"{where}: {what} (it needs the CPU kernels' verify step)")
     try:
         draft_cfg = read_config(folder)
         check_pair(cfg, tokenizer, draft_cfg, Tokenizer.for_model(folder, draft_cfg.family))

@@ -51,8 +51,9 @@ def test_a_model_that_cannot_fit_is_refused_before_loading(chat_model_dir):
 
 def test_a_draft_model_that_cannot_serve_as_one_is_refused_at_start(chat_model_dir, tmp_path):
     """--draft-model with another tokenizer (the same vocabulary size in its config) is refused
-    before any weights load, naming the flag and the reason; so is --speculate draft without one."""
-    from internlm_core.checkpoint import copy_tokenizer
+    before any weights load, naming the flag and the reason; so are --speculate draft without one,
+    a draft with --speculate ngram, and an exported draft."""
+    from internlm_core.checkpoint import MANIFEST_FILE, copy_tokenizer
     from tests.helpers import DATA
 
     other = tmp_path / "v2-draft"
@@ -72,6 +73,11 @@ def test_a_draft_model_that_cannot_serve_as_one_is_refused_at_start(chat_model_d
     assert out.returncode != 0 and "--speculate draft needs --draft-model DIR" in out.stderr
     out = start("--speculate", "ngram", "--draft-model", str(chat_model_dir))
     assert out.returncode != 0 and "a draft model is used by --speculate draft or auto, not ngram" in out.stderr
+    exported = tmp_path / "exported"  # an exported pair is known by its manifest (never read here)
+    exported.mkdir()
+    (exported / MANIFEST_FILE).write_text("{}")
+    out = start("--draft-model", str(exported))
+    assert out.returncode != 0 and "an exported model cannot be a draft" in out.stderr
 
 
 def test_a_worker_whose_redis_is_down_serves_and_registers_once_it_is_up(chat_model_dir, tmp_path):
