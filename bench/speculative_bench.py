@@ -1,6 +1,8 @@
-"""Speculative decoding as served: tokens/s with prompt-lookup speculation on and off, same run.
+"""Speculative decoding as served: tokens/s with speculation on and off, same run.
 
     .venv/bin/python bench/speculative_bench.py --model /root/demo-models/internlm-demo [--streams 1,8]
+    .venv/bin/python bench/speculative_bench.py --model TARGET_DIR --draft-model DRAFT_DIR
+
 
 One inference worker with its default settings (subprocess, gRPC on loopback; it speculates by
 default where the CPU kernels serve) serves the model; each request sets ``speculate`` on or off,
@@ -18,6 +20,9 @@ Prometheus series over the speculative runs: proposed and accepted tokens (accep
 tokens a sequence got per decode step. ``--model`` takes a model folder (the self-trained demo
 model of the local stack was trained on WikiText); without it a ``--preset`` model with random
 weights is made (small random weights make greedy text loop: proposals are kept there too).
+``--draft-model`` starts the worker with that draft model (a smaller model with the target's
+tokenizer; the worker's ``--speculate auto`` then takes its proposals instead of prompt lookup's),
+and the acceptance and tokens per step reported are the draft's.
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ from serving_bench import Proc, at_once, free_port, make_model, model_arguments 
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 SERIES = ("internlm_spec_decode_draft_tokens_total", "internlm_spec_decode_accepted_tokens_total",
           "internlm_spec_decode_tokens_per_step_sum", "internlm_spec_decode_tokens_per_step_count")
+# the worker labels them by where the proposals came from: {method="ngram"} or {method="draft"}
 
 
 def passages(n: int, chars: int) -> list[str]:
@@ -54,10 +60,11 @@ def prompts(task: str, streams: int, chars: int) -> list[str]:
     return [p[:chars // 4].rsplit(" ", 1)[0] for p in passages(2 * streams, chars)[streams:]]
 
 
-def scrape(url: str) -> dict[str, float]:
+def scrape(url: str, method: str) -> dict[str, float]:
+    """The SERIES' values for proposals of ``method`` (ngram or draft)."""
     text = urllib.request.urlopen(url, timeout=10).read().decode()
-    values = dict(line.rpartition(" ")[::2] for line in text.splitlines() if line.split(" ", 1)[0] in SERIES)
-    return {name: float(values.get(name, 0.0)) for name in SERIES}
+    values = dict(line.rpartition(" ")[::2] for line in text.splitlines())
+    return {name: float(values.get(f'{name}{{method="{method}"}}', 0.0)) for name in SERIES}
 
 
 def main() -> None:
@@ -65,6 +72,8 @@ def main() -> None:
     ap.add_argument("--streams", default="1,8", help="comma-separated concurrent stream counts")
     ap.add_argument("--reps", type=int, default=2, help="(off, on) pairs per task and stream count")
     ap.add_argument("--chars", type=int, default=700, help="characters of each passage")
+    ap.add_argument("--draft-model", help="a draft model folder for the worker (--draft-model): its proposals, "
+                                          "not prompt lookup's")
     args = ap.parse_args()
 
     import grpc
@@ -75,8 +84,10 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="speculative-bench-"))
     model = Path(args.model) if args.model else make_model(args.preset, tmp)
     port, metrics_port = free_port(), free_port()
+    draft = ["--draft-model", args.draft_model] if args.draft_model else []
+    method = "draft" if args.draft_model else "ngram"
     worker = Proc([sys.executable, "-m", "services.inference_worker", "--model", str(model), "--port", str(port),
-                   "--metrics-port", str(metrics_port), "--redis-url", ""], tmp / "worker.log")
+                   "--metrics-port", str(metrics_port), "--redis-url", "", *draft], tmp / "worker.log")
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     try:
         wait_healthy(f"127.0.0.1:{port}", timeout=600)
@@ -91,20 +102,21 @@ def main() -> None:
                 inference_pb2.GenerateRequest(text=text, params=params), timeout=600))
 
         one((prompts("copy", 1, args.chars)[0], "copy", 0, True))  # warm
-        print(f"model {model.name}, {args.new_tokens} new tokens a stream, one worker with its defaults, "
-              f"{args.reps} alternating (off, on) pairs")
+        print(f"model {model.name}, {args.new_tokens} new tokens a stream, one worker with its defaults"
+              f"{f' and draft model {Path(args.draft_model).name}' if args.draft_model else ''}, "
+              f"{args.reps} alternating (off, on) pairs; proposals: {method}")
         print(f"  {'task':5} {'streams':>7} {'off tok/s':>10} {'on tok/s':>9} {'on/off':>7} {'accepted':>14} "
               f"{'tokens/step':>11}")
         for streams in (int(s) for s in args.streams.split(",")):
             for task in ("copy", "free"):
                 texts = prompts(task, streams, args.chars)
                 rates = {False: [], True: []}
-                before = scrape(metrics_url)
+                before = scrape(metrics_url, method)
                 for _ in range(args.reps):
                     for speculate in (False, True):
                         counts, wall = at_once(one, [(t, task, i, speculate) for i, t in enumerate(texts)])
                         rates[speculate].append(sum(counts) / wall)
-                delta = {k: v - before[k] for k, v in scrape(metrics_url).items()}
+                delta = {k: v - before[k] for k, v in scrape(metrics_url, method).items()}
                 drafts, kept, per_step, steps = (delta[name] for name in SERIES)
                 off, on = (sum(rates[s]) / len(rates[s]) for s in (False, True))
                 print(f"  {task:5} {streams:>7} {off:>10.1f} {on:>9.1f} {on / off:>6.2f}x "

@@ -26,7 +26,9 @@ requests that propose nothing; it keeps the proposals the model agrees with plus
 next token, so a step gives it up to k + 1 tokens, the very tokens plain decoding gives. A
 rejected proposal's KV rows lie past the sequence's new end: the next step writes over them
 before any query reads that far, and a finished request's reusable rows stop at its last accepted
-token, so prefix reuse never sees them.
+token, so prefix reuse never sees them. With ``speculate="draft"`` the proposals are a draft
+model's greedy tokens instead (``draft.py``: its own cache in the same slots, prefilled beside the
+target's, rolled back after each verification), verified and kept the same way.
 
 Per-token logic is ``SequenceState.step``, the same as ``generate``; each slot's attention sees
 only its own cache rows, so under greedy decoding a request gets the same tokens alone or in a
@@ -50,6 +52,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .draft import Drafter
 from .engine_api import bucket
 from .errors import QueueFull, ShuttingDown
 from .generation import FINISH_ABORTED, GenerationResult, SamplingParams, SequenceState, TokenEvent
@@ -68,8 +71,8 @@ class BatcherMetrics:
     def tokens(self, n: int) -> None: ...
     def finished(self, reason: str, seconds: float) -> None: ...
     # speculative decoding: one sequence's decode step, its proposals verified and those kept (the
-    # step gave it accepted + 1 tokens, unless it ended sooner)
-    def speculation(self, proposed: int, accepted: int) -> None: ...
+    # step gave it accepted + 1 tokens, unless it ended sooner); method: where they came from (SPECULATION)
+    def speculation(self, proposed: int, accepted: int, method: str) -> None: ...
 
 
 _DONE = object()  # queued after a handle's last event
@@ -79,7 +82,7 @@ PREFILL_BUDGET = 256  # prompt tokens a prefill step takes while streams decode 
 # Measured served (bench/speculative_bench.py, demo model, 8 streams of a copy task where the model keeps
 # 17% of proposals): filling up to 16 rows ran 0.89x of no speculation; up to 8 leaves 8 streams alone.
 SPECULATE_ROWS = 8
-SPECULATION = ("off", "ngram")
+SPECULATION = ("off", "ngram", "draft")  # none, prompt lookup (speculative.py), a draft model (draft.py)
 
 
 @dataclass(eq=False)
@@ -171,17 +174,25 @@ class Batcher:
     """Owns an engine in a thread and runs continuous batching over its slots."""
 
     def __init__(self, engine, tokenizer=None, max_queue: int = 64, metrics: BatcherMetrics | None = None,
-                 prefix_cache: bool = True, speculate: str = "off", speculate_rows: int = SPECULATE_ROWS):
-        """``speculate``: "ngram" verifies prompt-lookup proposals in the decode steps (requests
-        with ``SamplingParams.speculate`` False opt out), filling up to ``speculate_rows`` rows a
-        step; it needs an engine on the CPU kernels (``Engine.verify``)."""
+                 prefix_cache: bool = True, speculate: str = "off", speculate_rows: int = SPECULATE_ROWS,
+                 draft=None):
+        """``speculate``: "ngram" verifies prompt-lookup proposals in the decode steps, "draft" the
+        greedy proposals of ``draft`` (an engine of a model with the target's tokenizer, the same
+        slots and positions: ``draft.Drafter``); requests with ``SamplingParams.speculate`` False
+        opt out. Up to ``speculate_rows`` rows a step; it needs an engine on the CPU kernels
+        (``Engine.verify``)."""
         if speculate not in SPECULATION:
             raise ValueError(f"speculate is one of {', '.join(SPECULATION)}, not {speculate!r}")
+        if (speculate == "draft") != (draft is not None):
+            raise ValueError("speculate='draft' takes a draft engine, and a draft engine is used only with "
+                             f"speculate='draft' (got speculate={speculate!r}, draft {draft is not None})")
         if speculate != "off" and not engine.kernels:
             # On MindSpore's ops a verification step attends another length than decode does, so its
             # logits, hence greedy near-ties, could differ from plain decoding's: not exact.
             raise ValueError("speculative decoding needs an engine on the CPU kernels")
         self.speculate, self.speculate_rows = speculate != "off", speculate_rows
+        self.method = speculate
+        self.drafter = Drafter(draft, engine) if draft is not None else None
         self.engine, self.tokenizer = engine, tokenizer
         self.max_queue = max_queue
         self.metrics = metrics or BatcherMetrics()
@@ -273,6 +284,8 @@ class Batcher:
                     h = self._waiting.popleft()
                     h.slot, h.prefilled = self._place(h)
                     self._slots[h.slot] = h
+                    if self.drafter:
+                        self.drafter.place(h.slot, h.prefilled)
                     self.metrics.prefix_cache(h.prefilled, len(h.context))
             for h in gone:
                 self._end(h)
@@ -298,14 +311,16 @@ class Batcher:
             positions = np.array([h.state.length - 1 for h in live], np.int64)
             adapters = np.array([h.adapter for h in live], np.int32)
             self.metrics.batch_size(len(live))
-            proposals = self._proposals(live)
-            if any(proposals):  # each row's last token and its proposals, every one a row of the step
-                chunks = [[int(t)] + p for t, p in zip(tokens, proposals)]
-                self._guard(live, lambda: self._after_decode(
-                    live, self.engine.verify(slots, chunks, positions, adapters=adapters), proposals))
-            else:
-                self._guard(live, lambda: self._after_decode(
-                    live, self.engine.decode(tokens, positions, adapters=adapters, slots=slots)[:, None], proposals))
+
+            def step():  # a draft model's steps go in the guard too: its failure fails this step's requests
+                proposals = self._proposals(live)
+                if any(proposals):  # each row's last token and its proposals, every one a row of the step
+                    chunks = [[int(t)] + p for t, p in zip(tokens, proposals)]
+                    logits = self.engine.verify(slots, chunks, positions, adapters=adapters)
+                else:
+                    logits = self.engine.decode(tokens, positions, adapters=adapters, slots=slots)[:, None]
+                self._after_decode(live, logits, proposals)
+            self._guard(live, step)
 
     def _place(self, h: Handle) -> tuple[int, int]:
         """A free slot for ``h`` and how many of its prompt tokens that slot already holds: the
@@ -359,28 +374,43 @@ class Batcher:
         logits = self.engine.prefill([h.slot for h in handles], [h.context for h in handles],
                                      adapters=[h.adapter for h in handles], starts=[h.prefilled for h in handles],
                                      ends=ends)
+        drafted = [i for i, h in enumerate(handles) if self._drafts(h)]
+        if drafted:  # the draft's rows of the same tokens (from as far as its slot holds them)
+            self.drafter.prefill([handles[i].slot for i in drafted], [handles[i].context for i in drafted],
+                                 None if ends is None else [ends[i] for i in drafted])
         for i, (h, row) in enumerate(zip(handles, logits)):
             h.prefilled = len(h.context) if ends is None else ends[i]
             if h.prefilled == len(h.context):
                 self._advance(h, [row])
 
+    def _drafts(self, h: Handle) -> bool:
+        """Whether ``h``'s tokens go into the draft model's cache (it may take its proposals)."""
+        return self.drafter is not None and h.state.params.speculate
+
     def _proposals(self, live: list[Handle]) -> list[list[int]]:
-        """Each live request's prompt-lookup proposals for this step ([] for none): up to its
-        adaptive ``speculation.wanted()``, no more than it may still generate, within the rows a step may
-        fill (``speculate_rows``, or the rows the step runs anyway: padding to a power of two)."""
+        """Each live request's proposals for this step ([] for none): up to its adaptive
+        ``speculation.wanted()``, no more than it may still generate, within the rows a step may
+        fill (``speculate_rows``, or the rows the step runs anyway: padding to a power of two).
+        Prompt lookup's, or the draft model's (which runs a step for each proposal it makes, so the
+        row budget is shared out before it runs)."""
         if not self.speculate:
             return [[] for _ in live]
-        out = []
+        ks = []
         for h in live:
             st = h.state
             room = min(h.speculation.wanted(), st.params.max_new_tokens - len(st.generated) - 1,
                        self.engine.max_len - st.length)  # the last proposal's position < max_len
-            if not st.params.speculate or room <= 0:
-                out.append([])
-                continue
-            h.history = h.history or History(self.engine.max_len)
-            out.append(propose(h.history.update(st.prompt, st.generated), room))
+            ks.append(max(room, 0) if st.params.speculate else 0)
         spare = max(self.speculate_rows, bucket(len(live), self.engine.max_batch, start=1)) - len(live)
+        if self.drafter:
+            while sum(ks) > spare:  # the longest give way first
+                ks[ks.index(max(ks))] -= 1
+            return self.drafter.propose([h.slot for h in live], [h.state.prompt + h.state.generated for h in live], ks)
+        out = []
+        for h, k in zip(live, ks):
+            if k:
+                h.history = h.history or History(self.engine.max_len)
+            out.append(propose(h.history.update(h.state.prompt, h.state.generated), k) if k else [])
         while sum(map(len, out)) > spare:  # the longest give way first
             max(out, key=len).pop()
         return out
@@ -392,7 +422,9 @@ class Batcher:
             if self.speculate and h.state.params.speculate:
                 accepted = sum(e.token_id == p for e, p in zip(events, proposed))  # a prefix: accept stops at a miss
                 h.speculation.update(len(proposed), accepted)
-                self.metrics.speculation(len(proposed), accepted)
+                self.metrics.speculation(len(proposed), accepted, self.method)
+            if self._drafts(h):  # the draft's rows of rejected proposals are past its new end
+                self.drafter.rollback(h.slot, h.state.length)
 
     def _advance(self, h: Handle, rows, proposals=()) -> list[TokenEvent]:
         """One request's next token(s) from its rows of the step's logits (``speculative.accept``:

@@ -131,56 +131,64 @@ class ServingPlan:
 
 
 def plan_serving(cfg: Config, weights_dtype: str, cache_dtype: str, available: int | None,
-                 max_batch: int | None = None, max_len: int | None = None) -> ServingPlan:
+                 max_batch: int | None = None, max_len: int | None = None,
+                 draft: tuple[Config, str] | None = None) -> ServingPlan:
     """Slots and positions for serving ``cfg`` in ``available`` bytes (None: unknown, nothing cut).
     ``max_batch`` / ``max_len`` given are kept or refused (MemoryError naming the flags); left None,
-    they start at the defaults and shrink, slots first, down to one slot of ``MIN_LEN`` positions."""
-    weights = weight_bytes(cfg, weights_dtype)
+    they start at the defaults and shrink, slots first, down to one slot of ``MIN_LEN`` positions.
+    ``draft``: (config, weights dtype) of a draft model served beside it (speculative decoding,
+    ``draft.py``): its weights, and its KV cache of the same slots and positions, count too."""
+    weights = weight_bytes(cfg, weights_dtype) + (weight_bytes(*draft) if draft else 0)
+
+    def cache(slots: int, positions: int) -> int:  # the target's KV cache and the draft's
+        return sum(cache_bytes(c, slots, positions, cache_dtype) for c in (cfg, *(draft or ())[:1]))
+
     want_len = max_len or min(cfg.max_position_embeddings, DEFAULT_MAX_LEN)
     want_slots = max_batch or DEFAULT_SLOTS
     if available is None:
-        return ServingPlan(want_slots, want_len, weights, cache_bytes(cfg, want_slots, want_len, cache_dtype),
+        return ServingPlan(want_slots, want_len, weights, cache(want_slots, want_len),
                            "memory available unknown: nothing cut")
     budget = int(available * MARGIN) - weights - RUNTIME_BYTES
-    smallest = cache_bytes(cfg, 1, min(want_len, MIN_LEN), cache_dtype)
+    smallest = cache(1, min(want_len, MIN_LEN))
     if budget < smallest:
         raise MemoryError(
-            f"{cfg.name} cannot be served here: its weights take {gib(weights)} as {weights_dtype}, the runtime "
+            f"{cfg.name} cannot be served here: its weights take {gib(weights)} as {weights_dtype}"
+            f"{' with the draft model' if draft else ''}, the runtime "
             f"~{gib(RUNTIME_BYTES)} and the smallest KV cache {gib(smallest)}, but only {gib(available)} of memory "
             f"is available" + ("" if weights_dtype == "int8" else " (int8 weights would take a quarter of float32's)"))
 
     def fits(slots: int, positions: int) -> bool:
-        return cache_bytes(cfg, slots, positions, cache_dtype) <= budget
+        return cache(slots, positions) <= budget
 
-    per_slot = cache_bytes(cfg, 1, want_len, cache_dtype) - cache_bytes(cfg, 0, want_len, cache_dtype)
+    per_slot = cache(1, want_len) - cache(0, want_len)
     if max_batch and max_len:
         if not fits(max_batch, max_len):
             most_slots = max(budget // per_slot - 1, 0)
             raise MemoryError(f"a KV cache of {max_batch} slots x {max_len} positions needs "
-                              f"{gib(cache_bytes(cfg, max_batch, max_len, cache_dtype))} beside {gib(weights)} of "
+                              f"{gib(cache(max_batch, max_len))} beside {gib(weights)} of "
                               f"weights, but {gib(budget)} is left of {gib(available)} available: lower --max-batch "
                               f"(at most {most_slots} at {max_len} positions) or --max-len")
-        return ServingPlan(max_batch, max_len, weights, cache_bytes(cfg, max_batch, max_len, cache_dtype),
+        return ServingPlan(max_batch, max_len, weights, cache(max_batch, max_len),
                            "as asked")
     slots, positions = want_slots, want_len
     if not max_batch:
         slots = max(1, min(want_slots, budget // per_slot - 1))
     if not fits(slots, positions):
         if max_len:  # the positions were asked for and even one slot of them does not fit
-            raise MemoryError(f"one slot of {max_len} positions needs {gib(cache_bytes(cfg, 1, max_len, cache_dtype))} "
+            raise MemoryError(f"one slot of {max_len} positions needs {gib(cache(1, max_len))} "
                               f"of KV cache, but {gib(budget)} is left of {gib(available)} available: lower --max-len")
-        per_position = cache_bytes(cfg, slots, 1, cache_dtype)
+        per_position = cache(slots, 1)
         positions = max(MIN_LEN, 2 ** int(math.log2(max(budget // per_position, 1))))
         while positions > MIN_LEN and not fits(slots, positions):
             positions //= 2
         if not fits(slots, positions):
             raise MemoryError(f"{slots} slots of {MIN_LEN} positions need "
-                              f"{gib(cache_bytes(cfg, slots, MIN_LEN, cache_dtype))} of KV cache, but {gib(budget)} "
+                              f"{gib(cache(slots, MIN_LEN))} of KV cache, but {gib(budget)} "
                               f"is left of {gib(available)} available: lower --max-batch")
-    cache = cache_bytes(cfg, slots, positions, cache_dtype)
+    total = cache(slots, positions)
     if (slots, positions) == (want_slots, want_len):
-        reason = f"the defaults fit ({gib(weights)} of weights + {gib(cache)} of KV cache in {gib(available)})"
+        reason = f"the defaults fit ({gib(weights)} of weights + {gib(total)} of KV cache in {gib(available)})"
     else:
         reason = (f"cut from {want_slots} slots x {want_len} positions so that {gib(weights)} of weights and "
-                  f"{gib(cache)} of KV cache fit in {gib(available)} available (--max-batch / --max-len to choose)")
-    return ServingPlan(slots, positions, weights, cache, reason)
+                  f"{gib(total)} of KV cache fit in {gib(available)} available (--max-batch / --max-len to choose)")
+    return ServingPlan(slots, positions, weights, total, reason)

@@ -20,6 +20,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from internlm_core.batching import SPECULATION, Batcher, BatcherMetrics
 from internlm_core.checkpoint import MANIFEST_FILE, read_config
+from internlm_core.draft import CATCH_UP_ROWS, check_pair
 from internlm_core.errors import AdapterError, CheckpointError, ModelNotFound, TokenizerError
 from internlm_core.generation import FINISH_ABORTED, FINISH_EOS, SamplingParams
 from internlm_core.memory import CACHE_DTYPES, DEFAULT_SLOTS, available_memory, plan_serving
@@ -68,13 +69,14 @@ class PrometheusMetrics(BatcherMetrics):
         self.prefix_queries = Counter("internlm_prefix_cache_queries_tokens_total", "Prompt tokens admitted")
         self.prefix_hits = Counter("internlm_prefix_cache_hits_tokens_total",
                                    "Prompt tokens whose KV was reused from a slot instead of computed")
+        # method: where the proposals came from, ngram (prompt lookup) or draft (a draft model)
         self.drafts = Counter("internlm_spec_decode_draft_tokens_total",
-                              "Proposed tokens verified (speculative decoding)")
-        self.accepted = Counter("internlm_spec_decode_accepted_tokens_total", "Proposed tokens kept")
+                              "Proposed tokens verified (speculative decoding)", ["method"])
+        self.accepted = Counter("internlm_spec_decode_accepted_tokens_total", "Proposed tokens kept", ["method"])
         self.per_step = Histogram("internlm_spec_decode_tokens_per_step",
                                   "Tokens one sequence got from one decode step (speculative decoding on)",
-                                  buckets=(1, 2, 3, 4, 5, 6, 7, 8))
-        self.cache = Gauge("internlm_kv_cache_bytes", "KV cache allocated")
+                                  ["method"], buckets=(1, 2, 3, 4, 5, 6, 7, 8))
+        self.cache = Gauge("internlm_kv_cache_bytes", "KV cache allocated (with a draft model's)")
         self.weights = Gauge("internlm_weight_bytes", "Model weights held, by the precision they are held in",
                              ["precision"])
         # MindSpore compiles a graph per step shape (seconds each): a count that keeps growing under
@@ -86,7 +88,11 @@ class PrometheusMetrics(BatcherMetrics):
         """Read the gauges from the batcher at each scrape."""
         self.queue.set_function(lambda: batcher.queued)
         self.active.set_function(lambda: batcher.active)
-        self.cache.set(batcher.engine.cache_bytes)
+        draft = batcher.drafter.engine.cache_bytes if batcher.drafter else 0
+        self.cache.set(batcher.engine.cache_bytes + draft)
+        if batcher.speculate:  # its series are there, at zero, before the first step
+            for series in (self.drafts, self.accepted, self.per_step):
+                series.labels(batcher.method)
         self.weights.labels(precision(batcher.engine)).set(getattr(batcher.engine, "weight_bytes", 0))
         self.shapes.set_function(lambda: len(getattr(batcher.engine, "shapes_run", ())))
 
@@ -107,10 +113,10 @@ class PrometheusMetrics(BatcherMetrics):
     def tokens(self, n):
         self.generated.inc(n)
 
-    def speculation(self, proposed, accepted):
-        self.drafts.inc(proposed)
-        self.accepted.inc(accepted)
-        self.per_step.observe(accepted + 1)
+    def speculation(self, proposed, accepted, method):
+        self.drafts.labels(method).inc(proposed)
+        self.accepted.labels(method).inc(accepted)
+        self.per_step.labels(method).observe(accepted + 1)
 
     def finished(self, reason, seconds):
         self.requests.labels(reason).inc()
@@ -222,11 +228,40 @@ def build_parser() -> argparse.ArgumentParser:
                          "float32 with the same greedy tokens on the parity tests; float32 on MindSpore's ops)")
     ap.add_argument("--speculate", choices=("auto", *SPECULATION), default=env_default("INTERNLM_SPECULATE", "auto"),
                     help="speculative decoding ($INTERNLM_SPECULATE): ngram verifies prompt-lookup proposals in the "
-                         "decode steps (the same tokens as without; a request's speculate=false opts out); auto: "
-                         "ngram where the CPU kernels serve, off on MindSpore's ops (not exact there)")
+                         "decode steps, draft the proposals of --draft-model (the same tokens as without; a request's "
+                         "speculate=false opts out); auto: draft with --draft-model, else ngram where the CPU kernels "
+                         "serve, off on MindSpore's ops (not exact there)")
+    ap.add_argument("--draft-model", default=env_default("INTERNLM_DRAFT_MODEL", "") or None, metavar="DIR",
+                    help="a smaller model folder with the same tokenizer whose greedy tokens are verified as "
+                         "proposals ($INTERNLM_DRAFT_MODEL; its own KV cache of the same slots, counted in the memory "
+                         "plan)")
     ap.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                     help="serve a LoRA adapter folder under NAME (repeatable); requests pick it by name")
     return ap
+
+
+def check_draft(args, cfg, tokenizer):
+    """The config of ``--draft-model`` (None without one), or SystemExit naming what is wrong: a
+    draft used by no --speculate mode, a draft or a target that is an exported model (no verify
+    step), or a draft whose tokenizer is not the target's (checked before any weights load)."""
+    if not args.draft_model:
+        if args.speculate == "draft":
+            raise SystemExit("worker: --speculate draft needs --draft-model DIR (or $INTERNLM_DRAFT_MODEL)")
+        return None
+    where = f"worker: --draft-model {args.draft_model}"
+    if args.speculate not in ("auto", "draft"):
+        raise SystemExit(f"{where}: a draft model is used by --speculate draft or auto, not {args.speculate}")
+    folder = Path(args.draft_model)
+    for what, path in (("an exported model cannot be a draft", folder),
+                       ("the target is an exported model, which cannot speculate", Path(args.model))):
+        if (path / MANIFEST_FILE).is_file():
+            raise SystemExit(f"{where}: {what} (it needs the CPU kernels' verify step)")
+    try:
+        draft_cfg = read_config(folder)
+        check_pair(cfg, tokenizer, draft_cfg, Tokenizer.for_model(folder, draft_cfg.family))
+    except (TokenizerError, CheckpointError) as e:
+        raise SystemExit(f"{where}: {e}") from None
+    return draft_cfg
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -244,11 +279,13 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = Tokenizer.for_model(folder, cfg.family)
     except (TokenizerError, CheckpointError) as e:
         raise SystemExit(f"worker: {e}") from None
+    draft_cfg = check_draft(args, cfg, tokenizer)
     max_batch, max_len = args.max_batch or None, args.max_len or None
     try:
         if not (folder / MANIFEST_FILE).is_file():  # an exported pair is sized by its manifest
             weights_dtype, cache_dtype = serving_dtypes(cfg, args.quantize, args.kv_cache_dtype)
-            plan = plan_serving(cfg, weights_dtype, cache_dtype, available_memory(), max_batch, max_len)
+            draft = draft_cfg and (draft_cfg, serving_dtypes(draft_cfg, args.quantize, args.kv_cache_dtype)[0])
+            plan = plan_serving(cfg, weights_dtype, cache_dtype, available_memory(), max_batch, max_len, draft)
             log.info("%d slots x %d positions (%s weights, %s KV cache): %s", plan.max_batch, plan.max_len,
                      weights_dtype, cache_dtype, plan.reason)
             max_batch, max_len = plan.max_batch, plan.max_len
@@ -267,15 +304,26 @@ def main(argv: list[str] | None = None) -> None:
         except AdapterError as e:  # not an adapter of this model, or an engine that has none
             raise SystemExit(f"worker: --adapter {spec}: {e}") from None
     metrics = PrometheusMetrics()
-    speculate = args.speculate if args.speculate != "auto" else "ngram" if engine.kernels else "off"
+    speculate = args.speculate
+    if speculate == "auto":  # a draft model given is used (the batcher refuses it off the kernels)
+        speculate = "draft" if args.draft_model else "ngram" if engine.kernels else "off"
+    draft = None
+    if args.draft_model:
+        try:  # the same slots and positions as the target's, its cache in the same dtype
+            draft = open_engine(args.draft_model, max_batch=engine.max_batch, max_len=engine.max_len,
+                                quantize=args.quantize, cache_dtype=engine.cache_dtype)
+        except (ValueError, CheckpointError, MemoryError) as e:
+            raise SystemExit(f"worker: --draft-model {args.draft_model}: {e}") from None
     try:
-        batcher = Batcher(engine, tokenizer, args.max_queue, metrics, speculate=speculate).start()
-    except ValueError as e:  # ngram asked for on an engine without the kernels
+        batcher = Batcher(engine, tokenizer, args.max_queue, metrics, speculate=speculate, draft=draft).start()
+    except ValueError as e:  # ngram or draft asked for on an engine without the kernels
         raise SystemExit(f"worker: --speculate {args.speculate}: {e}") from None
     metrics.watch(batcher)
     # Compile prefill and every decode shape now, not on a client's time.
     started = time.monotonic()
     shapes = engine.warmup(batcher.speculate_rows) if batcher.speculate else engine.warmup()
+    if draft is not None:  # its first step feeds up to two tokens a sequence (draft.CATCH_UP_ROWS)
+        shapes += draft.warmup(CATCH_UP_ROWS * draft.max_batch)
     log.info("compiled %d step shapes in %.1f s", shapes, time.monotonic() - started)
     batcher.submit([BOS, BOS], SamplingParams(max_new_tokens=2, ignore_eos=True)).result()
     quantization = getattr(engine, "quantization", None)
@@ -285,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
              f" {engine.weight_bytes / 2**20:.0f} MiB" if getattr(engine, "weight_bytes", 0) else "",
              engine.max_batch, engine.max_len, getattr(engine, "cache_dtype", "float32"), engine.cache_bytes / 2**20,
              engine.cache_bytes_per_slot / 2**20, "CPU kernels" if getattr(engine, "kernels", False) else "MindSpore ops")
-    log.info("speculative decoding: %s", speculate)
+    log.info("speculative decoding: %s%s", speculate, f" (draft model {args.draft_model})" if draft else "")
 
     server = Server("worker", args.port, args.host, args.metrics_port,
                     max_workers=engine.max_batch + args.max_queue + 8, metrics_host=args.metrics_host,

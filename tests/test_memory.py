@@ -54,6 +54,23 @@ def test_explicit_settings_are_kept_or_refused_with_the_flags_that_fit():
     assert plan_serving(V2_1_8B, "bfloat16", "float32", 20 * GIB, max_batch=3).max_batch == 3
 
 
+def test_a_draft_model_counts_its_weights_and_its_cache_of_the_same_slots():
+    """InternLM2.5-7B (bf16) served with an InternLM2-1.8B draft (bf16): both weights, and both KV
+    caches of the plan's slots and positions, fit; the draft's share costs slots, or is refused."""
+    target = Config.from_name("internlm2_5-7b-chat")
+    available = 26 * GIB
+    alone = plan_serving(target, "bfloat16", "float16", available)
+    plan = plan_serving(target, "bfloat16", "float16", available, draft=(V2_1_8B, "bfloat16"))
+    assert plan.weight_bytes == weight_bytes(target, "bfloat16") + weight_bytes(V2_1_8B, "bfloat16")
+    assert plan.cache_bytes == (cache_bytes(target, plan.max_batch, plan.max_len, "float16")
+                                + cache_bytes(V2_1_8B, plan.max_batch, plan.max_len, "float16"))
+    assert plan.weight_bytes + RUNTIME_BYTES + plan.cache_bytes <= available * MARGIN
+    assert plan.max_batch < alone.max_batch
+    with pytest.raises(MemoryError, match="with the draft model"):
+        plan_serving(target, "bfloat16", "float16", 18 * GIB, draft=(V2_1_8B, "bfloat16"))
+    assert plan_serving(target, "bfloat16", "float16", 18 * GIB).max_batch >= 1  # fits alone
+
+
 def test_a_model_that_cannot_fit_is_refused_before_loading_with_its_numbers():
     cfg = Config.from_name("internlm2_5-7b-chat")  # 7.7 B parameters: 31 GB as float32
     with pytest.raises(MemoryError, match=r"cannot be served here: its weights take 28.8 GiB as float32, .* only "

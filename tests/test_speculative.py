@@ -244,8 +244,8 @@ class Counts(BatcherMetrics):
     def __init__(self):
         self.steps = self.proposed = self.accepted = self.reused = 0
 
-    def speculation(self, proposed, accepted):
-        self.last = (proposed, accepted)
+    def speculation(self, proposed, accepted, method):
+        self.last, self.method = (proposed, accepted), method
         self.steps += 1
         self.proposed += proposed
         self.accepted += accepted
@@ -254,12 +254,13 @@ class Counts(BatcherMetrics):
         self.reused += reused
 
 
-def serve(engine, requests, speculate, then=(), tok=None):
+def serve(engine, requests, speculate, then=(), tok=None, draft=None):
     """Each (prompt, params, adapter) through a batcher over ``engine``, all submitted at once
     (more than the slots: they join as others leave), then the ones of ``then`` (after those
-    ended: their prefixes are in the slots); their results and the batcher's counts."""
+    ended: their prefixes are in the slots); their results and the batcher's counts. ``draft``:
+    the draft engine of ``speculate="draft"``."""
     counts = Counts()
-    b = Batcher(engine, tok, metrics=counts, speculate=speculate).start()
+    b = Batcher(engine, tok, metrics=counts, speculate=speculate, draft=draft).start()
     try:
         results = []
         for wave in (requests, then):
@@ -337,7 +338,7 @@ def test_opting_out_and_refusals(model):
     assert counts.steps == 0
     assert off == serve(engine, [request], "off")[0]
     with pytest.raises(ValueError, match="speculate is one of"):
-        Batcher(engine, speculate="draft")
+        Batcher(engine, speculate="medusa")
     with pytest.raises(ValueError, match="CPU kernels"):
         Batcher(Engine(model, max_batch=1, max_len=16, cpu_kernels=False), speculate="ngram")
 

@@ -51,7 +51,7 @@ def test_speculation_gives_the_same_tokens_and_is_counted(worker, core_engine, c
     text = "one two three four five, one two three four five, one two three"
     params = SamplingParams(max_new_tokens=16, ignore_eos=True)
     want = core_generate(core_engine, core_tokenizer, core_tokenizer.encode(text), params)[0]
-    steps = lambda: worker.metric("internlm_spec_decode_tokens_per_step_count")  # noqa: E731
+    steps = lambda: worker.metric('internlm_spec_decode_tokens_per_step_count{method="ngram"}')  # noqa: E731
     before = steps()
     r = s.GenerateUnary(inference_pb2.GenerateRequest(text=text, params=sampling_to_pb(params)), timeout=60)
     assert list(r.token_ids) == want
@@ -60,6 +60,31 @@ def test_speculation_gives_the_same_tokens_and_is_counted(worker, core_engine, c
     off = sampling_to_pb(params.replace(speculate=False))
     r = s.GenerateUnary(inference_pb2.GenerateRequest(text=text, params=off), timeout=60)
     assert list(r.token_ids) == want and steps() == after
+
+
+def test_a_worker_with_a_draft_model_gives_the_same_tokens(chat_model_dir, stack_dir, core_engine, core_tokenizer):
+    """``--draft-model`` (here the model itself: the same tokenizer) and ``--speculate auto``: the
+    worker speculates with the draft; a request gets core generate's tokens, greedy and seeded,
+    and the speculation metrics count draft proposals, kept ones giving more than a token a step."""
+    from tests.services.conftest import start_worker
+
+    w = start_worker(chat_model_dir, "", stack_dir, "worker-draft", "--draft-model", str(chat_model_dir))
+    try:
+        s = stub(w.wait_healthy())
+        series = lambda name: w.metric(f'internlm_spec_decode_{name}{{method="draft"}}')  # noqa: E731
+        before = [series(n) for n in ("draft_tokens_total", "tokens_per_step_sum", "tokens_per_step_count")]
+        for params in (SamplingParams(max_new_tokens=24, ignore_eos=True),
+                       SamplingParams(max_new_tokens=24, temperature=0.8, top_k=50, seed=7, ignore_eos=True)):
+            text = "The history of the city"
+            want = core_generate(core_engine, core_tokenizer, core_tokenizer.encode(text), params)[0]
+            r = s.GenerateUnary(inference_pb2.GenerateRequest(text=text, params=sampling_to_pb(params)), timeout=60)
+            assert list(r.token_ids) == want
+        proposed, tokens, steps = (series(n) - b for n, b in zip(
+            ("draft_tokens_total", "tokens_per_step_sum", "tokens_per_step_count"), before))
+        assert proposed > 0 and tokens / steps > 1.5
+    finally:
+        w.stop()
+    assert "speculative decoding: draft (draft model" in w.log.read_text()
 
 
 @pytest.mark.parametrize("via", ["worker", "endpoint"])

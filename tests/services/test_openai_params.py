@@ -112,7 +112,7 @@ def test_min_p_narrows_sampling_as_the_core_does(stack, engine, core_tokenizer):
 def test_speculate_false_opts_out_with_the_same_answer(stack, engine, core_tokenizer):
     """The worker speculates by default; ``speculate: false`` (ours) opts a request out: the same
     text either way, the core's, and only the first counts speculative decode steps."""
-    steps = lambda: stack.worker.metric("internlm_spec_decode_tokens_per_step_count")  # noqa: E731
+    steps = lambda: stack.worker.metric('internlm_spec_decode_tokens_per_step_count{method="ngram"}')  # noqa: E731
     want = core(engine, core_tokenizer, core_tokenizer.encode(PROMPT), max_new_tokens=40, ignore_eos=True)
     kw = dict(model=stack.model, prompt=PROMPT, max_tokens=40, temperature=0)
     before = steps()

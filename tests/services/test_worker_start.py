@@ -49,6 +49,37 @@ def test_a_model_that_cannot_fit_is_refused_before_loading(chat_model_dir):
     assert "only 0.6 GiB of memory is available" in out.stderr
 
 
+def test_a_draft_model_that_cannot_serve_as_one_is_refused_at_start(chat_model_dir, tmp_path):
+    """--draft-model with another tokenizer (the same vocabulary size in its config) is refused
+    before any weights load, naming the flag and the reason; so are --speculate draft without one,
+    a draft with --speculate ngram, and an exported draft."""
+    from internlm_core.checkpoint import MANIFEST_FILE, copy_tokenizer
+    from tests.helpers import DATA
+
+    other = tmp_path / "v2-draft"
+    other.mkdir()
+    Config.from_name("tiny-v2", vocab_size=103168, max_position_embeddings=256).save(other)
+    copy_tokenizer(DATA / "internlm2-tokenizer", other)
+
+    def start(*extra):
+        return subprocess.run([sys.executable, "-m", "services.inference_worker", "--model", str(chat_model_dir),
+                               "--redis-url", "", "--port", "0", *extra], cwd=REPO, capture_output=True, text=True,
+                              timeout=120)
+
+    out = start("--draft-model", str(other))
+    assert out.returncode != 0 and f"--draft-model {other}: the draft model's tokenizer" in out.stderr
+    assert "differs from the target's" in out.stderr
+    out = start("--speculate", "draft")
+    assert out.returncode != 0 and "--speculate draft needs --draft-model DIR" in out.stderr
+    out = start("--speculate", "ngram", "--draft-model", str(chat_model_dir))
+    assert out.returncode != 0 and "a draft model is used by --speculate draft or auto, not ngram" in out.stderr
+    exported = tmp_path / "exported"  # an exported pair is known by its manifest (never read here)
+    exported.mkdir()
+    (exported / MANIFEST_FILE).write_text("{}")
+    out = start("--draft-model", str(exported))
+    assert out.returncode != 0 and "an exported model cannot be a draft" in out.stderr
+
+
 def test_a_worker_whose_redis_is_down_serves_and_registers_once_it_is_up(chat_model_dir, tmp_path):
     """A worker started before its Redis says so in one line (no traceback), serves on its own
     port, and shows up in the registry once Redis is reachable."""
