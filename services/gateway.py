@@ -13,6 +13,7 @@ Token strings (logprobs) come from the worker that generated them, named by its 
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import threading
@@ -23,8 +24,8 @@ import grpc
 import redis
 from prometheus_client import Counter, Gauge
 
-from internlm_core.errors import ModelNotFound, Unavailable
-from services.auth import TENANT_HEADER, tenant_of, with_bearer
+from internlm_core.errors import Cancelled, ModelNotFound, Unavailable
+from services.auth import TENANT_HEADER, bearer, tenant_of
 from services.pb import inference_pb2, inference_pb2_grpc
 from services.pb_convert import check_names
 from services.registry import TTL_S, list_workers
@@ -55,26 +56,48 @@ class WorkerRef:
     last_pick: float = 0.0
     down_until: float = 0.0
     retired: bool = False
-    channel: grpc.Channel = field(default=None, repr=False)
+    channel: grpc.aio.Channel = field(default=None, repr=False)  # opened on the router's loop at first use
     stub: inference_pb2_grpc.InferenceStub = field(default=None, repr=False)
 
 
 class Router:
-    """The live workers, refreshed from Redis in the background; picks the least loaded."""
+    """The live workers, refreshed from Redis in the background; picks the least loaded. Its calls
+    to the workers run on its one event loop (``loop``, a thread of its own) over ``grpc.aio``
+    channels: a stream costs no thread here, whichever door it came in by."""
 
     def __init__(self, redis_url: str, refresh_s: float = 0.5, token: str | None = None):
         self.r = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
-        self.refresh_s, self.token = refresh_s, token  # the internal token, sent on every call to a worker
+        self.refresh_s = refresh_s
+        self.metadata = (bearer(token),) if token else ()  # the internal token, sent on every call to a worker
         self.workers: dict[str, WorkerRef] = {}
         self.lock = threading.Lock()
+        self.loop = asyncio.new_event_loop()
         self._stop = threading.Event()
         self._warned = False
         Gauge("internlm_endpoint_workers", "Live inference workers").set_function(lambda: len(self.workers))
 
     def start(self) -> "Router":
+        threading.Thread(target=self.loop.run_forever, name="gateway-loop", daemon=True).start()
         self.refresh()
         threading.Thread(target=self._loop, name="router", daemon=True).start()
         return self
+
+    def run(self, coroutine):
+        """Run ``coroutine`` on the loop and wait for its result (from a thread not the loop's)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def stub(self, w: WorkerRef) -> inference_pb2_grpc.InferenceStub:
+        """``w``'s stub, its channel opened now if it has none yet (on the loop: an aio channel is its loop's)."""
+        with self.lock:
+            if w.stub is None:
+                w.channel = grpc.aio.insecure_channel(w.address)
+                w.stub = inference_pb2_grpc.InferenceStub(w.channel)
+            return w.stub
+
+    def _close(self, w: WorkerRef) -> None:
+        """Close a retired worker's channel (called with the lock held, from any thread)."""
+        if w.channel is not None:
+            asyncio.run_coroutine_threadsafe(w.channel.close(), self.loop)
 
     def stop(self) -> None:
         self._stop.set()
@@ -100,8 +123,6 @@ class Router:
                 w = self.workers.get(wid)
                 if w is None:
                     w = self.workers[wid] = WorkerRef(wid, info["address"], info["model"])
-                    w.channel = with_bearer(grpc.insecure_channel(w.address), self.token)
-                    w.stub = inference_pb2_grpc.InferenceStub(w.channel)
                     log.info("worker %s at %s (%s) joined", wid, w.address, w.model)
                 w.load, w.max_batch, w.precision = info["load"], info["max_batch"], info["precision"]
             for wid in set(self.workers) - set(found):
@@ -109,7 +130,7 @@ class Router:
                 w.retired = True
                 log.info("worker %s at %s left", wid, w.address)
                 if w.inflight == 0:
-                    w.channel.close()
+                    self._close(w)
 
     def acquire(self, model: str, exclude=()) -> WorkerRef:
         """The least-loaded live worker for ``model`` ('' = any); count a request on it."""
@@ -138,7 +159,7 @@ class Router:
         with self.lock:
             w.inflight -= 1
             if w.retired and w.inflight == 0:
-                w.channel.close()
+                self._close(w)
 
     def lost(self, w: WorkerRef) -> None:
         """Route around a worker that failed to answer until its registration would have expired."""
@@ -169,34 +190,25 @@ def with_seed(request: inference_pb2.GenerateRequest) -> inference_pb2.GenerateR
 
 
 class Stream:
-    """One request's generation: iterate it for the GenerateResponses. When a worker goes away
-    mid-stream, another continues the request from the tokens already streamed (``resume_ids``),
-    so the caller sees one stream. ``cancel()``, from any thread (the caller went away, its
-    deadline passed), cancels the worker's call at once, so the worker frees the slot within a step."""
+    """One request's generation. When a worker goes away mid-stream, another continues the request
+    from the tokens already streamed (``resume_ids``), so the caller sees one stream. Iterate it
+    (``for``, on a thread: the gRPC door) or ``async for`` it (on any event loop: the HTTP door);
+    both read the one failover loop, ``_responses``, which runs on the router's loop. ``cancel()``,
+    from any thread (the caller went away, its deadline passed), cancels the worker's call at
+    once, so the worker frees the slot within a step; the stream then ends with ``Cancelled``."""
 
     def __init__(self, router: Router, request, tenant: str, deadline: float | None):
         self.router, self.request, self.deadline = router, request, deadline
-        self.metadata = ((TENANT_HEADER, tenant),)
-        self._lock, self._call, self._cancelled = threading.Lock(), None, False
+        self.metadata = (*router.metadata, (TENANT_HEADER, tenant))
+        self._call, self.cancelled = None, False
 
     def cancel(self) -> None:
-        with self._lock:
-            self._cancelled, call = True, self._call
-        if call is not None:
-            call.cancel()
+        self.cancelled = True
+        self.router.loop.call_soon_threadsafe(self._cancel_call)
 
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
-
-    def _call_worker(self, w: WorkerRef, request):
-        timeout = None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
-        call = w.stub.Generate(request, timeout=timeout, metadata=self.metadata)
-        with self._lock:
-            self._call, cancelled = call, self._cancelled
-        if cancelled:  # cancelled while no call was open: this one ends at once (CANCELLED)
-            call.cancel()
-        return call
+    def _cancel_call(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
 
     def _next_worker(self, tried: set, error) -> WorkerRef:
         try:
@@ -208,7 +220,7 @@ class Stream:
         tried.add(w.id)
         return w
 
-    def __iter__(self):
+    async def _responses(self):
         tried, error, produced = set(), None, []
         while True:
             try:
@@ -226,11 +238,20 @@ class Stream:
                 CONTINUED.inc()
                 log.warning("continuing a request on %s after %d token(s): %s", w.address, len(produced),
                             error.details())
+            timeout = None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
+            call = None
             try:
-                for response in self._call_worker(w, attempt):
+                call = self._call = self.router.stub(w).Generate(attempt, timeout=timeout, metadata=self.metadata)
+                if self.cancelled:  # cancelled while no call was open
+                    call.cancel()
+                async for response in call:
                     produced.extend(response.token_ids)
                     yield response
                 return
+            except asyncio.CancelledError:  # the call cancelled (an aio call's cancel ends its reads so)
+                if self.cancelled:
+                    raise Cancelled("the call was cancelled") from None
+                raise
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.UNAVAILABLE:
                     self.router.lost(w)
@@ -238,7 +259,44 @@ class Stream:
                     raise
                 error = e
             finally:
+                if call is not None:
+                    call.cancel()  # a no-op once it ended; else (the reader left) the worker stops
                 self.router.release(w)
+
+    def _step(self, responses):
+        return asyncio.run_coroutine_threadsafe(anext(responses), self.router.loop)
+
+    def _close(self, responses) -> None:
+        asyncio.run_coroutine_threadsafe(_aclose(responses), self.router.loop)
+
+    def __iter__(self):
+        responses = self._responses()
+        try:
+            while True:
+                try:
+                    yield self._step(responses).result()
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._close(responses)
+
+    async def __aiter__(self):
+        responses = self._responses()
+        try:
+            while True:
+                try:
+                    yield await asyncio.wrap_future(self._step(responses))
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._close(responses)
+
+
+async def _aclose(responses) -> None:
+    try:
+        await responses.aclose()
+    except RuntimeError:  # still running a step that its cancel is ending: it ends on its own
+        pass
 
 
 class Gateway:
@@ -266,7 +324,11 @@ class Gateway:
         """A live worker's ModelInfo for ``model`` ('' = any), asked now."""
         request = inference_pb2.ModelInfoRequest(model=model)
         check_names(request)
-        return self.router.any_worker(model).stub.ModelInfo(request, timeout=timeout or 10)
+        w = self.router.any_worker(model)
+
+        async def ask():
+            return await self.router.stub(w).ModelInfo(request, timeout=timeout or 10, metadata=self.router.metadata)
+        return self.router.run(ask())
 
     def cached_info(self, model: str) -> inference_pb2.ModelInfoResponse:
         """``model_info``, reused for INFO_TTL_S (adapters can come with a worker that joins later)."""

@@ -4,10 +4,11 @@ and the web console, on ``--http-port`` beside the gRPC port.
 
 Every route is a translation to and from calls of the endpoint's gateway (``gateway.py``: the
 least-loaded live worker, the same retries and mid-stream failover as gRPC clients get): an
-OpenAI request is turned into one ``GenerateRequest`` per choice, each gateway stream is read on a
-thread and relayed, and a client that disconnects (streamed or not, queued or generating) cancels
-its streams, so the worker frees the slot within a step. Logprobs name their tokens as the worker
-that made them did (``GenerateResponse.tokens``), with its own model's tokenizer.
+OpenAI request is turned into one ``GenerateRequest`` per choice, each gateway stream read by a
+task of the HTTP server's event loop (no thread each) and relayed, and a client that disconnects
+(streamed or not, queued or generating) cancels its streams, so the worker frees the slot within
+a step. Logprobs name their tokens as the worker that made them did (``GenerateResponse.tokens``),
+with its own model's tokenizer.
 Parameters are checked here by pydantic models named as OpenAI names them, so a bad value is a
 400 that names the field (the worker's own checks remain behind them).
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -40,16 +40,16 @@ CONSOLE = Path(__file__).resolve().parent / "console"
 
 
 class Generation:
-    """The choices of one OpenAI request in flight: each GenerateRequest's gateway stream read on
-    its own thread into one queue, merged as the responses come. ``cancel()`` (the client went
-    away) cancels every stream at its worker at once, without awaiting anything."""
+    """The choices of one OpenAI request in flight: each GenerateRequest's gateway stream read by a
+    task of this loop (no thread) into one queue, merged as the responses come. ``cancel()`` (the
+    client went away) cancels every stream at its worker at once, without awaiting anything."""
 
     END = object()
 
     def __init__(self, gateway, requests, authorization: str | None = None, streams: StreamLimit | None = None):
-        """``streams``: the endpoint's cap on long calls, one place a choice (a thread each) for as
-        long as it runs, all admitted or TooManyCalls raised here."""
-        self.loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
+        """``streams``: the endpoint's cap on long calls, one place a choice for as long as it
+        runs, all admitted or TooManyCalls raised here."""
+        self.queue = asyncio.Queue()
         metadata = (("authorization", authorization),) if authorization else ()
         self.streams = [gateway.generate(r, metadata) for r in requests]
         self.left = len(requests)
@@ -57,21 +57,19 @@ class Generation:
         self.tenant = streams.tenant(metadata) if streams else ""
         if streams is not None:
             streams.enter(self.tenant, len(requests))
-        for i, stream in enumerate(self.streams):
-            threading.Thread(target=self._pump, args=(i, stream), name="http-generate", daemon=True).start()
+        self.tasks = [asyncio.ensure_future(self._pump(i, stream)) for i, stream in enumerate(self.streams)]
 
-    def _pump(self, i, stream) -> None:
-        put = lambda item: self.loop.call_soon_threadsafe(self.queue.put_nowait, item)  # noqa: E731
+    async def _pump(self, i, stream) -> None:
         try:
-            for response in stream:
-                put((i, response))
-        except BaseException as e:  # noqa: BLE001 - handed to the reader, who answers the client with it
-            if not stream.cancelled:  # not the CANCELLED of our own cancel
-                put((i, e))
+            async for response in stream:
+                self.queue.put_nowait((i, response))
+        except Exception as e:  # noqa: BLE001 - handed to the reader, who answers the client with it
+            if not stream.cancelled:  # not the Cancelled of our own cancel
+                self.queue.put_nowait((i, e))
         finally:
             if self.limit is not None:
                 self.limit.leave(self.tenant)
-            put((i, self.END))
+            self.queue.put_nowait((i, self.END))
 
     async def next(self):
         """(choice index, GenerateResponse), or None when every stream has ended."""
