@@ -6,6 +6,7 @@ its model's worker."""
 from __future__ import annotations
 
 import json
+import os
 
 import grpc
 import httpx
@@ -100,3 +101,23 @@ def test_streamed_completions_name_tokens_per_model(mixed):
                 if line.startswith("data: {"):
                     tokens += json.loads(line[6:])["choices"][0]["logprobs"]["tokens"]
         assert tokens == names(tok, want.token_ids) == list(want.tokens), model
+
+
+def threads_of(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_http_streams_cost_no_thread_each(http, worker):
+    """Ten choices streaming at once through the HTTP door (four generating, six queued at the
+    worker) add no thread per choice to the endpoint: the gateway's streams are tasks of an event
+    loop (a thread each, as before, would add ten)."""
+    pid = http.proc.pid
+    body = {"messages": CHAT, "max_tokens": 200, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{http.base}/v1/chat/completions", timeout=120, json={**body, "n": 1}) as r:
+        next(r.iter_lines())  # warms what any request starts once (the HTTP side's worker threads)
+    before = threads_of(pid)
+    with httpx.stream("POST", f"{http.base}/v1/chat/completions", timeout=120, json={**body, "n": 10}) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # the first response: every choice is in flight now
+        during = threads_of(pid)
+    assert during - before < 5, (before, during)
