@@ -45,7 +45,7 @@ def _timeout(context) -> float | None:
     return remaining if remaining is not None and remaining < 1e6 else None
 
 
-class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+class InferenceDoor(inference_pb2_grpc.InferenceServicer):
     """The gRPC door of the gateway's generation and model info."""
 
     def __init__(self, gateway: Gateway):
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     token = args.internal_token or None
     jobs = None if args.no_jobs else jobs_api(args.redis_url, args.store or None)
     gateway = Gateway(Router(args.redis_url, token=token).start(), keyed=bool(keys), jobs=jobs)
-    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(gateway), server.grpc)
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceDoor(gateway), server.grpc)
     endpoint_pb2_grpc.add_EndpointServicer_to_server(EndpointServicer(gateway), server.grpc)
     tokenizer = with_bearer(grpc.insecure_channel(args.tokenizer_address), token)
     server.grpc.add_generic_rpc_handlers([tokenizer_passthrough(tokenizer)])

@@ -57,6 +57,7 @@ class Generation:
         self.tenant = streams.tenant(metadata) if streams else ""
         if streams is not None:
             streams.enter(self.tenant, len(requests))
+        # held here: the loop keeps only weak references to its tasks
         self.tasks = [asyncio.ensure_future(self._pump(i, stream)) for i, stream in enumerate(self.streams)]
 
     async def _pump(self, i, stream) -> None:
