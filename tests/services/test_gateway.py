@@ -121,3 +121,57 @@ def test_http_streams_cost_no_thread_each(http, worker):
         next(r.iter_lines())  # the first response: every choice is in flight now
         during = threads_of(pid)
     assert during - before < 5, (before, during)
+
+
+@pytest.fixture(scope="module")
+def pair(chat_model_dir, tokenizer_service, tmp_path_factory):
+    """Two workers of one model behind an endpoint with its HTTP side (their own Redis)."""
+    root = tmp_path_factory.mktemp("gateway-pair")
+    redis = RedisServer(root / "redis").start()
+    workers = [start_worker(chat_model_dir, redis.url, root, f"worker-{n}") for n in "ab"]
+    try:
+        for w in workers:
+            w.wait_healthy()
+        endpoint = start_http_endpoint(redis.url, tokenizer_service.address, root, "endpoint-pair")
+        try:
+            assert len(wait_workers(endpoint, 2)) == 2
+            yield workers, endpoint
+        finally:
+            endpoint.stop()
+    finally:
+        for w in workers:
+            w.stop()
+        redis.stop()
+
+
+def test_an_http_stream_is_continued_when_its_worker_dies(pair):
+    """The HTTP door reads the gateway's one failover loop: kill -9 of the worker under a streamed
+    chat completion, and the client still gets every token, the text of an uninterrupted run."""
+    workers, endpoint = pair
+    body = {"messages": CHAT, "max_tokens": 200, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    texts, usage = [], None
+    with httpx.stream("POST", f"{endpoint.base}/v1/chat/completions", timeout=120, json=body) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        for line in lines:
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                texts.append(json.loads(line[6:])["choices"][0]["delta"]["content"])
+                break
+        busy = [w for w in workers if w.metric("internlm_active_requests") == 1]
+        assert len(busy) == 1
+        busy[0].kill()
+        for line in lines:
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            if event["choices"]:
+                texts.append(event["choices"][0]["delta"].get("content", ""))
+            else:
+                usage = event["usage"]
+    assert usage["completion_tokens"] == 200
+    assert endpoint.metric("internlm_endpoint_continued_total") == 1
+    again = httpx.post(f"{endpoint.base}/v1/chat/completions", timeout=120, json={**body, "stream": False})
+    assert again.status_code == 200, again.text
+    assert "".join(texts) == again.json()["choices"][0]["message"]["content"]
