@@ -69,6 +69,10 @@ class AlreadyExists(Exception):
     """The request would replace something that exists (an output, an idempotency key's job)."""
 
 
+class WrongState(RuntimeError):
+    """The request does not apply to the thing in the state it is in now (cancel a job that ended)."""
+
+
 class QueueFull(RuntimeError):
     """Every slot is busy and the waiting queue is at its bound: try again later."""
 
@@ -98,6 +102,7 @@ STATUS: tuple[tuple[type[BaseException], str], ...] = (
     (FileNotFoundError, "NOT_FOUND"),
     (AlreadyExists, "ALREADY_EXISTS"),
     (FileExistsError, "ALREADY_EXISTS"),
+    (WrongState, "FAILED_PRECONDITION"),
     (QueueFull, "RESOURCE_EXHAUSTED"),
     (TooManyCalls, "RESOURCE_EXHAUSTED"),
     (ShuttingDown, "UNAVAILABLE"),

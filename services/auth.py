@@ -121,6 +121,11 @@ class _CallDetails(collections.namedtuple("_CallDetails", "method timeout metada
     pass
 
 
+def bearer(key: str) -> tuple[str, str]:
+    """The metadata entry that presents ``key``."""
+    return "authorization", f"Bearer {key}"
+
+
 class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
               grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
     """Adds ``authorization: Bearer <key>`` to every call of a channel. An interceptor rather than
@@ -128,7 +133,7 @@ class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercepto
     between containers in plain text."""
 
     def __init__(self, key: str):
-        self.header = ("authorization", f"Bearer {key}")
+        self.header = bearer(key)
 
     def intercept_unary_unary(self, continuation, details, request):
         return continuation(_CallDetails(details.method, details.timeout, [*(details.metadata or ()), self.header],

@@ -1,16 +1,14 @@
 """The JSON the web console reads: the workers behind the router, and the Jobs API (list, get,
-submit, cancel, the store) as JSON over HTTP. Each route is one call to the endpoint's own gRPC
-Jobs servicer, in this process (``InProcess``), so the console sees exactly what ``internlm jobs``
-sees; job bodies are the
-protobuf messages in their JSON form (``SubmitJobRequest`` in, ``Job`` out), so no field name is
-written out again here.
+submit, cancel, the store) as JSON over HTTP. Each route is one call of the endpoint's gateway, in
+this process (its ``jobs``: the same API the gRPC door serves), so the console sees exactly what
+``internlm jobs`` sees; job bodies are the protobuf messages in their JSON form
+(``SubmitJobRequest`` in, ``Job`` out), so no field name is written out again here.
 """
 from __future__ import annotations
 
 import asyncio
 from typing import Annotated
 
-import grpc
 from fastapi import FastAPI, Query, Request
 from google.protobuf import json_format
 from google.protobuf.json_format import ParseError
@@ -20,75 +18,28 @@ from services.jobs.records import STATES, state_enum_name
 from services.jobs.settings import LIMITS
 from services.openai_schema import error_response, rpc_error_response
 from services.pb import jobs_pb2
-from services.server_common import reported_status
 
-
-
-class _Aborted(grpc.RpcError):
-    """A call ended with a status, as a channel would raise it."""
-
-    def __init__(self, code: grpc.StatusCode, details: str):
-        super().__init__(details)
-        self._code, self._details = code, details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-
-class _Context:
-    """What the Jobs servicer's unary methods use of a gRPC context."""
-
-    def abort(self, code, details):
-        raise _Aborted(code, details)
-
-    def is_active(self) -> bool:
-        return True
-
-    def time_remaining(self):
-        return None
-
-
-class InProcess:
-    """A servicer called as a stub is (``jobs.ListJobs(request, timeout=...)``, statuses raised as
-    ``grpc.RpcError``), without a channel: no key or TLS client to hold, and nothing on the network.
-    Errors are mapped and logged as the server's interceptor would."""
-
-    def __init__(self, servicer):
-        self.servicer = servicer
-
-    def __getattr__(self, name: str):
-        method = getattr(self.servicer, name)
-
-        def call(request, timeout=None):  # noqa: ARG001 - a stub's signature; in-process calls have no deadline
-            try:
-                return method(request, _Context())
-            except grpc.RpcError:
-                raise
-            except Exception as e:  # noqa: BLE001 - one status for any failure, as on the gRPC door
-                raise _Aborted(*reported_status(name, e)) from e
-        return call
 
 
 def as_json(message) -> dict:
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
-def add_routes(app: FastAPI, router, jobs) -> None:
-    async def call(method, request, timeout: float = 10):
+def add_routes(app: FastAPI, gateway) -> None:
+    jobs = gateway.jobs
+
+    async def call(method, request):
         try:
-            return as_json(await asyncio.to_thread(method, request, timeout=timeout))
-        except grpc.RpcError as e:
-            return rpc_error_response(e)
+            return as_json(await asyncio.to_thread(method, request))
+        except Exception as e:  # noqa: BLE001 - one status for any failure, as on the gRPC door
+            return rpc_error_response(e, method.__name__)
 
     @app.get("/api/workers")
     def workers():
         return {"workers": [{"id": w.id, "address": w.address, "model": w.model, "load": w.load,
                              "inflight": w.inflight, "max_batch": w.max_batch, "requests_routed": w.routed,
                              "precision": w.precision}
-                            for w in router.snapshot()]}
+                            for w in gateway.workers()]}
 
     @app.get("/api/jobs")
     async def list_jobs(state: str = "", kind: str = "", limit: Annotated[int, Query(ge=1, le=LIMITS["list_jobs"])] = 50):
@@ -111,7 +62,7 @@ def add_routes(app: FastAPI, router, jobs) -> None:
             message = json_format.ParseDict(await request.json(), jobs_pb2.SubmitJobRequest())
         except (ParseError, ValueError) as e:
             return error_response(400, f"not a SubmitJobRequest: {e}")
-        return await call(jobs.SubmitJob, message, timeout=30)
+        return await call(jobs.SubmitJob, message)
 
     @app.post("/api/jobs/{job_id}/cancel")
     async def cancel_job(job_id: str):

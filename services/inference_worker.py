@@ -148,14 +148,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                                      tenant=tenant)
         context.add_callback(handle.cancel)  # runs on cancel, deadline and normal end alike
         done = len(request.resume_ids)
+        # Tokens named by this worker's own tokenizer: the model's, whatever family it is.
+        token_text = self.token_text if params.logprobs or params.top_logprobs else None
 
         def chunk(events, reason):
             if parser is None:
-                return chunk_to_pb(events, reason and finish_to_pb(reason, len(prompt), done, handle.seed))
+                return chunk_to_pb(events, reason and finish_to_pb(reason, len(prompt), done, handle.seed),
+                                   token_text=token_text)
             content, calls = parser.split(((e.token_id, e.text) for e in events), end=bool(reason))
             if reason == FINISH_EOS and parser.calls:
                 reason = FINISH_TOOL_CALLS
-            return chunk_to_pb(events, reason and finish_to_pb(reason, len(prompt), done, handle.seed), content, calls)
+            return chunk_to_pb(events, reason and finish_to_pb(reason, len(prompt), done, handle.seed), content, calls,
+                               token_text)
 
         while (events := handle.next_events()) is not None:
             done += len(events)
@@ -165,6 +169,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 return
         # Aborted without a final token (worker stopping): still end with a final message.
         yield chunk([], FINISH_ABORTED)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's own text, as logprobs name it: the id decoded alone."""
+        return self.tok.decode([token_id])
 
     def Generate(self, request, context):
         yield from self._generate(request, context)

@@ -2,11 +2,13 @@
 ``/v1/chat/completions``, plain and streamed as server-sent events), ``/health``, ``/metrics``
 and the web console, on ``--http-port`` beside the gRPC port.
 
-Every generation goes through the endpoint's own ``InferenceProxy.Generate`` (the least-loaded
-live worker, the same retries and mid-stream failover as gRPC clients get): an OpenAI request is
-turned into one ``GenerateRequest`` per choice, the gRPC stream is read on a thread and relayed,
-and a client that disconnects (streamed or not, queued or generating) cancels its calls, so the
-worker frees the slot within a step.
+Every route is a translation to and from calls of the endpoint's gateway (``gateway.py``: the
+least-loaded live worker, the same retries and mid-stream failover as gRPC clients get): an
+OpenAI request is turned into one ``GenerateRequest`` per choice, each gateway stream read by a
+task of the HTTP server's event loop (no thread each) and relayed, and a client that disconnects
+(streamed or not, queued or generating) cancels its streams, so the worker frees the slot within
+a step. Logprobs name their tokens as the worker that made them did (``GenerateResponse.tokens``),
+with its own model's tokenizer.
 Parameters are checked here by pydantic models named as OpenAI names them, so a bad value is a
 400 that names the field (the worker's own checks remain behind them).
 """
@@ -14,12 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 import uuid
 from pathlib import Path
 
-import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -27,85 +27,50 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from internlm_core.errors import ModelNotFound, TooManyCalls, ToolError
+from internlm_core.errors import ToolError
 from services.http_server import CLIENT_GONE, Guard
 from services.pb_convert import FINISH_FROM_PB, chat_to_pb, tools_to_pb
 from services.openai_schema import (FINISH, MAX_PROMPT_CHARS, MAX_PROMPT_IDS, UNION_TAGS, ChatCompletionRequest,
                                     CompletionRequest, SamplingFields, error_response, http_error,
                                     rpc_error_response)
-from services.pb import common_pb2, inference_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+from services.pb import inference_pb2
 from services.server_common import StreamLimit
 
 CONSOLE = Path(__file__).resolve().parent / "console"
-# ---- the bridge to the gRPC proxy ----------------------------------------------------------
-
-class CallContext:
-    """What ``InferenceProxy.Generate`` needs of a gRPC context, for an HTTP request: no deadline,
-    the request's ``authorization`` as metadata (its tenant), and callbacks (the upstream call's
-    cancel) that run when the client goes away or the call ends."""
-
-    def __init__(self, authorization: str | None = None):
-        self._callbacks, self._lock, self._done = [], threading.Lock(), False
-        self._metadata = (("authorization", authorization),) if authorization else ()
-
-    def time_remaining(self):
-        return None
-
-    def invocation_metadata(self):
-        return self._metadata
-
-    def add_callback(self, fn) -> bool:
-        with self._lock:
-            if self._done:
-                fn()
-            else:
-                self._callbacks.append(fn)
-        return True
-
-    def cancel(self) -> None:
-        with self._lock:
-            self._done, callbacks = True, self._callbacks
-            self._callbacks = []
-        for fn in callbacks:
-            fn()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._done
 
 
 class Generation:
-    """The choices of one OpenAI request in flight: each GenerateRequest's stream read from the
-    proxy on its own thread into one queue, merged as the responses come. ``cancel()`` (the client
-    went away) cancels every call upstream at once, without awaiting anything."""
+    """The choices of one OpenAI request in flight: each GenerateRequest's gateway stream read by a
+    task of this loop (no thread) into one queue, merged as the responses come. ``cancel()`` (the
+    client went away) cancels every stream at its worker at once, without awaiting anything."""
 
     END = object()
 
-    def __init__(self, proxy, requests, authorization: str | None = None, streams: StreamLimit | None = None):
-        """``streams``: the endpoint's cap on long calls, one place a choice (a thread each) for as
-        long as it runs, all admitted or TooManyCalls raised here."""
-        self.loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
-        self.contexts = [CallContext(authorization) for _ in requests]
+    def __init__(self, gateway, requests, authorization: str | None = None, streams: StreamLimit | None = None):
+        """``streams``: the endpoint's cap on long calls, one place a choice for as long as it
+        runs, all admitted or TooManyCalls raised here."""
+        self.queue = asyncio.Queue()
+        metadata = (("authorization", authorization),) if authorization else ()
+        self.streams = [gateway.generate(r, metadata) for r in requests]
         self.left = len(requests)
-        self.streams = streams
-        self.tenant = streams.tenant(self.contexts[0].invocation_metadata()) if streams else ""
+        self.limit = streams
+        self.tenant = streams.tenant(metadata) if streams else ""
         if streams is not None:
             streams.enter(self.tenant, len(requests))
-        for i, (r, ctx) in enumerate(zip(requests, self.contexts)):
-            threading.Thread(target=self._pump, args=(proxy, i, r, ctx), name="http-generate", daemon=True).start()
+        # held here: the loop keeps only weak references to its tasks
+        self.tasks = [asyncio.ensure_future(self._pump(i, stream)) for i, stream in enumerate(self.streams)]
 
-    def _pump(self, proxy, i, request, ctx) -> None:
-        put = lambda item: self.loop.call_soon_threadsafe(self.queue.put_nowait, item)  # noqa: E731
+    async def _pump(self, i, stream) -> None:
         try:
-            for response in proxy.Generate(request, ctx):
-                put((i, response))
-        except BaseException as e:  # noqa: BLE001 - handed to the reader, who answers the client with it
-            if not ctx.cancelled:  # not the CANCELLED of our own cancel
-                put((i, e))
+            async for response in stream:
+                self.queue.put_nowait((i, response))
+        except Exception as e:  # noqa: BLE001 - handed to the reader, who answers the client with it
+            if not stream.cancelled:  # not the Cancelled of our own cancel
+                self.queue.put_nowait((i, e))
         finally:
-            if self.streams is not None:
-                self.streams.leave(self.tenant)
-            put((i, self.END))
+            if self.limit is not None:
+                self.limit.leave(self.tenant)
+            self.queue.put_nowait((i, self.END))
 
     async def next(self):
         """(choice index, GenerateResponse), or None when every stream has ended."""
@@ -120,8 +85,8 @@ class Generation:
         return None
 
     def cancel(self) -> None:
-        for ctx in self.contexts:
-            ctx.cancel()
+        for stream in self.streams:
+            stream.cancel()
 
 
 class ClientGone(Exception):
@@ -166,6 +131,7 @@ class Choice:
 
     def __init__(self, index: int):
         self.index, self.text, self.ids, self.logprobs, self.top, self.finish = index, [], [], [], [], None
+        self.tokens: list[str] = []  # each token's own text, named by the worker that made it
         self.calls: dict[int, dict] = {}  # index -> OpenAI's tool call, its arguments joined
 
     def add_calls(self, pieces) -> None:
@@ -188,73 +154,33 @@ def call_deltas(pieces) -> list[dict]:
     return list(out.values())
 
 
-class OpenAI:
-    """The OpenAI routes over an ``InferenceProxy`` and its router."""
+def model_entries(info) -> list[dict]:
+    """OpenAI's model objects for a served model (its ModelInfo) and each of its adapters."""
+    name = info.model
+    return [{"id": n, "object": "model", "created": 0, "owned_by": "internlm", "root": name, "parent": parent,
+             "max_model_len": info.max_len} for n, parent in [(name, None), *((a, name) for a in info.adapters)]]
 
-    def __init__(self, proxy, router, tokenizer: grpc.Channel):
-        self.proxy, self.router = proxy, router
-        self._tokenizer = tokenizer_pb2_grpc.TokenizerStub(tokenizer)
-        self._infos: dict[str, tuple[float, inference_pb2.ModelInfoResponse]] = {}
 
-    # -- models
-    def model_info(self, model: str) -> inference_pb2.ModelInfoResponse:
-        """A worker's ModelInfo for ``model`` (cached for a few seconds: adapters can be loaded later)."""
-        hit = self._infos.get(model)
-        if hit and time.monotonic() - hit[0] < 5:
-            return hit[1]
-        info = self.proxy.ModelInfo(inference_pb2.ModelInfoRequest(model=model), CallContext())
-        self._infos[model] = (time.monotonic(), info)
-        return info
-
-    def models(self) -> list[dict]:
-        out = []
-        for name in sorted({w.model for w in self.router.snapshot()}):
-            info = self.model_info(name)
-            out.append({"id": name, "object": "model", "created": 0, "owned_by": "internlm", "root": name,
-                        "parent": None, "max_model_len": info.max_len})
-            out += [{"id": a, "object": "model", "created": 0, "owned_by": "internlm", "root": name, "parent": name,
-                     "max_model_len": info.max_len} for a in info.adapters]
-        return out
-
-    def resolve(self, model_id: str) -> tuple[str, str, int]:
-        """(model, adapter, max_len) for an OpenAI model id: a served model or one of its adapters."""
-        served = sorted({w.model for w in self.router.snapshot()})
-        if not model_id or model_id in served:
-            return model_id, "", self.model_info(model_id).max_len
-        for name in served:
-            info = self.model_info(name)
-            if model_id in info.adapters:
-                return name, model_id, info.max_len
-        raise ModelNotFound(f"the model {model_id!r} does not exist; served here: "
-                            f"{', '.join(m['id'] for m in self.models()) or 'nothing yet'}")
-
-    # -- generation
-    def requests(self, body: SamplingFields, prompt, default_max: int, logprobs: bool, top: int, tools=None):
-        """One GenerateRequest per choice (n of them: seeds seed, seed + 1, ... when a seed is given);
-        ``tools``: the core's Tools of a chat request, or None."""
-        model, adapter, max_len = self.resolve(body.model)
-        out = []
-        for i in range(body.n):
-            r = inference_pb2.GenerateRequest(model=model, adapter=adapter,
-                                              params=body.sampling(default_max or max_len, logprobs, top),
-                                              thinking=getattr(body, "thinking", False),
-                                              **(tools_to_pb(tools) if tools else {}))
-            if body.seed is not None:
-                r.params.seed = (body.seed + i) % 2 ** 63
-            if isinstance(prompt, str):
-                r.text = prompt
-            elif prompt and isinstance(prompt[0], dict):
-                r.chat.CopyFrom(chat_to_pb(prompt))
-            else:
-                r.ids.ids.extend(prompt)
-            out.append(r)
-        return out
-
-    def token_strings(self, ids: list[int]) -> list[str]:
-        if not ids:
-            return []
-        return list(self._tokenizer.DecodeBatch(tokenizer_pb2.DecodeBatchRequest(
-            items=[common_pb2.TokenIds(ids=[i]) for i in ids]), timeout=30).texts)
+def generate_requests(gateway, body: SamplingFields, prompt, default_max: int, logprobs: bool, top: int, tools=None):
+    """One GenerateRequest per choice (n of them: seeds seed, seed + 1, ... when a seed is given);
+    ``tools``: the core's Tools of a chat request, or None."""
+    model, adapter, info = gateway.resolve(body.model)
+    out = []
+    for i in range(body.n):
+        r = inference_pb2.GenerateRequest(model=model, adapter=adapter,
+                                          params=body.sampling(default_max or info.max_len, logprobs, top),
+                                          thinking=getattr(body, "thinking", False),
+                                          **(tools_to_pb(tools) if tools else {}))
+        if body.seed is not None:
+            r.params.seed = (body.seed + i) % 2 ** 63
+        if isinstance(prompt, str):
+            r.text = prompt
+        elif prompt and isinstance(prompt[0], dict):
+            r.chat.CopyFrom(chat_to_pb(prompt))
+        else:
+            r.ids.ids.extend(prompt)
+        out.append(r)
+    return out
 
 
 def usage(choices: list[Choice]) -> dict:
@@ -267,15 +193,13 @@ def finish_reason(finish) -> str | None:
     return FINISH[FINISH_FROM_PB[finish.reason]] if finish is not None else None
 
 
-def create_app(proxy, router, tokenizer: grpc.Channel, api_keys=(), jobs=None, allowed_origins=(),
-               streams: StreamLimit | None = None) -> FastAPI:
-    """The HTTP app. ``tokenizer``: a channel to the tokenizer service; ``api_keys``: any of them
-    needed (none: open); ``jobs``: the Jobs API called as a stub, for the console's job pages (None:
-    no jobs); ``allowed_origins``: the pages elsewhere (``https://host:port``) that may POST here;
-    ``streams``: the cap on long calls that the gRPC door shares (None: no cap)."""
+def create_app(gateway, api_keys=(), allowed_origins=(), streams: StreamLimit | None = None) -> FastAPI:
+    """The HTTP app over the endpoint's ``gateway.Gateway`` (its jobs, when it has them, serve the
+    console's job pages). ``api_keys``: any of them needed (none: open); ``allowed_origins``: the
+    pages elsewhere (``https://host:port``) that may POST here; ``streams``: the cap on long calls
+    that the gRPC door shares (None: no cap)."""
     app = FastAPI(title="InternLM endpoint", docs_url="/docs", redoc_url=None)
     app.add_middleware(Guard, api_keys=api_keys, routes=app.router.routes, allowed_origins=allowed_origins)
-    api = OpenAI(proxy, router, tokenizer)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_exception(request: Request, exc: StarletteHTTPException):  # e.g. a body that is not UTF-8
@@ -295,7 +219,7 @@ def create_app(proxy, router, tokenizer: grpc.Channel, api_keys=(), jobs=None, a
 
     @app.get("/health")
     def health():
-        n = len(router.snapshot())
+        n = len(gateway.workers())
         return JSONResponse({"status": "ok" if n else "no workers", "workers": n}, status_code=200 if n else 503)
 
     @app.get("/metrics")
@@ -305,14 +229,14 @@ def create_app(proxy, router, tokenizer: grpc.Channel, api_keys=(), jobs=None, a
     @app.get("/v1/models")
     def list_models():
         try:
-            return {"object": "list", "data": api.models()}
+            return {"object": "list", "data": [m for info in gateway.models() for m in model_entries(info)]}
         except Exception as e:  # noqa: BLE001 - every failure answered as OpenAI's error object
             return rpc_error_response(e)
 
     @app.get("/v1/models/{model_id}")
     def get_model(model_id: str):
         try:
-            found = [m for m in api.models() if m["id"] == model_id]
+            found = [m for info in gateway.models() for m in model_entries(info) if m["id"] == model_id]
         except Exception as e:  # noqa: BLE001
             return rpc_error_response(e)
         return found[0] if found else error_response(404, f"the model {model_id!r} does not exist",
@@ -352,7 +276,8 @@ def create_app(proxy, router, tokenizer: grpc.Channel, api_keys=(), jobs=None, a
         if why := oversized(prompt):
             return error_response(400, f"{param}: {why}", param=param)
         try:
-            requests = await asyncio.to_thread(api.requests, body, prompt, default_max, want_logprobs, top, tools)
+            requests = await asyncio.to_thread(generate_requests, gateway, body, prompt, default_max, want_logprobs,
+                                               top, tools)
         except Exception as e:  # noqa: BLE001 - unknown model, no worker
             return rpc_error_response(e)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -360,8 +285,8 @@ def create_app(proxy, router, tokenizer: grpc.Channel, api_keys=(), jobs=None, a
         kind = "chat.completion" if chat else "text_completion"
         choices = [Choice(i) for i in range(len(requests))]
         try:
-            gen = Generation(api.proxy, requests, request.headers.get("authorization"), streams)
-        except TooManyCalls as e:
+            gen = Generation(gateway, requests, request.headers.get("authorization"), streams)
+        except Exception as e:  # noqa: BLE001 - too many streams open, a bad name
             return rpc_error_response(e)
         try:  # the first response before any byte goes out, so that a refusal gets its HTTP status
             first = await unless_gone(request, gen.next())
@@ -376,22 +301,20 @@ def create_app(proxy, router, tokenizer: grpc.Channel, api_keys=(), jobs=None, a
             c = choices[i]
             c.text.append(response.text)
             c.ids.extend(response.token_ids)
+            c.tokens.extend(response.tokens)
             c.logprobs.extend(response.logprobs)
             c.top.extend(response.top_logprobs)
             c.add_calls(response.tool_calls)
             if response.HasField("finish"):
                 c.finish = response.finish
 
-        def logprob_fields(ids, lps, tops) -> dict | None:
+        def logprob_fields(names, lps, tops) -> dict | None:
             """OpenAI's logprobs object for these tokens (chat: ``content``; completions: the
-            legacy parallel lists), token strings from the tokenizer service."""
+            legacy parallel lists), each named as the worker that made it named it."""
             if not want_logprobs:
                 return None
-            tops = list(tops) or [None] * len(ids)
-            alt = [i for t in tops if t is not None for i in t.ids]
-            strings = api.token_strings(list(ids) + alt)
-            names, alt_names = strings[:len(ids)], iter(strings[len(ids):])
-            alts = [[] if t is None else [(next(alt_names), lp) for lp in t.logprobs] for t in tops]
+            names = list(names)
+            alts = [list(zip(t.tokens, t.logprobs)) for t in tops] or [[] for _ in names]
             if chat:
                 return {"content": [{"token": s, "logprob": lp, "bytes": list(s.encode()),
                                      "top_logprobs": [{"token": a, "logprob": alp, "bytes": list(a.encode())}
@@ -421,7 +344,7 @@ def create_app(proxy, router, tokenizer: grpc.Channel, api_keys=(), jobs=None, a
                 gen.cancel()
             out = []
             for c in choices:
-                lp = await asyncio.to_thread(logprob_fields, c.ids, c.logprobs, c.top)
+                lp = logprob_fields(c.tokens, c.logprobs, c.top)
                 text = "".join(c.text)
                 entry = {"index": c.index, "finish_reason": finish_reason(c.finish), "logprobs": lp}
                 if not chat:
@@ -445,7 +368,7 @@ def create_app(proxy, router, tokenizer: grpc.Channel, api_keys=(), jobs=None, a
             piece(i, response)
             reason = finish_reason(response.finish) if response.HasField("finish") else None
             entry = {"index": i, "finish_reason": reason,
-                     "logprobs": logprob_fields(response.token_ids, response.logprobs, response.top_logprobs)}
+                     "logprobs": logprob_fields(response.tokens, response.logprobs, response.top_logprobs)}
             if not chat:
                 entry["text"] = response.text
             elif response.tool_calls:
@@ -467,7 +390,7 @@ def create_app(proxy, router, tokenizer: grpc.Channel, api_keys=(), jobs=None, a
                                                   "finish_reason": None, "logprobs": None}]})
                 item = first
                 while item is not None:
-                    yield await asyncio.to_thread(chunk, *item)
+                    yield chunk(*item)
                     item = await gen.next()
                 if include_usage:
                     yield event({"id": rid, "object": chunk_kind, "created": created, "model": model,
@@ -482,9 +405,9 @@ def create_app(proxy, router, tokenizer: grpc.Channel, api_keys=(), jobs=None, a
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    if jobs is not None:
+    if gateway.jobs is not None:
         from services import console_api
-        console_api.add_routes(app, router, jobs)
+        console_api.add_routes(app, gateway)
     if CONSOLE.is_dir():
         app.mount("/console", StaticFiles(directory=CONSOLE), name="console")
 

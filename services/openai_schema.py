@@ -18,7 +18,7 @@ from internlm_core.generation import MAX_NAME_CHARS, MAX_PROMPT_CHARS, MAX_PROMP
 from internlm_core.tools import MAX_TOOLS, Tool, Tools
 
 from services.pb import common_pb2
-from services.server_common import status_of, too_large
+from services.server_common import reported_status, too_large
 
 # ---- limits: every bound the HTTP side puts on a request, named here once --------------------
 MAX_BODY_BYTES = 8 * 2 ** 20     # a request body: 413 (by Content-Length, or counted while reading)
@@ -55,17 +55,18 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
                         status_code=status)
 
 
-def http_error(e: BaseException) -> tuple[int, str, str]:
-    """(HTTP status, OpenAI error type, message) for an exception from a gRPC call or the core."""
-    code, message = status_of(e)
+def http_error(e: BaseException, where: str = "HTTP") -> tuple[int, str, str]:
+    """(HTTP status, OpenAI error type, message) for an exception from a gRPC call, the gateway or
+    the core; a bug (INTERNAL) is logged once, with ``where`` it happened."""
+    code, message = reported_status(where, e)
     if too_large(code, message):  # grpc's message size limit, on the way to a worker: not a 429
         return 413, "invalid_request_error", f"the request is too large: {message}"
     status, kind = HTTP_STATUS.get(code, (500, "internal_error"))
     return status, kind, message
 
 
-def rpc_error_response(e: BaseException) -> JSONResponse:
-    status, kind, message = http_error(e)
+def rpc_error_response(e: BaseException, where: str = "HTTP") -> JSONResponse:
+    status, kind, message = http_error(e, where)
     return error_response(status, message, kind)
 
 

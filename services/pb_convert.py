@@ -148,17 +148,23 @@ def check_size(size: int, limit: int, field: str, unit: str) -> None:
 
 
 def chunk_to_pb(events, finish=None, text: str | None = None,
-                tool_calls: list[ToolCallDelta] = ()) -> inference_pb2.GenerateResponse:
+                tool_calls: list[ToolCallDelta] = (), token_text=None) -> inference_pb2.GenerateResponse:
     """One streamed message from consecutive TokenEvents; ``finish`` on the last one. With tools,
-    ``text`` (the content) and ``tool_calls`` come from the answer's ToolCallParser."""
+    ``text`` (the content) and ``tool_calls`` come from the answer's ToolCallParser. ``token_text``
+    (id -> its text, the serving tokenizer's): given when logprobs were asked for, names each
+    token (``tokens``) and each top alternative."""
     r = inference_pb2.GenerateResponse(token_ids=[e.token_id for e in events],
                                        text="".join(e.text for e in events) if text is None else text,
                                        tool_calls=[common_pb2.ToolCall(index=d.index, id=d.id, name=d.name,
                                                                        arguments=d.arguments) for d in tool_calls])
     r.logprobs.extend(e.logprob for e in events if e.logprob is not None)
+    if token_text is not None:
+        r.tokens.extend(token_text(e.token_id) for e in events)
     for e in events:
         if e.top_logprobs is not None:
-            r.top_logprobs.add(ids=[i for i, _ in e.top_logprobs], logprobs=[lp for _, lp in e.top_logprobs])
+            ids = [i for i, _ in e.top_logprobs]
+            r.top_logprobs.add(ids=ids, logprobs=[lp for _, lp in e.top_logprobs],
+                               tokens=[token_text(i) for i in ids] if token_text is not None else [])
     if finish is not None:
         r.finish.CopyFrom(finish)
     return r
@@ -176,6 +182,7 @@ def join_chunks(chunks) -> inference_pb2.GenerateResponse:
     for c in chunks:
         out.token_ids.extend(c.token_ids)
         out.logprobs.extend(c.logprobs)
+        out.tokens.extend(c.tokens)
         out.top_logprobs.extend(c.top_logprobs)
         texts.append(c.text)
         for piece in c.tool_calls:

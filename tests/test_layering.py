@@ -16,7 +16,7 @@ FRAMEWORK_FREE = (
     "internlm_core.store", "internlm_core.train_args", "internlm_core.tokenizer", "internlm_core.generation",
     "internlm_core.checkpoint", "internlm_core.data", "internlm_core.torch_bin", "internlm_core.schedule",
     "internlm_core.tools",
-    "services.endpoint", "services.registry", "services.jobs.api", "services.jobs.kinds",
+    "services.endpoint", "services.gateway", "services.registry", "services.jobs.api", "services.jobs.kinds",
     "services.jobs.checks", "services.jobs.runners", "internlm_core.convert",  # convert: the checks call it
 )
 SERVICE_FRAMEWORKS = ("grpc", "celery", "redis", "fastapi", "starlette", "uvicorn")

@@ -1,6 +1,7 @@
 """The Jobs gRPC service: check a request, record it, queue it; read records back; stream progress.
 
-The public endpoint hosts it with ``add_to_server(server, settings)``, on a server with
+``Jobs`` is the API itself, called in process (the endpoint's gateway does, for the web console);
+the public endpoint hosts its gRPC door with ``add_to_server(server, settings)``, on a server with
 ``server_common.ErrorInterceptor``: the methods raise, and the interceptor answers each exception with
 its status (the services' one table, ``server_common.status_of``). Requests are checked
 here, before anything is queued (``kinds.KINDS[kind].check``); everything after that is the workers' part.
@@ -16,7 +17,7 @@ import grpc
 import redis
 from google.protobuf import json_format
 
-from internlm_core.errors import TooLarge
+from internlm_core.errors import TooLarge, Unavailable, WrongState
 from internlm_core.store import Store
 
 from services.pb import jobs_pb2, jobs_pb2_grpc
@@ -63,7 +64,11 @@ def request_body(message) -> dict:
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
-class JobsServicer(jobs_pb2_grpc.JobsServicer):
+class Jobs:
+    """The Jobs API's behaviour, called in process: by the gRPC door (``JobsServicer``) and by the
+    endpoint's gateway for the web console. Each method takes the request message and returns the
+    response message, raising the core's errors (their status from the one table)."""
+
     def __init__(self, settings=None):
         self.settings = JobsSettings.coerce(settings)
         self.store = Store(self.settings.store_root, self.settings.read_roots)
@@ -77,7 +82,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
             raise FileNotFoundError(f"no job {job_id!r}")
         return rec
 
-    def SubmitJob(self, request, context):
+    def SubmitJob(self, request):
         kind = request.WhichOneof("job")
         if kind is None:
             raise ValueError(f"set one of: {', '.join(KINDS)}")
@@ -97,16 +102,16 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
                 send(self.app, kind, rec["id"])
             except Exception as e:  # noqa: BLE001 - the broker is unreachable: the job must not sit QUEUED forever
                 self.records.update(rec["id"], state=FAILED, error=f"could not be queued: {e}", finished=time.time())
-                context.abort(grpc.StatusCode.UNAVAILABLE, f"job queue unavailable: {e}")
+                raise Unavailable(f"job queue unavailable: {e}") from None
             log.info("job %s: %s queued -> %s", rec["id"], kind, output)
         return job_to_pb(rec)
 
-    def GetJob(self, request, context):
+    def GetJob(self, request):
         job = job_to_pb(self._get(request.id))
         job.loss_curve.extend(jobs_pb2.LossPoint(step=s, loss=v) for s, v in self.records.loss_curve(request.id))
         return job
 
-    def ListJobs(self, request, context):
+    def ListJobs(self, request):
         state = jobs_pb2.JobState.Name(request.state).removeprefix(STATE_PREFIX) if request.state else None
         kind = kind_of_enum(jobs_pb2.JobKind.Name(request.kind)) if request.kind else None
         if state is not None and state not in STATES:
@@ -118,26 +123,28 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         recs = self.records.list(state=state, kind=kind, limit=request.limit or 100)
         return jobs_pb2.ListJobsResponse(jobs=[job_to_pb(r) for r in recs])
 
-    def CancelJob(self, request, context):
+    def CancelJob(self, request):
         self._get(request.id)
         state = self.records.request_cancel(request.id)
         if state in (FINAL - {"CANCELLED"}):
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"job {request.id} already ended {state}")
+            raise WrongState(f"job {request.id} already ended {state}")
         return job_to_pb(self._get(request.id))
 
-    def ListStore(self, request, context):
+    def ListStore(self, request):
         entries = self.store.list(request.area or None)
         return jobs_pb2.ListStoreResponse(entries=[
             jobs_pb2.StoreEntry(area=e.area, name=e.name, kind=e.kind, size_bytes=e.size_bytes,
                                 modified_at=e.modified) for e in entries])
 
-    def WatchJob(self, request, context):
+    def WatchJob(self, request, active=lambda: True):
+        """The job now, then each change until it ends, or until ``active()`` turns False (the
+        watcher left)."""
         rec = self._get(request.id)
         last = job_to_pb(rec)
         yield last
         pubsub = None
         try:
-            while rec["state"] not in FINAL and context.is_active():
+            while rec["state"] not in FINAL and active():
                 try:
                     if pubsub is None:
                         pubsub = self.records.subscribe(request.id)
@@ -156,12 +163,38 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
                 pubsub.close()
 
 
+class JobsServicer(jobs_pb2_grpc.JobsServicer):
+    """The gRPC door of ``Jobs``: each method one call (errors mapped by the server's interceptor)."""
+
+    def __init__(self, jobs: Jobs):
+        self.jobs = jobs
+
+    def SubmitJob(self, request, context):
+        return self.jobs.SubmitJob(request)
+
+    def GetJob(self, request, context):
+        return self.jobs.GetJob(request)
+
+    def ListJobs(self, request, context):
+        return self.jobs.ListJobs(request)
+
+    def CancelJob(self, request, context):
+        return self.jobs.CancelJob(request)
+
+    def ListStore(self, request, context):
+        return self.jobs.ListStore(request)
+
+    def WatchJob(self, request, context):
+        yield from self.jobs.WatchJob(request, context.is_active)
+
+
 def add_to_server(server: grpc.Server, settings=None) -> JobsServicer:
-    """Register the Jobs service on ``server`` (one with ``server_common.ErrorInterceptor``); ``settings`` is a JobsSettings, None (environment), or any
-    object with ``redis_url`` / ``store_root`` attributes."""
-    servicer = JobsServicer(settings)
+    """Register the Jobs service on ``server`` (one with ``server_common.ErrorInterceptor``); ``settings`` is a
+    JobsSettings, None (environment), or any object with ``redis_url`` / ``store_root`` attributes.
+    The servicer's ``jobs`` is the API to call in process."""
+    servicer = JobsServicer(Jobs(settings))
     jobs_pb2_grpc.add_JobsServicer_to_server(servicer, server)
     return servicer
 
 
-__all__ = ["JobsServicer", "add_to_server", "job_to_pb", "SERVICE_NAME"]
+__all__ = ["Jobs", "JobsServicer", "add_to_server", "job_to_pb", "SERVICE_NAME"]

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import common_pb2 as internlm_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1binternlm/v1/inference.proto\x12\x0binternlm.v1\x1a\x18internlm/v1/common.proto\"\x97\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12$\n\x03ids\x18\x03 \x01(\x0b\x32\x15.internlm.v1.TokenIdsH\x00\x12)\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x19.internlm.v1.ChatMessagesH\x00\x12+\n\x06params\x18\x05 \x01(\x0b\x32\x1b.internlm.v1.SamplingParams\x12\x0f\n\x07\x61\x64\x61pter\x18\x06 \x01(\t\x12\x1c\n\x14\x61llow_special_tokens\x18\x07 \x01(\x08\x12\x12\n\nresume_ids\x18\x08 \x03(\x05\x12 \n\x05tools\x18\t \x03(\x0b\x32\x11.internlm.v1.Tool\x12,\n\x0btool_choice\x18\n \x01(\x0b\x32\x17.internlm.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x0b \x01(\x08H\x01\x88\x01\x01\x12\x10\n\x08thinking\x18\x0c \x01(\x08\x42\x08\n\x06promptB\x16\n\x14_parallel_tool_calls\"w\n\nFinishInfo\x12)\n\x06reason\x18\x01 \x01(\x0e\x32\x19.internlm.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x04\",\n\x0bTopLogprobs\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"\xc9\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\'\n\x06\x66inish\x18\x04 \x01(\x0b\x32\x17.internlm.v1.FinishInfo\x12.\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x18.internlm.v1.TopLogprobs\x12)\n\ntool_calls\x18\x06 \x03(\x0b\x32\x15.internlm.v1.ToolCall\"!\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x88\x02\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06preset\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0f\n\x07max_len\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x10\n\x08\x61\x64\x61pters\x18\x06 \x03(\t\x12\x11\n\tmax_batch\x18\x07 \x01(\x05\x12\x16\n\x0enum_parameters\x18\x08 \x01(\x03\x12\x16\n\x0ekv_cache_bytes\x18\t \x01(\x03\x12\x1f\n\x17kv_cache_bytes_per_slot\x18\n \x01(\x03\x12\x14\n\x0cquantization\x18\x0b \x01(\t\x12\x14\n\x0cweight_bytes\x18\x0c \x01(\x03\x32\xf0\x01\n\tInference\x12I\n\x08Generate\x12\x1c.internlm.v1.GenerateRequest\x1a\x1d.internlm.v1.GenerateResponse0\x01\x12L\n\rGenerateUnary\x12\x1c.internlm.v1.GenerateRequest\x1a\x1d.internlm.v1.GenerateResponse\x12J\n\tModelInfo\x12\x1d.internlm.v1.ModelInfoRequest\x1a\x1e.internlm.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1binternlm/v1/inference.proto\x12\x0binternlm.v1\x1a\x18internlm/v1/common.proto\"\x97\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12$\n\x03ids\x18\x03 \x01(\x0b\x32\x15.internlm.v1.TokenIdsH\x00\x12)\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x19.internlm.v1.ChatMessagesH\x00\x12+\n\x06params\x18\x05 \x01(\x0b\x32\x1b.internlm.v1.SamplingParams\x12\x0f\n\x07\x61\x64\x61pter\x18\x06 \x01(\t\x12\x1c\n\x14\x61llow_special_tokens\x18\x07 \x01(\x08\x12\x12\n\nresume_ids\x18\x08 \x03(\x05\x12 \n\x05tools\x18\t \x03(\x0b\x32\x11.internlm.v1.Tool\x12,\n\x0btool_choice\x18\n \x01(\x0b\x32\x17.internlm.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x0b \x01(\x08H\x01\x88\x01\x01\x12\x10\n\x08thinking\x18\x0c \x01(\x08\x42\x08\n\x06promptB\x16\n\x14_parallel_tool_calls\"w\n\nFinishInfo\x12)\n\x06reason\x18\x01 \x01(\x0e\x32\x19.internlm.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"<\n\x0bTopLogprobs\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x0e\n\x06tokens\x18\x03 \x03(\t\"\xd9\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\'\n\x06\x66inish\x18\x04 \x01(\x0b\x32\x17.internlm.v1.FinishInfo\x12.\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x18.internlm.v1.TopLogprobs\x12)\n\ntool_calls\x18\x06 \x03(\x0b\x32\x15.internlm.v1.ToolCall\x12\x0e\n\x06tokens\x18\x07 \x03(\t\"!\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x88\x02\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06preset\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0f\n\x07max_len\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x10\n\x08\x61\x64\x61pters\x18\x06 \x03(\t\x12\x11\n\tmax_batch\x18\x07 \x01(\x05\x12\x16\n\x0enum_parameters\x18\x08 \x01(\x03\x12\x16\n\x0ekv_cache_bytes\x18\t \x01(\x03\x12\x1f\n\x17kv_cache_bytes_per_slot\x18\n \x01(\x03\x12\x14\n\x0cquantization\x18\x0b \x01(\t\x12\x14\n\x0cweight_bytes\x18\x0c \x01(\x03\x32\xf0\x01\n\tInference\x12I\n\x08Generate\x12\x1c.internlm.v1.GenerateRequest\x1a\x1d.internlm.v1.GenerateResponse0\x01\x12L\n\rGenerateUnary\x12\x1c.internlm.v1.GenerateRequest\x1a\x1d.internlm.v1.GenerateResponse\x12J\n\tModelInfo\x12\x1d.internlm.v1.ModelInfoRequest\x1a\x1e.internlm.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,13 +37,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FINISHINFO']._serialized_start=480
   _globals['_FINISHINFO']._serialized_end=599
   _globals['_TOPLOGPROBS']._serialized_start=601
-  _globals['_TOPLOGPROBS']._serialized_end=645
-  _globals['_GENERATERESPONSE']._serialized_start=648
-  _globals['_GENERATERESPONSE']._serialized_end=849
-  _globals['_MODELINFOREQUEST']._serialized_start=851
-  _globals['_MODELINFOREQUEST']._serialized_end=884
-  _globals['_MODELINFORESPONSE']._serialized_start=887
-  _globals['_MODELINFORESPONSE']._serialized_end=1151
-  _globals['_INFERENCE']._serialized_start=1154
-  _globals['_INFERENCE']._serialized_end=1394
+  _globals['_TOPLOGPROBS']._serialized_end=661
+  _globals['_GENERATERESPONSE']._serialized_start=664
+  _globals['_GENERATERESPONSE']._serialized_end=881
+  _globals['_MODELINFOREQUEST']._serialized_start=883
+  _globals['_MODELINFOREQUEST']._serialized_end=916
+  _globals['_MODELINFORESPONSE']._serialized_start=919
+  _globals['_MODELINFORESPONSE']._serialized_end=1183
+  _globals['_INFERENCE']._serialized_start=1186
+  _globals['_INFERENCE']._serialized_end=1426
 # @@protoc_insertion_point(module_scope)

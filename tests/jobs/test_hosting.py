@@ -52,8 +52,8 @@ def test_an_internal_error_is_logged_exactly_once(jobs_settings, caplog, monkeyp
     server = Server("endpoint-test", 0)
     servicer = add_to_server(server.grpc, jobs_settings)
     server.start([SERVICE_NAME])
-    job, _ = servicer.records.create("convert", {"source": "imports/x", "output": "x"}, "models/x")
-    real_get, calls = servicer.records.get, []
+    job, _ = servicer.jobs.records.create("convert", {"source": "imports/x", "output": "x"}, "models/x")
+    real_get, calls = servicer.jobs.records.get, []
 
     def get_then_break(job_id):  # WatchJob's first read works, its next one meets the bug
         calls.append(job_id)
@@ -62,7 +62,7 @@ def test_an_internal_error_is_logged_exactly_once(jobs_settings, caplog, monkeyp
         return real_get(job_id)
 
     monkeypatch.setitem(kinds.KINDS, "convert", dataclasses.replace(kinds.KINDS["convert"], check=broken_check))
-    monkeypatch.setattr(servicer.records, "get", get_then_break)
+    monkeypatch.setattr(servicer.jobs.records, "get", get_then_break)
     caplog.set_level(logging.DEBUG)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:

@@ -1,0 +1,177 @@
+"""The endpoint's gateway with models of two families behind it: an InternLM (v1) worker and an
+InternLM2 worker (the real tokenizer.model of each) on one Redis, one endpoint. Logprobs name each
+token with the tokenizer of the model that generated it, on the gRPC door (``tokens``, and each
+top alternative's) and on the HTTP door (OpenAI's ``token`` strings), and each request is routed to
+its model's worker."""
+from __future__ import annotations
+
+import json
+import os
+
+import grpc
+import httpx
+import pytest
+
+from internlm_core.checkpoint import read_config
+from internlm_core.convert import hf_to_ms
+from internlm_core.tokenizer import Tokenizer
+from services.pb import common_pb2, inference_pb2, inference_pb2_grpc
+from services.pb_convert import chat_to_pb, join_chunks
+from tests.helpers import RedisServer, free_port, internlm2_checkpoint
+from tests.services.conftest import Service, start_http_endpoint, start_worker, wait_workers
+
+CHAT = [{"role": "user", "content": "Name three rivers."}]
+N, TOP = 6, 3
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory, chat_model_dir):
+    """({model name: its own Tokenizer}, endpoint with HTTP) for a v1 and an InternLM2 worker."""
+    root = tmp_path_factory.mktemp("mixed")
+    _, hf = internlm2_checkpoint(root / "hf", seed=5)
+    v2_dir = root / "internlm2-tiny"
+    hf_to_ms(hf, v2_dir)
+    redis = RedisServer(root / "redis").start()
+    services = []
+    try:
+        # The tokenizer service holds the v1 tokenizer only: the one the gateway must not name v2 tokens with.
+        tok = Service("services.tokenizer_service", [], root / "tokenizer.log", free_port(), free_port())
+        services.append(tok)
+        for folder, name in ((chat_model_dir, "worker-v1"), (v2_dir, "worker-v2")):
+            services.append(start_worker(folder, redis.url, root, name, "--max-len", "128"))
+        for s in services:
+            s.wait_healthy()
+        endpoint = start_http_endpoint(redis.url, tok.address, root, "endpoint-mixed")
+        services.append(endpoint)
+        assert len(wait_workers(endpoint, 2)) == 2
+        tokenizers = {d.resolve().name: Tokenizer.for_model(d, read_config(d).family) for d in (chat_model_dir, v2_dir)}
+        yield tokenizers, endpoint
+    finally:
+        for s in services:
+            s.stop()
+        redis.stop()
+
+
+def names(tok: Tokenizer, ids) -> list[str | None]:
+    """Each id's own text by ``tok`` (None: not in its vocabulary)."""
+    return [tok.decode([i]) if i < tok.vocab_size else None for i in ids]
+
+
+def test_each_model_names_its_tokens_with_its_own_tokenizer(mixed):
+    tokenizers, endpoint = mixed
+    stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(endpoint.address))
+    for model, tok in tokenizers.items():
+        other = next(t for m, t in tokenizers.items() if m != model)
+        request = inference_pb2.GenerateRequest(model=model, chat=chat_to_pb(CHAT), params=common_pb2.SamplingParams(
+            max_new_tokens=N, temperature=0, ignore_eos=True, logprobs=True, top_logprobs=TOP))
+        got = join_chunks(stub.Generate(request, timeout=120))
+        ids = list(got.token_ids)
+        assert len(ids) == N and list(got.tokens) == names(tok, ids), model
+        assert [list(t.tokens) for t in got.top_logprobs] == [names(tok, t.ids) for t in got.top_logprobs], model
+        assert got.top_logprobs[0].ids[0] == ids[0]
+        # the other family's tokenizer names these ids otherwise: the check above can tell them apart
+        alternatives = [i for t in got.top_logprobs for i in t.ids]
+        assert names(tok, ids + alternatives) != names(other, ids + alternatives), model
+
+        # The HTTP door: the same greedy request, each token and alternative named as above.
+        r = httpx.post(f"{endpoint.base}/v1/chat/completions", timeout=120, json={
+            "model": model, "messages": CHAT, "max_tokens": N, "temperature": 0, "ignore_eos": True,
+            "logprobs": True, "top_logprobs": TOP})
+        assert r.status_code == 200, r.text
+        content = r.json()["choices"][0]["logprobs"]["content"]
+        assert [c["token"] for c in content] == list(got.tokens), model
+        assert [[a["token"] for a in c["top_logprobs"]] for c in content] == [list(t.tokens) for t in got.top_logprobs]
+        assert all(c["bytes"] == list(c["token"].encode()) for c in content)
+
+
+def test_streamed_completions_name_tokens_per_model(mixed):
+    """The legacy completions logprobs, streamed: chunk by chunk, the tokens of the model asked for."""
+    tokenizers, endpoint = mixed
+    stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(endpoint.address))
+    for model, tok in tokenizers.items():
+        want = join_chunks(stub.Generate(inference_pb2.GenerateRequest(model=model, text="Once upon a time",
+            params=common_pb2.SamplingParams(max_new_tokens=N, temperature=0, ignore_eos=True, logprobs=True)),
+            timeout=120))
+        tokens = []
+        with httpx.stream("POST", f"{endpoint.base}/v1/completions", timeout=120, json={
+                "model": model, "prompt": "Once upon a time", "max_tokens": N, "temperature": 0, "ignore_eos": True,
+                "logprobs": 1, "stream": True}) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    tokens += json.loads(line[6:])["choices"][0]["logprobs"]["tokens"]
+        assert tokens == names(tok, want.token_ids) == list(want.tokens), model
+
+
+def threads_of(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_http_streams_cost_no_thread_each(http, worker):
+    """Ten choices streaming at once through the HTTP door (four generating, six queued at the
+    worker) add no thread per choice to the endpoint: the gateway's streams are tasks of an event
+    loop (a thread each, as before, would add ten)."""
+    pid = http.proc.pid
+    body = {"messages": CHAT, "max_tokens": 200, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{http.base}/v1/chat/completions", timeout=120, json={**body, "n": 1}) as r:
+        next(r.iter_lines())  # warms what any request starts once (the HTTP side's worker threads)
+    before = threads_of(pid)
+    with httpx.stream("POST", f"{http.base}/v1/chat/completions", timeout=120, json={**body, "n": 10}) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # the first response: every choice is in flight now
+        during = threads_of(pid)
+    assert during - before < 5, (before, during)
+
+
+@pytest.fixture(scope="module")
+def pair(chat_model_dir, tokenizer_service, tmp_path_factory):
+    """Two workers of one model behind an endpoint with its HTTP side (their own Redis)."""
+    root = tmp_path_factory.mktemp("gateway-pair")
+    redis = RedisServer(root / "redis").start()
+    workers = [start_worker(chat_model_dir, redis.url, root, f"worker-{n}") for n in "ab"]
+    try:
+        for w in workers:
+            w.wait_healthy()
+        endpoint = start_http_endpoint(redis.url, tokenizer_service.address, root, "endpoint-pair")
+        try:
+            assert len(wait_workers(endpoint, 2)) == 2
+            yield workers, endpoint
+        finally:
+            endpoint.stop()
+    finally:
+        for w in workers:
+            w.stop()
+        redis.stop()
+
+
+def test_an_http_stream_is_continued_when_its_worker_dies(pair):
+    """The HTTP door reads the gateway's one failover loop: kill -9 of the worker under a streamed
+    chat completion, and the client still gets every token, the text of an uninterrupted run."""
+    workers, endpoint = pair
+    body = {"messages": CHAT, "max_tokens": 200, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    texts, usage = [], None
+    with httpx.stream("POST", f"{endpoint.base}/v1/chat/completions", timeout=120, json=body) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        for line in lines:
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                texts.append(json.loads(line[6:])["choices"][0]["delta"]["content"])
+                break
+        busy = [w for w in workers if w.metric("internlm_active_requests") == 1]
+        assert len(busy) == 1
+        busy[0].kill()
+        for line in lines:
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            if event["choices"]:
+                texts.append(event["choices"][0]["delta"].get("content", ""))
+            else:
+                usage = event["usage"]
+    assert usage["completion_tokens"] == 200
+    assert endpoint.metric("internlm_endpoint_continued_total") == 1
+    again = httpx.post(f"{endpoint.base}/v1/chat/completions", timeout=120, json={**body, "stream": False})
+    assert again.status_code == 200, again.text
+    assert "".join(texts) == again.json()["choices"][0]["message"]["content"]
