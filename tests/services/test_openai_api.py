@@ -351,7 +351,9 @@ def test_no_capacity_raises_the_clients_rate_limit_and_unavailable_errors(chat_m
                               "--max-batch", "1", "--max-queue", "1").wait_healthy()
         assert wait_workers(ep, 1)
         model = c.models.list().data[0].id
-        long = dict(model=model, max_tokens=220, extra_body={"ignore_eos": True})
+        # one token a step (no speculation: this random model's greedy loops would be copied several a
+        # step), so the two stay busy while the third request comes
+        long = dict(model=model, max_tokens=220, extra_body={"ignore_eos": True, "speculate": False})
         # the slot and the one queue place, taken by requests that run on threads until they end
         with ThreadPoolExecutor(2) as pool:
             busy = [pool.submit(c.completions.create, prompt=p, **long) for p in ("The river", "In 1912 the")]
