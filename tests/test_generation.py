@@ -60,6 +60,24 @@ def test_sample_follows_distribution_and_seed():
     assert a == b
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_softmax_of_mostly_masked_logits_is_the_plain_formulas_bit_for_bit(dtype):
+    """Masked rows (a grammar's, top-k/p's -inf) exponentiate only their kept logits: the same
+    values as exponentiating every one, so a seed draws the same tokens either way."""
+    def plain(x):
+        z = np.exp(x - x.max())
+        return z / z.sum()
+
+    rng = np.random.default_rng(0)
+    for kept in (1, 7, 100, 30_000, 60_000, 90_000, 103_168):
+        logits = np.full(103_168, -np.inf, dtype)
+        logits[rng.choice(103_168, kept, replace=False)] = rng.normal(0, 4, kept)
+        assert np.array_equal(g.softmax(logits), plain(logits))
+        p = plain(logits.astype(np.float64))  # as ``sample`` draws
+        draws = [g.sample(logits, np.random.default_rng(seed)) for seed in range(20)]
+        assert draws == [int(np.random.default_rng(seed).choice(len(p), p=p / p.sum())) for seed in range(20)]
+
+
 def test_log_softmax():
     np.testing.assert_allclose(np.exp(g.log_softmax(L)).sum(), 1.0, rtol=1e-6)
 
