@@ -85,18 +85,8 @@ def min_p_filter(logits: np.ndarray, min_p: float) -> np.ndarray:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max()
-    kept = z > -np.inf
-    if np.count_nonzero(kept) < 0.75 * len(z):
-        # Mostly masked (by a grammar, top-k/p): numpy's exp takes ~5x as long for -inf as for a
-        # number, so only the kept logits go through it (the same values: exp works element by
-        # element). Measured on a JSON answer's masks: 0.015-0.24 ms instead of 0.19-0.27 ms.
-        e = np.zeros_like(z)
-        ids = np.flatnonzero(kept)
-        e[ids] = np.exp(z[ids])
-    else:
-        e = np.exp(z)
-    return e / e.sum()
+    z = np.exp(logits - logits.max())
+    return z / z.sum()
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -112,9 +102,34 @@ def top_ids(values: np.ndarray, k: int) -> np.ndarray:
 
 
 def sample(logits: np.ndarray, rng: np.random.Generator) -> int:
-    """Draw one token from softmax(logits) with an explicit generator (seeded => repeatable)."""
-    probs = softmax(logits.astype(np.float64))
+    """Draw one token from softmax(logits) with an explicit generator (seeded => repeatable).
+
+    That is ``rng.choice(len(p), p=p)``, which finds one uniform draw in p's running sum. When
+    most logits are -inf (a grammar's mask, top-k/p) the same draw is made over the kept tokens
+    only (``kept_probabilities``): the others add exact zeros to the running sum, so a generator
+    gives the same token, in a fraction of the time (numpy's exp of -inf alone costs ~5x a
+    number's, and choice's running sum goes over the whole row)."""
+    x = logits.astype(np.float64)
+    kept = x > -np.inf
+    if np.count_nonzero(kept) < 0.75 * len(x):
+        ids, p = kept_probabilities(x, kept)
+        if np.isfinite(p).all():  # (NaN or inf logits: the whole row's choice says what is wrong)
+            cdf = np.cumsum(p)
+            cdf /= cdf[-1]
+            return int(ids[np.searchsorted(cdf, rng.random(), side="right")])
+    probs = softmax(x)
     return int(rng.choice(len(probs), p=probs / probs.sum()))
+
+
+def kept_probabilities(x: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ids where ``kept`` (x > -inf) and their p of ``sample``, the same bits as computing p
+    over the whole row: computed at the kept ids only, except numpy's two sums over the row (its
+    pairwise sums group the values by their place in the row)."""
+    ids = np.flatnonzero(kept)
+    z = np.zeros_like(x)
+    z[ids] = np.exp(x[ids] - x.max())
+    z[ids] /= z.sum()  # softmax
+    return ids, z[ids] / z.sum()
 
 
 # ---- parameters ----------------------------------------------------------------------------
