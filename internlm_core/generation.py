@@ -113,7 +113,7 @@ def sample(logits: np.ndarray, rng: np.random.Generator) -> int:
     kept = x > -np.inf
     if np.count_nonzero(kept) < 0.75 * len(x):
         ids, p = kept_probabilities(x, kept)
-        if np.isfinite(p).all():  # (NaN or inf logits: the whole row's choice says what is wrong)
+        if len(p) and np.isfinite(p).all():  # (none kept, NaN or inf logits: choice says what is wrong)
             cdf = np.cumsum(p)
             cdf /= cdf[-1]
             return int(ids[np.searchsorted(cdf, rng.random(), side="right")])
