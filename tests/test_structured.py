@@ -139,10 +139,12 @@ def test_a_mask_computed_ahead_is_never_used_once_the_grammar_moved_on(tokenizer
 
     c = compile_grammar(grammar, tokenizer, stops)
     gate = threading.Event()
-    busy = structured._MASK_THREAD.submit(gate.wait)  # the mask thread busy: the next mask waits in line
-    c.prefetch()
-    c.advance(a)
-    gate.set()
+    busy = structured._MASK_THREAD.submit(gate.wait, 60)  # the mask thread busy: the next mask waits in line
+    try:
+        c.prefetch()
+        c.advance(a)
+    finally:
+        gate.set()  # (whatever happens, the mask thread goes on for the other tests)
     busy.result()
     np.testing.assert_array_equal(used(c), asked([a]))
     assert b - 3 in asked([a]) and not np.array_equal(asked([a]), asked([a, b]))
