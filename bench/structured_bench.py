@@ -5,10 +5,18 @@
 For the InternLM v1 tokenizer (103,168 pieces) and the InternLM2 one (92,544), answers to a JSON
 Schema, a regex and a free JSON object are sampled at temperature 1 from random logits (the
 grammar's work does not depend on the model), timing in every step: llguidance's mask
-(``compute_bitmask``), the whole ``Constraint.mask`` (mask, unpacked to one bool per token, and
-applied to the logits) and the whole ``SequenceState.step`` with the grammar, against the same
-step without one. Also the one-off costs: llguidance's view of the vocabulary (once per worker)
+(``compute_bitmask``, unpacked to one bool per token: on the mask thread, started by the step
+before and computed while the next logits are drawn, as a model's step would compute them), the
+whole ``Constraint.mask`` (waiting for that mask if need be, and applying it to the logits) and
+the whole ``SequenceState.step`` with the grammar (the critical path), against the same step
+without one. Also the one-off costs: llguidance's view of the vocabulary (once per worker)
 and compiling each grammar (once per request). Milliseconds, median and 90th percentile.
+
+``--model DIR`` (e.g. the demo model) instead runs ``--rows`` rows through that model's engine, as
+the batcher does (each row stepped, then one decode step for all), free and under
+``structured_serving_bench``'s JSON Schema in alternating blocks, and reports the batcher thread's
+CPU time per row and step (its critical path, without the neighbours' noise that wall time has on
+a shared machine), the wall time of the step and the mask thread's CPU time per mask.
 """
 from __future__ import annotations
 
@@ -22,6 +30,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 from internlm_core.generation import SamplingParams, SequenceState  # noqa: E402
 from internlm_core.structured import Constraint, Grammar, lltokenizer  # noqa: E402
@@ -59,7 +68,7 @@ def timed(cls, name: str, into: list) -> None:
 
 
 BITS, MASKS = [], []
-timed(Constraint, "bits", BITS)
+timed(Constraint, "_compute", BITS)
 timed(Constraint, "mask", MASKS)
 
 
@@ -82,10 +91,67 @@ def run(tok, grammar: Grammar | None, answers: int) -> dict:
             "bitmask": ms(BITS) if BITS else "-", "compile": ms(compiles) if grammar else "-"}
 
 
+def rows_through_the_model(folder: str, rows: int, blocks: int = 6, steps: int = 12) -> None:
+    import threading
+
+    from internlm_core.engine import open_engine
+    from structured_serving_bench import PROMPT
+    from structured_serving_bench import SCHEMA as ENDLESS  # never complete within the steps run
+
+    tok, engine = Tokenizer(folder), open_engine(folder, max_batch=rows, max_len=512)
+    prompt, vocab = tok.encode(PROMPT), engine.config.vocab_size
+    grammar = Grammar("json_schema", json.dumps(ENDLESS))
+
+    class Rows:
+        def __init__(self, constrained: bool):
+            kw = {"grammar": grammar} if constrained else {"ignore_eos": True}
+            self.states = [SequenceState(list(prompt), SamplingParams(temperature=1.0, seed=1000 + i, max_new_tokens=500,
+                                                                      **kw), tok, vocab) for i in range(rows)]
+            self.logits = engine.prefill(list(range(rows)), [st.prompt for st in self.states])
+            self.cpu, self.wall, self.n = 0.0, 0.0, 0
+
+        def block(self) -> None:  # the first step of a block is not counted (the other kind ran before it)
+            for j in range(steps):
+                t, c = time.perf_counter(), time.thread_time()
+                for st, row in zip(self.states, self.logits):
+                    st.step(row)
+                cpu = time.thread_time() - c
+                self.logits = engine.decode(np.array([st.generated[-1] for st in self.states], np.int32),
+                                            np.array([st.length - 1 for st in self.states], np.int64),
+                                            slots=list(range(rows)))
+                if j:
+                    self.cpu, self.wall, self.n = self.cpu + cpu, self.wall + time.perf_counter() - t, self.n + 1
+
+    mask_cpu = []
+    inner = Constraint._compute
+
+    def on_mask_thread(self, doing):
+        c = time.thread_time()
+        try:
+            return inner(self, doing)
+        finally:
+            if threading.current_thread() is not threading.main_thread():
+                mask_cpu.append(time.thread_time() - c)
+    Constraint._compute = on_mask_thread
+    runs = {"free": Rows(False), "json_schema": Rows(True)}
+    for _ in range(blocks):
+        for r in runs.values():
+            r.block()
+    print(f"{Path(folder).name}, {rows} rows, {runs['free'].n} steps each at temperature 1:")
+    for name, r in runs.items():
+        print(f"  {name:12} batcher thread CPU {r.cpu / r.n / rows * 1e3:.3f} ms per row and step; "
+              f"step (sampling + model) {r.wall / r.n * 1e3:.2f} ms wall")
+    print(f"  mask thread CPU {np.mean(mask_cpu) * 1e3:.3f} ms per mask")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--answers", type=int, default=20)
+    ap.add_argument("--model", help="rows through this model folder's engine instead (see above)")
+    ap.add_argument("--rows", type=int, default=8)
     args = ap.parse_args()
+    if args.model:
+        return rows_through_the_model(args.model, args.rows)
     for name, path in TOKENIZERS.items():
         tok = Tokenizer(path)
         t = time.perf_counter()

@@ -49,7 +49,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         check_size(sum(len(m.content) for m in request.messages), MAX_PROMPT_CHARS, "messages", "characters")
         messages = chat_from_pb(request.messages)
         add = not request.no_generation_prompt
-        tools = Tools(tools_of(request.tools)).validate().listed() if request.tools else None
+        tools = _listed(request.tools)
         text = self.tok.render_chat(messages, add, tools)
         ids = self.tok.encode_chat(messages, add, allow_special=request.allow_special_tokens, tools=tools)
         return tokenizer_pb2.ChatTemplateResponse(text=text, ids=ids)
@@ -59,10 +59,18 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         size = sum(len(m.content) for m in request.chat.messages) if request.HasField("chat") else len(request.text)
         check_size(size, MAX_PROMPT_CHARS, request.WhichOneof("input") or "text", "characters")
         if request.WhichOneof("input") == "chat":
-            n = len(self.tok.encode_chat(chat_from_pb(request.chat.messages), allow_special=allow))
+            n = len(self.tok.encode_chat(chat_from_pb(request.chat.messages), allow_special=allow,
+                                         tools=_listed(request.tools)))
+        elif request.tools:  # a text has no prompt to list them in: counting it without them would mislead
+            raise ValueError("tools: counted only with chat messages (they are listed in a chat's prompt)")
         else:
             n = len(self.tok.encode(request.text, bos=False, allow_special=allow))  # the text's own tokens, without <s>
         return tokenizer_pb2.CountTokensResponse(count=n)
+
+
+def _listed(tools) -> list[dict] | None:
+    """A request's tools as a chat prompt lists them (as the worker does), None without any."""
+    return Tools(tools_of(tools)).validate().listed() if tools else None
 
 
 def main(argv: list[str] | None = None) -> None:

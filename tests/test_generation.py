@@ -60,6 +60,28 @@ def test_sample_follows_distribution_and_seed():
     assert a == b
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sampling_mostly_masked_logits_draws_what_choice_draws(dtype):
+    """Masked rows (a grammar's, top-k/p's -inf) are sampled over their kept tokens only: the
+    same probabilities, bit for bit, and the same token as numpy's ``choice`` over the whole row."""
+    rng = np.random.default_rng(0)
+    for kept in (1, 2, 7, 100, 30_000, 60_000, 77_000, 90_000, 103_168):
+        for scale in (0.5, 4.0, 40.0):  # flat to one dominant token
+            logits = np.full(103_168, -np.inf, dtype)
+            logits[rng.choice(103_168, kept, replace=False)] = rng.normal(0, scale, kept)
+            x = logits.astype(np.float64)
+            probs = np.exp(x - x.max())
+            probs /= probs.sum()
+            ids, p = g.kept_probabilities(x, x > -np.inf)
+            assert np.array_equal(ids, np.flatnonzero(x > -np.inf)) and np.array_equal(p, (probs / probs.sum())[ids])
+            for seed in range(40):
+                expected = int(np.random.default_rng(seed).choice(len(probs), p=probs / probs.sum()))
+                assert g.sample(logits, np.random.default_rng(seed)) == expected, (kept, scale, seed)
+    for bad in ([1.0, np.nan], [1.0, np.inf], [-np.inf, -np.inf]):  # refused as choice refuses them
+        with pytest.raises(ValueError, match="NaN"), np.errstate(invalid="ignore"):
+            g.sample(np.array(bad + [-np.inf] * 8, dtype), rng)
+
+
 def test_log_softmax():
     np.testing.assert_allclose(np.exp(g.log_softmax(L)).sum(), 1.0, rtol=1e-6)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 
 import numpy as np
@@ -13,7 +14,8 @@ import pytest
 
 from internlm_core.errors import GrammarError
 from internlm_core.generation import FINISH_EOS, SamplingParams, SequenceState
-from internlm_core.structured import MAX_GRAMMAR_CHARS, Grammar, token_bytes
+from internlm_core import structured
+from internlm_core.structured import MAX_GRAMMAR_CHARS, Constraint, Grammar, compile_grammar, token_bytes
 from internlm_core.tokenizer import EOS, Tokenizer
 from tests.helpers import V2_TOKENIZER
 
@@ -108,6 +110,53 @@ def test_resume_advances_the_grammar(tokenizer):
         bad.resume(tokenizer.encode("hello", bos=False))
 
 
+def test_masks_computed_ahead_give_the_answers_of_masks_computed_when_needed(tokenizer, monkeypatch):
+    """Each step starts the next token's mask on the mask thread while the caller goes on (here:
+    drawing the next logits, as a model's step would); the answers are those of masks computed
+    on the spot, the grammar's state then."""
+    grammars = [Grammar("json_schema", json.dumps(SCHEMA)), Grammar("regex", "(ab|cd|xyz )+!")]
+    ahead = [answer(tokenizer, g, seed).generated for g in grammars for seed in range(3)]
+    monkeypatch.setattr(Constraint, "prefetch", lambda self: None)
+    assert [answer(tokenizer, g, seed).generated for g in grammars for seed in range(3)] == ahead
+
+
+def test_a_mask_computed_ahead_is_never_used_once_the_grammar_moved_on(tokenizer):
+    """``advance`` without the mask computed ahead being taken (as ``resume`` does): the mask then
+    used is the grammar's new state's, whether the old one was still queued, being computed or
+    done (after "a" only "b..." may follow, after "ab" "a..." or "c...": a stale mask differs)."""
+    vocab, a, b = tokenizer.vocab_size, tokenizer.encode("a", bos=False)[0], tokenizer.encode("b", bos=False)[0]
+    grammar, stops = Grammar("regex", "(ab)*c"), sorted(tokenizer.stop_ids)
+    TEXT = slice(3, 1000)  # text pieces (past <unk> <s> </s>), "a", "b", "c" and "ab" among them
+
+    def asked(tokens):  # the text tokens llguidance allows after ``tokens``, asked of it directly
+        m = compile_grammar(grammar, tokenizer, stops).matcher
+        for t in tokens:
+            m.consume_token(t)
+        return np.flatnonzero(np.unpackbits(np.frombuffer(m.compute_bitmask(), np.uint8), bitorder="little")[TEXT])
+
+    def used(c):  # the text tokens the constraint allows next
+        return np.flatnonzero(c.allowed(vocab)[TEXT])
+
+    c = compile_grammar(grammar, tokenizer, stops)
+    gate = threading.Event()
+    busy = structured._MASK_THREAD.submit(gate.wait, 60)  # the mask thread busy: the next mask waits in line
+    try:
+        c.prefetch()
+        c.advance(a)
+    finally:
+        gate.set()  # (whatever happens, the mask thread goes on for the other tests)
+    busy.result()
+    np.testing.assert_array_equal(used(c), asked([a]))
+    assert b - 3 in asked([a]) and not np.array_equal(asked([a]), asked([a, b]))
+    tokens = [a]
+    for i, t in enumerate([b, a] * 150):  # started, then the grammar moves on: queued, running or done
+        c.prefetch()
+        time.sleep(i % 5 * 2e-5)
+        c.advance(t)
+        tokens.append(t)
+    np.testing.assert_array_equal(used(c), asked(tokens))
+
+
 @pytest.mark.parametrize("grammar, message", [
     (Grammar("json_schema", '{"type": "strin"}'), "Invalid type"),
     (Grammar("json_schema", "{not json"), "not valid JSON"),
@@ -165,5 +214,34 @@ def test_one_requests_grammar_failure_ends_it_alone(chat_model_dir, tokenizer):
         good = batcher.submit(prompt, SamplingParams(max_new_tokens=200, temperature=1.0, seed=0,
                                                      grammar=Grammar("json_schema", json.dumps(SCHEMA)))).result()
         jsonschema.validate(json.loads(good.text), SCHEMA)
+    finally:
+        batcher.stop(drain=False, timeout=30)
+
+
+def test_requests_cancelled_or_ended_leave_no_mask_to_the_others(chat_model_dir, tokenizer):
+    """Batched requests each follow their own grammar's masks, computed ahead: answers in a crowd
+    where others are cancelled or end (their next masks under way) are the answers alone."""
+    from internlm_core.batching import Batcher
+    from internlm_core.engine import Engine
+    from internlm_core.loader import load_model
+
+    engine = Engine(load_model(chat_model_dir), max_batch=4, max_len=256)
+    batcher = Batcher(engine, tokenizer).start()
+    prompt = tokenizer.encode("The history of")
+    schema = Grammar("json_schema", json.dumps(SCHEMA))
+    params = [SamplingParams(max_new_tokens=60, grammar=schema),
+              SamplingParams(max_new_tokens=60, grammar=Grammar("regex", "(ab|cd|xyz )+!"))]
+    try:
+        alone = [batcher.submit(prompt, p).result() for p in params]
+        assert all(r.token_ids for r in alone)
+        cancelled = batcher.submit(prompt, SamplingParams(max_new_tokens=60, temperature=1.0, seed=0, grammar=schema))
+        short = batcher.submit(prompt, SamplingParams(max_new_tokens=2, grammar=schema))
+        crowd = [batcher.submit(prompt, p) for p in params]
+        next(iter(cancelled))
+        cancelled.cancel()
+        assert short.result().finish_reason == "length"
+        late = batcher.submit(prompt, params[0])  # into a slot another constrained request left
+        assert [h.result().token_ids for h in crowd + [late]] == [r.token_ids for r in alone + alone[:1]]
+        assert cancelled.result().finish_reason == "aborted"
     finally:
         batcher.stop(drain=False, timeout=30)

@@ -227,3 +227,23 @@ def test_named_messages_render_their_names_on_both_doors(v2, client, tok, http):
     v1 = httpx.post(f"{http.base}/v1/chat/completions", timeout=60,
                     json={"model": model, "messages": named[1:], "max_tokens": 1})
     assert v1.status_code == 400 and "has no participant names" in v1.json()["error"]["message"], v1.text
+
+
+def test_counted_tokens_list_the_tools_as_the_prompt_does(client, v2, tok):
+    """CountTokens, from the tokenizer service and through the endpoint, counts a chat's tools as
+    its prompt lists them: the ids ApplyChatTemplate gives, the prompt_tokens a completion reports;
+    tools with a plain text are refused by name (a text has no prompt to list them in)."""
+    chat = chat_to_pb(ASK)
+    listed = len(tok.encode_chat(ASK, tools=Tools((WEATHER, TIME)).listed()))
+    usage = client.chat.completions.create(model=v2[0].name, messages=ASK, tools=TOOLS, temperature=0,
+                                           max_tokens=1).usage
+    for address in (v2[3].address, v2[2].address):
+        stub = tokenizer_pb2_grpc.TokenizerStub(grpc.insecure_channel(address))
+        counted = stub.CountTokens(tokenizer_pb2.CountTokensRequest(chat=chat, tools=PB_TOOLS), timeout=30).count
+        template = stub.ApplyChatTemplate(tokenizer_pb2.ChatTemplateRequest(messages=chat.messages, tools=PB_TOOLS),
+                                          timeout=30).ids
+        without = stub.CountTokens(tokenizer_pb2.CountTokensRequest(chat=chat), timeout=30).count
+        assert counted == len(template) == listed == usage.prompt_tokens > without == len(tok.encode_chat(ASK))
+        with pytest.raises(grpc.RpcError) as e:
+            stub.CountTokens(tokenizer_pb2.CountTokensRequest(text="hi", tools=PB_TOOLS), timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("tools:")
