@@ -94,7 +94,7 @@ class TrainArgs:
         need(a.quantize in QUANTIZE_CHOICES, f"quantize must be one of {QUANTIZE_CHOICES}, got {a.quantize!r}")
         need(a.mode == "lora" or a.quantize == "none",
              f"quantize {a.quantize} applies to LoRA fine-tuning only: full fine-tuning trains fp32 master weights "
-             "(use mode lora, or quantize none)")
+             "(fine-tune with LoRA, or quantize none)")
         need(isinstance(a.recompute, bool), f"recompute must be true or false, got {a.recompute!r}")
         need(a.loss_scale in ("auto", "dynamic") or (_num(a.loss_scale) and a.loss_scale >= 1),
              f"loss_scale must be 'auto', 'dynamic' or a number >= 1, got {a.loss_scale!r}")
