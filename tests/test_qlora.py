@@ -30,14 +30,19 @@ pytestmark = pytest.mark.skipif(training_ops().name != TRAINING_KERNELS,
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    """The tiny model (q/k/v/o biases) in fp32 and in bf16; the dataset."""
+def folders(tmp_path_factory, tiny_hf):
+    """The tiny model (q/k/v/o biases) in fp32 and in bf16; an int8 folder (``internlm convert
+    --quantize int8`` of the HF tiny model); the dataset."""
+    from internlm_core.convert import hf_to_ms
+
     root = tmp_path_factory.mktemp("qlora")
     cfg = Config.from_name("tiny")
     model = InternLMForCausalLM(cfg)
     init_weights(model, seed=0, std=0.1)
+    hf_to_ms(tiny_hf[1], root / "int8", quantize="int8")
     return {"fp32": save_model(model, cfg, root / "fp32"),
             "bf16": save_model(model, cfg, root / "bf16", dtype="bfloat16"),
+            "int8": root / "int8",
             "data": write_dataset(root / "prog7", progressions(48, 7, 1), "alpaca", {})}
 
 
@@ -49,7 +54,7 @@ def fp32_folder_of(folder, quantize, out):
     if quantize:
         for name in quantized_names(model.config):
             sd[name] = dequantize_int8(*quantize_int8(sd[name]))
-    return save_model(sd, model.config.replace(dtype="float32"), out)
+    return save_model(sd, model.config.replace(dtype="float32", quantization=None), out)
 
 
 class _LossAndGrads(nn.Cell):
@@ -86,16 +91,17 @@ def loss_and_lora_grads(model):
 
 
 @pytest.mark.parametrize("source,quantize,held", [("bf16", None, ms.bfloat16), ("fp32", "int8", ms.int8),
-                                                  ("bf16", "int8", ms.int8)])
+                                                  ("bf16", "int8", ms.int8), ("int8", None, ms.int8)])
 def test_lora_on_a_held_base_equals_fp32_on_its_values(folders, tmp_path, source, quantize, held):
-    """Loss and every LoRA gradient on a base held as bf16 or int8 (quantised at load) equal those of
-    an fp32 model holding the same values, within fp32 rounding; the base's linears are held in
-    their precision (no fp32 copy), the embedding table too."""
+    """Loss and every LoRA gradient on a base held as bf16, or int8 (quantised at load, or an int8
+    folder's) equal those of an fp32 model holding the same values, within fp32 rounding; the base's
+    linears are held in their precision (no fp32 copy), the embedding table too."""
     ops = training_ops()
     model = load_frozen_base(folders[source], ops, quantize)
     linears = [p for n, p in model.parameters_and_names() if n in quantized_names(model.config)]
     assert linears and all(p.dtype == held and len(p.shape) == 2 for p in linears)
-    assert model.model.tok_embeddings.embedding_weight.dtype == (ms.bfloat16 if source == "bf16" else ms.float32)
+    table = {"bf16": ms.bfloat16, "fp32": ms.float32, "int8": ms.float32}[source]  # the tiny HF model is fp32
+    assert model.model.tok_embeddings.embedding_weight.dtype == table
     loss, grads = loss_and_lora_grads(model)
 
     reference = fp32_folder_of(folders[source], quantize, tmp_path / "values")
