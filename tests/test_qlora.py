@@ -193,3 +193,16 @@ def test_quantize_is_refused_with_full_finetuning_by_name(folders, tmp_path):
                   quantize="int8").validate()
     with pytest.raises(ValueError, match="quantize must be one of"):
         args_for(folders["bf16"], folders["data"], tmp_path / "o", quantize="int4").validate()
+
+
+def test_without_the_training_kernels_the_base_is_an_fp32_copy_of_the_same_values(folders):
+    """MindSpore's ops read no bf16 or int8 weights on CPU: there the base is fp32 holding the values
+    the held base stands for (int8's dequantised), so both forms train the same model."""
+    from internlm_core.forms import MindSporeOps
+
+    model = load_frozen_base(folders["bf16"], MindSporeOps(), "int8")
+    assert all(p.dtype == ms.float32 for p in model.get_parameters())
+    got, want = state_dict(model), state_dict(load_model(folders["bf16"]))
+    for name in quantized_names(model.config):
+        np.testing.assert_array_equal(got[name], dequantize_int8(*quantize_int8(want[name])))
+    assert np.array_equal(got["model.norm_out.weight"], want["model.norm_out.weight"])
