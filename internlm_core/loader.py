@@ -3,10 +3,11 @@
 Three ways in. ``load_model``: the model as trained and saved, every weight in fp32 (training, export,
 MindSpore's own ops; the engine fuses it). ``load_frozen_base``: LoRA's base on the training kernels,
 each linear held frozen in the precision the file stores (or quantised to int8 as read), never in
-fp32. ``load_serving_model``: the engine's serving form on the CPU kernels built straight from the file, a few MB at a time, each weight placed once in its final
-fused and packed layout in the precision the file stores (bf16 stays bf16; an int8 folder's
-linears stay int8 with their scales), or quantised to int8 tensor by tensor as they are read
-(``quantize="int8"``): one copy of the weights in memory, no fp32 intermediate, no unfused layers.
+fp32. ``load_serving_model``: the engine's serving form on the CPU kernels built straight from the
+file, a few MB at a time, each weight placed once in its final fused and packed layout in the
+precision the file stores (bf16 stays bf16; an int8 folder's linears stay int8 with their scales),
+or quantised to int8 tensor by tensor as they are read (``quantize="int8"``): one copy of the
+weights in memory, no fp32 intermediate, no unfused layers.
 """
 from __future__ import annotations
 
