@@ -492,10 +492,11 @@ def test_frozen_linear_and_its_input_gradient_equal_numpy_at_every_row_count(dty
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
 @pytest.mark.parametrize("lead,n,k,bias", [((5,), 16, 64, False), ((2, 33), 320, 300, True),
-                                           ((3, 40), 1100, 300, False), ((7,), 1300, 1030, True)])
+                                           ((3, 40), 4200, 300, False), ((7,), 1300, 1030, True)])
 def test_frozen_linear_blocks_and_threads(dtype, lead, n, k, bias):
-    """Shapes past one widened block: K over 256 (dx's column slices, with a remainder), N over a
-    block of rows (the forward's and dx's row blocks, with a remainder), the threaded path."""
+    """Shapes past one widened block (2^20 floats): K over 256 (dx's column slices, with a remainder),
+    N over a block of rows (4200 x 300: the forward's 3495-row and dx's 4096-row blocks, each with a
+    remainder; 1300 x 1030: the forward's 1018-row blocks), the threaded path."""
     _frozen_case(np.random.default_rng(n + k), dtype, lead, n, k, bias)
 
 
