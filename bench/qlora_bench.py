@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,9 +95,9 @@ def main() -> None:
         r = json.loads(run.stdout.strip().splitlines()[-1])
         step = f"{r['step_s']:.1f} s" if r["step_s"] else "n/a"
         print(f"{case}: base {r['base']} on {r['form']} ({code}); peak RSS {r['peak_rss_mb']:.0f} MB (after load "
-              f"{r['after_load_peak_mb']:.0f} MB peak, {r['after_load_rss_mb']:.0f} MB held); load {r['load_s']:.0f} s; "
-              f"step {step}; losses {[round(x, 3) for x in r['losses']]}; load average {os.getloadavg()[0]:.1f}",
-              flush=True)
+              f"{r['after_load_peak_mb']:.0f} MB peak, {r['after_load_rss_mb']:.0f} MB held); "
+              f"load {r['load_s']:.0f} s; step {step}; losses {[round(x, 3) for x in r['losses']]}; "
+              f"load average {os.getloadavg()[0]:.1f}", flush=True)
 
 
 if __name__ == "__main__":
