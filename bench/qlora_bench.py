@@ -93,7 +93,7 @@ def main() -> None:
                   "\n".join(line for line in run.stderr.splitlines() if "WARN" not in line)[-3000:])
             continue
         r = json.loads(run.stdout.strip().splitlines()[-1])
-        step = f"{r['step_s']:.1f} s" if r["step_s"] else "n/a"
+        step = f"{r['step_s']:.1f} s" if r["step_s"] is not None else "n/a (one step)"
         print(f"{case}: base {r['base']} on {r['form']} ({code}); peak RSS {r['peak_rss_mb']:.0f} MB (after load "
               f"{r['after_load_peak_mb']:.0f} MB peak, {r['after_load_rss_mb']:.0f} MB held); "
               f"load {r['load_s']:.0f} s; step {step}; losses {[round(x, 3) for x in r['losses']]}; "
