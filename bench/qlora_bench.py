@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -85,6 +86,7 @@ def main() -> None:
             code, folder = (args.fp32_code, folder) if args.fp32_code else (code, folders["float32"])
         elif case == "int8":
             quantize = "int8"
+        shutil.rmtree(work / f"run-{case}", ignore_errors=True)  # a fresh run, not a resume of the last one
         run = subprocess.run([sys.executable, "-c", CHILD, code, str(folder), str(data), str(work / f"run-{case}"),
                               str(args.steps), str(args.batch), quantize], capture_output=True, text=True, env=env,
                              cwd="/")
