@@ -256,7 +256,10 @@ class ServingKernels(MindSporeOps):
 class TrainingKernels(MindSporeOps):
     """The training CPU kernels (each op's backward pass a kernel too). Unfused float32 form only.
     Attention runs on the kernel where each head is whole vectors (hd a multiple of 16), and
-    causal only: training's right-padded rows never see their padding anyway."""
+    causal only: training's right-padded rows never see their padding anyway. A LoRA base may be
+    held in its stored precision (``loader.load_frozen_base``: bf16, fp16, or int8 with per-row
+    scales): its linears run on FrozenLinear and its embedding table on the serving gather, both
+    widening inside the kernel, the arithmetic fp32."""
     name = TRAINING_KERNELS
     cpu_kernels = True
 
@@ -264,14 +267,27 @@ class TrainingKernels(MindSporeOps):
         super().__init__()
         self.frozen = train_kernels.train_linear_op(False, False), train_kernels.train_linear_op(True, False)
         self.trained = train_kernels.train_linear_op(False, True), train_kernels.train_linear_op(True, True)
+        self.held = train_kernels.frozen_linear_op(False, False), train_kernels.frozen_linear_op(True, False)
+        self.held_int8 = train_kernels.frozen_linear_op(False, True), train_kernels.frozen_linear_op(True, True)
+        self.held_table = train_kernels.frozen_embedding_op()
         self.norm, self.gate = train_kernels.train_rms_norm_op(), train_kernels.swiglu_op()
         self.causal = train_kernels.causal_attention_op()
         self.hash_dropout, self.loss = train_kernels.dropout_op(), train_kernels.cross_entropy_op()
 
     def linear(self, x, w, b, scale, trains):
-        """``trains``: the weight's gradient is computed (a frozen layer's is not)."""
+        """``trains``: the weight's gradient is computed (a frozen layer's is not). A weight held in
+        another precision than float32 (a frozen base's; ``scale`` with int8) is FrozenLinear's."""
+        if scale is not None:
+            return self.held_int8[0](x, w, scale) if b is None else self.held_int8[1](x, w, scale, b)
+        if w.dtype != ms.float32:
+            return self.held[0](x, w) if b is None else self.held[1](x, w, b)
         gemm = self.trained if trains else self.frozen
         return gemm[0](x, w) if b is None else gemm[1](x, w, b)
+
+    def embedding(self, ids, table):
+        if table.dtype != ms.float32:  # a frozen base's table in its stored precision
+            return self.held_table(ids, table)
+        return ops.gather(table, ids, 0)
 
     def rms_norm(self, x, w, eps):
         return self.norm(x, w, eps)

@@ -158,6 +158,35 @@ inline v16 i8_to_f32(const int8_t* p) {
   memcpy(&out, &v, 64);
   return out;
 }
+// A weight's stored values as floats, 16 at a time (``widen``) or one (``widen1``): fp32 as it is, bf16
+// by a 16-bit shift, fp16 by vcvtph2ps, int8 sign-extended and converted, all exact.
+inline v16 widen(const float* p) { return load(p); }
+inline v16 widen(const bf16_t* p) { return bf16_to_f32(p); }
+inline v16 widen(const f16_t* p) { return f16_to_f32(p); }
+inline v16 widen(const int8_t* p) { return i8_to_f32(p); }
+inline float widen1(float v) { return v; }
+inline float widen1(bf16_t v) {
+  const uint32_t bits = uint32_t(v.bits) << 16;
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+inline float widen1(int8_t v) { return (float)v; }
+inline float widen1(f16_t v) {
+  _Float16 h;
+  memcpy(&h, &v.bits, 2);
+  return (float)h;
+}
+
+// C values from ``row``, widened, into out.
+template <typename W>
+void widen_row(const W* row, int64_t C, float* out) {
+  int64_t c = 0;
+  for (; c + 16 <= C; c += 16) store(out + c, widen(row + c));
+  for (; c < C; ++c) out[c] = widen1(row[c]);
+}
+
+
 inline float hsum(v16 v) {
   float s = 0.f;
   for (int i = 0; i < 16; ++i) s += v[i];

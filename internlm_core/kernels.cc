@@ -50,18 +50,13 @@ namespace {
 
 // ---- PackedLinear -----------------------------------------------------------------------------
 
-// The packed weight is read in its stored precision and widened to floats in registers: fp32 as it
-// is, bf16 by a 16-bit shift (exact), fp16 by vcvtph2ps (exact); the products and sums are the
-// same float FMAs in the same order whatever the weight's type, so a bf16 weight gives exactly the
-// result of the fp32 kernel on its widened values, at half the bytes read per token.
-// Activations stay fp32 (vdpbf16ps would round them to bf16 too: not within fp32 rounding).
-inline v16 widen(const float* p) { return load(p); }
-inline v16 widen(const bf16_t* p) { return bf16_to_f32(p); }
-inline v16 widen(const f16_t* p) { return f16_to_f32(p); }
-// int8 (per-output-channel symmetric quantisation, quantize.py): the integers widened exactly, the
-// same FMAs over them, and each output times its channel's scale once at the end (before the bias):
+// The packed weight is read in its stored precision and widened to floats in registers
+// (kernel_common.h's ``widen``): the products and sums are the same float FMAs in the same order
+// whatever the weight's type, so a bf16 weight gives exactly the result of the fp32 kernel on its
+// widened values, at half the bytes read per token; an int8 weight's integers are widened exactly
+// and each output is multiplied by its channel's scale once at the end (before the bias):
 // y = (x . q) * s, a quarter of fp32's bytes read per token.
-inline v16 widen(const int8_t* p) { return i8_to_f32(p); }
+// Activations stay fp32 (vdpbf16ps would round them to bf16 too: not within fp32 rounding).
 
 // R rows of x against Q consecutive panels (16 outputs each); R * Q accumulators in registers.
 template <int R, int Q, typename W>
@@ -157,27 +152,6 @@ void linear(const float* x, const void* wp, const float* s, const float* b, floa
 }
 
 // ---- Embedding ---------------------------------------------------------------------------------
-
-inline float widen1(float v) { return v; }
-inline float widen1(bf16_t v) {
-  const uint32_t bits = uint32_t(v.bits) << 16;
-  float f;
-  memcpy(&f, &bits, 4);
-  return f;
-}
-inline float widen1(f16_t v) {
-  _Float16 h;
-  memcpy(&h, &v.bits, 2);
-  return (float)h;
-}
-
-// One table row of C values, widened, into out.
-template <typename W>
-void widen_row(const W* row, int64_t C, float* out) {
-  int64_t c = 0;
-  for (; c + 16 <= C; c += 16) store(out + c, widen(row + c));
-  for (; c < C; ++c) out[c] = widen1(row[c]);
-}
 
 template <typename W>
 void embed(const int32_t* ids, const void* table, int64_t M, int64_t V, int64_t C, float* out) {

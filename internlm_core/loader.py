@@ -1,11 +1,13 @@
 """Build a MindSpore model from a project model folder, and save one back.
 
-Two ways in. ``load_model``: the model as trained and saved, every weight in fp32 (training, export,
-MindSpore's own ops; the engine fuses it). ``load_serving_model``: the engine's serving form on the
-CPU kernels built straight from the file, a few MB at a time, each weight placed once in its final
-fused and packed layout in the precision the file stores (bf16 stays bf16; an int8 folder's
-linears stay int8 with their scales), or quantised to int8 tensor by tensor as they are read
-(``quantize="int8"``): one copy of the weights in memory, no fp32 intermediate, no unfused layers.
+Three ways in. ``load_model``: the model as trained and saved, every weight in fp32 (training, export,
+MindSpore's own ops; the engine fuses it). ``load_frozen_base``: LoRA's base on the training kernels,
+each linear held frozen in the precision the file stores (or quantised to int8 as read), never in
+fp32. ``load_serving_model``: the engine's serving form on the CPU kernels built straight from the
+file, a few MB at a time, each weight placed once in its final fused and packed layout in the
+precision the file stores (bf16 stays bf16; an int8 folder's linears stay int8 with their scales),
+or quantised to int8 tensor by tensor as they are read (``quantize="int8"``): one copy of the
+weights in memory, no fp32 intermediate, no unfused layers.
 """
 from __future__ import annotations
 
@@ -20,9 +22,9 @@ from . import kernels
 from .checkpoint import (DTYPE_TO_ST, ST_TO_DTYPE, ST_TO_NP, WEIGHTS_FILE, CheckpointError, SafetensorsFile,
                          SafetensorsWriter, atomic_folder, cast, confined, copy_tokenizer, read_config, to_float32)
 from .config import Config
-from .forms import serving_ops
+from .forms import TRAINING_KERNELS, serving_ops
 from .model import Embedding, InternLMForCausalLM, Linear, RMSNorm, compute_dtype_for, parameter_of
-from .quantize import METHODS, dequantize_int8, quantize_int8, quantized_names, scale_name
+from .quantize import METHODS, base_precision, dequantize_int8, quantize_int8, quantized_names, scale_name
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +119,8 @@ def load_serving_model(folder: str | Path, quantize: str | None = None) -> Inter
     if model is None or any(cell.d_out % kernels.PANEL for _, cell in linears):
         log.info("serving %s from fp32 weights: %s", folder, "MindSpore's ops" if model is None else
                  f"a layer's outputs are not a multiple of {kernels.PANEL}")
-        model = load_model(folder)
-        if quantize and not cfg.quantization:  # the values the int8 form would serve
-            params = dict(model.parameters_and_names())
-            for name in quantized_names(cfg):
-                params[name].set_data(Tensor(dequantize_int8(*quantize_int8(params[name].asnumpy())), ms.float32))
-        return model
+        # the values the int8 form would serve (an int8 folder's are widened by load_weights)
+        return _int8_values(load_model(folder), None if cfg.quantization else quantize)
     quantized = set(quantized_names(cfg)) if int8 else set()
     for name, cell in linears:
         sources = getattr(cell, "part_names", [name])
@@ -134,6 +132,61 @@ def load_serving_model(folder: str | Path, quantize: str | None = None) -> Inter
         if cell.bias is not None:
             bias = np.concatenate([to_float32(f.get(f"{s}.bias"), f.info(f"{s}.bias")[0]) for s in sources])
             cell.bias.set_data(Tensor.from_numpy(np.ascontiguousarray(bias, np.float32)))
+    _norms_and_table(model, f)
+    model.set_train(False)
+    how = ("as stored" if not quantize or cfg.quantization
+           else f"linears quantised to {quantize} at load from {cfg.dtype}")
+    log.info("%s: serving weights %s, %s (the embedding table mapped from the file)", folder, how, _held(model))
+    return model
+
+
+def load_frozen_base(folder: str | Path, ops, quantize: str | None = None,
+                     compute_dtype: str = "float32") -> InternLMForCausalLM:
+    """LoRA's base for training (QLoRA-like), unfused, computing with ``ops``: on the training kernels
+    (``forms.TrainingKernels``) each linear is held frozen (``Linear.hold``) in the precision the file
+    stores it, bf16 or fp16 memory-mapped where it lies (its layout is the stored one), or as int8
+    with per-row scales (an int8 folder's as stored; ``quantize="int8"``: a float folder's quantised
+    a few MB of rows at a time, the integers and scales ``internlm convert --quantize int8`` writes);
+    the embedding table in its stored dtype, mapped; norms and biases fp32. No fp32 copy of the
+    weights is ever made: FrozenLinear widens them inside the kernel. The LoRA adapters
+    (``lora.inject_lora``) and their optimiser state are fp32.
+
+    On another form (MindSpore's ops have no bf16 or int8 kernels on CPU) this is ``load_model``'s
+    model in ``compute_dtype`` holding the same values (int8's dequantised), with the reason logged."""
+    set_runtime()
+    cfg, f = _open(folder)
+    if quantize not in (None, *METHODS):
+        raise ValueError(f"quantize must be one of {', '.join(METHODS)}, got {quantize!r}")
+    check_names(cfg, f)
+    if ops.name != TRAINING_KERNELS:
+        log.info("%s: the LoRA base held in %s on %s (no kernels read %s weights there)", folder, compute_dtype,
+                 ops.name, base_precision(cfg, quantize))
+        return _int8_values(load_model(folder, compute_dtype, ops=ops), None if cfg.quantization else quantize)
+    model = InternLMForCausalLM(cfg, "float32", ops=ops)
+    quantized = set(quantized_names(cfg)) if (cfg.quantization or quantize) == "int8" else set()
+    for name, cell in model.cells_and_names():
+        if not isinstance(cell, Linear):
+            continue
+        w = f"{name}.weight"
+        if w in quantized:
+            cell.hold(*_int8_weight(f, w, bool(cfg.quantization)))
+        else:
+            src = f.info(w)[0]
+            st = _served_st([src])
+            cell.hold(kernels.to_tensor(f.map(w) if st == src else cast(f.get(w), src, st), ST_TO_DTYPE[st]))
+        if cell.bias is not None:
+            b = f"{name}.bias"
+            cell.bias.set_data(Tensor.from_numpy(np.ascontiguousarray(to_float32(f.get(b), f.info(b)[0]))))
+    _norms_and_table(model, f)
+    for p in model.get_parameters():
+        p.requires_grad = False
+    model.set_train(False)
+    log.info("%s: the LoRA base held frozen as %s: %s", folder, base_precision(cfg, quantize), _held(model))
+    return model
+
+
+def _norms_and_table(model: InternLMForCausalLM, f: SafetensorsFile) -> None:
+    """The norms' weights in fp32 and the embedding table as ``_table`` holds it, from the file."""
     for name, cell in model.cells_and_names():
         if isinstance(cell, RMSNorm):
             w = f"{name}.weight"
@@ -141,15 +194,41 @@ def load_serving_model(folder: str | Path, quantize: str | None = None) -> Inter
         elif isinstance(cell, Embedding):
             w = f"{name}.embedding_weight"
             cell.embedding_weight = parameter_of(_table(f, w), w)
-    model.set_train(False)
+
+
+def _held(model: InternLMForCausalLM) -> str:
+    """What a model's weights take, by dtype, for the log."""
     held = {}
     for p in model.get_parameters():
         held[str(p.dtype)] = held.get(str(p.dtype), 0) + p.nbytes
-    how = ("as stored" if not quantize or cfg.quantization
-           else f"linears quantised to {quantize} at load from {cfg.dtype}")
-    log.info("%s: serving weights %s, %s (the embedding table mapped from the file)", folder, how,
-             ", ".join(f"{n / 2**20:.0f} MiB {dt}" for dt, n in sorted(held.items())))
+    return ", ".join(f"{n / 2**20:.0f} MiB {dt}" for dt, n in sorted(held.items()))
+
+
+def _int8_values(model: InternLMForCausalLM, quantize: str | None) -> InternLMForCausalLM:
+    """``model`` (fp32, from a float folder) with its linears holding the values ``quantize="int8"``
+    stands for (quantised, then dequantised): the int8 forms' values where no kernel reads int8."""
+    if quantize:
+        params = dict(model.parameters_and_names())
+        for name in quantized_names(model.config):
+            params[name].set_data(Tensor(dequantize_int8(*quantize_int8(params[name].asnumpy())), params[name].dtype))
     return model
+
+
+def _int8_weight(f: SafetensorsFile, name: str, stored: bool):
+    """Tensor ``name`` (N, K) as int8 with its per-row scales (N,) fp32, as tensors: an int8 folder's
+    (``stored``: I8, mapped where it lies, and F32 ``<name>_scale``), or quantised from a float
+    folder a few MB of rows at a time (``quantize_int8`` is per row, so chunks change nothing)."""
+    src, (rows, cols) = f.info(name)
+    if stored:
+        if src != "I8" or f.info(scale_name(name)) != ("F32", (rows,)):
+            raise CheckpointError(f"{name}: an int8 folder stores it as I8 with an F32 {scale_name(name)} of "
+                                  f"{rows} values, got {src} and {f.info(scale_name(name))}")
+        return kernels.to_tensor(f.map(name), "int8"), Tensor.from_numpy(np.ascontiguousarray(f.get(scale_name(name))))
+    q, scale = np.empty((rows, cols), np.int8), np.empty(rows, np.float32)
+    step = max(1, READ_BYTES // (cols * 16))  # a quarter of fp32's rows: quantising makes ~5 temporaries
+    for r in range(0, rows, step):
+        q[r:r + step], scale[r:r + step] = quantize_int8(to_float32(f.rows(name, r, r + step), src))
+    return kernels.to_tensor(q, "int8"), Tensor.from_numpy(scale)
 
 
 def _served_st(dtypes) -> str:

@@ -103,15 +103,17 @@ def _lora_cell_class():
             super().__init__()
             out_f, in_f = base.weight.shape
             self.ops = base.ops
-            self.weight, self.bias = base.weight, base.bias
+            self.weight, self.bias, self.weight_scale = base.weight, base.bias, base.weight_scale
             self.weight.requires_grad = False
             if self.bias is not None:
                 self.bias.requires_grad = False
             # A like nn.Linear's default (kaiming-uniform, a=sqrt(5)); B zero so the start equals the base.
             bound = 1.0 / math.sqrt(in_f)
             a = np.random.default_rng(init_seed).uniform(-bound, bound, (rank, in_f)).astype(np.float32)
-            self.lora_a = Parameter(Tensor(a, base.weight.dtype), name="lora_a")
-            self.lora_b = Parameter(Tensor(np.zeros((out_f, rank), np.float32), base.weight.dtype), name="lora_b")
+            # in the compute dtype: a base held in its stored precision (``Linear.hold``) computes in fp32
+            dtype = ms.float32 if base.held else base.weight.dtype
+            self.lora_a = Parameter(Tensor(a, dtype), name="lora_a")
+            self.lora_b = Parameter(Tensor(np.zeros((out_f, rank), np.float32), dtype), name="lora_b")
             self.scaling = alpha / rank
             self.p = float(dropout)
             self.seed = seed
@@ -119,7 +121,7 @@ def _lora_cell_class():
             self.dropout_cut, self.dropout_scale = dropout_cut(self.p), dropout_constants(self.p)[1]
 
         def construct(self, x, adapters=None):  # ``adapters`` is the serving path's; unused in training
-            y = self.ops.linear(x, self.weight, self.bias, None, False)
+            y = self.ops.linear(x, self.weight, self.bias, self.weight_scale, False)
             h = x
             if self.p > 0:
                 h = self.ops.dropout(x, self.seed, self.dropout_cfg, self.dropout_cut, self.dropout_scale)

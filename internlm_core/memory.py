@@ -86,7 +86,7 @@ def weight_bytes(cfg: Config, dtype: str) -> int:
 
 # Bytes a fine-tune holds per parameter, beyond the runtime. Full: fp32 master weights, AdamW's two
 # fp32 moments and the gradients (fp32; with half compute a half copy of the weights and half
-# gradients, the same 16 bytes). LoRA: the frozen base as computed (fp32 on CPU); its adapters
+# gradients, the same 16 bytes). LoRA: the frozen base as held (``training_bytes``); its adapters
 # are a rounding error. Activations come on top: a lower bound, so only what cannot fit is refused.
 TRAIN_BYTES_PER_PARAM = {"full": 4 + 8 + 4}
 # A conversion holds one tensor at a time: as read, widened to fp32, and cast (or quantised); it
@@ -94,10 +94,16 @@ TRAIN_BYTES_PER_PARAM = {"full": 4 + 8 + 4}
 CONVERT_COPIES = 3
 
 
-def training_bytes(cfg: Config, mode: str, dtype: str = "float32") -> int:
-    """At least what fine-tuning ``cfg`` (``mode`` "full" or "lora", computing in ``dtype``) holds."""
-    per_param = TRAIN_BYTES_PER_PARAM["full"] if mode == "full" else DTYPE_BYTES[dtype]
-    return cfg.num_parameters() * per_param + RUNTIME_BYTES
+def training_bytes(cfg: Config, mode: str, dtype: str = "float32", quantize: str | None = None) -> int:
+    """At least what fine-tuning ``cfg`` (``mode`` "full" or "lora", computing in ``dtype``) holds.
+    LoRA's frozen base is held in its own precision (``quantize.base_precision``: the folder's, or
+    int8) where the training kernels run, else in ``dtype``: the smaller, as this is a lower bound."""
+    if mode == "full":
+        return cfg.num_parameters() * TRAIN_BYTES_PER_PARAM["full"] + RUNTIME_BYTES
+    from .quantize import base_precision
+
+    held = base_precision(cfg, quantize)
+    return min(weight_bytes(cfg, held), weight_bytes(cfg, dtype)) + RUNTIME_BYTES
 
 
 def conversion_bytes(cfg: Config) -> int:

@@ -63,8 +63,25 @@ class Linear(nn.Cell):
         self.bias = Parameter(initializer("zeros", (d_out,), dtype), name="bias") if bias else None
         self.weight_scale = None
         self.trains = True
+        self.held = False  # ``hold``: a frozen weight in its stored precision
         self.lora_a = None
         self.lora_b = None
+
+    def hold(self, weight: Tensor, scale: Tensor | None = None) -> None:
+        """Hold this layer's weight frozen in another precision than its compute dtype, in its (out,
+        in) layout: a bf16 or fp16 weight as the checkpoint stores it, or int8 with its per-row
+        ``scale`` (N,) fp32 (``loader.load_frozen_base``, LoRA's base on the training kernels, which
+        widen it inside FrozenLinear). The weight is never loaded in fp32 first."""
+        if self.ops.name != TRAINING_KERNELS:
+            raise ValueError(f"a weight held in its stored precision is the training kernels'; this layer runs on "
+                             f"{self.ops.name}")
+        if (weight.dtype == ms.int8) != (scale is not None):
+            raise ValueError("an int8 weight comes with its scales, and only an int8 one")
+        self.weight = parameter_of(weight, self.weight.name)
+        if scale is not None:
+            self.weight_scale = parameter_of(scale, self.weight.name + "_scale")
+        self.held = True
+        self.freeze()
 
     def freeze(self) -> None:
         """Not trained: no gradient is asked for its weight (or bias), nor computed by a kernel."""

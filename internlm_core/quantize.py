@@ -28,6 +28,12 @@ def quantized_names(cfg: Config) -> list[str]:
             or (n.endswith(".weight") and n.rsplit(".", 2)[-2] in LINEAR_LEAVES)]
 
 
+def base_precision(cfg: Config, quantize: str | None) -> str:
+    """The precision of a model's linear weights as loaded: ``int8`` for an int8 folder or with
+    ``quantize``, else the folder's dtype (what LoRA's frozen base is held in, and a fine-tune records)."""
+    return cfg.quantization or quantize or cfg.dtype
+
+
 def scale_name(weight_name: str) -> str:
     return weight_name + SCALE_SUFFIX
 

@@ -44,10 +44,11 @@ from mindspore.communication import get_group_size, get_rank, init
 from .checkpoint import Cancelled, atomic_folder, read_config
 from .data import IGNORE, RowFile
 from .forms import training_ops
-from .loader import load_model, save_model
+from .loader import load_frozen_base, load_model, save_model
 from .lora import inject_lora, lora_state, save_adapter
 from .model import compute_dtype_for, forward_inputs
 from .optim import AdamW
+from .quantize import base_precision
 from .schedule import batch_rows, lr_at, split_eval
 from .train_args import TrainArgs
 from .train_logs import LOSS_PLOT, SCALARS_FILE, ScalarWriter, plot_loss
@@ -108,9 +109,17 @@ class Trainer:
         # "kernels or not" is decided here, once (``forms.training_ops`` logs which and why), and is
         # part of the run's fingerprint: the forms agree to float rounding only, so a resume on a
         # machine with the other form would not replay the same run
-        dtype = compute_dtype_for(read_config(Path(args.model))) if args.dtype == "auto" else args.dtype
+        base_cfg = read_config(Path(args.model))
+        dtype = compute_dtype_for(base_cfg) if args.dtype == "auto" else args.dtype
         self.ops = training_ops(dtype)
-        self.model = model = load_model(args.model, dtype, ops=self.ops)
+        # LoRA's frozen base stays in its own precision (QLoRA-like: bf16 as stored, or int8), its
+        # adapters and their optimiser state fp32; full fine-tuning trains fp32 master weights. The
+        # precision is the run's: recorded and checked on resume like the form.
+        self.base = base_precision(base_cfg, args.quantize_method)
+        if args.mode == "lora" and self.base != "float32":
+            self.model = model = load_frozen_base(args.model, self.ops, args.quantize_method, dtype)
+        else:
+            self.model = model = load_model(args.model, dtype, ops=self.ops)
         cfg = self.config = model.config
         if self.seq > cfg.max_position_embeddings:
             raise ValueError(f"dataset rows of {self.seq} tokens exceed the model's {cfg.max_position_embeddings} positions")
@@ -160,7 +169,12 @@ class Trainer:
                 raise ValueError(f"{self.work_dir} holds a checkpoint of a run trained on {trainer['form']}, and this "
                                  f"machine trains on {self.ops.name}: resuming would not replay the same run (the "
                                  "forms agree to float rounding only); resume where it ran, or use a fresh work folder")
-            if trainer.get("fingerprint") != _fingerprint(args, self.total, self.ops.name):
+            if trainer.get("base", self.base) != self.base:
+                raise ValueError(f"{self.work_dir} holds a checkpoint of a run whose base precision was "
+                                 f"{trainer['base']}, and this run's is {self.base} (quantize {args.quantize}): "
+                                 "resuming would not replay the same run; resume with the same base and quantize, "
+                                 "or use a fresh work folder")
+            if trainer.get("fingerprint") != _fingerprint(args, self.total, self.ops.name, self.base):
                 raise ValueError(f"{self.work_dir} holds a checkpoint of a different run (other data, model or "
                                  "settings); use a fresh work folder")
             self.step, self.history = trainer["step"], trainer["history"]
@@ -182,7 +196,8 @@ class Trainer:
         if self.rank == 0:
             trainer = {"step": self.step, "total": self.total, "micro_batches": self.step * self.args.grad_accum,
                        "epoch": self.step * self.args.grad_accum * self.global_batch / self.n_train,
-                       "fingerprint": _fingerprint(self.args, self.total, self.ops.name), "form": self.ops.name,
+                       "fingerprint": _fingerprint(self.args, self.total, self.ops.name, self.base),
+                       "form": self.ops.name, "base": self.base,
                        "history": self.history}
             save_checkpoint(self.work_dir, self.step, self.params, trainer, self.args.keep_last)
 
@@ -267,7 +282,8 @@ class Trainer:
             return self.out
         args, stage = self.args, self.work_dir / "output"
         h = self.history
-        summary = {"args": args.to_dict(), "steps": self.total, "base_model": str(args.model), "data": str(args.data),
+        summary = {"args": args.to_dict(), "steps": self.total, "base_model": str(args.model),
+                   "base_precision": self.base, "form": self.ops.name, "data": str(args.data),
                    "final_loss": h[-1]["loss"] if h else None,
                    "eval_loss": next((r["eval_loss"] for r in reversed(h) if "eval_loss" in r), None)}
         extra = {"training.json": json.dumps(summary, indent=2) + "\n",
@@ -300,8 +316,10 @@ def finetune(args: TrainArgs, work_dir: str | Path, progress: Callable[[dict], N
     return trainer.save()
 
 
-def _fingerprint(args: TrainArgs, total: int, form: str) -> str:
+def _fingerprint(args: TrainArgs, total: int, form: str, base: str) -> str:
     """What must not change between a run and its resume (the output path and overwrite may): the
-    arguments, the steps, and the execution form (``forms``: the training kernels or MindSpore's ops)."""
+    arguments, the steps, the execution form (``forms``: the training kernels or MindSpore's ops)
+    and the base's precision (``quantize.base_precision``: a folder replaced by its bf16 or int8
+    conversion is another run)."""
     keep = {k: v for k, v in args.to_dict().items() if k not in ("out", "overwrite")}
-    return f"{zlib.crc32(json.dumps(keep, sort_keys=True).encode()):08x}-{total}-{form}"
+    return f"{zlib.crc32(json.dumps(keep, sort_keys=True).encode()):08x}-{total}-{base}-{form}"

@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 
 from .config import DTYPES
 from .lora import AdapterSpec, parse_targets
+from .quantize import METHODS
 
 DTYPE_CHOICES = ("auto", *DTYPES)
+QUANTIZE_CHOICES = ("none", *METHODS)
 
 
 def _hyper(default, help: str):
@@ -49,6 +51,8 @@ class TrainArgs:
     lora_targets: str = _hyper("wq|wk|wv|wo", "regex or comma list over wq wk wv wo w1 w2 w3")
     dtype: str = _hyper("auto", f"compute dtype: {', '.join(DTYPE_CHOICES)} (auto = the model's; fp32 on CPU)")
     loss_scale: float | str = _hyper("auto", "auto (dynamic for float16), dynamic, or a fixed number (1 = off)")
+    quantize: str = _hyper("none", "LoRA: hold the frozen base's linears as int8 with per-row scales (none: in the "
+                                   "checkpoint's precision, bf16 stays bf16); full fine-tuning takes none")
     recompute: bool = _hyper(False, "recompute each layer's activations in the backward pass: less memory, "
                                     "~1/3 more compute")
     overwrite: bool = False  # replace an existing output folder
@@ -87,6 +91,10 @@ class TrainArgs:
         need(_num(a.grad_clip) and a.grad_clip >= 0, f"grad_clip must be >= 0, got {a.grad_clip!r}")
         need(_num(a.eval_ratio) and 0 <= a.eval_ratio < 0.5, f"eval_ratio must be in [0, 0.5), got {a.eval_ratio!r}")
         need(a.dtype in DTYPE_CHOICES, f"dtype must be one of {DTYPE_CHOICES}, got {a.dtype!r}")
+        need(a.quantize in QUANTIZE_CHOICES, f"quantize must be one of {QUANTIZE_CHOICES}, got {a.quantize!r}")
+        need(a.mode == "lora" or a.quantize == "none",
+             f"quantize {a.quantize} applies to LoRA fine-tuning only: full fine-tuning trains fp32 master weights "
+             "(fine-tune with LoRA, or quantize none)")
         need(isinstance(a.recompute, bool), f"recompute must be true or false, got {a.recompute!r}")
         need(a.loss_scale in ("auto", "dynamic") or (_num(a.loss_scale) and a.loss_scale >= 1),
              f"loss_scale must be 'auto', 'dynamic' or a number >= 1, got {a.loss_scale!r}")
@@ -96,6 +104,11 @@ class TrainArgs:
             need(_num(a.lora_dropout) and 0 <= a.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {a.lora_dropout!r}")
             parse_targets(a.lora_targets)
         return a
+
+    @property
+    def quantize_method(self) -> str | None:
+        """``quantize`` as the loaders take it: None for none."""
+        return None if self.quantize == "none" else self.quantize
 
     def adapter_spec(self) -> AdapterSpec:
         return AdapterSpec(rank=self.lora_rank, alpha=float(self.lora_alpha), dropout=float(self.lora_dropout),

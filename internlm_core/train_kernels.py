@@ -56,6 +56,59 @@ def train_linear_op(bias: bool, trains: bool):
 
 
 @functools.cache
+def frozen_linear_op(bias: bool, quantized: bool):
+    """y (..., N) = x (..., K) @ W^T (+ b) for a frozen weight W (N, K) held in its stored precision
+    (bf16, fp16; fp32 too) or, ``quantized``, as int8 with per-row scales (N,) fp32: inputs (x, w[,
+    scale][, b]). LoRA's base (QLoRA-like): W is widened a block at a time inside the kernel, never
+    whole. Backward: dx = dy W the same way; nothing for W, its scales or the bias, which do not
+    train (zeros that nothing reads, which the graph compiler drops)."""
+    from mindspore import ops
+
+    variant = f"{'bias' if bias else 'no bias'}, {'int8' if quantized else 'stored'}"
+    if quantized:
+        grad_x = kernels._op("FrozenLinearGradX", lambda dy, w, s: dy[:-1] + [w[1]], lambda dy, w, s: dy,
+                             variant=variant, training=True)
+        if bias:
+            def bprop(x, w, s, b, out, dout):
+                return grad_x(dout, w, s), ops.zeros_like(w), ops.zeros_like(s), ops.zeros_like(b)
+
+            return kernels._op("FrozenLinear", lambda x, w, s, b: x[:-1] + [w[0]], lambda x, w, s, b: x, bprop,
+                               variant, training=True)
+
+        def bprop(x, w, s, out, dout):
+            return grad_x(dout, w, s), ops.zeros_like(w), ops.zeros_like(s)
+
+        return kernels._op("FrozenLinear", lambda x, w, s: x[:-1] + [w[0]], lambda x, w, s: x, bprop, variant,
+                           training=True)
+    grad_x = kernels._op("FrozenLinearGradX", lambda dy, w: dy[:-1] + [w[1]], lambda dy, w: dy, variant=variant,
+                         training=True)
+    if bias:
+        def bprop(x, w, b, out, dout):
+            return grad_x(dout, w), ops.zeros_like(w), ops.zeros_like(b)
+
+        return kernels._op("FrozenLinear", lambda x, w, b: x[:-1] + [w[0]], lambda x, w, b: x, bprop, variant,
+                           training=True)
+
+    def bprop(x, w, out, dout):
+        return grad_x(dout, w), ops.zeros_like(w)
+
+    return kernels._op("FrozenLinear", lambda x, w: x[:-1] + [w[0]], lambda x, w: x, bprop, variant, training=True)
+
+
+@functools.cache
+def frozen_embedding_op():
+    """The serving ``embedding_op`` (rows of a bf16, fp16 or fp32 table widened to fp32) with a
+    backward pass for a table that does not train (LoRA's base): nothing flows into it."""
+    import mindspore as ms
+    from mindspore import ops
+
+    def bprop(ids, table, out, dout):
+        return ops.zeros_like(ids), ops.zeros_like(table)
+
+    return kernels._op("Embedding", lambda ids, t: ids + [t[1]], lambda ids, t: ms.float32, bprop, "frozen")
+
+
+@functools.cache
 def causal_attention_op():
     """(out (B, T, H*D), lse (B, H, T)) from the projections q (B, T, H*D), k, v (B, T, Hkv*D) and the
     rotary tables cos, sin (B, 1, T, D): q and k rotated, causal softmax(q k^T / sqrt(D)) v per head

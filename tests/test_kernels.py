@@ -12,7 +12,7 @@ from mindspore import Parameter, Tensor, nn
 
 from internlm_core import kernels, train_kernels
 from internlm_core.checkpoint import bf16_to_f32, f32_to_bf16
-from internlm_core.quantize import quantize_int8
+from internlm_core.quantize import dequantize_int8, quantize_int8
 
 # A developer's machine without a compiler skips these; CI (CI set, as .ci/run sets it) must not:
 # setup.sh installs g++, and a library that does not build there is a failure.
@@ -467,6 +467,65 @@ def test_training_linear_and_its_gradients_equal_numpy(bias, lead, n, k):
             assert work["weight_grad"] == 2 * m * n * k
         else:
             assert work["weight_grad"] == 0
+
+
+def held(w: np.ndarray, dtype: str):
+    """(the arrays a frozen base holds for ``w`` as ``dtype``: the weight, and int8's scales or None;
+    the values they stand for, in float64)."""
+    if dtype == "int8":
+        q, scale = quantize_int8(w)
+        return q, scale, dequantize_int8(q, scale).astype(np.float64)
+    arr, w64 = stored(w, dtype)
+    return arr, None, w64
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8", "float16", "float32"])
+@pytest.mark.parametrize("rows", list(range(1, 18)) + [(3, 40)])
+def test_frozen_linear_and_its_input_gradient_equal_numpy_at_every_row_count(dtype, rows):
+    """LoRA's frozen base held as stored (bf16, fp16) or int8 with per-row scales: y = x W^T + b and
+    dx = dy W at every row count 1..17, an odd K (the widening's scalar tail), N not a multiple of 16,
+    against float64 on the values the weight stands for; no gradient for W, its scales or b."""
+    rng = np.random.default_rng(17 * (rows if isinstance(rows, int) else 99))
+    lead = (rows,) if isinstance(rows, int) else rows
+    _frozen_case(rng, dtype, lead, n=45, k=37, bias=isinstance(rows, tuple) or rows % 2 == 1)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+@pytest.mark.parametrize("lead,n,k,bias", [((5,), 16, 64, False), ((2, 33), 320, 300, True),
+                                           ((3, 40), 4200, 300, False), ((7,), 1300, 1030, True)])
+def test_frozen_linear_blocks_and_threads(dtype, lead, n, k, bias):
+    """Shapes past one widened block (2^20 floats): K over 256 (dx's column slices, with a remainder),
+    N over a block of rows (4200 x 300: the forward's 3495-row and dx's 4096-row blocks, each with a
+    remainder; 1300 x 1030: the forward's 1018-row blocks), the threaded path."""
+    _frozen_case(np.random.default_rng(n + k), dtype, lead, n, k, bias)
+
+
+def _frozen_case(rng, dtype, lead, n, k, bias):
+    w, scale, w64 = held(rng.normal(size=(n, k)).astype(np.float32) * rng.uniform(0.1, 3, size=(n, 1)).astype(
+        np.float32), dtype)
+    b = rng.normal(size=n).astype(np.float32)
+    x = rng.normal(size=lead + (k,)).astype(np.float32)
+    dy = rng.normal(size=lead + (n,)).astype(np.float32)
+    params = [Parameter(kernels.to_tensor(w, dtype), name="w", requires_grad=False)]
+    if scale is not None:
+        params.append(Parameter(Tensor(scale), name="s", requires_grad=False))
+    if bias:
+        params.append(Parameter(Tensor(b), name="b", requires_grad=False))
+    net = _Probe(train_kernels.frozen_linear_op(bias, scale is not None), *params)
+    before = train_kernels.gemm_flops()
+    value, dx = _Grads(net, 0)(Tensor(x), Tensor(dy))
+    value, dx = value.asnumpy(), dx.asnumpy()
+    work = {kind: train_kernels.gemm_flops()[kind] - before[kind] for kind in before}  # counted once the graph ran
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    y = x64 @ w64.T + (b if bias else 0)
+    tol = dict(rtol=1e-5, atol=1e-5 * np.sqrt(max(k, n)) * np.abs(w64).max())
+    assert float(value) == pytest.approx(float((y * dy64).sum()), rel=1e-5, abs=1e-3)
+    assert dx.shape == lead + (k,)
+    np.testing.assert_allclose(dx, dy64 @ w64, **tol)
+    m = x.size // k
+    assert work == {"forward": 2 * m * n * k, "input_grad": 2 * m * n * k, "weight_grad": 0}
+    fwd = train_kernels.frozen_linear_op(bias, scale is not None)(Tensor(x), *params).asnumpy()
+    np.testing.assert_allclose(fwd, y, **tol)
 
 
 @pytest.mark.parametrize("shape", [(1, 64), (2, 37), (3, 5, 160), (700, 96)])  # a scalar tail; threads

@@ -114,7 +114,7 @@ def test_what_a_fine_tune_or_a_conversion_holds_at_least():
     """A full fine-tune: 16 bytes a parameter (fp32 master weights, gradients, AdamW's two moments)
     plus the runtime; LoRA: the base as computed; a conversion: its largest tensor three times as fp32."""
     from internlm_core.errors import TooLarge
-    from internlm_core.memory import conversion_bytes, require_fits, training_bytes
+    from internlm_core.memory import conversion_bytes, require_fits, training_bytes, weight_bytes
 
     cfg = Config.from_name("internlm-7b")
     n = cfg.num_parameters()
@@ -122,6 +122,12 @@ def test_what_a_fine_tune_or_a_conversion_holds_at_least():
     assert training_bytes(cfg, "full", "bfloat16") == 16 * n + RUNTIME_BYTES  # half copy + half grads: the same
     assert training_bytes(cfg, "lora") == 4 * n + RUNTIME_BYTES
     assert training_bytes(cfg, "lora", "bfloat16") == 2 * n + RUNTIME_BYTES
+    # LoRA's frozen base held in its own precision on the training kernels: a bf16 folder's as bf16,
+    # int8 (quantize) as its linears' bytes and scales (the rest bf16)
+    bf16 = cfg.replace(dtype="bfloat16")
+    assert training_bytes(bf16, "lora") == 2 * n + RUNTIME_BYTES
+    assert training_bytes(bf16, "lora", quantize="int8") == weight_bytes(bf16, "int8") + RUNTIME_BYTES < 1.2 * n
+    assert training_bytes(bf16, "full", quantize=None) == 16 * n + RUNTIME_BYTES
     assert conversion_bytes(cfg) == 103168 * 4096 * 4 * 3  # the embedding (and the head)
     require_fits("x", 10 * GIB, None)  # unknown: passes
     require_fits("x", 10 * GIB, 10 * GIB)

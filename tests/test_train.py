@@ -207,6 +207,7 @@ def test_the_training_form_is_recorded_and_a_resume_on_the_other_is_refused(tmp_
     (dict(mode="lora", lora_rank=0), "lora_rank"), (dict(mode="lora", lora_targets="q_proj"), "match none"),
     (dict(mode="lora", lora_dropout=1.0), "lora_dropout"), (dict(loss_scale=0.5), "loss_scale"),
     (dict(epochs=0), "epochs"), (dict(keep_last=0), "keep_last"), (dict(recompute="yes"), "recompute"),
+    (dict(mode="lora", quantize="int4"), "quantize"), (dict(quantize="int8"), "quantize int8 applies to LoRA"),
 ])
 def test_bad_arguments_are_rejected(change, message):
     with pytest.raises(ValueError, match=message):

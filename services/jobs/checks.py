@@ -149,7 +149,7 @@ def check_finetune(req: dict, store: Store) -> str:
     cfg = Config.from_name(req["preset"]) if req.get("preset") else read_config(base)
     dtype = "float32" if args.dtype == "auto" else args.dtype  # auto: fp32 on CPU
     require_fits(f"a {args.mode} fine-tune of {cfg.name} ({cfg.num_parameters() / 1e9:.2f}B parameters)",
-                 training_bytes(cfg, args.mode, dtype), available_memory())
+                 training_bytes(cfg, args.mode, dtype, args.quantize_method), available_memory())
     return out
 
 

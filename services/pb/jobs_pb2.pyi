@@ -70,7 +70,7 @@ class PreprocessJob(_message.Message):
     def __init__(self, source: _Optional[str] = ..., output: _Optional[str] = ..., format: _Optional[str] = ..., seq_length: _Optional[int] = ..., pack: _Optional[bool] = ..., min_length: _Optional[int] = ..., tokenizer: _Optional[str] = ..., overwrite: _Optional[bool] = ...) -> None: ...
 
 class FinetuneJob(_message.Message):
-    __slots__ = ("base_model", "preset", "dataset", "output", "method", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "learning_rate", "min_lr_ratio", "warmup_ratio", "max_steps", "epochs", "batch_size", "grad_accum", "weight_decay", "grad_clip", "save_every", "keep_last", "eval_every", "eval_ratio", "seed", "dtype", "overwrite", "loss_scale", "recompute")
+    __slots__ = ("base_model", "preset", "dataset", "output", "method", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "learning_rate", "min_lr_ratio", "warmup_ratio", "max_steps", "epochs", "batch_size", "grad_accum", "weight_decay", "grad_clip", "save_every", "keep_last", "eval_every", "eval_ratio", "seed", "dtype", "overwrite", "loss_scale", "recompute", "quantize")
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     PRESET_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,7 @@ class FinetuneJob(_message.Message):
     OVERWRITE_FIELD_NUMBER: _ClassVar[int]
     LOSS_SCALE_FIELD_NUMBER: _ClassVar[int]
     RECOMPUTE_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZE_FIELD_NUMBER: _ClassVar[int]
     base_model: str
     preset: str
     dataset: str
@@ -125,7 +126,8 @@ class FinetuneJob(_message.Message):
     overwrite: bool
     loss_scale: str
     recompute: bool
-    def __init__(self, base_model: _Optional[str] = ..., preset: _Optional[str] = ..., dataset: _Optional[str] = ..., output: _Optional[str] = ..., method: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., lora_targets: _Optional[str] = ..., learning_rate: _Optional[float] = ..., min_lr_ratio: _Optional[float] = ..., warmup_ratio: _Optional[float] = ..., max_steps: _Optional[int] = ..., epochs: _Optional[float] = ..., batch_size: _Optional[int] = ..., grad_accum: _Optional[int] = ..., weight_decay: _Optional[float] = ..., grad_clip: _Optional[float] = ..., save_every: _Optional[int] = ..., keep_last: _Optional[int] = ..., eval_every: _Optional[int] = ..., eval_ratio: _Optional[float] = ..., seed: _Optional[int] = ..., dtype: _Optional[str] = ..., overwrite: _Optional[bool] = ..., loss_scale: _Optional[str] = ..., recompute: _Optional[bool] = ...) -> None: ...
+    quantize: str
+    def __init__(self, base_model: _Optional[str] = ..., preset: _Optional[str] = ..., dataset: _Optional[str] = ..., output: _Optional[str] = ..., method: _Optional[str] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., lora_targets: _Optional[str] = ..., learning_rate: _Optional[float] = ..., min_lr_ratio: _Optional[float] = ..., warmup_ratio: _Optional[float] = ..., max_steps: _Optional[int] = ..., epochs: _Optional[float] = ..., batch_size: _Optional[int] = ..., grad_accum: _Optional[int] = ..., weight_decay: _Optional[float] = ..., grad_clip: _Optional[float] = ..., save_every: _Optional[int] = ..., keep_last: _Optional[int] = ..., eval_every: _Optional[int] = ..., eval_ratio: _Optional[float] = ..., seed: _Optional[int] = ..., dtype: _Optional[str] = ..., overwrite: _Optional[bool] = ..., loss_scale: _Optional[str] = ..., recompute: _Optional[bool] = ..., quantize: _Optional[str] = ...) -> None: ...
 
 class ExportJob(_message.Message):
     __slots__ = ("model", "output", "max_batch", "max_len", "dynamic", "overwrite")
