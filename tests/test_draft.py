@@ -14,7 +14,7 @@ from internlm_core.generation import SamplingParams
 from internlm_core.model import InternLMForCausalLM, init_weights
 from internlm_core.tokenizer import AddedToken, Tokenizer
 from tests.helpers import DATA, TOKENIZER_MODEL, random_ids
-from tests.test_speculative import Counts, repetitive, serve, slot_rows
+from tests.test_speculative import Counts, repetitive, seeded_requests, serve, slot_rows
 
 
 def random_model(cfg, seed, std):
@@ -162,11 +162,7 @@ def test_seeded_sampling_with_a_draft_is_plain_sampling(target, drafts):
     """A seeded sampled request gives the tokens it gives without speculation (one draw a token
     either way), with penalties and top-k/p."""
     engine = Engine(target, max_batch=2, max_len=96)
-    params = [SamplingParams(max_new_tokens=40, temperature=0.05, seed=s, ignore_eos=True, logprobs=True)
-              for s in (1, 2)]
-    params.append(SamplingParams(max_new_tokens=40, temperature=0.3, top_k=5, top_p=0.9, repetition_penalty=1.1,
-                                 presence_penalty=0.2, seed=3, ignore_eos=True))
-    requests = [(random_ids(8, 512, seed=i), sp, None) for i, sp in enumerate(params)]
+    requests = seeded_requests()
     plain, _ = serve(engine, requests, "off")
     draft = Engine(drafts["near"], max_batch=2, max_len=96)
     spec, counts = serve(engine, requests, "draft", draft=draft)

@@ -299,15 +299,20 @@ def test_speculative_greedy_is_plain_greedy_in_a_crowd(tmp_path, tiny_config):
     assert counts.reused > 0
 
 
-def test_speculative_sampling_is_plain_sampling_under_a_seed(model):
-    """A seeded sampled request gives the tokens it gives without speculation (so it repeats
-    exactly, and a failover's resume stays right), with penalties, top-k/p and a repeated run."""
-    engine = Engine(model, max_batch=2, max_len=96)
+def seeded_requests():
+    """Seeded sampled requests: two near greedy with logprobs, one with top-k/p and penalties."""
     params = [SamplingParams(max_new_tokens=40, temperature=0.05, seed=s, ignore_eos=True, logprobs=True)
               for s in (1, 2)]
     params.append(SamplingParams(max_new_tokens=40, temperature=0.3, top_k=5, top_p=0.9, repetition_penalty=1.1,
                                  presence_penalty=0.2, seed=3, ignore_eos=True))
-    requests = [(random_ids(8, 512, seed=i), sp, None) for i, sp in enumerate(params)]
+    return [(random_ids(8, 512, seed=i), sp, None) for i, sp in enumerate(params)]
+
+
+def test_speculative_sampling_is_plain_sampling_under_a_seed(model):
+    """A seeded sampled request gives the tokens it gives without speculation (so it repeats
+    exactly, and a failover's resume stays right), with penalties, top-k/p and a repeated run."""
+    engine = Engine(model, max_batch=2, max_len=96)
+    requests = seeded_requests()
     plain, _ = serve(engine, requests, "off")
     spec, counts = serve(engine, requests, "ngram")
     again, _ = serve(engine, requests, "ngram")
