@@ -309,7 +309,6 @@ def test_the_cpu_kernels_serve_the_tokens_of_mindspores_own_ops(tiny_config):
     traffic through the batcher: short and long prompts (chunked, past the smallest bucket)
     joining and leaving at different times, and prefix-cache hits; the kernels with their default
     fp16 KV cache and with an fp32 one (MindSpore's ops hold fp32) give the same tokens too."""
-    import internlm_core.engine as engine_mod
     from internlm_core.model import InternLMForCausalLM, init_weights
 
     cfg = tiny_config.replace(max_position_embeddings=256)
