@@ -94,13 +94,14 @@ def test_preprocess_then_finetune_survives_kill9(jobs_api, jobs_settings, worker
 def test_sigterm_puts_the_running_job_back_to_resume(jobs_api, jobs_settings, workers, trainer_store,
                                                       alpaca_dataset):
     """A worker asked to stop (SIGTERM: a deploy, a scale-down) checkpoints, puts its job back in the
-    queue and exits; the next worker resumes it."""
+    queue and exits; the next worker resumes it. The job's LoRA holds its base in int8 (the job's
+    ``quantize``): its checkpoint records that precision, and the resume, which must match it, goes on."""
     import shutil
 
     stub, _ = jobs_api
     shutil.copytree(alpaca_dataset, Path(jobs_settings.store_root) / "datasets" / "alpaca")
     a = workers("finetune")
-    job = stub.SubmitJob(finetune_request(max_steps=100000, save_every=1000))  # only the stop checkpoints
+    job = stub.SubmitJob(finetune_request(max_steps=100000, save_every=1000, quantize="int8"))  # only the stop checkpoints
     wait_for(lambda: stub.GetJob(jobs_pb2.GetJobRequest(id=job.id)).progress.step >= 4, timeout=300,
              what="training reached step 4")
     a.proc.terminate()
@@ -108,6 +109,8 @@ def test_sigterm_puts_the_running_job_back_to_resume(jobs_api, jobs_settings, wo
     stopped = stub.GetJob(jobs_pb2.GetJobRequest(id=job.id))
     assert stopped.state == S.JOB_STATE_QUEUED and "re-queued" in stopped.message
     at = stopped.progress.step
+    [saved] = list((Path(jobs_settings.store_root) / "jobs").rglob("trainer.json"))
+    assert json.loads(saved.read_text())["base"] == "int8"
     workers("finetune")
     wait_for(lambda: stub.GetJob(jobs_pb2.GetJobRequest(id=job.id)).message.startswith("resuming from"),
              timeout=300, what="the new worker resumed the job")
