@@ -101,7 +101,8 @@ def test_sigterm_puts_the_running_job_back_to_resume(jobs_api, jobs_settings, wo
     stub, _ = jobs_api
     shutil.copytree(alpaca_dataset, Path(jobs_settings.store_root) / "datasets" / "alpaca")
     a = workers("finetune")
-    job = stub.SubmitJob(finetune_request(max_steps=100000, save_every=1000, quantize="int8"))  # only the stop checkpoints
+    # only the stop checkpoints (save_every past the run)
+    job = stub.SubmitJob(finetune_request(max_steps=100000, save_every=1000, quantize="int8"))
     wait_for(lambda: stub.GetJob(jobs_pb2.GetJobRequest(id=job.id)).progress.step >= 4, timeout=300,
              what="training reached step 4")
     a.proc.terminate()
