@@ -114,34 +114,52 @@ def run_torch(mode: str, steps: int, batch: int, seq: int, lr: float) -> dict:
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
         max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps, attention_bias=True,
         tie_word_embeddings=False, attn_implementation="sdpa"))
-    model.train()
     if mode == "lora":
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for layer in model.model.layers:
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                setattr(layer.self_attn, name, TorchLoRA(getattr(layer.self_attn, name), **LORA))
-        decay = [p for p in model.parameters() if p.requires_grad]
-        groups = [{"params": decay, "weight_decay": 0.01}]
+        groups = [{"params": torch_lora(model, **LORA), "weight_decay": 0.01}]
     else:
         params = list(model.parameters())
         groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
-    rows = torch.from_numpy(data_rows(batch * (steps + 1), seq, cfg.vocab_size)).long()
-    stamps, losses = [], []
-    for step in range(steps + 1):
-        x = rows[step * batch:(step + 1) * batch]
-        logits = model(input_ids=x[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
-        stamps.append(time.perf_counter())
+    rows = data_rows(batch * (steps + 1), seq, cfg.vocab_size)
+    batches = [(x[:, :-1], x[:, 1:]) for x in (rows[s * batch:(s + 1) * batch] for s in range(steps + 1))]
+    stamps, losses = torch_fit(model, groups, batches, [lr] * len(batches))
     return {"tokens_per_s": batch * seq * (len(stamps) - 1) / (stamps[-1] - stamps[0]), "losses": losses,
             "peak_rss_mb": peak_rss_mb()}
+
+
+def torch_lora(model, rank: int, alpha: float, dropout: float) -> list:
+    """Freeze an HF Llama ``model`` and wrap q/k/v/o of every layer in a LoRA of its own (the
+    trainer's default targets); the adapters' parameters, the only ones trained."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in model.model.layers:
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(layer.self_attn, name, TorchLoRA(getattr(layer.self_attn, name), rank, alpha, dropout))
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def torch_fit(model, groups: list[dict], batches: list, lrs: list[float], clip: float = 1.0) -> tuple[list, list]:
+    """One ``torch.optim.AdamW`` step (global-norm clip ``clip``, learning rate ``lrs[i]``) per
+    (input ids, labels) batch of numpy arrays, labels -100 where not trained, in train mode;
+    (the time after each step, each step's loss)."""
+    import torch
+
+    model.train()
+    opt = torch.optim.AdamW(groups, lr=lrs[0], betas=(0.9, 0.999), eps=1e-8)
+    stamps, losses = [], []
+    for (ids, labels), lr in zip(batches, lrs):
+        for g in opt.param_groups:
+            g["lr"] = lr
+        logits = model(input_ids=torch.from_numpy(ids).long()).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                 torch.from_numpy(labels).long().reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        stamps.append(time.perf_counter())
+    return stamps, losses
 
 
 def TorchLoRA(base, rank: int, alpha: float, dropout: float):
@@ -157,7 +175,10 @@ def TorchLoRA(base, rank: int, alpha: float, dropout: float):
             self.scaling = alpha / rank
 
         def forward(self, x):
-            return self.base(x) + (self.drop(x) @ self.lora_a.T @ self.lora_b.T) * self.scaling
+            # The adapters are fp32 whatever the base: on a bf16 base the input is bf16, taken to
+            # fp32 for the adapter and its update back to the base's output dtype (as PEFT does)
+            update = self.drop(x).to(self.lora_a.dtype) @ self.lora_a.T @ self.lora_b.T
+            return self.base(x) + (update * self.scaling).to(x.dtype)
 
     return LoRALinear()
 
