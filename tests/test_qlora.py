@@ -160,12 +160,18 @@ def test_lora_on_a_bf16_folder_trains_saves_and_serves(folders, tmp_path, quanti
     assert any(greedy(served, p, 1) != greedy(base, p) for p in prompts)  # the adapter matters
 
 
-def test_a_held_base_resumes_exactly_and_another_precision_is_refused_by_name(folders, tmp_path):
-    """LoRA on the bf16 folder quantised to int8 at load, with dropout and gradient accumulation:
-    interrupted and resumed, it replays the uninterrupted run's losses and leaves its adapter bit for
-    bit; resuming it with the base in another precision is refused, naming the precision."""
-    kw = dict(quantize="int8", grad_accum=2, batch_size=2, max_steps=8, save_every=3, keep_last=2, lora_dropout=0.1)
+@pytest.mark.parametrize("quantize,held,other,other_held", [("int8", "int8", "none", "bfloat16"),
+                                                          ("none", "bfloat16", "int8", "int8")],
+                         ids=["int8-base", "bf16-base"])
+def test_a_held_base_resumes_exactly_and_another_precision_is_refused_by_name(folders, tmp_path, quantize, held,
+                                                                              other, other_held):
+    """LoRA on the bf16 folder, its base held as bf16 or quantised to int8 at load, with dropout and
+    gradient accumulation: interrupted and resumed, it replays the uninterrupted run's losses and
+    leaves its adapter bit for bit; resuming it with the base in the other precision is refused,
+    naming both."""
+    kw = dict(quantize=quantize, grad_accum=2, batch_size=2, max_steps=8, save_every=3, keep_last=2, lora_dropout=0.1)
     straight = Trainer(args_for(folders["bf16"], folders["data"], tmp_path / "a", **kw), tmp_path / "wa")
+    assert straight.base == held
     history = straight.fit()
     straight.save()
 
@@ -174,8 +180,8 @@ def test_a_held_base_resumes_exactly_and_another_precision_is_refused_by_name(fo
         Trainer(args_for(folders["bf16"], folders["data"], tmp_path / "b", **kw), tmp_path / "wb").fit(
             cancel=lambda: calls.append(1) or len(calls) > 10)  # polled twice a step: stop after step 5
     shutil.rmtree(latest_checkpoint(tmp_path / "wb"))  # resume from the periodic one (step 3): replay 4..
-    with pytest.raises(ValueError, match="base precision was int8, and this run's is bfloat16"):
-        Trainer(args_for(folders["bf16"], folders["data"], tmp_path / "b", **{**kw, "quantize": "none"}),
+    with pytest.raises(ValueError, match=f"base precision was {held}, and this run's is {other_held}"):
+        Trainer(args_for(folders["bf16"], folders["data"], tmp_path / "b", **{**kw, "quantize": other}),
                 tmp_path / "wb")
     resumed = Trainer(args_for(folders["bf16"], folders["data"], tmp_path / "b", **kw), tmp_path / "wb")
     assert resumed.step == 3
