@@ -4,7 +4,6 @@ model's holding the same values; a run trains, saves an adapter that serves, res
 records the base's precision (a resume on another refused by name)."""
 import json
 import shutil
-import sys
 
 import mindspore as ms
 import numpy as np
@@ -195,11 +194,11 @@ def test_a_held_base_resumes_exactly_and_another_precision_is_refused_by_name(fo
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_the_bench_pytorch_reference_starts_from_our_loss(folders, tmp_path):
+def test_the_bench_pytorch_reference_starts_from_our_loss(folders, tmp_path, monkeypatch):
     """bench/qlora_bench.py's PyTorch case (HF's Llama holding the bf16 folder's tensors in bf16, fp32
     LoRA adapters) on the batches our trainer draws: its first loss, the frozen base's (the adapters'
     B is zero), equals ours within bf16 rounding (its activations are bf16, ours fp32)."""
-    sys.path.insert(0, str(REPO / "bench"))
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
     from qlora_bench import torch_lora_run, trainer_batches
 
     args = args_for(folders["bf16"], folders["data"], tmp_path / "o", max_steps=2, lora_targets="wq|wk|wv|wo")
