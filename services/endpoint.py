@@ -110,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="address of the Prometheus metrics port ($INTERNLM_METRICS_HOST; default loopback: "
                          "from outside, GET /metrics on the HTTP port, behind the API key)")
     ap.add_argument("--redis-url", default=env_default("INTERNLM_REDIS_URL", "redis://127.0.0.1:6379/0"))
-    ap.add_argument("--tokenizer-address", default=env_default("INTERNLM_TOKENIZER_ADDRESS", "127.0.0.1:50052"))
+    ap.add_argument("--tokenizer-address", default=env_default("INTERNLM_TOKENIZER_ADDRESS", "127.0.0.1:50052"),
+                    help="the tokenizer service, for Tokenizer calls that name no model (those naming a model go "
+                         "to its workers) ($INTERNLM_TOKENIZER_ADDRESS)")
     ap.add_argument("--store", default=env_default("INTERNLM_STORE", ""), help="the jobs' model store root")
     ap.add_argument("--no-jobs", action="store_true", help="do not serve the Jobs API")
     ap.add_argument("--http-port", type=int, default=int(env_default("INTERNLM_HTTP_PORT", "0")),
