@@ -338,7 +338,7 @@ def serving_ops(dtype: str = "float32", kernels_wanted: bool = True):
 def training_ops(dtype: str = "float32"):
     """The training form for a model computing in ``dtype``: the training CPU kernels where they can
     run (float32 compute, both libraries built here), else MindSpore's ops, with the reason logged.
-    A fine-tune records the form's name in its fingerprint."""
+    A fine-tune records the form's name in its checkpoints."""
     if dtype != "float32":
         why = f"compute dtype {dtype} (the kernels compute in float32)"
     elif not train_kernels.available():

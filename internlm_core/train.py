@@ -27,6 +27,7 @@ alone writes checkpoints and outputs. See ``data_parallel_context``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -107,7 +108,7 @@ class Trainer:
         self.train_rows, self.eval_rows = split_eval(len(self.row_file), args.eval_ratio, args.seed)
         self.n_train, self.seq = len(self.train_rows), self.row_file.length - 1
         # "kernels or not" is decided here, once (``forms.training_ops`` logs which and why), and is
-        # part of the run's fingerprint: the forms agree to float rounding only, so a resume on a
+        # recorded in the run's checkpoints: the forms agree to float rounding only, so a resume on a
         # machine with the other form would not replay the same run
         base_cfg = read_config(Path(args.model))
         dtype = compute_dtype_for(base_cfg) if args.dtype == "auto" else args.dtype
@@ -165,19 +166,36 @@ class Trainer:
         ckpt = latest_checkpoint(self.work_dir)
         if ckpt is not None:
             trainer = load_checkpoint(ckpt, self.params)
-            if trainer.get("form", self.ops.name) != self.ops.name:
-                raise ValueError(f"{self.work_dir} holds a checkpoint of a run trained on {trainer['form']}, and this "
-                                 f"machine trains on {self.ops.name}: resuming would not replay the same run (the "
-                                 "forms agree to float rounding only); resume where it ran, or use a fresh work folder")
-            if trainer.get("base", self.base) != self.base:
-                raise ValueError(f"{self.work_dir} holds a checkpoint of a run whose base precision was "
-                                 f"{trainer['base']}, and this run's is {self.base} (quantize {args.quantize}): "
-                                 "resuming would not replay the same run; resume with the same base and quantize, "
-                                 "or use a fresh work folder")
-            if trainer.get("fingerprint") != _fingerprint(args, self.total, self.ops.name, self.base):
-                raise ValueError(f"{self.work_dir} holds a checkpoint of a different run (other data, model or "
-                                 "settings); use a fresh work folder")
+            self._check_same_run(trainer)
             self.step, self.history = trainer["step"], trainer["history"]
+
+    def _check_same_run(self, trainer: dict) -> None:
+        """Refuse a checkpoint of another run (ValueError naming what differs). A checkpoint written
+        before the form and the base precision were recorded implies the values its run had: the form
+        this machine picks (the code then chose it by the rule ``training_ops`` follows: the training
+        kernels at float32 compute where they are built, else MindSpore's ops; on MindSpore's ops its
+        LoRA dropout drew another mask than today's, the kernels' the same) and a base held in float32
+        (that code held every weight so; full fine-tuning still trains float32 weights, whatever the
+        folder's precision)."""
+        args = self.args
+        form = trainer.get("form", self.ops.name)
+        if form != self.ops.name:
+            raise ValueError(f"{self.work_dir} holds a checkpoint of a run trained on {form}, and this "
+                             f"machine trains on {self.ops.name}: resuming would not replay the same run (the "
+                             "forms agree to float rounding only); resume where it ran, or use a fresh work folder")
+        base = trainer.get("base", "float32" if args.mode == "lora" else self.base)
+        if base != self.base:
+            raise ValueError(f"{self.work_dir} holds a checkpoint of a run whose base precision was "
+                             f"{base}, and this run's is {self.base} (quantize {args.quantize}): "
+                             "resuming would not replay the same run; resume with the same base and quantize, "
+                             "or use a fresh work folder")
+        if not _same_run(trainer.get("fingerprint", ""), args, self.total):
+            # an argument added since, at another value than the checkpoint's run had: named
+            changed = [f"{name} {getattr(args, name)!r}, where its run had {old!r}"
+                       for name, old in ADDED_ARGS.items()
+                       if _same_run(trainer.get("fingerprint", ""), dataclasses.replace(args, **{name: old}), self.total)]
+            raise ValueError(f"{self.work_dir} holds a checkpoint of a different run "
+                             f"({', '.join(changed) or 'other data, model or settings'}); use a fresh work folder")
 
     # ---- pieces ----
     def _micro_batch(self, micro: int):
@@ -196,7 +214,7 @@ class Trainer:
         if self.rank == 0:
             trainer = {"step": self.step, "total": self.total, "micro_batches": self.step * self.args.grad_accum,
                        "epoch": self.step * self.args.grad_accum * self.global_batch / self.n_train,
-                       "fingerprint": _fingerprint(self.args, self.total, self.ops.name, self.base),
+                       "fingerprint": _fingerprint(self.args, self.total),
                        "form": self.ops.name, "base": self.base,
                        "history": self.history}
             save_checkpoint(self.work_dir, self.step, self.params, trainer, self.args.keep_last)
@@ -316,10 +334,27 @@ def finetune(args: TrainArgs, work_dir: str | Path, progress: Callable[[dict], N
     return trainer.save()
 
 
-def _fingerprint(args: TrainArgs, total: int, form: str, base: str) -> str:
+# TrainArgs fields added after checkpoints were written without them, in the order they were
+# added, each with the value every run before it had: such a field enters the fingerprint only at
+# another value, so a checkpoint written before it existed still resumes (and a run changing it is
+# refused, by name). A field added later goes at the end, with the value runs had without it.
+ADDED_ARGS = {"recompute": False, "quantize": "none"}
+
+
+def _fingerprint(args: TrainArgs, total: int, always: int = 0) -> str:
     """What must not change between a run and its resume (the output path and overwrite may): the
-    arguments, the steps, the execution form (``forms``: the training kernels or MindSpore's ops)
-    and the base's precision (``quantize.base_precision``: a folder replaced by its bf16 or int8
-    conversion is another run)."""
-    keep = {k: v for k, v in args.to_dict().items() if k not in ("out", "overwrite")}
-    return f"{zlib.crc32(json.dumps(keep, sort_keys=True).encode()):08x}-{total}-{base}-{form}"
+    arguments and the steps. ``always``: how many of ADDED_ARGS enter whatever their value, as the
+    code before this rule wrote them (it knew the first ``always`` of them). The execution form and
+    the base precision are recorded beside it and checked by name."""
+    optional = list(ADDED_ARGS)[always:]
+    keep = {k: v for k, v in args.to_dict().items()
+            if k not in ("out", "overwrite") and not (k in optional and v == ADDED_ARGS[k])}
+    return f"{zlib.crc32(json.dumps(keep, sort_keys=True).encode()):08x}-{total}"
+
+
+def _same_run(fingerprint: str, args: TrainArgs, total: int) -> bool:
+    """Whether a checkpoint's fingerprint is this run's, written by this code or by the code before
+    each field of ADDED_ARGS (which knew fewer of them and wrote them all); its "-form" or
+    "-base-form" tail, which the code between wrote, is checked apart, by name."""
+    written = "-".join(fingerprint.split("-", 2)[:2])
+    return any(written == _fingerprint(args, total, n) for n in range(len(ADDED_ARGS) + 1))

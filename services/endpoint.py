@@ -4,7 +4,8 @@ One address for clients, two doors onto one in-process gateway (``gateway.py``: 
 least-loaded live inference worker, generation with failover, model info, the jobs). The gRPC
 door, here: ``internlm.v1.Inference`` and ``internlm.v1.Endpoint`` (the workers) as calls of the
 gateway, the Jobs API when the jobs package is installed, and ``internlm.v1.Tokenizer`` passed
-through to the tokenizer service. Statuses from behind pass through as they are.
+through (as bytes) to the tokenizer service, or to a worker of the model a request names (the
+gateway's ``tokenizer_call``). Statuses from behind pass through as they are.
 
 With ``--http-port`` it also serves HTTP (``services/openai_api.py``): the OpenAI API, health,
 metrics and the web console, over the same gateway. ``--api-key`` (or INTERNLM_API_KEY; several,
@@ -22,7 +23,7 @@ from types import SimpleNamespace
 
 import grpc
 
-from services.auth import API_KEY_ENV, INTERNAL_TOKEN_ENV, TLS_CERT_ENV, TLS_KEY_ENV, parse_keys, tls_pair, with_bearer
+from services.auth import API_KEY_ENV, INTERNAL_TOKEN_ENV, TLS_CERT_ENV, TLS_KEY_ENV, parse_keys, tls_pair
 from services.gateway import Gateway, Router
 from services.pb_convert import join_chunks
 from services.pb import endpoint_pb2, endpoint_pb2_grpc, inference_pb2, inference_pb2_grpc, jobs_pb2, jobs_pb2_grpc, tokenizer_pb2
@@ -35,7 +36,8 @@ TOKENIZER = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"]
 ENDPOINT = endpoint_pb2.DESCRIPTOR.services_by_name["Endpoint"]
 JOBS = jobs_pb2.DESCRIPTOR.services_by_name["Jobs"]
 # Unary calls that can hold a thread long, counted with the streams (``StreamLimit``): generation,
-# and the tokenizer's, each waiting on the tokenizer service (a few threads) for megabytes of text.
+# and the tokenizer's, each waiting on the tokenizer service or a worker (a few threads) for
+# megabytes of text.
 HELD = [f"/{INFERENCE.full_name}/GenerateUnary", *(f"/{TOKENIZER.full_name}/{m.name}" for m in TOKENIZER.methods)]
 
 
@@ -77,17 +79,15 @@ class EndpointServicer(endpoint_pb2_grpc.EndpointServicer):
                                     max_batch=w.max_batch, requests_routed=w.routed) for w in self.gateway.workers()])
 
 
-def tokenizer_passthrough(channel: grpc.Channel) -> grpc.GenericRpcHandler:
-    """Every Tokenizer method forwarded as raw bytes to the tokenizer service (nothing re-parsed)."""
-    def forward(path):
-        upstream = channel.unary_unary(path)  # no (de)serializers: bytes in, bytes out
-
+def tokenizer_passthrough(gateway: Gateway) -> grpc.GenericRpcHandler:
+    """Every Tokenizer method, its request and response as bytes (no (de)serializers), through the
+    gateway, which sends it to the tokenizer service or to a worker of the model it names."""
+    def forward(method):
         def handler(request: bytes, context):
-            return upstream(request, timeout=_timeout(context) or 30)
+            return gateway.tokenizer_call(method, request, _timeout(context) or 30)
         return grpc.unary_unary_rpc_method_handler(handler)
 
-    return grpc.method_handlers_generic_handler(
-        TOKENIZER.full_name, {m.name: forward(f"/{TOKENIZER.full_name}/{m.name}") for m in TOKENIZER.methods})
+    return grpc.method_handlers_generic_handler(TOKENIZER.full_name, {m.name: forward(m.name) for m in TOKENIZER.methods})
 
 
 def jobs_api(redis_url: str, store: str | None):
@@ -110,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="address of the Prometheus metrics port ($INTERNLM_METRICS_HOST; default loopback: "
                          "from outside, GET /metrics on the HTTP port, behind the API key)")
     ap.add_argument("--redis-url", default=env_default("INTERNLM_REDIS_URL", "redis://127.0.0.1:6379/0"))
-    ap.add_argument("--tokenizer-address", default=env_default("INTERNLM_TOKENIZER_ADDRESS", "127.0.0.1:50052"))
+    ap.add_argument("--tokenizer-address", default=env_default("INTERNLM_TOKENIZER_ADDRESS", "127.0.0.1:50052"),
+                    help="the tokenizer service, for Tokenizer calls that name no model (those naming a model go "
+                         "to its workers) ($INTERNLM_TOKENIZER_ADDRESS)")
     ap.add_argument("--store", default=env_default("INTERNLM_STORE", ""), help="the jobs' model store root")
     ap.add_argument("--no-jobs", action="store_true", help="do not serve the Jobs API")
     ap.add_argument("--http-port", type=int, default=int(env_default("INTERNLM_HTTP_PORT", "0")),
@@ -149,11 +151,11 @@ def main(argv: list[str] | None = None) -> None:
                     keys=keys, tls=tls, streams=streams, held=HELD)
     token = args.internal_token or None
     jobs = None if args.no_jobs else jobs_api(args.redis_url, args.store or None)
-    gateway = Gateway(Router(args.redis_url, token=token).start(), keyed=bool(keys), jobs=jobs)
+    gateway = Gateway(Router(args.redis_url, token=token).start(), keyed=bool(keys), jobs=jobs,
+                      tokenizer=args.tokenizer_address)
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceDoor(gateway), server.grpc)
     endpoint_pb2_grpc.add_EndpointServicer_to_server(EndpointServicer(gateway), server.grpc)
-    tokenizer = with_bearer(grpc.insecure_channel(args.tokenizer_address), token)
-    server.grpc.add_generic_rpc_handlers([tokenizer_passthrough(tokenizer)])
+    server.grpc.add_generic_rpc_handlers([tokenizer_passthrough(gateway)])
     services = [INFERENCE.full_name, TOKENIZER.full_name, ENDPOINT.full_name]
     if jobs is not None:
         from services.jobs.api import JobsServicer

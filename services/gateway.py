@@ -1,15 +1,18 @@
 """The endpoint's gateway: everything its two doors serve, called in process.
 
-    gateway = Gateway(Router(redis_url, token=token).start(), keyed=bool(keys), jobs=Jobs(settings))
+    gateway = Gateway(Router(redis_url, token=token).start(), keyed=bool(keys), jobs=Jobs(settings),
+                      tokenizer="127.0.0.1:50052")
     stream = gateway.generate(request, metadata, timeout)   # GenerateResponses; stream.cancel()
     gateway.model_info("m"), gateway.resolve("adapter-or-model"), gateway.workers(), gateway.jobs
+    gateway.tokenizer_call("Encode", request_bytes, timeout)  # the tokenizer service's or a model's
 
 The gRPC servicers (``endpoint.py``) and the HTTP routes (``openai_api.py``, ``console_api.py``)
 each only translate their wire form to and from these calls, so routing, failover, model info and
 the jobs behave the same on both doors. Errors are raised (the core's, or a worker's status as a
 ``grpc.RpcError``) and each door maps them through the one table (``server_common.status_of``).
 Token strings (logprobs) come from the worker that generated them, named by its own tokenizer
-(``GenerateResponse.tokens``), so models of different families can serve side by side.
+(``GenerateResponse.tokens``), so models of different families can serve side by side; for the
+same reason a Tokenizer call naming a model is answered by a worker of that model.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from prometheus_client import Counter, Gauge
 
 from internlm_core.errors import Cancelled, ModelNotFound, Unavailable
 from services.auth import TENANT_HEADER, bearer, tenant_of
-from services.pb import inference_pb2, inference_pb2_grpc
+from services.pb import inference_pb2, inference_pb2_grpc, tokenizer_pb2
 from services.pb_convert import check_names
 from services.registry import TTL_S, list_workers
 from services.server_common import too_large
@@ -37,6 +40,9 @@ log = logging.getLogger("internlm.gateway")
 # (not a request grpc refused as too large, which every worker would refuse: see ``too_large``).
 RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 INFO_TTL_S = 5.0  # a model's info is reused this long by resolve() and models(): one call per request otherwise
+TOKENIZER = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"]
+# Each Tokenizer method's request type: the gateway reads the model a call names from it.
+TOKENIZER_REQUESTS = {m.name: getattr(tokenizer_pb2, m.input_type.name) for m in TOKENIZER.methods}
 
 ROUTED = Counter("internlm_endpoint_routed_total", "Generate requests sent to workers", ["worker"])
 LOST = Counter("internlm_endpoint_worker_failures_total", "Calls that found a worker gone", ["worker"])
@@ -85,6 +91,11 @@ class Router:
     def run(self, coroutine):
         """Run ``coroutine`` on the loop and wait for its result (from a thread not the loop's)."""
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def channel(self, w: WorkerRef) -> grpc.aio.Channel:
+        """``w``'s channel, opened now if it has none yet (on the loop)."""
+        self.stub(w)
+        return w.channel
 
     def stub(self, w: WorkerRef) -> inference_pb2_grpc.InferenceStub:
         """``w``'s stub, its channel opened now if it has none yet (on the loop: an aio channel is its loop's)."""
@@ -155,6 +166,18 @@ class Router:
         ROUTED.labels(w.address).inc()
         return w
 
+    def next_worker(self, model: str, tried: set, error: grpc.RpcError | None) -> WorkerRef:
+        """``acquire`` a worker for ``model`` not ``tried`` yet (added to it); when none is left
+        after ``error`` (the last one's refusal), that error."""
+        try:
+            w = self.acquire(model, tried)
+        except Unavailable:
+            if error is not None:  # every worker refused: pass on the last one's own status
+                raise error from None
+            raise
+        tried.add(w.id)
+        return w
+
     def release(self, w: WorkerRef) -> None:
         with self.lock:
             w.inflight -= 1
@@ -171,6 +194,11 @@ class Router:
         """The live workers now (copies, by address), for reports."""
         with self.lock:
             return [replace(w) for w in sorted(self.workers.values(), key=lambda w: w.address)]
+
+    def served(self) -> list[str]:
+        """The models the live workers serve, by name."""
+        with self.lock:
+            return sorted({w.model for w in self.workers.values()})
 
     def any_worker(self, model: str) -> WorkerRef:
         w = self.acquire(model)
@@ -210,21 +238,11 @@ class Stream:
         if self._call is not None:
             self._call.cancel()
 
-    def _next_worker(self, tried: set, error) -> WorkerRef:
-        try:
-            w = self.router.acquire(self.request.model, tried)
-        except Unavailable:
-            if error is not None:  # every worker refused: pass on the last one's own status
-                raise error from None
-            raise
-        tried.add(w.id)
-        return w
-
     async def _responses(self):
         tried, error, produced = set(), None, []
         while True:
             try:
-                w = self._next_worker(tried, error)
+                w = self.router.next_worker(self.request.model, tried, error)
             except grpc.RpcError as e:
                 if produced:
                     raise Unavailable(f"the worker went away after {len(produced)} token(s) and no other live "
@@ -302,11 +320,13 @@ async def _aclose(responses) -> None:
 class Gateway:
     """Routing, generation with failover, model info and the jobs, for both doors of the endpoint."""
 
-    def __init__(self, router: Router, keyed: bool = False, jobs=None):
+    def __init__(self, router: Router, keyed: bool = False, jobs=None, tokenizer: str = ""):
         """``keyed``: the doors take API keys; then workers are told whose key each call came with
         (``auth.tenant_of``), so that cached prompt rows are reused within one key only (without
-        keys every caller is one). ``jobs``: the Jobs API (``services.jobs.api.Jobs``), or None."""
+        keys every caller is one). ``jobs``: the Jobs API (``services.jobs.api.Jobs``), or None.
+        ``tokenizer``: the tokenizer service's address (Tokenizer calls that name no model)."""
         self.router, self.keyed, self.jobs = router, keyed, jobs
+        self.tokenizer_address, self._tokenizer = tokenizer, None  # its channel: opened on the loop at first use
         self._infos: dict[str, tuple[float, inference_pb2.ModelInfoResponse]] = {}
 
     def tenant(self, metadata) -> str:
@@ -341,13 +361,12 @@ class Gateway:
 
     def models(self) -> list[inference_pb2.ModelInfoResponse]:
         """The info of each model served now, by name (its adapters listed in it)."""
-        return [self.cached_info(name) for name in sorted({w.model for w in self.router.snapshot()})]
+        return [self.cached_info(name) for name in self.router.served()]
 
     def resolve(self, model_id: str) -> tuple[str, str, inference_pb2.ModelInfoResponse]:
         """(model, adapter, the model's info) for a name that is a served model, one of its
         adapters, or '' (any model)."""
-        served = sorted({w.model for w in self.router.snapshot()})
-        if not model_id or model_id in served:
+        if not model_id or model_id in self.router.served():
             return model_id, "", self.cached_info(model_id)
         infos = self.models()
         for info in infos:
@@ -359,3 +378,41 @@ class Gateway:
 
     def workers(self) -> list[WorkerRef]:
         return self.router.snapshot()
+
+    def tokenizer_call(self, method: str, request: bytes, timeout: float | None = None) -> bytes:
+        """One ``internlm.v1.Tokenizer`` call, its request and response serialized (as the door got
+        it; passed on unchanged but for an adapter's name). A request naming no model goes to the
+        tokenizer service; one naming a served model, or one of its adapters, to a live worker of
+        that model, which answers with its own tokenizer and chat format (another worker of it
+        takes the call over from one that is gone). An unknown model: ``ModelNotFound``."""
+        parsed = TOKENIZER_REQUESTS[method].FromString(request)
+        check_names(parsed)
+        path = f"/{TOKENIZER.full_name}/{method}"
+        if not parsed.model:
+            return self.router.run(self._tokenizer_call(None, path, request, timeout))
+        model = parsed.model
+        if model not in self.router.served():  # an adapter's (its base model's tokenizer), or NOT_FOUND
+            parsed.model = model = self.resolve(model)[0]
+            request = parsed.SerializeToString()  # named as its model's workers answer to
+        tried, error = set(), None
+        while True:
+            w = self.router.next_worker(model, tried, error)
+            try:
+                return self.router.run(self._tokenizer_call(w, path, request, timeout))
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                self.router.lost(w)
+                error = e
+            finally:
+                self.router.release(w)
+
+    async def _tokenizer_call(self, w: WorkerRef | None, path: str, request: bytes, timeout: float | None) -> bytes:
+        """The call on ``w``'s channel, or the tokenizer service's (None); on the router's loop."""
+        if w is not None:
+            channel = self.router.channel(w)
+        else:
+            if self._tokenizer is None:
+                self._tokenizer = grpc.aio.insecure_channel(self.tokenizer_address)
+            channel = self._tokenizer
+        return await channel.unary_unary(path)(request, timeout=timeout, metadata=self.router.metadata)

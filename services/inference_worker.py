@@ -1,7 +1,8 @@
 """An inference worker: ``python -m services.inference_worker --model DIR --port 50061 --redis-url URL``.
 
 Holds one model (a folder made by the converter, or an exported one) behind a continuous
-batcher, serves ``internlm.v1.Inference``, and registers itself in Redis with its load so the
+batcher, serves ``internlm.v1.Inference`` and ``internlm.v1.Tokenizer`` with the model's own
+tokenizer (the endpoint's Tokenizer calls that name this model), and registers itself in Redis with its load so the
 endpoint can find it. Every RPC is: request -> one batcher call -> responses. Clients reach it
 through the endpoint: it listens on loopback unless ``--host`` says otherwise, and then
 ``--internal-token`` keeps others out.
@@ -30,10 +31,11 @@ from internlm_core.tools import FINISH_TOOL_CALLS, check_family, prepare
 
 from services.pb_convert import (check_names, chunk_to_pb, finish_to_pb, join_chunks, prompt_from_pb,
                                  sampling_from_pb, tools_from_pb)
-from services.pb import inference_pb2, inference_pb2_grpc
+from services.pb import inference_pb2, inference_pb2_grpc, tokenizer_pb2_grpc
 from services.registry import Registration
 from services.auth import NEED_TOKEN, TENANT_HEADER, metadata_value
 from services.server_common import Server, add_access_arguments, env_default, setup_logging
+from services.tokenizer_service import SERVICE_NAME as TOKENIZER_SERVICE, TokenizerServicer
 
 log = logging.getLogger("internlm.worker")
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
@@ -347,6 +349,7 @@ def main(argv: list[str] | None = None) -> None:
                     max_workers=engine.max_batch + args.max_queue + 8, metrics_host=args.metrics_host,
                     keys=[args.internal_token] if args.internal_token else [], refusal=NEED_TOKEN)
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(batcher, tokenizer, name), server.grpc)
+    tokenizer_pb2_grpc.add_TokenizerServicer_to_server(TokenizerServicer(tokenizer, name), server.grpc)
     address = advertised(args.host, args.port, args.advertise)
 
     def info():  # what the endpoint reads from the registry, renewed every heartbeat
@@ -367,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
             registration.stop()
         batcher.stop(drain=True, timeout=float(env_default("INTERNLM_GRACE_S", "20")))
 
-    server.serve([SERVICE_NAME], on_start=start, on_stop=stop)
+    server.serve([SERVICE_NAME, TOKENIZER_SERVICE], on_start=start, on_stop=stop)
 
 
 if __name__ == "__main__":

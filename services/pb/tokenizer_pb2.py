@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import common_pb2 as internlm_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1binternlm/v1/tokenizer.proto\x12\x0binternlm.v1\x1a\x18internlm/v1/common.proto\"\\\n\rEncodeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06no_bos\x18\x02 \x01(\x08\x12\x0f\n\x07\x61\x64\x64_eos\x18\x03 \x01(\x08\x12\x1c\n\x14\x61llow_special_tokens\x18\x04 \x01(\x08\"\x1d\n\x0e\x45ncodeResponse\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"b\n\x12\x45ncodeBatchRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x0e\n\x06no_bos\x18\x02 \x01(\x08\x12\x0f\n\x07\x61\x64\x64_eos\x18\x03 \x01(\x08\x12\x1c\n\x14\x61llow_special_tokens\x18\x04 \x01(\x08\";\n\x13\x45ncodeBatchResponse\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.internlm.v1.TokenIds\"\x1c\n\rDecodeRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x1e\n\x0e\x44\x65\x63odeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\":\n\x12\x44\x65\x63odeBatchRequest\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.internlm.v1.TokenIds\"$\n\x13\x44\x65\x63odeBatchResponse\x12\r\n\x05texts\x18\x01 \x03(\t\"\x9f\x01\n\x13\x43hatTemplateRequest\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.internlm.v1.ChatMessage\x12\x1c\n\x14no_generation_prompt\x18\x02 \x01(\x08\x12\x1c\n\x14\x61llow_special_tokens\x18\x03 \x01(\x08\x12 \n\x05tools\x18\x04 \x03(\x0b\x32\x11.internlm.v1.Tool\"1\n\x14\x43hatTemplateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\x05\"\x98\x01\n\x12\x43ountTokensRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x19.internlm.v1.ChatMessagesH\x00\x12\x1c\n\x14\x61llow_special_tokens\x18\x03 \x01(\x08\x12 \n\x05tools\x18\x04 \x03(\x0b\x32\x11.internlm.v1.ToolB\x07\n\x05input\"$\n\x13\x43ountTokensResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x05\x32\xe1\x03\n\tTokenizer\x12\x41\n\x06\x45ncode\x12\x1a.internlm.v1.EncodeRequest\x1a\x1b.internlm.v1.EncodeResponse\x12P\n\x0b\x45ncodeBatch\x12\x1f.internlm.v1.EncodeBatchRequest\x1a .internlm.v1.EncodeBatchResponse\x12\x41\n\x06\x44\x65\x63ode\x12\x1a.internlm.v1.DecodeRequest\x1a\x1b.internlm.v1.DecodeResponse\x12P\n\x0b\x44\x65\x63odeBatch\x12\x1f.internlm.v1.DecodeBatchRequest\x1a .internlm.v1.DecodeBatchResponse\x12X\n\x11\x41pplyChatTemplate\x12 .internlm.v1.ChatTemplateRequest\x1a!.internlm.v1.ChatTemplateResponse\x12P\n\x0b\x43ountTokens\x12\x1f.internlm.v1.CountTokensRequest\x1a .internlm.v1.CountTokensResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1binternlm/v1/tokenizer.proto\x12\x0binternlm.v1\x1a\x18internlm/v1/common.proto\"k\n\rEncodeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06no_bos\x18\x02 \x01(\x08\x12\x0f\n\x07\x61\x64\x64_eos\x18\x03 \x01(\x08\x12\x1c\n\x14\x61llow_special_tokens\x18\x04 \x01(\x08\x12\r\n\x05model\x18\x05 \x01(\t\"\x1d\n\x0e\x45ncodeResponse\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"q\n\x12\x45ncodeBatchRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x0e\n\x06no_bos\x18\x02 \x01(\x08\x12\x0f\n\x07\x61\x64\x64_eos\x18\x03 \x01(\x08\x12\x1c\n\x14\x61llow_special_tokens\x18\x04 \x01(\x08\x12\r\n\x05model\x18\x05 \x01(\t\";\n\x13\x45ncodeBatchResponse\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.internlm.v1.TokenIds\"+\n\rDecodeRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\r\n\x05model\x18\x02 \x01(\t\"\x1e\n\x0e\x44\x65\x63odeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"I\n\x12\x44\x65\x63odeBatchRequest\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.internlm.v1.TokenIds\x12\r\n\x05model\x18\x02 \x01(\t\"$\n\x13\x44\x65\x63odeBatchResponse\x12\r\n\x05texts\x18\x01 \x03(\t\"\xae\x01\n\x13\x43hatTemplateRequest\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.internlm.v1.ChatMessage\x12\x1c\n\x14no_generation_prompt\x18\x02 \x01(\x08\x12\x1c\n\x14\x61llow_special_tokens\x18\x03 \x01(\x08\x12 \n\x05tools\x18\x04 \x03(\x0b\x32\x11.internlm.v1.Tool\x12\r\n\x05model\x18\x05 \x01(\t\"1\n\x14\x43hatTemplateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\x05\"\xa7\x01\n\x12\x43ountTokensRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x19.internlm.v1.ChatMessagesH\x00\x12\x1c\n\x14\x61llow_special_tokens\x18\x03 \x01(\x08\x12 \n\x05tools\x18\x04 \x03(\x0b\x32\x11.internlm.v1.Tool\x12\r\n\x05model\x18\x05 \x01(\tB\x07\n\x05input\"$\n\x13\x43ountTokensResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x05\x32\xe1\x03\n\tTokenizer\x12\x41\n\x06\x45ncode\x12\x1a.internlm.v1.EncodeRequest\x1a\x1b.internlm.v1.EncodeResponse\x12P\n\x0b\x45ncodeBatch\x12\x1f.internlm.v1.EncodeBatchRequest\x1a .internlm.v1.EncodeBatchResponse\x12\x41\n\x06\x44\x65\x63ode\x12\x1a.internlm.v1.DecodeRequest\x1a\x1b.internlm.v1.DecodeResponse\x12P\n\x0b\x44\x65\x63odeBatch\x12\x1f.internlm.v1.DecodeBatchRequest\x1a .internlm.v1.DecodeBatchResponse\x12X\n\x11\x41pplyChatTemplate\x12 .internlm.v1.ChatTemplateRequest\x1a!.internlm.v1.ChatTemplateResponse\x12P\n\x0b\x43ountTokens\x12\x1f.internlm.v1.CountTokensRequest\x1a .internlm.v1.CountTokensResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,29 +33,29 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'internlm.v1.tokenizer_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ENCODEREQUEST']._serialized_start=70
-  _globals['_ENCODEREQUEST']._serialized_end=162
-  _globals['_ENCODERESPONSE']._serialized_start=164
-  _globals['_ENCODERESPONSE']._serialized_end=193
-  _globals['_ENCODEBATCHREQUEST']._serialized_start=195
-  _globals['_ENCODEBATCHREQUEST']._serialized_end=293
-  _globals['_ENCODEBATCHRESPONSE']._serialized_start=295
-  _globals['_ENCODEBATCHRESPONSE']._serialized_end=354
-  _globals['_DECODEREQUEST']._serialized_start=356
-  _globals['_DECODEREQUEST']._serialized_end=384
-  _globals['_DECODERESPONSE']._serialized_start=386
-  _globals['_DECODERESPONSE']._serialized_end=416
-  _globals['_DECODEBATCHREQUEST']._serialized_start=418
-  _globals['_DECODEBATCHREQUEST']._serialized_end=476
-  _globals['_DECODEBATCHRESPONSE']._serialized_start=478
-  _globals['_DECODEBATCHRESPONSE']._serialized_end=514
-  _globals['_CHATTEMPLATEREQUEST']._serialized_start=517
-  _globals['_CHATTEMPLATEREQUEST']._serialized_end=676
-  _globals['_CHATTEMPLATERESPONSE']._serialized_start=678
-  _globals['_CHATTEMPLATERESPONSE']._serialized_end=727
-  _globals['_COUNTTOKENSREQUEST']._serialized_start=730
-  _globals['_COUNTTOKENSREQUEST']._serialized_end=882
-  _globals['_COUNTTOKENSRESPONSE']._serialized_start=884
-  _globals['_COUNTTOKENSRESPONSE']._serialized_end=920
-  _globals['_TOKENIZER']._serialized_start=923
-  _globals['_TOKENIZER']._serialized_end=1404
+  _globals['_ENCODEREQUEST']._serialized_end=177
+  _globals['_ENCODERESPONSE']._serialized_start=179
+  _globals['_ENCODERESPONSE']._serialized_end=208
+  _globals['_ENCODEBATCHREQUEST']._serialized_start=210
+  _globals['_ENCODEBATCHREQUEST']._serialized_end=323
+  _globals['_ENCODEBATCHRESPONSE']._serialized_start=325
+  _globals['_ENCODEBATCHRESPONSE']._serialized_end=384
+  _globals['_DECODEREQUEST']._serialized_start=386
+  _globals['_DECODEREQUEST']._serialized_end=429
+  _globals['_DECODERESPONSE']._serialized_start=431
+  _globals['_DECODERESPONSE']._serialized_end=461
+  _globals['_DECODEBATCHREQUEST']._serialized_start=463
+  _globals['_DECODEBATCHREQUEST']._serialized_end=536
+  _globals['_DECODEBATCHRESPONSE']._serialized_start=538
+  _globals['_DECODEBATCHRESPONSE']._serialized_end=574
+  _globals['_CHATTEMPLATEREQUEST']._serialized_start=577
+  _globals['_CHATTEMPLATEREQUEST']._serialized_end=751
+  _globals['_CHATTEMPLATERESPONSE']._serialized_start=753
+  _globals['_CHATTEMPLATERESPONSE']._serialized_end=802
+  _globals['_COUNTTOKENSREQUEST']._serialized_start=805
+  _globals['_COUNTTOKENSREQUEST']._serialized_end=972
+  _globals['_COUNTTOKENSRESPONSE']._serialized_start=974
+  _globals['_COUNTTOKENSRESPONSE']._serialized_end=1010
+  _globals['_TOKENIZER']._serialized_start=1013
+  _globals['_TOKENIZER']._serialized_end=1494
 # @@protoc_insertion_point(module_scope)

@@ -94,7 +94,7 @@ class TokenizerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ApplyChatTemplate(self, request, context):
-        """Render messages with the InternLM v1 chat template; text and ids.
+        """Render messages with the tokenizer's chat template (its model family's); text and ids.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

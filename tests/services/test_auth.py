@@ -104,6 +104,9 @@ def calls(channel):
         "Inference.ModelInfo": lambda: inference.ModelInfo(inference_pb2.ModelInfoRequest(), timeout=30),
         "Tokenizer.Encode": lambda: tokenizer_pb2_grpc.TokenizerStub(channel).Encode(
             tokenizer_pb2.EncodeRequest(text="Hello"), timeout=30),
+        # a model's: the worker answers, the internal token sent to it as to the tokenizer service
+        "Tokenizer.Encode (model)": lambda: tokenizer_pb2_grpc.TokenizerStub(channel).Encode(tokenizer_pb2.EncodeRequest(
+            text="Hello", model=inference.ModelInfo(inference_pb2.ModelInfoRequest(), timeout=30).model), timeout=30),
         "Endpoint.ListWorkers": lambda: endpoint_pb2_grpc.EndpointStub(channel).ListWorkers(
             endpoint_pb2.ListWorkersRequest(), timeout=30),
         "Jobs.SubmitJob": lambda: jobs.SubmitJob(submit, timeout=30),

@@ -219,6 +219,7 @@ def targets(endpoint, worker, tokenizer_service):
     for name, module in SERVICES.items():
         yield "endpoint", endpoint.address, module.DESCRIPTOR.services_by_name[name]
     yield "worker", worker.address, inference_pb2.DESCRIPTOR.services_by_name["Inference"]
+    yield "worker", worker.address, tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"]
     yield "tokenizer", tokenizer_service.address, tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"]
 
 

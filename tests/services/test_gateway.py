@@ -2,7 +2,8 @@
 InternLM2 worker (the real tokenizer.model of each) on one Redis, one endpoint. Logprobs name each
 token with the tokenizer of the model that generated it, on the gRPC door (``tokens``, and each
 top alternative's) and on the HTTP door (OpenAI's ``token`` strings), and each request is routed to
-its model's worker."""
+its model's worker. The Tokenizer service, asked for a model (or one of its adapters), answers with
+that model's tokenizer and chat format."""
 from __future__ import annotations
 
 import json
@@ -15,13 +16,14 @@ import pytest
 from internlm_core.checkpoint import read_config
 from internlm_core.convert import hf_to_ms
 from internlm_core.tokenizer import Tokenizer
-from services.pb import common_pb2, inference_pb2, inference_pb2_grpc
+from services.pb import common_pb2, inference_pb2, inference_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 from services.pb_convert import chat_to_pb, join_chunks
-from tests.helpers import RedisServer, free_port, internlm2_checkpoint
+from tests.helpers import RedisServer, free_port, internlm2_checkpoint, serving_adapter
 from tests.services.conftest import Service, start_http_endpoint, start_worker, wait_workers
 
 CHAT = [{"role": "user", "content": "Name three rivers."}]
 N, TOP = 6, 3
+V2, ADAPTER = "internlm2-tiny", "v2-lora"  # the InternLM2 worker's model and an adapter it serves
 
 
 @pytest.fixture(scope="module")
@@ -29,16 +31,17 @@ def mixed(tmp_path_factory, chat_model_dir):
     """({model name: its own Tokenizer}, endpoint with HTTP) for a v1 and an InternLM2 worker."""
     root = tmp_path_factory.mktemp("mixed")
     _, hf = internlm2_checkpoint(root / "hf", seed=5)
-    v2_dir = root / "internlm2-tiny"
+    v2_dir = root / V2
     hf_to_ms(hf, v2_dir)
+    adapter = serving_adapter(v2_dir, root / ADAPTER)
     redis = RedisServer(root / "redis").start()
     services = []
     try:
         # The tokenizer service holds the v1 tokenizer only: the one the gateway must not name v2 tokens with.
         tok = Service("services.tokenizer_service", [], root / "tokenizer.log", free_port(), free_port())
         services.append(tok)
-        for folder, name in ((chat_model_dir, "worker-v1"), (v2_dir, "worker-v2")):
-            services.append(start_worker(folder, redis.url, root, name, "--max-len", "128"))
+        for folder, name, extra in ((chat_model_dir, "worker-v1", ()), (v2_dir, "worker-v2", ("--adapter", f"{ADAPTER}={adapter}"))):
+            services.append(start_worker(folder, redis.url, root, name, "--max-len", "128", *extra))
         for s in services:
             s.wait_healthy()
         endpoint = start_http_endpoint(redis.url, tok.address, root, "endpoint-mixed")
@@ -101,6 +104,40 @@ def test_streamed_completions_name_tokens_per_model(mixed):
                 if line.startswith("data: {"):
                     tokens += json.loads(line[6:])["choices"][0]["logprobs"]["tokens"]
         assert tokens == names(tok, want.token_ids) == list(want.tokens), model
+
+
+def test_tokenizer_calls_naming_a_model_use_its_tokenizer(mixed):
+    """Encode, Decode, ApplyChatTemplate and CountTokens through the endpoint, with ``model``: each
+    model's own ids and chat template (a worker of it answers), by model id and by adapter id (its
+    base model's); without: the tokenizer service's (v1), as before; an unknown model: NOT_FOUND."""
+    from internlm_core.generation import MAX_PROMPT_CHARS
+
+    tokenizers, endpoint = mixed
+    stub = tokenizer_pb2_grpc.TokenizerStub(grpc.insecure_channel(endpoint.address))
+    text = "Name three rivers <eoa> 你好"
+    chat = [{"role": "system", "content": "Be brief."}, *CHAT]
+    messages = chat_to_pb(chat).messages
+    served = {**tokenizers, ADAPTER: tokenizers[V2], "": Tokenizer()}  # "": the tokenizer service's own (v1)
+    for model, tok in served.items():
+        ids = list(stub.Encode(tokenizer_pb2.EncodeRequest(text=text, model=model), timeout=30).ids)
+        assert ids == tok.encode(text), model
+        assert stub.Decode(tokenizer_pb2.DecodeRequest(ids=ids, model=model), timeout=30).text == tok.decode(ids)
+        r = stub.ApplyChatTemplate(tokenizer_pb2.ChatTemplateRequest(messages=messages, model=model), timeout=30)
+        assert (r.text, list(r.ids)) == (tok.render_chat(chat), tok.encode_chat(chat)), model
+        count = stub.CountTokens(tokenizer_pb2.CountTokensRequest(chat=common_pb2.ChatMessages(messages=messages),
+                                                                  model=model), timeout=30).count
+        assert count == len(r.ids), model
+        assert stub.CountTokens(tokenizer_pb2.CountTokensRequest(text=text, model=model), timeout=30).count == \
+            len(tok.encode(text, bos=False)), model
+    v1 = next(m for m in tokenizers if m != V2)
+    assert tokenizers[v1].encode_chat(chat) != tokenizers[V2].encode_chat(chat)  # the checks above tell them apart
+
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Encode(tokenizer_pb2.EncodeRequest(text=text, model="internlm-nope"), timeout=30)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "'internlm-nope'" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:  # a worker holds the tokenizer service's limits
+        stub.Encode(tokenizer_pb2.EncodeRequest(text="a" * (MAX_PROMPT_CHARS + 1), model=V2), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "over the" in e.value.details()
 
 
 def threads_of(pid: int) -> int:
@@ -175,3 +212,32 @@ def test_an_http_stream_is_continued_when_its_worker_dies(pair):
     again = httpx.post(f"{endpoint.base}/v1/chat/completions", timeout=120, json={**body, "stream": False})
     assert again.status_code == 200, again.text
     assert "".join(texts) == again.json()["choices"][0]["message"]["content"]
+
+
+def test_a_tokenizer_call_is_taken_over_from_a_worker_gone(chat_model_dir, tokenizer_service, core_tokenizer,
+                                                           tmp_path):
+    """Two workers of one model, one killed (-9) and still registered: every Tokenizer call naming
+    the model is answered, the one routed to the dead worker by the other, which later calls go to."""
+    from tests.services.conftest import start_endpoint
+
+    redis = RedisServer(tmp_path / "redis").start()
+    services = [start_worker(chat_model_dir, redis.url, tmp_path, f"worker-{n}") for n in "ab"]
+    try:
+        for w in services:
+            w.wait_healthy()
+        endpoint = start_endpoint(redis.url, tokenizer_service.address, tmp_path).wait_healthy()
+        services.append(endpoint)
+        assert len(wait_workers(endpoint, 2)) == 2
+        services[0].kill()
+        stub = tokenizer_pb2_grpc.TokenizerStub(grpc.insecure_channel(endpoint.address))
+        model = chat_model_dir.resolve().name
+        for _ in range(4):  # the router takes turns: the dead worker is among the first two picked
+            assert list(stub.Encode(tokenizer_pb2.EncodeRequest(text="Hello", model=model), timeout=30).ids) == \
+                core_tokenizer.encode("Hello")
+        lost = [line for line in endpoint.metrics().splitlines()
+                if line.startswith("internlm_endpoint_worker_failures_total{")]
+        assert sum(float(line.split()[-1]) for line in lost) == 1, lost
+    finally:
+        for s in services[1:]:
+            s.stop()
+        redis.stop()

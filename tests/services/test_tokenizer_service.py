@@ -1,4 +1,6 @@
-"""The tokenizer service (directly and through the endpoint) against the core tokenizer."""
+"""The Tokenizer service against the core tokenizer: the tokenizer service (directly and through
+the endpoint) and an inference worker, which serves it too with its model's tokenizer (one
+servicer, the same checks and limits)."""
 import grpc
 import pytest
 
@@ -7,7 +9,7 @@ from services.pb import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 TEXTS = ["Hello world", "你好，世界", "", "tabs\tand  spaces <s> literal", "emoji 🙂 ok"]
 
 
-@pytest.fixture(params=["tokenizer_service", "endpoint"])
+@pytest.fixture(params=["tokenizer_service", "endpoint", "worker"])
 def tok_stub(request):
     return tokenizer_pb2_grpc.TokenizerStub(grpc.insecure_channel(request.getfixturevalue(request.param).address))
 
@@ -94,3 +96,20 @@ def test_text_past_a_prompts_size_is_refused_before_encoding(tok_stub):
         tok_stub.CountTokens(tokenizer_pb2.CountTokensRequest(text=over), timeout=10)
     assert f"text: {said}" in e.value.details()
     assert tok_stub.CountTokens(tokenizer_pb2.CountTokensRequest(text=over[:1000]), timeout=10).count > 0
+
+
+def test_the_model_a_host_answers_for(tokenizer_service, worker, chat_model_dir, core_tokenizer):
+    """The tokenizer service holds no model's name: a request naming one is refused there, naming
+    it (the endpoint routes those to the model's workers); a worker answers for its own model, and
+    a model it does not serve is NOT_FOUND, as its Generate's."""
+    service = tokenizer_pb2_grpc.TokenizerStub(grpc.insecure_channel(tokenizer_service.address))
+    with pytest.raises(grpc.RpcError) as e:
+        service.Encode(tokenizer_pb2.EncodeRequest(text="Hi", model="internlm2-chat-7b"), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "model 'internlm2-chat-7b'" in e.value.details()
+    worker_stub = tokenizer_pb2_grpc.TokenizerStub(grpc.insecure_channel(worker.address))
+    own = chat_model_dir.resolve().name
+    assert list(worker_stub.Encode(tokenizer_pb2.EncodeRequest(text="Hi", model=own), timeout=10).ids) == \
+        core_tokenizer.encode("Hi")
+    with pytest.raises(grpc.RpcError) as e:
+        worker_stub.CountTokens(tokenizer_pb2.CountTokensRequest(text="Hi", model="internlm2-chat-7b"), timeout=10)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "unknown model 'internlm2-chat-7b'" in e.value.details()
