@@ -13,8 +13,11 @@ one draft step feeds the tokens the draft has not seen (the target's last token,
 kept whole also the last proposal: one or two rows, each a decode row of its own through
 ``Engine.verify``) and takes the greedy token after the last; k - 1 more decode steps each feed
 the previous proposal. All the speculating sequences share each of these draft steps. The
-proposals are then verified by the target (``speculative.accept``): a greedy draft is a point mass
-on its proposal, so the output is exactly the target's, greedy or sampled. After the target's
+proposals are then verified by the target (``speculative.accept``): a greedy request's (or a
+constrained one's) are the draft's greedy tokens, point masses, so the output is exactly the
+target's; a sampled request's are drawn from the draft's processed distribution and judged by the
+rejection rule (``speculative.DraftSampler``, ``judge``): the target's distribution exactly, with
+far more proposals kept than a greedy token would be. After the target's
 step the draft is rolled back (``rollback``) to the tokens it fed that the sequence kept: the rows
 of a rejected proposal lie past ``fed`` and the next feed writes over them before any query reads
 them, as on the target's side; so the draft's cache holds exactly what a draft that had decoded
@@ -88,9 +91,15 @@ class Drafter:
         for i in todo:
             self.fed[slots[i]] = ends[i]
 
-    def propose(self, slots: list[int], tokens: list[list[int]], ks: list[int]) -> list[list[int]]:
-        """Up to ``ks[i]`` greedy draft tokens after ``tokens[i]`` (sequence i's tokens so far, in
-        ``slots[i]``); [] where ``ks[i]`` is 0. All sequences share each draft step."""
+    def propose(self, slots: list[int], tokens: list[list[int]], ks: list[int], pickers=None) -> list[list[int]]:
+        """Up to ``ks[i]`` draft tokens after ``tokens[i]`` (sequence i's tokens so far, in
+        ``slots[i]``); [] where ``ks[i]`` is 0. All sequences share each draft step. Each token is
+        the draft's greedy one, or ``pickers[i](logits)``'s where that is not None (a sampled
+        request's ``speculative.DraftSampler``)."""
+        pickers = pickers or [None] * len(slots)
+
+        def pick(i, row):
+            return int(np.argmax(row)) if pickers[i] is None else pickers[i](row)
         out = [[] for _ in slots]
         go = [i for i, k in enumerate(ks) if k > 0]
         if not go:
@@ -103,14 +112,14 @@ class Drafter:
         rows = self.engine.verify([slots[i] for i in go], chunks, [self.fed[slots[i]] for i in go])
         for i, r in zip(go, rows):
             self.fed[slots[i]] = len(tokens[i])
-            out[i].append(int(np.argmax(r[-1])))
+            out[i].append(pick(i, r[-1]))
         for j in range(1, max(ks)):  # each further proposal: one decode step of the sequences wanting it
             more = [i for i in go if ks[i] > j]
             logits = self.engine.decode([out[i][-1] for i in more], [self.fed[slots[i]] for i in more],
                                         slots=[slots[i] for i in more])
             for i, row in zip(more, logits):
                 self.fed[slots[i]] += 1
-                out[i].append(int(np.argmax(row)))
+                out[i].append(pick(i, row))
         return out
 
     def rollback(self, slot: int, length: int) -> None:
