@@ -124,8 +124,8 @@ class PrometheusMetrics(BatcherMetrics):
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, batcher: Batcher, tokenizer: Tokenizer, name: str):
-        self.batcher, self.tok, self.name = batcher, tokenizer, name
+    def __init__(self, batcher: Batcher, tokenizer: Tokenizer, name: str, draft_name: str = ""):
+        self.batcher, self.tok, self.name, self.draft_name = batcher, tokenizer, name, draft_name
 
     def _check_model(self, request) -> None:
         check_names(request)
@@ -182,12 +182,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     def ModelInfo(self, request, context):
         self._check_model(request)
-        return model_info(self.batcher.engine, self.name)
+        return model_info(self.batcher.engine, self.name, self.batcher.method, self.draft_name)
 
 
-def model_info(engine, name: str) -> inference_pb2.ModelInfoResponse:
+def model_info(engine, name: str, speculation: str = "off", draft_model: str = "") -> inference_pb2.ModelInfoResponse:
     cfg = engine.config
-    return inference_pb2.ModelInfoResponse(
+    return inference_pb2.ModelInfoResponse(speculation=speculation, draft_model=draft_model,
         model=name, preset=cfg.name, dtype=cfg.dtype, max_len=engine.max_len, vocab_size=cfg.vocab_size,
         adapters=sorted(engine.adapters), max_batch=engine.max_batch,
         num_parameters=cfg.num_parameters(), kv_cache_bytes=engine.cache_bytes,
@@ -236,13 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "float32 with the same greedy tokens on the parity tests; float32 on MindSpore's ops)")
     ap.add_argument("--speculate", choices=("auto", *SPECULATION), default=env_default("INTERNLM_SPECULATE", "auto"),
                     help="speculative decoding ($INTERNLM_SPECULATE): ngram verifies prompt-lookup proposals in the "
-                         "decode steps, draft the proposals of --draft-model (the same tokens as without; a request's "
-                         "speculate=false opts out); auto: draft with --draft-model, else ngram where the CPU kernels "
-                         "serve, off on MindSpore's ops (not exact there)")
+                         "decode steps, draft the proposals of --draft-model (greedy: the same tokens as without; "
+                         "sampled: the same distribution; a request's speculate=false opts out); auto: draft with "
+                         "--draft-model, else ngram where the CPU kernels serve, off on MindSpore's ops (not exact "
+                         "there)")
     ap.add_argument("--draft-model", default=env_default("INTERNLM_DRAFT_MODEL", "") or None, metavar="DIR",
-                    help="a smaller model folder with the same tokenizer whose greedy tokens are verified as "
-                         "proposals ($INTERNLM_DRAFT_MODEL; its own KV cache of the same slots, counted in the memory "
-                         "plan)")
+                    help="a smaller model folder with the same tokenizer whose tokens are verified as proposals "
+                         "(greedy ones, or for a sampled request samples kept by the rejection rule) "
+                         "($INTERNLM_DRAFT_MODEL; its own KV cache of the same slots, counted in the memory plan; "
+                         "the positions are cut to the draft's)")
     ap.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                     help="serve a LoRA adapter folder under NAME (repeatable); requests pick it by name")
     return ap
@@ -346,7 +348,9 @@ def main(argv: list[str] | None = None) -> None:
     server = Server("worker", args.port, args.host, args.metrics_port,
                     max_workers=engine.max_batch + args.max_queue + 8, metrics_host=args.metrics_host,
                     keys=[args.internal_token] if args.internal_token else [], refusal=NEED_TOKEN)
-    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(batcher, tokenizer, name), server.grpc)
+    draft_name = Path(args.draft_model).resolve().name if draft else ""
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(batcher, tokenizer, name, draft_name),
+                                                       server.grpc)
     address = advertised(args.host, args.port, args.advertise)
 
     def info():  # what the endpoint reads from the registry, renewed every heartbeat
