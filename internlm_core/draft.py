@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import TokenizerError
+from .errors import CheckpointError, TokenizerError
 
 CATCH_UP_ROWS = 2  # tokens a draft step feeds as decode rows; more behind: prefilled first
 
@@ -55,6 +55,37 @@ def check_pair(target_cfg, target_tok, draft_cfg, draft_tok) -> None:
         differ = sorted(set(draft_tok.special_tokens.items()) ^ set(target_tok.special_tokens.items()))
         raise TokenizerError(f"the draft model's special tokens differ from the target's (e.g. {differ[0][0]!r}): "
                              "a draft must share the target's tokenizer")
+
+
+def check_draft_model(speculate: str, draft_folder, target_folder, target_cfg, target_tok):
+    """The config of the draft model in ``draft_folder`` (None without one) for serving the model
+    in ``target_folder`` with ``speculate`` (auto, or one of the batcher's SPECULATION), or a
+    ValueError naming the option and what is wrong: a draft that no mode uses, a draft mode without
+    a draft, a draft or a target that is an exported model (no verify step), a draft whose
+    tokenizer is not the target's. Reads configs and tokenizers only: before any weights load."""
+    from pathlib import Path
+
+    from .checkpoint import MANIFEST_FILE, read_config
+    from .tokenizer import Tokenizer
+
+    if not draft_folder:
+        if speculate == "draft":
+            raise ValueError("--speculate draft needs --draft-model DIR")
+        return None
+    where = f"--draft-model {draft_folder}"
+    if speculate not in ("auto", "draft"):
+        raise ValueError(f"{where}: a draft model is used by --speculate draft or auto, not {speculate}")
+    folder = Path(draft_folder)
+    for what, path in (("an exported model cannot be a draft", folder),
+                       ("the target is an exported model, which cannot speculate", Path(target_folder))):
+        if (path / MANIFEST_FILE).is_file():
+            raise ValueError(f"{where}: {what} (it needs the CPU kernels' verify step)")
+    try:
+        draft_cfg = read_config(folder)
+        check_pair(target_cfg, target_tok, draft_cfg, Tokenizer.for_model(folder, draft_cfg.family))
+    except (TokenizerError, CheckpointError) as e:
+        raise type(e)(f"{where}: {e}") from None
+    return draft_cfg
 
 
 class Drafter:

@@ -20,7 +20,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from internlm_core.batching import SPECULATION, Batcher, BatcherMetrics
 from internlm_core.checkpoint import MANIFEST_FILE, read_config
-from internlm_core.draft import CATCH_UP_ROWS, check_pair
+from internlm_core.draft import CATCH_UP_ROWS, check_draft_model
 from internlm_core.errors import AdapterError, CheckpointError, ModelNotFound, TokenizerError
 from internlm_core.generation import FINISH_ABORTED, FINISH_EOS, SamplingParams
 from internlm_core.memory import CACHE_DTYPES, DEFAULT_SLOTS, available_memory, plan_serving
@@ -251,27 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_draft(args, cfg, tokenizer):
-    """The config of ``--draft-model`` (None without one), or SystemExit naming what is wrong: a
-    draft used by no --speculate mode, a draft or a target that is an exported model (no verify
-    step), or a draft whose tokenizer is not the target's (checked before any weights load)."""
-    if not args.draft_model:
-        if args.speculate == "draft":
-            raise SystemExit("worker: --speculate draft needs --draft-model DIR (or $INTERNLM_DRAFT_MODEL)")
-        return None
-    where = f"worker: --draft-model {args.draft_model}"
-    if args.speculate not in ("auto", "draft"):
-        raise SystemExit(f"{where}: a draft model is used by --speculate draft or auto, not {args.speculate}")
-    folder = Path(args.draft_model)
-    for what, path in (("an exported model cannot be a draft", folder),
-                       ("the target is an exported model, which cannot speculate", Path(args.model))):
-        if (path / MANIFEST_FILE).is_file():
-            raise SystemExit(f"{where}: {what} (it needs the CPU kernels' verify step)")
+    """The config of ``--draft-model`` (None without one), or SystemExit naming what is wrong
+    (``draft.check_draft_model``: checked before any weights load)."""
     try:
-        draft_cfg = read_config(folder)
-        check_pair(cfg, tokenizer, draft_cfg, Tokenizer.for_model(folder, draft_cfg.family))
-    except (TokenizerError, CheckpointError) as e:
-        raise SystemExit(f"{where}: {e}") from None
-    return draft_cfg
+        return check_draft_model(args.speculate, args.draft_model, args.model, cfg, tokenizer)
+    except ValueError as e:
+        raise SystemExit(f"worker: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
