@@ -405,7 +405,9 @@ class SequenceState:
         under greedy decoding and under a fixed seed alike, up to float rounding: the caller
         recomputes the prefix in other step shapes, so its logits differ from the lost worker's in
         the last bits, and a sampled draw that falls within that of a token boundary takes the
-        neighbouring token (greedy decoding is unaffected unless two logits tie that closely)."""
+        neighbouring token (greedy decoding is unaffected unless two logits tie that closely).
+        A sampled request whose tokens a draft model proposed (``draft_uniforms``) continues with
+        fresh draws, another sample of the same distribution, not the lost worker's tokens."""
         for i, token in enumerate(tokens, 1):
             self._record(int(token), max_len)
             if self.finish_reason is not None:
