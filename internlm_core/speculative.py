@@ -123,8 +123,8 @@ def accept(state: SequenceState, rows: np.ndarray, proposals: Sequence[int],
     was drawn from the draft's distribution ``draft_probs[j]`` (``DraftSampler``) and is judged by
     the rejection rule (``judge``); the bonus token after a run kept whole is a plain step."""
     for j, row in enumerate(rows):
-        token = judge(state, row, proposals[j], draft_probs[j]) if draft_probs is not None and j < len(proposals) else None
-        event = state.step(row, max_len, token)
+        judged = draft_probs is not None and j < len(proposals)
+        event = state.step(row, max_len, judge(state, row, proposals[j], draft_probs[j]) if judged else None)
         yield event
         if event.finish_reason or j == len(proposals) or event.token_id != proposals[j]:
             return

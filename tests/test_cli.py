@@ -127,8 +127,11 @@ def test_remote_speculate_off_opts_the_request_out():
     from services.cli import build_parser
     from services.cli.remote import generate_request
 
-    assert generate_request(build_parser().parse_args(["generate", "hi", "--speculate", "off"])).params.speculate is False
-    assert not generate_request(build_parser().parse_args(["generate", "hi"])).params.HasField("speculate")
+    def params(*args):
+        return generate_request(build_parser().parse_args(["generate", "hi", *args])).params
+
+    assert params("--speculate", "off").speculate is False
+    assert not params().HasField("speculate")
 
 
 @pytest.mark.parametrize("args, msg", [

@@ -44,8 +44,8 @@ def register(sub) -> None:
                    help="the KV cache's dtype with --model (default: float16 on the CPU kernels, float32 otherwise)")
     g.add_argument("--speculate", choices=("auto", *SPECULATION),
                    help="with --model: speculative decoding, as the worker's option (default: off, or auto with "
-                        "--draft-model; auto: draft with --draft-model, else ngram where the CPU kernels serve); without --model only 'off', which "
-                        "opts this request out of the stack's")
+                        "--draft-model; auto: draft with --draft-model, else ngram where the CPU kernels serve); "
+                        "without --model only 'off', which opts this request out of the stack's")
     g.add_argument("--draft-model", metavar="DIR",
                    help="with --model: a smaller model folder with the same tokenizer whose tokens are verified as "
                         "proposals (--speculate draft or auto)")
