@@ -13,7 +13,9 @@ count (``--streams``, concurrent ``Generate`` streams):
         model that has learnt to continue what it has seen repeats spans of the prompt (issue 28's
         target: >= 2.0x tokens/s at 1 stream, >= 1.3x at 8);
   free  the start of another passage, sampled (temperature 0.8, a seed per stream): little repeats
-        (target: >= 0.97x, no loss where proposals fail).
+        (target: >= 0.97x, no loss where proposals fail). With ``--draft-model`` these proposals
+        are the draft's samples, kept by the rejection rule (``speculative.judge``): its accepted
+        column is the sampled acceptance.
 
 Reported per task and stream count: tokens/s off and on, the ratio, and from the worker's
 Prometheus series over the speculative runs: proposed and accepted tokens (acceptance rate) and the

@@ -27,8 +27,9 @@ next token, so a step gives it up to k + 1 tokens, the very tokens plain decodin
 rejected proposal's KV rows lie past the sequence's new end: the next step writes over them
 before any query reads that far, and a finished request's reusable rows stop at its last accepted
 token, so prefix reuse never sees them. With ``speculate="draft"`` the proposals are a draft
-model's greedy tokens instead (``draft.py``: its own cache in the same slots, prefilled beside the
-target's, rolled back after each verification), verified and kept the same way.
+model's tokens instead (``draft.py``: its own cache in the same slots, prefilled beside the
+target's, rolled back after each verification): greedy ones verified and kept the same way, or
+for a sampled request ones drawn from the draft's distribution and judged by the rejection rule.
 
 Per-token logic is ``SequenceState.step``, the same as ``generate``; each slot's attention sees
 only its own cache rows, so under greedy decoding a request gets the same tokens alone or in a
@@ -56,7 +57,7 @@ from .draft import Drafter
 from .engine_api import bucket
 from .errors import QueueFull, ShuttingDown
 from .generation import FINISH_ABORTED, GenerationResult, SamplingParams, SequenceState, TokenEvent
-from .speculative import Adaptive, History, accept, propose
+from .speculative import Adaptive, DraftSampler, History, accept, propose
 
 log = logging.getLogger(__name__)
 
@@ -313,13 +314,13 @@ class Batcher:
             self.metrics.batch_size(len(live))
 
             def step():  # a draft model's steps go in the guard too: its failure fails this step's requests
-                proposals = self._proposals(live)
+                proposals, draft_probs = self._proposals(live)
                 if any(proposals):  # each row's last token and its proposals, every one a row of the step
                     chunks = [[int(t)] + p for t, p in zip(tokens, proposals)]
                     logits = self.engine.verify(slots, chunks, positions, adapters=adapters)
                 else:
                     logits = self.engine.decode(tokens, positions, adapters=adapters, slots=slots)[:, None]
-                self._after_decode(live, logits, proposals)
+                self._after_decode(live, logits, proposals, draft_probs)
             self._guard(live, step)
 
     def _place(self, h: Handle) -> tuple[int, int]:
@@ -387,14 +388,22 @@ class Batcher:
         """Whether ``h``'s tokens go into the draft model's cache (it may take its proposals)."""
         return self.drafter is not None and h.state.params.speculate
 
-    def _proposals(self, live: list[Handle]) -> list[list[int]]:
-        """Each live request's proposals for this step ([] for none): up to its adaptive
+    def _samples_draft(self, h: Handle) -> bool:
+        """Whether ``h``'s draft proposals are sampled and judged by the rejection rule
+        (``speculative.judge``): a sampled request without a grammar (``speculative.DraftSampler``
+        says why); the others take the draft's greedy tokens as point masses."""
+        st = h.state
+        return self._drafts(h) and not st.params.greedy and st.constraint is None
+
+    def _proposals(self, live: list[Handle]) -> tuple[list[list[int]], list[list | None]]:
+        """Each live request's proposals for this step ([] for none), and the draft distributions
+        they were sampled from (None: point masses): up to its adaptive
         ``speculation.wanted()``, no more than it may still generate, within the rows a step may
         fill (``speculate_rows``, or the rows the step runs anyway: padding to a power of two).
         Prompt lookup's, or the draft model's (which runs a step for each proposal it makes, so the
         row budget is shared out before it runs)."""
         if not self.speculate:
-            return [[] for _ in live]
+            return [[] for _ in live], [None] * len(live)
         ks = []
         for h in live:
             st = h.state
@@ -405,7 +414,10 @@ class Batcher:
         if self.drafter:
             while sum(ks) > spare:  # the longest give way first
                 ks[ks.index(max(ks))] -= 1
-            return self.drafter.propose([h.slot for h in live], [h.state.prompt + h.state.generated for h in live], ks)
+            samplers = [DraftSampler(h.state) if self._samples_draft(h) else None for h in live]
+            proposals = self.drafter.propose([h.slot for h in live], [h.state.prompt + h.state.generated for h in live],
+                                             ks, samplers)
+            return proposals, [s and s.q for s in samplers]
         out = []
         for h, k in zip(live, ks):
             if k:
@@ -413,12 +425,13 @@ class Batcher:
             out.append(propose(h.history.update(h.state.prompt, h.state.generated), k) if k else [])
         while sum(map(len, out)) > spare:  # the longest give way first
             max(out, key=len).pop()
-        return out
+        return out, [None] * len(live)
 
-    def _after_decode(self, live: list[Handle], logits, proposals: list[list[int]]) -> None:
-        """``logits[i]``: request i's rows, after its last token then after each of ``proposals[i]``."""
-        for h, rows, proposed in zip(live, logits, proposals):
-            events = self._advance(h, rows, proposed)
+    def _after_decode(self, live: list[Handle], logits, proposals: list[list[int]], draft_probs: list) -> None:
+        """``logits[i]``: request i's rows, after its last token then after each of ``proposals[i]``
+        (drawn from ``draft_probs[i]``, or None: point masses)."""
+        for h, rows, proposed, q in zip(live, logits, proposals, draft_probs):
+            events = self._advance(h, rows, proposed, q)
             if self.speculate and h.state.params.speculate:
                 accepted = sum(e.token_id == p for e, p in zip(events, proposed))  # a prefix: accept stops at a miss
                 h.speculation.update(len(proposed), accepted)
@@ -426,13 +439,13 @@ class Batcher:
             if self._drafts(h):  # the draft's rows of rejected proposals are past its new end
                 self.drafter.rollback(h.slot, h.state.length)
 
-    def _advance(self, h: Handle, rows, proposals=()) -> list[TokenEvent]:
+    def _advance(self, h: Handle, rows, proposals=(), draft_probs=None) -> list[TokenEvent]:
         """One request's next token(s) from its rows of the step's logits (``speculative.accept``:
         one row, or one after each proposal kept); the events emitted. Its sampling, penalties, stop
         strings and detokenising are its own: a failure there ends this request alone, with its own
         error, and the rest of the step goes on for everyone else (its KV rows were written by a
         step that succeeded, so its slot stays reusable)."""
-        events, steps = [], accept(h.state, rows, proposals, self.engine.max_len)
+        events, steps = [], accept(h.state, rows, proposals, self.engine.max_len, draft_probs)
         while True:
             try:
                 ev = next(steps, None)

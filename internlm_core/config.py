@@ -90,6 +90,12 @@ class Config:
         return self.bias if self.o_bias is None else self.o_bias
 
     @property
+    def position_limit(self) -> int | None:
+        """The most positions an engine of this model may hold: its trained ones, or None where
+        dynamic NTK rotates positions past them."""
+        return None if self.rope_scaling == "dynamic" else self.max_position_embeddings
+
+    @property
     def kv_heads(self) -> int:
         """Heads of k and v (and of the KV cache): fewer than the query heads under GQA."""
         return self.num_kv_heads or self.num_heads

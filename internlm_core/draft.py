@@ -13,8 +13,11 @@ one draft step feeds the tokens the draft has not seen (the target's last token,
 kept whole also the last proposal: one or two rows, each a decode row of its own through
 ``Engine.verify``) and takes the greedy token after the last; k - 1 more decode steps each feed
 the previous proposal. All the speculating sequences share each of these draft steps. The
-proposals are then verified by the target (``speculative.accept``): a greedy draft is a point mass
-on its proposal, so the output is exactly the target's, greedy or sampled. After the target's
+proposals are then verified by the target (``speculative.accept``): a greedy request's (or a
+constrained one's) are the draft's greedy tokens, point masses, so the output is exactly the
+target's; a sampled request's are drawn from the draft's processed distribution and judged by the
+rejection rule (``speculative.DraftSampler``, ``judge``): the target's distribution exactly, with
+far more proposals kept than a greedy token would be. After the target's
 step the draft is rolled back (``rollback``) to the tokens it fed that the sequence kept: the rows
 of a rejected proposal lie past ``fed`` and the next feed writes over them before any query reads
 them, as on the target's side; so the draft's cache holds exactly what a draft that had decoded
@@ -30,7 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import TokenizerError
+from .errors import CheckpointError, TokenizerError
 
 CATCH_UP_ROWS = 2  # tokens a draft step feeds as decode rows; more behind: prefilled first
 
@@ -52,6 +55,37 @@ def check_pair(target_cfg, target_tok, draft_cfg, draft_tok) -> None:
         differ = sorted(set(draft_tok.special_tokens.items()) ^ set(target_tok.special_tokens.items()))
         raise TokenizerError(f"the draft model's special tokens differ from the target's (e.g. {differ[0][0]!r}): "
                              "a draft must share the target's tokenizer")
+
+
+def check_draft_model(speculate: str, draft_folder, target_folder, target_cfg, target_tok):
+    """The config of the draft model in ``draft_folder`` (None without one) for serving the model
+    in ``target_folder`` with ``speculate`` (auto, or one of the batcher's SPECULATION), or a
+    ValueError naming the option and what is wrong: a draft that no mode uses, a draft mode without
+    a draft, a draft or a target that is an exported model (no verify step), a draft whose
+    tokenizer is not the target's. Reads configs and tokenizers only: before any weights load."""
+    from pathlib import Path
+
+    from .checkpoint import MANIFEST_FILE, read_config
+    from .tokenizer import Tokenizer
+
+    if not draft_folder:
+        if speculate == "draft":
+            raise ValueError("--speculate draft needs --draft-model DIR")
+        return None
+    where = f"--draft-model {draft_folder}"
+    if speculate not in ("auto", "draft"):
+        raise ValueError(f"{where}: a draft model is used by --speculate draft or auto, not {speculate}")
+    folder = Path(draft_folder)
+    for what, path in (("an exported model cannot be a draft", folder),
+                       ("the target is an exported model, which cannot speculate", Path(target_folder))):
+        if (path / MANIFEST_FILE).is_file():
+            raise ValueError(f"{where}: {what} (it needs the CPU kernels' verify step)")
+    try:
+        draft_cfg = read_config(folder)
+        check_pair(target_cfg, target_tok, draft_cfg, Tokenizer.for_model(folder, draft_cfg.family))
+    except (TokenizerError, CheckpointError) as e:
+        raise type(e)(f"{where}: {e}") from None
+    return draft_cfg
 
 
 class Drafter:
@@ -88,9 +122,15 @@ class Drafter:
         for i in todo:
             self.fed[slots[i]] = ends[i]
 
-    def propose(self, slots: list[int], tokens: list[list[int]], ks: list[int]) -> list[list[int]]:
-        """Up to ``ks[i]`` greedy draft tokens after ``tokens[i]`` (sequence i's tokens so far, in
-        ``slots[i]``); [] where ``ks[i]`` is 0. All sequences share each draft step."""
+    def propose(self, slots: list[int], tokens: list[list[int]], ks: list[int], pickers=None) -> list[list[int]]:
+        """Up to ``ks[i]`` draft tokens after ``tokens[i]`` (sequence i's tokens so far, in
+        ``slots[i]``); [] where ``ks[i]`` is 0. All sequences share each draft step. Each token is
+        the draft's greedy one, or ``pickers[i](logits)``'s where that is not None (a sampled
+        request's ``speculative.DraftSampler``)."""
+        pickers = pickers or [None] * len(slots)
+
+        def pick(i, row):
+            return int(np.argmax(row)) if pickers[i] is None else pickers[i](row)
         out = [[] for _ in slots]
         go = [i for i, k in enumerate(ks) if k > 0]
         if not go:
@@ -103,14 +143,14 @@ class Drafter:
         rows = self.engine.verify([slots[i] for i in go], chunks, [self.fed[slots[i]] for i in go])
         for i, r in zip(go, rows):
             self.fed[slots[i]] = len(tokens[i])
-            out[i].append(int(np.argmax(r[-1])))
+            out[i].append(pick(i, r[-1]))
         for j in range(1, max(ks)):  # each further proposal: one decode step of the sequences wanting it
             more = [i for i in go if ks[i] > j]
             logits = self.engine.decode([out[i][-1] for i in more], [self.fed[slots[i]] for i in more],
                                         slots=[slots[i] for i in more])
             for i, row in zip(more, logits):
                 self.fed[slots[i]] += 1
-                out[i].append(int(np.argmax(row)))
+                out[i].append(pick(i, row))
         return out
 
     def rollback(self, slot: int, length: int) -> None:

@@ -128,7 +128,7 @@ class Engine(EngineBase):
         self.kernels = self.model.ops.cpu_kernels
         self.max_batch = max_batch
         self.max_len = max_len or cfg.max_position_embeddings
-        if self.max_len > cfg.max_position_embeddings and cfg.rope_scaling != "dynamic":
+        if cfg.position_limit is not None and self.max_len > cfg.position_limit:
             raise ValueError(f"max_len {self.max_len} exceeds the model's {cfg.max_position_embeddings} positions")
         # Without the kernels the default is the model's compute dtype, as before (float32 on CPU)
         self.cache_dtype = (check_cache_dtype(cache_dtype) if cache_dtype else

@@ -84,6 +84,50 @@ def min_p_filter(logits: np.ndarray, min_p: float) -> np.ndarray:
     return np.where(probs < min_p * probs.max(), -np.inf, logits)
 
 
+def sampling_filters(logits: np.ndarray, params: "SamplingParams") -> np.ndarray:
+    """What a sampled step draws from, after penalties and masks: temperature, top-k, top-p, min-p."""
+    logits = apply_temperature(logits, params.temperature)
+    logits = top_k_filter(logits, params.top_k)
+    logits = top_p_filter(logits, params.top_p)
+    return min_p_filter(logits, params.min_p)
+
+
+def processed_probs(logits: np.ndarray, params: "SamplingParams", seen: np.ndarray, counts: np.ndarray,
+                    masked: Sequence[int] = (), constraint=None) -> np.ndarray:
+    """The distribution (float64, (V,)) a sampled step draws its token from: penalties for the
+    tokens ``seen`` (prompt and generated) and ``counts`` (generated), ``masked`` ids at -inf, a
+    grammar's mask (``constraint``), then ``sampling_filters``. ``SequenceState.probs`` and a
+    draft's proposals (``speculative.DraftSampler``) both go through here, so the target's p and
+    the draft's q cannot be processed differently."""
+    logits = penalized(logits, params, seen, counts, masked)
+    if constraint is not None:
+        logits = constraint.mask(logits)
+    return softmax(sampling_filters(logits, params).astype(np.float64))
+
+
+def penalized(logits: np.ndarray, params: "SamplingParams", seen: np.ndarray, counts: np.ndarray,
+              masked: Sequence[int] = ()) -> np.ndarray:
+    """``logits`` with the repetition, presence and frequency penalties applied and ``masked`` ids at -inf."""
+    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    logits = apply_presence_frequency(logits, counts, params.presence_penalty, params.frequency_penalty)
+    if len(masked):
+        logits = logits.copy()
+        logits[[i for i in masked if i < len(logits)]] = -np.inf
+    return logits
+
+
+def count_token(token: int, params: "SamplingParams", seen: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Count a generated token for the penalties: ``counts`` in place; the new ``seen``."""
+    counts[token] += 1
+    return np.union1d(seen, [token]) if params.repetition_penalty != 1.0 else seen  # only that penalty reads it
+
+
+def draw(probs: np.ndarray, u: float) -> int:
+    """The token whose slice of ``probs``' running sum holds the uniform ``u`` (inverse CDF)."""
+    cdf = np.cumsum(probs)
+    return int(min(np.searchsorted(cdf, u * cdf[-1], side="right"), len(probs) - 1))
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = np.exp(logits - logits.max())
     return z / z.sum()
@@ -134,6 +178,7 @@ def kept_probabilities(x: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.
 
 # ---- parameters ----------------------------------------------------------------------------
 
+DRAFT_STREAM = 1  # tells ``SequenceState.draft_uniforms``' generators from the sequence's own
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API allows
 _FLOAT_PARAMS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 # Each number's range, in one place: gRPC, HTTP and the CLI all validate through ``validate``.
@@ -282,35 +327,52 @@ class SequenceState:
         return len(self.prompt) + len(self.generated)
 
     def process(self, logits: np.ndarray) -> np.ndarray:
-        p = self.params
-        logits = apply_repetition_penalty(logits, self.seen, p.repetition_penalty)
-        logits = apply_presence_frequency(logits, self.counts, p.presence_penalty, p.frequency_penalty)
-        if self._stops_masked():
-            logits = logits.copy()
-            logits[[i for i in self.stop_ids if i < len(logits)]] = -np.inf
+        logits = penalized(logits, self.params, self.seen, self.counts, self.masked_ids(len(self.generated)))
         if self.constraint is not None:  # before temperature and top-k/p, so those pick among allowed tokens
             logits = self.constraint.mask(logits)
         return logits
 
+    def masked_ids(self, generated: int) -> Sequence[int]:
+        """The stop ids forbidden as generated token number ``generated`` (0-based): all of them
+        before min_new_tokens, or always under ignore_eos; else none."""
+        if generated < self.params.min_new_tokens or self.params.ignore_eos:
+            return sorted(self.stop_ids)
+        return ()
+
     def _stops_masked(self) -> bool:
-        return len(self.generated) < self.params.min_new_tokens or self.params.ignore_eos
+        return bool(self.masked_ids(len(self.generated)))
 
     def choose(self, logits: np.ndarray) -> int:
         p = self.params
         if p.greedy:
             return int(np.argmax(logits))
-        logits = apply_temperature(logits, p.temperature)
-        logits = top_k_filter(logits, p.top_k)
-        logits = top_p_filter(logits, p.top_p)
-        logits = min_p_filter(logits, p.min_p)
-        return sample(logits, self.rng)
+        return sample(sampling_filters(logits, p), self.rng)
 
-    def step(self, logits: np.ndarray, max_len: int | None = None) -> TokenEvent:
-        """Pick, record and report the next token from the model's logits (V,)."""
+    def logits(self, logits) -> np.ndarray:
+        """The model's logits (V,) as this sequence reads them: float32, cut to its vocabulary."""
         logits = np.asarray(logits, np.float32)
-        if self.vocab_size:
-            logits = logits[:self.vocab_size]
-        token = self._greedy_unchanged(logits)
+        return logits[:self.vocab_size] if self.vocab_size else logits
+
+    def probs(self, logits: np.ndarray) -> np.ndarray:
+        """The distribution a sampled ``step`` on these model logits would draw from (float64)."""
+        return processed_probs(self.logits(logits), self.params, self.seen, self.counts,
+                               self.masked_ids(len(self.generated)), self.constraint)
+
+    def draft_uniforms(self, index: int) -> np.ndarray:
+        """Three uniforms for generated token ``index`` where a draft model proposed it by sampling
+        (``speculative.accept``'s rejection rule): the draft's draw, the acceptance test, the draw
+        from the residual. From a generator of this sequence's seed keyed by the token's index, not
+        from ``rng``: a position's proposal may be drawn again after an earlier rejection (its first
+        draw decided nothing kept), and a resumed request (``resume``) must not reuse a draw that
+        chose a token it resumes after; keyed draws are fresh for every new index on both counts."""
+        return np.random.default_rng([self.seed, DRAFT_STREAM, index]).random(3)
+
+    def step(self, logits: np.ndarray, max_len: int | None = None, token: int | None = None) -> TokenEvent:
+        """Pick, record and report the next token from the model's logits (V,). ``token``: the
+        token already chosen from these logits (``speculative.accept``'s rejection rule)."""
+        logits = self.logits(logits)
+        if token is None:
+            token = self._greedy_unchanged(logits)
         if token is None:
             token = self.choose(self.process(logits))
         text = self._record(token, max_len)
@@ -343,13 +405,17 @@ class SequenceState:
         under greedy decoding and under a fixed seed alike, up to float rounding: the caller
         recomputes the prefix in other step shapes, so its logits differ from the lost worker's in
         the last bits, and a sampled draw that falls within that of a token boundary takes the
-        neighbouring token (greedy decoding is unaffected unless two logits tie that closely)."""
+        neighbouring token (greedy decoding is unaffected unless two logits tie that closely).
+        A sampled request whose tokens a draft model proposed (``draft_uniforms``) continues with
+        fresh draws, another sample of the same distribution, not the lost worker's tokens."""
         for i, token in enumerate(tokens, 1):
             self._record(int(token), max_len)
             if self.finish_reason is not None:
                 raise ValueError(f"resumed token {i} of {len(tokens)} already ends the request "
                                  f"({self.finish_reason}): nothing is left to generate")
         if not self.params.greedy and len(tokens):
+            # At most one draw each (fewer where a draft proposed them: ``draft_uniforms``), so
+            # what follows never reuses a draw that chose one of them.
             self.rng.random(len(tokens))
 
     def _record(self, token: int, max_len: int | None) -> str:
@@ -357,9 +423,7 @@ class SequenceState:
         if self.constraint is not None and token not in self.stop_ids:  # a stop token ends it instead
             self.constraint.advance(token)  # raises GrammarError for a token the grammar refuses
         self.generated.append(token)
-        self.counts[token] += 1
-        if self.params.repetition_penalty != 1.0:  # only the repetition penalty reads it
-            self.seen = np.union1d(self.seen, [token])
+        self.seen = count_token(token, self.params, self.seen, self.counts)
         text = ""
         if token in self.stop_ids and not self.params.ignore_eos:
             self.finish_reason = FINISH_EOS

@@ -143,17 +143,26 @@ def plan_serving(cfg: Config, weights_dtype: str, cache_dtype: str, available: i
     ``max_batch`` / ``max_len`` given are kept or refused (MemoryError naming the flags); left None,
     they start at the defaults and shrink, slots first, down to one slot of ``MIN_LEN`` positions.
     ``draft``: (config, weights dtype) of a draft model served beside it (speculative decoding,
-    ``draft.py``): its weights, and its KV cache of the same slots and positions, count too."""
+    ``draft.py``): its weights, and its KV cache of the same slots and positions, count too; its
+    engine holds as many positions as the target's, so the default positions are cut to the
+    draft's limit (the reason says so) and a ``max_len`` past it is refused (ValueError)."""
     weights = weight_bytes(cfg, weights_dtype) + (weight_bytes(*draft) if draft else 0)
 
     def cache(slots: int, positions: int) -> int:  # the target's KV cache and the draft's
         return sum(cache_bytes(c, slots, positions, cache_dtype) for c in (cfg, *(draft or ())[:1]))
 
     want_len = max_len or min(cfg.max_position_embeddings, DEFAULT_MAX_LEN)
+    clipped = ""  # said in the reason where the draft cut the positions
+    draft_limit = draft and draft[0].position_limit
+    if draft_limit and want_len > draft_limit:
+        if max_len:
+            raise ValueError(f"--max-len {max_len} exceeds the draft model's {draft_limit} positions (its cache "
+                             f"holds the target's positions): give --max-len {draft_limit} or less, or another draft")
+        want_len, clipped = draft_limit, f"; positions cut to the draft model's {draft_limit}"
     want_slots = max_batch or DEFAULT_SLOTS
     if available is None:
         return ServingPlan(want_slots, want_len, weights, cache(want_slots, want_len),
-                           "memory available unknown: nothing cut")
+                           "memory available unknown: nothing cut" + clipped)
     budget = int(available * MARGIN) - weights - RUNTIME_BYTES
     smallest = cache(1, min(want_len, MIN_LEN))
     if budget < smallest:
@@ -174,8 +183,7 @@ def plan_serving(cfg: Config, weights_dtype: str, cache_dtype: str, available: i
                               f"{gib(cache(max_batch, max_len))} beside {gib(weights)} of "
                               f"weights, but {gib(budget)} is left of {gib(available)} available: lower --max-batch "
                               f"(at most {most_slots} at {max_len} positions) or --max-len")
-        return ServingPlan(max_batch, max_len, weights, cache(max_batch, max_len),
-                           "as asked")
+        return ServingPlan(max_batch, max_len, weights, cache(max_batch, max_len), "as asked")
     slots, positions = want_slots, want_len
     if not max_batch:
         slots = max(1, min(want_slots, budget // per_slot - 1))
@@ -197,4 +205,4 @@ def plan_serving(cfg: Config, weights_dtype: str, cache_dtype: str, available: i
     else:
         reason = (f"cut from {want_slots} slots x {want_len} positions so that {gib(weights)} of weights and "
                   f"{gib(total)} of KV cache fit in {gib(available)} available (--max-batch / --max-len to choose)")
-    return ServingPlan(slots, positions, weights, total, reason)
+    return ServingPlan(slots, positions, weights, total, reason + clipped)

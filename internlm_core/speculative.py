@@ -18,6 +18,18 @@ this is the rejection rule of Leviathan et al. / Chen et al.: sampling y from th
 keeping x when y == x accepts x with probability P(x), and on a rejection y follows P with x
 removed and renormalised; each sampled token takes one draw, as without speculation, so a seed
 gives the same tokens with and without it (and ``SequenceState.resume`` stays right).
+
+A draft model's proposals for a sampled request are drawn from the draft's own distribution q
+instead (``DraftSampler``: processed as the target's p will be at that position) and judged by
+the full rule (``judge``): kept with probability min(1, p/q), else the token is drawn from
+norm(max(0, p - q)); so a draft that agrees with the target's distribution has its proposals
+kept, where a point mass is kept only when it is the token sampled. The output still follows the
+target's distribution exactly, and a seed still fixes it, but through other draws than plain
+decoding's (``SequenceState.draft_uniforms``), which a position takes when it was proposed: the
+tokens depend on how many tokens each step proposed (the row budget shared with other streams,
+the adaptive k), so a seeded request repeats exactly where the proposals repeat (alone on a
+worker, say), and otherwise gives another sample of the same distribution. Greedy requests and
+requests with a grammar keep greedy proposals and the point-mass rule (exact, token for token).
 """
 from __future__ import annotations
 
@@ -26,7 +38,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .generation import SequenceState, TokenEvent
+from .generation import SequenceState, TokenEvent, count_token, draw, processed_probs
 
 MAX_NGRAM, MIN_NGRAM = 3, 1  # the suffix lengths looked up, longest first
 K_MIN, K_MAX = 1, 7  # proposals per step for one sequence (with its last token: up to 8 rows)
@@ -100,14 +112,58 @@ class Adaptive:
 
 
 def accept(state: SequenceState, rows: np.ndarray, proposals: Sequence[int],
-           max_len: int | None = None) -> Iterator[TokenEvent]:
+           max_len: int | None = None, draft_probs: Sequence[np.ndarray] | None = None) -> Iterator[TokenEvent]:
     """The tokens one verification gives a sequence: ``rows[j]`` are the logits after its last
     token (j = 0) and after proposal j (j >= 1), ``len(proposals) + 1`` rows. Steps ``state`` on
     each row in turn, yielding each event, and stops after the first token that is not the next
     proposal (the model's own), after the one that ends the request, or after the last row (every
-    proposal kept: the model's next token comes free). ``proposals`` empty: one plain step."""
+    proposal kept: the model's next token comes free). ``proposals`` empty: one plain step.
+
+    ``draft_probs`` None: each proposal is a point mass (the module docstring). Else proposal j
+    was drawn from the draft's distribution ``draft_probs[j]`` (``DraftSampler``) and is judged by
+    the rejection rule (``judge``); the bonus token after a run kept whole is a plain step."""
     for j, row in enumerate(rows):
-        event = state.step(row, max_len)
+        judged = draft_probs is not None and j < len(proposals)
+        event = state.step(row, max_len, judge(state, row, proposals[j], draft_probs[j]) if judged else None)
         yield event
         if event.finish_reason or j == len(proposals) or event.token_id != proposals[j]:
             return
+
+
+def judge(state: SequenceState, row: np.ndarray, x: int, q: np.ndarray) -> int:
+    """The token at the next position where a draft proposed ``x`` drawn from ``q`` (Leviathan et
+    al. 2023, Chen et al. 2023): ``x`` kept with probability min(1, p(x)/q(x)), p the target's
+    distribution there (``SequenceState.probs``: processed as a plain step's); else a draw from
+    norm(max(0, p - q)). Over the draft's draw and these, the token follows p exactly, and it is
+    ``x`` with probability sum(min(p, q)): all of it for a draft that is the target."""
+    p = state.probs(row)
+    _, u_keep, u_residual = state.draft_uniforms(len(state.generated))
+    if u_keep * q[x] < p[x]:
+        return x
+    residual = np.maximum(p - q, 0.0)
+    residual[x] = 0.0  # it is 0 (only q(x) > p(x) gets here), rounding aside: a rejected x never comes back
+    if not residual.sum() > 0:  # p == q but for rounding: p itself is the residual's limit
+        residual = p
+    return draw(residual, u_residual)
+
+
+class DraftSampler:
+    """A sampled request's draft proposals (``draft.Drafter.propose`` calls it with the draft's
+    logits at each proposal in turn): each drawn from q_j, the draft's logits processed as the
+    target's will be at that position by ``SequenceState.probs`` (``processed_probs``, with the
+    penalties and min_tokens' stop mask as they stand after the proposals before it); ``q`` keeps
+    each q_j for ``judge``. Not for a request with a grammar: its matcher cannot take proposals
+    ahead of the sequence (it would have to consume them and roll back while its mask thread may be
+    computing the next mask), so such a request keeps greedy proposals and the point-mass rule."""
+
+    def __init__(self, state: SequenceState):
+        self.state, self.q = state, []
+        self.seen, self.counts = state.seen, state.counts.copy()
+
+    def __call__(self, logits: np.ndarray) -> int:
+        st, n = self.state, len(self.state.generated) + len(self.q)
+        q = processed_probs(st.logits(logits), st.params, self.seen, self.counts, st.masked_ids(n))
+        x = draw(q, st.draft_uniforms(n)[0])
+        self.q.append(q)
+        self.seen = count_token(x, st.params, self.seen, self.counts)
+        return x

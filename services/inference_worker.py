@@ -21,7 +21,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from internlm_core.batching import SPECULATION, Batcher, BatcherMetrics
 from internlm_core.checkpoint import MANIFEST_FILE, read_config
-from internlm_core.draft import CATCH_UP_ROWS, check_pair
+from internlm_core.draft import CATCH_UP_ROWS, check_draft_model
 from internlm_core.errors import AdapterError, CheckpointError, ModelNotFound, TokenizerError
 from internlm_core.generation import FINISH_ABORTED, FINISH_EOS, SamplingParams
 from internlm_core.memory import CACHE_DTYPES, DEFAULT_SLOTS, available_memory, plan_serving
@@ -126,8 +126,8 @@ class PrometheusMetrics(BatcherMetrics):
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, batcher: Batcher, tokenizer: Tokenizer, name: str):
-        self.batcher, self.tok, self.name = batcher, tokenizer, name
+    def __init__(self, batcher: Batcher, tokenizer: Tokenizer, name: str, draft_name: str = ""):
+        self.batcher, self.tok, self.name, self.draft_name = batcher, tokenizer, name, draft_name
 
     def _check_model(self, request) -> None:
         check_names(request)
@@ -184,12 +184,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     def ModelInfo(self, request, context):
         self._check_model(request)
-        return model_info(self.batcher.engine, self.name)
+        return model_info(self.batcher.engine, self.name, self.batcher.method, self.draft_name)
 
 
-def model_info(engine, name: str) -> inference_pb2.ModelInfoResponse:
+def model_info(engine, name: str, speculation: str = "off", draft_model: str = "") -> inference_pb2.ModelInfoResponse:
     cfg = engine.config
-    return inference_pb2.ModelInfoResponse(
+    return inference_pb2.ModelInfoResponse(speculation=speculation, draft_model=draft_model,
         model=name, preset=cfg.name, dtype=cfg.dtype, max_len=engine.max_len, vocab_size=cfg.vocab_size,
         adapters=sorted(engine.adapters), max_batch=engine.max_batch,
         num_parameters=cfg.num_parameters(), kv_cache_bytes=engine.cache_bytes,
@@ -238,40 +238,27 @@ def build_parser() -> argparse.ArgumentParser:
                          "float32 with the same greedy tokens on the parity tests; float32 on MindSpore's ops)")
     ap.add_argument("--speculate", choices=("auto", *SPECULATION), default=env_default("INTERNLM_SPECULATE", "auto"),
                     help="speculative decoding ($INTERNLM_SPECULATE): ngram verifies prompt-lookup proposals in the "
-                         "decode steps, draft the proposals of --draft-model (the same tokens as without; a request's "
-                         "speculate=false opts out); auto: draft with --draft-model, else ngram where the CPU kernels "
-                         "serve, off on MindSpore's ops (not exact there)")
+                         "decode steps, draft the proposals of --draft-model (greedy: the same tokens as without; "
+                         "sampled: the same distribution; a request's speculate=false opts out); auto: draft with "
+                         "--draft-model, else ngram where the CPU kernels serve, off on MindSpore's ops (not exact "
+                         "there)")
     ap.add_argument("--draft-model", default=env_default("INTERNLM_DRAFT_MODEL", "") or None, metavar="DIR",
-                    help="a smaller model folder with the same tokenizer whose greedy tokens are verified as "
-                         "proposals ($INTERNLM_DRAFT_MODEL; its own KV cache of the same slots, counted in the memory "
-                         "plan)")
+                    help="a smaller model folder with the same tokenizer whose tokens are verified as proposals "
+                         "(greedy ones, or for a sampled request samples kept by the rejection rule) "
+                         "($INTERNLM_DRAFT_MODEL; its own KV cache of the same slots, counted in the memory plan; "
+                         "the positions are cut to the draft's)")
     ap.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                     help="serve a LoRA adapter folder under NAME (repeatable); requests pick it by name")
     return ap
 
 
 def check_draft(args, cfg, tokenizer):
-    """The config of ``--draft-model`` (None without one), or SystemExit naming what is wrong: a
-    draft used by no --speculate mode, a draft or a target that is an exported model (no verify
-    step), or a draft whose tokenizer is not the target's (checked before any weights load)."""
-    if not args.draft_model:
-        if args.speculate == "draft":
-            raise SystemExit("worker: --speculate draft needs --draft-model DIR (or $INTERNLM_DRAFT_MODEL)")
-        return None
-    where = f"worker: --draft-model {args.draft_model}"
-    if args.speculate not in ("auto", "draft"):
-        raise SystemExit(f"{where}: a draft model is used by --speculate draft or auto, not {args.speculate}")
-    folder = Path(args.draft_model)
-    for what, path in (("an exported model cannot be a draft", folder),
-                       ("the target is an exported model, which cannot speculate", Path(args.model))):
-        if (path / MANIFEST_FILE).is_file():
-            raise SystemExit(f"{where}: {what} (it needs the CPU kernels' verify step)")
+    """The config of ``--draft-model`` (None without one), or SystemExit naming what is wrong
+    (``draft.check_draft_model``: checked before any weights load)."""
     try:
-        draft_cfg = read_config(folder)
-        check_pair(cfg, tokenizer, draft_cfg, Tokenizer.for_model(folder, draft_cfg.family))
-    except (TokenizerError, CheckpointError) as e:
-        raise SystemExit(f"{where}: {e}") from None
-    return draft_cfg
+        return check_draft_model(args.speculate, args.draft_model, args.model, cfg, tokenizer)
+    except ValueError as e:
+        raise SystemExit(f"worker: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -348,7 +335,9 @@ def main(argv: list[str] | None = None) -> None:
     server = Server("worker", args.port, args.host, args.metrics_port,
                     max_workers=engine.max_batch + args.max_queue + 8, metrics_host=args.metrics_host,
                     keys=[args.internal_token] if args.internal_token else [], refusal=NEED_TOKEN)
-    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(batcher, tokenizer, name), server.grpc)
+    draft_name = Path(args.draft_model).resolve().name if draft else ""
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(batcher, tokenizer, name, draft_name),
+                                                       server.grpc)
     tokenizer_pb2_grpc.add_TokenizerServicer_to_server(TokenizerServicer(tokenizer, name), server.grpc)
     address = advertised(args.host, args.port, args.advertise)
 

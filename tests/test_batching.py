@@ -130,10 +130,10 @@ def test_one_requests_own_failure_ends_it_alone(batcher, solo_engine, monkeypatc
 
     real_step = generation.SequenceState.step
 
-    def step(self, logits, max_len=None):
+    def step(self, logits, max_len=None, token=None):
         if self.params.seed == 666 and len(self.generated) == 2:
             raise ValueError("injected: this request's own sampling failed")
-        return real_step(self, logits, max_len)
+        return real_step(self, logits, max_len, token)
 
     monkeypatch.setattr(generation.SequenceState, "step", step)
     victims = [(random_ids(n, 512, seed=40 + n), SamplingParams(max_new_tokens=12, ignore_eos=True)) for n in (4, 7)]

@@ -97,6 +97,43 @@ def test_remote_request_carries_the_grammar():
     assert not generate_request(build_parser().parse_args(["generate", "hi"])).params.HasField("grammar")
 
 
+def test_generate_speculates_locally_as_a_worker_does(chat_model_dir):
+    """``--speculate ngram`` gives the plain greedy tokens and reports its proposals; a
+    ``--draft-model`` (auto: taken) samples proposals for a seeded request, which repeats exactly
+    and keeps most of them (a self-draft); a draft mode without a draft, a draft no mode uses, and
+    either option without a local model are refused by name."""
+    base = ["generate", "--model", chat_model_dir, "the cat sat on the mat, the cat sat on the", "--max-new-tokens",
+            16, "--min-new-tokens", 16, "--json"]
+    plain = json.loads(cli(*base).stdout)
+    ngram = json.loads(cli(*base, "--speculate", "ngram").stdout)
+    assert ngram["token_ids"] == plain["token_ids"] and "speculation" not in plain
+    assert ngram["speculation"]["method"] == "ngram" and ngram["speculation"]["steps"] > 0
+    sampled = [*base, "--temperature", 0.8, "--seed", 3, "--draft-model", chat_model_dir]
+    runs = [json.loads(cli(*sampled).stdout) for _ in range(2)]
+    assert runs[0]["token_ids"] == runs[1]["token_ids"] and runs[0]["speculation"]["method"] == "draft"
+    assert runs[0]["speculation"]["accepted"] > 0.8 * runs[0]["speculation"]["proposed"] > 0
+    for extra, msg in [(["--speculate", "draft"], "--speculate draft needs --draft-model DIR"),
+                       (["--speculate", "ngram", "--draft-model", chat_model_dir], "is used by --speculate draft or "
+                                                                                   "auto, not ngram")]:
+        proc = cli(*base, *extra, check=False)
+        assert proc.returncode == 2 and msg in proc.stderr
+    for extra, msg in [(["--speculate", "ngram"], "--speculate ngram applies to a local --model"),
+                       (["--draft-model", chat_model_dir], "--draft-model applies to a local --model")]:
+        proc = cli("generate", "hi", *extra, check=False)
+        assert proc.returncode == 2 and msg in proc.stderr
+
+
+def test_remote_speculate_off_opts_the_request_out():
+    from services.cli import build_parser
+    from services.cli.remote import generate_request
+
+    def params(*args):
+        return generate_request(build_parser().parse_args(["generate", "hi", *args])).params
+
+    assert params("--speculate", "off").speculate is False
+    assert not params().HasField("speculate")
+
+
 @pytest.mark.parametrize("args, msg", [
     (["generate", "--model", "/nonexistent", "hi", "--repetition-penalty", "nan"], "repetition_penalty must be a finite"),
     (["convert", "/nonexistent/hf", "/tmp/x"], "no config.json"),

@@ -4,13 +4,14 @@ InternLM2-shaped random model) is plain decoding's token for token, a draft that
 accepts everything, and a draft with another tokenizer is refused."""
 import numpy as np
 import pytest
+from scipy import stats
 
 from internlm_core.batching import Batcher
 from internlm_core.config import Config
 from internlm_core.draft import Drafter, check_pair
 from internlm_core.engine import Engine
 from internlm_core.errors import TokenizerError
-from internlm_core.generation import SamplingParams
+from internlm_core.generation import SamplingParams, SequenceState, softmax
 from internlm_core.model import InternLMForCausalLM, init_weights
 from internlm_core.tokenizer import AddedToken, Tokenizer
 from tests.helpers import DATA, TOKENIZER_MODEL, random_ids
@@ -158,17 +159,75 @@ def test_a_draft_that_is_the_target_keeps_every_proposal(target):
     assert (counts.steps + counts.accepted) / counts.steps > 3
 
 
-def test_seeded_sampling_with_a_draft_is_plain_sampling(target, drafts):
-    """A seeded sampled request gives the tokens it gives without speculation (one draw a token
-    either way), with penalties and top-k/p."""
+def test_a_seeded_request_with_a_sampling_draft_repeats_exactly(target, drafts):
+    """Sampled, a draft's proposals are drawn and judged by the rejection rule (other draws than
+    plain decoding's), all from the request's seed: the request repeats token for token (alone on
+    the worker, so each step proposes as many tokens), with penalties and top-k/p, and its
+    logprobs are the target's."""
     engine = Engine(target, max_batch=2, max_len=96)
-    requests = seeded_requests()
-    plain, _ = serve(engine, requests, "off")
     draft = Engine(drafts["near"], max_batch=2, max_len=96)
-    spec, counts = serve(engine, requests, "draft", draft=draft)
-    again, _ = serve(engine, requests, "draft", draft=draft)
-    assert spec == plain == again
-    assert counts.accepted > 0
+    runs = []
+    for _ in range(2):
+        counts = Counts()
+        b = Batcher(engine, metrics=counts, speculate="draft", draft=draft).start()
+        try:
+            runs.append([b.submit(p, sp.replace(logprobs=True)).result() for p, sp, _ in seeded_requests()])
+        finally:
+            b.stop(timeout=60)
+        assert counts.accepted > 0 and counts.proposed > counts.accepted
+    assert [(r.token_ids, r.logprobs) for r in runs[0]] == [(r.token_ids, r.logprobs) for r in runs[1]]
+    ref = Engine(target, max_batch=1, max_len=96)
+    for (prompt, *_), r in zip(seeded_requests(), runs[0]):
+        logits = [ref.prefill([0], [prompt])[0]]
+        logits += [ref.decode([t], [len(prompt) + i], slots=[0])[0] for i, t in enumerate(r.token_ids[:-1])]
+        want = [np.log(softmax(np.asarray(x, np.float64))[t]) for x, t in zip(logits, r.token_ids)]
+        np.testing.assert_allclose(r.logprobs, want, rtol=1e-5)
+
+
+def test_sampled_tokens_through_the_batcher_follow_the_target(tiny_config, target, drafts):
+    """Chi-square over many seeded requests through the batcher with a draft (temperature 1,
+    top-k 4): the first two tokens (the second always a draft proposal judged by the rejection
+    rule, kept or drawn from the residual) follow the target's joint distribution, and the second
+    is kept with probability E[sum(min(p, q))] (the point-mass rule keeps a greedy proposal with
+    probability E[p(argmax q)])."""
+    params = SamplingParams(temperature=1.0, top_k=4, max_new_tokens=3, ignore_eos=True, stop_token_ids=[])
+    prompt = random_ids(6, 512, seed=80)
+    ref, ref_draft = Engine(target, max_batch=1, max_len=32), Engine(drafts["near"], max_batch=1, max_len=32)
+    p1 = SequenceState(prompt, params, vocab_size=512).probs(ref.prefill([0], [prompt])[0])
+    joint, keep = {}, 0.0
+    for t1 in np.flatnonzero(p1):
+        at = SequenceState(prompt, params, vocab_size=512)
+        at.resume([int(t1)])
+        p2 = at.probs(ref.prefill([0], [prompt + [int(t1)]])[0])
+        q2 = at.probs(ref_draft.prefill([0], [prompt + [int(t1)]])[0])
+        keep += p1[t1] * np.minimum(p2, q2).sum()
+        joint.update({(int(t1), int(t2)): p1[t1] * p2[t2] for t2 in np.flatnonzero(p2)})
+    n = 1500
+    counts = Counts()
+    engine, draft = Engine(target, max_batch=4, max_len=32), Engine(drafts["near"], max_batch=4, max_len=32)
+    b = Batcher(engine, max_queue=n, metrics=counts, speculate="draft", draft=draft).start()
+    try:
+        handles = [b.submit(prompt, params.replace(seed=s)) for s in range(n)]
+        pairs = [tuple(h.result().token_ids[:2]) for h in handles]
+    finally:
+        b.stop(timeout=60)
+    assert counts.proposed == n  # one proposal each, for the second token
+    assert set(pairs) <= set(joint)
+    cells = sorted(joint)
+    seen = np.array([pairs.count(c) for c in cells])
+    assert stats.chisquare(seen, np.array([joint[c] for c in cells]) * n).pvalue > 1e-3
+    assert stats.binomtest(counts.accepted, n, keep).pvalue > 1e-3
+
+
+def test_a_self_draft_keeps_nearly_every_sampled_proposal(target):
+    """A draft with the target's weights, sampled at temperature 0.8 with top-p: its q is the
+    target's p, so the rejection rule keeps its proposals (the point-mass rule kept 10 of 58 of the
+    demo model's: a greedy proposal had to be the sampled token)."""
+    engine, draft = (Engine(target, max_batch=2, max_len=96) for _ in range(2))
+    requests = [(random_ids(n, 512, seed=90 + n), SamplingParams(max_new_tokens=40, temperature=0.8, top_p=0.95,
+                                                                  seed=n, ignore_eos=True), None) for n in (4, 9, 6)]
+    _, counts = serve(engine, requests, "draft", draft=draft)
+    assert counts.proposed > 30 and counts.accepted > 0.8 * counts.proposed
 
 
 def test_a_resumed_request_continues_exactly_with_a_draft(target, drafts):

@@ -71,6 +71,23 @@ def test_a_draft_model_counts_its_weights_and_its_cache_of_the_same_slots():
     assert plan_serving(target, "bfloat16", "float16", 18 * GIB).max_batch >= 1  # fits alone
 
 
+def test_a_draft_with_fewer_positions_cuts_the_default_and_refuses_more():
+    """A draft of 2048 trained positions (InternLM-7B's shape, no dynamic NTK) beside a target of
+    32k: the default positions are cut to the draft's, with the reason; --max-len past them is
+    refused by name, before anything loads; a dynamic-NTK draft (InternLM2) cuts nothing."""
+    target, short = Config.from_name("internlm2_5-7b-chat"), Config.from_name("internlm-7b")
+    assert short.position_limit == 2048 and V2_1_8B.position_limit is None
+    for available in (None, 64 * GIB):
+        plan = plan_serving(target, "bfloat16", "float16", available, draft=(short, "bfloat16"))
+        assert plan.max_len == 2048 and "positions cut to the draft model's 2048" in plan.reason
+    assert plan_serving(target, "bfloat16", "float16", 64 * GIB, max_len=2048, draft=(short, "bfloat16")).max_len == 2048
+    for batch in (None, 2):
+        with pytest.raises(ValueError, match="--max-len 4096 exceeds the draft model's 2048 positions"):
+            plan_serving(target, "bfloat16", "float16", 64 * GIB, batch, 4096, draft=(short, "bfloat16"))
+    plan = plan_serving(target, "bfloat16", "float16", 64 * GIB, draft=(V2_1_8B, "bfloat16"))
+    assert plan.max_len == DEFAULT_MAX_LEN and "cut to the draft" not in plan.reason
+
+
 def test_a_model_that_cannot_fit_is_refused_before_loading_with_its_numbers():
     cfg = Config.from_name("internlm2_5-7b-chat")  # 7.7 B parameters: 31 GB as float32
     with pytest.raises(MemoryError, match=r"cannot be served here: its weights take 28.8 GiB as float32, .* only "

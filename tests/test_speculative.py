@@ -119,6 +119,74 @@ def test_accepted_tokens_follow_the_target_distribution(params, proposal):
     assert stats.chisquare(after_reject[rest_live], rest[rest_live] / rest.sum() * after_reject.sum()).pvalue > 1e-3
 
 
+# A draft's distribution at the first position: unlike the target's (it favours 2 and 3), on a token
+# the target's top-k drops (5) and missing one the target likes (1).
+Q = np.array([0.3, 0.0, 0.35, 0.2, 0.05, 0.1])
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1.0, max_new_tokens=4, ignore_eos=True, stop_token_ids=[]),
+    SamplingParams(temperature=0.7, top_k=4, top_p=0.95, repetition_penalty=1.3, max_new_tokens=4,
+                   stop_token_ids=[]),
+], ids=["plain", "processed"])
+def test_the_rejection_rule_gives_the_target_distribution_and_keeps_min_p_q(params):
+    """Chi-square over many seeded draws: a proposal drawn from the draft's q (``draft_uniforms``,
+    as ``DraftSampler`` draws it) and judged by ``accept`` gives a first token that follows the
+    target's processed p, and is kept with probability sum(min(p, q)) (the point-mass rule keeps
+    it with probability sum(p q): 0.27 against 0.59 here); a kept proposal brings the next row's token."""
+    from internlm_core.generation import draw
+
+    prompt = [1, 2]
+    target = SequenceState(prompt, params, vocab_size=V).probs(LOGITS[0])
+    n = 4000
+    first, kept = np.zeros(V), 0
+    for seed in range(n):
+        state = SequenceState(prompt, params.replace(seed=seed), vocab_size=V)
+        x = draw(Q, state.draft_uniforms(0)[0])
+        events = list(accept(state, LOGITS, [x], draft_probs=[Q]))
+        first[events[0].token_id] += 1
+        kept += events[0].token_id == x
+        assert len(events) == (2 if events[0].token_id == x else 1)
+    live = target > 0
+    assert first[~live].sum() == 0
+    assert stats.chisquare(first[live], target[live] * n).pvalue > 1e-3
+    assert stats.binomtest(kept, n, np.minimum(target, Q).sum()).pvalue > 1e-3
+
+
+def test_draft_sampler_processes_each_proposal_as_the_target_will():
+    """Fed the target's own rows, ``DraftSampler``'s q_j are the target's p_j bit for bit at every
+    position (penalties counting the proposals before it, min_tokens' stop mask lifting on the
+    way), so the rejection rule keeps every proposal; the tokens and logprobs are the target's."""
+    from internlm_core.speculative import DraftSampler
+
+    params = SamplingParams(temperature=0.8, top_k=5, top_p=0.9, repetition_penalty=1.4, presence_penalty=0.5,
+                            frequency_penalty=0.3, min_new_tokens=2, stop_token_ids=[3], max_new_tokens=8,
+                            seed=11, logprobs=True)
+    rows = np.random.default_rng(1).normal(0, 1, (5, V)).astype(np.float32)
+    rows[:, 3] += 3  # the stop id is likely once it may come
+    state = SequenceState([1, 4], params, vocab_size=V)
+    sampler = DraftSampler(state)
+    proposals = [sampler(r) for r in rows[:3]]
+    events = []
+    for j, event in enumerate(accept(state, rows[:4], proposals, draft_probs=sampler.q)):
+        events.append(event)
+        if j < 3:
+            np.testing.assert_array_equal(sampler.q[j], _probs_before(state, rows[j]))
+    assert [e.token_id for e in events][:3] == proposals  # all kept (then the bonus token, or the stop id ended it)
+    assert len(events) == 4 or (len(events) == 3 and events[-1].finish_reason == "eos")
+    assert sampler.q[0][3] == 0 and sampler.q[2][3] > 0  # the stop id masked for the first two tokens only
+    for e, r in zip(events, rows):
+        assert e.logprob == pytest.approx(float(np.log(softmax(r.astype(np.float64))[e.token_id])))
+
+
+def _probs_before(state, row):
+    """The target's p at the token ``state`` last recorded: recomputed from a copy of the state
+    that has not recorded it (the same prompt, params and tokens)."""
+    probe = SequenceState(state.prompt, state.params, vocab_size=state.vocab_size)
+    probe.resume(state.generated[:-1])
+    return probe.probs(row)
+
+
 def _filtered(state, logits):
     """The logits ``SequenceState.choose`` samples from (temperature, top-k/p, min-p applied)."""
     from internlm_core.generation import apply_temperature, min_p_filter, top_k_filter, top_p_filter

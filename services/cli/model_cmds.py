@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import sys
 
+from internlm_core.batching import SPECULATION, Batcher, BatcherMetrics
+from internlm_core.draft import check_draft_model
 from internlm_core.config import DTYPES
 from internlm_core.memory import CACHE_DTYPES
 from internlm_core.quantize import METHODS
@@ -40,7 +42,15 @@ def register(sub) -> None:
                    help="with --model: quantise a float model's linears to int8 while loading (local only)")
     g.add_argument("--kv-cache-dtype", choices=CACHE_DTYPES,
                    help="the KV cache's dtype with --model (default: float16 on the CPU kernels, float32 otherwise)")
-    g.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    g.add_argument("--speculate", choices=("auto", *SPECULATION),
+                   help="with --model: speculative decoding, as the worker's option (default: off, or auto with "
+                        "--draft-model; auto: draft with --draft-model, else ngram where the CPU kernels serve); "
+                        "without --model only 'off', which opts this request out of the stack's")
+    g.add_argument("--draft-model", metavar="DIR",
+                   help="with --model: a smaller model folder with the same tokenizer whose tokens are verified as "
+                        "proposals (--speculate draft or auto)")
+    g.add_argument("--json", action="store_true", help="print one JSON object at the end (with --speculate: "
+                                                        "the proposals made and kept)")
     g.set_defaults(func=generate)
 
 
@@ -141,6 +151,10 @@ def generate(args) -> int:
     if not args.model:
         if args.quantize:
             raise ValueError("--quantize applies to a local --model (a worker quantises with its own --quantize)")
+        if args.speculate not in (None, "off") or args.draft_model:
+            raise ValueError(f"{'--draft-model' if args.draft_model else '--speculate ' + args.speculate} applies to a "
+                             "local --model (the stack's workers speculate by their own options; --speculate off "
+                             "opts this request out)")
         from services.cli.remote import remote_generate  # gRPC lives in services, never in the core
 
         return remote_generate(args)
@@ -173,19 +187,67 @@ def generate(args) -> int:
     if len(prompt) >= cfg.max_position_embeddings:
         raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in the model's "
                          f"{cfg.max_position_embeddings} positions")
-    engine = open_engine(args.model, max_batch=1,
-                         max_len=min(cfg.max_position_embeddings, len(prompt) + params.max_new_tokens + 1),
-                         quantize=args.quantize, cache_dtype=args.kv_cache_dtype)
+    speculate = args.speculate or ("auto" if args.draft_model else "off")  # a draft given is used
+    draft_cfg = check_draft_model(speculate, args.draft_model, args.model, cfg, tok)  # before any weights load
+    max_len = min(cfg.max_position_embeddings, len(prompt) + params.max_new_tokens + 1)
+    limit = draft_cfg and draft_cfg.position_limit
+    if limit and max_len > limit:  # the draft's engine holds the target's positions
+        raise ValueError(f"--draft-model {args.draft_model}: the prompt and --max-new-tokens take {max_len} "
+                         f"positions, the draft model has {limit}")
+    engine = open_engine(args.model, max_batch=1, max_len=max_len, quantize=args.quantize,
+                         cache_dtype=args.kv_cache_dtype)
+    if speculate == "auto":  # as the worker's
+        speculate = "draft" if draft_cfg else "ngram" if engine.kernels else "off"
+    counts = SpeculationCounts(speculate)
+    if speculate == "off":
+        events = core_generate(engine, prompt, params, tok)
+    else:
+        events = speculative_generate(engine, tok, prompt, params, speculate, args, counts)
     ids, reason, text = [], None, []
-    for ev in core_generate(engine, prompt, params, tok):
+    for ev in events:
         ids.append(ev.token_id)
         text.append(ev.text)
         reason = ev.finish_reason
         if not args.json:
             print(ev.text, end="", flush=True)
     if args.json:
-        print(json.dumps({"token_ids": ids, "text": "".join(text), "finish_reason": reason,
-                          "prompt_tokens": len(prompt), "seed": params.seed}, ensure_ascii=False))
+        out = {"token_ids": ids, "text": "".join(text), "finish_reason": reason, "prompt_tokens": len(prompt),
+               "seed": params.seed}
+        if speculate != "off":
+            out["speculation"] = vars(counts)
+        print(json.dumps(out, ensure_ascii=False))
     else:
         print()
     return 0
+
+
+class SpeculationCounts(BatcherMetrics):
+    """What a local speculative run reports with --json: the method, proposals made and kept."""
+
+    def __init__(self, method: str):
+        self.method, self.proposed, self.accepted, self.steps = method, 0, 0, 0
+
+    def speculation(self, proposed, accepted, method):
+        self.proposed += proposed
+        self.accepted += accepted
+        self.steps += 1
+
+
+def speculative_generate(engine, tok, prompt, params, speculate, args, counts):
+    """The events of one request through a one-slot batcher that speculates (as a worker's does);
+    ValueError where it cannot (an engine off the CPU kernels)."""
+    from internlm_core.engine import open_engine
+
+    draft = None
+    if speculate == "draft":  # the same slot and positions, its cache in the same dtype
+        draft = open_engine(args.draft_model, max_batch=1, max_len=engine.max_len, quantize=args.quantize,
+                            cache_dtype=engine.cache_dtype)
+    try:
+        batcher = Batcher(engine, tok, metrics=counts, speculate=speculate, draft=draft)
+    except ValueError as e:
+        raise ValueError(f"--speculate {args.speculate}: {e}") from None
+    batcher.start()
+    try:
+        yield from batcher.submit(prompt, params)
+    finally:
+        batcher.stop(drain=False, timeout=60)

@@ -35,6 +35,8 @@ def generate_request(args) -> inference_pb2.GenerateRequest:
             setattr(params, name, value)
     from services.cli.model_cmds import grammar_from_args, prompt_messages
 
+    if getattr(args, "speculate", None) == "off":  # (the others are refused without --model: model_cmds)
+        params.speculate = False
     if (grammar := grammar_from_args(args)) is not None:
         params.grammar.CopyFrom(grammar_to_pb(grammar))
     request = inference_pb2.GenerateRequest(params=params, adapter=getattr(args, "adapter", None) or "",

@@ -82,7 +82,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model", "preset", "dtype", "max_len", "vocab_size", "adapters", "max_batch", "num_parameters", "kv_cache_bytes", "kv_cache_bytes_per_slot", "quantization", "weight_bytes")
+    __slots__ = ("model", "preset", "dtype", "max_len", "vocab_size", "adapters", "max_batch", "num_parameters", "kv_cache_bytes", "kv_cache_bytes_per_slot", "quantization", "weight_bytes", "speculation", "draft_model")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PRESET_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,8 @@ class ModelInfoResponse(_message.Message):
     KV_CACHE_BYTES_PER_SLOT_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SPECULATION_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_MODEL_FIELD_NUMBER: _ClassVar[int]
     model: str
     preset: str
     dtype: str
@@ -107,4 +109,6 @@ class ModelInfoResponse(_message.Message):
     kv_cache_bytes_per_slot: int
     quantization: str
     weight_bytes: int
-    def __init__(self, model: _Optional[str] = ..., preset: _Optional[str] = ..., dtype: _Optional[str] = ..., max_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., adapters: _Optional[_Iterable[str]] = ..., max_batch: _Optional[int] = ..., num_parameters: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., kv_cache_bytes_per_slot: _Optional[int] = ..., quantization: _Optional[str] = ..., weight_bytes: _Optional[int] = ...) -> None: ...
+    speculation: str
+    draft_model: str
+    def __init__(self, model: _Optional[str] = ..., preset: _Optional[str] = ..., dtype: _Optional[str] = ..., max_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., adapters: _Optional[_Iterable[str]] = ..., max_batch: _Optional[int] = ..., num_parameters: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., kv_cache_bytes_per_slot: _Optional[int] = ..., quantization: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., speculation: _Optional[str] = ..., draft_model: _Optional[str] = ...) -> None: ...

@@ -8,7 +8,7 @@ import grpc
 import numpy as np
 import pytest
 
-from internlm_core.generation import SamplingParams, generate
+from internlm_core.generation import SamplingParams, generate, log_softmax
 from services.pb_convert import FINISH_FROM_PB, chat_to_pb, join_chunks, sampling_to_pb
 from services.pb import common_pb2, inference_pb2, inference_pb2_grpc
 from tests.services.conftest import WORKER_QUEUE, WORKER_SLOTS
@@ -60,28 +60,42 @@ def test_speculation_gives_the_same_tokens_and_is_counted(worker, core_engine, c
     off = sampling_to_pb(params.replace(speculate=False))
     r = s.GenerateUnary(inference_pb2.GenerateRequest(text=text, params=off), timeout=60)
     assert list(r.token_ids) == want and steps() == after
+    info = s.ModelInfo(inference_pb2.ModelInfoRequest(), timeout=30)
+    assert (info.speculation, info.draft_model) == ("ngram", "")
 
 
 def test_a_worker_with_a_draft_model_gives_the_same_tokens(chat_model_dir, stack_dir, core_engine, core_tokenizer):
     """``--draft-model`` (here the model itself: the same tokenizer) and ``--speculate auto``: the
-    worker speculates with the draft; a request gets core generate's tokens, greedy and seeded,
-    and the speculation metrics count draft proposals, kept ones giving more than a token a step."""
+    worker speculates with the draft, and ModelInfo says so; a greedy request gets core generate's
+    tokens; a seeded sampled one (its proposals sampled, kept by the rejection rule) repeats
+    exactly, with the target's logprobs; the speculation metrics count draft proposals, kept ones
+    giving more than a token a step (a self-draft's samples are its target's: nearly all kept)."""
     from tests.services.conftest import start_worker
 
     w = start_worker(chat_model_dir, "", stack_dir, "worker-draft", "--draft-model", str(chat_model_dir))
     try:
         s = stub(w.wait_healthy())
+        info = s.ModelInfo(inference_pb2.ModelInfoRequest(), timeout=30)
+        assert (info.speculation, info.draft_model) == ("draft", chat_model_dir.name)
         series = lambda name: w.metric(f'internlm_spec_decode_{name}{{method="draft"}}')  # noqa: E731
-        before = [series(n) for n in ("draft_tokens_total", "tokens_per_step_sum", "tokens_per_step_count")]
-        for params in (SamplingParams(max_new_tokens=24, ignore_eos=True),
-                       SamplingParams(max_new_tokens=24, temperature=0.8, top_k=50, seed=7, ignore_eos=True)):
-            text = "The history of the city"
-            want = core_generate(core_engine, core_tokenizer, core_tokenizer.encode(text), params)[0]
-            r = s.GenerateUnary(inference_pb2.GenerateRequest(text=text, params=sampling_to_pb(params)), timeout=60)
-            assert list(r.token_ids) == want
-        proposed, tokens, steps = (series(n) - b for n, b in zip(
-            ("draft_tokens_total", "tokens_per_step_sum", "tokens_per_step_count"), before))
-        assert proposed > 0 and tokens / steps > 1.5
+        names = ("draft_tokens_total", "accepted_tokens_total", "tokens_per_step_sum", "tokens_per_step_count")
+        text = "The history of the city"
+        greedy = SamplingParams(max_new_tokens=24, ignore_eos=True)
+        want = core_generate(core_engine, core_tokenizer, core_tokenizer.encode(text), greedy)[0]
+        r = s.GenerateUnary(inference_pb2.GenerateRequest(text=text, params=sampling_to_pb(greedy)), timeout=60)
+        assert list(r.token_ids) == want
+        before = [series(n) for n in names]
+        sampled = SamplingParams(max_new_tokens=24, temperature=0.8, top_k=50, seed=7, ignore_eos=True, logprobs=True)
+        runs = [s.GenerateUnary(inference_pb2.GenerateRequest(text=text, params=sampling_to_pb(sampled)), timeout=60)
+                for _ in range(2)]
+        assert list(runs[0].token_ids) == list(runs[1].token_ids) and len(runs[0].token_ids) == 24
+        prompt, tokens = core_tokenizer.encode(text), list(runs[0].token_ids)
+        logits = [core_engine.prefill([0], [prompt])[0]]  # the target's, token by token
+        logits += [core_engine.decode([t], [len(prompt) + i], slots=[0])[0] for i, t in enumerate(tokens[:-1])]
+        want = [log_softmax(np.asarray(x, np.float64))[t] for x, t in zip(logits, tokens)]
+        np.testing.assert_allclose(runs[0].logprobs, want, atol=1e-4)
+        proposed, accepted, tokens, steps = (series(n) - b for n, b in zip(names, before))
+        assert proposed > 0 and accepted > 0.8 * proposed and tokens / steps > 1.5
     finally:
         w.stop()
     assert "speculative decoding: draft (draft model" in w.log.read_text()

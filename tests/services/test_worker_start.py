@@ -78,6 +78,36 @@ def test_a_draft_model_that_cannot_serve_as_one_is_refused_at_start(chat_model_d
     (exported / MANIFEST_FILE).write_text("{}")
     out = start("--draft-model", str(exported))
     assert out.returncode != 0 and "an exported model cannot be a draft" in out.stderr
+    out = start("--draft-model", str(short_draft(chat_model_dir, tmp_path)), "--max-len", "256")
+    assert out.returncode != 0 and "--max-len 256 exceeds the draft model's 128 positions" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def short_draft(model_dir, tmp_path):
+    """The model of ``model_dir`` as a draft that has 128 trained positions (the target 256)."""
+    import shutil
+
+    folder = tmp_path / "short-draft"
+    shutil.copytree(model_dir, folder)
+    Config.from_checkpoint(folder).replace(max_position_embeddings=128).save(folder)
+    return folder
+
+
+def test_a_draft_with_fewer_positions_cuts_the_workers_and_model_info_names_it(chat_model_dir, tmp_path):
+    """A draft of 128 positions beside a target of 256: the worker's positions are cut to 128
+    (logged with the reason) before anything loads, and ModelInfo names the draft and the method."""
+    draft = short_draft(chat_model_dir, tmp_path)
+    worker = Service("services.inference_worker", ["--model", str(chat_model_dir), "--redis-url", "",
+                                                   "--max-batch", "2", "--draft-model", str(draft)],
+                     tmp_path / "worker.log", free_port(), free_port()).wait_healthy()
+    try:
+        info = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(worker.address)).ModelInfo(
+            inference_pb2.ModelInfoRequest(), timeout=30)
+        assert (info.max_len, info.speculation, info.draft_model) == (128, "draft", "short-draft")
+    finally:
+        worker.stop()
+    assert "2 slots x 128 positions" in worker.log.read_text()
+    assert "positions cut to the draft model's 128" in worker.log.read_text()
 
 
 def test_a_worker_whose_redis_is_down_serves_and_registers_once_it_is_up(chat_model_dir, tmp_path):
