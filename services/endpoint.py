@@ -4,7 +4,9 @@ One address for clients, two doors onto one in-process gateway (``gateway.py``: 
 least-loaded live inference worker, generation with failover, model info, the jobs). The gRPC
 door, here: ``internlm.v1.Inference`` and ``internlm.v1.Endpoint`` (the workers) as calls of the
 gateway, the Jobs API when the jobs package is installed, and ``internlm.v1.Tokenizer`` passed
-through to the tokenizer service. Statuses from behind pass through as they are.
+through to the tokenizer service. Statuses from behind pass through as they are. The door is a
+``grpc.aio`` server on the gateway's own event loop (``server_common.AioServer``): a call, a stream
+included, is a task of that loop and holds no thread.
 
 With ``--http-port`` it also serves HTTP (``services/openai_api.py``): the OpenAI API, health,
 metrics and the web console, over the same gateway. ``--api-key`` (or INTERNLM_API_KEY; several,
@@ -18,15 +20,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+from concurrent import futures
 from types import SimpleNamespace
 
 import grpc
 
-from services.auth import API_KEY_ENV, INTERNAL_TOKEN_ENV, TLS_CERT_ENV, TLS_KEY_ENV, parse_keys, tls_pair, with_bearer
+from services.auth import API_KEY_ENV, INTERNAL_TOKEN_ENV, TLS_CERT_ENV, TLS_KEY_ENV, bearer, parse_keys, tls_pair
 from services.gateway import Gateway, Router
 from services.pb_convert import join_chunks
 from services.pb import endpoint_pb2, endpoint_pb2_grpc, inference_pb2, inference_pb2_grpc, jobs_pb2, jobs_pb2_grpc, tokenizer_pb2
-from services.server_common import MAX_STREAMS, MAX_STREAMS_PER_KEY, Server, StreamLimit, env_default, setup_logging
+from services.server_common import (MAX_STREAMS, MAX_STREAMS_PER_KEY, UNARY_HEADROOM, AioServer, StreamLimit, env_default,
+                                    setup_logging)
 
 log = logging.getLogger("internlm.endpoint")
 
@@ -34,8 +38,8 @@ INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["Inference"]
 TOKENIZER = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"]
 ENDPOINT = endpoint_pb2.DESCRIPTOR.services_by_name["Endpoint"]
 JOBS = jobs_pb2.DESCRIPTOR.services_by_name["Jobs"]
-# Unary calls that can hold a thread long, counted with the streams (``StreamLimit``): generation,
-# and the tokenizer's, each waiting on the tokenizer service (a few threads) for megabytes of text.
+# Unary calls that run long, counted with the streams (``StreamLimit``): generation (a worker's slot
+# or queue place), and the tokenizer's, each waiting on the tokenizer service for megabytes of text.
 HELD = [f"/{INFERENCE.full_name}/GenerateUnary", *(f"/{TOKENIZER.full_name}/{m.name}" for m in TOKENIZER.methods)]
 
 
@@ -46,44 +50,46 @@ def _timeout(context) -> float | None:
 
 
 class InferenceDoor(inference_pb2_grpc.InferenceServicer):
-    """The gRPC door of the gateway's generation and model info."""
+    """The gRPC door of the gateway's generation and model info, on the gateway's own loop: a
+    stream is read there directly, no thread each. A client's cancel or deadline cancels the call's
+    task, which cancels the worker's call (``gateway.Stream``)."""
 
     def __init__(self, gateway: Gateway):
         self.gateway = gateway
 
     def _stream(self, request, context):
-        stream = self.gateway.generate(request, context.invocation_metadata(), _timeout(context))
-        context.add_callback(stream.cancel)  # the client's cancel or deadline reaches the worker
-        return stream
+        return self.gateway.generate(request, context.invocation_metadata(), _timeout(context))
 
-    def Generate(self, request, context):
-        yield from self._stream(request, context)
+    async def Generate(self, request, context):
+        async for response in self._stream(request, context):
+            yield response
 
-    def GenerateUnary(self, request, context):
+    async def GenerateUnary(self, request, context):
         # Joined from the stream, so a worker lost half way loses none of the work done.
-        return join_chunks(self._stream(request, context))
+        return join_chunks([response async for response in self._stream(request, context)])
 
-    def ModelInfo(self, request, context):
-        return self.gateway.model_info(request.model, _timeout(context))
+    async def ModelInfo(self, request, context):
+        return await self.gateway.model_info_async(request.model, _timeout(context))
 
 
 class EndpointServicer(endpoint_pb2_grpc.EndpointServicer):
     def __init__(self, gateway: Gateway):
         self.gateway = gateway
 
-    def ListWorkers(self, request, context):
+    async def ListWorkers(self, request, context):
         return endpoint_pb2.ListWorkersResponse(workers=[
             endpoint_pb2.WorkerInfo(id=w.id, address=w.address, model=w.model, load=w.load,
                                     max_batch=w.max_batch, requests_routed=w.routed) for w in self.gateway.workers()])
 
 
-def tokenizer_passthrough(channel: grpc.Channel) -> grpc.GenericRpcHandler:
-    """Every Tokenizer method forwarded as raw bytes to the tokenizer service (nothing re-parsed)."""
+def tokenizer_passthrough(channel: grpc.aio.Channel, metadata=()) -> grpc.GenericRpcHandler:
+    """Every Tokenizer method forwarded as raw bytes to the tokenizer service (nothing re-parsed),
+    with ``metadata`` (the internal token); made on the loop that owns ``channel``."""
     def forward(path):
         upstream = channel.unary_unary(path)  # no (de)serializers: bytes in, bytes out
 
-        def handler(request: bytes, context):
-            return upstream(request, timeout=_timeout(context) or 30)
+        async def handler(request: bytes, context):
+            return await upstream(request, timeout=_timeout(context) or 30, metadata=metadata)
         return grpc.unary_unary_rpc_method_handler(handler)
 
     return grpc.method_handlers_generic_handler(
@@ -145,20 +151,24 @@ def main(argv: list[str] | None = None) -> None:
         streams = StreamLimit(args.max_streams, args.max_streams_per_key, keyed=bool(keys))
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    server = Server("endpoint", args.port, args.host, args.metrics_port, metrics_host=args.metrics_host,
-                    keys=keys, tls=tls, streams=streams, held=HELD)
     token = args.internal_token or None
     jobs = None if args.no_jobs else jobs_api(args.redis_url, args.store or None)
     gateway = Gateway(Router(args.redis_url, token=token).start(), keyed=bool(keys), jobs=jobs)
+    server = AioServer("endpoint", args.port, gateway.router.loop, args.host, args.metrics_port,
+                       metrics_host=args.metrics_host, keys=keys, tls=tls, streams=streams, held=HELD)
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceDoor(gateway), server.grpc)
     endpoint_pb2_grpc.add_EndpointServicer_to_server(EndpointServicer(gateway), server.grpc)
-    tokenizer = with_bearer(grpc.insecure_channel(args.tokenizer_address), token)
-    server.grpc.add_generic_rpc_handlers([tokenizer_passthrough(tokenizer)])
+    metadata = (bearer(token),) if token else ()
+    server.grpc.add_generic_rpc_handlers([server.call(
+        lambda: tokenizer_passthrough(grpc.aio.insecure_channel(args.tokenizer_address), metadata))])
     services = [INFERENCE.full_name, TOKENIZER.full_name, ENDPOINT.full_name]
     if jobs is not None:
-        from services.jobs.api import JobsServicer
+        from services.jobs.api import AioJobsServicer
 
-        jobs_pb2_grpc.add_JobsServicer_to_server(JobsServicer(jobs), server.grpc)
+        # Jobs reads Redis and the store with blocking clients: its calls run on threads of their own,
+        # made as needed, at most one per long call admitted (a watcher waits on one) and the headroom.
+        pool = futures.ThreadPoolExecutor(streams.total + UNARY_HEADROOM, thread_name_prefix="jobs")
+        jobs_pb2_grpc.add_JobsServicer_to_server(AioJobsServicer(jobs, pool), server.grpc)
         services.append(JOBS.full_name)
     if not keys:
         log.warning("no API key: anyone who reaches %s:%d can call every service (see --api-key)", args.host, args.port)

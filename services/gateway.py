@@ -1,8 +1,9 @@
 """The endpoint's gateway: everything its two doors serve, called in process.
 
     gateway = Gateway(Router(redis_url, token=token).start(), keyed=bool(keys), jobs=Jobs(settings))
-    stream = gateway.generate(request, metadata, timeout)   # GenerateResponses; stream.cancel()
-    gateway.model_info("m"), gateway.resolve("adapter-or-model"), gateway.workers(), gateway.jobs
+    stream = gateway.generate(request, metadata, timeout)   # async for: GenerateResponses; stream.cancel()
+    gateway.model_info("m") (await gateway.model_info_async("m") on the router's loop),
+    gateway.resolve("adapter-or-model"), gateway.workers(), gateway.jobs
 
 The gRPC servicers (``endpoint.py``) and the HTTP routes (``openai_api.py``, ``console_api.py``)
 each only translate their wire form to and from these calls, so routing, failover, model info and
@@ -14,6 +15,7 @@ Token strings (logprobs) come from the worker that generated them, named by its 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import threading
@@ -63,7 +65,8 @@ class WorkerRef:
 class Router:
     """The live workers, refreshed from Redis in the background; picks the least loaded. Its calls
     to the workers run on its one event loop (``loop``, a thread of its own) over ``grpc.aio``
-    channels: a stream costs no thread here, whichever door it came in by."""
+    channels: a stream costs no thread here, whichever door it came in by. The endpoint's gRPC
+    server runs on the same loop (``server_common.AioServer``)."""
 
     def __init__(self, redis_url: str, refresh_s: float = 0.5, token: str | None = None):
         self.r = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
@@ -191,9 +194,9 @@ def with_seed(request: inference_pb2.GenerateRequest) -> inference_pb2.GenerateR
 
 class Stream:
     """One request's generation. When a worker goes away mid-stream, another continues the request
-    from the tokens already streamed (``resume_ids``), so the caller sees one stream. Iterate it
-    (``for``, on a thread: the gRPC door) or ``async for`` it (on any event loop: the HTTP door);
-    both read the one failover loop, ``_responses``, which runs on the router's loop. ``cancel()``,
+    from the tokens already streamed (``resume_ids``), so the caller sees one stream. ``async for`` it
+    on any event loop: on the router's own (the gRPC door) it reads the one failover loop,
+    ``_responses``, directly; on another (the HTTP door) each step is run on the router's loop. ``cancel()``,
     from any thread (the caller went away, its deadline passed), cancels the worker's call at
     once, so the worker frees the slot within a step; the stream then ends with ``Cancelled``."""
 
@@ -269,19 +272,13 @@ class Stream:
     def _close(self, responses) -> None:
         asyncio.run_coroutine_threadsafe(_aclose(responses), self.router.loop)
 
-    def __iter__(self):
-        responses = self._responses()
-        try:
-            while True:
-                try:
-                    yield self._step(responses).result()
-                except StopAsyncIteration:
-                    return
-        finally:
-            self._close(responses)
-
     async def __aiter__(self):
-        responses = self._responses()
+        if asyncio.get_running_loop() is self.router.loop:  # a door on the router's own loop (gRPC's): no hop
+            async with contextlib.aclosing(self._responses()) as responses:
+                async for response in responses:
+                    yield response
+            return
+        responses = self._responses()  # on another loop (HTTP's): each step run on the router's
         try:
             while True:
                 try:
@@ -320,15 +317,16 @@ class Gateway:
         return Stream(self.router, with_seed(request), self.tenant(metadata),
                       None if timeout is None else time.monotonic() + timeout)
 
-    def model_info(self, model: str, timeout: float | None = None) -> inference_pb2.ModelInfoResponse:
-        """A live worker's ModelInfo for ``model`` ('' = any), asked now."""
+    async def model_info_async(self, model: str, timeout: float | None = None) -> inference_pb2.ModelInfoResponse:
+        """A live worker's ModelInfo for ``model`` ('' = any), asked now (on the router's loop)."""
         request = inference_pb2.ModelInfoRequest(model=model)
         check_names(request)
         w = self.router.any_worker(model)
+        return await self.router.stub(w).ModelInfo(request, timeout=timeout or 10, metadata=self.router.metadata)
 
-        async def ask():
-            return await self.router.stub(w).ModelInfo(request, timeout=timeout or 10, metadata=self.router.metadata)
-        return self.router.run(ask())
+    def model_info(self, model: str, timeout: float | None = None) -> inference_pb2.ModelInfoResponse:
+        """``model_info_async`` from a thread not the router's loop."""
+        return self.router.run(self.model_info_async(model, timeout))
 
     def cached_info(self, model: str) -> inference_pb2.ModelInfoResponse:
         """``model_info``, reused for INFO_TTL_S (adapters can come with a worker that joins later)."""

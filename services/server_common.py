@@ -16,7 +16,9 @@ INVALID_ARGUMENT with the parser's message, instead of grpc's bare "Exception de
 """
 from __future__ import annotations
 
+import asyncio
 import collections
+import inspect
 import logging
 import os
 import signal
@@ -32,7 +34,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from internlm_core import errors
-from services.auth import (HEALTH_PREFIX, INTERNAL_TOKEN_ENV, NEED_KEY, KeyInterceptor, client_channel,
+from services.auth import (HEALTH_PREFIX, INTERNAL_TOKEN_ENV, NEED_KEY, AioKeyInterceptor, KeyInterceptor, client_channel,
                            server_credentials, tenant_of)
 
 log = logging.getLogger("internlm.server")
@@ -102,23 +104,60 @@ def _lenient(deserialize):
     return parse
 
 
+def _aborted(context) -> bool:
+    """Whether the call was already aborted with its own status (its exception passes as it is)."""
+    return context.code() not in (None, grpc.StatusCode.OK)
+
+
+def _around(behaviour, begin, fail=None, end=None):
+    """A ``grpc.aio`` handler's behaviour (a coroutine function, or an async generator function for
+    a response stream) wrapped: ``await begin(request, context)`` first, ``await fail(e, context)``
+    for an exception it raises, ``end()`` once it is over (not when ``begin`` refused the call)."""
+    if inspect.isasyncgenfunction(behaviour):
+        async def responses(request, context):
+            await begin(request, context)
+            try:
+                async for response in behaviour(request, context):
+                    yield response
+            except Exception as e:  # noqa: BLE001 - handed to ``fail`` (or raised again without one)
+                if fail is None:
+                    raise
+                await fail(e, context)
+            finally:
+                if end is not None:
+                    end()
+        return responses
+
+    async def response(request, context):
+        await begin(request, context)
+        try:
+            return await behaviour(request, context)
+        except Exception as e:  # noqa: BLE001
+            if fail is None:
+                raise
+            await fail(e, context)
+        finally:
+            if end is not None:
+                end()
+    return response
+
+
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Maps exceptions to status codes and counts RPCs, for every method of the server."""
 
     def intercept_service(self, continuation, details):
-        handler = continuation(details)
+        return self._wrap(continuation(details), details.method)
+
+    def _wrap(self, handler, method: str):
         if handler is None or handler.request_streaming:
             return handler
-        method = details.method
-        if handler.unary_unary:
-            return handler._replace(unary_unary=self._unary(method, handler.unary_unary),
-                                    request_deserializer=_lenient(handler.request_deserializer))
-        return handler._replace(unary_stream=self._stream(method, handler.unary_stream),
+        kind, wrap = ("unary_stream", self._stream) if handler.response_streaming else ("unary_unary", self._unary)
+        return handler._replace(**{kind: wrap(method, getattr(handler, kind))},
                                 request_deserializer=_lenient(handler.request_deserializer))
 
     @staticmethod
     def _fail(method: str, e: BaseException, context) -> None:
-        if context.code() not in (None, grpc.StatusCode.OK):  # the servicer aborted with its own status
+        if _aborted(context):
             raise e
         context.abort(*reported_status(method, e))
 
@@ -152,6 +191,28 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             except Exception as e:  # noqa: BLE001
                 self._fail(method, e, context)
         return wrapper
+
+
+class AioErrorInterceptor(ErrorInterceptor, grpc.aio.ServerInterceptor):
+    """``ErrorInterceptor`` on a ``grpc.aio`` server: the same mapping and metrics, for async servicers."""
+
+    async def intercept_service(self, continuation, details):
+        return self._wrap(await continuation(details), details.method)
+
+    def _unary(self, method, behaviour):
+        async def begin(request, context):
+            start = time.monotonic()
+            context.add_done_callback(lambda _: self._done(method, context, start))
+            if isinstance(request, _Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}")
+
+        async def fail(e, context):
+            if _aborted(context):
+                raise e
+            await context.abort(*reported_status(method, e))
+        return _around(behaviour, begin, fail)
+
+    _stream = _unary  # ``_around`` keeps the behaviour's form
 
 
 class StreamLimit:
@@ -200,22 +261,26 @@ class StreamLimit:
 class StreamLimitInterceptor(grpc.ServerInterceptor):
     """Every stream but health's (a stream of responses, of requests, or both: reflection's waits on
     its client) and the unary methods named in ``held`` go through ``limit`` for as long as they
-    run (the thread they hold); a call refused is answered RESOURCE_EXHAUSTED with the cap's
-    message."""
+    run; a call refused is answered RESOURCE_EXHAUSTED with the cap's message."""
 
     def __init__(self, limit: StreamLimit, held=()):
         self.limit, self.held = limit, frozenset(held)
 
     def intercept_service(self, continuation, details):
-        handler = continuation(details)
+        return self._wrap(continuation(details), details)
+
+    def _wrap(self, handler, details):
         if (handler is None or details.method.startswith(HEALTH_PREFIX)
                 or not (handler.request_streaming or handler.response_streaming or details.method in self.held)):
             return handler
-        limit, tenant = self.limit, self.limit.tenant(details.invocation_metadata)
         # the handler's one behaviour: unary_unary, unary_stream, stream_unary or stream_stream
         kind = "_".join("stream" if streaming else "unary"
                         for streaming in (handler.request_streaming, handler.response_streaming))
-        behaviour = getattr(handler, kind)
+        tenant = self.limit.tenant(details.invocation_metadata)
+        return handler._replace(**{kind: self._limited(getattr(handler, kind), tenant, handler.response_streaming)})
+
+    def _limited(self, behaviour, tenant: str, streaming: bool):
+        limit = self.limit
 
         def enter(context):
             try:
@@ -236,12 +301,33 @@ class StreamLimitInterceptor(grpc.ServerInterceptor):
                 return behaviour(request, context)
             finally:
                 limit.leave(tenant)
-        return handler._replace(**{kind: responses if handler.response_streaming else response})
+        return responses if streaming else response
+
+
+class AioStreamLimitInterceptor(StreamLimitInterceptor, grpc.aio.ServerInterceptor):
+    """``StreamLimitInterceptor`` on a ``grpc.aio`` server (where a stream holds no thread, but
+    still a worker's slot or queue place, or the tokenizer service's time)."""
+
+    async def intercept_service(self, continuation, details):
+        return self._wrap(await continuation(details), details)
+
+    def _limited(self, behaviour, tenant: str, streaming: bool):
+        limit = self.limit
+
+        async def enter(request, context):
+            try:
+                limit.enter(tenant)
+            except errors.TooManyCalls as e:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        return _around(behaviour, enter, end=lambda: limit.leave(tenant))
 
 
 def setup_logging(name: str) -> None:
     logging.basicConfig(level=os.environ.get("INTERNLM_LOGLEVEL", "INFO").upper(),
                         format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s")
+
+
+OPTIONS = [("grpc.so_reuseport", 0)]  # a port in use is an error at start, not shared with another server
 
 
 class Server:
@@ -254,26 +340,35 @@ class Server:
         ``tls``: (certificate, key) PEM files to serve TLS instead of plain text; ``streams``: the
         cap on long calls (every response stream, and the unary methods in ``held``), which sizes
         the thread pool instead of ``max_workers``."""
-        self.name, self.host, self.port, self.metrics_port = name, host, port, metrics_port
-        self.metrics_host, self.tls = metrics_host, tls
-        # After the error interceptor, so refused calls are counted in the RPC metrics too; the
-        # stream cap after the key check, so a caller without a key never takes a place.
-        interceptors = [ErrorInterceptor(), *([KeyInterceptor(keys, refusal)] if keys else []),
-                        *([StreamLimitInterceptor(streams, held)] if streams else [])]
+        self._configure(name, host, port, metrics_port, metrics_host, tls)
+        interceptors = self._interceptors(keys, refusal, streams, held, aio=False)
         # Each open stream holds a thread, so the pool must exceed the streams a server admits,
         # or extra calls would queue inside grpc where nobody can see or bound them.
         if streams is not None:
             max_workers = streams.total + UNARY_HEADROOM
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers, thread_name_prefix=name),
-                                interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
+                                interceptors=interceptors, options=OPTIONS)
         self.health = health.HealthServicer(experimental_non_blocking=True,
                                             experimental_thread_pool=futures.ThreadPoolExecutor(2))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+
+    def _configure(self, name, host, port, metrics_port, metrics_host, tls) -> None:
+        self.name, self.host, self.port, self.metrics_port = name, host, port, metrics_port
+        self.metrics_host, self.tls = metrics_host, tls
         self._stop = threading.Event()
 
-    def start(self, services: list[str]) -> "Server":
-        names = [*services, health.SERVICE_NAME, reflection.SERVICE_NAME]
-        reflection.enable_server_reflection(names, self.grpc)
+    @staticmethod
+    def _interceptors(keys, refusal, streams, held, aio: bool) -> list:
+        """The standard interceptors, in order: the error interceptor first, so refused calls are
+        counted in the RPC metrics too; the stream cap after the key check, so a caller without a
+        key never takes a place."""
+        mapping, key, limit = ((AioErrorInterceptor, AioKeyInterceptor, AioStreamLimitInterceptor) if aio else
+                               (ErrorInterceptor, KeyInterceptor, StreamLimitInterceptor))
+        return [mapping(), *([key(keys, refusal)] if keys else []), *([limit(streams, held)] if streams else [])]
+
+    def _listen(self, services: list[str]) -> None:
+        """Reflection over ``services`` and the standard ones, the port bound (TLS when given), metrics served."""
+        reflection.enable_server_reflection([*services, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc)
         address = f"{self.host}:{self.port}"
         if self.tls:
             bound = self.grpc.add_secure_port(address, server_credentials(*self.tls))
@@ -284,12 +379,25 @@ class Server:
         self.port = bound
         if self.metrics_port:
             start_http_server(self.metrics_port, addr=self.metrics_host)
+
+    def _listening(self) -> None:
+        log.info("%s listening on %s:%d%s (metrics on %s:%s)", self.name, self.host, self.port,
+                 " with TLS" if self.tls else "", self.metrics_host, self.metrics_port)
+
+    def start(self, services: list[str]) -> "Server":
+        self._listen(services)
         self.grpc.start()
         for s in ["", *services]:
             self.health.set(s, health_pb2.HealthCheckResponse.SERVING)
-        log.info("%s listening on %s:%d%s (metrics on %s:%s)", self.name, self.host, self.port,
-                 " with TLS" if self.tls else "", self.metrics_host, self.metrics_port)
+        self._listening()
         return self
+
+    def _shut(self, on_stop) -> None:
+        """Health NOT_SERVING, ``on_stop``, then GRACE_S for the calls running."""
+        self.health.enter_graceful_shutdown()
+        if on_stop is not None:
+            on_stop()
+        self.grpc.stop(GRACE_S).wait()
 
     def stop(self) -> None:
         self._stop.set()
@@ -307,11 +415,54 @@ class Server:
             on_start()
         self._stop.wait()
         log.info("%s stopping (grace %.0fs)", self.name, GRACE_S)
-        self.health.enter_graceful_shutdown()
+        self._shut(on_stop)
+        log.info("%s stopped", self.name)
+
+
+class AioServer(Server):
+    """``Server``'s standard parts on ``grpc.aio``: every call, a stream or not, is a task of
+    ``loop`` (an event loop that runs on a thread of its own, e.g. the endpoint's gateway's), so an
+    open stream holds no thread. Servicers must be async; ``serve()`` is ``Server``'s (it blocks
+    the calling thread, which handles the signals)."""
+
+    def __init__(self, name: str, port: int, loop: asyncio.AbstractEventLoop, host: str = "127.0.0.1",
+                 metrics_port: int | None = None, metrics_host: str = "127.0.0.1", keys=(),
+                 refusal: str = NEED_KEY, tls: tuple[str, str] | None = None, streams: StreamLimit | None = None,
+                 held=()):
+        self._configure(name, host, port, metrics_port, metrics_host, tls)
+        self.loop = loop
+        interceptors = self._interceptors(keys, refusal, streams, held, aio=True)
+
+        def build():  # an aio server (and the health servicer's conditions) belong to the loop they are made on
+            return grpc.aio.server(interceptors=interceptors, options=OPTIONS), health.aio.HealthServicer()
+        self.grpc, self.health = self.call(build)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+
+    def run(self, coroutine):
+        """Run ``coroutine`` on the server's loop and wait for its result (from another thread)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def call(self, function, *args):
+        """``function(*args)`` called on the server's loop (what makes aio objects: channels), its result."""
+        async def on_loop():
+            return function(*args)
+        return self.run(on_loop())
+
+    def start(self, services: list[str]) -> "AioServer":
+        async def start():
+            self._listen(services)
+            await self.grpc.start()
+            for s in ["", *services]:
+                await self.health.set(s, health_pb2.HealthCheckResponse.SERVING)
+        self.run(start())
+        self._listening()
+        return self
+
+    def _shut(self, on_stop) -> None:
+        self.run(self.health.enter_graceful_shutdown())
         if on_stop is not None:
             on_stop()
-        self.grpc.stop(GRACE_S).wait()
-        log.info("%s stopped", self.name)
+        self.run(self.grpc.stop(GRACE_S))
 
 
 def wait_healthy(address: str, timeout: float = 60.0, service: str = "", tls_ca: str | None = None) -> None:

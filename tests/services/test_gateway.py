@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import grpc
 import httpx
@@ -120,6 +121,34 @@ def test_http_streams_cost_no_thread_each(http, worker):
         assert r.status_code == 200
         next(r.iter_lines())  # the first response: every choice is in flight now
         during = threads_of(pid)
+    assert during - before < 5, (before, during)
+
+
+def test_grpc_streams_cost_no_thread_each(endpoint, worker):
+    """Twelve Generate streams open at once through the gRPC door (four generating, eight queued at
+    the worker) add no thread per stream to the endpoint: its gRPC server is ``grpc.aio`` on the
+    gateway's loop, each call a task (a server thread each, as before, would add twelve)."""
+    pid = endpoint.proc.pid
+    stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(endpoint.address))
+    request = inference_pb2.GenerateRequest(text="Tell me about the sea", params=common_pb2.SamplingParams(
+        max_new_tokens=200, temperature=0, ignore_eos=True))
+    warm = stub.Generate(request, timeout=120)
+    next(warm)  # warms what any call starts once
+    warm.cancel()
+    deadline = time.monotonic() + 30
+    while endpoint.metric("internlm_open_streams") or worker.metric("internlm_active_requests"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    before = threads_of(pid)
+    calls = [stub.Generate(request, timeout=120) for _ in range(12)]
+    try:
+        while endpoint.metric("internlm_open_streams") < 12:  # every stream admitted, open at the endpoint
+            assert time.monotonic() < deadline + 30
+            time.sleep(0.1)
+        during = threads_of(pid)
+    finally:
+        for call in calls:
+            call.cancel()
     assert during - before < 5, (before, during)
 
 
