@@ -6,7 +6,12 @@ metrics, and a graceful stop on SIGTERM; when asked, keys on every call but heal
     add_InferenceServicer_to_server(servicer, server.grpc)
     server.serve([SERVICE_NAME], on_stop=batcher.stop)   # returns after SIGTERM / SIGINT
 
-Errors: a servicer just raises; ``ErrorInterceptor`` turns the exception into one status code
+``Server`` is a thread-pool server (a call holds a thread to its end: the workers and the tokenizer
+service); ``AioServer`` has the same parts on ``grpc.aio`` for async servicers, every call a task of
+one event loop (the endpoint, where streams wait long on workers), and the cap on long calls
+(``StreamLimit``, shared with the HTTP door).
+
+Errors: a servicer just raises; ``ErrorInterceptor`` (``AioErrorInterceptor``) turns the exception into one status code
 with the exception's message, from the one table in ``internlm_core.errors`` (bad input ->
 INVALID_ARGUMENT, unknown model, adapter or file -> NOT_FOUND, overload -> RESOURCE_EXHAUSTED,
 ...); an upstream call's status passes through; anything else -> INTERNAL, logged once with its
@@ -40,11 +45,11 @@ from services.auth import (HEALTH_PREFIX, INTERNAL_TOKEN_ENV, NEED_KEY, AioKeyIn
 log = logging.getLogger("internlm.server")
 
 GRACE_S = float(os.environ.get("INTERNLM_GRACE_S", "20"))  # SIGTERM: let running streams finish
-# Long calls (every response stream: Generate, WatchJob; and a unary call that generates) each hold
-# a thread while they run. The endpoint admits this many at once over both doors, and this many
-# for one API key (``--max-streams`` / ``--max-streams-per-key``), so that one client opening
-# streams cannot take every thread; its gRPC pool has UNARY_HEADROOM threads more, so that short
-# calls, health and the refusals themselves always find one.
+# Long calls (every stream: Generate, WatchJob, reflection; and a unary call that generates) each
+# hold a worker's slot or queue place, or a watcher's thread, while they run. The endpoint admits
+# this many at once over both doors, and this many for one API key (``--max-streams`` /
+# ``--max-streams-per-key``), so that one client cannot take them all; its Jobs pool has
+# UNARY_HEADROOM threads more than the cap, so that short Jobs calls find one while watchers wait.
 MAX_STREAMS, MAX_STREAMS_PER_KEY, UNARY_HEADROOM = 96, 32, 32
 
 RPCS = Counter("internlm_grpc_requests_total", "RPCs handled, by method and status code", ["method", "code"])
@@ -258,68 +263,32 @@ class StreamLimit:
         OPEN_STREAMS.dec(n)
 
 
-class StreamLimitInterceptor(grpc.ServerInterceptor):
+class StreamLimitInterceptor(grpc.aio.ServerInterceptor):
     """Every stream but health's (a stream of responses, of requests, or both: reflection's waits on
     its client) and the unary methods named in ``held`` go through ``limit`` for as long as they
-    run; a call refused is answered RESOURCE_EXHAUSTED with the cap's message."""
+    run (a stream holds no thread on the endpoint's ``grpc.aio`` server, but a worker's slot or
+    queue place, or the tokenizer service's time); a call refused is answered RESOURCE_EXHAUSTED
+    with the cap's message."""
 
     def __init__(self, limit: StreamLimit, held=()):
         self.limit, self.held = limit, frozenset(held)
 
-    def intercept_service(self, continuation, details):
-        return self._wrap(continuation(details), details)
-
-    def _wrap(self, handler, details):
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
         if (handler is None or details.method.startswith(HEALTH_PREFIX)
                 or not (handler.request_streaming or handler.response_streaming or details.method in self.held)):
             return handler
+        limit, tenant = self.limit, self.limit.tenant(details.invocation_metadata)
         # the handler's one behaviour: unary_unary, unary_stream, stream_unary or stream_stream
         kind = "_".join("stream" if streaming else "unary"
                         for streaming in (handler.request_streaming, handler.response_streaming))
-        tenant = self.limit.tenant(details.invocation_metadata)
-        return handler._replace(**{kind: self._limited(getattr(handler, kind), tenant, handler.response_streaming)})
-
-    def _limited(self, behaviour, tenant: str, streaming: bool):
-        limit = self.limit
-
-        def enter(context):
-            try:
-                limit.enter(tenant)
-            except errors.TooManyCalls as e:
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-
-        def responses(request, context):
-            enter(context)
-            try:
-                yield from behaviour(request, context)
-            finally:
-                limit.leave(tenant)
-
-        def response(request, context):
-            enter(context)
-            try:
-                return behaviour(request, context)
-            finally:
-                limit.leave(tenant)
-        return responses if streaming else response
-
-
-class AioStreamLimitInterceptor(StreamLimitInterceptor, grpc.aio.ServerInterceptor):
-    """``StreamLimitInterceptor`` on a ``grpc.aio`` server (where a stream holds no thread, but
-    still a worker's slot or queue place, or the tokenizer service's time)."""
-
-    async def intercept_service(self, continuation, details):
-        return self._wrap(await continuation(details), details)
-
-    def _limited(self, behaviour, tenant: str, streaming: bool):
-        limit = self.limit
 
         async def enter(request, context):
             try:
                 limit.enter(tenant)
             except errors.TooManyCalls as e:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        return _around(behaviour, enter, end=lambda: limit.leave(tenant))
+        return handler._replace(**{kind: _around(getattr(handler, kind), enter, end=lambda: limit.leave(tenant))})
 
 
 def setup_logging(name: str) -> None:
@@ -335,17 +304,13 @@ class Server:
 
     def __init__(self, name: str, port: int, host: str = "127.0.0.1", metrics_port: int | None = None,
                  max_workers: int = 32, metrics_host: str = "127.0.0.1", keys=(), refusal: str = NEED_KEY,
-                 tls: tuple[str, str] | None = None, streams: StreamLimit | None = None, held=()):
-        """``keys``: one of them needed on every call but health (``refusal`` says so otherwise);
-        ``tls``: (certificate, key) PEM files to serve TLS instead of plain text; ``streams``: the
-        cap on long calls (every response stream, and the unary methods in ``held``), which sizes
-        the thread pool instead of ``max_workers``."""
+                 tls: tuple[str, str] | None = None):
+        """``max_workers``: its threads, one per call running (a stream holds one to its end);
+        ``keys``: one of them needed on every call but health (``refusal`` says so otherwise);
+        ``tls``: (certificate, key) PEM files to serve TLS instead of plain text."""
         self._configure(name, host, port, metrics_port, metrics_host, tls)
-        interceptors = self._interceptors(keys, refusal, streams, held, aio=False)
-        # Each open stream holds a thread, so the pool must exceed the streams a server admits,
-        # or extra calls would queue inside grpc where nobody can see or bound them.
-        if streams is not None:
-            max_workers = streams.total + UNARY_HEADROOM
+        # The error interceptor first, so refused calls are counted in the RPC metrics too.
+        interceptors = [ErrorInterceptor(), *([KeyInterceptor(keys, refusal)] if keys else [])]
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers, thread_name_prefix=name),
                                 interceptors=interceptors, options=OPTIONS)
         self.health = health.HealthServicer(experimental_non_blocking=True,
@@ -356,15 +321,6 @@ class Server:
         self.name, self.host, self.port, self.metrics_port = name, host, port, metrics_port
         self.metrics_host, self.tls = metrics_host, tls
         self._stop = threading.Event()
-
-    @staticmethod
-    def _interceptors(keys, refusal, streams, held, aio: bool) -> list:
-        """The standard interceptors, in order: the error interceptor first, so refused calls are
-        counted in the RPC metrics too; the stream cap after the key check, so a caller without a
-        key never takes a place."""
-        mapping, key, limit = ((AioErrorInterceptor, AioKeyInterceptor, AioStreamLimitInterceptor) if aio else
-                               (ErrorInterceptor, KeyInterceptor, StreamLimitInterceptor))
-        return [mapping(), *([key(keys, refusal)] if keys else []), *([limit(streams, held)] if streams else [])]
 
     def _listen(self, services: list[str]) -> None:
         """Reflection over ``services`` and the standard ones, the port bound (TLS when given), metrics served."""
@@ -431,7 +387,10 @@ class AioServer(Server):
                  held=()):
         self._configure(name, host, port, metrics_port, metrics_host, tls)
         self.loop = loop
-        interceptors = self._interceptors(keys, refusal, streams, held, aio=True)
+        # As ``Server``'s, and ``streams`` (the cap on long calls: every stream, and the unary methods
+        # in ``held``) after the key check, so that a caller without a key never takes a place.
+        interceptors = [AioErrorInterceptor(), *([AioKeyInterceptor(keys, refusal)] if keys else []),
+                        *([StreamLimitInterceptor(streams, held)] if streams else [])]
 
         def build():  # an aio server (and the health servicer's conditions) belong to the loop they are made on
             return grpc.aio.server(interceptors=interceptors, options=OPTIONS), health.aio.HealthServicer()
