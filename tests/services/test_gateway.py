@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 
 import grpc
@@ -19,7 +20,7 @@ from internlm_core.tokenizer import Tokenizer
 from services.pb import common_pb2, inference_pb2, inference_pb2_grpc
 from services.pb_convert import chat_to_pb, join_chunks
 from tests.helpers import RedisServer, free_port, internlm2_checkpoint
-from tests.services.conftest import Service, start_http_endpoint, start_worker, wait_workers
+from tests.services.conftest import Service, start_endpoint, start_http_endpoint, start_worker, wait_workers
 
 CHAT = [{"role": "user", "content": "Name three rivers."}]
 N, TOP = 6, 3
@@ -150,6 +151,34 @@ def test_grpc_streams_cost_no_thread_each(endpoint, worker):
         for call in calls:
             call.cancel()
     assert during - before < 5, (before, during)
+
+
+def test_sigterm_drains_the_grpc_door(stack_redis, tokenizer_service, worker, stack_dir):
+    """The endpoint's gRPC door counts its calls in the RPC metrics, and SIGTERM under a Generate
+    stream lets the stream end complete before the endpoint exits 0."""
+    endpoint = start_endpoint(stack_redis.url, tokenizer_service.address, stack_dir, "endpoint-drained").wait_healthy()
+    try:
+        assert wait_workers(endpoint, 1)
+        stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(endpoint.address))
+
+        def request(n):
+            return inference_pb2.GenerateRequest(text="Tell me about the sea", params=common_pb2.SamplingParams(
+                max_new_tokens=n, ignore_eos=True))
+        assert len(list(stub.Generate(request(2), timeout=60))) >= 1
+        counted = 'internlm_grpc_requests_total{code="OK",method="/internlm.v1.Inference/Generate"} 1.0'
+        deadline = time.monotonic() + 10
+        while counted not in endpoint.metrics():  # counted once the call has ended on the server's side too
+            assert time.monotonic() < deadline, [m for m in endpoint.metrics().splitlines() if "grpc_requests" in m]
+            time.sleep(0.05)
+        call = stub.Generate(request(120), timeout=120)
+        first = next(call)
+        endpoint.proc.send_signal(signal.SIGTERM)
+        rest = list(call)
+        assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == 120
+        assert rest[-1].finish.reason == common_pb2.FINISH_REASON_LENGTH
+        assert endpoint.proc.wait(30) == 0
+    finally:
+        endpoint.stop()
 
 
 @pytest.fixture(scope="module")
