@@ -87,6 +87,9 @@ class Router:
 
     def run(self, coroutine):
         """Run ``coroutine`` on the loop and wait for its result (from a thread not the loop's)."""
+        if _running_loop() is self.loop:  # waiting here would stop the loop for good (the gRPC door runs on it)
+            coroutine.close()
+            raise RuntimeError("Router.run called on the router's own loop: await the coroutine instead")
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
 
     def stub(self, w: WorkerRef) -> inference_pb2_grpc.InferenceStub:
@@ -287,6 +290,13 @@ class Stream:
                     return
         finally:
             self._close(responses)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # no loop runs on this thread
+        return None
 
 
 async def _aclose(responses) -> None:

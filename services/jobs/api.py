@@ -1,8 +1,9 @@
 """The Jobs gRPC service: check a request, record it, queue it; read records back; stream progress.
 
-``Jobs`` is the API itself, called in process (the endpoint's gateway does, for the web console);
-the public endpoint hosts its gRPC door with ``add_to_server(server, settings)``, on a server with
-``server_common.ErrorInterceptor``: the methods raise, and the interceptor answers each exception with
+``Jobs`` is the API itself, called in process (the endpoint's gateway does, for the web console).
+Its gRPC door is ``JobsServicer`` on a thread-pool server (``add_to_server(server, settings)``), or
+``AioJobsServicer`` on a ``grpc.aio`` one (the public endpoint's), each on a server with the error
+interceptor (``server_common``): the methods raise, and the interceptor answers each exception with
 its status (the services' one table, ``server_common.status_of``). Requests are checked
 here, before anything is queued (``kinds.KINDS[kind].check``); everything after that is the workers' part.
 """

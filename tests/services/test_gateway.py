@@ -5,6 +5,7 @@ top alternative's) and on the HTTP door (OpenAI's ``token`` strings), and each r
 its model's worker."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -151,6 +152,25 @@ def test_grpc_streams_cost_no_thread_each(endpoint, worker):
         for call in calls:
             call.cancel()
     assert during - before < 5, (before, during)
+
+
+def test_router_run_on_its_own_loop_is_refused(stack_redis):
+    """The gRPC door runs on the router's loop: a blocking ``Router.run`` there (say, the sync
+    ``Gateway.model_info``) would wait forever on the loop it stops; it is refused, naming the fix."""
+    from services.gateway import Router
+
+    router = Router(stack_redis.url).start()
+    try:
+        async def nothing():
+            return 1
+
+        async def on_the_loop():
+            return router.run(nothing())
+        assert router.run(nothing()) == 1  # from another thread: fine
+        with pytest.raises(RuntimeError, match="own loop: await the coroutine instead"):
+            asyncio.run_coroutine_threadsafe(on_the_loop(), router.loop).result(timeout=10)
+    finally:
+        router.stop()
 
 
 def test_sigterm_drains_the_grpc_door(stack_redis, tokenizer_service, worker, stack_dir):
