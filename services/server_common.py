@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import inspect
 import logging
 import os
@@ -114,36 +115,20 @@ def _aborted(context) -> bool:
     return context.code() not in (None, grpc.StatusCode.OK)
 
 
-def _around(behaviour, begin, fail=None, end=None):
+def _within(behaviour, scope):
     """A ``grpc.aio`` handler's behaviour (a coroutine function, or an async generator function for
-    a response stream) wrapped: ``await begin(request, context)`` first, ``await fail(e, context)``
-    for an exception it raises, ``end()`` once it is over (not when ``begin`` refused the call)."""
+    a response stream) run inside ``scope(request, context)``, an async context manager (what to do
+    first, with an exception, and at the end), keeping its form."""
     if inspect.isasyncgenfunction(behaviour):
         async def responses(request, context):
-            await begin(request, context)
-            try:
+            async with scope(request, context):
                 async for response in behaviour(request, context):
                     yield response
-            except Exception as e:  # noqa: BLE001 - handed to ``fail`` (or raised again without one)
-                if fail is None:
-                    raise
-                await fail(e, context)
-            finally:
-                if end is not None:
-                    end()
         return responses
 
     async def response(request, context):
-        await begin(request, context)
-        try:
+        async with scope(request, context):
             return await behaviour(request, context)
-        except Exception as e:  # noqa: BLE001
-            if fail is None:
-                raise
-            await fail(e, context)
-        finally:
-            if end is not None:
-                end()
     return response
 
 
@@ -205,17 +190,19 @@ class AioErrorInterceptor(ErrorInterceptor, grpc.aio.ServerInterceptor):
         return self._wrap(await continuation(details), details.method)
 
     def _unary(self, method, behaviour):
-        async def begin(request, context):
+        @contextlib.asynccontextmanager
+        async def mapped(request, context):
             start = time.monotonic()
             context.add_done_callback(lambda _: self._done(method, context, start))
             if isinstance(request, _Undecodable):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}")
-
-        async def fail(e, context):
-            if _aborted(context):
-                raise e
-            await context.abort(*reported_status(method, e))
-        return _around(behaviour, begin, fail)
+            try:
+                yield
+            except Exception as e:  # noqa: BLE001 - mapped to a status here, once, for every method
+                if _aborted(context):
+                    raise
+                await context.abort(*reported_status(method, e))
+        return _within(behaviour, mapped)
 
     _stream = _unary  # ``_around`` keeps the behaviour's form
 
@@ -283,12 +270,17 @@ class StreamLimitInterceptor(grpc.aio.ServerInterceptor):
         kind = "_".join("stream" if streaming else "unary"
                         for streaming in (handler.request_streaming, handler.response_streaming))
 
-        async def enter(request, context):
+        @contextlib.asynccontextmanager
+        async def admitted(request, context):
             try:
                 limit.enter(tenant)
             except errors.TooManyCalls as e:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        return handler._replace(**{kind: _around(getattr(handler, kind), enter, end=lambda: limit.leave(tenant))})
+            try:
+                yield
+            finally:
+                limit.leave(tenant)
+        return handler._replace(**{kind: _within(getattr(handler, kind), admitted)})
 
 
 def setup_logging(name: str) -> None:
