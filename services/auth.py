@@ -15,8 +15,9 @@
   API key the call came with, never the key), and a worker reuses cached prompt rows only within
   one tenant, so a fast answer never tells one user what another one asked.
 
-Both gRPC checks are one server interceptor (``KeyInterceptor``), the HTTP check is the ``Guard``
-middleware calling ``authorized``; clients add the header with ``with_bearer``.
+Both gRPC checks are one server interceptor (``KeyInterceptor``; ``AioKeyInterceptor`` on ``grpc.aio``),
+the HTTP check is the ``Guard`` middleware calling ``authorized``; clients add the header with
+``with_bearer``.
 """
 from __future__ import annotations
 
@@ -71,20 +72,25 @@ def authorized(keys, header: str | bytes | None) -> bool:
 
 # ---- servers ---------------------------------------------------------------------------------------
 
-def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+def _refusal(handler: grpc.RpcMethodHandler, message: str, aio: bool = False) -> grpc.RpcMethodHandler:
     """A handler of the same shape as ``handler`` that answers UNAUTHENTICATED (no deserializer: the
-    request of a caller we refuse is never parsed)."""
+    request of a caller we refuse is never parsed); ``aio``: for a ``grpc.aio`` server."""
     def refuse(request, context):
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
+    async def refuse_aio(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
     make = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
             (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
-    return make[handler.request_streaming, handler.response_streaming](refuse)
+    return make[handler.request_streaming, handler.response_streaming](refuse_aio if aio else refuse)
 
 
 class KeyInterceptor(grpc.ServerInterceptor):
     """Every call but health needs ``authorization: Bearer <one of keys>``; otherwise UNAUTHENTICATED
     with ``message``. Reflection included: what a server serves is for its callers."""
+
+    aio = False
 
     def __init__(self, keys, message: str = NEED_KEY):
         self.keys, self.message = tuple(keys), message
@@ -92,11 +98,22 @@ class KeyInterceptor(grpc.ServerInterceptor):
             raise ValueError("KeyInterceptor needs at least one key")
 
     def intercept_service(self, continuation, details):
-        handler = continuation(details)
+        return self._checked(continuation(details), details)
+
+    def _checked(self, handler, details):
         if handler is None or details.method.startswith(HEALTH_PREFIX):
             return handler
         header = dict(details.invocation_metadata or ()).get("authorization")
-        return handler if authorized(self.keys, header) else _refusal(handler, self.message)
+        return handler if authorized(self.keys, header) else _refusal(handler, self.message, self.aio)
+
+
+class AioKeyInterceptor(KeyInterceptor, grpc.aio.ServerInterceptor):
+    """``KeyInterceptor`` on a ``grpc.aio`` server."""
+
+    aio = True
+
+    async def intercept_service(self, continuation, details):
+        return self._checked(await continuation(details), details)
 
 
 def server_credentials(cert: str, key: str) -> grpc.ServerCredentials:

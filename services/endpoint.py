@@ -5,7 +5,9 @@ least-loaded live inference worker, generation with failover, model info, the jo
 door, here: ``internlm.v1.Inference`` and ``internlm.v1.Endpoint`` (the workers) as calls of the
 gateway, the Jobs API when the jobs package is installed, and ``internlm.v1.Tokenizer`` passed
 through (as bytes) to the tokenizer service, or to a worker of the model a request names (the
-gateway's ``tokenizer_call``). Statuses from behind pass through as they are.
+gateway's ``tokenizer_call``). Statuses from behind pass through as they are. The door is a
+``grpc.aio`` server on the gateway's own event loop (``server_common.AioServer``): a call, a stream
+included, is a task of that loop and holds no thread.
 
 With ``--http-port`` it also serves HTTP (``services/openai_api.py``): the OpenAI API, health,
 metrics and the web console, over the same gateway. ``--api-key`` (or INTERNLM_API_KEY; several,
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from concurrent import futures
 from types import SimpleNamespace
 
 import grpc
@@ -27,7 +30,8 @@ from services.auth import API_KEY_ENV, INTERNAL_TOKEN_ENV, TLS_CERT_ENV, TLS_KEY
 from services.gateway import Gateway, Router
 from services.pb_convert import join_chunks
 from services.pb import endpoint_pb2, endpoint_pb2_grpc, inference_pb2, inference_pb2_grpc, jobs_pb2, jobs_pb2_grpc, tokenizer_pb2
-from services.server_common import MAX_STREAMS, MAX_STREAMS_PER_KEY, Server, StreamLimit, env_default, setup_logging
+from services.server_common import (MAX_STREAMS, MAX_STREAMS_PER_KEY, UNARY_HEADROOM, AioServer, StreamLimit, env_default,
+                                    setup_logging)
 
 log = logging.getLogger("internlm.endpoint")
 
@@ -35,8 +39,8 @@ INFERENCE = inference_pb2.DESCRIPTOR.services_by_name["Inference"]
 TOKENIZER = tokenizer_pb2.DESCRIPTOR.services_by_name["Tokenizer"]
 ENDPOINT = endpoint_pb2.DESCRIPTOR.services_by_name["Endpoint"]
 JOBS = jobs_pb2.DESCRIPTOR.services_by_name["Jobs"]
-# Unary calls that can hold a thread long, counted with the streams (``StreamLimit``): generation,
-# and the tokenizer's, each waiting on the tokenizer service or a worker (a few threads) for
+# Unary calls that run long, counted with the streams (``StreamLimit``): generation (a worker's slot
+# or queue place), and the tokenizer's, each waiting on the tokenizer service or a worker for
 # megabytes of text.
 HELD = [f"/{INFERENCE.full_name}/GenerateUnary", *(f"/{TOKENIZER.full_name}/{m.name}" for m in TOKENIZER.methods)]
 
@@ -48,32 +52,33 @@ def _timeout(context) -> float | None:
 
 
 class InferenceDoor(inference_pb2_grpc.InferenceServicer):
-    """The gRPC door of the gateway's generation and model info."""
+    """The gRPC door of the gateway's generation and model info, on the gateway's own loop: a
+    stream is read there directly, no thread each. A client's cancel or deadline cancels the call's
+    task, which cancels the worker's call (``gateway.Stream``)."""
 
     def __init__(self, gateway: Gateway):
         self.gateway = gateway
 
     def _stream(self, request, context):
-        stream = self.gateway.generate(request, context.invocation_metadata(), _timeout(context))
-        context.add_callback(stream.cancel)  # the client's cancel or deadline reaches the worker
-        return stream
+        return self.gateway.generate(request, context.invocation_metadata(), _timeout(context))
 
-    def Generate(self, request, context):
-        yield from self._stream(request, context)
+    async def Generate(self, request, context):
+        async for response in self._stream(request, context):
+            yield response
 
-    def GenerateUnary(self, request, context):
+    async def GenerateUnary(self, request, context):
         # Joined from the stream, so a worker lost half way loses none of the work done.
-        return join_chunks(self._stream(request, context))
+        return join_chunks([response async for response in self._stream(request, context)])
 
-    def ModelInfo(self, request, context):
-        return self.gateway.model_info(request.model, _timeout(context))
+    async def ModelInfo(self, request, context):
+        return await self.gateway.model_info_async(request.model, _timeout(context))
 
 
 class EndpointServicer(endpoint_pb2_grpc.EndpointServicer):
     def __init__(self, gateway: Gateway):
         self.gateway = gateway
 
-    def ListWorkers(self, request, context):
+    async def ListWorkers(self, request, context):
         return endpoint_pb2.ListWorkersResponse(workers=[
             endpoint_pb2.WorkerInfo(id=w.id, address=w.address, model=w.model, load=w.load,
                                     max_batch=w.max_batch, requests_routed=w.routed) for w in self.gateway.workers()])
@@ -83,8 +88,8 @@ def tokenizer_passthrough(gateway: Gateway) -> grpc.GenericRpcHandler:
     """Every Tokenizer method, its request and response as bytes (no (de)serializers), through the
     gateway, which sends it to the tokenizer service or to a worker of the model it names."""
     def forward(method):
-        def handler(request: bytes, context):
-            return gateway.tokenizer_call(method, request, _timeout(context) or 30)
+        async def handler(request: bytes, context):
+            return await gateway.tokenizer_call(method, request, _timeout(context) or 30)
         return grpc.unary_unary_rpc_method_handler(handler)
 
     return grpc.method_handlers_generic_handler(TOKENIZER.full_name, {m.name: forward(m.name) for m in TOKENIZER.methods})
@@ -147,20 +152,23 @@ def main(argv: list[str] | None = None) -> None:
         streams = StreamLimit(args.max_streams, args.max_streams_per_key, keyed=bool(keys))
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    server = Server("endpoint", args.port, args.host, args.metrics_port, metrics_host=args.metrics_host,
-                    keys=keys, tls=tls, streams=streams, held=HELD)
     token = args.internal_token or None
     jobs = None if args.no_jobs else jobs_api(args.redis_url, args.store or None)
     gateway = Gateway(Router(args.redis_url, token=token).start(), keyed=bool(keys), jobs=jobs,
                       tokenizer=args.tokenizer_address)
+    server = AioServer("endpoint", args.port, gateway.router.loop, args.host, args.metrics_port,
+                       metrics_host=args.metrics_host, keys=keys, tls=tls, streams=streams, held=HELD)
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceDoor(gateway), server.grpc)
     endpoint_pb2_grpc.add_EndpointServicer_to_server(EndpointServicer(gateway), server.grpc)
     server.grpc.add_generic_rpc_handlers([tokenizer_passthrough(gateway)])
     services = [INFERENCE.full_name, TOKENIZER.full_name, ENDPOINT.full_name]
     if jobs is not None:
-        from services.jobs.api import JobsServicer
+        from services.jobs.api import AioJobsServicer
 
-        jobs_pb2_grpc.add_JobsServicer_to_server(JobsServicer(jobs), server.grpc)
+        # Jobs reads Redis and the store with blocking clients: its calls run on threads of their own,
+        # made as needed, at most one per long call admitted (a watcher waits on one) and the headroom.
+        pool = futures.ThreadPoolExecutor(streams.total + UNARY_HEADROOM, thread_name_prefix="jobs")
+        jobs_pb2_grpc.add_JobsServicer_to_server(AioJobsServicer(jobs, pool), server.grpc)
         services.append(JOBS.full_name)
     if not keys:
         log.warning("no API key: anyone who reaches %s:%d can call every service (see --api-key)", args.host, args.port)

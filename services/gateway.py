@@ -2,9 +2,10 @@
 
     gateway = Gateway(Router(redis_url, token=token).start(), keyed=bool(keys), jobs=Jobs(settings),
                       tokenizer="127.0.0.1:50052")
-    stream = gateway.generate(request, metadata, timeout)   # GenerateResponses; stream.cancel()
-    gateway.model_info("m"), gateway.resolve("adapter-or-model"), gateway.workers(), gateway.jobs
-    gateway.tokenizer_call("Encode", request_bytes, timeout)  # the tokenizer service's or a model's
+    stream = gateway.generate(request, metadata, timeout)   # async for: GenerateResponses; stream.cancel()
+    gateway.model_info("m") (await gateway.model_info_async("m") on the router's loop),
+    gateway.resolve("adapter-or-model"), gateway.workers(), gateway.jobs
+    await gateway.tokenizer_call("Encode", request_bytes, timeout)  # on the router's loop: the tokenizer service's or a model's
 
 The gRPC servicers (``endpoint.py``) and the HTTP routes (``openai_api.py``, ``console_api.py``)
 each only translate their wire form to and from these calls, so routing, failover, model info and
@@ -17,6 +18,7 @@ same reason a Tokenizer call naming a model is answered by a worker of that mode
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import threading
@@ -69,7 +71,8 @@ class WorkerRef:
 class Router:
     """The live workers, refreshed from Redis in the background; picks the least loaded. Its calls
     to the workers run on its one event loop (``loop``, a thread of its own) over ``grpc.aio``
-    channels: a stream costs no thread here, whichever door it came in by."""
+    channels: a stream costs no thread here, whichever door it came in by. The endpoint's gRPC
+    server runs on the same loop (``server_common.AioServer``)."""
 
     def __init__(self, redis_url: str, refresh_s: float = 0.5, token: str | None = None):
         self.r = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
@@ -90,6 +93,9 @@ class Router:
 
     def run(self, coroutine):
         """Run ``coroutine`` on the loop and wait for its result (from a thread not the loop's)."""
+        if _running_loop() is self.loop:  # waiting here would stop the loop for good (the gRPC door runs on it)
+            coroutine.close()
+            raise RuntimeError("Router.run called on the router's own loop: await the coroutine instead")
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
 
     def channel(self, w: WorkerRef) -> grpc.aio.Channel:
@@ -219,9 +225,9 @@ def with_seed(request: inference_pb2.GenerateRequest) -> inference_pb2.GenerateR
 
 class Stream:
     """One request's generation. When a worker goes away mid-stream, another continues the request
-    from the tokens already streamed (``resume_ids``), so the caller sees one stream. Iterate it
-    (``for``, on a thread: the gRPC door) or ``async for`` it (on any event loop: the HTTP door);
-    both read the one failover loop, ``_responses``, which runs on the router's loop. ``cancel()``,
+    from the tokens already streamed (``resume_ids``), so the caller sees one stream. ``async for`` it
+    on any event loop: on the router's own (the gRPC door) it reads the one failover loop,
+    ``_responses``, directly; on another (the HTTP door) each step is run on the router's loop. ``cancel()``,
     from any thread (the caller went away, its deadline passed), cancels the worker's call at
     once, so the worker frees the slot within a step; the stream then ends with ``Cancelled``."""
 
@@ -287,19 +293,13 @@ class Stream:
     def _close(self, responses) -> None:
         asyncio.run_coroutine_threadsafe(_aclose(responses), self.router.loop)
 
-    def __iter__(self):
-        responses = self._responses()
-        try:
-            while True:
-                try:
-                    yield self._step(responses).result()
-                except StopAsyncIteration:
-                    return
-        finally:
-            self._close(responses)
-
     async def __aiter__(self):
-        responses = self._responses()
+        if asyncio.get_running_loop() is self.router.loop:  # a door on the router's own loop (gRPC's): no hop
+            async with contextlib.aclosing(self._responses()) as responses:
+                async for response in responses:
+                    yield response
+            return
+        responses = self._responses()  # on another loop (HTTP's): each step run on the router's
         try:
             while True:
                 try:
@@ -308,6 +308,13 @@ class Stream:
                     return
         finally:
             self._close(responses)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # no loop runs on this thread
+        return None
 
 
 async def _aclose(responses) -> None:
@@ -340,15 +347,16 @@ class Gateway:
         return Stream(self.router, with_seed(request), self.tenant(metadata),
                       None if timeout is None else time.monotonic() + timeout)
 
-    def model_info(self, model: str, timeout: float | None = None) -> inference_pb2.ModelInfoResponse:
-        """A live worker's ModelInfo for ``model`` ('' = any), asked now."""
+    async def model_info_async(self, model: str, timeout: float | None = None) -> inference_pb2.ModelInfoResponse:
+        """A live worker's ModelInfo for ``model`` ('' = any), asked now (on the router's loop)."""
         request = inference_pb2.ModelInfoRequest(model=model)
         check_names(request)
         w = self.router.any_worker(model)
+        return await self.router.stub(w).ModelInfo(request, timeout=timeout or 10, metadata=self.router.metadata)
 
-        async def ask():
-            return await self.router.stub(w).ModelInfo(request, timeout=timeout or 10, metadata=self.router.metadata)
-        return self.router.run(ask())
+    def model_info(self, model: str, timeout: float | None = None) -> inference_pb2.ModelInfoResponse:
+        """``model_info_async`` from a thread not the router's loop."""
+        return self.router.run(self.model_info_async(model, timeout))
 
     def cached_info(self, model: str) -> inference_pb2.ModelInfoResponse:
         """``model_info``, reused for INFO_TTL_S (adapters can come with a worker that joins later)."""
@@ -379,26 +387,27 @@ class Gateway:
     def workers(self) -> list[WorkerRef]:
         return self.router.snapshot()
 
-    def tokenizer_call(self, method: str, request: bytes, timeout: float | None = None) -> bytes:
+    async def tokenizer_call(self, method: str, request: bytes, timeout: float | None = None) -> bytes:
         """One ``internlm.v1.Tokenizer`` call, its request and response serialized (as the door got
-        it; passed on unchanged but for an adapter's name). A request naming no model goes to the
-        tokenizer service; one naming a served model, or one of its adapters, to a live worker of
-        that model, which answers with its own tokenizer and chat format (another worker of it
-        takes the call over from one that is gone). An unknown model: ``ModelNotFound``."""
+        it; passed on unchanged but for an adapter's name), on the router's loop. A request naming no
+        model goes to the tokenizer service; one naming a served model, or one of its adapters, to a
+        live worker of that model, which answers with its own tokenizer and chat format (another
+        worker of it takes the call over from one that is gone). An unknown model: ``ModelNotFound``."""
         parsed = TOKENIZER_REQUESTS[method].FromString(request)
         check_names(parsed)
         path = f"/{TOKENIZER.full_name}/{method}"
         if not parsed.model:
-            return self.router.run(self._tokenizer_call(None, path, request, timeout))
+            return await self._tokenizer_call(None, path, request, timeout)
         model = parsed.model
         if model not in self.router.served():  # an adapter's (its base model's tokenizer), or NOT_FOUND
-            parsed.model = model = self.resolve(model)[0]
+            # resolve asks workers through Router.run, which must not wait on its own loop: a thread
+            parsed.model = model = (await asyncio.to_thread(self.resolve, model))[0]
             request = parsed.SerializeToString()  # named as its model's workers answer to
         tried, error = set(), None
         while True:
             w = self.router.next_worker(model, tried, error)
             try:
-                return self.router.run(self._tokenizer_call(w, path, request, timeout))
+                return await self._tokenizer_call(w, path, request, timeout)
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.UNAVAILABLE:
                     raise

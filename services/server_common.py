@@ -6,7 +6,12 @@ metrics, and a graceful stop on SIGTERM; when asked, keys on every call but heal
     add_InferenceServicer_to_server(servicer, server.grpc)
     server.serve([SERVICE_NAME], on_stop=batcher.stop)   # returns after SIGTERM / SIGINT
 
-Errors: a servicer just raises; ``ErrorInterceptor`` turns the exception into one status code
+``Server`` is a thread-pool server (a call holds a thread to its end: the workers and the tokenizer
+service); ``AioServer`` has the same parts on ``grpc.aio`` for async servicers, every call a task of
+one event loop (the endpoint, where streams wait long on workers), and the cap on long calls
+(``StreamLimit``, shared with the HTTP door).
+
+Errors: a servicer just raises; ``ErrorInterceptor`` (``AioErrorInterceptor``) turns the exception into one status code
 with the exception's message, from the one table in ``internlm_core.errors`` (bad input ->
 INVALID_ARGUMENT, unknown model, adapter or file -> NOT_FOUND, overload -> RESOURCE_EXHAUSTED,
 ...); an upstream call's status passes through; anything else -> INTERNAL, logged once with its
@@ -16,7 +21,10 @@ INVALID_ARGUMENT with the parser's message, instead of grpc's bare "Exception de
 """
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
+import inspect
 import logging
 import os
 import signal
@@ -32,17 +40,17 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from internlm_core import errors
-from services.auth import (HEALTH_PREFIX, INTERNAL_TOKEN_ENV, NEED_KEY, KeyInterceptor, client_channel,
+from services.auth import (HEALTH_PREFIX, INTERNAL_TOKEN_ENV, NEED_KEY, AioKeyInterceptor, KeyInterceptor, client_channel,
                            server_credentials, tenant_of)
 
 log = logging.getLogger("internlm.server")
 
 GRACE_S = float(os.environ.get("INTERNLM_GRACE_S", "20"))  # SIGTERM: let running streams finish
-# Long calls (every response stream: Generate, WatchJob; and a unary call that generates) each hold
-# a thread while they run. The endpoint admits this many at once over both doors, and this many
-# for one API key (``--max-streams`` / ``--max-streams-per-key``), so that one client opening
-# streams cannot take every thread; its gRPC pool has UNARY_HEADROOM threads more, so that short
-# calls, health and the refusals themselves always find one.
+# Long calls (every stream: Generate, WatchJob, reflection; and a unary call that generates) each
+# hold a worker's slot or queue place, or a watcher's thread, while they run. The endpoint admits
+# this many at once over both doors, and this many for one API key (``--max-streams`` /
+# ``--max-streams-per-key``), so that one client cannot take them all; its Jobs pool has
+# UNARY_HEADROOM threads more than the cap, so that short Jobs calls find one while watchers wait.
 MAX_STREAMS, MAX_STREAMS_PER_KEY, UNARY_HEADROOM = 96, 32, 32
 
 RPCS = Counter("internlm_grpc_requests_total", "RPCs handled, by method and status code", ["method", "code"])
@@ -102,23 +110,44 @@ def _lenient(deserialize):
     return parse
 
 
+def _aborted(context) -> bool:
+    """Whether the call was already aborted with its own status (its exception passes as it is)."""
+    return context.code() not in (None, grpc.StatusCode.OK)
+
+
+def _within(behaviour, scope):
+    """A ``grpc.aio`` handler's behaviour (a coroutine function, or an async generator function for
+    a response stream) run inside ``scope(request, context)``, an async context manager (what to do
+    first, with an exception, and at the end), keeping its form."""
+    if inspect.isasyncgenfunction(behaviour):
+        async def responses(request, context):
+            async with scope(request, context):
+                async for response in behaviour(request, context):
+                    yield response
+        return responses
+
+    async def response(request, context):
+        async with scope(request, context):
+            return await behaviour(request, context)
+    return response
+
+
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Maps exceptions to status codes and counts RPCs, for every method of the server."""
 
     def intercept_service(self, continuation, details):
-        handler = continuation(details)
+        return self._wrap(continuation(details), details.method)
+
+    def _wrap(self, handler, method: str):
         if handler is None or handler.request_streaming:
             return handler
-        method = details.method
-        if handler.unary_unary:
-            return handler._replace(unary_unary=self._unary(method, handler.unary_unary),
-                                    request_deserializer=_lenient(handler.request_deserializer))
-        return handler._replace(unary_stream=self._stream(method, handler.unary_stream),
+        kind, wrap = ("unary_stream", self._stream) if handler.response_streaming else ("unary_unary", self._unary)
+        return handler._replace(**{kind: wrap(method, getattr(handler, kind))},
                                 request_deserializer=_lenient(handler.request_deserializer))
 
     @staticmethod
     def _fail(method: str, e: BaseException, context) -> None:
-        if context.code() not in (None, grpc.StatusCode.OK):  # the servicer aborted with its own status
+        if _aborted(context):
             raise e
         context.abort(*reported_status(method, e))
 
@@ -152,6 +181,30 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             except Exception as e:  # noqa: BLE001
                 self._fail(method, e, context)
         return wrapper
+
+
+class AioErrorInterceptor(ErrorInterceptor, grpc.aio.ServerInterceptor):
+    """``ErrorInterceptor`` on a ``grpc.aio`` server: the same mapping and metrics, for async servicers."""
+
+    async def intercept_service(self, continuation, details):
+        return self._wrap(await continuation(details), details.method)
+
+    def _unary(self, method, behaviour):
+        @contextlib.asynccontextmanager
+        async def mapped(request, context):
+            start = time.monotonic()
+            context.add_done_callback(lambda _: self._done(method, context, start))
+            if isinstance(request, _Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}")
+            try:
+                yield
+            except Exception as e:  # noqa: BLE001 - mapped to a status here, once, for every method
+                if _aborted(context):
+                    raise
+                await context.abort(*reported_status(method, e))
+        return _within(behaviour, mapped)
+
+    _stream = _unary  # ``_around`` keeps the behaviour's form
 
 
 class StreamLimit:
@@ -197,17 +250,18 @@ class StreamLimit:
         OPEN_STREAMS.dec(n)
 
 
-class StreamLimitInterceptor(grpc.ServerInterceptor):
+class StreamLimitInterceptor(grpc.aio.ServerInterceptor):
     """Every stream but health's (a stream of responses, of requests, or both: reflection's waits on
     its client) and the unary methods named in ``held`` go through ``limit`` for as long as they
-    run (the thread they hold); a call refused is answered RESOURCE_EXHAUSTED with the cap's
-    message."""
+    run (a stream holds no thread on the endpoint's ``grpc.aio`` server, but a worker's slot or
+    queue place, or the tokenizer service's time); a call refused is answered RESOURCE_EXHAUSTED
+    with the cap's message."""
 
     def __init__(self, limit: StreamLimit, held=()):
         self.limit, self.held = limit, frozenset(held)
 
-    def intercept_service(self, continuation, details):
-        handler = continuation(details)
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
         if (handler is None or details.method.startswith(HEALTH_PREFIX)
                 or not (handler.request_streaming or handler.response_streaming or details.method in self.held)):
             return handler
@@ -215,28 +269,18 @@ class StreamLimitInterceptor(grpc.ServerInterceptor):
         # the handler's one behaviour: unary_unary, unary_stream, stream_unary or stream_stream
         kind = "_".join("stream" if streaming else "unary"
                         for streaming in (handler.request_streaming, handler.response_streaming))
-        behaviour = getattr(handler, kind)
 
-        def enter(context):
+        @contextlib.asynccontextmanager
+        async def admitted(request, context):
             try:
                 limit.enter(tenant)
             except errors.TooManyCalls as e:
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-
-        def responses(request, context):
-            enter(context)
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
             try:
-                yield from behaviour(request, context)
+                yield
             finally:
                 limit.leave(tenant)
-
-        def response(request, context):
-            enter(context)
-            try:
-                return behaviour(request, context)
-            finally:
-                limit.leave(tenant)
-        return handler._replace(**{kind: responses if handler.response_streaming else response})
+        return handler._replace(**{kind: _within(getattr(handler, kind), admitted)})
 
 
 def setup_logging(name: str) -> None:
@@ -244,36 +288,35 @@ def setup_logging(name: str) -> None:
                         format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(name)s: %(message)s")
 
 
+OPTIONS = [("grpc.so_reuseport", 0)]  # a port in use is an error at start, not shared with another server
+
+
 class Server:
     """A grpc server with the standard parts; add services to ``.grpc``, then ``serve()``."""
 
     def __init__(self, name: str, port: int, host: str = "127.0.0.1", metrics_port: int | None = None,
                  max_workers: int = 32, metrics_host: str = "127.0.0.1", keys=(), refusal: str = NEED_KEY,
-                 tls: tuple[str, str] | None = None, streams: StreamLimit | None = None, held=()):
-        """``keys``: one of them needed on every call but health (``refusal`` says so otherwise);
-        ``tls``: (certificate, key) PEM files to serve TLS instead of plain text; ``streams``: the
-        cap on long calls (every response stream, and the unary methods in ``held``), which sizes
-        the thread pool instead of ``max_workers``."""
-        self.name, self.host, self.port, self.metrics_port = name, host, port, metrics_port
-        self.metrics_host, self.tls = metrics_host, tls
-        # After the error interceptor, so refused calls are counted in the RPC metrics too; the
-        # stream cap after the key check, so a caller without a key never takes a place.
-        interceptors = [ErrorInterceptor(), *([KeyInterceptor(keys, refusal)] if keys else []),
-                        *([StreamLimitInterceptor(streams, held)] if streams else [])]
-        # Each open stream holds a thread, so the pool must exceed the streams a server admits,
-        # or extra calls would queue inside grpc where nobody can see or bound them.
-        if streams is not None:
-            max_workers = streams.total + UNARY_HEADROOM
+                 tls: tuple[str, str] | None = None):
+        """``max_workers``: its threads, one per call running (a stream holds one to its end);
+        ``keys``: one of them needed on every call but health (``refusal`` says so otherwise);
+        ``tls``: (certificate, key) PEM files to serve TLS instead of plain text."""
+        self._configure(name, host, port, metrics_port, metrics_host, tls)
+        # The error interceptor first, so refused calls are counted in the RPC metrics too.
+        interceptors = [ErrorInterceptor(), *([KeyInterceptor(keys, refusal)] if keys else [])]
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers, thread_name_prefix=name),
-                                interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
+                                interceptors=interceptors, options=OPTIONS)
         self.health = health.HealthServicer(experimental_non_blocking=True,
                                             experimental_thread_pool=futures.ThreadPoolExecutor(2))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+
+    def _configure(self, name, host, port, metrics_port, metrics_host, tls) -> None:
+        self.name, self.host, self.port, self.metrics_port = name, host, port, metrics_port
+        self.metrics_host, self.tls = metrics_host, tls
         self._stop = threading.Event()
 
-    def start(self, services: list[str]) -> "Server":
-        names = [*services, health.SERVICE_NAME, reflection.SERVICE_NAME]
-        reflection.enable_server_reflection(names, self.grpc)
+    def _listen(self, services: list[str]) -> None:
+        """Reflection over ``services`` and the standard ones, the port bound (TLS when given), metrics served."""
+        reflection.enable_server_reflection([*services, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc)
         address = f"{self.host}:{self.port}"
         if self.tls:
             bound = self.grpc.add_secure_port(address, server_credentials(*self.tls))
@@ -284,12 +327,25 @@ class Server:
         self.port = bound
         if self.metrics_port:
             start_http_server(self.metrics_port, addr=self.metrics_host)
+
+    def _listening(self) -> None:
+        log.info("%s listening on %s:%d%s (metrics on %s:%s)", self.name, self.host, self.port,
+                 " with TLS" if self.tls else "", self.metrics_host, self.metrics_port)
+
+    def start(self, services: list[str]) -> "Server":
+        self._listen(services)
         self.grpc.start()
         for s in ["", *services]:
             self.health.set(s, health_pb2.HealthCheckResponse.SERVING)
-        log.info("%s listening on %s:%d%s (metrics on %s:%s)", self.name, self.host, self.port,
-                 " with TLS" if self.tls else "", self.metrics_host, self.metrics_port)
+        self._listening()
         return self
+
+    def _shut(self, on_stop) -> None:
+        """Health NOT_SERVING, ``on_stop``, then GRACE_S for the calls running."""
+        self.health.enter_graceful_shutdown()
+        if on_stop is not None:
+            on_stop()
+        self.grpc.stop(GRACE_S).wait()
 
     def stop(self) -> None:
         self._stop.set()
@@ -307,11 +363,57 @@ class Server:
             on_start()
         self._stop.wait()
         log.info("%s stopping (grace %.0fs)", self.name, GRACE_S)
-        self.health.enter_graceful_shutdown()
+        self._shut(on_stop)
+        log.info("%s stopped", self.name)
+
+
+class AioServer(Server):
+    """``Server``'s standard parts on ``grpc.aio``: every call, a stream or not, is a task of
+    ``loop`` (an event loop that runs on a thread of its own, e.g. the endpoint's gateway's), so an
+    open stream holds no thread. Servicers must be async; ``serve()`` is ``Server``'s (it blocks
+    the calling thread, which handles the signals)."""
+
+    def __init__(self, name: str, port: int, loop: asyncio.AbstractEventLoop, host: str = "127.0.0.1",
+                 metrics_port: int | None = None, metrics_host: str = "127.0.0.1", keys=(),
+                 refusal: str = NEED_KEY, tls: tuple[str, str] | None = None, streams: StreamLimit | None = None,
+                 held=()):
+        self._configure(name, host, port, metrics_port, metrics_host, tls)
+        self.loop = loop
+        # As ``Server``'s, and ``streams`` (the cap on long calls: every stream, and the unary methods
+        # in ``held``) after the key check, so that a caller without a key never takes a place.
+        interceptors = [AioErrorInterceptor(), *([AioKeyInterceptor(keys, refusal)] if keys else []),
+                        *([StreamLimitInterceptor(streams, held)] if streams else [])]
+
+        def build():  # an aio server (and the health servicer's conditions) belong to the loop they are made on
+            return grpc.aio.server(interceptors=interceptors, options=OPTIONS), health.aio.HealthServicer()
+        self.grpc, self.health = self.call(build)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+
+    def run(self, coroutine):
+        """Run ``coroutine`` on the server's loop and wait for its result (from another thread)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def call(self, function, *args):
+        """``function(*args)`` called on the server's loop (what makes aio objects: channels), its result."""
+        async def on_loop():
+            return function(*args)
+        return self.run(on_loop())
+
+    def start(self, services: list[str]) -> "AioServer":
+        async def start():
+            self._listen(services)
+            await self.grpc.start()
+            for s in ["", *services]:
+                await self.health.set(s, health_pb2.HealthCheckResponse.SERVING)
+        self.run(start())
+        self._listening()
+        return self
+
+    def _shut(self, on_stop) -> None:
+        self.run(self.health.enter_graceful_shutdown())
         if on_stop is not None:
             on_stop()
-        self.grpc.stop(GRACE_S).wait()
-        log.info("%s stopped", self.name)
+        self.run(self.grpc.stop(GRACE_S))
 
 
 def wait_healthy(address: str, timeout: float = 60.0, service: str = "", tls_ca: str | None = None) -> None:

@@ -1,13 +1,15 @@
 """The Jobs gRPC service: check a request, record it, queue it; read records back; stream progress.
 
-``Jobs`` is the API itself, called in process (the endpoint's gateway does, for the web console);
-the public endpoint hosts its gRPC door with ``add_to_server(server, settings)``, on a server with
-``server_common.ErrorInterceptor``: the methods raise, and the interceptor answers each exception with
+``Jobs`` is the API itself, called in process (the endpoint's gateway does, for the web console).
+Its gRPC door is ``JobsServicer`` on a thread-pool server (``add_to_server(server, settings)``), or
+``AioJobsServicer`` on a ``grpc.aio`` one (the public endpoint's), each on a server with the error
+interceptor (``server_common``): the methods raise, and the interceptor answers each exception with
 its status (the services' one table, ``server_common.status_of``). Requests are checked
 here, before anything is queued (``kinds.KINDS[kind].check``); everything after that is the workers' part.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -188,6 +190,50 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         yield from self.jobs.WatchJob(request, context.is_active)
 
 
+class AioJobsServicer(jobs_pb2_grpc.JobsServicer):
+    """``JobsServicer`` on a ``grpc.aio`` server (the endpoint's). ``Jobs`` reads Redis and the store
+    with blocking clients, so each call runs on a thread of ``pool``; a watcher holds one while it
+    waits for the job's next change."""
+
+    def __init__(self, jobs: Jobs, pool):
+        self.jobs, self.pool = jobs, pool
+
+    def _call(self, method, *args):
+        return asyncio.get_running_loop().run_in_executor(self.pool, method, *args)
+
+    async def SubmitJob(self, request, context):
+        return await self._call(self.jobs.SubmitJob, request)
+
+    async def GetJob(self, request, context):
+        return await self._call(self.jobs.GetJob, request)
+
+    async def ListJobs(self, request, context):
+        return await self._call(self.jobs.ListJobs, request)
+
+    async def CancelJob(self, request, context):
+        return await self._call(self.jobs.CancelJob, request)
+
+    async def ListStore(self, request, context):
+        return await self._call(self.jobs.ListStore, request)
+
+    async def WatchJob(self, request, context):
+        watching = True
+        changes = self.jobs.WatchJob(request, lambda: watching)
+        try:
+            while (job := await self._call(next, changes, None)) is not None:
+                yield job
+        finally:
+            watching = False  # a step still running on the pool (the watcher left) ends at its next look
+            self.pool.submit(_close, changes)
+
+
+def _close(generator) -> None:
+    try:
+        generator.close()
+    except ValueError:  # still running a step: that step ends it (``active()`` is False now)
+        pass
+
+
 def add_to_server(server: grpc.Server, settings=None) -> JobsServicer:
     """Register the Jobs service on ``server`` (one with ``server_common.ErrorInterceptor``); ``settings`` is a
     JobsSettings, None (environment), or any object with ``redis_url`` / ``store_root`` attributes.
@@ -197,4 +243,4 @@ def add_to_server(server: grpc.Server, settings=None) -> JobsServicer:
     return servicer
 
 
-__all__ = ["Jobs", "JobsServicer", "add_to_server", "job_to_pb", "SERVICE_NAME"]
+__all__ = ["Jobs", "JobsServicer", "AioJobsServicer", "add_to_server", "job_to_pb", "SERVICE_NAME"]

@@ -6,8 +6,11 @@ its model's worker. The Tokenizer service, asked for a model (or one of its adap
 that model's tokenizer and chat format."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import signal
+import time
 
 import grpc
 import httpx
@@ -19,7 +22,7 @@ from internlm_core.tokenizer import Tokenizer
 from services.pb import common_pb2, inference_pb2, inference_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 from services.pb_convert import chat_to_pb, join_chunks
 from tests.helpers import RedisServer, free_port, internlm2_checkpoint, serving_adapter
-from tests.services.conftest import Service, start_http_endpoint, start_worker, wait_workers
+from tests.services.conftest import Service, start_endpoint, start_http_endpoint, start_worker, wait_workers
 
 CHAT = [{"role": "user", "content": "Name three rivers."}]
 N, TOP = 6, 3
@@ -158,6 +161,81 @@ def test_http_streams_cost_no_thread_each(http, worker):
         next(r.iter_lines())  # the first response: every choice is in flight now
         during = threads_of(pid)
     assert during - before < 5, (before, during)
+
+
+def test_grpc_streams_cost_no_thread_each(endpoint, worker):
+    """Twelve Generate streams open at once through the gRPC door (four generating, eight queued at
+    the worker) add no thread per stream to the endpoint: its gRPC server is ``grpc.aio`` on the
+    gateway's loop, each call a task (a server thread each, as before, would add twelve)."""
+    pid = endpoint.proc.pid
+    stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(endpoint.address))
+    request = inference_pb2.GenerateRequest(text="Tell me about the sea", params=common_pb2.SamplingParams(
+        max_new_tokens=200, temperature=0, ignore_eos=True))
+    warm = stub.Generate(request, timeout=120)
+    next(warm)  # warms what any call starts once
+    warm.cancel()
+    deadline = time.monotonic() + 30
+    while endpoint.metric("internlm_open_streams") or worker.metric("internlm_active_requests"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    before = threads_of(pid)
+    calls = [stub.Generate(request, timeout=120) for _ in range(12)]
+    try:
+        while endpoint.metric("internlm_open_streams") < 12:  # every stream admitted, open at the endpoint
+            assert time.monotonic() < deadline + 30
+            time.sleep(0.1)
+        during = threads_of(pid)
+    finally:
+        for call in calls:
+            call.cancel()
+    assert during - before < 5, (before, during)
+
+
+def test_router_run_on_its_own_loop_is_refused(stack_redis):
+    """The gRPC door runs on the router's loop: a blocking ``Router.run`` there (say, the sync
+    ``Gateway.model_info``) would wait forever on the loop it stops; it is refused, naming the fix."""
+    from services.gateway import Router
+
+    router = Router(stack_redis.url).start()
+    try:
+        async def nothing():
+            return 1
+
+        async def on_the_loop():
+            return router.run(nothing())
+        assert router.run(nothing()) == 1  # from another thread: fine
+        with pytest.raises(RuntimeError, match="own loop: await the coroutine instead"):
+            asyncio.run_coroutine_threadsafe(on_the_loop(), router.loop).result(timeout=10)
+    finally:
+        router.stop()
+
+
+def test_sigterm_drains_the_grpc_door(stack_redis, tokenizer_service, worker, stack_dir):
+    """The endpoint's gRPC door counts its calls in the RPC metrics, and SIGTERM under a Generate
+    stream lets the stream end complete before the endpoint exits 0."""
+    endpoint = start_endpoint(stack_redis.url, tokenizer_service.address, stack_dir, "endpoint-drained").wait_healthy()
+    try:
+        assert wait_workers(endpoint, 1)
+        stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(endpoint.address))
+
+        def request(n):
+            return inference_pb2.GenerateRequest(text="Tell me about the sea", params=common_pb2.SamplingParams(
+                max_new_tokens=n, ignore_eos=True))
+        assert len(list(stub.Generate(request(2), timeout=60))) >= 1
+        counted = 'internlm_grpc_requests_total{code="OK",method="/internlm.v1.Inference/Generate"} 1.0'
+        deadline = time.monotonic() + 10
+        while counted not in endpoint.metrics():  # counted once the call has ended on the server's side too
+            assert time.monotonic() < deadline, [m for m in endpoint.metrics().splitlines() if "grpc_requests" in m]
+            time.sleep(0.05)
+        call = stub.Generate(request(120), timeout=120)
+        first = next(call)
+        endpoint.proc.send_signal(signal.SIGTERM)
+        rest = list(call)
+        assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == 120
+        assert rest[-1].finish.reason == common_pb2.FINISH_REASON_LENGTH
+        assert endpoint.proc.wait(30) == 0
+    finally:
+        endpoint.stop()
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,7 @@ def watch(channel, job_id):
 
 def reflect(channel):
     """An open reflection stream (its first answer read), whose client sends nothing more until
-    the stream is cancelled: the server's side waits on it, holding a thread."""
+    the stream is cancelled: the server's side waits on it, holding its place."""
     quiet = threading.Event()
 
     def requests():
