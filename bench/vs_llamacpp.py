@@ -150,8 +150,11 @@ def bench_llama(gguf: Path, tmp: Path, levels, fresh, new_tokens: int, prompt_to
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="internlm2-1_8b")
-    ap.add_argument("--ours", default="bf16,int8", help="the worker's weights: bf16 (as stored), int8 (--quantize int8)")
-    ap.add_argument("--llama", default="bf16,q8_0", help="llama.cpp weight types: f32, bf16, q8_0 ('' for none)")
+    ap.add_argument("--ours", default="bf16,int8",
+                    help="the worker's weights: bf16 (as stored), int8 or int4 (--quantize int8|int4)")
+    ap.add_argument("--llama", default="bf16,q8_0",
+                    help="llama.cpp weight types: f32, bf16, q8_0, q4_0 (llama-quantize's own choice for the "
+                         "head, as its users get it) ('' for none)")
     ap.add_argument("--streams", default="1,4")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=32)
@@ -185,7 +188,7 @@ def main() -> None:
         print(f"{name:>22}: {cells}, peak RSS {r['peak_rss_mb']:8.0f} MB  ({r['setup']})", flush=True)
 
     for kind in filter(None, args.ours.split(",")):
-        extra = ["--quantize", "int8"] if kind == "int8" else []
+        extra = ["--quantize", kind] if kind in ("int8", "int4") else []
         report(f"this project {kind}", bench_worker(model_dir, work, levels, fresh, args.new_tokens, extra))
     kinds = list(filter(None, args.llama.split(",")))
     for kind in kinds:
@@ -194,7 +197,10 @@ def main() -> None:
         else:
             base = to_gguf(llama_hf_folder(hf), work / f"{args.preset}-{'f32' if kind == 'f32' else 'bf16'}.gguf",
                            "f32" if kind == "f32" else "bf16")
-            gguf = quantize(base, work / f"{args.preset}-q8_0.gguf") if kind == "q8_0" else base
+            if kind in ("q8_0", "q4_0"):
+                gguf = quantize(base, work / f"{args.preset}-{kind}.gguf", kind.upper())
+            else:
+                gguf = base
         report(f"llama.cpp {kind}", bench_llama(gguf, work, levels, fresh, args.new_tokens, args.prompt_tokens))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .quantize import METHODS
 
 CONFIG_FILE = "config.json"
 # Marks a folder written by this project (MindSpore weights, MindFormers names).
@@ -53,7 +54,7 @@ class Config:
     dtype: str = "float32"  # storage dtype of the weights: float32 | float16 | bfloat16
     num_kv_heads: int | None = None  # grouped-query attention (InternLM2: 8); None = num_heads
     family: str = "internlm"  # internlm (v1) | internlm2 | internlm3: HF layout, chat template and stops
-    quantization: str | None = None  # None | "int8": the linears' weights int8 with per-channel scales (quantize.py)
+    quantization: str | None = None  # None | "int8" | "int4": the linears' weights quantised (quantize.py)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -71,8 +72,8 @@ class Config:
                               f"(num_kv_heads {self.num_kv_heads} != num_heads {self.num_heads})")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
-        if self.quantization not in (None, "int8"):
-            raise ConfigError(f"quantization must be None or 'int8', got {self.quantization!r}")
+        if self.quantization not in (None, *METHODS):
+            raise ConfigError(f"quantization must be None or one of {list(METHODS)}, got {self.quantization!r}")
         if self.rope_scaling not in (None, "dynamic"):
             raise ConfigError(f"unsupported rope_scaling {self.rope_scaling!r} (None or 'dynamic')")
         for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",

@@ -23,7 +23,7 @@ from .checkpoint import (DTYPE_TO_ST, ST_TO_DTYPE, ST_TO_NP, TOKENIZER_FILE, WEI
                          CheckpointError, SafetensorsFile, SafetensorsWriter, atomic_folder, cast, confined,
                          copy_tokenizer, read_config, to_float32)
 from .config import CONFIG_FILE, Config, ConfigError, is_own_config
-from .quantize import METHODS, quantize_int8, quantized_names, scale_name
+from .quantize import METHODS, SCHEMES, check_quantizable, quantized_names, scale_name
 from .torch_bin import TorchBinFile
 
 # HF name template -> MindSpore name template; {} is the layer number, None drops the key.
@@ -203,9 +203,10 @@ def _plan(where: dict, table, expected: dict[str, tuple]) -> list[tuple[str, str
 
 
 def _convert(where, plan, dst_file: Path, dtype: str | None, progress, cancel, metadata, resume: bool,
-             quantized: frozenset = frozenset()) -> str:
+             quantized: frozenset = frozenset(), quantize: str | None = None) -> str:
     """Write ``plan``'s tensors into ``dst_file`` in ``dtype`` (default: the source's own), those
-    named in ``quantized`` as int8 with their per-channel scales (quantize.py); the dtype written."""
+    named in ``quantized`` quantised by ``quantize`` with their scales (quantize.py); the dtype written."""
+    scheme = SCHEMES[quantize] if quantize else None
     src_dtypes = {where[s].info(s)[0] for s, _ in plan}
     for d in src_dtypes:
         if d not in ST_TO_DTYPE:
@@ -214,7 +215,11 @@ def _convert(where, plan, dst_file: Path, dtype: str | None, progress, cancel, m
     entries = []
     for s, d in plan:
         shape = tuple(where[s].info(s)[1])
-        entries += ([(d, "I8", shape), (scale_name(d), "F32", shape[:1])] if d in quantized else [(d, target, shape)])
+        if d in quantized:
+            stored, scales = scheme.shapes(*shape)
+            entries += [(d, scheme.stored, stored), (scale_name(d), "F32", scales)]
+        else:
+            entries.append((d, target, shape))
     size = [int(np.prod(shape)) * np.dtype(ST_TO_NP[st]).itemsize for _, st, shape in entries]
     writer = SafetensorsWriter(dst_file, entries, metadata, resume=resume)
     kept = {e[0] for e in entries[:writer.kept]}
@@ -229,7 +234,7 @@ def _convert(where, plan, dst_file: Path, dtype: str | None, progress, cancel, m
                 raise Cancelled()
             f = where[src]
             if dst in quantized:
-                q, scale = quantize_int8(to_float32(np.asarray(f.get(src)), f.info(src)[0]))
+                q, scale = scheme.quantize(to_float32(np.asarray(f.get(src)), f.info(src)[0]))
                 parts = ([] if dst in kept else [(dst, q)]) + [(scale_name(dst), scale)]
             else:
                 parts = [(dst, cast(np.asarray(f.get(src)), f.info(src)[0], target))]
@@ -304,7 +309,7 @@ def hf_to_ms(src: str | Path, dst: str | Path, dtype: str | None = None, overwri
     """Convert an HF InternLM folder into a project model folder; returns its config. With
     ``work_dir`` the weights are built there, journaled, and a run that was killed or cancelled
     resumes after the tensors it wrote and verified (same source, dtype and config). ``quantize``
-    ("int8") stores the linears' weights as int8 with per-channel scales (quantize.py)."""
+    ("int8", "int4") stores the linears' weights quantised with their scales (quantize.py)."""
     if quantize not in (None, *METHODS):
         raise CheckpointError(f"quantize must be one of {', '.join(METHODS)}, got {quantize!r}")
     src = Path(src)
@@ -321,8 +326,13 @@ def hf_to_ms(src: str | Path, dst: str | Path, dtype: str | None = None, overwri
     with atomic_folder(dst, overwrite) as tmp:
         weights = _weights(tmp, work_dir)
         quantized = frozenset(quantized_names(cfg) if quantize else ())
+        if quantize:
+            try:
+                check_quantizable(cfg, quantize)
+            except ValueError as e:
+                raise CheckpointError(str(e)) from None
         out_dtype = _convert(where, plan, weights, dtype, progress, cancel, {"format": "ms"}, work_dir is not None,
-                             quantized)
+                             quantized, quantize)
         os.replace(weights, tmp / WEIGHTS_FILE)
         cfg = cfg.replace(dtype=out_dtype, name=cfg.name if cfg.name != "hf" else src.name, quantization=quantize)
         cfg.save(tmp)

@@ -160,12 +160,15 @@ class Engine(EngineBase):
 
     @property
     def quantization(self) -> str | None:
-        """"int8" where the linears are served as int8 with per-channel scales (an int8 folder, or
-        one quantised at load), else None (the weights in ``config.dtype`` or fp32)."""
+        """"int8" or "int4" where the linears are served so, with their scales (a quantised folder,
+        or one quantised at load), else None (the weights in ``config.dtype`` or fp32)."""
+        import mindspore as ms
+
         from .model import Linear
 
-        return "int8" if any(isinstance(c, Linear) and c.weight_scale is not None
-                             for _, c in self.model.cells_and_names()) else None
+        held = {c.weight.dtype for _, c in self.model.cells_and_names()
+                if isinstance(c, Linear) and c.weight_scale is not None}
+        return "int4" if ms.uint8 in held else "int8" if held else None
 
     @property
     def weight_bytes(self) -> int:

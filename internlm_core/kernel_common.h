@@ -16,6 +16,7 @@ bool is_i32(const char* t) { return strcmp(t, "int32") == 0 || strcmp(t, "int") 
 bool is_bf16(const char* t) { return strcmp(t, "bfloat16") == 0; }
 bool is_f16(const char* t) { return strcmp(t, "float16") == 0 || strcmp(t, "half") == 0; }
 bool is_i8(const char* t) { return strcmp(t, "int8") == 0; }
+bool is_u8(const char* t) { return strcmp(t, "uint8") == 0; }
 
 int64_t rows_of(int ndim, const int64_t* shape) {  // product of every dimension but the last
   int64_t m = 1;
@@ -158,6 +159,37 @@ inline v16 i8_to_f32(const int8_t* p) {
   memcpy(&out, &v, 64);
   return out;
 }
+// int4 weights (quantize.py's "int4"), two to a byte: the even k's value in the low nibble, the
+// odd k's in the high one, each stored as q + 8 (0..15) for q in -8..7.
+struct u4_t { uint8_t bits; };
+
+// 16 bytes of int4 pairs -> the 16 even-k values and the 16 odd-k values as floats (q, exact):
+// zero-extend to 32 bits (vpmovzxbd), mask or shift out each nibble, subtract the 8, convert.
+inline void u4_to_f32(const u4_t* p, v16& even, v16& odd) {
+#if defined(__AVX512F__)
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m512i eight = _mm512_set1_epi32(8);
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b, _mm512_set1_epi32(15)), eight));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b, 4), eight));
+#elif defined(__AVX2__)
+  __m256 lo[2], hi[2];
+  for (int h = 0; h < 2; ++h) {
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * h)));
+    const __m256i eight = _mm256_set1_epi32(8);
+    lo[h] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b, _mm256_set1_epi32(15)), eight));
+    hi[h] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 4), eight));
+  }
+#else
+  float lo[16], hi[16];
+  for (int i = 0; i < 16; ++i) {
+    lo[i] = (float)((p[i].bits & 15) - 8);
+    hi[i] = (float)((p[i].bits >> 4) - 8);
+  }
+#endif
+  memcpy(&even, &lo, 64);
+  memcpy(&odd, &hi, 64);
+}
+
 // A weight's stored values as floats, 16 at a time (``widen``) or one (``widen1``): fp32 as it is, bf16
 // by a 16-bit shift, fp16 by vcvtph2ps, int8 sign-extended and converted, all exact.
 inline v16 widen(const float* p) { return load(p); }

@@ -8,8 +8,9 @@
 //   PackedLinear     y = x W^T (+ b) with W packed once at load time as (N/16, K, 16): a k step
 //                    is one 16-wide load of W and one broadcast-multiply-add per row of x, so up to
 //                    8 rows share every weight load and no horizontal sums are needed. W is fp32,
-//                    bf16 or fp16 as the checkpoint stores it, or int8 with one fp32 scale per
-//                    output (W8A16), widened to fp32 in registers.
+//                    bf16 or fp16 as the checkpoint stores it, int8 with one fp32 scale per
+//                    output (W8A16), or int4 with one a group of 32 inputs (W4A16), widened to
+//                    fp32 in registers.
 //   CachedAttention  the step's new k/v rows written into the slotted cache, then causal
 //                    softmax(q K^T) V read straight from it: query t of row b, head h attends cache
 //                    rows first[b, h] .. first[b, h] + pos[b, t] (clipped to the cache: never a
@@ -42,6 +43,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "kernel_common.h"
@@ -89,26 +91,80 @@ void tile(const float* x, const W* wp, const float* s, const float* b, float* y,
   }
 }
 
+// int4 (W4A16, as LMDeploy's and llama.cpp's Q4 store weights): a panel is (K/2, 16) bytes, each
+// byte two k steps of its 16 outputs, with one fp32 scale per output and group of GROUP k steps,
+// (K/GROUP, 16) a panel. Each weight is widened and multiplied by its group's scale in registers,
+// (q * s, the value ``quantize.dequantize`` gives in float32), then summed as every other type's
+// is: in k order, so the result does not depend on the rows computed together.
+constexpr int64_t GROUP = 32;
+
+template <int R, int Q>
+void tile(const float* x, const u4_t* wp, const float* s, const float* b, float* y, int64_t n, int64_t N, int64_t K) {
+  constexpr int64_t ahead = 4096 / 16;  // bytes of pairs 4 KB ahead, as the other types
+  const int64_t pairs = K / 2, groups = K / GROUP;
+  const float* sp = s + n * groups;  // this tile's first panel's scales: (groups, 16) a panel
+  v16 acc[R][Q];
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < Q; ++q) acc[r][q] = (v16){};
+  for (int64_t g = 0; g < groups; ++g) {
+    v16 scale[Q];
+    for (int q = 0; q < Q; ++q) scale[q] = load(sp + (q * groups + g) * 16);
+    for (int64_t k = g * GROUP; k < (g + 1) * GROUP; k += 2) {
+      v16 w0[Q], w1[Q];
+      for (int q = 0; q < Q; ++q) {
+        const u4_t* p = wp + (q * pairs + k / 2) * 16;
+        u4_to_f32(p, w0[q], w1[q]);
+        w0[q] *= scale[q];
+        w1[q] *= scale[q];
+        __builtin_prefetch(p + ahead * 16);
+      }
+      for (int r = 0; r < R; ++r) {
+        const float x0 = x[r * K + k], x1 = x[r * K + k + 1];
+        for (int q = 0; q < Q; ++q) {
+          acc[r][q] += x0 * w0[q];
+          acc[r][q] += x1 * w1[q];
+        }
+      }
+    }
+  }
+  for (int q = 0; q < Q; ++q) {
+    const v16 bias = b ? load(b + n + q * 16) : (v16){};
+    for (int r = 0; r < R; ++r) store(y + r * N + n + q * 16, acc[r][q] + bias);
+  }
+}
+
+// Elements of W a panel holds: K x 16, or K/2 x 16 bytes of int4 pairs.
+template <typename W>
+constexpr int64_t panel_elems(int64_t K) { return std::is_same_v<W, u4_t> ? K / 2 * 16 : K * 16; }
+
 // Tile shapes that keep R * Q accumulators and Q weights in registers: AVX-512 has 32 of 16
 // floats (8 rows x 3 panels); AVX2 has 16 of 8 floats and a v16 takes two, so at most 4 rows and
 // fewer panels (the AVX-512 shapes spilled there: bench-serve decode at 4 rows 55 tok/s, not 730).
+// int4 holds two weights and a scale a panel in registers, so fewer panels fit.
 #if defined(__AVX512F__)
 constexpr int64_t ROWS = 8;  // rows of x per pass over the weight
-template <int R>
-constexpr int panels_at_once() { return R <= 2 ? 4 : 3; }
+template <int R, typename W>
+constexpr int panels_at_once() {
+  if constexpr (std::is_same_v<W, u4_t>) return R <= 2 ? 4 : R <= 4 ? 3 : 2;
+  return R <= 2 ? 4 : 3;
+}
 #else
 constexpr int64_t ROWS = 4;
-template <int R>
-constexpr int panels_at_once() { return R == 1 ? 3 : R == 2 ? 2 : 1; }
+template <int R, typename W>
+constexpr int panels_at_once() {
+  if constexpr (std::is_same_v<W, u4_t>) return R == 1 ? 2 : 1;
+  return R == 1 ? 3 : R == 2 ? 2 : 1;
+}
 #endif
 
 template <int R, typename W>
 void panels(const float* x, const W* wp, const float* s, const float* b, float* y, int64_t p0, int64_t p1, int64_t N,
             int64_t K) {
-  constexpr int Q = panels_at_once<R>();
+  constexpr int Q = panels_at_once<R, W>();
+  const int64_t stride = panel_elems<W>(K);
   int64_t p = p0;
-  for (; p + Q <= p1; p += Q) tile<R, Q>(x, wp + p * K * 16, s, b, y, p * 16, N, K);
-  for (; p < p1; ++p) tile<R, 1>(x, wp + p * K * 16, s, b, y, p * 16, N, K);
+  for (; p + Q <= p1; p += Q) tile<R, Q>(x, wp + p * stride, s, b, y, p * 16, N, K);
+  for (; p < p1; ++p) tile<R, 1>(x, wp + p * stride, s, b, y, p * 16, N, K);
 }
 
 template <typename W>
@@ -140,7 +196,8 @@ void linear(const float* x, const void* wp, const float* s, const float* b, floa
   // panels at a time (~512 KB, half an L2), every row over a block before the next, so the passes
   // after the first read it from cache instead of memory (a 1.8B model's weights do not stay in
   // L3 from one pass to the next). Each output's sum is still one tile's, in the same order.
-  const int64_t block = M <= ROWS ? P : std::max<int64_t>(12, (512 << 10) / (K * 16 * (int64_t)sizeof(W)) / 12 * 12);
+  const int64_t block =
+      M <= ROWS ? P : std::max<int64_t>(12, (512 << 10) / (panel_elems<W>(K) * (int64_t)sizeof(W)) / 12 * 12);
   // Threads split the panels: each reads its share of the weight once, whatever the rows.
 #pragma omp parallel if (M * N * K > (1 << 18))
   {
@@ -379,25 +436,33 @@ extern "C" {
 
 // inputs x (..., K) f32, wp (P, K, 16) f32, bf16 or f16[, b (16P,) f32]; output y (..., 16P) f32.
 // With an int8 wp: inputs x, wp (P, K, 16) i8, scale (16P,) f32[, b (16P,) f32]; y = (x q^T) * scale + b.
+// With an int4 wp (uint8 pairs): inputs x, wp (P, K/2, 16) u8, scale (P, K/32, 16) f32[, b];
+// y = x (q * s)^T + b, s each output's scale for each group of 32 k.
 // The weight's dtype says which: the argument lists never overlap.
 int PackedLinear(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
                  void* extra) {
   if (nparam < 3) return 1;
-  const bool quantized = is_i8(dtypes[1]);
+  const bool int4 = is_u8(dtypes[1]), quantized = int4 || is_i8(dtypes[1]);
   const int first_extra = quantized ? 3 : 2;  // where the bias would be
   if (nparam != first_extra + 1 && nparam != first_extra + 2) return 1;
   const bool bias = nparam == first_extra + 2;
   for (int i = 0; i < nparam; ++i)
     if (i != 1 && !is_f32(dtypes[i])) return 2;
-  if (ndims[1] != 3 || shapes[1][2] != 16 || shapes[0][ndims[0] - 1] != shapes[1][1]) return 3;
-  const int64_t N = shapes[1][0] * 16, K = shapes[1][1], M = rows_of(ndims[0], shapes[0]);
-  for (int i = 2; i < nparam - 1; ++i)  // scale and bias: one value per output
+  const int64_t K = shapes[0][ndims[0] - 1];
+  if (ndims[1] != 3 || shapes[1][2] != 16 || shapes[1][1] != (int4 ? K / 2 : K)) return 3;
+  if (int4 && (K % GROUP || ndims[2] != 3 || shapes[2][0] != shapes[1][0] || shapes[2][1] != K / GROUP ||
+               shapes[2][2] != 16))
+    return 3;
+  const int64_t N = shapes[1][0] * 16, M = rows_of(ndims[0], shapes[0]);
+  for (int i = int4 ? 3 : 2; i < nparam - 1; ++i)  // scale and bias: one value per output
     if (ndims[i] != 1 || shapes[i][0] != N) return 3;
   const float* x = static_cast<const float*>(params[0]);
   const float* s = quantized ? static_cast<const float*>(params[2]) : nullptr;
   const float* b = bias ? static_cast<const float*>(params[first_extra]) : nullptr;
   float* y = static_cast<float*>(params[nparam - 1]);
-  if (quantized)
+  if (int4)
+    linear<u4_t>(x, params[1], s, b, y, M, N, K);
+  else if (quantized)
     linear<int8_t>(x, params[1], s, b, y, M, N, K);
   else if (is_f32(dtypes[1]))
     linear<float>(x, params[1], s, b, y, M, N, K);

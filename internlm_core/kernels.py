@@ -7,7 +7,8 @@ ops are ``train_kernels``'s.
     wp = pack(w)            # (N, K) weight -> (N/16, K, 16), the layout PackedLinear reads, w's dtype kept
     pack_rows(wp, w, row0)  # w's rows into an already allocated packed weight at output row0
     y = linear_op(bias)(x, wp[, b])                  # x W^T + b, any leading shape; wp fp32, bf16 or fp16
-    y = linear_op(bias, True)(x, wq, scale[, b])     # wq int8 packed, scale (N,) fp32: (x q^T) * scale + b
+    y = linear_op(bias, True)(x, wq, scale[, b])     # wq int8 packed, scale (N,) fp32: (x q^T) * scale + b;
+                                                     # or int4 pairs (P, K/2, 16) u8, scale (P, K/32, 16)
     x = embedding_op()(ids, table)                   # the table's rows (fp32, bf16 or fp16) as fp32
     out = attention_op()(qkv, k_cache, v_cache, write, first, pos)  # new k/v rows in, then causal attention
     y = rms_norm_op()(x, w, eps)                     # eps a (1,) tensor
@@ -24,7 +25,9 @@ Weights may be fp32, bf16 or fp16 (``PackedLinear``, ``Embedding``): half-precis
 widened to fp32 in registers and everything is computed in fp32, so a bf16 checkpoint is served
 from half the bytes with the results of fp32 compute on its values. ``PackedLinear`` also reads
 int8 weights with one fp32 scale per output (``quantize.py``, W8A16): the integers widened in
-registers, the sums in fp32, each output times its scale at the end; a quarter of fp32's bytes. numpy has no bf16: bf16
+registers, the sums in fp32, each output times its scale at the end; a quarter of fp32's bytes;
+and int4 weights two to a byte with one scale per output and 32 inputs (W4A16): each widened and
+scaled in registers, about a sixth of fp32's bytes. numpy has no bf16: bf16
 arrays here are their raw bits as uint16 (``checkpoint.ST_TO_NP``), and ``to_tensor`` makes
 them MindSpore bfloat16 tensors without a float32 round trip or a copy.
 
@@ -195,7 +198,7 @@ def unpack(wp: np.ndarray) -> np.ndarray:
 
 
 def to_tensor(arr: np.ndarray, dtype: str):
-    """A MindSpore tensor of ``dtype`` (float32, float16, bfloat16, int8) sharing ``arr``'s memory
+    """A MindSpore tensor of ``dtype`` (float32, float16, bfloat16, int8, uint8: int4 pairs) sharing ``arr``'s memory
     (``Tensor.from_numpy``), bf16 from its uint16 bits by ``view(ms.bfloat16)``: no float32 round
     trip and no copy (measured on MindSpore 2.9: ``Tensor(array)`` copies, ``Tensor(float32 array,
     ms.bfloat16)`` converts through a float32 copy). The tensor keeps ``arr`` alive."""
@@ -208,7 +211,7 @@ def to_tensor(arr: np.ndarray, dtype: str):
         if arr.dtype != np.uint16:
             raise ValueError(f"bfloat16 bits come as uint16, got {arr.dtype}")
         return t.view(ms.bfloat16)
-    want = {"float32": np.float32, "float16": np.float16, "int8": np.int8}[dtype]
+    want = {"float32": np.float32, "float16": np.float16, "int8": np.int8, "uint8": np.uint8}[dtype]
     if arr.dtype != want:
         raise ValueError(f"{dtype} data comes as {np.dtype(want)}, got {arr.dtype}")
     return t
@@ -232,8 +235,9 @@ def _op(name: str, out_shape, out_dtype, bprop=None, variant: str = "", training
 
 @functools.cache
 def linear_op(bias: bool, quantized: bool = False):
-    """y (..., N) = x (..., K) @ W^T (+ b) with W packed: inputs (x, wp[, b]); ``quantized``: wp int8
-    and inputs (x, wq, scale (N,) f32[, b]), y = (x q^T) * scale (+ b)."""
+    """y (..., N) = x (..., K) @ W^T (+ b) with W packed: inputs (x, wp[, b]); ``quantized``: inputs
+    (x, wq, scale[, b]), wq int8 with scale (N,) f32: y = (x q^T) * scale (+ b), or wq uint8 int4
+    pairs (P, K/2, 16) with scale (P, K/32, 16) f32: y = x (q * s)^T (+ b)."""
     if quantized:
         if bias:
             return _op("PackedLinear", lambda x, w, s, b: x[:-1] + [w[0] * PANEL], lambda x, w, s, b: x)

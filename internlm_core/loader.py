@@ -5,9 +5,9 @@ MindSpore's own ops; the engine fuses it). ``load_frozen_base``: LoRA's base on 
 each linear held frozen in the precision the file stores (or quantised to int8 as read), never in
 fp32. ``load_serving_model``: the engine's serving form on the CPU kernels built straight from the
 file, a few MB at a time, each weight placed once in its final fused and packed layout in the
-precision the file stores (bf16 stays bf16; an int8 folder's linears stay int8 with their scales),
-or quantised to int8 tensor by tensor as they are read (``quantize="int8"``): one copy of the
-weights in memory, no fp32 intermediate, no unfused layers.
+precision the file stores (bf16 stays bf16; an int8 or int4 folder's linears stay so with their
+scales), or quantised tensor by tensor as they are read (``quantize="int8"`` or ``"int4"``): one copy
+of the weights in memory, no fp32 intermediate, no unfused layers.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from .checkpoint import (DTYPE_TO_ST, ST_TO_DTYPE, ST_TO_NP, WEIGHTS_FILE, Check
 from .config import Config
 from .forms import TRAINING_KERNELS, serving_ops
 from .model import Embedding, InternLMForCausalLM, Linear, RMSNorm, compute_dtype_for, parameter_of
-from .quantize import METHODS, base_precision, dequantize_int8, quantize_int8, quantized_names, scale_name
+from .quantize import (METHODS, SCHEMES, Scheme, base_precision, check_quantizable, quantize_int8, quantized_names,
+                       scale_name)
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,8 @@ def load_weights(model: InternLMForCausalLM, weights: dict[str, np.ndarray] | Sa
         raise CheckpointError(f"checkpoint does not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     for name in expected:
         if isinstance(weights, SafetensorsFile) and scale_name(name) in scales:
-            # int8 with per-channel scales: MindSpore's own ops compute in float32, so widened here
-            arr = dequantize_int8(weights.get(name), weights.get(scale_name(name)))
+            # quantised with its scales: MindSpore's own ops compute in float32, so widened here
+            arr = SCHEMES[model.config.quantization].dequantize(weights.get(name), weights.get(scale_name(name)))
         elif isinstance(weights, SafetensorsFile):
             arr = to_float32(weights.get(name), weights.info(name)[0])
         else:
@@ -93,11 +94,10 @@ def load_serving_model(folder: str | Path, quantize: str | None = None) -> Inter
     take memory), norms and biases in fp32. The unfused layers are never loaded, and weights are
     read a few MB at a time, so the peak is the weights plus those few MB.
 
-    int8: an int8 folder's linears (``quantize.quantized_names``) are packed as int8 with their
-    per-output-channel scales concatenated part by part (PackedLinear's W8A16 path); with
-    ``quantize="int8"`` a float folder's are quantised so while they are read, a few MB of rows at a
-    time (``quantize.quantize_int8`` per row: the same integers and scales as ``internlm convert
-    --quantize int8`` writes), never the whole model in fp32.
+    int8 / int4: a quantised folder's linears (``quantize.quantized_names``) are packed as stored with
+    their scales placed part by part (PackedLinear's W8A16 and W4A16 paths); with ``quantize`` a float
+    folder's are quantised so while they are read, a few MB of rows at a time (per row, so the same
+    integers and scales as ``internlm convert --quantize`` writes), never the whole model in fp32.
 
     Where the kernels are unavailable (``forms.serving_ops`` says why), or a fused layer's outputs are
     not a multiple of 16 rows, this is ``load_model``'s fp32 model instead (MindSpore's ops have no
@@ -109,7 +109,12 @@ def load_serving_model(folder: str | Path, quantize: str | None = None) -> Inter
         raise ValueError(f"quantize must be one of {', '.join(METHODS)}, got {quantize!r}")
     if quantize and cfg.quantization and quantize != cfg.quantization:
         raise CheckpointError(f"{folder} holds {cfg.quantization} weights: it cannot be served as {quantize}")
-    int8 = (cfg.quantization or quantize) == "int8"
+    method = cfg.quantization or quantize
+    if quantize and not cfg.quantization:
+        try:
+            check_quantizable(cfg, quantize)
+        except ValueError as e:
+            raise CheckpointError(f"{folder}: {e}") from None
     check_names(cfg, f)
     # compute in fp32; its weights are initializers (zero pages, no memory until written) that the
     # file's tensors replace below, each once
@@ -119,14 +124,14 @@ def load_serving_model(folder: str | Path, quantize: str | None = None) -> Inter
     if model is None or any(cell.d_out % kernels.PANEL for _, cell in linears):
         log.info("serving %s from fp32 weights: %s", folder, "MindSpore's ops" if model is None else
                  f"a layer's outputs are not a multiple of {kernels.PANEL}")
-        # the values the int8 form would serve (an int8 folder's are widened by load_weights)
-        return _int8_values(load_model(folder), None if cfg.quantization else quantize)
-    quantized = set(quantized_names(cfg)) if int8 else set()
+        # the values the quantised form would serve (a quantised folder's are widened by load_weights)
+        return _quantized_values(load_model(folder), None if cfg.quantization else quantize)
+    quantized = set(quantized_names(cfg)) if method else set()
     for name, cell in linears:
         sources = getattr(cell, "part_names", [name])
         weights = [f"{s}.weight" for s in sources]
         if all(w in quantized for w in weights):
-            cell.pack(*_packed_int8(f, weights, cell.d_out, cell.d_in, bool(cfg.quantization)))
+            cell.pack(*_packed_quantized(f, weights, cell.d_out, cell.d_in, bool(cfg.quantization), SCHEMES[method]))
         else:
             cell.pack(_packed(f, weights, cell.d_out, cell.d_in))
         if cell.bias is not None:
@@ -158,10 +163,13 @@ def load_frozen_base(folder: str | Path, ops, quantize: str | None = None,
     if quantize not in (None, *METHODS):
         raise ValueError(f"quantize must be one of {', '.join(METHODS)}, got {quantize!r}")
     check_names(cfg, f)
+    if base_precision(cfg, quantize) == "int4":  # FrozenLinear reads int8 at most
+        raise CheckpointError(f"LoRA on an int4 base is not built: {folder} is int4 or int4 was asked for; "
+                              f"fine-tune on the float folder, or with quantize int8")
     if ops.name != TRAINING_KERNELS:
         log.info("%s: the LoRA base held in %s on %s (no kernels read %s weights there)", folder, compute_dtype,
                  ops.name, base_precision(cfg, quantize))
-        return _int8_values(load_model(folder, compute_dtype, ops=ops), None if cfg.quantization else quantize)
+        return _quantized_values(load_model(folder, compute_dtype, ops=ops), None if cfg.quantization else quantize)
     model = InternLMForCausalLM(cfg, "float32", ops=ops)
     quantized = set(quantized_names(cfg)) if (cfg.quantization or quantize) == "int8" else set()
     for name, cell in model.cells_and_names():
@@ -204,13 +212,15 @@ def _held(model: InternLMForCausalLM) -> str:
     return ", ".join(f"{n / 2**20:.0f} MiB {dt}" for dt, n in sorted(held.items()))
 
 
-def _int8_values(model: InternLMForCausalLM, quantize: str | None) -> InternLMForCausalLM:
-    """``model`` (fp32, from a float folder) with its linears holding the values ``quantize="int8"``
-    stands for (quantised, then dequantised): the int8 forms' values where no kernel reads int8."""
+def _quantized_values(model: InternLMForCausalLM, quantize: str | None) -> InternLMForCausalLM:
+    """``model`` (fp32, from a float folder) with its linears holding the values ``quantize`` stands
+    for (quantised, then dequantised): the quantised forms' values where no kernel reads them."""
     if quantize:
+        scheme = SCHEMES[quantize]
         params = dict(model.parameters_and_names())
         for name in quantized_names(model.config):
-            params[name].set_data(Tensor(dequantize_int8(*quantize_int8(params[name].asnumpy())), params[name].dtype))
+            w = params[name]
+            w.set_data(Tensor(scheme.dequantize(*scheme.quantize(w.asnumpy())), w.dtype))
     return model
 
 
@@ -256,35 +266,38 @@ def _packed(f: SafetensorsFile, names: list[str], rows: int, cols: int):
     return kernels.to_tensor(wp, ST_TO_DTYPE[st])
 
 
-def _packed_int8(f: SafetensorsFile, names: list[str], rows: int, cols: int, stored: bool):
-    """The tensors ``names`` (rows stacked) packed as int8 for PackedLinear's W8A16 path, with their
-    per-output-channel scales (rows,) fp32 concatenated in the same order: read as the file stores
-    them (``stored``: an int8 folder's I8 weights and F32 ``<name>_scale``), or quantised a few MB of
-    rows at a time from a float folder (``quantize_int8`` is per row, so chunks change nothing)."""
-    wp = np.empty((rows // kernels.PANEL, cols, kernels.PANEL), np.int8)
-    scale = np.empty(rows, np.float32)
+def _packed_quantized(f: SafetensorsFile, names: list[str], rows: int, cols: int, stored: bool, scheme: Scheme):
+    """The tensors ``names`` (rows stacked) packed for PackedLinear's quantised paths with their scales
+    placed in the same order: int8 (P, K, 16) with (rows,) scales, int4 (P, K/2, 16) bytes of pairs
+    with (P, K/32, 16) scales (each panel's group scales together, as the kernel reads them). Read as
+    the file stores them (``stored``: a quantised folder's weights and F32 ``<name>_scale``), or
+    quantised a few MB of rows at a time from a float folder (per row, so chunks change nothing)."""
+    stored_w, _ = scheme.shapes(rows, cols)
+    groups = scheme.groups(cols)
+    wp = np.empty((rows // kernels.PANEL, stored_w[1], kernels.PANEL), ST_TO_NP[scheme.stored])
+    sp = np.empty((rows // kernels.PANEL, groups, kernels.PANEL), np.float32)  # int8: (P, 1, 16) is (rows,)
     row = 0
     for n in names:
         src, shape = f.info(n)
-        if stored:
-            if src != "I8" or f.info(scale_name(n)) != ("F32", shape[:1]):
-                raise CheckpointError(f"{n}: an int8 folder stores it as I8 with an F32 {scale_name(n)} of "
-                                      f"{shape[0]} values, got {src} and {f.info(scale_name(n))}")
-            scale[row:row + shape[0]] = f.get(scale_name(n))
-        # stored: READ_BYTES of int8 at a time; quantised here: a quarter as much as fp32, whose
+        want_w, want_s = scheme.shapes(shape[0], cols)
+        if stored and (f.info(n) != (scheme.stored, want_w) or f.info(scale_name(n)) != ("F32", want_s)):
+            raise CheckpointError(f"{n}: an {scheme.name} folder stores it as {scheme.stored} {list(want_w)} with an "
+                                  f"F32 {scale_name(n)} of {list(want_s)}, got {f.info(n)} and {f.info(scale_name(n))}")
+        # stored: READ_BYTES of it at a time; quantised here: a sixteenth of that in fp32 rows, whose
         # quantisation makes ~5 temporaries of its size
-        per_row = cols if stored else cols * 16
+        per_row = cols * 16 if not stored else want_w[1]
         step = max(kernels.PANEL, READ_BYTES // per_row // kernels.PANEL * kernels.PANEL)
         for r in range(0, shape[0], step):
             block = f.rows(n, r, r + step)
             if stored:
-                q = block
+                q, s = block, f.rows(scale_name(n), r, r + step)
             else:
-                q, s = quantize_int8(to_float32(block, src))
-                scale[row + r:row + r + len(q)] = s
+                q, s = scheme.quantize(to_float32(block, src))
             kernels.pack_rows(wp, q, row + r)
+            kernels.pack_rows(sp, s.reshape(len(s), groups), row + r)
         row += shape[0]
-    return kernels.to_tensor(wp, "int8"), Tensor.from_numpy(scale)
+    scale = sp.reshape(rows) if scheme.group is None else sp
+    return kernels.to_tensor(wp, {"I8": "int8", "U8": "uint8"}[scheme.stored]), Tensor.from_numpy(scale)
 
 
 def _table(f: SafetensorsFile, name: str):
@@ -302,7 +315,9 @@ def check_names(cfg: Config, weights) -> None:
     quantised weight's scales too), and nothing else is."""
     expected = dict(cfg.param_shapes())
     if cfg.quantization:
-        expected.update({scale_name(n): expected[n][:1] for n in quantized_names(cfg)})
+        scheme = SCHEMES[cfg.quantization]
+        for n in quantized_names(cfg):
+            expected[n], expected[scale_name(n)] = scheme.shapes(*expected[n])
     names = set(weights.keys())
     missing = sorted(set(expected) - names)
     unexpected = sorted(names - set(expected))

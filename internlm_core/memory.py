@@ -71,17 +71,19 @@ def gib(n: float) -> str:
 
 
 def weight_bytes(cfg: Config, dtype: str) -> int:
-    """Bytes of the weights held as ``dtype``. int8 is the linears' (``quantize.quantized_names``):
-    a byte a weight and a float32 scale an output row; the rest (embedding, norms, biases) stays
-    in the folder's dtype (``cfg.dtype``), as ``loader.load_serving_model`` holds it."""
-    if dtype != "int8":
-        return cfg.num_parameters() * DTYPE_BYTES[dtype]
-    from .quantize import quantized_names
+    """Bytes of the weights held as ``dtype``. int8 and int4 are the linears' (``quantize.quantized_names``):
+    a byte (int8) or half a byte (int4) a weight and a float32 scale an output row (int8) or an output
+    row's group (int4); the rest (embedding, norms, biases) stays in the folder's dtype
+    (``cfg.dtype``), as ``loader.load_serving_model`` holds it."""
+    from .quantize import SCHEMES, quantized_names
 
+    if dtype not in SCHEMES:
+        return cfg.num_parameters() * DTYPE_BYTES[dtype]
+    scheme = SCHEMES[dtype]
     shapes = cfg.param_shapes()
     linears = [shapes[n] for n in quantized_names(cfg)]
     rest = cfg.num_parameters() - sum(math.prod(s) for s in linears)
-    return sum(r * c + 4 * r for r, c in linears) + rest * DTYPE_BYTES[cfg.dtype]
+    return sum(r * c // scheme.per_byte + 4 * r * scheme.groups(c) for r, c in linears) + rest * DTYPE_BYTES[cfg.dtype]
 
 
 # Bytes a fine-tune holds per parameter, beyond the runtime. Full: fp32 master weights, AdamW's two
@@ -170,7 +172,8 @@ def plan_serving(cfg: Config, weights_dtype: str, cache_dtype: str, available: i
             f"{cfg.name} cannot be served here: its weights take {gib(weights)} as {weights_dtype}"
             f"{' with the draft model' if draft else ''}, the runtime "
             f"~{gib(RUNTIME_BYTES)} and the smallest KV cache {gib(smallest)}, but only {gib(available)} of memory "
-            f"is available" + ("" if weights_dtype == "int8" else " (int8 weights would take a quarter of float32's)"))
+            f"is available" + ("" if weights_dtype == "int4" else " (int4 weights, --quantize int4, would take about a "
+                                                     "sixth of float32's)"))
 
     def fits(slots: int, positions: int) -> bool:
         return cache(slots, positions) <= budget

@@ -49,7 +49,7 @@ class Linear(nn.Cell):
 
     On the serving kernels (``forms.ServingKernels``) ``pack`` places the weight in the layout the
     kernel reads, once, when the weights are loaded; ``weight_scale`` is then an int8 weight's
-    per-output-channel scales (N,) fp32. ``trains``: whether the weight's gradient is computed
+    per-output-channel scales (N,) fp32, or an int4 weight's group scales. ``trains``: whether the weight's gradient is computed
     (``freeze`` turns it off; the training kernels then skip that GEMM).
     """
 
@@ -99,7 +99,7 @@ class Linear(nn.Cell):
         whose rows are a multiple of 16; a once-only conversion at load, the weight replaced so there
         is still one copy). Without ``packed`` the loaded fp32 weight is packed here; ``packed`` is the
         weight already in that layout, fp32, bf16 or fp16, or int8 with its per-output-channel
-        ``scale`` (N,) fp32 (``loader.load_serving_model`` builds it straight from the file, and this
+        ``scale`` (N,) fp32 (int4: uint8 pairs with (P, K/32, 16) group scales) (``loader.load_serving_model`` builds it straight from the file, and this
         layer's own weight is never loaded)."""
         if self.ops.name != SERVING_KERNELS:
             raise ValueError(f"packed weights are the serving kernels' layout; this layer runs on {self.ops.name}")
@@ -109,8 +109,9 @@ class Linear(nn.Cell):
             if self.weight.dtype != ms.float32:
                 return
             packed = Tensor(kernels.pack(self.weight.asnumpy()))
-        if (packed.dtype == ms.int8) != (scale is not None):
-            raise ValueError("an int8 packed weight comes with its scales, and only an int8 one")
+        if (packed.dtype in (ms.int8, ms.uint8)) != (scale is not None):
+            raise ValueError("a quantised (int8, or int4 as uint8 pairs) packed weight comes with its scales, "
+                             "and only such a one")
         self.weight = parameter_of(packed, self.weight.name)
         if scale is not None:
             self.weight_scale = parameter_of(scale, self.weight.name + "_scale")

@@ -10,10 +10,9 @@ from dataclasses import dataclass, field
 
 from .config import DTYPES
 from .lora import AdapterSpec, parse_targets
-from .quantize import METHODS
 
 DTYPE_CHOICES = ("auto", *DTYPES)
-QUANTIZE_CHOICES = ("none", *METHODS)
+QUANTIZE_CHOICES = ("none", "int8")  # a LoRA base's: FrozenLinear reads int8 at most (int4 is for serving)
 
 
 def _hyper(default, help: str):

@@ -230,8 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="positions per slot: prompt + generated (0 = the model's, at most 4096, fewer where "
                          "the memory available needs it)")
     ap.add_argument("--quantize", choices=METHODS, default=env_default("INTERNLM_QUANTIZE", "") or None,
-                    help="quantise a float model's linears to int8 (per-channel scales) while loading "
-                         "($INTERNLM_QUANTIZE): a quarter of fp32's bytes, half of bf16's")
+                    help="quantise a float model's linears while loading ($INTERNLM_QUANTIZE): int8 (per-channel "
+                         "scales), a quarter of fp32's bytes, half of bf16's; int4 (a scale per 32 inputs), "
+                         "about a sixth of fp32's")
     ap.add_argument("--kv-cache-dtype", choices=CACHE_DTYPES,
                     default=env_default("INTERNLM_KV_CACHE_DTYPE", "") or None,
                     help="the KV cache's dtype (default: float16 where the CPU kernels serve, half the bytes of "

@@ -425,7 +425,14 @@ def int8_folders(tmp_path_factory):
     hf = save_hf_folder(hf_reference_model(cfg, seed=3), cfg, root / "hf", dtype="bfloat16")
     hf_to_ms(hf, root / "bf16")
     hf_to_ms(hf, root / "q8", quantize="int8")
+    hf_to_ms(hf, root / "q4", quantize="int4")
     return root / "bf16", root / "q8"
+
+
+@pytest.fixture(scope="module")
+def int4_folder(int8_folders):
+    """The int4 folder ``internlm convert --quantize int4`` makes of the same HF checkpoint."""
+    return int8_folders[0].parent / "q4"
 
 
 def _close(a, b):
@@ -488,6 +495,54 @@ def test_int8_folder_is_served_in_int8_one_copy(int8_folders):
     _agree(served, reference)
 
 
+def test_int4_folder_is_served_in_int4_one_copy(int4_folder):
+    """An int4 folder's linears and head are held as packed pairs of int4 (uint8, half a byte a
+    weight) with fp32 scales per output and group of 32 inputs, nothing else beside the bf16 table
+    and fp32 norms and biases, and give the logits of the fp32 engine on the dequantised weights
+    (1e-4 relative) through prefill, prefill in pieces and batched decode, with identical greedy tokens."""
+    import mindspore as ms
+
+    from internlm_core.engine import open_engine, serving_dtypes
+    from internlm_core.quantize import GROUP, quantized_names
+
+    served = open_engine(int4_folder, max_batch=3, max_len=128)
+    reference = Engine(load_model(int4_folder), max_batch=3, max_len=128)  # load_model widens q * scale to fp32
+    cfg = served.config
+    assert serving_dtypes(cfg) == ("int4", "float16") and served.quantization == "int4"
+    params = {p.name: p for p in served.model.get_parameters() if not p.name.startswith("kv_cache")}
+    for name, p in params.items():
+        leaf = name.rsplit(".", 1)[1]
+        want = {"weight_scale": ms.float32, "bias": ms.float32, "embedding_weight": ms.bfloat16}.get(leaf)
+        if leaf == "weight":
+            want = ms.float32 if "norm" in name else ms.uint8
+        assert p.dtype == want, name
+    shapes = cfg.param_shapes()
+    quantized = quantized_names(cfg)
+    want_bytes = sum(int(np.prod(shapes[n])) // 2 + 4 * shapes[n][0] * shapes[n][1] // GROUP for n in quantized)
+    want_bytes += sum(4 * int(np.prod(s)) for n, s in shapes.items() if n not in quantized and "embedding" not in n)
+    want_bytes += 2 * cfg.vocab_size * cfg.hidden_size
+    assert sum(p.nbytes for p in params.values()) == want_bytes == served.weight_bytes
+    _agree(served, reference)
+
+
+def test_bf16_folder_quantised_to_int4_at_load_equals_the_int4_folder(int8_folders, int4_folder):
+    """``quantize="int4"`` on a bf16 folder packs exactly the int4 folder's serving form: the same
+    bytes and scales, bit-identical logits."""
+    from internlm_core.engine import open_engine
+
+    at_load = open_engine(int8_folders[0], max_batch=2, max_len=64, quantize="int4")
+    stored = open_engine(int4_folder, max_batch=2, max_len=64)
+    assert at_load.quantization == stored.quantization == "int4"
+    ours = {p.name: p.asnumpy() for p in at_load.model.get_parameters() if "weight" in p.name and "embedding" not in p.name}
+    theirs = {p.name: p.asnumpy() for p in stored.model.get_parameters() if "weight" in p.name and "embedding" not in p.name}
+    assert ours.keys() == theirs.keys() and any(a.dtype == np.uint8 for a in ours.values())
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+    prompts = [random_ids(9, 512, seed=1), random_ids(30, 512, seed=2)]
+    np.testing.assert_array_equal(at_load.prefill([0, 1], prompts), stored.prefill([0, 1], prompts))
+    np.testing.assert_array_equal(at_load.decode([4, 5], [9, 30]), stored.decode([4, 5], [9, 30]))
+
+
 def test_bf16_folder_quantised_at_load_equals_the_int8_folder(int8_folders):
     """``quantize="int8"`` on a bf16 folder quantises it while loading into exactly the int8 folder's
     serving form: the same packed integers and scales, bit-identical logits; serving_dtypes counts it
@@ -509,19 +564,20 @@ def test_bf16_folder_quantised_at_load_equals_the_int8_folder(int8_folders):
     np.testing.assert_array_equal(at_load.decode([4, 5], [9, 30]), stored.decode([4, 5], [9, 30]))
 
 
-def test_lora_adapter_on_an_int8_base_equals_the_fp32_base(int8_folders, tmp_path):
-    """A LoRA adapter (fp32) served per row on an int8 base gives the logits of the same adapter on
-    the fp32 engine with the dequantised base (1e-4 relative)."""
+@pytest.mark.parametrize("base", ["q8", "q4"])
+def test_lora_adapter_on_an_int8_base_equals_the_fp32_base(int8_folders, tmp_path, base):
+    """A LoRA adapter (fp32) served per row on an int8 or int4 base gives the logits of the same
+    adapter on the fp32 engine with the dequantised base (1e-4 relative)."""
     from internlm_core.config import Config
     from internlm_core.engine import open_engine
     from internlm_core.lora import AdapterSpec
     from tests.helpers import random_adapter
 
-    _, q8 = int8_folders
+    q = int8_folders[1].parent / base
     adapter = random_adapter(Config.from_name("tiny"), AdapterSpec(rank=4, alpha=8, targets=("wq", "wv", "w2")),
                              tmp_path / "a", 1)
-    served = open_engine(q8, max_batch=2, max_len=64, cache_dtype="float32")  # logits compared at 1e-4
-    reference = Engine(load_model(q8), max_batch=2, max_len=64, cache_dtype="float32")
+    served = open_engine(q, max_batch=2, max_len=64, cache_dtype="float32")  # logits compared at 1e-4
+    reference = Engine(load_model(q), max_batch=2, max_len=64, cache_dtype="float32")
     for eng in (served, reference):
         assert eng.load_adapter("a", adapter) == 1
     prompts, rows = [random_ids(7, 512, seed=1), random_ids(12, 512, seed=2)], np.array([1, 0])

@@ -12,7 +12,7 @@ from mindspore import Parameter, Tensor, nn
 
 from internlm_core import kernels, train_kernels
 from internlm_core.checkpoint import bf16_to_f32, f32_to_bf16
-from internlm_core.quantize import dequantize_int8, quantize_int8
+from internlm_core.quantize import dequantize_int4, dequantize_int8, pack_int4, quantize_int4, quantize_int8
 
 # A developer's machine without a compiler skips these; CI (CI set, as .ci/run sets it) must not:
 # setup.sh installs g++, and a library that does not build there is a failure.
@@ -35,8 +35,13 @@ def stored(w: np.ndarray, dtype: str):
 
 
 class _Linear(nn.Cell):
+    """``dtype`` int4: ``w`` is q (N, K) in -8..7 and ``scale`` its (N, K / GROUP) group scales, packed
+    here as the loader packs them (two values a byte, each panel's scales together)."""
+
     def __init__(self, w, b, dtype="float32", scale=None):
         super().__init__()
+        if dtype == "int4":
+            w, scale, dtype = pack_int4(w), kernels.pack(np.asarray(scale, np.float32)), "uint8"
         self.w = Parameter(kernels.to_tensor(kernels.pack(w), dtype), name="w")
         self.b = None if b is None else Parameter(Tensor(b), name="b")
         self.s = None if scale is None else Parameter(Tensor(scale), name="s")
@@ -110,6 +115,28 @@ def test_packed_linear_with_int8_weights_equals_numpy(bias, rows, n, k):
         np.testing.assert_array_equal(y, (sums.astype(np.float64) * scale + b).astype(np.float32))
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", list(range(1, 18)) + [(3, 40)])
+@pytest.mark.parametrize("n,k", [(16, 64), (48, 32), (80, 96), (400, 160), (816, 2048)])
+def test_packed_linear_with_int4_weights_equals_numpy(bias, rows, n, k):
+    """int4 weights two a byte with a scale per output and group of 32 inputs (W4A16): every row
+    count 1..17, panel remainders of every tile width (2, 3 and 4 panels), one group and many, the
+    threaded path and the blocked one past 8 rows, against float64 on the dequantised values; and
+    exactly the fp32 kernel on those values (each weight is q * s in float32, summed in k order)."""
+    rng = np.random.default_rng(n * k + (rows if isinstance(rows, int) else 99))
+    lead = (rows,) if isinstance(rows, int) else rows
+    q, scale = quantize_int4(rng.normal(size=(n, k)).astype(np.float32) * rng.uniform(0.1, 3, size=(n, 1)))
+    q[0, :2] = (-8, 7)  # the nibbles' whole range, -8 included (a folder written elsewhere may use it)
+    b = rng.normal(size=n).astype(np.float32) if bias else None
+    x = rng.normal(size=lead + (k,)).astype(np.float32)
+    y = _Linear(q, b, "int4", scale)(Tensor(x)).asnumpy()
+    w32 = dequantize_int4(q, scale)
+    ref = x.astype(np.float64) @ w32.astype(np.float64).T + (0 if b is None else b)
+    assert y.shape == lead + (n,) and y.dtype == np.float32
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.sqrt(k) * np.abs(w32).max())
+    np.testing.assert_array_equal(y, _Linear(w32, b)(Tensor(x)).asnumpy())
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("c", [64, 37])
 def test_embedding_widens_the_rows_of_its_table(dtype, c):
@@ -126,7 +153,7 @@ def test_embedding_widens_the_rows_of_its_table(dtype, c):
     np.testing.assert_array_equal(out, t64[[0, 299]].astype(np.float32))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "int4"])
 def test_packed_linear_rows_do_not_depend_on_how_many_are_computed_together(dtype):
     """A row's outputs are the same bits whether it is computed alone (decode, one stream) or with
     up to 16 others (the tiles differ: four panels at a time for one or two rows, three for more,
@@ -136,6 +163,8 @@ def test_packed_linear_rows_do_not_depend_on_how_many_are_computed_together(dtyp
     scale = None
     if dtype == "int8":
         w, scale = quantize_int8(w)
+    elif dtype == "int4":
+        w, scale = quantize_int4(w)
     elif dtype == "bfloat16":
         w = f32_to_bf16(w)
     x = rng.normal(size=(17, 160)).astype(np.float32)

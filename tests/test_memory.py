@@ -91,9 +91,21 @@ def test_a_draft_with_fewer_positions_cuts_the_default_and_refuses_more():
 def test_a_model_that_cannot_fit_is_refused_before_loading_with_its_numbers():
     cfg = Config.from_name("internlm2_5-7b-chat")  # 7.7 B parameters: 31 GB as float32
     with pytest.raises(MemoryError, match=r"cannot be served here: its weights take 28.8 GiB as float32, .* only "
-                                          r"22.0 GiB .*int8 weights would take a quarter"):
+                                          r"22.0 GiB .*int4 weights, --quantize int4, would take about a sixth"):
         plan_serving(cfg, "float32", "float32", 22 * GIB)
     assert plan_serving(cfg, "bfloat16", "float32", 22 * GIB).max_batch >= 1  # 14.4 GiB as stored
+
+
+def test_int4_serves_a_20b_model_where_int8_cannot_fit():
+    """InternLM2-20B's weights: int8 a byte a linear weight (+ a scale a row), int4 half a byte (+
+    a scale per 32), the bf16 embedding and the rest as stored: on 22 GiB int8 is refused before
+    loading and int4 fits with its cache."""
+    cfg = Config.from_name("internlm2-chat-20b")
+    f32, q8, q4 = (weight_bytes(cfg, d) for d in ("float32", "int8", "int4"))
+    assert 0.15 < q4 / f32 < 0.18 and 0.55 < q4 / q8 < 0.65
+    with pytest.raises(MemoryError, match="as int8"):
+        plan_serving(cfg, "int8", "float16", 22 * GIB)
+    assert plan_serving(cfg, "int4", "float16", 22 * GIB).max_batch >= 1
 
 
 def test_available_memory_takes_the_operators_cap(monkeypatch):

@@ -219,6 +219,19 @@ def test_quantize_is_refused_with_full_finetuning_by_name(folders, tmp_path):
         args_for(folders["bf16"], folders["data"], tmp_path / "o", quantize="int4").validate()
 
 
+def test_an_int4_base_is_refused_by_name(folders, tiny_hf, tmp_path):
+    """int4 serves; FrozenLinear reads int8 at most, so a LoRA run on an int4 folder says so before
+    loading, on either form."""
+    from internlm_core.convert import hf_to_ms
+    from internlm_core.errors import CheckpointError
+    from internlm_core.forms import MindSporeOps
+
+    hf_to_ms(tiny_hf[1], tmp_path / "int4", quantize="int4")
+    for ops in (training_ops("float32"), MindSporeOps()):
+        with pytest.raises(CheckpointError, match="LoRA on an int4 base is not built"):
+            load_frozen_base(tmp_path / "int4", ops)
+
+
 def test_without_the_training_kernels_the_base_is_an_fp32_copy_of_the_same_values(folders):
     """MindSpore's ops read no bf16 or int8 weights on CPU: there the base is fp32 holding the values
     the held base stands for (int8's dequantised), so both forms train the same model."""

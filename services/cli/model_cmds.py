@@ -18,7 +18,8 @@ def register(sub) -> None:
     p.add_argument("dst")
     p.add_argument("--dtype", choices=DTYPES, help="target dtype (default: the source's)")
     p.add_argument("--to-hf", action="store_true", help="MindSpore model folder -> HF safetensors folder")
-    p.add_argument("--quantize", choices=METHODS, help="store the linears' weights as int8 with per-channel scales")
+    p.add_argument("--quantize", choices=METHODS, help="store the linears' weights quantised: int8 (per-channel scales) or int4 "
+                                                        "(a scale per 32 inputs)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=convert)
 
@@ -39,7 +40,7 @@ def register(sub) -> None:
     add_grammar_flags(g)
     g.add_argument("--adapter", help="LoRA adapter name (remote only)")
     g.add_argument("--quantize", choices=METHODS,
-                   help="with --model: quantise a float model's linears to int8 while loading (local only)")
+                   help="with --model: quantise a float model's linears (int8 or int4) while loading (local only)")
     g.add_argument("--kv-cache-dtype", choices=CACHE_DTYPES,
                    help="the KV cache's dtype with --model (default: float16 on the CPU kernels, float32 otherwise)")
     g.add_argument("--speculate", choices=("auto", *SPECULATION),

@@ -17,7 +17,7 @@ from internlm_core.checkpoint import read_config
 from internlm_core.config import DTYPES, Config
 from internlm_core.errors import TooLarge
 from internlm_core.memory import available_memory, conversion_bytes, require_fits, training_bytes
-from internlm_core.quantize import METHODS
+from internlm_core.quantize import METHODS, check_quantizable
 from internlm_core.store import DATASETS, MODELS, Store, check_name
 from internlm_core.train_args import HYPERPARAMS, TrainArgs
 
@@ -63,6 +63,8 @@ def check_convert(req: dict, store: Store) -> str:
     if req.get("quantize") and req["quantize"] not in METHODS:
         raise ValueError(f"quantize must be one of {', '.join(METHODS)}, got {req['quantize']!r}")
     cfg = Config.from_hf_config(src / CONFIG_FILE)  # ConfigError: the config does not describe a model
+    if req.get("quantize"):
+        check_quantizable(cfg, req["quantize"])  # int4's widths, before the job is queued
     require_fits(f"converting {cfg.name} (its largest tensor, widened to float32)", conversion_bytes(cfg),
                  available_memory())
     if any(src.glob("*.safetensors")):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import grpc
+import pytest
 
 from internlm_core.config import Config
 from internlm_core.memory import MARGIN, RUNTIME_BYTES, cache_bytes, plan_serving, weight_bytes
@@ -139,16 +140,17 @@ def test_a_worker_whose_redis_is_down_serves_and_registers_once_it_is_up(chat_mo
             server.stop()
 
 
-def test_a_worker_started_with_quantize_int8_serves_int8_and_says_so(chat_model_dir, tmp_path):
-    """``--quantize int8`` on an fp32 folder: the linears are quantised while loading, the worker
-    answers, and ModelInfo and the start log report int8 and the bytes held (1 byte a linear's
-    weight + its scales; the embedding table and norms fp32 as stored)."""
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_a_worker_started_with_quantize_serves_it_and_says_so(chat_model_dir, tmp_path, method):
+    """``--quantize int8`` (or int4) on an fp32 folder: the linears are quantised while loading, the
+    worker answers, and ModelInfo and the start log report the method and the bytes held (1 byte, or
+    half, a linear's weight + its scales; the embedding table and norms fp32 as stored)."""
     from internlm_core.generation import SamplingParams
     from services.pb import common_pb2
     from services.pb_convert import sampling_to_pb
 
     worker = Service("services.inference_worker", ["--model", str(chat_model_dir), "--redis-url", "",
-                                                   "--quantize", "int8", "--max-batch", "2"],
+                                                   "--quantize", method, "--max-batch", "2"],
                      tmp_path / "worker.log", free_port(), free_port()).wait_healthy()
     try:
         stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(worker.address))
@@ -159,11 +161,13 @@ def test_a_worker_started_with_quantize_int8_serves_int8_and_says_so(chat_model_
     finally:
         worker.stop()
     cfg = Config.from_checkpoint(chat_model_dir)
-    assert info.quantization == "int8" and info.dtype == "float32"
-    from internlm_core.quantize import quantized_names
+    assert info.quantization == method and info.dtype == "float32"
+    from internlm_core.quantize import GROUP, quantized_names
 
-    shapes = [cfg.param_shapes()[n] for n in quantized_names(cfg)]  # 1 byte a weight + a 4-byte scale a row
-    assert info.weight_bytes == weight_bytes(cfg, "float32") - sum(3 * r * c - 4 * r for r, c in shapes)
-    assert info.weight_bytes == weight_bytes(cfg, "int8")  # what the worker planned its memory with
+    shapes = [cfg.param_shapes()[n] for n in quantized_names(cfg)]
+    # int8: 1 byte a weight + a 4-byte scale a row; int4: half a byte + a 4-byte scale per 32 of a row
+    held = sum(r * c + 4 * r if method == "int8" else r * c // 2 + 4 * r * c // GROUP for r, c in shapes)
+    assert info.weight_bytes == weight_bytes(cfg, "float32") - sum(4 * r * c for r, c in shapes) + held
+    assert info.weight_bytes == weight_bytes(cfg, method)  # what the worker planned its memory with
     assert len(out.token_ids) == 6
-    assert "weights int8 linears + float32" in worker.log.read_text()
+    assert f"weights {method} linears + float32" in worker.log.read_text()
