@@ -204,7 +204,7 @@ class AioErrorInterceptor(ErrorInterceptor, grpc.aio.ServerInterceptor):
                 await context.abort(*reported_status(method, e))
         return _within(behaviour, mapped)
 
-    _stream = _unary  # ``_around`` keeps the behaviour's form
+    _stream = _unary  # ``_within`` keeps the behaviour's form
 
 
 class StreamLimit:
