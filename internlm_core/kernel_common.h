@@ -167,10 +167,12 @@ struct u4_t { uint8_t bits; };
 // zero-extend to 32 bits (vpmovzxbd), mask or shift out each nibble, subtract the 8, convert.
 inline void u4_to_f32(const u4_t* p, v16& even, v16& odd) {
 #if defined(__AVX512F__)
+  // each nibble picks its value from a 16-float table (vpermps): one operation where subtracting
+  // 8 and converting took two
+  const __m512 values = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
   const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m512i eight = _mm512_set1_epi32(8);
-  const __m512 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b, _mm512_set1_epi32(15)), eight));
-  const __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b, 4), eight));
+  const __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)), values);
+  const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), values);
 #elif defined(__AVX2__)
   __m256 lo[2], hi[2];
   for (int h = 0; h < 2; ++h) {

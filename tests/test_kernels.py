@@ -121,8 +121,8 @@ def test_packed_linear_with_int8_weights_equals_numpy(bias, rows, n, k):
 def test_packed_linear_with_int4_weights_equals_numpy(bias, rows, n, k):
     """int4 weights two a byte with a scale per output and group of 32 inputs (W4A16): every row
     count 1..17, panel remainders of every tile width (2, 3 and 4 panels), one group and many, the
-    threaded path and the blocked one past 8 rows, against float64 on the dequantised values; and
-    exactly the fp32 kernel on those values (each weight is q * s in float32, summed in k order)."""
+    threaded path and the blocked one past 8 rows, against float64 on the dequantised values (each
+    group's integer sum times its scale: within fp32 rounding of the float64 result)."""
     rng = np.random.default_rng(n * k + (rows if isinstance(rows, int) else 99))
     lead = (rows,) if isinstance(rows, int) else rows
     q, scale = quantize_int4(rng.normal(size=(n, k)).astype(np.float32) * rng.uniform(0.1, 3, size=(n, 1)))
@@ -134,7 +134,6 @@ def test_packed_linear_with_int4_weights_equals_numpy(bias, rows, n, k):
     ref = x.astype(np.float64) @ w32.astype(np.float64).T + (0 if b is None else b)
     assert y.shape == lead + (n,) and y.dtype == np.float32
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.sqrt(k) * np.abs(w32).max())
-    np.testing.assert_array_equal(y, _Linear(w32, b)(Tensor(x)).asnumpy())
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
