@@ -415,7 +415,7 @@ def test_lora_adapter_on_a_bf16_base_equals_the_fp32_base(tmp_path):
 @pytest.fixture(scope="module")
 def int8_folders(tmp_path_factory):
     """(a bf16 MindSpore folder, the int8 folder ``internlm convert --quantize int8`` makes of the
-    same HF checkpoint): the tiny shape, with biases."""
+    same HF checkpoint): the tiny shape, with biases; the int4 one beside them, as ``q4``."""
     from internlm_core.config import Config
     from internlm_core.convert import hf_to_ms
     from tests.helpers import hf_reference_model, save_hf_folder
@@ -427,12 +427,6 @@ def int8_folders(tmp_path_factory):
     hf_to_ms(hf, root / "q8", quantize="int8")
     hf_to_ms(hf, root / "q4", quantize="int4")
     return root / "bf16", root / "q8"
-
-
-@pytest.fixture(scope="module")
-def int4_folder(int8_folders):
-    """The int4 folder ``internlm convert --quantize int4`` makes of the same HF checkpoint."""
-    return int8_folders[0].parent / "q4"
 
 
 def _close(a, b):
@@ -458,105 +452,58 @@ def _agree(served, reference):
             == [r.token_ids for r in generate_batch(reference, prompts, params)])
 
 
-def test_int8_folder_is_served_in_int8_one_copy(int8_folders):
-    """An int8 folder's linears and head are held as int8 packed weights + fp32 scales (nothing
-    else: the served parameters' bytes are those, the bf16 embedding table, fp32 norms and biases),
-    and give the logits of the fp32 engine on the dequantised weights (1e-4 relative) through
-    prefill, prefill in pieces and batched decode, with identical greedy tokens."""
+@pytest.mark.parametrize("method,folder,stored", [("int8", "q8", "I8"), ("int4", "q4", "U8")])
+def test_a_quantised_folder_is_served_quantised_in_one_copy(int8_folders, method, folder, stored):
+    """An int8 (int4) folder's linears and head are held as packed int8 (pairs of int4 in uint8,
+    half a byte a weight) + fp32 scales a row (a row's group of 32) and nothing else: the served
+    parameters' bytes are those, the bf16 embedding table, fp32 norms and biases. They give the
+    logits of the fp32 engine on the dequantised weights (1e-4 relative) through prefill, prefill in
+    pieces and batched decode, with identical greedy tokens."""
     import mindspore as ms
 
     from internlm_core.checkpoint import SafetensorsFile
     from internlm_core.engine import open_engine, serving_dtypes
-    from internlm_core.quantize import quantized_names
+    from internlm_core.quantize import SCHEMES, quantized_names
 
-    _, q8 = int8_folders
-    served = open_engine(q8, max_batch=3, max_len=128)
-    reference = Engine(load_model(q8), max_batch=3, max_len=128)  # load_model widens q * scale to fp32
+    q = int8_folders[0].parent / folder
+    served = open_engine(q, max_batch=3, max_len=128)
+    reference = Engine(load_model(q), max_batch=3, max_len=128)  # load_model widens q * scale to fp32
     cfg = served.config
-    assert serving_dtypes(cfg) == ("int8", "float16")
+    assert serving_dtypes(cfg) == (method, "float16") and served.quantization == method
     params = {p.name: p for p in served.model.get_parameters() if not p.name.startswith("kv_cache")}
     for name, p in params.items():
         leaf = name.rsplit(".", 1)[1]
         want = {"weight_scale": ms.float32, "bias": ms.float32, "embedding_weight": ms.bfloat16}.get(leaf)
         if leaf == "weight":
-            want = ms.float32 if "norm" in name else ms.int8
+            want = ms.float32 if "norm" in name else {"int8": ms.int8, "int4": ms.uint8}[method]
         assert p.dtype == want, name
     assert any(n.endswith("lm_head.weight_scale") for n in params)
     assert any(n.endswith("model.layers.0.attention.wqkv.weight_scale") for n in params)
-    f = SafetensorsFile(q8 / "model.safetensors")
-    quantized = quantized_names(cfg)
-    want_bytes = sum(int(np.prod(cfg.param_shapes()[n])) + 4 * cfg.param_shapes()[n][0] for n in quantized)
-    want_bytes += sum(4 * int(np.prod(s)) for n, s in cfg.param_shapes().items()
-                      if n not in quantized and "embedding" not in n)
-    want_bytes += 2 * cfg.vocab_size * cfg.hidden_size
-    assert sum(p.nbytes for p in params.values()) == want_bytes
-    assert f.info("lm_head.weight")[0] == "I8"
-
-    _agree(served, reference)
-
-
-def test_int4_folder_is_served_in_int4_one_copy(int4_folder):
-    """An int4 folder's linears and head are held as packed pairs of int4 (uint8, half a byte a
-    weight) with fp32 scales per output and group of 32 inputs, nothing else beside the bf16 table
-    and fp32 norms and biases, and give the logits of the fp32 engine on the dequantised weights
-    (1e-4 relative) through prefill, prefill in pieces and batched decode, with identical greedy tokens."""
-    import mindspore as ms
-
-    from internlm_core.engine import open_engine, serving_dtypes
-    from internlm_core.quantize import GROUP, quantized_names
-
-    served = open_engine(int4_folder, max_batch=3, max_len=128)
-    reference = Engine(load_model(int4_folder), max_batch=3, max_len=128)  # load_model widens q * scale to fp32
-    cfg = served.config
-    assert serving_dtypes(cfg) == ("int4", "float16") and served.quantization == "int4"
-    params = {p.name: p for p in served.model.get_parameters() if not p.name.startswith("kv_cache")}
-    for name, p in params.items():
-        leaf = name.rsplit(".", 1)[1]
-        want = {"weight_scale": ms.float32, "bias": ms.float32, "embedding_weight": ms.bfloat16}.get(leaf)
-        if leaf == "weight":
-            want = ms.float32 if "norm" in name else ms.uint8
-        assert p.dtype == want, name
-    shapes = cfg.param_shapes()
-    quantized = quantized_names(cfg)
-    want_bytes = sum(int(np.prod(shapes[n])) // 2 + 4 * shapes[n][0] * shapes[n][1] // GROUP for n in quantized)
+    shapes, scheme, quantized = cfg.param_shapes(), SCHEMES[method], quantized_names(cfg)
+    want_bytes = sum(r * c // scheme.per_byte + 4 * r * scheme.groups(c) for r, c in (shapes[n] for n in quantized))
     want_bytes += sum(4 * int(np.prod(s)) for n, s in shapes.items() if n not in quantized and "embedding" not in n)
     want_bytes += 2 * cfg.vocab_size * cfg.hidden_size
     assert sum(p.nbytes for p in params.values()) == want_bytes == served.weight_bytes
+    assert SafetensorsFile(q / "model.safetensors").info("lm_head.weight")[0] == stored
     _agree(served, reference)
 
 
-def test_bf16_folder_quantised_to_int4_at_load_equals_the_int4_folder(int8_folders, int4_folder):
-    """``quantize="int4"`` on a bf16 folder packs exactly the int4 folder's serving form: the same
-    bytes and scales, bit-identical logits."""
-    from internlm_core.engine import open_engine
-
-    at_load = open_engine(int8_folders[0], max_batch=2, max_len=64, quantize="int4")
-    stored = open_engine(int4_folder, max_batch=2, max_len=64)
-    assert at_load.quantization == stored.quantization == "int4"
-    ours = {p.name: p.asnumpy() for p in at_load.model.get_parameters() if "weight" in p.name and "embedding" not in p.name}
-    theirs = {p.name: p.asnumpy() for p in stored.model.get_parameters() if "weight" in p.name and "embedding" not in p.name}
-    assert ours.keys() == theirs.keys() and any(a.dtype == np.uint8 for a in ours.values())
-    for name in ours:
-        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
-    prompts = [random_ids(9, 512, seed=1), random_ids(30, 512, seed=2)]
-    np.testing.assert_array_equal(at_load.prefill([0, 1], prompts), stored.prefill([0, 1], prompts))
-    np.testing.assert_array_equal(at_load.decode([4, 5], [9, 30]), stored.decode([4, 5], [9, 30]))
-
-
-def test_bf16_folder_quantised_at_load_equals_the_int8_folder(int8_folders):
-    """``quantize="int8"`` on a bf16 folder quantises it while loading into exactly the int8 folder's
-    serving form: the same packed integers and scales, bit-identical logits; serving_dtypes counts it
-    as int8 for the worker's memory plan."""
+@pytest.mark.parametrize("method,folder,held", [("int8", "q8", np.int8), ("int4", "q4", np.uint8)])
+def test_bf16_folder_quantised_at_load_equals_the_quantised_folder(int8_folders, method, folder, held):
+    """``quantize="int8"`` (or int4) on a bf16 folder quantises it while loading into exactly the
+    folder ``internlm convert --quantize`` makes: the same packed integers and scales, bit-identical
+    logits; serving_dtypes counts it as quantised for the worker's memory plan."""
     from internlm_core.engine import open_engine, serving_dtypes
 
-    bf16, q8 = int8_folders
-    at_load = open_engine(bf16, max_batch=2, max_len=64, quantize="int8")
-    stored = open_engine(q8, max_batch=2, max_len=64)
+    bf16, stored_dir = int8_folders[0], int8_folders[0].parent / folder
+    at_load = open_engine(bf16, max_batch=2, max_len=64, quantize=method)
+    stored = open_engine(stored_dir, max_batch=2, max_len=64)
+    assert at_load.quantization == stored.quantization == method
     assert serving_dtypes(at_load.config) == ("bfloat16", "float16")
-    assert serving_dtypes(at_load.config, "int8") == ("int8", "float16")
+    assert serving_dtypes(at_load.config, method) == (method, "float16")
     ours = {p.name: p.asnumpy() for p in at_load.model.get_parameters() if "weight" in p.name and "embedding" not in p.name}
     theirs = {p.name: p.asnumpy() for p in stored.model.get_parameters() if "weight" in p.name and "embedding" not in p.name}
-    assert ours.keys() == theirs.keys() and any(a.dtype == np.int8 for a in ours.values())
+    assert ours.keys() == theirs.keys() and any(a.dtype == held for a in ours.values())
     for name in ours:
         np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
     prompts = [random_ids(9, 512, seed=1), random_ids(30, 512, seed=2)]
