@@ -297,7 +297,7 @@ def _packed_quantized(f: SafetensorsFile, names: list[str], rows: int, cols: int
             kernels.pack_rows(sp, s.reshape(len(s), groups), row + r)
         row += shape[0]
     scale = sp.reshape(rows) if scheme.group is None else sp
-    return kernels.to_tensor(wp, {"I8": "int8", "U8": "uint8"}[scheme.stored]), Tensor.from_numpy(scale)
+    return kernels.to_tensor(wp, wp.dtype.name), Tensor.from_numpy(scale)  # int8, or uint8 (int4 pairs)
 
 
 def _table(f: SafetensorsFile, name: str):
