@@ -31,13 +31,13 @@ LINEAR_LEAVES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 
 def quantized_names(cfg: Config) -> list[str]:
-    """The weights that are int8 in a quantised folder: the decoder's linears and the head."""
+    """The weights that are quantised in a quantised folder: the decoder's linears and the head."""
     return [n for n in cfg.param_shapes() if n == "lm_head.weight"
             or (n.endswith(".weight") and n.rsplit(".", 2)[-2] in LINEAR_LEAVES)]
 
 
 def base_precision(cfg: Config, quantize: str | None) -> str:
-    """The precision of a model's linear weights as loaded: ``int8`` for an int8 folder or with
+    """The precision of a model's linear weights as loaded: a quantised folder's method or
     ``quantize``, else the folder's dtype (what LoRA's frozen base is held in, and a fine-tune records)."""
     return cfg.quantization or quantize or cfg.dtype
 
@@ -132,13 +132,17 @@ class Scheme:
         return 1 if self.group is None else k // self.group
 
 
+def _quantize_int4_stored(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    q, scale = quantize_int4(w)
+    return pack_int4(q), scale
+
+
+def _dequantize_int4_stored(b: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return dequantize_int4(unpack_int4(b), scale)
+
+
 SCHEMES = {s.name: s for s in (
     Scheme("int8", "I8", None, 1, quantize_int8, dequantize_int8),
-    Scheme("int4", "U8", GROUP, 2, lambda w: _stored_int4(*quantize_int4(w)),
-           lambda b, scale: dequantize_int4(unpack_int4(b), scale)),
+    Scheme("int4", "U8", GROUP, 2, _quantize_int4_stored, _dequantize_int4_stored),
 )}
 METHODS = tuple(SCHEMES)
-
-
-def _stored_int4(q: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return pack_int4(q), scale
