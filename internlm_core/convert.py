@@ -327,10 +327,7 @@ def hf_to_ms(src: str | Path, dst: str | Path, dtype: str | None = None, overwri
         weights = _weights(tmp, work_dir)
         quantized = frozenset(quantized_names(cfg) if quantize else ())
         if quantize:
-            try:
-                check_quantizable(cfg, quantize)
-            except ValueError as e:
-                raise CheckpointError(str(e)) from None
+            check_quantizable(cfg, quantize)
         out_dtype = _convert(where, plan, weights, dtype, progress, cancel, {"format": "ms"}, work_dir is not None,
                              quantized, quantize)
         os.replace(weights, tmp / WEIGHTS_FILE)

@@ -111,10 +111,7 @@ def load_serving_model(folder: str | Path, quantize: str | None = None) -> Inter
         raise CheckpointError(f"{folder} holds {cfg.quantization} weights: it cannot be served as {quantize}")
     method = cfg.quantization or quantize
     if quantize and not cfg.quantization:
-        try:
-            check_quantizable(cfg, quantize)
-        except ValueError as e:
-            raise CheckpointError(f"{folder}: {e}") from None
+        check_quantizable(cfg, quantize)
     check_names(cfg, f)
     # compute in fp32; its weights are initializers (zero pages, no memory until written) that the
     # file's tensors replace below, each once

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from .config import Config
 from .errors import TooLarge
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}  # quantised weights: ``weight_bytes`` (quantize.SCHEMES)
 CACHE_DTYPES = ("float32", "float16")  # what the engine's KV cache can be held in
 DEFAULT_SLOTS = 8
 DEFAULT_MAX_LEN = 4096  # positions per slot by default: a 32k-position model's full context per slot

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from .errors import CheckpointError
+
 if TYPE_CHECKING:
     from .config import Config
 
@@ -43,13 +45,13 @@ def base_precision(cfg: Config, quantize: str | None) -> str:
 
 
 def check_quantizable(cfg: Config, method: str) -> None:
-    """ValueError naming the first weight ``method`` cannot quantise (int4: inputs not a multiple of
-    GROUP); checked before any weight is read or written."""
+    """CheckpointError (a ValueError) naming the first weight ``method`` cannot quantise (int4:
+    inputs not a multiple of GROUP); checked before any weight is read or written."""
     group = SCHEMES[method].group
     shapes = cfg.param_shapes()
     for name in quantized_names(cfg):
         if group and shapes[name][1] % group:
-            raise ValueError(f"{method} quantises {group} inputs to a scale, and {name} has {shapes[name][1]}")
+            raise CheckpointError(f"{method} quantises {group} inputs to a scale, and {name} has {shapes[name][1]}")
 
 
 def scale_name(weight_name: str) -> str:
