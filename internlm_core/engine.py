@@ -58,7 +58,7 @@ from .checkpoint import MANIFEST_FILE
 from .engine_api import EngineBase, bucket
 from .errors import PromptTooLong
 from .exported import ExportedEngine
-from .forms import serving_ops
+from .forms import say_once, serving_ops
 from .loader import load_serving_model
 from .memory import CACHE_DTYPES, DTYPE_BYTES, available_memory
 from .model import MS_DTYPES, NEG_INF, InternLMForCausalLM, rope_tables
@@ -114,9 +114,12 @@ class Engine(EngineBase):
     """Runs a model over a slotted KV cache; all inputs and outputs are numpy."""
 
     def __init__(self, model: InternLMForCausalLM, max_batch: int = 1, max_len: int | None = None,
-                 cpu_kernels: bool = True, cache_dtype: str | None = None):
+                 cpu_kernels: bool = True, cache_dtype: str | None = None, native_step: bool = True):
         """``cache_dtype``: the KV cache's, "float32" or "float16"; None: float16 on the CPU kernels
-        (``default_cache_dtype``), the model's compute dtype on MindSpore's ops (float32 on CPU)."""
+        (``default_cache_dtype``), the model's compute dtype on MindSpore's ops (float32 on CPU).
+        ``native_step``: decode-shaped steps as one native call where the model allows it
+        (``kernels.DecodeStep``: the same logits as the step graph, without its per-kernel costs);
+        False keeps every step on the graph (the parity tests compare the two)."""
         cfg = model.config
         # The serving form is decided once, here: the fused model on the CPU kernels where they run,
         # else on MindSpore's ops (``forms.serving_ops`` logs which and why). A model in that form
@@ -144,8 +147,9 @@ class Engine(EngineBase):
             Parameter(ops.zeros(shape, MS_DTYPES[self.cache_dtype]), name=f"kv_cache.{i // 2}.{'kv'[i % 2]}",
                       requires_grad=False)
             for i in range(2 * cfg.num_layers)])
+        self.native_step = native_step
         self._build_steps()
-        self.shapes_run: set[tuple[int, int, int]] = set()  # (rows, tokens, attended) shapes compiled so far
+        self.shapes_run: set[tuple[int, int, int]] = set()  # (rows, tokens, attended) shapes the graph ran
         self.lock = threading.Lock()  # one step at a time: the cache is shared state
         self.prefill_chunk = PREFILL_CHUNK  # a caller may run decode steps between a prompt's chunks
         self.adapters: dict[str, int] = {}  # LoRA adapter name -> index (0 is "no adapter")
@@ -242,6 +246,12 @@ class Engine(EngineBase):
     def _build_steps(self) -> None:
         # New parameter shapes (adapters): fresh step cells compile for them (the KV cache is shared, not copied).
         self._step = _Step(self.model, self.caches)
+        # Decode-shaped steps without adapters as one native call, where the model allows it (decided
+        # once per build, the reason logged once)
+        why = "not asked for" if not self.native_step else kernels.DecodeStep.unsupported(self.model)
+        self._native = None if why else kernels.DecodeStep(self.model, self.caches)
+        say_once(logging.INFO, "decode steps: one native call" if why is None else
+             f"decode steps: the step graph ({why})")
 
     def _adapter_indices(self, adapters, n: int):
         """None when no adapter is loaded (the plain graphs, bit-identical to an engine without
@@ -257,16 +267,18 @@ class Engine(EngineBase):
         """Compile every shape serving can meet now, so that no request waits for a compile later:
         decode and prefill chunks for each rows bucket (with MindSpore's ops also per attended
         length, and chunks further in than ``MIN_ATTEND`` one row each), and decode-shaped steps of
-        up to ``verify_rows`` rows (``verify``: speculative decoding). Returns the number of
-        shapes. Writes only positions that no sequence holds yet (call it before serving)."""
-        extra = sorted({self._rows(n) for n in range(self.max_batch + 1, verify_rows + 1)})
+        up to ``verify_rows`` rows (``verify``: speculative decoding); with the native decode step no
+        decode shape (it compiles nothing). Returns the number of shapes. Writes only positions that
+        no sequence holds yet (call it before serving)."""
+        graph_decode = self._native is None
+        extra = sorted({self._rows(n) for n in range(self.max_batch + 1, verify_rows + 1)}) if graph_decode else []
         for b in extra:  # every row the first position of slot 0
             self._run([0] * b, [[0]] * b, np.zeros(b, np.int64), np.ones(b, np.int64))
         rows = sorted({self._rows(n) for n in range(1, self.max_batch + 1)})
         chunks = sorted({self._chunk(n) for n in range(2, min(PREFILL_CHUNK, self.max_len - 1) + 1)})
         lengths = [0] if self.kernels else sorted({self._attend(n) for n in range(1, self.max_len + 1)})
         for b in rows:
-            for a in lengths:
+            for a in lengths if graph_decode else []:
                 self.decode(np.zeros(b, np.int32), np.full(b, max(a, 1) - 1), slots=list(range(b)))
             for t in chunks:
                 self.prefill(list(range(b)), [[0] * min(t, self.max_len - 1)] * b)  # same bucket as t
@@ -275,7 +287,7 @@ class Engine(EngineBase):
             for t in chunks:  # one row, its chunk ending at the last position of the attended length
                 end = min(a, self.max_len - 1)
                 self._run([0], [[0] * t], [end - t], [end])
-        return len(rows) * (len(lengths) + len(chunks)) + len(far) * len(chunks) + len(extra)
+        return len(rows) * (len(lengths) * graph_decode + len(chunks)) + len(far) * len(chunks) + len(extra)
 
     def _chunk(self, n: int) -> int:
         """Tokens a prefill step computes for a chunk of n (> 1) tokens: few shapes to compile."""
@@ -296,9 +308,10 @@ class Engine(EngineBase):
         cfg, L = self.config, self.max_len
         n = len(chunks)
         extra = self._adapter_indices(adapters, n)
-        b = self._rows(n)
         longest = max(len(c) for c in chunks)
         t = 1 if longest == 1 else self._chunk(longest)  # decode, or a prefill bucket
+        native = self._native is not None and t == 1 and extra is None
+        b = n if native else self._rows(n)  # the native step runs the rows it is given: no compiled shapes
         ends = np.array([s + len(c) for s, c in zip(starts, chunks)])
         if ends.max() > L:
             raise PromptTooLong("sequence reached the cache length")
@@ -328,11 +341,15 @@ class Engine(EngineBase):
         write = np.where(valid[:, None, :], base + np.minimum(positions, L - 1)[:, None, :], scratch).reshape(-1)
         if self.kernels:  # each (row, head)'s first cache row, and each query's position (forms.ServingKernels)
             read = base[:, :, 0]
-            mask = Tensor(np.minimum(positions, L - 1).astype(np.int32))
+            mask_pos = np.minimum(positions, L - 1).astype(np.int32)
+            mask = Tensor(mask_pos)
         else:
             read = base + np.arange(attend)[None, None, :]  # (b, nh, S)
             ok = np.arange(attend)[None, None, :] <= positions[:, :, None]  # key j <= query position
             mask = Tensor(np.where(ok, 0.0, NEG_INF).astype(np.float32)[:, None])  # (b, 1, t, S)
+        if native:  # CachedAttention's inputs as the graph's kernels take them, one token a row
+            with self.lock:
+                return self._native(ids[:, 0], cos.reshape(b, -1), sin.reshape(b, -1), write, read, mask_pos)
         last = (np.arange(b) * t + lens - 1).astype(np.int32)
         args = (Tensor(ids), Tensor(cos), Tensor(sin), mask, Tensor(write.astype(np.int32)),
                 Tensor(read.astype(np.int32)), Tensor(last))

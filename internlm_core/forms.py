@@ -314,8 +314,8 @@ class TrainingKernels(MindSporeOps):
 _said: set = set()
 
 
-def _say(level: int, message: str) -> None:
-    """Log a form decision once per process (every engine and loader asks)."""
+def say_once(level: int, message: str) -> None:
+    """Log a form decision once per process (every engine and loader asks the same question)."""
     if message not in _said:
         _said.add(message)
         log.log(level, message)
@@ -328,9 +328,9 @@ def serving_ops(dtype: str = "float32", kernels_wanted: bool = True):
            f"compute dtype {dtype} (the kernels compute in float32)" if dtype != "float32" else
            kernels.unavailable())
     if why is None:
-        _say(logging.INFO, f"serving form: {SERVING_KERNELS}")
+        say_once(logging.INFO, f"serving form: {SERVING_KERNELS}")
         return ServingKernels()
-    _say(logging.WARNING if kernels_wanted and dtype == "float32" else logging.INFO,
+    say_once(logging.WARNING if kernels_wanted and dtype == "float32" else logging.INFO,
          f"CPU kernels not used ({why}): serving form {MINDSPORE}, slower")
     return MindSporeOps()
 
@@ -344,7 +344,7 @@ def training_ops(dtype: str = "float32"):
     elif not train_kernels.available():
         why = kernels.unavailable() or kernels.training_unavailable()
     else:
-        _say(logging.INFO, f"training form: {TRAINING_KERNELS}")
+        say_once(logging.INFO, f"training form: {TRAINING_KERNELS}")
         return TrainingKernels()
-    _say(logging.INFO, f"training form: {MINDSPORE} (training kernels not used: {why})")
+    say_once(logging.INFO, f"training form: {MINDSPORE} (training kernels not used: {why})")
     return MindSporeOps()

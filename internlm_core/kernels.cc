@@ -225,6 +225,38 @@ void embed(const int32_t* ids, const void* table, int64_t M, int64_t V, int64_t 
   }
 }
 
+// The weight types a packed linear or an embedding table is held in: PackedLinear and Embedding read
+// them from the tensor's dtype, DecodeStep from its model's description (``kernels.py``: STEP_KINDS).
+enum Kind : int64_t { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2, KIND_I8 = 3, KIND_U4 = 4, KIND_NONE = -1 };
+
+int64_t kind_of(const char* dtype) {
+  return is_f32(dtype) ? KIND_F32 : is_bf16(dtype) ? KIND_BF16 : is_f16(dtype) ? KIND_F16 : is_i8(dtype) ? KIND_I8
+         : is_u8(dtype) ? KIND_U4 : KIND_NONE;
+}
+
+// y = x W^T (+ b) for a packed weight of ``kind``; false for a kind it cannot read.
+bool linear_of(int64_t kind, const float* x, const void* wp, const float* s, const float* b, float* y, int64_t M,
+               int64_t N, int64_t K) {
+  switch (kind) {
+    case KIND_F32: linear<float>(x, wp, s, b, y, M, N, K); return true;
+    case KIND_BF16: linear<bf16_t>(x, wp, s, b, y, M, N, K); return true;
+    case KIND_F16: linear<f16_t>(x, wp, s, b, y, M, N, K); return true;
+    case KIND_I8: linear<int8_t>(x, wp, s, b, y, M, N, K); return true;
+    case KIND_U4: linear<u4_t>(x, wp, s, b, y, M, N, K); return true;
+    default: return false;
+  }
+}
+
+// The rows ``ids`` of a (V, C) table of ``kind`` (float kinds only), widened; false for another kind.
+bool embed_of(int64_t kind, const int32_t* ids, const void* table, int64_t M, int64_t V, int64_t C, float* out) {
+  switch (kind) {
+    case KIND_F32: embed<float>(ids, table, M, V, C, out); return true;
+    case KIND_BF16: embed<bf16_t>(ids, table, M, V, C, out); return true;
+    case KIND_F16: embed<f16_t>(ids, table, M, V, C, out); return true;
+    default: return false;
+  }
+}
+
 // ---- CachedAttention --------------------------------------------------------------------------
 
 // The cache rows are fp32 or fp16 (T = float or f16_t): fp16 rows are widened to floats in
@@ -361,8 +393,6 @@ void attend_block(const float* q, int64_t nq, const int32_t* seen, const T* kc, 
   }
 }
 
-// ---- row-wise ----------------------------------------------------------------------------------
-
 inline float dot_self(const float* x, int64_t n) {
   int64_t i = 0;
   v16 acc = (v16){};
@@ -378,18 +408,12 @@ inline void put_row(const float* x, int64_t D, f16_t* row) {
   for (int64_t d = 0; d < D; d += 16) f32_to_f16(load(x + d), row + d);
 }
 
-// CachedAttention over a cache of T (float or f16_t) rows; the arguments as checked there.
+// CachedAttention over a cache of R rows of T (float or f16_t); the arguments as CachedAttention
+// describes them (qkv (B, H + 2 Hkv, Tq, D), out (B, Tq, H, D)).
 template <typename T>
-void cached_attention(void** params, int64_t** shapes) {
-  const float* qkv = static_cast<const float*>(params[0]);
-  T* kc = static_cast<T*>(params[1]);
-  T* vc = static_cast<T*>(params[2]);
-  const int32_t* write = static_cast<const int32_t*>(params[3]);
-  const int32_t* first = static_cast<const int32_t*>(params[4]);
-  const int32_t* pos = static_cast<const int32_t*>(params[5]);
-  float* out = static_cast<float*>(params[6]);
-  const int64_t B = shapes[0][0], Tq = shapes[0][2], D = shapes[0][3], R = shapes[1][0];
-  const int64_t Hkv = shapes[4][1], heads = shapes[0][1], H = heads - 2 * Hkv;  // qkv: H q, Hkv k, Hkv v heads
+void cached_attention(const float* qkv, T* kc, T* vc, const int32_t* write, const int32_t* first, const int32_t* pos,
+                      float* out, int64_t B, int64_t Tq, int64_t D, int64_t R, int64_t H, int64_t Hkv) {
+  const int64_t heads = H + 2 * Hkv;
   const int64_t group = H / Hkv;  // query heads per k/v head
   // The new rows first, in the cache's dtype (the caches are this op's inputs, written in place:
   // MindSpore's ScatterUpdate and the casts and slices around it cost ~0.25 ms a layer at decode,
@@ -435,6 +459,45 @@ void cached_attention(void** params, int64_t** shapes) {
   }
 }
 
+// ---- row-wise ----------------------------------------------------------------------------------
+
+// y = x * rsqrt(mean(x^2) + eps) * w over M rows of C
+void rms_norm(const float* x, const float* w, float eps, float* y, int64_t M, int64_t C) {
+#pragma omp parallel for if (M * C > (1 << 16)) schedule(static)
+  for (int64_t m = 0; m < M; ++m) {
+    const float r = 1.f / std::sqrt(dot_self(x + m * C, C) / C + eps);
+    for (int64_t c = 0; c < C; ++c) y[m * C + c] = x[m * C + c] * r * w[c];
+  }
+}
+
+// y (M, F) = silu(gate) * up from gu (M, 2F) = [gate | up]
+void silu_mul(const float* gu, float* y, int64_t M, int64_t F) {
+#pragma omp parallel for if (M * F > (1 << 16)) schedule(static)
+  for (int64_t m = 0; m < M; ++m) silu_mul_row(gu + m * 2 * F, gu + m * 2 * F + F, F, y + m * F);
+}
+
+// y (B, T, (H + 2 Hkv) D) -> out (B, H + 2 Hkv, T, D): q heads rotated and times ``scale``, k heads
+// rotated, v heads as they were; cs/sn (B, T, D)
+void rope(const float* y, const float* cs, const float* sn, float scale, int64_t H, int64_t Hkv, int64_t B, int64_t T,
+          int64_t D, float* out) {
+  const int64_t H3 = H + 2 * Hkv, K = H + Hkv;  // q heads end at H, k heads at K, then v
+#pragma omp parallel for collapse(2) if (B * T * H3 * D > (1 << 16)) schedule(static)
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H3; ++h) {
+      for (int64_t t = 0; t < T; ++t) {
+        const float* src = y + ((b * T + t) * H3 + h) * D;
+        float* dst = out + ((b * H3 + h) * T + t) * D;
+        if (h >= K) {  // v
+          memcpy(dst, src, D * sizeof(float));
+          continue;
+        }
+        const float* c = cs + (b * T + t) * D;
+        const float* s = sn + (b * T + t) * D;
+        rope_row(src, c, s, D, h < H ? scale : 1.f, dst);
+      }
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -465,19 +528,7 @@ int PackedLinear(int nparam, void** params, int* ndims, int64_t** shapes, const 
   const float* s = quantized ? static_cast<const float*>(params[2]) : nullptr;
   const float* b = bias ? static_cast<const float*>(params[first_extra]) : nullptr;
   float* y = static_cast<float*>(params[nparam - 1]);
-  if (int4)
-    linear<u4_t>(x, params[1], s, b, y, M, N, K);
-  else if (quantized)
-    linear<int8_t>(x, params[1], s, b, y, M, N, K);
-  else if (is_f32(dtypes[1]))
-    linear<float>(x, params[1], s, b, y, M, N, K);
-  else if (is_bf16(dtypes[1]))
-    linear<bf16_t>(x, params[1], s, b, y, M, N, K);
-  else if (is_f16(dtypes[1]))
-    linear<f16_t>(x, params[1], s, b, y, M, N, K);
-  else
-    return 2;
-  return 0;
+  return linear_of(kind_of(dtypes[1]), x, params[1], s, b, y, M, N, K) ? 0 : 2;
 }
 
 // inputs ids (...) i32, table (V, C) f32, bf16 or f16; output (..., C) f32: each id's row, widened.
@@ -491,15 +542,7 @@ int Embedding(int nparam, void** params, int* ndims, int64_t** shapes, const cha
   for (int i = 0; i < ndims[0]; ++i) M *= shapes[0][i];
   const int32_t* ids = static_cast<const int32_t*>(params[0]);
   float* out = static_cast<float*>(params[2]);
-  if (is_f32(dtypes[1]))
-    embed<float>(ids, params[1], M, V, C, out);
-  else if (is_bf16(dtypes[1]))
-    embed<bf16_t>(ids, params[1], M, V, C, out);
-  else if (is_f16(dtypes[1]))
-    embed<f16_t>(ids, params[1], M, V, C, out);
-  else
-    return 2;
-  return 0;
+  return embed_of(kind_of(dtypes[1]), ids, params[1], M, V, C, out) ? 0 : 2;
 }
 
 // inputs qkv (B, H + 2 Hkv, T, D) f32 (the Rope kernel's output: q heads scaled and rotated, then k,
@@ -521,10 +564,18 @@ int CachedAttention(int nparam, void** params, int* ndims, int64_t** shapes, con
     return 2;
   const int64_t Hkv = shapes[4][1], H = shapes[0][1] - 2 * Hkv;
   if (Hkv < 1 || H < 1 || H % Hkv != 0 || shapes[3][0] != shapes[0][0] * Hkv * shapes[0][2]) return 2;
+  const float* qkv = static_cast<const float*>(params[0]);
+  const int32_t* write = static_cast<const int32_t*>(params[3]);
+  const int32_t* first = static_cast<const int32_t*>(params[4]);
+  const int32_t* pos = static_cast<const int32_t*>(params[5]);
+  float* out = static_cast<float*>(params[6]);
+  const int64_t B = shapes[0][0], Tq = shapes[0][2], D = shapes[0][3], R = shapes[1][0];
   if (f16)
-    cached_attention<f16_t>(params, shapes);
+    cached_attention(qkv, static_cast<f16_t*>(params[1]), static_cast<f16_t*>(params[2]), write, first, pos, out, B,
+                     Tq, D, R, H, Hkv);
   else
-    cached_attention<float>(params, shapes);
+    cached_attention(qkv, static_cast<float*>(params[1]), static_cast<float*>(params[2]), write, first, pos, out, B,
+                     Tq, D, R, H, Hkv);
   return 0;
 }
 
@@ -537,12 +588,7 @@ int RmsNorm(int nparam, void** params, int* ndims, int64_t** shapes, const char*
   const float* x = static_cast<const float*>(params[0]);
   const float* w = static_cast<const float*>(params[1]);
   const float eps = *static_cast<const float*>(params[2]);
-  float* y = static_cast<float*>(params[3]);
-#pragma omp parallel for if (M * C > (1 << 16)) schedule(static)
-  for (int64_t m = 0; m < M; ++m) {
-    const float r = 1.f / std::sqrt(dot_self(x + m * C, C) / C + eps);
-    for (int64_t c = 0; c < C; ++c) y[m * C + c] = x[m * C + c] * r * w[c];
-  }
+  rms_norm(x, w, eps, static_cast<float*>(params[3]), M, C);
   return 0;
 }
 
@@ -552,9 +598,7 @@ int SiluMul(int nparam, void** params, int* ndims, int64_t** shapes, const char*
   if (nparam != 2 || !is_f32(dtypes[0]) || shapes[0][ndims[0] - 1] % 2) return 1;
   const int64_t F = shapes[0][ndims[0] - 1] / 2, M = rows_of(ndims[0], shapes[0]);
   const float* gu = static_cast<const float*>(params[0]);
-  float* y = static_cast<float*>(params[1]);
-#pragma omp parallel for if (M * F > (1 << 16)) schedule(static)
-  for (int64_t m = 0; m < M; ++m) silu_mul_row(gu + m * 2 * F, gu + m * 2 * F + F, F, y + m * F);
+  silu_mul(gu, static_cast<float*>(params[1]), M, F);
   return 0;
 }
 
@@ -575,24 +619,107 @@ int Rope(int nparam, void** params, int* ndims, int64_t** shapes, const char** d
   const float scale = *static_cast<const float*>(params[3]);
   const int32_t* heads = static_cast<const int32_t*>(params[4]);
   float* out = static_cast<float*>(params[5]);
-  const int64_t H = heads[0], K = heads[0] + heads[1];  // q heads end at H, k heads at K, then v
-  if (H + 2 * heads[1] != H3) return 4;
-#pragma omp parallel for collapse(2) if (B * T * H3 * D > (1 << 16)) schedule(static)
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H3; ++h) {
-      for (int64_t t = 0; t < T; ++t) {
-        const float* src = y + ((b * T + t) * H3 + h) * D;
-        float* dst = out + ((b * H3 + h) * T + t) * D;
-        if (h >= K) {  // v
-          memcpy(dst, src, D * sizeof(float));
-          continue;
-        }
-        const float* c = cs + (b * T + t) * D;
-        const float* s = sn + (b * T + t) * D;
-        rope_row(src, c, s, D, h < H ? scale : 1.f, dst);
-      }
-    }
+  if (heads[0] + 2 * heads[1] != H3) return 4;
+  rope(y, cs, sn, scale, heads[0], heads[1], B, T, D, out);
   return 0;
 }
 
+
+}  // extern "C"
+
+// ---- DecodeStep: a whole decode step in one call --------------------------------------------------
+//
+// The step graph runs ~60 kernels a decode step (8 layers of bench-serve: embedding, then per layer
+// norm, fused q/k/v, rope, attention, o, norm, gate/up, SiluMul, down, two adds; then norm and the
+// head), and between them MindSpore's runtime and the Python around it keep one core busy while the
+// other waits in OpenMP (perf, bench-serve bf16 at one stream: kernels 46% of the samples, libgomp
+// 27%, MindSpore 13%, Python 5%). DecodeStep runs the same kernels in the same order on the same
+// memory from one call (``kernels.py``'s ``DecodeStep``, called through ctypes without the GIL), so
+// its logits are the graph's to the bit. Decode-shaped steps only (one new token a row; ``verify``'s
+// rows too); prefill chunks, LoRA adapters and unpacked linears stay on the graph.
+
+// The layouts below are ``kernels.py``'s ctypes structures (StepLinear, StepLayer, StepModel): keep them equal.
+struct StepLinear {
+  const void* w;       // packed (P, K, 16), or int4 pairs (P, K/2, 16)
+  const float* scale;  // int8: (N,); int4: (P, K/32, 16); else null
+  const float* bias;   // (N,) or null
+  int64_t kind, N, K;
+};
+
+struct StepLayer {
+  const float* attention_norm;
+  StepLinear wqkv, wo;
+  const float* ffn_norm;
+  StepLinear w13, w2;
+  void* k_cache;  // (R, D) each, float or fp16 (``cache_f16``), written in place
+  void* v_cache;
+};
+
+struct StepModel {
+  int64_t layers, hidden, heads, kv_heads, head_dim, cache_rows, cache_f16, vocab, table_kind;
+  float eps, q_scale;
+  const void* table;  // (vocab, hidden) embedding rows
+  const float* norm_out;
+  StepLinear head;
+  const StepLayer* layer;
+};
+
+// Every linear the step reads must be one of the kinds linear_of reads (checked once, here).
+static bool readable(const StepLinear& l) {
+  return l.w && l.kind >= KIND_F32 && l.kind <= KIND_U4 && (l.scale != nullptr) == (l.kind >= KIND_I8) &&
+         l.N % 16 == 0 && (l.kind != KIND_U4 || l.K % GROUP == 0);
+}
+
+static bool run_linear(const StepLinear& l, const float* x, float* y, int64_t M) {
+  return linear_of(l.kind, x, l.w, l.scale, l.bias, y, M, l.N, l.K);
+}
+
+extern "C" {
+
+// B rows, one new token each: ids (B,), cos/sin (B, D), write (B * Hkv,) the cache row of each new
+// k/v row in (row, head) order, first (B * Hkv,) each (row, head)'s first cache row, pos (B,) each
+// query's position (as CachedAttention takes them); logits (B, vocab). Returns 0, or 1 for a model
+// description it cannot run (nothing computed or written then).
+int DecodeStep(const StepModel* m, int64_t B, const int32_t* ids, const float* cos, const float* sin,
+               const int32_t* write, const int32_t* first, const int32_t* pos, float* logits) {
+  const int64_t C = m->hidden, H = m->heads, Hkv = m->kv_heads, D = m->head_dim, H3 = H + 2 * Hkv;
+  if (B < 1 || Hkv < 1 || H % Hkv || D % 16 || !readable(m->head) || m->head.K != C || m->head.N != m->vocab)
+    return 1;
+  int64_t F = 0;
+  for (int64_t i = 0; i < m->layers; ++i) {
+    const StepLayer& l = m->layer[i];
+    if (!readable(l.wqkv) || !readable(l.wo) || !readable(l.w13) || !readable(l.w2) || l.wqkv.K != C ||
+        l.wqkv.N != H3 * D || l.wo.K != H * D || l.wo.N != C || l.w13.K != C || l.w2.N != C || l.w13.N != 2 * l.w2.K)
+      return 1;
+    F = std::max(F, l.w2.K);
+  }
+  std::vector<float> x(B * C), h(B * C), y(B * std::max(H3 * D, 2 * F)), qkv(B * H3 * D), att(B * H * D), a(B * F);
+  if (!embed_of(m->table_kind, ids, m->table, B, m->vocab, C, x.data())) return 1;
+  auto add = [&](const float* d) {  // the residual: x += d
+    for (int64_t i = 0; i < B * C; ++i) x[i] += d[i];
+  };
+  for (int64_t i = 0; i < m->layers; ++i) {
+    const StepLayer& l = m->layer[i];
+    rms_norm(x.data(), l.attention_norm, m->eps, h.data(), B, C);
+    run_linear(l.wqkv, h.data(), y.data(), B);
+    rope(y.data(), cos, sin, m->q_scale, H, Hkv, B, 1, D, qkv.data());
+    if (m->cache_f16)
+      cached_attention(qkv.data(), static_cast<f16_t*>(l.k_cache), static_cast<f16_t*>(l.v_cache), write, first, pos,
+                       att.data(), B, 1, D, m->cache_rows, H, Hkv);
+    else
+      cached_attention(qkv.data(), static_cast<float*>(l.k_cache), static_cast<float*>(l.v_cache), write, first, pos,
+                       att.data(), B, 1, D, m->cache_rows, H, Hkv);
+    run_linear(l.wo, att.data(), h.data(), B);
+    add(h.data());
+    rms_norm(x.data(), l.ffn_norm, m->eps, h.data(), B, C);
+    run_linear(l.w13, h.data(), y.data(), B);
+    const int64_t f = l.w2.K;
+    silu_mul(y.data(), a.data(), B, f);
+    run_linear(l.w2, a.data(), h.data(), B);
+    add(h.data());
+  }
+  rms_norm(x.data(), m->norm_out, m->eps, h.data(), B, C);
+  run_linear(m->head, h.data(), logits, B);
+  return 0;
+}
 }  // extern "C"

@@ -44,6 +44,7 @@ without it still serves on the kernels, and trains on its own ops).
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import logging
@@ -285,3 +286,115 @@ def rope_op():
     """The fused q/k/v output (B, T, (H + 2 Hkv) D) -> heads (B, H + 2 Hkv, T, D): q and k rotated by
     cos/sin (B, T, D) (rotate-half), q also times q_scale (1,), v unchanged; heads (2,) int32 = (H, Hkv)."""
     return _op("Rope", lambda y, c, s, f, h: [y[0], y[2] // c[2], y[1], c[2]], lambda y, c, s, f, h: y)
+
+
+# ---- DecodeStep: a whole decode step in one native call (kernels.cc) -------------------------------
+
+class StepLinear(ctypes.Structure):
+    """kernels.cc's StepLinear: a packed weight (its scales for int8/int4, its bias or null)."""
+    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("kind", ctypes.c_int64), ("N", ctypes.c_int64), ("K", ctypes.c_int64)]
+
+
+class StepLayer(ctypes.Structure):
+    """kernels.cc's StepLayer: one decoder layer's norms, fused linears and its two caches."""
+    _fields_ = [("attention_norm", ctypes.c_void_p), ("wqkv", StepLinear), ("wo", StepLinear),
+                ("ffn_norm", ctypes.c_void_p), ("w13", StepLinear), ("w2", StepLinear),
+                ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
+
+
+class StepModel(ctypes.Structure):
+    """kernels.cc's StepModel: the model's sizes, its embedding table, final norm, head and layers."""
+    _fields_ = [(name, ctypes.c_int64) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "cache_rows",
+                                                    "cache_f16", "vocab", "table_kind")] + [
+        ("eps", ctypes.c_float), ("q_scale", ctypes.c_float), ("table", ctypes.c_void_p),
+        ("norm_out", ctypes.c_void_p), ("head", StepLinear), ("layer", ctypes.POINTER(StepLayer))]
+
+
+# A held tensor's dtype -> kernels.cc's Kind (int4 pairs are uint8)
+STEP_KINDS = {"Float32": 0, "BFloat16": 1, "Float16": 2, "Int8": 3, "UInt8": 4}
+
+
+def _ptr(t) -> int:
+    """The memory a MindSpore tensor (a Parameter) holds, which its graphs read and write too (seen on
+    MindSpore 2.9 CPU: ``data_ptr`` is the same before and after graphs run, and a write there is what
+    the next graph reads)."""
+    return t.data_ptr()
+
+
+def _step_linear(lin) -> StepLinear:
+    w, s, b = lin.weight, lin.weight_scale, lin.bias
+    return StepLinear(_ptr(w), _ptr(s) if s is not None else None, _ptr(b) if b is not None else None,
+                      STEP_KINDS[str(w.dtype)], lin.d_out, lin.d_in)
+
+
+class DecodeStep:
+    """A decode step of a served model (``forms.ServingKernels``, every linear packed, no adapters) in
+    one call of kernels.cc's ``DecodeStep``: the same kernels in the same order as the step graph, on
+    the same weights and caches, so the same logits to the bit, without MindSpore's runtime and the
+    OpenMP waits between ~60 kernels a step. ``unsupported(model)`` says why a model cannot use it.
+
+        step = DecodeStep(model, caches)            # caches: the engine's (k, v) per layer
+        logits = step(ids, cos, sin, write, first, pos)   # CachedAttention's inputs, one token a row
+    """
+
+    def __init__(self, model, caches):
+        why = self.unsupported(model)
+        if why:
+            raise ValueError(f"no native decode step: {why}")
+        cfg, inner = model.config, model.model
+        fn = ctypes.CDLL(library()).DecodeStep
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.POINTER(StepModel), ctypes.c_int64] + [ctypes.c_void_p] * 7
+        self._fn = fn
+        self._held = (model, caches)  # the memory the pointers name stays alive with this object
+        layers = [StepLayer(_ptr(b.attention_norm.weight), _step_linear(b.attention.wqkv), _step_linear(b.attention.wo),
+                            _ptr(b.ffn_norm.weight), _step_linear(b.feed_forward.w13), _step_linear(b.feed_forward.w2),
+                            _ptr(caches[2 * i]), _ptr(caches[2 * i + 1]))
+                  for i, b in enumerate(inner.layers)]
+        self._layers = (StepLayer * len(layers))(*layers)
+        table = inner.tok_embeddings.embedding_weight
+        self._model = StepModel(
+            layers=len(layers), hidden=cfg.hidden_size, heads=cfg.num_heads, kv_heads=cfg.kv_heads,
+            head_dim=cfg.head_dim, cache_rows=caches[0].shape[0], cache_f16=int(str(caches[0].dtype) == "Float16"),
+            vocab=cfg.vocab_size, table_kind=STEP_KINDS[str(table.dtype)], eps=cfg.rms_norm_eps,
+            q_scale=float(inner.layers[0].attention.q_scale.asnumpy()[0]), table=_ptr(table),
+            norm_out=_ptr(inner.norm_out.weight), head=_step_linear(model.lm_head), layer=self._layers)
+        self.vocab = cfg.vocab_size
+
+    @staticmethod
+    def unsupported(model) -> str | None:
+        """Why ``model`` cannot run as one native call (None when it can)."""
+        from .forms import SERVING_KERNELS
+        from .model import Linear, RMSNorm
+
+        if model.ops.name != SERVING_KERNELS or not model.fused:
+            return f"the {model.ops.name} form"
+        if library() is None:
+            return unavailable()
+        for name, cell in model.cells_and_names():
+            if isinstance(cell, Linear) and not cell.packed:
+                return f"{name} is not packed (its {cell.d_out} outputs are not a multiple of {PANEL})"
+            if isinstance(cell, Linear) and cell.bias is not None and str(cell.bias.dtype) != "Float32":
+                return f"{name}'s bias is {cell.bias.dtype}"
+            if isinstance(cell, RMSNorm) and str(cell.weight.dtype) != "Float32":
+                return f"{name} is {cell.weight.dtype}"
+        table = model.model.tok_embeddings.embedding_weight.dtype
+        if str(table) not in ("Float32", "BFloat16", "Float16"):
+            return f"the embedding table is {table}"
+        return None
+
+    def __call__(self, ids, cos, sin, write, first, pos) -> np.ndarray:
+        """ids (B,) int32, cos/sin (B, D) float32, write/first (B * kv_heads,) int32, pos (B,) int32 ->
+        logits (B, vocab) float32. The caller holds the engine's lock (the caches are written)."""
+        arrays = [np.ascontiguousarray(a, dt) for a, dt in ((ids, np.int32), (cos, np.float32), (sin, np.float32),
+                                                            (write, np.int32), (first, np.int32), (pos, np.int32))]
+        b, d, kv = arrays[0].size, self._model.head_dim, self._model.kv_heads
+        if arrays[1].shape != (b, d) or arrays[2].shape != (b, d) or arrays[3].size != b * kv or \
+                arrays[4].size != b * kv or arrays[5].size != b:
+            raise ValueError(f"a decode step of {b} rows takes cos/sin ({b}, {d}), write/first ({b * kv},) and pos "
+                             f"({b},); got {[a.shape for a in arrays]}")
+        out = np.empty((b, self.vocab), np.float32)
+        if self._fn(ctypes.byref(self._model), b, *(a.ctypes.data for a in arrays), out.ctypes.data):
+            raise RuntimeError("DecodeStep refused the model's description")  # checked in unsupported(): a bug
+        return out

@@ -152,18 +152,22 @@ def test_chunked_prefill_of_long_prompts_equals_full_recompute():
         np.testing.assert_allclose(step[slot], full[lengths[row]], atol=1e-4)
 
 
-@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["kernels", "mindspore-ops"])
-def test_live_rows_and_cache_buckets_equal_full_recompute(model, reference, tiny_model_dir, monkeypatch, cpu_kernels):
+@pytest.mark.parametrize("cpu_kernels,native", [(True, True), (True, False), (False, False)],
+                         ids=["native", "kernels-graph", "mindspore-ops"])
+def test_live_rows_and_cache_buckets_equal_full_recompute(model, reference, tiny_model_dir, monkeypatch, cpu_kernels,
+                                                          native):
     """Decode of a few live slots gives the logits of a full forward as sequences grow, and a step
     never runs the slots that are idle; with MindSpore's ops a step attends a power-of-two prefix
     of the cache and sequences cross those buckets (the smallest attended length lowered to 32 so
     that 32, 64 and 128 all occur in the tiny model's 128 positions), with the CPU kernels each
-    row reads its own positions and decode has one shape per rows bucket."""
+    row reads its own positions and decode has one shape per rows bucket; the native step
+    (``kernels.DecodeStep``) runs exactly the live rows and compiles no decode shape."""
     import internlm_core.engine as engine_mod
 
     monkeypatch.setattr(engine_mod, "MIN_ATTEND", 32)
     cfg = model.config
-    eng = Engine(model, max_batch=8, max_len=128, cpu_kernels=cpu_kernels, cache_dtype="float32")
+    eng = Engine(model, max_batch=8, max_len=128, cpu_kernels=cpu_kernels, cache_dtype="float32", native_step=native)
+    assert (eng._native is not None) == native
     assert eng.kernels == cpu_kernels
     seqs = {1: random_ids(120, 512, seed=7), 6: random_ids(70, 512, seed=8)}
     full = {s: reference(*forward_inputs(cfg, np.array([ids]))).asnumpy()[0] for s, ids in seqs.items()}
@@ -178,8 +182,9 @@ def test_live_rows_and_cache_buckets_equal_full_recompute(model, reference, tiny
         assert out.shape == (len(live), cfg.vocab_size)
         for row, s, p in zip(out, live, pos):
             np.testing.assert_allclose(row, full[s][p], atol=1e-4)
-    assert {a for b, t, a in eng.shapes_run if t == 1} == ({0} if cpu_kernels else {32, 64, 128})
-    assert {b for b, t, a in eng.shapes_run} == {2, 1}  # never the 8 allocated slots
+    decode_attended = {a for b, t, a in eng.shapes_run if t == 1}
+    assert decode_attended == (set() if native else {0} if cpu_kernels else {32, 64, 128})
+    assert {b for b, t, a in eng.shapes_run} == ({2} if native else {2, 1})  # never the 8 allocated slots
 
 
 def test_steps_reuse_their_compiled_shapes(model):
@@ -261,15 +266,18 @@ def compiles() -> int:
     return len(api.ms_compile_cache)
 
 
-def test_warmup_compiles_every_serving_shape(model):
+@pytest.mark.parametrize("native", [True, False], ids=["native", "graph"])
+def test_warmup_compiles_every_serving_shape(model, native):
     """After warm-up, decoding any number of live slots at any length, and prefilling up to all
     slots at once with prompts of up to PREFILL_CHUNK tokens, compiles nothing (counted in
     MindSpore's own compile cache, not inferred from shapes). Warm-up itself compiles one graph
-    for each shape it reports: a step that ran without ms.jit would compile none."""
-    eng = Engine(model, max_batch=4, max_len=128)
+    for each shape it reports: a step that ran without ms.jit would compile none. The native
+    decode step compiles no decode shape at all."""
+    eng = Engine(model, max_batch=4, max_len=128, native_step=native)
     before = compiles()
-    assert eng.warmup() == 3 * (1 + 3)  # rows 1, 2, 4 x (one decode shape + chunks of 32, 64, 128)
-    assert compiles() - before == 3 * (1 + 3)
+    shapes = 3 * ((not native) + 3)  # rows 1, 2, 4 x (one graph decode shape + chunks of 32, 64, 128)
+    assert eng.warmup() == shapes
+    assert compiles() - before == shapes
     before = compiles()
     for n in (1, 2, 3, 4):
         eng.decode(np.ones(n, np.int32), np.full(n, 100), slots=list(range(n)))
@@ -290,9 +298,9 @@ def test_warmup_covers_long_prompts_and_prefix_starts():
     model = InternLMForCausalLM(cfg)
     init_weights(model, seed=3, std=0.5)
     eng = Engine(model, max_batch=2, max_len=4 * MIN_ATTEND, cache_dtype="float32")
-    # with the kernels rows 1, 2 x (decode + chunks 32, 64, 128); with MindSpore's ops rows 1, 2 x
-    # (decode at attended 128, 256, 512 + chunks) + one row x chunks x (256, 512)
-    assert eng.warmup() == (2 * (1 + 3) if eng.kernels else 2 * (3 + 3) + 2 * 3)
+    # with the kernels rows 1, 2 x chunks 32, 64, 128 (decode is the native step's); with MindSpore's
+    # ops rows 1, 2 x (decode at attended 128, 256, 512 + chunks) + one row x chunks x (256, 512)
+    assert eng.warmup() == (2 * 3 if eng.kernels else 2 * (3 + 3) + 2 * 3)
     before = compiles()
     prompts = [random_ids(n, 512, seed=n) for n in (3 * PREFILL_CHUNK + 5, 2 * PREFILL_CHUNK + 70)]
     logits = list(eng.prefill([0, 1], prompts))
