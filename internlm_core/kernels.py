@@ -14,12 +14,16 @@ ops are ``train_kernels``'s.
     y = rms_norm_op()(x, w, eps)                     # eps a (1,) tensor
     y = silu_mul_op()(gate_up)                       # silu(gate) * up
     qkv = rope_op()(y, cos, sin, q_scale, heads)     # (B, T, (H+2Hkv)D) -> (B, H+2Hkv, T, D), q/k rotated
+    step = DecodeStep(model, caches)                 # a served model's whole decode step as one native call
+    logits = step(ids, cos, sin, write, first, pos)  # the step graph's logits, to the bit
 
 Why (measured on the 2-core build machine, the bench-serve model): a decode step reads the
 weights once per token and is bound by memory; MindSpore's CPU MatMul reads a 103168 x 512 head
 at ~20 GB/s, its KV gather copies every attended row before attention reads it again, and each of
 a step's ~300 small ops costs ~10 us to launch. The kernels stream each weight and KV byte once
-and stand for several ops each. See ``kernels.cc`` for the layouts.
+and stand for several ops each. See ``kernels.cc`` for the layouts. A decode step (one new token a
+row) runs those same kernels from one ctypes call instead (``DecodeStep``): a step graph spends as
+much again between its ~60 kernels (MindSpore's runtime, the OpenMP threads waiting) as in them.
 
 Weights may be fp32, bf16 or fp16 (``PackedLinear``, ``Embedding``): half-precision weights are
 widened to fp32 in registers and everything is computed in fp32, so a bf16 checkpoint is served
