@@ -32,9 +32,9 @@ A decode-shaped step (one new token a row: ``decode`` and ``verify``) on the ker
 native call (``kernels.DecodeStep``) rather than the step graph: the same kernels in the same order on
 the same weights and caches, so the same logits to the bit and the same cache rows, without the
 graph's per-kernel launches and the OpenMP waits between them (bench-serve bf16, one row: 6.3 ->
-4.0 ms a step), and it runs the rows it is given, unpadded. Prefill chunks, steps with LoRA
-adapters, and models with a linear left unpacked run the graph (``DecodeStep.unsupported`` says why;
-the engine logs it once).
+4.0 ms a step), and it runs the rows it is given, unpadded; LoRA adapters per row as the graph adds
+them (to float rounding: its own sums, not MindSpore's matmul). Prefill chunks, and models with a
+linear left unpacked, run the graph (``DecodeStep.unsupported`` says why; the engine logs it once).
 
 Where the kernels cannot be built the engine runs MindSpore's own ops, with the same results to
 float rounding: a step gathers the first S positions of its rows' slots (S = the longest live
@@ -254,8 +254,8 @@ class Engine(EngineBase):
     def _build_steps(self) -> None:
         # New parameter shapes (adapters): fresh step cells compile for them (the KV cache is shared, not copied).
         self._step = _Step(self.model, self.caches)
-        # Decode-shaped steps without adapters as one native call, where the model allows it (decided
-        # once per build, the reason logged once)
+        # Decode-shaped steps as one native call where the model allows it (decided once per build, the
+        # reason logged once; rebuilt with every adapter load, whose stacks it copies)
         why = "not asked for" if not self.native_step else kernels.DecodeStep.unsupported(self.model)
         self._native = None if why else kernels.DecodeStep(self.model, self.caches)
         say_once(logging.INFO, "decode steps: one native call" if why is None else
@@ -318,7 +318,7 @@ class Engine(EngineBase):
         extra = self._adapter_indices(adapters, n)
         longest = max(len(c) for c in chunks)
         t = 1 if longest == 1 else self._chunk(longest)  # decode, or a prefill bucket
-        native = self._native is not None and t == 1 and extra is None
+        native = self._native is not None and t == 1
         b = n if native else self._rows(n)  # the native step runs the rows it is given: no compiled shapes
         ends = np.array([s + len(c) for s, c in zip(starts, chunks)])
         if ends.max() > L:
@@ -352,7 +352,7 @@ class Engine(EngineBase):
             mask = np.minimum(positions, L - 1).astype(np.int32)
             if native:  # the same inputs, one token a row, to the one native call
                 with self.lock:
-                    return self._native(ids[:, 0], cos.reshape(b, -1), sin.reshape(b, -1), write, read, mask)
+                    return self._native(ids[:, 0], cos.reshape(b, -1), sin.reshape(b, -1), write, read, mask, extra)
             mask = Tensor(mask)
         else:
             read = base + np.arange(attend)[None, None, :]  # (b, nh, S)

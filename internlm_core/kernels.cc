@@ -393,12 +393,12 @@ void attend_block(const float* q, int64_t nq, const int32_t* seen, const T* kc, 
   }
 }
 
-inline float dot_self(const float* x, int64_t n) {
+inline float dot(const float* a, const float* b, int64_t n) {
   int64_t i = 0;
   v16 acc = (v16){};
-  for (; i + 16 <= n; i += 16) acc += load(x + i) * load(x + i);
+  for (; i + 16 <= n; i += 16) acc += load(a + i) * load(b + i);
   float s = hsum(acc);
-  for (; i < n; ++i) s += x[i] * x[i];
+  for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
 
@@ -465,7 +465,7 @@ void cached_attention(const float* qkv, T* kc, T* vc, const int32_t* write, cons
 void rms_norm(const float* x, const float* w, float eps, float* y, int64_t M, int64_t C) {
 #pragma omp parallel for if (M * C > (1 << 16)) schedule(static)
   for (int64_t m = 0; m < M; ++m) {
-    const float r = 1.f / std::sqrt(dot_self(x + m * C, C) / C + eps);
+    const float r = 1.f / std::sqrt(dot(x + m * C, x + m * C, C) / C + eps);
     for (int64_t c = 0; c < C; ++c) y[m * C + c] = x[m * C + c] * r * w[c];
   }
 }
@@ -644,6 +644,9 @@ struct StepLinear {
   const float* scale;  // int8: (N,); int4: (P, K/32, 16); else null
   const float* bias;   // (N,) or null
   int64_t kind, N, K;
+  const float* lora_a;   // LoRA adapters' stacks, or null: A (n + 1, rank, K), row 0 zeros (no adapter)
+  const float* lora_bt;  // B transposed, (n + 1, rank, N), alpha / rank folded in
+  int64_t rank;
 };
 
 struct StepLayer {
@@ -670,18 +673,42 @@ static bool readable(const StepLinear& l) {
          l.N % 16 == 0 && (l.kind != KIND_U4 || l.K % GROUP == 0);
 }
 
-static bool run_linear(const StepLinear& l, const float* x, float* y, int64_t M) {
-  return linear_of(l.kind, x, l.w, l.scale, l.bias, y, M, l.N, l.K);
+// y_m += B_a (A_a x_m) for each row m whose adapter a is not 0 (the graph's per-row LoRA, Linear.construct):
+// t = A_a x_m (rank dot products), then the rank terms of each output summed before they are added.
+static void add_lora(const StepLinear& l, const float* x, float* y, int64_t M, const int32_t* adapters) {
+  const int64_t R = l.rank, K = l.K, N = l.N;
+  std::vector<float> t(R);
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t a = adapters[m];
+    if (a <= 0) continue;
+    const float* A = l.lora_a + a * R * K;
+    const float* Bt = l.lora_bt + a * R * N;
+    for (int64_t r = 0; r < R; ++r) t[r] = dot(A + r * K, x + m * K, K);
+#pragma omp parallel for if (N * R > (1 << 16)) schedule(static)
+    for (int64_t o = 0; o < N; o += 16) {
+      v16 acc = (v16){};
+      for (int64_t r = 0; r < R; ++r) acc += t[r] * load(Bt + r * N + o);
+      store(y + m * N + o, load(y + m * N + o) + acc);
+    }
+  }
+}
+
+static bool run_linear(const StepLinear& l, const float* x, float* y, int64_t M, const int32_t* adapters) {
+  if (!linear_of(l.kind, x, l.w, l.scale, l.bias, y, M, l.N, l.K)) return false;
+  if (adapters && l.lora_a) add_lora(l, x, y, M, adapters);
+  return true;
 }
 
 extern "C" {
 
 // B rows, one new token each: ids (B,), cos/sin (B, D), write (B * Hkv,) the cache row of each new
 // k/v row in (row, head) order, first (B * Hkv,) each (row, head)'s first cache row, pos (B,) each
-// query's position (as CachedAttention takes them); logits (B, vocab). Returns 0, or 1 for a model
-// description it cannot run (nothing computed or written then).
+// query's position (as CachedAttention takes them); adapters (B,) each row's LoRA adapter (0: none), or
+// null; logits (B, vocab). Returns 0, or 1 for a model description it cannot run (nothing computed or
+// written then).
 int DecodeStep(const StepModel* m, int64_t B, const int32_t* ids, const float* cos, const float* sin,
-               const int32_t* write, const int32_t* first, const int32_t* pos, float* logits) {
+               const int32_t* write, const int32_t* first, const int32_t* pos, const int32_t* adapters,
+               float* logits) {
   const int64_t C = m->hidden, H = m->heads, Hkv = m->kv_heads, D = m->head_dim, H3 = H + 2 * Hkv;
   if (B < 1 || Hkv < 1 || H % Hkv || D % 16 || !readable(m->head) || m->head.K != C || m->head.N != m->vocab)
     return 1;
@@ -701,7 +728,7 @@ int DecodeStep(const StepModel* m, int64_t B, const int32_t* ids, const float* c
   for (int64_t i = 0; i < m->layers; ++i) {
     const StepLayer& l = m->layer[i];
     rms_norm(x.data(), l.attention_norm, m->eps, h.data(), B, C);
-    run_linear(l.wqkv, h.data(), y.data(), B);
+    run_linear(l.wqkv, h.data(), y.data(), B, adapters);
     rope(y.data(), cos, sin, m->q_scale, H, Hkv, B, 1, D, qkv.data());
     if (m->cache_f16)
       cached_attention(qkv.data(), static_cast<f16_t*>(l.k_cache), static_cast<f16_t*>(l.v_cache), write, first, pos,
@@ -709,17 +736,17 @@ int DecodeStep(const StepModel* m, int64_t B, const int32_t* ids, const float* c
     else
       cached_attention(qkv.data(), static_cast<float*>(l.k_cache), static_cast<float*>(l.v_cache), write, first, pos,
                        att.data(), B, 1, D, m->cache_rows, H, Hkv);
-    run_linear(l.wo, att.data(), h.data(), B);
+    run_linear(l.wo, att.data(), h.data(), B, adapters);
     add(h.data());
     rms_norm(x.data(), l.ffn_norm, m->eps, h.data(), B, C);
-    run_linear(l.w13, h.data(), y.data(), B);
+    run_linear(l.w13, h.data(), y.data(), B, adapters);
     const int64_t f = l.w2.K;
     silu_mul(y.data(), a.data(), B, f);
-    run_linear(l.w2, a.data(), h.data(), B);
+    run_linear(l.w2, a.data(), h.data(), B, adapters);
     add(h.data());
   }
   rms_norm(x.data(), m->norm_out, m->eps, h.data(), B, C);
-  run_linear(m->head, h.data(), logits, B);
+  run_linear(m->head, h.data(), logits, B, nullptr);
   return 0;
 }
 }  // extern "C"

@@ -295,9 +295,11 @@ def rope_op():
 # ---- DecodeStep: a whole decode step in one native call (kernels.cc) -------------------------------
 
 class StepLinear(ctypes.Structure):
-    """kernels.cc's StepLinear: a packed weight (its scales for int8/int4, its bias or null)."""
+    """kernels.cc's StepLinear: a packed weight (its scales for int8/int4, its bias or null) and its
+    LoRA adapters' stacks (or null)."""
     _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
-                ("kind", ctypes.c_int64), ("N", ctypes.c_int64), ("K", ctypes.c_int64)]
+                ("kind", ctypes.c_int64), ("N", ctypes.c_int64), ("K", ctypes.c_int64),
+                ("lora_a", ctypes.c_void_p), ("lora_bt", ctypes.c_void_p), ("rank", ctypes.c_int64)]
 
 
 class StepLayer(ctypes.Structure):
@@ -326,14 +328,10 @@ def _ptr(t) -> int:
     return t.data_ptr()
 
 
-def _step_linear(lin) -> StepLinear:
-    w, s, b = lin.weight, lin.weight_scale, lin.bias
-    return StepLinear(_ptr(w), _ptr(s) if s is not None else None, _ptr(b) if b is not None else None,
-                      STEP_KINDS[str(w.dtype)], lin.d_out, lin.d_in)
 
 
 class DecodeStep:
-    """A decode step of a served model (``forms.ServingKernels``, every linear packed, no adapters) in
+    """A decode step of a served model (``forms.ServingKernels``, every linear packed; LoRA adapters per row) in
     one call of kernels.cc's ``DecodeStep``: the same kernels in the same order as the step graph, on
     the same weights and caches, so the same logits to the bit, without MindSpore's runtime and the
     OpenMP waits between ~60 kernels a step. ``unsupported(model)`` says why a model cannot use it.
@@ -349,11 +347,13 @@ class DecodeStep:
         cfg, inner = model.config, model.model
         fn = ctypes.CDLL(library()).DecodeStep
         fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.POINTER(StepModel), ctypes.c_int64] + [ctypes.c_void_p] * 7
+        fn.argtypes = [ctypes.POINTER(StepModel), ctypes.c_int64] + [ctypes.c_void_p] * 8
         self._fn = fn
-        self._held = (model, caches)  # the memory the pointers name stays alive with this object
-        layers = [StepLayer(_ptr(b.attention_norm.weight), _step_linear(b.attention.wqkv), _step_linear(b.attention.wo),
-                            _ptr(b.ffn_norm.weight), _step_linear(b.feed_forward.w13), _step_linear(b.feed_forward.w2),
+        self._held = [model, caches]  # the memory the pointers name stays alive with this object
+        self.adapters = 0  # LoRA adapters in the stacks (``_linear`` counts them)
+        linear = self._linear
+        layers = [StepLayer(_ptr(b.attention_norm.weight), linear(b.attention.wqkv), linear(b.attention.wo),
+                            _ptr(b.ffn_norm.weight), linear(b.feed_forward.w13), linear(b.feed_forward.w2),
                             _ptr(caches[2 * i]), _ptr(caches[2 * i + 1]))
                   for i, b in enumerate(inner.layers)]
         self._layers = (StepLayer * len(layers))(*layers)
@@ -363,8 +363,22 @@ class DecodeStep:
             head_dim=cfg.head_dim, cache_rows=caches[0].shape[0], cache_f16=int(str(caches[0].dtype) == "Float16"),
             vocab=cfg.vocab_size, table_kind=STEP_KINDS[str(table.dtype)], eps=cfg.rms_norm_eps,
             q_scale=float(inner.layers[0].attention.q_scale.asnumpy()[0]), table=_ptr(table),
-            norm_out=_ptr(inner.norm_out.weight), head=_step_linear(model.lm_head), layer=self._layers)
+            norm_out=_ptr(inner.norm_out.weight), head=linear(model.lm_head), layer=self._layers)
         self.vocab = cfg.vocab_size
+
+    def _linear(self, lin) -> StepLinear:
+        """A Linear as the step reads it. Its LoRA stacks (``Engine.load_adapter``'s, fp32) are copied,
+        B transposed so that each rank's outputs are contiguous; an adapter load rebuilds the step."""
+        w, s, b = lin.weight, lin.weight_scale, lin.bias
+        out = StepLinear(_ptr(w), _ptr(s) if s is not None else None, _ptr(b) if b is not None else None,
+                         STEP_KINDS[str(w.dtype)], lin.d_out, lin.d_in)
+        if lin.lora_a is not None:
+            a = np.ascontiguousarray(lin.lora_a.asnumpy(), np.float32)  # (n + 1, rank, K)
+            bt = np.ascontiguousarray(lin.lora_b.asnumpy().transpose(0, 2, 1), np.float32)  # (n + 1, rank, N)
+            self._held += [a, bt]
+            self.adapters = a.shape[0] - 1  # the stacks' row 0 is "no adapter"
+            out.lora_a, out.lora_bt, out.rank = a.ctypes.data, bt.ctypes.data, a.shape[1]
+        return out
 
     @staticmethod
     def unsupported(model) -> str | None:
@@ -388,8 +402,9 @@ class DecodeStep:
             return f"the embedding table is {table}"
         return None
 
-    def __call__(self, ids, cos, sin, write, first, pos) -> np.ndarray:
-        """ids (B,) int32, cos/sin (B, D) float32, write/first (B * kv_heads,) int32, pos (B,) int32 ->
+    def __call__(self, ids, cos, sin, write, first, pos, adapters=None) -> np.ndarray:
+        """ids (B,) int32, cos/sin (B, D) float32, write/first (B * kv_heads,) int32, pos (B,) int32,
+        adapters (B,) int32 each row's LoRA adapter (0: none; checked by the engine) or None ->
         logits (B, vocab) float32. The caller holds the engine's lock (the caches are written)."""
         arrays = [np.ascontiguousarray(a, dt) for a, dt in ((ids, np.int32), (cos, np.float32), (sin, np.float32),
                                                             (write, np.int32), (first, np.int32), (pos, np.int32))]
@@ -398,7 +413,12 @@ class DecodeStep:
                 arrays[4].size != b * kv or arrays[5].size != b:
             raise ValueError(f"a decode step of {b} rows takes cos/sin ({b}, {d}), write/first ({b * kv},) and pos "
                              f"({b},); got {[a.shape for a in arrays]}")
+        rows = None if adapters is None else np.ascontiguousarray(adapters, np.int32)
+        if rows is not None and (rows.shape != (b,) or rows.min() < 0 or rows.max() > self.adapters):
+            raise ValueError(f"a decode step of {b} rows takes {b} adapter indices in 0..{self.adapters}, got "
+                             f"{rows.tolist()}")
         out = np.empty((b, self.vocab), np.float32)
-        if self._fn(ctypes.byref(self._model), b, *(a.ctypes.data for a in arrays), out.ctypes.data):
+        if self._fn(ctypes.byref(self._model), b, *(a.ctypes.data for a in arrays),
+                    None if rows is None else rows.ctypes.data, out.ctypes.data):
             raise RuntimeError("DecodeStep refused the model's description")  # checked in unsupported(): a bug
         return out

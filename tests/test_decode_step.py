@@ -93,3 +93,43 @@ def test_the_native_step_refuses_inputs_of_the_wrong_shape(tiny_model_dir):
         args[i] = bad
         with pytest.raises(ValueError, match="decode step of 2 rows"):
             engine._native(*args)
+
+
+def test_lora_adapters_per_row_on_the_native_step(tmp_path):
+    """Rows with different adapters (and none) in one native step give the graph's logits to float
+    rounding (its own sums in place of MindSpore's matmul) and the same greedy tokens; replacing an
+    adapter in place rebuilds the step, which then reads the new one."""
+    from internlm_core.lora import AdapterSpec
+    from tests.helpers import random_adapter
+
+    cfg = Config.from_name("tiny-v2")
+    model = load_serving_model(write_random_folder(tmp_path / "m", cfg, "bfloat16", seed=4), "int8")
+    specs = [AdapterSpec(rank=4, alpha=8.0, targets=("wq", "wv", "w2")), AdapterSpec(rank=2, alpha=4.0)]
+    folders = [random_adapter(cfg, spec, tmp_path / f"a{i}", seed=i, std=0.3) for i, spec in enumerate(specs)]
+    graph = Engine(model, max_batch=3, max_len=48, native_step=False)
+    native = Engine(model, max_batch=3, max_len=48)
+    for e in (graph, native):
+        e.load_adapter("a", folders[0])
+        e.load_adapter("b", folders[1])
+    assert native._native is not None and native._native.adapters == 2
+    rows = [1, 0, 2]
+    prompts = [random_ids(n, cfg.vocab_size, seed=n) for n in (7, 4, 11)]
+    plain = Engine(model, max_batch=3, max_len=48)  # no adapters: row 1 (adapter 0) must be its, to the bit
+    first = {e: e.prefill([0, 1, 2], prompts, adapters=rows) for e in (graph, native)}
+    np.testing.assert_array_equal(plain.prefill([1], [prompts[1]])[0], first[native][1])
+    pos, tok = np.array([len(p) for p in prompts]), first[graph].argmax(-1)
+    for step in range(8):
+        out = {e: e.decode(tok, pos, adapters=rows, slots=[0, 1, 2]) for e in (graph, native)}
+        np.testing.assert_allclose(out[native], out[graph], rtol=1e-5, atol=1e-5)
+        assert (out[native].argmax(-1) == out[graph].argmax(-1)).all()
+        np.testing.assert_array_equal(plain.decode(tok[1:2], pos[1:2], slots=[1])[0], out[native][1])
+        tok, pos = out[graph].argmax(-1), pos + 1
+    # an adapter replaced in place (same shapes): the rebuilt native step reads the new weights
+    for e in (graph, native):
+        e.load_adapter("a", folders[1])
+    out = {e: e.decode(tok, pos, adapters=rows, slots=[0, 1, 2]) for e in (graph, native)}
+    np.testing.assert_allclose(out[native], out[graph], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="adapter indices in 0..2"):
+        native._native(np.zeros(1, np.int32), np.ones((1, cfg.head_dim), np.float32),
+                       np.zeros((1, cfg.head_dim), np.float32), np.zeros(cfg.kv_heads, np.int32),
+                       np.zeros(cfg.kv_heads, np.int32), np.zeros(1, np.int32), adapters=[3])
