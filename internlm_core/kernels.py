@@ -61,6 +61,7 @@ SERVING_SOURCE = Path(__file__).with_name("kernels.cc")
 TRAINING_SOURCE = Path(__file__).with_name("train_kernels.cc")
 HEADERS = [Path(__file__).with_name("kernel_common.h")]
 PANEL = 16  # output rows per packed panel: one 16-float vector
+INT4_LANE = 4  # int4: bytes (pairs of inputs) of one output packed together, one 32-bit lane
 DNNL = "libdnnl.so.3"  # oneDNN 3, inside the mindspore wheel: the training GEMMs
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 ENV_SWITCH = "INTERNLM_CPU_KERNELS"
@@ -150,6 +151,17 @@ def training_library() -> str | None:
     return path
 
 
+def int4_activations() -> str:
+    """What the int4 kernel multiplies the weights by in this build: "int8" (W4A8: each row rounded
+    to int8 a group of 32 by llama.cpp's Q8_0 rule, on a CPU with AVX512_VNNI) or "float32" (W4A16)."""
+    import ctypes
+
+    so = library()
+    if so is None:
+        raise RuntimeError(f"the CPU kernels are unavailable: {unavailable()}")
+    return "int8" if ctypes.CDLL(so).Int4ActivationBits() == 8 else "float32"
+
+
 def unavailable() -> str | None:
     """Why the serving kernels are not used here (None when they are)."""
     return None if library() else _why_not
@@ -162,7 +174,9 @@ def training_unavailable() -> str | None:
 
 def pack(w: np.ndarray) -> np.ndarray:
     """(N, K) -> (N/16, K, 16): panel p holds output rows 16p..16p+15, k-major; w's dtype kept
-    (float32, float16, bf16 as uint16 bits, or int8: its scales (N,) stay as they are)."""
+    (float32, float16, bf16 as uint16 bits, or int8: its scales (N,) stay as they are). uint8 is
+    int4 pairs (quantize.pack_int4, (N, K/2)): the same shape, each output's bytes 4 together
+    (``pack_rows``)."""
     n, k = w.shape
     if n % PANEL:
         raise ValueError(f"a packed weight needs a multiple of {PANEL} rows, got {n}")
@@ -174,26 +188,37 @@ def pack(w: np.ndarray) -> np.ndarray:
 def pack_rows(wp: np.ndarray, w: np.ndarray, row0: int) -> None:
     """Write the rows of ``w`` (n, K) into the packed weight ``wp`` (P, K, 16) as its output rows
     row0 .. row0 + n - 1, at any row offset: a fused weight is packed part by part from the file,
-    never built whole in the unpacked layout first."""
+    never built whole in the unpacked layout first.
+
+    uint8 is int4 pairs, each byte two inputs of one output: there each 4 consecutive bytes of an
+    output (8 inputs) stay together, (P, K/8, 16, 4) in the (P, K/2, 16) array, the 32-bit lane
+    that the W4A8 kernel's vpdpbusd multiplies by 4 int8 activations (kernel_common.h's ``u4_t``)."""
     n, k = w.shape
     if wp.shape[1:] != (k, PANEL) or row0 < 0 or row0 + n > wp.shape[0] * PANEL:
         raise ValueError(f"rows {row0}..{row0 + n} of width {k} do not fit a packed weight of shape {wp.shape}")
+    if wp.dtype == np.uint8:  # int4 pairs: a lane of INT4_LANE bytes is packed as one element
+        if k % INT4_LANE:
+            raise ValueError(f"int4 pairs come {INT4_LANE} to a lane, and a row has {k}")
+        wp, w = wp.reshape(-1, k // INT4_LANE, PANEL, INT4_LANE), w.reshape(n, k // INT4_LANE, INT4_LANE)
     i = 0
     while i < n:
         p, j = divmod(row0 + i, PANEL)
         if j == 0 and n - i >= PANEL:  # whole panels at once
             full = (n - i) // PANEL
-            wp[p:p + full] = w[i:i + full * PANEL].reshape(full, PANEL, k).transpose(0, 2, 1)
+            wp[p:p + full] = np.swapaxes(w[i:i + full * PANEL].reshape(full, PANEL, *w.shape[1:]), 1, 2)
             i += full * PANEL
         else:  # a panel shared with the previous or the next part
             take = min(PANEL - j, n - i)
-            wp[p, :, j:j + take] = w[i:i + take].T
+            wp[p, :, j:j + take] = np.swapaxes(w[i:i + take], 0, 1)
             i += take
 
 
 def unpack(wp: np.ndarray) -> np.ndarray:
     """The inverse of ``pack``."""
     p, k, _ = wp.shape
+    if wp.dtype == np.uint8:
+        return np.ascontiguousarray(wp.reshape(p, k // INT4_LANE, PANEL, INT4_LANE).transpose(0, 2, 1, 3)
+                                    .reshape(p * PANEL, k))
     return np.ascontiguousarray(wp.transpose(0, 2, 1).reshape(p * PANEL, k))
 
 
