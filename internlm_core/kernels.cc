@@ -174,7 +174,10 @@ inline void quantize_row(const float* x, int64_t K, float* row) {
   for (int64_t g = 0; g < K / GROUP; ++g) {
     const __m512 a = _mm512_loadu_ps(x + g * GROUP), b = _mm512_loadu_ps(x + g * GROUP + 16);
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-    const float d = amax / 127.f, inv = d != 0.f ? 1.f / d : 0.f;
+    // vmaxps passes over a NaN and vcvtps2dq makes it a 0 byte: a NaN in x would vanish where fp32
+    // arithmetic (W4A16) carries it to the outputs; a NaN scale carries it
+    const bool nan = _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q) != 0;
+    const float d = nan ? NAN : amax / 127.f, inv = d != 0.f ? 1.f / d : 0.f;
     const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(inv)));
     const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, _mm512_set1_ps(inv)));
     // |q| <= 127: vpmovdb's truncation to a byte is exact

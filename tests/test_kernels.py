@@ -185,6 +185,22 @@ def test_int4_activations_are_rounded_by_q8_0s_rule():
     np.testing.assert_array_equal(y[len(want):], 0)
 
 
+def test_int4_carries_a_nan_in_x_to_its_rows_outputs_only():
+    """A NaN (or inf) in a row of x makes that row's outputs NaN, as fp32 arithmetic would (W4A8's
+    rounding must not turn it into a 0), and leaves the other rows as they were."""
+    rng = np.random.default_rng(5)
+    q, scale = quantize_int4(rng.normal(size=(48, 96)).astype(np.float32))
+    x = rng.normal(size=(3, 96)).astype(np.float32)
+    cell = _Linear(q, None, "int4", scale)
+    clean = cell(Tensor(x)).asnumpy()
+    for bad in (np.nan, np.inf):
+        x2 = x.copy()
+        x2[1, 40] = bad
+        y = cell(Tensor(x2)).asnumpy()
+        assert np.isnan(y[1]).all() or (bad == np.inf and not np.isfinite(y[1]).any()), y[1]
+        np.testing.assert_array_equal(y[[0, 2]], clean[[0, 2]])
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("c", [64, 37])
 def test_embedding_widens_the_rows_of_its_table(dtype, c):
