@@ -160,22 +160,21 @@ void tile_w4a16(const float* x, const u4_t* wp, const float* s, const float* b, 
 // offsets: 1.25 K bytes of 4 K), so linear_part's row loops step through quantised rows as
 // through x's. In each 8 k steps the int8 values lie as the nibbles they meet: the 4 even k's
 // (low nibbles), then the 4 odd ones (high nibbles).
-inline const int8_t* q8_values(const float* row) { return reinterpret_cast<const int8_t*>(row); }
-inline const float* q8_scales(const float* row, int64_t K) { return row + K / 4; }
-inline const int32_t* q8_offsets(const float* row, int64_t K) {  // -8 * each group's sum of int8
-  return reinterpret_cast<const int32_t*>(row + K / 4 + K / GROUP);
-}
+// Where a quantised row's parts start, in floats from the row's start: K int8 values at 0, then
+// the K / GROUP scales d, then the K / GROUP offsets (int32: -8 * the group's sum of int8 values).
+constexpr int64_t q8_scales_at(int64_t K) { return K / 4; }
+constexpr int64_t q8_offsets_at(int64_t K) { return K / 4 + K / GROUP; }
 
 inline void quantize_row(const float* x, int64_t K, float* row) {
   int8_t* values = reinterpret_cast<int8_t*>(row);
-  float* scales = row + K / 4;
-  int32_t* offsets = reinterpret_cast<int32_t*>(row + K / 4 + K / GROUP);
+  float* scales = row + q8_scales_at(K);
+  int32_t* offsets = reinterpret_cast<int32_t*>(row + q8_offsets_at(K));
   const __m128i order = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
   for (int64_t g = 0; g < K / GROUP; ++g) {
     const __m512 a = _mm512_loadu_ps(x + g * GROUP), b = _mm512_loadu_ps(x + g * GROUP + 16);
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-    // vmaxps passes over a NaN and vcvtps2dq makes it a 0 byte: a NaN in x would vanish where fp32
-    // arithmetic (W4A16) carries it to the outputs; a NaN scale carries it
+    // vmaxps passes over a NaN and vcvtps2dq makes it a 0 byte: a NaN in x would vanish, where fp32
+    // arithmetic (W4A16) carries it to the row's outputs; a NaN d carries it there
     const bool nan = _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q) != 0;
     const float d = nan ? NAN : amax / 127.f, inv = d != 0.f ? 1.f / d : 0.f;
     const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(inv)));
@@ -201,8 +200,10 @@ void tile_w4a8(const float* x, const u4_t* wp, const float* s, const float* b, f
     for (int q = 0; q < Q; ++q) acc[r][q] = (v16){};
   for (int64_t g = 0; g < groups; ++g) {
     __m512i sum[R][Q];
-    for (int r = 0; r < R; ++r)
-      for (int q = 0; q < Q; ++q) sum[r][q] = _mm512_set1_epi32(q8_offsets(x + r * K, K)[g]);
+    for (int r = 0; r < R; ++r) {
+      const __m512i start = _mm512_set1_epi32(reinterpret_cast<const int32_t*>(x + r * K + q8_offsets_at(K))[g]);
+      for (int q = 0; q < Q; ++q) sum[r][q] = start;
+    }
     for (int64_t k8 = g * GROUP; k8 < (g + 1) * GROUP; k8 += 8) {
       __m512i lo[Q], hi[Q];
       for (int q = 0; q < Q; ++q) {
@@ -214,17 +215,20 @@ void tile_w4a8(const float* x, const u4_t* wp, const float* s, const float* b, f
       }
       for (int r = 0; r < R; ++r) {
         int32_t even, odd;  // the 4 even k's int8 values, then the 4 odd k's
-        memcpy(&even, q8_values(x + r * K) + k8, 4);
-        memcpy(&odd, q8_values(x + r * K) + k8 + 4, 4);
+        memcpy(&even, reinterpret_cast<const int8_t*>(x + r * K) + k8, 4);
+        memcpy(&odd, reinterpret_cast<const int8_t*>(x + r * K) + k8 + 4, 4);
         const __m512i xe = _mm512_set1_epi32(even), xo = _mm512_set1_epi32(odd);
-        for (int q = 0; q < Q; ++q) sum[r][q] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sum[r][q], lo[q], xe), hi[q], xo);
+        for (int q = 0; q < Q; ++q) {
+          sum[r][q] = _mm512_dpbusd_epi32(sum[r][q], lo[q], xe);
+          sum[r][q] = _mm512_dpbusd_epi32(sum[r][q], hi[q], xo);
+        }
       }
     }
     for (int q = 0; q < Q; ++q) {
       const v16 scale = load(sp + (q * groups + g) * 16);
       for (int r = 0; r < R; ++r) {
         const v16 total = (v16)_mm512_cvtepi32_ps(sum[r][q]);  // exact: |sum| <= 32 * 127 * 8
-        acc[r][q] += total * (splat(q8_scales(x + r * K, K)[g]) * scale);
+        acc[r][q] += total * (splat(x[r * K + q8_scales_at(K) + g]) * scale);
       }
     }
   }
