@@ -160,32 +160,41 @@ inline v16 i8_to_f32(const int8_t* p) {
   return out;
 }
 // int4 weights (quantize.py's "int4"), two to a byte: the even k's value in the low nibble, the
-// odd k's in the high one, each stored as q + 8 (0..15) for q in -8..7.
+// odd k's in the high one, each stored as q + 8 (0..15) for q in -8..7. In a packed panel
+// (kernels.py's pack_rows) each output's bytes come 4 together (8 k steps): a 64-byte block holds
+// k steps 8j .. 8j + 7 of the panel's 16 outputs, output o's pairs in bytes 4o .. 4o + 3, pair i
+// (k = 8j + 2i, 8j + 2i + 1) in byte 4o + i. That is the 32-bit lane vpdpbusd multiplies by 4
+// activations at once (kernels.cc's W4A8 tile); the W4A16 tiles read the same bytes by shifts.
 struct u4_t { uint8_t bits; };
 
-// 16 bytes of int4 pairs -> the 16 even-k values and the 16 odd-k values as floats (q, exact):
-// zero-extend to 32 bits (vpmovzxbd), mask or shift out each nibble, subtract the 8, convert.
-inline void u4_to_f32(const u4_t* p, v16& even, v16& odd) {
+// Pair i (0..3) of a 64-byte block -> the 16 outputs' even-k values and their odd-k values as
+// floats (q, exact): shift the pair's byte, then its nibble, to the bottom of each 32-bit lane and
+// drop the bits above it; i is a constant once the caller's loop over the 4 pairs is unrolled.
+inline void u4_to_f32(const u4_t* block, int i, v16& even, v16& odd) {
 #if defined(__AVX512F__)
-  // each nibble picks its value from a 16-float table (vpermps): one operation where subtracting
-  // 8 and converting took two
+  // each nibble picks its value from a 16-float table (vpermps, which reads only the index's low
+  // 4 bits: the shifted byte is the index as it is): one operation where subtracting 8 and
+  // converting took two
   const __m512 values = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)), values);
-  const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), values);
+  const __m512i v = _mm512_loadu_si512(block);
+  const __m512 lo = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 8 * i), values);
+  const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 8 * i + 4), values);
 #elif defined(__AVX2__)
+  // vpshufb takes byte i of each 32-bit lane into the lane's bottom, zero above (index -1): one
+  // operation, as the zero-extending load of the earlier layout was (shifting and masking: two)
+  const __m256i pick = _mm256_add_epi32(_mm256_set1_epi32(i | -256), _mm256_setr_epi32(0, 4, 8, 12, 0, 4, 8, 12));
+  const __m256i nibble = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
   __m256 lo[2], hi[2];
-  for (int h = 0; h < 2; ++h) {
-    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * h)));
-    const __m256i eight = _mm256_set1_epi32(8);
-    lo[h] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b, _mm256_set1_epi32(15)), eight));
+  for (int h = 0; h < 2; ++h) {  // outputs 8h .. 8h + 7: 32 bytes
+    const __m256i b = _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * h)), pick);
+    lo[h] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b, nibble), eight));
     hi[h] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 4), eight));
   }
 #else
   float lo[16], hi[16];
-  for (int i = 0; i < 16; ++i) {
-    lo[i] = (float)((p[i].bits & 15) - 8);
-    hi[i] = (float)((p[i].bits >> 4) - 8);
+  for (int o = 0; o < 16; ++o) {
+    lo[o] = (float)((block[4 * o + i].bits & 15) - 8);
+    hi[o] = (float)((block[4 * o + i].bits >> 4) - 8);
   }
 #endif
   memcpy(&even, &lo, 64);

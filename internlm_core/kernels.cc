@@ -9,8 +9,10 @@
 //                    is one 16-wide load of W and one broadcast-multiply-add per row of x, so up to
 //                    8 rows share every weight load and no horizontal sums are needed. W is fp32,
 //                    bf16 or fp16 as the checkpoint stores it, int8 with one fp32 scale per
-//                    output (W8A16), or int4 with one a group of 32 inputs (W4A16), widened to
-//                    fp32 in registers.
+//                    output (W8A16), widened to fp32 in registers, or int4 with one a group of
+//                    32 inputs: on a CPU with AVX512_VNNI W4A8 (x rounded to int8 a group of 32 by
+//                    llama.cpp's Q8_0 rule, 4 nibbles x 4 int8 a 32-bit lane by vpdpbusd), else
+//                    W4A16 (widened to fp32 in registers).
 //   CachedAttention  the step's new k/v rows written into the slotted cache, then causal
 //                    softmax(q K^T) V read straight from it: query t of row b, head h attends cache
 //                    rows first[b, h] .. first[b, h] + pos[b, t] (clipped to the cache: never a
@@ -43,6 +45,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -91,19 +94,22 @@ void tile(const float* x, const W* wp, const float* s, const float* b, float* y,
   }
 }
 
-// int4 (W4A16, as LMDeploy's and llama.cpp's Q4 store weights): a panel is (K/2, 16) bytes, each
-// byte two k steps of its 16 outputs, with one fp32 scale per output and group of GROUP k steps,
-// (K/GROUP, 16) a panel. Within a group the integers q (-8..7, exact as floats) are summed against
-// x unscaled, and the group's sum is multiplied by its scale once: the scale costs one FMA a group,
-// not a multiply a weight (a one-row step is bound by this arithmetic, not by the half bytes it
-// reads: 11 vector operations for 32 weights before, 7 now). Sums in k order within a group and
-// over groups in order, so a row's result does not depend on the rows computed with it.
+// int4 (W4A16, as LMDeploy's and llama.cpp's Q4 store weights): a panel is K/2 x 16 bytes, each
+// byte two k steps of one output, an output's bytes 4 together (kernel_common.h's u4_t), with one
+// fp32 scale per output and group of GROUP k steps, (K/GROUP, 16) a panel. Within a group the
+// integers q (-8..7, exact as floats) are summed against x unscaled, and the group's sum is
+// multiplied by its scale once: the scale costs one FMA a group, not a multiply a weight (a one-row
+// step is bound by this arithmetic, not by the half bytes it reads: 11 vector operations for 32
+// weights before, 7 now). Sums in k order within a group and over groups in order, so a row's
+// result does not depend on the rows computed with it. On a CPU with AVX512_VNNI the W4A8 tile
+// below replaces this one.
 constexpr int64_t GROUP = 32;
 
 template <int R, int Q>
-void tile(const float* x, const u4_t* wp, const float* s, const float* b, float* y, int64_t n, int64_t N, int64_t K) {
-  constexpr int64_t ahead = 4096 / 16;  // bytes of pairs 4 KB ahead, as the other types
-  const int64_t pairs = K / 2, groups = K / GROUP;
+void tile_w4a16(const float* x, const u4_t* wp, const float* s, const float* b, float* y, int64_t n, int64_t N,
+                int64_t K) {
+  constexpr int64_t ahead = 4096;  // bytes ahead in each panel's stream, as the other types
+  const int64_t panel = K / 2 * 16, groups = K / GROUP;
   const float* sp = s + n * groups;  // this tile's first panel's scales: (groups, 16) a panel
   v16 acc[R][Q];
   for (int r = 0; r < R; ++r)
@@ -112,18 +118,19 @@ void tile(const float* x, const u4_t* wp, const float* s, const float* b, float*
     v16 part[R][Q];
     for (int r = 0; r < R; ++r)
       for (int q = 0; q < Q; ++q) part[r][q] = (v16){};
-    for (int64_t k = g * GROUP; k < (g + 1) * GROUP; k += 2) {
-      v16 w0[Q], w1[Q];
-      for (int q = 0; q < Q; ++q) {
-        const u4_t* p = wp + (q * pairs + k / 2) * 16;
-        u4_to_f32(p, w0[q], w1[q]);
-        __builtin_prefetch(p + ahead * 16);
-      }
-      for (int r = 0; r < R; ++r) {
-        const float x0 = x[r * K + k], x1 = x[r * K + k + 1];
-        for (int q = 0; q < Q; ++q) {
-          part[r][q] += x0 * w0[q];
-          part[r][q] += x1 * w1[q];
+    for (int64_t k8 = g * GROUP; k8 < (g + 1) * GROUP; k8 += 8) {  // a 64-byte block of each panel
+      for (int q = 0; q < Q; ++q) __builtin_prefetch(wp + q * panel + k8 * 8 + ahead);
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {  // pair i: k steps k8 + 2i, k8 + 2i + 1
+        const int64_t k = k8 + 2 * i;
+        v16 w0[Q], w1[Q];
+        for (int q = 0; q < Q; ++q) u4_to_f32(wp + q * panel + k8 * 8, i, w0[q], w1[q]);
+        for (int r = 0; r < R; ++r) {
+          const float x0 = x[r * K + k], x1 = x[r * K + k + 1];
+          for (int q = 0; q < Q; ++q) {
+            part[r][q] += x0 * w0[q];
+            part[r][q] += x1 * w1[q];
+          }
         }
       }
     }
@@ -136,6 +143,109 @@ void tile(const float* x, const u4_t* wp, const float* s, const float* b, float*
     const v16 bias = b ? load(b + n + q * 16) : (v16){};
     for (int r = 0; r < R; ++r) store(y + r * N + n + q * 16, acc[r][q] + bias);
   }
+}
+
+#if defined(__AVX512VNNI__)
+// int4 W4A8, as llama.cpp's Q4_0 x Q8_0 dot product: each row of x is quantised once a call to
+// int8 a group of 32 by Q8_0's rule (d = max|x| / 127, q = x * (1 / d) rounded to nearest, ties to
+// even: vcvtps2dq's rounding), and vpdpbusd multiplies 4 unsigned nibbles (q + 8) of each of 16
+// outputs by 4 int8 activations and adds them into the output's int32 lane: 6 vector operations
+// for 8 inputs x 16 outputs, where W4A16 takes 7 for 2. The +8 comes off in integers (the group's
+// sum starts at -8 * sum of its activations), and the group's exact integer sum is converted once
+// and multiplied by (d * the weight's scale) into the fp32 sum: groups in order, so a row's result
+// is a function of the row alone, as W4A16's. The activations' rounding is the cost: each within
+// half a step of max|x| / 127 of its group (tests/test_kernels.py checks the rule exactly).
+//
+// A quantised row takes the K floats of x's row it was made from (K int8, the scales, the
+// offsets: 1.25 K bytes of 4 K), so linear_part's row loops step through quantised rows as
+// through x's. In each 8 k steps the int8 values lie as the nibbles they meet: the 4 even k's
+// (low nibbles), then the 4 odd ones (high nibbles).
+// Where a quantised row's parts start, in floats from the row's start: K int8 values at 0, then
+// the K / GROUP scales d, then the K / GROUP offsets (int32: -8 * the group's sum of int8 values).
+constexpr int64_t q8_scales_at(int64_t K) { return K / 4; }
+constexpr int64_t q8_offsets_at(int64_t K) { return K / 4 + K / GROUP; }
+
+inline void quantize_row(const float* x, int64_t K, float* row) {
+  int8_t* values = reinterpret_cast<int8_t*>(row);
+  float* scales = row + q8_scales_at(K);
+  int32_t* offsets = reinterpret_cast<int32_t*>(row + q8_offsets_at(K));
+  const __m128i order = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
+  for (int64_t g = 0; g < K / GROUP; ++g) {
+    const __m512 a = _mm512_loadu_ps(x + g * GROUP), b = _mm512_loadu_ps(x + g * GROUP + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    // vmaxps passes over a NaN and vcvtps2dq makes it a 0 byte: a NaN in x would vanish, where fp32
+    // arithmetic (W4A16) carries it to the row's outputs; a NaN d carries it there
+    const bool nan = _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q) != 0;
+    const float d = nan ? NAN : amax / 127.f, inv = d != 0.f ? 1.f / d : 0.f;
+    const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(inv)));
+    const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, _mm512_set1_ps(inv)));
+    // |q| <= 127: vpmovdb's truncation to a byte is exact
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(values + g * GROUP), _mm_shuffle_epi8(_mm512_cvtepi32_epi8(qa), order));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(values + g * GROUP + 16),
+                     _mm_shuffle_epi8(_mm512_cvtepi32_epi8(qb), order));
+    scales[g] = d;
+    offsets[g] = -8 * _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+  }
+}
+
+template <int R, int Q>
+void tile_w4a8(const float* x, const u4_t* wp, const float* s, const float* b, float* y, int64_t n, int64_t N,
+               int64_t K) {
+  constexpr int64_t ahead = 4096;
+  const int64_t panel = K / 2 * 16, groups = K / GROUP;
+  const float* sp = s + n * groups;
+  const __m512i nibble = _mm512_set1_epi8(15);
+  v16 acc[R][Q];
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < Q; ++q) acc[r][q] = (v16){};
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i sum[R][Q];
+    for (int r = 0; r < R; ++r) {
+      const __m512i start = _mm512_set1_epi32(reinterpret_cast<const int32_t*>(x + r * K + q8_offsets_at(K))[g]);
+      for (int q = 0; q < Q; ++q) sum[r][q] = start;
+    }
+    for (int64_t k8 = g * GROUP; k8 < (g + 1) * GROUP; k8 += 8) {
+      __m512i lo[Q], hi[Q];
+      for (int q = 0; q < Q; ++q) {
+        const u4_t* p = wp + q * panel + k8 * 8;  // the 64-byte block of k8 .. k8 + 7
+        const __m512i v = _mm512_loadu_si512(p);
+        lo[q] = _mm512_and_si512(v, nibble);
+        hi[q] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+        __builtin_prefetch(p + ahead);
+      }
+      for (int r = 0; r < R; ++r) {
+        int32_t even, odd;  // the 4 even k's int8 values, then the 4 odd k's
+        memcpy(&even, reinterpret_cast<const int8_t*>(x + r * K) + k8, 4);
+        memcpy(&odd, reinterpret_cast<const int8_t*>(x + r * K) + k8 + 4, 4);
+        const __m512i xe = _mm512_set1_epi32(even), xo = _mm512_set1_epi32(odd);
+        for (int q = 0; q < Q; ++q) {
+          sum[r][q] = _mm512_dpbusd_epi32(sum[r][q], lo[q], xe);
+          sum[r][q] = _mm512_dpbusd_epi32(sum[r][q], hi[q], xo);
+        }
+      }
+    }
+    for (int q = 0; q < Q; ++q) {
+      const v16 scale = load(sp + (q * groups + g) * 16);
+      for (int r = 0; r < R; ++r) {
+        const v16 total = (v16)_mm512_cvtepi32_ps(sum[r][q]);  // exact: |sum| <= 32 * 127 * 8
+        acc[r][q] += total * (splat(x[r * K + q8_scales_at(K) + g]) * scale);
+      }
+    }
+  }
+  for (int q = 0; q < Q; ++q) {
+    const v16 bias = b ? load(b + n + q * 16) : (v16){};
+    for (int r = 0; r < R; ++r) store(y + r * N + n + q * 16, acc[r][q] + bias);
+  }
+}
+#endif
+
+template <int R, int Q>
+void tile(const float* x, const u4_t* wp, const float* s, const float* b, float* y, int64_t n, int64_t N, int64_t K) {
+#if defined(__AVX512VNNI__)
+  tile_w4a8<R, Q>(x, wp, s, b, y, n, N, K);
+#else
+  tile_w4a16<R, Q>(x, wp, s, b, y, n, N, K);
+#endif
 }
 
 // Elements of W a panel holds: K x 16, or K/2 x 16 bytes of int4 pairs.
@@ -212,6 +322,27 @@ void linear(const float* x, const void* wp, const float* s, const float* b, floa
       linear_part(x, static_cast<const W*>(wp), s, b, y, M, p, std::min(p + block, p1), N, K);
   }
 }
+
+#if defined(__AVX512VNNI__)
+// int4 on VNNI (W4A8): x's rows quantised once a call (each where x's row lay: see quantize_row),
+// then the panels as the generic linear goes through them, on the quantised rows.
+template <>
+void linear<u4_t>(const float* x, const void* wp, const float* s, const float* b, float* y, int64_t M, int64_t N,
+                  int64_t K) {
+  std::unique_ptr<float[]> rows(new float[M * K]);
+#pragma omp parallel for if (M * K > (1 << 16)) schedule(static)
+  for (int64_t m = 0; m < M; ++m) quantize_row(x + m * K, K, rows.get() + m * K);
+  const int64_t P = N / 16;
+  const int64_t block = M <= ROWS ? P : std::max<int64_t>(12, (512 << 10) / panel_elems<u4_t>(K) / 12 * 12);
+#pragma omp parallel if (M * N * K > (1 << 18))
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t p0 = P * t / nt, p1 = P * (t + 1) / nt;
+    for (int64_t p = p0; p < p1; p += block)
+      linear_part(rows.get(), static_cast<const u4_t*>(wp), s, b, y, M, p, std::min(p + block, p1), N, K);
+  }
+}
+#endif
 
 // ---- Embedding ---------------------------------------------------------------------------------
 
@@ -504,8 +635,9 @@ extern "C" {
 
 // inputs x (..., K) f32, wp (P, K, 16) f32, bf16 or f16[, b (16P,) f32]; output y (..., 16P) f32.
 // With an int8 wp: inputs x, wp (P, K, 16) i8, scale (16P,) f32[, b (16P,) f32]; y = (x q^T) * scale + b.
-// With an int4 wp (uint8 pairs): inputs x, wp (P, K/2, 16) u8, scale (P, K/32, 16) f32[, b];
-// y = x (q * s)^T + b, s each output's scale for each group of 32 k.
+// With an int4 wp (uint8 pairs): inputs x, wp (P, K/2, 16) u8 (each output's bytes 4 together: see
+// u4_t), scale (P, K/32, 16) f32[, b]; y = x (q * s)^T + b, s each output's scale for each group
+// of 32 k, x rounded to int8 a group of 32 first where the CPU has AVX512_VNNI (W4A8).
 // The weight's dtype says which: the argument lists never overlap.
 int PackedLinear(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
                  void* extra) {
@@ -529,6 +661,16 @@ int PackedLinear(int nparam, void** params, int* ndims, int64_t** shapes, const 
   const float* b = bias ? static_cast<const float*>(params[first_extra]) : nullptr;
   float* y = static_cast<float*>(params[nparam - 1]);
   return linear_of(kind_of(dtypes[1]), x, params[1], s, b, y, M, N, K) ? 0 : 2;
+}
+
+// What PackedLinear's int4 path multiplies the weights by: 8 (int8 activations, W4A8: this build
+// has AVX512_VNNI) or 32 (fp32, W4A16). kernels.int4_activations asks, and the tests by it.
+int Int4ActivationBits() {
+#if defined(__AVX512VNNI__)
+  return 8;
+#else
+  return 32;
+#endif
 }
 
 // inputs ids (...) i32, table (V, C) f32, bf16 or f16; output (..., C) f32: each id's row, widened.

@@ -9,6 +9,7 @@ ops are ``train_kernels``'s.
     y = linear_op(bias)(x, wp[, b])                  # x W^T + b, any leading shape; wp fp32, bf16 or fp16
     y = linear_op(bias, True)(x, wq, scale[, b])     # wq int8 packed, scale (N,) fp32: (x q^T) * scale + b;
                                                      # or int4 pairs (P, K/2, 16) u8, scale (P, K/32, 16)
+    int4_activations()      # "int8" (W4A8, a CPU with AVX512_VNNI) or "float32" (W4A16): what int4 meets
     x = embedding_op()(ids, table)                   # the table's rows (fp32, bf16 or fp16) as fp32
     out = attention_op()(qkv, k_cache, v_cache, write, first, pos)  # new k/v rows in, then causal attention
     y = rms_norm_op()(x, w, eps)                     # eps a (1,) tensor
@@ -30,8 +31,16 @@ widened to fp32 in registers and everything is computed in fp32, so a bf16 check
 from half the bytes with the results of fp32 compute on its values. ``PackedLinear`` also reads
 int8 weights with one fp32 scale per output (``quantize.py``, W8A16): the integers widened in
 registers, the sums in fp32, each output times its scale at the end; a quarter of fp32's bytes;
-and int4 weights two to a byte with one scale per output and 32 inputs (W4A16): each widened and
-scaled in registers, about a sixth of fp32's bytes. numpy has no bf16: bf16
+and int4 weights two to a byte with one scale per output and 32 inputs, about a sixth of fp32's
+bytes (``pack`` keeps each output's 4 bytes of pairs together, a 32-bit lane). On a CPU with
+AVX512_VNNI int4 is W4A8, as llama.cpp's Q4_0 x Q8_0: each row of x rounded to int8 a group of 32
+(Q8_0's rule: d = max|x| / 127, ties to even), 4 nibbles x 4 int8 summed into an int32 lane by
+``vpdpbusd``, each group's integer sum times d * its scale; 2.1-2.3x W4A16's speed at one row on
+the InternLM2-1.8B linears held in cache, 1.16x on its 103168 x 2048 head streamed from memory,
+2.6-3.1x at 4 to 64 rows (the head 1.84x at 4; ``bench/int4_kernel_bench.py``, one thread); the activations' rounding
+moves the demo model's perplexity -2.2% from float32's, W4A16's -1.6%. Elsewhere (the AVX2
+build, AVX-512 without VNNI) int4 is W4A16: each weight widened in registers, summed against fp32
+x, each group's sum scaled once; ``int4_activations()`` says which this build does. numpy has no bf16: bf16
 arrays here are their raw bits as uint16 (``checkpoint.ST_TO_NP``), and ``to_tensor`` makes
 them MindSpore bfloat16 tensors without a float32 round trip or a copy.
 
@@ -66,6 +75,7 @@ SERVING_SOURCE = Path(__file__).with_name("kernels.cc")
 TRAINING_SOURCE = Path(__file__).with_name("train_kernels.cc")
 HEADERS = [Path(__file__).with_name("kernel_common.h")]
 PANEL = 16  # output rows per packed panel: one 16-float vector
+INT4_LANE = 4  # int4: bytes (pairs of inputs) of one output packed together, one 32-bit lane
 DNNL = "libdnnl.so.3"  # oneDNN 3, inside the mindspore wheel: the training GEMMs
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 ENV_SWITCH = "INTERNLM_CPU_KERNELS"
@@ -155,6 +165,17 @@ def training_library() -> str | None:
     return path
 
 
+def int4_activations() -> str:
+    """What the int4 kernel multiplies the weights by in this build: "int8" (W4A8: each row rounded
+    to int8 a group of 32 by llama.cpp's Q8_0 rule, on a CPU with AVX512_VNNI) or "float32" (W4A16)."""
+    import ctypes
+
+    so = library()
+    if so is None:
+        raise RuntimeError(f"the CPU kernels are unavailable: {unavailable()}")
+    return "int8" if ctypes.CDLL(so).Int4ActivationBits() == 8 else "float32"
+
+
 def unavailable() -> str | None:
     """Why the serving kernels are not used here (None when they are)."""
     return None if library() else _why_not
@@ -167,7 +188,9 @@ def training_unavailable() -> str | None:
 
 def pack(w: np.ndarray) -> np.ndarray:
     """(N, K) -> (N/16, K, 16): panel p holds output rows 16p..16p+15, k-major; w's dtype kept
-    (float32, float16, bf16 as uint16 bits, or int8: its scales (N,) stay as they are)."""
+    (float32, float16, bf16 as uint16 bits, or int8: its scales (N,) stay as they are). uint8 is
+    int4 pairs (quantize.pack_int4, (N, K/2)): the same shape, each output's bytes 4 together
+    (``pack_rows``)."""
     n, k = w.shape
     if n % PANEL:
         raise ValueError(f"a packed weight needs a multiple of {PANEL} rows, got {n}")
@@ -179,26 +202,37 @@ def pack(w: np.ndarray) -> np.ndarray:
 def pack_rows(wp: np.ndarray, w: np.ndarray, row0: int) -> None:
     """Write the rows of ``w`` (n, K) into the packed weight ``wp`` (P, K, 16) as its output rows
     row0 .. row0 + n - 1, at any row offset: a fused weight is packed part by part from the file,
-    never built whole in the unpacked layout first."""
+    never built whole in the unpacked layout first.
+
+    uint8 is int4 pairs, each byte two inputs of one output: there each 4 consecutive bytes of an
+    output (8 inputs) stay together, (P, K/8, 16, 4) in the (P, K/2, 16) array, the 32-bit lane
+    that the W4A8 kernel's vpdpbusd multiplies by 4 int8 activations (kernel_common.h's ``u4_t``)."""
     n, k = w.shape
     if wp.shape[1:] != (k, PANEL) or row0 < 0 or row0 + n > wp.shape[0] * PANEL:
         raise ValueError(f"rows {row0}..{row0 + n} of width {k} do not fit a packed weight of shape {wp.shape}")
+    if wp.dtype == np.uint8:  # int4 pairs: a lane of INT4_LANE bytes is packed as one element
+        if k % INT4_LANE:
+            raise ValueError(f"int4 pairs come {INT4_LANE} to a lane, and a row has {k}")
+        wp, w = wp.reshape(-1, k // INT4_LANE, PANEL, INT4_LANE), w.reshape(n, k // INT4_LANE, INT4_LANE)
     i = 0
     while i < n:
         p, j = divmod(row0 + i, PANEL)
         if j == 0 and n - i >= PANEL:  # whole panels at once
             full = (n - i) // PANEL
-            wp[p:p + full] = w[i:i + full * PANEL].reshape(full, PANEL, k).transpose(0, 2, 1)
+            wp[p:p + full] = np.swapaxes(w[i:i + full * PANEL].reshape(full, PANEL, *w.shape[1:]), 1, 2)
             i += full * PANEL
         else:  # a panel shared with the previous or the next part
             take = min(PANEL - j, n - i)
-            wp[p, :, j:j + take] = w[i:i + take].T
+            wp[p, :, j:j + take] = np.swapaxes(w[i:i + take], 0, 1)
             i += take
 
 
 def unpack(wp: np.ndarray) -> np.ndarray:
     """The inverse of ``pack``."""
     p, k, _ = wp.shape
+    if wp.dtype == np.uint8:
+        return np.ascontiguousarray(wp.reshape(p, k // INT4_LANE, PANEL, INT4_LANE).transpose(0, 2, 1, 3)
+                                    .reshape(p * PANEL, k))
     return np.ascontiguousarray(wp.transpose(0, 2, 1).reshape(p * PANEL, k))
 
 
@@ -242,7 +276,8 @@ def _op(name: str, out_shape, out_dtype, bprop=None, variant: str = "", training
 def linear_op(bias: bool, quantized: bool = False):
     """y (..., N) = x (..., K) @ W^T (+ b) with W packed: inputs (x, wp[, b]); ``quantized``: inputs
     (x, wq, scale[, b]), wq int8 with scale (N,) f32: y = (x q^T) * scale (+ b), or wq uint8 int4
-    pairs (P, K/2, 16) with scale (P, K/32, 16) f32: y = x (q * s)^T (+ b)."""
+    pairs (P, K/2, 16) with scale (P, K/32, 16) f32: y = x (q * s)^T (+ b), x rounded to int8 a group
+    of 32 first where the build has AVX512_VNNI (``int4_activations``)."""
     if quantized:
         if bias:
             return _op("PackedLinear", lambda x, w, s, b: x[:-1] + [w[0] * PANEL], lambda x, w, s, b: x)

@@ -95,7 +95,7 @@ def load_serving_model(folder: str | Path, quantize: str | None = None) -> Inter
     read a few MB at a time, so the peak is the weights plus those few MB.
 
     int8 / int4: a quantised folder's linears (``quantize.quantized_names``) are packed as stored with
-    their scales placed part by part (PackedLinear's W8A16 and W4A16 paths); with ``quantize`` a float
+    their scales placed part by part (PackedLinear's W8A16 and int4 paths); with ``quantize`` a float
     folder's are quantised so while they are read, a few MB of rows at a time (per row, so the same
     integers and scales as ``internlm convert --quantize`` writes), never the whole model in fp32.
 
@@ -266,7 +266,8 @@ def _packed(f: SafetensorsFile, names: list[str], rows: int, cols: int):
 def _packed_quantized(f: SafetensorsFile, names: list[str], rows: int, cols: int, stored: bool, scheme: Scheme):
     """The tensors ``names`` (rows stacked) packed for PackedLinear's quantised paths with their scales
     placed in the same order: int8 (P, K, 16) with (rows,) scales, int4 (P, K/2, 16) bytes of pairs
-    with (P, K/32, 16) scales (each panel's group scales together, as the kernel reads them). Read as
+    (each output's 4 bytes together: ``kernels.pack_rows``) with (P, K/32, 16) scales (each panel's
+    group scales together, as the kernel reads them). Read as
     the file stores them (``stored``: a quantised folder's weights and F32 ``<name>_scale``), or
     quantised a few MB of rows at a time from a float folder (per row, so chunks change nothing)."""
     stored_w, _ = scheme.shapes(rows, cols)

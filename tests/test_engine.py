@@ -441,6 +441,42 @@ def _close(a, b):
     assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
 
 
+def reference_engine(folder, **kw) -> Engine:
+    """What a quantised folder's engine is compared with: the fp32 engine on its dequantised weights
+    (``load_model`` widens q * scale); for int4 where the kernel rounds the activations too (W4A8,
+    ``kernels.int4_activations``), each linear's input rounded first as the kernel rounds it
+    (``Q8Activations``), so the two differ by float rounding only (without it, by ~3% of the largest
+    logit on the tiny model: the activations' rounding, which the kernel tests pin down exactly)."""
+    from internlm_core import kernels
+
+    model = load_model(folder)
+    if model.config.quantization == "int4" and kernels.int4_activations() == "int8":
+        model = model.serving_form(_q8_activations())
+    return Engine(model, **kw)
+
+
+def _q8_activations():
+    """The serving kernels, each packed linear's input first rounded by llama.cpp's Q8_0 rule, as the
+    W4A8 int4 kernel rounds it (tests/test_kernels.py's ``q8_0``: per row and group of 32,
+    d = max|x| / 127, x * (1 / d) rounded to nearest, ties to even), then multiplied back by d."""
+    import mindspore as ms
+    from mindspore import ops
+
+    from internlm_core.forms import ServingKernels
+    from internlm_core.quantize import GROUP
+
+    @ms.jit_class
+    class Q8Activations(ServingKernels):
+        def linear(self, x, w, b, scale, trains):
+            g = x.reshape(x.shape[:-1] + (x.shape[-1] // GROUP, GROUP))
+            d = g.abs().max(axis=-1, keepdims=True) / 127.0
+            inv = ops.where(d != 0, 1.0 / d, ops.zeros_like(d))
+            x = (ops.round(g * inv) * d).reshape(x.shape)
+            return self.packed[0](x, w) if b is None else self.packed[1](x, w, b)
+
+    return Q8Activations()
+
+
 def _agree(served, reference):
     """``served`` and ``reference`` (3 slots) give the same logits (1e-4 relative) on a prefill, four
     decode steps and a prompt fed in two pieces (the second attending the cache), and the same
@@ -475,7 +511,7 @@ def test_a_quantised_folder_is_served_quantised_in_one_copy(int8_folders, method
 
     q = int8_folders[0].parent / folder
     served = open_engine(q, max_batch=3, max_len=128)
-    reference = Engine(load_model(q), max_batch=3, max_len=128)  # load_model widens q * scale to fp32
+    reference = reference_engine(q, max_batch=3, max_len=128)
     cfg = served.config
     assert serving_dtypes(cfg) == (method, "float16") and served.quantization == method
     params = {p.name: p for p in served.model.get_parameters() if not p.name.startswith("kv_cache")}
@@ -532,7 +568,7 @@ def test_lora_adapter_on_an_int8_base_equals_the_fp32_base(int8_folders, tmp_pat
     adapter = random_adapter(Config.from_name("tiny"), AdapterSpec(rank=4, alpha=8, targets=("wq", "wv", "w2")),
                              tmp_path / "a", 1)
     served = open_engine(q, max_batch=2, max_len=64, cache_dtype="float32")  # logits compared at 1e-4
-    reference = Engine(load_model(q), max_batch=2, max_len=64, cache_dtype="float32")
+    reference = reference_engine(q, max_batch=2, max_len=64, cache_dtype="float32")
     for eng in (served, reference):
         assert eng.load_adapter("a", adapter) == 1
     prompts, rows = [random_ids(7, 512, seed=1), random_ids(12, 512, seed=2)], np.array([1, 0])

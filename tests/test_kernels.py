@@ -12,7 +12,7 @@ from mindspore import Parameter, Tensor, nn
 
 from internlm_core import kernels, train_kernels
 from internlm_core.checkpoint import bf16_to_f32, f32_to_bf16
-from internlm_core.quantize import dequantize_int4, dequantize_int8, pack_int4, quantize_int4, quantize_int8
+from internlm_core.quantize import GROUP, dequantize_int4, dequantize_int8, pack_int4, quantize_int4, quantize_int8
 
 # A developer's machine without a compiler skips these; CI (CI set, as .ci/run sets it) must not:
 # setup.sh installs g++, and a library that does not build there is a failure.
@@ -115,25 +115,90 @@ def test_packed_linear_with_int8_weights_equals_numpy(bias, rows, n, k):
         np.testing.assert_array_equal(y, (sums.astype(np.float64) * scale + b).astype(np.float32))
 
 
+def q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x (..., K) rounded as the W4A8 kernel rounds it, llama.cpp's Q8_0 rule in float32 arithmetic:
+    per row and group of 32, d = max|x| / 127, q = x * (1 / d) rounded to nearest, ties to even
+    (0 where d is 0). (q (..., K/32, 32) int64, d (..., K/32) float32)."""
+    g = np.asarray(x, np.float32).reshape(*x.shape[:-1], -1, GROUP)
+    d = np.abs(g).max(-1) / np.float32(127)
+    inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, 1), np.float32(0)).astype(np.float32)
+    return np.rint(g * inv[..., None]).astype(np.int64), d
+
+
+def int4_reference(x: np.ndarray, q: np.ndarray, scale: np.ndarray, b) -> np.ndarray:
+    """What the int4 kernel computes, in float64: x against q * scale (W4A16); where the build
+    multiplies int8 activations (W4A8, ``kernels.int4_activations``), x rounded by ``q8_0`` first,
+    each (row, group)'s integer sum times its d * scale (the float32 product the kernel takes)."""
+    n, k = q.shape
+    if kernels.int4_activations() == "float32":
+        y = x.astype(np.float64) @ dequantize_int4(q, scale).astype(np.float64).T
+    else:
+        xq, d = q8_0(x)
+        sums = np.einsum("...gk,ngk->...ng", xq, q.reshape(n, k // GROUP, GROUP).astype(np.int64))
+        y = (sums * (d[..., None, :] * scale).astype(np.float64)).sum(-1)
+    return y + (0 if b is None else b)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", list(range(1, 18)) + [(3, 40)])
 @pytest.mark.parametrize("n,k", [(16, 64), (48, 32), (80, 96), (400, 160), (816, 2048)])
 def test_packed_linear_with_int4_weights_equals_numpy(bias, rows, n, k):
-    """int4 weights two a byte with a scale per output and group of 32 inputs (W4A16): every row
-    count 1..17, panel remainders of every tile width (2, 3 and 4 panels), one group and many, the
-    threaded path and the blocked one past 8 rows, against float64 on the dequantised values (each
-    group's integer sum times its scale: within fp32 rounding of the float64 result)."""
+    """int4 weights two a byte with a scale per output and group of 32 inputs: every row count
+    1..17, panel remainders of every tile width (2, 3 and 4 panels), one group and many, the
+    threaded path and the blocked one past 8 rows, against float64 (``int4_reference``): W4A16, on
+    the dequantised values; W4A8, on the activations rounded by Q8_0's rule, each group's integer
+    sum times its scales. Within fp32 rounding of either: a W4A8 kernel differs from W4A16 by ~0.5%
+    of max|y| (the activations' rounding), far outside it."""
     rng = np.random.default_rng(n * k + (rows if isinstance(rows, int) else 99))
     lead = (rows,) if isinstance(rows, int) else rows
     q, scale = quantize_int4(rng.normal(size=(n, k)).astype(np.float32) * rng.uniform(0.1, 3, size=(n, 1)))
     q[0, :2] = (-8, 7)  # the nibbles' whole range, -8 included (a folder written elsewhere may use it)
     b = rng.normal(size=n).astype(np.float32) if bias else None
     x = rng.normal(size=lead + (k,)).astype(np.float32)
+    x.reshape(-1, k)[0, :GROUP] = 0  # a group of zeros: W4A8's d = 0
     y = _Linear(q, b, "int4", scale)(Tensor(x)).asnumpy()
     w32 = dequantize_int4(q, scale)
-    ref = x.astype(np.float64) @ w32.astype(np.float64).T + (0 if b is None else b)
     assert y.shape == lead + (n,) and y.dtype == np.float32
-    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.sqrt(k) * np.abs(w32).max())
+    np.testing.assert_allclose(y, int4_reference(x, q, scale, b), rtol=1e-5, atol=1e-5 * np.sqrt(k) * np.abs(w32).max())
+
+
+def test_int4_activations_are_rounded_by_q8_0s_rule():
+    """W4A8's rounding exactly (ties to even, d = max|x| / 127, a zero group): one group whose largest
+    value is 127 (d = 1: x * (1 / d) is x) holding the ties 0.5, 1.5, 2.5, -0.5, -2.5, against
+    weights picking each out, so every output is one rounded activation times 2 (the scale); and
+    W4A16's exact products where the build has no VNNI."""
+    ties = [0.5, 1.5, 2.5, -0.5, -2.5, 3.25, 127.0]
+    x = np.zeros((1, 2 * GROUP), np.float32)
+    x[0, :len(ties)] = ties
+    x[0, GROUP:] = 0  # the second group is all zeros
+    q = np.zeros((16, 2 * GROUP), np.int8)
+    for o in range(len(ties)):
+        q[o, o] = 1
+    q[len(ties), 0], q[len(ties), 1] = -8, 7  # -8 * 0.5 + 7 * 1.5 (A16) or -8 * 0 + 7 * 2 (A8)
+    scale = np.full((16, 2), 2.0, np.float32)
+    y = _Linear(q, None, "int4", scale)(Tensor(x)).asnumpy()[0]
+    if kernels.int4_activations() == "int8":
+        want = [0, 2, 2, 0, -2, 3, 127, 14]
+    else:
+        want = ties + [-8 * 0.5 + 7 * 1.5]
+    np.testing.assert_array_equal(y[:len(want)], 2 * np.array(want, np.float32))
+    np.testing.assert_array_equal(y[len(want):], 0)
+
+
+def test_int4_carries_a_nan_in_x_to_its_rows_outputs_only():
+    """A NaN (or inf) in a row of x makes that row's outputs NaN, as fp32 arithmetic would (W4A8's
+    rounding must not turn it into a 0), and leaves the other rows as they were."""
+    rng = np.random.default_rng(5)
+    q, scale = quantize_int4(rng.normal(size=(48, 96)).astype(np.float32))
+    x = rng.normal(size=(3, 96)).astype(np.float32)
+    cell = _Linear(q, None, "int4", scale)
+    clean = cell(Tensor(x)).asnumpy()
+    for bad in (np.nan, np.inf):
+        x2 = x.copy()
+        x2[1, 40] = bad
+        y = cell(Tensor(x2)).asnumpy()
+        assert np.isnan(y[1]).all() or (bad == np.inf and not np.isfinite(y[1]).any()), y[1]
+        np.testing.assert_array_equal(y[[0, 2]], clean[[0, 2]])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
@@ -195,7 +260,7 @@ def test_every_kernel_on_an_avx2_build(tmp_path):
     training) passes there too, from a library without one AVX-512 register in it."""
     env = {**os.environ, "INTERNLM_KERNEL_DIR": str(tmp_path), kernels.ENV_MARCH: "x86-64-v3"}
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
-                          "not avx2_build and not built_once and not without_"],
+                          "not avx2_build and not avx512_build and not built_once and not without_"],
                          cwd=os.path.dirname(os.path.dirname(__file__)), env=env, capture_output=True, text=True,
                          timeout=1200)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -207,6 +272,21 @@ def test_every_kernel_on_an_avx2_build(tmp_path):
         assert "%zmm" not in code and "%ymm" in code
 
 
+@pytest.mark.skipif("avx512f" not in kernels._cpu_flags().split(), reason="no AVX-512 on this CPU")
+def test_int4_on_an_avx512_build_without_vnni(tmp_path):
+    """An AVX-512 CPU without AVX512_VNNI (skylake-avx512: INTERNLM_KERNEL_MARCH) builds the W4A16 int4
+    tile, on the same packed layout: this file's int4 tests pass there, against W4A16's reference."""
+    env = {**os.environ, "INTERNLM_KERNEL_DIR": str(tmp_path), kernels.ENV_MARCH: "skylake-avx512"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
+                          "int4 and not avx512_build"], cwd=os.path.dirname(os.path.dirname(__file__)), env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout
+    check = "from internlm_core import kernels; print(kernels.int4_activations())"
+    out = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip().splitlines()[-1] == "float32", out.stdout + out.stderr[-2000:]
+
+
 def test_pack_layout_and_its_inverse():
     w = np.arange(32 * 3, dtype=np.float32).reshape(32, 3)
     wp = kernels.pack(w)
@@ -214,6 +294,26 @@ def test_pack_layout_and_its_inverse():
     np.testing.assert_array_equal(kernels.unpack(wp), w)
     with pytest.raises(ValueError, match="multiple of 16"):
         kernels.pack(np.zeros((20, 3), np.float32))
+
+
+def test_int4_pairs_pack_each_outputs_four_bytes_together():
+    """uint8 (int4 pairs): the (P, K/2, 16) array holds (P, K/8, 16, 4), output o's pairs 4c .. 4c + 3
+    in one 32-bit lane, as the kernels read them; packed part by part (rows not panel-aligned) as
+    whole; ``unpack`` inverts it; a row that is not whole lanes is refused."""
+    rng = np.random.default_rng(0)
+    b = rng.integers(0, 256, size=(48, 12), dtype=np.uint8)
+    wp = kernels.pack(b)
+    assert wp.shape == (3, 12, 16) and wp.dtype == np.uint8
+    lanes = wp.reshape(3, 3, 16, 4)
+    for o, c in ((0, 0), (17, 5), (47, 11), (30, 7)):
+        assert lanes[o // 16, c // 4, o % 16, c % 4] == b[o, c]
+    np.testing.assert_array_equal(kernels.unpack(wp), b)
+    parts = np.zeros_like(wp)
+    for lo, hi in ((0, 5), (5, 21), (21, 48)):
+        kernels.pack_rows(parts, b[lo:hi], lo)
+    np.testing.assert_array_equal(parts, wp)
+    with pytest.raises(ValueError, match="4 to a lane"):
+        kernels.pack(b[:, :10])
 
 
 class _Attention(nn.Cell):

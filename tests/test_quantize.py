@@ -158,16 +158,17 @@ def demo_pair(tmp_path_factory):
 
 @pytest.mark.parametrize("method,bound,same", [("int8", 0.01, 0.9), ("int4", 0.03, 0.8)])
 def test_quantised_keeps_the_demo_models_perplexity_and_greedy_tokens(demo_pair, method, bound, same):
-    """The accuracy bound: WikiText-2 valid perplexity within 1% (int8) or 3% (int4) of the float32
-    model's, and the quantised model's greedy choice equal to the float32 model's at >= 90% (int8)
-    or 80% (int4: measured 84%) of 256 positions (8 prompts x
+    """The accuracy bound, of the quantised model as served (its kernels): WikiText-2 valid perplexity
+    within 1% (int8; measured +0.9%) or 3% (int4: -2.2% W4A8, -1.6% W4A16) of the float32 model's,
+    and the quantised model's greedy choice equal to the float32 model's at >= 90% (int8: 252) or
+    80% (int4: 214 W4A8, 215 W4A16) of 256 positions (8 prompts x
     the float32 model's 32 greedy tokens, each position given the same prefix: llama.cpp's "same top
     token" measure). Free-running sequences are not compared position by position: after the first
     near-tie they continue differently, which says nothing of the positions after it (this weakly
     trained model has such ties; rounding its weights to bf16 alone changes one prompt's first token)."""
     from internlm_core.engine import Engine
     from internlm_core.generation import SamplingParams, generate
-    from internlm_core.loader import load_model
+    from internlm_core.loader import load_model, load_serving_model
     from internlm_core.model import forward_inputs
     from internlm_core.tokenizer import Tokenizer
     from tests.helpers import DATA
@@ -188,7 +189,9 @@ def test_quantised_keeps_the_demo_models_perplexity_and_greedy_tokens(demo_pair,
         nll = lse - np.take_along_axis(logits, rows[:, 1:, None], -1)[..., 0]
         return float(np.exp(nll.mean()))
 
-    full, small = load_model(full_dir), load_model(quantised[method])
+    # the quantised model as served: its linears on the int8 / int4 kernels (W4A8 where the CPU has
+    # VNNI, the activations rounded too), not widened to fp32 as load_model's are
+    full, small = load_model(full_dir), load_serving_model(quantised[method])
     ppl_full, ppl_small = perplexity(full), perplexity(small)
     print(f"{method}: perplexity {ppl_small:.1f} against {ppl_full:.1f}")
     assert abs(ppl_small / ppl_full - 1) < bound, (ppl_full, ppl_small)
