@@ -418,11 +418,11 @@ class DecodeStep:
     @staticmethod
     def unsupported(model) -> str | None:
         """Why ``model`` cannot run as one native call (None when it can)."""
-        from .forms import SERVING_KERNELS
+        from .forms import ServingKernels
         from .model import Linear, RMSNorm
 
-        if model.ops.name != SERVING_KERNELS or not model.fused:
-            return f"the {model.ops.name} form"
+        if type(model.ops) is not ServingKernels or not model.fused:  # a subclass computes otherwise
+            return f"the {type(model.ops).__name__} form ({model.ops.name})"
         if library() is None:
             return unavailable()
         for name, cell in model.cells_and_names():
