@@ -41,7 +41,10 @@
 // thread count nor on how many rows are computed together.
 #include <omp.h>
 
+#include <sched.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -303,46 +306,54 @@ void linear_part(const float* x, const W* wp, const float* s, const float* b, fl
   }
 }
 
+// Whether a linear of W weights reads x's rows as they are, or quantised first (int4 on VNNI: W4A8).
+template <typename W>
+constexpr bool quantises_input() {
+#if defined(__AVX512VNNI__)
+  return std::is_same_v<W, u4_t>;
+#else
+  return false;
+#endif
+}
+
+// x's rows m0 .. m1 - 1 as the W4A8 tiles read them, each where x's row lay in ``rows`` (quantize_row).
+inline void quantize_rows(const float* x, int64_t m0, int64_t m1, int64_t K, float* rows) {
+#if defined(__AVX512VNNI__)
+  for (int64_t m = m0; m < m1; ++m) quantize_row(x + m * K, K, rows + m * K);
+#endif
+}
+
+// Thread t of nt's share of y = x W^T (+ b): its panels (each thread reads its share of the weight
+// once, whatever the rows). More than ROWS rows (prefill) pass over the weight once per ROWS rows: go
+// through it a block of panels at a time (~512 KB, half an L2), every row over a block before the
+// next, so the passes after the first read it from cache instead of memory (a 1.8B model's weights do
+// not stay in L3 from one pass to the next). Each output's sum is still one tile's, in the same order,
+// so the result does not depend on the split. x as the tiles read it (quantised where
+// quantises_input<W>).
+template <typename W>
+void linear_share(const float* x, const void* wp, const float* s, const float* b, float* y, int64_t M, int64_t N,
+                  int64_t K, int t, int nt) {
+  const int64_t P = N / 16;
+  const int64_t block =
+      M <= ROWS ? P : std::max<int64_t>(12, (512 << 10) / (panel_elems<W>(K) * (int64_t)sizeof(W)) / 12 * 12);
+  const int64_t p0 = P * t / nt, p1 = P * (t + 1) / nt;
+  for (int64_t p = p0; p < p1; p += block)
+    linear_part(x, static_cast<const W*>(wp), s, b, y, M, p, std::min(p + block, p1), N, K);
+}
+
 template <typename W>
 void linear(const float* x, const void* wp, const float* s, const float* b, float* y, int64_t M, int64_t N,
             int64_t K) {
-  const int64_t P = N / 16;
-  // More than ROWS rows (prefill) pass over the weight once per ROWS rows: go through it a block of
-  // panels at a time (~512 KB, half an L2), every row over a block before the next, so the passes
-  // after the first read it from cache instead of memory (a 1.8B model's weights do not stay in
-  // L3 from one pass to the next). Each output's sum is still one tile's, in the same order.
-  const int64_t block =
-      M <= ROWS ? P : std::max<int64_t>(12, (512 << 10) / (panel_elems<W>(K) * (int64_t)sizeof(W)) / 12 * 12);
-  // Threads split the panels: each reads its share of the weight once, whatever the rows.
-#pragma omp parallel if (M * N * K > (1 << 18))
-  {
-    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int64_t p0 = P * t / nt, p1 = P * (t + 1) / nt;
-    for (int64_t p = p0; p < p1; p += block)
-      linear_part(x, static_cast<const W*>(wp), s, b, y, M, p, std::min(p + block, p1), N, K);
-  }
-}
-
-#if defined(__AVX512VNNI__)
-// int4 on VNNI (W4A8): x's rows quantised once a call (each where x's row lay: see quantize_row),
-// then the panels as the generic linear goes through them, on the quantised rows.
-template <>
-void linear<u4_t>(const float* x, const void* wp, const float* s, const float* b, float* y, int64_t M, int64_t N,
-                  int64_t K) {
-  std::unique_ptr<float[]> rows(new float[M * K]);
+  std::unique_ptr<float[]> rows;
+  if constexpr (quantises_input<W>()) {  // each row quantised once a call, not once a tile
+    rows.reset(new float[M * K]);
 #pragma omp parallel for if (M * K > (1 << 16)) schedule(static)
-  for (int64_t m = 0; m < M; ++m) quantize_row(x + m * K, K, rows.get() + m * K);
-  const int64_t P = N / 16;
-  const int64_t block = M <= ROWS ? P : std::max<int64_t>(12, (512 << 10) / panel_elems<u4_t>(K) / 12 * 12);
-#pragma omp parallel if (M * N * K > (1 << 18))
-  {
-    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int64_t p0 = P * t / nt, p1 = P * (t + 1) / nt;
-    for (int64_t p = p0; p < p1; p += block)
-      linear_part(rows.get(), static_cast<const u4_t*>(wp), s, b, y, M, p, std::min(p + block, p1), N, K);
+    for (int64_t m = 0; m < M; ++m) quantize_rows(x, m, m + 1, K, rows.get());
+    x = rows.get();
   }
+#pragma omp parallel if (M * N * K > (1 << 18))
+  linear_share<W>(x, wp, s, b, y, M, N, K, omp_get_thread_num(), omp_get_num_threads());
 }
-#endif
 
 // ---- Embedding ---------------------------------------------------------------------------------
 
@@ -365,27 +376,31 @@ int64_t kind_of(const char* dtype) {
          : is_u8(dtype) ? KIND_U4 : KIND_NONE;
 }
 
-// y = x W^T (+ b) for a packed weight of ``kind``; false for a kind it cannot read.
-bool linear_of(int64_t kind, const float* x, const void* wp, const float* s, const float* b, float* y, int64_t M,
-               int64_t N, int64_t K) {
+// f(W{}) for the weight type of ``kind``: the one table from a kind to its type. False for none.
+template <typename F>
+bool with_kind(int64_t kind, F&& f) {
   switch (kind) {
-    case KIND_F32: linear<float>(x, wp, s, b, y, M, N, K); return true;
-    case KIND_BF16: linear<bf16_t>(x, wp, s, b, y, M, N, K); return true;
-    case KIND_F16: linear<f16_t>(x, wp, s, b, y, M, N, K); return true;
-    case KIND_I8: linear<int8_t>(x, wp, s, b, y, M, N, K); return true;
-    case KIND_U4: linear<u4_t>(x, wp, s, b, y, M, N, K); return true;
+    case KIND_F32: f(float{}); return true;
+    case KIND_BF16: f(bf16_t{}); return true;
+    case KIND_F16: f(f16_t{}); return true;
+    case KIND_I8: f(int8_t{}); return true;
+    case KIND_U4: f(u4_t{}); return true;
     default: return false;
   }
 }
 
+// y = x W^T (+ b) for a packed weight of ``kind``; false for a kind it cannot read.
+bool linear_of(int64_t kind, const float* x, const void* wp, const float* s, const float* b, float* y, int64_t M,
+               int64_t N, int64_t K) {
+  return with_kind(kind, [&](auto w) { linear<decltype(w)>(x, wp, s, b, y, M, N, K); });
+}
+
 // The rows ``ids`` of a (V, C) table of ``kind`` (float kinds only), widened; false for another kind.
 bool embed_of(int64_t kind, const int32_t* ids, const void* table, int64_t M, int64_t V, int64_t C, float* out) {
-  switch (kind) {
-    case KIND_F32: embed<float>(ids, table, M, V, C, out); return true;
-    case KIND_BF16: embed<bf16_t>(ids, table, M, V, C, out); return true;
-    case KIND_F16: embed<f16_t>(ids, table, M, V, C, out); return true;
-    default: return false;
-  }
+  return kind <= KIND_F16 && with_kind(kind, [&](auto w) {
+    using W = decltype(w);
+    if constexpr (!std::is_same_v<W, int8_t> && !std::is_same_v<W, u4_t>) embed<W>(ids, table, M, V, C, out);
+  });
 }
 
 // ---- CachedAttention --------------------------------------------------------------------------
@@ -540,65 +555,93 @@ inline void put_row(const float* x, int64_t D, f16_t* row) {
 }
 
 // CachedAttention over a cache of R rows of T (float or f16_t); the arguments as CachedAttention
-// describes them (qkv (B, H + 2 Hkv, Tq, D), out (B, Tq, H, D)).
+// describes them (qkv (B, H + 2 Hkv, Tq, D), out (B, Tq, H, D)). In parts, so that the op and the
+// decode step can each share them out among their threads: the new rows written (``write_rows``),
+// then ``items()`` independent pieces of work (16 queries of one (row, head) each), in any order.
 template <typename T>
-void cached_attention(const float* qkv, T* kc, T* vc, const int32_t* write, const int32_t* first, const int32_t* pos,
-                      float* out, int64_t B, int64_t Tq, int64_t D, int64_t R, int64_t H, int64_t Hkv) {
-  const int64_t heads = H + 2 * Hkv;
-  const int64_t group = H / Hkv;  // query heads per k/v head
-  // The new rows first, in the cache's dtype (the caches are this op's inputs, written in place:
-  // MindSpore's ScatterUpdate and the casts and slices around it cost ~0.25 ms a layer at decode,
-  // more than attention itself). A row outside the cache is skipped, never written.
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t g = 0; g < Hkv; ++g)
-      for (int64_t t = 0; t < Tq; ++t) {
-        const int64_t row = write[(b * Hkv + g) * Tq + t];
-        if (row < 0 || row >= R) continue;
-        put_row(qkv + ((b * heads + H + g) * Tq + t) * D, D, kc + row * D);
-        put_row(qkv + ((b * heads + H + Hkv + g) * Tq + t) * D, D, vc + row * D);
-      }
+struct Attention {
+  const float* qkv;
+  T *kc, *vc;
+  const int32_t *write, *first, *pos;
+  float* out;
+  int64_t B, Tq, D, R, H, Hkv;
+
+  int64_t heads() const { return H + 2 * Hkv; }
+  int64_t blocks() const { return (Tq + 15) / 16; }  // queries go 16 at a time through attend_block
+  int64_t items() const { return B * H * blocks(); }
+
+  // The new rows, in the cache's dtype (the caches are written in place: MindSpore's ScatterUpdate and
+  // the casts and slices around it cost ~0.25 ms a layer at decode, more than attention itself). A
+  // row outside the cache is skipped, never written.
+  void write_rows() const {
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t g = 0; g < Hkv; ++g)
+        for (int64_t t = 0; t < Tq; ++t) {
+          const int64_t row = write[(b * Hkv + g) * Tq + t];
+          if (row < 0 || row >= R) continue;
+          put_row(qkv + ((b * heads() + H + g) * Tq + t) * D, D, kc + row * D);
+          put_row(qkv + ((b * heads() + H + Hkv + g) * Tq + t) * D, D, vc + row * D);
+        }
+  }
+
   // Rows are clipped to the cache rather than refused: the engine never asks for one outside it
   // (padding queries included), and a non-zero return leaves MindSpore 2.9's graph unusable for
   // the rest of the process (seen: every later call fails), which would take a whole worker down.
-  // i = b * H + h, a query head; its k/v head's first row
-  auto start = [&](int64_t i) { return std::min<int64_t>(std::max<int64_t>(first[i / group], 0), R - 1); };
-  auto keys = [&](int64_t i, int64_t b, int64_t t) {  // how many rows query t of (row, head) i sees
+  // i = b * H + h, a query head; its k/v head's first row (query head h reads k/v head h / (H / Hkv))
+  int64_t start(int64_t i) const {
+    return std::min<int64_t>(std::max<int64_t>(first[i / (H / Hkv)], 0), R - 1);
+  }
+  int64_t keys(int64_t i, int64_t b, int64_t t) const {  // how many rows query t of (row, head) i sees
     return std::min<int64_t>(std::max<int64_t>(pos[b * Tq + t], 0) + 1, R - start(i));
-  };
-  const int64_t blocks = (Tq + 15) / 16;  // queries go 16 at a time through attend_block
-  int64_t longest = 1;
-  for (int64_t i = 0; i < B * H; ++i)
-    for (int64_t t = 0; t < Tq; ++t) longest = std::max(longest, keys(i, i / H, t));
-#pragma omp parallel if (B * H * Tq * longest * D > (1 << 16))
-  {
-    std::vector<float> work(Tq == 1 ? longest : (sizeof(T) == 4 ? 32 : 64) * D);
-#pragma omp for schedule(dynamic)
-    for (int64_t item = 0; item < B * H * blocks; ++item) {
-      const int64_t i = item / blocks, b = i / H, h = i % H, t0 = item % blocks * 16;
-      const T* k = kc + start(i) * D;
-      const T* v = vc + start(i) * D;
-      const float* q = qkv + ((b * heads + h) * Tq + t0) * D;
-      if (Tq == 1) {  // decode: one query, the keys in a plain loop
-        attend(q, k, v, keys(i, b, 0), D, out + (b * H + h) * D, work.data());
-        continue;
-      }
-      int32_t seen[16];
-      const int64_t nq = std::min<int64_t>(16, Tq - t0);
-      for (int64_t j = 0; j < nq; ++j) seen[j] = (int32_t)keys(i, b, t0 + j);
-      attend_block(q, nq, seen, k, v, D, out + ((b * Tq + t0) * H + h) * D, H * D, work.data());
+  }
+  int64_t longest() const {
+    int64_t n = 1;
+    for (int64_t i = 0; i < B * H; ++i)
+      for (int64_t t = 0; t < Tq; ++t) n = std::max(n, keys(i, i / H, t));
+    return n;
+  }
+  // floats of work space an item needs (``longest()`` computed once by the caller)
+  int64_t work_floats(int64_t longest) const { return Tq == 1 ? longest : (sizeof(T) == 4 ? 32 : 64) * D; }
+
+  void item(int64_t it, float* work) const {
+    const int64_t i = it / blocks(), b = i / H, h = i % H, t0 = it % blocks() * 16;
+    const T* k = kc + start(i) * D;
+    const T* v = vc + start(i) * D;
+    const float* q = qkv + ((b * heads() + h) * Tq + t0) * D;
+    if (Tq == 1) {  // decode: one query, the keys in a plain loop
+      attend(q, k, v, keys(i, b, 0), D, out + (b * H + h) * D, work);
+      return;
     }
+    int32_t seen[16];
+    const int64_t nq = std::min<int64_t>(16, Tq - t0);
+    for (int64_t j = 0; j < nq; ++j) seen[j] = (int32_t)keys(i, b, t0 + j);
+    attend_block(q, nq, seen, k, v, D, out + ((b * Tq + t0) * H + h) * D, H * D, work);
+  }
+};
+
+template <typename T>
+void cached_attention(const Attention<T>& a) {
+  a.write_rows();
+  const int64_t longest = a.longest();
+#pragma omp parallel if (a.items() * a.Tq * longest * a.D > (1 << 16))
+  {
+    std::vector<float> work(a.work_floats(longest));
+#pragma omp for schedule(dynamic)
+    for (int64_t it = 0; it < a.items(); ++it) a.item(it, work.data());
   }
 }
 
 // ---- row-wise ----------------------------------------------------------------------------------
 
-// y = x * rsqrt(mean(x^2) + eps) * w over M rows of C
+// y = x * rsqrt(mean(x^2) + eps) * w over one row of C
+inline void rms_norm_row(const float* x, const float* w, float eps, float* y, int64_t C) {
+  const float r = 1.f / std::sqrt(dot(x, x, C) / C + eps);
+  for (int64_t c = 0; c < C; ++c) y[c] = x[c] * r * w[c];
+}
+
 void rms_norm(const float* x, const float* w, float eps, float* y, int64_t M, int64_t C) {
 #pragma omp parallel for if (M * C > (1 << 16)) schedule(static)
-  for (int64_t m = 0; m < M; ++m) {
-    const float r = 1.f / std::sqrt(dot(x + m * C, x + m * C, C) / C + eps);
-    for (int64_t c = 0; c < C; ++c) y[m * C + c] = x[m * C + c] * r * w[c];
-  }
+  for (int64_t m = 0; m < M; ++m) rms_norm_row(x + m * C, w, eps, y + m * C, C);
 }
 
 // y (M, F) = silu(gate) * up from gu (M, 2F) = [gate | up]
@@ -607,26 +650,26 @@ void silu_mul(const float* gu, float* y, int64_t M, int64_t F) {
   for (int64_t m = 0; m < M; ++m) silu_mul_row(gu + m * 2 * F, gu + m * 2 * F + F, F, y + m * F);
 }
 
-// y (B, T, (H + 2 Hkv) D) -> out (B, H + 2 Hkv, T, D): q heads rotated and times ``scale``, k heads
-// rotated, v heads as they were; cs/sn (B, T, D)
+// Head h of row b of y (B, T, (H + 2 Hkv) D) -> out (B, H + 2 Hkv, T, D): a q head rotated and times
+// ``scale``, a k head rotated, a v head as it was; cs/sn (B, T, D)
+inline void rope_head(const float* y, const float* cs, const float* sn, float scale, int64_t H, int64_t Hkv, int64_t b,
+                      int64_t h, int64_t T, int64_t D, float* out) {
+  const int64_t H3 = H + 2 * Hkv;
+  for (int64_t t = 0; t < T; ++t) {
+    const float* src = y + ((b * T + t) * H3 + h) * D;
+    float* dst = out + ((b * H3 + h) * T + t) * D;
+    if (h >= H + Hkv)  // v
+      memcpy(dst, src, D * sizeof(float));
+    else
+      rope_row(src, cs + (b * T + t) * D, sn + (b * T + t) * D, D, h < H ? scale : 1.f, dst);
+  }
+}
+
 void rope(const float* y, const float* cs, const float* sn, float scale, int64_t H, int64_t Hkv, int64_t B, int64_t T,
           int64_t D, float* out) {
-  const int64_t H3 = H + 2 * Hkv, K = H + Hkv;  // q heads end at H, k heads at K, then v
-#pragma omp parallel for collapse(2) if (B * T * H3 * D > (1 << 16)) schedule(static)
+#pragma omp parallel for collapse(2) if (B * T * (H + 2 * Hkv) * D > (1 << 16)) schedule(static)
   for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H3; ++h) {
-      for (int64_t t = 0; t < T; ++t) {
-        const float* src = y + ((b * T + t) * H3 + h) * D;
-        float* dst = out + ((b * H3 + h) * T + t) * D;
-        if (h >= K) {  // v
-          memcpy(dst, src, D * sizeof(float));
-          continue;
-        }
-        const float* c = cs + (b * T + t) * D;
-        const float* s = sn + (b * T + t) * D;
-        rope_row(src, c, s, D, h < H ? scale : 1.f, dst);
-      }
-    }
+    for (int64_t h = 0; h < H + 2 * Hkv; ++h) rope_head(y, cs, sn, scale, H, Hkv, b, h, T, D, out);
 }
 
 }  // namespace
@@ -713,11 +756,11 @@ int CachedAttention(int nparam, void** params, int* ndims, int64_t** shapes, con
   float* out = static_cast<float*>(params[6]);
   const int64_t B = shapes[0][0], Tq = shapes[0][2], D = shapes[0][3], R = shapes[1][0];
   if (f16)
-    cached_attention(qkv, static_cast<f16_t*>(params[1]), static_cast<f16_t*>(params[2]), write, first, pos, out, B,
-                     Tq, D, R, H, Hkv);
+    cached_attention(Attention<f16_t>{qkv, static_cast<f16_t*>(params[1]), static_cast<f16_t*>(params[2]), write,
+                                      first, pos, out, B, Tq, D, R, H, Hkv});
   else
-    cached_attention(qkv, static_cast<float*>(params[1]), static_cast<float*>(params[2]), write, first, pos, out, B,
-                     Tq, D, R, H, Hkv);
+    cached_attention(Attention<float>{qkv, static_cast<float*>(params[1]), static_cast<float*>(params[2]), write,
+                                      first, pos, out, B, Tq, D, R, H, Hkv});
   return 0;
 }
 
@@ -815,30 +858,138 @@ static bool readable(const StepLinear& l) {
          l.N % 16 == 0 && (l.kind != KIND_U4 || l.K % GROUP == 0);
 }
 
-// y_m += B_a (A_a x_m) for each row m whose adapter a is not 0 (the graph's per-row LoRA, Linear.construct):
-// t = A_a x_m (rank dot products), then the rank terms of each output summed before they are added.
-static void add_lora(const StepLinear& l, const float* x, float* y, int64_t M, const int32_t* adapters) {
-  const int64_t R = l.rank, K = l.K, N = l.N;
-  std::vector<float> t(R);
-  for (int64_t m = 0; m < M; ++m) {
-    const int64_t a = adapters[m];
-    if (a <= 0) continue;
-    const float* A = l.lora_a + a * R * K;
-    const float* Bt = l.lora_bt + a * R * N;
-    for (int64_t r = 0; r < R; ++r) t[r] = dot(A + r * K, x + m * K, K);
-#pragma omp parallel for if (N * R > (1 << 16)) schedule(static)
-    for (int64_t o = 0; o < N; o += 16) {
-      v16 acc = (v16){};
-      for (int64_t r = 0; r < R; ++r) acc += t[r] * load(Bt + r * N + o);
-      store(y + m * N + o, load(y + m * N + o) + acc);
+// The step's threads meet here between its phases, spinning (then yielding the core, should a
+// thread of theirs not be running). libgomp's barriers, the end of a parallel region included, put a
+// waiting thread to sleep after ~100 spins whenever the process has more OpenMP threads than cores
+// (MindSpore's graphs run their kernels on threads with teams of their own), and waking it costs a
+// system call and a context switch. Measured, bench-serve bf16 at one row: 4.0 ms a step with a
+// parallel region a kernel, 2.7 ms with OMP_WAIT_POLICY=active (which no deployed worker can use: its
+// idle threads would spin for minutes); one region a step meeting here is what keeps the second.
+class SpinBarrier {
+ public:
+  void wait(int n) {
+    const int phase = phase_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == n - 1) {  // the last one in lets the others go
+      arrived_.store(0, std::memory_order_relaxed);
+      phase_.store(phase + 1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; phase_.load(std::memory_order_acquire) == phase; ++spins)
+      if (spins < (1 << 16))
+        _mm_pause();
+      else
+        sched_yield();
+  }
+
+ private:
+  std::atomic<int> arrived_{0}, phase_{0};
+};
+
+// What thread t of nt does of one layer's linear: its panels of y = x W^T (+ b) (x quantised first
+// where the kind wants it: by every thread, its rows, then a barrier), then the LoRA terms of the
+// same outputs, so no thread waits between the two.
+struct StepThread {
+  int t, nt;
+  SpinBarrier* bar;
+  float* qx;  // B * widest K floats: x's rows quantised, for the kinds that read them so
+
+  int64_t first(int64_t n) const { return n * t / nt; }  // this thread's share of n things
+  int64_t last(int64_t n) const { return n * (t + 1) / nt; }
+  void meet() const { bar->wait(nt); }
+
+  void linear(const StepLinear& l, const float* x, float* y, int64_t M, const int32_t* adapters) const {
+    with_kind(l.kind, [&](auto w) {
+      using W = decltype(w);
+      const float* in = x;
+      if constexpr (quantises_input<W>()) {
+        quantize_rows(x, first(M), last(M), l.K, qx);
+        meet();
+        in = qx;
+      }
+      linear_share<W>(in, l.w, l.scale, l.bias, y, M, l.N, l.K, t, nt);
+    });
+    if (adapters && l.lora_a) lora(l, x, y, M, adapters);
+  }
+
+  // y_m += B_a (A_a x_m) for each row m whose adapter a is not 0 (the graph's per-row LoRA,
+  // Linear.construct) over this thread's outputs (linear_share's panels): t = A_a x_m (rank dot
+  // products, each thread its own), then each output's rank terms summed before they are added.
+  void lora(const StepLinear& l, const float* x, float* y, int64_t M, const int32_t* adapters) const {
+    const int64_t R = l.rank, K = l.K, N = l.N, o0 = 16 * first(N / 16), o1 = 16 * last(N / 16);
+    std::vector<float> u(R);
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t a = adapters[m];
+      if (a <= 0) continue;
+      const float* A = l.lora_a + a * R * K;
+      const float* Bt = l.lora_bt + a * R * N;
+      for (int64_t r = 0; r < R; ++r) u[r] = dot(A + r * K, x + m * K, K);
+      for (int64_t o = o0; o < o1; o += 16) {
+        v16 acc = (v16){};
+        for (int64_t r = 0; r < R; ++r) acc += u[r] * load(Bt + r * N + o);
+        store(y + m * N + o, load(y + m * N + o) + acc);
+      }
     }
   }
-}
+};
 
-static bool run_linear(const StepLinear& l, const float* x, float* y, int64_t M, const int32_t* adapters) {
-  if (!linear_of(l.kind, x, l.w, l.scale, l.bias, y, M, l.N, l.K)) return false;
-  if (adapters && l.lora_a) add_lora(l, x, y, M, adapters);
-  return true;
+template <typename T>
+void decode_step(const StepModel* m, int64_t B, const int32_t* ids, const float* cos, const float* sin,
+                 const int32_t* write, const int32_t* first, const int32_t* pos, const int32_t* adapters,
+                 float* logits, int64_t F, int64_t widest) {
+  const int64_t C = m->hidden, H = m->heads, Hkv = m->kv_heads, D = m->head_dim, H3 = H + 2 * Hkv;
+  std::vector<float> x(B * C), h(B * C), y(B * std::max(H3 * D, 2 * F)), qkv(B * H3 * D), att(B * H * D), a(B * F),
+      qx(B * widest);
+  auto attention = [&](const StepLayer& l) {
+    return Attention<T>{qkv.data(), static_cast<T*>(l.k_cache), static_cast<T*>(l.v_cache), write, first, pos,
+                        att.data(), B, 1, D, m->cache_rows, H, Hkv};
+  };
+  const int64_t longest = attention(m->layer[0]).longest();  // the same for every layer
+  SpinBarrier bar;
+  // One parallel region for the whole step: the same kernels as the step graph's, each thread its
+  // share, meeting between them (a share's result does not depend on how the work is split, so the
+  // logits are the graph's to the bit).
+#pragma omp parallel
+  {
+    const StepThread me{omp_get_thread_num(), omp_get_num_threads(), &bar, qx.data()};
+    const int64_t r0 = me.first(B), r1 = me.last(B);  // this thread's rows, for the row-wise kernels
+    std::vector<float> work(attention(m->layer[0]).work_floats(longest));
+    for (int64_t r = r0; r < r1; ++r)  // a row at a time: under the size at which embed opens a region of its own
+      embed_of(m->table_kind, ids + r, m->table, 1, m->vocab, C, x.data() + r * C);
+    for (int64_t i = 0; i < m->layers; ++i) {
+      const StepLayer& l = m->layer[i];
+      for (int64_t r = r0; r < r1; ++r) rms_norm_row(x.data() + r * C, l.attention_norm, m->eps, h.data() + r * C, C);
+      me.meet();
+      me.linear(l.wqkv, h.data(), y.data(), B, adapters);
+      me.meet();
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t k = 0; k < H3; ++k) rope_head(y.data(), cos, sin, m->q_scale, H, Hkv, r, k, 1, D, qkv.data());
+      me.meet();
+      const Attention<T> at = attention(l);
+      if (me.t == 0) at.write_rows();
+      me.meet();
+      for (int64_t it = me.t; it < at.items(); it += me.nt) at.item(it, work.data());
+      me.meet();
+      me.linear(l.wo, att.data(), h.data(), B, adapters);
+      me.meet();
+      const int64_t f = l.w2.K;
+      for (int64_t r = r0; r < r1; ++r) {  // the residual, then the FFN's norm, row by row
+        for (int64_t c = 0; c < C; ++c) x[r * C + c] += h[r * C + c];
+        rms_norm_row(x.data() + r * C, l.ffn_norm, m->eps, h.data() + r * C, C);
+      }
+      me.meet();
+      me.linear(l.w13, h.data(), y.data(), B, adapters);
+      me.meet();
+      for (int64_t r = r0; r < r1; ++r) silu_mul_row(y.data() + r * 2 * f, y.data() + r * 2 * f + f, f, a.data() + r * f);
+      me.meet();
+      me.linear(l.w2, a.data(), h.data(), B, adapters);
+      me.meet();
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t c = 0; c < C; ++c) x[r * C + c] += h[r * C + c];
+    }
+    for (int64_t r = r0; r < r1; ++r) rms_norm_row(x.data() + r * C, m->norm_out, m->eps, h.data() + r * C, C);
+    me.meet();
+    me.linear(m->head, h.data(), logits, B, nullptr);
+  }
 }
 
 extern "C" {
@@ -852,43 +1003,22 @@ int DecodeStep(const StepModel* m, int64_t B, const int32_t* ids, const float* c
                const int32_t* write, const int32_t* first, const int32_t* pos, const int32_t* adapters,
                float* logits) {
   const int64_t C = m->hidden, H = m->heads, Hkv = m->kv_heads, D = m->head_dim, H3 = H + 2 * Hkv;
-  if (B < 1 || Hkv < 1 || H % Hkv || D % 16 || !readable(m->head) || m->head.K != C || m->head.N != m->vocab)
+  if (B < 1 || m->layers < 1 || Hkv < 1 || H % Hkv || D % 16 || !readable(m->head) || m->head.K != C ||
+      m->head.N != m->vocab || m->table_kind < KIND_F32 || m->table_kind > KIND_F16)
     return 1;
-  int64_t F = 0;
+  int64_t F = 0, widest = C;
   for (int64_t i = 0; i < m->layers; ++i) {
     const StepLayer& l = m->layer[i];
     if (!readable(l.wqkv) || !readable(l.wo) || !readable(l.w13) || !readable(l.w2) || l.wqkv.K != C ||
         l.wqkv.N != H3 * D || l.wo.K != H * D || l.wo.N != C || l.w13.K != C || l.w2.N != C || l.w13.N != 2 * l.w2.K)
       return 1;
     F = std::max(F, l.w2.K);
+    widest = std::max({widest, l.wo.K, l.w2.K});
   }
-  std::vector<float> x(B * C), h(B * C), y(B * std::max(H3 * D, 2 * F)), qkv(B * H3 * D), att(B * H * D), a(B * F);
-  if (!embed_of(m->table_kind, ids, m->table, B, m->vocab, C, x.data())) return 1;
-  auto add = [&](const float* d) {  // the residual: x += d
-    for (int64_t i = 0; i < B * C; ++i) x[i] += d[i];
-  };
-  for (int64_t i = 0; i < m->layers; ++i) {
-    const StepLayer& l = m->layer[i];
-    rms_norm(x.data(), l.attention_norm, m->eps, h.data(), B, C);
-    run_linear(l.wqkv, h.data(), y.data(), B, adapters);
-    rope(y.data(), cos, sin, m->q_scale, H, Hkv, B, 1, D, qkv.data());
-    if (m->cache_f16)
-      cached_attention(qkv.data(), static_cast<f16_t*>(l.k_cache), static_cast<f16_t*>(l.v_cache), write, first, pos,
-                       att.data(), B, 1, D, m->cache_rows, H, Hkv);
-    else
-      cached_attention(qkv.data(), static_cast<float*>(l.k_cache), static_cast<float*>(l.v_cache), write, first, pos,
-                       att.data(), B, 1, D, m->cache_rows, H, Hkv);
-    run_linear(l.wo, att.data(), h.data(), B, adapters);
-    add(h.data());
-    rms_norm(x.data(), l.ffn_norm, m->eps, h.data(), B, C);
-    run_linear(l.w13, h.data(), y.data(), B, adapters);
-    const int64_t f = l.w2.K;
-    silu_mul(y.data(), a.data(), B, f);
-    run_linear(l.w2, a.data(), h.data(), B, adapters);
-    add(h.data());
-  }
-  rms_norm(x.data(), m->norm_out, m->eps, h.data(), B, C);
-  run_linear(m->head, h.data(), logits, B, nullptr);
+  if (m->cache_f16)
+    decode_step<f16_t>(m, B, ids, cos, sin, write, first, pos, adapters, logits, F, widest);
+  else
+    decode_step<float>(m, B, ids, cos, sin, write, first, pos, adapters, logits, F, widest);
   return 0;
 }
 }  // extern "C"
