@@ -875,7 +875,7 @@ class SpinBarrier {
       return;
     }
     for (int spins = 0; phase_.load(std::memory_order_acquire) == phase; ++spins)
-      if (spins < (1 << 16))
+      if (spins < (1 << 12))  // ~0.1 ms: a phase waits microseconds unless a thread lost its core
         _mm_pause();
       else
         sched_yield();
