@@ -31,8 +31,8 @@ are new, the rest shared; the model passed in is not changed).
 A decode-shaped step (one new token a row: ``decode`` and ``verify``) on the kernels runs as one
 native call (``kernels.DecodeStep``) rather than the step graph: the same kernels in the same order on
 the same weights and caches, so the same logits to the bit and the same cache rows, without the
-graph's per-kernel launches and the OpenMP waits between them (bench-serve bf16, one row: 6.3 ->
-4.0 ms a step), and it runs the rows it is given, unpadded; LoRA adapters per row as the graph adds
+graph's per-kernel launches and the OpenMP sleeps between them (bench-serve bf16, one row: 6.3 ->
+2.6 ms a step), and it runs the rows it is given, unpadded; LoRA adapters per row as the graph adds
 them (to float rounding: its own sums, not MindSpore's matmul). Prefill chunks, and models with a
 linear left unpacked, run the graph (``DecodeStep.unsupported`` says why; the engine logs it once).
 

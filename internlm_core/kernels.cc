@@ -820,8 +820,9 @@ int Rope(int nparam, void** params, int* ndims, int64_t** shapes, const char** d
 // other waits in OpenMP (perf, bench-serve bf16 at one stream: kernels 46% of the samples, libgomp
 // 27%, MindSpore 13%, Python 5%). DecodeStep runs the same kernels in the same order on the same
 // memory from one call (``kernels.py``'s ``DecodeStep``, called through ctypes without the GIL), so
-// its logits are the graph's to the bit. Decode-shaped steps only (one new token a row; ``verify``'s
-// rows too); prefill chunks, LoRA adapters and unpacked linears stay on the graph.
+// its logits are the graph's to the bit, in one parallel region (see SpinBarrier); LoRA adapters per
+// row. Decode-shaped steps only (one new token a row; ``verify``'s rows too); prefill chunks and
+// unpacked linears stay on the graph. bench-serve bf16 at one row: 6.3 ms a step graph, 2.6 ms here.
 
 // The layouts below are ``kernels.py``'s ctypes structures (StepLinear, StepLayer, StepModel): keep them equal.
 struct StepLinear {
