@@ -3,6 +3,10 @@ kernels the step graph runs gives the graph's logits to the bit and leaves the K
 the graph leaves it, for every weight precision, both cache dtypes, v1 (biases), InternLM2
 (grouped-query) and InternLM3 (head_dim given, no o bias) shapes, rows joining and leaving, more
 rows than a kernel tile holds (``verify``), and prefill chunks (on the graph) reading what it wrote."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -133,3 +137,14 @@ def test_lora_adapters_per_row_on_the_native_step(tmp_path):
         native._native(np.zeros(1, np.int32), np.ones((1, cfg.head_dim), np.float32),
                        np.zeros((1, cfg.head_dim), np.float32), np.zeros(cfg.kv_heads, np.int32),
                        np.zeros(cfg.kv_heads, np.int32), np.zeros(1, np.int32), adapters=[3])
+
+
+def test_the_native_step_on_an_avx2_build(tmp_path):
+    """The same tests with the kernels built for x86-64-v3 (AVX2, no AVX-512: int4 there is W4A16), in a
+    fresh process with its own cache folder: the step's shares and barrier equal the graph there too."""
+    env = {**os.environ, "INTERNLM_KERNEL_DIR": str(tmp_path), kernels.ENV_MARCH: "x86-64-v3"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
+                          "not avx2_build"], cwd=os.path.dirname(os.path.dirname(__file__)), env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout
