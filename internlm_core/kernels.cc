@@ -846,6 +846,7 @@ struct StepLayer {
 
 struct StepModel {
   int64_t layers, hidden, heads, kv_heads, head_dim, cache_rows, cache_f16, vocab, table_kind;
+  int64_t threads;  // the step's team (kernels.py's step_threads: no more than there are CPUs to run them)
   float eps, q_scale;
   const void* table;  // (vocab, hidden) embedding rows
   const float* norm_out;
@@ -949,7 +950,7 @@ void decode_step(const StepModel* m, int64_t B, const int32_t* ids, const float*
   // One parallel region for the whole step: the same kernels as the step graph's, each thread its
   // share, meeting between them (a share's result does not depend on how the work is split, so the
   // logits are the graph's to the bit).
-#pragma omp parallel
+#pragma omp parallel num_threads(m->threads)
   {
     const StepThread me{omp_get_thread_num(), omp_get_num_threads(), &bar, qx.data()};
     const int64_t r0 = me.first(B), r1 = me.last(B);  // this thread's rows, for the row-wise kernels
@@ -1004,7 +1005,7 @@ int DecodeStep(const StepModel* m, int64_t B, const int32_t* ids, const float* c
                const int32_t* write, const int32_t* first, const int32_t* pos, const int32_t* adapters,
                float* logits) {
   const int64_t C = m->hidden, H = m->heads, Hkv = m->kv_heads, D = m->head_dim, H3 = H + 2 * Hkv;
-  if (B < 1 || m->layers < 1 || Hkv < 1 || H % Hkv || D % 16 || !readable(m->head) || m->head.K != C ||
+  if (B < 1 || m->layers < 1 || m->threads < 1 || Hkv < 1 || H % Hkv || D % 16 || !readable(m->head) || m->head.K != C ||
       m->head.N != m->vocab || m->table_kind < KIND_F32 || m->table_kind > KIND_F16)
     return 1;
   int64_t F = 0, widest = C;

@@ -347,9 +347,31 @@ class StepLayer(ctypes.Structure):
 class StepModel(ctypes.Structure):
     """kernels.cc's StepModel: the model's sizes, its embedding table, final norm, head and layers."""
     _fields_ = [(name, ctypes.c_int64) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "cache_rows",
-                                                    "cache_f16", "vocab", "table_kind")] + [
+                                                    "cache_f16", "vocab", "table_kind", "threads")] + [
         ("eps", ctypes.c_float), ("q_scale", ctypes.c_float), ("table", ctypes.c_void_p),
         ("norm_out", ctypes.c_void_p), ("head", StepLinear), ("layer", ctypes.POINTER(StepLayer))]
+
+
+CGROUP_CPU = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
+
+
+def step_threads() -> int:
+    """Threads for the native decode step: the CPUs this process may run on (its affinity), no more
+    than a cgroup CPU quota allows (a container's ``--cpus``) nor ``OMP_NUM_THREADS``. The step's
+    threads spin at their barrier, so a thread more than there are CPUs to run it would keep the
+    others waiting for it (libgomp's default is the affinity alone)."""
+    n = len(os.sched_getaffinity(0))
+    try:
+        quota, period = CGROUP_CPU.read_text().split()[:2]
+        if quota != "max":
+            n = min(n, -(-int(quota) // int(period)))  # a part of a CPU still needs a thread
+    except (OSError, ValueError):
+        pass
+    try:
+        n = min(n, int(os.environ.get("OMP_NUM_THREADS", "").split(",")[0]))
+    except ValueError:
+        pass
+    return max(1, n)
 
 
 # A held tensor's dtype -> kernels.cc's Kind (int4 pairs are uint8)
@@ -375,7 +397,8 @@ class DecodeStep:
         logits = step(ids, cos, sin, write, first, pos)   # CachedAttention's inputs, one token a row
     """
 
-    def __init__(self, model, caches):
+    def __init__(self, model, caches, threads: int | None = None):
+        """``threads``: the step's OpenMP threads (default ``step_threads()``)."""
         why = self.unsupported(model)
         if why:
             raise ValueError(f"no native decode step: {why}")
@@ -396,7 +419,8 @@ class DecodeStep:
         self._model = StepModel(
             layers=len(layers), hidden=cfg.hidden_size, heads=cfg.num_heads, kv_heads=cfg.kv_heads,
             head_dim=cfg.head_dim, cache_rows=caches[0].shape[0], cache_f16=int(str(caches[0].dtype) == "Float16"),
-            vocab=cfg.vocab_size, table_kind=STEP_KINDS[str(table.dtype)], eps=cfg.rms_norm_eps,
+            vocab=cfg.vocab_size, table_kind=STEP_KINDS[str(table.dtype)], threads=threads or step_threads(),
+            eps=cfg.rms_norm_eps,
             q_scale=float(inner.layers[0].attention.q_scale.asnumpy()[0]), table=_ptr(table),
             norm_out=_ptr(inner.norm_out.weight), head=linear(model.lm_head), layer=self._layers)
         self.vocab = cfg.vocab_size

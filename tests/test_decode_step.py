@@ -148,3 +148,35 @@ def test_the_native_step_on_an_avx2_build(tmp_path):
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and "skipped" not in run.stdout
+
+
+def test_step_threads_follow_affinity_quota_and_omp_num_threads(tmp_path, monkeypatch):
+    """A container's CPU quota (cgroup v2 cpu.max) caps the step's threads, which spin at their barrier:
+    one more than there are CPUs would keep the others waiting for it."""
+    cpus = len(os.sched_getaffinity(0))
+    quota = tmp_path / "cpu.max"
+    monkeypatch.setattr(kernels, "CGROUP_CPU", quota)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert kernels.step_threads() == cpus  # no cgroup file: the affinity
+    quota.write_text("max 100000\n")
+    assert kernels.step_threads() == cpus
+    quota.write_text("50000 100000\n")  # half a CPU still needs a thread
+    assert kernels.step_threads() == 1
+    quota.write_text(f"{(cpus + 4) * 100000} 100000\n")  # a quota above the affinity: the affinity
+    assert kernels.step_threads() == cpus
+    quota.write_text("max 100000\n")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert kernels.step_threads() == 1
+
+
+def test_one_thread_gives_the_same_step(tiny_model_dir):
+    """A team of one (a one-CPU container) computes the same logits, bit for bit."""
+    model = load_model(tiny_model_dir)
+    engine = Engine(model, max_batch=2, max_len=32)
+    engine.prefill([0, 1], [[5, 6, 7], [8, 9]])
+    d, kv, L = engine.config.head_dim, engine.config.kv_heads, engine.max_len
+    args = (np.array([3, 4], np.int32), np.ones((2, d), np.float32), np.zeros((2, d), np.float32),
+            np.array([s * kv * L + h * L + 5 for s in (0, 1) for h in range(kv)], np.int32),
+            np.array([s * kv * L + h * L for s in (0, 1) for h in range(kv)], np.int32), np.array([5, 5], np.int32))
+    one = kernels.DecodeStep(engine.model, engine.caches, threads=1)
+    np.testing.assert_array_equal(one(*args), engine._native(*args))
