@@ -180,3 +180,20 @@ def test_one_thread_gives_the_same_step(tiny_model_dir):
             np.array([s * kv * L + h * L for s in (0, 1) for h in range(kv)], np.int32), np.array([5, 5], np.int32))
     one = kernels.DecodeStep(engine.model, engine.caches, threads=1)
     np.testing.assert_array_equal(one(*args), engine._native(*args))
+
+
+def test_every_row_count_up_to_17(tiny_model_dir):
+    """1..17 rows in one step (the linear tiles' 8-row passes and their remainders, the step's row
+    shares), each bit-equal to the graph's."""
+    model = load_model(tiny_model_dir)
+    graph = Engine(model, max_batch=2, max_len=64, native_step=False)
+    native = Engine(model, max_batch=2, max_len=64)
+    for e in (graph, native):
+        e.prefill([0, 1], [[5, 6, 7, 8], [9, 10]])
+    for n in range(1, 18):
+        chunks = [[11 + j for j in range(n - n // 2)], [40 + j for j in range(n // 2)]]
+        slots, starts = [s for s, c in zip((0, 1), chunks) if c], [s for s, c in zip((4, 2), chunks) if c]
+        chunks = [c for c in chunks if c]
+        got = {e: e.verify(slots, chunks, starts) for e in (graph, native)}
+        for a, b in zip(got[graph], got[native]):
+            np.testing.assert_array_equal(a, b)
