@@ -90,6 +90,10 @@ class Unavailable(RuntimeError):
     """Nothing can take the request now (no live worker, a worker lost mid-stream): retry later."""
 
 
+class DeadlineExceeded(TimeoutError):
+    """The caller's deadline passed before the work was done (a call retried on other workers included)."""
+
+
 class Cancelled(Exception):
     """Raised between steps (tensors, rows) when a caller's cancel check returns True."""
 
@@ -107,6 +111,7 @@ STATUS: tuple[tuple[type[BaseException], str], ...] = (
     (TooManyCalls, "RESOURCE_EXHAUSTED"),
     (ShuttingDown, "UNAVAILABLE"),
     (Unavailable, "UNAVAILABLE"),
+    (DeadlineExceeded, "DEADLINE_EXCEEDED"),
     (Cancelled, "CANCELLED"),
     (ValueError, "INVALID_ARGUMENT"),
 )

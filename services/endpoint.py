@@ -165,8 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     if jobs is not None:
         from services.jobs.api import AioJobsServicer
 
-        # Jobs reads Redis and the store with blocking clients: its calls run on threads of their own,
-        # made as needed, at most one per long call admitted (a watcher waits on one) and the headroom.
+        # Jobs reads Redis and the store with blocking clients: its short calls run on threads of their
+        # own, made as needed (a watcher is a task on redis.asyncio, holding none).
         pool = futures.ThreadPoolExecutor(streams.total + UNARY_HEADROOM, thread_name_prefix="jobs")
         jobs_pb2_grpc.add_JobsServicer_to_server(AioJobsServicer(jobs, pool), server.grpc)
         services.append(JOBS.full_name)

@@ -29,7 +29,7 @@ import grpc
 import redis
 from prometheus_client import Counter, Gauge
 
-from internlm_core.errors import Cancelled, ModelNotFound, Unavailable
+from internlm_core.errors import Cancelled, DeadlineExceeded, ModelNotFound, Unavailable
 from services.auth import TENANT_HEADER, bearer, tenant_of
 from services.pb import inference_pb2, inference_pb2_grpc, tokenizer_pb2
 from services.pb_convert import check_names
@@ -48,6 +48,7 @@ TOKENIZER_REQUESTS = {m.name: getattr(tokenizer_pb2, m.input_type.name) for m in
 
 ROUTED = Counter("internlm_endpoint_routed_total", "Generate requests sent to workers", ["worker"])
 LOST = Counter("internlm_endpoint_worker_failures_total", "Calls that found a worker gone", ["worker"])
+WORKERS = Gauge("internlm_endpoint_workers", "Live inference workers")
 CONTINUED = Counter("internlm_endpoint_continued_total", "Requests continued on another worker mid-stream")
 
 
@@ -83,7 +84,7 @@ class Router:
         self.loop = asyncio.new_event_loop()
         self._stop = threading.Event()
         self._warned = False
-        Gauge("internlm_endpoint_workers", "Live inference workers").set_function(lambda: len(self.workers))
+        WORKERS.set_function(lambda: len(self.workers))  # the latest router's (one a process, but in tests)
 
     def start(self) -> "Router":
         threading.Thread(target=self.loop.run_forever, name="gateway-loop", daemon=True).start()
@@ -205,11 +206,6 @@ class Router:
         """The models the live workers serve, by name."""
         with self.lock:
             return sorted({w.model for w in self.workers.values()})
-
-    def any_worker(self, model: str) -> WorkerRef:
-        w = self.acquire(model)
-        self.release(w)
-        return w
 
 
 def with_seed(request: inference_pb2.GenerateRequest) -> inference_pb2.GenerateRequest:
@@ -348,11 +344,13 @@ class Gateway:
                       None if timeout is None else time.monotonic() + timeout)
 
     async def model_info_async(self, model: str, timeout: float | None = None) -> inference_pb2.ModelInfoResponse:
-        """A live worker's ModelInfo for ``model`` ('' = any), asked now (on the router's loop)."""
+        """A live worker's ModelInfo for ``model`` ('' = any), asked now (on the router's loop);
+        another worker of it answers for one that is gone."""
         request = inference_pb2.ModelInfoRequest(model=model)
         check_names(request)
-        w = self.router.any_worker(model)
-        return await self.router.stub(w).ModelInfo(request, timeout=timeout or 10, metadata=self.router.metadata)
+        return await self._on_a_worker(
+            model, lambda w, left: self.router.stub(w).ModelInfo(request, timeout=left, metadata=self.router.metadata),
+            time.monotonic() + (timeout or 10))
 
     def model_info(self, model: str, timeout: float | None = None) -> inference_pb2.ModelInfoResponse:
         """``model_info_async`` from a thread not the router's loop."""
@@ -398,16 +396,28 @@ class Gateway:
         path = f"/{TOKENIZER.full_name}/{method}"
         if not parsed.model:
             return await self._tokenizer_call(None, path, request, timeout)
-        model = parsed.model
+        model, deadline = parsed.model, None if timeout is None else time.monotonic() + timeout
         if model not in self.router.served():  # an adapter's (its base model's tokenizer), or NOT_FOUND
             # resolve asks workers through Router.run, which must not wait on its own loop: a thread
             parsed.model = model = (await asyncio.to_thread(self.resolve, model))[0]
             request = parsed.SerializeToString()  # named as its model's workers answer to
+        return await self._on_a_worker(model, lambda w, left: self._tokenizer_call(w, path, request, left), deadline)
+
+    async def _on_a_worker(self, model: str, call, deadline: float | None):
+        """``await call(w, seconds_left)`` on a live worker ``w`` of ``model``, on the router's loop;
+        when ``w`` is gone (UNAVAILABLE) another takes the call over. Every try is within the one
+        ``deadline`` (``time.monotonic()``; None: none), so retries do not stretch the caller's
+        time: once it has passed, ``DeadlineExceeded``."""
         tried, error = set(), None
         while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                gone = f" ({len(tried)} gone, the last: {error.details()})" if error is not None else ""
+                raise DeadlineExceeded(f"the deadline passed before a worker of {model or 'the default model'} "
+                                       f"answered{gone}")
             w = self.router.next_worker(model, tried, error)
             try:
-                return await self._tokenizer_call(w, path, request, timeout)
+                return await call(w, left)
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.UNAVAILABLE:
                     raise

@@ -47,10 +47,10 @@ log = logging.getLogger("internlm.server")
 
 GRACE_S = float(os.environ.get("INTERNLM_GRACE_S", "20"))  # SIGTERM: let running streams finish
 # Long calls (every stream: Generate, WatchJob, reflection; and a unary call that generates) each
-# hold a worker's slot or queue place, or a watcher's thread, while they run. The endpoint admits
-# this many at once over both doors, and this many for one API key (``--max-streams`` /
-# ``--max-streams-per-key``), so that one client cannot take them all; its Jobs pool has
-# UNARY_HEADROOM threads more than the cap, so that short Jobs calls find one while watchers wait.
+# hold a worker's slot or queue place, or a watcher's Redis subscription, while they run. The endpoint
+# admits this many at once over both doors, and this many for one API key (``--max-streams`` /
+# ``--max-streams-per-key``), so that one client cannot take them all; its Jobs pool (the short Jobs
+# calls' threads, made as needed: watchers hold none) is sized the cap plus UNARY_HEADROOM.
 MAX_STREAMS, MAX_STREAMS_PER_KEY, UNARY_HEADROOM = 96, 32, 32
 
 RPCS = Counter("internlm_grpc_requests_total", "RPCs handled, by method and status code", ["method", "code"])

@@ -19,6 +19,7 @@ from internlm_core.errors import status_of
     (errors.AlreadyExists("o"), "ALREADY_EXISTS"), (FileExistsError("o"), "ALREADY_EXISTS"),
     (errors.QueueFull("q"), "RESOURCE_EXHAUSTED"),
     (errors.ShuttingDown("s"), "UNAVAILABLE"), (errors.Unavailable("u"), "UNAVAILABLE"),
+    (errors.DeadlineExceeded("d"), "DEADLINE_EXCEEDED"),
     (errors.Cancelled(), "CANCELLED"),
     (KeyError("k"), "INTERNAL"), (RuntimeError("r"), "INTERNAL"), (PermissionError("p"), "INTERNAL"),
 ], ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else v)

@@ -10,6 +10,7 @@ here, before anything is queued (``kinds.KINDS[kind].check``); everything after 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -79,10 +80,11 @@ class Jobs:
 
     def _get(self, job_id: str) -> dict:
         """The job's record; PathError (INVALID_ARGUMENT) for an id that is not a job id."""
-        rec = self.records.get(job_id) if job_id else None
-        if rec is None:
-            raise FileNotFoundError(f"no job {job_id!r}")
-        return rec
+        return _found(job_id, self.records.get(job_id) if job_id else None)
+
+    async def _get_async(self, job_id: str) -> dict:
+        """``_get`` on the event loop."""
+        return _found(job_id, await self.records.get_async(job_id) if job_id else None)
 
     def SubmitJob(self, request):
         kind = request.WhichOneof("job")
@@ -140,13 +142,12 @@ class Jobs:
 
     def WatchJob(self, request, active=lambda: True):
         """The job now, then each change until it ends, or until ``active()`` turns False (the
-        watcher left)."""
-        rec = self._get(request.id)
-        last = job_to_pb(rec)
-        yield last
+        watcher left). Blocking: a thread waits on the job's pings (``watch_async`` is a task)."""
+        watch = JobWatch()
+        yield watch.seen(self._get(request.id))
         pubsub = None
         try:
-            while rec["state"] not in FINAL and active():
+            while not watch.ended and active():
                 try:
                     if pubsub is None:
                         pubsub = self.records.subscribe(request.id)
@@ -156,13 +157,86 @@ class Jobs:
                     pubsub = None  # Redis restarting: poll until it is back
                     time.sleep(WATCH_POLL_S)
                     continue
-                now = job_to_pb(rec)
-                if now != last:
-                    last = now
-                    yield now
+                if (job := watch.seen(rec)) is not None:
+                    yield job
         finally:
             if pubsub is not None:
                 pubsub.close()
+
+    async def watch_async(self, request):
+        """``WatchJob`` on the event loop (``redis.asyncio``): a watcher is a task, holding no thread.
+        Its Redis side runs in a task of its own that the watcher's cancel does not reach (redis-py
+        8's asyncio client can lose a cancel that lands while it opens a connection, and would then
+        wait on for good); like the thread version, that side stops at its next look once the
+        watcher has left."""
+        changes, left = asyncio.Queue(), asyncio.Event()
+
+        async def pump():
+            try:
+                async for job in self._changes_async(request, lambda: not left.is_set()):
+                    changes.put_nowait(job)
+                changes.put_nowait(None)
+            except Exception as e:  # noqa: BLE001 - raised to the watcher, below
+                changes.put_nowait(e)
+
+        task = asyncio.ensure_future(pump())
+        _PUMPS.add(task)  # the loop holds tasks weakly: kept until done, even after the watcher left
+        task.add_done_callback(_PUMPS.discard)
+        try:
+            while (job := await changes.get()) is not None:
+                if isinstance(job, Exception):
+                    raise job
+                yield job
+        finally:
+            left.set()
+
+    async def _changes_async(self, request, active):
+        """``WatchJob``'s loop, waiting on ``redis.asyncio``."""
+        watch = JobWatch()
+        yield watch.seen(await self._get_async(request.id))
+        pubsub = None
+        try:
+            while not watch.ended and active():
+                try:
+                    if pubsub is None:
+                        pubsub = await self.records.subscribe_async(request.id)
+                    await pubsub.get_message(ignore_subscribe_messages=True, timeout=WATCH_POLL_S)
+                    rec = await self._get_async(request.id)
+                except redis.exceptions.ConnectionError:
+                    pubsub = None  # Redis restarting: poll until it is back
+                    await asyncio.sleep(WATCH_POLL_S)
+                    continue
+                if (job := watch.seen(rec)) is not None:
+                    yield job
+        finally:
+            if pubsub is not None:
+                await pubsub.aclose()
+
+
+_PUMPS: set[asyncio.Task] = set()
+
+
+class JobWatch:
+    """What a WatchJob stream sends, however it waits for the job's changes: ``seen(rec)`` takes
+    each read of the job's record and gives the message to send for it (the first read's always,
+    a later one's only when the job changed), else None; ``ended`` once the job's state is final."""
+
+    def __init__(self):
+        self.last, self.ended = None, False
+
+    def seen(self, rec: dict) -> jobs_pb2.Job | None:
+        self.ended = rec["state"] in FINAL
+        job = job_to_pb(rec)
+        if job == self.last:
+            return None
+        self.last = job
+        return job
+
+
+def _found(job_id: str, rec: dict | None) -> dict:
+    if rec is None:
+        raise FileNotFoundError(f"no job {job_id!r}")
+    return rec
 
 
 class JobsServicer(jobs_pb2_grpc.JobsServicer):
@@ -192,8 +266,8 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
 
 class AioJobsServicer(jobs_pb2_grpc.JobsServicer):
     """``JobsServicer`` on a ``grpc.aio`` server (the endpoint's). ``Jobs`` reads Redis and the store
-    with blocking clients, so each call runs on a thread of ``pool``; a watcher holds one while it
-    waits for the job's next change."""
+    with blocking clients, so each unary call runs on a thread of ``pool``; a watcher is a task of
+    the server's loop (``Jobs.watch_async``), holding no thread while it waits for the job's changes."""
 
     def __init__(self, jobs: Jobs, pool):
         self.jobs, self.pool = jobs, pool
@@ -217,21 +291,9 @@ class AioJobsServicer(jobs_pb2_grpc.JobsServicer):
         return await self._call(self.jobs.ListStore, request)
 
     async def WatchJob(self, request, context):
-        watching = True
-        changes = self.jobs.WatchJob(request, lambda: watching)
-        try:
-            while (job := await self._call(next, changes, None)) is not None:
+        async with contextlib.aclosing(self.jobs.watch_async(request)) as changes:  # its Redis side let go as the stream ends
+            async for job in changes:
                 yield job
-        finally:
-            watching = False  # a step still running on the pool (the watcher left) ends at its next look
-            self.pool.submit(_close, changes)
-
-
-def _close(generator) -> None:
-    try:
-        generator.close()
-    except ValueError:  # still running a step: that step ends it (``active()`` is False now)
-        pass
 
 
 def add_to_server(server: grpc.Server, settings=None) -> JobsServicer:

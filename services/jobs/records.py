@@ -16,11 +16,14 @@ State changes that must not race are Lua scripts (atomic in Redis).
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
 
 import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -129,17 +132,19 @@ def canonical(request: dict) -> str:
     return json.dumps(request, sort_keys=True, separators=(",", ":"))
 
 
-def connect(url: str) -> redis.Redis:
-    """A client that rides out a Redis restart of a few seconds (retries with backoff)."""
-    return redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=2,
-                                retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 20),
-                                retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError])
+def connect(url: str, aio: bool = False) -> redis.Redis | redis.asyncio.Redis:
+    """A client that rides out a Redis restart of a few seconds (retries with backoff); ``aio``: a
+    ``redis.asyncio`` one, for the event loop that first uses it."""
+    client, retry = (redis.asyncio.Redis, AsyncRetry) if aio else (redis.Redis, Retry)
+    return client.from_url(url, decode_responses=True, socket_connect_timeout=2,
+                           retry=retry(ExponentialBackoff(cap=1.0, base=0.05), 20),
+                           retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError])
 
 
 class JobRecords:
     def __init__(self, redis_url: str, prefix: str = "internlm", client: redis.Redis | None = None):
         self.r = client or connect(redis_url)
-        self.p = prefix
+        self.url, self.p = redis_url, prefix
         self._create = self.r.register_script(_CREATE)
         self._cancel = self.r.register_script(_CANCEL)
         self._release = self.r.register_script(_RELEASE)
@@ -203,6 +208,22 @@ class JobRecords:
         """A pub/sub subscription to the job's change pings (``get_message`` wakes on each)."""
         pubsub = self.r.pubsub(ignore_subscribe_messages=True)
         pubsub.subscribe(self.channel(job_id))
+        return pubsub
+
+    # ---- the same reads on an event loop (the endpoint's watchers: a task each, no thread) ------
+    @functools.cached_property
+    def aio(self) -> redis.asyncio.Redis:
+        """A ``redis.asyncio`` client on the same Redis, made at first use: for that one event loop."""
+        return connect(self.url, aio=True)
+
+    async def get_async(self, job_id: str) -> dict | None:
+        rec = await self.aio.hgetall(self.key(job_id))
+        return rec or None
+
+    async def subscribe_async(self, job_id: str):
+        """``subscribe`` on the event loop (``await get_message`` wakes on each ping)."""
+        pubsub = self.aio.pubsub(ignore_subscribe_messages=True)
+        await pubsub.subscribe(self.channel(job_id))
         return pubsub
 
     def list(self, state: str | None = None, kind: str | None = None, limit: int = 100) -> list[dict]:

@@ -84,8 +84,12 @@ def test_an_internal_error_is_logged_exactly_once(jobs_settings, host, caplog, m
             raise RuntimeError("boom in a stream")
         return real_get(job_id)
 
+    async def get_async_then_break(job_id):  # the same, as the grpc.aio host's watcher reads it
+        return get_then_break(job_id)
+
     monkeypatch.setitem(kinds.KINDS, "convert", dataclasses.replace(kinds.KINDS["convert"], check=broken_check))
     monkeypatch.setattr(jobs.records, "get", get_then_break)
+    monkeypatch.setattr(jobs.records, "get_async", get_async_then_break)
     caplog.set_level(logging.DEBUG)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
@@ -134,3 +138,85 @@ def test_watch_streams_each_change_until_the_job_ends(jobs_settings, host):
         assert next(watch).progress.step == 2
         jobs.records.update(job["id"], state=SUCCEEDED)
         assert [m.state for m in watch] == [jobs_pb2.JOB_STATE_SUCCEEDED]
+
+
+def test_watchers_that_leave_at_once_are_all_let_go(jobs_settings, host):
+    """Sixteen watchers that leave right after the job's first message (while the server side
+    opens its Redis connections) each end on the server: no subscription to the job is left. (A
+    cancel landing while redis-py 8's asyncio client connects can be lost, and a watcher waiting on
+    it directly would stay subscribed until its job ends.)"""
+    import time
+
+    server, jobs, _ = host(jobs_settings)
+    job, _ = jobs.records.create("convert", {"source": "imports/x", "output": "x"}, "models/x")
+    channel = jobs.records.channel(job["id"])
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        stub = jobs_pb2_grpc.JobsStub(ch)
+        watches = [stub.WatchJob(jobs_pb2.WatchJobRequest(id=job["id"]), timeout=60) for _ in range(16)]
+        assert [next(w).state for w in watches] == [jobs_pb2.JOB_STATE_QUEUED] * 16
+        for w in watches:
+            w.cancel()
+        time.sleep(1)  # a server side still subscribing as its watcher left ends at its next look after
+        deadline = time.monotonic() + 10
+        while subscribed := jobs.records.r.pubsub_numsub(channel)[0][1]:
+            assert time.monotonic() < deadline, f"{subscribed} watchers still subscribed"
+            time.sleep(0.1)
+
+
+def test_a_watch_rides_out_a_redis_restart(jobs_settings, redis_server, host):
+    """A watcher open while Redis restarts (its pub/sub connection cut) still gets each change
+    recorded after it is back, and the end."""
+    from services.jobs.records import RUNNING, SUCCEEDED
+
+    server, jobs, _ = host(jobs_settings)
+    job, _ = jobs.records.create("convert", {"source": "imports/x", "output": "x"}, "models/x")
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        watch = jobs_pb2_grpc.JobsStub(ch).WatchJob(jobs_pb2.WatchJobRequest(id=job["id"]), timeout=60)
+        assert next(watch).state == jobs_pb2.JOB_STATE_QUEUED
+        redis_server.restart()
+        jobs.records.update(job["id"], state=RUNNING, step=1)
+        running = next(watch)
+        assert (running.state, running.progress.step) == (jobs_pb2.JOB_STATE_RUNNING, 1)
+        jobs.records.update(job["id"], state=SUCCEEDED)
+        assert [m.state for m in watch] == [jobs_pb2.JOB_STATE_SUCCEEDED]
+
+
+def test_watchers_on_the_endpoint_hold_no_thread(jobs_settings, tmp_path):
+    """Forty WatchJob streams open at once on the endpoint (its ``AioJobsServicer``) add no thread to
+    its process (a watcher waiting on a thread of the Jobs pool, as before, would add forty), and each
+    still gets its job's every change, to the end."""
+    import os
+
+    from services.jobs.records import RUNNING, SUCCEEDED, JobRecords
+    from tests.services.conftest import start_endpoint
+
+    def threads():
+        return len(os.listdir(f"/proc/{endpoint.proc.pid}/task"))
+
+    def watch(stub, job_id):
+        return stub.WatchJob(jobs_pb2.WatchJobRequest(id=job_id), timeout=60)
+
+    records = JobRecords(jobs_settings.redis_url)
+    ids = [records.create("convert", {"source": f"imports/x{n}", "output": f"x{n}"}, f"models/x{n}")[0]["id"]
+           for n in range(41)]
+    endpoint = start_endpoint(jobs_settings.redis_url, "127.0.0.1:1", tmp_path, "endpoint-watchers").wait_healthy()
+    try:
+        with grpc.insecure_channel(endpoint.address) as ch:
+            stub = jobs_pb2_grpc.JobsStub(ch)
+            warm = watch(stub, ids.pop())  # what the first watcher starts once (the Redis client's connections)
+            assert next(warm).state == jobs_pb2.JOB_STATE_QUEUED
+            before = threads()
+            streams = [watch(stub, i) for i in ids]
+            assert [next(s).state for s in streams] == [jobs_pb2.JOB_STATE_QUEUED] * len(ids)  # all open now
+            during = threads()
+            for i in ids:
+                records.update(i, state=RUNNING, step=1, total_steps=2)
+            assert [(m.state, m.progress.step) for m in map(next, streams)] == [(jobs_pb2.JOB_STATE_RUNNING, 1)] * len(ids)
+            for i in ids:
+                records.update(i, state=SUCCEEDED, step=2)
+            assert [[(m.state, m.progress.step) for m in s] for s in streams] == \
+                [[(jobs_pb2.JOB_STATE_SUCCEEDED, 2)]] * len(ids)
+            warm.cancel()
+        assert during - before < 5, (before, during)
+    finally:
+        endpoint.stop()

@@ -10,6 +10,8 @@ import asyncio
 import json
 import os
 import signal
+import socket
+import threading
 import time
 
 import grpc
@@ -318,4 +320,104 @@ def test_a_tokenizer_call_is_taken_over_from_a_worker_gone(chat_model_dir, token
     finally:
         for s in services[1:]:
             s.stop()
+        redis.stop()
+
+
+def test_model_info_is_taken_over_from_a_worker_gone(chat_model_dir, tokenizer_service, tmp_path):
+    """Three workers of one model; the one the router picks next killed (-9) while still
+    registered, before a call of each door: the HTTP door's /v1/models and the gRPC door's
+    ModelInfo each answer at once, from a live worker, with no error."""
+    redis = RedisServer(tmp_path / "redis").start()
+    workers = [start_worker(chat_model_dir, redis.url, tmp_path, f"worker-{n}") for n in "abc"]
+    services = list(workers)
+    try:
+        for w in workers:
+            w.wait_healthy()
+        endpoint = start_http_endpoint(redis.url, tokenizer_service.address, tmp_path, "endpoint-info")
+        services.append(endpoint)
+        assert len(wait_workers(endpoint, 3)) == 3
+        model = chat_model_dir.resolve().name
+        stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(endpoint.address))
+        by_address = {w.address: w for w in workers}
+
+        def next_picks(dead=()):  # the live workers by the requests routed to them, least first: the router's order
+            listed = sorted(wait_workers(endpoint, 3), key=lambda w: w.requests_routed)
+            return [by_address[w.address] for w in listed if by_address[w.address] not in dead]
+
+        for _ in range(2):  # two of the three asked once: the third is the router's next pick
+            assert stub.ModelInfo(inference_pb2.ModelInfoRequest(model=model), timeout=30).model == model
+        start = time.monotonic()
+        first = next_picks()[0]
+        first.kill()
+        r = httpx.get(f"{endpoint.base}/v1/models", timeout=30)
+        assert r.status_code == 200, r.text
+        assert [m["id"] for m in r.json()["data"]] == [model]
+        second = next_picks([first])[0]  # the one not asked since the first two calls
+        second.kill()
+        assert stub.ModelInfo(inference_pb2.ModelInfoRequest(model=model), timeout=30).model == model
+        assert time.monotonic() - start < 5  # no waiting on the dead: each refused its connection at once
+        lost = [line for line in endpoint.metrics().splitlines()
+                if line.startswith("internlm_endpoint_worker_failures_total{")]
+        assert sorted(line.split()[-1] for line in lost) == ["1.0", "1.0"], lost
+        assert sorted(line.split('"')[1] for line in lost) == sorted([first.address, second.address]), lost
+    finally:
+        for s in services:
+            if s.proc.poll() is None:
+                s.stop()
+        redis.stop()
+
+
+def staller(hold_s: float) -> tuple[str, socket.socket]:
+    """A real server on loopback that accepts a connection, says nothing and resets it after
+    ``hold_s``: what a worker that hangs, then dies, looks like to the gateway (a slow UNAVAILABLE)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:  # closed: the test is over
+                return
+            threading.Timer(hold_s, conn.close).start()
+    threading.Thread(target=serve, daemon=True).start()
+    return f"127.0.0.1:{server.getsockname()[1]}", server
+
+
+def test_retries_on_other_workers_keep_the_callers_deadline(tmp_path):
+    """Two registered workers of a model, each hanging 2.5 s, then gone: a ModelInfo or Tokenizer
+    call with a 3 s deadline tries the second with the time the first left it, and ends
+    DEADLINE_EXCEEDED at 3 s (not 2.5 s x 2 = 5 s, the full timeout again for each retry)."""
+    from internlm_core.errors import DeadlineExceeded
+    from services.gateway import Gateway, Router
+    from services.registry import Registration
+    from services.server_common import status_of
+
+    redis = RedisServer(tmp_path / "redis").start()
+    encode = tokenizer_pb2.EncodeRequest(text="Hello", model="stalled").SerializeToString()
+    try:
+        for name, call in (("ModelInfo", lambda g: g.model_info_async("stalled", 3.0)),
+                           ("Encode", lambda g: g.tokenizer_call("Encode", encode, 3.0))):
+            # Workers of its own for each call: grpc shares a connection to an address between
+            # channels, and the last call's would still be waiting to reconnect.
+            stallers = [staller(2.5) for _ in range(2)]
+            registrations = [Registration(redis.url, f"{name}-{n}", lambda a=a: {"address": a, "model": "stalled"}).start()
+                             for n, (a, _) in enumerate(stallers)]
+            router = Router(redis.url).start()
+            try:
+                start = time.monotonic()
+                with pytest.raises((grpc.RpcError, DeadlineExceeded)) as e:
+                    router.run(call(Gateway(router)))
+                took = time.monotonic() - start
+                assert status_of(e.value)[0] == grpc.StatusCode.DEADLINE_EXCEEDED, (name, e.value)
+                assert 2.9 < took < 3.8, (name, took)
+                assert [w.routed for w in router.workers.values()] == [1, 1], name  # both were tried
+            finally:
+                router.stop()
+                for registration in registrations:
+                    registration.stop()
+                for _, server in stallers:
+                    server.close()
+    finally:
         redis.stop()
