@@ -174,6 +174,10 @@ class Jobs:
         async def pump():
             try:
                 async for job in self._changes_async(request, lambda: not left.is_set()):
+                    # a slow watcher gets the newest state, not every one between (as the thread
+                    # version, which reads the record when it looks): the queue never grows past two
+                    while not changes.empty():
+                        changes.get_nowait()
                     changes.put_nowait(job)
                 changes.put_nowait(None)
             except Exception as e:  # noqa: BLE001 - raised to the watcher, below
