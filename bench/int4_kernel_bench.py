@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from internlm_core import kernels  # noqa: E402
 from internlm_core.quantize import pack_int4, quantize_int4  # noqa: E402
+from gemm_bench import timed  # noqa: E402  (bench/ is this script's own folder)
 
 # (N, K) of the InternLM2-1.8B shape's linears as README's serving benchmarks run it: hidden 2048,
 # 16 query heads and 8 k/v heads of 128 (wqkv 2048 + 2 x 1024), ffn 8192 (w1 and w3 fused), the
@@ -58,15 +58,6 @@ def linear_call(lib: ctypes.CDLL, x: np.ndarray, wp: np.ndarray, sp: np.ndarray,
     return run
 
 
-def per_call(fn, seconds: float = 0.25) -> float:
-    fn()
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        fn()
-        n += 1
-    return (time.perf_counter() - t0) / n
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", default="1,4", help="rows of x, comma separated")
@@ -91,7 +82,7 @@ def main() -> int:
                 times = {v: [] for v in libs}
                 for _ in range(a.rounds):  # alternating: the machine's other load falls on both
                     for v, fn in calls.items():
-                        times[v].append(per_call(fn))
+                        times[v].append(timed(fn, 0.25))
                 err = np.abs(ys["w4a8"] - ys["w4a16"]).max() / np.abs(ys["w4a16"]).max()
                 row = {v: {"best_us": min(t) * 1e6, "median_us": float(np.median(t)) * 1e6} for v, t in times.items()}
                 row["max_diff_rel"] = float(err)

@@ -21,6 +21,22 @@ TOKENIZER_MODEL = DATA / "internlm-tokenizer" / "tokenizer.model"
 V2_TOKENIZER = DATA / "internlm2-tokenizer"
 
 
+def pytest_on_build(test_file: str, march: str, select: str, cache: Path, timeout: int = 900):
+    """``test_file``'s tests selected by ``select`` (pytest's -k), run in a fresh process on the kernels
+    built for ``march`` (``INTERNLM_KERNEL_MARCH``) into their own cache folder; asserts they all ran
+    and passed there, and returns the run."""
+    import sys
+
+    from internlm_core import kernels
+
+    env = {**os.environ, "INTERNLM_KERNEL_DIR": str(cache), kernels.ENV_MARCH: march}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test_file, "-k",
+                          select], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout
+    return run
+
+
 def llama_config(cfg):
     """The HF LLaMA config that is the same network as an InternLM config."""
     from transformers import LlamaConfig

@@ -4,8 +4,6 @@ the graph leaves it, for every weight precision, both cache dtypes, v1 (biases),
 (grouped-query) and InternLM3 (head_dim given, no o bias) shapes, rows joining and leaving, more
 rows than a kernel tile holds (``verify``), and prefill chunks (on the graph) reading what it wrote."""
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ from internlm_core import kernels
 from internlm_core.config import Config
 from internlm_core.engine import Engine
 from internlm_core.loader import load_model, load_serving_model
-from tests.helpers import random_ids
+from tests.helpers import pytest_on_build, random_ids
 from tests.test_loader import write_random_folder
 
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason=f"kernels unavailable: {kernels.unavailable()}")
@@ -142,12 +140,7 @@ def test_lora_adapters_per_row_on_the_native_step(tmp_path):
 def test_the_native_step_on_an_avx2_build(tmp_path):
     """The same tests with the kernels built for x86-64-v3 (AVX2, no AVX-512: int4 there is W4A16), in a
     fresh process with its own cache folder: the step's shares and barrier equal the graph there too."""
-    env = {**os.environ, "INTERNLM_KERNEL_DIR": str(tmp_path), kernels.ENV_MARCH: "x86-64-v3"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
-                          "not avx2_build"], cwd=os.path.dirname(os.path.dirname(__file__)), env=env,
-                         capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert " passed" in run.stdout and "skipped" not in run.stdout
+    pytest_on_build(__file__, "x86-64-v3", "not avx2_build", tmp_path)
 
 
 def test_step_threads_follow_affinity_quota_and_omp_num_threads(tmp_path, monkeypatch):

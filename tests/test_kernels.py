@@ -13,6 +13,7 @@ from mindspore import Parameter, Tensor, nn
 from internlm_core import kernels, train_kernels
 from internlm_core.checkpoint import bf16_to_f32, f32_to_bf16
 from internlm_core.quantize import GROUP, dequantize_int4, dequantize_int8, pack_int4, quantize_int4, quantize_int8
+from tests.helpers import pytest_on_build
 
 # A developer's machine without a compiler skips these; CI (CI set, as .ci/run sets it) must not:
 # setup.sh installs g++, and a library that does not build there is a failure.
@@ -258,13 +259,8 @@ def test_every_kernel_on_an_avx2_build(tmp_path):
     """The kernels built for x86-64-v3 (AVX2 + FMA + F16C, no AVX-512: ``INTERNLM_KERNEL_MARCH``), in
     a fresh process with its own cache folder: every kernel test of this file (serving and
     training) passes there too, from a library without one AVX-512 register in it."""
-    env = {**os.environ, "INTERNLM_KERNEL_DIR": str(tmp_path), kernels.ENV_MARCH: "x86-64-v3"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
-                          "not avx2_build and not avx512_build and not built_once and not without_"],
-                         cwd=os.path.dirname(os.path.dirname(__file__)), env=env, capture_output=True, text=True,
-                         timeout=1200)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert " passed" in run.stdout and "skipped" not in run.stdout
+    pytest_on_build(__file__, "x86-64-v3", "not avx2_build and not avx512_build and not built_once and not without_",
+                    tmp_path, timeout=1200)
     (lib,) = tmp_path.glob("kernels-*.so")
     objdump = shutil.which("objdump")
     if objdump:
@@ -276,12 +272,8 @@ def test_every_kernel_on_an_avx2_build(tmp_path):
 def test_int4_on_an_avx512_build_without_vnni(tmp_path):
     """An AVX-512 CPU without AVX512_VNNI (skylake-avx512: INTERNLM_KERNEL_MARCH) builds the W4A16 int4
     tile, on the same packed layout: this file's int4 tests pass there, against W4A16's reference."""
+    pytest_on_build(__file__, "skylake-avx512", "int4 and not avx512_build", tmp_path, timeout=600)
     env = {**os.environ, "INTERNLM_KERNEL_DIR": str(tmp_path), kernels.ENV_MARCH: "skylake-avx512"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
-                          "int4 and not avx512_build"], cwd=os.path.dirname(os.path.dirname(__file__)), env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert " passed" in run.stdout and "skipped" not in run.stdout
     check = "from internlm_core import kernels; print(kernels.int4_activations())"
     out = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
     assert out.stdout.strip().splitlines()[-1] == "float32", out.stdout + out.stderr[-2000:]
