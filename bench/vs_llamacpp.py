@@ -171,7 +171,8 @@ def main() -> None:
     cfg = Config.from_name(args.preset)
     model_dir = write_random_model(args.preset, work / args.preset)
     hf = work / f"{args.preset}-hf"
-    if not hf.is_dir():
+    kinds = list(filter(None, args.llama.split(",")))
+    if kinds and not hf.is_dir():  # llama.cpp's converter reads an HF folder (--llama '': ours alone)
         ms_to_hf(model_dir, hf)
     rng = np.random.default_rng(0)
 
@@ -190,7 +191,6 @@ def main() -> None:
     for kind in filter(None, args.ours.split(",")):
         extra = ["--quantize", kind] if kind in ("int8", "int4") else []
         report(f"this project {kind}", bench_worker(model_dir, work, levels, fresh, args.new_tokens, extra))
-    kinds = list(filter(None, args.llama.split(",")))
     for kind in kinds:
         if kind == "q8_0" and "bf16" not in kinds:  # straight from the HF folder: no bf16 GGUF on disk
             gguf = to_gguf(llama_hf_folder(hf), work / f"{args.preset}-q8_0.gguf", "q8_0")
