@@ -259,7 +259,7 @@ class Engine(EngineBase):
         why = "not asked for" if not self.native_step else kernels.DecodeStep.unsupported(self.model)
         self._native = None if why else kernels.DecodeStep(self.model, self.caches)
         say_once(logging.INFO, "decode steps: one native call" if why is None else
-             f"decode steps: the step graph ({why})")
+                 f"decode steps: the step graph ({why})")
 
     def _adapter_indices(self, adapters, n: int):
         """None when no adapter is loaded (the plain graphs, bit-identical to an engine without

@@ -331,7 +331,7 @@ def serving_ops(dtype: str = "float32", kernels_wanted: bool = True):
         say_once(logging.INFO, f"serving form: {SERVING_KERNELS}")
         return ServingKernels()
     say_once(logging.WARNING if kernels_wanted and dtype == "float32" else logging.INFO,
-         f"CPU kernels not used ({why}): serving form {MINDSPORE}, slower")
+             f"CPU kernels not used ({why}): serving form {MINDSPORE}, slower")
     return MindSporeOps()
 
 

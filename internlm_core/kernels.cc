@@ -914,7 +914,7 @@ struct StepThread {
   }
 
   // y_m += B_a (A_a x_m) for each row m whose adapter a is not 0 (the graph's per-row LoRA,
-  // Linear.construct) over this thread's outputs (linear_share's panels): t = A_a x_m (rank dot
+  // Linear.construct) over this thread's outputs (linear_share's panels): u = A_a x_m (rank dot
   // products, each thread its own), then each output's rank terms summed before they are added.
   void lora(const StepLinear& l, const float* x, float* y, int64_t M, const int32_t* adapters) const {
     const int64_t R = l.rank, K = l.K, N = l.N, o0 = 16 * first(N / 16), o1 = 16 * last(N / 16);

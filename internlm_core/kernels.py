@@ -168,8 +168,6 @@ def training_library() -> str | None:
 def int4_activations() -> str:
     """What the int4 kernel multiplies the weights by in this build: "int8" (W4A8: each row rounded
     to int8 a group of 32 by llama.cpp's Q8_0 rule, on a CPU with AVX512_VNNI) or "float32" (W4A16)."""
-    import ctypes
-
     so = library()
     if so is None:
         raise RuntimeError(f"the CPU kernels are unavailable: {unavailable()}")
@@ -383,8 +381,6 @@ def _ptr(t) -> int:
     MindSpore 2.9 CPU: ``data_ptr`` is the same before and after graphs run, and a write there is what
     the next graph reads)."""
     return t.data_ptr()
-
-
 
 
 class DecodeStep:
