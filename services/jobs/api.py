@@ -295,7 +295,8 @@ class AioJobsServicer(jobs_pb2_grpc.JobsServicer):
         return await self._call(self.jobs.ListStore, request)
 
     async def WatchJob(self, request, context):
-        async with contextlib.aclosing(self.jobs.watch_async(request)) as changes:  # its Redis side let go as the stream ends
+        # aclosing: the watcher's Redis side is let go as soon as the stream ends, however it ends
+        async with contextlib.aclosing(self.jobs.watch_async(request)) as changes:
             async for job in changes:
                 yield job
 

@@ -395,24 +395,28 @@ def test_retries_on_other_workers_keep_the_callers_deadline(tmp_path):
     from services.server_common import status_of
 
     redis = RedisServer(tmp_path / "redis").start()
-    encode = tokenizer_pb2.EncodeRequest(text="Hello", model="stalled").SerializeToString()
     try:
-        for name, call in (("ModelInfo", lambda g: g.model_info_async("stalled", 3.0)),
-                           ("Encode", lambda g: g.tokenizer_call("Encode", encode, 3.0))):
-            # Workers of its own for each call: grpc shares a connection to an address between
-            # channels, and the last call's would still be waiting to reconnect.
+        for name, call in (("ModelInfo", lambda g, m: g.model_info_async(m, 3.0)),
+                           ("Encode", lambda g, m: g.tokenizer_call(
+                               "Encode", tokenizer_pb2.EncodeRequest(text="Hello", model=m).SerializeToString(), 3.0))):
+            # Workers of its own for each call, of a model of its own: grpc shares a connection to an
+            # address between channels, and the last call's would still be waiting to reconnect; and
+            # the last call's registrations may outlive their stop() by a heartbeat in Redis.
+            model = f"stalled-{name}"
             stallers = [staller(2.5) for _ in range(2)]
-            registrations = [Registration(redis.url, f"{name}-{n}", lambda a=a: {"address": a, "model": "stalled"}).start()
+            registrations = [Registration(redis.url, f"{name}-{n}",
+                                          lambda a=a, m=model: {"address": a, "model": m}).start()
                              for n, (a, _) in enumerate(stallers)]
             router = Router(redis.url).start()
             try:
                 start = time.monotonic()
                 with pytest.raises((grpc.RpcError, DeadlineExceeded)) as e:
-                    router.run(call(Gateway(router)))
+                    router.run(call(Gateway(router), model))
                 took = time.monotonic() - start
                 assert status_of(e.value)[0] == grpc.StatusCode.DEADLINE_EXCEEDED, (name, e.value)
                 assert 2.9 < took < 3.8, (name, took)
-                assert [w.routed for w in router.workers.values()] == [1, 1], name  # both were tried
+                mine = [w.routed for w in router.workers.values() if w.model == model]
+                assert mine == [1, 1], name  # both were tried
             finally:
                 router.stop()
                 for registration in registrations:
