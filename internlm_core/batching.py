@@ -57,7 +57,8 @@ from .draft import Drafter
 from .engine_api import bucket
 from .errors import QueueFull, ShuttingDown
 from .generation import FINISH_ABORTED, GenerationResult, SamplingParams, SequenceState, TokenEvent
-from .speculative import Adaptive, DraftSampler, History, accept, propose
+from .speculative import (K_MAX, Adaptive, DraftSampler, History, StepCost, accept, measure_step_cost, propose,
+                          row_budget)
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +79,13 @@ class BatcherMetrics:
 
 _DONE = object()  # queued after a handle's last event
 PREFILL_BUDGET = 256  # prompt tokens a prefill step takes while streams decode (~0.35 s on 2 cores, bench-serve)
-# Rows a speculative decode step may fill: up to 8 rows (the AVX-512 tile) share each weight load, so
-# proposals there ride on the step's one pass over the weights; past 8 the linears pass again (from L2).
-# Measured served (bench/speculative_bench.py, demo model, 8 streams of a copy task where the model keeps
-# 17% of proposals): filling up to 16 rows ran 0.89x of no speculation; up to 8 leaves 8 streams alone.
+# Rows a speculative decode step may fill before its cost is measured (``Batcher.measure``), and with
+# a draft model: up to 8 rows (the AVX-512 tile) share each weight load, so proposals there ride on the
+# step's one pass over the weights. Measured served (bench/speculative_bench.py, demo model, 8 streams
+# of a copy task where the model keeps 17% of proposals): filling up to 16 rows ran 0.89x of no
+# speculation; up to 8 leaves 8 streams alone. A measured cost lets proposals that pay fill more.
 SPECULATE_ROWS = 8
+TOKEN_SECONDS_DECAY = 0.9  # how fast the batcher's measured own time per token forgets
 SPECULATION = ("off", "ngram", "draft")  # none, prompt lookup (speculative.py), a draft model (draft.py)
 
 
@@ -192,6 +195,9 @@ class Batcher:
             # logits, hence greedy near-ties, could differ from plain decoding's: not exact.
             raise ValueError("speculative decoding needs an engine on the CPU kernels")
         self.speculate, self.speculate_rows = speculate != "off", speculate_rows
+        # the engine's step cost (``measure``); None: up to speculate_rows rows a step, as a draft model's
+        self.step_cost: StepCost | None = None
+        self.token_seconds = 0.0  # the engine thread's own time per token decoded, outside the engine
         self.method = speculate
         self.drafter = Drafter(draft, engine) if draft is not None else None
         self.engine, self.tokenizer = engine, tokenizer
@@ -314,13 +320,21 @@ class Batcher:
             self.metrics.batch_size(len(live))
 
             def step():  # a draft model's steps go in the guard too: its failure fails this step's requests
+                began = time.perf_counter()
                 proposals, draft_probs = self._proposals(live)
+                engine_began = time.perf_counter()
                 if any(proposals):  # each row's last token and its proposals, every one a row of the step
                     chunks = [[int(t)] + p for t, p in zip(tokens, proposals)]
                     logits = self.engine.verify(slots, chunks, positions, adapters=adapters)
                 else:
                     logits = self.engine.decode(tokens, positions, adapters=adapters, slots=slots)[:, None]
+                engine_seconds = time.perf_counter() - engine_began
+                before = sum(len(h.state.generated) for h in live)
                 self._after_decode(live, logits, proposals, draft_probs)
+                made = sum(len(h.state.generated) for h in live) - before
+                if made:
+                    own = (time.perf_counter() - began - engine_seconds) / made
+                    self.token_seconds += (1 - TOKEN_SECONDS_DECAY) * (own - self.token_seconds)
             self._guard(live, step)
 
     def _place(self, h: Handle) -> tuple[int, int]:
@@ -395,13 +409,24 @@ class Batcher:
         st = h.state
         return self._drafts(h) and not st.params.greedy and st.constraint is None
 
+    def measure(self) -> StepCost | None:
+        """Measure the engine's decode step cost, so that prompt lookup's proposals fill the rows
+        that pay for themselves (``speculative.row_budget``) instead of up to ``speculate_rows``;
+        None where that does not apply: no prompt lookup, or an engine whose decode steps are
+        graphs (a step of another row count would compile one while serving). Call it before
+        serving: it writes KV rows no sequence holds yet."""
+        if self.method == "ngram" and getattr(self.engine, "decodes_natively", False):
+            self.step_cost = measure_step_cost(self.engine)
+        return self.step_cost
+
     def _proposals(self, live: list[Handle]) -> tuple[list[list[int]], list[list | None]]:
         """Each live request's proposals for this step ([] for none), and the draft distributions
         they were sampled from (None: point masses): up to its adaptive
-        ``speculation.wanted()``, no more than it may still generate, within the rows a step may
-        fill (``speculate_rows``, or the rows the step runs anyway: padding to a power of two).
-        Prompt lookup's, or the draft model's (which runs a step for each proposal it makes, so the
-        row budget is shared out before it runs)."""
+        ``speculation.wanted()``, no more than it may still generate. Prompt lookup's fill the rows
+        that pay for themselves once the step's cost is measured (``speculative.row_budget``), else
+        up to ``speculate_rows`` rows a step (or the rows it runs anyway: padding to a power of two),
+        as a draft model's do (it runs a step for each proposal it makes, so the row budget is
+        shared out before it runs)."""
         if not self.speculate:
             return [[] for _ in live], [None] * len(live)
         ks = []
@@ -411,6 +436,10 @@ class Batcher:
                        self.engine.max_len - st.length)  # the last proposal's position < max_len
             ks.append(max(room, 0) if st.params.speculate else 0)
         spare = max(self.speculate_rows, bucket(len(live), self.engine.max_batch, start=1)) - len(live)
+        if self.step_cost and not self.drafter:
+            cost = StepCost(self.step_cost.fixed, self.step_cost.per_row, self.token_seconds)
+            ks = row_budget(ks, [h.speculation.rate for h in live], cost, len(live) * (K_MAX + 1))
+            spare = sum(ks)
         if self.drafter:
             while sum(ks) > spare:  # the longest give way first
                 ks[ks.index(max(ks))] -= 1

@@ -261,6 +261,12 @@ class Engine(EngineBase):
         say_once(logging.INFO, "decode steps: one native call" if why is None else
                  f"decode steps: the step graph ({why})")
 
+    @property
+    def decodes_natively(self) -> bool:
+        """Whether decode-shaped steps run as one native call, which compiles nothing for a new row
+        count (else a step of rows not warmed up compiles a graph first)."""
+        return self._native is not None
+
     def _adapter_indices(self, adapters, n: int):
         """None when no adapter is loaded (the plain graphs, bit-identical to an engine without
         LoRA), else the (n,) int32 indices (numpy), checked."""

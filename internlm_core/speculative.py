@@ -1,8 +1,9 @@
 """Prompt-lookup (n-gram) speculative decoding: what to propose, how many, and which to keep.
 
-A decode step on a CPU costs reading the weights once, and the kernels' linears let up to 8 rows
-share each weight load, so checking a few proposed tokens in the step that produces the next one
-costs little more than that one token. The proposals come from the sequence itself (no second
+A decode step on a CPU costs reading the weights once, which all the rows of a step share, so
+checking a few proposed tokens in the step that produces the next one costs little more than that
+one token; past a few rows a step is bound by arithmetic instead, and ``row_budget`` verifies only
+the proposals likely enough to pay for their rows (``StepCost``, measured on the engine). The proposals come from the sequence itself (no second
 model): the tokens that followed the most recent earlier occurrence of its last n tokens (n from
 ``MAX_NGRAM`` down to ``MIN_NGRAM``), in the prompt or in what it has generated, which is what an
 answer that quotes, edits or summarises a given passage repeats.
@@ -33,6 +34,8 @@ requests with a grammar keep greedy proposals and the point-mass rule (exact, to
 """
 from __future__ import annotations
 
+import heapq
+import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -45,6 +48,7 @@ K_MIN, K_MAX = 1, 7  # proposals per step for one sequence (with its last token:
 K_START = 4
 MAX_PAUSE = 16  # steps without proposals, at most, after a single proposal is rejected again and again
 SEARCH = 4096  # the tokens searched for a match: the most recent ones
+RATE_DECAY = 0.8  # how fast a sequence's acceptance rate forgets: over its last ~5 verifications
 
 
 def propose(tokens: Sequence[int], k: int, max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM) -> list[int]:
@@ -89,10 +93,19 @@ class Adaptive:
     """How many tokens one sequence proposes at its next step: ``k`` grows by one after a run kept
     whole and drops to the kept length plus one after a rejection (K_MIN..K_MAX); a single
     proposal rejected pauses proposing for ``backoff`` steps, a pause that doubles each time (up
-    to MAX_PAUSE) until a proposal is kept, so text that does not repeat itself costs few rows."""
+    to MAX_PAUSE) until a proposal is kept, so text that does not repeat itself costs few rows.
+    ``rate``: the chance that its next proposal is kept, from its recent verifications (each
+    position checked counts, the ones after a rejection were never checked), which ``row_budget``
+    weighs against what a row costs."""
     k: int = K_START
     skip: int = 0  # steps left in the current pause
     backoff: int = 1
+    kept: float = 1.0  # decayed counts of positions kept and checked: a prior of 1 in 2
+    checked: float = 2.0
+
+    @property
+    def rate(self) -> float:
+        return self.kept / self.checked
 
     def wanted(self) -> int:
         """Tokens to propose now (0 in a pause); call once a step."""
@@ -104,11 +117,78 @@ class Adaptive:
     def update(self, proposed: int, accepted: int) -> None:
         if proposed == 0:
             return
+        self.kept = RATE_DECAY * self.kept + accepted
+        self.checked = RATE_DECAY * self.checked + accepted + (accepted < proposed)
         self.k = min(self.k + 1, K_MAX) if accepted == proposed else max(K_MIN, min(accepted + 1, K_MAX))
         if accepted:
             self.backoff = 1
         elif proposed <= K_MIN:
             self.skip, self.backoff = self.backoff, min(2 * self.backoff, MAX_PAUSE)
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """What a decode step costs: ``fixed`` seconds (reading the weights once, which the rows of a
+    step share) plus ``per_row`` seconds a row (its arithmetic, its attention, its logits), plus
+    ``per_token`` seconds of the batcher's own work for each token a step gives (sampling,
+    detokenising, streaming). ``measure_step_cost`` measures the first two on the engine."""
+    fixed: float
+    per_row: float
+    per_token: float = 0.0
+
+    def seconds(self, rows: int, tokens: float) -> float:
+        return self.fixed + self.per_row * rows + self.per_token * tokens
+
+
+def row_budget(wanted: Sequence[int], rates: Sequence[float], cost: StepCost, cap: int) -> list[int]:
+    """How many of its ``wanted`` proposals each of a step's sequences verifies: the ones that pay
+    for their rows. Proposal j of sequence i is kept with probability ``rates[i] ** j`` (only after
+    the ones before it), so it adds that many tokens, expected, for one more row; proposals are
+    taken most likely first while each adds more tokens per second than the step gives on average
+    (then the step's tokens per second rise), and at most ``cap`` rows in all.
+
+    On a CPU a step with few rows is bound by reading the weights, so a row is cheap and a proposal
+    kept one time in five pays; with many rows a step is bound by arithmetic (bench-serve bf16: 4.2 ms
+    for 8 rows, 0.29 ms for each one more), and a proposal must be likely to pay."""
+    take = [0] * len(wanted)
+    tokens, seconds = float(len(wanted)), cost.seconds(len(wanted), len(wanted))
+    room = cap - len(wanted)
+    heap = [(-rates[i], i) for i in range(len(wanted)) if wanted[i] > 0 and rates[i] > 0]
+    heapq.heapify(heap)
+    while heap and room > 0:
+        p, i = heapq.heappop(heap)
+        p = -p
+        extra = cost.per_row + cost.per_token * p
+        if p * seconds <= tokens * extra:  # p / extra <= tokens / seconds: it would lower the rate
+            break
+        take[i], tokens, seconds, room = take[i] + 1, tokens + p, seconds + extra, room - 1
+        if take[i] < wanted[i]:
+            heapq.heappush(heap, (-p * rates[i], i))
+    return take
+
+
+def measure_step_cost(engine, rows: int = 16, repeats: int = 5) -> StepCost:
+    """``engine``'s decode step cost, fixed and per row, from the median times of verification
+    steps of 1 and ``rows`` rows (in as few slots as hold them; slot 0 from position 0). It writes
+    KV rows that no sequence holds only before serving begins: call it then."""
+    per_slot = -(-rows // engine.max_batch)
+    if per_slot >= engine.max_len:
+        raise ValueError(f"{rows} rows do not fit {engine.max_batch} slots of {engine.max_len} positions")
+
+    def median_seconds(n: int) -> float:
+        slots = list(range(-(-n // per_slot)))
+        chunks = [[0] * min(per_slot, n - i * per_slot) for i in slots]
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            engine.verify(slots, chunks, [0] * len(slots))
+            times.append(time.perf_counter() - start)
+        return float(np.median(times))
+
+    median_seconds(rows)  # the first step of a shape may pay for allocations
+    one, many = median_seconds(1), median_seconds(rows)
+    per_row = max(many - one, 0.0) / (rows - 1)
+    return StepCost(fixed=max(one - per_row, 0.0), per_row=per_row)
 
 
 def accept(state: SequenceState, rows: np.ndarray, proposals: Sequence[int],

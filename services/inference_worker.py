@@ -323,6 +323,9 @@ def main(argv: list[str] | None = None) -> None:
     if draft is not None:  # its first step feeds up to two tokens a sequence (draft.CATCH_UP_ROWS)
         shapes += draft.warmup(CATCH_UP_ROWS * draft.max_batch)
     log.info("compiled %d step shapes in %.1f s", shapes, time.monotonic() - started)
+    if batcher.speculate and (cost := batcher.measure()):
+        log.info("decode step: %.2f ms + %.3f ms a row; proposals fill the rows that pay for themselves",
+                 cost.fixed * 1e3, cost.per_row * 1e3)
     batcher.submit([BOS, BOS], SamplingParams(max_new_tokens=2, ignore_eos=True)).result()
     quantization = getattr(engine, "quantization", None)
     log.info("serving %s (%s, weights %s%s, %d slots x %d positions, KV cache %s %.0f MiB, %.1f MiB a slot, %s)",

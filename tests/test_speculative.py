@@ -8,7 +8,8 @@ from scipy import stats
 from internlm_core.batching import Batcher, BatcherMetrics
 from internlm_core.engine import Engine
 from internlm_core.generation import SamplingParams, SequenceState, softmax
-from internlm_core.speculative import K_MAX, K_MIN, MAX_PAUSE, Adaptive, accept, propose
+from internlm_core.speculative import (K_MAX, K_MIN, MAX_PAUSE, Adaptive, StepCost, accept, measure_step_cost,
+                                      propose, row_budget)
 from tests.helpers import random_ids
 
 
@@ -65,6 +66,81 @@ def test_rejected_single_proposals_pause_proposing_longer_each_time():
     a.update(2, 0)
     a.update(K_MIN, 0)
     assert [a.wanted() for _ in range(2)] == [0, K_MIN]
+
+
+def test_the_acceptance_rate_counts_the_positions_checked():
+    a = Adaptive()
+    assert a.rate == 0.5  # the prior
+    for _ in range(20):
+        a.update(4, 4)  # every position checked was kept
+    assert a.rate > 0.95
+    for _ in range(20):
+        a.update(3, 1)  # one kept, then a miss: 1 of 2 positions (the third was never checked)
+    assert abs(a.rate - 0.5) < 0.02
+    for _ in range(20):
+        a.update(2, 0)
+    assert a.rate < 0.05
+    a.update(0, 0)  # nothing proposed: unchanged
+    assert a.rate < 0.05
+
+
+# ---- how many rows a step verifies ----------------------------------------------------------
+
+def expected_rate(wanted, rates, take, cost):
+    """A step's expected tokens per second when sequence i verifies take[i] proposals."""
+    tokens = len(wanted) + sum(r ** j for r, t in zip(rates, take) for j in range(1, t + 1))
+    return tokens / cost.seconds(len(wanted) + sum(take), tokens)
+
+
+def test_rows_that_ride_on_the_weights_read_are_all_taken():
+    """A step bound by reading the weights (a large fixed cost, cheap rows): every proposal wanted
+    pays, even unlikely ones, up to the row cap."""
+    cost = StepCost(fixed=50e-3, per_row=0.5e-3, per_token=0.05e-3)
+    assert row_budget([7], [0.9], cost, cap=64) == [7]
+    assert row_budget([4, 0, 3], [0.6, 0.9, 0.5], cost, cap=64) == [4, 0, 3]
+    assert row_budget([1, 1], [0.1, 0.1], cost, cap=64) == [1, 1]  # kept 1 time in 10, and still worth it
+    assert row_budget([7], [0.3], cost, cap=64) == [3]  # not a fourth: kept 1 time in 123
+    assert row_budget([7, 7], [0.9, 0.9], cost, cap=10) == [4, 4]  # the cap counts the sequences' own rows
+    assert row_budget([3], [0.0], cost, cap=64) == [0]  # never kept: never worth a row
+
+
+def test_rows_bound_by_arithmetic_go_to_likely_proposals_first():
+    """bench-serve bf16's measured cost at 8 sequences (4.2 ms, 0.29 ms a row): a proposal kept 3 times
+    in 4 pays, one kept 1 time in 5 does not; the likelier sequence gets the rows first, and the
+    budget is the one that gives the most tokens per second."""
+    cost = StepCost(fixed=1.9e-3, per_row=0.29e-3)
+    rates = [0.95, 0.75, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2]
+    take = row_budget([7] * 8, rates, cost, cap=64)
+    assert take[0] >= take[1] > 0 and take[2:] == [0] * 6
+    best = max(((a, b) for a in range(8) for b in range(8)),
+               key=lambda ab: expected_rate([7] * 8, rates, [*ab, 0, 0, 0, 0, 0, 0], cost))
+    assert tuple(take[:2]) == best
+    assert row_budget([7] * 8, [0.2] * 8, cost, cap=64) == [0] * 8
+    assert expected_rate([7] * 8, rates, take, cost) > expected_rate([7] * 8, rates, [0] * 8, cost)
+
+
+def test_the_budget_gives_the_most_tokens_per_second():
+    """Against every budget there is for three sequences wanting up to 4 proposals each, over random
+    costs (the batcher's own time a token included) and acceptance rates: the greedy budget's expected
+    tokens per second are the best's, within 1%."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        cost = StepCost(fixed=rng.uniform(0, 5e-3), per_row=rng.uniform(0.01e-3, 1e-3), per_token=rng.uniform(0, 1e-3))
+        wanted, rates = list(rng.integers(0, 5, 3)), list(rng.uniform(0, 1, 3))
+        take = row_budget(wanted, rates, cost, cap=64)
+        assert all(0 <= t <= w for t, w in zip(take, wanted))
+        best = max(expected_rate(wanted, rates, t, cost) for t in np.ndindex(*(w + 1 for w in wanted)))
+        assert expected_rate(wanted, rates, take, cost) >= 0.99 * best
+
+
+def test_the_step_cost_is_measured_on_the_engine(model):
+    """Fixed and per-row seconds from verification steps of 1 and 16 rows, in a 2-slot engine."""
+    engine = Engine(model, max_batch=2, max_len=32)
+    cost = measure_step_cost(engine, rows=16, repeats=3)
+    assert cost.fixed > 0 and cost.per_row >= 0 and cost.per_token == 0
+    assert cost.seconds(1, 1) <= cost.seconds(16, 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        measure_step_cost(Engine(model, max_batch=1, max_len=8), rows=16)
 
 
 def test_history_appends_only_what_is_new():
@@ -322,13 +398,16 @@ class Counts(BatcherMetrics):
         self.reused += reused
 
 
-def serve(engine, requests, speculate, then=(), tok=None, draft=None):
+def serve(engine, requests, speculate, then=(), tok=None, draft=None, cost=None):
     """Each (prompt, params, adapter) through a batcher over ``engine``, all submitted at once
     (more than the slots: they join as others leave), then the ones of ``then`` (after those
     ended: their prefixes are in the slots); their results and the batcher's counts. ``draft``:
-    the draft engine of ``speculate="draft"``."""
+    the draft engine of ``speculate="draft"``; ``cost``: the step cost the batcher budgets rows by
+    ("measure": its own measurement; None: up to SPECULATE_ROWS rows a step)."""
     counts = Counts()
-    b = Batcher(engine, tok, metrics=counts, speculate=speculate, draft=draft).start()
+    b = Batcher(engine, tok, metrics=counts, speculate=speculate, draft=draft)
+    b.step_cost = b.measure() if cost == "measure" else cost
+    b.start()
     try:
         results = []
         for wave in (requests, then):
@@ -365,6 +444,29 @@ def test_speculative_greedy_is_plain_greedy_in_a_crowd(tmp_path, tiny_config):
     assert counts.accepted > 0 and counts.proposed > counts.accepted  # kept ones and rejected ones
     assert (counts.steps + counts.accepted) / counts.steps > 1.2  # tokens per sequence per step
     assert counts.reused > 0
+
+
+@pytest.mark.parametrize("cost", [StepCost(fixed=1e-3, per_row=1e-6), "measure"])
+def test_a_measured_step_cost_lets_proposals_fill_more_rows_with_the_same_tokens(tiny_config, cost):
+    """With rows cheap against the step (as on the weights-bound CPU step; here a given cost, and the
+    engine's own measured one), proposals fill more than SPECULATE_ROWS rows a step, and every request
+    still gets plain decoding's tokens."""
+    from internlm_core.batching import SPECULATE_ROWS
+
+    engine = Engine(repetitive(tiny_config), max_batch=3, max_len=96)
+    rows, verify = [], engine.verify
+
+    def counted(slots, chunks, *args, **kwargs):
+        rows.append(sum(map(len, chunks)))
+        return verify(slots, chunks, *args, **kwargs)
+
+    engine.verify = counted
+    requests = [(random_ids(n, 512, seed=n), SamplingParams(max_new_tokens=60, ignore_eos=True), None)
+                for n in (3, 9, 17, 5)]
+    plain, _ = serve(engine, requests, "off")
+    spec, counts = serve(engine, requests, "ngram", cost=cost)
+    assert spec == plain
+    assert max(rows) > SPECULATE_ROWS and counts.accepted > 0
 
 
 def seeded_requests():
