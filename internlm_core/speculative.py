@@ -49,6 +49,8 @@ K_START = 4
 MAX_PAUSE = 16  # steps without proposals, at most, after a single proposal is rejected again and again
 SEARCH = 4096  # the tokens searched for a match: the most recent ones
 RATE_DECAY = 0.8  # how fast a sequence's acceptance rate forgets: over its last ~5 verifications
+PRIOR = (1.6, 2.0)  # (kept, checked) before any verification: a hopeful 0.8, worth ~2 positions
+RATE_RELAX = 0.95  # each step without proposals moves a sequence's counts 5% of the way back to PRIOR
 
 
 def propose(tokens: Sequence[int], k: int, max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM) -> list[int]:
@@ -96,12 +98,14 @@ class Adaptive:
     to MAX_PAUSE) until a proposal is kept, so text that does not repeat itself costs few rows.
     ``rate``: the chance that its next proposal is kept, from its recent verifications (each
     position checked counts, the ones after a rejection were never checked), which ``row_budget``
-    weighs against what a row costs."""
+    weighs against what a row costs. It starts hopeful, and drifts back there while the sequence
+    proposes nothing, so a sequence whose proposals were not worth their rows is tried again now
+    and then (its text may have come to a passage it repeats)."""
     k: int = K_START
     skip: int = 0  # steps left in the current pause
     backoff: int = 1
-    kept: float = 1.0  # decayed counts of positions kept and checked: a prior of 1 in 2
-    checked: float = 2.0
+    kept: float = PRIOR[0]  # decayed counts of the positions kept and checked
+    checked: float = PRIOR[1]
 
     @property
     def rate(self) -> float:
@@ -116,6 +120,8 @@ class Adaptive:
 
     def update(self, proposed: int, accepted: int) -> None:
         if proposed == 0:
+            self.kept += (1 - RATE_RELAX) * (PRIOR[0] - self.kept)
+            self.checked += (1 - RATE_RELAX) * (PRIOR[1] - self.checked)
             return
         self.kept = RATE_DECAY * self.kept + accepted
         self.checked = RATE_DECAY * self.checked + accepted + (accepted < proposed)
