@@ -9,8 +9,8 @@ default where the CPU kernels serve) serves the model; each request sets ``specu
 so both halves run on the same worker, alternately, ``--reps`` times. Two tasks at each stream
 count (``--streams``, concurrent ``Generate`` streams):
 
-  copy  a WikiText-2 passage, a blank line, then the passage's first sentence again: greedy, so a
-        model that has learnt to continue what it has seen repeats spans of the prompt (issue 28's
+  copy  a WikiText-2 passage, a blank line, then the passage's first words again: greedy, so a
+        model that has learnt to repeat what it has read goes on with the passage (issue 28's
         target: >= 2.0x tokens/s at 1 stream, >= 1.3x at 8);
   free  the start of another passage, sampled (temperature 0.8, a seed per stream): little repeats
         (target: >= 0.97x, no loss where proposals fail). With ``--draft-model`` these proposals
@@ -20,7 +20,9 @@ count (``--streams``, concurrent ``Generate`` streams):
 Reported per task and stream count: tokens/s off and on, the ratio, and from the worker's
 Prometheus series over the speculative runs: proposed and accepted tokens (acceptance rate) and the
 tokens a sequence got per decode step. ``--model`` takes a model folder (the self-trained demo
-model of the local stack was trained on WikiText); without it a ``--preset`` model with random
+model of the local stack learnt the first WikiText-2 valid articles, which the passages of
+``--text valid`` come from, and to repeat a passage it has read; ``--text test``: passages it never
+saw, about a third of whose tokens it never learnt); without it a ``--preset`` model with random
 weights is made (small random weights make greedy text loop: proposals are kept there too).
 ``--draft-model`` starts the worker with that draft model (a smaller model with the target's
 tokenizer; the worker's ``--speculate auto`` then takes its proposals instead of prompt lookup's),
@@ -43,23 +45,28 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from serving_bench import Proc, at_once, free_port, make_model, model_arguments  # noqa: E402
 
-WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
+CUE_WORDS = 8  # of the passage, after it: the copy task's cue to repeat it
 SERIES = ("internlm_spec_decode_draft_tokens_total", "internlm_spec_decode_accepted_tokens_total",
           "internlm_spec_decode_tokens_per_step_sum", "internlm_spec_decode_tokens_per_step_count")
 # the worker labels them by where the proposals came from: {method="ngram"} or {method="draft"}
 
 
-def passages(n: int, chars: int) -> list[str]:
-    """n WikiText-2 paragraphs (no headings) cut to about ``chars`` characters at a word."""
-    lines = [line.strip() for line in WIKITEXT.read_text(encoding="utf-8").splitlines()]
-    paras = [line for line in lines if len(line) > chars and not line.startswith("=")]
-    return [p[:chars].rsplit(" ", 1)[0] for p in paras[:n]]
+def passages(n: int, chars: int, split: str = "valid") -> list[str]:
+    """n paragraphs of WikiText-2 ``split`` of at least ``chars`` characters, as the demo model's
+    text is made (``demo.build_corpus``: detokenised, the sentences with ``<unk>`` or digits left
+    out), each cut to about ``chars`` characters at a sentence's end."""
+    from internlm_core.demo import build_corpus
+
+    text = build_corpus(WIKITEXT / f"{split}.txt", max_bytes=10**9)
+    paras = [p for p in text.splitlines() if len(p) >= chars and p[0] != "="]
+    return [p[:p.rfind(". ", 0, chars) + 1] for p in paras[:n]]
 
 
-def prompts(task: str, streams: int, chars: int) -> list[str]:
+def prompts(task: str, streams: int, chars: int, split: str = "valid") -> list[str]:
     if task == "copy":
-        return [p + "\n\n" + p.split(" . ")[0] for p in passages(streams, chars)]
-    return [p[:chars // 4].rsplit(" ", 1)[0] for p in passages(2 * streams, chars)[streams:]]
+        return [p + "\n\n" + " ".join(p.split()[:CUE_WORDS]) for p in passages(streams, chars, split)]
+    return [p[:chars // 4].rsplit(" ", 1)[0] for p in passages(2 * streams, chars, split)[streams:]]
 
 
 def scrape(url: str, method: str) -> dict[str, float]:
@@ -73,7 +80,10 @@ def main() -> None:
     ap = model_arguments(__doc__.splitlines()[0], "bench-serve")
     ap.add_argument("--streams", default="1,8", help="comma-separated concurrent stream counts")
     ap.add_argument("--reps", type=int, default=2, help="(off, on) pairs per task and stream count")
-    ap.add_argument("--chars", type=int, default=700, help="characters of each passage")
+    ap.add_argument("--chars", type=int, default=400, help="characters of each passage")
+    ap.add_argument("--text", choices=("valid", "test"), default="valid",
+                    help="the WikiText-2 split the passages come from: valid's first paragraphs are the demo "
+                         "model's own text (every token one it knows), test's are text it never saw")
     ap.add_argument("--draft-model", help="a draft model folder for the worker (--draft-model): its proposals, "
                                           "not prompt lookup's")
     args = ap.parse_args()
@@ -103,7 +113,7 @@ def main() -> None:
             return sum(len(c.token_ids) for c in stub.Generate(
                 inference_pb2.GenerateRequest(text=text, params=params), timeout=600))
 
-        one((prompts("copy", 1, args.chars)[0], "copy", 0, True))  # warm
+        one((prompts("copy", 1, args.chars, args.text)[0], "copy", 0, True))  # warm
         print(f"model {model.name}, {args.new_tokens} new tokens a stream, one worker with its defaults"
               f"{f' and draft model {Path(args.draft_model).name}' if args.draft_model else ''}, "
               f"{args.reps} alternating (off, on) pairs; proposals: {method}")
@@ -111,7 +121,7 @@ def main() -> None:
               f"{'tokens/step':>11}")
         for streams in (int(s) for s in args.streams.split(",")):
             for task in ("copy", "free"):
-                texts = prompts(task, streams, args.chars)
+                texts = prompts(task, streams, args.chars, args.text)
                 rates = {False: [], True: []}
                 before = scrape(metrics_url, method)
                 for _ in range(args.reps):
