@@ -7,7 +7,9 @@
 One inference worker with its default settings (subprocess, gRPC on loopback; it speculates by
 default where the CPU kernels serve) serves the model; each request sets ``speculate`` on or off,
 so both halves run on the same worker, alternately, ``--reps`` times. Two tasks at each stream
-count (``--streams``, concurrent ``Generate`` streams):
+count (``--streams``, concurrent ``Generate`` streams, each making ``--rounds`` requests one after
+another, as clients of a busy worker do: one request a stream would measure the slowest stream
+alone, however much faster the others finished):
 
   copy  a WikiText-2 passage, a blank line, then the passage's first words again: greedy, so a
         model that has learnt to repeat what it has read goes on with the passage (issue 28's
@@ -47,6 +49,7 @@ from serving_bench import Proc, at_once, free_port, make_model, model_arguments 
 
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
 CUE_WORDS = 8  # of the passage, after it: the copy task's cue to repeat it
+MAX_CHARS = 700  # of a passage
 SERIES = ("internlm_spec_decode_draft_tokens_total", "internlm_spec_decode_accepted_tokens_total",
           "internlm_spec_decode_tokens_per_step_sum", "internlm_spec_decode_tokens_per_step_count")
 # the worker labels them by where the proposals came from: {method="ngram"} or {method="draft"}
@@ -55,12 +58,12 @@ SERIES = ("internlm_spec_decode_draft_tokens_total", "internlm_spec_decode_accep
 def passages(n: int, chars: int, split: str = "valid") -> list[str]:
     """n paragraphs of WikiText-2 ``split`` of at least ``chars`` characters, as the demo model's
     text is made (``demo.build_corpus``: detokenised, the sentences with ``<unk>`` or digits left
-    out), each cut to about ``chars`` characters at a sentence's end."""
+    out), a longer one cut at the last sentence's end within MAX_CHARS."""
     from internlm_core.demo import build_corpus
 
     text = build_corpus(WIKITEXT / f"{split}.txt", max_bytes=10**9)
     paras = [p for p in text.splitlines() if len(p) >= chars and p[0] != "="]
-    return [p[:p.rfind(". ", 0, chars) + 1] for p in paras[:n]]
+    return [p if len(p) <= MAX_CHARS else p[:p.rfind(". ", 0, MAX_CHARS) + 1] for p in paras[:n]]
 
 
 def prompts(task: str, streams: int, chars: int, split: str = "valid") -> list[str]:
@@ -80,7 +83,11 @@ def main() -> None:
     ap = model_arguments(__doc__.splitlines()[0], "bench-serve")
     ap.add_argument("--streams", default="1,8", help="comma-separated concurrent stream counts")
     ap.add_argument("--reps", type=int, default=2, help="(off, on) pairs per task and stream count")
-    ap.add_argument("--chars", type=int, default=400, help="characters of each passage")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="requests each stream makes, one after another: a burst of one request a stream would "
+                         "end with the slowest (a stream speculation cannot speed up holds the rest's time)")
+    ap.add_argument("--chars", type=int, default=300, help="characters of each passage, at least")
+    ap.add_argument("--spread", type=int, default=16, help="requests ask for --new-tokens +- up to this many")
     ap.add_argument("--text", choices=("valid", "test"), default="valid",
                     help="the WikiText-2 split the passages come from: valid's first paragraphs are the demo "
                          "model's own text (every token one it knows), test's are text it never saw")
@@ -105,28 +112,38 @@ def main() -> None:
         wait_healthy(f"127.0.0.1:{port}", timeout=600)
         stub = inference_pb2_grpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
 
-        def one(job):
-            text, task, i, speculate = job
-            params = common_pb2.SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True, speculate=speculate)
-            if task == "free":
-                params.temperature, params.seed = 0.8, 1000 + i
-            return sum(len(c.token_ids) for c in stub.Generate(
-                inference_pb2.GenerateRequest(text=text, params=params), timeout=600))
+        def one(job):  # one stream: its requests one after another
+            texts, task, i, speculate = job
+            tokens = 0
+            for r, text in enumerate(texts):
+                # lengths spread as real requests' are (the same in both halves): requests of one length
+                # that start together run in lockstep without speculation, and finish (and their streams'
+                # next prompts are prefilled) together, which real traffic never does
+                spread = (7 * i + 13 * r) % (2 * args.spread + 1) - args.spread
+                params = common_pb2.SamplingParams(max_new_tokens=args.new_tokens + spread, ignore_eos=True,
+                                                   speculate=speculate)
+                if task == "free":
+                    params.temperature, params.seed = 0.8, 1000 + 100 * i + r
+                tokens += sum(len(c.token_ids) for c in stub.Generate(
+                    inference_pb2.GenerateRequest(text=text, params=params), timeout=600))
+            return tokens
 
-        one((prompts("copy", 1, args.chars, args.text)[0], "copy", 0, True))  # warm
-        print(f"model {model.name}, {args.new_tokens} new tokens a stream, one worker with its defaults"
+        one((prompts("copy", 1, args.chars, args.text), "copy", 0, True))  # warm
+        print(f"model {model.name}, {args.rounds} requests of {args.new_tokens} +- {args.spread} new tokens a "
+              f"stream, one after another, one worker with its defaults"
               f"{f' and draft model {Path(args.draft_model).name}' if args.draft_model else ''}, "
               f"{args.reps} alternating (off, on) pairs; proposals: {method}")
         print(f"  {'task':5} {'streams':>7} {'off tok/s':>10} {'on tok/s':>9} {'on/off':>7} {'accepted':>14} "
               f"{'tokens/step':>11}")
         for streams in (int(s) for s in args.streams.split(",")):
             for task in ("copy", "free"):
-                texts = prompts(task, streams, args.chars, args.text)
+                texts = prompts(task, streams * args.rounds, args.chars, args.text)
                 rates = {False: [], True: []}
                 before = scrape(metrics_url, method)
                 for _ in range(args.reps):
                     for speculate in (False, True):
-                        counts, wall = at_once(one, [(t, task, i, speculate) for i, t in enumerate(texts)])
+                        counts, wall = at_once(one, [(texts[i::streams], task, i, speculate)
+                                                     for i in range(streams)])
                         rates[speculate].append(sum(counts) / wall)
                 delta = {k: v - before[k] for k, v in scrape(metrics_url, method).items()}
                 drafts, kept, per_step, steps = (delta[name] for name in SERIES)
