@@ -139,9 +139,12 @@ def _train(work: Path, target: Path, recipe: dict, cancel, progress, corpus: Pat
         seen = recipe["max_steps"] * recipe["batch_size"]  # the rows training reads: one pass over these
         copies = round(seen * COPY_ROWS)
         rows = rows * max(1, round((seen - copies) / len(rows))) + list(copy_rows(lines, tok, copies, SEQ_LENGTH + 1))
-        rows = [{"input_ids": to_compact[np.asarray(ids)].astype(np.int32),
-                 "labels": np.where(np.asarray(labels) == IGNORE, IGNORE, to_compact[np.asarray(labels)]).astype(np.int32)}
-                for ids, labels in rows]
+
+        def compacted(ids: list[int]) -> np.ndarray:  # IGNORE stays as it is
+            ids = np.asarray(ids)
+            return np.where(ids == IGNORE, IGNORE, to_compact[ids]).astype(np.int32)
+
+        rows = [{"input_ids": compacted(ids), "labels": compacted(labels)} for ids, labels in rows]
         write_dataset(data, rows, "alpaca", {"rows": len(rows), "source": corpus.name})
     if not base.exists():
         model = InternLMForCausalLM(compact)
@@ -178,7 +181,7 @@ def copy_rows(lines: list[str], tok, count: int, row_len: int, seed: int = 0):
     repeat is predictable only by looking back at the first copy (it learns to copy from these
     first); the other half are runs of the text's own words, whose common words ("the", "of")
     recur within a passage, so that which one to follow is told by the words before it."""
-    from .data import IGNORE
+    from .data import IGNORE, PAD_ID
 
     rng = np.random.default_rng(seed)
     text = [w for line in lines if not line.startswith("=") for w in line.split()]
@@ -198,7 +201,7 @@ def copy_rows(lines: list[str], tok, count: int, row_len: int, seed: int = 0):
             n -= 4
         labels = [IGNORE] * len(head) + ids[len(head):]
         pad = row_len - len(ids)
-        yield ids + [2] * pad, labels + [IGNORE] * pad
+        yield ids + [PAD_ID] * pad, labels + [IGNORE] * pad
 
 
 def compact_vocab_loss(other: int, count: int):
