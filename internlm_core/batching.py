@@ -332,7 +332,7 @@ class Batcher:
                 before = sum(len(h.state.generated) for h in live)
                 self._after_decode(live, logits, proposals, draft_probs)
                 made = sum(len(h.state.generated) for h in live) - before
-                if made:
+                if self.step_cost and made:  # the row budget's per-token cost
                     own = (time.perf_counter() - began - engine_seconds) / made
                     self.token_seconds += (1 - TOKEN_SECONDS_DECAY) * (own - self.token_seconds)
             self._guard(live, step)
@@ -435,11 +435,12 @@ class Batcher:
             room = min(h.speculation.wanted(), st.params.max_new_tokens - len(st.generated) - 1,
                        self.engine.max_len - st.length)  # the last proposal's position < max_len
             ks.append(max(room, 0) if st.params.speculate else 0)
-        spare = max(self.speculate_rows, bucket(len(live), self.engine.max_batch, start=1)) - len(live)
         if self.step_cost and not self.drafter:
             cost = StepCost(self.step_cost.fixed, self.step_cost.per_row, self.token_seconds)
             ks = row_budget(ks, [h.speculation.rate for h in live], cost, len(live) * (K_MAX + 1))
             spare = sum(ks)
+        else:
+            spare = max(self.speculate_rows, bucket(len(live), self.engine.max_batch, start=1)) - len(live)
         if self.drafter:
             while sum(ks) > spare:  # the longest give way first
                 ks[ks.index(max(ks))] -= 1

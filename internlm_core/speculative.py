@@ -3,8 +3,8 @@
 A decode step on a CPU costs reading the weights once, which all the rows of a step share, so
 checking a few proposed tokens in the step that produces the next one costs little more than that
 one token; past a few rows a step is bound by arithmetic instead, and ``row_budget`` verifies only
-the proposals likely enough to pay for their rows (``StepCost``, measured on the engine). The proposals come from the sequence itself (no second
-model): the tokens that followed the most recent earlier occurrence of its last n tokens (n from
+the proposals likely enough to pay for their rows (``StepCost``, measured on the engine). The
+proposals come from the sequence itself (no second model): the tokens that followed the most recent earlier occurrence of its last n tokens (n from
 ``MAX_NGRAM`` down to ``MIN_NGRAM``), in the prompt or in what it has generated, which is what an
 answer that quotes, edits or summarises a given passage repeats.
 
