@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from serving_bench import Proc, at_once, free_port, make_model, model_arguments  # noqa: E402
+from vs_llamacpp import peak_rss_mb  # noqa: E402
 
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
 CUE_WORDS = 8  # of the passage, after it: the copy task's cue to repeat it
@@ -150,6 +151,7 @@ def main() -> None:
                 off, on = (sum(rates[s]) / len(rates[s]) for s in (False, True))
                 print(f"  {task:5} {streams:>7} {off:>10.1f} {on:>9.1f} {on / off:>6.2f}x "
                       f"{int(kept):>6}/{int(drafts):<7} {per_step / max(steps, 1):>11.2f}")
+        print(f"worker peak RSS {peak_rss_mb(worker.proc.pid):.0f} MB (loading included; both halves on this worker)")
     finally:
         worker.stop()
 
